@@ -1,0 +1,363 @@
+"""The gateway's TOML configuration, validated into frozen records.
+
+Every problem is a ``ConfigError`` whose message is one line naming the file, the
+line (when the key can be found in the text) and the key, for example
+``gw1.toml:14: peers[1].public_key: not valid base64``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import tomllib
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .crypto import KeyFileError, load_private_key, parse_public_key
+from .errors import ConfigError
+from .names import id_problem, service_problem
+from .wire import MAX_HOLD_MS, MIN_HOLD_MS
+
+SELECTION_MODES = ("per-request", "per-connection", "dns-ttl")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+@attrs.frozen
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class PeerConfig:
+    id: str
+    address: Address
+    public_key: Ed25519PublicKey = attrs.field(eq=False)
+    public_key_b64: str
+    emulated_rtt_ms: float = 0.0
+    passive: bool = False
+
+
+@attrs.frozen
+class InstanceConfig:
+    id: str
+    url: str
+    capacity: float
+    price: float
+    compute_latency_ms: float
+
+
+@attrs.frozen
+class ServiceConfig:
+    path: str
+    instances: tuple[InstanceConfig, ...]
+
+
+@attrs.frozen
+class GatewayConfig:
+    id: str
+    listen: Address
+    key_file: Path
+    control_socket: Path
+    http_listen: Address | None = None
+    metrics_listen: Address | None = None
+    selection: str = "per-request"
+    dns_ttl_s: float = 30.0
+    hold_time_ms: int = 3000
+    keepalive_ms: int | None = None
+    handshake_timeout_ms: int = 5000
+    connect_retry_min_ms: int = 250
+    connect_retry_max_ms: int = 30_000
+    min_adv_interval_ms: int = 100
+    max_routes_per_peer: int = 10_000
+    max_peer_send_buffer: int = 4 * 1024 * 1024
+    log_level: str = "info"
+    log_format: str = "text"
+
+
+@attrs.frozen
+class Config:
+    gateway: GatewayConfig
+    peers: tuple[PeerConfig, ...]
+    services: tuple[ServiceConfig, ...]
+    key: Ed25519PrivateKey = attrs.field(eq=False)
+    source: Path
+
+
+# ---------------------------------------------------------------- locating keys in the text
+
+
+def _locate(text: str, keypath: tuple[str | int, ...]) -> int | None:
+    """Best-effort line number (1-based) of ``keypath`` in TOML ``text``."""
+    counts: dict[tuple[str | int, ...], int] = {}
+    current: tuple[str | int, ...] = ()
+    best: int | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("[["):
+            names = tuple(n.strip().strip('"') for n in line[2:line.find("]]")].split("."))
+            parent: tuple[str | int, ...] = ()
+            for n in names[:-1]:  # [[services.instances]] nests under the current services[i]
+                parent = (*parent, n)
+                if parent in counts:
+                    parent = (*parent, counts[parent] - 1)
+            arr = (*parent, names[-1])
+            counts[arr] = counts.get(arr, 0) + 1
+            for k in list(counts):
+                if len(k) > len(arr) and k[: len(arr)] == arr:
+                    del counts[k]  # a new services[i] restarts its instances
+            current = (*arr, counts[arr] - 1)
+            if keypath[: len(current)] == current and best is None:
+                best = lineno
+        elif line.startswith("["):
+            current = tuple(n.strip().strip('"') for n in line[1:line.find("]")].split("."))
+            if keypath[: len(current)] == current and best is None:
+                best = lineno
+        else:
+            m = re.match(r'"?([A-Za-z0-9_-]+)"?\s*=', line)
+            if m and (*current, m.group(1)) == keypath:
+                return lineno
+    return best if keypath[:-1] and best is not None else None
+
+
+def _fmt(keypath: tuple[str | int, ...]) -> str:
+    out = ""
+    for p in keypath:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
+    return out
+
+
+class _Reader:
+    """Typed access to the parsed TOML that turns each problem into a located ConfigError."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.text = text
+
+    def error(self, keypath: tuple[str | int, ...], message: str) -> ConfigError:
+        line = _locate(self.text, keypath)
+        where = f"{self.path.name}:{line}" if line else self.path.name
+        return ConfigError(f"{where}: {_fmt(keypath)}: {message}" if keypath else f"{where}: {message}")
+
+    def table(self, data: Any, keypath: tuple[str | int, ...], allowed: set[str]) -> dict[str, Any]:
+        if not isinstance(data, dict):
+            raise self.error(keypath, "must be a table")
+        for k in data:
+            if k not in allowed:
+                raise self.error((*keypath, k), f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+        return data
+
+    def get(self, data: dict[str, Any], keypath: tuple[str | int, ...], kind: type | tuple[type, ...], default: Any = attrs.NOTHING) -> Any:
+        key = keypath[-1]
+        if key not in data:
+            if default is attrs.NOTHING:
+                raise self.error(keypath, "missing (required)")
+            return default
+        v = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(v, bool) and bool not in kinds or not isinstance(v, kinds):
+            names = " or ".join({int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(k, k.__name__) for k in kinds)
+            raise self.error(keypath, f"must be {names}, got {type(v).__name__}")
+        return v
+
+    def number(self, data: dict[str, Any], keypath: tuple[str | int, ...], lo: float, hi: float, default: Any = attrs.NOTHING, *, integer: bool = False) -> Any:
+        v = self.get(data, keypath, int if integer else (int, float), default)
+        if v is None:
+            return v
+        if not (math.isfinite(v) and lo <= v <= hi):
+            raise self.error(keypath, f"must be between {lo:g} and {hi:g}, got {v}")
+        return v
+
+    def checked(self, data: dict[str, Any], keypath: tuple[str | int, ...], check: Callable[[Any], str | None], default: Any = attrs.NOTHING) -> Any:
+        v = self.get(data, keypath, str, default)
+        problem = check(v) if v is not None else None
+        if problem:
+            raise self.error(keypath, problem)
+        return v
+
+    def address(self, data: dict[str, Any], keypath: tuple[str | int, ...], default: Any = attrs.NOTHING, *, literal: bool = False) -> Address | None:
+        v = self.get(data, keypath, str, default)
+        if v is None:
+            return None
+        try:
+            return parse_address(v, literal=literal)
+        except ValueError as exc:
+            raise self.error(keypath, str(exc)) from None
+
+    def file(self, data: dict[str, Any], keypath: tuple[str | int, ...], default: Any = attrs.NOTHING) -> Path:
+        v = self.get(data, keypath, str, default)
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+def parse_address(text: str, *, literal: bool = False) -> Address:
+    """Parse ``host:port`` or ``[v6]:port``; ``literal`` requires an IP address."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", text)
+    if not m:
+        raise ValueError(f"{text!r} is not HOST:PORT (IPv6 as [ADDR]:PORT)")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if literal or not _HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"{host!r} is not an IP address") from None
+    return Address(host, port)
+
+
+# ---------------------------------------------------------------- loading
+
+_GATEWAY_KEYS = {f.name for f in attrs.fields(GatewayConfig)}
+_PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive"}
+_SERVICE_KEYS = {"path", "instances"}
+_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms"}
+
+
+def _url_problem(v: str) -> str | None:
+    u = urllib.parse.urlsplit(v)
+    if u.scheme != "http":
+        return "must be an http:// URL"
+    try:
+        port = u.port
+    except ValueError:
+        return "has a bad port"
+    if not u.hostname or port is None and ":" in (u.netloc.rsplit("]", 1)[-1]):
+        return "must name a host"
+    if u.fragment or u.username:
+        return "must not carry a fragment or credentials"
+    if u.path and not u.path.startswith("/"):
+        return "path must start with '/'"
+    return None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a gateway config file, loading its key file too."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        what = re.sub(r"\s*\(at line.*\)", "", str(exc))
+        raise ConfigError(f"{path.name}:{m.group(1)}: TOML syntax: {what} (column {m.group(2)})" if m else f"{path.name}: TOML syntax: {what}") from None
+    return parse_config(data, path, text)
+
+
+def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
+    """Validate parsed TOML ``data`` (read from ``path``) into a Config."""
+    r = _Reader(path, text)
+    r.table(data, (), {"gateway", "peers", "services"})
+    if "gateway" not in data:
+        raise r.error(("gateway",), "missing (required table)")
+    g = r.table(data["gateway"], ("gateway",), _GATEWAY_KEYS)
+    gw = ("gateway",)
+    gid = r.checked(g, (*gw, "id"), id_problem)
+    hold = r.number(g, (*gw, "hold_time_ms"), MIN_HOLD_MS, MAX_HOLD_MS, 3000, integer=True)
+    gateway = GatewayConfig(
+        id=gid,
+        listen=r.address(g, (*gw, "listen"), literal=True),  # type: ignore[arg-type]
+        key_file=r.file(g, (*gw, "key_file")),
+        control_socket=r.file(g, (*gw, "control_socket"), f"{gid}.sock"),
+        http_listen=r.address(g, (*gw, "http_listen"), None, literal=True),
+        metrics_listen=r.address(g, (*gw, "metrics_listen"), None, literal=True),
+        selection=r.checked(g, (*gw, "selection"), lambda v: None if v in SELECTION_MODES else f"must be one of {', '.join(SELECTION_MODES)}", "per-request"),
+        dns_ttl_s=r.number(g, (*gw, "dns_ttl_s"), 0.001, 86400, 30.0),
+        hold_time_ms=hold,
+        keepalive_ms=r.number(g, (*gw, "keepalive_ms"), 50, hold / 3, None, integer=True),
+        handshake_timeout_ms=r.number(g, (*gw, "handshake_timeout_ms"), 100, 600_000, 5000, integer=True),
+        connect_retry_min_ms=r.number(g, (*gw, "connect_retry_min_ms"), 10, 3_600_000, 250, integer=True),
+        connect_retry_max_ms=r.number(g, (*gw, "connect_retry_max_ms"), 10, 3_600_000, 30_000, integer=True),
+        min_adv_interval_ms=r.number(g, (*gw, "min_adv_interval_ms"), 0, 600_000, 100, integer=True),
+        max_routes_per_peer=r.number(g, (*gw, "max_routes_per_peer"), 1, 10_000_000, 10_000, integer=True),
+        max_peer_send_buffer=r.number(g, (*gw, "max_peer_send_buffer"), 65536, 1 << 30, 4 * 1024 * 1024, integer=True),
+        log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
+        log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
+    )
+    if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
+        raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
+
+    peers_raw = data.get("peers", [])
+    if not isinstance(peers_raw, list):
+        raise r.error(("peers",), "must be an array of tables ([[peers]])")
+    peers: list[PeerConfig] = []
+    seen_peers: dict[str, int] = {}
+    for i, p in enumerate(peers_raw):
+        kp: tuple[str | int, ...] = ("peers", i)
+        r.table(p, kp, _PEER_KEYS)
+        pid = r.checked(p, (*kp, "id"), id_problem)
+        if pid == gid:
+            raise r.error((*kp, "id"), f"{pid!r} is this gateway itself")
+        if pid in seen_peers:
+            raise r.error((*kp, "id"), f"duplicate peer id {pid!r} (also peers[{seen_peers[pid]}])")
+        seen_peers[pid] = i
+        addr = r.address(p, (*kp, "address"))
+        if addr == gateway.listen:
+            raise r.error((*kp, "address"), f"{addr} is this gateway's own listen address")
+        b64 = r.get(p, (*kp, "public_key"), str)
+        try:
+            pub = parse_public_key(b64)
+        except ValueError as exc:
+            raise r.error((*kp, "public_key"), str(exc)) from None
+        peers.append(PeerConfig(
+            id=pid, address=addr, public_key=pub, public_key_b64=b64.strip(),  # type: ignore[arg-type]
+            emulated_rtt_ms=float(r.number(p, (*kp, "emulated_rtt_ms"), 0, 10_000, 0.0)),
+            passive=r.get(p, (*kp, "passive"), bool, False),
+        ))
+
+    services_raw = data.get("services", [])
+    if not isinstance(services_raw, list):
+        raise r.error(("services",), "must be an array of tables ([[services]])")
+    services: list[ServiceConfig] = []
+    seen_paths: dict[str, int] = {}
+    seen_instances: dict[str, tuple[int, int]] = {}
+    for i, s in enumerate(services_raw):
+        kp = ("services", i)
+        r.table(s, kp, _SERVICE_KEYS)
+        spath = r.checked(s, (*kp, "path"), service_problem)
+        if spath in seen_paths:
+            raise r.error((*kp, "path"), f"duplicate service {spath!r} (also services[{seen_paths[spath]}])")
+        seen_paths[spath] = i
+        inst_raw = s.get("instances", [])
+        if not isinstance(inst_raw, list) or not inst_raw:
+            raise r.error((*kp, "instances"), "must be a non-empty array of tables ([[services.instances]])")
+        instances: list[InstanceConfig] = []
+        for j, inst in enumerate(inst_raw):
+            ki: tuple[str | int, ...] = (*kp, "instances", j)
+            r.table(inst, ki, _INSTANCE_KEYS)
+            iid = r.checked(inst, (*ki, "id"), id_problem)
+            if iid in seen_instances:
+                a, b = seen_instances[iid]
+                raise r.error((*ki, "id"), f"duplicate instance id {iid!r} (also services[{a}].instances[{b}])")
+            seen_instances[iid] = (i, j)
+            instances.append(InstanceConfig(
+                id=iid,
+                url=r.checked(inst, (*ki, "url"), _url_problem),
+                capacity=float(r.number(inst, (*ki, "capacity"), 1e-6, 1e9)),
+                price=float(r.number(inst, (*ki, "price"), 0, 1e12, 0.0)),
+                compute_latency_ms=float(r.number(inst, (*ki, "compute_latency_ms"), 0, 3_600_000, 0.0)),
+            ))
+        services.append(ServiceConfig(spath, tuple(instances)))
+
+    try:
+        key = load_private_key(gateway.key_file)
+    except KeyFileError as exc:
+        raise r.error((*gw, "key_file"), str(exc)) from None
+    return Config(gateway, tuple(peers), tuple(services), key, path)

@@ -1,0 +1,210 @@
+"""The local control socket: one JSON request line in, one JSON reply line out.
+
+Requests are ``{"cmd": "show-routes", "service": "/yolo"}`` and the like (see
+``COMMANDS``); replies are ``{"ok": true, "data": ...}`` or ``{"ok": false, "error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("cpnd.control")
+
+MAX_REQUEST = 65536
+REQUEST_TIMEOUT_S = 5.0
+MAX_CLIENTS = 32
+
+
+def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, Any]]:
+    """The RIB as the user contract's ``show routes --json`` objects."""
+    now = trio.current_time()
+    out = []
+    for route, latency_us, best in daemon.rib.routes(service):
+        a = route.adv
+        fresh = daemon.rib.loc[a.key].fresh
+        out.append({
+            "service": a.service,
+            "instance": a.instance,
+            "origin": a.origin,
+            "next_hop": route.peer,
+            "path": [] if route.peer is None else list(a.path),
+            "path_latency_ms": round(latency_us / 1000, 3),
+            "compute_latency_ms": round(a.compute_us / 1000, 3),
+            "load": a.load,
+            "capacity": a.capacity,
+            "price": a.price,
+            "label": a.label,
+            "age_s": round(now - route.received_at, 3),
+            "best": best,
+            "seq": a.seq,
+            "stale": a.seq < fresh.seq,
+            "reason": daemon.rib.loc[a.key].reason.value if best else None,
+        })
+    return out
+
+
+def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
+    """The peer list as the user contract's ``show peers --json`` objects."""
+    now = trio.current_time()
+    out = []
+    for pid, peer in sorted(daemon.peers.items()):
+        conn = peer.current()
+        s = conn.session if conn else None
+        state = s.state.value if s else peer.status
+        up = s is not None and conn is not None and conn.established and s.established_at is not None
+        out.append({
+            "id": pid,
+            "address": str(peer.config.address),
+            "state": state,
+            "uptime_s": round(now - s.established_at, 3) if up and s and s.established_at is not None else 0.0,
+            "rtt_ms": round(s.srtt * 1000, 3) if s and s.srtt is not None else None,
+            "routes_received": len(daemon.rib.adj_in.get(pid, {})) if up else 0,
+            "link_cost_ms": round(daemon.rib.link_cost_us[pid] / 1000, 3) if pid in daemon.rib.link_cost_us else None,
+            "flaps": peer.flaps,
+            "last_error": peer.last_error,
+            "msgs_in": s.stats["msgs_in"] if s else 0,
+            "msgs_out": s.stats["msgs_out"] if s else 0,
+            "bytes_in": s.stats["bytes_in"] if s else 0,
+            "bytes_out": s.stats["bytes_out"] if s else 0,
+        })
+    return out
+
+
+def status_json(daemon: Daemon) -> dict[str, Any]:
+    return {
+        "id": daemon.id,
+        "pid": os.getpid(),
+        "listen": f"{daemon.config.gateway.listen.host}:{daemon.listen_port}",
+        "uptime_s": round(trio.current_time() - daemon.started_at, 3),
+        "routes": len(daemon.rib),
+        "paths": sum(len(t) for t in daemon.rib.adj_in.values()) + len(daemon.rib.local),
+        "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),
+        "peers": len(daemon.peers),
+        "stats": dict(daemon.stats),
+    }
+
+
+COMMANDS = {
+    "show-routes": lambda d, req: routes_json(d, req.get("service")),
+    "show-peers": lambda d, req: peers_json(d),
+    "status": lambda d, req: status_json(d),
+}
+
+
+def handle_request(daemon: Daemon, raw: bytes) -> dict[str, Any]:
+    """Answer one request line; never raises."""
+    try:
+        req = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {"ok": False, "error": "request is not JSON"}
+    if not isinstance(req, dict) or req.get("cmd") not in COMMANDS:
+        return {"ok": False, "error": f"unknown command; known: {', '.join(COMMANDS)}"}
+    service = req.get("service")
+    if service is not None and not isinstance(service, str):
+        return {"ok": False, "error": "service must be a string"}
+    try:
+        return {"ok": True, "data": COMMANDS[req["cmd"]](daemon, req)}
+    except Exception as exc:  # a bug here must not take the daemon down
+        log.exception("control command %s failed", req.get("cmd"))
+        return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
+
+
+async def serve_control(daemon: Daemon, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on the unix socket ``path`` until cancelled, then remove it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        if await _socket_alive(path):
+            raise OSError(f"control socket {path} is in use by a running daemon")
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(str(path))
+    os.chmod(path, 0o660)
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+
+    async def client(stream: trio.SocketStream) -> None:
+        async with limiter:
+            buf = bytearray()
+            with trio.move_on_after(REQUEST_TIMEOUT_S):
+                while b"\n" not in buf and len(buf) <= MAX_REQUEST:
+                    chunk = await stream.receive_some(4096)
+                    if not chunk:
+                        break
+                    buf += chunk
+                if len(buf) > MAX_REQUEST:
+                    reply: dict[str, Any] = {"ok": False, "error": "request too long"}
+                else:
+                    reply = handle_request(daemon, bytes(buf).split(b"\n", 1)[0])
+                try:
+                    await stream.send_all(json.dumps(reply).encode() + b"\n")
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+            await stream.aclose()
+
+    try:
+        task_status.started()
+        await trio.serve_listeners(client, [listener])
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+
+
+async def _socket_alive(path: Path) -> bool:
+    try:
+        s = await trio.open_unix_socket(str(path))
+    except OSError:
+        return False
+    await s.aclose()
+    return True
+
+
+class ControlError(Exception):
+    """The control socket could not be reached or answered with an error."""
+
+
+def request(path: str | os.PathLike[str], cmd: str, timeout: float = 5.0, **args: Any) -> Any:
+    """Blocking client: send one command, return its ``data`` or raise ControlError."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(os.fspath(path))
+        except FileNotFoundError:
+            raise ControlError(f"{path}: no such control socket (is cpnd running? see control_socket in its config)") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"{path}: connection refused (cpnd is not running)") from None
+        except OSError as exc:
+            raise ControlError(f"{path}: {exc.strerror or exc}") from None
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        buf = bytearray()
+        while b"\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except TimeoutError:
+        raise ControlError(f"{path}: no answer within {timeout:g} s") from None
+    except OSError as exc:
+        raise ControlError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        s.close()
+    try:
+        reply = json.loads(buf)
+    except ValueError:
+        raise ControlError(f"{path}: the daemon closed the connection without an answer") from None
+    if not reply.get("ok"):
+        raise ControlError(reply.get("error", "unknown error"))
+    return reply["data"]

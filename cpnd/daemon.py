@@ -1,0 +1,459 @@
+"""The trio shell of cpnd: sockets, timers and tasks around the sans-IO cores.
+
+Only moves bytes and drives timers; every protocol decision is made by ``session``,
+``rib`` and (later) ``select``.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import math
+import random
+import signal
+import time
+from collections.abc import Iterable
+
+import attrs
+import trio
+
+from .config import Config, PeerConfig
+from .crypto import Role
+from .errors import CeaseSub, Code, ProtocolError
+from .names import service_label
+from .rib import AdjRibOut, Key, Rib
+from .session import (
+    Authenticated,
+    Backoff,
+    Closed,
+    Established,
+    RefreshRequested,
+    RttMeasured,
+    Session,
+    SessionConfig,
+    State,
+    UpdateReceived,
+    collision_keeps_new,
+)
+from .wire import RouteAdv
+
+log = logging.getLogger("cpnd")
+
+RECEIVE_CHUNK = 65536
+MAX_UNAUTHENTICATED = 64
+FLUSH_ON_CLOSE_S = 1.0
+EMULATION_SPIN_S = 0.001
+# Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
+# moves by more than this, so measurement noise never churns the network.
+LINK_COST_MIN_CHANGE_US = 100
+LINK_COST_MIN_CHANGE_FRAC = 0.05
+
+
+def link_cost_after(current_us: int | None, rtt_s: float) -> int | None:
+    """The new link cost for a filtered RTT, or None when the change is not material."""
+    new = max(1, int(rtt_s * 1_000_000))
+    if current_us is None:
+        return new
+    if abs(new - current_us) > max(LINK_COST_MIN_CHANGE_US, LINK_COST_MIN_CHANGE_FRAC * current_us):
+        return new
+    return None
+
+
+class Connection:
+    """One TCP connection to a peer, pumped through one ``Session``."""
+
+    def __init__(self, daemon: Daemon, stream: trio.SocketStream, session: Session, *, initiated: bool, remote: str) -> None:
+        self.daemon = daemon
+        self.stream = stream
+        self.session = session
+        self.initiated = initiated
+        self.remote = remote
+        self.peer: PeerState | None = None
+        self.adj_out: AdjRibOut | None = None
+        self._wake = trio.Event()
+        self._out: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._out_bytes = 0
+        self._out_ready = trio.Event()
+        self._done = trio.Event()
+        self._delay_s = 0.0
+        self.counted_unauthenticated = False
+
+    @property
+    def established(self) -> bool:
+        return self.session.state is State.ESTABLISHED
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._ticker)
+                self._process()
+                await self._done.wait()
+                # Closed: give the NOTIFICATION a bounded chance to leave, then hang up.
+                with trio.move_on_after(FLUSH_ON_CLOSE_S + self._delay_s):
+                    while self._out:
+                        await self._out_ready.wait()
+                        await trio.sleep(0)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            self.daemon._connection_gone(self)
+
+    async def _reader(self) -> None:
+        while not self._done.is_set():
+            try:
+                data = await self.stream.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            self.session.receive_data(data, trio.current_time())
+            self._process()
+            if not data:
+                return
+
+    async def _ticker(self) -> None:
+        while not self._done.is_set():
+            now = trio.current_time()
+            deadlines = [self.session.get_timer()]
+            if self.adj_out is not None:
+                deadlines.append(self.adj_out.due(now))
+            deadline = min((d for d in deadlines if d is not None), default=math.inf)
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            now = trio.current_time()
+            self.session.handle_timer(now)
+            self._flush_routes(now)
+            self._process()
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._out:
+                self._out_ready = trio.Event()
+                await self._out_ready.wait()
+            release, data = self._out[0]
+            if release > trio.current_time():
+                await _sleep_until_precisely(release)
+            self._out.popleft()
+            self._out_bytes -= len(data)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._out.clear()
+                self._out_bytes = 0
+                self.session.receive_data(b"", trio.current_time())
+                self._process()
+                self._out_ready.set()
+                return
+            if not self._out:
+                self._out_ready.set()
+
+    def _flush_routes(self, now: float) -> None:
+        if self.adj_out is None or not self.established:
+            return
+        due = self.adj_out.due(now)
+        if due is None or due > now:
+            return
+        adv, wd = self.adj_out.flush(self.daemon.rib, now)
+        if adv or wd:
+            n = self.session.send_update(adv, wd)
+            self.daemon.stats["updates_out"] += n
+
+    def _enqueue(self, data: bytes) -> None:
+        if not data:
+            return
+        self._out.append((trio.current_time() + self._delay_s, data))
+        self._out_bytes += len(data)
+        self._out_ready.set()
+        if self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer and self.session.state is not State.CLOSED:
+            # The peer does not read: drop the session rather than buffer without bound.
+            self._out.clear()
+            self._out_bytes = 0
+            self.session.close(Code.CEASE, CeaseSub.OUT_OF_RESOURCES, "send buffer full: peer is not reading")
+            self._process()
+
+    def _process(self) -> None:
+        """Act on every pending session event, then queue what the session wants sent."""
+        while (event := self.session.next_event()) is not None:
+            if isinstance(event, Authenticated):
+                self.daemon._authenticated(self, event.peer_id)
+            elif isinstance(event, Established):
+                self.daemon._established(self)
+            elif isinstance(event, RttMeasured):
+                self.daemon._rtt(self, event.min_rtt)
+            elif isinstance(event, UpdateReceived):
+                self.daemon._update(self, event)
+            elif isinstance(event, RefreshRequested):
+                if self.adj_out is not None:
+                    self.adj_out.mark_all(self.daemon.rib)
+                    self.wake()
+            elif isinstance(event, Closed):
+                self.daemon._closed(self, event)
+                self._done.set()
+        self._enqueue(self.session.data_to_send())
+
+
+@attrs.define
+class PeerState:
+    """What the daemon knows of one configured peer across its connections."""
+
+    config: PeerConfig
+    backoff: Backoff
+    conns: set[Connection] = attrs.field(factory=set)
+    changed: trio.Event = attrs.field(factory=trio.Event)
+    status: str = "idle"  # idle | connect | active (waiting to retry)
+    last_error: str = ""
+    established_at: float | None = None
+    flaps: int = 0
+
+    def current(self) -> Connection | None:
+        """The connection that matters most: established first, then any authenticated."""
+        best = None
+        for c in self.conns:
+            if c.established:
+                return c
+            best = best or c
+        return best
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class Daemon:
+    """One gateway: peers, RIB and the local control socket."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        g = config.gateway
+        self.id = g.id
+        self.rib = Rib(g.id, max_routes_per_peer=g.max_routes_per_peer)
+        self.session_config = SessionConfig(
+            hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000
+        )
+        self.peer_keys = {p.id: p.public_key for p in config.peers}
+        self.peers = {
+            p.id: PeerState(p, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000))
+            for p in config.peers
+        }
+        # Per-origin sequence numbers start from the wall clock so a restarted gateway
+        # still outranks what it advertised before (protocol-spec/routing.md).
+        self.seq = time.time_ns() // 1000
+        self.started_at = 0.0
+        self.unauthenticated = 0
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.listen_port: int | None = None
+        self._nursery: trio.Nursery | None = None
+
+    # ---- lifecycle
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from .control import serve_control
+
+        g = self.config.gateway
+        self.started_at = trio.current_time()
+        self.rib.set_local(self._local_routes(), self.started_at)
+        listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
+        self.listen_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(serve_control, self, g.control_socket)
+            nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+            for peer in self.peers.values():
+                if not peer.config.passive:
+                    nursery.start_soon(self._dial_loop, peer)
+            log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
+            task_status.started()
+            await self._wait_for_signal()
+            await self.shutdown()
+            nursery.cancel_scope.cancel()
+
+    async def _wait_for_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("%s: %s received, shutting down", self.id, signal.Signals(signum).name)
+                return
+
+    async def shutdown(self) -> None:
+        """Say Cease to every peer and give the NOTIFICATIONs a moment to leave."""
+        conns = [c for p in self.peers.values() for c in p.conns]
+        for c in conns:
+            c.session.close(Code.CEASE, CeaseSub.ADMIN_SHUTDOWN, "gateway shutting down")
+            c._process()
+        with trio.move_on_after(FLUSH_ON_CLOSE_S):
+            for c in conns:
+                await c._done.wait()
+            await trio.sleep(0)
+
+    def _local_routes(self) -> list[RouteAdv]:
+        out = []
+        for svc in self.config.services:
+            for inst in svc.instances:
+                out.append(RouteAdv(
+                    service=svc.path, instance=inst.id, origin=self.id, seq=self.seq,
+                    label=service_label(svc.path), path=(self.id,), latency_us=0,
+                    capacity=inst.capacity, load=0.0, price=inst.price,
+                    compute_us=int(inst.compute_latency_ms * 1000),
+                ))
+        return out
+
+    # ---- connections
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        if self.unauthenticated >= MAX_UNAUTHENTICATED:
+            self.stats["connections_refused"] += 1
+            await stream.aclose()
+            return
+        remote = _peername(stream)
+        session = Session(Role.RESPONDER, self.id, self.config.key, self.peer_keys, trio.current_time(), config=self.session_config)
+        self.unauthenticated += 1
+        conn = Connection(self, stream, session, initiated=False, remote=remote)
+        conn.counted_unauthenticated = True
+        await conn.run()
+
+    async def _dial_loop(self, peer: PeerState) -> None:
+        addr = peer.config.address
+        # Gateways started together would dial each other at once; let the greater id
+        # dial first so the usual start needs no collision resolution.
+        first = 0.0 if self.id.encode() > peer.config.id.encode() else self.config.gateway.connect_retry_min_ms / 1000
+        await trio.sleep(first + random.uniform(0, 0.05))
+        while True:
+            while peer.current() is not None:
+                await peer.changed.wait()
+            peer.status = "connect"
+            try:
+                with trio.fail_after(self.session_config.handshake_timeout_s):
+                    stream = await trio.open_tcp_stream(addr.host, addr.port)
+            except (OSError, trio.TooSlowError) as exc:
+                peer.last_error = f"connect {addr}: {getattr(exc, 'strerror', None) or 'timed out'}"
+                peer.status = "active"
+                await trio.sleep(peer.backoff.next_delay())
+                continue
+            if peer.current() is not None:  # the peer dialled us meanwhile
+                await stream.aclose()
+                continue
+            session = Session(Role.INITIATOR, self.id, self.config.key, self.peer_keys, trio.current_time(),
+                              expected_peer=peer.config.id, config=self.session_config)
+            conn = Connection(self, stream, session, initiated=True, remote=str(addr))
+            self._attach(conn, peer)
+            await conn.run()
+            peer.status = "active"
+            await trio.sleep(peer.backoff.next_delay())
+
+    def _attach(self, conn: Connection, peer: PeerState) -> None:
+        conn.peer = peer
+        conn._delay_s = peer.config.emulated_rtt_ms / 2000
+        peer.conns.add(conn)
+        peer.notify()
+
+    def _authenticated(self, conn: Connection, peer_id: str) -> None:
+        if conn.counted_unauthenticated:
+            self.unauthenticated -= 1
+            conn.counted_unauthenticated = False
+        peer = self.peers[peer_id]
+        if conn.peer is None:
+            self._attach(conn, peer)
+        for other in list(peer.conns):
+            if other is conn or other.session.peer_id is None:
+                continue
+            keep_new = collision_keeps_new(self.id, peer_id, other.established, conn.initiated)
+            loser = other if keep_new else conn
+            log.info("%s: connection collision with %s, closing the one %s initiated", self.id, peer_id,
+                     "we" if loser.initiated else "it")
+            loser.session.close(Code.CEASE, CeaseSub.COLLISION, "connection collision resolution")
+            if loser is not conn:
+                loser._process()
+
+    def _established(self, conn: Connection) -> None:
+        peer = conn.peer
+        assert peer is not None
+        now = trio.current_time()
+        peer.established_at = now
+        peer.backoff.reset()
+        peer.last_error = ""
+        log.info("%s: peer %s up (%s, hold %d ms, rtt %.2f ms)", self.id, peer.config.id, conn.remote,
+                 conn.session.hold_ms, (conn.session.srtt or 0) * 1000)
+        if conn.session.min_rtt is not None:
+            self.rib.set_link_cost(peer.config.id, link_cost_after(None, conn.session.min_rtt) or 1)
+        conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
+        conn.adj_out.mark_all(self.rib)
+        conn.wake()
+
+    def _rtt(self, conn: Connection, rtt: float) -> None:
+        if not conn.established or conn.peer is None:
+            return
+        pid = conn.peer.config.id
+        cost = link_cost_after(self.rib.link_cost_us.get(pid), rtt)
+        if cost is not None:
+            self._propagate(self.rib.set_link_cost(pid, cost))
+
+    def _update(self, conn: Connection, event: UpdateReceived) -> None:
+        assert conn.peer is not None
+        self.stats["updates_in"] += 1
+        try:
+            changed = self.rib.apply_update(conn.peer.config.id, event.update, trio.current_time())
+        except ProtocolError as exc:
+            log.warning("%s: peer %s sent a bad UPDATE: %s", self.id, conn.peer.config.id, exc)
+            conn.session.close(exc.code, exc.subcode, exc.detail)
+            return
+        self._propagate(changed)
+
+    def _closed(self, conn: Connection, event: Closed) -> None:
+        peer = conn.peer
+        name = peer.config.id if peer else conn.remote
+        level = logging.INFO if event.code in (0, Code.CEASE) else logging.WARNING
+        was_up = conn.adj_out is not None
+        log.log(level, "%s: peer %s %s: %s", self.id, name, "down" if was_up else "not established", event.describe())
+        if peer is not None:
+            peer.last_error = event.describe()
+            if was_up:
+                peer.flaps += 1
+                peer.established_at = None
+                others_up = any(c.established for c in peer.conns if c is not conn)
+                if not others_up:
+                    self._propagate(self.rib.peer_down(peer.config.id))
+            conn.adj_out = None
+
+    def _connection_gone(self, conn: Connection) -> None:
+        if conn.counted_unauthenticated:
+            self.unauthenticated -= 1
+        if conn.peer is not None:
+            conn.peer.conns.discard(conn)
+            conn.peer.notify()
+
+    def _propagate(self, keys: Iterable[Key]) -> None:
+        keys = set(keys)
+        if not keys:
+            return
+        self.stats["rib_changes"] += len(keys)
+        for peer in self.peers.values():
+            for c in peer.conns:
+                if c.adj_out is not None:
+                    c.adj_out.mark(keys)
+                    c.wake()
+
+
+async def _sleep_until_precisely(deadline: float) -> None:
+    """Sleep until ``deadline`` give or take ~0.1 ms (emulated links only).
+
+    The event loop's timers wake up to a millisecond late (epoll rounds up), which
+    would add ~1 ms to every emulated RTT; the last millisecond is spent yielding.
+    """
+    if deadline - trio.current_time() > EMULATION_SPIN_S:
+        await trio.sleep_until(deadline - EMULATION_SPIN_S)
+    while trio.current_time() < deadline:
+        await trio.sleep(0)
+
+
+def _peername(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except OSError as exc:
+        return f"<{errno.errorcode.get(exc.errno or 0, 'unknown')}>"
+

@@ -1,0 +1,311 @@
+"""``cpnd lab``: several real gateways on loopback, from the paper's scenario or a topology file.
+
+Also the harness the integration tests and benches use: ``Topology`` -> config files
+and keys -> ``Lab`` (one ``cpnd`` process per gateway) -> wait for convergence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .control import ControlError, request
+from .crypto import generate_key, public_key_b64, write_private_key
+from .names import id_problem, service_problem
+
+
+@attrs.frozen
+class Instance:
+    id: str
+    gateway: str
+    service: str
+    capacity: float = 50.0
+    price: float = 1.0
+    compute_latency_ms: float = 1.0
+
+
+@attrs.frozen
+class Link:
+    a: str
+    b: str
+    rtt_ms: float = 0.0
+
+
+@attrs.frozen
+class Topology:
+    gateways: tuple[str, ...]
+    links: tuple[Link, ...]
+    instances: tuple[Instance, ...] = ()
+    # Extra [gateway] keys for every gateway (timers and the like).
+    gateway_options: dict[str, Any] = attrs.field(factory=dict)
+
+    def neighbours(self, gw: str) -> list[tuple[str, float]]:
+        out = []
+        for link in self.links:
+            if link.a == gw:
+                out.append((link.b, link.rtt_ms))
+            elif link.b == gw:
+                out.append((link.a, link.rtt_ms))
+        return out
+
+
+# The reference scenario (PAPER.md, "The experiment"): RTTs in ms.
+PAPER_RTT = {
+    "gw1": {"gw3": 4, "gw4": 6, "gw5": 6, "gw6": 6, "gw7": 10},
+    "gw2": {"gw3": 6, "gw4": 4, "gw5": 4, "gw6": 4, "gw7": 2},
+}
+PAPER_PRICES = (2, 1, 2, 1, 2)
+PAPER_COMPUTE_MS = (1, 3, 1, 3, 1)
+
+
+def paper_topology() -> Topology:
+    """GW1..GW7 with the paper's RTT table; s1..s5 of /yolo behind GW3..GW7."""
+    links = tuple(Link(u, g, rtt) for u, row in PAPER_RTT.items() for g, rtt in row.items())
+    instances = tuple(
+        Instance(f"s{i + 1}", f"gw{i + 3}", "/yolo", 50.0, PAPER_PRICES[i], PAPER_COMPUTE_MS[i]) for i in range(5)
+    )
+    return Topology(tuple(f"gw{i}" for i in range(1, 8)), links, instances)
+
+
+def load_topology(path: Path) -> Topology:
+    """Read a topology file: ``[[gateways]] id``, ``[[links]] a b rtt_ms``, ``[[instances]] ...``."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    try:
+        gws = tuple(g["id"] for g in data.get("gateways", []))
+        links = tuple(Link(link["a"], link["b"], float(link.get("rtt_ms", 0))) for link in data.get("links", []))
+        instances = tuple(
+            Instance(i["id"], i["gateway"], i["service"], float(i.get("capacity", 50)), float(i.get("price", 1)),
+                     float(i.get("compute_latency_ms", 1)))
+            for i in data.get("instances", [])
+        )
+        options = dict(data.get("gateway", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: missing or bad field {exc}") from None
+    for g in gws:
+        if id_problem(g):
+            raise ValueError(f"{path}: gateway id {g!r}: {id_problem(g)}")
+    for link in links:
+        if link.a not in gws or link.b not in gws:
+            raise ValueError(f"{path}: link {link.a}-{link.b} names an unknown gateway")
+    for i in instances:
+        if i.gateway not in gws or service_problem(i.service):
+            raise ValueError(f"{path}: instance {i.id}: unknown gateway or bad service path")
+    return Topology(gws, links, instances, options)
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports the OS reports free on 127.0.0.1 right now."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@attrs.define
+class GatewaySpec:
+    id: str
+    config: Path
+    control: Path
+    listen: str
+    http: str
+    public_key: str
+
+
+def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
+              instance_url: Callable[[Instance], str] | None = None) -> dict[str, GatewaySpec]:
+    """Keys and one config file per gateway of ``topo`` under ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(2 * len(topo.gateways))
+    specs: dict[str, GatewaySpec] = {}
+    for n, gw in enumerate(topo.gateways):
+        key = generate_key()
+        write_private_key(workdir / f"{gw}.key", key, force=True)
+        specs[gw] = GatewaySpec(gw, workdir / f"{gw}.toml", workdir / f"{gw}.sock",
+                                f"127.0.0.1:{ports[2 * n]}", f"127.0.0.1:{ports[2 * n + 1]}", public_key_b64(key))
+    for gw, spec in specs.items():
+        lines = ["[gateway]", f"id = {_toml_value(gw)}", f'listen = "{spec.listen}"', f'http_listen = "{spec.http}"',
+                 f'control_socket = "{spec.control.name}"', f'key_file = "{gw}.key"', f'selection = "{selection}"']
+        lines += [f"{k} = {_toml_value(v)}" for k, v in topo.gateway_options.items()]
+        for peer, rtt in topo.neighbours(gw):
+            lines += ["", "[[peers]]", f"id = {_toml_value(peer)}", f'address = "{specs[peer].listen}"',
+                      f'public_key = "{specs[peer].public_key}"']
+            if rtt:
+                lines.append(f"emulated_rtt_ms = {rtt!r}")
+        by_service: dict[str, list[Instance]] = {}
+        for inst in topo.instances:
+            if inst.gateway == gw:
+                by_service.setdefault(inst.service, []).append(inst)
+        for svc, insts in by_service.items():
+            lines += ["", "[[services]]", f"path = {_toml_value(svc)}"]
+            for inst in insts:
+                url = instance_url(inst) if instance_url else f"http://127.0.0.1:9/{inst.id}"
+                lines += ["[[services.instances]]", f"id = {_toml_value(inst.id)}", f"url = {_toml_value(url)}",
+                          f"capacity = {inst.capacity!r}", f"price = {inst.price!r}",
+                          f"compute_latency_ms = {inst.compute_latency_ms!r}"]
+        spec.config.write_text("\n".join(lines) + "\n")
+    return specs
+
+
+class Lab:
+    """One real ``cpnd`` process per gateway; always reaped on exit."""
+
+    def __init__(self, specs: dict[str, GatewaySpec], *, log_level: str = "info") -> None:
+        self.specs = specs
+        self.log_level = log_level
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, gw: str) -> None:
+        spec = self.specs[gw]
+        log = open(spec.config.with_suffix(".log"), "ab")
+        self.procs[gw] = subprocess.Popen(
+            [sys.executable, "-m", "cpnd", "--config", str(spec.config), "--log-level", self.log_level],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def start_all(self) -> None:
+        for gw in self.specs:
+            self.start(gw)
+
+    def stop(self, gw: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        proc = self.procs.pop(gw)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                return proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait()
+
+    def stop_all(self) -> None:
+        for gw in list(self.procs):
+            if self.procs[gw].poll() is None:
+                self.procs[gw].send_signal(signal.SIGTERM)
+        for gw in list(self.procs):
+            self.stop(gw)
+
+    def dead(self) -> list[str]:
+        return [gw for gw, p in self.procs.items() if p.poll() is not None]
+
+    def log(self, gw: str) -> str:
+        try:
+            return self.specs[gw].config.with_suffix(".log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def query(self, gw: str, cmd: str, **args: Any) -> Any:
+        return request(self.specs[gw].control, cmd, **args)
+
+    def routes(self, gw: str) -> list[dict[str, Any]]:
+        return self.query(gw, "show-routes")
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+        """Poll ``predicate`` (control-socket errors count as false) until true or fail."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = self.dead()
+            if dead:
+                raise RuntimeError(f"gateway {dead[0]} exited:\n{self.log(dead[0])[-2000:]}")
+            try:
+                if predicate():
+                    return
+            except ControlError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            time.sleep(0.05)
+
+    def converged(self, topo: Topology, gateways: Iterable[str] | None = None) -> bool:
+        """Every gateway (that can reach them) holds a best route to every instance."""
+        want = {(i.service, i.gateway, i.id) for i in topo.instances if i.gateway in self.procs}
+        for gw in gateways if gateways is not None else self.procs:
+            have = {(r["service"], r["origin"], r["instance"]) for r in self.routes(gw) if r["best"]}
+            if have != want:
+                return False
+        return True
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+
+def run_lab(args: argparse.Namespace) -> int:
+    """The body of ``cpnd lab SCENARIO``: start, wait for convergence, serve until interrupted."""
+    if args.scenario == "paper":
+        topo = paper_topology()
+    else:
+        try:
+            topo = load_topology(Path(args.scenario))
+        except ValueError as exc:
+            print(f"cpnd lab: {exc}", file=sys.stderr)
+            return 2
+    tmp = None
+    if args.dir:
+        workdir = Path(args.dir).resolve()
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="cpn-lab-")
+        workdir = Path(tmp.name)
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    specs = write_lab(topo, workdir, selection=args.selection)
+    lab = Lab(specs, log_level=args.lab_log_level)
+    try:
+        lab.start_all()
+        for gw, spec in specs.items():
+            print(f"{gw} http={spec.http} control={spec.control}", flush=True)
+        try:
+            lab.wait_for(lambda: stop["flag"] or lab.converged(topo), args.timeout, "every RIB to converge")
+        except (TimeoutError, RuntimeError) as exc:
+            print(f"cpnd lab: {exc}; logs in {workdir}", file=sys.stderr)
+            return 1
+        if stop["flag"]:
+            return 130
+        print("ready", flush=True)
+        while not stop["flag"]:
+            if lab.dead():
+                gw = lab.dead()[0]
+                print(f"cpnd lab: {gw} exited:\n{lab.log(gw)[-2000:]}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        lab.stop_all()
+        for s, h in old.items():
+            signal.signal(s, h)
+        if tmp is not None:
+            tmp.cleanup()
+        sys.stdout.flush()

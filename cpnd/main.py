@@ -1,0 +1,92 @@
+"""``cpnd``: run one gateway from a config file, or a lab scenario."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import trio
+
+from . import __version__
+from .config import load_config
+from .errors import ConfigError
+
+EXIT_CONFIG = 2
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return json.dumps(obj)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.Formatter.converter = time.gmtime
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cpnd", description="cpn gateway daemon")
+    p.add_argument("--version", action="version", version=f"cpnd {__version__}")
+    p.add_argument("--config", metavar="FILE.toml", help="run one gateway from this config file")
+    p.add_argument("--check", action="store_true", help="validate the config and exit")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="override [gateway] log_level")
+    p.add_argument("--log-format", choices=["text", "json"], help="override [gateway] log_format")
+    sub = p.add_subparsers(dest="command")
+    lab = sub.add_parser("lab", help="run a scenario of several gateways on loopback")
+    lab.add_argument("scenario", help="'paper' (the reference scenario) or a topology file (.toml)")
+    lab.add_argument("--dir", help="working directory for keys, configs and sockets (default: a temporary one)")
+    lab.add_argument("--selection", choices=["per-request", "per-connection", "dns-ttl"], default="per-request")
+    lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for convergence (default 30)")
+    lab.add_argument("--log-level", dest="lab_log_level", choices=["debug", "info", "warning", "error"], default="warning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "lab":
+        from .lab import run_lab
+
+        return run_lab(args)
+    if not args.config:
+        print("cpnd: --config FILE.toml is required (or `cpnd lab paper`)", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"cpnd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(f"{args.config}: ok ({len(config.peers)} peers, {sum(len(s.instances) for s in config.services)} instances)")
+        return 0
+    setup_logging(args.log_level or config.gateway.log_level, args.log_format or config.gateway.log_format)
+    from .daemon import Daemon
+
+    try:
+        trio.run(Daemon(config).run)
+    except OSError as exc:
+        # Binding a port or the control socket failed: an operator error, not a crash.
+        print(f"cpnd: {config.gateway.id}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

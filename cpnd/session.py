@@ -1,0 +1,528 @@
+"""The peer session state machine (sans-IO): handshake, OPEN, keepalives, UPDATEs.
+
+Feed it bytes with ``receive_data(data, now)`` and timer expiries with
+``handle_timer(now)``; pull ``next_event()`` and ``data_to_send()``. Time is a float
+in seconds from any monotonic clock. The transition table below is the one printed
+in protocol-spec/session.md (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .crypto import Handshake, RecordLayer, Role, handshake_error_frame
+from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
+from .wire import (
+    MAX_HANDSHAKE_BODY,
+    MAX_HOLD_MS,
+    MAX_RECORD,
+    MIN_HOLD_MS,
+    ContentType,
+    Finish,
+    FrameReader,
+    HandshakeError,
+    Hello,
+    HelloAck,
+    Keepalive,
+    Message,
+    MsgType,
+    Notification,
+    Open,
+    RouteAdv,
+    RouteRefresh,
+    Update,
+    Withdrawal,
+    decode_handshake,
+    decode_message,
+    encode_message,
+    frame,
+    split_update,
+)
+
+log = logging.getLogger("cpnd.session")
+
+MAX_RTT_SAMPLE = 60.0
+RTT_WINDOW = 8  # samples in the min-RTT filter
+# The first keepalives after OPEN come quickly so the min-RTT filter fills in well
+# under a second instead of RTT_WINDOW keepalive intervals.
+STARTUP_PROBES = 4
+STARTUP_PROBE_INTERVAL_S = 0.1
+
+
+class State(enum.Enum):
+    WAIT_HELLO = "wait-hello"
+    WAIT_ACK = "wait-ack"
+    WAIT_FINISH = "wait-finish"
+    OPEN_SENT = "open-sent"
+    OPEN_CONFIRM = "open-confirm"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class Input(enum.Enum):
+    HELLO = "HELLO"
+    HELLO_ACK = "HELLO_ACK"
+    FINISH = "FINISH"
+    HS_ERROR = "HS_ERROR"
+    OPEN = "OPEN"
+    KEEPALIVE = "KEEPALIVE"
+    UPDATE = "UPDATE"
+    NOTIFICATION = "NOTIFICATION"
+    ROUTE_REFRESH = "ROUTE_REFRESH"
+    HOLD_TIMER = "hold-timer"
+    KEEPALIVE_TIMER = "keepalive-timer"
+    EOF = "eof"
+
+
+_HANDSHAKE_STATES = (State.WAIT_HELLO, State.WAIT_ACK, State.WAIT_FINISH)
+_OPEN_STATES = (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED)
+
+
+def _common(states: Sequence[State], row: dict[Input, tuple[str, State]]) -> dict[State, dict[Input, tuple[str, State]]]:
+    return {s: dict(row) for s in states}
+
+
+def _build_table() -> dict[State, dict[Input, tuple[str, State]]]:
+    t: dict[State, dict[Input, tuple[str, State]]] = {s: {} for s in State if s is not State.CLOSED}
+    for s, row in _common(_HANDSHAKE_STATES, {
+        Input.HS_ERROR: ("peer_refused", State.CLOSED),
+        Input.HOLD_TIMER: ("handshake_timeout", State.CLOSED),
+        Input.EOF: ("connection_lost", State.CLOSED),
+    }).items():
+        t[s].update(row)
+    for s, row in _common(_OPEN_STATES, {
+        Input.NOTIFICATION: ("peer_notified", State.CLOSED),
+        Input.HOLD_TIMER: ("hold_expired", State.CLOSED),
+        Input.EOF: ("connection_lost", State.CLOSED),
+    }).items():
+        t[s].update(row)
+    t[State.WAIT_HELLO][Input.HELLO] = ("send_hello_ack", State.WAIT_FINISH)
+    t[State.WAIT_ACK][Input.HELLO_ACK] = ("send_finish_and_open", State.OPEN_SENT)
+    t[State.WAIT_FINISH][Input.FINISH] = ("verify_finish_and_open", State.OPEN_SENT)
+    t[State.OPEN_SENT][Input.HS_ERROR] = ("peer_refused", State.CLOSED)
+    t[State.OPEN_SENT][Input.OPEN] = ("accept_open", State.OPEN_CONFIRM)
+    t[State.OPEN_CONFIRM][Input.KEEPALIVE] = ("establish", State.ESTABLISHED)
+    t[State.OPEN_CONFIRM][Input.KEEPALIVE_TIMER] = ("send_keepalive", State.OPEN_CONFIRM)
+    t[State.ESTABLISHED][Input.KEEPALIVE] = ("measure_rtt", State.ESTABLISHED)
+    t[State.ESTABLISHED][Input.KEEPALIVE_TIMER] = ("send_keepalive", State.ESTABLISHED)
+    t[State.ESTABLISHED][Input.UPDATE] = ("deliver_update", State.ESTABLISHED)
+    t[State.ESTABLISHED][Input.ROUTE_REFRESH] = ("deliver_refresh", State.ESTABLISHED)
+    return t
+
+
+TRANSITIONS = _build_table()
+
+_UNEXPECTED_SUB = {
+    State.OPEN_SENT: FsmSub.UNEXPECTED_IN_OPEN_SENT,
+    State.OPEN_CONFIRM: FsmSub.UNEXPECTED_IN_OPEN_CONFIRM,
+    State.ESTABLISHED: FsmSub.UNEXPECTED_IN_ESTABLISHED,
+}
+
+_MESSAGE_INPUT = {
+    MsgType.HELLO: Input.HELLO, MsgType.HELLO_ACK: Input.HELLO_ACK, MsgType.FINISH: Input.FINISH,
+    MsgType.HS_ERROR: Input.HS_ERROR, MsgType.OPEN: Input.OPEN, MsgType.KEEPALIVE: Input.KEEPALIVE,
+    MsgType.UPDATE: Input.UPDATE, MsgType.NOTIFICATION: Input.NOTIFICATION,
+    MsgType.ROUTE_REFRESH: Input.ROUTE_REFRESH,
+}
+_INPUT_OF_CLASS = {Open: Input.OPEN, Keepalive: Input.KEEPALIVE, Update: Input.UPDATE,
+                   Notification: Input.NOTIFICATION, RouteRefresh: Input.ROUTE_REFRESH}
+
+
+class CloseReason(enum.Enum):
+    """Why a session ended, logged on every peer-down (like GoBGP's PeerDownReason)."""
+
+    LOCAL_ERROR = "local-error"  # we found the peer in breach and sent a NOTIFICATION
+    PEER_NOTIFICATION = "peer-notification"
+    HOLD_EXPIRED = "hold-expired"
+    CONNECTION_LOST = "connection-lost"
+    ADMIN = "admin"
+
+
+# ---------------------------------------------------------------- events
+
+
+@attrs.frozen
+class Authenticated:
+    peer_id: str
+
+
+@attrs.frozen
+class Established:
+    peer_id: str
+    hold_ms: int
+    caps: tuple[str, ...]
+
+
+@attrs.frozen
+class UpdateReceived:
+    update: Update
+
+
+@attrs.frozen
+class RefreshRequested:
+    pass
+
+
+@attrs.frozen
+class RttMeasured:
+    sample: float
+    srtt: float
+    min_rtt: float
+
+
+@attrs.frozen
+class Closed:
+    reason: CloseReason
+    code: int = 0
+    subcode: int = 0
+    text: str = ""
+
+    def describe(self) -> str:
+        what = f" {describe(self.code, self.subcode)}" if self.code else ""
+        return f"{self.reason.value}{what}{': ' + self.text if self.text else ''}"
+
+
+Event = Authenticated | Established | UpdateReceived | RefreshRequested | RttMeasured | Closed
+
+
+@attrs.frozen
+class SessionConfig:
+    """The timers a session proposes; the hold time in use is the lower of both sides'."""
+
+    hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
+    keepalive_ms: int | None = None  # default hold / 3
+    handshake_timeout_s: float = 5.0
+    caps: tuple[str, ...] = ("route-refresh",)
+
+
+class Session:
+    """One connection to one peer, from the first handshake byte to CLOSED."""
+
+    def __init__(
+        self,
+        role: Role,
+        local_id: str,
+        local_key: Ed25519PrivateKey,
+        peers: Mapping[str, Ed25519PublicKey],
+        now: float,
+        *,
+        expected_peer: str | None = None,
+        config: SessionConfig = SessionConfig(),
+        random_bytes: Callable[[int], bytes] | None = None,
+    ) -> None:
+        kw = {"random_bytes": random_bytes} if random_bytes else {}
+        self.role = role
+        self.local_id = local_id
+        self.config = config
+        self._hs = Handshake(role, local_id, local_key, peers, expected_peer=expected_peer, **kw)
+        self._records: RecordLayer | None = None
+        self._reader = FrameReader(MAX_HANDSHAKE_BODY)
+        self._out = bytearray()
+        self._events: collections.deque[Event] = collections.deque()
+        self.state = State.WAIT_HELLO if role is Role.RESPONDER else State.WAIT_ACK
+        self.peer_id: str | None = None
+        self.peer_caps: tuple[str, ...] = ()
+        self.hold_ms = config.hold_ms
+        self._hold_deadline: float | None = now + config.handshake_timeout_s
+        self._keepalive_deadline: float | None = None
+        self._peer_ts: int | None = None
+        self._peer_ts_at = 0.0
+        self.srtt: float | None = None
+        self._rtt_window: collections.deque[float] = collections.deque(maxlen=RTT_WINDOW)
+        self._probes_left = STARTUP_PROBES
+        self.established_at: float | None = None
+        self.closed: Closed | None = None
+        self.stats = collections.Counter[str]()
+        if role is Role.INITIATOR:
+            self._out += frame(self._hs.start())
+
+    @property
+    def min_rtt(self) -> float | None:
+        """Minimum of the last RTT_WINDOW samples: the link's latency without processing noise."""
+        return min(self._rtt_window) if self._rtt_window else None
+
+    # ---- public API
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed the connection."""
+        if self.state is State.CLOSED:
+            return
+        self.stats["bytes_in"] += len(data)
+        if not data:
+            self._input(Input.EOF, None, now)
+            return
+        self._reader.feed(data)
+        try:
+            while self.state is not State.CLOSED:
+                fr = self._reader.next_frame()
+                if fr is None:
+                    break
+                inp, msg = self._decode(*fr)
+                self._input(inp, msg, now)
+        except ProtocolError as exc:
+            self._fail(exc)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire whichever timers are due at ``now``."""
+        if self._hold_deadline is not None and now >= self._hold_deadline:
+            self._input(Input.HOLD_TIMER, None, now)
+        if self._keepalive_deadline is not None and now >= self._keepalive_deadline and self.state is not State.CLOSED:
+            self._input(Input.KEEPALIVE_TIMER, None, now)
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must next be called, or None."""
+        if self.state is State.CLOSED:
+            return None
+        deadlines = [d for d in (self._hold_deadline, self._keepalive_deadline) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        self.stats["bytes_out"] += len(out)
+        return out
+
+    def send_update(self, adv: Sequence[RouteAdv], wd: Sequence[Withdrawal]) -> int:
+        """Queue UPDATEs carrying ``adv`` and ``wd``; returns how many messages."""
+        if self.state is not State.ESTABLISHED:
+            raise RuntimeError(f"send_update in state {self.state.value}")
+        n = 0
+        for upd in split_update(adv, wd):
+            self._send(upd)
+            n += 1
+        return n
+
+    def send_route_refresh(self) -> None:
+        if self.state is not State.ESTABLISHED:
+            raise RuntimeError(f"route refresh in state {self.state.value}")
+        self._send(RouteRefresh())
+
+    def close(self, code: int = Code.CEASE, subcode: int = CeaseSub.ADMIN_SHUTDOWN, text: str = "") -> None:
+        """Tell the peer why (NOTIFICATION or handshake error) and end the session."""
+        if self.state is State.CLOSED:
+            return
+        self._notify(ProtocolError(code, subcode, text))
+        reason = CloseReason.ADMIN if code == Code.CEASE else CloseReason.LOCAL_ERROR
+        self._set_closed(Closed(reason, code, subcode, text))
+
+    # ---- internals
+
+    def _set_state(self, new: State) -> None:
+        if new is not self.state:
+            log.debug("%s session %s: %s -> %s", self.local_id, self.peer_id or "?", self.state.value, new.value)
+            self.state = new
+
+    def _decode(self, header: bytes, body: bytes) -> tuple[Input, object]:
+        if self._records is None:
+            hs = decode_handshake(body)
+            return _MESSAGE_INPUT[_hs_type(hs)], hs
+        try:
+            ctype, payload = self._records.open(header, body)
+        except ProtocolError:
+            # The responder refuses a bad FINISH in plaintext: before the first record
+            # arrives, the initiator also accepts a plaintext handshake error.
+            if self.role is Role.INITIATOR and self._records.recv_counter == 0 and len(body) <= MAX_HANDSHAKE_BODY:
+                try:
+                    hs = decode_handshake(body)
+                except ProtocolError:
+                    hs = None
+                if isinstance(hs, HandshakeError):
+                    return Input.HS_ERROR, hs
+            raise
+        if ctype != ContentType.CONTROL:
+            raise ProtocolError(Code.RECORD, RecordSub.BAD_CONTENT_TYPE, f"content type {ctype}")
+        msg = decode_message(payload)
+        self.stats["msgs_in"] += 1
+        return _INPUT_OF_CLASS[type(msg)], msg
+
+    def _input(self, inp: Input, msg: object, now: float) -> None:
+        row = TRANSITIONS.get(self.state, {})
+        if inp not in row:
+            if self.state in _UNEXPECTED_SUB:
+                err = ProtocolError(Code.FSM, _UNEXPECTED_SUB[self.state], f"{inp.value} in {self.state.value}")
+            else:
+                err = ProtocolError(Code.HANDSHAKE, HandshakeSub.MALFORMED, f"{inp.value} in {self.state.value}")
+            self._fail(err)
+            return
+        action, new_state = row[inp]
+        if inp not in (Input.HOLD_TIMER, Input.KEEPALIVE_TIMER, Input.EOF) and self.state in _OPEN_STATES:
+            self._hold_deadline = now + self.hold_ms / 1000
+        try:
+            getattr(self, "_act_" + action)(msg, now)
+        except ProtocolError as exc:
+            self._fail(exc)
+            return
+        if self.state is not State.CLOSED:
+            self._set_state(new_state)
+
+    def _send(self, msg: Message) -> None:
+        assert self._records is not None
+        self._out += self._records.seal(ContentType.CONTROL, encode_message(msg))
+        self.stats["msgs_out"] += 1
+
+    def _notify(self, exc: ProtocolError) -> None:
+        try:
+            if self._records is not None:
+                self._send(Notification(exc.code, exc.subcode, exc.detail))
+            else:
+                self._out += handshake_error_frame(exc)
+        except ProtocolError:
+            pass  # counter exhausted: nothing more can be said on this connection
+
+    def _fail(self, exc: ProtocolError) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._notify(exc)
+        self._set_closed(Closed(CloseReason.LOCAL_ERROR, exc.code, exc.subcode, exc.detail))
+
+    def _set_closed(self, closed: Closed) -> None:
+        self._set_state(State.CLOSED)
+        self.closed = closed
+        self._hold_deadline = self._keepalive_deadline = None
+        self._events.append(closed)
+
+    def _ts(self, now: float) -> int:
+        return max(0, int(now * 1_000_000))
+
+    def _start_open(self, now: float) -> None:
+        send_key, recv_key = self._hs.traffic_keys()
+        self._records = RecordLayer(send_key, recv_key)
+        self._reader.set_limit(MAX_RECORD)
+        self.peer_id = self._hs.peer_id
+        self._events.append(Authenticated(self.peer_id))  # type: ignore[arg-type]
+        self._send(Open(self.local_id, self.config.hold_ms, self.config.caps, self._ts(now)))
+        self._hold_deadline = now + self.config.handshake_timeout_s
+
+    def _send_keepalive(self, now: float) -> None:
+        echo, dly = 0, 0
+        if self._peer_ts is not None:
+            echo, dly = self._peer_ts, int((now - self._peer_ts_at) * 1_000_000)
+            self._peer_ts = None
+        self._send(Keepalive(self._ts(now), echo, max(0, dly)))
+        interval = min(self.config.keepalive_ms or self.hold_ms // 3, self.hold_ms // 3) / 1000
+        if self._probes_left > 0:
+            self._probes_left -= 1
+            interval = min(interval, STARTUP_PROBE_INTERVAL_S)
+        self._keepalive_deadline = now + interval
+
+    def _on_keepalive(self, msg: Keepalive, now: float) -> None:
+        self._peer_ts, self._peer_ts_at = msg.ts, now
+        if msg.echo:
+            sample = (self._ts(now) - msg.echo - msg.dly) / 1_000_000
+            if 0 <= sample <= MAX_RTT_SAMPLE:
+                # RFC 6298 smoothing: one noisy sample moves SRTT by an eighth.
+                self.srtt = sample if self.srtt is None else 0.875 * self.srtt + 0.125 * sample
+                self._rtt_window.append(sample)
+                self._events.append(RttMeasured(sample, self.srtt, self.min_rtt))  # type: ignore[arg-type]
+
+    # ---- actions (named in TRANSITIONS)
+
+    def _act_send_hello_ack(self, msg: object, now: float) -> None:
+        reply = self._hs.handle(msg)
+        assert reply is not None
+        self._out += frame(reply)
+
+    def _act_send_finish_and_open(self, msg: object, now: float) -> None:
+        reply = self._hs.handle(msg)
+        assert reply is not None
+        self._out += frame(reply)
+        self._start_open(now)
+
+    def _act_verify_finish_and_open(self, msg: object, now: float) -> None:
+        self._hs.handle(msg)
+        self._start_open(now)
+
+    def _act_peer_refused(self, msg: HandshakeError, now: float) -> None:
+        self._set_closed(Closed(CloseReason.PEER_NOTIFICATION, msg.code, msg.subcode, msg.text))
+
+    def _act_handshake_timeout(self, msg: object, now: float) -> None:
+        raise ProtocolError(Code.HANDSHAKE, HandshakeSub.TIMEOUT, f"no handshake within {self.config.handshake_timeout_s:g} s")
+
+    def _act_connection_lost(self, msg: object, now: float) -> None:
+        self._set_closed(Closed(CloseReason.CONNECTION_LOST, text="peer closed the connection"))
+
+    def _act_peer_notified(self, msg: Notification, now: float) -> None:
+        self._set_closed(Closed(CloseReason.PEER_NOTIFICATION, msg.code, msg.subcode, msg.text))
+
+    def _act_hold_expired(self, msg: object, now: float) -> None:
+        if self.state is not State.ESTABLISHED and self.state is not State.OPEN_CONFIRM:
+            raise ProtocolError(Code.HOLD_TIMER_EXPIRED, 0, f"no OPEN within {self.config.handshake_timeout_s:g} s")
+        self._notify(ProtocolError(Code.HOLD_TIMER_EXPIRED, 0, f"nothing heard for {self.hold_ms} ms"))
+        self._set_closed(Closed(CloseReason.HOLD_EXPIRED, Code.HOLD_TIMER_EXPIRED, 0, f"nothing heard for {self.hold_ms} ms"))
+
+    def _act_accept_open(self, msg: Open, now: float) -> None:
+        if msg.id != self.peer_id:
+            raise ProtocolError(Code.OPEN, OpenSub.BAD_PEER_ID, f"OPEN says {msg.id!r}, handshake authenticated {self.peer_id!r}")
+        if not MIN_HOLD_MS <= msg.hold_ms <= MAX_HOLD_MS:
+            raise ProtocolError(Code.OPEN, OpenSub.BAD_HOLD_TIME, f"hold {msg.hold_ms} ms outside [{MIN_HOLD_MS}, {MAX_HOLD_MS}]")
+        self.hold_ms = min(self.config.hold_ms, msg.hold_ms)
+        self.peer_caps = msg.caps
+        self._peer_ts, self._peer_ts_at = msg.ts, now
+        self._hold_deadline = now + self.hold_ms / 1000
+        self._send_keepalive(now)
+
+    def _act_establish(self, msg: Keepalive, now: float) -> None:
+        self._on_keepalive(msg, now)
+        self.established_at = now
+        self._set_state(State.ESTABLISHED)
+        self._events.append(Established(self.peer_id, self.hold_ms, self.peer_caps))  # type: ignore[arg-type]
+
+    def _act_measure_rtt(self, msg: Keepalive, now: float) -> None:
+        self._on_keepalive(msg, now)
+
+    def _act_send_keepalive(self, msg: object, now: float) -> None:
+        self._send_keepalive(now)
+
+    def _act_deliver_update(self, msg: Update, now: float) -> None:
+        self._events.append(UpdateReceived(msg))
+
+    def _act_deliver_refresh(self, msg: object, now: float) -> None:
+        self._events.append(RefreshRequested())
+
+
+def _hs_type(msg: object) -> MsgType:
+    return {Hello: MsgType.HELLO, HelloAck: MsgType.HELLO_ACK, Finish: MsgType.FINISH, HandshakeError: MsgType.HS_ERROR}[type(msg)]  # type: ignore[index]
+
+
+# ---------------------------------------------------------------- connect retry and collisions
+
+
+@attrs.define
+class Backoff:
+    """Connect-retry delays: exponential from ``base`` to ``cap``, jittered to [d/2, d]."""
+
+    base: float = 0.25
+    cap: float = 30.0
+    rng: random.Random = attrs.field(factory=random.Random)
+    attempts: int = 0
+
+    def next_delay(self) -> float:
+        d = min(self.cap, self.base * (2 ** min(self.attempts, 32)))
+        self.attempts += 1
+        return d * (0.5 + 0.5 * self.rng.random())
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+def collision_keeps_new(local_id: str, peer_id: str, existing_established: bool, new_initiated_locally: bool) -> bool:
+    """Which of two connections to one peer survives (protocol-spec/session.md, "Collisions").
+
+    An established session always wins; otherwise the connection initiated by the
+    gateway with the greater id (byte-wise UTF-8 comparison) wins.
+    """
+    if existing_established:
+        return False
+    winner = local_id if local_id.encode() > peer_id.encode() else peer_id
+    new_initiator = local_id if new_initiated_locally else peer_id
+    return new_initiator == winner

@@ -1,0 +1,445 @@
+"""Wire codec: frames, handshake and session messages, msgpack schemas (sans-IO).
+
+Every decode either returns a validated record or raises ``ProtocolError`` with the
+code/subcode protocol-spec/messages.md assigns; no other exception escapes.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import msgpack
+
+from .errors import Code, HandshakeSub, MessageSub, ProtocolError, UpdateSub
+from .names import id_problem, service_label, service_problem
+
+# ---- limits (protocol-spec/limits.md) ----
+LENGTH_HEADER = 4
+MAX_HANDSHAKE_BODY = 512
+MAX_PLAINTEXT = 65536  # content type byte + payload
+AEAD_TAG = 16
+MAX_RECORD = MAX_PLAINTEXT + AEAD_TAG
+MAX_PATH_LEN = 32
+MAX_UPDATE_ENTRIES = 2048
+MAX_CAPS = 16
+MAX_NOTIFICATION_TEXT = 256
+U63 = (1 << 63) - 1
+U64 = (1 << 64) - 1
+MIN_HOLD_MS = 200
+MAX_HOLD_MS = 3_600_000
+PROTOCOL_VERSION = 1
+
+_LEN = struct.Struct(">I")
+
+
+class MsgType(enum.IntEnum):
+    """The ``t`` field of every message (protocol-spec/messages.md)."""
+
+    OPEN = 1
+    KEEPALIVE = 2
+    UPDATE = 3
+    NOTIFICATION = 4
+    ROUTE_REFRESH = 5
+    HELLO = 16
+    HELLO_ACK = 17
+    FINISH = 18
+    HS_ERROR = 19
+
+
+class ContentType(enum.IntEnum):
+    """First plaintext byte of an encrypted record."""
+
+    CONTROL = 1
+    TUNNEL = 2
+
+
+# ---------------------------------------------------------------- framing
+
+
+def frame(body: bytes) -> bytes:
+    """Prefix ``body`` with its 4-byte big-endian length."""
+    return _LEN.pack(len(body)) + body
+
+
+class FrameReader:
+    """Splits a byte stream into length-prefixed frame bodies, bounded by ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buf = bytearray()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_frame(self) -> tuple[bytes, bytes] | None:
+        """Next complete ``(header, body)``, or None until more bytes arrive."""
+        if len(self._buf) < LENGTH_HEADER:
+            return None
+        (length,) = _LEN.unpack_from(self._buf)
+        if length > self.limit:
+            raise ProtocolError(Code.MESSAGE, MessageSub.FRAME_TOO_LONG, f"frame of {length} bytes exceeds {self.limit}")
+        end = LENGTH_HEADER + length
+        if len(self._buf) < end:
+            return None
+        header = bytes(self._buf[:LENGTH_HEADER])
+        body = bytes(self._buf[LENGTH_HEADER:end])
+        del self._buf[:end]
+        return header, body
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _bad(detail: str, code: int = Code.MESSAGE, sub: int = MessageSub.BAD_FIELD) -> ProtocolError:
+    return ProtocolError(code, sub, detail)
+
+
+def _int(m: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = m[key]
+    if type(v) is not int or not lo <= v <= hi:
+        raise _bad(f"{key}: must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _float(m: dict[str, Any], key: str, lo: float, hi: float, *, sub: int = MessageSub.BAD_FIELD, code: int = Code.MESSAGE) -> float:
+    v = m[key]
+    if type(v) not in (int, float) or not math.isfinite(v) or not lo <= v <= hi:
+        raise _bad(f"{key}: must be a finite number in [{lo}, {hi}]", code, sub)
+    return float(v)
+
+
+def _str(m: dict[str, Any], key: str, max_len: int) -> str:
+    v = m[key]
+    if type(v) is not str or len(v) > max_len:
+        raise _bad(f"{key}: must be a string of at most {max_len} characters")
+    return v
+
+
+def _ident(m: dict[str, Any], key: str, code: int = Code.MESSAGE, sub: int = MessageSub.BAD_FIELD) -> str:
+    v = m[key]
+    problem = id_problem(v)
+    if problem:
+        raise _bad(f"{key}: {problem}", code, sub)
+    return v
+
+
+def _bin(m: dict[str, Any], key: str, size: int) -> bytes:
+    v = m[key]
+    if type(v) is not bytes or len(v) != size:
+        raise _bad(f"{key}: must be {size} bytes of bin")
+    return v
+
+
+def _keys(m: dict[str, Any], required: Sequence[str], what: str, code: int = Code.MESSAGE, sub: int = MessageSub.BAD_FIELD) -> None:
+    missing = [k for k in required if k not in m]
+    extra = [k for k in m if k not in required]
+    if missing or extra:
+        raise _bad(f"{what}: missing {missing} unexpected {extra}", code, sub)
+
+
+def _unpack(body: bytes) -> dict[str, Any]:
+    def no_ext(code: int, data: bytes) -> Any:
+        raise ValueError("msgpack ext types are not allowed")
+
+    try:
+        obj = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=no_ext, use_list=True, timestamp=0)
+    except Exception as exc:  # msgpack raises a zoo of types on bad input
+        raise ProtocolError(Code.MESSAGE, MessageSub.MALFORMED, f"not one msgpack object: {type(exc).__name__}") from None
+    if type(obj) is not dict or any(type(k) is not str for k in obj):
+        raise ProtocolError(Code.MESSAGE, MessageSub.MALFORMED, "message must be a msgpack map with string keys")
+    t = obj.get("t")
+    if type(t) is not int:
+        raise ProtocolError(Code.MESSAGE, MessageSub.BAD_TYPE, "missing integer field t")
+    return obj
+
+
+def _pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+# ---------------------------------------------------------------- handshake messages
+
+
+@attrs.frozen
+class Hello:
+    versions: tuple[int, ...]
+    id: str
+    to: str
+    eph: bytes
+
+
+@attrs.frozen
+class HelloAck:
+    version: int
+    id: str
+    eph: bytes
+    sig: bytes
+
+
+@attrs.frozen
+class Finish:
+    sig: bytes
+
+
+@attrs.frozen
+class HandshakeError:
+    code: int
+    subcode: int
+    text: str
+
+
+HandshakeMessage = Hello | HelloAck | Finish | HandshakeError
+
+
+def encode_handshake(msg: HandshakeMessage) -> bytes:
+    """Encode a handshake message body (not yet framed)."""
+    if isinstance(msg, Hello):
+        d: dict[str, Any] = {"t": MsgType.HELLO, "v": list(msg.versions), "id": msg.id, "to": msg.to, "eph": msg.eph}
+    elif isinstance(msg, HelloAck):
+        d = {"t": MsgType.HELLO_ACK, "v": msg.version, "id": msg.id, "eph": msg.eph, "sig": msg.sig}
+    elif isinstance(msg, Finish):
+        d = {"t": MsgType.FINISH, "sig": msg.sig}
+    else:
+        d = {"t": MsgType.HS_ERROR, "code": msg.code, "sub": msg.subcode, "msg": msg.text[:MAX_NOTIFICATION_TEXT]}
+    return _pack(d)
+
+
+def decode_handshake(body: bytes) -> HandshakeMessage:
+    """Decode and validate one handshake message body."""
+    try:
+        m = _unpack(body)
+        t = m["t"]
+        hs = (Code.HANDSHAKE, HandshakeSub.MALFORMED)
+        if t == MsgType.HELLO:
+            _keys(m, ("t", "v", "id", "to", "eph"), "hello", *hs)
+            v = m["v"]
+            if type(v) is not list or not 1 <= len(v) <= 8 or any(type(x) is not int or not 0 < x < 256 for x in v):
+                raise _bad("v: must be a list of 1-8 versions in [1, 255]", *hs)
+            return Hello(tuple(v), _ident(m, "id", *hs), _ident(m, "to", *hs), _bin(m, "eph", 32))
+        if t == MsgType.HELLO_ACK:
+            _keys(m, ("t", "v", "id", "eph", "sig"), "hello-ack", *hs)
+            return HelloAck(_int(m, "v", 1, 255), _ident(m, "id", *hs), _bin(m, "eph", 32), _bin(m, "sig", 64))
+        if t == MsgType.FINISH:
+            _keys(m, ("t", "sig"), "finish", *hs)
+            return Finish(_bin(m, "sig", 64))
+        if t == MsgType.HS_ERROR:
+            _keys(m, ("t", "code", "sub", "msg"), "error", *hs)
+            return HandshakeError(_int(m, "code", 0, 255), _int(m, "sub", 0, 255), _str(m, "msg", MAX_NOTIFICATION_TEXT))
+    except ProtocolError as exc:
+        raise ProtocolError(Code.HANDSHAKE, HandshakeSub.MALFORMED, exc.detail) from None
+    raise ProtocolError(Code.HANDSHAKE, HandshakeSub.MALFORMED, f"unexpected message type {t} during handshake")
+
+
+# ---------------------------------------------------------------- session messages
+
+
+@attrs.frozen
+class Open:
+    id: str
+    hold_ms: int
+    caps: tuple[str, ...]
+    ts: int
+
+
+@attrs.frozen
+class Keepalive:
+    ts: int
+    echo: int = 0
+    dly: int = 0
+
+
+def _nonneg(_inst: object, attr: attrs.Attribute, value: float) -> None:  # type: ignore[type-arg]
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{attr.name} must be finite and >= 0")
+
+
+@attrs.frozen
+class RouteAdv:
+    """One advertised path to one instance (protocol-spec/messages.md, "Route")."""
+
+    service: str
+    instance: str
+    origin: str
+    seq: int
+    label: int
+    path: tuple[str, ...]
+    latency_us: int
+    capacity: float = attrs.field(validator=_nonneg)
+    load: float = attrs.field(validator=_nonneg)
+    price: float = attrs.field(validator=_nonneg)
+    compute_us: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.service, self.origin, self.instance)
+
+
+@attrs.frozen
+class Withdrawal:
+    service: str
+    origin: str
+    instance: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.service, self.origin, self.instance)
+
+
+@attrs.frozen
+class Update:
+    adv: tuple[RouteAdv, ...] = ()
+    wd: tuple[Withdrawal, ...] = ()
+
+
+@attrs.frozen
+class Notification:
+    code: int
+    subcode: int
+    text: str = ""
+
+
+@attrs.frozen
+class RouteRefresh:
+    pass
+
+
+Message = Open | Keepalive | Update | Notification | RouteRefresh
+
+_ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "price", "comp")
+
+
+def _route_dict(r: RouteAdv) -> dict[str, Any]:
+    return {
+        "svc": r.service, "inst": r.instance, "origin": r.origin, "seq": r.seq, "label": r.label,
+        "path": list(r.path), "lat": r.latency_us, "cap": float(r.capacity), "load": float(r.load),
+        "price": float(r.price), "comp": r.compute_us,
+    }
+
+
+def encode_message(msg: Message) -> bytes:
+    """Encode a session message body (msgpack), before record protection."""
+    if isinstance(msg, Open):
+        d: dict[str, Any] = {"t": MsgType.OPEN, "id": msg.id, "hold": msg.hold_ms, "caps": list(msg.caps), "ts": msg.ts}
+    elif isinstance(msg, Keepalive):
+        d = {"t": MsgType.KEEPALIVE, "ts": msg.ts, "echo": msg.echo, "dly": msg.dly}
+    elif isinstance(msg, Update):
+        d = {"t": MsgType.UPDATE, "adv": [_route_dict(r) for r in msg.adv],
+             "wd": [[w.service, w.origin, w.instance] for w in msg.wd]}
+    elif isinstance(msg, Notification):
+        d = {"t": MsgType.NOTIFICATION, "code": msg.code, "sub": msg.subcode, "msg": msg.text[:MAX_NOTIFICATION_TEXT]}
+    else:
+        d = {"t": MsgType.ROUTE_REFRESH}
+    return _pack(d)
+
+
+def _decode_route(r: object) -> RouteAdv:
+    up = (Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
+    if type(r) is not dict or any(type(k) is not str for k in r):
+        raise _bad("route must be a map", *up)
+    _keys(r, _ROUTE_KEYS, "route", *up)
+    svc = r["svc"]
+    problem = service_problem(svc)
+    if problem:
+        raise _bad(f"svc: {problem}", *up)
+    inst = _ident(r, "inst", *up)
+    origin = _ident(r, "origin", *up)
+    path = r["path"]
+    if type(path) is not list or not 1 <= len(path) <= MAX_PATH_LEN:
+        raise _bad(f"path: must be a list of 1-{MAX_PATH_LEN} gateway ids", Code.UPDATE, UpdateSub.BAD_PATH)
+    for hop in path:
+        if id_problem(hop):
+            raise _bad("path: every hop must be a gateway id", Code.UPDATE, UpdateSub.BAD_PATH)
+    if len(set(path)) != len(path) or path[-1] != origin:
+        raise _bad("path: must not repeat a gateway and must end at origin", Code.UPDATE, UpdateSub.BAD_PATH)
+    try:
+        seq = _int(r, "seq", 0, U64)
+        lat = _int(r, "lat", 0, 0xFFFFFFFF)
+        comp = _int(r, "comp", 0, 0xFFFFFFFF)
+        label = _int(r, "label", 0, 0x7FFFFFFF)
+    except ProtocolError as exc:
+        raise _bad(exc.detail, *up) from None
+    ba = (Code.UPDATE, UpdateSub.BAD_ATTRIBUTE)
+    cap = _float(r, "cap", 0.0, 1e9, code=ba[0], sub=ba[1])
+    if cap <= 0:
+        raise _bad("cap: must be > 0", *ba)
+    load = _float(r, "load", 0.0, 1000.0, code=ba[0], sub=ba[1])
+    price = _float(r, "price", 0.0, 1e12, code=ba[0], sub=ba[1])
+    if label != service_label(svc):
+        raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
+    return RouteAdv(svc, inst, origin, seq, label, tuple(path), lat, cap, load, price, comp)
+
+
+def _decode_withdrawal(w: object) -> Withdrawal:
+    up = (Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
+    if type(w) is not list or len(w) != 3:
+        raise _bad("withdrawal must be [svc, origin, inst]", *up)
+    svc, origin, inst = w
+    if service_problem(svc) or id_problem(origin) or id_problem(inst):
+        raise _bad("withdrawal: bad service path or id", *up)
+    return Withdrawal(svc, origin, inst)
+
+
+def decode_message(body: bytes) -> Message:
+    """Decode and validate one session message body."""
+    m = _unpack(body)
+    t = m["t"]
+    if t == MsgType.OPEN:
+        _keys(m, ("t", "id", "hold", "caps", "ts"), "open")
+        caps = m["caps"]
+        if type(caps) is not list or len(caps) > MAX_CAPS or any(type(c) is not str or not 0 < len(c) <= 32 for c in caps):
+            raise _bad(f"caps: must be a list of at most {MAX_CAPS} strings of 1-32 characters")
+        return Open(_ident(m, "id"), _int(m, "hold", 0, U63), tuple(caps), _int(m, "ts", 0, U63))
+    if t == MsgType.KEEPALIVE:
+        _keys(m, ("t", "ts", "echo", "dly"), "keepalive")
+        return Keepalive(_int(m, "ts", 0, U63), _int(m, "echo", 0, U63), _int(m, "dly", 0, U63))
+    if t == MsgType.UPDATE:
+        _keys(m, ("t", "adv", "wd"), "update")
+        adv, wd = m["adv"], m["wd"]
+        if type(adv) is not list or type(wd) is not list:
+            raise _bad("adv and wd must be lists", Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
+        if len(adv) + len(wd) > MAX_UPDATE_ENTRIES:
+            raise _bad(f"more than {MAX_UPDATE_ENTRIES} entries", Code.UPDATE, UpdateSub.TOO_MANY_ENTRIES)
+        return Update(tuple(_decode_route(r) for r in adv), tuple(_decode_withdrawal(w) for w in wd))
+    if t == MsgType.NOTIFICATION:
+        _keys(m, ("t", "code", "sub", "msg"), "notification")
+        return Notification(_int(m, "code", 0, 255), _int(m, "sub", 0, 255), _str(m, "msg", MAX_NOTIFICATION_TEXT))
+    if t == MsgType.ROUTE_REFRESH:
+        _keys(m, ("t",), "route-refresh")
+        return RouteRefresh()
+    raise ProtocolError(Code.MESSAGE, MessageSub.BAD_TYPE, f"unknown message type {t}")
+
+
+def split_update(adv: Sequence[RouteAdv], wd: Sequence[Withdrawal], max_body: int = MAX_PLAINTEXT - 1) -> Iterator[Update]:
+    """Pack routes and withdrawals into as few UPDATEs as fit ``max_body`` bytes each."""
+    budget = max_body - 64  # map header, keys and list headers
+    cur_adv: list[RouteAdv] = []
+    cur_wd: list[Withdrawal] = []
+    size = 0
+    items: list[RouteAdv | Withdrawal] = [*wd, *adv]
+    for item in items:
+        if isinstance(item, RouteAdv):
+            n = len(_pack(_route_dict(item)))
+        else:
+            n = len(_pack([item.service, item.origin, item.instance]))
+        if cur_adv or cur_wd:
+            if size + n > budget or len(cur_adv) + len(cur_wd) >= MAX_UPDATE_ENTRIES:
+                yield Update(tuple(cur_adv), tuple(cur_wd))
+                cur_adv, cur_wd, size = [], [], 0
+        if isinstance(item, RouteAdv):
+            cur_adv.append(item)
+        else:
+            cur_wd.append(item)
+        size += n
+    if cur_adv or cur_wd:
+        yield Update(tuple(cur_adv), tuple(cur_wd))

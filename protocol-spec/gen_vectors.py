@@ -1,0 +1,147 @@
+"""Regenerate protocol-spec/vectors.json from the reference implementation.
+
+Run from the repository root: ``python protocol-spec/gen_vectors.py``. Every value
+is deterministic (fixed seeds), so the file only changes when the protocol does;
+tests/ and interop/ both check themselves against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpnd.crypto import Handshake, RecordLayer, Role, public_key_b64  # noqa: E402
+from cpnd.errors import ProtocolError  # noqa: E402
+from cpnd.names import service_label  # noqa: E402
+from cpnd.wire import (  # noqa: E402
+    ContentType,
+    Keepalive,
+    Notification,
+    Open,
+    RouteAdv,
+    RouteRefresh,
+    Update,
+    Withdrawal,
+    decode_message,
+    encode_message,
+    frame,
+)
+
+
+def seed(name: str) -> bytes:
+    return hashlib.sha256(b"cpn test vector " + name.encode()).digest()
+
+
+def jsonable(obj):
+    if isinstance(obj, bytes):
+        return {"bin": obj.hex()}
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def message_vectors() -> list[dict]:
+    yolo = service_label("/yolo")
+    good = [
+        ("open", "OPEN from gw1: hold 3000 ms, route-refresh capability, timestamp 1000000 us",
+         Open("gw1", 3000, ("route-refresh",), 1_000_000)),
+        ("keepalive-first", "KEEPALIVE with nothing to echo", Keepalive(2_000_000, 0, 0)),
+        ("keepalive-echo", "KEEPALIVE echoing ts 1000000 after holding it 250 us", Keepalive(2_000_500, 1_000_000, 250)),
+        ("update-origin", "gw3 advertises its own instance s1 of /yolo",
+         Update((RouteAdv("/yolo", "s1", "gw3", 1_700_000_000_000_000, yolo, ("gw3",), 0, 50.0, 0.0, 2.0, 1000),), ())),
+        ("update-transit", "gw1 re-advertises s2 (origin gw4) learned over a 6 ms link, path gw1 gw4",
+         Update((RouteAdv("/yolo", "s2", "gw4", 7, yolo, ("gw1", "gw4"), 6000, 50.0, 0.25, 1.0, 3000),), ())),
+        ("update-withdraw", "withdraw s5 of /yolo at origin gw7",
+         Update((), (Withdrawal("/yolo", "gw7", "s5"),))),
+        ("notification", "NOTIFICATION cease/max-routes", Notification(6, 1, "gw9 exceeded 10000 routes")),
+        ("route-refresh", "ROUTE-REFRESH: resend your whole Adj-RIB-Out", RouteRefresh()),
+    ]
+    out = []
+    for name, meaning, msg in good:
+        body = encode_message(msg)
+        out.append({"name": name, "meaning": meaning, "hex": body.hex(), "decoded": jsonable(msgpack.unpackb(body))})
+    route = {"svc": "/yolo", "inst": "s1", "origin": "gw3", "seq": 1, "label": yolo, "path": ["gw3"],
+             "lat": 0, "cap": 50.0, "load": 0.0, "price": 2.0, "comp": 1000}
+    bad = [
+        ("bad-msgpack", "not msgpack at all", b"\xc1"),
+        ("bad-type", "unknown message type 99", msgpack.packb({"t": 99})),
+        ("missing-field", "KEEPALIVE without dly", msgpack.packb({"t": 2, "ts": 1, "echo": 0})),
+        ("unknown-field", "KEEPALIVE with an extra key", msgpack.packb({"t": 2, "ts": 1, "echo": 0, "dly": 0, "x": 1})),
+        ("trailing-bytes", "a valid ROUTE-REFRESH followed by a stray byte", msgpack.packb({"t": 5}) + b"\x00"),
+        ("loop-in-path", "path repeats a gateway", msgpack.packb({"t": 3, "adv": [dict(route, path=["gw3", "gw1", "gw3"])], "wd": []})),
+        ("path-not-at-origin", "path does not end at the origin", msgpack.packb({"t": 3, "adv": [dict(route, path=["gw1"])], "wd": []})),
+        ("label-mismatch", "label is not the hash of the service", msgpack.packb({"t": 3, "adv": [dict(route, label=1)], "wd": []})),
+        ("zero-capacity", "capacity must be > 0", msgpack.packb({"t": 3, "adv": [dict(route, cap=0.0)], "wd": []})),
+        ("bool-as-int", "a boolean where an integer belongs", msgpack.packb({"t": 2, "ts": True, "echo": 0, "dly": 0})),
+    ]
+    for name, meaning, body in bad:
+        try:
+            decode_message(body)
+        except ProtocolError as exc:
+            out.append({"name": name, "meaning": meaning, "hex": body.hex(), "error": [exc.code, exc.subcode]})
+        else:
+            raise AssertionError(f"{name} decoded")
+    return out
+
+
+def handshake_vector() -> dict:
+    k1 = Ed25519PrivateKey.from_private_bytes(seed("gw1 identity"))
+    k2 = Ed25519PrivateKey.from_private_bytes(seed("gw2 identity"))
+    peers1 = {"gw2": k2.public_key()}
+    peers2 = {"gw1": k1.public_key()}
+    init = Handshake(Role.INITIATOR, "gw1", k1, peers1, expected_peer="gw2", random_bytes=lambda n: seed("gw1 ephemeral")[:n])
+    resp = Handshake(Role.RESPONDER, "gw2", k2, peers2, random_bytes=lambda n: seed("gw2 ephemeral")[:n])
+    hello = init.start()
+    ack = resp.receive(hello)
+    fin = init.receive(ack)
+    resp.receive(fin)
+    i_send, i_recv = init.traffic_keys()
+    rec_i = RecordLayer(i_send, i_recv)
+    rec_r = RecordLayer(*resp.traffic_keys())
+    open_i = rec_i.seal(ContentType.CONTROL, encode_message(Open("gw1", 3000, ("route-refresh",), 1_000_000)))
+    ka_i = rec_i.seal(ContentType.CONTROL, encode_message(Keepalive(1_000_100, 0, 0)))
+    open_r = rec_r.seal(ContentType.CONTROL, encode_message(Open("gw2", 3000, ("route-refresh",), 5_000_000)))
+    return {
+        "initiator": {"id": "gw1", "identity_seed": seed("gw1 identity").hex(), "public_key": public_key_b64(k1),
+                      "ephemeral_seed": seed("gw1 ephemeral").hex()},
+        "responder": {"id": "gw2", "identity_seed": seed("gw2 identity").hex(), "public_key": public_key_b64(k2),
+                      "ephemeral_seed": seed("gw2 ephemeral").hex()},
+        "hello_frame": frame(hello).hex(),
+        "hello_ack_frame": frame(ack).hex(),
+        "finish_frame": frame(fin).hex(),
+        "transcript_hash": init.transcript.hex(),
+        "key_initiator_to_responder": i_send.hex(),
+        "key_responder_to_initiator": i_recv.hex(),
+        "initiator_records": [
+            {"counter": 0, "content_type": 1, "meaning": "OPEN gw1 hold 3000 caps [route-refresh] ts 1000000", "frame": open_i.hex()},
+            {"counter": 1, "content_type": 1, "meaning": "KEEPALIVE ts 1000100 echo 0 dly 0", "frame": ka_i.hex()},
+        ],
+        "responder_records": [
+            {"counter": 0, "content_type": 1, "meaning": "OPEN gw2 hold 3000 caps [route-refresh] ts 5000000", "frame": open_r.hex()},
+        ],
+    }
+
+
+def main() -> None:
+    out = {
+        "about": "Test vectors for protocol-spec (cpn/1). Hex strings are exact bytes; bin values in 'decoded' are {\"bin\": hex}.",
+        "labels": {svc: service_label(svc) for svc in ("/yolo", "/ai/llm/v1", "/ai/embed/v2")},
+        "messages": message_vectors(),
+        "handshake": handshake_vector(),
+    }
+    path = Path(__file__).resolve().parent / "vectors.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""The wire codec: round trips, strict validation, and the spec's vectors."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpnd.errors import Code, MessageSub, ProtocolError, UpdateSub
+from cpnd.names import service_label
+from cpnd.wire import (
+    MAX_PLAINTEXT,
+    FrameReader,
+    Keepalive,
+    Notification,
+    Open,
+    RouteAdv,
+    RouteRefresh,
+    Update,
+    Withdrawal,
+    decode_handshake,
+    decode_message,
+    encode_message,
+    frame,
+    split_update,
+)
+
+ids = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,10}", fullmatch=True)
+services = st.lists(st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True), min_size=1, max_size=4).map(lambda s: "/" + "/".join(s))
+finite = st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def routes(draw: st.DrawFn) -> RouteAdv:
+    svc = draw(services)
+    path = draw(st.lists(ids, min_size=1, max_size=6, unique=True))
+    return RouteAdv(svc, draw(ids), path[-1], draw(st.integers(0, 2**64 - 1)), service_label(svc), tuple(path),
+                    draw(st.integers(0, 2**32 - 1)), draw(finite) + 0.5, draw(st.floats(0, 1000)), draw(finite),
+                    draw(st.integers(0, 2**32 - 1)))
+
+
+messages = st.one_of(
+    st.builds(Open, ids, st.integers(200, 3_600_000), st.lists(ids, max_size=4).map(tuple), st.integers(0, 2**63 - 1)),
+    st.builds(Keepalive, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
+    st.builds(Update, st.lists(routes(), max_size=5).map(tuple),
+              st.lists(st.builds(Withdrawal, services, ids, ids), max_size=5).map(tuple)),
+    st.builds(Notification, st.integers(0, 255), st.integers(0, 255), st.text(max_size=100)),
+    st.just(RouteRefresh()),
+)
+
+
+@given(messages)
+def test_round_trip(msg) -> None:
+    assert decode_message(encode_message(msg)) == msg
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_random_bytes_only_raise_protocol_errors(data: bytes) -> None:
+    for decode in (decode_message, decode_handshake):
+        try:
+            decode(data)
+        except ProtocolError:
+            pass
+
+
+@settings(max_examples=500)
+@given(messages, st.data())
+def test_mutated_messages_only_raise_protocol_errors(msg, data) -> None:
+    body = bytearray(encode_message(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(body) - 1))
+        body[i] = data.draw(st.integers(0, 255))
+    try:
+        decode_message(bytes(body))
+    except ProtocolError:
+        pass
+
+
+def _route_dict(**over) -> dict:
+    d = {"svc": "/yolo", "inst": "s1", "origin": "gw3", "seq": 1, "label": service_label("/yolo"),
+         "path": ["gw3"], "lat": 0, "cap": 50.0, "load": 0.0, "price": 2.0, "comp": 1000}
+    d.update(over)
+    return d
+
+
+@pytest.mark.parametrize(("over", "sub"), [
+    ({"path": ["gw1", "gw3", "gw1"]}, UpdateSub.BAD_PATH),
+    ({"path": ["gw1"]}, UpdateSub.BAD_PATH),  # does not end at origin
+    ({"path": []}, UpdateSub.BAD_PATH),
+    ({"label": 7}, UpdateSub.LABEL_MISMATCH),
+    ({"cap": 0.0}, UpdateSub.BAD_ATTRIBUTE),
+    ({"cap": float("nan")}, UpdateSub.BAD_ATTRIBUTE),
+    ({"load": -1.0}, UpdateSub.BAD_ATTRIBUTE),
+    ({"price": "free"}, UpdateSub.BAD_ATTRIBUTE),
+    ({"svc": "yolo"}, UpdateSub.MALFORMED_ROUTE),
+    ({"svc": "/a//b"}, UpdateSub.MALFORMED_ROUTE),
+    ({"seq": True}, UpdateSub.MALFORMED_ROUTE),
+    ({"extra": 1}, UpdateSub.MALFORMED_ROUTE),
+])
+def test_bad_routes_get_their_subcode(over, sub) -> None:
+    body = msgpack.packb({"t": 3, "adv": [_route_dict(**over)], "wd": []})
+    with pytest.raises(ProtocolError) as ei:
+        decode_message(body)
+    assert (ei.value.code, ei.value.subcode) == (Code.UPDATE, sub)
+
+
+@pytest.mark.parametrize(("body", "sub"), [
+    (b"\xc1", MessageSub.MALFORMED),
+    (msgpack.packb([1, 2]), MessageSub.MALFORMED),
+    (msgpack.packb({"t": 99}), MessageSub.BAD_TYPE),
+    (msgpack.packb({"t": "1"}), MessageSub.BAD_TYPE),
+    (msgpack.packb({"t": 2, "ts": 1, "echo": 0}), MessageSub.BAD_FIELD),
+    (msgpack.packb({"t": 2, "ts": -1, "echo": 0, "dly": 0}), MessageSub.BAD_FIELD),
+    (msgpack.packb({"t": 5}) + b"\x00", MessageSub.MALFORMED),  # trailing bytes
+    (msgpack.packb({"t": 5, 1: 2}, strict_types=False), MessageSub.MALFORMED),
+])
+def test_bad_messages_get_their_subcode(body, sub) -> None:
+    with pytest.raises(ProtocolError) as ei:
+        decode_message(body)
+    assert (ei.value.code, ei.value.subcode) == (Code.MESSAGE, sub)
+
+
+def test_frame_reader_bounds_and_splits() -> None:
+    r = FrameReader(limit=10)
+    r.feed(frame(b"abc") + frame(b"")[:2])
+    assert r.next_frame() == (b"\x00\x00\x00\x03", b"abc")
+    assert r.next_frame() is None
+    r.feed(b"\x00\x00")
+    assert r.next_frame() == (b"\x00\x00\x00\x00", b"")
+    r.feed(b"\x00\x00\x00\x0b")
+    with pytest.raises(ProtocolError) as ei:
+        r.next_frame()
+    assert ei.value.subcode == MessageSub.FRAME_TOO_LONG
+
+
+@given(st.lists(routes(), max_size=400), st.lists(st.builds(Withdrawal, services, ids, ids), max_size=50))
+@settings(max_examples=30)
+def test_split_update_fits_and_keeps_everything(advs, wds) -> None:
+    parts = list(split_update(advs, wds))
+    assert [a for p in parts for a in p.adv] == advs
+    assert [w for p in parts for w in p.wd] == wds
+    for p in parts:
+        assert len(encode_message(p)) + 1 <= MAX_PLAINTEXT
+
+
+def test_message_vectors(vectors) -> None:
+    for v in vectors["messages"]:
+        body = bytes.fromhex(v["hex"])
+        if v.get("error"):
+            with pytest.raises(ProtocolError) as ei:
+                decode_message(body)
+            assert [ei.value.code, ei.value.subcode] == v["error"], v["name"]
+        else:
+            msg = decode_message(body)
+            assert encode_message(msg) == body, v["name"]
+            assert msgpack.unpackb(body) == v["decoded"], v["name"]
