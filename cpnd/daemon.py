@@ -256,28 +256,27 @@ class Daemon:
         from .control import serve_control
 
         g = self.config.gateway
-        self.started_at = trio.current_time()
-        self.rib.set_local(self._local_routes(), self.started_at)
-        listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
-        self.listen_port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            await nursery.start(serve_control, self, g.control_socket)
-            nursery.start_soon(trio.serve_listeners, self._accept, listeners)
-            for peer in self.peers.values():
-                if not peer.config.passive:
-                    nursery.start_soon(self._dial_loop, peer)
-            log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
-            task_status.started()
-            await self._wait_for_signal()
-            await self.shutdown()
-            nursery.cancel_scope.cancel()
-
-    async def _wait_for_signal(self) -> None:
+        # Signals are ours from the first instant to the last: a second SIGTERM during
+        # the drain must not fall back to the default action and skip the clean-up.
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("%s: %s received, shutting down", self.id, signal.Signals(signum).name)
-                return
+            self.started_at = trio.current_time()
+            self.rib.set_local(self._local_routes(), self.started_at)
+            listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
+            self.listen_port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(serve_control, self, g.control_socket)
+                nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+                for peer in self.peers.values():
+                    if not peer.config.passive:
+                        nursery.start_soon(self._dial_loop, peer)
+                log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
+                task_status.started()
+                async for signum in signals:
+                    log.info("%s: %s received, shutting down", self.id, signal.Signals(signum).name)
+                    break
+                await self.shutdown()
+                nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
         """Say Cease to every peer and give the NOTIFICATIONs a moment to leave."""

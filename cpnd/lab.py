@@ -195,10 +195,11 @@ class Lab:
         for gw in self.specs:
             self.start(gw)
 
-    def stop(self, gw: str, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def stop(self, gw: str, sig: int = signal.SIGTERM, timeout: float = 10.0, *, signalled: bool = False) -> int:
         proc = self.procs.pop(gw)
         if proc.poll() is None:
-            proc.send_signal(sig)
+            if not signalled:
+                proc.send_signal(sig)
             try:
                 return proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -210,7 +211,7 @@ class Lab:
             if self.procs[gw].poll() is None:
                 self.procs[gw].send_signal(signal.SIGTERM)
         for gw in list(self.procs):
-            self.stop(gw)
+            self.stop(gw, signalled=True)
 
     def dead(self) -> list[str]:
         return [gw for gw, p in self.procs.items() if p.poll() is not None]

@@ -51,7 +51,8 @@ def test_line_of_three(make_lab) -> None:
     assert at_c["path"] == ["b", "a"] and at_c["next_hop"] == "b" and at_c["origin"] == "a"
     assert at_c["path_latency_ms"] >= 10.0  # 4 + 6 ms emulated ...
     # ... plus processing noise, which the min-RTT filter removes within a few probes.
-    lab.wait_for(lambda: best_routes(lab, "c")["s1"]["path_latency_ms"] < 11.0, 10, "path latency to settle")
+    # Each link also measures ~0.2-0.5 ms of gateway processing (both directions).
+    lab.wait_for(lambda: best_routes(lab, "c")["s1"]["path_latency_ms"] < 11.5, 10, "path latency to settle")
     assert at_c["capacity"] == 50 and at_c["price"] == 2 and at_c["compute_latency_ms"] == 1
     local = best_routes(lab, "c")["s3"]
     assert local["next_hop"] is None and local["path"] == [] and local["path_latency_ms"] == 0
@@ -70,11 +71,18 @@ def test_ring_with_chord_matches_shortest_paths(make_lab) -> None:
                     (Instance("x", "g3", "/svc"), Instance("y", "g1", "/svc")), FAST)
     lab, _ = make_lab(topo)
     lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
-    for gw in topo.gateways:
-        dist = nx.single_source_dijkstra_path_length(g, gw, weight="w")
-        for inst, origin in (("x", "g3"), ("y", "g1")):
-            r = best_routes(lab, gw)[inst]
-            assert dist[origin] <= r["path_latency_ms"] < dist[origin] + 1.5 * max(1, len(r["path"])), (gw, inst, r)
+
+    def matches_oracle() -> bool:
+        for gw in topo.gateways:
+            dist = nx.single_source_dijkstra_path_length(g, gw, weight="w")
+            for inst, origin in (("x", "g3"), ("y", "g1")):
+                r = best_routes(lab, gw)[inst]
+                assert r["path_latency_ms"] >= dist[origin], (gw, inst, r)  # emulation never undercuts
+                if r["path_latency_ms"] > dist[origin] + 0.7 * max(1, len(r["path"])):
+                    return False  # start-up noise not yet filtered out
+        return True
+
+    lab.wait_for(matches_oracle, 20, "path latencies to match the shortest paths")
     # g0 reaches g3 over the chord (3 ms) rather than around the ring (6 ms).
     assert best_routes(lab, "g0")["x"]["path"] == ["g3"]
     assert best_routes(lab, "g5")["x"]["path"] in (["g0", "g3"], ["g4", "g3"])
@@ -86,7 +94,7 @@ def test_transit_failure_heals(make_lab) -> None:
                     (Instance("s", "c", "/svc"),), FAST)
     lab, _ = make_lab(topo)
     lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
-    assert best_routes(lab, "a")["s"]["path"] == ["b", "c"]
+    lab.wait_for(lambda: best_routes(lab, "a")["s"]["path"] == ["b", "c"], 10, "the short path to win")
     lab.procs["b"].kill()
     lab.procs.pop("b").wait()
     t0 = time.monotonic()
@@ -234,10 +242,17 @@ def test_lab_paper_starts_converges_and_stops(tmp_path) -> None:
         from cpnd.control import request
 
         sock = lines[0].split("control=")[1]
-        routes = {r["instance"]: r for r in request(sock, "show-routes") if r["best"]}
+
+        def best() -> dict:
+            return {r["instance"]: r for r in request(sock, "show-routes") if r["best"]}
+
+        routes = best()
         assert set(routes) == {"s1", "s2", "s3", "s4", "s5"}
-        assert 4.0 <= routes["s1"]["path_latency_ms"] < 5.5 and routes["s1"]["path"] == ["gw3"]
-        assert 10.0 <= routes["s5"]["path_latency_ms"] < 11.5
+        assert routes["s1"]["path"] == ["gw3"] and routes["s1"]["path_latency_ms"] >= 4.0
+        deadline = time.monotonic() + 20  # start-up CPU noise leaves the min-RTT filter within seconds
+        while not (best()["s1"]["path_latency_ms"] < 5.0 and 10.0 <= best()["s5"]["path_latency_ms"] < 11.0):
+            assert time.monotonic() < deadline, best()
+            time.sleep(0.1)
         assert [routes[f"s{i}"]["price"] for i in range(1, 6)] == [2, 1, 2, 1, 2]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0
