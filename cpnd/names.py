@@ -6,6 +6,7 @@ names (protocol-spec/messages.md, "Identifiers").
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -21,6 +22,12 @@ def id_problem(value: object) -> str | None:
     """Why ``value`` is not a valid gateway/instance id, or None when it is."""
     if not isinstance(value, str):
         return "must be a string"
+    return _id_problem(value)
+
+
+# Decoding an UPDATE checks the same few names over and over: remember the verdicts.
+@functools.lru_cache(maxsize=8192)
+def _id_problem(value: str) -> str | None:
     if not _ID_RE.fullmatch(value):
         return "must be 1-64 characters of A-Z a-z 0-9 . _ - starting with a letter or digit"
     return None
@@ -30,6 +37,11 @@ def service_problem(value: object) -> str | None:
     """Why ``value`` is not a valid service URL-PATH, or None when it is."""
     if not isinstance(value, str):
         return "must be a string"
+    return _service_problem(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _service_problem(value: str) -> str | None:
     if not value.startswith("/"):
         return "must start with '/'"
     if len(value) > MAX_SERVICE_LEN:
@@ -43,6 +55,7 @@ def service_problem(value: object) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=8192)
 def service_label(service: str) -> int:
     """The numeric label of a service: first 4 bytes of SHA-256 over it, top bit clear.
 
