@@ -21,8 +21,10 @@ import trio
 from .config import Config, PeerConfig
 from .crypto import Role
 from .errors import CeaseSub, Code, ProtocolError
+from .http import DataPlane
 from .names import service_label
 from .rib import AdjRibOut, Key, Rib
+from .streams import Mux
 from .session import (
     Authenticated,
     Backoff,
@@ -33,6 +35,7 @@ from .session import (
     Session,
     SessionConfig,
     State,
+    TunnelFrame,
     UpdateReceived,
     collision_keeps_new,
 )
@@ -41,6 +44,8 @@ from .wire import RouteAdv
 log = logging.getLogger("cpnd")
 
 RECEIVE_CHUNK = 65536
+TUNNEL_HIGH_WATER = 1024 * 1024
+TUNNEL_LOW_WATER = 256 * 1024
 MAX_UNAUTHENTICATED = 64
 FLUSH_ON_CLOSE_S = 1.0
 EMULATION_SPIN_S = 0.001
@@ -78,6 +83,8 @@ class Connection:
         self._done = trio.Event()
         self._delay_s = 0.0
         self.counted_unauthenticated = False
+        self.mux: Mux | None = None
+        self._writable = trio.Event()
 
     @property
     def established(self) -> bool:
@@ -85,6 +92,19 @@ class Connection:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def send_tunnel(self, frame: bytes) -> None:
+        """Seal and queue one tunnel frame (streams call this)."""
+        if self.session.state is State.CLOSED:
+            return
+        self.session.send_tunnel(frame)
+        self._enqueue(self.session.data_to_send())
+
+    async def wait_writable(self) -> None:
+        """Backpressure for tunnel data: wait while too much is queued for this peer."""
+        while self._out_bytes > TUNNEL_HIGH_WATER and self.session.state is not State.CLOSED:
+            self._writable = trio.Event()
+            await self._writable.wait()
 
     async def run(self) -> None:
         try:
@@ -141,6 +161,8 @@ class Connection:
                 await _sleep_until_precisely(release)
             self._out.popleft()
             self._out_bytes -= len(data)
+            if self._out_bytes <= TUNNEL_LOW_WATER:
+                self._writable.set()
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -192,7 +214,17 @@ class Connection:
                 if self.adj_out is not None:
                     self.adj_out.mark_all(self.daemon.rib)
                     self.wake()
+            elif isinstance(event, TunnelFrame):
+                if self.mux is not None:
+                    try:
+                        self.mux.handle(event.payload)
+                    except ProtocolError as exc:
+                        log.warning("%s: peer %s sent a bad tunnel frame: %s", self.daemon.id, self.session.peer_id, exc)
+                        self.session.close(exc.code, exc.subcode, exc.detail)
             elif isinstance(event, Closed):
+                if self.mux is not None:
+                    self.mux.fail_all(event.describe())
+                self._writable.set()
                 self.daemon._closed(self, event)
                 self._done.set()
         self._enqueue(self.session.data_to_send())
@@ -248,7 +280,8 @@ class Daemon:
         self.unauthenticated = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.listen_port: int | None = None
-        self._nursery: trio.Nursery | None = None
+        self.nursery: trio.Nursery | None = None
+        self.dataplane = DataPlane(self)
 
     # ---- lifecycle
 
@@ -264,8 +297,10 @@ class Daemon:
             listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
             self.listen_port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self.nursery = nursery
                 await nursery.start(serve_control, self, g.control_socket)
+                if g.http_listen is not None:
+                    await nursery.start(self.dataplane.serve)
                 nursery.start_soon(trio.serve_listeners, self._accept, listeners)
                 for peer in self.peers.values():
                     if not peer.config.passive:
@@ -344,6 +379,11 @@ class Daemon:
             peer.status = "active"
             await trio.sleep(peer.backoff.next_delay())
 
+    def established_conn(self, peer_id: str) -> Connection | None:
+        peer = self.peers.get(peer_id)
+        conn = peer.current() if peer else None
+        return conn if conn is not None and conn.established else None
+
     def _attach(self, conn: Connection, peer: PeerState) -> None:
         conn.peer = peer
         conn._delay_s = peer.config.emulated_rtt_ms / 2000
@@ -379,6 +419,8 @@ class Daemon:
                  conn.session.hold_ms, (conn.session.srtt or 0) * 1000)
         if conn.session.min_rtt is not None:
             self.rib.set_link_cost(peer.config.id, link_cost_after(None, conn.session.min_rtt) or 1)
+        if conn.session.tunnel_enabled:
+            conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream)
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
         conn.adj_out.mark_all(self.rib)
         conn.wake()

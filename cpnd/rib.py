@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 import attrs
 
 from .errors import CeaseSub, Code, ProtocolError, UpdateSub
+from .names import service_label
 from .wire import RouteAdv, Update, Withdrawal
 
 Key = tuple[str, str, str]  # (service, origin, instance)
@@ -172,6 +173,13 @@ class Rib:
         if len(path) > 32:
             return None  # would exceed MAX_PATH_LEN at the receiver
         return attrs.evolve(f, path=path, latency_us=best.latency_us)
+
+    def lookup_target(self, label: int, origin: str, instance: str) -> Key | None:
+        """The key a tunnel's extension header names (label, origin, instance), if we route it."""
+        for service in self.by_service:
+            if service_label(service) == label and (service, origin, instance) in self.loc:
+                return (service, origin, instance)
+        return None
 
     def routes(self, service: str | None = None) -> Iterator[tuple[Route, int, bool]]:
         """Every path we hold as (route, path latency µs, is best), optionally for one service."""

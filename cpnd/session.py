@@ -49,6 +49,7 @@ from .wire import (
 log = logging.getLogger("cpnd.session")
 
 MAX_RTT_SAMPLE = 60.0
+TUNNEL_CAP = "tunnel"
 RTT_WINDOW = 8  # samples in the min-RTT filter
 # The first keepalives after OPEN come quickly so the min-RTT filter fills in well
 # under a second instead of RTT_WINDOW keepalive intervals.
@@ -178,6 +179,13 @@ class RttMeasured:
 
 
 @attrs.frozen
+class TunnelFrame:
+    """A record of content type 2 (protocol-spec/tunnel.md), for the data plane."""
+
+    payload: bytes
+
+
+@attrs.frozen
 class Closed:
     reason: CloseReason
     code: int = 0
@@ -189,7 +197,7 @@ class Closed:
         return f"{self.reason.value}{what}{': ' + self.text if self.text else ''}"
 
 
-Event = Authenticated | Established | UpdateReceived | RefreshRequested | RttMeasured | Closed
+Event = Authenticated | Established | UpdateReceived | RefreshRequested | RttMeasured | TunnelFrame | Closed
 
 
 @attrs.frozen
@@ -199,7 +207,7 @@ class SessionConfig:
     hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
-    caps: tuple[str, ...] = ("route-refresh",)
+    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP)
 
 
 class Session:
@@ -264,8 +272,9 @@ class Session:
                 fr = self._reader.next_frame()
                 if fr is None:
                     break
-                inp, msg = self._decode(*fr)
-                self._input(inp, msg, now)
+                decoded = self._decode(*fr, now)
+                if decoded is not None:
+                    self._input(*decoded, now)
         except ProtocolError as exc:
             self._fail(exc)
 
@@ -302,6 +311,19 @@ class Session:
             n += 1
         return n
 
+    @property
+    def tunnel_enabled(self) -> bool:
+        """Both sides offered the tunnel capability and the session is up."""
+        return self.state is State.ESTABLISHED and TUNNEL_CAP in self.peer_caps and TUNNEL_CAP in self.config.caps
+
+    def send_tunnel(self, payload: bytes) -> None:
+        """Queue one tunnel frame (content type 2)."""
+        if not self.tunnel_enabled:
+            raise RuntimeError("tunnel not negotiated on this session")
+        assert self._records is not None
+        self._out += self._records.seal(ContentType.TUNNEL, payload)
+        self.stats["tunnel_out"] += 1
+
     def send_route_refresh(self) -> None:
         if self.state is not State.ESTABLISHED:
             raise RuntimeError(f"route refresh in state {self.state.value}")
@@ -322,7 +344,7 @@ class Session:
             log.debug("%s session %s: %s -> %s", self.local_id, self.peer_id or "?", self.state.value, new.value)
             self.state = new
 
-    def _decode(self, header: bytes, body: bytes) -> tuple[Input, object]:
+    def _decode(self, header: bytes, body: bytes, now: float) -> tuple[Input, object] | None:
         if self._records is None:
             hs = decode_handshake(body)
             return _MESSAGE_INPUT[_hs_type(hs)], hs
@@ -339,6 +361,13 @@ class Session:
                 if isinstance(hs, HandshakeError):
                     return Input.HS_ERROR, hs
             raise
+        if ctype == ContentType.TUNNEL and self.tunnel_enabled:
+            # Tunnel frames bypass the FSM (they are not session messages) but prove
+            # the peer alive like any other record.
+            self._hold_deadline = now + self.hold_ms / 1000
+            self.stats["tunnel_in"] += 1
+            self._events.append(TunnelFrame(payload))
+            return None
         if ctype != ContentType.CONTROL:
             raise ProtocolError(Code.RECORD, RecordSub.BAD_CONTENT_TYPE, f"content type {ctype}")
         msg = decode_message(payload)

@@ -1,0 +1,656 @@
+"""The data plane: HTTP ingress, transit relay, egress to instances (trio + h11).
+
+ingress (user's HTTP/1.1, per-request ``select``) -> tunnel streams hop by hop ->
+egress (URL-PATH -> the instance's real URL, keep-alive pool) -> and back.
+Every HTTP message is parsed and serialised with h11; a transit gateway relays
+stream bytes without parsing HTTP.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import random
+import urllib.parse
+from collections.abc import AsyncIterator, Iterable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import h11
+import trio
+
+from .config import InstanceConfig, ServiceConfig
+from .names import service_label
+from .rib import Key
+from .select import (
+    BadHeader,
+    Candidate,
+    Constraints,
+    TtlCache,
+    candidates,
+    match_service,
+    parse_constraints,
+    pinned_first,
+    rank,
+)
+from .streams import ByteStream, StreamReset, TunnelStream, _Inbox
+from .tunnel import EXT_FLAG_IDEMPOTENT, NO_BUDGET, ExtHeader, ResetCode
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("cpnd.http")
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_REPLAY_BYTES = 1024 * 1024
+RECEIVE_CHUNK = 65536
+MAX_ATTEMPTS = 3
+PIPE_HIGH_WATER = 256 * 1024
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+              b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"}
+IDEMPOTENT = {b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"}
+
+
+@attrs.frozen
+class HttpLimits:
+    max_body_bytes: int = 100 * 1024 * 1024
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0
+    body_idle_timeout_s: float = 60.0
+    max_clients: int = 4096
+    instance_connect_timeout_s: float = 2.0
+    pool_idle_per_instance: int = 32
+
+
+class HttpError(Exception):
+    """A gateway-made error response: status and the contract's JSON body."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def _reset_error(exc: StreamReset) -> HttpError:
+    if exc.code == ResetCode.DEADLINE:
+        return HttpError(504, "deadline_exceeded", exc.text or "the request's deadline passed")
+    if exc.code == ResetCode.REFUSED:
+        return HttpError(503, "no_capacity", exc.text or "every candidate instance refused the request")
+    name = ResetCode(exc.code).name.lower() if exc.code in ResetCode._value2member_map_ else str(exc.code)
+    return HttpError(502, "bad_gateway", f"{name}: {exc.text}")
+
+
+def filter_headers(headers: Iterable[tuple[bytes, bytes]], *, drop_cpn: bool) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers (and those the Connection header names), and optionally CPN-*."""
+    headers = list(headers)
+    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
+    out = []
+    for n, v in headers:
+        ln = n.lower()
+        if ln in HOP_BY_HOP or ln in named or (drop_cpn and ln.startswith(b"cpn-")):
+            continue
+        out.append((n, v))
+    return out
+
+
+def _framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The framing header to re-send: Content-Length, or chunked if the original was."""
+    for n, v in headers:
+        if n.lower() == b"content-length":
+            return [(b"content-length", v)]
+    for n, v in headers:
+        if n.lower() == b"transfer-encoding":
+            return [(b"transfer-encoding", b"chunked")]
+    return []
+
+
+def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
+    """Replace the service prefix of ``target`` by the instance URL's path; keep the rest and the query."""
+    path, sep, query = target.partition(b"?")
+    rest = path[len(service.encode()):]
+    base = urllib.parse.urlsplit(instance_url)
+    base_path = (base.path or "/").encode()
+    if rest:
+        new = base_path.rstrip(b"/") + rest
+    else:
+        new = base_path
+    if base.query:
+        query = base.query.encode() + (b"&" + query if query else b"")
+        sep = b"?"
+    return new + sep + query
+
+
+def check_target(target: bytes) -> str:
+    """The path of an origin-form target, refusing what could escape the advertised path."""
+    if not target.startswith(b"/"):
+        raise HttpError(400, "bad_request", "only origin-form request targets (/path?query) are accepted")
+    path = target.split(b"?", 1)[0]
+    try:
+        text = path.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "bad_request", "request target is not ASCII") from None
+    low = text.lower()
+    if any(seg in (".", "..") for seg in text.split("/")) or "%2e" in low or "%2f" in low or "%5c" in low or "\\" in text:
+        raise HttpError(400, "bad_request", "dot segments and encoded '.', '/' or '\\' are refused in the path")
+    return text
+
+
+# ---------------------------------------------------------------- local pipes
+
+
+class PipeEnd:
+    """One end of an in-process byte stream, for requests to our own instances."""
+
+    def __init__(self) -> None:
+        self.inbox = _Inbox()
+        self.buffered = 0
+        self.drained = trio.Event()
+        self.other: PipeEnd = self
+
+    async def receive(self) -> bytes:
+        data = await self.inbox.pop()
+        self.buffered -= len(data)
+        self.drained.set()
+        return data
+
+    async def send(self, data: bytes, end: bool = False) -> None:
+        o = self.other
+        if self.inbox.reset is not None:
+            raise self.inbox.reset
+        while o.buffered > PIPE_HIGH_WATER and o.inbox.reset is None:
+            o.drained = trio.Event()
+            await o.drained.wait()
+        if data:
+            o.buffered += len(data)
+            o.inbox.push(data)
+        if end:
+            o.inbox.ended = True
+            o.inbox.event.set()
+
+    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
+        self.other.inbox.fail(StreamReset(code, delivered, text))
+        self.inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
+        self.drained.set()
+        self.other.drained.set()
+
+
+def pipe() -> tuple[PipeEnd, PipeEnd]:
+    a, b = PipeEnd(), PipeEnd()
+    a.other, b.other = b, a
+    return a, b
+
+
+# ---------------------------------------------------------------- HTTP/1.1 over a byte stream
+
+
+class H11Stream:
+    """An h11 connection over a trio stream or a tunnel ByteStream."""
+
+    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False) -> None:
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.transport = transport
+        self.tunnel = tunnel
+
+    async def send(self, event: Any, *, end: bool = False) -> None:
+        data = self.conn.send(event)
+        if self.tunnel:
+            await self.transport.send(data or b"", end=end)
+        elif data:
+            await self.transport.send_all(data)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.tunnel:
+                data = await self.transport.receive()
+            else:
+                data = await self.transport.receive_some(RECEIVE_CHUNK)
+            self.conn.receive_data(data)
+
+
+def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
+    body = json.dumps({"error": exc.error, "detail": exc.detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store")]
+    return h11.Response(status_code=exc.status, headers=headers), body
+
+
+# ---------------------------------------------------------------- request body, replayable
+
+
+class BodySource:
+    """The client's request body, read once, kept (up to a bound) for a retry."""
+
+    def __init__(self, client: H11Stream, limits: HttpLimits) -> None:
+        self.client = client
+        self.limits = limits
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.replayable = True
+        self.consumed = False
+
+    async def iterate(self) -> AsyncIterator[bytes]:
+        if self.consumed and not self.replayable:
+            raise RuntimeError("body already streamed and too large to replay")
+        self.consumed = True
+        for chunk in list(self.chunks):
+            yield chunk
+        while not self.done:
+            with trio.fail_after(self.limits.body_idle_timeout_s):
+                event = await self.client.next_event()
+            if isinstance(event, h11.Data):
+                self.size += len(event.data)
+                if self.size > self.limits.max_body_bytes:
+                    raise HttpError(413, "body_too_large", f"request body exceeds {self.limits.max_body_bytes} bytes")
+                if self.replayable:
+                    self.chunks.append(event.data)
+                    if self.size > MAX_REPLAY_BYTES:
+                        self.replayable = False
+                        self.chunks = []
+                yield event.data
+            elif isinstance(event, h11.EndOfMessage):
+                self.done = True
+            else:
+                raise HttpError(400, "bad_request", f"unexpected {type(event).__name__} in request body")
+
+
+# ---------------------------------------------------------------- the data plane
+
+
+@attrs.define
+class _PoolEntry:
+    stream: trio.SocketStream
+    conn: h11.Connection
+
+
+class DataPlane:
+    """Ingress, transit and egress for one gateway."""
+
+    def __init__(self, daemon: Daemon, limits: HttpLimits = HttpLimits()) -> None:
+        self.d = daemon
+        self.limits = limits
+        self.rng = random.Random()
+        self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {
+            (service_label(s.path), i.id): (s, i) for s in daemon.config.services for i in s.instances
+        }
+        self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
+        self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
+        self.clients = 0
+        self.nursery: trio.Nursery | None = None
+        self.http_port: int | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        addr = self.d.config.gateway.http_listen
+        assert addr is not None
+        listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+        self.http_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            await trio.serve_listeners(self._client, listeners)
+
+    def on_stream(self, stream: TunnelStream) -> None:
+        """A peer opened a stream to us: egress if we are the origin, else relay."""
+        assert self.d.nursery is not None
+        self.d.nursery.start_soon(self._incoming, stream)
+
+    # ---- ingress
+
+    async def _client(self, transport: trio.SocketStream) -> None:
+        if self.clients >= self.limits.max_clients:
+            await transport.aclose()
+            return
+        self.clients += 1
+        client = H11Stream(h11.SERVER, transport)
+        pinned: dict[str, Key] = {}
+        try:
+            while True:
+                timeout = self.limits.idle_timeout_s if client.conn.their_state is h11.IDLE else self.limits.header_timeout_s
+                with trio.move_on_after(timeout) as idle:
+                    event = await client.next_event()
+                if idle.cancelled_caught:
+                    break
+                if isinstance(event, h11.ConnectionClosed):
+                    break
+                if not isinstance(event, h11.Request):
+                    break
+                await self._request(client, event, pinned)
+                if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is not h11.DONE:
+                    break
+                client.conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            await self._send_error_quietly(client, HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large", str(exc)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError):
+            pass
+        finally:
+            self.clients -= 1
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+    async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
+        if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            resp, body = error_response(exc)
+            await client.send(resp)
+            await client.send(h11.Data(data=body))
+            await client.send(h11.EndOfMessage())
+        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
+        self.stats["requests"] += 1
+        try:
+            await self._route(client, req, pinned)
+        except HttpError as exc:
+            self.stats[f"error_{exc.status}"] += 1
+            if client.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                # If the body was not read to its end, _client closes the connection after this.
+                await self._send_error_quietly(client, exc)
+            else:
+                raise trio.BrokenResourceError(str(exc)) from None
+
+    def _plan(self, req: h11.Request, pinned: dict[str, Key]) -> tuple[str, Constraints, list[Candidate]]:
+        path = check_target(req.target)
+        try:
+            cons = parse_constraints(req.headers)
+        except BadHeader as exc:
+            raise HttpError(400, "bad_header", str(exc)) from None
+        framing = {n.lower() for n, _ in req.headers} & {b"content-length", b"transfer-encoding"}
+        if len(framing) == 2:
+            raise HttpError(400, "bad_request", "both Content-Length and Transfer-Encoding: ambiguous framing refused")
+        service = match_service(self.d.rib.by_service, path)
+        if service is None:
+            raise HttpError(404, "no_such_service", f"no service matches {path}")
+        cands = candidates(self.d.rib, service)
+        ranked = rank(cands, cons)
+        mode = self.d.config.gateway.selection
+        now = trio.current_time()
+        if mode == "per-connection":
+            ranked = pinned_first(ranked, pinned.get(service), cands)
+        elif mode == "dns-ttl":
+            ranked = pinned_first(ranked, self.ttl.get(service, cons, now), cands)
+        if not ranked:
+            raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints"
+                            f" ({len(cands)} known)")
+        if mode == "per-connection":
+            pinned[service] = ranked[0].key
+        elif mode == "dns-ttl" and self.ttl.get(service, cons, now) is None:
+            self.ttl.put(service, cons, ranked[0].key, now)
+        return service, cons, ranked
+
+    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
+        service, cons, ranked = self._plan(req, pinned)
+        deadline = trio.current_time() + cons.timeout_s
+        body = BodySource(client, self.limits)
+        if client.conn.they_are_waiting_for_100_continue:
+            await client.send(h11.InformationalResponse(status_code=100, headers=[]))
+        headers = filter_headers(req.headers, drop_cpn=True) + _framing(req.headers)
+        idempotent = req.method in IDEMPOTENT
+        last: HttpError | None = None
+        for attempt, cand in enumerate(ranked[:MAX_ATTEMPTS]):
+            if attempt and (not body.replayable):
+                break
+            if trio.current_time() >= deadline:
+                raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
+            try:
+                await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent)
+                return
+            except StreamReset as exc:
+                last = _reset_error(exc)
+                self.stats["retries"] += 1
+                retry = not exc.delivered or idempotent
+                log.info("%s: %s %s via %s/%s failed: %s%s", self.d.id, req.method.decode(), service, cand.origin,
+                         cand.instance, exc, "; trying the next candidate" if retry else "")
+                if not retry or exc.code == ResetCode.DEADLINE:
+                    break
+        raise last or HttpError(502, "bad_gateway", "no attempt could be made")
+
+    def _open_upstream(self, cand: Candidate, ext: ExtHeader) -> ByteStream:
+        if cand.next_hop is None:
+            near, far = pipe()
+            assert self.d.nursery is not None
+            self.d.nursery.start_soon(self._egress, far, ext)
+            return near
+        conn = self.d.established_conn(cand.next_hop)
+        if conn is None or conn.mux is None:
+            raise StreamReset(ResetCode.NO_ROUTE, False, f"no session to next hop {cand.next_hop}")
+        return conn.mux.open(ext)
+
+    async def _attempt(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]], body: BodySource,
+                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool) -> None:
+        budget = max(0, int((deadline - trio.current_time()) * 1_000_000))
+        ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), cons.qos, 16,
+                        min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0)
+        up_raw = self._open_upstream(cand, ext)
+        up = H11Stream(h11.CLIENT, up_raw, tunnel=True)
+        got_head = False
+        try:
+            async with trio.open_nursery() as nursery:
+                async def upload() -> None:
+                    await up.send(h11.Request(method=req.method, target=req.target, headers=headers))
+                    async for chunk in body.iterate():
+                        await up.send(h11.Data(data=chunk))
+                    await up.send(h11.EndOfMessage(), end=True)
+
+                async def guarded_upload() -> None:
+                    try:
+                        await upload()
+                    except StreamReset:
+                        pass  # the download side reports what happened
+                    except HttpError:
+                        up_raw.reset(ResetCode.CANCEL, True, "client request failed")
+                        raise
+
+                nursery.start_soon(guarded_upload)
+                with trio.move_on_at(deadline):
+                    event = await up.next_event()
+                    got_head = True
+                if not got_head:
+                    up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
+                    raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
+                while isinstance(event, h11.InformationalResponse):
+                    event = await up.next_event()
+                if isinstance(event, h11.ConnectionClosed):
+                    raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
+                assert isinstance(event, h11.Response)
+                resp_headers = filter_headers(event.headers, drop_cpn=False) + _framing(event.headers)
+                await client.send(h11.Response(status_code=event.status_code, headers=resp_headers, reason=event.reason))
+                self.stats[f"status_{event.status_code // 100}xx"] += 1
+                while True:
+                    with trio.fail_after(self.limits.body_idle_timeout_s):
+                        event = await up.next_event()
+                    if isinstance(event, h11.Data):
+                        await client.send(h11.Data(data=event.data))
+                    elif isinstance(event, h11.EndOfMessage):
+                        await client.send(h11.EndOfMessage())
+                        break
+                    else:
+                        raise trio.BrokenResourceError("upstream ended mid-response")
+                if not body.done:
+                    nursery.cancel_scope.cancel()  # answered before reading the whole body
+        except (h11.ProtocolError) as exc:
+            up_raw.reset(ResetCode.BAD_REQUEST, True, str(exc))
+            if not got_head:
+                raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
+            raise trio.BrokenResourceError(str(exc)) from None
+        except StreamReset:
+            if got_head:
+                raise trio.BrokenResourceError("upstream reset mid-response") from None
+            raise
+        except BaseException:
+            up_raw.reset(ResetCode.CANCEL, True, "ingress gave up")
+            raise
+
+    # ---- transit and egress
+
+    async def _incoming(self, stream: TunnelStream) -> None:
+        ext = stream.ext
+        assert ext is not None
+        try:
+            if ext.origin == self.d.id:
+                await self._egress(stream, ext)
+            else:
+                await self._relay(stream, ext)
+        except StreamReset:
+            pass
+        except Exception:  # a bug must cost one request, never the daemon
+            log.exception("%s: stream %d from %s failed", self.d.id, stream.id, stream.peer)
+            stream.reset(ResetCode.INTERNAL, True, "internal error")
+
+    async def _relay(self, inbound: TunnelStream, ext: ExtHeader) -> None:
+        key = self.d.rib.lookup_target(ext.label, ext.origin, ext.instance)
+        best = self.d.rib.loc.get(key) if key else None
+        if best is None or best.route.peer is None:
+            inbound.reset(ResetCode.NO_ROUTE, False, f"{self.d.id} has no route to {ext.origin}/{ext.instance}")
+            return
+        nxt = best.route.peer
+        if nxt == inbound.peer or ext.hop_limit <= 1:
+            inbound.reset(ResetCode.HOP_LIMIT, False, f"hop limit reached at {self.d.id}")
+            return
+        conn = self.d.established_conn(nxt)
+        if conn is None or conn.mux is None:
+            inbound.reset(ResetCode.NO_ROUTE, False, f"{self.d.id} has no session to {nxt}")
+            return
+        budget = ext.budget_us
+        if budget != NO_BUDGET:
+            budget -= self.d.rib.link_cost_us.get(nxt, 0) // 2
+            if budget <= 0:
+                inbound.reset(ResetCode.DEADLINE, False, f"deadline passed at {self.d.id}")
+                return
+        outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
+        self.stats["relayed"] += 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope)
+            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope)
+
+    async def _egress(self, stream: ByteStream, ext: ExtHeader) -> None:
+        found = self.local.get((ext.label, ext.instance))
+        if found is None:
+            stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.d.id} has no instance {ext.instance} of label {ext.label}")
+            return
+        service, inst = found
+        rx = H11Stream(h11.SERVER, stream, tunnel=True)
+        deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
+        try:
+            event = await rx.next_event()
+        except h11.RemoteProtocolError as exc:
+            stream.reset(ResetCode.BAD_REQUEST, False, str(exc))
+            return
+        if not isinstance(event, h11.Request):
+            stream.reset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
+            return
+        path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
+        if match_service({service.path}, path) != service.path:
+            stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
+            return
+        u = urllib.parse.urlsplit(inst.url)
+        host, port = u.hostname or "127.0.0.1", u.port or 80
+        target = translate_target(event.target, service.path, inst.url)
+        headers = [(n, v) for n, v in filter_headers(event.headers, drop_cpn=True) if n.lower() != b"host"]
+        headers = [(b"host", u.netloc.encode())] + headers + _framing(event.headers)
+        await self._call_instance(rx, stream, inst, host, port, h11.Request(method=event.method, target=target, headers=headers), deadline)
+
+    async def _connect(self, host: str, port: int) -> _PoolEntry:
+        idle = self.pool.get((host, port))
+        while idle:
+            entry = idle.pop()
+            if entry.conn.our_state is h11.IDLE:
+                return entry
+            await entry.stream.aclose()
+        with trio.fail_after(self.limits.instance_connect_timeout_s):
+            s = await trio.open_tcp_stream(host, port)
+        return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+
+    async def _call_instance(self, rx: H11Stream, stream: ByteStream, inst: InstanceConfig, host: str, port: int,
+                             req: h11.Request, deadline: float | None) -> None:
+        try:
+            entry = await self._connect(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            stream.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {getattr(exc, 'strerror', None) or 'connect timed out'}")
+            return
+        ic = H11Stream(h11.CLIENT, entry.stream)
+        ic.conn = entry.conn
+        delivered = False
+        responded = False
+        try:
+            async with trio.open_nursery() as nursery:
+                async def upload() -> None:
+                    nonlocal delivered
+                    await ic.send(req)
+                    delivered = True
+                    while True:
+                        ev = await rx.next_event()
+                        if isinstance(ev, h11.Data):
+                            await ic.send(ev)
+                        elif isinstance(ev, h11.EndOfMessage):
+                            await ic.send(ev)
+                            return
+                        else:
+                            raise StreamReset(ResetCode.BAD_REQUEST, True, "tunnelled request ended early")
+
+                nursery.start_soon(upload)
+                with trio.move_on_at(deadline if deadline is not None else float("inf")) as cs:
+                    ev = await ic.next_event()
+                    while isinstance(ev, h11.InformationalResponse):
+                        ev = await ic.next_event()
+                if cs.cancelled_caught:
+                    stream.reset(ResetCode.DEADLINE, delivered, f"{inst.id} did not answer within the deadline")
+                    nursery.cancel_scope.cancel()
+                    await entry.stream.aclose()
+                    return
+                if not isinstance(ev, h11.Response):
+                    raise OSError("instance closed the connection before responding")
+                responded = True
+                headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
+                headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
+                await rx.send(h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason))
+                while True:
+                    ev = await ic.next_event()
+                    if isinstance(ev, h11.Data):
+                        await rx.send(ev)
+                    elif isinstance(ev, h11.EndOfMessage):
+                        await rx.send(ev, end=True)
+                        break
+                    else:
+                        raise OSError("instance closed the connection mid-response")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
+            await entry.stream.aclose()
+            if not responded:
+                stream.reset(ResetCode.INSTANCE_FAILED, delivered, f"{inst.id}: {exc}")
+            else:
+                stream.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {exc}")
+            return
+        except StreamReset:
+            await entry.stream.aclose()
+            raise
+        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
+            entry.conn.start_next_cycle()
+            idle = self.pool.setdefault((host, port), collections.deque())
+            if len(idle) < self.limits.pool_idle_per_instance:
+                idle.append(entry)
+                return
+        await entry.stream.aclose()
+
+
+async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope) -> None:
+    """Copy one direction of a relayed stream, passing RESETs on."""
+    try:
+        while True:
+            data = await src.receive()
+            if not data:
+                await dst.send(b"", end=True)
+                return
+            await dst.send(data)
+    except StreamReset as exc:
+        code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
+        for end in (src, dst):  # the end that failed is closed already: only the other hears
+            end.reset(code, exc.delivered, exc.text)
+        scope.cancel()

@@ -1,0 +1,212 @@
+"""Per-request instance selection (sans-IO): constraints, matching, estimates, choice.
+
+Pure functions over a RIB snapshot and the request's headers; the ingress calls
+``plan()`` for every request (protocol-spec/selection.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import attrs
+
+from .rib import Key, Rib
+from .tunnel import QoS
+
+PREFERENCES = ("latency", "price")
+QOS_NAMES = {"realtime": QoS.REALTIME, "interactive": QoS.INTERACTIVE, "bulk": QoS.BULK}
+# Time allowed for a response to start, by QoS class, when the request names none.
+DEFAULT_TIMEOUT_S = {QoS.REALTIME: 2.0, QoS.INTERACTIVE: 30.0, QoS.BULK: 300.0}
+MAX_TIMEOUT_S = 3600.0
+
+_DURATION_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(us|µs|ms|s)?\s*")
+_NUMBER_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*")
+
+
+class BadHeader(ValueError):
+    """A CPN-* request header that cannot be understood (HTTP 400)."""
+
+    def __init__(self, header: str, detail: str) -> None:
+        super().__init__(f"{header}: {detail}")
+        self.header = header
+        self.detail = detail
+
+
+@attrs.frozen
+class Constraints:
+    """What a request asks of its instance (the CPN-* headers)."""
+
+    max_latency_us: int | None = None
+    max_price: float | None = None
+    prefer: str = "latency"
+    qos: QoS = QoS.INTERACTIVE
+    timeout_s: float = DEFAULT_TIMEOUT_S[QoS.INTERACTIVE]
+
+
+def parse_duration_us(text: str) -> int:
+    """``10ms``, ``0.5s``, ``250us`` or a bare number of milliseconds, as µs."""
+    m = _DURATION_RE.fullmatch(text)
+    if not m:
+        raise ValueError("expected a duration such as 10ms, 0.5s or 250us")
+    value = float(m.group(1)) * {"us": 1, "µs": 1, "ms": 1000, "s": 1_000_000, None: 1000}[m.group(2)]
+    if not math.isfinite(value) or value > MAX_TIMEOUT_S * 1_000_000:
+        raise ValueError("duration out of range")
+    return int(value)
+
+
+def parse_constraints(headers: Iterable[tuple[bytes, bytes]]) -> Constraints:
+    """Read the CPN-* request headers; BadHeader on anything malformed or repeated."""
+    seen: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        if not name.startswith("cpn-"):
+            continue
+        if name in seen:
+            raise BadHeader(name, "must appear at most once")
+        try:
+            seen[name] = raw_value.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise BadHeader(name, "must be ASCII") from None
+    kw: dict[str, object] = {}
+    for name, value in seen.items():
+        try:
+            if name == "cpn-max-latency":
+                kw["max_latency_us"] = parse_duration_us(value)
+            elif name == "cpn-max-price":
+                m = _NUMBER_RE.fullmatch(value)
+                if not m:
+                    raise ValueError("expected a non-negative number")
+                kw["max_price"] = float(m.group(1))
+            elif name == "cpn-prefer":
+                if value.lower() not in PREFERENCES:
+                    raise ValueError(f"expected one of {', '.join(PREFERENCES)}")
+                kw["prefer"] = value.lower()
+            elif name == "cpn-qos":
+                if value.lower() not in QOS_NAMES:
+                    raise ValueError(f"expected one of {', '.join(QOS_NAMES)}")
+                kw["qos"] = QOS_NAMES[value.lower()]
+            elif name == "cpn-timeout":
+                us = parse_duration_us(value)
+                if us <= 0:
+                    raise ValueError("must be positive")
+                kw["timeout_s"] = us / 1_000_000
+            elif name in ("cpn-instance", "cpn-origin"):
+                raise ValueError("is a response header")
+            # Other CPN-* names are reserved: ignored, and never forwarded to instances.
+        except ValueError as exc:
+            raise BadHeader(_display(name), str(exc)) from None
+    if "timeout_s" not in kw:
+        kw["timeout_s"] = DEFAULT_TIMEOUT_S[kw.get("qos", QoS.INTERACTIVE)]  # type: ignore[index]
+    return Constraints(**kw)  # type: ignore[arg-type]
+
+
+def _display(name: str) -> str:
+    return "-".join(p.capitalize() for p in name.split("-")).replace("Cpn", "CPN")
+
+
+def match_service(services: Mapping[str, object] | set[str], path: str) -> str | None:
+    """Longest service that is ``path`` or a prefix of it on whole segments (``/yolo`` never matches ``/yolov2``)."""
+    candidate = path
+    while candidate:
+        if candidate in services:
+            return candidate
+        cut = candidate.rfind("/")
+        if cut <= 0:
+            return None
+        candidate = candidate[:cut]
+    return None
+
+
+def compute_estimate_us(base_us: int, load: float) -> int:
+    """The paper's f_d: base below 50 % load, growing linearly to double at 100 %."""
+    if load <= 0.5:
+        return base_us
+    return int(base_us * (1 + 2 * (load - 0.5)))
+
+
+@attrs.frozen
+class Candidate:
+    key: Key
+    label: int
+    next_hop: str | None
+    path: tuple[str, ...]
+    path_latency_us: int
+    compute_us: int
+    price: float
+    capacity: float
+    load: float
+
+    @property
+    def total_us(self) -> int:
+        return self.path_latency_us + self.compute_us
+
+    @property
+    def origin(self) -> str:
+        return self.key[1]
+
+    @property
+    def instance(self) -> str:
+        return self.key[2]
+
+
+def candidates(rib: Rib, service: str, extra_load: Mapping[Key, float] | None = None) -> list[Candidate]:
+    """Every instance of ``service`` with its best path and estimated total latency."""
+    out = []
+    for key in rib.by_service.get(service, ()):
+        best = rib.loc[key]
+        f = best.fresh
+        load = f.load + (extra_load.get(key, 0.0) if extra_load else 0.0)
+        r = best.route
+        out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
+                             compute_estimate_us(f.compute_us, load), f.price, f.capacity, load))
+    return out
+
+
+def admissible(c: Candidate, cons: Constraints) -> bool:
+    if cons.max_price is not None and c.price > cons.max_price:
+        return False
+    if cons.max_latency_us is not None and c.total_us > cons.max_latency_us:
+        return False
+    return True
+
+
+def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
+    """Admissible candidates, best first by the request's objective (deterministic ties)."""
+    ok = [c for c in cands if admissible(c, cons)]
+    if cons.prefer == "price":
+        return sorted(ok, key=lambda c: (c.price, c.total_us, c.key))
+    return sorted(ok, key=lambda c: (c.total_us, c.price, c.key))
+
+
+@attrs.define
+class TtlCache:
+    """``dns-ttl`` emulation: one choice per (service, constraints) held for ``ttl_s``."""
+
+    ttl_s: float
+    max_entries: int = 4096
+    _entries: dict[tuple[str, Constraints], tuple[Key, float]] = attrs.field(factory=dict)
+
+    def get(self, service: str, cons: Constraints, now: float) -> Key | None:
+        hit = self._entries.get((service, cons))
+        if hit is None or hit[1] <= now:
+            return None
+        return hit[0]
+
+    def put(self, service: str, cons: Constraints, key: Key, now: float) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))
+        self._entries[(service, cons)] = (key, now + self.ttl_s)
+
+
+def pinned_first(ranked: list[Candidate], pinned: Key | None, all_cands: Sequence[Candidate]) -> list[Candidate]:
+    """Baselines: keep using ``pinned`` while it has a route, whatever its latency or load now."""
+    if pinned is None:
+        return ranked
+    for c in all_cands:
+        if c.key == pinned:
+            return [c] + [r for r in ranked if r.key != pinned]
+    return ranked

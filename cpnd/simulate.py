@@ -1,0 +1,164 @@
+"""A simulated service instance: a real HTTP/1.1 server (trio + h11) for labs and tests.
+
+    python -m cpnd.simulate --id s1 [--host 127.0.0.1] [--port 0] [--compute-ms 1] [--capacity 50]
+
+Prints ``listening <host>:<port>`` once ready. Every request is answered with JSON
+``{"instance": ID, "method", "path", "query", "body_bytes", "headers"}`` after the
+compute latency of the paper's model (f_d: base below 50 % of capacity, rising
+linearly to double at 100 %; beyond capacity it answers 503). Query parameters
+shape the answer for tests: ``echo=1`` (return the body), ``size=N`` (N bytes),
+``stream=N&interval=S`` (N chunks, chunked), ``sse=N&interval=S`` (server-sent
+events), ``delay=S``, ``status=NNN``, ``die=1`` (close without answering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import urllib.parse
+
+import h11
+import trio
+
+MAX_BODY = 200 * 1024 * 1024
+
+
+class Instance:
+    def __init__(self, iid: str, compute_ms: float, capacity: float) -> None:
+        self.id = iid
+        self.compute_s = compute_ms / 1000
+        self.capacity = capacity
+        self.arrivals: collections.deque[float] = collections.deque()
+        self.served = 0
+        self.refused = 0
+
+    def load(self, now: float) -> float:
+        """Requests that arrived in the last second, as a fraction of capacity."""
+        while self.arrivals and self.arrivals[0] <= now - 1.0:
+            self.arrivals.popleft()
+        return len(self.arrivals) / self.capacity if self.capacity else 0.0
+
+    def compute_time(self, load: float) -> float:
+        return self.compute_s * (1 + max(0.0, 2 * (load - 0.5)))
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=65536)
+
+        async def next_event():  # type: ignore[no-untyped-def]
+            while True:
+                ev = conn.next_event()
+                if ev is not h11.NEED_DATA:
+                    return ev
+                conn.receive_data(await stream.receive_some(65536))
+
+        async def send(ev) -> None:  # type: ignore[no-untyped-def]
+            data = conn.send(ev)
+            if data:
+                await stream.send_all(data)
+
+        try:
+            while True:
+                ev = await next_event()
+                if not isinstance(ev, h11.Request):
+                    return
+                body = bytearray()
+                while True:
+                    b = await next_event()
+                    if isinstance(b, h11.Data):
+                        body += b.data
+                        if len(body) > MAX_BODY:
+                            return
+                    elif isinstance(b, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+                if not await self.respond(ev, bytes(body), send):
+                    return
+                if conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            return
+        finally:
+            await stream.aclose()
+
+    async def respond(self, req: h11.Request, body: bytes, send) -> bool:  # type: ignore[no-untyped-def]
+        target = req.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        q = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        if q.get("die"):
+            return False
+        now = trio.current_time()
+        load = self.load(now)
+        self.arrivals.append(now)
+        if load >= 1.0:
+            self.refused += 1
+            return await _send_all(send, 503, b'{"error": "overloaded"}', b"application/json")
+        await trio.sleep(self.compute_time(load) + float(q.get("delay", 0)))
+        self.served += 1
+        status = int(q.get("status", 200))
+        if q.get("echo"):
+            ctype = dict((n.lower(), v) for n, v in req.headers).get(b"content-type", b"application/octet-stream")
+            return await _send_all(send, status, body, ctype)
+        if q.get("size"):
+            return await _send_all(send, status, b"x" * int(q["size"]), b"application/octet-stream")
+        n = int(q.get("stream", 0) or q.get("sse", 0))
+        if n:
+            interval = float(q.get("interval", 0.1))
+            sse = bool(q.get("sse"))
+            ctype = b"text/event-stream" if sse else b"application/octet-stream"
+            await send(h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"transfer-encoding", b"chunked")]))
+            for i in range(n):
+                chunk = f"data: {json.dumps({'instance': self.id, 'i': i})}\n\n" if sse else f"chunk {i}\n"
+                await send(h11.Data(data=chunk.encode()))
+                if i < n - 1:
+                    await trio.sleep(interval)
+            await send(h11.EndOfMessage())
+            return True
+        info = {
+            "instance": self.id, "method": req.method.decode(), "path": path, "query": query,
+            "body_bytes": len(body), "load": round(load, 3),
+            "headers": {n.decode("latin-1"): v.decode("latin-1") for n, v in req.headers},
+        }
+        return await _send_all(send, status, json.dumps(info).encode(), b"application/json")
+
+
+async def _send_all(send, status: int, body: bytes, ctype: bytes) -> bool:  # type: ignore[no-untyped-def]
+    await send(h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"content-length", str(len(body)).encode())]))
+    await send(h11.Data(data=body))
+    await send(h11.EndOfMessage())
+    return True
+
+
+async def serve(inst: Instance, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(inst.handle, listeners)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cpnd.simulate", description="a simulated service instance")
+    ap.add_argument("--id", required=True)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--compute-ms", type=float, default=0.0)
+    ap.add_argument("--capacity", type=float, default=1e9)
+    args = ap.parse_args(argv)
+    inst = Instance(args.id, args.compute_ms, args.capacity)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve, inst, args.host, args.port)
+            print(f"listening {args.host}:{port}", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Tunnel framing (sans-IO): streams of encapsulated HTTP inside session records.
+
+A tunnel frame is the payload of a record of content type 2 (protocol-spec/tunnel.md):
+``stream_id u32 | type u8 | flags u8 | payload``. Streams carry one request and
+its response each, opened by an extension header, with per-stream flow control.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+
+import attrs
+
+from .errors import ProtocolError
+from .names import id_problem
+
+FRAME_HEADER = struct.Struct(">IBB")
+MAX_DATA = 16384
+INITIAL_WINDOW = 256 * 1024
+MAX_WINDOW = (1 << 31) - 1
+MAX_STREAMS = 1024
+MAX_HOP_LIMIT = 64
+NO_BUDGET = 0xFFFFFFFF
+MAX_RESET_TEXT = 256
+
+
+class TunnelSub(enum.IntEnum):
+    """Subcodes of NOTIFICATION code 9 (tunnel): connection-level tunnel errors."""
+
+    MALFORMED_FRAME = 1
+    BAD_STREAM_ID = 2
+    NOT_NEGOTIATED = 3
+
+
+TUNNEL_CODE = 9
+
+
+class FrameType(enum.IntEnum):
+    OPEN = 1
+    DATA = 2
+    WINDOW = 3
+    RESET = 4
+    LOAD = 5
+
+
+FLAG_END = 0x01
+
+
+class QoS(enum.IntEnum):
+    REALTIME = 0
+    INTERACTIVE = 1
+    BULK = 2
+
+
+class ResetCode(enum.IntEnum):
+    """Why a stream was abandoned; ``delivered`` in the RESET says whether the instance saw it."""
+
+    NO_ROUTE = 1
+    HOP_LIMIT = 2
+    DEADLINE = 3
+    REFUSED = 4
+    INSTANCE_UNREACHABLE = 5
+    INSTANCE_FAILED = 6
+    BAD_REQUEST = 7
+    FLOW_CONTROL = 8
+    CANCEL = 9
+    TOO_MANY_STREAMS = 10
+    NO_SUCH_INSTANCE = 11
+    INTERNAL = 12
+
+
+def tunnel_error(sub: TunnelSub, detail: str) -> ProtocolError:
+    return ProtocolError(TUNNEL_CODE, sub, detail)
+
+
+_EXT = struct.Struct(">BBBBII16s")
+EXT_VERSION = 1
+EXT_FLAG_IDEMPOTENT = 0x01
+
+
+@attrs.frozen
+class ExtHeader:
+    """The extension header that opens a stream (protocol-spec/tunnel.md)."""
+
+    label: int
+    origin: str
+    instance: str
+    request_id: bytes = attrs.field(factory=lambda: os.urandom(16))
+    qos: QoS = QoS.INTERACTIVE
+    hop_limit: int = 16
+    budget_us: int = NO_BUDGET  # remaining deadline budget, µs; NO_BUDGET = none
+    flags: int = 0
+
+    def encode(self) -> bytes:
+        o, i = self.origin.encode(), self.instance.encode()
+        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, self.flags, self.label, self.budget_us, self.request_id)
+                + bytes([len(o)]) + o + bytes([len(i)]) + i)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ExtHeader:
+        """Parse an extension header; ProtocolError(tunnel/malformed-frame) on any defect."""
+        if len(data) < _EXT.size + 2:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header too short")
+        ver, qos, hops, flags, label, budget, rid = _EXT.unpack_from(data)
+        if ver != EXT_VERSION:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"extension header version {ver}")
+        if qos not in QoS._value2member_map_:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"qos {qos}")
+        if label > 0x7FFFFFFF:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, "label has its top bit set")
+        pos = _EXT.size
+        names = []
+        for _ in range(2):
+            if pos >= len(data):
+                raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header truncated")
+            n = data[pos]
+            raw = data[pos + 1: pos + 1 + n]
+            if len(raw) != n:
+                raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header truncated")
+            try:
+                name = raw.decode()
+            except UnicodeDecodeError:
+                raise tunnel_error(TunnelSub.MALFORMED_FRAME, "id is not UTF-8") from None
+            if id_problem(name):
+                raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"bad id in extension header: {id_problem(name)}")
+            names.append(name)
+            pos += 1 + n
+        if pos != len(data):
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, "trailing bytes after extension header")
+        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags)
+
+
+@attrs.frozen
+class Frame:
+    stream_id: int
+    type: FrameType
+    flags: int
+    payload: bytes
+
+    @property
+    def end(self) -> bool:
+        return bool(self.flags & FLAG_END)
+
+
+def encode_frame(stream_id: int, ftype: FrameType, payload: bytes = b"", flags: int = 0) -> bytes:
+    return FRAME_HEADER.pack(stream_id, ftype, flags) + payload
+
+
+def decode_frame(data: bytes) -> Frame:
+    """Parse one tunnel frame and check its payload's shape for its type."""
+    if len(data) < FRAME_HEADER.size:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, "frame shorter than its header")
+    sid, ftype, flags = FRAME_HEADER.unpack_from(data)
+    payload = data[FRAME_HEADER.size:]
+    if ftype not in FrameType._value2member_map_:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"unknown frame type {ftype}")
+    if sid == 0:
+        raise tunnel_error(TunnelSub.BAD_STREAM_ID, "stream id 0")
+    ft = FrameType(ftype)
+    if flags & ~FLAG_END or (flags and ft is not FrameType.DATA):
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"flags {flags:#x} on {ft.name}")
+    if ft is FrameType.DATA and len(payload) > MAX_DATA:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {MAX_DATA}")
+    if ft is FrameType.WINDOW:
+        if len(payload) != 4 or not 0 < int.from_bytes(payload, "big") <= MAX_WINDOW:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, "WINDOW must carry an increment in 1..2^31-1")
+    if ft is FrameType.RESET:
+        if not 3 <= len(payload) <= 3 + MAX_RESET_TEXT or payload[2] > 1:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, "RESET must be code u16, delivered u8, text")
+    return Frame(sid, ft, flags, payload)
+
+
+def reset_payload(code: ResetCode, delivered: bool, text: str = "") -> bytes:
+    return struct.pack(">HB", code, 1 if delivered else 0) + text.encode()[:MAX_RESET_TEXT]
+
+
+def parse_reset(payload: bytes) -> tuple[int, bool, str]:
+    code, delivered = struct.unpack_from(">HB", payload)
+    return code, bool(delivered), payload[3:].decode("utf-8", "replace")
+
+
+@attrs.define
+class StreamIds:
+    """Stream id allocation and checking for one connection (odd: session initiator's)."""
+
+    initiator: bool
+    next_local: int = 0
+    last_remote: int = 0
+    open_remote: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.next_local = 1 if self.initiator else 2
+
+    def allocate(self) -> int:
+        sid = self.next_local
+        if sid > 0xFFFFFFFF:
+            raise tunnel_error(TunnelSub.BAD_STREAM_ID, "stream ids exhausted")
+        self.next_local += 2
+        return sid
+
+    def is_local(self, sid: int) -> bool:
+        return (sid % 2 == 1) == self.initiator
+
+    def accept_open(self, sid: int) -> None:
+        """Check an OPEN from the peer: its parity, and ids only ever grow."""
+        if self.is_local(sid) or sid <= self.last_remote:
+            raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"OPEN for stream {sid} (last {self.last_remote})")
+        self.last_remote = sid
+
+    def known(self, sid: int) -> bool:
+        """Could ``sid`` have been opened already (by either side)?"""
+        return sid < self.next_local if self.is_local(sid) else sid <= self.last_remote
+
+
+@attrs.define
+class FlowWindow:
+    """Credit-based flow control for one direction of one stream (like HTTP/2's)."""
+
+    send_credit: int = INITIAL_WINDOW
+    recv_allowed: int = INITIAL_WINDOW
+    recv_unacked: int = 0
+
+    def on_receive(self, n: int) -> bool:
+        """Account ``n`` received bytes; False when the peer overran its credit."""
+        self.recv_allowed -= n
+        return self.recv_allowed >= 0
+
+    def on_consumed(self, n: int) -> int:
+        """The peer's bytes were passed on; returns a WINDOW increment to send, or 0."""
+        self.recv_unacked += n
+        if self.recv_unacked >= INITIAL_WINDOW // 2:
+            inc, self.recv_unacked = self.recv_unacked, 0
+            self.recv_allowed += inc
+            return inc
+        return 0
