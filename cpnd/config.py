@@ -81,6 +81,10 @@ class GatewayConfig:
     min_adv_interval_ms: int = 100
     max_routes_per_peer: int = 10_000
     max_peer_send_buffer: int = 4 * 1024 * 1024
+    max_body_bytes: int = 100 * 1024 * 1024
+    http_header_timeout_ms: int = 10_000
+    http_idle_timeout_ms: int = 60_000
+    max_http_clients: int = 4096
     log_level: str = "info"
     log_format: str = "text"
 
@@ -288,6 +292,10 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         min_adv_interval_ms=r.number(g, (*gw, "min_adv_interval_ms"), 0, 600_000, 100, integer=True),
         max_routes_per_peer=r.number(g, (*gw, "max_routes_per_peer"), 1, 10_000_000, 10_000, integer=True),
         max_peer_send_buffer=r.number(g, (*gw, "max_peer_send_buffer"), 65536, 1 << 30, 4 * 1024 * 1024, integer=True),
+        max_body_bytes=r.number(g, (*gw, "max_body_bytes"), 0, 1 << 40, 100 * 1024 * 1024, integer=True),
+        http_header_timeout_ms=r.number(g, (*gw, "http_header_timeout_ms"), 100, 3_600_000, 10_000, integer=True),
+        http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
+        max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
         log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
     )

@@ -21,7 +21,7 @@ import trio
 from .config import Config, PeerConfig
 from .crypto import Role
 from .errors import CeaseSub, Code, ProtocolError
-from .http import DataPlane
+from .http import DataPlane, HttpLimits
 from .names import service_label
 from .rib import AdjRibOut, Key, Rib
 from .streams import Mux
@@ -281,7 +281,10 @@ class Daemon:
         self.stats: collections.Counter[str] = collections.Counter()
         self.listen_port: int | None = None
         self.nursery: trio.Nursery | None = None
-        self.dataplane = DataPlane(self)
+        self.dataplane = DataPlane(self, HttpLimits(
+            max_body_bytes=g.max_body_bytes, header_timeout_s=g.http_header_timeout_ms / 1000,
+            idle_timeout_s=g.http_idle_timeout_ms / 1000, max_clients=g.max_http_clients,
+        ))
 
     # ---- lifecycle
 

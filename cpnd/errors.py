@@ -20,6 +20,7 @@ class Code(enum.IntEnum):
     CEASE = 6
     HANDSHAKE = 7
     RECORD = 8
+    TUNNEL = 9
 
 
 class MessageSub(enum.IntEnum):
@@ -78,6 +79,12 @@ class RecordSub(enum.IntEnum):
     BAD_CONTENT_TYPE = 4
 
 
+class TunnelSub(enum.IntEnum):
+    MALFORMED_FRAME = 1
+    BAD_STREAM_ID = 2
+    NOT_NEGOTIATED = 3
+
+
 SUBCODES: dict[Code, type[enum.IntEnum] | None] = {
     Code.MESSAGE: MessageSub,
     Code.OPEN: OpenSub,
@@ -87,6 +94,7 @@ SUBCODES: dict[Code, type[enum.IntEnum] | None] = {
     Code.CEASE: CeaseSub,
     Code.HANDSHAKE: HandshakeSub,
     Code.RECORD: RecordSub,
+    Code.TUNNEL: TunnelSub,
 }
 
 

@@ -103,7 +103,7 @@ def parse_constraints(headers: Iterable[tuple[bytes, bytes]]) -> Constraints:
 
 
 def _display(name: str) -> str:
-    return "-".join(p.capitalize() for p in name.split("-")).replace("Cpn", "CPN")
+    return "-".join(p.capitalize() for p in name.split("-")).replace("Cpn", "CPN").replace("-Qos", "-QoS")
 
 
 def match_service(services: Mapping[str, object] | set[str], path: str) -> str | None:

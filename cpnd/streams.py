@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from .errors import TunnelSub
 from .tunnel import (
     FLAG_END,
     MAX_DATA,
@@ -23,7 +24,6 @@ from .tunnel import (
     FrameType,
     ResetCode,
     StreamIds,
-    TunnelSub,
     decode_frame,
     encode_frame,
     parse_reset,

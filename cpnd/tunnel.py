@@ -13,7 +13,7 @@ import struct
 
 import attrs
 
-from .errors import ProtocolError
+from .errors import Code, ProtocolError, TunnelSub
 from .names import id_problem
 
 FRAME_HEADER = struct.Struct(">IBB")
@@ -21,20 +21,8 @@ MAX_DATA = 16384
 INITIAL_WINDOW = 256 * 1024
 MAX_WINDOW = (1 << 31) - 1
 MAX_STREAMS = 1024
-MAX_HOP_LIMIT = 64
 NO_BUDGET = 0xFFFFFFFF
 MAX_RESET_TEXT = 256
-
-
-class TunnelSub(enum.IntEnum):
-    """Subcodes of NOTIFICATION code 9 (tunnel): connection-level tunnel errors."""
-
-    MALFORMED_FRAME = 1
-    BAD_STREAM_ID = 2
-    NOT_NEGOTIATED = 3
-
-
-TUNNEL_CODE = 9
 
 
 class FrameType(enum.IntEnum):
@@ -72,7 +60,7 @@ class ResetCode(enum.IntEnum):
 
 
 def tunnel_error(sub: TunnelSub, detail: str) -> ProtocolError:
-    return ProtocolError(TUNNEL_CODE, sub, detail)
+    return ProtocolError(Code.TUNNEL, sub, detail)
 
 
 _EXT = struct.Struct(">BBBBII16s")

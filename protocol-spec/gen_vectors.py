@@ -131,12 +131,53 @@ def handshake_vector() -> dict:
     }
 
 
+def tunnel_vectors() -> list[dict]:
+    from cpnd.tunnel import FLAG_END, ExtHeader, FrameType, QoS, ResetCode, encode_frame, reset_payload
+
+    ext = ExtHeader(service_label("/yolo"), "gw3", "s1", bytes(range(16)), QoS.REALTIME, 16, 2_000_000, 1)
+    good = [
+        ("open", "OPEN stream 1 to s1 at gw3, /yolo's label, realtime, hop limit 16, 2 s budget, idempotent",
+         encode_frame(1, FrameType.OPEN, ext.encode()), ext),
+        ("data-end", "DATA on stream 1, 'GET /yolo HTTP/1.1...' fragment, END", encode_frame(1, FrameType.DATA, b"GET /yolo HTTP/1.1\r\nhost: x\r\n\r\n", FLAG_END), None),
+        ("window", "WINDOW on stream 2: credit 131072 bytes", encode_frame(2, FrameType.WINDOW, (131072).to_bytes(4, "big")), None),
+        ("reset", "RESET stream 3: refused, not delivered, 'over capacity'", encode_frame(3, FrameType.RESET, reset_payload(ResetCode.REFUSED, False, "over capacity")), None),
+    ]
+    out = []
+    for name, meaning, raw, e in good:
+        v = {"name": name, "meaning": meaning, "hex": raw.hex(), "stream_id": int.from_bytes(raw[:4], "big"),
+             "type": raw[4], "flags": raw[5]}
+        if e is not None:
+            v["ext"] = [e.label, e.origin, e.instance, int(e.qos), e.hop_limit, e.budget_us, e.flags]
+        out.append(v)
+    bad = [
+        ("stream-zero", "DATA on stream 0", encode_frame(0, FrameType.DATA, b"x")),
+        ("unknown-type", "frame type 9", bytes.fromhex("000000010900")),
+        ("oversized-data", "DATA of 16385 bytes", encode_frame(1, FrameType.DATA, b"x" * 16385)),
+        ("zero-window", "WINDOW increment 0", encode_frame(1, FrameType.WINDOW, bytes(4))),
+        ("ext-truncated", "OPEN whose extension header stops inside the origin", encode_frame(1, FrameType.OPEN, ext.encode()[:30])),
+        ("ext-version", "OPEN with extension header version 2", encode_frame(1, FrameType.OPEN, b"\x02" + ext.encode()[1:])),
+    ]
+    from cpnd.tunnel import decode_frame
+
+    for name, meaning, raw in bad:
+        try:
+            f = decode_frame(raw)
+            if f.type is FrameType.OPEN:
+                ExtHeader.decode(f.payload)
+        except ProtocolError as exc:
+            out.append({"name": name, "meaning": meaning, "hex": raw.hex(), "error": [exc.code, exc.subcode]})
+        else:
+            raise AssertionError(name)
+    return out
+
+
 def main() -> None:
     out = {
         "about": "Test vectors for protocol-spec (cpn/1). Hex strings are exact bytes; bin values in 'decoded' are {\"bin\": hex}.",
         "labels": {svc: service_label(svc) for svc in ("/yolo", "/ai/llm/v1", "/ai/embed/v2")},
         "messages": message_vectors(),
         "handshake": handshake_vector(),
+        "tunnel": tunnel_vectors(),
     }
     path = Path(__file__).resolve().parent / "vectors.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -1,0 +1,138 @@
+"""Selection: header parsing, longest-prefix matching, choice against a brute-force oracle."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cpnd.names import service_label
+from cpnd.rib import Rib
+from cpnd.select import (
+    BadHeader,
+    Candidate,
+    Constraints,
+    TtlCache,
+    candidates,
+    compute_estimate_us,
+    match_service,
+    parse_constraints,
+    pinned_first,
+    rank,
+)
+from cpnd.tunnel import QoS
+from cpnd.wire import RouteAdv, Update
+
+
+def h(**kw: str) -> list[tuple[bytes, bytes]]:
+    return [(k.replace("_", "-").encode(), v.encode()) for k, v in kw.items()]
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    (h(CPN_Max_Latency="10ms"), Constraints(max_latency_us=10_000)),
+    (h(CPN_Max_Latency="10"), Constraints(max_latency_us=10_000)),
+    (h(CPN_Max_Latency="0.5s", CPN_Prefer="price"), Constraints(max_latency_us=500_000, prefer="price")),
+    (h(CPN_Max_Latency="250us"), Constraints(max_latency_us=250)),
+    (h(CPN_Max_Price="1.5", CPN_QoS="realtime"), Constraints(max_price=1.5, qos=QoS.REALTIME, timeout_s=2.0)),
+    (h(cpn_prefer="LATENCY", cpn_timeout="3s"), Constraints(timeout_s=3.0)),
+    (h(Host="x", CPN_Future_Thing="whatever"), Constraints()),
+])
+def test_parse_constraints(headers, expected) -> None:
+    assert parse_constraints(headers) == expected
+
+
+@pytest.mark.parametrize(("headers", "needle"), [
+    (h(CPN_Max_Latency="fast"), "CPN-Max-Latency"),
+    (h(CPN_Max_Latency="-1ms"), "CPN-Max-Latency"),
+    (h(CPN_Max_Price="cheap"), "CPN-Max-Price"),
+    (h(CPN_Max_Price="nan"), "CPN-Max-Price"),
+    (h(CPN_Prefer="speed"), "CPN-Prefer"),
+    (h(CPN_QoS="gold"), "CPN-QoS"),
+    (h(CPN_Timeout="0s"), "CPN-Timeout"),
+    (h(CPN_Instance="s1"), "CPN-Instance"),
+    (h(CPN_Max_Price="1") + h(CPN_Max_Price="2"), "at most once"),
+    ([(b"cpn-max-price", "1\u00e9".encode())], "ASCII"),
+])
+def test_bad_headers(headers, needle: str) -> None:
+    with pytest.raises(BadHeader, match=needle):
+        parse_constraints(headers)
+
+
+def test_match_service_on_whole_segments() -> None:
+    services = {"/yolo", "/ai/llm/v1", "/ai"}
+    assert match_service(services, "/yolo") == "/yolo"
+    assert match_service(services, "/yolo/detect/x") == "/yolo"
+    assert match_service(services, "/yolov2") is None
+    assert match_service(services, "/ai/llm/v1/chat") == "/ai/llm/v1"
+    assert match_service(services, "/ai/llm/v2") == "/ai"
+    assert match_service(services, "/") is None
+    assert match_service(services, "") is None
+
+
+def test_compute_estimate_is_the_papers_f_d() -> None:
+    assert compute_estimate_us(1000, 0.2) == 1000
+    assert compute_estimate_us(1000, 0.5) == 1000
+    assert compute_estimate_us(1000, 0.75) == 1500
+    assert compute_estimate_us(1000, 1.0) == 2000
+
+
+def _cand(i: int, lat: int, comp: int, price: float) -> Candidate:
+    return Candidate(("/s", f"g{i}", f"s{i}"), 1, f"g{i}", (f"g{i}",), lat, comp, price, 50.0, 0.0)
+
+
+cands_st = st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 5_000), st.sampled_from([0.5, 1.0, 2.0, 3.0])),
+                    min_size=0, max_size=7)
+cons_st = st.builds(Constraints, st.one_of(st.none(), st.integers(0, 25_000)), st.one_of(st.none(), st.sampled_from([0.5, 1.0, 2.0])),
+                    st.sampled_from(["latency", "price"]))
+
+
+@given(cands_st, cons_st)
+def test_rank_matches_brute_force(raw, cons: Constraints) -> None:
+    cands = [_cand(i, *r) for i, r in enumerate(raw)]
+    got = rank(cands, cons)
+    # Oracle: every permutation of admissible candidates; the right one is the
+    # lexicographically smallest by the objective, and none admissible is left out.
+    ok = [c for c in cands if (cons.max_price is None or c.price <= cons.max_price)
+          and (cons.max_latency_us is None or c.total_us <= cons.max_latency_us)]
+    assert sorted(got, key=lambda c: c.key) == sorted(ok, key=lambda c: c.key)
+    if ok:
+        obj = (lambda c: (c.price, c.total_us)) if cons.prefer == "price" else (lambda c: (c.total_us, c.price))
+        best = min(obj(c) for c in ok)
+        assert obj(got[0]) == best
+        for a, b in itertools.pairwise(got):
+            assert obj(a) <= obj(b)
+
+
+def test_candidates_from_rib_use_path_latency_and_freshest_attributes() -> None:
+    rib = Rib("gw1")
+    rib.set_link_cost("gw4", 6000)
+    label = service_label("/yolo")
+    rib.apply_update("gw4", Update((RouteAdv("/yolo", "s2", "gw4", 3, label, ("gw4",), 0, 50.0, 0.75, 1.0, 3000),)), 0)
+    (c,) = candidates(rib, "/yolo")
+    assert (c.path_latency_us, c.compute_us, c.total_us, c.next_hop) == (6000, 4500, 10500, "gw4")
+    assert rank([c], Constraints(max_latency_us=10_000)) == []
+    assert candidates(rib, "/other") == []
+
+
+def test_paper_low_load_choices() -> None:
+    """At low load u1 (<= 10 ms, then cheapest) picks s2 and u2 (fastest) picks s5."""
+    rtt = {"gw1": [4, 6, 6, 6, 10], "gw2": [6, 4, 4, 4, 2]}
+    comp, price = [1, 3, 1, 3, 1], [2, 1, 2, 1, 2]
+    for user, cons, want in (("gw1", Constraints(max_latency_us=10_000, prefer="price"), "s2"),
+                             ("gw2", Constraints(prefer="latency"), "s5")):
+        cands = [_cand(i + 1, rtt[user][i] * 1000, comp[i] * 1000, price[i]) for i in range(5)]
+        assert rank(cands, cons)[0].instance == want
+
+
+def test_baseline_pins() -> None:
+    a, b = _cand(1, 1000, 0, 1.0), _cand(2, 9000, 0, 1.0)
+    ranked = rank([a, b], Constraints())
+    assert pinned_first(ranked, b.key, [a, b])[0] == b
+    assert pinned_first(ranked, ("/s", "gone", "x"), [a, b])[0] == a
+    cache = TtlCache(ttl_s=5.0)
+    cache.put("/s", Constraints(), b.key, now=10.0)
+    assert cache.get("/s", Constraints(), 14.9) == b.key
+    assert cache.get("/s", Constraints(), 15.0) is None
+    assert cache.get("/s", Constraints(prefer="price"), 11.0) is None

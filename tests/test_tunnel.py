@@ -1,0 +1,120 @@
+"""Tunnel framing: extension header, frames, stream ids, flow-control windows."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpnd.errors import Code, ProtocolError, TunnelSub
+from cpnd.tunnel import (
+    FLAG_END,
+    INITIAL_WINDOW,
+    MAX_DATA,
+    ExtHeader,
+    FlowWindow,
+    FrameType,
+    QoS,
+    ResetCode,
+    StreamIds,
+    decode_frame,
+    encode_frame,
+    parse_reset,
+    reset_payload,
+)
+
+ids = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
+exts = st.builds(ExtHeader, st.integers(0, 2**31 - 1), ids, ids, st.binary(min_size=16, max_size=16),
+                 st.sampled_from(list(QoS)), st.integers(0, 255), st.integers(0, 2**32 - 1), st.integers(0, 255))
+
+
+@given(exts)
+def test_ext_header_round_trip(ext: ExtHeader) -> None:
+    assert ExtHeader.decode(ext.encode()) == ext
+
+
+@settings(max_examples=500)
+@given(exts, st.data())
+def test_mutated_ext_headers_only_raise_protocol_errors(ext: ExtHeader, data) -> None:
+    raw = bytearray(ext.encode())
+    cut = data.draw(st.integers(0, len(raw)))
+    raw = raw[:cut] if data.draw(st.booleans()) else raw
+    if raw:
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    try:
+        ExtHeader.decode(bytes(raw))
+    except ProtocolError as exc:
+        assert exc.code == Code.TUNNEL
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=64))
+def test_random_frames_only_raise_protocol_errors(data: bytes) -> None:
+    try:
+        decode_frame(data)
+    except ProtocolError as exc:
+        assert exc.code == Code.TUNNEL
+
+
+@pytest.mark.parametrize(("frame", "sub"), [
+    (b"\x00\x00\x00", TunnelSub.MALFORMED_FRAME),
+    (encode_frame(0, FrameType.DATA, b"x"), TunnelSub.BAD_STREAM_ID),
+    (encode_frame(1, 9, b""), TunnelSub.MALFORMED_FRAME),  # type: ignore[arg-type]
+    (encode_frame(1, FrameType.DATA, b"x" * (MAX_DATA + 1)), TunnelSub.MALFORMED_FRAME),
+    (encode_frame(1, FrameType.WINDOW, b"\x00\x00\x00\x00"), TunnelSub.MALFORMED_FRAME),
+    (encode_frame(1, FrameType.WINDOW, b"\x00\x01"), TunnelSub.MALFORMED_FRAME),
+    (encode_frame(1, FrameType.RESET, b"\x00"), TunnelSub.MALFORMED_FRAME),
+    (encode_frame(1, FrameType.OPEN, b"", FLAG_END), TunnelSub.MALFORMED_FRAME),
+    (encode_frame(1, FrameType.DATA, b"", 0x80), TunnelSub.MALFORMED_FRAME),
+])
+def test_bad_frames(frame: bytes, sub: TunnelSub) -> None:
+    with pytest.raises(ProtocolError) as ei:
+        decode_frame(frame)
+    assert (ei.value.code, ei.value.subcode) == (Code.TUNNEL, sub)
+
+
+def test_frames_and_resets() -> None:
+    f = decode_frame(encode_frame(7, FrameType.DATA, b"abc", FLAG_END))
+    assert (f.stream_id, f.type, f.payload, f.end) == (7, FrameType.DATA, b"abc", True)
+    r = decode_frame(encode_frame(7, FrameType.RESET, reset_payload(ResetCode.REFUSED, False, "full")))
+    assert parse_reset(r.payload) == (ResetCode.REFUSED, False, "full")
+
+
+def test_stream_ids() -> None:
+    a, b = StreamIds(initiator=True), StreamIds(initiator=False)
+    assert [a.allocate(), a.allocate()] == [1, 3] and b.allocate() == 2
+    b.accept_open(1)
+    b.accept_open(3)
+    for bad in (3, 1, 2, 4):  # not increasing, or b's own parity
+        with pytest.raises(ProtocolError):
+            b.accept_open(bad)
+    assert b.known(3) and not b.known(5) and b.known(2) and not b.known(4)
+
+
+def test_flow_window() -> None:
+    w = FlowWindow()
+    assert w.on_receive(INITIAL_WINDOW)
+    assert not FlowWindow().on_receive(INITIAL_WINDOW + 1)
+    assert w.on_consumed(1000) == 0
+    inc = w.on_consumed(INITIAL_WINDOW // 2)
+    assert inc == INITIAL_WINDOW // 2 + 1000
+    assert w.on_receive(inc) and not w.on_receive(1)
+
+
+def test_tunnel_vectors(vectors) -> None:
+    for v in vectors["tunnel"]:
+        raw = bytes.fromhex(v["hex"])
+        if "error" in v:
+            with pytest.raises(ProtocolError) as ei:
+                f = decode_frame(raw)
+                if f.type is FrameType.OPEN:
+                    ExtHeader.decode(f.payload)
+            assert [ei.value.code, ei.value.subcode] == v["error"], v["name"]
+        else:
+            f = decode_frame(raw)
+            assert [f.stream_id, int(f.type), f.flags] == [v["stream_id"], v["type"], v["flags"]], v["name"]
+            if f.type is FrameType.OPEN:
+                ext = ExtHeader.decode(f.payload)
+                assert ext.encode() == f.payload
+                assert [ext.label, ext.origin, ext.instance, int(ext.qos), ext.hop_limit, ext.budget_us, ext.flags] == v["ext"]
