@@ -18,6 +18,7 @@ from collections.abc import Iterable
 import attrs
 import trio
 
+from .aio import open_nursery
 from .config import Config, PeerConfig
 from .crypto import Role
 from .errors import CeaseSub, Code, ProtocolError
@@ -108,7 +109,7 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
                 nursery.start_soon(self._ticker)
@@ -351,7 +352,7 @@ class Daemon:
         self.unauthenticated += 1
         conn = Connection(self, stream, session, initiated=False, remote=remote)
         conn.counted_unauthenticated = True
-        await conn.run()
+        await self._run_connection(conn)
 
     async def _dial_loop(self, peer: PeerState) -> None:
         addr = peer.config.address
@@ -378,9 +379,15 @@ class Daemon:
                               expected_peer=peer.config.id, config=self.session_config)
             conn = Connection(self, stream, session, initiated=True, remote=str(addr))
             self._attach(conn, peer)
-            await conn.run()
+            await self._run_connection(conn)
             peer.status = "active"
             await trio.sleep(peer.backoff.next_delay())
+
+    async def _run_connection(self, conn: Connection) -> None:
+        try:
+            await conn.run()
+        except Exception:  # a bug must cost this session, never the daemon
+            log.exception("%s: connection %s failed", self.id, conn.remote)
 
     def established_conn(self, peer_id: str) -> Connection | None:
         peer = self.peers.get(peer_id)

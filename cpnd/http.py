@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+from http import HTTPStatus
 import logging
 import os
 import random
@@ -21,6 +22,7 @@ import attrs
 import h11
 import trio
 
+from .aio import open_nursery
 from .config import InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
@@ -217,7 +219,7 @@ def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
     body = json.dumps({"error": exc.error, "detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (b"cache-control", b"no-store")]
-    return h11.Response(status_code=exc.status, headers=headers), body
+    return h11.Response(status_code=exc.status, headers=headers, reason=HTTPStatus(exc.status).phrase.encode()), body
 
 
 # ---------------------------------------------------------------- request body, replayable
@@ -327,8 +329,10 @@ class DataPlane:
                 client.conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
             await self._send_error_quietly(client, HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large", str(exc)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset):
             pass
+        except Exception:  # a bug must cost this client its connection, never the daemon
+            log.exception("%s: HTTP client connection failed", self.d.id)
         finally:
             self.clients -= 1
             with trio.CancelScope(shield=True):
@@ -358,6 +362,9 @@ class DataPlane:
                 raise trio.BrokenResourceError(str(exc)) from None
 
     def _plan(self, req: h11.Request, pinned: dict[str, Key]) -> tuple[str, Constraints, list[Candidate]]:
+        # h11 bounds only what it must buffer; a head that arrived whole is checked here.
+        if len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers) > MAX_HEADER_BYTES:
+            raise HttpError(431, "headers_too_large", f"request head exceeds {MAX_HEADER_BYTES} bytes")
         path = check_target(req.target)
         try:
             cons = parse_constraints(req.headers)
@@ -391,7 +398,7 @@ class DataPlane:
         deadline = trio.current_time() + cons.timeout_s
         body = BodySource(client, self.limits)
         if client.conn.they_are_waiting_for_100_continue:
-            await client.send(h11.InformationalResponse(status_code=100, headers=[]))
+            await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         headers = filter_headers(req.headers, drop_cpn=True) + _framing(req.headers)
         idempotent = req.method in IDEMPOTENT
         last: HttpError | None = None
@@ -417,7 +424,7 @@ class DataPlane:
         if cand.next_hop is None:
             near, far = pipe()
             assert self.d.nursery is not None
-            self.d.nursery.start_soon(self._egress, far, ext)
+            self.d.nursery.start_soon(self._serve_stream, far, ext, "local")
             return near
         conn = self.d.established_conn(cand.next_hop)
         if conn is None or conn.mux is None:
@@ -433,7 +440,7 @@ class DataPlane:
         up = H11Stream(h11.CLIENT, up_raw, tunnel=True)
         got_head = False
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 async def upload() -> None:
                     await up.send(h11.Request(method=req.method, target=req.target, headers=headers))
                     async for chunk in body.iterate():
@@ -492,17 +499,22 @@ class DataPlane:
     # ---- transit and egress
 
     async def _incoming(self, stream: TunnelStream) -> None:
-        ext = stream.ext
-        assert ext is not None
+        assert stream.ext is not None
+        await self._serve_stream(stream, stream.ext, f"stream {stream.id} from {stream.peer}")
+
+    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str) -> None:
+        """Egress if we are the origin, else relay; nothing that goes wrong escapes."""
         try:
             if ext.origin == self.d.id:
                 await self._egress(stream, ext)
-            else:
+            elif isinstance(stream, TunnelStream):
                 await self._relay(stream, ext)
+            else:
+                stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
         except StreamReset:
             pass
         except Exception:  # a bug must cost one request, never the daemon
-            log.exception("%s: stream %d from %s failed", self.d.id, stream.id, stream.peer)
+            log.exception("%s: %s failed", self.d.id, what)
             stream.reset(ResetCode.INTERNAL, True, "internal error")
 
     async def _relay(self, inbound: TunnelStream, ext: ExtHeader) -> None:
@@ -527,7 +539,7 @@ class DataPlane:
                 return
         outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
         self.stats["relayed"] += 1
-        async with trio.open_nursery() as nursery:
+        async with open_nursery() as nursery:
             nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope)
             nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope)
 
@@ -574,14 +586,14 @@ class DataPlane:
         try:
             entry = await self._connect(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            stream.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {getattr(exc, 'strerror', None) or 'connect timed out'}")
+            stream.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
             return
         ic = H11Stream(h11.CLIENT, entry.stream)
         ic.conn = entry.conn
         delivered = False
         responded = False
         try:
-            async with trio.open_nursery() as nursery:
+            async with open_nursery() as nursery:
                 async def upload() -> None:
                     nonlocal delivered
                     await ic.send(req)

@@ -1,0 +1,280 @@
+"""Integration: requests through real cpnd processes to real instances, with httpx and curl."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+
+FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 1000}
+
+
+class Instances:
+    """Simulated instances, each a real HTTP server in its own process."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, iid: str) -> int:
+        p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", iid], stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline()
+        assert line.startswith("listening "), line
+        self.procs[iid] = p
+        self.ports[iid] = int(line.rsplit(":", 1)[1])
+        return self.ports[iid]
+
+    def kill(self, iid: str) -> None:
+        self.procs[iid].kill()
+        self.procs[iid].wait()
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+
+
+def dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def net(tmp_path_factory):
+    """a (ingress, with local s3) - b (transit) - c (s1); a - d (s2)."""
+    insts = Instances()
+    for iid in ("s1", "s2", "s3"):
+        insts.start(iid)
+    urls = {
+        "s1": f"http://127.0.0.1:{insts.ports['s1']}/v1/detect",
+        "s2": f"http://127.0.0.1:{insts.ports['s2']}/api/infer?model=x",
+        "s3": f"http://127.0.0.1:{insts.ports['s3']}/",
+    }
+    topo = Topology(("a", "b", "c", "d"), (Link("a", "b", 2), Link("b", "c", 2), Link("a", "d", 6)),
+                    (Instance("s1", "c", "/yolo", 50, 2, 1), Instance("s2", "d", "/yolo", 50, 1, 1),
+                     Instance("s3", "a", "/yolo", 50, 3, 0)),
+                    dict(FAST, max_body_bytes=8 * 1024 * 1024))
+    specs = write_lab(topo, tmp_path_factory.mktemp("net"), instance_url=lambda i: urls[i.id])
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        lab.wait_for(lambda: {r["instance"]: r["path_latency_ms"] for r in lab.routes("a") if r["best"]}["s1"] < 5.5,
+                     10, "latencies to settle")
+        yield {"lab": lab, "url": f"http://{specs['a'].http}", "insts": insts, "specs": specs}
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
+S1 = {"CPN-Max-Price": "2.5"}           # s3 (price 3) out: s1 (~5 ms) beats s2 (~7 ms)
+S2 = {"CPN-Prefer": "price"}            # cheapest: s2
+S3: dict[str, str] = {}                 # fastest: the local s3
+
+
+def test_translation_per_instance(net) -> None:
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        r1 = c.post("/yolo/sub/x?q=1", content=b"hi", headers=S1)
+        r2 = c.post("/yolo/sub/x?q=1", content=b"hi", headers=S2)
+        r3 = c.post("/yolo/sub/x?q=1", content=b"hi", headers=S3)
+    for r, iid, origin, path, query in ((r1, "s1", "c", "/v1/detect/sub/x", "q=1"),
+                                       (r2, "s2", "d", "/api/infer/sub/x", "model=x&q=1"),
+                                       (r3, "s3", "a", "/sub/x", "q=1")):
+        assert r.status_code == 200, r.text
+        assert r.headers["cpn-instance"] == iid and r.headers["cpn-origin"] == origin
+        body = r.json()
+        assert (body["instance"], body["path"], body["query"], body["body_bytes"]) == (iid, path, query, 2)
+        assert body["headers"]["host"] == f"127.0.0.1:{net['insts'].ports[iid]}"
+        assert not any(h.startswith("cpn-") for h in body["headers"])  # never leaked to instances
+
+
+def test_constraints_and_objectives(net) -> None:
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        def who(**h: str) -> str:
+            r = c.get("/yolo", headers={k.replace("_", "-"): v for k, v in h.items()})
+            return r.headers.get("cpn-instance") or f"{r.status_code} {r.json()['error']}"
+
+        assert who() == "s3"                                        # lowest latency
+        assert who(CPN_Prefer="price") == "s2"                      # cheapest
+        assert who(CPN_Max_Price="2.5") == "s1"
+        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="6.5ms") == "s1"
+        assert who(CPN_Max_Price="1", CPN_Max_Latency="6.5ms") == "503 no_instance"
+        assert who(CPN_Max_Latency="7.5ms", CPN_Prefer="price") in ("s2", "s1")  # s2 ~7.x ms: either side
+        assert who(CPN_Max_Latency="6.5ms", CPN_Prefer="price") == "s1"  # s2 (6 ms link + 1) is over
+        assert who(CPN_QoS="bulk", CPN_Max_Price="0") == "503 no_instance"
+
+
+@pytest.mark.parametrize(("method", "path", "headers", "status", "error"), [
+    ("GET", "/nothing/here", {}, 404, "no_such_service"),
+    ("GET", "/yolov2", {}, 404, "no_such_service"),
+    ("GET", "/yolo", {"CPN-Max-Price": "0.1"}, 503, "no_instance"),
+    ("GET", "/yolo", {"CPN-Max-Latency": "soon"}, 400, "bad_header"),
+    ("GET", "/yolo", {"CPN-Prefer": "random"}, 400, "bad_header"),
+    ("GET", "/yolo/%2e%2e/admin", {}, 400, "bad_request"),
+    ("GET", "/yolo?delay=3", {"CPN-Timeout": "300ms"}, 504, "deadline_exceeded"),
+])
+def test_gateway_errors(net, method, path, headers, status, error) -> None:
+    r = httpx.request(method, net["url"] + path, headers=headers, timeout=10)
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["error"] == error and r.json()["detail"]
+    assert "cpn-instance" not in r.headers and "cpn-origin" not in r.headers
+
+
+def raw_exchange(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_smuggling_and_oversize_refused(net) -> None:
+    both = raw_exchange(net["url"], b"POST /yolo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+                                    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert both.startswith(b"HTTP/1.1 400 ") and b"ambiguous framing" in both and b"cpn-instance" not in both.lower()
+    dots = raw_exchange(net["url"], b"GET /yolo/../admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert dots.startswith(b"HTTP/1.1 400 ") and b"dot segments" in dots  # (httpx would normalise the path)
+    two_cl = raw_exchange(net["url"], b"POST /yolo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcd")
+    assert two_cl.startswith(b"HTTP/1.1 400 ")
+    big_header = raw_exchange(net["url"], b"GET /yolo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+    assert big_header.startswith(b"HTTP/1.1 431 ")
+    r = httpx.post(net["url"] + "/yolo", content=b"x" * (8 * 1024 * 1024 + 1), timeout=30)
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+
+
+def test_five_megabytes_both_ways_across_two_hops(net) -> None:
+    payload = bytes(range(256)) * (5 * 1024 * 1024 // 256)
+    r = httpx.post(net["url"] + "/yolo?echo=1", content=payload, headers=S1, timeout=60)
+    assert r.status_code == 200 and r.headers["cpn-origin"] == "c"
+    assert r.content == payload
+    # Chunked upload (no Content-Length) too.
+    r = httpx.post(net["url"] + "/yolo?echo=1", content=iter([payload[:1000], payload[1000:]]), headers=S1, timeout=60)
+    assert r.status_code == 200 and r.content == payload
+
+
+def test_streaming_arrives_incrementally(net) -> None:
+    arrivals = []
+    t0 = time.monotonic()
+    with httpx.stream("GET", net["url"] + "/yolo?sse=5&interval=0.3", headers=S1, timeout=10) as r:
+        assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append((time.monotonic() - t0, json.loads(line[6:])["i"]))
+    assert [i for _, i in arrivals] == [0, 1, 2, 3, 4]
+    assert arrivals[0][0] < 0.6 and arrivals[-1][0] > 1.1  # first long before last
+    assert arrivals[-1][0] - arrivals[0][0] > 1.0
+
+
+def test_slow_request_does_not_delay_fast_one_over_the_same_peer(net) -> None:
+    async def main() -> dict[str, float]:
+        done: dict[str, float] = {}
+        async with httpx.AsyncClient(base_url=net["url"], timeout=10) as c:
+            t0 = trio.current_time()
+
+            async def req(name: str, path: str) -> None:
+                r = await c.get(path, headers=S1)
+                assert r.status_code == 200 and r.headers["cpn-instance"] == "s1"
+                done[name] = trio.current_time() - t0
+
+            async with trio.open_nursery() as n:
+                n.start_soon(req, "slow", "/yolo?delay=2")
+                n.start_soon(req, "stream", "/yolo?stream=20&interval=0.1")
+                await trio.sleep(0.2)
+                for i in range(5):
+                    n.start_soon(req, f"fast{i}", "/yolo")
+        return done
+
+    done = trio.run(main)
+    assert done["slow"] > 2.0 and done["stream"] > 1.9
+    assert max(done[f"fast{i}"] for i in range(5)) < 1.0
+
+
+def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
+    transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    with httpx.Client(base_url=net["url"], transport=transport, timeout=10) as c:
+        seen = [c.get("/yolo", headers=h).headers["cpn-instance"] for h in (S3, S1, S2, S3, S1)]
+        peers = set()
+        for h in (S3, S1):
+            r = c.get("/yolo", headers=h)
+            peers.add(r.extensions["network_stream"].get_extra_info("client_addr"))
+    assert seen == ["s3", "s1", "s2", "s3", "s1"]
+    assert len(peers) == 1  # one client connection throughout
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_head_and_expect_continue(net, tmp_path) -> None:
+    head = subprocess.run(["curl", "-sS", "-I", net["url"] + "/yolo", "-H", "CPN-Max-Price: 2.5"],
+                          capture_output=True, text=True, timeout=30)
+    assert head.returncode == 0 and head.stdout.startswith("HTTP/1.1 200")
+    assert "cpn-instance: s1" in head.stdout.lower()
+    big = tmp_path / "big"
+    big.write_bytes(b"y" * 2_000_000)
+    post = subprocess.run(["curl", "-sS", "-v", "--data-binary", f"@{big}", "-H", "Expect: 100-continue",
+                           "-H", "CPN-Max-Price: 2.5", net["url"] + "/yolo"], capture_output=True, text=True, timeout=30)
+    assert post.returncode == 0, post.stderr
+    assert "< HTTP/1.1 100 Continue" in post.stderr, post.stdout
+    assert json.loads(post.stdout)["body_bytes"] == 2_000_000
+
+
+def test_unreachable_instance_is_retried_then_502(tmp_path) -> None:
+    insts = Instances()
+    try:
+        insts.start("good")
+        urls = {"dead": f"http://127.0.0.1:{dead_port()}/x", "good": f"http://127.0.0.1:{insts.ports['good']}/y"}
+        topo = Topology(("a", "b"), (Link("a", "b", 1),),
+                        (Instance("dead", "b", "/svc", 50, 0.5, 1), Instance("good", "b", "/svc", 50, 1, 1)), FAST)
+        specs = write_lab(topo, tmp_path / "r", instance_url=lambda i: urls[i.id])
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
+            url = f"http://{specs['a'].http}/svc"
+            # The cheapest is dead: connection refused means "not delivered", so even a POST moves on.
+            r = httpx.post(url, content=b"body", headers={"CPN-Prefer": "price"}, timeout=10)
+            assert r.status_code == 200 and r.headers["cpn-instance"] == "good" and r.json()["body_bytes"] == 4
+            # Only the dead one admissible: 502 with the contract's body.
+            r = httpx.get(url, headers={"CPN-Max-Price": "0.5"}, timeout=10)
+            assert r.status_code == 502 and r.json()["error"] == "bad_gateway"
+            assert "instance_unreachable" in r.json()["detail"] and "cpn-instance" not in r.headers
+            # An instance that dies mid-request: a GET may be retried elsewhere; a POST may not.
+            r = httpx.get(url + "?die=1", headers={"CPN-Max-Price": "1"}, timeout=10)
+            assert r.status_code == 502 and "instance_failed" in r.json()["detail"]
+    finally:
+        insts.stop_all()
+
+
+def test_per_connection_mode_pins(tmp_path) -> None:
+    insts = Instances()
+    try:
+        for iid in ("near", "far"):
+            insts.start(iid)
+        topo = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("a", "c", 5)),
+                        (Instance("near", "b", "/svc", 50, 1, 1), Instance("far", "c", "/svc", 50, 1, 1)), FAST)
+        specs = write_lab(topo, tmp_path / "p", selection="per-connection",
+                          instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/")
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
+            transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1))
+            with httpx.Client(base_url=f"http://{specs['a'].http}", transport=transport, timeout=10) as c:
+                first = c.get("/svc").headers["cpn-instance"]
+                # Even a request whose constraints exclude the pinned instance stays on it: anycast.
+                later = c.get("/svc", headers={"CPN-Max-Latency": "0.1ms"}).headers["cpn-instance"]
+            assert first == later == "near"
+    finally:
+        insts.stop_all()
