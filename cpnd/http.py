@@ -14,6 +14,7 @@ from http import HTTPStatus
 import logging
 import os
 import random
+import select
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
@@ -574,8 +575,9 @@ class DataPlane:
         idle = self.pool.get((host, port))
         while idle:
             entry = idle.pop()
-            if entry.conn.our_state is h11.IDLE:
+            if entry.conn.our_state is h11.IDLE and not _readable(entry.stream):
                 return entry
+            # The instance closed it while idle (or sent junk): never send into it.
             await entry.stream.aclose()
         with trio.fail_after(self.limits.instance_connect_timeout_s):
             s = await trio.open_tcp_stream(host, port)
@@ -650,6 +652,14 @@ class DataPlane:
                 idle.append(entry)
                 return
         await entry.stream.aclose()
+
+
+def _readable(stream: trio.SocketStream) -> bool:
+    """An idle keep-alive connection that is readable has been closed by the other end."""
+    try:
+        return bool(select.select([stream.socket.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope) -> None:

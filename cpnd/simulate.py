@@ -122,12 +122,13 @@ class Instance:
             "body_bytes": len(body), "load": round(load, 3),
             "headers": {n.decode("latin-1"): v.decode("latin-1") for n, v in req.headers},
         }
-        return await _send_all(send, status, json.dumps(info).encode(), b"application/json")
+        return await _send_all(send, status, json.dumps(info).encode(), b"application/json", head=req.method == b"HEAD")
 
 
-async def _send_all(send, status: int, body: bytes, ctype: bytes) -> bool:  # type: ignore[no-untyped-def]
+async def _send_all(send, status: int, body: bytes, ctype: bytes, head: bool = False) -> bool:  # type: ignore[no-untyped-def]
     await send(h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"content-length", str(len(body)).encode())]))
-    await send(h11.Data(data=body))
+    if not head:
+        await send(h11.Data(data=body))
     await send(h11.EndOfMessage())
     return True
 
