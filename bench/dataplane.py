@@ -1,0 +1,170 @@
+"""Data-plane benchmark: requests through 0, 1 and 2 tunnel hops vs calling the instance directly.
+
+    python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 200] [--out bench/results]
+
+Topology: gateways a - b - c on loopback (no emulated delay), one simulated instance
+(compute 0) behind c. Paths measured side by side in every repeat:
+  direct   client -> instance
+  local    client -> c (ingress and egress in one gateway) -> instance
+  1 hop    client -> b -> c -> instance
+  2 hops   client -> a -> b -> c -> instance (b is a transit)
+For each: requests/s at saturation (wrk, 8 keep-alive connections, 1 thread) and the
+latency at a fixed open-loop rate (p50/p99, measured from each request's scheduled
+send time so queueing counts). Reported as medians over the repeats, with the added
+latency and the throughput ratio against direct. wrk is installed with apt-get when
+missing (as root); without it the saturation column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpnd.lab import Instance, Lab, Link, Topology, write_lab  # noqa: E402
+
+
+def ensure_wrk() -> str | None:
+    if shutil.which("wrk"):
+        return shutil.which("wrk")
+    try:
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True, timeout=300)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return shutil.which("wrk")
+
+
+def wrk_rps(wrk: str, url: str, seconds: float, headers: dict[str, str]) -> float:
+    cmd = [wrk, "-t1", "-c8", f"-d{seconds:g}s", "--latency"]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, timeout=seconds + 30).stdout
+    m = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx and int(non2xx.group(1)) > 0:
+        raise RuntimeError(f"wrk saw {non2xx.group(1)} errors on {url}")
+    return float(m.group(1)) if m else 0.0
+
+
+async def _one(stream: trio.SocketStream, req: bytes) -> None:
+    await stream.send_all(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head[:80].decode(errors="replace"))
+    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+
+
+def open_loop(host: str, port: int, path: str, rate: float, seconds: float, conns: int = 8) -> list[float]:
+    """Latencies (ms) of requests sent at ``rate``/s, measured from their scheduled times."""
+    req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    n = int(rate * seconds)
+    lat: list[float] = []
+
+    async def main() -> None:
+        send, recv = trio.open_memory_channel[float](n)
+        t0 = trio.current_time() + 0.2
+        for i in range(n):
+            send.send_nowait(t0 + i / rate)
+        send.close()
+
+        async def worker() -> None:
+            stream = await trio.open_tcp_stream(host, port)
+            async with stream:
+                async for at in recv:
+                    await trio.sleep_until(at)
+                    await _one(stream, req)
+                    lat.append((trio.current_time() - at) * 1000)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(conns):
+                nursery.start_soon(worker)
+
+    trio.run(main)
+    return lat
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    wrk = ensure_wrk()
+    inst = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "s1"], stdout=subprocess.PIPE, text=True)
+    port = int(inst.stdout.readline().rsplit(":", 1)[1])
+    topo = Topology(("a", "b", "c"), (Link("a", "b"), Link("b", "c")), (Instance("s1", "c", "/svc", 1e6, 1, 0),),
+                    {"log_level": "warning"})
+    results: dict[str, dict[str, list[float]]] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="cpn-dp-") as tmp:
+            specs = write_lab(topo, Path(tmp), instance_url=lambda i: f"http://127.0.0.1:{port}/v1")
+            with Lab(specs, log_level="warning") as lab:
+                lab.start_all()
+                lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+                targets = {"direct": ("127.0.0.1", port, "/v1"), "local": (*_hp(specs["c"].http), "/svc"),
+                           "1 hop": (*_hp(specs["b"].http), "/svc"), "2 hops": (*_hp(specs["a"].http), "/svc")}
+                for rep in range(args.repeats):
+                    for name, (h, p, path) in targets.items():
+                        r = results.setdefault(name, {"rps": [], "p50": [], "p99": []})
+                        if wrk:
+                            r["rps"].append(wrk_rps(wrk, f"http://{h}:{p}{path}", args.seconds, {}))
+                        lat = open_loop(h, p, path, args.rate, args.seconds)
+                        r["p50"].append(pct(lat, 50))
+                        r["p99"].append(pct(lat, 99))
+                        print(f"rep {rep} {name}: rps {r['rps'][-1] if r['rps'] else '-'} p50 {r['p50'][-1]:.3f} ms p99 {r['p99'][-1]:.3f} ms", flush=True)
+    finally:
+        inst.kill()
+        inst.wait()
+    med = {k: {m: statistics.median(v) if v else None for m, v in r.items()} for k, r in results.items()}
+    d = med["direct"]
+    rows = []
+    for name, m in med.items():
+        rows.append({
+            "path": name, "rps": m["rps"], "rps_vs_direct": round(m["rps"] / d["rps"], 3) if m["rps"] and d["rps"] else None,
+            "p50_ms": round(m["p50"], 3), "p99_ms": round(m["p99"], 3),
+            "added_p50_ms": round(m["p50"] - d["p50"], 3), "added_p99_ms": round(m["p99"] - d["p99"], 3),
+        })
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane.json").write_text(json.dumps({"rows": rows, "repeats": args.repeats, "rate": args.rate,
+                                                    "seconds": args.seconds, "command": " ".join(sys.argv)}, indent=1) + "\n")
+    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | p50 ms @{args.rate:g}/s | p99 ms | added p50 | added p99 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        rps = f"{r['rps']:.0f}" if r["rps"] else "-"
+        print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} |")
+    return 0
+
+
+def _hp(hostport: str) -> tuple[str, int]:
+    h, p = hostport.rsplit(":", 1)
+    return h, int(p)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
