@@ -174,6 +174,47 @@ def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
     return specs
 
 
+class InstanceProcs:
+    """Simulated instances (``python -m cpnd.simulate``), one real HTTP server process each."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9) -> int:
+        p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", iid, "--compute-ms", str(compute_ms),
+                              "--capacity", str(capacity)], stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        line = p.stdout.readline() if p.stdout else ""
+        if not line.startswith("listening "):
+            p.kill()
+            p.wait()
+            raise RuntimeError(f"simulated instance {iid} did not start")
+        self.procs[iid] = p
+        self.ports[iid] = int(line.rsplit(":", 1)[1])
+        return self.ports[iid]
+
+    def start_topology(self, topo: Topology) -> Callable[[Instance], str]:
+        """Start one per instance of ``topo`` (its compute latency and capacity); returns the URL map."""
+        for inst in topo.instances:
+            self.start(inst.id, compute_ms=inst.compute_latency_ms, capacity=inst.capacity)
+        return lambda inst: f"http://127.0.0.1:{self.ports[inst.id]}/{inst.id}/detect"
+
+    def kill(self, iid: str) -> None:
+        self.procs[iid].kill()
+        self.procs[iid].wait()
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 class Lab:
     """One real ``cpnd`` process per gateway; always reaped on exit."""
 
@@ -285,9 +326,12 @@ def run_lab(args: argparse.Namespace) -> int:
         stop["flag"] = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    specs = write_lab(topo, workdir, selection=args.selection)
-    lab = Lab(specs, log_level=args.lab_log_level)
+    insts = InstanceProcs()
+    lab: Lab | None = None
     try:
+        urls = insts.start_topology(topo)
+        specs = write_lab(topo, workdir, selection=args.selection, instance_url=urls)
+        lab = Lab(specs, log_level=args.lab_log_level)
         lab.start_all()
         for gw, spec in specs.items():
             print(f"{gw} http={spec.http} control={spec.control}", flush=True)
@@ -307,7 +351,9 @@ def run_lab(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         return 0
     finally:
-        lab.stop_all()
+        if lab is not None:
+            lab.stop_all()
+        insts.stop_all()
         for s, h in old.items():
             signal.signal(s, h)
         if tmp is not None:

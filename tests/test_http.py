@@ -14,34 +14,9 @@ import httpx
 import pytest
 import trio
 
-from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 
 FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 1000}
-
-
-class Instances:
-    """Simulated instances, each a real HTTP server in its own process."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.ports: dict[str, int] = {}
-
-    def start(self, iid: str) -> int:
-        p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", iid], stdout=subprocess.PIPE, text=True)
-        line = p.stdout.readline()
-        assert line.startswith("listening "), line
-        self.procs[iid] = p
-        self.ports[iid] = int(line.rsplit(":", 1)[1])
-        return self.ports[iid]
-
-    def kill(self, iid: str) -> None:
-        self.procs[iid].kill()
-        self.procs[iid].wait()
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            p.kill()
-            p.wait()
 
 
 def dead_port() -> int:
@@ -55,7 +30,7 @@ def dead_port() -> int:
 @pytest.fixture(scope="module")
 def net(tmp_path_factory):
     """a (ingress, with local s3) - b (transit) - c (s1); a - d (s2)."""
-    insts = Instances()
+    insts = InstanceProcs()
     for iid in ("s1", "s2", "s3"):
         insts.start(iid)
     urls = {
@@ -233,7 +208,7 @@ def test_curl_head_and_expect_continue(net, tmp_path) -> None:
 
 
 def test_unreachable_instance_is_retried_then_502(tmp_path) -> None:
-    insts = Instances()
+    insts = InstanceProcs()
     try:
         insts.start("good")
         urls = {"dead": f"http://127.0.0.1:{dead_port()}/x", "good": f"http://127.0.0.1:{insts.ports['good']}/y"}
@@ -259,7 +234,7 @@ def test_unreachable_instance_is_retried_then_502(tmp_path) -> None:
 
 
 def test_per_connection_mode_pins(tmp_path) -> None:
-    insts = Instances()
+    insts = InstanceProcs()
     try:
         for iid in ("near", "far"):
             insts.start(iid)
