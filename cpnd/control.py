@@ -90,7 +90,11 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
         "paths": sum(len(t) for t in daemon.rib.adj_in.values()) + len(daemon.rib.local),
         "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),
         "peers": len(daemon.peers),
+        "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
+        "http_clients": daemon.dataplane.clients,
+        "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),
         "stats": dict(daemon.stats),
+        "http": dict(daemon.dataplane.stats),
     }
 
 

@@ -104,12 +104,11 @@ class TunnelStream:
     async def receive(self) -> bytes:
         """Next chunk from the peer, ``b""`` at the end; StreamReset if abandoned."""
         data = await self._inbox.pop()
-        if data:
+        self._maybe_close()
+        if data and not self.closed:
             inc = self.window.on_consumed(len(data))
-            if inc and not self.closed:
+            if inc:
                 self.mux.send_frame(encode_frame(self.id, FrameType.WINDOW, inc.to_bytes(4, "big")))
-        else:
-            self._maybe_close()
         return data
 
     async def send(self, data: bytes, end: bool = False) -> None:
@@ -164,6 +163,8 @@ class TunnelStream:
         if end:
             self._inbox.ended = True
             self._inbox.event.set()
+            # The reader may never ask again (h11 already saw the message end): close here.
+            self._maybe_close()
 
     def _on_window(self, inc: int) -> None:
         self.window.send_credit += inc

@@ -180,6 +180,16 @@ def test_slow_request_does_not_delay_fast_one_over_the_same_peer(net) -> None:
     assert max(done[f"fast{i}"] for i in range(5)) < 1.0
 
 
+def test_no_stream_is_left_open(net) -> None:
+    """Every finished exchange releases its tunnel streams on every gateway on the way."""
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        for h in (S1, S2, S3, S1):
+            for path in ("/yolo", "/yolo?stream=3&interval=0", "/yolo?die=1"):
+                c.post(path, content=b"x" * 1000, headers=h)
+    lab = net["lab"]
+    lab.wait_for(lambda: all(lab.query(gw, "status")["tunnel_streams"] == 0 for gw in "abcd"), 10, "streams to close")
+
+
 def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
     transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
     with httpx.Client(base_url=net["url"], transport=transport, timeout=10) as c:
