@@ -85,6 +85,8 @@ class GatewayConfig:
     http_header_timeout_ms: int = 10_000
     http_idle_timeout_ms: int = 60_000
     max_http_clients: int = 4096
+    load_adv_interval_ms: int = 200
+    load_change_threshold: float = 0.05
     log_level: str = "info"
     log_format: str = "text"
 
@@ -296,6 +298,8 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         http_header_timeout_ms=r.number(g, (*gw, "http_header_timeout_ms"), 100, 3_600_000, 10_000, integer=True),
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
+        load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
+        load_change_threshold=float(r.number(g, (*gw, "load_change_threshold"), 0.0, 1.0, 0.05)),
         log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
         log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
     )

@@ -24,6 +24,7 @@ from .crypto import Role
 from .errors import CeaseSub, Code, ProtocolError
 from .http import DataPlane, HttpLimits
 from .names import service_label
+from .load import LoadPacer
 from .rib import AdjRibOut, Key, Rib
 from .streams import Mux
 from .session import (
@@ -49,6 +50,7 @@ TUNNEL_HIGH_WATER = 1024 * 1024
 TUNNEL_LOW_WATER = 256 * 1024
 MAX_UNAUTHENTICATED = 64
 FLUSH_ON_CLOSE_S = 1.0
+LOAD_CHECK_S = 0.05
 EMULATION_SPIN_S = 0.001
 # Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
 # moves by more than this, so measurement noise never churns the network.
@@ -277,6 +279,12 @@ class Daemon:
         # Per-origin sequence numbers start from the wall clock so a restarted gateway
         # still outranks what it advertised before (protocol-spec/routing.md).
         self.seq = time.time_ns() // 1000
+        self.local_seq: dict[str, int] = {}
+        self.local_attrs: dict[str, tuple[float, float]] = {}
+        self.pacers = {
+            i.id: LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
+            for s in config.services for i in s.instances
+        }
         self.started_at = 0.0
         self.unauthenticated = 0
         self.stats: collections.Counter[str] = collections.Counter()
@@ -309,6 +317,8 @@ class Daemon:
                 for peer in self.peers.values():
                     if not peer.config.passive:
                         nursery.start_soon(self._dial_loop, peer)
+                if self.pacers:
+                    nursery.start_soon(self._load_loop)
                 log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
                 task_status.started()
                 async for signum in signals:
@@ -332,13 +342,32 @@ class Daemon:
         out = []
         for svc in self.config.services:
             for inst in svc.instances:
+                load, comp = self.local_attrs.get(inst.id, (0.0, inst.compute_latency_ms * 1000))
                 out.append(RouteAdv(
-                    service=svc.path, instance=inst.id, origin=self.id, seq=self.seq,
+                    service=svc.path, instance=inst.id, origin=self.id, seq=self.local_seq.get(inst.id, self.seq),
                     label=service_label(svc.path), path=(self.id,), latency_us=0,
-                    capacity=inst.capacity, load=0.0, price=inst.price,
-                    compute_us=int(inst.compute_latency_ms * 1000),
+                    capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp),
                 ))
         return out
+
+    async def _load_loop(self) -> None:
+        """Re-advertise measured load and compute latency of our instances, paced."""
+        while True:
+            await trio.sleep(LOAD_CHECK_S)
+            now = trio.current_time()
+            changed = False
+            for iid, pacer in self.pacers.items():
+                meter = self.dataplane.meters[iid]
+                load, comp = round(meter.load(now), 3), round(meter.base_us)
+                if pacer.should_advertise(now, load, comp):
+                    pacer.advertised(now, load, comp)
+                    self.seq += 1
+                    self.local_seq[iid] = self.seq
+                    self.local_attrs[iid] = (load, comp)
+                    changed = True
+            if changed:
+                self.stats["load_updates"] += 1
+                self._propagate(self.rib.set_local(self._local_routes(), now))
 
     # ---- connections
 

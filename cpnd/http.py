@@ -27,16 +27,20 @@ from .aio import open_nursery
 from .config import InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
+from .load import InstanceMeter, SendAccount
+from .rib import Best
 from .select import (
     BadHeader,
     Candidate,
     Constraints,
     TtlCache,
     candidates,
+    choose,
     match_service,
     parse_constraints,
     pinned_first,
     rank,
+    within_bound,
 )
 from .streams import ByteStream, StreamReset, TunnelStream, _Inbox
 from .tunnel import EXT_FLAG_IDEMPOTENT, NO_BUDGET, ExtHeader, ResetCode
@@ -84,6 +88,17 @@ def _reset_error(exc: StreamReset) -> HttpError:
         return HttpError(503, "no_capacity", exc.text or "every candidate instance refused the request")
     name = ResetCode(exc.code).name.lower() if exc.code in ResetCode._value2member_map_ else str(exc.code)
     return HttpError(502, "bad_gateway", f"{name}: {exc.text}")
+
+
+def _combine(failures: list[HttpError]) -> HttpError:
+    """One answer for all failed attempts: 504 if the deadline passed, 503 if all refused, else 502."""
+    if not failures:
+        return HttpError(502, "bad_gateway", "no candidate could be tried")
+    if any(f.status == 504 for f in failures):
+        return next(f for f in failures if f.status == 504)
+    if all(f.status == 503 for f in failures):
+        return HttpError(503, "no_capacity", "; ".join(f.detail for f in failures))
+    return HttpError(502, "bad_gateway", "; ".join(f.detail for f in failures if f.status == 502))
 
 
 def filter_headers(headers: Iterable[tuple[bytes, bytes]], *, drop_cpn: bool) -> list[tuple[bytes, bytes]]:
@@ -152,6 +167,10 @@ class PipeEnd:
         self.buffered = 0
         self.drained = trio.Event()
         self.other: PipeEnd = self
+        self.load_report: tuple[float, int] | None = None
+
+    def report_load(self, load: float, compute_us: float) -> None:
+        self.other.load_report = (load, int(compute_us))
 
     async def receive(self) -> bytes:
         data = await self.inbox.pop()
@@ -283,6 +302,9 @@ class DataPlane:
             (service_label(s.path), i.id): (s, i) for s in daemon.config.services for i in s.instances
         }
         self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
+        self.meters = {i.id: InstanceMeter(i.capacity, int(i.compute_latency_ms * 1000))
+                       for s in daemon.config.services for i in s.instances}
+        self.account = SendAccount()
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.clients = 0
         self.nursery: trio.Nursery | None = None
@@ -377,11 +399,13 @@ class DataPlane:
         service = match_service(self.d.rib.by_service, path)
         if service is None:
             raise HttpError(404, "no_such_service", f"no service matches {path}")
-        cands = candidates(self.d.rib, service)
+        cands = candidates(self.d.rib, service, self._estimate)
         ranked = rank(cands, cons)
         mode = self.d.config.gateway.selection
         now = trio.current_time()
-        if mode == "per-connection":
+        if mode == "per-request":
+            ranked = choose(ranked, cons.prefer, self.rng)
+        elif mode == "per-connection":
             ranked = pinned_first(ranked, pinned.get(service), cands)
         elif mode == "dns-ttl":
             ranked = pinned_first(ranked, self.ttl.get(service, cons, now), cands)
@@ -394,6 +418,14 @@ class DataPlane:
             self.ttl.put(service, cons, ranked[0].key, now)
         return service, cons, ranked
 
+    def _estimate(self, key: Key, best: Best) -> float:
+        """Load of an instance now: exact for our own, else flooded + piggy-backed + our own sends."""
+        now = trio.current_time()
+        if key[1] == self.d.id:
+            return self.meters[key[2]].load(now)
+        f = best.fresh
+        return self.account.estimate(key, f.capacity, f.load, best.fresh_at, now)
+
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
         service, cons, ranked = self._plan(req, pinned)
         deadline = trio.current_time() + cons.timeout_s
@@ -402,24 +434,27 @@ class DataPlane:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         headers = filter_headers(req.headers, drop_cpn=True) + _framing(req.headers)
         idempotent = req.method in IDEMPOTENT
-        last: HttpError | None = None
-        for attempt, cand in enumerate(ranked[:MAX_ATTEMPTS]):
-            if attempt and (not body.replayable):
+        failures: list[HttpError] = []
+        started = trio.current_time()
+        for cand in ranked:
+            if len(failures) >= MAX_ATTEMPTS or (failures and not body.replayable):
                 break
+            if failures and not within_bound(cand, cons, int((trio.current_time() - started) * 1_000_000)):
+                continue
             if trio.current_time() >= deadline:
                 raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
             try:
                 await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent)
                 return
             except StreamReset as exc:
-                last = _reset_error(exc)
-                self.stats["retries"] += 1
-                retry = not exc.delivered or idempotent
+                failures.append(_reset_error(exc))
+                retry = (not exc.delivered or idempotent) and exc.code != ResetCode.DEADLINE
                 log.info("%s: %s %s via %s/%s failed: %s%s", self.d.id, req.method.decode(), service, cand.origin,
                          cand.instance, exc, "; trying the next candidate" if retry else "")
-                if not retry or exc.code == ResetCode.DEADLINE:
+                if not retry:
                     break
-        raise last or HttpError(502, "bad_gateway", "no attempt could be made")
+                self.stats["retries"] += 1
+        raise _combine(failures)
 
     def _open_upstream(self, cand: Candidate, ext: ExtHeader) -> ByteStream:
         if cand.next_hop is None:
@@ -440,6 +475,7 @@ class DataPlane:
         up_raw = self._open_upstream(cand, ext)
         up = H11Stream(h11.CLIENT, up_raw, tunnel=True)
         got_head = False
+        self.account.sent(cand.key, trio.current_time())
         try:
             async with open_nursery() as nursery:
                 async def upload() -> None:
@@ -469,6 +505,8 @@ class DataPlane:
                 if isinstance(event, h11.ConnectionClosed):
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
                 assert isinstance(event, h11.Response)
+                if up_raw.load_report is not None:
+                    self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
                 resp_headers = filter_headers(event.headers, drop_cpn=False) + _framing(event.headers)
                 await client.send(h11.Response(status_code=event.status_code, headers=resp_headers, reason=event.reason))
                 self.stats[f"status_{event.status_code // 100}xx"] += 1
@@ -496,6 +534,8 @@ class DataPlane:
         except BaseException:
             up_raw.reset(ResetCode.CANCEL, True, "ingress gave up")
             raise
+        finally:
+            self.account.finished(cand.key)
 
     # ---- transit and egress
 
@@ -539,6 +579,7 @@ class DataPlane:
                 inbound.reset(ResetCode.DEADLINE, False, f"deadline passed at {self.d.id}")
                 return
         outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
+        outbound.relay_to = inbound
         self.stats["relayed"] += 1
         async with open_nursery() as nursery:
             nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope)
@@ -564,12 +605,29 @@ class DataPlane:
         if match_service({service.path}, path) != service.path:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
             return
+        meter = self.meters[inst.id]
+        now = trio.current_time()
+        refusal = meter.admit(now, ext.budget_us if ext.budget_us != NO_BUDGET else None)
+        if refusal is not None:
+            self.stats["admission_rejects"] += 1
+            stream.report_load(meter.load(now), meter.base_us)
+            stream.reset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
+            return
         u = urllib.parse.urlsplit(inst.url)
         host, port = u.hostname or "127.0.0.1", u.port or 80
         target = translate_target(event.target, service.path, inst.url)
         headers = [(n, v) for n, v in filter_headers(event.headers, drop_cpn=True) if n.lower() != b"host"]
         headers = [(b"host", u.netloc.encode())] + headers + _framing(event.headers)
-        await self._call_instance(rx, stream, inst, host, port, h11.Request(method=event.method, target=target, headers=headers), deadline)
+        load_at_arrival = meter.load(now)
+        served: float | None = None
+        try:
+            served = await self._call_instance(rx, stream, inst, host, port,
+                                               h11.Request(method=event.method, target=target, headers=headers), deadline)
+        finally:
+            if served is None:
+                meter.abandoned()
+            else:
+                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
 
     async def _connect(self, host: str, port: int) -> _PoolEntry:
         idle = self.pool.get((host, port))
@@ -584,12 +642,15 @@ class DataPlane:
         return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
 
     async def _call_instance(self, rx: H11Stream, stream: ByteStream, inst: InstanceConfig, host: str, port: int,
-                             req: h11.Request, deadline: float | None) -> None:
+                             req: h11.Request, deadline: float | None) -> float | None:
+        """Forward to the instance and stream its answer back; the time to its response head, or None."""
+        uploaded_at = trio.current_time()  # compute latency counts from the end of the upload
+        head_after: float | None = None
         try:
             entry = await self._connect(host, port)
         except (OSError, trio.TooSlowError) as exc:
             stream.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
-            return
+            return None
         ic = H11Stream(h11.CLIENT, entry.stream)
         ic.conn = entry.conn
         delivered = False
@@ -597,7 +658,7 @@ class DataPlane:
         try:
             async with open_nursery() as nursery:
                 async def upload() -> None:
-                    nonlocal delivered
+                    nonlocal delivered, uploaded_at
                     await ic.send(req)
                     delivered = True
                     while True:
@@ -606,6 +667,7 @@ class DataPlane:
                             await ic.send(ev)
                         elif isinstance(ev, h11.EndOfMessage):
                             await ic.send(ev)
+                            uploaded_at = trio.current_time()
                             return
                         else:
                             raise StreamReset(ResetCode.BAD_REQUEST, True, "tunnelled request ended early")
@@ -619,10 +681,13 @@ class DataPlane:
                     stream.reset(ResetCode.DEADLINE, delivered, f"{inst.id} did not answer within the deadline")
                     nursery.cancel_scope.cancel()
                     await entry.stream.aclose()
-                    return
+                    return None
                 if not isinstance(ev, h11.Response):
                     raise OSError("instance closed the connection before responding")
                 responded = True
+                head_after = max(0.0, trio.current_time() - uploaded_at)
+                meter = self.meters[inst.id]
+                stream.report_load(meter.load(trio.current_time()), meter.base_us)
                 headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
                 headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
                 await rx.send(h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason))
@@ -641,7 +706,7 @@ class DataPlane:
                 stream.reset(ResetCode.INSTANCE_FAILED, delivered, f"{inst.id}: {exc}")
             else:
                 stream.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {exc}")
-            return
+            return head_after
         except StreamReset:
             await entry.stream.aclose()
             raise
@@ -650,8 +715,9 @@ class DataPlane:
             idle = self.pool.setdefault((host, port), collections.deque())
             if len(idle) < self.limits.pool_idle_per_instance:
                 idle.append(entry)
-                return
+                return head_after
         await entry.stream.aclose()
+        return head_after
 
 
 def _readable(stream: trio.SocketStream) -> bool:

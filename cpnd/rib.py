@@ -51,6 +51,7 @@ class Best:
     latency_us: int
     fresh: RouteAdv  # the candidate with the highest seq: source of instance attributes
     reason: BestReason
+    fresh_at: float = 0.0  # when the fresh attributes arrived here
 
 
 def _by_local(a: Route, la: int, b: Route, lb: int) -> Route | None:
@@ -219,16 +220,16 @@ class Rib:
         if not cands:
             return None
         best, best_lat, reason = cands[0], self.path_latency_us(cands[0]), BestReason.ONLY
-        fresh = cands[0].adv
+        fresh = cands[0]
         for r in cands[1:]:
             lat = self.path_latency_us(r)
             best, reason = compare(best, best_lat, r, lat)
             best_lat = self.path_latency_us(best)
-            if r.adv.seq > fresh.seq:
-                fresh = r.adv
+            if r.adv.seq > fresh.adv.seq:
+                fresh = r
         if self.local.get(key) is not None:
-            fresh = self.local[key].adv  # our own instance: nobody else knows it better
-        return Best(best, best_lat, fresh, reason)
+            fresh = self.local[key]  # our own instance: nobody else knows it better
+        return Best(best, best_lat, fresh.adv, reason, fresh.received_at)
 
 
 class AdjRibOut:

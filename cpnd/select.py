@@ -7,12 +7,13 @@ Pure functions over a RIB snapshot and the request's headers; the ingress calls
 from __future__ import annotations
 
 import math
+import random
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from .rib import Key, Rib
+from .rib import Best, Key, Rib
 from .tunnel import QoS
 
 PREFERENCES = ("latency", "price")
@@ -151,13 +152,20 @@ class Candidate:
         return self.key[2]
 
 
-def candidates(rib: Rib, service: str, extra_load: Mapping[Key, float] | None = None) -> list[Candidate]:
-    """Every instance of ``service`` with its best path and estimated total latency."""
+LoadEstimate = Callable[[Key, Best], float]
+
+
+def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None) -> list[Candidate]:
+    """Every instance of ``service`` with its best path and estimated total latency.
+
+    ``estimate`` turns the flooded load into the ingress's best estimate of the load now
+    (its own recent sends, piggy-backed reports); without it the flooded load is used.
+    """
     out = []
     for key in rib.by_service.get(service, ()):
         best = rib.loc[key]
         f = best.fresh
-        load = f.load + (extra_load.get(key, 0.0) if extra_load else 0.0)
+        load = estimate(key, best) if estimate is not None else f.load
         r = best.route
         out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
                              compute_estimate_us(f.compute_us, load), f.price, f.capacity, load))
@@ -178,6 +186,38 @@ def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
     if cons.prefer == "price":
         return sorted(ok, key=lambda c: (c.price, c.total_us, c.key))
     return sorted(ok, key=lambda c: (c.total_us, c.price, c.key))
+
+
+# Candidates this close to the best are "near-equal" and split at random, so that
+# ingresses acting on the same flooded view do not all herd onto one instance.
+NEAR_EQUAL_US = 500
+NEAR_EQUAL_FRAC = 0.10
+
+
+def near_equal(best: Candidate, c: Candidate, prefer: str) -> bool:
+    tol = max(NEAR_EQUAL_US, NEAR_EQUAL_FRAC * best.total_us)
+    if prefer == "price" and c.price != best.price:
+        return False
+    return c.total_us <= best.total_us + tol
+
+
+def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random) -> list[Candidate]:
+    """Order for trying: one of the near-equal best, weighted by spare capacity, then the rest.
+
+    Instances estimated full go last: admission would refuse them anyway.
+    """
+    spare = [c for c in ranked if c.load < 1.0]
+    full = [c for c in ranked if c.load >= 1.0]
+    if len(spare) < 2:
+        return [*spare, *full]
+    near = [c for c in spare if near_equal(spare[0], c, prefer)]
+    pick = rng.choices(near, weights=[max(0.02, 1.0 - c.load) for c in near])[0] if len(near) > 1 else near[0]
+    return [pick, *(c for c in spare if c is not pick), *full]
+
+
+def within_bound(c: Candidate, cons: Constraints, elapsed_us: int) -> bool:
+    """A retry must still meet the latency bound counting the time already spent."""
+    return cons.max_latency_us is None or elapsed_us + c.total_us <= cons.max_latency_us
 
 
 @attrs.define

@@ -26,6 +26,8 @@ from .tunnel import (
     StreamIds,
     decode_frame,
     encode_frame,
+    load_payload,
+    parse_load,
     parse_reset,
     reset_payload,
     tunnel_error,
@@ -50,9 +52,12 @@ class StreamReset(Exception):
 class ByteStream(Protocol):
     """What ingress, egress and transit need of a stream, tunnelled or local."""
 
+    load_report: tuple[float, int] | None
+
     async def receive(self) -> bytes: ...
     async def send(self, data: bytes, end: bool = False) -> None: ...
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
+    def report_load(self, load: float, compute_us: float) -> None: ...
 
 
 class _Inbox:
@@ -96,6 +101,8 @@ class TunnelStream:
         self._credit = trio.Event()
         self.sent_end = False
         self.closed = False
+        self.load_report: tuple[float, int] | None = None
+        self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
 
     @property
     def peer(self) -> str:
@@ -133,6 +140,11 @@ class TunnelStream:
                 self.sent_end = True
                 self._maybe_close()
                 return
+
+    def report_load(self, load: float, compute_us: float) -> None:
+        """Piggy-back the instance's current load on this stream (egress, before the response)."""
+        if not self.closed:
+            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, load_payload(load, compute_us)))
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         """Abandon the stream and tell the peer why."""
@@ -230,6 +242,11 @@ class Mux:
         elif fr.type is FrameType.RESET:
             code, delivered, text = parse_reset(fr.payload)
             stream._on_reset(StreamReset(code, delivered, text))
+        elif fr.type is FrameType.LOAD:
+            if stream.relay_to is not None:
+                stream.relay_to.report_load(*parse_load(fr.payload))
+            else:
+                stream.load_report = parse_load(fr.payload)
 
     def _forget(self, stream: TunnelStream) -> None:
         if self.streams.pop(stream.id, None) is not None and not self.ids.is_local(stream.id):

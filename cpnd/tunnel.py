@@ -154,10 +154,29 @@ def decode_frame(data: bytes) -> Frame:
     if ft is FrameType.WINDOW:
         if len(payload) != 4 or not 0 < int.from_bytes(payload, "big") <= MAX_WINDOW:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "WINDOW must carry an increment in 1..2^31-1")
+    if ft is FrameType.LOAD:
+        if len(payload) != _LOAD.size:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"LOAD must carry {_LOAD.size} bytes")
+        load_milli, _ = _LOAD.unpack(payload)
+        if load_milli > 1_000_000:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, "LOAD load over 1000")
     if ft is FrameType.RESET:
         if not 3 <= len(payload) <= 3 + MAX_RESET_TEXT or payload[2] > 1:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "RESET must be code u16, delivered u8, text")
     return Frame(sid, ft, flags, payload)
+
+
+_LOAD = struct.Struct(">II")
+
+
+def load_payload(load: float, compute_us: float) -> bytes:
+    """LOAD: the instance's load in thousandths (u32, <= 1000000) and its base compute latency in µs."""
+    return _LOAD.pack(min(1_000_000, max(0, round(load * 1000))), min(0xFFFFFFFF, max(0, round(compute_us))))
+
+
+def parse_load(payload: bytes) -> tuple[float, int]:
+    milli, comp = _LOAD.unpack(payload)
+    return milli / 1000, comp
 
 
 def reset_payload(code: ResetCode, delivered: bool, text: str = "") -> bytes:
