@@ -96,7 +96,8 @@ class Instance:
         if load >= 1.0:
             self.refused += 1
             return await _send_all(send, 503, b'{"error": "overloaded"}', b"application/json")
-        await trio.sleep(self.compute_time(load) + float(q.get("delay", 0)))
+        compute = self.compute_time(load)
+        await trio.sleep(compute + float(q.get("delay", 0)))
         self.served += 1
         status = int(q.get("status", 200))
         if q.get("echo"):
@@ -119,7 +120,7 @@ class Instance:
             return True
         info = {
             "instance": self.id, "method": req.method.decode(), "path": path, "query": query,
-            "body_bytes": len(body), "load": round(load, 3),
+            "body_bytes": len(body), "load": round(load, 3), "compute_ms": round(compute * 1000, 3),
             "headers": {n.decode("latin-1"): v.decode("latin-1") for n, v in req.headers},
         }
         return await _send_all(send, status, json.dumps(info).encode(), b"application/json", head=req.method == b"HEAD")
