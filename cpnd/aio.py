@@ -30,3 +30,18 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
         if not real:
             raise
         raise real[0] from None
+
+
+SPIN_S = 0.001
+
+
+async def sleep_until_precisely(deadline: float) -> None:
+    """Sleep until ``deadline`` give or take ~0.1 ms (emulated links, simulated compute).
+
+    The event loop's timers wake up to a millisecond late (epoll rounds up), which would
+    add ~1 ms to every emulated delay; the last millisecond is spent yielding instead.
+    """
+    if deadline - trio.current_time() > SPIN_S:
+        await trio.sleep_until(deadline - SPIN_S)
+    while trio.current_time() < deadline:
+        await trio.sleep(0)

@@ -41,6 +41,7 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "path_latency_ms": round(latency_us / 1000, 3),
             "compute_latency_ms": round(a.compute_us / 1000, 3),
             "load": a.load,
+            "bounded_load": a.bload,
             "capacity": a.capacity,
             "price": a.price,
             "label": a.label,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import attrs
 import trio
 
-from .aio import open_nursery
+from .aio import open_nursery, sleep_until_precisely
 from .config import Config, PeerConfig
 from .crypto import Role
 from .errors import CeaseSub, Code, ProtocolError
@@ -51,7 +51,6 @@ TUNNEL_LOW_WATER = 256 * 1024
 MAX_UNAUTHENTICATED = 64
 FLUSH_ON_CLOSE_S = 1.0
 LOAD_CHECK_S = 0.05
-EMULATION_SPIN_S = 0.001
 # Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
 # moves by more than this, so measurement noise never churns the network.
 LINK_COST_MIN_CHANGE_US = 100
@@ -161,7 +160,7 @@ class Connection:
                 await self._out_ready.wait()
             release, data = self._out[0]
             if release > trio.current_time():
-                await _sleep_until_precisely(release)
+                await sleep_until_precisely(release)
             self._out.popleft()
             self._out_bytes -= len(data)
             if self._out_bytes <= TUNNEL_LOW_WATER:
@@ -280,7 +279,7 @@ class Daemon:
         # still outranks what it advertised before (protocol-spec/routing.md).
         self.seq = time.time_ns() // 1000
         self.local_seq: dict[str, int] = {}
-        self.local_attrs: dict[str, tuple[float, float]] = {}
+        self.local_attrs: dict[str, tuple[float, float, float]] = {}
         self.pacers = {
             i.id: LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
             for s in config.services for i in s.instances
@@ -342,11 +341,11 @@ class Daemon:
         out = []
         for svc in self.config.services:
             for inst in svc.instances:
-                load, comp = self.local_attrs.get(inst.id, (0.0, inst.compute_latency_ms * 1000))
+                load, bload, comp = self.local_attrs.get(inst.id, (0.0, 0.0, inst.compute_latency_ms * 1000))
                 out.append(RouteAdv(
                     service=svc.path, instance=inst.id, origin=self.id, seq=self.local_seq.get(inst.id, self.seq),
                     label=service_label(svc.path), path=(self.id,), latency_us=0,
-                    capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp),
+                    capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
                 ))
         return out
 
@@ -358,12 +357,12 @@ class Daemon:
             changed = False
             for iid, pacer in self.pacers.items():
                 meter = self.dataplane.meters[iid]
-                load, comp = round(meter.load(now), 3), round(meter.base_us)
-                if pacer.should_advertise(now, load, comp):
-                    pacer.advertised(now, load, comp)
+                load, bload, comp = round(meter.load(now), 3), round(meter.bounded_load(now), 3), round(meter.base_us)
+                if pacer.should_advertise(now, load, bload, comp):
+                    pacer.advertised(now, load, bload, comp)
                     self.seq += 1
                     self.local_seq[iid] = self.seq
-                    self.local_attrs[iid] = (load, comp)
+                    self.local_attrs[iid] = (load, bload, comp)
                     changed = True
             if changed:
                 self.stats["load_updates"] += 1
@@ -516,18 +515,6 @@ class Daemon:
                 if c.adj_out is not None:
                     c.adj_out.mark(keys)
                     c.wake()
-
-
-async def _sleep_until_precisely(deadline: float) -> None:
-    """Sleep until ``deadline`` give or take ~0.1 ms (emulated links only).
-
-    The event loop's timers wake up to a millisecond late (epoll rounds up), which
-    would add ~1 ms to every emulated RTT; the last millisecond is spent yielding.
-    """
-    if deadline - trio.current_time() > EMULATION_SPIN_S:
-        await trio.sleep_until(deadline - EMULATION_SPIN_S)
-    while trio.current_time() < deadline:
-        await trio.sleep(0)
 
 
 def _peername(stream: trio.SocketStream) -> str:

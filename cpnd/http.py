@@ -167,10 +167,10 @@ class PipeEnd:
         self.buffered = 0
         self.drained = trio.Event()
         self.other: PipeEnd = self
-        self.load_report: tuple[float, int] | None = None
+        self.load_report: tuple[float, float, int] | None = None
 
-    def report_load(self, load: float, compute_us: float) -> None:
-        self.other.load_report = (load, int(compute_us))
+    def report_load(self, load: float, bload: float, compute_us: float) -> None:
+        self.other.load_report = (load, bload, int(compute_us))
 
     async def receive(self) -> bytes:
         data = await self.inbox.pop()
@@ -399,12 +399,15 @@ class DataPlane:
         service = match_service(self.d.rib.by_service, path)
         if service is None:
             raise HttpError(404, "no_such_service", f"no service matches {path}")
-        cands = candidates(self.d.rib, service, self._estimate)
+        cands = candidates(self.d.rib, service, self._estimate,
+                           bounded=cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request")
         ranked = rank(cands, cons)
         mode = self.d.config.gateway.selection
         now = trio.current_time()
         if mode == "per-request":
-            ranked = choose(ranked, cons.prefer, self.rng)
+            # Latency-bound requests go first-fit in rank order: packing them tight leaves
+            # whole instances to flexible traffic. Flexible ones are split at random.
+            ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
         elif mode == "per-connection":
             ranked = pinned_first(ranked, pinned.get(service), cands)
         elif mode == "dns-ttl":
@@ -418,13 +421,15 @@ class DataPlane:
             self.ttl.put(service, cons, ranked[0].key, now)
         return service, cons, ranked
 
-    def _estimate(self, key: Key, best: Best) -> float:
-        """Load of an instance now: exact for our own, else flooded + piggy-backed + our own sends."""
+    def _estimate(self, key: Key, best: Best) -> tuple[float, float]:
+        """(load, latency-bound demand) of an instance now: exact for our own, else flooded +
+        piggy-backed + our own sends."""
         now = trio.current_time()
         if key[1] == self.d.id:
-            return self.meters[key[2]].load(now)
+            m = self.meters[key[2]]
+            return m.load(now), m.bounded_load(now)
         f = best.fresh
-        return self.account.estimate(key, f.capacity, f.load, best.fresh_at, now)
+        return self.account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
 
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
         service, cons, ranked = self._plan(req, pinned)
@@ -444,7 +449,8 @@ class DataPlane:
             if trio.current_time() >= deadline:
                 raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
             try:
-                await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent)
+                elapsed_us = int((trio.current_time() - started) * 1_000_000)
+                await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent, elapsed_us)
                 return
             except StreamReset as exc:
                 failures.append(_reset_error(exc))
@@ -468,10 +474,13 @@ class DataPlane:
         return conn.mux.open(ext)
 
     async def _attempt(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]], body: BodySource,
-                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool) -> None:
+                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool, elapsed_us: int) -> None:
         budget = max(0, int((deadline - trio.current_time()) * 1_000_000))
+        slack = NO_BUDGET
+        if cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request":
+            slack = max(0, min(NO_BUDGET - 1, cons.max_latency_us - cand.path_latency_us - elapsed_us))
         ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), cons.qos, 16,
-                        min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0)
+                        min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0, slack)
         up_raw = self._open_upstream(cand, ext)
         up = H11Stream(h11.CLIENT, up_raw, tunnel=True)
         got_head = False
@@ -505,8 +514,6 @@ class DataPlane:
                 if isinstance(event, h11.ConnectionClosed):
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
                 assert isinstance(event, h11.Response)
-                if up_raw.load_report is not None:
-                    self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
                 resp_headers = filter_headers(event.headers, drop_cpn=False) + _framing(event.headers)
                 await client.send(h11.Response(status_code=event.status_code, headers=resp_headers, reason=event.reason))
                 self.stats[f"status_{event.status_code // 100}xx"] += 1
@@ -536,6 +543,8 @@ class DataPlane:
             raise
         finally:
             self.account.finished(cand.key)
+            if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
+                self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
 
     # ---- transit and egress
 
@@ -607,10 +616,11 @@ class DataPlane:
             return
         meter = self.meters[inst.id]
         now = trio.current_time()
-        refusal = meter.admit(now, ext.budget_us if ext.budget_us != NO_BUDGET else None)
+        refusal = meter.admit(now, ext.budget_us if ext.budget_us != NO_BUDGET else None,
+                              ext.slack_us if ext.slack_us != NO_BUDGET else None)
         if refusal is not None:
             self.stats["admission_rejects"] += 1
-            stream.report_load(meter.load(now), meter.base_us)
+            stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us)
             stream.reset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
             return
         u = urllib.parse.urlsplit(inst.url)
@@ -687,7 +697,7 @@ class DataPlane:
                 responded = True
                 head_after = max(0.0, trio.current_time() - uploaded_at)
                 meter = self.meters[inst.id]
-                stream.report_load(meter.load(trio.current_time()), meter.base_us)
+                stream.report_load(meter.load(trio.current_time()), meter.bounded_load(trio.current_time()), meter.base_us)
                 headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
                 headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
                 await rx.send(h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason))

@@ -58,26 +58,66 @@ class InstanceMeter:
         # stalled instance) must not make the instance look slow for everyone.
         self._samples: collections.deque[float] = collections.deque(maxlen=samples)
         self.arrivals = RateWindow()
+        self.bounded = RateWindow()  # latency-bound requests that asked, admitted or not: their demand
+        self.unbounded = RateWindow()  # unbounded requests admitted
+        self._ceilings: collections.deque[tuple[float, float]] = collections.deque(maxlen=MAX_EVENTS)
         self.inflight = 0
         self.refused = 0
 
     def load(self, now: float) -> float:
         return self.arrivals.count(now) / self.capacity
 
-    def admit(self, now: float, budget_us: int | None) -> str | None:
-        """None to admit (and count) a request, else why it is refused."""
+    def bounded_load(self, now: float) -> float:
+        """Latency-bound demand (admitted or not) over the last second, as a fraction of capacity."""
+        return self.bounded.count(now) / self.capacity
+
+    def admit(self, now: float, budget_us: int | None, slack_us: int | None = None) -> str | None:
+        """None to admit (and count) a request, else why it is refused.
+
+        Requests with a latency bound (``slack_us``: the compute time their bound leaves)
+        come first: unbounded ones are admitted only below the load at which the bounded
+        ones seen in the last second would miss their bound, and only into the capacity
+        the bounded demand of the last second leaves (protocol-spec/selection.md, "Admission").
+        """
         n = self.arrivals.count(now)
+        expect = self.base_us * load_factor((n + 1) / self.capacity)
+        why = None
         if n + 1 > self.capacity:
+            why = f"at capacity ({n} requests in the last second, capacity {self.capacity:g}/s)"
+        elif budget_us is not None and expect > budget_us:
+            why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
+        elif slack_us is not None:
+            self.bounded.add(now)
+            self._ceilings.append((now, self.load_limit(slack_us)))
+            if expect > slack_us:
+                why = f"expected compute {expect / 1000:.1f} ms exceeds the {slack_us / 1000:.1f} ms the latency bound leaves"
+        else:
+            reserved = self.bounded.count(now)
+            if n + 1 > self.unbounded_ceiling(now) or self.unbounded.count(now) + 1 + reserved > self.capacity:
+                why = f"keeping capacity for latency-bound requests ({reserved} req/s of them)"
+        if why is not None:
             self.refused += 1
-            return f"at capacity ({n} requests in the last second, capacity {self.capacity:g}/s)"
-        if budget_us is not None:
-            expect = self.base_us * load_factor((n + 1) / self.capacity)
-            if expect > budget_us:
-                self.refused += 1
-                return f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
+            return why
         self.arrivals.add(now)
+        if slack_us is None:
+            self.unbounded.add(now)
         self.inflight += 1
         return None
+
+    def load_limit(self, slack_us: float) -> float:
+        """Most arrivals per second at which compute still fits ``slack_us`` (inverse of f_d)."""
+        if self.base_us <= 0 or 2 * self.base_us <= slack_us:
+            return self.capacity
+        if self.base_us > slack_us:
+            return 0.0
+        return (0.5 + (slack_us - self.base_us) / (2 * self.base_us)) * self.capacity
+
+    def unbounded_ceiling(self, now: float) -> float:
+        while self._ceilings and self._ceilings[0][0] <= now - WINDOW_S:
+            self._ceilings.popleft()
+        if not self._ceilings:
+            return self.capacity
+        return min(self.capacity, min(c for _, c in self._ceilings))
 
     def done(self, now: float, service_us: float, load_at_arrival: float) -> None:
         """A response head came back after ``service_us``: refine the base compute latency."""
@@ -103,16 +143,18 @@ class LoadPacer:
     last_load: float = 0.0
     last_compute_us: float = 0.0
 
-    def should_advertise(self, now: float, load: float, compute_us: float) -> bool:
+    last_bload: float = 0.0
+
+    def should_advertise(self, now: float, load: float, bload: float, compute_us: float) -> bool:
         if now - self.last_at < self.min_interval_s:
             return False
-        moved = (abs(load - self.last_load) >= self.load_threshold
+        moved = (abs(load - self.last_load) >= self.load_threshold or abs(bload - self.last_bload) >= self.load_threshold
                  or abs(compute_us - self.last_compute_us) > self.compute_threshold * max(self.last_compute_us, 100.0))
-        stale = now - self.last_at >= self.refresh_s and (load != self.last_load or compute_us != self.last_compute_us)
-        return moved or stale
+        changed = (load, bload, compute_us) != (self.last_load, self.last_bload, self.last_compute_us)
+        return moved or (now - self.last_at >= self.refresh_s and changed)
 
-    def advertised(self, now: float, load: float, compute_us: float) -> None:
-        self.last_at, self.last_load, self.last_compute_us = now, load, compute_us
+    def advertised(self, now: float, load: float, bload: float, compute_us: float) -> None:
+        self.last_at, self.last_load, self.last_bload, self.last_compute_us = now, load, bload, compute_us
 
 
 @attrs.frozen
@@ -120,6 +162,7 @@ class LoadReport:
     """An instance's load as told by its gateway (piggy-backed on a response)."""
 
     load: float
+    bload: float
     compute_us: int
     at: float  # our clock, when it arrived
 
@@ -144,25 +187,27 @@ class SendAccount:
         if self.inflight[key] <= 0:
             del self.inflight[key]
 
-    def heard(self, key: object, load: float, compute_us: int, now: float) -> None:
+    def heard(self, key: object, load: float, bload: float, compute_us: int, now: float) -> None:
         if key not in self.reports and len(self.reports) >= self.max_keys:
             self.reports.pop(next(iter(self.reports)))
-        self.reports[key] = LoadReport(load, compute_us, now)
+        self.reports[key] = LoadReport(load, bload, compute_us, now)
 
-    def estimate(self, key: object, capacity: float, flooded_load: float, flooded_at: float, now: float) -> float:
-        """Load now: the freshest known load plus how much our own sending changed since then.
+    def estimate(self, key: object, capacity: float, flooded_load: float, flooded_bload: float, flooded_at: float,
+                 now: float) -> tuple[float, float]:
+        """(load, latency-bound demand) now: the freshest known values plus how much our own
+        sending changed since they were measured.
 
         Our own sends inside that measurement are already counted in it; only the change
         of our own rate since it was taken is added (it can be negative).
         """
         report = self.reports.get(key)
         if report is not None and report.at >= flooded_at:
-            base, at = report.load, report.at
+            load, bload, at = report.load, report.bload, report.at
         else:
-            base, at = flooded_load, flooded_at
+            load, bload, at = flooded_load, flooded_bload, flooded_at
         win = self.sends.get(key)
         if win is None or capacity <= 0:
-            return base
+            return load, bload
         at = max(at, now - 2 * WINDOW_S)  # older than our memory: count all of our current rate
-        delta = win.count(now) - win.count(now, at=at)
-        return max(0.0, base + delta / capacity)
+        delta = (win.count(now) - win.count(now, at=at)) / capacity
+        return max(0.0, load + delta), max(0.0, bload + delta)

@@ -138,6 +138,7 @@ class Candidate:
     price: float
     capacity: float
     load: float
+    fill: float = 0.0  # how full the instance is for this request's class (total, or latency-bound demand)
 
     @property
     def total_us(self) -> int:
@@ -152,30 +153,39 @@ class Candidate:
         return self.key[2]
 
 
-LoadEstimate = Callable[[Key, Best], float]
+LoadEstimate = Callable[[Key, Best], tuple[float, float]]
 
 
-def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None) -> list[Candidate]:
+def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, bounded: bool = False) -> list[Candidate]:
     """Every instance of ``service`` with its best path and estimated total latency.
 
-    ``estimate`` turns the flooded load into the ingress's best estimate of the load now
-    (its own recent sends, piggy-backed reports); without it the flooded load is used.
+    ``estimate`` turns the flooded loads into the ingress's best estimate of them now
+    (its own recent sends, piggy-backed reports); without it the flooded values are used.
+    For a latency-bound request (``bounded``) an instance is as full as the latency-bound
+    demand on it, since admission lets that demand push unbounded traffic aside.
     """
     out = []
     for key in rib.by_service.get(service, ()):
         best = rib.loc[key]
         f = best.fresh
-        load = estimate(key, best) if estimate is not None else f.load
+        load, bload = estimate(key, best) if estimate is not None else (f.load, f.bload)
         r = best.route
+        # The compute estimate counts this request too: the load it would find.
         out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
-                             compute_estimate_us(f.compute_us, load), f.price, f.capacity, load))
+                             compute_estimate_us(f.compute_us, load + 1 / f.capacity), f.price, f.capacity, load,
+                             bload if bounded else load))
     return out
+
+
+# Latency-bound requests keep this share of their bound in hand: the flooded view is a
+# little stale, and a request refused at the far end rarely has time left to retry.
+BOUND_MARGIN_FRAC = 0.03
 
 
 def admissible(c: Candidate, cons: Constraints) -> bool:
     if cons.max_price is not None and c.price > cons.max_price:
         return False
-    if cons.max_latency_us is not None and c.total_us > cons.max_latency_us:
+    if cons.max_latency_us is not None and c.total_us > cons.max_latency_us * (1 - BOUND_MARGIN_FRAC):
         return False
     return True
 
@@ -201,17 +211,17 @@ def near_equal(best: Candidate, c: Candidate, prefer: str) -> bool:
     return c.total_us <= best.total_us + tol
 
 
-def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random) -> list[Candidate]:
-    """Order for trying: one of the near-equal best, weighted by spare capacity, then the rest.
-
-    Instances estimated full go last: admission would refuse them anyway.
+def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, split: bool = True) -> list[Candidate]:
+    """Order for trying: one of the near-equal best (weighted by spare capacity when
+    ``split``, else the first), then the rest; instances estimated full go last, since
+    admission would refuse them anyway.
     """
-    spare = [c for c in ranked if c.load < 1.0]
-    full = [c for c in ranked if c.load >= 1.0]
-    if len(spare) < 2:
+    spare = [c for c in ranked if c.fill < 1.0]
+    full = [c for c in ranked if c.fill >= 1.0]
+    if len(spare) < 2 or not split:
         return [*spare, *full]
     near = [c for c in spare if near_equal(spare[0], c, prefer)]
-    pick = rng.choices(near, weights=[max(0.02, 1.0 - c.load) for c in near])[0] if len(near) > 1 else near[0]
+    pick = rng.choices(near, weights=[max(0.02, 1.0 - c.fill) for c in near])[0] if len(near) > 1 else near[0]
     return [pick, *(c for c in spare if c is not pick), *full]
 
 

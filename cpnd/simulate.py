@@ -22,6 +22,8 @@ import urllib.parse
 import h11
 import trio
 
+from .aio import sleep_until_precisely
+
 MAX_BODY = 200 * 1024 * 1024
 
 
@@ -97,7 +99,8 @@ class Instance:
             self.refused += 1
             return await _send_all(send, 503, b'{"error": "overloaded"}', b"application/json")
         compute = self.compute_time(load)
-        await trio.sleep(compute + float(q.get("delay", 0)))
+        # The model's 1 ms must not become 2: timers alone wake up to a millisecond late.
+        await sleep_until_precisely(trio.current_time() + compute + float(q.get("delay", 0)))
         self.served += 1
         status = int(q.get("status", 200))
         if q.get("echo"):

@@ -52,12 +52,12 @@ class StreamReset(Exception):
 class ByteStream(Protocol):
     """What ingress, egress and transit need of a stream, tunnelled or local."""
 
-    load_report: tuple[float, int] | None
+    load_report: tuple[float, float, int] | None
 
     async def receive(self) -> bytes: ...
     async def send(self, data: bytes, end: bool = False) -> None: ...
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
-    def report_load(self, load: float, compute_us: float) -> None: ...
+    def report_load(self, load: float, bload: float, compute_us: float) -> None: ...
 
 
 class _Inbox:
@@ -101,7 +101,7 @@ class TunnelStream:
         self._credit = trio.Event()
         self.sent_end = False
         self.closed = False
-        self.load_report: tuple[float, int] | None = None
+        self.load_report: tuple[float, float, int] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
 
     @property
@@ -141,10 +141,10 @@ class TunnelStream:
                 self._maybe_close()
                 return
 
-    def report_load(self, load: float, compute_us: float) -> None:
+    def report_load(self, load: float, bload: float, compute_us: float) -> None:
         """Piggy-back the instance's current load on this stream (egress, before the response)."""
         if not self.closed:
-            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, load_payload(load, compute_us)))
+            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, load_payload(load, bload, compute_us)))
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         """Abandon the stream and tell the peer why."""

@@ -63,7 +63,7 @@ def tunnel_error(sub: TunnelSub, detail: str) -> ProtocolError:
     return ProtocolError(Code.TUNNEL, sub, detail)
 
 
-_EXT = struct.Struct(">BBBBII16s")
+_EXT = struct.Struct(">BBBBIII16s")
 EXT_VERSION = 1
 EXT_FLAG_IDEMPOTENT = 0x01
 
@@ -80,10 +80,12 @@ class ExtHeader:
     hop_limit: int = 16
     budget_us: int = NO_BUDGET  # remaining deadline budget, µs; NO_BUDGET = none
     flags: int = 0
+    slack_us: int = NO_BUDGET  # compute latency the user's latency bound leaves, µs; NO_BUDGET = unbounded
 
     def encode(self) -> bytes:
         o, i = self.origin.encode(), self.instance.encode()
-        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, self.flags, self.label, self.budget_us, self.request_id)
+        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, self.flags, self.label, self.budget_us,
+                          self.slack_us, self.request_id)
                 + bytes([len(o)]) + o + bytes([len(i)]) + i)
 
     @classmethod
@@ -91,7 +93,7 @@ class ExtHeader:
         """Parse an extension header; ProtocolError(tunnel/malformed-frame) on any defect."""
         if len(data) < _EXT.size + 2:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header too short")
-        ver, qos, hops, flags, label, budget, rid = _EXT.unpack_from(data)
+        ver, qos, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
         if ver != EXT_VERSION:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"extension header version {ver}")
         if qos not in QoS._value2member_map_:
@@ -117,7 +119,7 @@ class ExtHeader:
             pos += 1 + n
         if pos != len(data):
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "trailing bytes after extension header")
-        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags)
+        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags, slack)
 
 
 @attrs.frozen
@@ -157,8 +159,8 @@ def decode_frame(data: bytes) -> Frame:
     if ft is FrameType.LOAD:
         if len(payload) != _LOAD.size:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"LOAD must carry {_LOAD.size} bytes")
-        load_milli, _ = _LOAD.unpack(payload)
-        if load_milli > 1_000_000:
+        load_milli, bload_milli, _ = _LOAD.unpack(payload)
+        if load_milli > 1_000_000 or bload_milli > 1_000_000:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "LOAD load over 1000")
     if ft is FrameType.RESET:
         if not 3 <= len(payload) <= 3 + MAX_RESET_TEXT or payload[2] > 1:
@@ -166,17 +168,21 @@ def decode_frame(data: bytes) -> Frame:
     return Frame(sid, ft, flags, payload)
 
 
-_LOAD = struct.Struct(">II")
+_LOAD = struct.Struct(">III")
 
 
-def load_payload(load: float, compute_us: float) -> bytes:
-    """LOAD: the instance's load in thousandths (u32, <= 1000000) and its base compute latency in µs."""
-    return _LOAD.pack(min(1_000_000, max(0, round(load * 1000))), min(0xFFFFFFFF, max(0, round(compute_us))))
+def _milli(x: float) -> int:
+    return min(1_000_000, max(0, round(x * 1000)))
 
 
-def parse_load(payload: bytes) -> tuple[float, int]:
-    milli, comp = _LOAD.unpack(payload)
-    return milli / 1000, comp
+def load_payload(load: float, bload: float, compute_us: float) -> bytes:
+    """LOAD: load and latency-bound demand in thousandths of capacity (u32 each), base compute µs (u32)."""
+    return _LOAD.pack(_milli(load), _milli(bload), min(0xFFFFFFFF, max(0, round(compute_us))))
+
+
+def parse_load(payload: bytes) -> tuple[float, float, int]:
+    milli, bmilli, comp = _LOAD.unpack(payload)
+    return milli / 1000, bmilli / 1000, comp
 
 
 def reset_payload(code: ResetCode, delivered: bool, text: str = "") -> bytes:

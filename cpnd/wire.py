@@ -279,6 +279,7 @@ class RouteAdv:
     load: float = attrs.field(validator=_nonneg)
     price: float = attrs.field(validator=_nonneg)
     compute_us: int = 0
+    bload: float = attrs.field(default=0.0, validator=_nonneg)  # latency-bound demand, fraction of capacity
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -316,14 +317,14 @@ class RouteRefresh:
 
 Message = Open | Keepalive | Update | Notification | RouteRefresh
 
-_ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "price", "comp")
+_ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "bload", "price", "comp")
 
 
 def _route_dict(r: RouteAdv) -> dict[str, Any]:
     return {
         "svc": r.service, "inst": r.instance, "origin": r.origin, "seq": r.seq, "label": r.label,
         "path": list(r.path), "lat": r.latency_us, "cap": float(r.capacity), "load": float(r.load),
-        "price": float(r.price), "comp": r.compute_us,
+        "bload": float(r.bload), "price": float(r.price), "comp": r.compute_us,
     }
 
 
@@ -374,10 +375,11 @@ def _decode_route(r: object) -> RouteAdv:
     if cap <= 0:
         raise _bad("cap: must be > 0", *ba)
     load = _float(r, "load", 0.0, 1000.0, code=ba[0], sub=ba[1])
+    bload = _float(r, "bload", 0.0, 1000.0, code=ba[0], sub=ba[1])
     price = _float(r, "price", 0.0, 1e12, code=ba[0], sub=ba[1])
     if label != service_label(svc):
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
-    return RouteAdv(svc, inst, origin, seq, label, tuple(path), lat, cap, load, price, comp)
+    return RouteAdv(svc, inst, origin, seq, label, tuple(path), lat, cap, load, price, comp, bload)
 
 
 def _decode_withdrawal(w: object) -> Withdrawal:

@@ -59,7 +59,7 @@ def message_vectors() -> list[dict]:
         ("update-origin", "gw3 advertises its own instance s1 of /yolo",
          Update((RouteAdv("/yolo", "s1", "gw3", 1_700_000_000_000_000, yolo, ("gw3",), 0, 50.0, 0.0, 2.0, 1000),), ())),
         ("update-transit", "gw1 re-advertises s2 (origin gw4) learned over a 6 ms link, path gw1 gw4",
-         Update((RouteAdv("/yolo", "s2", "gw4", 7, yolo, ("gw1", "gw4"), 6000, 50.0, 0.25, 1.0, 3000),), ())),
+         Update((RouteAdv("/yolo", "s2", "gw4", 7, yolo, ("gw1", "gw4"), 6000, 50.0, 0.25, 1.0, 3000, 0.1),), ())),
         ("update-withdraw", "withdraw s5 of /yolo at origin gw7",
          Update((), (Withdrawal("/yolo", "gw7", "s5"),))),
         ("notification", "NOTIFICATION cease/max-routes", Notification(6, 1, "gw9 exceeded 10000 routes")),
@@ -70,7 +70,7 @@ def message_vectors() -> list[dict]:
         body = encode_message(msg)
         out.append({"name": name, "meaning": meaning, "hex": body.hex(), "decoded": jsonable(msgpack.unpackb(body))})
     route = {"svc": "/yolo", "inst": "s1", "origin": "gw3", "seq": 1, "label": yolo, "path": ["gw3"],
-             "lat": 0, "cap": 50.0, "load": 0.0, "price": 2.0, "comp": 1000}
+             "lat": 0, "cap": 50.0, "load": 0.0, "bload": 0.0, "price": 2.0, "comp": 1000}
     bad = [
         ("bad-msgpack", "not msgpack at all", b"\xc1"),
         ("bad-type", "unknown message type 99", msgpack.packb({"t": 99})),

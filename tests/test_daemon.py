@@ -188,7 +188,7 @@ def test_malformed_update_ends_only_that_session(make_lab, tmp_path) -> None:
         import msgpack
 
         bad = msgpack.packb({"t": 3, "adv": [{"svc": "/svc", "inst": "z", "origin": "rogue", "seq": 1, "label": 1,
-                                              "path": ["rogue", "x", "rogue"], "lat": 0, "cap": 1.0, "load": 0.0,
+                                              "path": ["rogue", "x", "rogue"], "lat": 0, "cap": 1.0, "load": 0.0, "bload": 0.0,
                                               "price": 1.0, "comp": 0}], "wd": []})
         rogue.sock.sendall(rogue.s._records.seal(ContentType.CONTROL, bad))  # noqa: SLF001
         rogue.pump_until(lambda: rogue.s.state is State.CLOSED)

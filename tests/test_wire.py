@@ -37,7 +37,7 @@ def routes(draw: st.DrawFn) -> RouteAdv:
     path = draw(st.lists(ids, min_size=1, max_size=6, unique=True))
     return RouteAdv(svc, draw(ids), path[-1], draw(st.integers(0, 2**64 - 1)), service_label(svc), tuple(path),
                     draw(st.integers(0, 2**32 - 1)), draw(finite) + 0.5, draw(st.floats(0, 1000)), draw(finite),
-                    draw(st.integers(0, 2**32 - 1)))
+                    draw(st.integers(0, 2**32 - 1)), draw(st.floats(0, 1000)))
 
 
 messages = st.one_of(
@@ -80,7 +80,7 @@ def test_mutated_messages_only_raise_protocol_errors(msg, data) -> None:
 
 def _route_dict(**over) -> dict:
     d = {"svc": "/yolo", "inst": "s1", "origin": "gw3", "seq": 1, "label": service_label("/yolo"),
-         "path": ["gw3"], "lat": 0, "cap": 50.0, "load": 0.0, "price": 2.0, "comp": 1000}
+         "path": ["gw3"], "lat": 0, "cap": 50.0, "load": 0.0, "bload": 0.0, "price": 2.0, "comp": 1000}
     d.update(over)
     return d
 

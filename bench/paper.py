@@ -1,0 +1,318 @@
+"""The paper's experiment, for real on loopback: per-request vs anycast (per-connection) vs DNS-TTL.
+
+    python bench/paper.py [--modes per-request,per-connection,dns-ttl] [--rates 1,10,...,120]
+                          [--step 4] [--warmup 1] [--out bench/results]
+
+`cpnd lab paper` per mode (GW1..GW7, the RTT table as emulated links, simulated
+s1..s5 with capacity 50 req/s, prices 2,1,2,1,2, compute 1,3,1,3,1 ms growing to
+double at full load, refusing beyond capacity). User u1 sends to gw1 with
+`CPN-Max-Latency: 10ms` and `CPN-Prefer: price`; u2 to gw2 with `CPN-Prefer: latency`.
+Both sweep the same offered rate, step by step, open-loop over long-lived
+keep-alive connections opened at the start (as the paper's users do). Per step:
+served rate per user, u1's latency (network + compute: the emulated RTT of the path
+plus the compute time the instance reports; and end to end, whose excess is the
+gateways' own overhead), per-instance load, and the optimum: the most requests
+that can be served with u1 within its bound, from the instance model and the
+measured path latencies, by exhaustive search over which instances u1 may use and a
+max-flow for each choice. Writes paper.json, paper.csv and figures 10(a), 10(b),
+11(a), 11(b) as PNG under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cpnd.lab import PAPER_COMPUTE_MS, PAPER_RTT, InstanceProcs, Lab, paper_topology, write_lab  # noqa: E402
+
+INSTANCES = [f"s{i}" for i in range(1, 6)]
+ORIGIN = {f"s{i}": f"gw{i + 2}" for i in range(1, 6)}
+CAPACITY = 50.0
+BOUND_MS = 10.0
+USERS = {
+    "u1": ("gw1", {"CPN-Max-Latency": "10ms", "CPN-Prefer": "price"}),
+    "u2": ("gw2", {"CPN-Prefer": "latency"}),
+}
+CONNS_PER_USER = 8
+REQUEST_TIMEOUT_S = 5.0
+
+
+# ---------------------------------------------------------------- the optimum
+
+
+def u1_limit(rtt_ms: float, comp_ms: float) -> float:
+    """Most load (req/s) an instance may carry while u1's requests there stay within the bound."""
+    if rtt_ms + comp_ms > BOUND_MS:
+        return -1.0
+    if rtt_ms + 2 * comp_ms <= BOUND_MS:
+        return CAPACITY
+    return (0.5 + (BOUND_MS - rtt_ms - comp_ms) / (2 * comp_ms)) * CAPACITY
+
+
+def optimum(d1: float, d2: float, rtt1: dict[str, float]) -> float:
+    """Max served with u1 within its bound: every subset u1 may use, each solved as a max-flow."""
+    comp = dict(zip(INSTANCES, PAPER_COMPUTE_MS))
+    usable = [s for s in INSTANCES if u1_limit(rtt1[s], comp[s]) >= 0]
+    best = 0.0
+    for k in range(len(usable) + 1):
+        for subset in itertools.combinations(usable, k):
+            g = nx.DiGraph()
+            g.add_edge("src", "u1", capacity=d1)
+            g.add_edge("src", "u2", capacity=d2)
+            for s in INSTANCES:
+                cap = min(CAPACITY, u1_limit(rtt1[s], comp[s])) if s in subset else CAPACITY
+                g.add_edge(s, "sink", capacity=cap)
+                g.add_edge("u2", s, capacity=CAPACITY)
+                if s in subset:
+                    g.add_edge("u1", s, capacity=CAPACITY)
+            best = max(best, nx.maximum_flow_value(g, "src", "sink"))
+    return best
+
+
+# ---------------------------------------------------------------- load generation
+
+
+async def _exchange(stream: trio.SocketStream, req: bytes) -> tuple[int, dict[str, str], bytes]:
+    await stream.send_all(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("closed mid-body")
+        body += chunk
+    return status, headers, body
+
+
+async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list[tuple[int, float, float]],
+                   records: list[dict[str, Any]]) -> None:
+    host, port = hostport.rsplit(":", 1)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    req = f"POST /yolo HTTP/1.1\r\nHost: {hostport}\r\n{extra}Content-Length: 5\r\n\r\nimage".encode()
+    send, recv = trio.open_memory_channel[tuple[int, float]](100_000)
+
+    async def schedule() -> None:
+        async with send:
+            for step, at, _ in plan:
+                await send.send((step, at))
+
+    async def worker() -> None:
+        stream: trio.SocketStream | None = await trio.open_tcp_stream(host, int(port))
+        async for step, at in recv:
+            await trio.sleep_until(at)
+            rec: dict[str, Any] = {"user": name, "step": step, "at": at, "status": 0, "instance": None}
+            try:
+                if stream is None:  # the gateway closed it (error): like a real client, reconnect
+                    stream = await trio.open_tcp_stream(host, int(port))
+                with trio.fail_after(REQUEST_TIMEOUT_S):
+                    status, h, body = await _exchange(stream, req)
+                rec["status"] = status
+                rec["instance"] = h.get("cpn-instance")
+                if status == 200:
+                    rec["compute_ms"] = json.loads(body)["compute_ms"]
+                if h.get("connection", "").lower() == "close":
+                    await stream.aclose()
+                    stream = None
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError, ValueError):
+                if stream is not None:
+                    await stream.aclose()
+                stream = None
+            rec["latency_ms"] = (trio.current_time() - at) * 1000
+            records.append(rec)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(schedule)
+        for _ in range(CONNS_PER_USER):
+            nursery.start_soon(worker)
+
+
+def make_plan(rates: list[float], step_s: float, t0: float) -> list[tuple[int, float, float]]:
+    plan = []
+    for i, rate in enumerate(rates):
+        start = t0 + i * step_s
+        n = max(1, int(rate * step_s))
+        plan += [(i, start + k / rate, rate) for k in range(n)]
+    return plan
+
+
+def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float) -> dict[str, Any]:
+    topo = paper_topology()
+    insts = InstanceProcs()
+    with tempfile.TemporaryDirectory(prefix=f"cpn-paper-{mode}-") as tmp:
+        try:
+            urls = insts.start_topology(topo)
+            specs = write_lab(topo, Path(tmp), selection=mode, instance_url=urls)
+            with Lab(specs, log_level="warning") as lab:
+                lab.start_all()
+                lab.wait_for(lambda: lab.converged(topo), 60, "convergence")
+                time.sleep(3.0)  # let the min-RTT filters see a few quiet probes after start-up
+                rtt = {u: {r["instance"]: r["path_latency_ms"] for r in lab.routes(gw) if r["best"]}
+                       for u, (gw, _) in USERS.items()}
+                records: list[dict[str, Any]] = []
+
+                async def main() -> None:
+                    t0 = trio.current_time() + 0.5
+                    async with trio.open_nursery() as nursery:
+                        for u, (gw, headers) in USERS.items():
+                            nursery.start_soon(run_user, u, specs[gw].http, headers, make_plan(rates, step_s, t0), records)
+
+                trio.run(main)
+                stats = {gw: lab.query(gw, "status") for gw in ("gw1", "gw2")}
+        finally:
+            insts.stop_all()
+    return summarise(mode, rates, step_s, warmup_s, records, rtt, stats)
+
+
+def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, records: list[dict[str, Any]],
+              rtt: dict[str, dict[str, float]], stats: dict[str, Any]) -> dict[str, Any]:
+    t_first = min(r["at"] for r in records)
+    steps = []
+    for i, rate in enumerate(rates):
+        lo = t_first + i * step_s + warmup_s
+        hi = t_first + (i + 1) * step_s
+        window = [r for r in records if r["step"] == i and lo <= r["at"] < hi]
+        span = hi - lo
+        row: dict[str, Any] = {"mode": mode, "offered_per_user": rate}
+        for u in USERS:
+            ok = [r for r in window if r["user"] == u and r["status"] == 200]
+            row[f"{u}_served"] = round(len(ok) / span, 2)
+            row[f"{u}_errors"] = round(sum(1 for r in window if r["user"] == u and r["status"] != 200) / span, 2)
+        u1 = [r for r in window if r["user"] == "u1" and r["status"] == 200]
+        # Network + compute as the paper counts it: the path's emulated RTT plus the instance's compute.
+        netcomp = [PAPER_RTT["gw1"][ORIGIN[r["instance"]]] + r["compute_ms"] for r in u1]
+        e2e = [r["latency_ms"] for r in u1]
+        row["u1_max_net_compute_ms"] = round(max(netcomp), 3) if netcomp else None
+        row["u1_p99_net_compute_ms"] = round(_pct(netcomp, 99), 3) if netcomp else None
+        row["u1_p50_e2e_ms"] = round(_pct(e2e, 50), 3) if e2e else None
+        row["u1_p99_e2e_ms"] = round(_pct(e2e, 99), 3) if e2e else None
+        over = [e - n for e, n in zip(e2e, netcomp)]
+        row["u1_overhead_p50_ms"] = round(_pct(over, 50), 3) if over else None
+        row["u1_overhead_p99_ms"] = round(_pct(over, 99), 3) if over else None
+        for s in INSTANCES:
+            row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
+            row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
+        row["served"] = round(row["u1_served"] + row["u2_served"], 2)
+        row["optimum"] = round(optimum(rate, rate, rtt["u1"]), 2)
+        row["served_over_optimum"] = round(row["served"] / row["optimum"], 3) if row["optimum"] else None
+        steps.append(row)
+    return {"mode": mode, "steps": steps, "measured_path_latency_ms": rtt, "gateway_stats": stats}
+
+
+def _pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label = {"per-request": "per-request (cpn)", "per-connection": "anycast (per-connection)", "dns-ttl": "DNS-TTL"}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for res in results:
+        xs = [s["offered_per_user"] for s in res["steps"]]
+        ax.plot(xs, [s["served"] for s in res["steps"]], marker="o", label=label.get(res["mode"], res["mode"]))
+    xs = [s["offered_per_user"] for s in results[0]["steps"]]
+    ax.plot(xs, [s["optimum"] for s in results[0]["steps"]], "k--", label="optimum (u1 within 10 ms)")
+    ax.plot(xs, [2 * x for x in xs], ":", color="grey", label="offered (u1 + u2)")
+    ax.set(xlabel="offered load per user (req/s)", ylabel="served (req/s, both users)", title="Fig. 10(a): served rate")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "fig10a_served.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for res in results:
+        pts = [(s["offered_per_user"], s["u1_max_net_compute_ms"]) for s in res["steps"] if s["u1_max_net_compute_ms"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label.get(res["mode"], res["mode"]))
+    ax.axhline(BOUND_MS, color="red", linestyle="--", label="u1 bound (10 ms)")
+    ax.set(xlabel="offered load per user (req/s)", ylabel="u1 max latency, network + compute (ms)",
+           title="Fig. 10(b): u1 maximum latency")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "fig10b_u1_latency.png", dpi=110)
+    plt.close(fig)
+
+    for res, name in zip(results, ("fig11a", "fig11b")):
+        pass
+    by_mode = {r["mode"]: r for r in results}
+    for fig_name, mode in (("fig11a", "per-connection"), ("fig11b", "per-request")):
+        if mode not in by_mode:
+            continue
+        res = by_mode[mode]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [s["offered_per_user"] for s in res["steps"]]
+        for s in INSTANCES:
+            ax.plot(xs, [st[f"{s}_load"] for st in res["steps"]], marker=".", label=s)
+        ax.axhline(CAPACITY, color="grey", linestyle=":", label="capacity")
+        ax.set(xlabel="offered load per user (req/s)", ylabel="served by instance (req/s)",
+               title=f"Fig. 11{fig_name[-1]}: per-instance load, {label.get(mode, mode)}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / f"{fig_name}_{mode}_instances.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--modes", default="per-request,per-connection,dns-ttl")
+    ap.add_argument("--rates", default="1,10,20,30,40,50,60,70,80,90,100,110,120")
+    ap.add_argument("--step", type=float, default=4.0, help="seconds per step")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds at the start of each step left out")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for mode in args.modes.split(","):
+        res = run_mode(mode, rates, args.step, args.warmup)
+        results.append(res)
+        for s in res["steps"]:
+            print(json.dumps({k: s[k] for k in ("mode", "offered_per_user", "u1_served", "u2_served", "served", "optimum",
+                                                 "served_over_optimum", "u1_max_net_compute_ms", "u1_overhead_p50_ms",
+                                                 "s1_load", "s2_load", "s3_load", "s4_load", "s5_load")}), flush=True)
+    (out / "paper.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1) + "\n")
+    with open(out / "paper.csv", "w", newline="") as f:
+        rows = [s for r in results for s in r["steps"]]
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(results, out)
+    print(f"\nwrote {out}/paper.json, paper.csv and the figures")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
