@@ -179,7 +179,7 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
 
 # Latency-bound requests keep this share of their bound in hand: the flooded view is a
 # little stale, and a request refused at the far end rarely has time left to retry.
-BOUND_MARGIN_FRAC = 0.03
+BOUND_MARGIN_FRAC = 0.01
 
 
 def admissible(c: Candidate, cons: Constraints) -> bool:
