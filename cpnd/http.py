@@ -441,8 +441,10 @@ class DataPlane:
         idempotent = req.method in IDEMPOTENT
         failures: list[HttpError] = []
         started = trio.current_time()
+        # The baselines emulate network-layer schemes: what they chose is final, no retries.
+        max_attempts = MAX_ATTEMPTS if self.d.config.gateway.selection == "per-request" else 1
         for cand in ranked:
-            if len(failures) >= MAX_ATTEMPTS or (failures and not body.replayable):
+            if len(failures) >= max_attempts or (failures and not body.replayable):
                 break
             if failures and not within_bound(cand, cons, int((trio.current_time() - started) * 1_000_000)):
                 continue

@@ -81,14 +81,15 @@ class InstanceMeter:
         """
         n = self.arrivals.count(now)
         expect = self.base_us * load_factor((n + 1) / self.capacity)
+        if slack_us is not None:  # demand, whether or not it gets in
+            self.bounded.add(now)
+            self._ceilings.append((now, self.load_limit(slack_us)))
         why = None
         if n + 1 > self.capacity:
             why = f"at capacity ({n} requests in the last second, capacity {self.capacity:g}/s)"
         elif budget_us is not None and expect > budget_us:
             why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
         elif slack_us is not None:
-            self.bounded.add(now)
-            self._ceilings.append((now, self.load_limit(slack_us)))
             if expect > slack_us:
                 why = f"expected compute {expect / 1000:.1f} ms exceeds the {slack_us / 1000:.1f} ms the latency bound leaves"
         else:

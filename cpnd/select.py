@@ -212,16 +212,19 @@ def near_equal(best: Candidate, c: Candidate, prefer: str) -> bool:
 
 
 def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, split: bool = True) -> list[Candidate]:
-    """Order for trying: one of the near-equal best (weighted by spare capacity when
-    ``split``, else the first), then the rest; instances estimated full go last, since
-    admission would refuse them anyway.
+    """Order for trying: one of the near-equal best (power of two choices when ``split``,
+    else the first), then the rest; instances estimated full go last, since admission
+    would refuse them anyway.
     """
     spare = [c for c in ranked if c.fill < 1.0]
     full = [c for c in ranked if c.fill >= 1.0]
     if len(spare) < 2 or not split:
         return [*spare, *full]
     near = [c for c in spare if near_equal(spare[0], c, prefer)]
-    pick = rng.choices(near, weights=[max(0.02, 1.0 - c.fill) for c in near])[0] if len(near) > 1 else near[0]
+    pick = near[0]
+    if len(near) > 1:  # power of two choices: two at random, the less loaded wins
+        x, y = rng.sample(near, 2)
+        pick = x if (x.fill, rng.random()) < (y.fill, 0.5) else y
     return [pick, *(c for c in spare if c is not pick), *full]
 
 

@@ -1,0 +1,165 @@
+"""Load metering, admission, pacing and the ingress's estimate, with a simulated clock."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cpnd.load import InstanceMeter, LoadPacer, RateWindow, SendAccount, load_factor
+from cpnd.select import Candidate, choose, compute_estimate_us
+
+
+def test_rate_window_slides() -> None:
+    w = RateWindow(window_s=1.0, keep_s=3.0)
+    for t in (0.1, 0.5, 0.9, 1.2):
+        w.add(t)
+    assert w.count(1.2) == 3  # (0.2, 1.2]
+    assert w.count(1.95) == 1
+    assert w.count(1.95, at=1.0) == 3  # the window that ended at 1.0, still remembered
+    assert w.count(5.0) == 0
+
+
+def test_load_factor_is_f_d() -> None:
+    assert [load_factor(x) for x in (0.0, 0.5, 0.75, 1.0)] == [1.0, 1.0, 1.5, 2.0]
+
+
+def test_admission_enforces_capacity() -> None:
+    m = InstanceMeter(capacity=10, compute_hint_us=1000)
+    admitted = [m.admit(0.01 * i, None) is None for i in range(15)]
+    assert admitted == [True] * 10 + [False] * 5
+    assert m.admit(1.005, None) is None  # the first (t=0) left the window
+    assert "capacity" in (m.admit(1.006, None) or "")
+
+
+def test_admission_deadline_and_slack() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=3000)
+    assert "remaining" in m.admit(0.0, 2000, None)  # a 2 ms deadline cannot fit 3 ms
+    assert m.admit(0.0, None, 3500) is None  # the bound leaves 3.5 ms: fine at low load
+    for i in range(30):
+        m.admit(0.001 * i, None)
+    # At 32/50 the model gives 3000 * (1 + 2 * (0.64 - 0.5)) = 3840 us > 3500.
+    assert "latency bound" in m.admit(0.05, None, 3500)
+
+
+def test_bounded_demand_pushes_unbounded_aside() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=1000)
+    assert all(m.admit(0.01 * i, None) is None for i in range(50))  # flexible traffic fills it
+    assert all("capacity" in m.admit(0.6 + 0.001 * i, None, 5000) for i in range(10))  # bounded demand turned away
+    # A second later the flexible traffic only gets what the bounded demand leaves.
+    unbounded = [m.admit(1.5 + 0.001 * i, None, None) for i in range(50)]
+    assert sum(1 for r in unbounded if r is None) == 40  # 50 - the 10 bounded ones asking
+    assert "latency-bound" in [r for r in unbounded if r][0]
+    assert m.admit(1.6, None, 5000) is None  # and the bounded request now gets in
+
+
+def test_unbounded_capped_below_bounded_latency_ceiling() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=3000)
+    assert m.load_limit(4000) == pytest.approx(50 * (0.5 + 1000 / 6000))  # ~33.3 req/s
+    assert m.admit(0.0, None, 4000) is None
+    got = sum(1 for i in range(60) if m.admit(0.001 * (i + 1), None, None) is None)
+    assert got == 32  # 1 bounded + 32 unbounded = 33 <= 33.3
+
+
+def test_compute_is_a_robust_median() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=9999)
+    for i in range(20):
+        m.admit(0.0, None)
+        m.done(0.1, 1000 + i, load_at_arrival=0.2)
+    m.admit(0.0, None)
+    m.done(0.2, 2_000_000, load_at_arrival=0.2)  # one very slow answer
+    assert 1000 <= m.base_us <= 1020
+    m.admit(0.0, None)
+    m.done(0.3, 1500, load_at_arrival=0.75)  # 1500 at 75 % load is a base of 1000
+    assert m.base_us < 1020
+
+
+def test_pacer_interval_threshold_refresh() -> None:
+    p = LoadPacer(min_interval_s=0.2, load_threshold=0.05, refresh_s=5.0)
+    assert p.should_advertise(0.0, 0.1, 0.0, 1000)
+    p.advertised(0.0, 0.1, 0.0, 1000)
+    assert not p.should_advertise(0.1, 0.9, 0.0, 1000)  # too soon
+    assert not p.should_advertise(0.3, 0.13, 0.0, 1000)  # not material
+    assert p.should_advertise(0.3, 0.16, 0.0, 1000)
+    assert p.should_advertise(0.3, 0.1, 0.06, 1000)  # bounded demand moved
+    assert p.should_advertise(0.3, 0.1, 0.0, 1200)  # compute moved 20 %
+    assert not p.should_advertise(4.0, 0.12, 0.0, 1000)
+    assert p.should_advertise(5.0, 0.12, 0.0, 1000)  # refresh of a small change
+
+
+def test_estimate_adds_only_our_own_change() -> None:
+    acct = SendAccount()
+    key = ("/s", "g", "i")
+    for i in range(20):  # we sent 20 in (0, 1]
+        acct.sent(key, 0.05 * i + 0.01)
+        acct.finished(key)
+    # The flooded 0.4 was measured at t=1.0 and already holds our 20 (of 50 capacity).
+    assert acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.0) == (pytest.approx(0.4), pytest.approx(0.1))
+    for i in range(10):  # 10 more in (1.0, 1.5]
+        acct.sent(key, 1.0 + 0.05 * (i + 1))
+    load, bload = acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.5)
+    # In the last second (0.5, 1.5] we sent 20; in (0, 1.0] we had sent 20: no change ...
+    assert load == pytest.approx(0.4)
+    load, _ = acct.estimate(key, 50, 0.4, 0.1, 0.5, 1.5)
+    # ... but against a report from t=0.5 (10 of ours inside) we added 10: +0.2.
+    assert load == pytest.approx(0.6)
+    acct.heard(key, 0.9, 0.3, 1000, now=1.5)  # a piggy-backed report is fresher than the flood
+    assert acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.5) == (pytest.approx(0.9), pytest.approx(0.3))
+
+
+def _cand(name: str, total: int, price: float, fill: float) -> Candidate:
+    return Candidate(("/s", "g" + name, name), 1, "g" + name, ("g" + name,), total, 0, price, 50, fill, fill)
+
+
+def test_choose_takes_the_less_loaded_of_two_near_equal() -> None:
+    rng = random.Random(7)
+    a, b, c, far = _cand("a", 5000, 1, 0.2), _cand("b", 5200, 1, 0.6), _cand("c", 5100, 1, 0.4), _cand("far", 9000, 1, 0.0)
+    picks = [choose([a, b, c, far], "latency", rng)[0].instance for _ in range(3000)]
+    assert picks.count("far") == 0 and picks.count("b") == 0  # b loses every pair it is in
+    # Power of two choices over {a, b, c}: a wins both pairs it is drawn in (2/3), c one (1/3).
+    assert picks.count("a") / len(picks) == pytest.approx(2 / 3, abs=0.04)
+    assert [c.instance for c in choose([a, b, far], "latency", rng, split=False)] == ["a", "b", "far"]
+    full = _cand("full", 1000, 1, 1.0)
+    assert choose([full, a], "latency", rng)[-1] is full
+
+
+def _simulate(accounting: bool, split: bool, seconds: float = 20.0) -> list[tuple[float, float]]:
+    """Two ingresses, two equal instances, flooded load refreshed every 0.5 s (stale).
+
+    Returns each instance's load per 1 s window; each ingress sends 40 req/s.
+    """
+    rng = random.Random(1)
+    cap = 50.0
+    names = ("x", "y")
+    arrivals = {n: RateWindow() for n in names}
+    accounts = [SendAccount(), SendAccount()]
+    flooded = {n: (0.0, 0.0) for n in names}  # (load, measured at)
+    per_window: list[tuple[float, float]] = []
+    t, next_flood, next_window = 0.0, 0.5, 1.0
+    while t < seconds:
+        t += 0.0125  # each ingress sends every 25 ms, interleaved
+        acct = accounts[int(t / 0.0125) % 2]
+        cands = []
+        for n in names:
+            load = acct.estimate(n, cap, flooded[n][0], 0.0, flooded[n][1], t)[0] if accounting else flooded[n][0]
+            cands.append(Candidate(("/s", n, n), 1, n, (n,), 5000, compute_estimate_us(1000, load), 1.0, cap, load, load))
+        ranked = sorted(cands, key=lambda c: (c.total_us, c.key))
+        pick = choose(ranked, "latency", rng, split=split)[0]
+        acct.sent(pick.instance, t)
+        acct.finished(pick.instance)
+        arrivals[pick.instance].add(t)
+        if t >= next_flood:
+            flooded = {n: (arrivals[n].count(t) / cap, t) for n in names}
+            next_flood += 0.5
+        if t >= next_window:
+            per_window.append(tuple(arrivals[n].count(t) / cap for n in names))
+            next_window += 1.0
+    return per_window[3:]
+
+
+def test_stale_flooding_alone_herds_and_our_selection_does_not() -> None:
+    swing = lambda ws: max(max(abs(a - 0.8), abs(b - 0.8)) for a, b in ws)  # noqa: E731
+    naive = _simulate(accounting=False, split=False)  # "pick the best" on flooded state only
+    ours = _simulate(accounting=True, split=True)
+    assert swing(naive) > 0.5  # whole seconds with one instance over capacity and the other idle
+    assert swing(ours) <= 0.2  # within 20 % of capacity of the fair share (40 of 50 each)
