@@ -263,8 +263,6 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
     fig.savefig(out / "fig10b_u1_latency.png", dpi=110)
     plt.close(fig)
 
-    for res, name in zip(results, ("fig11a", "fig11b")):
-        pass
     by_mode = {r["mode"]: r for r in results}
     for fig_name, mode in (("fig11a", "per-connection"), ("fig11b", "per-request")):
         if mode not in by_mode:
@@ -310,8 +308,23 @@ def main() -> int:
         w.writeheader()
         w.writerows(rows)
     plot(results, out)
+    print(markdown(results))
     print(f"\nwrote {out}/paper.json, paper.csv and the figures")
     return 0
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """Served rate (and its ratio to the optimum) and u1's worst latency, per mode and step."""
+    modes = [r["mode"] for r in results]
+    head = "| offered per user | optimum | " + " | ".join(f"{m}: served (ratio) | u1 max ms" for m in modes) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(modes))]
+    for i, step in enumerate(results[0]["steps"]):
+        cells = [f"{step['offered_per_user']:g}", f"{step['optimum']:.1f}"]
+        for r in results:
+            s = r["steps"][i]
+            cells += [f"{s['served']:.1f} ({s['served_over_optimum']:.3f})", f"{s['u1_max_net_compute_ms'] or '-'}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -421,15 +421,16 @@ class DataPlane:
             self.ttl.put(service, cons, ranked[0].key, now)
         return service, cons, ranked
 
-    def _estimate(self, key: Key, best: Best) -> tuple[float, float]:
-        """(load, latency-bound demand) of an instance now: exact for our own, else flooded +
-        piggy-backed + our own sends."""
+    def _estimate(self, key: Key, best: Best) -> tuple[float, float, int]:
+        """(load, latency-bound demand, base compute µs) of an instance now: exact for our own,
+        else the freshest of flooded and piggy-backed, corrected by our own sends."""
         now = trio.current_time()
         if key[1] == self.d.id:
             m = self.meters[key[2]]
-            return m.load(now), m.bounded_load(now)
+            return m.load(now), m.bounded_load(now), int(m.base_us)
         f = best.fresh
-        return self.account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
+        load, bload = self.account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
+        return load, bload, self.account.compute_us(key, f.compute_us, best.fresh_at)
 
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
         service, cons, ranked = self._plan(req, pinned)

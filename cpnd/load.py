@@ -90,7 +90,9 @@ class InstanceMeter:
         elif budget_us is not None and expect > budget_us:
             why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
         elif slack_us is not None:
-            if expect > slack_us:
+            # Below half load this request does not slow the instance down: whether it
+            # fits its bound was the ingress's call, and refusing would only add an error.
+            if expect > slack_us and (n + 1) / self.capacity > 0.5:
                 why = f"expected compute {expect / 1000:.1f} ms exceeds the {slack_us / 1000:.1f} ms the latency bound leaves"
         else:
             reserved = self.bounded.count(now)
@@ -138,7 +140,7 @@ class LoadPacer:
 
     min_interval_s: float = 0.2
     load_threshold: float = 0.05
-    compute_threshold: float = 0.10
+    compute_threshold: float = 0.05
     refresh_s: float = 5.0
     last_at: float = -math.inf
     last_load: float = 0.0
@@ -212,3 +214,8 @@ class SendAccount:
         at = max(at, now - 2 * WINDOW_S)  # older than our memory: count all of our current rate
         delta = (win.count(now) - win.count(now, at=at)) / capacity
         return max(0.0, load + delta), max(0.0, bload + delta)
+
+    def compute_us(self, key: object, flooded_us: int, flooded_at: float) -> int:
+        """The base compute latency to use: the piggy-backed one when it is the fresher."""
+        report = self.reports.get(key)
+        return report.compute_us if report is not None and report.at >= flooded_at else flooded_us

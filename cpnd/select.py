@@ -153,7 +153,7 @@ class Candidate:
         return self.key[2]
 
 
-LoadEstimate = Callable[[Key, Best], tuple[float, float]]
+LoadEstimate = Callable[[Key, Best], tuple[float, float, int]]
 
 
 def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, bounded: bool = False) -> list[Candidate]:
@@ -168,11 +168,11 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
     for key in rib.by_service.get(service, ()):
         best = rib.loc[key]
         f = best.fresh
-        load, bload = estimate(key, best) if estimate is not None else (f.load, f.bload)
+        load, bload, comp = estimate(key, best) if estimate is not None else (f.load, f.bload, f.compute_us)
         r = best.route
         # The compute estimate counts this request too: the load it would find.
         out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
-                             compute_estimate_us(f.compute_us, load + 1 / f.capacity), f.price, f.capacity, load,
+                             compute_estimate_us(comp, load + 1 / f.capacity), f.price, f.capacity, load,
                              bload if bounded else load))
     return out
 

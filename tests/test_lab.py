@@ -1,0 +1,81 @@
+"""Integration: `cpnd lab paper` starts, converges, serves, and keeps both users' constraints."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import trio
+
+from cpnd.lab import PAPER_COMPUTE_MS, PAPER_RTT
+
+ORIGIN = {f"s{i}": f"gw{i + 2}" for i in range(1, 6)}
+COMPUTE = {f"s{i}": PAPER_COMPUTE_MS[i - 1] for i in range(1, 6)}
+U1 = {"CPN-Max-Latency": "10ms", "CPN-Prefer": "price"}
+U2 = {"CPN-Prefer": "latency"}
+
+
+def start_lab(tmp_path) -> tuple[subprocess.Popen, dict[str, str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", "paper", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    http = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline().strip()
+        if not line or line == "ready":
+            break
+        http[line.split()[0]] = line.split("http=")[1].split()[0]
+    assert line == "ready", proc.stderr.read() if proc.poll() is not None else line
+    return proc, http
+
+
+async def drive(url: str, headers: dict[str, str], rate: float, seconds: float, out: list) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=10, limits=httpx.Limits(max_connections=4)) as client:
+        async def one() -> None:
+            r = await client.post("/yolo", content=b"image", headers=headers)
+            out.append((r.status_code, r.headers.get("cpn-instance"), r.json()))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(int(rate * seconds)):
+                nursery.start_soon(one)
+                await trio.sleep(1 / rate)
+
+
+def test_paper_lab_serves_both_users_within_their_constraints(tmp_path) -> None:
+    proc, http = start_lab(tmp_path)
+    try:
+        # Let the RTT filters settle after the start-up burst of seven processes.
+        time.sleep(2.0)
+        u1: list = []
+        u2: list = []
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drive, f"http://{http['gw1']}", U1, 20, 3, u1)
+                nursery.start_soon(drive, f"http://{http['gw2']}", U2, 20, 3, u2)
+
+        trio.run(main)
+        assert len(u1) == len(u2) == 60
+        assert all(status == 200 for status, _, _ in u1 + u2), [(s, b) for s, _, b in u1 + u2 if s != 200]
+        for _, inst, body in u1:
+            assert body["instance"] == inst
+            # u1's bound: the path's RTT plus the compute the instance reports.
+            assert PAPER_RTT["gw1"][ORIGIN[inst]] + body["compute_ms"] <= 10.0, (inst, body)
+        assert "s5" not in {inst for _, inst, _ in u1}  # 10 ms away: never within the bound
+        u2_where = collections.Counter(inst for _, inst, _ in u2)
+        assert u2_where["s5"] >= 0.9 * len(u2), u2_where  # the fastest, well below capacity at 20 req/s
+        u1_where = collections.Counter(inst for _, inst, _ in u1)
+        assert u1_where["s2"] + u1_where["s4"] + u1_where["s1"] == len(u1), u1_where  # cheapest first, s1 when tight
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
