@@ -31,8 +31,10 @@ from pathlib import Path
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpnd.lab import Instance, Lab, Link, Topology, write_lab  # noqa: E402
+from httpclient import exchange  # noqa: E402
 
 
 def ensure_wrk() -> str | None:
@@ -58,19 +60,9 @@ def wrk_rps(wrk: str, url: str, seconds: float, headers: dict[str, str]) -> floa
 
 
 async def _one(stream: trio.SocketStream, req: bytes) -> None:
-    await stream.send_all(req)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    if not head.startswith(b"HTTP/1.1 200"):
-        raise RuntimeError(head[:80].decode(errors="replace"))
-    length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
-    while len(body) < length:
-        body += await stream.receive_some(65536)
+    status, _, _ = await exchange(stream, req)
+    if status != 200:
+        raise RuntimeError(f"status {status}")
 
 
 def open_loop(host: str, port: int, path: str, rate: float, seconds: float, conns: int = 8) -> list[float]:

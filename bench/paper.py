@@ -36,8 +36,10 @@ import networkx as nx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpnd.lab import PAPER_COMPUTE_MS, PAPER_RTT, InstanceProcs, Lab, paper_topology, write_lab  # noqa: E402
+from httpclient import exchange  # noqa: E402
 
 INSTANCES = [f"s{i}" for i in range(1, 6)]
 ORIGIN = {f"s{i}": f"gw{i + 2}" for i in range(1, 6)}
@@ -86,27 +88,6 @@ def optimum(d1: float, d2: float, rtt1: dict[str, float]) -> float:
 # ---------------------------------------------------------------- load generation
 
 
-async def _exchange(stream: trio.SocketStream, req: bytes) -> tuple[int, dict[str, str], bytes]:
-    await stream.send_all(req)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = await stream.receive_some(65536)
-        if not chunk:
-            raise ConnectionError("closed mid-body")
-        body += chunk
-    return status, headers, body
-
-
 async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list[tuple[int, float, float]],
                    records: list[dict[str, Any]]) -> None:
     host, port = hostport.rsplit(":", 1)
@@ -128,7 +109,7 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
                 if stream is None:  # the gateway closed it (error): like a real client, reconnect
                     stream = await trio.open_tcp_stream(host, int(port))
                 with trio.fail_after(REQUEST_TIMEOUT_S):
-                    status, h, body = await _exchange(stream, req)
+                    status, h, body = await exchange(stream, req)
                 rec["status"] = status
                 rec["instance"] = h.get("cpn-instance")
                 if status == 200:

@@ -9,6 +9,7 @@ flooded load can be corrected by our own recent sends (protocol-spec/selection.m
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import statistics
@@ -25,27 +26,35 @@ def load_factor(load: float) -> float:
 
 
 class RateWindow:
-    """Timestamps of events in a sliding window (bounded)."""
+    """Timestamps of events in a sliding window (bounded); counts in O(log n)."""
 
     def __init__(self, window_s: float = WINDOW_S, keep_s: float | None = None) -> None:
         self.window_s = window_s
         self.keep_s = keep_s if keep_s is not None else window_s
-        self._times: collections.deque[float] = collections.deque(maxlen=MAX_EVENTS)
+        self._times: list[float] = []  # sorted: time only moves forward
+        self._start = 0  # entries before this have left; compacted now and then
 
     def add(self, now: float) -> None:
+        if self._times and now < self._times[-1]:
+            now = self._times[-1]  # keep it sorted even if a caller's clock stutters
         self._times.append(now)
         self._trim(now)
+        if len(self._times) - self._start > MAX_EVENTS:
+            self._start = len(self._times) - MAX_EVENTS
 
     def _trim(self, now: float) -> None:
-        while self._times and self._times[0] <= now - self.keep_s:
-            self._times.popleft()
+        self._start = bisect.bisect_right(self._times, now - self.keep_s, self._start)
+        if self._start > 1024 and self._start * 2 > len(self._times):
+            del self._times[: self._start]
+            self._start = 0
 
     def count(self, now: float, at: float | None = None) -> int:
         """Events in (at - window, at], ``at`` defaulting to now (must be within keep_s)."""
         self._trim(now)
         at = now if at is None else at
-        lo = at - self.window_s
-        return sum(1 for t in self._times if lo < t <= at)
+        lo = bisect.bisect_right(self._times, at - self.window_s, self._start)
+        hi = bisect.bisect_right(self._times, at, lo)
+        return hi - lo
 
 
 class InstanceMeter:

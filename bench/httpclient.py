@@ -1,0 +1,27 @@
+"""A minimal keep-alive HTTP/1.1 client for the load generators: cheap enough not to be the bottleneck."""
+
+from __future__ import annotations
+
+import trio
+
+
+async def exchange(stream: trio.SocketStream, req: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one request on a kept-alive stream; (status, lower-cased headers, body). Content-Length bodies only."""
+    await stream.send_all(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise ConnectionError("closed mid-body")
+        body += chunk
+    return status, headers, body
