@@ -24,8 +24,6 @@ import argparse
 import csv
 import itertools
 import json
-import re
-import statistics
 import sys
 import tempfile
 import time

@@ -119,7 +119,7 @@ def _framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
     for n, v in headers:
         if n.lower() == b"content-length":
             return [(b"content-length", v)]
-    for n, v in headers:
+    for n, _ in headers:
         if n.lower() == b"transfer-encoding":
             return [(b"transfer-encoding", b"chunked")]
     return []

@@ -6,9 +6,7 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest

@@ -25,7 +25,7 @@ from cpnd.session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from cpnd.wire import ContentType, Keepalive, Open, RouteAdv, Update, encode_message
+from cpnd.wire import ContentType, Open, RouteAdv, Update, encode_message
 
 ROOT = Path(__file__).resolve().parent.parent
 
