@@ -219,7 +219,7 @@ class Handshake:
         common = set(msg.versions) & set(self._versions)
         if not common:
             raise ProtocolError(Code.HANDSHAKE, HandshakeSub.UNSUPPORTED_VERSION, f"offered {list(msg.versions)}, we speak {list(self._versions)}")
-        if msg.to != self.local_id:
+        if msg.to and msg.to != self.local_id:
             raise ProtocolError(Code.HANDSHAKE, HandshakeSub.WRONG_PEER, f"hello is for {msg.to!r}, this is {self.local_id!r}")
         if msg.id not in self._peers:
             raise ProtocolError(Code.HANDSHAKE, HandshakeSub.UNKNOWN_PEER, f"{msg.id!r} is not in the peer list")

@@ -226,7 +226,8 @@ def decode_handshake(body: bytes) -> HandshakeMessage:
             v = m["v"]
             if type(v) is not list or not 1 <= len(v) <= 8 or any(type(x) is not int or not 0 < x < 256 for x in v):
                 raise _bad("v: must be a list of 1-8 versions in [1, 255]", *hs)
-            return Hello(tuple(v), _ident(m, "id", *hs), _ident(m, "to", *hs), _bin(m, "eph", 32))
+            to = "" if m["to"] == "" else _ident(m, "to", *hs)  # "" = whoever answers (identified by key)
+            return Hello(tuple(v), _ident(m, "id", *hs), to, _bin(m, "eph", 32))
         if t == MsgType.HELLO_ACK:
             _keys(m, ("t", "v", "id", "eph", "sig"), "hello-ack", *hs)
             return HelloAck(_int(m, "v", 1, 255), _ident(m, "id", *hs), _bin(m, "eph", 32), _bin(m, "sig", 64))

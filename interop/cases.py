@@ -1,0 +1,413 @@
+"""Conformance cases: each a named check against a running gateway, citing its spec section."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .wire import (
+    FINISH,
+    HELLO_ACK,
+    KEEPALIVE,
+    OPEN,
+    ROUTE_REFRESH,
+    TUNNEL,
+    UPDATE,
+    Closed,
+    Peer,
+    frame,
+    new_route,
+    pack,
+    random_id,
+)
+
+SPEC = Path(__file__).resolve().parent.parent / "protocol-spec"
+
+
+@attrs.define
+class Target:
+    addr: tuple[str, int]
+    pub: Ed25519PublicKey
+    my_id: str
+    key: Ed25519PrivateKey
+    http: str | None = None
+    target_id: str | None = None
+
+    def peer(self) -> Peer:
+        return Peer(self.addr, self.target_id, self.pub, self.my_id, self.key)
+
+    def session(self, **kw: Any) -> Peer:
+        p = self.peer()
+        p.open_session(**kw)
+        self.target_id = p.target_id
+        return p
+
+
+Case = Callable[[Target], None]
+CASES: list[tuple[str, str, Case]] = []
+
+
+def case(name: str, section: str) -> Callable[[Case], Case]:
+    def deco(fn: Case) -> Case:
+        CASES.append((name, section, fn))
+        return fn
+    return deco
+
+
+def expect(p: Peer, code: int, sub: int | None = None) -> None:
+    err = p.expect_error()
+    p.close()
+    if err is None:
+        raise AssertionError(f"closed without saying why; expected {code}/{sub}")
+    if err[0] != code or (sub is not None and err[1] != sub):
+        raise AssertionError(f"expected {code}/{sub}, got {err[0]}/{err[1]}: {err[2]}")
+
+
+# ---------------------------------------------------------------- vectors (our own codec against the spec)
+
+
+@case("vectors-labels", "messages.md#identifiers")
+def _labels(t: Target) -> None:
+    from .wire import label
+
+    for svc, want in json.loads((SPEC / "vectors.json").read_text())["labels"].items():
+        assert label(svc) == want, svc
+
+
+# ---------------------------------------------------------------- handshake
+
+
+@case("handshake-established", "handshake.md#handshake, session.md")
+def _established(t: Target) -> None:
+    p = t.session()
+    assert p.rtt is not None and 0 <= p.rtt < 5, f"RTT sample {p.rtt}"
+    p.close()
+
+
+@case("handshake-wrong-key", "handshake.md#handshake (7/3)")
+def _wrong_key(t: Target) -> None:
+    p = t.peer()
+    try:
+        p.handshake(sign_with=Ed25519PrivateKey.generate())
+    except Closed as c:
+        raise AssertionError(f"refused too early: {c}") from None
+    expect(p, 7, 3)
+
+
+@case("handshake-unknown-id", "handshake.md#handshake (7/2)")
+def _unknown(t: Target) -> None:
+    p = t.peer()
+    p.hello(my_id=random_id())
+    expect(p, 7, 2)
+
+
+@case("handshake-bad-version", "handshake.md#handshake (7/1)")
+def _version(t: Target) -> None:
+    p = t.peer()
+    p.hello(versions=[99])
+    expect(p, 7, 1)
+
+
+@case("handshake-wrong-responder", "handshake.md#handshake (7/4)")
+def _wrong_to(t: Target) -> None:
+    p = t.peer()
+    p.hello(to=random_id())
+    expect(p, 7, 4)
+
+
+@case("handshake-low-order-share", "handshake.md#handshake (7/5)")
+def _low_order(t: Target) -> None:
+    p = t.peer()
+    p.hello(eph=bytes(32))
+    expect(p, 7, 5)
+
+
+@case("handshake-garbage", "handshake.md#framing (7/6 or 1/x)")
+def _garbage(t: Target) -> None:
+    p = t.peer()
+    p.send_raw(frame(b"\xc1not msgpack"))
+    err = p.expect_error()
+    p.close()
+    assert err is not None and err[0] in (1, 7), err
+
+
+@case("handshake-oversized-frame", "handshake.md#framing (1/1)")
+def _oversized_hs(t: Target) -> None:
+    p = t.peer()
+    p.send_raw(struct.pack(">I", 10_000))
+    expect(p, 1, 1)
+
+
+@case("handshake-replayed-finish", "handshake.md#handshake (7/3)")
+def _replayed_finish(t: Target) -> None:
+    p1 = t.peer()
+    p1.handshake()
+    # Capture a FINISH by signing the first transcript, then offer it in a new handshake.
+    p1.close()
+    p2 = t.peer()
+    p2.hello()
+    ack = p2.read_handshake()
+    assert ack["t"] == HELLO_ACK
+    p2.send_raw(frame(pack({"t": FINISH, "sig": os.urandom(64)})))
+    expect(p2, 7, 3)
+
+
+# ---------------------------------------------------------------- records
+
+
+@case("record-tampered", "handshake.md#record-layer (8/1)")
+def _tampered(t: Target) -> None:
+    p = t.session()
+    rec = bytearray(p.records.seal(1, pack({"t": KEEPALIVE, "ts": 1, "echo": 0, "dly": 0})))  # type: ignore[union-attr]
+    rec[-1] ^= 1
+    p.send_raw(bytes(rec))
+    expect(p, 8, 1)
+
+
+@case("record-replayed", "handshake.md#record-layer (8/1)")
+def _replayed(t: Target) -> None:
+    p = t.session()
+    rec = p.send_msg({"t": KEEPALIVE, "ts": 1, "echo": 0, "dly": 0})
+    p.send_raw(rec)
+    expect(p, 8, 1)
+
+
+@case("record-oversized", "handshake.md#framing (1/1)")
+def _oversized(t: Target) -> None:
+    p = t.session()
+    p.send_raw(struct.pack(">I", 70_000))
+    expect(p, 1, 1)
+
+
+# ---------------------------------------------------------------- OPEN and timers
+
+
+def _open_with(t: Target, open_msg: dict[str, Any]) -> Peer:
+    p = t.peer()
+    p.handshake()
+    p.send_msg(open_msg)
+    return p
+
+
+@case("open-bad-hold", "messages.md#session-messages (2/3)")
+def _bad_hold(t: Target) -> None:
+    expect(_open_with(t, {"t": OPEN, "id": t.my_id, "hold": 10, "caps": [], "ts": 1}), 2, 3)
+
+
+@case("open-wrong-id", "messages.md#session-messages (2/2)")
+def _open_id(t: Target) -> None:
+    expect(_open_with(t, {"t": OPEN, "id": random_id(), "hold": 3000, "caps": [], "ts": 1}), 2, 2)
+
+
+@case("open-negotiates-hold", "session.md#timers")
+def _hold_negotiated(t: Target) -> None:
+    p = t.peer()
+    their = p.open_session(hold_ms=600)
+    assert 200 <= their["hold"] <= 3_600_000
+    # Keepalives must now come at least every 600/3 ms; then go silent and expect 4/0.
+    got, deadline = 0, time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        p.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+        try:
+            _, msg = p.recv(0.15)
+            got += msg.get("t") == KEEPALIVE
+        except (socket.timeout, TimeoutError):
+            pass
+    assert got >= 3, f"{got} keepalives in 1 s with a 600 ms hold"
+    start = time.monotonic()
+    err = p.expect_error(5.0)
+    p.close()
+    assert err is not None and err[:2] == (4, 0), err
+    assert time.monotonic() - start < 1.5, "hold timer fired late"
+
+
+@case("message-unknown-type", "messages.md (1/2)")
+def _unknown_type(t: Target) -> None:
+    p = t.session()
+    p.send_msg({"t": 99})
+    expect(p, 1, 2)
+
+
+@case("message-second-open", "session.md (5/3)")
+def _second_open(t: Target) -> None:
+    p = t.session()
+    p.send_msg({"t": OPEN, "id": t.my_id, "hold": 3000, "caps": [], "ts": 1})
+    expect(p, 5, 3)
+
+
+# ---------------------------------------------------------------- UPDATE
+
+
+def _update(t: Target, adv: list[dict[str, Any]], wd: list[list[str]] | None = None) -> Peer:
+    p = t.session()
+    p.send_msg({"t": UPDATE, "adv": adv, "wd": wd or []})
+    return p
+
+
+@case("update-loop-in-path", "messages.md#route (3/2)")
+def _loop(t: Target) -> None:
+    expect(_update(t, [new_route("/interop", "i1", "o1", path=[t.my_id, "o1", t.my_id])]), 3, 2)
+
+
+@case("update-path-not-from-sender", "routing.md#receiving-an-update (3/2)")
+def _not_sender(t: Target) -> None:
+    expect(_update(t, [new_route("/interop", "i1", "o1", path=["someone", "o1"])]), 3, 2)
+
+
+@case("update-label-mismatch", "messages.md#route (3/4)")
+def _label(t: Target) -> None:
+    expect(_update(t, [new_route("/interop", "i1", t.my_id, label=1)]), 3, 4)
+
+
+@case("update-bad-attribute", "messages.md#route (3/3)")
+def _bad_attr(t: Target) -> None:
+    expect(_update(t, [new_route("/interop", "i1", t.my_id, cap=0.0)]), 3, 3)
+
+
+@case("update-valid-then-withdraw-and-refresh", "routing.md, session.md")
+def _valid(t: Target) -> None:
+    p = _update(t, [new_route("/interop/probe", "i1", t.my_id, path=[t.my_id])])
+    # The target must keep the session; a ROUTE-REFRESH makes it send its whole table again.
+    p.send_msg({"t": UPDATE, "adv": [], "wd": [["/interop/probe", t.my_id, "i1"]]})
+    p.send_msg({"t": ROUTE_REFRESH})
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        _, msg = p.recv(3)
+        if msg.get("t") == UPDATE:
+            for r in msg["adv"]:
+                assert r["path"][0] == p.target_id and t.my_id not in r["path"], r
+            p.close()
+            return
+    p.close()
+    raise AssertionError("no UPDATE after ROUTE-REFRESH (a target with no routes at all would fail this)")
+
+
+# ---------------------------------------------------------------- tunnel
+
+
+def _tunnel(t: Target, payload: bytes) -> Peer:
+    p = t.session()
+    p.send_msg(payload, ctype=TUNNEL)
+    return p
+
+
+@case("tunnel-stream-zero", "tunnel.md#streams (9/2)")
+def _stream_zero(t: Target) -> None:
+    expect(_tunnel(t, struct.pack(">IBB", 0, 2, 0) + b"x"), 9, 2)
+
+
+@case("tunnel-never-opened", "tunnel.md#streams (9/2)")
+def _never_opened(t: Target) -> None:
+    expect(_tunnel(t, struct.pack(">IBB", 7, 2, 0) + b"x"), 9, 2)
+
+
+@case("tunnel-oversized-data", "tunnel.md#tunnel-frames (9/1)")
+def _big_data(t: Target) -> None:
+    expect(_tunnel(t, struct.pack(">IBB", 1, 2, 0) + b"x" * 16385), 9, 1)
+
+
+@case("tunnel-unroutable-target", "tunnel.md#what-each-gateway-does-with-an-open")
+def _unroutable(t: Target) -> None:
+    from .wire import label
+
+    origin, inst = random_id(), random_id()
+    ext = struct.pack(">BBBBIII16s", 1, 1, 8, 0, label("/nowhere"), 0xFFFFFFFF, 0xFFFFFFFF, os.urandom(16))
+    ext += bytes([len(origin)]) + origin.encode() + bytes([len(inst)]) + inst.encode()
+    p = _tunnel(t, struct.pack(">IBB", 1, 1, 0) + ext)
+    ctype, payload = p.recv(3)
+    while ctype != TUNNEL:  # UPDATEs and KEEPALIVEs may come first
+        ctype, payload = p.recv(3)
+    p.close()
+    sid, ftype, _ = struct.unpack(">IBB", payload[:6])
+    assert (sid, ftype) == (1, 4), f"expected RESET on stream 1, got type {ftype}"
+    code, delivered = struct.unpack(">HB", payload[6:9])
+    assert code in (1, 11) and delivered == 0, (code, delivered)
+
+
+# ---------------------------------------------------------------- HTTP contract (with --http)
+
+
+def _http(t: Target, method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(f"http://{t.http}{path}", method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def _json_error(status: int, headers: dict[str, str], body: bytes, want: int) -> dict[str, Any]:
+    assert status == want, f"expected {want}, got {status}: {body[:200]!r}"
+    assert "cpn-instance" not in headers and "cpn-origin" not in headers, "gateway-made errors carry no CPN-Instance"
+    obj = json.loads(body)
+    assert set(obj) == {"error", "detail"} and obj["error"] and obj["detail"], obj
+    return obj
+
+
+@case("http-404", "selection.md#matching", )
+def _h404(t: Target) -> None:
+    if t.http:
+        _json_error(*_http(t, "GET", "/interop-" + random_id()), 404)
+
+
+@case("http-400-bad-header", "selection.md#inputs")
+def _h400(t: Target) -> None:
+    if t.http:
+        _json_error(*_http(t, "GET", "/interop", {"CPN-Max-Latency": "soon"}), 400)
+
+
+@case("http-503-or-404-impossible-constraint", "selection.md#choice")
+def _h503(t: Target) -> None:
+    if not t.http:
+        return
+    status, headers, body = _http(t, "GET", "/", {"CPN-Max-Price": "0", "CPN-Max-Latency": "1us"})
+    assert status in (503, 404), status  # 404 when "/" matches no service
+    _json_error(status, headers, body, status)
+
+
+@case("http-served-carries-cpn-instance", "README: CPN-Instance/CPN-Origin")
+def _served(t: Target) -> None:
+    """Any service the target advertises, called once: the answer names who served it."""
+    if not t.http:
+        return
+    p = t.session()
+    services = set()
+    p.send_msg({"t": ROUTE_REFRESH})
+    deadline = time.monotonic() + 2
+    try:
+        while time.monotonic() < deadline:
+            _, msg = p.recv(max(0.05, deadline - time.monotonic()))
+            if msg.get("t") == UPDATE:
+                services |= {r["svc"] for r in msg["adv"]}
+    except (socket.timeout, TimeoutError):
+        pass
+    p.close()
+    if not services:
+        return
+    status, headers, _ = _http(t, "GET", sorted(services)[0])
+    if status == 200:
+        assert headers.get("cpn-instance") and headers.get("cpn-origin"), headers
+    else:
+        assert status in (502, 503, 504), status
+
+
+def run_case(t: Target, name: str, section: str, fn: Case) -> dict[str, Any]:
+    start = time.monotonic()
+    try:
+        fn(t)
+        ok, detail = True, ""
+    except (AssertionError, Closed, OSError, ValueError, KeyError, msgpack.ExtraData) as exc:
+        ok, detail = False, f"{type(exc).__name__}: {exc}"
+    return {"case": name, "section": section, "passed": ok, "detail": detail, "seconds": round(time.monotonic() - start, 3)}

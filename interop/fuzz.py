@@ -1,0 +1,138 @@
+"""Structure-aware fuzzing of a running gateway, seeded from the spec's vectors.
+
+Each input is sent on a fresh authenticated session (or, for handshake inputs, a
+fresh connection); the target may answer with an error and close, or ignore it, but
+must stay up and keep accepting sessions. Every batch ends with a liveness check.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from .cases import SPEC, Target
+from .wire import TUNNEL, Closed, frame, new_route, pack
+
+
+def _seeds() -> dict[str, list[bytes]]:
+    v = json.loads((SPEC / "vectors.json").read_text())
+    msgs = [bytes.fromhex(m["hex"]) for m in v["messages"]]
+    hs = [bytes.fromhex(v["handshake"][k])[4:] for k in ("hello_frame", "hello_ack_frame", "finish_frame")]
+    tun = [bytes.fromhex(m["hex"]) for m in v["tunnel"]]
+    return {"message": msgs, "handshake": hs, "tunnel": tun}
+
+
+def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(5)
+        if op == 0 and b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        elif op == 1 and b:
+            del b[rng.randrange(len(b)):][: rng.randint(1, 8)]
+        elif op == 2:
+            i = rng.randrange(len(b) + 1)
+            b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        elif op == 3 and b:
+            b = b[: rng.randrange(len(b))]
+        else:
+            b += bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    return bytes(b)
+
+
+_WEIRD: list[Any] = [None, True, -1, 2**64, 1.5, float("nan"), "", "x" * 300, b"\x00" * 40, [], {}, [1, 2], {"a": 1}]
+
+
+def _mutate_structure(rng: random.Random, t: Target) -> bytes:
+    """A well-formed msgpack map with one field made wrong."""
+    base = rng.choice([
+        {"t": 2, "ts": 1, "echo": 0, "dly": 0},
+        {"t": 3, "adv": [new_route("/fuzz", "f1", t.my_id)], "wd": []},
+        {"t": 3, "adv": [], "wd": [["/fuzz", t.my_id, "f1"]]},
+        {"t": 5},
+        {"t": 1, "id": t.my_id, "hold": 3000, "caps": [], "ts": 1},
+    ])
+    if base["t"] == 3 and base["adv"] and rng.random() < 0.7:
+        route = base["adv"][0]
+        route[rng.choice(list(route))] = rng.choice(_WEIRD)
+    else:
+        key = rng.choice(list(base) + ["extra"])
+        base[key] = rng.choice(_WEIRD)
+    try:
+        return msgpack.packb(base, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return pack({"t": 2, "ts": -1, "echo": 0, "dly": 0})
+
+
+def one_input(rng: random.Random, t: Target, seeds: dict[str, list[bytes]]) -> tuple[str, bytes]:
+    kind = rng.choice(["message", "message", "structure", "handshake", "tunnel"])
+    if kind == "structure":
+        return "message", _mutate_structure(rng, t)
+    return kind, _mutate_bytes(rng, rng.choice(seeds[kind]))
+
+
+def send_input(t: Target, kind: str, data: bytes) -> None:
+    """Deliver one input; what the target answers is its business, as long as it lives."""
+    try:
+        if kind == "handshake":
+            p = t.peer()
+            p.send_raw(frame(data))
+        else:
+            p = t.session()
+            if kind == "tunnel":
+                p.send_msg(data, ctype=TUNNEL)
+            else:
+                p.send_msg(data)
+        p.sock.settimeout(0.3)
+        try:
+            while p.sock.recv(65536):
+                pass
+        except (socket.timeout, TimeoutError, OSError):
+            pass
+        p.close()
+    except (Closed, OSError, AssertionError, ValueError, KeyError, msgpack.UnpackException):
+        pass
+
+
+def alive(t: Target) -> str | None:
+    """None when the target still completes a session; else why not."""
+    try:
+        p = t.session()
+        p.close()
+        return None
+    except (Closed, OSError, AssertionError, ValueError, KeyError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def fuzz(t: Target, n: int, seed: int, batch: int = 100, report: Callable[[dict[str, Any]], None] = print) -> tuple[int, int]:
+    """Send ``n`` mutated inputs; (passed batches, failed batches)."""
+    rng = random.Random(seed)
+    seeds = _seeds()
+    passed = failed = 0
+    sent = 0
+    while sent < n:
+        chunk: list[tuple[str, bytes]] = []
+        for _ in range(min(batch, n - sent)):
+            kind, data = one_input(rng, t, seeds)
+            chunk.append((kind, data))
+            send_input(t, kind, data)
+            sent += 1
+        why = alive(t)
+        result = {"case": f"fuzz-batch-{sent}", "section": "fuzzing", "passed": why is None,
+                  "detail": why or "", "inputs": len(chunk)}
+        if why is not None:
+            kind, data = chunk[-1]
+            result["reproducer"] = {"seed": seed, "input_index": sent - 1, "kind": kind, "hex": data.hex()}
+            failed += 1
+        else:
+            passed += 1
+        report(result)
+        if why is not None:
+            break
+    return passed, failed
+

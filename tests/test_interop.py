@@ -1,0 +1,56 @@
+"""The interop suite (a second implementation, from protocol-spec/ alone) against a real cpnd."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from cpnd.crypto import generate_key, public_key_b64, write_private_key
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_interop_never_imports_cpnd() -> None:
+    for path in (ROOT / "interop").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+        assert not any(m == "cpnd" or m.startswith("cpnd.") for m in names), path
+
+
+def test_suite_and_fuzzing_pass_and_leave_other_sessions_alone(tmp_path) -> None:
+    insts = InstanceProcs()
+    try:
+        urls = {"s1": f"http://127.0.0.1:{insts.start('s1')}/v1"}
+        topo = Topology(("a", "b"), (Link("a", "b", 1),), (Instance("s1", "b", "/yolo", 50, 1, 1),),
+                        {"hold_time_ms": 3000})
+        specs = write_lab(topo, tmp_path, instance_url=lambda i: urls[i.id])
+        key = generate_key()
+        write_private_key(tmp_path / "interop.key", key)
+        with open(specs["a"].config, "a") as f:
+            f.write(f'\n[[peers]]\nid = "interop"\naddress = "127.0.0.1:9"\npublic_key = "{public_key_b64(key)}"\npassive = true\n')
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
+            before = {p["id"]: p for p in lab.query("a", "show-peers")}["b"]
+            r = subprocess.run(
+                [sys.executable, "-m", "interop", "--target", specs["a"].listen, "--target-pubkey", specs["a"].public_key,
+                 "--key", str(tmp_path / "interop.key"), "--id", "interop", "--http", specs["a"].http,
+                 "--fuzz", "300", "--seed", "3", "--json"],
+                cwd=ROOT, capture_output=True, text=True, timeout=300)
+            lines = r.stdout.strip().splitlines()
+            results = [json.loads(ln) for ln in lines[:-1]]
+            failed = [x for x in results if not x["passed"]]
+            assert r.returncode == 0 and not failed, failed or r.stderr
+            assert lines[-1] == f"{len(results)} passed, 0 failed"
+            assert any(x["case"].startswith("fuzz-batch") for x in results)
+            after = {p["id"]: p for p in lab.query("a", "show-peers")}["b"]
+            assert after["state"] == "established" and after["flaps"] == 0
+            assert after["uptime_s"] > before["uptime_s"]
+            assert not lab.dead() and "Traceback" not in lab.log("a")
+    finally:
+        insts.stop_all()
