@@ -25,6 +25,7 @@ from .errors import CeaseSub, Code, ProtocolError
 from .http import DataPlane, HttpLimits
 from .names import service_label
 from .load import LoadPacer
+from .metrics import Metrics, serve_metrics
 from .rib import AdjRibOut, Key, Rib
 from .streams import Mux
 from .session import (
@@ -289,6 +290,7 @@ class Daemon:
         self.stats: collections.Counter[str] = collections.Counter()
         self.listen_port: int | None = None
         self.nursery: trio.Nursery | None = None
+        self.metrics = Metrics(self)
         self.dataplane = DataPlane(self, HttpLimits(
             max_body_bytes=g.max_body_bytes, header_timeout_s=g.http_header_timeout_ms / 1000,
             idle_timeout_s=g.http_idle_timeout_ms / 1000, max_clients=g.max_http_clients,
@@ -312,6 +314,8 @@ class Daemon:
                 await nursery.start(serve_control, self, g.control_socket)
                 if g.http_listen is not None:
                     await nursery.start(self.dataplane.serve)
+                if g.metrics_listen is not None:
+                    await nursery.start(serve_metrics, self)
                 nursery.start_soon(trio.serve_listeners, self._accept, listeners)
                 for peer in self.peers.values():
                     if not peer.config.passive:

@@ -79,6 +79,7 @@ class HttpError(Exception):
         self.status = status
         self.error = error
         self.detail = detail
+        self.service = ""  # for metrics, once known
 
 
 def _reset_error(exc: StreamReset) -> HttpError:
@@ -374,10 +375,13 @@ class DataPlane:
 
     async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
         self.stats["requests"] += 1
+        t0 = trio.current_time()
         try:
-            await self._route(client, req, pinned)
+            service, instance, status = await self._route(client, req, pinned)
+            self.d.metrics.observe(service, instance, status, trio.current_time() - t0)
         except HttpError as exc:
             self.stats[f"error_{exc.status}"] += 1
+            self.d.metrics.observe(exc.service, None, exc.status, None)
             if client.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 # If the body was not read to its end, _client closes the connection after this.
                 await self._send_error_quietly(client, exc)
@@ -432,8 +436,20 @@ class DataPlane:
         load, bload = self.account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
         return load, bload, self.account.compute_us(key, f.compute_us, best.fresh_at)
 
-    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
-        service, cons, ranked = self._plan(req, pinned)
+    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> tuple[str, str, int]:
+        """Serve one request; (service, instance, status) of the answer, or HttpError."""
+        try:
+            service, cons, ranked = self._plan(req, pinned)
+        except HttpError:
+            raise
+        try:
+            return await self._forward(client, req, service, cons, ranked)
+        except HttpError as exc:
+            exc.service = service
+            raise
+
+    async def _forward(self, client: H11Stream, req: h11.Request, service: str, cons: Constraints,
+                       ranked: list[Candidate]) -> tuple[str, str, int]:
         deadline = trio.current_time() + cons.timeout_s
         body = BodySource(client, self.limits)
         if client.conn.they_are_waiting_for_100_continue:
@@ -453,8 +469,8 @@ class DataPlane:
                 raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
             try:
                 elapsed_us = int((trio.current_time() - started) * 1_000_000)
-                await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent, elapsed_us)
-                return
+                status = await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent, elapsed_us)
+                return service, cand.instance, status
             except StreamReset as exc:
                 failures.append(_reset_error(exc))
                 retry = (not exc.delivered or idempotent) and exc.code != ResetCode.DEADLINE
@@ -477,7 +493,8 @@ class DataPlane:
         return conn.mux.open(ext)
 
     async def _attempt(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]], body: BodySource,
-                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool, elapsed_us: int) -> None:
+                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool, elapsed_us: int) -> int:
+        """One try on ``cand``; the response status, or StreamReset when it failed before a response."""
         budget = max(0, int((deadline - trio.current_time()) * 1_000_000))
         slack = NO_BUDGET
         if cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request":
@@ -519,6 +536,7 @@ class DataPlane:
                 assert isinstance(event, h11.Response)
                 resp_headers = filter_headers(event.headers, drop_cpn=False) + _framing(event.headers)
                 await client.send(h11.Response(status_code=event.status_code, headers=resp_headers, reason=event.reason))
+                status = event.status_code
                 self.stats[f"status_{event.status_code // 100}xx"] += 1
                 while True:
                     with trio.fail_after(self.limits.body_idle_timeout_s):
@@ -532,6 +550,7 @@ class DataPlane:
                         raise trio.BrokenResourceError("upstream ended mid-response")
                 if not body.done:
                     nursery.cancel_scope.cancel()  # answered before reading the whole body
+            return status
         except (h11.ProtocolError) as exc:
             up_raw.reset(ResetCode.BAD_REQUEST, True, str(exc))
             if not got_head:

@@ -137,21 +137,24 @@ class GatewaySpec:
     listen: str
     http: str
     public_key: str
+    metrics: str
 
 
 def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
               instance_url: Callable[[Instance], str] | None = None) -> dict[str, GatewaySpec]:
     """Keys and one config file per gateway of ``topo`` under ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(2 * len(topo.gateways))
+    ports = free_ports(3 * len(topo.gateways))
     specs: dict[str, GatewaySpec] = {}
     for n, gw in enumerate(topo.gateways):
         key = generate_key()
         write_private_key(workdir / f"{gw}.key", key, force=True)
         specs[gw] = GatewaySpec(gw, workdir / f"{gw}.toml", workdir / f"{gw}.sock",
-                                f"127.0.0.1:{ports[2 * n]}", f"127.0.0.1:{ports[2 * n + 1]}", public_key_b64(key))
+                                f"127.0.0.1:{ports[3 * n]}", f"127.0.0.1:{ports[3 * n + 1]}", public_key_b64(key),
+                                f"127.0.0.1:{ports[3 * n + 2]}")
     for gw, spec in specs.items():
         lines = ["[gateway]", f"id = {_toml_value(gw)}", f'listen = "{spec.listen}"', f'http_listen = "{spec.http}"',
+                 f'metrics_listen = "{spec.metrics}"',
                  f'control_socket = "{spec.control.name}"', f'key_file = "{gw}.key"', f'selection = "{selection}"']
         lines += [f"{k} = {_toml_value(v)}" for k, v in topo.gateway_options.items()]
         for peer, rtt in topo.neighbours(gw):

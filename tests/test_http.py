@@ -188,6 +188,21 @@ def test_no_stream_is_left_open(net) -> None:
     lab.wait_for(lambda: all(lab.query(gw, "status")["tunnel_streams"] == 0 for gw in "abcd"), 10, "streams to close")
 
 
+def test_prometheus_metrics(net) -> None:
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        assert c.get("/yolo", headers=S1).status_code == 200
+        assert c.get("/nothing").status_code == 404
+    text = httpx.get(f"http://{net['specs']['a'].metrics}/metrics", timeout=10).text
+    for line in ('cpn_sessions{state="established"} 2.0', 'cpn_routes 3.0',
+                 'cpn_requests_total{instance="s1",service="/yolo",status="200"}',
+                 'cpn_requests_total{instance="",service="",status="404"}'):
+        assert line in text, line
+    for name in ("cpn_request_seconds_bucket", "cpn_peer_bytes_total", "cpn_tunnel_frames_total", "cpn_selection_retries_total",
+                 "cpn_admission_rejects_total", "cpn_instance_load", "cpn_paths"):
+        assert name in text, name
+    assert httpx.get(f"http://{net['specs']['a'].metrics}/other", timeout=10).status_code == 404
+
+
 def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
     transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
     with httpx.Client(base_url=net["url"], transport=transport, timeout=10) as c:

@@ -1,0 +1,129 @@
+"""Prometheus metrics at ``[gateway] metrics_listen``: GET /metrics (prometheus-client text format).
+
+Gauges are read from the daemon at scrape time (nothing on the hot path); per-request
+counters and the latency histogram are updated by the data plane.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import h11
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+SCRAPE_TIMEOUT_S = 10.0
+
+
+class Metrics:
+    """One registry per daemon, so several daemons in one process (tests) never mix."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("cpn_requests", "Requests answered at this ingress, by service, instance and status",
+                                ["service", "instance", "status"], registry=self.registry)
+        self.latency = Histogram("cpn_request_seconds", "Time from request head to response head at this ingress",
+                                 ["service"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.registry.register(_DaemonCollector(daemon))
+
+    def observe(self, service: str, instance: str | None, status: int, seconds: float | None) -> None:
+        self.requests.labels(service, instance or "", str(status)).inc()
+        if seconds is not None:
+            self.latency.labels(service).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        d = self.d
+        sessions = GaugeMetricFamily("cpn_sessions", "Peers by session state", labels=["state"])
+        counts: dict[str, int] = {}
+        for peer in d.peers.values():
+            conn = peer.current()
+            state = conn.session.state.value if conn else peer.status
+            counts[state] = counts.get(state, 0) + 1
+        for state, n in sorted(counts.items()):
+            sessions.add_metric([state], n)
+        yield sessions
+        yield GaugeMetricFamily("cpn_routes", "Instances with a best path (Loc-RIB size)", value=len(d.rib))
+        yield GaugeMetricFamily("cpn_paths", "Paths held, own instances included",
+                                value=sum(len(t) for t in d.rib.adj_in.values()) + len(d.rib.local))
+        tunnel = CounterMetricFamily("cpn_peer_bytes", "Bytes exchanged with peers (sessions and tunnels)", labels=["direction"])
+        conns = [c for p in d.peers.values() for c in p.conns]
+        tunnel.add_metric(["in"], sum(c.session.stats["bytes_in"] for c in conns))
+        tunnel.add_metric(["out"], sum(c.session.stats["bytes_out"] for c in conns))
+        yield tunnel
+        frames = CounterMetricFamily("cpn_tunnel_frames", "Tunnel frames exchanged with peers", labels=["direction"])
+        frames.add_metric(["in"], sum(c.session.stats["tunnel_in"] for c in conns))
+        frames.add_metric(["out"], sum(c.session.stats["tunnel_out"] for c in conns))
+        yield frames
+        yield GaugeMetricFamily("cpn_tunnel_streams", "Open tunnel streams",
+                                value=sum(len(c.mux.streams) for c in conns if c.mux is not None))
+        st = d.dataplane.stats
+        yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=st["retries"])
+        yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=st["admission_rejects"])
+        yield CounterMetricFamily("cpn_relayed_streams", "Streams relayed as a transit gateway", value=st["relayed"])
+        load = GaugeMetricFamily("cpn_instance_load", "Load of our own instances, fraction of capacity", labels=["instance"])
+        for iid, meter in d.dataplane.meters.items():
+            load.add_metric([iid], meter.load(trio.current_time()))
+        yield load
+
+
+async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer GET /metrics on ``metrics_listen``; anything else 404/405."""
+    addr = daemon.config.gateway.metrics_listen
+    assert addr is not None
+    listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+    limiter = trio.CapacityLimiter(16)
+
+    async def client(stream: trio.SocketStream) -> None:
+        async with limiter:
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+            try:
+                with trio.move_on_after(SCRAPE_TIMEOUT_S):
+                    while True:
+                        event = conn.next_event()
+                        if event is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive_some(16384))
+                            continue
+                        if not isinstance(event, h11.Request):
+                            break
+                        path = event.target.split(b"?", 1)[0]
+                        if event.method not in (b"GET", b"HEAD"):
+                            status, body, ctype = 405, b"method not allowed\n", b"text/plain"
+                        elif path != b"/metrics":
+                            status, body, ctype = 404, b"see /metrics\n", b"text/plain"
+                        else:
+                            status, body, ctype = 200, daemon.metrics.render(), CONTENT_TYPE
+                        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+                        data = conn.send(h11.Response(status_code=status, headers=headers))
+                        if event.method != b"HEAD":
+                            data += conn.send(h11.Data(data=body))
+                        data += conn.send(h11.EndOfMessage())
+                        await stream.send_all(data)
+                        while conn.their_state is not h11.DONE:  # a body we do not want
+                            if conn.next_event() is h11.NEED_DATA:
+                                conn.receive_data(await stream.receive_some(16384))
+                        if conn.our_state is h11.MUST_CLOSE:
+                            break
+                        conn.start_next_cycle()
+            except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                await stream.aclose()
+
+    task_status.started()
+    await trio.serve_listeners(client, listeners)
