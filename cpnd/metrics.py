@@ -114,7 +114,7 @@ async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = 
                             data += conn.send(h11.Data(data=body))
                         data += conn.send(h11.EndOfMessage())
                         await stream.send_all(data)
-                        while conn.their_state is not h11.DONE:  # a body we do not want
+                        while conn.their_state is h11.SEND_BODY:  # a body we do not want (bounded by the timeout)
                             if conn.next_event() is h11.NEED_DATA:
                                 conn.receive_data(await stream.receive_some(16384))
                         if conn.our_state is h11.MUST_CLOSE:
