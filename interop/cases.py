@@ -164,6 +164,25 @@ def _replayed_finish(t: Target) -> None:
     expect(p2, 7, 3)
 
 
+@case("collision-established-wins", "session.md#collisions (6/7)")
+def _collision(t: Target) -> None:
+    first = t.session()
+    second = t.peer()
+    try:
+        second.open_session()
+    except Closed as c:
+        assert c.error is not None and c.error[:2] == (6, 7), c.error
+    else:
+        raise AssertionError("a second session for the same peer was accepted")
+    finally:
+        second.close()
+    # The established one is untouched: it still answers.
+    first.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+    first.send_msg({"t": ROUTE_REFRESH})
+    first.recv(3)
+    first.close()
+
+
 # ---------------------------------------------------------------- records
 
 

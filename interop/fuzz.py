@@ -69,8 +69,19 @@ def _mutate_structure(rng: random.Random, t: Target) -> bytes:
         return pack({"t": 2, "ts": -1, "echo": 0, "dly": 0})
 
 
+HTTP_SEEDS = [
+    b"GET /yolo HTTP/1.1\r\nHost: x\r\nCPN-Max-Latency: 10ms\r\n\r\n",
+    b"POST /yolo/a?b=c HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nCPN-Prefer: price\r\n\r\nhello",
+    b"POST /yolo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HEAD /yolo HTTP/1.0\r\n\r\n",
+]
+
+
 def one_input(rng: random.Random, t: Target, seeds: dict[str, list[bytes]]) -> tuple[str, bytes]:
-    kind = rng.choice(["message", "message", "structure", "handshake", "tunnel"])
+    kinds = ["message", "message", "structure", "handshake", "tunnel"] + (["http", "http"] if t.http else [])
+    kind = rng.choice(kinds)
+    if kind == "http":
+        return kind, _mutate_bytes(rng, rng.choice(HTTP_SEEDS))
     if kind == "structure":
         return "message", _mutate_structure(rng, t)
     return kind, _mutate_bytes(rng, rng.choice(seeds[kind]))
@@ -79,6 +90,19 @@ def one_input(rng: random.Random, t: Target, seeds: dict[str, list[bytes]]) -> t
 def send_input(t: Target, kind: str, data: bytes) -> None:
     """Deliver one input; what the target answers is its business, as long as it lives."""
     try:
+        if kind == "http":
+            assert t.http is not None
+            host, port = t.http.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=2) as s:
+                s.sendall(data)
+                s.shutdown(socket.SHUT_WR)
+                s.settimeout(0.5)
+                try:
+                    while s.recv(65536):
+                        pass
+                except (socket.timeout, TimeoutError, OSError):
+                    pass
+            return
         if kind == "handshake":
             p = t.peer()
             p.send_raw(frame(data))
@@ -100,10 +124,18 @@ def send_input(t: Target, kind: str, data: bytes) -> None:
 
 
 def alive(t: Target) -> str | None:
-    """None when the target still completes a session; else why not."""
+    """None when the target still completes a session (and answers HTTP, with --http); else why not."""
     try:
         p = t.session()
         p.close()
+        if t.http:
+            host, port = t.http.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(b"GET /interop-alive-check HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                s.settimeout(5)
+                answer = s.recv(65536)
+            if not answer.startswith(b"HTTP/1.1 404"):
+                return f"HTTP ingress answered {answer[:40]!r} to an unknown path"
         return None
     except (Closed, OSError, AssertionError, ValueError, KeyError) as exc:
         return f"{type(exc).__name__}: {exc}"
