@@ -74,11 +74,12 @@ class HttpLimits:
 class HttpError(Exception):
     """A gateway-made error response: status and the contract's JSON body."""
 
-    def __init__(self, status: int, error: str, detail: str) -> None:
+    def __init__(self, status: int, error: str, detail: str, *, close: bool = False) -> None:
         super().__init__(f"{status} {error}: {detail}")
         self.status = status
         self.error = error
         self.detail = detail
+        self.close = close  # the request's framing cannot be trusted: end the connection after this
         self.service = ""  # for metrics, once known
 
 
@@ -270,7 +271,8 @@ class BodySource:
             if isinstance(event, h11.Data):
                 self.size += len(event.data)
                 if self.size > self.limits.max_body_bytes:
-                    raise HttpError(413, "body_too_large", f"request body exceeds {self.limits.max_body_bytes} bytes")
+                    raise HttpError(413, "body_too_large", f"request body exceeds {self.limits.max_body_bytes} bytes",
+                                    close=True)
                 if self.replayable:
                     self.chunks.append(event.data)
                     if self.size > MAX_REPLAY_BYTES:
@@ -352,9 +354,10 @@ class DataPlane:
                     break
                 client.conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
-            await self._send_error_quietly(client, HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large", str(exc)))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset):
-            pass
+            await self._send_error_quietly(client, HttpError(
+                exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large", str(exc), close=True))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
+            log.info("%s: client connection ended: %s: %s", self.d.id, type(exc).__name__, exc)
         except Exception:  # a bug must cost this client its connection, never the daemon
             log.exception("%s: HTTP client connection failed", self.d.id)
         finally:
@@ -367,10 +370,15 @@ class DataPlane:
             return
         try:
             resp, body = error_response(exc)
+            if exc.close or (client.conn.their_state is h11.SEND_BODY and not await _drain(client)):
+                # The rest of the body is not worth reading: say we close, or the client
+                # would send its next request into a socket we are closing (a reset).
+                resp = h11.Response(status_code=resp.status_code, reason=resp.reason,
+                                    headers=[*resp.headers, (b"connection", b"close")])
             await client.send(resp)
             await client.send(h11.Data(data=body))
             await client.send(h11.EndOfMessage())
-        except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
     async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
@@ -391,7 +399,7 @@ class DataPlane:
     def _plan(self, req: h11.Request, pinned: dict[str, Key]) -> tuple[str, Constraints, list[Candidate]]:
         # h11 bounds only what it must buffer; a head that arrived whole is checked here.
         if len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers) > MAX_HEADER_BYTES:
-            raise HttpError(431, "headers_too_large", f"request head exceeds {MAX_HEADER_BYTES} bytes")
+            raise HttpError(431, "headers_too_large", f"request head exceeds {MAX_HEADER_BYTES} bytes", close=True)
         path = check_target(req.target)
         try:
             cons = parse_constraints(req.headers)
@@ -399,7 +407,8 @@ class DataPlane:
             raise HttpError(400, "bad_header", str(exc)) from None
         framing = {n.lower() for n, _ in req.headers} & {b"content-length", b"transfer-encoding"}
         if len(framing) == 2:
-            raise HttpError(400, "bad_request", "both Content-Length and Transfer-Encoding: ambiguous framing refused")
+            raise HttpError(400, "bad_request", "both Content-Length and Transfer-Encoding: ambiguous framing refused",
+                            close=True)
         service = match_service(self.d.rib.by_service, path)
         if service is None:
             raise HttpError(404, "no_such_service", f"no service matches {path}")
@@ -750,6 +759,26 @@ class DataPlane:
                 return head_after
         await entry.stream.aclose()
         return head_after
+
+
+DRAIN_LIMIT = 64 * 1024
+DRAIN_TIMEOUT_S = 1.0
+
+
+async def _drain(client: H11Stream) -> bool:
+    """Read (and drop) what is left of a request body we will not forward, if it is small."""
+    seen = 0
+    with trio.move_on_after(DRAIN_TIMEOUT_S):
+        while client.conn.their_state is h11.SEND_BODY:
+            event = await client.next_event()
+            if isinstance(event, h11.Data):
+                seen += len(event.data)
+                if seen > DRAIN_LIMIT:
+                    return False
+            elif not isinstance(event, h11.EndOfMessage):
+                return False
+        return True
+    return False
 
 
 def _readable(stream: trio.SocketStream) -> bool:

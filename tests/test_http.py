@@ -83,10 +83,10 @@ def test_constraints_and_objectives(net) -> None:
         assert who() == "s3"                                        # lowest latency
         assert who(CPN_Prefer="price") == "s2"                      # cheapest
         assert who(CPN_Max_Price="2.5") == "s1"
-        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="6.5ms") == "s1"
-        assert who(CPN_Max_Price="1", CPN_Max_Latency="6.5ms") == "503 no_instance"
+        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="8ms") == "s1"
+        assert who(CPN_Max_Price="1", CPN_Max_Latency="6.1ms") == "503 no_instance"  # s2: 6 ms link + compute
         assert who(CPN_Max_Latency="9ms", CPN_Prefer="price") == "s2"  # ~7.4 ms, the cheapest
-        assert who(CPN_Max_Latency="6.5ms", CPN_Prefer="price") == "s1"  # s2 (6 ms link + 1) is over
+        assert who(CPN_Max_Latency="6.1ms", CPN_Prefer="price") == "s1"  # s2 (6 ms link + compute) is over
         assert who(CPN_QoS="bulk", CPN_Max_Price="0") == "503 no_instance"
 
 
@@ -186,6 +186,19 @@ def test_no_stream_is_left_open(net) -> None:
                 c.post(path, content=b"x" * 1000, headers=h)
     lab = net["lab"]
     lab.wait_for(lambda: all(lab.query(gw, "status")["tunnel_streams"] == 0 for gw in "abcd"), 10, "streams to close")
+
+
+def test_errors_keep_the_connection_alive(net) -> None:
+    """A gateway-made error on a keep-alive connection is not a reason to drop it."""
+    transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    with httpx.Client(base_url=net["url"], transport=transport, timeout=10) as c:
+        addrs = set()
+        for path, headers, body, status in (("/yolo", {"CPN-Max-Price": "0"}, None, 503), ("/nope", {}, b"x" * 100, 404),
+                                            ("/yolo", {"CPN-Prefer": "x"}, None, 400), ("/yolo", S1, None, 200)):
+            r = c.request("POST" if body else "GET", path, headers=headers, content=body)
+            assert r.status_code == status
+            addrs.add(r.extensions["network_stream"].get_extra_info("client_addr"))
+        assert len(addrs) == 1
 
 
 def test_prometheus_metrics(net) -> None:
