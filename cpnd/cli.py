@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--force", action="store_true", help="overwrite an existing file")
     pk = sub.add_parser("pubkey", help="print the public key of a key file")
     pk.add_argument("file")
+    sub.add_parser("reload", help="make the daemon re-read its config (like SIGHUP); prints what changed")
     show = sub.add_parser("show", help="show routes, peers or status")
     what = show.add_subparsers(dest="what", required=True)
     routes = what.add_parser("routes", help="every path in the RIB, best marked")
@@ -88,6 +89,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "pubkey":
         print(public_key_b64(load_private_key(Path(args.file))))
+        return 0
+    if args.command == "reload":
+        print(request(args.socket, "reload")["summary"])
         return 0
     if args.what == "routes":
         if args.service is not None and (problem := service_problem(args.service)):

@@ -99,7 +99,17 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
     }
 
 
+def reload_json(daemon: Daemon) -> dict[str, Any]:
+    from .errors import ConfigError
+
+    try:
+        return {"reloaded": True, "summary": daemon.reload()}
+    except ConfigError as exc:
+        raise ControlError(f"new config refused, the old one keeps running: {exc}") from None
+
+
 COMMANDS = {
+    "reload": lambda d, req: reload_json(d),
     "show-routes": lambda d, req: routes_json(d, req.get("service")),
     "show-peers": lambda d, req: peers_json(d),
     "status": lambda d, req: status_json(d),
@@ -119,6 +129,8 @@ def handle_request(daemon: Daemon, raw: bytes) -> dict[str, Any]:
         return {"ok": False, "error": "service must be a string"}
     try:
         return {"ok": True, "data": COMMANDS[req["cmd"]](daemon, req)}
+    except ControlError as exc:
+        return {"ok": False, "error": str(exc)}
     except Exception as exc:  # a bug here must not take the daemon down
         log.exception("control command %s failed", req.get("cmd"))
         return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}

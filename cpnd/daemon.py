@@ -19,9 +19,10 @@ import attrs
 import trio
 
 from .aio import open_nursery, sleep_until_precisely
-from .config import Config, PeerConfig
+from .config import Config, PeerConfig, load_config
+from .crypto import public_key_b64
 from .crypto import Role
-from .errors import CeaseSub, Code, ProtocolError
+from .errors import CeaseSub, Code, ConfigError, ProtocolError
 from .http import DataPlane, HttpLimits
 from .names import service_label
 from .load import LoadPacer
@@ -51,6 +52,8 @@ TUNNEL_HIGH_WATER = 1024 * 1024
 TUNNEL_LOW_WATER = 256 * 1024
 MAX_UNAUTHENTICATED = 64
 FLUSH_ON_CLOSE_S = 1.0
+# [gateway] keys a running daemon cannot take over without restarting.
+RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
 # Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
 # moves by more than this, so measurement noise never churns the network.
@@ -245,6 +248,7 @@ class PeerState:
     last_error: str = ""
     established_at: float | None = None
     flaps: int = 0
+    removed: bool = False  # deconfigured by a reload: its dial loop ends
 
     def current(self) -> Connection | None:
         """The connection that matters most: established first, then any authenticated."""
@@ -304,7 +308,7 @@ class Daemon:
         g = self.config.gateway
         # Signals are ours from the first instant to the last: a second SIGTERM during
         # the drain must not fall back to the default action and skip the clean-up.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             self.started_at = trio.current_time()
             self.rib.set_local(self._local_routes(), self.started_at)
             listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
@@ -325,6 +329,12 @@ class Daemon:
                 log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
                 task_status.started()
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        try:
+                            log.info("%s: SIGHUP: %s", self.id, self.reload())
+                        except ConfigError as exc:
+                            log.error("%s: SIGHUP: new config refused, the old one keeps running: %s", self.id, exc)
+                        continue
                     log.info("%s: %s received, shutting down", self.id, signal.Signals(signum).name)
                     break
                 await self.shutdown()
@@ -352,6 +362,54 @@ class Daemon:
                     capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
                 ))
         return out
+
+    def reload(self) -> str:
+        """Re-read the config file and apply it: peers, services and timers change in place.
+
+        Sessions whose peer entry did not change are untouched, in-flight requests too.
+        Raises ConfigError (nothing applied) for an invalid file or a change that needs a restart.
+        """
+        new = load_config(self.config.source)
+        old_g, g = self.config.gateway, new.gateway
+        for key in RESTART_KEYS:
+            if getattr(old_g, key) != getattr(g, key):
+                raise ConfigError(f"{self.config.source.name}: gateway.{key}: changing it needs a restart (reload refused)")
+        if public_key_b64(new.key) != public_key_b64(self.config.key):
+            raise ConfigError(f"{self.config.source.name}: gateway.key_file: the key changed: that needs a restart (reload refused)")
+        self.config = new
+        self.session_config = SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms,
+                                            handshake_timeout_s=g.handshake_timeout_ms / 1000)
+        wanted = {p.id: p for p in new.peers}
+        self.peer_keys.clear()
+        self.peer_keys.update({p.id: p.public_key for p in new.peers})
+        gone = [pid for pid in self.peers if pid not in wanted]
+        changed = [pid for pid in self.peers if pid in wanted and self.peers[pid].config != wanted[pid]]
+        for pid in gone + changed:
+            peer = self.peers.pop(pid)
+            peer.removed = True
+            sub = CeaseSub.PEER_DECONFIGURED if pid in gone else CeaseSub.CONFIG_CHANGE
+            for conn in list(peer.conns):
+                conn.session.close(Code.CEASE, sub, "peer removed from the config" if pid in gone else "peer settings changed")
+                conn._process()
+            peer.notify()
+        added = [pid for pid in wanted if pid not in self.peers]
+        for pid in added:
+            peer = PeerState(wanted[pid], Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000))
+            self.peers[pid] = peer
+            if not peer.config.passive and self.nursery is not None:
+                self.nursery.start_soon(self._dial_loop, peer)
+        self.pacers = {iid: self.pacers.get(iid) or LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000,
+                                                            load_threshold=g.load_change_threshold)
+                       for svc in new.services for iid in (i.id for i in svc.instances)}
+        self.local_attrs = {k: v for k, v in self.local_attrs.items() if k in self.pacers}
+        self.dataplane.reconfigure(new)
+        self.seq += 1
+        self.local_seq = {}  # every local instance re-advertised with the new seq
+        self._propagate(self.rib.set_local(self._local_routes(), trio.current_time()))
+        summary = (f"reloaded {new.source.name}: peers +{len(added) - len(changed)} -{len(gone)} ~{len(changed)}, "
+                   f"{len(self.pacers)} local instances")
+        self.stats["reloads"] += 1
+        return summary
 
     async def _load_loop(self) -> None:
         """Re-advertise measured load and compute latency of our instances, paced."""
@@ -392,9 +450,11 @@ class Daemon:
         # dial first so the usual start needs no collision resolution.
         first = 0.0 if self.id.encode() > peer.config.id.encode() else self.config.gateway.connect_retry_min_ms / 1000
         await trio.sleep(first + random.uniform(0, 0.05))
-        while True:
+        while not peer.removed:
             while peer.current() is not None:
                 await peer.changed.wait()
+            if peer.removed:
+                return
             peer.status = "connect"
             try:
                 with trio.fail_after(self.session_config.handshake_timeout_s):
@@ -436,7 +496,10 @@ class Daemon:
         if conn.counted_unauthenticated:
             self.unauthenticated -= 1
             conn.counted_unauthenticated = False
-        peer = self.peers[peer_id]
+        peer = self.peers.get(peer_id)
+        if peer is None:  # removed by a reload while this handshake ran
+            conn.session.close(Code.CEASE, CeaseSub.PEER_DECONFIGURED, f"{peer_id} is no longer configured")
+            return
         if conn.peer is None:
             self._attach(conn, peer)
         for other in list(peer.conns):

@@ -24,7 +24,7 @@ import h11
 import trio
 
 from .aio import open_nursery
-from .config import InstanceConfig, ServiceConfig
+from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
 from .load import InstanceMeter, SendAccount
@@ -301,18 +301,28 @@ class DataPlane:
         self.d = daemon
         self.limits = limits
         self.rng = random.Random()
-        self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {
-            (service_label(s.path), i.id): (s, i) for s in daemon.config.services for i in s.instances
-        }
         self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
-        self.meters = {i.id: InstanceMeter(i.capacity, int(i.compute_latency_ms * 1000))
-                       for s in daemon.config.services for i in s.instances}
-        self.account = SendAccount()
+        self.meters: dict[str, InstanceMeter] = {}
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
+        self.reconfigure(daemon.config)
+        self.account = SendAccount()
         self.clients = 0
         self.nursery: trio.Nursery | None = None
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the (re)loaded services: meters of instances that stay keep their history."""
+        self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {
+            (service_label(s.path), i.id): (s, i) for s in config.services for i in s.instances
+        }
+        meters = {}
+        for _, inst in self.local.values():
+            m = self.meters.get(inst.id) or InstanceMeter(inst.capacity, int(inst.compute_latency_ms * 1000))
+            m.capacity = inst.capacity
+            meters[inst.id] = m
+        self.meters = meters
+        self.ttl.ttl_s = config.gateway.dns_ttl_s
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         addr = self.d.config.gateway.http_listen

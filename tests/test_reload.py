@@ -1,0 +1,76 @@
+"""Reload (cpnctl reload and SIGHUP) with real processes: peers and services change, nothing else moves."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+
+FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 500}
+
+
+def cpnctl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def without_peer(text: str, peer: str) -> str:
+    return re.sub(r'\n\[\[peers\]\]\nid = "%s"\n(?:[^\[\n][^\n]*\n)*' % peer, "\n", text)
+
+
+def without_services(text: str) -> str:
+    return text.split("\n[[services]]")[0] + "\n"
+
+
+def test_reload_adds_and_removes_peers_and_services(tmp_path) -> None:
+    topo = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("a", "c", 1)),
+                    (Instance("s1", "a", "/svc"), Instance("s2", "c", "/svc")), FAST)
+    specs = write_lab(topo, tmp_path)
+    full = specs["a"].config.read_text()
+    specs["a"].config.write_text(without_peer(full, "c"))
+    sock = str(specs["a"].control)
+
+    def peers(gw: str) -> dict:
+        return {p["id"]: p for p in lab.query(gw, "show-peers")}
+
+    def instances(gw: str) -> set:
+        return {r["instance"] for r in lab.routes(gw) if r["best"]}
+
+    with Lab(specs) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: peers("a")["b"]["state"] == "established" and "s1" in instances("b"), 20, "a-b up")
+        assert "c" not in peers("a")
+        b_before = peers("a")["b"]
+
+        specs["a"].config.write_text(full)
+        r = cpnctl("--socket", sock, "reload")  # c added
+        assert r.returncode == 0 and "peers +1 -0" in r.stdout, r.stderr
+        lab.wait_for(lambda: peers("a").get("c", {}).get("state") == "established" and "s2" in instances("b"), 20, "a-c up")
+        b_after = peers("a")["b"]
+        assert b_after["flaps"] == b_before["flaps"] and b_after["uptime_s"] > b_before["uptime_s"]  # untouched
+
+        specs["a"].config.write_text(full.replace('selection = "per-request"', 'selection = "sometimes"'))
+        r = cpnctl("--socket", sock, "reload")
+        assert r.returncode == 1 and "a.toml:" in r.stderr and "gateway.selection: must be one of" in r.stderr
+        assert "the old one keeps running" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert peers("a")["c"]["state"] == "established"
+
+        specs["a"].config.write_text(full.replace('listen = "', 'listen = "127.0.0.2:1" #"', 1))
+        r = cpnctl("--socket", sock, "reload")
+        assert r.returncode == 1 and "gateway.listen: changing it needs a restart" in r.stderr
+
+        specs["a"].config.write_text(without_services(full))  # s1 gone, by SIGHUP this time
+        lab.procs["a"].send_signal(signal.SIGHUP)
+        lab.wait_for(lambda: "s1" not in instances("b") and "s1" not in instances("c"), 10, "s1 withdrawn")
+        assert peers("a")["b"]["flaps"] == b_before["flaps"]
+
+        specs["a"].config.write_text(without_peer(full, "b"))  # b removed: its session ends with Cease
+        r = cpnctl("--socket", sock, "reload")
+        assert r.returncode == 0 and "-1" in r.stdout
+        lab.wait_for(lambda: "a" not in {p["id"] for p in lab.query("b", "show-peers") if p["state"] == "established"},
+                     10, "b to lose a")
+        assert "peer-deconfigured" in peers("b")["a"]["last_error"] or "peer-deconfigured" in lab.log("b")
+        assert not lab.dead()
