@@ -86,6 +86,7 @@ class GatewayConfig:
     http_idle_timeout_ms: int = 60_000
     max_http_clients: int = 4096
     load_adv_interval_ms: int = 200
+    drain_timeout_ms: int = 5000
     load_change_threshold: float = 0.05
     log_level: str = "info"
     log_format: str = "text"
@@ -299,6 +300,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
+        drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
         load_change_threshold=float(r.number(g, (*gw, "load_change_threshold"), 0.0, 1.0, 0.05)),
         log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
         log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),

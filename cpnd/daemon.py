@@ -87,6 +87,8 @@ class Connection:
         self._out_bytes = 0
         self._out_ready = trio.Event()
         self._done = trio.Event()
+        self.flushed = trio.Event()  # closed and its last bytes (the NOTIFICATION) sent or given up
+        self._sending = False
         self._delay_s = 0.0
         self.counted_unauthenticated = False
         self.mux: Mux | None = None
@@ -122,9 +124,10 @@ class Connection:
                 await self._done.wait()
                 # Closed: give the NOTIFICATION a bounded chance to leave, then hang up.
                 with trio.move_on_after(FLUSH_ON_CLOSE_S + self._delay_s):
-                    while self._out:
+                    while self._out or self._sending:  # until the last bytes are in the kernel
                         await self._out_ready.wait()
                         await trio.sleep(0)
+                self.flushed.set()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -170,8 +173,11 @@ class Connection:
             if self._out_bytes <= TUNNEL_LOW_WATER:
                 self._writable.set()
             try:
+                self._sending = True
                 await self.stream.send_all(data)
+                self._sending = False
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._sending = False
                 self._out.clear()
                 self._out_bytes = 0
                 self.session.receive_data(b"", trio.current_time())
@@ -341,15 +347,20 @@ class Daemon:
                 nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
-        """Say Cease to every peer and give the NOTIFICATIONs a moment to leave."""
+        """Stop taking requests, let those in flight finish (bounded), then say Cease to every peer."""
+        self.dataplane.stop_accepting()
+        drain_s = self.config.gateway.drain_timeout_ms / 1000
+        with trio.move_on_after(drain_s) as drain:
+            await self.dataplane.drained()
+        if drain.cancelled_caught:
+            log.warning("%s: %d requests still in flight after %g s of draining: cut", self.id, self.dataplane.inflight, drain_s)
         conns = [c for p in self.peers.values() for c in p.conns]
         for c in conns:
             c.session.close(Code.CEASE, CeaseSub.ADMIN_SHUTDOWN, "gateway shutting down")
             c._process()
-        with trio.move_on_after(FLUSH_ON_CLOSE_S):
+        with trio.move_on_after(FLUSH_ON_CLOSE_S + 0.1):
             for c in conns:
-                await c._done.wait()
-            await trio.sleep(0)
+                await c.flushed.wait()
 
     def _local_routes(self) -> list[RouteAdv]:
         out = []

@@ -307,7 +307,10 @@ class DataPlane:
         self.reconfigure(daemon.config)
         self.account = SendAccount()
         self.clients = 0
-        self.nursery: trio.Nursery | None = None
+        self.inflight = 0
+        self.draining = False
+        self._idle = trio.Event()
+        self._accepting = trio.CancelScope()
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -325,17 +328,54 @@ class DataPlane:
         self.ttl.ttl_s = config.gateway.dns_ttl_s
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept users until ``stop_accepting``; their connections then run on until done."""
         addr = self.d.config.gateway.http_listen
         assert addr is not None
         listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
         self.http_port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            task_status.started()
-            await trio.serve_listeners(self._client, listeners)
+        async with trio.open_nursery() as handlers:
+            with self._accepting:
+                task_status.started()
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(self._accept_loop, listener, handlers)
+            for listener in listeners:
+                await listener.aclose()
+
+    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # out of file descriptors and the like: wait, do not spin
+                log.warning("%s: accept failed: %s", self.d.id, exc)
+                await trio.sleep(0.1)
+                continue
+            handlers.start_soon(self._client, stream)
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: no new users, no new requests on kept-alive connections."""
+        self.draining = True
+        self._accepting.cancel()
+
+    async def drained(self) -> None:
+        """Return once no request is in flight here (ingress, transit or egress)."""
+        while self.inflight:
+            self._idle = trio.Event()
+            await self._idle.wait()
+
+    def _begin(self) -> None:
+        self.inflight += 1
+
+    def _end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
 
     def on_stream(self, stream: TunnelStream) -> None:
         """A peer opened a stream to us: egress if we are the origin, else relay."""
+        if self.draining:  # not delivered: the ingress tries elsewhere
+            stream.reset(ResetCode.REFUSED, False, f"{self.d.id} is shutting down")
+            return
         assert self.d.nursery is not None
         self.d.nursery.start_soon(self._incoming, stream)
 
@@ -360,7 +400,7 @@ class DataPlane:
                 if not isinstance(event, h11.Request):
                     break
                 await self._request(client, event, pinned)
-                if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is not h11.DONE:
+                if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is not h11.DONE or self.draining:
                     break
                 client.conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
@@ -394,6 +434,13 @@ class DataPlane:
     async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
         self.stats["requests"] += 1
         t0 = trio.current_time()
+        self._begin()
+        try:
+            await self._request_counted(client, req, pinned, t0)
+        finally:
+            self._end()
+
+    async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
             service, instance, status = await self._route(client, req, pinned)
             self.d.metrics.observe(service, instance, status, trio.current_time() - t0)
@@ -595,6 +642,7 @@ class DataPlane:
 
     async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str) -> None:
         """Egress if we are the origin, else relay; nothing that goes wrong escapes."""
+        self._begin()
         try:
             if ext.origin == self.d.id:
                 await self._egress(stream, ext)
@@ -607,6 +655,8 @@ class DataPlane:
         except Exception:  # a bug must cost one request, never the daemon
             log.exception("%s: %s failed", self.d.id, what)
             stream.reset(ResetCode.INTERNAL, True, "internal error")
+        finally:
+            self._end()
 
     async def _relay(self, inbound: TunnelStream, ext: ExtHeader) -> None:
         key = self.d.rib.lookup_target(ext.label, ext.origin, ext.instance)
