@@ -55,6 +55,7 @@ class InstanceConfig:
     capacity: float
     price: float
     compute_latency_ms: float
+    health_path: str | None = None  # active probe: GET this path; None: a TCP connect
 
 
 @attrs.frozen
@@ -87,6 +88,9 @@ class GatewayConfig:
     max_http_clients: int = 4096
     load_adv_interval_ms: int = 200
     drain_timeout_ms: int = 5000
+    health_interval_ms: int = 2000
+    health_failures: int = 3
+    health_successes: int = 2
     load_change_threshold: float = 0.05
     log_level: str = "info"
     log_format: str = "text"
@@ -229,7 +233,7 @@ def parse_address(text: str, *, literal: bool = False) -> Address:
 _GATEWAY_KEYS = {f.name for f in attrs.fields(GatewayConfig)}
 _PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive"}
 _SERVICE_KEYS = {"path", "instances"}
-_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms"}
+_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path"}
 
 
 def _url_problem(v: str) -> str | None:
@@ -301,6 +305,9 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
+        health_interval_ms=r.number(g, (*gw, "health_interval_ms"), 50, 3_600_000, 2000, integer=True),
+        health_failures=r.number(g, (*gw, "health_failures"), 1, 1000, 3, integer=True),
+        health_successes=r.number(g, (*gw, "health_successes"), 1, 1000, 2, integer=True),
         load_change_threshold=float(r.number(g, (*gw, "load_change_threshold"), 0.0, 1.0, 0.05)),
         log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
         log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
@@ -367,6 +374,8 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
                 capacity=float(r.number(inst, (*ki, "capacity"), 1e-6, 1e9)),
                 price=float(r.number(inst, (*ki, "price"), 0, 1e12, 0.0)),
                 compute_latency_ms=float(r.number(inst, (*ki, "compute_latency_ms"), 0, 3_600_000, 0.0)),
+                health_path=r.checked(inst, (*ki, "health_path"),
+                                      lambda v: None if v.startswith("/") and " " not in v else "must be a path starting with '/'", None),
             ))
         services.append(ServiceConfig(spath, tuple(instances)))
 

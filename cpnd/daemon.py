@@ -330,8 +330,8 @@ class Daemon:
                 for peer in self.peers.values():
                     if not peer.config.passive:
                         nursery.start_soon(self._dial_loop, peer)
-                if self.pacers:
-                    nursery.start_soon(self._load_loop)
+                nursery.start_soon(self._load_loop)
+                nursery.start_soon(self._health_loop)
                 log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
                 task_status.started()
                 async for signum in signals:
@@ -366,6 +366,8 @@ class Daemon:
         out = []
         for svc in self.config.services:
             for inst in svc.instances:
+                if not self.dataplane.health(inst.id).healthy:
+                    continue  # withdrawn network-wide until it recovers
                 load, bload, comp = self.local_attrs.get(inst.id, (0.0, 0.0, inst.compute_latency_ms * 1000))
                 out.append(RouteAdv(
                     service=svc.path, instance=inst.id, origin=self.id, seq=self.local_seq.get(inst.id, self.seq),
@@ -421,6 +423,23 @@ class Daemon:
                    f"{len(self.pacers)} local instances")
         self.stats["reloads"] += 1
         return summary
+
+    def health_changed(self, iid: str, healthy: bool) -> None:
+        """An instance went down or came back: re-advertise our instances."""
+        log.warning("%s: instance %s is %s", self.id, iid, "healthy again" if healthy else "unhealthy: withdrawn")
+        self.stats["health_changes"] += 1
+        self.seq += 1
+        self.local_seq[iid] = self.seq
+        self._propagate(self.rib.set_local(self._local_routes(), trio.current_time()))
+
+    async def _health_loop(self) -> None:
+        """Probe instances that are down, or that no request has vouched for lately."""
+        while True:
+            await trio.sleep(self.config.gateway.health_interval_ms / 1000)
+            async with trio.open_nursery() as nursery:
+                for svc in self.config.services:
+                    for inst in svc.instances:
+                        nursery.start_soon(self.dataplane.probe, inst)
 
     async def _load_loop(self) -> None:
         """Re-advertise measured load and compute latency of our instances, paced."""

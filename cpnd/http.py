@@ -27,6 +27,7 @@ from .aio import open_nursery
 from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
+from .health import HealthTracker
 from .load import InstanceMeter, SendAccount
 from .rib import Best
 from .select import (
@@ -303,6 +304,8 @@ class DataPlane:
         self.rng = random.Random()
         self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
         self.meters: dict[str, InstanceMeter] = {}
+        self._health: dict[str, HealthTracker] = {}
+        self._vouched: dict[str, float] = {}  # when a request last reached each instance
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.reconfigure(daemon.config)
         self.account = SendAccount()
@@ -313,6 +316,50 @@ class DataPlane:
         self._accepting = trio.CancelScope()
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+
+    def health(self, iid: str) -> HealthTracker:
+        tracker = self._health.get(iid)
+        if tracker is None:
+            g = self.d.config.gateway
+            tracker = self._health[iid] = HealthTracker(g.health_failures, g.health_successes,
+                                                        hold_down_s=g.health_interval_ms / 1000)
+        return tracker
+
+    def _health_result(self, iid: str, ok: bool) -> None:
+        now = trio.current_time()
+        if ok:
+            self._vouched[iid] = now
+        if self.health(iid).result(ok, now):
+            self.d.health_changed(iid, self.health(iid).healthy)
+
+    async def probe(self, inst: InstanceConfig) -> None:
+        """Active check: a TCP connect, or GET ``health_path`` answered below 500."""
+        now = trio.current_time()
+        interval = self.d.config.gateway.health_interval_ms / 1000
+        if self.health(inst.id).healthy and now - self._vouched.get(inst.id, -1e9) < interval:
+            return  # real traffic proved it alive since the last probe
+        u = urllib.parse.urlsplit(inst.url)
+        ok = False
+        with trio.move_on_after(min(2.0, interval)):
+            try:
+                stream = await trio.open_tcp_stream(u.hostname or "127.0.0.1", u.port or 80)
+            except OSError:
+                stream = None
+            if stream is not None:
+                async with stream:
+                    if inst.health_path is None:
+                        ok = True
+                    else:
+                        conn = H11Stream(h11.CLIENT, stream)
+                        try:
+                            await conn.send(h11.Request(method="GET", target=inst.health_path,
+                                                        headers=[("host", u.netloc), ("connection", "close")]))
+                            await conn.send(h11.EndOfMessage())
+                            event = await conn.next_event()
+                            ok = isinstance(event, h11.Response) and event.status_code < 500
+                        except (h11.ProtocolError, trio.BrokenResourceError, OSError):
+                            ok = False
+        self._health_result(inst.id, ok)
 
     def reconfigure(self, config: Config) -> None:
         """Take the (re)loaded services: meters of instances that stay keep their history."""
@@ -750,6 +797,7 @@ class DataPlane:
         try:
             entry = await self._connect(host, port)
         except (OSError, trio.TooSlowError) as exc:
+            self._health_result(inst.id, False)
             stream.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
             return None
         ic = H11Stream(h11.CLIENT, entry.stream)
@@ -786,6 +834,7 @@ class DataPlane:
                 if not isinstance(ev, h11.Response):
                     raise OSError("instance closed the connection before responding")
                 responded = True
+                self._health_result(inst.id, True)
                 head_after = max(0.0, trio.current_time() - uploaded_at)
                 meter = self.meters[inst.id]
                 stream.report_load(meter.load(trio.current_time()), meter.bounded_load(trio.current_time()), meter.base_us)

@@ -184,9 +184,10 @@ class InstanceProcs:
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.ports: dict[str, int] = {}
 
-    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9) -> int:
+    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9, port: int = 0) -> int:
         p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", iid, "--compute-ms", str(compute_ms),
-                              "--capacity", str(capacity)], stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                              "--capacity", str(capacity), "--port", str(port)],
+                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
         line = p.stdout.readline() if p.stdout else ""
         if not line.startswith("listening "):
             p.kill()
