@@ -21,6 +21,11 @@ ROUTE_COLUMNS = [
     ("path", "PATH"), ("path_latency_ms", "PATH-MS"), ("compute_latency_ms", "COMP-MS"), ("load", "LOAD"),
     ("capacity", "CAP"), ("price", "PRICE"), ("label", "LABEL"), ("age_s", "AGE-S"), ("best", "BEST"),
 ]
+SERVICE_COLUMNS = [
+    ("service", "SERVICE"), ("instance", "INSTANCE"), ("healthy", "HEALTHY"), ("load", "LOAD"),
+    ("compute_latency_ms", "COMP-MS"), ("capacity", "CAP"), ("price", "PRICE"), ("inflight", "INFLIGHT"),
+    ("refused", "REFUSED"), ("url", "URL"),
+]
 PEER_COLUMNS = [
     ("id", "PEER"), ("address", "ADDRESS"), ("state", "STATE"), ("uptime_s", "UPTIME-S"),
     ("rtt_ms", "RTT-MS"), ("routes_received", "ROUTES"), ("last_error", "LAST-ERROR"),
@@ -34,6 +39,8 @@ def _cell(key: str, value: Any) -> str:
         return " ".join(value) if value else "local"
     if key == "best":
         return "*" if value else ""
+    if key == "healthy":
+        return "yes" if value else "NO"
     if key == "load":
         return f"{value:.0%}"
     if isinstance(value, float):
@@ -65,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("--json", action="store_true")
     peers = what.add_parser("peers", help="sessions and their state")
     peers.add_argument("--json", action="store_true")
+    services = what.add_parser("services", help="this gateway's own instances: health, load, compute")
+    services.add_argument("--json", action="store_true")
+    stats = what.add_parser("stats", help="counters (same as status)")
+    stats.add_argument("--json", action="store_true")
     status = what.add_parser("status", help="gateway summary")
     status.add_argument("--json", action="store_true")
     return p
@@ -99,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         rows = request(args.socket, "show-routes", service=args.service)
         print(json.dumps(rows, indent=1) if args.json else table(rows, ROUTE_COLUMNS))
+    elif args.what == "services":
+        rows = request(args.socket, "show-services")
+        print(json.dumps(rows, indent=1) if args.json else table(rows, SERVICE_COLUMNS))
     elif args.what == "peers":
         rows = request(args.socket, "show-peers")
         print(json.dumps(rows, indent=1) if args.json else table(rows, PEER_COLUMNS))

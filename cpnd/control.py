@@ -81,6 +81,23 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
     return out
 
 
+def services_json(daemon: Daemon) -> list[dict[str, Any]]:
+    """Our own instances as the service-side gateway sees them."""
+    now = trio.current_time()
+    out = []
+    for svc in daemon.config.services:
+        for inst in svc.instances:
+            meter = daemon.dataplane.meters[inst.id]
+            out.append({
+                "service": svc.path, "instance": inst.id, "url": inst.url,
+                "healthy": daemon.dataplane.health(inst.id).healthy,
+                "load": round(meter.load(now), 3), "bounded_load": round(meter.bounded_load(now), 3),
+                "compute_latency_ms": round(meter.base_us / 1000, 3), "capacity": inst.capacity, "price": inst.price,
+                "inflight": meter.inflight, "refused": meter.refused,
+            })
+    return out
+
+
 def status_json(daemon: Daemon) -> dict[str, Any]:
     return {
         "id": daemon.id,
@@ -112,6 +129,7 @@ COMMANDS = {
     "reload": lambda d, req: reload_json(d),
     "show-routes": lambda d, req: routes_json(d, req.get("service")),
     "show-peers": lambda d, req: peers_json(d),
+    "show-services": lambda d, req: services_json(d),
     "status": lambda d, req: status_json(d),
 }
 

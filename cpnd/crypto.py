@@ -81,10 +81,14 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     """Read a PEM (PKCS#8) Ed25519 private key written by ``cpnctl keygen``."""
     try:
         data = path.read_bytes()
+        mode = path.stat().st_mode
     except FileNotFoundError:
         raise KeyFileError(f"{path}: no such file (create it with `cpnctl keygen {path}`)") from None
     except OSError as exc:
         raise KeyFileError(f"{path}: cannot read: {exc.strerror}") from None
+    if mode & 0o077:
+        # Like ssh: a private key others can read is not a private key any more.
+        raise KeyFileError(f"{path}: readable by group or others (mode {mode & 0o777:04o}); chmod 600 it")
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):

@@ -138,7 +138,11 @@ def test_key_files(tmp_path) -> None:
         write_private_key(path, Ed25519PrivateKey.generate())
     write_private_key(path, Ed25519PrivateKey.generate(), force=True)
     assert public_key_b64(load_private_key(path)) != public_key_b64(key)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyFileError, match=r"readable by group or others \(mode 0644\); chmod 600 it"):
+        load_private_key(path)
     (tmp_path / "junk").write_text("hello")
+    os.chmod(tmp_path / "junk", 0o600)
     with pytest.raises(KeyFileError, match="not a PEM"):
         load_private_key(tmp_path / "junk")
     with pytest.raises(KeyFileError, match="no such file"):

@@ -247,6 +247,11 @@ def test_cpnctl_against_a_daemon(make_lab) -> None:
     assert cpnctl("--socket", sock, "show", "routes", "/other", "--json").stdout.strip() == "[]"
     peers = json.loads(cpnctl("--socket", sock, "show", "peers", "--json").stdout)
     assert {"id", "address", "state", "uptime_s", "rtt_ms", "routes_received"} <= set(peers[0])
+    services = json.loads(cpnctl("--socket", str(specs["b"].control), "show", "services", "--json").stdout)
+    assert [(x["service"], x["instance"], x["healthy"], x["capacity"]) for x in services] == [("/yolo", "s1", True, 50)]
+    assert "yes" in cpnctl("--socket", str(specs["b"].control), "show", "services").stdout
+    stats = json.loads(cpnctl("--socket", sock, "show", "stats", "--json").stdout)
+    assert stats["id"] == "a" and stats["peers_established"] == 1 and "stats" in stats
     missing = cpnctl("--socket", sock + ".nope", "show", "peers")
     assert missing.returncode == 1 and missing.stderr.startswith("cpnctl: ") and "no such control socket" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
