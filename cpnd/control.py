@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .daemon import Daemon
 
@@ -117,8 +119,6 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
 
 
 def reload_json(daemon: Daemon) -> dict[str, Any]:
-    from .errors import ConfigError
-
     try:
         return {"reloaded": True, "summary": daemon.reload()}
     except ConfigError as exc:

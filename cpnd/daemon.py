@@ -278,23 +278,15 @@ class Daemon:
         g = config.gateway
         self.id = g.id
         self.rib = Rib(g.id, max_routes_per_peer=g.max_routes_per_peer)
-        self.session_config = SessionConfig(
-            hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000
-        )
+        self.session_config = _session_config(config)
         self.peer_keys = {p.id: p.public_key for p in config.peers}
-        self.peers = {
-            p.id: PeerState(p, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000))
-            for p in config.peers
-        }
+        self.peers = {p.id: _peer_state(config, p) for p in config.peers}
         # Per-origin sequence numbers start from the wall clock so a restarted gateway
         # still outranks what it advertised before (protocol-spec/routing.md).
         self.seq = time.time_ns() // 1000
         self.local_seq: dict[str, int] = {}
         self.local_attrs: dict[str, tuple[float, float, float]] = {}
-        self.pacers = {
-            i.id: LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
-            for s in config.services for i in s.instances
-        }
+        self.pacers = {i.id: _pacer(config) for s in config.services for i in s.instances}
         self.started_at = 0.0
         self.unauthenticated = 0
         self.stats: collections.Counter[str] = collections.Counter()
@@ -390,8 +382,7 @@ class Daemon:
         if public_key_b64(new.key) != public_key_b64(self.config.key):
             raise ConfigError(f"{self.config.source.name}: gateway.key_file: the key changed: that needs a restart (reload refused)")
         self.config = new
-        self.session_config = SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms,
-                                            handshake_timeout_s=g.handshake_timeout_ms / 1000)
+        self.session_config = _session_config(new)
         wanted = {p.id: p for p in new.peers}
         self.peer_keys.clear()
         self.peer_keys.update({p.id: p.public_key for p in new.peers})
@@ -407,13 +398,11 @@ class Daemon:
             peer.notify()
         added = [pid for pid in wanted if pid not in self.peers]
         for pid in added:
-            peer = PeerState(wanted[pid], Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000))
+            peer = _peer_state(new, wanted[pid])
             self.peers[pid] = peer
             if not peer.config.passive and self.nursery is not None:
                 self.nursery.start_soon(self._dial_loop, peer)
-        self.pacers = {iid: self.pacers.get(iid) or LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000,
-                                                            load_threshold=g.load_change_threshold)
-                       for svc in new.services for iid in (i.id for i in svc.instances)}
+        self.pacers = {i.id: self.pacers.get(i.id) or _pacer(new) for svc in new.services for i in svc.instances}
         self.local_attrs = {k: v for k, v in self.local_attrs.items() if k in self.pacers}
         self.dataplane.reconfigure(new)
         self.seq += 1
@@ -612,6 +601,21 @@ class Daemon:
                 if c.adj_out is not None:
                     c.adj_out.mark(keys)
                     c.wake()
+
+
+def _session_config(config: Config) -> SessionConfig:
+    g = config.gateway
+    return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000)
+
+
+def _peer_state(config: Config, peer: PeerConfig) -> PeerState:
+    g = config.gateway
+    return PeerState(peer, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000))
+
+
+def _pacer(config: Config) -> LoadPacer:
+    g = config.gateway
+    return LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
 
 
 def _peername(stream: trio.SocketStream) -> str:

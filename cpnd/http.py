@@ -551,10 +551,7 @@ class DataPlane:
 
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> tuple[str, str, int]:
         """Serve one request; (service, instance, status) of the answer, or HttpError."""
-        try:
-            service, cons, ranked = self._plan(req, pinned)
-        except HttpError:
-            raise
+        service, cons, ranked = self._plan(req, pinned)
         try:
             return await self._forward(client, req, service, cons, ranked)
         except HttpError as exc:
