@@ -36,7 +36,7 @@ def net(tmp_path_factory):
         "s2": f"http://127.0.0.1:{insts.ports['s2']}/api/infer?model=x",
         "s3": f"http://127.0.0.1:{insts.ports['s3']}/",
     }
-    topo = Topology(("a", "b", "c", "d"), (Link("a", "b", 2), Link("b", "c", 2), Link("a", "d", 6)),
+    topo = Topology(("a", "b", "c", "d"), (Link("a", "b", 2), Link("b", "c", 2), Link("a", "d", 20)),
                     (Instance("s1", "c", "/yolo", 50, 2, 1), Instance("s2", "d", "/yolo", 50, 1, 1),
                      Instance("s3", "a", "/yolo", 50, 3, 0)),
                     dict(FAST, max_body_bytes=8 * 1024 * 1024))
@@ -53,10 +53,10 @@ def net(tmp_path_factory):
         insts.stop_all()
 
 
-S1 = {"CPN-Max-Price": "2.5"}           # s3 (price 3) out: s1 (~5 ms) beats s2 (~7 ms)
-# Only s1: s2's 6 ms link alone breaks the bound (S1 can pick s2 when bulk transfers on the
+S1 = {"CPN-Max-Price": "2.5"}           # s3 (price 3) out: s1 (~5 ms) beats s2 (~21 ms)
+# Only s1: s2's 20 ms link alone breaks the bound (S1 can pick s2 when bulk transfers on the
 # a-b link inflate its measured RTT, as they should).
-S1_ONLY = {"CPN-Max-Price": "2.5", "CPN-Max-Latency": "6ms"}
+S1_ONLY = {"CPN-Max-Price": "2.5", "CPN-Max-Latency": "12ms"}
 S2 = {"CPN-Prefer": "price"}            # cheapest: s2
 S3: dict[str, str] = {}                 # fastest: the local s3
 
@@ -86,10 +86,10 @@ def test_constraints_and_objectives(net) -> None:
         assert who() == "s3"                                        # lowest latency
         assert who(CPN_Prefer="price") == "s2"                      # cheapest
         assert who(CPN_Max_Price="2.5") == "s1"
-        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="8ms") == "s1"
-        assert who(CPN_Max_Price="1", CPN_Max_Latency="6.1ms") == "503 no_instance"  # s2: 6 ms link + compute
-        assert who(CPN_Max_Latency="9ms", CPN_Prefer="price") == "s2"  # ~7.4 ms, the cheapest
-        assert who(CPN_Max_Latency="6.1ms", CPN_Prefer="price") == "s1"  # s2 (6 ms link + compute) is over
+        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="12ms") == "s1"
+        assert who(CPN_Max_Price="1", CPN_Max_Latency="15ms") == "503 no_instance"  # s2: 20 ms link + compute
+        assert who(CPN_Max_Latency="35ms", CPN_Prefer="price") == "s2"  # ~21 ms, the cheapest
+        assert who(CPN_Max_Latency="15ms", CPN_Prefer="price") == "s1"  # s2 (20 ms link + compute) is over
         assert who(CPN_QoS="bulk", CPN_Max_Price="0") == "503 no_instance"
 
 
@@ -277,7 +277,7 @@ def test_per_connection_mode_pins(tmp_path) -> None:
     try:
         for iid in ("near", "far"):
             insts.start(iid)
-        topo = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("a", "c", 5)),
+        topo = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("a", "c", 15)),
                         (Instance("near", "b", "/svc", 50, 1, 1), Instance("far", "c", "/svc", 50, 1, 1)), FAST)
         specs = write_lab(topo, tmp_path / "p", selection="per-connection",
                           instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/")
