@@ -211,6 +211,14 @@ class _Reader:
         return p if p.is_absolute() else (self.path.parent / p)
 
 
+def _health_interval(r: _Reader, data: dict[str, Any], keypath: tuple[str | int, ...]) -> int:
+    """0 turns active probing off; otherwise at least 50 ms, so probes cannot become a load of their own."""
+    v = r.number(data, keypath, 0, 3_600_000, 2000, integer=True)
+    if 0 < v < 50:
+        raise r.error(keypath, f"must be 0 (active probes off) or between 50 and 3600000, got {v}")
+    return v
+
+
 def parse_address(text: str, *, literal: bool = False) -> Address:
     """Parse ``host:port`` or ``[v6]:port``; ``literal`` requires an IP address."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", text)
@@ -305,7 +313,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
-        health_interval_ms=r.number(g, (*gw, "health_interval_ms"), 50, 3_600_000, 2000, integer=True),
+        health_interval_ms=_health_interval(r, g, (*gw, "health_interval_ms")),
         health_failures=r.number(g, (*gw, "health_failures"), 1, 1000, 3, integer=True),
         health_successes=r.number(g, (*gw, "health_successes"), 1, 1000, 2, integer=True),
         load_change_threshold=float(r.number(g, (*gw, "load_change_threshold"), 0.0, 1.0, 0.05)),

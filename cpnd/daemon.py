@@ -55,6 +55,7 @@ FLUSH_ON_CLOSE_S = 1.0
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
+HEALTH_OFF_RECHECK_S = 1.0
 # Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
 # moves by more than this, so measurement noise never churns the network.
 LINK_COST_MIN_CHANGE_US = 100
@@ -424,7 +425,10 @@ class Daemon:
     async def _health_loop(self) -> None:
         """Probe instances that are down, or that no request has vouched for lately."""
         while True:
-            await trio.sleep(self.config.gateway.health_interval_ms / 1000)
+            interval_ms = self.config.gateway.health_interval_ms
+            await trio.sleep(interval_ms / 1000 if interval_ms else HEALTH_OFF_RECHECK_S)
+            if not self.config.gateway.health_interval_ms:
+                continue  # active probes off (a reload may turn them on); passive checks still run
             async with trio.open_nursery() as nursery:
                 for svc in self.config.services:
                     for inst in svc.instances:

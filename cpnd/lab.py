@@ -156,7 +156,10 @@ def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
         lines = ["[gateway]", f"id = {_toml_value(gw)}", f'listen = "{spec.listen}"', f'http_listen = "{spec.http}"',
                  f'metrics_listen = "{spec.metrics}"',
                  f'control_socket = "{spec.control.name}"', f'key_file = "{gw}.key"', f'selection = "{selection}"']
-        lines += [f"{k} = {_toml_value(v)}" for k, v in topo.gateway_options.items()]
+        options = dict(topo.gateway_options)
+        if instance_url is None:
+            options.setdefault("health_interval_ms", 0)  # placeholder URLs: nothing to probe
+        lines += [f"{k} = {_toml_value(v)}" for k, v in options.items()]
         for peer, rtt in topo.neighbours(gw):
             lines += ["", "[[peers]]", f"id = {_toml_value(peer)}", f'address = "{specs[peer].listen}"',
                       f'public_key = "{specs[peer].public_key}"']

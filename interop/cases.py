@@ -355,6 +355,82 @@ def _unroutable(t: Target) -> None:
     assert code in (1, 11) and delivered == 0, (code, delivered)
 
 
+DATA_MAX = 16384
+INITIAL_WINDOW = 262144
+FLOW_CONTROL_LIMIT = 64 * 1024 * 1024  # a target that enforces its window resets us long before this
+
+
+def _tunnel_frames(p: Peer, timeout: float) -> list[tuple[int, int, int, bytes]]:
+    """Tunnel frames that arrive within ``timeout`` (control messages are read and dropped)."""
+    out = []
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ctype, payload = p.recv(max(0.001, deadline - time.monotonic()))
+        except (socket.timeout, TimeoutError):
+            return out
+        if ctype == TUNNEL:
+            sid, ftype, flags = struct.unpack(">IBB", payload[:6])
+            out.append((sid, ftype, flags, payload[6:]))
+        if time.monotonic() >= deadline:
+            return out
+
+
+@case("tunnel-flow-control-overrun", "tunnel.md#flow-control (RESET 8)")
+def _flow_control(t: Target) -> None:
+    """We serve a route of our own and answer a request with DATA far beyond the window.
+
+    The user never reads, so the target cannot pass our bytes on and must stop crediting:
+    it has to reset the stream with flow-control instead of buffering without bound.
+    """
+    if not t.http:
+        return
+    svc = f"/interop-fc-{random_id()}"
+    p = t.session()
+    user = None
+    try:
+        p.send_msg({"t": UPDATE, "adv": [new_route(svc, "fc1", t.my_id)], "wd": []})
+        opened = None
+        for _ in range(10):  # the UPDATE and the HTTP request race on two connections
+            if user is not None:
+                user.close()
+            host, port = t.http.rsplit(":", 1)
+            user = socket.create_connection((host, int(port)), timeout=5)
+            user.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a user that reads nothing
+            user.sendall(f"GET {svc} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            frames = _tunnel_frames(p, 0.5)
+            opened = next((f for f in frames if f[1] == 1), None)
+            if opened is not None:
+                break
+        assert opened is not None, f"the target never opened a stream to our instance of {svc}"
+        sid = opened[0]
+        assert sid % 2 == 0, f"the responder opened odd stream {sid}"
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n"
+        p.send_msg(struct.pack(">IBBIII", sid, 5, 0, 0, 0, 1000), ctype=TUNNEL)
+        p.send_msg(struct.pack(">IBB", sid, 2, 0) + head, ctype=TUNNEL)
+        chunk = struct.pack(">IBB", sid, 2, 0) + b"x" * DATA_MAX
+        sent = len(head)
+        last_keepalive = time.monotonic()
+        while sent < FLOW_CONTROL_LIMIT:
+            for _ in range(16):
+                p.send_msg(chunk, ctype=TUNNEL)  # a target that stops reading its session blocks us: OSError
+            sent += 16 * DATA_MAX
+            for fsid, ftype, _, body in _tunnel_frames(p, 0.001):
+                if fsid == sid and ftype == 4:
+                    code, delivered = struct.unpack(">HB", body[:3])
+                    assert code == 8, f"expected RESET flow-control (8), got {code} after {sent} bytes"
+                    assert sent > INITIAL_WINDOW, f"reset after {sent} bytes, within the initial window"
+                    return
+            if time.monotonic() - last_keepalive > 0.5:
+                p.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+                last_keepalive = time.monotonic()
+        raise AssertionError(f"{sent} bytes sent beyond any credit without a RESET flow-control")
+    finally:
+        if user is not None:
+            user.close()
+        p.close()
+
+
 # ---------------------------------------------------------------- HTTP contract (with --http)
 
 
@@ -396,23 +472,37 @@ def _h503(t: Target) -> None:
     _json_error(status, headers, body, status)
 
 
+def advertised_routes(t: Target, quiet: float = 0.5, limit: float = 3.0) -> set[tuple[str, str, str]]:
+    """(service, origin, instance) of every route the target advertises to us, after a ROUTE-REFRESH.
+
+    Routes learnt from the target's other peers vanish when those sessions go down, so this
+    is how a black-box tool sees them (routing.md). Reads until ``quiet`` s pass without an UPDATE.
+    """
+    p = t.session()
+    routes: set[tuple[str, str, str]] = set()
+    p.send_msg({"t": ROUTE_REFRESH})
+    deadline = time.monotonic() + limit
+    last = time.monotonic()
+    try:
+        while time.monotonic() < min(deadline, last + quiet):
+            ctype, msg = p.recv(max(0.01, min(deadline, last + quiet) - time.monotonic()))
+            if ctype != TUNNEL and msg.get("t") == UPDATE:
+                routes |= {(r["svc"], r["origin"], r["inst"]) for r in msg["adv"]}
+                routes -= {tuple(w) for w in msg["wd"]}
+                last = time.monotonic()
+    except (socket.timeout, TimeoutError):
+        pass
+    finally:
+        p.close()
+    return routes
+
+
 @case("http-served-carries-cpn-instance", "README: CPN-Instance/CPN-Origin")
 def _served(t: Target) -> None:
     """Any service the target advertises, called once: the answer names who served it."""
     if not t.http:
         return
-    p = t.session()
-    services = set()
-    p.send_msg({"t": ROUTE_REFRESH})
-    deadline = time.monotonic() + 2
-    try:
-        while time.monotonic() < deadline:
-            _, msg = p.recv(max(0.05, deadline - time.monotonic()))
-            if msg.get("t") == UPDATE:
-                services |= {r["svc"] for r in msg["adv"]}
-    except (socket.timeout, TimeoutError):
-        pass
-    p.close()
+    services = {svc for svc, _, _ in advertised_routes(t)}
     if not services:
         return
     status, headers, _ = _http(t, "GET", sorted(services)[0])

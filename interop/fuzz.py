@@ -2,7 +2,8 @@
 
 Each input is sent on a fresh authenticated session (or, for handshake inputs, a
 fresh connection); the target may answer with an error and close, or ignore it, but
-must stay up and keep accepting sessions. Every batch ends with a liveness check.
+must stay up and keep accepting sessions. Every batch ends with a liveness check, which
+also sees the target's other sessions through the routes it learnt over them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from .cases import SPEC, Target
+from .cases import SPEC, Target, advertised_routes
 from .wire import TUNNEL, Closed, frame, new_route, pack
 
 
@@ -123,11 +124,13 @@ def send_input(t: Target, kind: str, data: bytes) -> None:
         pass
 
 
-def alive(t: Target) -> str | None:
-    """None when the target still completes a session (and answers HTTP, with --http); else why not."""
+def alive(t: Target, routes: set[tuple[str, str, str]]) -> str | None:
+    """None when the target still completes a session, still advertises ``routes`` (so the other
+    sessions they came over are up) and answers HTTP (with --http); else why not."""
     try:
-        p = t.session()
-        p.close()
+        gone = routes - advertised_routes(t)
+        if gone:
+            return f"routes withdrawn since the start (another session of the target went down?): {sorted(gone)[:5]}"
         if t.http:
             host, port = t.http.rsplit(":", 1)
             with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -145,6 +148,7 @@ def fuzz(t: Target, n: int, seed: int, batch: int = 100, report: Callable[[dict[
     """Send ``n`` mutated inputs; (passed batches, failed batches)."""
     rng = random.Random(seed)
     seeds = _seeds()
+    routes = advertised_routes(t)
     passed = failed = 0
     sent = 0
     while sent < n:
@@ -154,7 +158,7 @@ def fuzz(t: Target, n: int, seed: int, batch: int = 100, report: Callable[[dict[
             chunk.append((kind, data))
             send_input(t, kind, data)
             sent += 1
-        why = alive(t)
+        why = alive(t, routes)
         result = {"case": f"fuzz-batch-{sent}", "section": "fuzzing", "passed": why is None,
                   "detail": why or "", "inputs": len(chunk)}
         if why is not None:

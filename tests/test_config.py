@@ -56,6 +56,8 @@ def test_good_config(tmp_path) -> None:
     assert cfg.peers[0].emulated_rtt_ms == 4.0
     assert cfg.services[0].instances[0].capacity == 50.0
     assert cfg.gateway.hold_time_ms == 3000
+    off = load_config(write(tmp_path, GOOD.replace('selection = "per-request"', 'selection = "per-request"\nhealth_interval_ms = 0')))
+    assert off.gateway.health_interval_ms == 0
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
@@ -77,6 +79,8 @@ def test_good_config(tmp_path) -> None:
     ('id = "gw1"', 'id = 1', "gw1.toml:2: gateway.id: must be a string, got int"),
     ('price = 2', 'price = true', "gw1.toml:21: services[0].instances[0].price: must be an integer or a number, got bool"),
     ('[gateway]', '[gateway', "gw1.toml:1: TOML syntax"),
+    ('selection = "per-request"', 'selection = "per-request"\nhealth_interval_ms = 10',
+     "gw1.toml:8: gateway.health_interval_ms: must be 0 (active probes off) or between 50 and 3600000, got 10"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, old: str, new: str, expected: str) -> None:
     assert old in GOOD

