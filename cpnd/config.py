@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .crypto import KeyFileError, load_private_key, parse_public_key
 from .errors import ConfigError
 from .names import id_problem, service_problem
-from .wire import MAX_HOLD_MS, MIN_HOLD_MS
+from .wire import MAX_HOLD_MS, MAX_RESTART_MS, MIN_HOLD_MS
 
 SELECTION_MODES = ("per-request", "per-connection", "dns-ttl")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -88,6 +88,7 @@ class GatewayConfig:
     max_http_clients: int = 4096
     load_adv_interval_ms: int = 200
     drain_timeout_ms: int = 5000
+    graceful_restart_ms: int = 0
     health_interval_ms: int = 2000
     health_failures: int = 3
     health_successes: int = 2
@@ -313,6 +314,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
+        graceful_restart_ms=r.number(g, (*gw, "graceful_restart_ms"), 0, MAX_RESTART_MS, 0, integer=True),
         health_interval_ms=_health_interval(r, g, (*gw, "health_interval_ms")),
         health_failures=r.number(g, (*gw, "health_failures"), 1, 1000, 3, integer=True),
         health_successes=r.number(g, (*gw, "health_successes"), 1, 1000, 2, integer=True),

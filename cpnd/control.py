@@ -50,7 +50,8 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "age_s": round(now - route.received_at, 3),
             "best": best,
             "seq": a.seq,
-            "stale": a.seq < fresh.seq,
+            "older_seq": a.seq < fresh.seq,  # its attributes are not the freshest we hold
+            "stale": route.stale,  # kept through the next hop's graceful restart
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
         })
     return out

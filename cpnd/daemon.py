@@ -32,6 +32,7 @@ from .streams import Mux
 from .session import (
     Authenticated,
     Backoff,
+    CloseReason,
     Closed,
     Established,
     RefreshRequested,
@@ -83,6 +84,7 @@ class Connection:
         self.remote = remote
         self.peer: PeerState | None = None
         self.adj_out: AdjRibOut | None = None
+        self.end_of_rib_pending = False  # send End-of-RIB after the first flush of a new session
         self._wake = trio.Event()
         self._out: collections.deque[tuple[float, bytes]] = collections.deque()
         self._out_bytes = 0
@@ -192,12 +194,16 @@ class Connection:
         if self.adj_out is None or not self.established:
             return
         due = self.adj_out.due(now)
-        if due is None or due > now:
-            return
-        adv, wd = self.adj_out.flush(self.daemon.rib, now)
-        if adv or wd:
-            n = self.session.send_update(adv, wd)
-            self.daemon.stats["updates_out"] += n
+        if due is not None and due > now:
+            return  # the initial table goes out before End-of-RIB
+        if due is not None:
+            adv, wd = self.adj_out.flush(self.daemon.rib, now)
+            if adv or wd:
+                n = self.session.send_update(adv, wd)
+                self.daemon.stats["updates_out"] += n
+        if self.end_of_rib_pending:
+            self.end_of_rib_pending = False
+            self.session.send_end_of_rib()
 
     def _enqueue(self, data: bytes) -> None:
         if not data:
@@ -336,11 +342,14 @@ class Daemon:
                         continue
                     log.info("%s: %s received, shutting down", self.id, signal.Signals(signum).name)
                     break
-                await self.shutdown()
+                await self.shutdown(restarting=signum == signal.SIGTERM and self.config.gateway.graceful_restart_ms > 0)
                 nursery.cancel_scope.cancel()
 
-    async def shutdown(self) -> None:
-        """Stop taking requests, let those in flight finish (bounded), then say Cease to every peer."""
+    async def shutdown(self, *, restarting: bool = False) -> None:
+        """Stop taking requests, let those in flight finish (bounded), then say Cease to every peer.
+
+        ``restarting``: Cease/restarting, so peers keep our routes through our graceful restart.
+        """
         self.dataplane.stop_accepting()
         drain_s = self.config.gateway.drain_timeout_ms / 1000
         with trio.move_on_after(drain_s) as drain:
@@ -349,7 +358,10 @@ class Daemon:
             log.warning("%s: %d requests still in flight after %g s of draining: cut", self.id, self.dataplane.inflight, drain_s)
         conns = [c for p in self.peers.values() for c in p.conns]
         for c in conns:
-            c.session.close(Code.CEASE, CeaseSub.ADMIN_SHUTDOWN, "gateway shutting down")
+            if restarting:
+                c.session.close(Code.CEASE, CeaseSub.RESTARTING, "gateway restarting: keep my routes")
+            else:
+                c.session.close(Code.CEASE, CeaseSub.ADMIN_SHUTDOWN, "gateway shutting down")
             c._process()
         with trio.move_on_after(FLUSH_ON_CLOSE_S + 0.1):
             for c in conns:
@@ -452,6 +464,8 @@ class Daemon:
             if changed:
                 self.stats["load_updates"] += 1
                 self._propagate(self.rib.set_local(self._local_routes(), now))
+            if self.rib.stale_until:
+                self._propagate(self.rib.expire_stale(now))
 
     # ---- connections
 
@@ -551,6 +565,9 @@ class Daemon:
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream)
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
         conn.adj_out.mark_all(self.rib)
+        conn.end_of_rib_pending = True
+        if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms:
+            self._propagate(self.rib.end_of_rib(peer.config.id))  # back without graceful restart: stale routes go now
         conn.wake()
 
     def _rtt(self, conn: Connection, rtt: float) -> None:
@@ -564,6 +581,9 @@ class Daemon:
     def _update(self, conn: Connection, event: UpdateReceived) -> None:
         assert conn.peer is not None
         self.stats["updates_in"] += 1
+        if not event.update.adv and not event.update.wd:
+            self._propagate(self.rib.end_of_rib(conn.peer.config.id))
+            return
         try:
             changed = self.rib.apply_update(conn.peer.config.id, event.update, trio.current_time())
         except ProtocolError as exc:
@@ -585,7 +605,13 @@ class Daemon:
                 peer.established_at = None
                 others_up = any(c.established for c in peer.conns if c is not conn)
                 if not others_up:
-                    self._propagate(self.rib.peer_down(peer.config.id))
+                    window_ms = conn.session.peer_restart_ms if _restart_expected(event) else 0
+                    if window_ms:
+                        log.info("%s: keeping %d routes of %s as stale for %d ms (graceful restart)", self.id,
+                                 len(self.rib.adj_in.get(peer.config.id, {})), peer.config.id, window_ms)
+                        self._propagate(self.rib.peer_stale(peer.config.id, trio.current_time() + window_ms / 1000))
+                    else:
+                        self._propagate(self.rib.peer_down(peer.config.id))
             conn.adj_out = None
 
     def _connection_gone(self, conn: Connection) -> None:
@@ -607,9 +633,17 @@ class Daemon:
                     c.wake()
 
 
+def _restart_expected(event: Closed) -> bool:
+    """Whether a session's end lets the peer's graceful restart keep its routes (routing.md)."""
+    if event.reason in (CloseReason.HOLD_EXPIRED, CloseReason.CONNECTION_LOST):
+        return True
+    return event.reason is CloseReason.PEER_NOTIFICATION and (event.code, event.subcode) == (Code.CEASE, CeaseSub.RESTARTING)
+
+
 def _session_config(config: Config) -> SessionConfig:
     g = config.gateway
-    return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000)
+    return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000,
+                         restart_ms=g.graceful_restart_ms)
 
 
 def _peer_state(config: Config, peer: PeerConfig) -> PeerState:

@@ -60,6 +60,7 @@ class CeaseSub(enum.IntEnum):
     CONFIG_CHANGE = 6
     COLLISION = 7
     OUT_OF_RESOURCES = 8
+    RESTARTING = 9  # graceful restart: keep my routes for the window my OPEN announced
 
 
 class HandshakeSub(enum.IntEnum):

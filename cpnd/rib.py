@@ -27,6 +27,7 @@ class BestReason(enum.Enum):
 
     ONLY = "only-path"
     LOCAL = "local"
+    NOT_STALE = "not-stale"
     LATENCY = "lowest-latency"
     HOPS = "fewest-hops"
     NEXT_HOP = "lowest-next-hop"
@@ -39,6 +40,7 @@ class Route:
     adv: RouteAdv
     peer: str | None  # None for our own instances
     received_at: float
+    stale: bool = False  # kept through the peer's graceful restart, not yet re-advertised
 
     @property
     def next_hop(self) -> str | None:
@@ -60,6 +62,11 @@ def _by_local(a: Route, la: int, b: Route, lb: int) -> Route | None:
     return None
 
 
+def _by_not_stale(a: Route, la: int, b: Route, lb: int) -> Route | None:
+    # A stale path's next hop is down: any live path is better, whatever its latency.
+    return None if a.stale == b.stale else (b if a.stale else a)
+
+
 def _by_latency(a: Route, la: int, b: Route, lb: int) -> Route | None:
     return None if la == lb else (a if la < lb else b)
 
@@ -78,6 +85,7 @@ Comparator = Callable[[Route, int, Route, int], "Route | None"]
 # The order here is the order documented in protocol-spec/routing.md (a test checks).
 BEST_PATH_CHAIN: tuple[tuple[BestReason, Comparator], ...] = (
     (BestReason.LOCAL, _by_local),
+    (BestReason.NOT_STALE, _by_not_stale),
     (BestReason.LATENCY, _by_latency),
     (BestReason.HOPS, _by_hops),
     (BestReason.NEXT_HOP, _by_next_hop),
@@ -104,6 +112,7 @@ class Rib:
         self.link_cost_us: dict[str, int] = {}
         self.loc: dict[Key, Best] = {}
         self.by_service: dict[str, set[Key]] = {}
+        self.stale_until: dict[str, float] = {}  # peers in graceful restart: when their stale routes go
 
     # ---- inputs
 
@@ -143,7 +152,33 @@ class Rib:
         """Forget everything learned from ``peer``."""
         table = self.adj_in.pop(peer, {})
         self.link_cost_us.pop(peer, None)
+        self.stale_until.pop(peer, None)
         return self._recompute(set(table))
+
+    def peer_stale(self, peer: str, until: float) -> set[Key]:
+        """``peer`` went down but announced a graceful restart: keep its routes, marked stale, until ``until``."""
+        table = self.adj_in.get(peer, {})
+        for key, r in table.items():
+            table[key] = attrs.evolve(r, stale=True)
+        self.stale_until[peer] = until
+        return self._recompute(set(table))
+
+    def end_of_rib(self, peer: str) -> set[Key]:
+        """``peer`` sent its whole table again: what it did not re-advertise is gone."""
+        if self.stale_until.pop(peer, None) is None:
+            return set()
+        table = self.adj_in.get(peer, {})
+        gone = {k for k, r in table.items() if r.stale}
+        for key in gone:
+            del table[key]
+        return self._recompute(gone)
+
+    def expire_stale(self, now: float) -> set[Key]:
+        """Drop the stale routes of every peer whose restart window has passed."""
+        changed: set[Key] = set()
+        for peer in [p for p, until in self.stale_until.items() if until <= now]:
+            changed |= self.end_of_rib(peer)
+        return changed
 
     def set_link_cost(self, peer: str, cost_us: int) -> set[Key]:
         """Set the measured cost (smoothed RTT, µs) of the link to ``peer``."""

@@ -167,6 +167,8 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
     out = []
     for key in rib.by_service.get(service, ()):
         best = rib.loc[key]
+        if best.route.stale:
+            continue  # every path to it goes through a gateway that is restarting
         f = best.fresh
         load, bload, comp = estimate(key, best) if estimate is not None else (f.load, f.bload, f.compute_us)
         r = best.route

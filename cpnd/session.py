@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .crypto import Handshake, RecordLayer, Role, handshake_error_frame
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
 from .wire import (
+    GRACEFUL_RESTART_CAP,
     MAX_HANDSHAKE_BODY,
     MAX_HOLD_MS,
     MAX_RECORD,
@@ -208,6 +209,11 @@ class SessionConfig:
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
     caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP)
+    restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
+
+    @property
+    def open_caps(self) -> tuple[str, ...]:
+        return (*self.caps, GRACEFUL_RESTART_CAP) if self.restart_ms else self.caps
 
 
 class Session:
@@ -237,6 +243,7 @@ class Session:
         self.state = State.WAIT_HELLO if role is Role.RESPONDER else State.WAIT_ACK
         self.peer_id: str | None = None
         self.peer_caps: tuple[str, ...] = ()
+        self.peer_restart_ms = 0  # the peer's graceful-restart window (its OPEN's `gr`), 0: none
         self.hold_ms = config.hold_ms
         self._hold_deadline: float | None = now + config.handshake_timeout_s
         self._keepalive_deadline: float | None = None
@@ -310,6 +317,12 @@ class Session:
             self._send(upd)
             n += 1
         return n
+
+    def send_end_of_rib(self) -> None:
+        """Queue an empty UPDATE: the initial table is complete (routing.md, graceful restart)."""
+        if self.state is not State.ESTABLISHED:
+            raise RuntimeError(f"send_end_of_rib in state {self.state.value}")
+        self._send(Update((), ()))
 
     @property
     def tunnel_enabled(self) -> bool:
@@ -429,7 +442,8 @@ class Session:
         self._reader.set_limit(MAX_RECORD)
         self.peer_id = self._hs.peer_id
         self._events.append(Authenticated(self.peer_id))  # type: ignore[arg-type]
-        self._send(Open(self.local_id, self.config.hold_ms, self.config.caps, self._ts(now)))
+        self._send(Open(self.local_id, self.config.hold_ms, self.config.open_caps, self._ts(now),
+                        self.config.restart_ms or None))
         self._hold_deadline = now + self.config.handshake_timeout_s
 
     def _send_keepalive(self, now: float) -> None:
@@ -496,6 +510,7 @@ class Session:
             raise ProtocolError(Code.OPEN, OpenSub.BAD_HOLD_TIME, f"hold {msg.hold_ms} ms outside [{MIN_HOLD_MS}, {MAX_HOLD_MS}]")
         self.hold_ms = min(self.config.hold_ms, msg.hold_ms)
         self.peer_caps = msg.caps
+        self.peer_restart_ms = msg.restart_ms or 0
         self._peer_ts, self._peer_ts_at = msg.ts, now
         self._hold_deadline = now + self.hold_ms / 1000
         self._send_keepalive(now)

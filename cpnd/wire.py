@@ -27,6 +27,8 @@ MAX_RECORD = MAX_PLAINTEXT + AEAD_TAG
 MAX_PATH_LEN = 32
 MAX_UPDATE_ENTRIES = 2048
 MAX_CAPS = 16
+GRACEFUL_RESTART_CAP = "graceful-restart"
+MAX_RESTART_MS = 600_000
 MAX_NOTIFICATION_TEXT = 256
 U63 = (1 << 63) - 1
 U64 = (1 << 64) - 1
@@ -251,6 +253,12 @@ class Open:
     hold_ms: int
     caps: tuple[str, ...]
     ts: int
+    restart_ms: int | None = attrs.field(default=None)  # the `gr` key: present exactly when caps offer graceful-restart
+
+    @restart_ms.validator
+    def _gr_with_its_cap(self, _: object, value: int | None) -> None:
+        if (value is not None) != (GRACEFUL_RESTART_CAP in self.caps):
+            raise ValueError("restart_ms goes with the graceful-restart capability, and only with it")
 
 
 @attrs.frozen
@@ -333,6 +341,8 @@ def encode_message(msg: Message) -> bytes:
     """Encode a session message body (msgpack), before record protection."""
     if isinstance(msg, Open):
         d: dict[str, Any] = {"t": MsgType.OPEN, "id": msg.id, "hold": msg.hold_ms, "caps": list(msg.caps), "ts": msg.ts}
+        if msg.restart_ms is not None:
+            d["gr"] = msg.restart_ms
     elif isinstance(msg, Keepalive):
         d = {"t": MsgType.KEEPALIVE, "ts": msg.ts, "echo": msg.echo, "dly": msg.dly}
     elif isinstance(msg, Update):
@@ -398,11 +408,13 @@ def decode_message(body: bytes) -> Message:
     m = _unpack(body)
     t = m["t"]
     if t == MsgType.OPEN:
-        _keys(m, ("t", "id", "hold", "caps", "ts"), "open")
-        caps = m["caps"]
+        caps = m.get("caps")
         if type(caps) is not list or len(caps) > MAX_CAPS or any(type(c) is not str or not 0 < len(c) <= 32 for c in caps):
             raise _bad(f"caps: must be a list of at most {MAX_CAPS} strings of 1-32 characters")
-        return Open(_ident(m, "id"), _int(m, "hold", 0, U63), tuple(caps), _int(m, "ts", 0, U63))
+        gr = GRACEFUL_RESTART_CAP in caps  # the capability brings the `gr` key with it
+        _keys(m, ("t", "id", "hold", "caps", "ts", "gr") if gr else ("t", "id", "hold", "caps", "ts"), "open")
+        return Open(_ident(m, "id"), _int(m, "hold", 0, U63), tuple(caps), _int(m, "ts", 0, U63),
+                    _int(m, "gr", 0, MAX_RESTART_MS) if gr else None)
     if t == MsgType.KEEPALIVE:
         _keys(m, ("t", "ts", "echo", "dly"), "keepalive")
         return Keepalive(_int(m, "ts", 0, U63), _int(m, "echo", 0, U63), _int(m, "dly", 0, U63))

@@ -54,6 +54,8 @@ def message_vectors() -> list[dict]:
     good = [
         ("open", "OPEN from gw1: hold 3000 ms, route-refresh capability, timestamp 1000000 us",
          Open("gw1", 3000, ("route-refresh",), 1_000_000)),
+        ("open-graceful-restart", "OPEN from gw3 offering graceful restart: keep its routes for 5000 ms",
+         Open("gw3", 3000, ("route-refresh", "tunnel", "graceful-restart"), 1_000_000, 5000)),
         ("keepalive-first", "KEEPALIVE with nothing to echo", Keepalive(2_000_000, 0, 0)),
         ("keepalive-echo", "KEEPALIVE echoing ts 1000000 after holding it 250 us", Keepalive(2_000_500, 1_000_000, 250)),
         ("update-origin", "gw3 advertises its own instance s1 of /yolo",
@@ -64,6 +66,7 @@ def message_vectors() -> list[dict]:
          Update((), (Withdrawal("/yolo", "gw7", "s5"),))),
         ("notification", "NOTIFICATION cease/max-routes", Notification(6, 1, "gw9 exceeded 10000 routes")),
         ("route-refresh", "ROUTE-REFRESH: resend your whole Adj-RIB-Out", RouteRefresh()),
+        ("end-of-rib", "End-of-RIB: an UPDATE with nothing in it, after the initial table", Update((), ())),
     ]
     out = []
     for name, meaning, msg in good:
@@ -82,6 +85,10 @@ def message_vectors() -> list[dict]:
         ("label-mismatch", "label is not the hash of the service", msgpack.packb({"t": 3, "adv": [dict(route, label=1)], "wd": []})),
         ("zero-capacity", "capacity must be > 0", msgpack.packb({"t": 3, "adv": [dict(route, cap=0.0)], "wd": []})),
         ("bool-as-int", "a boolean where an integer belongs", msgpack.packb({"t": 2, "ts": True, "echo": 0, "dly": 0})),
+        ("gr-without-cap", "OPEN with a gr window but no graceful-restart capability",
+         msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": [], "ts": 1, "gr": 5000})),
+        ("cap-without-gr", "OPEN offering graceful-restart without its gr window",
+         msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["graceful-restart"], "ts": 1})),
     ]
     for name, meaning, body in bad:
         try:

@@ -190,3 +190,37 @@ def test_best_path_order_matches_spec() -> None:
     text = (ROOT / "protocol-spec" / "routing.md").read_text()
     documented = re.findall(r"^\d\. \*\*`([a-z-]+)`\*\*", text, flags=re.M)
     assert documented == [reason.value for reason, _ in BEST_PATH_CHAIN]
+
+
+def test_graceful_restart_keeps_stale_routes_until_end_of_rib() -> None:
+    rib = Rib("me")
+    key = ("/svc", "o", "s")
+    rib.set_link_cost("p", 10)
+    rib.set_link_cost("q", 500)
+    gone_key = ("/svc", "p", "t")
+    rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 1, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0),
+                                  RouteAdv("/svc", "t", "p", 1, LABEL, ("p",), 0, 1.0, 0, 1, 0))), 0)
+    rib.apply_update("q", Update((RouteAdv("/svc", "s", "o", 1, LABEL, ("q", "o"), 0, 1.0, 0, 1, 0),)), 0)
+    assert rib.loc[key].route.peer == "p"
+    changed = rib.peer_stale("p", until=10.0)
+    assert changed == {key, gone_key}
+    # A live path wins over a stale one whatever its latency; a stale one is kept when it is all there is.
+    assert rib.loc[key].route.peer == "q" and rib.loc[key].reason is BestReason.NOT_STALE
+    assert rib.loc[gone_key].route.stale and rib.export("x", gone_key) is not None
+    assert rib.expire_stale(9.9) == set()
+    # p is back: it re-advertises s, then End-of-RIB removes t, which it no longer has.
+    rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 2, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0),)), 1.0)
+    assert rib.loc[key].route.peer == "p" and not rib.loc[key].route.stale
+    assert rib.end_of_rib("p") == {gone_key} and gone_key not in rib.loc
+    assert rib.end_of_rib("p") == set()  # only once per restart
+    assert "p" not in rib.stale_until
+
+
+def test_stale_routes_expire_with_the_window() -> None:
+    rib = Rib("me")
+    rib.set_link_cost("p", 10)
+    rib.apply_update("p", Update((RouteAdv("/svc", "s", "p", 1, LABEL, ("p",), 0, 1.0, 0, 1, 0),)), 0)
+    rib.peer_stale("p", until=5.0)
+    assert len(rib) == 1 and rib.expire_stale(4.0) == set()
+    assert rib.expire_stale(5.0) == {("/svc", "p", "s")} and len(rib) == 0
+    assert rib.stale_until == {}

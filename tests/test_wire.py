@@ -42,6 +42,8 @@ def routes(draw: st.DrawFn) -> RouteAdv:
 
 messages = st.one_of(
     st.builds(Open, ids, st.integers(200, 3_600_000), st.lists(ids, max_size=4).map(tuple), st.integers(0, 2**63 - 1)),
+    st.builds(Open, ids, st.integers(200, 3_600_000), st.lists(ids, max_size=3).map(lambda c: (*c, "graceful-restart")),
+              st.integers(0, 2**63 - 1), st.integers(0, 600_000)),
     st.builds(Keepalive, st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
     st.builds(Update, st.lists(routes(), max_size=5).map(tuple),
               st.lists(st.builds(Withdrawal, services, ids, ids), max_size=5).map(tuple)),

@@ -1,0 +1,61 @@
+"""Graceful restart with real processes: peers keep a restarting gateway's routes for its window."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+
+FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 500}
+TOPO = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("b", "c", 1)), (Instance("s", "c", "/svc"),),
+                {**FAST, "graceful_restart_ms": 2500})
+
+
+def route(lab: Lab, gw: str) -> dict | None:
+    return next((r for r in lab.routes(gw) if r["instance"] == "s" and r["best"]), None)
+
+
+def start(tmp_path) -> Lab:
+    lab = Lab(write_lab(TOPO, tmp_path))
+    lab.start_all()
+    lab.wait_for(lambda: lab.converged(TOPO), 20, "convergence")
+    return lab
+
+
+def test_routes_survive_a_graceful_restart_without_a_flap(tmp_path) -> None:
+    with start(tmp_path) as lab:
+        seq_before = route(lab, "b")["seq"]
+        assert lab.stop("c", signal.SIGTERM) == 0
+        lab.wait_for(lambda: route(lab, "b") is not None and route(lab, "b")["stale"], 5, "b to keep s as stale")
+        assert "cease/restarting" in lab.log("b") and "keeping 1 routes of c as stale" in lab.log("b")
+        seen_at_a = []
+        lab.start("c")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until c is back and b holds its fresh route
+            seen_at_a.append(route(lab, "a") is not None)
+            r = route(lab, "b")
+            if r is not None and not r["stale"] and r["seq"] > seq_before:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError(f"c's routes never came back fresh at b: {route(lab, 'b')}")
+        assert all(seen_at_a), "a lost the route while c restarted"
+        assert not route(lab, "a")["stale"]  # only b, c's neighbour, ever marks it
+
+
+def test_stale_routes_go_when_the_window_passes(tmp_path) -> None:
+    with start(tmp_path) as lab:
+        lab.procs["c"].kill()  # a crash: no NOTIFICATION, the connection breaks
+        lab.procs.pop("c").wait()
+        t0 = time.monotonic()
+        lab.wait_for(lambda: route(lab, "b") is not None and route(lab, "b")["stale"], 5, "b to keep s as stale")
+        lab.wait_for(lambda: route(lab, "a") is None and route(lab, "b") is None, 10, "the stale route to go")
+        assert time.monotonic() - t0 >= 2.0  # kept for the window (2.5 s, less polling slack)
+
+
+def test_sigint_is_a_hard_shutdown(tmp_path) -> None:
+    with start(tmp_path) as lab:
+        assert lab.stop("c", signal.SIGINT) == 0
+        lab.wait_for(lambda: route(lab, "a") is None and route(lab, "b") is None, 5, "the routes to go at once")
+        assert "cease/admin-shutdown" in lab.log("b") and "as stale" not in lab.log("b")
