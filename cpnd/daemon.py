@@ -558,7 +558,8 @@ class Daemon:
         peer.backoff.reset()
         peer.last_error = ""
         log.info("%s: peer %s up (%s, hold %d ms, rtt %.2f ms)", self.id, peer.config.id, conn.remote,
-                 conn.session.hold_ms, (conn.session.srtt or 0) * 1000)
+                 conn.session.hold_ms, (conn.session.srtt or 0) * 1000,
+                 extra={"cpn": {"event": "peer_up", "peer": peer.config.id, "remote": conn.remote}})
         if conn.session.min_rtt is not None:
             self.rib.set_link_cost(peer.config.id, link_cost_after(None, conn.session.min_rtt) or 1)
         if conn.session.tunnel_enabled:
@@ -597,7 +598,9 @@ class Daemon:
         name = peer.config.id if peer else conn.remote
         level = logging.INFO if event.code in (0, Code.CEASE) else logging.WARNING
         was_up = conn.adj_out is not None
-        log.log(level, "%s: peer %s %s: %s", self.id, name, "down" if was_up else "not established", event.describe())
+        log.log(level, "%s: peer %s %s: %s", self.id, name, "down" if was_up else "not established", event.describe(),
+                extra={"cpn": {"event": "peer_down" if was_up else "peer_not_established", "peer": name,
+                               "reason": event.reason.value, "code": event.code, "subcode": event.subcode}})
         if peer is not None:
             peer.last_error = event.describe()
             if was_up:

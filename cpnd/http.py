@@ -56,6 +56,7 @@ MAX_REPLAY_BYTES = 1024 * 1024
 RECEIVE_CHUNK = 65536
 MAX_ATTEMPTS = 3
 PIPE_HIGH_WATER = 256 * 1024
+ERROR_LOG_PER_S = 50
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"}
 IDEMPOTENT = {b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"}
@@ -306,6 +307,9 @@ class DataPlane:
         self.meters: dict[str, InstanceMeter] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
+        self._error_log_window = -1e9
+        self._error_log_count = 0
+        self._error_log_suppressed = 0
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.reconfigure(daemon.config)
         self.account = SendAccount()
@@ -487,6 +491,23 @@ class DataPlane:
         finally:
             self._end()
 
+    def _log_error(self, req: h11.Request, exc: HttpError) -> None:
+        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second)."""
+        now = trio.current_time()
+        if now - self._error_log_window >= 1.0:
+            if self._error_log_suppressed:
+                log.warning("%s: %d more error lines suppressed in the last second", self.d.id, self._error_log_suppressed)
+            self._error_log_window, self._error_log_count, self._error_log_suppressed = now, 0, 0
+        if self._error_log_count >= ERROR_LOG_PER_S:
+            self._error_log_suppressed += 1
+            return
+        self._error_log_count += 1
+        target = req.target.decode("ascii", "replace")[:200]
+        log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.d.id,
+                req.method.decode("ascii", "replace"), target, exc.status, exc.error, exc.detail,
+                extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
+                               "service": exc.service or None, "target": target}})
+
     async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
             service, instance, status = await self._route(client, req, pinned)
@@ -494,6 +515,7 @@ class DataPlane:
         except HttpError as exc:
             self.stats[f"error_{exc.status}"] += 1
             self.d.metrics.observe(exc.service, None, exc.status, None)
+            self._log_error(req, exc)
             if client.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 # If the body was not read to its end, _client closes the connection after this.
                 await self._send_error_quietly(client, exc)

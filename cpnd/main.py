@@ -27,6 +27,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        fields = getattr(record, "cpn", None)
+        if isinstance(fields, dict):
+            obj.update(fields)  # machine-readable fields of the line: event, peer, status, ...
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return json.dumps(obj)
