@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A reload asked for while we start must not kill us (SIGHUP's default action): the
+    # config is being read fresh anyway. The daemon's own handler takes over once it runs.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = build_parser().parse_args(argv)
     if args.command == "lab":
         from .lab import run_lab

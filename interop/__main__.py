@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            mark = "ok  " if result["passed"] else "FAIL"
+            mark = "skip" if result.get("skipped") else "ok  " if result["passed"] else "FAIL"
             extra = f"  {result['detail']}" if result["detail"] else ""
             print(f"{mark} {result['case']:<44} [{result['section']}]{extra}", flush=True)
             if "reproducer" in result:

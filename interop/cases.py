@@ -56,6 +56,11 @@ class Target:
 
 
 Case = Callable[[Target], None]
+NEEDS_HTTP = "needs --http"
+
+
+class Skipped(Exception):
+    """The target offers nothing this case can check (reported, never counted as a failure)."""
 CASES: list[tuple[str, str, Case]] = []
 
 
@@ -299,6 +304,12 @@ def _bad_attr(t: Target) -> None:
     expect(_update(t, [new_route("/interop", "i1", t.my_id, cap=0.0)]), 3, 3)
 
 
+@case("update-too-many-entries", "messages.md#session-messages (3/5)")
+def _too_many(t: Target) -> None:
+    wd = [["/f", "o", f"i{n}"] for n in range(2049)]
+    expect(_update(t, [], wd), 3, 5)
+
+
 @case("update-valid-then-withdraw-and-refresh", "routing.md, session.md")
 def _valid(t: Target) -> None:
     p = _update(t, [new_route("/interop/probe", "i1", t.my_id, path=[t.my_id])])
@@ -341,22 +352,59 @@ def _big_data(t: Target) -> None:
     expect(_tunnel(t, struct.pack(">IBB", 1, 2, 0) + b"x" * 16385), 9, 1)
 
 
-@case("tunnel-unroutable-target", "tunnel.md#what-each-gateway-does-with-an-open")
-def _unroutable(t: Target) -> None:
+def _reset_for_open(t: Target, svc: str, origin: str, inst: str, *, hop_limit: int = 8,
+                    budget_us: int = 0xFFFFFFFF) -> tuple[int, int]:
+    """Open stream 1 towards (svc, origin, inst) with an empty GET; the target's RESET as (code, delivered)."""
     from .wire import label
 
-    origin, inst = random_id(), random_id()
-    ext = struct.pack(">BBBBIII16s", 1, 1, 8, 0, label("/nowhere"), 0xFFFFFFFF, 0xFFFFFFFF, os.urandom(16))
+    ext = struct.pack(">BBBBIII16s", 1, 1, hop_limit, 1, label(svc), budget_us, 0xFFFFFFFF, os.urandom(16))
     ext += bytes([len(origin)]) + origin.encode() + bytes([len(inst)]) + inst.encode()
     p = _tunnel(t, struct.pack(">IBB", 1, 1, 0) + ext)
-    ctype, payload = p.recv(3)
-    while ctype != TUNNEL:  # UPDATEs and KEEPALIVEs may come first
-        ctype, payload = p.recv(3)
-    p.close()
-    sid, ftype, _ = struct.unpack(">IBB", payload[:6])
-    assert (sid, ftype) == (1, 4), f"expected RESET on stream 1, got type {ftype}"
-    code, delivered = struct.unpack(">HB", payload[6:9])
+    try:
+        p.send_msg(struct.pack(">IBB", 1, 2, 1) + f"GET {svc} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), ctype=TUNNEL)
+        deadline = time.monotonic() + 5
+        while True:  # UPDATEs, KEEPALIVEs and a LOAD frame may come first
+            ctype, payload = p.recv(max(0.01, deadline - time.monotonic()))
+            if ctype != TUNNEL:
+                continue
+            sid, ftype, _ = struct.unpack(">IBB", payload[:6])
+            if sid == 1 and ftype == 5:
+                continue
+            assert (sid, ftype) == (1, 4), f"expected RESET on stream 1, got stream {sid} type {ftype}"
+            code, delivered = struct.unpack(">HB", payload[6:9])
+            return code, delivered
+    finally:
+        p.close()
+
+
+def _transit_route(t: Target) -> tuple[str, str, str] | None:
+    """A route the target learnt from another peer: a stream for it makes the target a transit."""
+    routes = sorted(r for r in advertised_routes(t) if r[1] != t.target_id)
+    return routes[0] if routes else None
+
+
+@case("tunnel-unroutable-target", "tunnel.md#what-each-gateway-does-with-an-open")
+def _unroutable(t: Target) -> None:
+    code, delivered = _reset_for_open(t, "/nowhere", random_id(), random_id())
     assert code in (1, 11) and delivered == 0, (code, delivered)
+
+
+@case("tunnel-hop-limit", "tunnel.md#what-each-gateway-does-with-an-open (RESET 2)")
+def _hop_limit(t: Target) -> None:
+    """A transit that would forward with no hop left answers RESET hop-limit, delivered 0."""
+    route = _transit_route(t)
+    if route is None:
+        raise Skipped("the target learnt no route from another peer: it is never a transit")
+    assert _reset_for_open(t, *route, hop_limit=1) == (2, 0)
+
+
+@case("tunnel-deadline-exhausted", "tunnel.md#what-each-gateway-does-with-an-open (RESET 3)")
+def _deadline(t: Target) -> None:
+    """A request whose budget is already spent is not forwarded: RESET deadline, delivered 0."""
+    route = _transit_route(t)
+    if route is None:
+        raise Skipped("the target learnt no route from another peer: it is never a transit")
+    assert _reset_for_open(t, *route, budget_us=0) == (3, 0)
 
 
 DATA_MAX = 16384
@@ -388,7 +436,7 @@ def _flow_control(t: Target) -> None:
     it has to reset the stream with flow-control instead of buffering without bound.
     """
     if not t.http:
-        return
+        raise Skipped(NEEDS_HTTP)
     svc = f"/interop-fc-{random_id()}"
     p = t.session()
     user = None
@@ -457,20 +505,22 @@ def _json_error(status: int, headers: dict[str, str], body: bytes, want: int) ->
 
 @case("http-404", "selection.md#matching", )
 def _h404(t: Target) -> None:
-    if t.http:
-        _json_error(*_http(t, "GET", "/interop-" + random_id()), 404)
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    _json_error(*_http(t, "GET", "/interop-" + random_id()), 404)
 
 
 @case("http-400-bad-header", "selection.md#inputs")
 def _h400(t: Target) -> None:
-    if t.http:
-        _json_error(*_http(t, "GET", "/interop", {"CPN-Max-Latency": "soon"}), 400)
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    _json_error(*_http(t, "GET", "/interop", {"CPN-Max-Latency": "soon"}), 400)
 
 
 @case("http-503-or-404-impossible-constraint", "selection.md#choice")
 def _h503(t: Target) -> None:
     if not t.http:
-        return
+        raise Skipped(NEEDS_HTTP)
     status, headers, body = _http(t, "GET", "/", {"CPN-Max-Price": "0", "CPN-Max-Latency": "1us"})
     assert status in (503, 404), status  # 404 when "/" matches no service
     _json_error(status, headers, body, status)
@@ -505,10 +555,10 @@ def advertised_routes(t: Target, quiet: float = 0.5, limit: float = 3.0) -> set[
 def _served(t: Target) -> None:
     """Any service the target advertises, called once: the answer names who served it."""
     if not t.http:
-        return
+        raise Skipped(NEEDS_HTTP)
     services = {svc for svc, _, _ in advertised_routes(t)}
     if not services:
-        return
+        raise Skipped("the target advertises no service")
     status, headers, _ = _http(t, "GET", sorted(services)[0])
     if status == 200:
         assert headers.get("cpn-instance") and headers.get("cpn-origin"), headers
@@ -518,9 +568,13 @@ def _served(t: Target) -> None:
 
 def run_case(t: Target, name: str, section: str, fn: Case) -> dict[str, Any]:
     start = time.monotonic()
+    skipped = False
     try:
         fn(t)
         ok, detail = True, ""
+    except Skipped as exc:
+        ok, detail, skipped = True, f"skipped: {exc}", True
     except (AssertionError, Closed, OSError, ValueError, KeyError, msgpack.ExtraData) as exc:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
-    return {"case": name, "section": section, "passed": ok, "detail": detail, "seconds": round(time.monotonic() - start, 3)}
+    return {"case": name, "section": section, "passed": ok, "skipped": skipped, "detail": detail,
+            "seconds": round(time.monotonic() - start, 3)}
