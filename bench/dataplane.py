@@ -1,18 +1,21 @@
-"""Data-plane benchmark: requests through 0, 1 and 2 tunnel hops vs calling the instance directly.
+"""Data-plane benchmark: cpnd at 0, 1 and 2 tunnel hops vs nginx, HAProxy and calling the instance directly.
 
-    python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 200] [--out bench/results]
+    python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 1000] [--out bench/results]
 
 Topology: gateways a - b - c on loopback (no emulated delay), one simulated instance
 (compute 0) behind c. Paths measured side by side in every repeat:
   direct   client -> instance
+  nginx    client -> nginx (proxy_pass, upstream keep-alive) -> instance
+  haproxy  client -> HAProxy (mode http, connection reuse) -> instance
   local    client -> c (ingress and egress in one gateway) -> instance
   1 hop    client -> b -> c -> instance
   2 hops   client -> a -> b -> c -> instance (b is a transit)
 For each: requests/s at saturation (wrk, 8 keep-alive connections, 1 thread) and the
 latency at a fixed open-loop rate (p50/p99, measured from each request's scheduled
 send time so queueing counts). Reported as medians over the repeats, with the added
-latency and the throughput ratio against direct. wrk is installed with apt-get when
-missing (as root); without it the saturation column is skipped.
+latency and the throughput ratio against direct, nginx and HAProxy, and plotted.
+nginx, HAProxy and wrk are installed with apt-get when missing (as root); a peer
+that cannot be installed is left out (and said so).
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import argparse
 import json
 import re
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import trio
@@ -36,14 +41,88 @@ from cpnd.lab import Instance, Lab, Link, Topology, write_lab  # noqa: E402
 from httpclient import exchange  # noqa: E402
 
 
-def ensure_wrk() -> str | None:
-    if shutil.which("wrk"):
-        return shutil.which("wrk")
+def ensure(binary: str, package: str) -> str | None:
+    """The path of ``binary``, installing Debian's ``package`` first when it is missing."""
+    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+    if found:
+        return found
     try:
-        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, capture_output=True, timeout=600)
     except (OSError, subprocess.SubprocessError):
+        print(f"note: {package} could not be installed: {binary} is left out", file=sys.stderr)
         return None
-    return shutil.which("wrk")
+    return shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
+
+
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body;
+  proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fastcgi;
+  uwsgi_temp_path {dir}/uwsgi;
+  scgi_temp_path {dir}/scgi;
+  upstream instance {{ server 127.0.0.1:{upstream}; keepalive 32; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location /svc {{
+      proxy_pass http://instance/v1;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }}
+  }}
+}}
+"""
+
+HAPROXY_CONF = """global
+  maxconn 1024
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  http-request set-path /v1
+  server s1 127.0.0.1:{upstream}
+"""
+
+
+def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx or HAProxy in the foreground on a free port, one worker, proxying to the instance."""
+    from cpnd.lab import free_ports
+
+    port = free_ports(1)[0]
+    if name == "nginx":
+        conf = workdir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, upstream=upstream))
+        cmd = [binary, "-c", str(conf), "-e", str(workdir / "nginx.err")]
+    else:
+        conf = workdir / "haproxy.cfg"
+        conf.write_text(HAPROXY_CONF.format(port=port, upstream=upstream))
+        cmd = [binary, "-db", "-f", str(conf)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"{name} did not start")
 
 
 def wrk_rps(wrk: str, url: str, seconds: float, headers: dict[str, str]) -> float:
@@ -102,10 +181,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
-    wrk = ensure_wrk()
+    wrk = ensure("wrk", "wrk")
+    peers = {name: b for name, b in (("nginx", ensure("nginx", "nginx-light")), ("haproxy", ensure("haproxy", "haproxy"))) if b}
+    peer_procs: list[subprocess.Popen[bytes]] = []
     inst = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "s1"], stdout=subprocess.PIPE, text=True)
     port = int(inst.stdout.readline().rsplit(":", 1)[1])
     topo = Topology(("a", "b", "c"), (Link("a", "b"), Link("b", "c")), (Instance("s1", "c", "/svc", 1e6, 1, 0),),
@@ -117,8 +198,13 @@ def main() -> int:
             with Lab(specs, log_level="warning") as lab:
                 lab.start_all()
                 lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
-                targets = {"direct": ("127.0.0.1", port, "/v1"), "local": (*_hp(specs["c"].http), "/svc"),
-                           "1 hop": (*_hp(specs["b"].http), "/svc"), "2 hops": (*_hp(specs["a"].http), "/svc")}
+                targets = {"direct": ("127.0.0.1", port, "/v1")}
+                for name, binary in peers.items():
+                    proc, peer_port = start_peer(name, binary, Path(tmp), port)
+                    peer_procs.append(proc)
+                    targets[name] = ("127.0.0.1", peer_port, "/svc")
+                targets.update({"local": (*_hp(specs["c"].http), "/svc"), "1 hop": (*_hp(specs["b"].http), "/svc"),
+                                "2 hops": (*_hp(specs["a"].http), "/svc")})
                 for rep in range(args.repeats):
                     for name, (h, p, path) in targets.items():
                         r = results.setdefault(name, {"rps": [], "p50": [], "p99": []})
@@ -129,14 +215,21 @@ def main() -> int:
                         r["p99"].append(pct(lat, 99))
                         print(f"rep {rep} {name}: rps {r['rps'][-1] if r['rps'] else '-'} p50 {r['p50'][-1]:.3f} ms p99 {r['p99'][-1]:.3f} ms", flush=True)
     finally:
-        inst.kill()
-        inst.wait()
+        for proc in [inst, *peer_procs]:
+            proc.kill()
+            proc.wait()
     med = {k: {m: statistics.median(v) if v else None for m, v in r.items()} for k, r in results.items()}
     d = med["direct"]
     rows = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 3) if a and b else None
+
     for name, m in med.items():
         rows.append({
-            "path": name, "rps": m["rps"], "rps_vs_direct": round(m["rps"] / d["rps"], 3) if m["rps"] and d["rps"] else None,
+            "path": name, "rps": m["rps"], "rps_vs_direct": ratio(m["rps"], d["rps"]),
+            "rps_vs_nginx": ratio(m["rps"], med.get("nginx", {}).get("rps")),
+            "rps_vs_haproxy": ratio(m["rps"], med.get("haproxy", {}).get("rps")),
             "p50_ms": round(m["p50"], 3), "p99_ms": round(m["p99"], 3),
             "added_p50_ms": round(m["p50"] - d["p50"], 3), "added_p99_ms": round(m["p99"] - d["p99"], 3),
         })
@@ -144,12 +237,40 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane.json").write_text(json.dumps({"rows": rows, "repeats": args.repeats, "rate": args.rate,
                                                     "seconds": args.seconds, "command": " ".join(sys.argv)}, indent=1) + "\n")
-    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | p50 ms @{args.rate:g}/s | p99 ms | added p50 | added p99 |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | p50 ms @{args.rate:g}/s | p99 ms | added p50 | added p99 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rps = f"{r['rps']:.0f}" if r["rps"] else "-"
-        print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} |")
+        print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['rps_vs_nginx'] or '-'} | {r['rps_vs_haproxy'] or '-'} | "
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} |")
+    plot(rows, args.rate, out / "dataplane.png")
     return 0
+
+
+def plot(rows: list[dict], rate: float, path: Path) -> None:
+    """Throughput and added latency per path, side by side."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
+        return
+    names = [r["path"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(names, [r["rps"] or 0 for r in rows], color=["grey", "tab:green", "tab:olive", "tab:blue", "tab:blue", "tab:blue"][:len(rows)])
+    ax1.set_ylabel("requests/s at saturation (wrk, 8 conns)")
+    ax1.set_title("throughput")
+    x = range(len(rows))
+    ax2.bar([i - 0.2 for i in x], [r["p50_ms"] for r in rows], width=0.4, label="p50")
+    ax2.bar([i + 0.2 for i in x], [r["p99_ms"] for r in rows], width=0.4, label="p99")
+    ax2.set_xticks(list(x), names)
+    ax2.set_ylabel(f"latency ms at {rate:g} req/s (open loop)")
+    ax2.set_title("latency")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _hp(hostport: str) -> tuple[str, int]:

@@ -11,6 +11,7 @@ import time
 import httpx
 import trio
 
+from cpnd.control import request
 from cpnd.lab import PAPER_COMPUTE_MS, PAPER_RTT
 
 ORIGIN = {f"s{i}": f"gw{i + 2}" for i in range(1, 6)}
@@ -19,18 +20,28 @@ U1 = {"CPN-Max-Latency": "10ms", "CPN-Prefer": "price"}
 U2 = {"CPN-Prefer": "latency"}
 
 
-def start_lab(tmp_path) -> tuple[subprocess.Popen, dict[str, str]]:
+def start_lab(tmp_path) -> tuple[subprocess.Popen, dict[str, str], dict[str, str]]:
     proc = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", "paper", "--dir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    http = {}
+    http, control = {}, {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = proc.stdout.readline().strip()
         if not line or line == "ready":
             break
         http[line.split()[0]] = line.split("http=")[1].split()[0]
+        control[line.split()[0]] = line.split("control=")[1].split()[0]
     assert line == "ready", proc.stderr.read() if proc.poll() is not None else line
-    return proc, http
+    return proc, http, control
+
+
+def settled(control: dict[str, str]) -> bool:
+    """Both ingresses measure every path within 1.5 ms of its emulated RTT (start-up noise filtered out)."""
+    for gw in ("gw1", "gw2"):
+        for r in request(control[gw], "show-routes"):
+            if r["best"] and r["path_latency_ms"] > PAPER_RTT[gw][ORIGIN[r["instance"]]] + 1.5:
+                return False
+    return True
 
 
 async def drive(url: str, headers: dict[str, str], rate: float, seconds: float, out: list) -> None:
@@ -46,10 +57,13 @@ async def drive(url: str, headers: dict[str, str], rate: float, seconds: float, 
 
 
 def test_paper_lab_serves_both_users_within_their_constraints(tmp_path) -> None:
-    proc, http = start_lab(tmp_path)
+    proc, http, control = start_lab(tmp_path)
     try:
         # Let the RTT filters settle after the start-up burst of seven processes.
-        time.sleep(2.0)
+        deadline = time.monotonic() + 20
+        while not settled(control):
+            assert time.monotonic() < deadline, "path latencies never settled near the emulated RTTs"
+            time.sleep(0.1)
         u1: list = []
         u2: list = []
 
