@@ -38,9 +38,11 @@ import httpx
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpnd.control import ControlError  # noqa: E402
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab  # noqa: E402
+from httpclient import classify  # noqa: E402
 
 INGRESSES = ("g1", "g2")
 LINKS = (("g1", "g3", 2), ("g1", "g4", 3), ("g2", "g3", 2), ("g2", "g4", 2), ("g3", "g5", 2), ("g4", "g5", 2),
@@ -152,20 +154,12 @@ class Soak:
                     self.outcomes["lost"] += 1
                     self.lost.append(f"{ingress} {method}: {type(exc).__name__}: {exc}")
                     return
-                if r.status_code == 200 and r.headers.get("cpn-instance"):
-                    self.outcomes["served"] += 1
-                    return
-                try:
-                    body = r.json()
-                    explicit = r.status_code >= 400 and set(body) == {"error", "detail"} and "cpn-instance" not in r.headers
-                except ValueError:
-                    explicit = False
-                if explicit:
-                    self.outcomes["failed_explicit"] += 1
-                    self.errors[f"{r.status_code} {body['error']}"] += 1
-                else:
-                    self.outcomes["lost"] += 1
-                    self.lost.append(f"{ingress} {method}: status {r.status_code}: {r.text[:200]!r}")
+                outcome, what = classify(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+                self.outcomes[outcome] += 1
+                if outcome == "failed_explicit":
+                    self.errors[what] += 1
+                elif outcome == "lost":
+                    self.lost.append(f"{ingress} {method}: {what}")
 
             async with trio.open_nursery() as nursery:
                 n = 0

@@ -2,8 +2,10 @@
 
     python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 1000] [--out bench/results]
 
-Topology: gateways a - b - c on loopback (no emulated delay), one simulated instance
-(compute 0) behind c. Paths measured side by side in every repeat:
+Topology: gateways a - b - c on loopback (no emulated delay), one instance behind c:
+an nginx server block answering a fixed JSON body (so the instance costs next to nothing
+and every path measures its proxies, not the instance; without nginx, a simulated
+instance). Paths measured side by side in every repeat:
   direct   client -> instance
   nginx    client -> nginx (proxy_pass, upstream keep-alive) -> instance
   haproxy  client -> HAProxy (mode http, connection reuse) -> instance
@@ -79,6 +81,27 @@ http {{
 }}
 """
 
+INSTANCE_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/instance.pid;
+error_log {dir}/instance.err warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/ibody;
+  proxy_temp_path {dir}/iproxy;
+  fastcgi_temp_path {dir}/ifastcgi;
+  uwsgi_temp_path {dir}/iuwsgi;
+  scgi_temp_path {dir}/iscgi;
+  keepalive_requests 1000000;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ default_type application/json; return 200 '{{"instance": "s1"}}'; }}
+  }}
+}}
+"""
+
 HAPROXY_CONF = """global
   maxconn 1024
   nbthread 1
@@ -102,10 +125,10 @@ def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[su
     from cpnd.lab import free_ports
 
     port = free_ports(1)[0]
-    if name == "nginx":
-        conf = workdir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=workdir, port=port, upstream=upstream))
-        cmd = [binary, "-c", str(conf), "-e", str(workdir / "nginx.err")]
+    if name in ("nginx", "instance"):
+        conf = workdir / f"{name}.conf"
+        conf.write_text((NGINX_CONF if name == "nginx" else INSTANCE_CONF).format(dir=workdir, port=port, upstream=upstream))
+        cmd = [binary, "-c", str(conf), "-e", str(workdir / f"{name}.err")]
     else:
         conf = workdir / "haproxy.cfg"
         conf.write_text(HAPROXY_CONF.format(port=port, upstream=upstream))
@@ -187,8 +210,12 @@ def main() -> int:
     wrk = ensure("wrk", "wrk")
     peers = {name: b for name, b in (("nginx", ensure("nginx", "nginx-light")), ("haproxy", ensure("haproxy", "haproxy"))) if b}
     peer_procs: list[subprocess.Popen[bytes]] = []
-    inst = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "s1"], stdout=subprocess.PIPE, text=True)
-    port = int(inst.stdout.readline().rsplit(":", 1)[1])
+    inst_dir = tempfile.TemporaryDirectory(prefix="cpn-dp-instance-")
+    if "nginx" in peers:
+        inst, port = start_peer("instance", peers["nginx"], Path(inst_dir.name), 0)
+    else:
+        inst = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "s1"], stdout=subprocess.PIPE, text=True)
+        port = int(inst.stdout.readline().rsplit(":", 1)[1])
     topo = Topology(("a", "b", "c"), (Link("a", "b"), Link("b", "c")), (Instance("s1", "c", "/svc", 1e6, 1, 0),),
                     {"log_level": "warning"})
     results: dict[str, dict[str, list[float]]] = {}
@@ -218,6 +245,7 @@ def main() -> int:
         for proc in [inst, *peer_procs]:
             proc.kill()
             proc.wait()
+        inst_dir.cleanup()
     med = {k: {m: statistics.median(v) if v else None for m, v in r.items()} for k, r in results.items()}
     d = med["direct"]
     rows = []

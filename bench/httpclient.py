@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import trio
 
 
@@ -25,3 +27,17 @@ async def exchange(stream: trio.SocketStream, req: bytes) -> tuple[int, dict[str
             raise ConnectionError("closed mid-body")
         body += chunk
     return status, headers, body
+
+
+def classify(status: int, headers: dict[str, str], body: bytes) -> tuple[str, str]:
+    """A response as ("served" | "failed_explicit" | "lost", what): served is a 200 from an
+    instance, explicit a gateway-made error with the contract's JSON body, lost anything else."""
+    if status == 200 and headers.get("cpn-instance"):
+        return "served", ""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if status >= 400 and isinstance(obj, dict) and set(obj) == {"error", "detail"} and "cpn-instance" not in headers:
+        return "failed_explicit", f"{status} {obj['error']}"
+    return "lost", f"status {status}: {body[:200]!r}"

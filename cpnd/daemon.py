@@ -27,7 +27,7 @@ from .http import DataPlane, HttpLimits
 from .names import service_label
 from .load import LoadPacer
 from .metrics import Metrics, serve_metrics
-from .rib import AdjRibOut, Key, Rib
+from .rib import AdjRibOut, Key, Rib, link_cost_after
 from .streams import Mux
 from .session import (
     Authenticated,
@@ -57,22 +57,6 @@ FLUSH_ON_CLOSE_S = 1.0
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
 HEALTH_OFF_RECHECK_S = 1.0
-# Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
-# moves by more than this, so measurement noise never churns the network.
-LINK_COST_MIN_CHANGE_US = 100
-LINK_COST_MIN_CHANGE_FRAC = 0.05
-
-
-def link_cost_after(current_us: int | None, rtt_s: float) -> int | None:
-    """The new link cost for a filtered RTT, or None when the change is not material."""
-    new = max(1, int(rtt_s * 1_000_000))
-    if current_us is None:
-        return new
-    if abs(new - current_us) > max(LINK_COST_MIN_CHANGE_US, LINK_COST_MIN_CHANGE_FRAC * current_us):
-        return new
-    return None
-
-
 class Connection:
     """One TCP connection to a peer, pumped through one ``Session``."""
 

@@ -57,6 +57,7 @@ RECEIVE_CHUNK = 65536
 MAX_ATTEMPTS = 3
 PIPE_HIGH_WATER = 256 * 1024
 ERROR_LOG_PER_S = 50
+RESPONSE_HOLD_BYTES = 64 * 1024  # responses up to this size reach the user whole or not at all
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"}
 IDEMPOTENT = {b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"}
@@ -127,6 +128,14 @@ def _framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]
         if n.lower() == b"transfer-encoding":
             return [(b"transfer-encoding", b"chunked")]
     return []
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length h11 validated, or None (chunked, or until close)."""
+    for n, v in headers:
+        if n.lower() == b"content-length":
+            return int(v)
+    return None
 
 
 def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
@@ -636,6 +645,7 @@ class DataPlane:
         up_raw = self._open_upstream(cand, ext)
         up = H11Stream(h11.CLIENT, up_raw, tunnel=True)
         got_head = False
+        sent_head = False  # once the user has the head, a failure can only cut the connection
         self.account.sent(cand.key, trio.current_time())
         try:
             async with open_nursery() as nursery:
@@ -666,30 +676,48 @@ class DataPlane:
                 if isinstance(event, h11.ConnectionClosed):
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
                 assert isinstance(event, h11.Response)
-                resp_headers = filter_headers(event.headers, drop_cpn=False) + _framing(event.headers)
-                await client.send(h11.Response(status_code=event.status_code, headers=resp_headers, reason=event.reason))
-                status = event.status_code
-                self.stats[f"status_{event.status_code // 100}xx"] += 1
+                head = event
+                resp_headers = filter_headers(head.headers, drop_cpn=False) + _framing(head.headers)
+                # A small response of known length is gathered whole before the user sees its head:
+                # if the upstream fails meanwhile, the user still gets a clean error (or a retry)
+                # instead of a response cut short. Streams and large bodies flow through as they come.
+                length = _content_length(head.headers)
+                held: list[bytes] | None = [] if length is not None and length <= RESPONSE_HOLD_BYTES else None
+                if held is None:
+                    await client.send(h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason))
+                    sent_head = True
                 while True:
                     with trio.fail_after(self.limits.body_idle_timeout_s):
                         event = await up.next_event()
                     if isinstance(event, h11.Data):
-                        await client.send(h11.Data(data=event.data))
+                        if held is not None:
+                            held.append(event.data)
+                        else:
+                            await client.send(h11.Data(data=event.data))
                     elif isinstance(event, h11.EndOfMessage):
+                        if held is not None:
+                            await client.send(h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason))
+                            sent_head = True
+                            if held:
+                                await client.send(h11.Data(data=b"".join(held)))
                         await client.send(h11.EndOfMessage())
                         break
+                    elif held is not None:
+                        raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
                     else:
                         raise trio.BrokenResourceError("upstream ended mid-response")
+                status = head.status_code
+                self.stats[f"status_{status // 100}xx"] += 1
                 if not body.done:
                     nursery.cancel_scope.cancel()  # answered before reading the whole body
             return status
         except (h11.ProtocolError) as exc:
             up_raw.reset(ResetCode.BAD_REQUEST, True, str(exc))
-            if not got_head:
+            if not sent_head:
                 raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
             raise trio.BrokenResourceError(str(exc)) from None
         except StreamReset:
-            if got_head:
+            if sent_head:
                 raise trio.BrokenResourceError("upstream reset mid-response") from None
             raise
         except BaseException:

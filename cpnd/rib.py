@@ -22,6 +22,22 @@ Key = tuple[str, str, str]  # (service, origin, instance)
 MAX_LATENCY_US = 0xFFFFFFFF
 
 
+# Link cost hysteresis: a new filtered RTT replaces the advertised link cost only when it
+# moves by more than this, so measurement noise never churns the network.
+LINK_COST_MIN_CHANGE_US = 100
+LINK_COST_MIN_CHANGE_FRAC = 0.05
+
+
+def link_cost_after(current_us: int | None, rtt_s: float) -> int | None:
+    """The new link cost for a filtered RTT, or None when the change is not material."""
+    new = max(1, int(rtt_s * 1_000_000))
+    if current_us is None:
+        return new
+    if abs(new - current_us) > max(LINK_COST_MIN_CHANGE_US, LINK_COST_MIN_CHANGE_FRAC * current_us):
+        return new
+    return None
+
+
 class BestReason(enum.Enum):
     """Which comparator decided the best path (shown by ``cpnctl show routes``)."""
 

@@ -8,7 +8,8 @@ compute latency of the paper's model (f_d: base below 50 % of capacity, rising
 linearly to double at 100 %; beyond capacity it answers 503). Query parameters
 shape the answer for tests: ``echo=1`` (return the body), ``size=N`` (N bytes),
 ``stream=N&interval=S`` (N chunks, chunked), ``sse=N&interval=S`` (server-sent
-events), ``delay=S``, ``status=NNN``, ``die=1`` (close without answering).
+events), ``delay=S``, ``status=NNN``, ``die=1`` (close without answering), ``truncate=1`` (close
+half-way through a Content-Length body).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ class Instance:
         if q.get("echo"):
             ctype = dict((n.lower(), v) for n, v in req.headers).get(b"content-type", b"application/octet-stream")
             return await _send_all(send, status, body, ctype)
+        if q.get("truncate"):
+            await send(h11.Response(status_code=status, headers=[(b"content-length", b"100")]))
+            await send(h11.Data(data=b"x" * 50))
+            return False
         if q.get("size"):
             return await _send_all(send, status, b"x" * int(q["size"]), b"application/octet-stream")
         n = int(q.get("stream", 0) or q.get("sse", 0))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -289,10 +290,11 @@ class RouteAdv:
     price: float = attrs.field(validator=_nonneg)
     compute_us: int = 0
     bload: float = attrs.field(default=0.0, validator=_nonneg)  # latency-bound demand, fraction of capacity
+    # (service, origin, instance), made once: the RIB's tables all share this one tuple.
+    key: tuple[str, str, str] = attrs.field(init=False, eq=False, repr=False)
 
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.service, self.origin, self.instance)
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.service, self.origin, self.instance))
 
 
 @attrs.frozen
@@ -390,7 +392,19 @@ def _decode_route(r: object) -> RouteAdv:
     price = _float(r, "price", 0.0, 1e12, code=ba[0], sub=ba[1])
     if label != service_label(svc):
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
-    return RouteAdv(svc, inst, origin, seq, label, tuple(path), lat, cap, load, price, comp, bload)
+    # A RIB holds the same few names and paths in every route it learns: one copy each, not one per route.
+    hops = tuple(map(sys.intern, path))
+    shared = _PATHS.get(hops)
+    if shared is None:
+        if len(_PATHS) >= MAX_SHARED_PATHS:
+            _PATHS.clear()  # bounded: sharing is an optimisation, never a table to grow without end
+        shared = _PATHS[hops] = hops
+    return RouteAdv(sys.intern(svc), sys.intern(inst), sys.intern(origin), seq, label, shared,
+                    lat, cap, load, price, comp, bload)
+
+
+MAX_SHARED_PATHS = 65536
+_PATHS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def _decode_withdrawal(w: object) -> Withdrawal:

@@ -191,6 +191,17 @@ def test_no_stream_is_left_open(net) -> None:
     lab.wait_for(lambda: all(lab.query(gw, "status")["tunnel_streams"] == 0 for gw in "abcd"), 10, "streams to close")
 
 
+def test_a_response_cut_short_becomes_a_clean_error(net) -> None:
+    # A small response is gathered whole before the user sees its head, so an instance that
+    # dies half-way through its body costs a retry (GET) or a 502 (POST), never a cut response.
+    with httpx.Client(timeout=10) as c:
+        for method in ("GET", "POST"):
+            r = c.request(method, net["url"] + "/yolo?truncate=1", headers=S2)
+            assert r.status_code == 502 and r.json()["error"] == "bad_gateway", (method, r.text)
+            assert "cpn-instance" not in r.headers
+        assert c.get(net["url"] + "/yolo", headers=S2).status_code == 200  # the same keep-alive connection goes on
+
+
 def test_errors_keep_the_connection_alive(net) -> None:
     """A gateway-made error on a keep-alive connection is not a reason to drop it."""
     transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
