@@ -128,6 +128,7 @@ class Rib:
         self.link_cost_us: dict[str, int] = {}
         self.loc: dict[Key, Best] = {}
         self.by_service: dict[str, set[Key]] = {}
+        self.by_label: dict[int, set[str]] = {}  # the services in by_service, by label (tunnel lookups)
         self.stale_until: dict[str, float] = {}  # peers in graceful restart: when their stale routes go
 
     # ---- inputs
@@ -228,8 +229,8 @@ class Rib:
 
     def lookup_target(self, label: int, origin: str, instance: str) -> Key | None:
         """The key a tunnel's extension header names (label, origin, instance), if we route it."""
-        for service in self.by_service:
-            if service_label(service) == label and (service, origin, instance) in self.loc:
+        for service in self.by_label.get(label, ()):  # one service, unless two hash alike
+            if (service, origin, instance) in self.loc:
                 return (service, origin, instance)
         return None
 
@@ -261,9 +262,16 @@ class Rib:
                     svc.discard(key)
                     if not svc:
                         del self.by_service[key[0]]
+                        label = service_label(key[0])
+                        self.by_label[label].discard(key[0])
+                        if not self.by_label[label]:
+                            del self.by_label[label]
             else:
                 self.loc[key] = new
-                self.by_service.setdefault(key[0], set()).add(key)
+                if key[0] not in self.by_service:
+                    self.by_service[key[0]] = set()
+                    self.by_label.setdefault(service_label(key[0]), set()).add(key[0])
+                self.by_service[key[0]].add(key)
         return changed
 
     def _select(self, key: Key) -> Best | None:

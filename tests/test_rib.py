@@ -224,3 +224,19 @@ def test_stale_routes_expire_with_the_window() -> None:
     assert len(rib) == 1 and rib.expire_stale(4.0) == set()
     assert rib.expire_stale(5.0) == {("/svc", "p", "s")} and len(rib) == 0
     assert rib.stale_until == {}
+
+
+def test_lookup_target_by_label_follows_the_loc_rib() -> None:
+    rib = Rib("me")
+    rib.set_link_cost("p", 10)
+    other = service_label("/other")
+    rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 1, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0),
+                                  RouteAdv("/other", "t", "o", 1, other, ("p", "o"), 0, 1.0, 0, 1, 0))), 0)
+    assert rib.lookup_target(LABEL, "o", "s") == ("/svc", "o", "s")
+    assert rib.lookup_target(other, "o", "t") == ("/other", "o", "t")
+    assert rib.lookup_target(LABEL, "o", "t") is None and rib.lookup_target(12345, "o", "s") is None
+    rib.apply_update("p", Update((), (Withdrawal("/svc", "o", "s"),)), 1)
+    assert rib.lookup_target(LABEL, "o", "s") is None
+    assert rib.by_label == {other: {"/other"}} and set(rib.by_service) == {"/other"}
+    rib.peer_down("p")
+    assert rib.by_label == {} and rib.by_service == {}
