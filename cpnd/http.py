@@ -185,22 +185,30 @@ class PipeEnd:
     def report_load(self, load: float, bload: float, compute_us: float) -> None:
         self.other.load_report = (load, bload, int(compute_us))
 
-    async def receive(self) -> bytes:
-        data = await self.inbox.pop()
-        self.buffered -= len(data)
+    async def receive(self) -> Any:
+        """The next chunk (or event, for LocalEvents); ``b""`` at the end."""
+        item = await self.inbox.pop()
+        if isinstance(item, bytes):
+            return item  # b"": the other end is done
+        data, size = item
+        self.buffered -= size
         self.drained.set()
         return data
 
     async def send(self, data: bytes, end: bool = False) -> None:
+        await self.send_event(data, len(data), end) if data else await self.send_event(None, 0, end)
+
+    async def send_event(self, item: Any, size: int, end: bool) -> None:
+        """Queue ``item`` (``size`` bytes of payload, for the high-water mark); ``None`` queues nothing."""
         o = self.other
         if self.inbox.reset is not None:
             raise self.inbox.reset
         while o.buffered > PIPE_HIGH_WATER and o.inbox.reset is None:
             o.drained = trio.Event()
             await o.drained.wait()
-        if data:
-            o.buffered += len(data)
-            o.inbox.push(data)
+        if item is not None:
+            o.buffered += size
+            o.inbox.push((item, size))
         if end:
             o.inbox.ended = True
             o.inbox.event.set()
@@ -216,6 +224,25 @@ def pipe() -> tuple[PipeEnd, PipeEnd]:
     a, b = PipeEnd(), PipeEnd()
     a.other, b.other = b, a
     return a, b
+
+
+class LocalEvents:
+    """H11Stream's interface over a PipeEnd that carries h11 events, not bytes.
+
+    A request to one of our own instances needs no wire format between our ingress and
+    our egress: passing the events saves a serialise and a parse each way. Both sides
+    already hold validated events (the user's request, the instance's response).
+    """
+
+    def __init__(self, end: PipeEnd) -> None:
+        self.end = end
+
+    async def send(self, event: Any, *, end: bool = False) -> None:
+        await self.end.send_event(event, len(event.data) if isinstance(event, h11.Data) else 0, end)
+
+    async def next_event(self) -> Any:
+        event = await self.end.receive()
+        return h11.ConnectionClosed() if isinstance(event, bytes) else event
 
 
 # ---------------------------------------------------------------- HTTP/1.1 over a byte stream
@@ -627,7 +654,7 @@ class DataPlane:
             near, far = pipe()
             assert self.d.nursery is not None
             self.d.nursery.start_soon(self._serve_stream, far, ext, "local")
-            return near
+            return near  # carries h11 events (LocalEvents), not bytes
         conn = self.d.established_conn(cand.next_hop)
         if conn is None or conn.mux is None:
             raise StreamReset(ResetCode.NO_ROUTE, False, f"no session to next hop {cand.next_hop}")
@@ -643,7 +670,7 @@ class DataPlane:
         ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), cons.qos, 16,
                         min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0, slack)
         up_raw = self._open_upstream(cand, ext)
-        up = H11Stream(h11.CLIENT, up_raw, tunnel=True)
+        up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
         got_head = False
         sent_head = False  # once the user has the head, a failure can only cut the connection
         self.account.sent(cand.key, trio.current_time())
@@ -785,7 +812,7 @@ class DataPlane:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.d.id} has no instance {ext.instance} of label {ext.label}")
             return
         service, inst = found
-        rx = H11Stream(h11.SERVER, stream, tunnel=True)
+        rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
         deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
             event = await rx.next_event()
