@@ -263,6 +263,14 @@ class H11Stream:
         elif data:
             await self.transport.send_all(data)
 
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        """Several events in one write (one system call for a whole small response)."""
+        data = b"".join(self.conn.send(e) or b"" for e in events)
+        if self.tunnel:
+            await self.transport.send(data, end=end)
+        elif data:
+            await self.transport.send_all(data)
+
     async def next_event(self) -> Any:
         while True:
             event = self.conn.next_event()
@@ -722,12 +730,10 @@ class DataPlane:
                         else:
                             await client.send(h11.Data(data=event.data))
                     elif isinstance(event, h11.EndOfMessage):
-                        if held is not None:
-                            await client.send(h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason))
-                            sent_head = True
-                            if held:
-                                await client.send(h11.Data(data=b"".join(held)))
-                        await client.send(h11.EndOfMessage())
+                        whole = [h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason),
+                                 *([h11.Data(data=b"".join(held))] if held else [])] if held is not None else []
+                        sent_head = True
+                        await client.send_all([*whole, h11.EndOfMessage()])
                         break
                     elif held is not None:
                         raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
