@@ -68,6 +68,7 @@ class InstanceMeter:
         self._samples: collections.deque[float] = collections.deque(maxlen=samples)
         self.arrivals = RateWindow()
         self.bounded = RateWindow()  # latency-bound requests that asked, admitted or not: their demand
+        self.servable = RateWindow()  # those of them whose bound this instance can meet at some load
         self.unbounded = RateWindow()  # unbounded requests admitted
         self._ceilings: collections.deque[tuple[float, float]] = collections.deque(maxlen=MAX_EVENTS)
         self.inflight = 0
@@ -92,7 +93,12 @@ class InstanceMeter:
         expect = self.base_us * load_factor((n + 1) / self.capacity)
         if slack_us is not None:  # demand, whether or not it gets in
             self.bounded.add(now)
-            self._ceilings.append((now, self.load_limit(slack_us)))
+            limit = self.load_limit(slack_us)
+            # A bound this instance cannot meet even idle must not hold capacity back from
+            # flexible traffic: that demand is served elsewhere or not at all.
+            if limit > 0:
+                self.servable.add(now)
+                self._ceilings.append((now, limit))
         why = None
         if n + 1 > self.capacity:
             why = f"at capacity ({n} requests in the last second, capacity {self.capacity:g}/s)"
@@ -104,7 +110,7 @@ class InstanceMeter:
             if expect > slack_us and (n + 1) / self.capacity > 0.5:
                 why = f"expected compute {expect / 1000:.1f} ms exceeds the {slack_us / 1000:.1f} ms the latency bound leaves"
         else:
-            reserved = self.bounded.count(now)
+            reserved = self.servable.count(now)
             if n + 1 > self.unbounded_ceiling(now) or self.unbounded.count(now) + 1 + reserved > self.capacity:
                 why = f"keeping capacity for latency-bound requests ({reserved} req/s of them)"
         if why is not None:

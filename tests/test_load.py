@@ -61,6 +61,15 @@ def test_unbounded_capped_below_bounded_latency_ceiling() -> None:
     assert got == 32  # 1 bounded + 32 unbounded = 33 <= 33.3
 
 
+def test_bounded_demand_that_cannot_be_met_here_reserves_nothing() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=3000)
+    for i in range(20):  # slack below the base compute: no load of this instance meets it
+        m.admit(0.001 * i, None, 2500)
+    assert m.bounded_load(0.1) == pytest.approx(20 / 50)  # still advertised as demand
+    got = sum(1 for i in range(60) if m.admit(0.1 + 0.001 * i, None, None) is None)
+    assert got == 30  # the 20 bounded got in (below half load), all the rest goes to flexible traffic
+
+
 def test_compute_is_a_robust_median() -> None:
     m = InstanceMeter(capacity=50, compute_hint_us=9999)
     for i in range(20):
