@@ -59,48 +59,31 @@ def ensure(binary: str, package: str) -> str | None:
 NGINX_CONF = """daemon off;
 master_process off;
 worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx.err warn;
+pid {dir}/{name}.pid;
+error_log {dir}/{name}.err warn;
 events {{ worker_connections 1024; }}
 http {{
   access_log off;
-  client_body_temp_path {dir}/body;
-  proxy_temp_path {dir}/proxy;
-  fastcgi_temp_path {dir}/fastcgi;
-  uwsgi_temp_path {dir}/uwsgi;
-  scgi_temp_path {dir}/scgi;
-  upstream instance {{ server 127.0.0.1:{upstream}; keepalive 32; }}
-  server {{
-    listen 127.0.0.1:{port};
-    location /svc {{
-      proxy_pass http://instance/v1;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }}
-  }}
+  keepalive_requests 1000000;
+  client_body_temp_path {dir}/{name}-body;
+  proxy_temp_path {dir}/{name}-proxy;
+  fastcgi_temp_path {dir}/{name}-fastcgi;
+  uwsgi_temp_path {dir}/{name}-uwsgi;
+  scgi_temp_path {dir}/{name}-scgi;
+  {http}
 }}
 """
-
-INSTANCE_CONF = """daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/instance.pid;
-error_log {dir}/instance.err warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/ibody;
-  proxy_temp_path {dir}/iproxy;
-  fastcgi_temp_path {dir}/ifastcgi;
-  uwsgi_temp_path {dir}/iuwsgi;
-  scgi_temp_path {dir}/iscgi;
-  keepalive_requests 1000000;
+# The proxy under test: proxy_pass to the instance over kept-alive upstream connections.
+NGINX_PROXY = """upstream instance {{ server 127.0.0.1:{upstream}; keepalive 32; }}
   server {{
+    listen 127.0.0.1:{port};
+    location /svc {{ proxy_pass http://instance/v1; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}"""
+# The instance every path calls: a fixed JSON answer, as cheap as an instance can be.
+NGINX_INSTANCE = """server {{
     listen 127.0.0.1:{port};
     location / {{ default_type application/json; return 200 '{{"instance": "s1"}}'; }}
-  }}
-}}
-"""
+  }}"""
 
 HAPROXY_CONF = """global
   maxconn 1024
@@ -127,7 +110,8 @@ def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[su
     port = free_ports(1)[0]
     if name in ("nginx", "instance"):
         conf = workdir / f"{name}.conf"
-        conf.write_text((NGINX_CONF if name == "nginx" else INSTANCE_CONF).format(dir=workdir, port=port, upstream=upstream))
+        http = (NGINX_PROXY if name == "nginx" else NGINX_INSTANCE).format(port=port, upstream=upstream)
+        conf.write_text(NGINX_CONF.format(dir=workdir, name=name, http=http))
         cmd = [binary, "-c", str(conf), "-e", str(workdir / f"{name}.err")]
     else:
         conf = workdir / "haproxy.cfg"

@@ -22,7 +22,6 @@ import argparse
 import json
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpnd.control import ControlError  # noqa: E402
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab  # noqa: E402
-from httpclient import classify, exchange  # noqa: E402
+from httpclient import KeepAlive, classify  # noqa: E402
 
 WINDOW_BEFORE_S = 1.0
 WINDOW_AFTER_S = 3.0
@@ -74,26 +73,16 @@ async def load(http: str, rate: float, seconds: float, out: list[dict[str, Any]]
     send.close()
 
     async def worker() -> None:
-        stream = None
+        conn = KeepAlive(host, int(port))
         async for i, at in recv:
             await trio.sleep_until(at)
             method = "GET" if i % 2 else "POST"
             req = (f"{method} /svc HTTP/1.1\r\nHost: x\r\n" + ("Content-Length: 5\r\n\r\nhello" if method == "POST" else "\r\n")).encode()
             rec: dict[str, Any] = {"at": time.monotonic() - (trio.current_time() - at), "method": method}
             try:
-                if stream is None:
-                    stream = await trio.open_tcp_stream(host, int(port))
-                with trio.fail_after(10):
-                    status, headers, body = await exchange(stream, req)
-                rec["outcome"], rec["what"] = classify(status, headers, body)
-                if headers.get("connection", "").lower() == "close":
-                    await stream.aclose()
-                    stream = None
+                rec["outcome"], rec["what"] = classify(*await conn.request(req, 10))
             except (OSError, ConnectionError, trio.TooSlowError, trio.BrokenResourceError, ValueError) as exc:
                 rec["outcome"], rec["what"] = "lost", f"{type(exc).__name__}: {exc}"
-                if stream is not None:
-                    await stream.aclose()
-                stream = None
             rec["ms"] = (trio.current_time() - at) * 1000
             out.append(rec)
 
@@ -183,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "failover.json").write_text(json.dumps({"runs": runs, "summary": summary, "rate": args.rate,
                                                         "hold_ms": args.hold_ms, "command": " ".join(sys.argv)}, indent=1) + "\n")
-    print(f"\n| fault | detected (median) | healed (median) | sent in window | served | explicit errors | lost | worst ms |")
+    print("\n| fault | detected (median) | healed (median) | sent in window | served | explicit errors | lost | worst ms |")
     print("|---|---|---|---|---|---|---|---|")
     for fault, s in summary.items():
         print(f"| {fault} | {s['detected_s_median']:.3f} s | {s['healed_s_median']:.3f} s | {s['sent']} | {s['served']} | "

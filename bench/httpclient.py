@@ -41,3 +41,29 @@ def classify(status: int, headers: dict[str, str], body: bytes) -> tuple[str, st
     if status >= 400 and isinstance(obj, dict) and set(obj) == {"error", "detail"} and "cpn-instance" not in headers:
         return "failed_explicit", f"{status} {obj['error']}"
     return "lost", f"status {status}: {body[:200]!r}"
+
+
+class KeepAlive:
+    """One client connection kept alive across requests, reopened after the server closed it (as a real client does)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.stream: trio.SocketStream | None = None
+
+    async def request(self, req: bytes, timeout: float) -> tuple[int, dict[str, str], bytes]:
+        try:
+            if self.stream is None:
+                self.stream = await trio.open_tcp_stream(self.host, self.port)
+            with trio.fail_after(timeout):
+                status, headers, body = await exchange(self.stream, req)
+        except Exception:
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, body
+
+    async def close(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.aclose()

@@ -21,6 +21,7 @@ max-flow for each choice. Writes paper.json, paper.csv and figures 10(a), 10(b),
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import itertools
 import json
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpnd.lab import PAPER_COMPUTE_MS, PAPER_RTT, InstanceProcs, Lab, paper_topology, write_lab  # noqa: E402
-from httpclient import exchange  # noqa: E402
+from httpclient import KeepAlive  # noqa: E402
 
 INSTANCES = [f"s{i}" for i in range(1, 6)]
 ORIGIN = {f"s{i}": f"gw{i + 2}" for i in range(1, 6)}
@@ -99,26 +100,20 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
                 await send.send((step, at))
 
     async def worker() -> None:
-        stream: trio.SocketStream | None = await trio.open_tcp_stream(host, int(port))
+        conn = KeepAlive(host, int(port))
         async for step, at in recv:
             await trio.sleep_until(at)
             rec: dict[str, Any] = {"user": name, "step": step, "at": at, "status": 0, "instance": None}
             try:
-                if stream is None:  # the gateway closed it (error): like a real client, reconnect
-                    stream = await trio.open_tcp_stream(host, int(port))
-                with trio.fail_after(REQUEST_TIMEOUT_S):
-                    status, h, body = await exchange(stream, req)
+                status, h, body = await conn.request(req, REQUEST_TIMEOUT_S)
                 rec["status"] = status
                 rec["instance"] = h.get("cpn-instance")
                 if status == 200:
                     rec["compute_ms"] = json.loads(body)["compute_ms"]
-                if h.get("connection", "").lower() == "close":
-                    await stream.aclose()
-                    stream = None
+                else:
+                    rec["error"] = json.loads(body).get("error", "?")
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError, ValueError):
-                if stream is not None:
-                    await stream.aclose()
-                stream = None
+                pass
             rec["latency_ms"] = (trio.current_time() - at) * 1000
             records.append(rec)
 
@@ -194,6 +189,9 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
         row["served"] = round(row["u1_served"] + row["u2_served"], 2)
+        for u in ("u1", "u2"):  # what the failures were, per second
+            kinds = collections.Counter(r.get("error", f"status {r['status']}") for r in window if r["user"] == u and r["status"] != 200)
+            row[f"{u}_error_kinds"] = {k: round(v / span, 2) for k, v in kinds.items()}
         row["optimum"] = round(optimum(rate, rate, rtt["u1"]), 2)
         row["served_over_optimum"] = round(row["served"] / row["optimum"], 3) if row["optimum"] else None
         steps.append(row)
