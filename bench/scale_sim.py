@@ -75,10 +75,16 @@ def ring_of_rings(n: int, rng: random.Random) -> nx.Graph:
 def topology(kind: str, n: int, seed: int) -> nx.Graph:
     rng = random.Random(seed)
     if kind == "random":
-        while True:
-            g = nx.gnm_random_graph(n, int(1.5 * n), seed=rng.randrange(1 << 30))
-            if nx.is_connected(g):
-                break
+        # A random spanning tree (each gateway joins a random earlier one), then random extra
+        # links up to 1.5 n: connected, mean degree 3. (A plain G(n, m) that sparse is almost
+        # never connected at these sizes.)
+        g = nx.Graph()
+        g.add_node(0)
+        for v in range(1, n):
+            g.add_edge(v, rng.randrange(v))
+        while g.number_of_edges() < int(1.5 * n):
+            a, b = rng.sample(range(n), 2)
+            g.add_edge(a, b)
     elif kind == "scale-free":
         g = nx.barabasi_albert_graph(n, 2, seed=seed)
     elif kind == "ring-of-rings":

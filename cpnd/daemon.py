@@ -56,7 +56,9 @@ FLUSH_ON_CLOSE_S = 1.0
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
-HEALTH_OFF_RECHECK_S = 1.0
+HEALTH_OFF_RECHECK_S = 1.0  # how often a loop with active probes off looks again (a reload may turn them on)
+
+
 class Connection:
     """One TCP connection to a peer, pumped through one ``Session``."""
 

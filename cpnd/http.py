@@ -196,7 +196,7 @@ class PipeEnd:
         return data
 
     async def send(self, data: bytes, end: bool = False) -> None:
-        await self.send_event(data, len(data), end) if data else await self.send_event(None, 0, end)
+        await self.send_event(data or None, len(data), end)
 
     async def send_event(self, item: Any, size: int, end: bool) -> None:
         """Queue ``item`` (``size`` bytes of payload, for the high-water mark); ``None`` queues nothing."""
@@ -257,11 +257,7 @@ class H11Stream:
         self.tunnel = tunnel
 
     async def send(self, event: Any, *, end: bool = False) -> None:
-        data = self.conn.send(event)
-        if self.tunnel:
-            await self.transport.send(data or b"", end=end)
-        elif data:
-            await self.transport.send_all(data)
+        await self.send_all([event], end=end)
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         """Several events in one write (one system call for a whole small response)."""
@@ -730,10 +726,13 @@ class DataPlane:
                         else:
                             await client.send(h11.Data(data=event.data))
                     elif isinstance(event, h11.EndOfMessage):
-                        whole = [h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason),
-                                 *([h11.Data(data=b"".join(held))] if held else [])] if held is not None else []
+                        events: list[Any] = [h11.EndOfMessage()]
+                        if held is not None:  # the whole response now, in one write
+                            body_events = [h11.Data(data=b"".join(held))] if held else []
+                            events = [h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason),
+                                      *body_events, *events]
                         sent_head = True
-                        await client.send_all([*whole, h11.EndOfMessage()])
+                        await client.send_all(events)
                         break
                     elif held is not None:
                         raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
