@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import math
 import struct
-import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -393,18 +392,23 @@ def _decode_route(r: object) -> RouteAdv:
     if label != service_label(svc):
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
     # A RIB holds the same few names and paths in every route it learns: one copy each, not one per route.
-    hops = tuple(map(sys.intern, path))
-    shared = _PATHS.get(hops)
-    if shared is None:
-        if len(_PATHS) >= MAX_SHARED_PATHS:
-            _PATHS.clear()  # bounded: sharing is an optimisation, never a table to grow without end
-        shared = _PATHS[hops] = hops
-    return RouteAdv(sys.intern(svc), sys.intern(inst), sys.intern(origin), seq, label, shared,
+    return RouteAdv(_shared(svc), _shared(inst), _shared(origin), seq, label, _shared(tuple(map(_shared, path))),
                     lat, cap, load, price, comp, bload)
 
 
-MAX_SHARED_PATHS = 65536
-_PATHS: dict[tuple[str, ...], tuple[str, ...]] = {}
+MAX_SHARED = 65536
+_SHARED: dict[Any, Any] = {}
+
+
+def _shared(value: Any) -> Any:
+    """One copy of an equal name or path already seen (not sys.intern: peers choose these
+    strings, and interned strings may live for ever); bounded, like everything peers fill."""
+    found = _SHARED.get(value)
+    if found is None:
+        if len(_SHARED) >= MAX_SHARED:
+            _SHARED.clear()  # sharing is an optimisation, never a table to grow without end
+        found = _SHARED[value] = value
+    return found
 
 
 def _decode_withdrawal(w: object) -> Withdrawal:
