@@ -32,6 +32,7 @@ import heapq
 import itertools
 import json
 import random
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -443,12 +444,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated GATEWAYS:TOPOLOGY:ROUTES")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its row
     args = ap.parse_args(argv)
+    if args.one:
+        n, kind, routes = args.one.split(":")
+        print(json.dumps(run_case(int(n), kind, int(routes), args.seed)))
+        return 0
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
     for spec in args.cases.split(","):
-        n, kind, routes = spec.split(":")
-        row = run_case(int(n), kind, int(routes), args.seed)
+        # Each case in a fresh process: memory per path is read from RSS growth, which a heap
+        # left over from an earlier case would hide.
+        out = subprocess.run([sys.executable, __file__, "--one", spec, "--seed", str(args.seed)],
+                             capture_output=True, text=True, check=True).stdout
+        row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps(row), flush=True)
         # Written after every case: the big ones take minutes, and what is done is kept.
