@@ -377,10 +377,12 @@ def _reset_for_open(t: Target, svc: str, origin: str, inst: str, *, hop_limit: i
         p.close()
 
 
-def _transit_route(t: Target) -> tuple[str, str, str] | None:
+def _transit_route(t: Target) -> tuple[str, str, str]:
     """A route the target learnt from another peer: a stream for it makes the target a transit."""
     routes = sorted(r for r in advertised_routes(t) if r[1] != t.target_id)
-    return routes[0] if routes else None
+    if not routes:
+        raise Skipped("the target learnt no route from another peer: it is never a transit")
+    return routes[0]
 
 
 @case("tunnel-unroutable-target", "tunnel.md#what-each-gateway-does-with-an-open")
@@ -392,19 +394,13 @@ def _unroutable(t: Target) -> None:
 @case("tunnel-hop-limit", "tunnel.md#what-each-gateway-does-with-an-open (RESET 2)")
 def _hop_limit(t: Target) -> None:
     """A transit that would forward with no hop left answers RESET hop-limit, delivered 0."""
-    route = _transit_route(t)
-    if route is None:
-        raise Skipped("the target learnt no route from another peer: it is never a transit")
-    assert _reset_for_open(t, *route, hop_limit=1) == (2, 0)
+    assert _reset_for_open(t, *_transit_route(t), hop_limit=1) == (2, 0)
 
 
 @case("tunnel-deadline-exhausted", "tunnel.md#what-each-gateway-does-with-an-open (RESET 3)")
 def _deadline(t: Target) -> None:
     """A request whose budget is already spent is not forwarded: RESET deadline, delivered 0."""
-    route = _transit_route(t)
-    if route is None:
-        raise Skipped("the target learnt no route from another peer: it is never a transit")
-    assert _reset_for_open(t, *route, budget_us=0) == (3, 0)
+    assert _reset_for_open(t, *_transit_route(t), budget_us=0) == (3, 0)
 
 
 DATA_MAX = 16384
