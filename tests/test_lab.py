@@ -80,8 +80,15 @@ def test_paper_lab_serves_both_users_within_their_constraints(tmp_path) -> None:
             # u1's bound: the path's RTT plus the compute the instance reports.
             assert PAPER_RTT["gw1"][ORIGIN[inst]] + body["compute_ms"] <= 10.0, (inst, body)
         assert "s5" not in {inst for _, inst, _ in u1}  # 10 ms away: never within the bound
+        # u2 gets the lowest latency as gw2 measures it (s5 by the model; a loaded machine can measure
+        # s5's compute high enough that s3 comes near or wins): the near-equal best (selection.md:
+        # within max(0.5 ms, 10 %)), with 1 ms for the view moving during the run.
+        view = {r["instance"]: r["path_latency_ms"] + r["compute_latency_ms"]
+                for r in request(control["gw2"], "show-routes") if r["best"]}
+        best_total = min(view.values())
+        near_best = {i for i, total in view.items() if total <= best_total + max(0.5, 0.1 * best_total) + 1.0}
         u2_where = collections.Counter(inst for _, inst, _ in u2)
-        assert u2_where["s5"] >= 0.9 * len(u2), u2_where  # the fastest, well below capacity at 20 req/s
+        assert sum(u2_where[i] for i in near_best) >= 0.9 * len(u2), (u2_where, view)
         # Which of s1..s4 u1 gets depends on the gateways' own overhead on this machine: s2 and s4
         # (price 1) sit at 9 ms of the 10 ms bound, so a loaded box measures them over it and u1 pays
         # for s1 or s3. The price ranking itself is tested without timing noise in test_select.
