@@ -18,6 +18,7 @@ import attrs
 
 WINDOW_S = 1.0  # loads are requests over the last second, over capacity
 MAX_EVENTS = 100_000  # bound on remembered timestamps per window
+HINT_SAMPLES = 3  # the configured compute latency, as samples of the median until measurements push it out
 
 
 def load_factor(load: float) -> float:
@@ -66,6 +67,9 @@ class InstanceMeter:
         # The median of recent samples: one very slow request (a long generation, a
         # stalled instance) must not make the instance look slow for everyone.
         self._samples: collections.deque[float] = collections.deque(maxlen=samples)
+        # The configured hint counts as a few samples, so one slow first request (a cold
+        # instance, a cold connection) cannot make the instance look slow until more arrive.
+        self._samples.extend([float(compute_hint_us)] * HINT_SAMPLES)
         self.arrivals = RateWindow()
         self.bounded = RateWindow()  # latency-bound requests that asked, admitted or not: their demand
         self.servable = RateWindow()  # those of them whose bound this instance can meet at some load

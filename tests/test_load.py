@@ -70,6 +70,17 @@ def test_bounded_demand_that_cannot_be_met_here_reserves_nothing() -> None:
     assert got == 30  # the 20 bounded got in (below half load), all the rest goes to flexible traffic
 
 
+def test_one_slow_first_request_does_not_move_the_compute_estimate() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=1000)
+    m.admit(0.0, None)
+    m.done(0.1, 20_000, load_at_arrival=0.0)  # a cold first request
+    assert m.base_us == 1000
+    for i in range(5):  # measurements, once there are a few, win over the hint
+        m.admit(0.2, None)
+        m.done(0.3, 1700, load_at_arrival=0.0)
+    assert m.base_us == 1700
+
+
 def test_compute_is_a_robust_median() -> None:
     m = InstanceMeter(capacity=50, compute_hint_us=9999)
     for i in range(20):
