@@ -203,7 +203,9 @@ def test_malformed_update_ends_only_that_session(make_lab, tmp_path) -> None:
         port = int(specs["a"].listen.rsplit(":", 1)[1])
         rogue = RawPeer(port, "rogue", rogue_key, "a", parse_public_key(specs["a"].public_key))
         rogue.pump_until(lambda: rogue.s.state is State.ESTABLISHED)
-        assert {p["id"]: p["state"] for p in lab.query("a", "show-peers")}["rogue"] == "established"
+        # a is established once our last KEEPALIVE has reached it: wait for that, not for luck.
+        lab.wait_for(lambda: {p["id"]: p["state"] for p in lab.query("a", "show-peers")}["rogue"] == "established",
+                     5, "a to establish the rogue session")
         # A route whose path loops back on itself: update/bad-path.
         import msgpack
 
