@@ -7,6 +7,7 @@ and keys -> ``Lab`` (one ``cpnd`` process per gateway) -> wait for convergence.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import signal
 import socket
 import subprocess
@@ -180,17 +181,33 @@ def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
     return specs
 
 
-class InstanceProcs:
-    """Simulated instances (``python -m cpnd.simulate``), one real HTTP server process each."""
+PR_SET_PDEATHSIG = 1
 
-    def __init__(self) -> None:
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGTERM when the thread that started us dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own clean-up is all there is
+
+
+class InstanceProcs:
+    """Simulated instances (``python -m cpnd.simulate``), one real HTTP server process each.
+
+    ``die_with_parent``: children end when the starting thread does (for ``cpnd lab``, whose
+    main thread starts them; not for callers that start processes from worker threads).
+    """
+
+    def __init__(self, *, die_with_parent: bool = False) -> None:
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.ports: dict[str, int] = {}
+        self.preexec = _die_with_parent if die_with_parent else None
 
     def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9, port: int = 0) -> int:
         p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", iid, "--compute-ms", str(compute_ms),
                               "--capacity", str(capacity), "--port", str(port)],
-                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
         line = p.stdout.readline() if p.stdout else ""
         if not line.startswith("listening "):
             p.kill()
@@ -225,17 +242,18 @@ class InstanceProcs:
 class Lab:
     """One real ``cpnd`` process per gateway; always reaped on exit."""
 
-    def __init__(self, specs: dict[str, GatewaySpec], *, log_level: str = "info") -> None:
+    def __init__(self, specs: dict[str, GatewaySpec], *, log_level: str = "info", die_with_parent: bool = False) -> None:
         self.specs = specs
         self.log_level = log_level
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.preexec = _die_with_parent if die_with_parent else None  # as for InstanceProcs
 
     def start(self, gw: str) -> None:
         spec = self.specs[gw]
         log = open(spec.config.with_suffix(".log"), "ab")
         self.procs[gw] = subprocess.Popen(
             [sys.executable, "-m", "cpnd", "--config", str(spec.config), "--log-level", self.log_level],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
         )
         log.close()
 
@@ -333,12 +351,13 @@ def run_lab(args: argparse.Namespace) -> int:
         stop["flag"] = True
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    insts = InstanceProcs()
+    # If this process is killed outright, its gateways and instances must not live on.
+    insts = InstanceProcs(die_with_parent=True)
     lab: Lab | None = None
     try:
         urls = insts.start_topology(topo)
         specs = write_lab(topo, workdir, selection=args.selection, instance_url=urls)
-        lab = Lab(specs, log_level=args.lab_log_level)
+        lab = Lab(specs, log_level=args.lab_log_level, die_with_parent=True)
         lab.start_all()
         for gw, spec in specs.items():
             print(f"{gw} http={spec.http} control={spec.control}", flush=True)

@@ -224,6 +224,44 @@ def test_malformed_update_ends_only_that_session(make_lab, tmp_path) -> None:
         assert lab.converged(topo) and not lab.dead()
 
 
+def test_lab_killed_outright_takes_its_processes_along(tmp_path) -> None:
+    from cpnd.control import request
+
+    proc = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", "paper", "--dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    try:
+        while not lines or lines[-1] != "ready":
+            line = proc.stdout.readline()
+            assert line, lines
+            lines.append(line.strip())
+        pids = [request(ln.split("control=")[1], "status")["pid"] for ln in lines[:-1]]
+        def parent(stat: Path) -> int:
+            try:
+                return int(stat.read_text().rsplit(")", 1)[1].split()[1])  # /proc/PID/stat field 4: ppid
+            except (OSError, IndexError, ValueError):
+                return -1
+
+        children = [int(s.parent.name) for s in Path("/proc").glob("[0-9]*/stat") if parent(s) == proc.pid]
+        assert set(pids) <= set(children) and len(children) == 12  # 7 gateways, 5 instances
+        proc.kill()  # no chance to clean up: the children must go by themselves
+        proc.wait()
+        def running(pid: int) -> bool:
+            try:
+                return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 10
+        while any(running(pid) for pid in children):
+            assert time.monotonic() < deadline, "the lab's gateways outlived it"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_route_refresh_resends_the_table(tmp_path) -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -322,6 +360,10 @@ def test_lab_paper_starts_converges_and_stops(tmp_path) -> None:
         assert proc.wait(20) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGINT)  # a failed assertion still lets the lab stop its gateways
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     assert not list(Path(tmp_path).glob("*.sock"))  # every gateway removed its socket
