@@ -708,14 +708,15 @@ class DataPlane:
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
                 assert isinstance(event, h11.Response)
                 head = event
-                resp_headers = filter_headers(head.headers, drop_cpn=False) + _framing(head.headers)
+                response = h11.Response(status_code=head.status_code, reason=head.reason,
+                                        headers=filter_headers(head.headers, drop_cpn=False) + _framing(head.headers))
                 # A small response of known length is gathered whole before the user sees its head:
                 # if the upstream fails meanwhile, the user still gets a clean error (or a retry)
                 # instead of a response cut short. Streams and large bodies flow through as they come.
                 length = _content_length(head.headers)
                 held: list[bytes] | None = [] if length is not None and length <= RESPONSE_HOLD_BYTES else None
                 if held is None:
-                    await client.send(h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason))
+                    await client.send(response)
                     sent_head = True
                 while True:
                     with trio.fail_after(self.limits.body_idle_timeout_s):
@@ -728,9 +729,7 @@ class DataPlane:
                     elif isinstance(event, h11.EndOfMessage):
                         events: list[Any] = [h11.EndOfMessage()]
                         if held is not None:  # the whole response now, in one write
-                            body_events = [h11.Data(data=b"".join(held))] if held else []
-                            events = [h11.Response(status_code=head.status_code, headers=resp_headers, reason=head.reason),
-                                      *body_events, *events]
+                            events = [response, *([h11.Data(data=b"".join(held))] if held else []), *events]
                         sent_head = True
                         await client.send_all(events)
                         break
@@ -868,7 +867,7 @@ class DataPlane:
             s = await trio.open_tcp_stream(host, port)
         return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
 
-    async def _call_instance(self, rx: H11Stream, stream: ByteStream, inst: InstanceConfig, host: str, port: int,
+    async def _call_instance(self, rx: H11Stream | LocalEvents, stream: ByteStream, inst: InstanceConfig, host: str, port: int,
                              req: h11.Request, deadline: float | None) -> float | None:
         """Forward to the instance and stream its answer back; the time to its response head, or None."""
         uploaded_at = trio.current_time()  # compute latency counts from the end of the upload
