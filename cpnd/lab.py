@@ -193,7 +193,7 @@ def _die_with_parent() -> None:
 
 
 class InstanceProcs:
-    """Simulated instances (``python -m cpnd.simulate``), one real HTTP server process each.
+    """Simulated instances (``python -m cpnd.simulate``): real HTTP servers, one process each or one for a topology.
 
     ``die_with_parent``: children end when the starting thread does (for ``cpnd lab``, whose
     main thread starts them; not for callers that start processes from worker threads).
@@ -218,20 +218,44 @@ class InstanceProcs:
         return self.ports[iid]
 
     def start_topology(self, topo: Topology) -> Callable[[Instance], str]:
-        """Start one per instance of ``topo`` (its compute latency and capacity); returns the URL map."""
-        for inst in topo.instances:
-            self.start(inst.id, compute_ms=inst.compute_latency_ms, capacity=inst.capacity)
+        """Serve every instance of ``topo`` (its compute latency and capacity) from one process; the URL map.
+
+        One process, not one each: a lab of many instances on a small machine would otherwise
+        spend its CPU switching between them, and the measured compute latencies with it.
+        """
+        if topo.instances:
+            cmd = [sys.executable, "-m", "cpnd.simulate"]
+            for inst in topo.instances:
+                cmd += ["--instance", f"{inst.id}:{inst.compute_latency_ms}:{inst.capacity}"]
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
+            ports = {}
+            for _ in topo.instances:
+                line = p.stdout.readline() if p.stdout else ""
+                if not line.startswith("listening "):
+                    p.kill()
+                    p.wait()
+                    raise RuntimeError("simulated instances did not start")
+                _, hostport, iid = line.split()
+                ports[iid] = int(hostport.rsplit(":", 1)[1])
+            for iid, port in ports.items():
+                self.procs[iid] = p
+                self.ports[iid] = port
         return lambda inst: f"http://127.0.0.1:{self.ports[inst.id]}/{inst.id}/detect"
 
     def kill(self, iid: str) -> None:
-        self.procs[iid].kill()
-        self.procs[iid].wait()
+        """SIGKILL one instance (started with ``start``: those of ``start_topology`` share a process)."""
+        p = self.procs[iid]
+        if sum(q is p for q in self.procs.values()) > 1:
+            raise ValueError(f"{iid} shares its process with other instances: start it with start() to kill it alone")
+        p.kill()
+        p.wait()
 
     def stop_all(self) -> None:
-        for p in self.procs.values():
+        procs = list({id(p): p for p in self.procs.values()}.values())
+        for p in procs:
             if p.poll() is None:
                 p.terminate()
-        for p in self.procs.values():
+        for p in procs:
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:

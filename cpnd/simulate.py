@@ -1,8 +1,10 @@
 """A simulated service instance: a real HTTP/1.1 server (trio + h11) for labs and tests.
 
     python -m cpnd.simulate --id s1 [--host 127.0.0.1] [--port 0] [--compute-ms 1] [--capacity 50]
+    python -m cpnd.simulate --instance s1:1:50 --instance s2:3:50 ...   # several, one process
 
-Prints ``listening <host>:<port>`` once ready. Every request is answered with JSON
+Prints ``listening <host>:<port>`` once ready (``listening <host>:<port> <id>`` per instance
+with ``--instance``). Every request is answered with JSON
 ``{"instance": ID, "method", "path", "query", "body_bytes", "headers"}`` after the
 compute latency of the paper's model (f_d: base below 50 % of capacity, rising
 linearly to double at 100 %; beyond capacity it answers 503). Query parameters
@@ -148,20 +150,36 @@ async def serve(inst: Instance, host: str, port: int, *, task_status=trio.TASK_S
     await trio.serve_listeners(inst.handle, listeners)
 
 
+def _instance_spec(text: str) -> tuple[str, float, float]:
+    try:
+        iid, compute, capacity = text.split(":")
+        return iid, float(compute), float(capacity)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ID:COMPUTE_MS:CAPACITY, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cpnd.simulate", description="a simulated service instance")
-    ap.add_argument("--id", required=True)
+    ap.add_argument("--id")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--compute-ms", type=float, default=0.0)
     ap.add_argument("--capacity", type=float, default=1e9)
+    ap.add_argument("--instance", type=_instance_spec, action="append", default=[], metavar="ID:COMPUTE_MS:CAPACITY",
+                    help="serve several instances from this one process, each on a port of its own "
+                         "(prints 'listening HOST:PORT ID' per instance); instead of --id")
     args = ap.parse_args(argv)
-    inst = Instance(args.id, args.compute_ms, args.capacity)
+    if bool(args.id) == bool(args.instance):
+        ap.error("give either --id or one or more --instance")
+    many = bool(args.instance)
+    specs = args.instance or [(args.id, args.compute_ms, args.capacity)]
+    insts = [Instance(iid, compute, capacity) for iid, compute, capacity in specs]
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(serve, inst, args.host, args.port)
-            print(f"listening {args.host}:{port}", flush=True)
+            for inst in insts:
+                port = await nursery.start(serve, inst, args.host, 0 if many else args.port)
+                print(f"listening {args.host}:{port}" + (f" {inst.id}" if many else ""), flush=True)
 
     try:
         trio.run(run)
