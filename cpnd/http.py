@@ -195,6 +195,15 @@ class PipeEnd:
         self.drained.set()
         return data
 
+    def receive_nowait(self) -> Any:
+        """The next queued chunk or event, else None (nothing there yet: it would block)."""
+        if not self.inbox.chunks:
+            return None
+        data, size = self.inbox.chunks.popleft()
+        self.buffered -= size
+        self.drained.set()
+        return data
+
     async def send(self, data: bytes, end: bool = False) -> None:
         await self.send_event(data or None, len(data), end)
 
@@ -240,9 +249,17 @@ class LocalEvents:
     async def send(self, event: Any, *, end: bool = False) -> None:
         await self.end.send_event(event, len(event.data) if isinstance(event, h11.Data) else 0, end)
 
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        for i, event in enumerate(events):
+            await self.send(event, end=end and i == len(events) - 1)
+
     async def next_event(self) -> Any:
         event = await self.end.receive()
         return h11.ConnectionClosed() if isinstance(event, bytes) else event
+
+    def next_event_nowait(self) -> Any:
+        """The next event if one is queued, else None."""
+        return self.end.receive_nowait()
 
 
 # ---------------------------------------------------------------- HTTP/1.1 over a byte stream
@@ -278,6 +295,38 @@ class H11Stream:
                 data = await self.transport.receive_some(RECEIVE_CHUNK)
             self.conn.receive_data(data)
 
+    def next_event_nowait(self) -> Any:
+        """The next event if what was received already holds it, else None."""
+        event = self.conn.next_event()
+        return None if event is h11.NEED_DATA else event
+
+
+async def next_event_within(stream: H11Stream | LocalEvents, timeout_s: float) -> Any:
+    """The stream's next event, TooSlowError after ``timeout_s``; no timer when it is already here."""
+    event = stream.next_event_nowait()
+    if event is not None:
+        return event
+    with trio.fail_after(timeout_s):
+        return await stream.next_event()
+
+
+class _Inline:
+    """Stands in for a nursery when there is nothing to run beside the caller (the common case)."""
+
+    def __init__(self) -> None:
+        self.cancel_scope = trio.CancelScope()
+
+    async def __aenter__(self) -> _Inline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@attrs.define
+class _AttemptState:
+    sent_head: bool = False  # once the user has the head, a failure can only cut the connection
+
 
 def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
     body = json.dumps({"error": exc.error, "detail": exc.detail}).encode()
@@ -300,6 +349,7 @@ class BodySource:
         self.done = False
         self.replayable = True
         self.consumed = False
+        self._pending: bytes | None = None  # taken by take_buffered, not kept for replay, not yet sent
 
     async def iterate(self) -> AsyncIterator[bytes]:
         if self.consumed and not self.replayable:
@@ -307,24 +357,49 @@ class BodySource:
         self.consumed = True
         for chunk in list(self.chunks):
             yield chunk
+        if self._pending is not None:
+            chunk, self._pending = self._pending, None
+            yield chunk
         while not self.done:
-            with trio.fail_after(self.limits.body_idle_timeout_s):
-                event = await self.client.next_event()
-            if isinstance(event, h11.Data):
-                self.size += len(event.data)
-                if self.size > self.limits.max_body_bytes:
-                    raise HttpError(413, "body_too_large", f"request body exceeds {self.limits.max_body_bytes} bytes",
-                                    close=True)
-                if self.replayable:
-                    self.chunks.append(event.data)
-                    if self.size > MAX_REPLAY_BYTES:
-                        self.replayable = False
-                        self.chunks = []
-                yield event.data
-            elif isinstance(event, h11.EndOfMessage):
-                self.done = True
-            else:
-                raise HttpError(400, "bad_request", f"unexpected {type(event).__name__} in request body")
+            chunk = self._take(await next_event_within(self.client, self.limits.body_idle_timeout_s))
+            if chunk is not None:
+                yield chunk
+
+    def take_buffered(self) -> bool:
+        """Take in what of the body has already arrived, without waiting; True if that is all of it.
+
+        A small request usually arrives whole with its head: it then goes upstream in one
+        write, with no task to stream it.
+        """
+        while not self.done and self._pending is None:
+            event = self.client.next_event_nowait()
+            if event is None:
+                return False
+            chunk = self._take(event)
+            if chunk is not None and not self.replayable:
+                self._pending = chunk  # too big to keep: iterate() hands it on first
+        return self.done
+
+    def whole(self) -> bytes:
+        """The body, once ``take_buffered`` said it is all here."""
+        return b"".join(self.chunks)
+
+    def _take(self, event: Any) -> bytes | None:
+        if isinstance(event, h11.Data):
+            self.size += len(event.data)
+            if self.size > self.limits.max_body_bytes:
+                raise HttpError(413, "body_too_large", f"request body exceeds {self.limits.max_body_bytes} bytes",
+                                close=True)
+            if self.replayable:
+                self.chunks.append(event.data)
+                if self.size > MAX_REPLAY_BYTES:
+                    self.replayable = False
+                    self.chunks = []
+            return event.data
+        if isinstance(event, h11.EndOfMessage):
+            self.done = True
+            return None
+        raise HttpError(400, "bad_request", f"unexpected {type(event).__name__} in request body")
 
 
 # ---------------------------------------------------------------- the data plane
@@ -675,13 +750,20 @@ class DataPlane:
                         min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0, slack)
         up_raw = self._open_upstream(cand, ext)
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
-        got_head = False
-        sent_head = False  # once the user has the head, a failure can only cut the connection
+        state = _AttemptState()
         self.account.sent(cand.key, trio.current_time())
+        head = h11.Request(method=req.method, target=req.target, headers=headers)
         try:
+            if body.take_buffered() and body.replayable:
+                # The whole request is here (or kept from an earlier try): it goes upstream in
+                # one write, and no task streams it.
+                body.consumed = True
+                data = body.whole()
+                await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
+                return await self._read_response(client, up, up_raw, cons, deadline, state)
             async with open_nursery() as nursery:
                 async def upload() -> None:
-                    await up.send(h11.Request(method=req.method, target=req.target, headers=headers))
+                    await up.send(head)
                     async for chunk in body.iterate():
                         await up.send(h11.Data(data=chunk))
                     await up.send(h11.EndOfMessage(), end=True)
@@ -696,59 +778,17 @@ class DataPlane:
                         raise
 
                 nursery.start_soon(guarded_upload)
-                with trio.move_on_at(deadline):
-                    event = await up.next_event()
-                    got_head = True
-                if not got_head:
-                    up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
-                    raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
-                while isinstance(event, h11.InformationalResponse):
-                    event = await up.next_event()
-                if isinstance(event, h11.ConnectionClosed):
-                    raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
-                assert isinstance(event, h11.Response)
-                head = event
-                response = h11.Response(status_code=head.status_code, reason=head.reason,
-                                        headers=filter_headers(head.headers, drop_cpn=False) + _framing(head.headers))
-                # A small response of known length is gathered whole before the user sees its head:
-                # if the upstream fails meanwhile, the user still gets a clean error (or a retry)
-                # instead of a response cut short. Streams and large bodies flow through as they come.
-                length = _content_length(head.headers)
-                held: list[bytes] | None = [] if length is not None and length <= RESPONSE_HOLD_BYTES else None
-                if held is None:
-                    await client.send(response)
-                    sent_head = True
-                while True:
-                    with trio.fail_after(self.limits.body_idle_timeout_s):
-                        event = await up.next_event()
-                    if isinstance(event, h11.Data):
-                        if held is not None:
-                            held.append(event.data)
-                        else:
-                            await client.send(h11.Data(data=event.data))
-                    elif isinstance(event, h11.EndOfMessage):
-                        events: list[Any] = [h11.EndOfMessage()]
-                        if held is not None:  # the whole response now, in one write
-                            events = [response, *([h11.Data(data=b"".join(held))] if held else []), *events]
-                        sent_head = True
-                        await client.send_all(events)
-                        break
-                    elif held is not None:
-                        raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
-                    else:
-                        raise trio.BrokenResourceError("upstream ended mid-response")
-                status = head.status_code
-                self.stats[f"status_{status // 100}xx"] += 1
+                status = await self._read_response(client, up, up_raw, cons, deadline, state)
                 if not body.done:
                     nursery.cancel_scope.cancel()  # answered before reading the whole body
             return status
         except (h11.ProtocolError) as exc:
             up_raw.reset(ResetCode.BAD_REQUEST, True, str(exc))
-            if not sent_head:
+            if not state.sent_head:
                 raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
             raise trio.BrokenResourceError(str(exc)) from None
         except StreamReset:
-            if sent_head:
+            if state.sent_head:
                 raise trio.BrokenResourceError("upstream reset mid-response") from None
             raise
         except BaseException:
@@ -758,6 +798,54 @@ class DataPlane:
             self.account.finished(cand.key)
             if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
                 self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
+
+    async def _read_response(self, client: H11Stream, up: H11Stream | LocalEvents, up_raw: ByteStream, cons: Constraints,
+                             deadline: float, state: _AttemptState) -> int:
+        """Pass the upstream's response on to the user; its status."""
+        event = up.next_event_nowait()
+        if event is None:
+            with trio.move_on_at(deadline):
+                event = await up.next_event()
+            if event is None:
+                up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
+                raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
+        idle_s = self.limits.body_idle_timeout_s
+        while isinstance(event, h11.InformationalResponse):
+            event = await up.next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
+        assert isinstance(event, h11.Response)
+        head = event
+        response = h11.Response(status_code=head.status_code, reason=head.reason,
+                                headers=filter_headers(head.headers, drop_cpn=False) + _framing(head.headers))
+        # A small response of known length is gathered whole before the user sees its head:
+        # if the upstream fails meanwhile, the user still gets a clean error (or a retry)
+        # instead of a response cut short. Streams and large bodies flow through as they come.
+        length = _content_length(head.headers)
+        held: list[bytes] | None = [] if length is not None and length <= RESPONSE_HOLD_BYTES else None
+        if held is None:
+            await client.send(response)
+            state.sent_head = True
+        while True:
+            event = await next_event_within(up, idle_s)
+            if isinstance(event, h11.Data):
+                if held is not None:
+                    held.append(event.data)
+                else:
+                    await client.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                events: list[Any] = [h11.EndOfMessage()]
+                if held is not None:  # the whole response now, in one write
+                    events = [response, *([h11.Data(data=b"".join(held))] if held else []), *events]
+                state.sent_head = True
+                await client.send_all(events)
+                break
+            elif held is not None:
+                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
+            else:
+                raise trio.BrokenResourceError("upstream ended mid-response")
+        self.stats[f"status_{head.status_code // 100}xx"] += 1
+        return head.status_code
 
     # ---- transit and egress
 
@@ -882,24 +970,40 @@ class DataPlane:
         ic.conn = entry.conn
         delivered = False
         responded = False
+        # What of the request body came with its head; all of it, usually.
+        first: list[Any] = [req]
+        complete = False
+        while not complete:
+            ev = rx.next_event_nowait()
+            if ev is None:
+                break
+            if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                stream.reset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
+                await entry.stream.aclose()
+                return None
+            first.append(ev)
+            complete = isinstance(ev, h11.EndOfMessage)
         try:
-            async with open_nursery() as nursery:
+            async with (_Inline() if complete else open_nursery()) as nursery:
                 async def upload() -> None:
                     nonlocal delivered, uploaded_at
-                    await ic.send(req)
+                    await ic.send_all(first)
                     delivered = True
-                    while True:
+                    while not complete:
                         ev = await rx.next_event()
                         if isinstance(ev, h11.Data):
                             await ic.send(ev)
                         elif isinstance(ev, h11.EndOfMessage):
                             await ic.send(ev)
-                            uploaded_at = trio.current_time()
-                            return
+                            break
                         else:
                             raise StreamReset(ResetCode.BAD_REQUEST, True, "tunnelled request ended early")
+                    uploaded_at = trio.current_time()
 
-                nursery.start_soon(upload)
+                if complete:
+                    await upload()  # one write, no task
+                else:
+                    nursery.start_soon(upload)
                 with trio.move_on_at(deadline if deadline is not None else float("inf")) as cs:
                     ev = await ic.next_event()
                     while isinstance(ev, h11.InformationalResponse):
@@ -918,13 +1022,24 @@ class DataPlane:
                 stream.report_load(meter.load(trio.current_time()), meter.bounded_load(trio.current_time()), meter.base_us)
                 headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
                 headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
-                await rx.send(h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason))
+                response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
+                # A small response goes back whole, in one frame: the instance is next door.
+                length = _content_length(ev.headers)
+                held: list[Any] | None = [response] if length is not None and length <= RESPONSE_HOLD_BYTES else None
+                if held is None:
+                    await rx.send(response)
                 while True:
                     ev = await ic.next_event()
                     if isinstance(ev, h11.Data):
-                        await rx.send(ev)
+                        if held is not None:
+                            held.append(ev)
+                        else:
+                            await rx.send(ev)
                     elif isinstance(ev, h11.EndOfMessage):
-                        await rx.send(ev, end=True)
+                        if held is not None:
+                            await rx.send_all([*held, ev], end=True)
+                        else:
+                            await rx.send(ev, end=True)
                         break
                     else:
                         raise OSError("instance closed the connection mid-response")

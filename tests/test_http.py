@@ -144,6 +144,30 @@ def test_five_megabytes_both_ways_across_two_hops(net) -> None:
     assert r.status_code == 200 and r.content == payload
 
 
+@pytest.mark.parametrize("headers", [S1, S3], ids=["remote", "local"])
+def test_request_body_whole_or_in_pieces(net, headers) -> None:
+    # A body that came with its head goes upstream in one write; one that trickles in is
+    # streamed by a task: both must reach the instance exactly.
+    host, port = net["url"].removeprefix("http://").rsplit(":", 1)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    body = b"0123456789" * 30
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        for parts in ([body], [body[:7], body[7:100], body[100:]]):
+            head = f"POST /yolo?echo=1 HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {len(body)}\r\n\r\n".encode()
+            s.sendall(head + parts[0])
+            for part in parts[1:]:
+                time.sleep(0.05)  # not synchronisation: gaps in the byte stream are the point
+                s.sendall(part)
+            data = b""
+            while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < len(body):
+                chunk = s.recv(65536)
+                assert chunk, data
+                data += chunk
+            resp_head, resp_body = data.split(b"\r\n\r\n", 1)
+            assert resp_head.startswith(b"HTTP/1.1 200"), resp_head
+            assert resp_body == body, (len(parts), resp_body[:40])
+
+
 def test_streaming_arrives_incrementally(net) -> None:
     arrivals = []
     t0 = time.monotonic()
