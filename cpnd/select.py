@@ -172,10 +172,17 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
         f = best.fresh
         load, bload, comp = estimate(key, best) if estimate is not None else (f.load, f.bload, f.compute_us)
         r = best.route
-        # The compute estimate counts this request too: the load it would find.
+        # The compute estimate counts this request too: the load it would find. For a
+        # latency-bound request that is the latency-bound load: admission pushes the rest
+        # aside within a second of seeing its demand, and if it would miss its bound now the
+        # instance refuses it at once. Counting flexible traffic here instead would keep
+        # latency-bound demand away from an instance that flexible traffic filled, and so
+        # never let admission see that demand (a trap the paper bench fell into).
+        # Demand may exceed capacity (it counts refused requests), load never does: admission
+        # stops at capacity, so no request sees compute slower than at full load.
+        fill = bload if bounded else load
         out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
-                             compute_estimate_us(comp, load + 1 / f.capacity), f.price, f.capacity, load,
-                             bload if bounded else load))
+                             compute_estimate_us(comp, min(1.0, fill + 1 / f.capacity)), f.price, f.capacity, load, fill))
     return out
 
 

@@ -118,6 +118,24 @@ def test_candidates_from_rib_use_path_latency_and_freshest_attributes() -> None:
     assert candidates(rib, "/other") == []
 
 
+def test_latency_bound_requests_see_an_instance_as_full_as_its_latency_bound_demand() -> None:
+    # s3 is full of flexible traffic (load 1.0) but little latency-bound demand (0.2):
+    # admission would push the flexible traffic aside, so a bounded request must still see
+    # s3 as usable (else its demand never reaches s3's gateway and the flexible traffic
+    # keeps s3 for good); a flexible request sees it full. Demand beyond capacity (1.6)
+    # never makes compute look slower than at full load.
+    rib = Rib("gw1")
+    rib.set_link_cost("gw5", 6000)
+    label = service_label("/yolo")
+    for load, bload, bounded, compute, fill in ((1.0, 0.2, True, 1000, 0.2), (1.0, 0.2, False, 2000, 1.0),
+                                                (1.0, 1.6, True, 2000, 1.6)):
+        rib.apply_update("gw5", Update((RouteAdv("/yolo", "s3", "gw5", 3, label, ("gw5",), 0, 50.0, load, 2.0, 1000,
+                                                 bload),)), 0)
+        (c,) = candidates(rib, "/yolo", bounded=bounded)
+        assert (c.compute_us, c.fill, c.load) == (compute, fill, load)
+        assert bool(rank([c], Constraints(max_latency_us=7_100))) == (compute == 1000)
+
+
 def test_paper_low_load_choices() -> None:
     """At low load u1 (<= 10 ms, then cheapest) picks s2 and u2 (fastest) picks s5."""
     rtt = {"gw1": [4, 6, 6, 6, 10], "gw2": [6, 4, 4, 4, 2]}
