@@ -26,7 +26,9 @@ import csv
 import itertools
 import json
 import sys
+import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ USERS = {
     "u2": ("gw2", {"CPN-Prefer": "latency"}),
 }
 CONNS_PER_USER = 8
+SAMPLE_EVERY_S = 0.5
 REQUEST_TIMEOUT_S = 5.0
 
 
@@ -64,9 +67,12 @@ def u1_limit(rtt_ms: float, comp_ms: float) -> float:
     return (0.5 + (BOUND_MS - rtt_ms - comp_ms) / (2 * comp_ms)) * CAPACITY
 
 
-def optimum(d1: float, d2: float, rtt1: dict[str, float]) -> float:
-    """Max served with u1 within its bound: every subset u1 may use, each solved as a max-flow."""
-    comp = dict(zip(INSTANCES, PAPER_COMPUTE_MS))
+def optimum(d1: float, d2: float, rtt1: dict[str, float], comp: dict[str, float] | None = None) -> float:
+    """Max served with u1 within its bound: every subset u1 may use, each solved as a max-flow.
+
+    ``comp``: base compute latencies (ms) instead of the model's (e.g. those measured).
+    """
+    comp = comp or dict(zip(INSTANCES, PAPER_COMPUTE_MS))
     usable = [s for s in INSTANCES if u1_limit(rtt1[s], comp[s]) >= 0]
     best = 0.0
     for k in range(len(usable) + 1):
@@ -146,6 +152,21 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float) -> d
                 rtt = {u: {r["instance"]: r["path_latency_ms"] for r in lab.routes(gw) if r["best"]}
                        for u, (gw, _) in USERS.items()}
                 records: list[dict[str, Any]] = []
+                samples: list[dict[str, Any]] = []
+                done = threading.Event()
+                start = time.monotonic() + 0.5
+
+                def sample() -> None:
+                    # What the gateways measure while the load runs: gw1's path latencies and
+                    # each instance's base compute latency at its own gateway.
+                    while not done.wait(SAMPLE_EVERY_S):
+                        try:
+                            comp = {i["instance"]: i["compute_latency_ms"] for gw in ORIGIN.values()
+                                    for i in lab.query(gw, "show-services")}
+                            path = {r["instance"]: r["path_latency_ms"] for r in lab.routes("gw1") if r["best"]}
+                        except (OSError, ValueError, KeyError):
+                            continue
+                        samples.append({"at": time.monotonic() - start, "compute_ms": comp, "path_ms": path})
 
                 async def main() -> None:
                     t0 = trio.current_time() + 0.5
@@ -153,15 +174,34 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float) -> d
                         for u, (gw, headers) in USERS.items():
                             nursery.start_soon(run_user, u, specs[gw].http, headers, make_plan(rates, step_s, t0), records)
 
-                trio.run(main)
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                try:
+                    trio.run(main)
+                finally:
+                    done.set()
+                    sampler.join()
                 stats = {gw: lab.query(gw, "status") for gw in ("gw1", "gw2")}
         finally:
             insts.stop_all()
-    return summarise(mode, rates, step_s, warmup_s, records, rtt, stats)
+    return summarise(mode, rates, step_s, warmup_s, records, rtt, stats, samples)
+
+
+def measured_view(samples: list[dict[str, Any]], lo: float, hi: float) -> tuple[dict[str, float], dict[str, float]] | None:
+    """Medians of gw1's path latencies and the instances' base compute sampled in [lo, hi)."""
+    window = [x for x in samples if lo <= x["at"] < hi]
+    if not window:
+        return None
+    path = {s: statistics.median(x["path_ms"][s] for x in window if s in x["path_ms"]) for s in INSTANCES
+            if any(s in x["path_ms"] for x in window)}
+    comp = {s: statistics.median(x["compute_ms"][s] for x in window if s in x["compute_ms"]) for s in INSTANCES
+            if any(s in x["compute_ms"] for x in window)}
+    return (path, comp) if len(path) == len(comp) == len(INSTANCES) else None
 
 
 def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, records: list[dict[str, Any]],
-              rtt: dict[str, dict[str, float]], stats: dict[str, Any]) -> dict[str, Any]:
+              rtt: dict[str, dict[str, float]], stats: dict[str, Any],
+              samples: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     t_first = min(r["at"] for r in records)
     steps = []
     for i, rate in enumerate(rates):
@@ -194,6 +234,14 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
             row[f"{u}_error_kinds"] = {k: round(v / span, 2) for k, v in kinds.items()}
         row["optimum"] = round(optimum(rate, rate, rtt["u1"]), 2)
         row["served_over_optimum"] = round(row["served"] / row["optimum"], 3) if row["optimum"] else None
+        # The same optimum from what the gateways measured during this step (path latencies
+        # and compute, both inflated when the machine is busy): what any scheduler acting on
+        # these measurements could reach. Separates the machine from the algorithm.
+        view = measured_view(samples or [], i * step_s + warmup_s, (i + 1) * step_s)
+        if view is not None:
+            row["measured_path_ms"], row["measured_compute_ms"] = view
+            row["optimum_measured"] = round(optimum(rate, rate, view[0], view[1]), 2)
+            row["served_over_optimum_measured"] = round(row["served"] / row["optimum_measured"], 3) if row["optimum_measured"] else None
         steps.append(row)
     return {"mode": mode, "steps": steps, "measured_path_latency_ms": rtt, "gateway_stats": stats}
 
@@ -275,8 +323,8 @@ def main() -> int:
         res = run_mode(mode, rates, args.step, args.warmup)
         results.append(res)
         for s in res["steps"]:
-            print(json.dumps({k: s[k] for k in ("mode", "offered_per_user", "u1_served", "u2_served", "served", "optimum",
-                                                 "served_over_optimum", "u1_max_net_compute_ms", "u1_overhead_p50_ms",
+            print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u2_served", "served", "optimum",
+                                                 "served_over_optimum", "optimum_measured", "u1_max_net_compute_ms", "u1_overhead_p50_ms",
                                                  "s1_load", "s2_load", "s3_load", "s4_load", "s5_load")}), flush=True)
     (out / "paper.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1) + "\n")
     with open(out / "paper.csv", "w", newline="") as f:
@@ -291,15 +339,20 @@ def main() -> int:
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    """Served rate (and its ratio to the optimum) and u1's worst latency, per mode and step."""
+    """Served rate (and its ratio to the model's optimum and to the optimum from the gateways'
+    measurements) and u1's worst latency, per mode and step."""
     modes = [r["mode"] for r in results]
-    head = "| offered per user | optimum | " + " | ".join(f"{m}: served (ratio) | u1 max ms" for m in modes) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(modes))]
+    head = ("| offered per user | optimum (model) | " +
+            " | ".join(f"{m}: served (ratio) | optimum from its measurements (ratio) | u1 max ms" for m in modes) + " |")
+    lines = [head, "|" + "---|" * (2 + 3 * len(modes))]
     for i, step in enumerate(results[0]["steps"]):
         cells = [f"{step['offered_per_user']:g}", f"{step['optimum']:.1f}"]
         for r in results:
             s = r["steps"][i]
-            cells += [f"{s['served']:.1f} ({s['served_over_optimum']:.3f})", f"{s['u1_max_net_compute_ms'] or '-'}"]
+            om = s.get("optimum_measured")
+            cells += [f"{s['served']:.1f} ({s['served_over_optimum']:.3f})",
+                      f"{om:.1f} ({s['served_over_optimum_measured']:.3f})" if om else "-",
+                      f"{s['u1_max_net_compute_ms'] or '-'}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -54,6 +54,12 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "stale": route.stale,  # kept through the next hop's graceful restart
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
         })
+        if best:
+            # What this gateway's ingress assumes of the instance right now: the freshest
+            # report (flooded or piggy-backed) corrected by its own recent sends.
+            load, bload, comp = daemon.dataplane.estimate(a.key, daemon.rib.loc[a.key])
+            out[-1]["estimate"] = {"load": round(load, 3), "bounded_load": round(bload, 3),
+                                   "compute_latency_ms": round(comp / 1000, 3)}
     return out
 
 

@@ -653,7 +653,7 @@ class DataPlane:
         service = match_service(self.d.rib.by_service, path)
         if service is None:
             raise HttpError(404, "no_such_service", f"no service matches {path}")
-        cands = candidates(self.d.rib, service, self._estimate,
+        cands = candidates(self.d.rib, service, self.estimate,
                            bounded=cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request")
         ranked = rank(cands, cons)
         mode = self.d.config.gateway.selection
@@ -675,7 +675,7 @@ class DataPlane:
             self.ttl.put(service, cons, ranked[0].key, now)
         return service, cons, ranked
 
-    def _estimate(self, key: Key, best: Best) -> tuple[float, float, int]:
+    def estimate(self, key: Key, best: Best) -> tuple[float, float, int]:
         """(load, latency-bound demand, base compute µs) of an instance now: exact for our own,
         else the freshest of flooded and piggy-backed, corrected by our own sends."""
         now = trio.current_time()

@@ -266,6 +266,17 @@ def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
     assert len(peers) == 1  # one client connection throughout
 
 
+def test_show_routes_tells_the_ingress_estimate(net) -> None:
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        for _ in range(5):
+            assert c.get("/yolo", headers=S1_ONLY).headers["cpn-instance"] == "s1"
+    routes = net["lab"].routes("a")
+    est = next(r for r in routes if r["best"] and r["instance"] == "s1")["estimate"]
+    assert est["load"] > 0 and est["bounded_load"] > 0  # at least the requests just sent
+    assert est["compute_latency_ms"] > 0
+    assert all("estimate" not in r for r in routes if not r["best"])
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_head_and_expect_continue(net, tmp_path) -> None:
     head = subprocess.run(["curl", "-sS", "-I", net["url"] + "/yolo", "-H", "CPN-Max-Price: 2.5"],
