@@ -127,6 +127,7 @@ class Rib:
         self.adj_in: dict[str, dict[Key, Route]] = {}
         self.link_cost_us: dict[str, int] = {}
         self.loc: dict[Key, Best] = {}
+        self._exported: dict[Key, tuple[Best, RouteAdv | None]] = {}  # export()'s answer for the current best
         self.by_service: dict[str, set[Key]] = {}
         self.by_label: dict[int, set[str]] = {}  # the services in by_service, by label (tunnel lookups)
         self.stale_until: dict[str, float] = {}  # peers in graceful restart: when their stale routes go
@@ -221,11 +222,15 @@ class Rib:
         best = self.loc.get(key)
         if best is None or peer in best.route.adv.path:
             return None
+        cached = self._exported.get(key)
+        if cached is not None and cached[0] is best:
+            return cached[1]
         r, f = best.route, best.fresh
         path = r.adv.path if r.peer is None else (self.local_id, *r.adv.path)
-        if len(path) > 32:
-            return None  # would exceed MAX_PATH_LEN at the receiver
-        return attrs.evolve(f, path=path, latency_us=best.latency_us)
+        # One record for every peer we tell (their Adj-RIB-Outs share it), not one each.
+        adv = None if len(path) > 32 else attrs.evolve(f, path=path, latency_us=best.latency_us)  # None: MAX_PATH_LEN
+        self._exported[key] = (best, adv)
+        return adv
 
     def lookup_target(self, label: int, origin: str, instance: str) -> Key | None:
         """The key a tunnel's extension header names (label, origin, instance), if we route it."""
@@ -257,6 +262,7 @@ class Rib:
             changed.add(key)
             if new is None:
                 del self.loc[key]
+                self._exported.pop(key, None)
                 svc = self.by_service.get(key[0])
                 if svc is not None:
                     svc.discard(key)

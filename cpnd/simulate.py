@@ -62,8 +62,12 @@ class Instance:
                 received_at = trio.current_time()
                 conn.receive_data(data)
 
-        async def send(ev) -> None:  # type: ignore[no-untyped-def]
-            data = conn.send(ev)
+        async def send(*events, at: float | None = None) -> None:  # type: ignore[no-untyped-def]
+            # Rendered first, sent at ``at``: the answer leaves when the model says, and
+            # building it is not added to the compute latency.
+            data = b"".join(conn.send(ev) or b"" for ev in events)
+            if at is not None:
+                await sleep_until_precisely(at)
             if data:
                 await stream.send_all(data)
 
@@ -108,21 +112,22 @@ class Instance:
             return await _send_all(send, 503, b'{"error": "overloaded"}', b"application/json")
         compute = self.compute_time(load)
         # The model's compute latency counts from the request's arrival: this server's own
-        # parsing (~0.5 ms of Python on a slow machine) is part of it, not added to it.
-        await sleep_until_precisely(arrived + compute + float(q.get("delay", 0)))
+        # parsing and rendering (~0.5 ms of Python on a slow machine) are part of it.
+        ready = arrived + compute + float(q.get("delay", 0))
         self.served += 1
         status = int(q.get("status", 200))
         if q.get("echo"):
             ctype = dict((n.lower(), v) for n, v in req.headers).get(b"content-type", b"application/octet-stream")
-            return await _send_all(send, status, body, ctype)
+            return await _send_all(send, status, body, ctype, at=ready)
+        if q.get("size"):
+            return await _send_all(send, status, b"x" * int(q["size"]), b"application/octet-stream", at=ready)
+        n = int(q.get("stream", 0) or q.get("sse", 0))
         if q.get("truncate"):
-            await send(h11.Response(status_code=status, headers=[(b"content-length", b"100")]))
+            await send(h11.Response(status_code=status, headers=[(b"content-length", b"100")]), at=ready)
             await send(h11.Data(data=b"x" * 50))
             return False
-        if q.get("size"):
-            return await _send_all(send, status, b"x" * int(q["size"]), b"application/octet-stream")
-        n = int(q.get("stream", 0) or q.get("sse", 0))
         if n:
+            await sleep_until_precisely(ready)
             interval = float(q.get("interval", 0.1))
             sse = bool(q.get("sse"))
             ctype = b"text/event-stream" if sse else b"application/octet-stream"
@@ -139,14 +144,16 @@ class Instance:
             "body_bytes": len(body), "load": round(load, 3), "compute_ms": round(compute * 1000, 3),
             "headers": {n.decode("latin-1"): v.decode("latin-1") for n, v in req.headers},
         }
-        return await _send_all(send, status, json.dumps(info).encode(), b"application/json", head=req.method == b"HEAD")
+        return await _send_all(send, status, json.dumps(info).encode(), b"application/json", head=req.method == b"HEAD",
+                               at=ready)
 
 
-async def _send_all(send, status: int, body: bytes, ctype: bytes, head: bool = False) -> bool:  # type: ignore[no-untyped-def]
-    await send(h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"content-length", str(len(body)).encode())]))
+async def _send_all(send, status: int, body: bytes, ctype: bytes, head: bool = False,  # type: ignore[no-untyped-def]
+                    at: float | None = None) -> bool:
+    events = [h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"content-length", str(len(body)).encode())])]
     if not head:
-        await send(h11.Data(data=body))
-    await send(h11.EndOfMessage())
+        events.append(h11.Data(data=body))
+    await send(*events, h11.EndOfMessage(), at=at)
     return True
 
 
