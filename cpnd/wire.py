@@ -391,9 +391,11 @@ def _decode_route(r: object) -> RouteAdv:
     price = _float(r, "price", 0.0, 1e12, code=ba[0], sub=ba[1])
     if label != service_label(svc):
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
-    # A RIB holds the same few names and paths in every route it learns: one copy each, not one per route.
-    return RouteAdv(_shared(svc), _shared(inst), _shared(origin), seq, label, _shared(tuple(map(_shared, path))),
-                    lat, cap, load, price, comp, bload)
+    # A RIB holds the same few names, paths and numbers in every route it learns: one copy
+    # each, not one per route (a float or a large int is an object of its own, 24-28 bytes).
+    sh = _shared
+    return RouteAdv(sh(svc), sh(inst), sh(origin), sh(seq), sh(label), sh(tuple(map(sh, path))),
+                    sh(lat), sh(cap), sh(load), sh(price), sh(comp), sh(bload))
 
 
 MAX_SHARED = 65536
@@ -403,11 +405,12 @@ _SHARED: dict[Any, Any] = {}
 def _shared(value: Any) -> Any:
     """One copy of an equal name or path already seen (not sys.intern: peers choose these
     strings, and interned strings may live for ever); bounded, like everything peers fill."""
-    found = _SHARED.get(value)
+    key = (type(value), value)  # 1 == 1.0 == True, but they encode differently
+    found = _SHARED.get(key)
     if found is None:
         if len(_SHARED) >= MAX_SHARED:
             _SHARED.clear()  # sharing is an optimisation, never a table to grow without end
-        found = _SHARED[value] = value
+        found = _SHARED[key] = value
     return found
 
 
