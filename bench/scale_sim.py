@@ -439,7 +439,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 SIZE_SERIES = {(100, 1000), (300, 300), (1000, 100)}
 DEFAULT_CASES = ("100:random:10,100:random:1000,100:scale-free:1000,100:ring-of-rings:1000,"
                  "300:random:300,300:scale-free:300,300:ring-of-rings:300,"
-                 "1000:random:100,1000:scale-free:100,1000:ring-of-rings:100,100:random:10000")
+                 "1000:random:100,1000:scale-free:100,1000:ring-of-rings:100,100:random:10000,100:random:30000")
 
 
 def main(argv: list[str] | None = None) -> int:

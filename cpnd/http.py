@@ -349,7 +349,7 @@ class BodySource:
         self.done = False
         self.replayable = True
         self.consumed = False
-        self._pending: bytes | None = None  # taken by take_buffered, not kept for replay, not yet sent
+        self._pending: Any = None  # an event take_buffered read but left for iterate() (too big to keep)
 
     async def iterate(self) -> AsyncIterator[bytes]:
         if self.consumed and not self.replayable:
@@ -358,8 +358,10 @@ class BodySource:
         for chunk in list(self.chunks):
             yield chunk
         if self._pending is not None:
-            chunk, self._pending = self._pending, None
-            yield chunk
+            event, self._pending = self._pending, None
+            chunk = self._take(event)
+            if chunk is not None:
+                yield chunk
         while not self.done:
             chunk = self._take(await next_event_within(self.client, self.limits.body_idle_timeout_s))
             if chunk is not None:
@@ -375,9 +377,11 @@ class BodySource:
             event = self.client.next_event_nowait()
             if event is None:
                 return False
-            chunk = self._take(event)
-            if chunk is not None and not self.replayable:
-                self._pending = chunk  # too big to keep: iterate() hands it on first
+            if self.replayable and isinstance(event, h11.Data) and self.size + len(event.data) > MAX_REPLAY_BYTES:
+                # Taking it would drop the replay copy of what nobody has sent yet: iterate() takes it.
+                self._pending = event
+                return False
+            self._take(event)
         return self.done
 
     def whole(self) -> bytes:

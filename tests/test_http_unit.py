@@ -38,3 +38,31 @@ def test_filter_headers() -> None:
                (b"Accept", b"*/*"), (b"Expect", b"100-continue")]
     assert filter_headers(headers, drop_cpn=True) == [(b"Host", b"x"), (b"Accept", b"*/*")]
     assert (b"CPN-Max-Price", b"1") in filter_headers(headers, drop_cpn=False)
+
+
+@pytest.mark.parametrize("size", [0, 300, 2 * 1024 * 1024])
+def test_body_taken_whole_or_streamed_loses_nothing(size: int) -> None:
+    """A body already received goes in one piece; one too big to keep for a retry is streamed,
+    and nothing read ahead to find that out is lost."""
+    import h11
+    import trio
+
+    from cpnd.http import MAX_REPLAY_BYTES, BodySource, H11Stream, HttpLimits
+
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    client = H11Stream(h11.SERVER, None)
+    client.conn.receive_data(b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+    assert isinstance(client.conn.next_event(), h11.Request)
+    for i in range(0, size, 65536):  # all of it already here, in receive-sized pieces
+        client.conn.receive_data(body[i:i + 65536])
+    src = BodySource(client, HttpLimits())
+    whole = src.take_buffered()
+    assert whole == (size <= MAX_REPLAY_BYTES)
+    if whole:
+        assert src.whole() == body and src.replayable
+        return
+
+    async def collect() -> bytes:
+        return b"".join([chunk async for chunk in src.iterate()])
+
+    assert trio.run(collect) == body and not src.replayable
