@@ -14,7 +14,8 @@ instance). Paths measured side by side in every repeat:
   2 hops   client -> a -> b -> c -> instance (b is a transit)
 For each: requests/s at saturation (wrk, 8 keep-alive connections, 1 thread) and the
 latency at a fixed open-loop rate (p50/p99, measured from each request's scheduled
-send time so queueing counts). Reported as medians over the repeats, with the added
+send time so queueing counts), and the speed of a 5 MB response body (curl, one
+download at a time, from an nginx static file on the instance). Reported as medians over the repeats, with the added
 latency and the throughput ratio against direct, nginx and HAProxy, and plotted.
 nginx, HAProxy and wrk are installed with apt-get when missing (as root); a peer
 that cannot be installed is left out (and said so).
@@ -83,7 +84,9 @@ NGINX_PROXY = """upstream instance {{ server 127.0.0.1:{upstream}; keepalive 32;
 NGINX_INSTANCE = """server {{
     listen 127.0.0.1:{port};
     location / {{ default_type application/json; return 200 '{{"instance": "s1"}}'; }}
+    location = /v1/big {{ default_type application/octet-stream; alias {dir}/big.bin; }}
   }}"""
+BIG_BYTES = 5 * 1024 * 1024
 
 HAPROXY_CONF = """global
   maxconn 1024
@@ -98,7 +101,7 @@ frontend fe
   bind 127.0.0.1:{port}
   default_backend be
 backend be
-  http-request set-path /v1
+  http-request set-path %[path,regsub(^/svc,/v1)]
   server s1 127.0.0.1:{upstream}
 """
 
@@ -110,7 +113,9 @@ def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[su
     port = free_ports(1)[0]
     if name in ("nginx", "instance"):
         conf = workdir / f"{name}.conf"
-        http = (NGINX_PROXY if name == "nginx" else NGINX_INSTANCE).format(port=port, upstream=upstream)
+        if name == "instance":
+            (workdir / "big.bin").write_bytes(bytes(range(256)) * (BIG_BYTES // 256))
+        http = (NGINX_PROXY if name == "nginx" else NGINX_INSTANCE).format(port=port, upstream=upstream, dir=workdir)
         conf.write_text(NGINX_CONF.format(dir=workdir, name=name, http=http))
         cmd = [binary, "-c", str(conf), "-e", str(workdir / f"{name}.err")]
     else:
@@ -179,6 +184,21 @@ def open_loop(host: str, port: int, path: str, rate: float, seconds: float, conn
     return lat
 
 
+def bulk_mbps(url: str, times: int = 3) -> float | None:
+    """Median MB/s of downloading the instance's 5 MB body through ``url`` (curl, one at a time)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        return None
+    speeds = []
+    for _ in range(times):
+        out = subprocess.run([curl, "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{speed_download}", url],
+                             capture_output=True, text=True, timeout=120).stdout.split()
+        if len(out) != 3 or out[0] != "200" or int(float(out[1])) != BIG_BYTES:
+            raise RuntimeError(f"bulk download through {url} failed: {out}")
+        speeds.append(float(out[2]) / 1e6)
+    return statistics.median(speeds)
+
+
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
@@ -218,13 +238,17 @@ def main() -> int:
                                 "2 hops": (*_hp(specs["a"].http), "/svc")})
                 for rep in range(args.repeats):
                     for name, (h, p, path) in targets.items():
-                        r = results.setdefault(name, {"rps": [], "p50": [], "p99": []})
+                        r = results.setdefault(name, {"rps": [], "p50": [], "p99": [], "mbps": []})
                         if wrk:
                             r["rps"].append(wrk_rps(wrk, f"http://{h}:{p}{path}", args.seconds, {}))
                         lat = open_loop(h, p, path, args.rate, args.seconds)
                         r["p50"].append(pct(lat, 50))
                         r["p99"].append(pct(lat, 99))
-                        print(f"rep {rep} {name}: rps {r['rps'][-1] if r['rps'] else '-'} p50 {r['p50'][-1]:.3f} ms p99 {r['p99'][-1]:.3f} ms", flush=True)
+                        mbps = bulk_mbps(f"http://{h}:{p}{path}/big")
+                        if mbps is not None:
+                            r["mbps"].append(mbps)
+                        print(f"rep {rep} {name}: rps {r['rps'][-1] if r['rps'] else '-'} p50 {r['p50'][-1]:.3f} ms p99 {r['p99'][-1]:.3f} ms"
+                              f" 5 MB at {r['mbps'][-1] if r['mbps'] else '-'} MB/s", flush=True)
     finally:
         for proc in [inst, *peer_procs]:
             proc.kill()
@@ -244,17 +268,22 @@ def main() -> int:
             "rps_vs_haproxy": ratio(m["rps"], med.get("haproxy", {}).get("rps")),
             "p50_ms": round(m["p50"], 3), "p99_ms": round(m["p99"], 3),
             "added_p50_ms": round(m["p50"] - d["p50"], 3), "added_p99_ms": round(m["p99"] - d["p99"], 3),
+            "mbps_5mb": round(m["mbps"], 1) if m.get("mbps") else None,
+            "mbps_vs_nginx": ratio(m.get("mbps"), med.get("nginx", {}).get("mbps")),
+            "mbps_vs_haproxy": ratio(m.get("mbps"), med.get("haproxy", {}).get("mbps")),
         })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane.json").write_text(json.dumps({"rows": rows, "repeats": args.repeats, "rate": args.rate,
                                                     "seconds": args.seconds, "command": " ".join(sys.argv)}, indent=1) + "\n")
-    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | p50 ms @{args.rate:g}/s | p99 ms | added p50 | added p99 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | p50 ms @{args.rate:g}/s | p99 ms | added p50 | added p99 |"
+          " 5 MB body, MB/s | vs nginx | vs HAProxy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rps = f"{r['rps']:.0f}" if r["rps"] else "-"
         print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['rps_vs_nginx'] or '-'} | {r['rps_vs_haproxy'] or '-'} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} |")
+              f"{r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} | "
+              f"{r['mbps_5mb'] or '-'} | {r['mbps_vs_nginx'] or '-'} | {r['mbps_vs_haproxy'] or '-'} |")
     plot(rows, args.rate, out / "dataplane.png")
     return 0
 

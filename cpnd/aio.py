@@ -70,8 +70,8 @@ class _PreciseTimers:
     A timerfd fires at its nanosecond deadline and wakes epoll at once, where the event
     loop's own timers round up to the next millisecond; no CPU is spent waiting. The
     process still needs a moment to run after the timer fires (~0.1 ms, more on a busy
-    machine): the timer is armed that much early, learnt as a moving average, so that
-    sleepers wake on time on average rather than always late.
+    machine): the timer is armed that much early, learnt as a moving average, and what is
+    left when it fires early is spent yielding, so sleepers wake on time, never early.
     """
 
     def __init__(self, fd: int) -> None:
@@ -107,11 +107,17 @@ class _PreciseTimers:
                 except BlockingIOError:
                     pass
                 now = trio.current_time()
-                if math.isfinite(self.armed):
-                    late = now - (self.armed - self.lead)
+                target = self.armed
+                if math.isfinite(target):
+                    late = now - (target - self.lead)
                     self.lead = min(MAX_LEAD_S, max(0.0, self.lead + (late - self.lead) / 8))
+                    # Armed early on purpose: the last stretch (at most the lead) is spent
+                    # yielding, so that no sleeper ever wakes before its deadline.
+                    while trio.current_time() < target:
+                        await trio.sleep(0)
                 self.armed = math.inf
-                while self.heap and self.heap[0][0] <= now + self.lead:
+                now = trio.current_time()
+                while self.heap and self.heap[0][0] <= now:
                     heapq.heappop(self.heap)[2].set()
                 if self.heap:
                     self._arm(self.heap[0][0])

@@ -274,7 +274,11 @@ class H11Stream:
         self.tunnel = tunnel
 
     async def send(self, event: Any, *, end: bool = False) -> None:
-        await self.send_all([event], end=end)
+        data = self.conn.send(event) or b""
+        if self.tunnel:
+            await self.transport.send(data, end=end)
+        elif data:
+            await self.transport.send_all(data)
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         """Several events in one write (one system call for a whole small response)."""
@@ -830,24 +834,36 @@ class DataPlane:
         if held is None:
             await client.send(response)
             state.sent_head = True
-        while True:
-            event = await next_event_within(up, idle_s)
-            if isinstance(event, h11.Data):
-                if held is not None:
-                    held.append(event.data)
+        # One scope for the whole body, pushed back as data flows (at most once a second: a
+        # timer per chunk cost a tenth of a bulk transfer's CPU). Neither side moving for
+        # body_idle_timeout_s ends it, a user that stopped reading included.
+        idle = trio.CancelScope(deadline=trio.current_time() + idle_s)
+        with idle:
+            while True:
+                event = up.next_event_nowait()
+                if event is None:
+                    event = await up.next_event()
+                if isinstance(event, h11.Data):
+                    if held is not None:
+                        held.append(event.data)
+                    else:
+                        await client.send(h11.Data(data=event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    events: list[Any] = [h11.EndOfMessage()]
+                    if held is not None:  # the whole response now, in one write
+                        events = [response, *([h11.Data(data=b"".join(held))] if held else []), *events]
+                    state.sent_head = True
+                    await client.send_all(events)
+                    break
+                elif held is not None:
+                    raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
                 else:
-                    await client.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                events: list[Any] = [h11.EndOfMessage()]
-                if held is not None:  # the whole response now, in one write
-                    events = [response, *([h11.Data(data=b"".join(held))] if held else []), *events]
-                state.sent_head = True
-                await client.send_all(events)
-                break
-            elif held is not None:
-                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
-            else:
-                raise trio.BrokenResourceError("upstream ended mid-response")
+                    raise trio.BrokenResourceError("upstream ended mid-response")
+                now = trio.current_time()
+                if idle.deadline - now < idle_s - 1.0:
+                    idle.deadline = now + idle_s
+        if idle.cancelled_caught:
+            raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
         self.stats[f"status_{head.status_code // 100}xx"] += 1
         return head.status_code
 

@@ -1,0 +1,54 @@
+"""The trio helpers: precise sleeps never wake early, cancel cleanly, and serve many sleepers."""
+
+from __future__ import annotations
+
+import trio
+
+from cpnd import aio
+
+
+def test_precise_sleeps_never_wake_early() -> None:
+    async def main() -> list[float]:
+        early = []
+        for i in range(60):
+            deadline = trio.current_time() + 0.0005 * (1 + i % 4)
+            await aio.sleep_until_precisely(deadline)
+            if trio.current_time() < deadline:
+                early.append(deadline - trio.current_time())
+        return early
+
+    assert trio.run(main) == []
+
+
+def test_many_sleepers_and_cancellation() -> None:
+    async def main() -> tuple[int, int]:
+        woke, early = 0, 0
+
+        async def one(k: int) -> None:
+            nonlocal woke, early
+            deadline = trio.current_time() + 0.001 * (k % 5)
+            await aio.sleep_until_precisely(deadline)
+            woke += 1
+            early += trio.current_time() < deadline
+
+        async with trio.open_nursery() as nursery:
+            for k in range(50):
+                nursery.start_soon(one, k)
+        with trio.move_on_after(0.002) as cs:
+            await aio.sleep_until_precisely(trio.current_time() + 10)
+        assert cs.cancelled_caught
+        await aio.sleep_until_precisely(trio.current_time() + 0.001)  # the timer still works after a cancel
+        return woke, early
+
+    assert trio.run(main) == (50, 0)
+
+
+def test_timerfd_in_use_on_linux() -> None:
+    import sys
+
+    async def main() -> object:
+        await aio.sleep_until_precisely(trio.current_time() + 0.0005)
+        return aio._timers()
+
+    timers = trio.run(main)
+    assert (timers is not None) == sys.platform.startswith("linux")
