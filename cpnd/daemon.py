@@ -29,6 +29,7 @@ from .load import LoadPacer
 from .metrics import Metrics, serve_metrics
 from .rib import AdjRibOut, Key, Rib, link_cost_after
 from .streams import Mux
+from .tunnel import LARGE_DATA_CAP, MAX_DATA, MAX_DATA_LARGE
 from .session import (
     Authenticated,
     Backoff,
@@ -558,7 +559,9 @@ class Daemon:
         if conn.session.min_rtt is not None:
             self.rib.set_link_cost(peer.config.id, link_cost_after(None, conn.session.min_rtt) or 1)
         if conn.session.tunnel_enabled:
-            conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream)
+            large = LARGE_DATA_CAP in conn.session.peer_caps and LARGE_DATA_CAP in conn.session.config.caps
+            conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream,
+                           max_data=MAX_DATA_LARGE if large else MAX_DATA)
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True

@@ -126,7 +126,7 @@ class TunnelStream:
                 raise self._inbox.reset
             if self.closed:
                 raise StreamReset(ResetCode.CANCEL, False, "stream closed")
-            n = min(len(view), MAX_DATA, self.window.send_credit)
+            n = min(len(view), self.mux.max_data, self.window.send_credit)
             if n == 0 and view:
                 self._credit = trio.Event()
                 await self._credit.wait()
@@ -190,8 +190,10 @@ class TunnelStream:
 class Mux:
     """All tunnel streams of one established peer connection."""
 
-    def __init__(self, conn: Connection, peer_id: str, initiator: bool, on_open: Callable[[TunnelStream], None]) -> None:
+    def __init__(self, conn: Connection, peer_id: str, initiator: bool, on_open: Callable[[TunnelStream], None],
+                 *, max_data: int = MAX_DATA) -> None:
         self.conn = conn
+        self.max_data = max_data  # MAX_DATA_LARGE when both ends offered tunnel-large-data
         self.peer_id = peer_id
         self.ids = StreamIds(initiator)
         self.streams: dict[int, TunnelStream] = {}
@@ -217,7 +219,7 @@ class Mux:
 
     def handle(self, payload: bytes) -> None:
         """Dispatch one received tunnel frame; ProtocolError means the session must end."""
-        fr = decode_frame(payload)
+        fr = decode_frame(payload, self.max_data)
         stream = self.streams.get(fr.stream_id)
         if fr.type is FrameType.OPEN:
             self.ids.accept_open(fr.stream_id)

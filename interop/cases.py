@@ -352,6 +352,24 @@ def _big_data(t: Target) -> None:
     expect(_tunnel(t, struct.pack(">IBB", 1, 2, 0) + b"x" * 16385), 9, 1)
 
 
+@case("tunnel-large-data", "tunnel.md#tunnel-frames (9/1, 9/2)")
+def _large_data(t: Target) -> None:
+    """With tunnel-large-data offered by both ends, DATA up to 65024 bytes is well-formed."""
+    p = t.session(caps=["route-refresh", "tunnel", "tunnel-large-data"])
+    if "tunnel-large-data" not in p.target_caps:
+        p.close()
+        raise Skipped("the target does not offer tunnel-large-data")
+    p.send_msg(struct.pack(">IBB", 7, 2, 0) + b"x" * 65024, ctype=TUNNEL)
+    expect(p, 9, 2)  # the size is fine; stream 7 was never opened
+    expect(_tunnel_large(t, 65025), 9, 1)
+
+
+def _tunnel_large(t: Target, size: int) -> Peer:
+    p = t.session(caps=["route-refresh", "tunnel", "tunnel-large-data"])
+    p.send_msg(struct.pack(">IBB", 1, 2, 0) + b"x" * size, ctype=TUNNEL)
+    return p
+
+
 def _reset_for_open(t: Target, svc: str, origin: str, inst: str, *, hop_limit: int = 8,
                     budget_us: int = 0xFFFFFFFF) -> tuple[int, int]:
     """Open stream 1 towards (svc, origin, inst) with an empty GET; the target's RESET as (code, delivered)."""

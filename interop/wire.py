@@ -105,6 +105,7 @@ class Peer:
         self.records: Records | None = None
         self.buf = b""
         self.rtt: float | None = None
+        self.target_caps: list[str] = []  # from its OPEN
 
     def close(self) -> None:
         try:
@@ -199,6 +200,7 @@ class Peer:
         _, their_open = self.recv()
         if their_open.get("t") != OPEN:
             raise AssertionError(f"expected OPEN, got {their_open}")
+        self.target_caps = list(their_open.get("caps", []))
         self.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": their_open["ts"], "dly": 0})
         while True:
             _, msg = self.recv()

@@ -118,3 +118,16 @@ def test_tunnel_vectors(vectors) -> None:
                 ext = ExtHeader.decode(f.payload)
                 assert ext.encode() == f.payload
                 assert [ext.label, ext.origin, ext.instance, int(ext.qos), ext.hop_limit, ext.budget_us, ext.flags] == v["ext"]
+
+
+def test_large_data_only_where_negotiated() -> None:
+    from cpnd.tunnel import MAX_DATA_LARGE
+
+    big = encode_frame(3, FrameType.DATA, b"x" * (MAX_DATA + 1))
+    with pytest.raises(ProtocolError):
+        decode_frame(big)  # the default limit: the capability was not agreed
+    assert len(decode_frame(big, MAX_DATA_LARGE).payload) == MAX_DATA + 1
+    assert len(decode_frame(encode_frame(3, FrameType.DATA, b"x" * MAX_DATA_LARGE), MAX_DATA_LARGE).payload) == MAX_DATA_LARGE
+    with pytest.raises(ProtocolError) as ei:
+        decode_frame(encode_frame(3, FrameType.DATA, b"x" * (MAX_DATA_LARGE + 1)), MAX_DATA_LARGE)
+    assert (ei.value.code, ei.value.subcode) == (9, 1)
