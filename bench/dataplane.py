@@ -17,7 +17,7 @@ latency at a fixed open-loop rate (p50/p99, measured from each request's schedul
 send time so queueing counts), and the speed of a 5 MB response body (curl, one
 download at a time, from an nginx static file on the instance). Reported as medians over the repeats, with the added
 latency and the throughput ratio against direct, nginx and HAProxy, and plotted.
-nginx, HAProxy and wrk are installed with apt-get when missing (as root); a peer
+nginx, HAProxy, wrk and curl are installed with apt-get when missing (as root); a peer
 that cannot be installed is left out (and said so).
 """
 
@@ -212,6 +212,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     wrk = ensure("wrk", "wrk")
+    ensure("curl", "curl")  # the 5 MB downloads (left out without it)
     peers = {name: b for name, b in (("nginx", ensure("nginx", "nginx-light")), ("haproxy", ensure("haproxy", "haproxy"))) if b}
     peer_procs: list[subprocess.Popen[bytes]] = []
     inst_dir = tempfile.TemporaryDirectory(prefix="cpn-dp-instance-")
