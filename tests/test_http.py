@@ -45,8 +45,10 @@ def net(tmp_path_factory):
     try:
         lab.start_all()
         lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
-        lab.wait_for(lambda: {r["instance"]: r["path_latency_ms"] for r in lab.routes("a") if r["best"]}["s1"] < 5.5,
-                     10, "latencies to settle")
+        # Start-up RTT samples can be many times the emulated 2 + 2 ms; the tests need s1 well
+        # inside S1_ONLY's 12 ms bound (measured links run 0.3-0.9 ms over their emulated RTT here).
+        lab.wait_for(lambda: {r["instance"]: r["path_latency_ms"] for r in lab.routes("a") if r["best"]}["s1"] < 9.0,
+                     20, "latencies to settle")
         yield {"lab": lab, "url": f"http://{specs['a'].http}", "insts": insts, "specs": specs}
     finally:
         lab.stop_all()
