@@ -228,6 +228,16 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         for s in INSTANCES:
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
+        # Oscillation at steady offered load: each instance's served requests per whole second of
+        # the step, the spread (max - min) as a share of capacity; the worst instance.
+        secs = int(span)
+        if secs >= 2:
+            spread = []
+            for s in INSTANCES:
+                per = [sum(1 for r in window if r["status"] == 200 and r["instance"] == s and lo + k <= r["at"] < lo + k + 1)
+                       for k in range(secs)]
+                spread.append((max(per) - min(per)) / CAPACITY)
+            row["load_swing"] = round(max(spread), 3)
         row["served"] = round(row["u1_served"] + row["u2_served"], 2)
         for u in ("u1", "u2"):  # what the failures were, per second
             kinds = collections.Counter(r.get("error", f"status {r['status']}") for r in window if r["user"] == u and r["status"] != 200)
