@@ -87,7 +87,7 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
             "bytes_in": s.stats["bytes_in"] if s else 0,
             "bytes_out": s.stats["bytes_out"] if s else 0,
             # What both OPENs offered: the features this session actually uses.
-            "caps": sorted(set(s.peer_caps) & set(s.config.open_caps)) if up and s else [],
+            "caps": list(s.agreed_caps) if up and s else [],
         })
     return out
 

@@ -559,7 +559,7 @@ class Daemon:
         if conn.session.min_rtt is not None:
             self.rib.set_link_cost(peer.config.id, link_cost_after(None, conn.session.min_rtt) or 1)
         if conn.session.tunnel_enabled:
-            large = LARGE_DATA_CAP in conn.session.peer_caps and LARGE_DATA_CAP in conn.session.config.caps
+            large = LARGE_DATA_CAP in conn.session.agreed_caps
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream,
                            max_data=MAX_DATA_LARGE if large else MAX_DATA)
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)

@@ -244,6 +244,7 @@ class Session:
         self.state = State.WAIT_HELLO if role is Role.RESPONDER else State.WAIT_ACK
         self.peer_id: str | None = None
         self.peer_caps: tuple[str, ...] = ()
+        self.agreed_caps: tuple[str, ...] = ()  # offered by both OPENs: the features this session uses
         self.peer_restart_ms = 0  # the peer's graceful-restart window (its OPEN's `gr`), 0: none
         self.hold_ms = config.hold_ms
         self._hold_deadline: float | None = now + config.handshake_timeout_s
@@ -328,7 +329,7 @@ class Session:
     @property
     def tunnel_enabled(self) -> bool:
         """Both sides offered the tunnel capability and the session is up."""
-        return self.state is State.ESTABLISHED and TUNNEL_CAP in self.peer_caps and TUNNEL_CAP in self.config.caps
+        return self.state is State.ESTABLISHED and TUNNEL_CAP in self.agreed_caps
 
     def send_tunnel(self, payload: bytes) -> None:
         """Queue one tunnel frame (content type 2)."""
@@ -511,6 +512,7 @@ class Session:
             raise ProtocolError(Code.OPEN, OpenSub.BAD_HOLD_TIME, f"hold {msg.hold_ms} ms outside [{MIN_HOLD_MS}, {MAX_HOLD_MS}]")
         self.hold_ms = min(self.config.hold_ms, msg.hold_ms)
         self.peer_caps = msg.caps
+        self.agreed_caps = tuple(sorted(set(msg.caps) & set(self.config.open_caps)))
         self.peer_restart_ms = msg.restart_ms or 0
         self._peer_ts, self._peer_ts_at = msg.ts, now
         self._hold_deadline = now + self.hold_ms / 1000
