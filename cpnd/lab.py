@@ -204,15 +204,20 @@ class InstanceProcs:
         self.ports: dict[str, int] = {}
         self.preexec = _die_with_parent if die_with_parent else None
 
-    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9, port: int = 0) -> int:
-        p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", iid, "--compute-ms", str(compute_ms),
-                              "--capacity", str(capacity), "--port", str(port)],
-                             stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
-        line = p.stdout.readline() if p.stdout else ""
-        if not line.startswith("listening "):
+    def _spawn(self, args: list[str], lines: int, what: str) -> tuple[subprocess.Popen[str], list[str]]:
+        """Start ``python -m cpnd.simulate ARGS``; the process and its first ``lines`` ``listening`` lines."""
+        p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", *args], stdout=subprocess.PIPE, text=True,
+                             stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
+        out = [p.stdout.readline() if p.stdout else "" for _ in range(lines)]
+        if not all(line.startswith("listening ") for line in out):
             p.kill()
             p.wait()
-            raise RuntimeError(f"simulated instance {iid} did not start")
+            raise RuntimeError(f"{what} did not start")
+        return p, out
+
+    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9, port: int = 0) -> int:
+        p, (line,) = self._spawn(["--id", iid, "--compute-ms", str(compute_ms), "--capacity", str(capacity),
+                                  "--port", str(port)], 1, f"simulated instance {iid}")
         self.procs[iid] = p
         self.ports[iid] = int(line.rsplit(":", 1)[1])
         return self.ports[iid]
@@ -224,22 +229,13 @@ class InstanceProcs:
         spend its CPU switching between them, and the measured compute latencies with it.
         """
         if topo.instances:
-            cmd = [sys.executable, "-m", "cpnd.simulate"]
-            for inst in topo.instances:
-                cmd += ["--instance", f"{inst.id}:{inst.compute_latency_ms}:{inst.capacity}"]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
-            ports = {}
-            for _ in topo.instances:
-                line = p.stdout.readline() if p.stdout else ""
-                if not line.startswith("listening "):
-                    p.kill()
-                    p.wait()
-                    raise RuntimeError("simulated instances did not start")
+            args = [a for inst in topo.instances
+                    for a in ("--instance", f"{inst.id}:{inst.compute_latency_ms}:{inst.capacity}")]
+            p, lines = self._spawn(args, len(topo.instances), "simulated instances")
+            for line in lines:
                 _, hostport, iid = line.split()
-                ports[iid] = int(hostport.rsplit(":", 1)[1])
-            for iid, port in ports.items():
                 self.procs[iid] = p
-                self.ports[iid] = port
+                self.ports[iid] = int(hostport.rsplit(":", 1)[1])
         return lambda inst: f"http://127.0.0.1:{self.ports[inst.id]}/{inst.id}/detect"
 
     def kill(self, iid: str) -> None:
