@@ -219,7 +219,9 @@ def test_malformed_update_ends_only_that_session(make_lab, tmp_path) -> None:
         assert isinstance(closed, Closed) and (closed.code, closed.subcode) == (Code.UPDATE, UpdateSub.BAD_PATH)
         after = {p["id"]: p for p in lab.query("a", "show-peers")}
         for other in ("b", "c"):
-            assert after[other]["state"] == "established" and after[other]["flaps"] == 0
+            # Compared with the snapshot after convergence: a start-up connection collision
+            # can already have counted a flap there (seen under CPU load, old code and new).
+            assert after[other]["state"] == "established" and after[other]["flaps"] == before[other]["flaps"]
             assert after[other]["uptime_s"] >= before[other]["uptime_s"]
         assert "rogue" in after and after["rogue"]["state"] != "established"
         assert lab.converged(topo) and not lab.dead()
