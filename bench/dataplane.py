@@ -9,6 +9,9 @@ instance). Paths measured side by side in every repeat:
   direct   client -> instance
   nginx    client -> nginx (proxy_pass, upstream keep-alive) -> instance
   haproxy  client -> HAProxy (mode http, connection reuse) -> instance
+  floor    client -> bench/floor_proxy.py -> instance: the least a trio + h11 proxy does
+           (parse, re-serialise, nothing else), so cpnd's own cost is measured against
+           what its stack must cost, not only against C proxies
   local    client -> c (ingress and egress in one gateway) -> instance
   1 hop    client -> b -> c -> instance
   2 hops   client -> a -> b -> c -> instance (b is a transit)
@@ -16,7 +19,7 @@ For each: requests/s at saturation (wrk, 8 keep-alive connections, 1 thread) and
 latency at a fixed open-loop rate (p50/p99, measured from each request's scheduled
 send time so queueing counts), and the speed of a 5 MB response body (curl, one
 download at a time, from an nginx static file on the instance). Reported as medians over the repeats, with the added
-latency and the throughput ratio against direct, nginx and HAProxy, and plotted.
+latency and the throughput ratio against direct, nginx, HAProxy and the floor, and plotted.
 nginx, HAProxy, wrk and curl are installed with apt-get when missing (as root); a peer
 that cannot be installed is left out (and said so).
 """
@@ -111,7 +114,9 @@ def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[su
     from cpnd.lab import free_ports
 
     port = free_ports(1)[0]
-    if name in ("nginx", "instance"):
+    if name == "floor":
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "floor_proxy.py"), str(port), str(upstream)]
+    elif name in ("nginx", "instance"):
         conf = workdir / f"{name}.conf"
         if name == "instance":
             (workdir / "big.bin").write_bytes(bytes(range(256)) * (BIG_BYTES // 256))
@@ -235,6 +240,9 @@ def main() -> int:
                     proc, peer_port = start_peer(name, binary, Path(tmp), port)
                     peer_procs.append(proc)
                     targets[name] = ("127.0.0.1", peer_port, "/svc")
+                proc, peer_port = start_peer("floor", sys.executable, Path(tmp), port)
+                peer_procs.append(proc)
+                targets["floor"] = ("127.0.0.1", peer_port, "/v1")
                 targets.update({"local": (*_hp(specs["c"].http), "/svc"), "1 hop": (*_hp(specs["b"].http), "/svc"),
                                 "2 hops": (*_hp(specs["a"].http), "/svc")})
                 for rep in range(args.repeats):
@@ -267,24 +275,26 @@ def main() -> int:
             "path": name, "rps": m["rps"], "rps_vs_direct": ratio(m["rps"], d["rps"]),
             "rps_vs_nginx": ratio(m["rps"], med.get("nginx", {}).get("rps")),
             "rps_vs_haproxy": ratio(m["rps"], med.get("haproxy", {}).get("rps")),
+            "rps_vs_floor": ratio(m["rps"], med.get("floor", {}).get("rps")),
             "p50_ms": round(m["p50"], 3), "p99_ms": round(m["p99"], 3),
             "added_p50_ms": round(m["p50"] - d["p50"], 3), "added_p99_ms": round(m["p99"] - d["p99"], 3),
             "mbps_5mb": round(m["mbps"], 1) if m.get("mbps") else None,
             "mbps_vs_nginx": ratio(m.get("mbps"), med.get("nginx", {}).get("mbps")),
             "mbps_vs_haproxy": ratio(m.get("mbps"), med.get("haproxy", {}).get("mbps")),
+            "mbps_vs_floor": ratio(m.get("mbps"), med.get("floor", {}).get("mbps")),
         })
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane.json").write_text(json.dumps({"rows": rows, "repeats": args.repeats, "rate": args.rate,
                                                     "seconds": args.seconds, "command": " ".join(sys.argv)}, indent=1) + "\n")
-    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | p50 ms @{args.rate:g}/s | p99 ms | added p50 | added p99 |"
-          " 5 MB body, MB/s | vs nginx | vs HAProxy |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | vs floor | p50 ms @{args.rate:g}/s | p99 ms |"
+          " added p50 | added p99 | 5 MB body, MB/s | vs nginx | vs HAProxy | vs floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rps = f"{r['rps']:.0f}" if r["rps"] else "-"
-        print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['rps_vs_nginx'] or '-'} | {r['rps_vs_haproxy'] or '-'} | "
+        print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['rps_vs_nginx'] or '-'} | {r['rps_vs_haproxy'] or '-'} | {r['rps_vs_floor'] or '-'} | "
               f"{r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} | "
-              f"{r['mbps_5mb'] or '-'} | {r['mbps_vs_nginx'] or '-'} | {r['mbps_vs_haproxy'] or '-'} |")
+              f"{r['mbps_5mb'] or '-'} | {r['mbps_vs_nginx'] or '-'} | {r['mbps_vs_haproxy'] or '-'} | {r['mbps_vs_floor'] or '-'} |")
     plot(rows, args.rate, out / "dataplane.png")
     return 0
 
@@ -300,7 +310,7 @@ def plot(rows: list[dict], rate: float, path: Path) -> None:
         return
     names = [r["path"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.bar(names, [r["rps"] or 0 for r in rows], color=["grey", "tab:green", "tab:olive", "tab:blue", "tab:blue", "tab:blue"][:len(rows)])
+    ax1.bar(names, [r["rps"] or 0 for r in rows], color=["grey", "tab:green", "tab:olive", "tab:purple", "tab:blue", "tab:blue", "tab:blue"][:len(rows)])
     ax1.set_yscale("log")  # cpnd is two orders of magnitude below nginx and HAProxy
     ax1.set_ylabel("requests/s at saturation (wrk, 8 conns, log)")
     ax1.set_title("throughput")
