@@ -9,6 +9,7 @@ stream bytes without parsing HTTP.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 from http import HTTPStatus
 import logging
@@ -152,6 +153,13 @@ def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
         query = base.query.encode() + (b"&" + query if query else b"")
         sep = b"?"
     return new + sep + query
+
+
+@functools.lru_cache(maxsize=1024)
+def _instance_address(url: str) -> tuple[str, int, bytes]:
+    """(host, port, Host header) of an instance URL; parsed once, not per request."""
+    u = urllib.parse.urlsplit(url)
+    return u.hostname or "127.0.0.1", u.port or 80, u.netloc.encode()
 
 
 def check_target(target: bytes) -> str:
@@ -330,6 +338,59 @@ class _Inline:
 @attrs.define
 class _AttemptState:
     sent_head: bool = False  # once the user has the head, a failure can only cut the connection
+
+
+class _StreamSink:
+    """Where the egress sends an instance's response: back down the (tunnel or pipe) stream."""
+
+    def __init__(self, rx: H11Stream | LocalEvents, stream: ByteStream) -> None:
+        self.rx = rx
+        self.stream = stream
+
+    async def send(self, event: Any, *, end: bool = False) -> None:
+        await self.rx.send(event, end=end)
+
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        await self.rx.send_all(events, end=end)
+
+    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
+        self.stream.reset(code, delivered, text)
+
+    def report_load(self, load: float, bload: float, compute_us: float) -> None:
+        self.stream.report_load(load, bload, compute_us)
+
+
+class _UserSink:
+    """The user's own connection as the egress's sink: a local instance answers the user directly.
+
+    What would reset a stream is kept for the ingress, which retries or answers the
+    error as it would for a tunnelled attempt.
+    """
+
+    def __init__(self, client: H11Stream, state: _AttemptState) -> None:
+        self.client = client
+        self.state = state
+        self.status = 0
+        self.failure: StreamReset | None = None
+
+    async def send(self, event: Any, *, end: bool = False) -> None:
+        await self.send_all([event], end=end)
+
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        if isinstance(events[0], h11.Response):
+            self.status = events[0].status_code
+        self.state.sent_head = True
+        try:
+            await self.client.send_all(events)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
+
+    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
+        if self.failure is None:
+            self.failure = StreamReset(code, delivered, text)
+
+    def report_load(self, load: float, bload: float, compute_us: float) -> None:
+        pass  # the ingress reads its own instances' meters directly
 
 
 def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
@@ -754,6 +815,8 @@ class DataPlane:
         slack = NO_BUDGET
         if cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request":
             slack = max(0, min(NO_BUDGET - 1, cons.max_latency_us - cand.path_latency_us - elapsed_us))
+        if cand.next_hop is None and body.take_buffered() and body.replayable:
+            return await self._attempt_local(client, req, headers, body, cand, deadline, budget, slack)
         ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), cons.qos, 16,
                         min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0, slack)
         up_raw = self._open_upstream(cand, ext)
@@ -806,6 +869,39 @@ class DataPlane:
             self.account.finished(cand.key)
             if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
                 self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
+
+    async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]],
+                             body: BodySource, cand: Candidate, deadline: float, budget_us: int, slack_us: int) -> int:
+        """One try on one of our own instances, the whole request in hand: the ingress calls it
+        itself (no stream, no task); admission and errors as for a tunnelled request."""
+        found = self.local.get((cand.label, cand.instance))
+        if found is None:
+            raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.d.id} has no instance {cand.instance}")
+        service, inst = found
+        refusal = self.meters[inst.id].admit(trio.current_time(), budget_us, slack_us if slack_us != NO_BUDGET else None)
+        if refusal is not None:
+            self.stats["admission_rejects"] += 1
+            raise StreamReset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
+        body.consumed = True
+        data = body.whole()
+        state = _AttemptState()
+        sink = _UserSink(client, state)
+        self.account.sent(cand.key, trio.current_time())
+        try:
+            await self._serve_instance(sink, service, inst, req.method, req.target, headers,
+                                       [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, deadline)
+        except StreamReset:
+            if state.sent_head:
+                raise trio.BrokenResourceError("instance failed mid-response") from None
+            raise
+        finally:
+            self.account.finished(cand.key)
+        if sink.failure is not None:
+            if state.sent_head:
+                raise trio.BrokenResourceError(str(sink.failure))
+            raise sink.failure
+        self.stats[f"status_{sink.status // 100}xx"] += 1
+        return sink.status
 
     async def _read_response(self, client: H11Stream, up: H11Stream | LocalEvents, up_raw: ByteStream, cons: Constraints,
                              deadline: float, state: _AttemptState) -> int:
@@ -947,16 +1043,40 @@ class DataPlane:
             stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us)
             stream.reset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
             return
-        u = urllib.parse.urlsplit(inst.url)
-        host, port = u.hostname or "127.0.0.1", u.port or 80
-        target = translate_target(event.target, service.path, inst.url)
-        headers = [(n, v) for n, v in filter_headers(event.headers, drop_cpn=True) if n.lower() != b"host"]
-        headers = [(b"host", u.netloc.encode())] + headers + _framing(event.headers)
-        load_at_arrival = meter.load(now)
+        # What of the request body came with its head; all of it, usually.
+        rest: list[Any] = []
+        while not (rest and isinstance(rest[-1], h11.EndOfMessage)):
+            try:
+                ev = rx.next_event_nowait()
+            except h11.RemoteProtocolError as exc:
+                stream.reset(ResetCode.BAD_REQUEST, False, str(exc))
+                return
+            if ev is None:
+                break
+            if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                stream.reset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
+                return
+            rest.append(ev)
+        await self._serve_instance(_StreamSink(rx, stream), service, inst, event.method, event.target, event.headers,
+                                   rest, rx, deadline)
+
+    async def _serve_instance(self, sink: _StreamSink | _UserSink, service: ServiceConfig, inst: InstanceConfig,
+                              method: bytes, target: bytes, headers_in: Iterable[tuple[bytes, bytes]], rest: list[Any],
+                              rx: H11Stream | LocalEvents | None, deadline: float | None) -> None:
+        """Rewrite an admitted request for the instance, call it, and account what it took.
+
+        ``rest`` is what of the body is already here; ``rx`` streams the remainder (None: all here).
+        """
+        meter = self.meters[inst.id]
+        host, port, netloc = _instance_address(inst.url)
+        headers_in = list(headers_in)
+        headers = [(b"host", netloc)] + [(n, v) for n, v in filter_headers(headers_in, drop_cpn=True)
+                                         if n.lower() != b"host"] + _framing(headers_in)
+        request = h11.Request(method=method, target=translate_target(target, service.path, inst.url), headers=headers)
+        load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
         try:
-            served = await self._call_instance(rx, stream, inst, host, port,
-                                               h11.Request(method=event.method, target=target, headers=headers), deadline)
+            served = await self._call_instance([request, *rest], rx, sink, inst, host, port, deadline)
         finally:
             if served is None:
                 meter.abandoned()
@@ -975,34 +1095,22 @@ class DataPlane:
             s = await trio.open_tcp_stream(host, port)
         return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
 
-    async def _call_instance(self, rx: H11Stream | LocalEvents, stream: ByteStream, inst: InstanceConfig, host: str, port: int,
-                             req: h11.Request, deadline: float | None) -> float | None:
-        """Forward to the instance and stream its answer back; the time to its response head, or None."""
+    async def _call_instance(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: _StreamSink | _UserSink,
+                             inst: InstanceConfig, host: str, port: int, deadline: float | None) -> float | None:
+        """Forward to the instance and stream its answer to ``sink``; the time to its response head, or None."""
         uploaded_at = trio.current_time()  # compute latency counts from the end of the upload
         head_after: float | None = None
         try:
             entry = await self._connect(host, port)
         except (OSError, trio.TooSlowError) as exc:
             self._health_result(inst.id, False)
-            stream.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
+            sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
             return None
         ic = H11Stream(h11.CLIENT, entry.stream)
         ic.conn = entry.conn
         delivered = False
         responded = False
-        # What of the request body came with its head; all of it, usually.
-        first: list[Any] = [req]
-        complete = False
-        while not complete:
-            ev = rx.next_event_nowait()
-            if ev is None:
-                break
-            if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
-                stream.reset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
-                await entry.stream.aclose()
-                return None
-            first.append(ev)
-            complete = isinstance(ev, h11.EndOfMessage)
+        complete = isinstance(first[-1], h11.EndOfMessage)
         try:
             async with (_Inline() if complete else open_nursery()) as nursery:
                 async def upload() -> None:
@@ -1010,6 +1118,7 @@ class DataPlane:
                     await ic.send_all(first)
                     delivered = True
                     while not complete:
+                        assert rx is not None
                         ev = await rx.next_event()
                         if isinstance(ev, h11.Data):
                             await ic.send(ev)
@@ -1029,7 +1138,7 @@ class DataPlane:
                     while isinstance(ev, h11.InformationalResponse):
                         ev = await ic.next_event()
                 if cs.cancelled_caught:
-                    stream.reset(ResetCode.DEADLINE, delivered, f"{inst.id} did not answer within the deadline")
+                    sink.reset(ResetCode.DEADLINE, delivered, f"{inst.id} did not answer within the deadline")
                     nursery.cancel_scope.cancel()
                     await entry.stream.aclose()
                     return None
@@ -1039,7 +1148,7 @@ class DataPlane:
                 self._health_result(inst.id, True)
                 head_after = max(0.0, trio.current_time() - uploaded_at)
                 meter = self.meters[inst.id]
-                stream.report_load(meter.load(trio.current_time()), meter.bounded_load(trio.current_time()), meter.base_us)
+                sink.report_load(meter.load(trio.current_time()), meter.bounded_load(trio.current_time()), meter.base_us)
                 headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
                 headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
                 response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
@@ -1047,28 +1156,37 @@ class DataPlane:
                 length = _content_length(ev.headers)
                 held: list[Any] | None = [response] if length is not None and length <= RESPONSE_HOLD_BYTES else None
                 if held is None:
-                    await rx.send(response)
-                while True:
-                    ev = await ic.next_event()
-                    if isinstance(ev, h11.Data):
-                        if held is not None:
-                            held.append(ev)
+                    await sink.send(response)
+                # Neither the instance nor the receiving side moving for body_idle_timeout_s
+                # ends the exchange (one scope, pushed back at most once a second).
+                idle_s = self.limits.body_idle_timeout_s
+                with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
+                    while True:
+                        ev = await ic.next_event()
+                        if isinstance(ev, h11.Data):
+                            if held is not None:
+                                held.append(ev)
+                            else:
+                                await sink.send(ev)
+                        elif isinstance(ev, h11.EndOfMessage):
+                            if held is not None:
+                                await sink.send_all([*held, ev], end=True)
+                            else:
+                                await sink.send(ev, end=True)
+                            break
                         else:
-                            await rx.send(ev)
-                    elif isinstance(ev, h11.EndOfMessage):
-                        if held is not None:
-                            await rx.send_all([*held, ev], end=True)
-                        else:
-                            await rx.send(ev, end=True)
-                        break
-                    else:
-                        raise OSError("instance closed the connection mid-response")
+                            raise OSError("instance closed the connection mid-response")
+                        now = trio.current_time()
+                        if idle.deadline - now < idle_s - 1.0:
+                            idle.deadline = now + idle_s
+                if idle.cancelled_caught:
+                    raise OSError(f"response body idle for {idle_s:g} s")
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError) as exc:
             await entry.stream.aclose()
             if not responded:
-                stream.reset(ResetCode.INSTANCE_FAILED, delivered, f"{inst.id}: {exc}")
+                sink.reset(ResetCode.INSTANCE_FAILED, delivered, f"{inst.id}: {exc}")
             else:
-                stream.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {exc}")
+                sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {exc}")
             return head_after
         except StreamReset:
             await entry.stream.aclose()

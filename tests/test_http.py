@@ -170,10 +170,11 @@ def test_request_body_whole_or_in_pieces(net, headers) -> None:
             assert resp_body == body, (len(parts), resp_body[:40])
 
 
-def test_streaming_arrives_incrementally(net) -> None:
+@pytest.mark.parametrize("headers", [S1, S3], ids=["remote", "local"])
+def test_streaming_arrives_incrementally(net, headers) -> None:
     arrivals = []
     t0 = time.monotonic()
-    with httpx.stream("GET", net["url"] + "/yolo?sse=5&interval=0.3", headers=S1, timeout=10) as r:
+    with httpx.stream("GET", net["url"] + "/yolo?sse=5&interval=0.3", headers=headers, timeout=10) as r:
         assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -217,15 +218,17 @@ def test_no_stream_is_left_open(net) -> None:
     lab.wait_for(lambda: all(lab.query(gw, "status")["tunnel_streams"] == 0 for gw in "abcd"), 10, "streams to close")
 
 
-def test_a_response_cut_short_becomes_a_clean_error(net) -> None:
+@pytest.mark.parametrize("headers", [S2, S3], ids=["remote", "local"])
+def test_a_response_cut_short_becomes_a_clean_error(net, headers) -> None:
     # A small response is gathered whole before the user sees its head, so an instance that
     # dies half-way through its body costs a retry (GET) or a 502 (POST), never a cut response.
     with httpx.Client(timeout=10) as c:
         for method in ("GET", "POST"):
-            r = c.request(method, net["url"] + "/yolo?truncate=1", headers=S2)
+            r = c.request(method, net["url"] + "/yolo?truncate=1", headers=headers)
             assert r.status_code == 502 and r.json()["error"] == "bad_gateway", (method, r.text)
             assert "cpn-instance" not in r.headers
-        assert c.get(net["url"] + "/yolo", headers=S2).status_code == 200  # the same keep-alive connection goes on
+        r = c.get(net["url"] + "/yolo", headers=headers)  # the same keep-alive connection goes on
+        assert r.status_code == 200 and r.headers["cpn-instance"] == ("s2" if headers is S2 else "s3")
 
 
 def test_errors_keep_the_connection_alive(net) -> None:
