@@ -356,8 +356,9 @@ class _StreamSink:
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         self.stream.reset(code, delivered, text)
 
-    def report_load(self, load: float, bload: float, compute_us: float) -> None:
-        self.stream.report_load(load, bload, compute_us)
+    def report_load(self, meter: InstanceMeter) -> None:
+        now = trio.current_time()
+        self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us)
 
 
 class _UserSink:
@@ -389,7 +390,7 @@ class _UserSink:
         if self.failure is None:
             self.failure = StreamReset(code, delivered, text)
 
-    def report_load(self, load: float, bload: float, compute_us: float) -> None:
+    def report_load(self, meter: InstanceMeter) -> None:
         pass  # the ingress reads its own instances' meters directly
 
 
@@ -889,7 +890,8 @@ class DataPlane:
         self.account.sent(cand.key, trio.current_time())
         try:
             await self._serve_instance(sink, service, inst, req.method, req.target, headers,
-                                       [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, deadline)
+                                       [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, deadline,
+                                       filtered=True)
         except StreamReset:
             if state.sent_head:
                 raise trio.BrokenResourceError("instance failed mid-response") from None
@@ -1062,16 +1064,18 @@ class DataPlane:
 
     async def _serve_instance(self, sink: _StreamSink | _UserSink, service: ServiceConfig, inst: InstanceConfig,
                               method: bytes, target: bytes, headers_in: Iterable[tuple[bytes, bytes]], rest: list[Any],
-                              rx: H11Stream | LocalEvents | None, deadline: float | None) -> None:
+                              rx: H11Stream | LocalEvents | None, deadline: float | None, *, filtered: bool = False) -> None:
         """Rewrite an admitted request for the instance, call it, and account what it took.
 
         ``rest`` is what of the body is already here; ``rx`` streams the remainder (None: all here).
+        ``filtered``: the headers are already stripped of hop-by-hop and CPN-* ones, framing re-added.
         """
         meter = self.meters[inst.id]
         host, port, netloc = _instance_address(inst.url)
-        headers_in = list(headers_in)
-        headers = [(b"host", netloc)] + [(n, v) for n, v in filter_headers(headers_in, drop_cpn=True)
-                                         if n.lower() != b"host"] + _framing(headers_in)
+        if not filtered:
+            headers_in = list(headers_in)
+            headers_in = filter_headers(headers_in, drop_cpn=True) + _framing(headers_in)
+        headers = [(b"host", netloc), *((n, v) for n, v in headers_in if n.lower() != b"host")]
         request = h11.Request(method=method, target=translate_target(target, service.path, inst.url), headers=headers)
         load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
@@ -1147,8 +1151,7 @@ class DataPlane:
                 responded = True
                 self._health_result(inst.id, True)
                 head_after = max(0.0, trio.current_time() - uploaded_at)
-                meter = self.meters[inst.id]
-                sink.report_load(meter.load(trio.current_time()), meter.bounded_load(trio.current_time()), meter.base_us)
+                sink.report_load(self.meters[inst.id])
                 headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
                 headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
                 response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)

@@ -7,7 +7,7 @@ counters and the latency histogram are updated by the data plane.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_TIMEOUT_S = 10.0
+MAX_CACHED_CHILDREN = 4096
 
 
 class Metrics:
@@ -33,11 +34,25 @@ class Metrics:
                                  ["service"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
         self.registry.register(_DaemonCollector(daemon))
+        # labels() takes a lock and builds keys on every call: the children, once each, are kept here.
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[str, Any] = {}
 
     def observe(self, service: str, instance: str | None, status: int, seconds: float | None) -> None:
-        self.requests.labels(service, instance or "", str(status)).inc()
+        key = (service, instance or "", status)
+        counter = self._counters.get(key)
+        if counter is None:
+            if len(self._counters) >= MAX_CACHED_CHILDREN:
+                self._counters.clear()
+            counter = self._counters[key] = self.requests.labels(service, instance or "", str(status))
+        counter.inc()
         if seconds is not None:
-            self.latency.labels(service).observe(seconds)
+            hist = self._histograms.get(service)
+            if hist is None:
+                if len(self._histograms) >= MAX_CACHED_CHILDREN:
+                    self._histograms.clear()
+                hist = self._histograms[service] = self.latency.labels(service)
+            hist.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
