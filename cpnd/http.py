@@ -559,6 +559,7 @@ class DataPlane:
         for _, inst in self.local.values():
             m = self.meters.get(inst.id) or InstanceMeter(inst.capacity, int(inst.compute_latency_ms * 1000))
             m.capacity = inst.capacity
+            m.hint_us = inst.compute_latency_ms * 1000
             meters[inst.id] = m
         self.meters = meters
         self.ttl.ttl_s = config.gateway.dns_ttl_s

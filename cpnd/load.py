@@ -19,6 +19,7 @@ import attrs
 WINDOW_S = 1.0  # loads are requests over the last second, over capacity
 MAX_EVENTS = 100_000  # bound on remembered timestamps per window
 HINT_SAMPLES = 3  # the configured compute latency, as samples of the median until measurements push it out
+SAMPLE_TTL_S = 5.0  # a compute sample older than this no longer counts
 
 
 def load_factor(load: float) -> float:
@@ -63,13 +64,11 @@ class InstanceMeter:
 
     def __init__(self, capacity: float, compute_hint_us: int, *, samples: int = 32) -> None:
         self.capacity = capacity
-        self.base_us = float(compute_hint_us)
+        self.hint_us = float(compute_hint_us)
+        self.base_us = self.hint_us
         # The median of recent samples: one very slow request (a long generation, a
         # stalled instance) must not make the instance look slow for everyone.
-        self._samples: collections.deque[float] = collections.deque(maxlen=samples)
-        # The configured hint counts as a few samples, so one slow first request (a cold
-        # instance, a cold connection) cannot make the instance look slow until more arrive.
-        self._samples.extend([float(compute_hint_us)] * HINT_SAMPLES)
+        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=samples)  # (when, µs)
         self.arrivals = RateWindow()
         self.bounded = RateWindow()  # latency-bound requests that asked, admitted or not: their demand
         self.servable = RateWindow()  # those of them whose bound this instance can meet at some load
@@ -146,8 +145,27 @@ class InstanceMeter:
         self.inflight = max(0, self.inflight - 1)
         if not math.isfinite(service_us) or service_us < 0:
             return
-        self._samples.append(service_us / load_factor(load_at_arrival))
-        self.base_us = statistics.median(self._samples)
+        self._samples.append((now, service_us / load_factor(load_at_arrival)))
+        self._update()
+
+    def expire(self, now: float) -> None:
+        """Forget samples older than SAMPLE_TTL_S; with none left, the configured hint is back.
+
+        An instance that looked slow gets no latency-bound traffic, hence no new samples:
+        without this, one slow spell would shut it out for good.
+        """
+        if self._samples and self._samples[0][0] < now - SAMPLE_TTL_S:
+            while self._samples and self._samples[0][0] < now - SAMPLE_TTL_S:
+                self._samples.popleft()
+            self._update()
+
+    def _update(self) -> None:
+        # The configured hint counts as a few samples, so one slow first request (a cold
+        # instance, a cold connection) cannot make the instance look slow until more arrive.
+        values = [v for _, v in self._samples]
+        assert self._samples.maxlen is not None
+        values += [self.hint_us] * min(HINT_SAMPLES, self._samples.maxlen - len(values))
+        self.base_us = statistics.median(values)
 
     def abandoned(self) -> None:
         self.inflight = max(0, self.inflight - 1)

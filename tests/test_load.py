@@ -94,6 +94,27 @@ def test_compute_is_a_robust_median() -> None:
     assert m.base_us < 1020
 
 
+def test_compute_samples_age_out_to_the_hint() -> None:
+    # A slow spell makes the instance look slow; it then gets no latency-bound traffic and
+    # so no samples: the old ones must stop counting, or it is shut out for good.
+    m = InstanceMeter(capacity=50, compute_hint_us=1000)
+    for i in range(20):
+        m.admit(i * 0.05, None)
+        m.done(i * 0.05, 6000, load_at_arrival=0.0)
+    assert m.base_us == 6000
+    m.expire(3.0)
+    assert m.base_us == 6000  # still recent
+    m.admit(4.0, None)
+    m.done(4.0, 1200, load_at_arrival=0.0)
+    m.expire(6.5)  # the slow ones are over 5 s old; the one at 4.0 s and the hint remain
+    assert m.base_us == 1000
+    m.expire(9.5)
+    assert m.base_us == 1000  # nothing measured for 5 s: the configured hint
+    m.admit(10.0, None)
+    m.done(10.0, 3000, load_at_arrival=0.0)
+    assert m.base_us == 1000  # one sample against the hint's three
+
+
 def test_pacer_interval_threshold_refresh() -> None:
     p = LoadPacer(min_interval_s=0.2, load_threshold=0.05, refresh_s=5.0)
     assert p.should_advertise(0.0, 0.1, 0.0, 1000)
