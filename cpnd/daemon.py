@@ -266,6 +266,7 @@ class PeerState:
     last_error: str = ""
     established_at: float | None = None
     flaps: int = 0
+    swap_pending: bool = False  # its last session ended in a collision swap: stale routes wait for the next End-of-RIB
     removed: bool = False  # deconfigured by a reload: its dial loop ends
 
     def current(self) -> Connection | None:
@@ -575,8 +576,9 @@ class Daemon:
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
-        if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms:
+        if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms and not peer.swap_pending:
             self._propagate(self.rib.end_of_rib(peer.config.id))  # back without graceful restart: stale routes go now
+        peer.swap_pending = False
         conn.wake()
 
     def _rtt(self, conn: Connection, rtt: float) -> None:
@@ -612,14 +614,24 @@ class Daemon:
         if peer is not None:
             peer.last_error = event.describe()
             if was_up:
-                peer.flaps += 1
+                # The peer closed this session for a collision: it keeps (or is making) another
+                # connection to us, a swap rather than a flap. Its routes stay, marked stale, until
+                # that session's End-of-RIB or, if none comes up, the swap window passes.
+                swap = _swapped(event)
+                if not swap:
+                    peer.flaps += 1
                 peer.established_at = None
                 others_up = any(c.established for c in peer.conns if c is not conn)
                 if not others_up:
                     window_ms = conn.session.peer_restart_ms if _restart_expected(event) else 0
+                    if swap:
+                        g = self.config.gateway
+                        window_ms = g.handshake_timeout_ms + 2 * g.connect_retry_min_ms
+                    peer.swap_pending = swap
                     if window_ms:
-                        log.info("%s: keeping %d routes of %s as stale for %d ms (graceful restart)", self.id,
-                                 len(self.rib.adj_in.get(peer.config.id, {})), peer.config.id, window_ms)
+                        log.info("%s: keeping %d routes of %s as stale for %d ms (%s)", self.id,
+                                 len(self.rib.adj_in.get(peer.config.id, {})), peer.config.id, window_ms,
+                                 "connection collision swap" if swap else "graceful restart")
                         self._propagate(self.rib.peer_stale(peer.config.id, trio.current_time() + window_ms / 1000))
                     else:
                         self._propagate(self.rib.peer_down(peer.config.id))
@@ -642,6 +654,11 @@ class Daemon:
                 if c.adj_out is not None:
                     c.adj_out.mark(keys)
                     c.wake()
+
+
+def _swapped(event: Closed) -> bool:
+    """Whether the peer ended an established session for a connection collision (session.md, "Collisions")."""
+    return event.reason is CloseReason.PEER_NOTIFICATION and (event.code, event.subcode) == (Code.CEASE, CeaseSub.COLLISION)
 
 
 def _restart_expected(event: Closed) -> bool:

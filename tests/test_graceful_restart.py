@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
+from pathlib import Path
 
+from cpnd.crypto import generate_key, public_key_b64, write_private_key
 from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+from interop.wire import NOTIFICATION, UPDATE, Peer, load_key, new_route, parse_pub
 
 FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 500}
 TOPO = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("b", "c", 1)), (Instance("s", "c", "/svc"),),
@@ -59,3 +63,54 @@ def test_sigint_is_a_hard_shutdown(tmp_path) -> None:
         assert lab.stop("c", signal.SIGINT) == 0
         lab.wait_for(lambda: route(lab, "a") is None and route(lab, "b") is None, 5, "the routes to go at once")
         assert "cease/admin-shutdown" in lab.log("b") and "as stale" not in lab.log("b")
+
+
+def _x_session(lab: Lab, spec, key_path: Path) -> Peer:
+    host, port = spec.listen.rsplit(":", 1)
+    p = Peer((host, int(port)), "a", parse_pub(spec.public_key), "x", load_key(str(key_path)))
+    p.open_session()
+    p.send_msg({"t": UPDATE, "adv": [new_route("/swap", "i1", "x")], "wd": []})
+    p.send_msg({"t": UPDATE, "adv": [], "wd": []})  # End-of-RIB
+    return p
+
+
+def _x_notify(p: Peer, sub: int, text: str) -> None:
+    """Send cease/``sub`` and hang up without a reset (unread data would make close() one)."""
+    p.send_msg({"t": NOTIFICATION, "code": 6, "sub": sub, "msg": text})
+    p.sock.shutdown(socket.SHUT_WR)
+    try:
+        while p.sock.recv(65536):
+            pass
+    except OSError:
+        pass
+    p.close()
+
+
+def _x_route(lab: Lab) -> dict | None:
+    return next((r for r in lab.routes("a") if r["instance"] == "i1"), None)
+
+
+def test_a_collision_swap_keeps_routes_and_is_no_flap(tmp_path) -> None:
+    """A peer that ends an established session with cease/collision is swapping connections:
+    its routes stay (stale) until the next session's End-of-RIB, and no flap is counted."""
+    topo = Topology(("a",), (), (), FAST)
+    specs = write_lab(topo, tmp_path)
+    key = generate_key()
+    write_private_key(tmp_path / "x.key", key)
+    with open(specs["a"].config, "a") as f:
+        f.write(f'\n[[peers]]\nid = "x"\naddress = "127.0.0.1:9"\npublic_key = "{public_key_b64(key)}"\npassive = true\n')
+    with Lab(specs) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: lab.query("a", "status") is not None, 10, "a to answer")
+        p = _x_session(lab, specs["a"], tmp_path / "x.key")
+        lab.wait_for(lambda: _x_route(lab) is not None, 10, "x's route at a")
+        _x_notify(p, 7, "connection collision resolution")
+        lab.wait_for(lambda: (_x_route(lab) or {}).get("stale"), 5, "x's route to be kept as stale")
+        p = _x_session(lab, specs["a"], tmp_path / "x.key")
+        lab.wait_for(lambda: _x_route(lab) is not None and not _x_route(lab)["stale"], 10, "x's route fresh again")
+        x = {q["id"]: q for q in lab.query("a", "show-peers")}["x"]
+        assert x["state"] == "established" and x["flaps"] == 0
+        # Any other Cease is a real end: the routes go at once, and it counts.
+        _x_notify(p, 2, "administrative shutdown")
+        lab.wait_for(lambda: _x_route(lab) is None, 5, "x's route to go")
+        assert {q["id"]: q for q in lab.query("a", "show-peers")}["x"]["flaps"] == 1
