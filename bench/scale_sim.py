@@ -48,7 +48,7 @@ from cpnd.load import LoadPacer  # noqa: E402
 from cpnd.names import service_label  # noqa: E402
 from cpnd.rib import AdjRibOut, Key, Rib, link_cost_after  # noqa: E402
 from cpnd.session import Closed, Established, RttMeasured, Session, SessionConfig, State, UpdateReceived  # noqa: E402
-from cpnd.wire import RouteAdv  # noqa: E402
+from cpnd.wire import RouteAdv, SharedTable, use_shared_table  # noqa: E402
 
 MIN_ADV_INTERVAL_S = 0.1  # cpnd's default
 LOAD_CHECK_S = 0.05  # how often an origin looks at its instances' load (cpnd's _load_loop)
@@ -127,6 +127,9 @@ class Node:
         self.local: dict[str, RouteAdv] = {}
         self.pacers: dict[str, LoadPacer] = {}
         self.loads: dict[str, float] = {}
+        # This gateway's own table of shared names, paths and keys (cpnd has one per process):
+        # sharing across simulated gateways would understate each one's memory.
+        self.shared = SharedTable()
 
 
 class Sim:
@@ -212,6 +215,7 @@ class Sim:
             self.at(t, self.fire_timer, conn, t)
 
     def deliver(self, conn: Conn, data: bytes) -> None:
+        use_shared_table(conn.node.shared)
         if conn.node.alive and conn.session.state is not State.CLOSED:
             conn.session.receive_data(data, self.now)
             self.process(conn)
@@ -220,6 +224,7 @@ class Sim:
         if conn.timer_at != t or not conn.node.alive:
             return
         conn.timer_at = None
+        use_shared_table(conn.node.shared)
         conn.session.handle_timer(self.now)
         self.process(conn)
 
@@ -247,6 +252,7 @@ class Sim:
         if conn.flush_at != t or conn.adj_out is None or not conn.node.alive or conn.session.state is not State.ESTABLISHED:
             return
         conn.flush_at = None
+        use_shared_table(conn.node.shared)
         due = conn.adj_out.due(self.now)
         if due is not None and due > self.now:
             self.schedule_flush(conn)
@@ -275,12 +281,14 @@ class Sim:
             node = self.nodes[names[i % len(names)] if routes >= len(names) else rng.choice(names)]
             svc = f"/svc{i % SERVICES}"
             iid = f"i{i}"
+            use_shared_table(node.shared)
             node.local[iid] = RouteAdv(svc, iid, node.id, node.seq, service_label(svc), (node.id,), 0, 50.0, 0.0,
                                        1.0, 1000)
             node.pacers[iid] = LoadPacer()
             node.loads[iid] = 0.0
         for node in self.nodes.values():
             if node.local:
+                use_shared_table(node.shared)
                 self.propagate(node, node.rib.set_local(node.local.values(), self.now))
 
     def messages(self) -> tuple[int, int]:
@@ -310,6 +318,7 @@ class Sim:
             other = conn.other
             if other is not None and other.node.alive:
                 other.other = None
+                use_shared_table(other.node.shared)
                 other.session.receive_data(b"", self.now)
                 self.process(other)
 
@@ -324,6 +333,7 @@ class Sim:
             for node in self.nodes.values():
                 if not node.alive or not node.local:
                     continue
+                use_shared_table(node.shared)
                 changed = False
                 for iid, adv in node.local.items():
                     if (node, iid) not in churning:

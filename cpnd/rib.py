@@ -11,12 +11,13 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import attrs
 
 from .errors import CeaseSub, Code, ProtocolError, UpdateSub
 from .names import service_label
-from .wire import RouteAdv, Update, Withdrawal
+from .wire import RouteAdv, Update, Withdrawal, shared
 
 Key = tuple[str, str, str]  # (service, origin, instance)
 MAX_LATENCY_US = 0xFFFFFFFF
@@ -63,6 +64,9 @@ class Route:
         return self.peer
 
 
+_UNSET = object()
+
+
 @attrs.frozen
 class Best:
     route: Route
@@ -70,6 +74,8 @@ class Best:
     fresh: RouteAdv  # the candidate with the highest seq: source of instance attributes
     reason: BestReason
     fresh_at: float = 0.0  # when the fresh attributes arrived here
+    # export()'s answer, made once for every peer (their Adj-RIB-Outs share it); _UNSET until asked.
+    exported: Any = attrs.field(default=_UNSET, eq=False, repr=False)
 
 
 def _by_local(a: Route, la: int, b: Route, lb: int) -> Route | None:
@@ -127,7 +133,6 @@ class Rib:
         self.adj_in: dict[str, dict[Key, Route]] = {}
         self.link_cost_us: dict[str, int] = {}
         self.loc: dict[Key, Best] = {}
-        self._exported: dict[Key, tuple[Best, RouteAdv | None]] = {}  # export()'s answer for the current best
         self.by_service: dict[str, set[Key]] = {}
         self.by_label: dict[int, set[str]] = {}  # the services in by_service, by label (tunnel lookups)
         self.stale_until: dict[str, float] = {}  # peers in graceful restart: when their stale routes go
@@ -222,14 +227,13 @@ class Rib:
         best = self.loc.get(key)
         if best is None or peer in best.route.adv.path:
             return None
-        cached = self._exported.get(key)
-        if cached is not None and cached[0] is best:
-            return cached[1]
+        if best.exported is not _UNSET:
+            return best.exported  # type: ignore[no-any-return]
         r, f = best.route, best.fresh
-        path = r.adv.path if r.peer is None else (self.local_id, *r.adv.path)
+        path = r.adv.path if r.peer is None else shared((self.local_id, *r.adv.path))
         # One record for every peer we tell (their Adj-RIB-Outs share it), not one each.
         adv = None if len(path) > 32 else attrs.evolve(f, path=path, latency_us=best.latency_us)  # None: MAX_PATH_LEN
-        self._exported[key] = (best, adv)
+        object.__setattr__(best, "exported", adv)
         return adv
 
     def lookup_target(self, label: int, origin: str, instance: str) -> Key | None:
@@ -262,7 +266,6 @@ class Rib:
             changed.add(key)
             if new is None:
                 del self.loc[key]
-                self._exported.pop(key, None)
                 svc = self.by_service.get(key[0])
                 if svc is not None:
                     svc.discard(key)

@@ -293,7 +293,7 @@ class RouteAdv:
     key: tuple[str, str, str] = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "key", (self.service, self.origin, self.instance))
+        object.__setattr__(self, "key", shared((self.service, self.origin, self.instance)))
 
 
 @attrs.frozen
@@ -393,25 +393,55 @@ def _decode_route(r: object) -> RouteAdv:
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
     # A RIB holds the same few names, paths and numbers in every route it learns: one copy
     # each, not one per route (a float or a large int is an object of its own, 24-28 bytes).
-    sh = _shared
+    # Not the latency: it differs from path to path, so a shared copy would cost more than it saves.
+    sh = shared
     return RouteAdv(sh(svc), sh(inst), sh(origin), sh(seq), sh(label), sh(tuple(map(sh, path))),
-                    sh(lat), sh(cap), sh(load), sh(price), sh(comp), sh(bload))
+                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload))
 
 
-MAX_SHARED = 65536
-_SHARED: dict[Any, Any] = {}
+MAX_SHARED = 1 << 18
 
 
-def _shared(value: Any) -> Any:
-    """One copy of an equal name or path already seen (not sys.intern: peers choose these
-    strings, and interned strings may live for ever); bounded, like everything peers fill."""
-    key = (type(value), value)  # 1 == 1.0 == True, but they encode differently
-    found = _SHARED.get(key)
-    if found is None:
-        if len(_SHARED) >= MAX_SHARED:
-            _SHARED.clear()  # sharing is an optimisation, never a table to grow without end
-        found = _SHARED[key] = value
-    return found
+class SharedTable:
+    """One copy of each equal value, kept per type (1 == 1.0 == True, but they encode
+    differently), at most MAX_SHARED in all; bounded, like everything peers fill."""
+
+    __slots__ = ("by_type", "size")
+
+    def __init__(self) -> None:
+        self.by_type: dict[type, dict[Any, Any]] = {}
+        self.size = 0
+
+    def get(self, value: Any) -> Any:
+        table = self.by_type.get(type(value))
+        if table is None:
+            table = self.by_type[type(value)] = {}
+        found = table.get(value)
+        if found is None:
+            if self.size >= MAX_SHARED:  # sharing is an optimisation, never a table to grow without end
+                self.by_type.clear()
+                self.size = 0
+                table = self.by_type[type(value)] = {}
+            found = table[value] = value
+            self.size += 1
+        return found
+
+
+_TABLE = SharedTable()
+
+
+def use_shared_table(table: SharedTable) -> None:
+    """Make ``table`` the one ``shared`` fills: a simulation of many gateways in one process
+    gives each its own, so that none shares what in a deployment it would hold alone."""
+    global _TABLE
+    _TABLE = table
+
+
+def shared(value: Any) -> Any:
+    """One copy of an equal name, path, key or number already seen (not sys.intern: peers
+    choose these strings, and interned strings may live for ever). RIBs hold the same few
+    of them in every route they learn and export."""
+    return _TABLE.get(value)
 
 
 def _decode_withdrawal(w: object) -> Withdrawal:

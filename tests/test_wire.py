@@ -158,3 +158,18 @@ def test_message_vectors(vectors) -> None:
             msg = decode_message(body)
             assert encode_message(msg) == body, v["name"]
             assert msgpack.unpackb(body) == v["decoded"], v["name"]
+
+
+def test_shared_table_keeps_types_apart_and_is_bounded(monkeypatch) -> None:
+    from cpnd import wire
+
+    t = wire.SharedTable()
+    a, b = t.get(1.0), t.get(1)
+    assert type(a) is float and type(b) is int  # 1 == 1.0, but they encode differently
+    first = t.get(tuple(["gw1", "gw2"]))
+    again = tuple(["gw1", "gw2"])
+    assert again is not first and t.get(again) is first  # equal paths: one copy
+    monkeypatch.setattr(wire, "MAX_SHARED", 4)
+    for i in range(10):
+        t.get(f"name{i}")
+    assert t.size <= 4  # cleared and refilled, never past the bound
