@@ -181,6 +181,16 @@ def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
     return specs
 
 
+def add_outside_peer(spec: GatewaySpec, peer_id: str, key_path: Path) -> None:
+    """Give a peer from outside the lab (the interop suite, a test's hand-driven session) a key
+    at ``key_path`` and add it to ``spec``'s config as a passive peer: it dials, the gateway never does."""
+    key = generate_key()
+    write_private_key(key_path, key, force=True)
+    with open(spec.config, "a") as f:
+        f.write(f'\n[[peers]]\nid = {_toml_value(peer_id)}\naddress = "127.0.0.1:9"\n'
+                f'public_key = "{public_key_b64(key)}"\npassive = true\n')
+
+
 PR_SET_PDEATHSIG = 1
 
 

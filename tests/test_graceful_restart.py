@@ -7,8 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from cpnd.crypto import generate_key, public_key_b64, write_private_key
-from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+from cpnd.lab import Instance, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.wire import NOTIFICATION, UPDATE, Peer, load_key, new_route, parse_pub
 
 FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 500}
@@ -95,10 +94,7 @@ def test_a_collision_swap_keeps_routes_and_is_no_flap(tmp_path) -> None:
     its routes stay (stale) until the next session's End-of-RIB, and no flap is counted."""
     topo = Topology(("a",), (), (), FAST)
     specs = write_lab(topo, tmp_path)
-    key = generate_key()
-    write_private_key(tmp_path / "x.key", key)
-    with open(specs["a"].config, "a") as f:
-        f.write(f'\n[[peers]]\nid = "x"\naddress = "127.0.0.1:9"\npublic_key = "{public_key_b64(key)}"\npassive = true\n')
+    add_outside_peer(specs["a"], "x", tmp_path / "x.key")
     with Lab(specs) as lab:
         lab.start_all()
         lab.wait_for(lambda: lab.query("a", "status") is not None, 10, "a to answer")

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cpnd.crypto import generate_key, public_key_b64, write_private_key
-from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.cases import Target, advertised_routes
 from interop.fuzz import alive
 from interop.wire import load_key, parse_pub
@@ -32,10 +31,7 @@ def test_suite_and_fuzzing_pass_and_leave_other_sessions_alone(tmp_path) -> None
         topo = Topology(("a", "b"), (Link("a", "b", 1),), (Instance("s1", "b", "/yolo", 50, 1, 1),),
                         {"hold_time_ms": 3000})
         specs = write_lab(topo, tmp_path, instance_url=lambda i: urls[i.id])
-        key = generate_key()
-        write_private_key(tmp_path / "interop.key", key)
-        with open(specs["a"].config, "a") as f:
-            f.write(f'\n[[peers]]\nid = "interop"\naddress = "127.0.0.1:9"\npublic_key = "{public_key_b64(key)}"\npassive = true\n')
+        add_outside_peer(specs["a"], "interop", tmp_path / "interop.key")
         with Lab(specs) as lab:
             lab.start_all()
             lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
