@@ -18,7 +18,8 @@ import attrs
 
 WINDOW_S = 1.0  # loads are requests over the last second, over capacity
 MAX_EVENTS = 100_000  # bound on remembered timestamps per window
-HINT_SAMPLES = 3  # the configured compute latency, as samples of the median until measurements push it out
+HINT_SAMPLES = 1  # the configured compute latency, as samples until measurements push it out
+BASE_QUANTILE = 0.25  # the base compute: this quantile of recent normalised samples
 SAMPLE_TTL_S = 5.0  # a compute sample older than this no longer counts
 
 
@@ -66,7 +67,8 @@ class InstanceMeter:
         self.capacity = capacity
         self.hint_us = float(compute_hint_us)
         self.base_us = self.hint_us
-        # The median of recent samples: one very slow request (a long generation, a
+        # The low quarter of recent samples, like a minimum RTT filter: delays from a busy
+        # gateway or a queue only ever add, and one very slow request (a long generation, a
         # stalled instance) must not make the instance look slow for everyone.
         self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=samples)  # (when, µs)
         self.arrivals = RateWindow()
@@ -160,12 +162,13 @@ class InstanceMeter:
             self._update()
 
     def _update(self) -> None:
-        # The configured hint counts as a few samples, so one slow first request (a cold
-        # instance, a cold connection) cannot make the instance look slow until more arrive.
+        # The configured hint counts as a sample until the window is full, so that with
+        # none left it is the estimate again.
         values = [v for _, v in self._samples]
         assert self._samples.maxlen is not None
         values += [self.hint_us] * min(HINT_SAMPLES, self._samples.maxlen - len(values))
-        self.base_us = statistics.median(values)
+        values.sort()
+        self.base_us = values[int(BASE_QUANTILE * (len(values) - 1))]
 
     def abandoned(self) -> None:
         self.inflight = max(0, self.inflight - 1)

@@ -81,7 +81,7 @@ def test_one_slow_first_request_does_not_move_the_compute_estimate() -> None:
     assert m.base_us == 1700
 
 
-def test_compute_is_a_robust_median() -> None:
+def test_compute_is_a_robust_low_quantile() -> None:
     m = InstanceMeter(capacity=50, compute_hint_us=9999)
     for i in range(20):
         m.admit(0.0, None)
@@ -112,7 +112,7 @@ def test_compute_samples_age_out_to_the_hint() -> None:
     assert m.base_us == 1000  # nothing measured for 5 s: the configured hint
     m.admit(10.0, None)
     m.done(10.0, 3000, load_at_arrival=0.0)
-    assert m.base_us == 1000  # one sample against the hint's three
+    assert m.base_us == 1000  # the low quarter of one sample and the hint
 
 
 def test_pacer_interval_threshold_refresh() -> None:
