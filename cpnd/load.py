@@ -12,7 +12,6 @@ from __future__ import annotations
 import bisect
 import collections
 import math
-import statistics
 
 import attrs
 
