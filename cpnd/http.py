@@ -893,16 +893,14 @@ class DataPlane:
             await self._serve_instance(sink, service, inst, req.method, req.target, headers,
                                        [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, deadline,
                                        filtered=True)
-        except StreamReset:
+            if sink.failure is not None:
+                raise sink.failure
+        except StreamReset as exc:
             if state.sent_head:
-                raise trio.BrokenResourceError("instance failed mid-response") from None
+                raise trio.BrokenResourceError(str(exc)) from None
             raise
         finally:
             self.account.finished(cand.key)
-        if sink.failure is not None:
-            if state.sent_head:
-                raise trio.BrokenResourceError(str(sink.failure))
-            raise sink.failure
         self.stats[f"status_{sink.status // 100}xx"] += 1
         return sink.status
 
@@ -1038,13 +1036,13 @@ class DataPlane:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
             return
         meter = self.meters[inst.id]
-        now = trio.current_time()
-        refusal = meter.admit(now, ext.budget_us if ext.budget_us != NO_BUDGET else None,
+        sink = _StreamSink(rx, stream)
+        refusal = meter.admit(trio.current_time(), ext.budget_us if ext.budget_us != NO_BUDGET else None,
                               ext.slack_us if ext.slack_us != NO_BUDGET else None)
         if refusal is not None:
             self.stats["admission_rejects"] += 1
-            stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us)
-            stream.reset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
+            sink.report_load(meter)
+            sink.reset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
             return
         # What of the request body came with its head; all of it, usually.
         rest: list[Any] = []
@@ -1060,7 +1058,7 @@ class DataPlane:
                 stream.reset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
                 return
             rest.append(ev)
-        await self._serve_instance(_StreamSink(rx, stream), service, inst, event.method, event.target, event.headers,
+        await self._serve_instance(sink, service, inst, event.method, event.target, event.headers,
                                    rest, rx, deadline)
 
     async def _serve_instance(self, sink: _StreamSink | _UserSink, service: ServiceConfig, inst: InstanceConfig,
