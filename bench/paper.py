@@ -233,10 +233,13 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         secs = int(span)
         if secs >= 2:
             spread = []
+            row["per_second"] = {}
             for s in INSTANCES:
-                per = [sum(1 for r in window if r["status"] == 200 and r["instance"] == s and lo + k <= r["at"] < lo + k + 1)
-                       for k in range(secs)]
-                spread.append((max(per) - min(per)) / CAPACITY)
+                per = {u: [sum(1 for r in window if r["status"] == 200 and r["instance"] == s and r["user"] == u
+                               and lo + k <= r["at"] < lo + k + 1) for k in range(secs)] for u in USERS}
+                total = [sum(n) for n in zip(*per.values())]
+                row["per_second"][s] = per  # served per whole second, by user: where a swing comes from
+                spread.append((max(total) - min(total)) / CAPACITY)
             row["load_swing"] = round(max(spread), 3)
         row["served"] = round(row["u1_served"] + row["u2_served"], 2)
         for u in ("u1", "u2"):  # what the failures were, per second

@@ -19,7 +19,9 @@ WINDOW_S = 1.0  # loads are requests over the last second, over capacity
 MAX_EVENTS = 100_000  # bound on remembered timestamps per window
 HINT_SAMPLES = 1  # the configured compute latency, as samples until measurements push it out
 BASE_QUANTILE = 0.25  # the base compute: this quantile of recent normalised samples
-SAMPLE_TTL_S = 5.0  # a compute sample older than this no longer counts
+SAMPLE_TTL_S = 5.0  # a compute sample older than this no longer counts ...
+MAX_SAMPLE_TTL_S = 60.0  # ... doubled, up to this, each time a retried instance proves slow again
+REPROBE_SAMPLES = 4  # samples after a reset to the hint that decide whether it was slow again
 
 
 def load_factor(load: float) -> float:
@@ -75,6 +77,8 @@ class InstanceMeter:
         self.servable = RateWindow()  # those of them whose bound this instance can meet at some load
         self.unbounded = RateWindow()  # unbounded requests admitted
         self._ceilings: collections.deque[tuple[float, float]] = collections.deque(maxlen=MAX_EVENTS)
+        self.sample_ttl_s = SAMPLE_TTL_S
+        self._expired_base: float | None = None  # the base when samples last ran out, if above the hint
         self.inflight = 0
         self.refused = 0
 
@@ -148,16 +152,26 @@ class InstanceMeter:
             return
         self._samples.append((now, service_us / load_factor(load_at_arrival)))
         self._update()
+        if self._expired_base is not None and len(self._samples) >= REPROBE_SAMPLES:
+            # Retried after its samples ran out: still slow means the next retry waits twice
+            # as long (an instance just outside a bound would otherwise swing in and out every
+            # few seconds); fast again means the slowness was a passing spell.
+            slow_again = self.base_us >= (self.hint_us + self._expired_base) / 2
+            self.sample_ttl_s = min(MAX_SAMPLE_TTL_S, 2 * self.sample_ttl_s) if slow_again else SAMPLE_TTL_S
+            self._expired_base = None
 
     def expire(self, now: float) -> None:
-        """Forget samples older than SAMPLE_TTL_S; with none left, the configured hint is back.
+        """Forget samples older than ``sample_ttl_s``; with none left, the configured hint is back.
 
         An instance that looked slow gets no latency-bound traffic, hence no new samples:
-        without this, one slow spell would shut it out for good.
+        without this, one slow spell would shut it out for good. Each time it proves slow
+        again the wait doubles (like an outlier's ejection time), up to MAX_SAMPLE_TTL_S.
         """
-        if self._samples and self._samples[0][0] < now - SAMPLE_TTL_S:
-            while self._samples and self._samples[0][0] < now - SAMPLE_TTL_S:
+        if self._samples and self._samples[0][0] < now - self.sample_ttl_s:
+            while self._samples and self._samples[0][0] < now - self.sample_ttl_s:
                 self._samples.popleft()
+            if not self._samples and self.base_us > self.hint_us:
+                self._expired_base = self.base_us
             self._update()
 
     def _update(self) -> None:

@@ -138,7 +138,7 @@ class Candidate:
     price: float
     capacity: float
     load: float
-    fill: float = 0.0  # how full the instance is for this request's class (total, or latency-bound demand)
+    fill: float = 0.0  # how full the instance is for this request's class (see candidates())
 
     @property
     def total_us(self) -> int:
@@ -180,9 +180,12 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
         # never let admission see that demand (a trap the paper bench fell into).
         # Demand may exceed capacity (it counts refused requests), load never does: admission
         # stops at capacity, so no request sees compute slower than at full load.
-        fill = bload if bounded else load
+        # A flexible request meets the load there now, but finds only the room that admission
+        # leaves it beside the latency-bound demand: that is how full the instance is for it.
+        seen = bload if bounded else load
+        fill = bload if bounded else max(load, bload)
         out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
-                             compute_estimate_us(comp, min(1.0, fill + 1 / f.capacity)), f.price, f.capacity, load, fill))
+                             compute_estimate_us(comp, min(1.0, seen + 1 / f.capacity)), f.price, f.capacity, load, fill))
     return out
 
 

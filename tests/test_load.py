@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from cpnd.load import InstanceMeter, LoadPacer, RateWindow, SendAccount, load_factor
+from cpnd.load import (MAX_SAMPLE_TTL_S, REPROBE_SAMPLES, SAMPLE_TTL_S, InstanceMeter, LoadPacer, RateWindow, SendAccount,
+                       load_factor)
 from cpnd.select import Candidate, choose, compute_estimate_us
 
 
@@ -113,6 +114,38 @@ def test_compute_samples_age_out_to_the_hint() -> None:
     m.admit(10.0, None)
     m.done(10.0, 3000, load_at_arrival=0.0)
     assert m.base_us == 1000  # the low quarter of one sample and the hint
+
+
+def test_an_instance_that_proves_slow_again_is_retried_ever_later() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=3000)
+
+    def serve(at: float, us: float, n: int = REPROBE_SAMPLES) -> None:
+        for i in range(n):
+            m.admit(at + 0.01 * i, None)
+            m.done(at + 0.01 * i, us, load_at_arrival=0.0)
+
+    serve(0.0, 3400, 8)
+    assert m.base_us == 3400
+    t, ttl = 0.1, SAMPLE_TTL_S
+    for _ in range(5):  # each retry finds it slow: the samples last twice as long each time
+        m.expire(t + ttl - 0.2)
+        assert m.base_us == 3400
+        t += ttl + 0.1
+        m.expire(t)
+        assert m.base_us == 3000  # retried on the configured value ...
+        serve(t, 3400)
+        assert m.base_us == 3400  # ... found slow again
+        ttl = min(MAX_SAMPLE_TTL_S, 2 * ttl)
+        assert m.sample_ttl_s == ttl
+    assert m.sample_ttl_s == MAX_SAMPLE_TTL_S
+    t += ttl + 0.1
+    m.expire(t)
+    serve(t, 3000)  # the slowness has passed: back to the short memory
+    assert m.sample_ttl_s == SAMPLE_TTL_S
+    serve(t + 0.1, 3000, 40)
+    m.expire(t + 10)  # ran out at the configured value: nothing to back off from
+    serve(t + 10, 3400)
+    assert m.sample_ttl_s == SAMPLE_TTL_S
 
 
 def test_pacer_interval_threshold_refresh() -> None:
