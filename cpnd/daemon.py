@@ -29,7 +29,7 @@ from .load import LoadPacer
 from .metrics import Metrics, serve_metrics
 from .rib import AdjRibOut, Key, Rib, link_cost_after
 from .streams import Mux
-from .tunnel import LARGE_DATA_CAP, MAX_DATA, MAX_DATA_LARGE
+from .tunnel import INITIAL_WINDOW, INITIAL_WINDOW_LARGE, LARGE_DATA_CAP, MAX_DATA, MAX_DATA_LARGE
 from .session import (
     Authenticated,
     Backoff,
@@ -49,7 +49,7 @@ from .wire import RouteAdv
 
 log = logging.getLogger("cpnd")
 
-RECEIVE_CHUNK = 65536
+RECEIVE_CHUNK = 256 * 1024  # several records per read in a bulk transfer: fewer event-loop rounds
 TUNNEL_HIGH_WATER = 1024 * 1024
 TUNNEL_LOW_WATER = 256 * 1024
 WRITE_BATCH = 256 * 1024  # most bytes the peer writer joins into one send
@@ -572,7 +572,8 @@ class Daemon:
         if conn.session.tunnel_enabled:
             large = LARGE_DATA_CAP in conn.session.agreed_caps
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream,
-                           max_data=MAX_DATA_LARGE if large else MAX_DATA)
+                           max_data=MAX_DATA_LARGE if large else MAX_DATA,
+                           initial_window=INITIAL_WINDOW_LARGE if large else INITIAL_WINDOW)
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True

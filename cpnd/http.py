@@ -54,7 +54,7 @@ log = logging.getLogger("cpnd.http")
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_REPLAY_BYTES = 1024 * 1024
-RECEIVE_CHUNK = 65536
+RECEIVE_CHUNK = 256 * 1024  # a bulk body in fewer, larger pieces (each one costs an h11 cycle)
 MAX_ATTEMPTS = 3
 PIPE_HIGH_WATER = 256 * 1024
 ERROR_LOG_PER_S = 50

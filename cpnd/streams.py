@@ -17,6 +17,7 @@ import trio
 from .errors import TunnelSub
 from .tunnel import (
     FLAG_END,
+    INITIAL_WINDOW,
     MAX_DATA,
     MAX_STREAMS,
     ExtHeader,
@@ -96,7 +97,7 @@ class TunnelStream:
         self.mux = mux
         self.id = sid
         self.ext = ext
-        self.window = FlowWindow()
+        self.window = FlowWindow(mux.initial_window)
         self._inbox = _Inbox()
         self._credit = trio.Event()
         self.sent_end = False
@@ -111,6 +112,11 @@ class TunnelStream:
     async def receive(self) -> bytes:
         """Next chunk from the peer, ``b""`` at the end; StreamReset if abandoned."""
         data = await self._inbox.pop()
+        if data and self._inbox.chunks:
+            # Everything that arrived meanwhile in one piece: one h11 cycle and one write
+            # downstream instead of one per frame (at most the stream's window).
+            data = b"".join((data, *self._inbox.chunks))
+            self._inbox.chunks.clear()
         self._maybe_close()
         if data and not self.closed:
             inc = self.window.on_consumed(len(data))
@@ -191,9 +197,11 @@ class Mux:
     """All tunnel streams of one established peer connection."""
 
     def __init__(self, conn: Connection, peer_id: str, initiator: bool, on_open: Callable[[TunnelStream], None],
-                 *, max_data: int = MAX_DATA) -> None:
+                 *, max_data: int = MAX_DATA, initial_window: int = INITIAL_WINDOW) -> None:
         self.conn = conn
-        self.max_data = max_data  # MAX_DATA_LARGE when both ends offered tunnel-large-data
+        # MAX_DATA_LARGE and INITIAL_WINDOW_LARGE when both ends offered tunnel-large-data
+        self.max_data = max_data
+        self.initial_window = initial_window
         self.peer_id = peer_id
         self.ids = StreamIds(initiator)
         self.streams: dict[int, TunnelStream] = {}

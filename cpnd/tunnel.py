@@ -19,10 +19,13 @@ from .names import id_problem
 FRAME_HEADER = struct.Struct(">IBB")
 MAX_DATA = 16384
 # With the `tunnel-large-data` capability on both ends of a session: DATA up to 65024 bytes
-# (one record holds it), so a bulk transfer costs a quarter of the frames.
+# (one record holds it), so a bulk transfer costs a quarter of the frames, and windows of
+# 1 MiB: with two busy gateways, credit takes a millisecond or two to come back, and a
+# 256 KiB window then held a 5 MB transfer to half of what their CPUs allow.
 MAX_DATA_LARGE = 65024
 LARGE_DATA_CAP = "tunnel-large-data"
 INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW_LARGE = 1024 * 1024
 MAX_WINDOW = (1 << 31) - 1
 MAX_STREAMS = 1024
 NO_BUDGET = 0xFFFFFFFF
@@ -235,8 +238,9 @@ class StreamIds:
 class FlowWindow:
     """Credit-based flow control for one direction of one stream (like HTTP/2's)."""
 
-    send_credit: int = INITIAL_WINDOW
-    recv_allowed: int = INITIAL_WINDOW
+    initial: int = INITIAL_WINDOW
+    send_credit: int = attrs.field(default=attrs.Factory(lambda self: self.initial, takes_self=True))
+    recv_allowed: int = attrs.field(default=attrs.Factory(lambda self: self.initial, takes_self=True))
     recv_unacked: int = 0
 
     def on_receive(self, n: int) -> bool:
@@ -247,7 +251,7 @@ class FlowWindow:
     def on_consumed(self, n: int) -> int:
         """The peer's bytes were passed on; returns a WINDOW increment to send, or 0."""
         self.recv_unacked += n
-        if self.recv_unacked >= INITIAL_WINDOW // 2:
+        if self.recv_unacked >= self.initial // 2:
             inc, self.recv_unacked = self.recv_unacked, 0
             self.recv_allowed += inc
             return inc

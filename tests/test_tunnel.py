@@ -10,6 +10,7 @@ from cpnd.errors import Code, ProtocolError, TunnelSub
 from cpnd.tunnel import (
     FLAG_END,
     INITIAL_WINDOW,
+    INITIAL_WINDOW_LARGE,
     MAX_DATA,
     ExtHeader,
     FlowWindow,
@@ -92,13 +93,15 @@ def test_stream_ids() -> None:
     assert b.known(3) and not b.known(5) and b.known(2) and not b.known(4)
 
 
-def test_flow_window() -> None:
-    w = FlowWindow()
-    assert w.on_receive(INITIAL_WINDOW)
-    assert not FlowWindow().on_receive(INITIAL_WINDOW + 1)
+@pytest.mark.parametrize("initial", [INITIAL_WINDOW, INITIAL_WINDOW_LARGE])
+def test_flow_window(initial: int) -> None:
+    w = FlowWindow(initial)
+    assert (w.send_credit, w.recv_allowed) == (initial, initial)
+    assert w.on_receive(initial)
+    assert not FlowWindow(initial).on_receive(initial + 1)
     assert w.on_consumed(1000) == 0
-    inc = w.on_consumed(INITIAL_WINDOW // 2)
-    assert inc == INITIAL_WINDOW // 2 + 1000
+    inc = w.on_consumed(initial // 2)  # credit once half the window was passed on
+    assert inc == initial // 2 + 1000
     assert w.on_receive(inc) and not w.on_receive(1)
 
 
