@@ -226,10 +226,13 @@ def near_equal(best: Candidate, c: Candidate, prefer: str) -> bool:
 def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, split: bool = True) -> list[Candidate]:
     """Order for trying: one of the near-equal best (power of two choices when ``split``,
     else the first), then the rest; instances estimated full go last, since admission
-    would refuse them anyway.
+    would refuse them anyway, the least oversubscribed first.
     """
     spare = [c for c in ranked if c.fill < 1.0]
-    full = [c for c in ranked if c.fill >= 1.0]
+    # Demand beyond capacity spreads over the full ones by how oversubscribed each is: all
+    # of it on the best-ranked would leave the others' gateways seeing less demand than
+    # they could serve, and giving the room it kept for that demand to flexible traffic.
+    full = sorted((c for c in ranked if c.fill >= 1.0), key=lambda c: c.fill)
     if len(spare) < 2 or not split:
         return [*spare, *full]
     near = [c for c in spare if near_equal(spare[0], c, prefer)]

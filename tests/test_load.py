@@ -193,8 +193,10 @@ def test_choose_takes_the_less_loaded_of_two_near_equal() -> None:
     # Power of two choices over {a, b, c}: a wins both pairs it is drawn in (2/3), c one (1/3).
     assert picks.count("a") / len(picks) == pytest.approx(2 / 3, abs=0.04)
     assert [c.instance for c in choose([a, b, far], "latency", rng, split=False)] == ["a", "b", "far"]
-    full = _cand("full", 1000, 1, 1.0)
+    full, fuller = _cand("full", 1000, 1, 1.0), _cand("fuller", 900, 1, 1.4)
     assert choose([full, a], "latency", rng)[-1] is full
+    # Full ones last, the least oversubscribed first, whatever their rank.
+    assert [c.instance for c in choose([fuller, full, a], "price", rng, split=False)] == ["a", "full", "fuller"]
 
 
 def _simulate(accounting: bool, split: bool, seconds: float = 20.0) -> list[tuple[float, float]]:
