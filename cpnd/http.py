@@ -33,6 +33,7 @@ from .load import InstanceMeter, SendAccount
 from .rib import Best
 from .select import (
     BadHeader,
+    BoundDamping,
     Candidate,
     Constraints,
     TtlCache,
@@ -496,6 +497,7 @@ class DataPlane:
         self._error_log_count = 0
         self._error_log_suppressed = 0
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
+        self.damping = BoundDamping()
         self.reconfigure(daemon.config)
         self.account = SendAccount()
         self.clients = 0
@@ -726,9 +728,9 @@ class DataPlane:
             raise HttpError(404, "no_such_service", f"no service matches {path}")
         cands = candidates(self.d.rib, service, self.estimate,
                            bounded=cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request")
-        ranked = rank(cands, cons)
         mode = self.d.config.gateway.selection
         now = trio.current_time()
+        ranked = rank(cands, cons, self.damping if mode == "per-request" else None, now)
         if mode == "per-request":
             # Latency-bound requests go first-fit in rank order: packing them tight leaves
             # whole instances to flexible traffic. Flexible ones are split at random.

@@ -139,6 +139,12 @@ class Candidate:
     capacity: float
     load: float
     fill: float = 0.0  # how full the instance is for this request's class (see candidates())
+    base_compute_us: int | None = None  # at low load; None: compute_us
+
+    @property
+    def base_total_us(self) -> int:
+        """Path plus compute at low load: whether the instance could meet a bound at all."""
+        return self.path_latency_us + (self.compute_us if self.base_compute_us is None else self.base_compute_us)
 
     @property
     def total_us(self) -> int:
@@ -185,7 +191,8 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
         seen = bload if bounded else load
         fill = bload if bounded else max(load, bload)
         out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
-                             compute_estimate_us(comp, min(1.0, seen + 1 / f.capacity)), f.price, f.capacity, load, fill))
+                             compute_estimate_us(comp, min(1.0, seen + 1 / f.capacity)), f.price, f.capacity, load, fill,
+                             comp))
     return out
 
 
@@ -195,16 +202,28 @@ BOUND_MARGIN_FRAC = 0.01
 
 
 def admissible(c: Candidate, cons: Constraints) -> bool:
-    if cons.max_price is not None and c.price > cons.max_price:
-        return False
-    if cons.max_latency_us is not None and c.total_us > cons.max_latency_us * (1 - BOUND_MARGIN_FRAC):
-        return False
-    return True
+    return (cons.max_price is None or c.price <= cons.max_price) and meets_bound(c, cons)
 
 
-def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
-    """Admissible candidates, best first by the request's objective (deterministic ties)."""
-    ok = [c for c in cands if admissible(c, cons)]
+def meets_bound(c: Candidate, cons: Constraints) -> bool:
+    """The latency-bound check (True without a bound)."""
+    return cons.max_latency_us is None or c.total_us <= cons.max_latency_us * (1 - BOUND_MARGIN_FRAC)
+
+
+def rank(cands: Sequence[Candidate], cons: Constraints, damping: BoundDamping | None = None,
+         now: float = 0.0) -> list[Candidate]:
+    """Admissible candidates, best first by the request's objective (deterministic ties).
+
+    With ``damping``, whether an instance could meet the bound at all (at low load) is
+    damped (BoundDamping); that it meets it at its load now is not: load moving an
+    instance in and out of a bound is how latency-bound traffic finds its share.
+    """
+    if damping is not None and cons.max_latency_us is not None:
+        limit = cons.max_latency_us * (1 - BOUND_MARGIN_FRAC)
+        ok = [c for c in cands if damping.check(c.key, cons.max_latency_us, c.base_total_us <= limit, now)
+              and c.total_us <= limit and (cons.max_price is None or c.price <= cons.max_price)]
+    else:
+        ok = [c for c in cands if admissible(c, cons)]
     if cons.prefer == "price":
         return sorted(ok, key=lambda c: (c.price, c.total_us, c.key))
     return sorted(ok, key=lambda c: (c.total_us, c.price, c.key))
@@ -241,6 +260,58 @@ def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, spli
         x, y = rng.sample(near, 2)
         pick = x if (x.fill, rng.random()) < (y.fill, 0.5) else y
     return [pick, *(c for c in spare if c is not pick), *full]
+
+
+# Flap damping of the latency-bound check (like BGP's, RFC 2439): each time an instance
+# drops out of a bound it had met, its penalty grows by one; above SUPPRESS it stays out
+# until the penalty, halving every HALF_LIFE_S, is below REUSE.
+DAMP_HALF_LIFE_S = 15.0
+DAMP_SUPPRESS = 1.5
+DAMP_REUSE = 0.5
+DAMP_MAX_ENTRIES = 4096
+
+
+@attrs.define
+class _Damped:
+    inside: bool
+    penalty: float = 0.0
+    at: float = 0.0
+    suppressed: bool = False
+
+
+@attrs.define
+class BoundDamping:
+    """Per (instance, latency bound): whether the bound check may pass, damped.
+
+    Flooded and measured latencies are noisy; an instance whose estimate sits at a request
+    class's bound would otherwise swing that whole class in and out of it, at every turn
+    of the noise. Each drop-out costs a penalty; instances that keep dropping out are held
+    out for a while instead (protocol-spec/selection.md, "Choice").
+    """
+
+    max_entries: int = DAMP_MAX_ENTRIES
+    _entries: dict[tuple[Key, int], _Damped] = attrs.field(factory=dict)
+
+    def check(self, key: Key, bound_us: int, within: bool, now: float) -> bool:
+        """The damped outcome of a bound check whose raw result is ``within``."""
+        e = self._entries.get((key, bound_us))
+        if e is None:
+            if len(self._entries) >= self.max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the oldest: a table peers' data cannot grow
+            self._entries[(key, bound_us)] = _Damped(within, at=now)
+            return within
+        if e.penalty:
+            e.penalty *= 0.5 ** ((now - e.at) / DAMP_HALF_LIFE_S)
+            if e.penalty < 0.01:
+                e.penalty = 0.0
+        e.at = now
+        if e.suppressed and e.penalty < DAMP_REUSE:
+            e.suppressed = False
+        if e.inside and not within:
+            e.penalty += 1.0
+            e.suppressed = e.suppressed or e.penalty > DAMP_SUPPRESS
+        e.inside = within and not e.suppressed
+        return e.inside
 
 
 def within_bound(c: Candidate, cons: Constraints, elapsed_us: int) -> bool:
