@@ -734,6 +734,9 @@ class DataPlane:
         if mode == "per-request":
             # Latency-bound requests go first-fit in rank order: packing them tight leaves
             # whole instances to flexible traffic. Flexible ones are split at random.
+            if cons.max_latency_us is None and self.account.refusals:
+                ranked = [attrs.evolve(c, fill=max(c.fill, 1.0)) if self.account.holds_flexible(c.key, now) else c
+                          for c in ranked]
             ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
         elif mode == "per-connection":
             ranked = pinned_first(ranked, pinned.get(service), cands)
@@ -779,8 +782,12 @@ class DataPlane:
         failures: list[HttpError] = []
         started = trio.current_time()
         # The baselines emulate network-layer schemes: what they chose is final, no retries.
-        max_attempts = MAX_ATTEMPTS if self.d.config.gateway.selection == "per-request" else 1
-        for cand in ranked:
+        per_request = self.d.config.gateway.selection == "per-request"
+        max_attempts = MAX_ATTEMPTS if per_request else 1
+        flexible = per_request and cons.max_latency_us is None
+        remaining = list(ranked)
+        while remaining:
+            cand = remaining.pop(0)
             if len(failures) >= max_attempts or (failures and not body.replayable):
                 break
             if failures and not within_bound(cand, cons, int((trio.current_time() - started) * 1_000_000)):
@@ -799,6 +806,12 @@ class DataPlane:
                 if not retry:
                     break
                 self.stats["retries"] += 1
+                if flexible:
+                    if exc.code == ResetCode.REFUSED:
+                        self.account.refused_flexible(cand.key, trio.current_time())
+                    # A retry is split like a first try: all of them on the next in rank
+                    # order would swing that instance's load with the refusals.
+                    remaining = choose(remaining, cons.prefer, self.rng)
         raise _combine(failures)
 
     def _open_upstream(self, cand: Candidate, ext: ExtHeader) -> ByteStream:

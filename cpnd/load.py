@@ -223,6 +223,11 @@ class LoadReport:
     at: float  # our clock, when it arrived
 
 
+# A flexible request refused by an instance's admission: that instance counts as full for
+# flexible requests this long (the next one after it finds out whether there is room again).
+REFUSAL_HOLD_S = 0.2
+
+
 class SendAccount:
     """What this ingress sent to each instance recently, and the freshest load it heard."""
 
@@ -230,7 +235,23 @@ class SendAccount:
         self.sends: dict[object, RateWindow] = {}
         self.inflight: collections.Counter[object] = collections.Counter()
         self.reports: dict[object, LoadReport] = {}
+        self.refusals: dict[object, float] = {}  # when admission last refused us a flexible request
         self.max_keys = max_keys
+
+    def refused_flexible(self, key: object, now: float) -> None:
+        if key not in self.refusals and len(self.refusals) >= self.max_keys:
+            self.refusals.pop(next(iter(self.refusals)))
+        self.refusals[key] = now
+
+    def holds_flexible(self, key: object, now: float) -> bool:
+        """Was a flexible request refused there within REFUSAL_HOLD_S?"""
+        at = self.refusals.get(key)
+        if at is None:
+            return False
+        if now - at >= REFUSAL_HOLD_S:
+            del self.refusals[key]
+            return False
+        return True
 
     def sent(self, key: object, now: float) -> None:
         if key not in self.sends and len(self.sends) >= self.max_keys:

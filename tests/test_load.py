@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from cpnd.load import (MAX_SAMPLE_TTL_S, REPROBE_SAMPLES, SAMPLE_TTL_S, InstanceMeter, LoadPacer, RateWindow, SendAccount,
-                       load_factor)
+from cpnd.load import (MAX_SAMPLE_TTL_S, REFUSAL_HOLD_S, REPROBE_SAMPLES, SAMPLE_TTL_S, InstanceMeter, LoadPacer,
+                       RateWindow, SendAccount, load_factor)
 from cpnd.select import Candidate, choose, compute_estimate_us
 
 
@@ -239,3 +239,16 @@ def test_stale_flooding_alone_herds_and_our_selection_does_not() -> None:
     ours = _simulate(accounting=True, split=True)
     assert swing(naive) > 0.5  # whole seconds with one instance over capacity and the other idle
     assert swing(ours) <= 0.2  # within 20 % of capacity of the fair share (40 of 50 each)
+
+
+def test_a_refusal_holds_an_instance_full_for_flexible_requests_briefly() -> None:
+    acct = SendAccount(max_keys=4)
+    key = ("/s", "g", "i")
+    assert not acct.holds_flexible(key, 0.0)
+    acct.refused_flexible(key, 1.0)
+    assert acct.holds_flexible(key, 1.0) and acct.holds_flexible(key, 1.0 + REFUSAL_HOLD_S - 0.01)
+    assert not acct.holds_flexible(key, 1.0 + REFUSAL_HOLD_S + 1e-6)  # the next request probes it again
+    assert key not in acct.refusals
+    for i in range(10):  # bounded, like every table peers' traffic fills
+        acct.refused_flexible(("/s", "g", f"i{i}"), 2.0)
+    assert len(acct.refusals) == 4
