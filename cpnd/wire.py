@@ -74,29 +74,40 @@ class FrameReader:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buf = bytearray()
+        self._pos = 0  # frames before this were taken; compacted when the buffer empties or grows
 
     def set_limit(self, limit: int) -> None:
         self.limit = limit
 
     def feed(self, data: bytes) -> None:
+        if self._pos:
+            # Drop what was taken before appending: one move per read, not one per frame
+            # (a read holds several records in a bulk transfer).
+            del self._buf[: self._pos]
+            self._pos = 0
         self._buf += data
 
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def next_frame(self) -> tuple[bytes, bytes] | None:
         """Next complete ``(header, body)``, or None until more bytes arrive."""
-        if len(self._buf) < LENGTH_HEADER:
+        pos = self._pos
+        if len(self._buf) - pos < LENGTH_HEADER:
             return None
-        (length,) = _LEN.unpack_from(self._buf)
+        (length,) = _LEN.unpack_from(self._buf, pos)
         if length > self.limit:
             raise ProtocolError(Code.MESSAGE, MessageSub.FRAME_TOO_LONG, f"frame of {length} bytes exceeds {self.limit}")
-        end = LENGTH_HEADER + length
+        end = pos + LENGTH_HEADER + length
         if len(self._buf) < end:
             return None
-        header = bytes(self._buf[:LENGTH_HEADER])
-        body = bytes(self._buf[LENGTH_HEADER:end])
-        del self._buf[:end]
+        header = bytes(self._buf[pos: pos + LENGTH_HEADER])
+        body = bytes(self._buf[pos + LENGTH_HEADER: end])
+        if end == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        else:
+            self._pos = end
         return header, body
 
 
