@@ -297,7 +297,8 @@ class BoundDamping:
         e = self._entries.get((key, bound_us))
         if e is None:
             if len(self._entries) >= self.max_entries:
-                self._entries.pop(next(iter(self._entries)))  # the oldest: a table peers' data cannot grow
+                # Users choose the bound values: the oldest entry goes, the table never grows past the cap.
+                self._entries.pop(next(iter(self._entries)))
             self._entries[(key, bound_us)] = _Damped(within, at=now)
             return within
         if e.penalty:

@@ -6,8 +6,17 @@ import random
 
 import pytest
 
-from cpnd.load import (MAX_SAMPLE_TTL_S, REFUSAL_HOLD_S, REPROBE_SAMPLES, SAMPLE_TTL_S, InstanceMeter, LoadPacer,
-                       RateWindow, SendAccount, load_factor)
+from cpnd.load import (
+    MAX_SAMPLE_TTL_S,
+    REFUSAL_HOLD_S,
+    REPROBE_SAMPLES,
+    SAMPLE_TTL_S,
+    InstanceMeter,
+    LoadPacer,
+    RateWindow,
+    SendAccount,
+    load_factor,
+)
 from cpnd.select import Candidate, choose, compute_estimate_us
 
 
