@@ -807,8 +807,8 @@ class DataPlane:
                     break
                 self.stats["retries"] += 1
                 if flexible:
-                    if exc.code == ResetCode.REFUSED:
-                        self.account.refused_flexible(cand.key, trio.current_time())
+                    if exc.code == ResetCode.REFUSED and cand.next_hop is not None:  # our own: the meter is exact
+                        self.account.refused_flexible(cand.key, cand.capacity, trio.current_time())
                     # A retry is split like a first try: all of them on the next in rank
                     # order would swing that instance's load with the refusals.
                     remaining = choose(remaining, cons.prefer, self.rng)

@@ -224,7 +224,9 @@ class LoadReport:
 
 
 # A flexible request refused by an instance's admission: that instance counts as full for
-# flexible requests this long (the next one after it finds out whether there is room again).
+# flexible requests this long (the next one after it finds out whether there is room again),
+# or, refused at capacity, for one request's share of a second: a slot frees as each request
+# leaves the one-second window, and holding longer would leave those slots empty.
 REFUSAL_HOLD_S = 0.2
 
 
@@ -235,20 +237,24 @@ class SendAccount:
         self.sends: dict[object, RateWindow] = {}
         self.inflight: collections.Counter[object] = collections.Counter()
         self.reports: dict[object, LoadReport] = {}
-        self.refusals: dict[object, float] = {}  # when admission last refused us a flexible request
+        self.refusals: dict[object, float] = {}  # until when a refusal keeps flexible requests off
         self.max_keys = max_keys
 
-    def refused_flexible(self, key: object, now: float) -> None:
+    def refused_flexible(self, key: object, capacity: float, now: float) -> None:
+        """Admission refused us a flexible request there: hold it full for flexible requests
+        (shortly if its last report says it is at capacity, else REFUSAL_HOLD_S)."""
         if key not in self.refusals and len(self.refusals) >= self.max_keys:
             self.refusals.pop(next(iter(self.refusals)))
-        self.refusals[key] = now
+        report = self.reports.get(key)
+        at_capacity = report is not None and report.at >= now - REFUSAL_HOLD_S and report.load * capacity + 1 > capacity
+        self.refusals[key] = now + (min(REFUSAL_HOLD_S, 1 / capacity) if at_capacity else REFUSAL_HOLD_S)
 
     def holds_flexible(self, key: object, now: float) -> bool:
-        """Was a flexible request refused there within REFUSAL_HOLD_S?"""
-        at = self.refusals.get(key)
-        if at is None:
+        """Is a refusal still keeping flexible requests off that instance?"""
+        until = self.refusals.get(key)
+        if until is None:
             return False
-        if now - at >= REFUSAL_HOLD_S:
+        if now >= until:
             del self.refusals[key]
             return False
         return True

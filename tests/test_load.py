@@ -254,10 +254,15 @@ def test_a_refusal_holds_an_instance_full_for_flexible_requests_briefly() -> Non
     acct = SendAccount(max_keys=4)
     key = ("/s", "g", "i")
     assert not acct.holds_flexible(key, 0.0)
-    acct.refused_flexible(key, 1.0)
+    acct.heard(key, 0.6, 0.9, 1000, now=1.0)  # room kept for latency-bound demand, not full
+    acct.refused_flexible(key, 50, 1.0)
     assert acct.holds_flexible(key, 1.0) and acct.holds_flexible(key, 1.0 + REFUSAL_HOLD_S - 0.01)
     assert not acct.holds_flexible(key, 1.0 + REFUSAL_HOLD_S + 1e-6)  # the next request probes it again
     assert key not in acct.refusals
+    # Refused at capacity: a slot frees as each request leaves the window, ~1/50 s apart.
+    acct.heard(key, 1.0, 0.0, 1000, now=2.0)
+    acct.refused_flexible(key, 50, 2.0)
+    assert acct.holds_flexible(key, 2.01) and not acct.holds_flexible(key, 2.021)
     for i in range(10):  # bounded, like every table peers' traffic fills
-        acct.refused_flexible(("/s", "g", f"i{i}"), 2.0)
+        acct.refused_flexible(("/s", "g", f"i{i}"), 50, 3.0)
     assert len(acct.refusals) == 4
