@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import collections
 import math
+from typing import Any
 
 import attrs
 
@@ -240,11 +241,15 @@ class SendAccount:
         self.refusals: dict[object, float] = {}  # until when a refusal keeps flexible requests off
         self.max_keys = max_keys
 
+    def _make_room(self, table: dict[object, Any], key: object) -> None:
+        """Before adding ``key``: every table is bounded (the oldest entry goes)."""
+        if key not in table and len(table) >= self.max_keys:
+            table.pop(next(iter(table)))
+
     def refused_flexible(self, key: object, capacity: float, now: float) -> None:
         """Admission refused us a flexible request there: hold it full for flexible requests
         (shortly if its last report says it is at capacity, else REFUSAL_HOLD_S)."""
-        if key not in self.refusals and len(self.refusals) >= self.max_keys:
-            self.refusals.pop(next(iter(self.refusals)))
+        self._make_room(self.refusals, key)
         report = self.reports.get(key)
         at_capacity = report is not None and report.at >= now - REFUSAL_HOLD_S and report.load * capacity + 1 > capacity
         self.refusals[key] = now + (min(REFUSAL_HOLD_S, 1 / capacity) if at_capacity else REFUSAL_HOLD_S)
@@ -260,8 +265,7 @@ class SendAccount:
         return True
 
     def sent(self, key: object, now: float) -> None:
-        if key not in self.sends and len(self.sends) >= self.max_keys:
-            self.sends.pop(next(iter(self.sends)))
+        self._make_room(self.sends, key)
         self.sends.setdefault(key, RateWindow(keep_s=3 * WINDOW_S)).add(now)
         self.inflight[key] += 1
 
@@ -271,8 +275,7 @@ class SendAccount:
             del self.inflight[key]
 
     def heard(self, key: object, load: float, bload: float, compute_us: int, now: float) -> None:
-        if key not in self.reports and len(self.reports) >= self.max_keys:
-            self.reports.pop(next(iter(self.reports)))
+        self._make_room(self.reports, key)
         self.reports[key] = LoadReport(load, bload, compute_us, now)
 
     def estimate(self, key: object, capacity: float, flooded_load: float, flooded_bload: float, flooded_at: float,

@@ -220,10 +220,9 @@ def rank(cands: Sequence[Candidate], cons: Constraints, damping: BoundDamping | 
     """
     if damping is not None and cons.max_latency_us is not None:
         limit = cons.max_latency_us * (1 - BOUND_MARGIN_FRAC)
-        ok = [c for c in cands if damping.check(c.key, cons.max_latency_us, c.base_total_us <= limit, now)
-              and c.total_us <= limit and (cons.max_price is None or c.price <= cons.max_price)]
-    else:
-        ok = [c for c in cands if admissible(c, cons)]
+        # Every candidate's check goes through the damping, whatever else rules it out.
+        cands = [c for c in cands if damping.check(c.key, cons.max_latency_us, c.base_total_us <= limit, now)]
+    ok = [c for c in cands if admissible(c, cons)]
     if cons.prefer == "price":
         return sorted(ok, key=lambda c: (c.price, c.total_us, c.key))
     return sorted(ok, key=lambda c: (c.total_us, c.price, c.key))
