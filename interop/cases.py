@@ -355,7 +355,7 @@ def _big_data(t: Target) -> None:
 @case("tunnel-large-data", "tunnel.md#tunnel-frames (9/1, 9/2)")
 def _large_data(t: Target) -> None:
     """With tunnel-large-data offered by both ends, DATA up to 65024 bytes is well-formed."""
-    p = t.session(caps=["route-refresh", "tunnel", "tunnel-large-data"])
+    p = t.session(caps=LARGE_CAPS)
     if "tunnel-large-data" not in p.target_caps:
         p.close()
         raise Skipped("the target does not offer tunnel-large-data")
@@ -365,7 +365,7 @@ def _large_data(t: Target) -> None:
 
 
 def _tunnel_large(t: Target, size: int) -> Peer:
-    p = t.session(caps=["route-refresh", "tunnel", "tunnel-large-data"])
+    p = t.session(caps=LARGE_CAPS)
     p.send_msg(struct.pack(">IBB", 1, 2, 0) + b"x" * size, ctype=TUNNEL)
     return p
 
@@ -422,7 +422,10 @@ def _deadline(t: Target) -> None:
 
 
 DATA_MAX = 16384
+DATA_MAX_LARGE = 65024
 INITIAL_WINDOW = 262144
+INITIAL_WINDOW_LARGE = 1048576  # both OPENs list tunnel-large-data
+LARGE_CAPS = ["route-refresh", "tunnel", "tunnel-large-data"]
 FLOW_CONTROL_LIMIT = 64 * 1024 * 1024  # a target that enforces its window resets us long before this
 
 
@@ -442,6 +445,43 @@ def _tunnel_frames(p: Peer, timeout: float) -> list[tuple[int, int, int, bytes]]
             return out
 
 
+def _stream_to_us(t: Target, p: Peer, tag: str) -> tuple[int, socket.socket]:
+    """Advertise an instance of our own, have a user that reads nothing ask the target for it,
+    and answer the stream the target opens to us with a 200 head of 1 GB: (stream id, user).
+
+    The user never reads, so the target cannot pass our bytes on for long: what it may buffer
+    is bounded by the credit it gave us.
+    """
+    svc = f"/interop-{tag}-{random_id()}"
+    p.send_msg({"t": UPDATE, "adv": [new_route(svc, tag, t.my_id)], "wd": []})
+    opened, user = None, None
+    for _ in range(10):  # the UPDATE and the HTTP request race on two connections
+        if user is not None:
+            user.close()
+        host, port = t.http.rsplit(":", 1)
+        user = socket.create_connection((host, int(port)), timeout=5)
+        user.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a user that reads nothing
+        user.sendall(f"GET {svc} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        opened = next((f for f in _tunnel_frames(p, 0.5) if f[1] == 1), None)
+        if opened is not None:
+            break
+    assert user is not None
+    if opened is None:
+        user.close()
+        raise AssertionError(f"the target never opened a stream to our instance of {svc}")
+    sid = opened[0]
+    assert sid % 2 == 0, f"the responder opened odd stream {sid}"
+    p.send_msg(struct.pack(">IBBIII", sid, 5, 0, 0, 0, 1000), ctype=TUNNEL)
+    return sid, user
+
+
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n"
+
+
+def _keepalive_now(p: Peer) -> None:
+    p.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+
+
 @case("tunnel-flow-control-overrun", "tunnel.md#flow-control (RESET 8)")
 def _flow_control(t: Target) -> None:
     """We serve a route of our own and answer a request with DATA far beyond the window.
@@ -451,31 +491,13 @@ def _flow_control(t: Target) -> None:
     """
     if not t.http:
         raise Skipped(NEEDS_HTTP)
-    svc = f"/interop-fc-{random_id()}"
     p = t.session()
     user = None
     try:
-        p.send_msg({"t": UPDATE, "adv": [new_route(svc, "fc1", t.my_id)], "wd": []})
-        opened = None
-        for _ in range(10):  # the UPDATE and the HTTP request race on two connections
-            if user is not None:
-                user.close()
-            host, port = t.http.rsplit(":", 1)
-            user = socket.create_connection((host, int(port)), timeout=5)
-            user.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a user that reads nothing
-            user.sendall(f"GET {svc} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            frames = _tunnel_frames(p, 0.5)
-            opened = next((f for f in frames if f[1] == 1), None)
-            if opened is not None:
-                break
-        assert opened is not None, f"the target never opened a stream to our instance of {svc}"
-        sid = opened[0]
-        assert sid % 2 == 0, f"the responder opened odd stream {sid}"
-        head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n"
-        p.send_msg(struct.pack(">IBBIII", sid, 5, 0, 0, 0, 1000), ctype=TUNNEL)
-        p.send_msg(struct.pack(">IBB", sid, 2, 0) + head, ctype=TUNNEL)
+        sid, user = _stream_to_us(t, p, "fc")
+        p.send_msg(struct.pack(">IBB", sid, 2, 0) + _HEAD, ctype=TUNNEL)
         chunk = struct.pack(">IBB", sid, 2, 0) + b"x" * DATA_MAX
-        sent = len(head)
+        sent = len(_HEAD)
         last_keepalive = time.monotonic()
         while sent < FLOW_CONTROL_LIMIT:
             for _ in range(16):
@@ -488,13 +510,69 @@ def _flow_control(t: Target) -> None:
                     assert sent > INITIAL_WINDOW, f"reset after {sent} bytes, within the initial window"
                     return
             if time.monotonic() - last_keepalive > 0.5:
-                p.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+                _keepalive_now(p)
                 last_keepalive = time.monotonic()
         raise AssertionError(f"{sent} bytes sent beyond any credit without a RESET flow-control")
     finally:
         if user is not None:
             user.close()
         p.close()
+
+
+def _within_credit(t: Target, caps: list[str] | None, window: int, data_max: int) -> None:
+    """Send DATA up to exactly the credit the target gave (its initial window plus every
+    WINDOW it sent), all at once: a target that enforces a smaller window than the session
+    agreed resets the stream, which is the failure this checks for."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    p = t.session(caps=caps) if caps is not None else t.session()
+    user = None
+    try:
+        if caps is not None and "tunnel-large-data" not in p.target_caps:
+            raise Skipped("the target does not offer tunnel-large-data")
+        sid, user = _stream_to_us(t, p, "win")
+        credit, sent = window, 0
+
+        def take(frames: list[tuple[int, int, int, bytes]]) -> None:
+            nonlocal credit
+            for fsid, ftype, _, body in frames:
+                if fsid != sid:
+                    continue
+                if ftype == 3:
+                    credit += int.from_bytes(body[:4], "big")
+                elif ftype == 4:
+                    code = struct.unpack(">H", body[:2])[0]
+                    raise AssertionError(f"RESET {code} after {sent} bytes, within the {credit} bytes of credit"
+                                         f" (initial window {window})")
+
+        payload = _HEAD
+        while True:
+            n = min(data_max, credit - sent)
+            if n <= 0:
+                break
+            piece, payload = (payload[:n], payload[n:]) if payload else (b"x" * n, b"")
+            p.send_msg(struct.pack(">IBB", sid, 2, 0) + piece, ctype=TUNNEL)
+            sent += len(piece)
+            take(_tunnel_frames(p, 0.0005))
+        assert sent >= window, f"only {sent} bytes sent"
+        _keepalive_now(p)
+        take(_tunnel_frames(p, 1.0))  # no RESET for what it allowed
+    finally:
+        if user is not None:
+            user.close()
+        p.close()
+
+
+@case("tunnel-window", "tunnel.md#flow-control")
+def _window(t: Target) -> None:
+    """A session without tunnel-large-data: 262144 bytes of DATA in flight are allowed."""
+    _within_credit(t, None, INITIAL_WINDOW, DATA_MAX)
+
+
+@case("tunnel-window-large", "tunnel.md#flow-control")
+def _window_large(t: Target) -> None:
+    """With tunnel-large-data agreed: 1048576 bytes of DATA in flight are allowed."""
+    _within_credit(t, LARGE_CAPS, INITIAL_WINDOW_LARGE, DATA_MAX_LARGE)
 
 
 # ---------------------------------------------------------------- HTTP contract (with --http)
