@@ -887,6 +887,16 @@ class DataPlane:
             if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
                 self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
 
+    def _admit(self, inst: InstanceConfig, budget_us: int, slack_us: int) -> str | None:
+        """Admission for one request to our instance ``inst`` (NO_BUDGET: none given): None,
+        or why it is refused (counted)."""
+        refusal = self.meters[inst.id].admit(trio.current_time(), None if budget_us == NO_BUDGET else budget_us,
+                                             None if slack_us == NO_BUDGET else slack_us)
+        if refusal is None:
+            return None
+        self.stats["admission_rejects"] += 1
+        return f"{inst.id}: {refusal}"
+
     async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]],
                              body: BodySource, cand: Candidate, deadline: float, budget_us: int, slack_us: int) -> int:
         """One try on one of our own instances, the whole request in hand: the ingress calls it
@@ -895,10 +905,9 @@ class DataPlane:
         if found is None:
             raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.d.id} has no instance {cand.instance}")
         service, inst = found
-        refusal = self.meters[inst.id].admit(trio.current_time(), budget_us, slack_us if slack_us != NO_BUDGET else None)
+        refusal = self._admit(inst, budget_us, slack_us)
         if refusal is not None:
-            self.stats["admission_rejects"] += 1
-            raise StreamReset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
+            raise StreamReset(ResetCode.REFUSED, False, refusal)
         body.consumed = True
         data = body.whole()
         state = _AttemptState()
@@ -1050,14 +1059,11 @@ class DataPlane:
         if match_service({service.path}, path) != service.path:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
             return
-        meter = self.meters[inst.id]
         sink = _StreamSink(rx, stream)
-        refusal = meter.admit(trio.current_time(), ext.budget_us if ext.budget_us != NO_BUDGET else None,
-                              ext.slack_us if ext.slack_us != NO_BUDGET else None)
+        refusal = self._admit(inst, ext.budget_us, ext.slack_us)
         if refusal is not None:
-            self.stats["admission_rejects"] += 1
-            sink.report_load(meter)
-            sink.reset(ResetCode.REFUSED, False, f"{inst.id}: {refusal}")
+            sink.report_load(self.meters[inst.id])
+            sink.reset(ResetCode.REFUSED, False, refusal)
             return
         # What of the request body came with its head; all of it, usually.
         rest: list[Any] = []

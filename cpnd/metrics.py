@@ -6,7 +6,7 @@ counters and the latency histogram are updated by the data plane.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 SCRAPE_TIMEOUT_S = 10.0
 MAX_CACHED_CHILDREN = 4096
+
+
+def _child(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """The metric child for ``key``, made once (the cache is bounded: users choose services)."""
+    child = cache.get(key)
+    if child is None:
+        if len(cache) >= MAX_CACHED_CHILDREN:
+            cache.clear()
+        child = cache[key] = make()
+    return child
 
 
 class Metrics:
@@ -39,20 +49,10 @@ class Metrics:
         self._histograms: dict[str, Any] = {}
 
     def observe(self, service: str, instance: str | None, status: int, seconds: float | None) -> None:
-        key = (service, instance or "", status)
-        counter = self._counters.get(key)
-        if counter is None:
-            if len(self._counters) >= MAX_CACHED_CHILDREN:
-                self._counters.clear()
-            counter = self._counters[key] = self.requests.labels(service, instance or "", str(status))
-        counter.inc()
+        _child(self._counters, (service, instance or "", status),
+               lambda: self.requests.labels(service, instance or "", str(status))).inc()
         if seconds is not None:
-            hist = self._histograms.get(service)
-            if hist is None:
-                if len(self._histograms) >= MAX_CACHED_CHILDREN:
-                    self._histograms.clear()
-                hist = self._histograms[service] = self.latency.labels(service)
-            hist.observe(seconds)
+            _child(self._histograms, service, lambda: self.latency.labels(service)).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
