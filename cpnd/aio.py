@@ -64,6 +64,19 @@ def _load_libc() -> Any:
 _LIBC = _load_libc()
 
 
+def release_free_memory() -> bool:
+    """Give the allocator's free pages back to the system (glibc's malloc_trim); False if unavailable.
+
+    Freed buffers stay in the heap otherwise: what an operator sees after a burst would be what
+    was ever buffered, not what is held.
+    """
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class _PreciseTimers:
     """All precise sleepers of one trio run, woken by one timerfd armed for the earliest.
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .crypto import KeyFileError, load_private_key, parse_public_key
 from .errors import ConfigError
 from .names import id_problem, service_problem
-from .wire import MAX_HOLD_MS, MAX_RESTART_MS, MIN_HOLD_MS
+from .wire import MAX_HOLD_MS, MAX_RESTART_MS, MAX_TUNNEL_STREAMS, MIN_HOLD_MS, MIN_TUNNEL_WINDOW
 
 SELECTION_MODES = ("per-request", "per-connection", "dns-ttl")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -82,6 +82,9 @@ class GatewayConfig:
     min_adv_interval_ms: int = 100
     max_routes_per_peer: int = 10_000
     max_peer_send_buffer: int = 4 * 1024 * 1024
+    max_streams_per_peer: int = 1024
+    tunnel_window_bytes: int = 1024 * 1024
+    peer_buffer_bytes: int = 64 * 1024 * 1024
     max_body_bytes: int = 100 * 1024 * 1024
     http_header_timeout_ms: int = 10_000
     http_idle_timeout_ms: int = 60_000
@@ -308,6 +311,9 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         min_adv_interval_ms=r.number(g, (*gw, "min_adv_interval_ms"), 0, 600_000, 100, integer=True),
         max_routes_per_peer=r.number(g, (*gw, "max_routes_per_peer"), 1, 10_000_000, 10_000, integer=True),
         max_peer_send_buffer=r.number(g, (*gw, "max_peer_send_buffer"), 65536, 1 << 30, 4 * 1024 * 1024, integer=True),
+        max_streams_per_peer=r.number(g, (*gw, "max_streams_per_peer"), 1, MAX_TUNNEL_STREAMS, 1024, integer=True),
+        tunnel_window_bytes=r.number(g, (*gw, "tunnel_window_bytes"), MIN_TUNNEL_WINDOW, 1 << 30, 1024 * 1024, integer=True),
+        peer_buffer_bytes=r.number(g, (*gw, "peer_buffer_bytes"), 1 << 20, 1 << 31, 64 * 1024 * 1024, integer=True),
         max_body_bytes=r.number(g, (*gw, "max_body_bytes"), 0, 1 << 40, 100 * 1024 * 1024, integer=True),
         http_header_timeout_ms=r.number(g, (*gw, "http_header_timeout_ms"), 100, 3_600_000, 10_000, integer=True),
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
@@ -324,6 +330,9 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     )
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
+    least = gateway.max_peer_send_buffer + gateway.tunnel_window_bytes
+    if gateway.peer_buffer_bytes < least:
+        raise r.error((*gw, "peer_buffer_bytes"), f"must be >= max_peer_send_buffer + tunnel_window_bytes ({least})")
 
     peers_raw = data.get("peers", [])
     if not isinstance(peers_raw, list):

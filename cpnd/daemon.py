@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import attrs
 import trio
 
-from .aio import open_nursery, sleep_until_precisely
+from .aio import open_nursery, release_free_memory, sleep_until_precisely
 from .config import Config, PeerConfig, load_config
 from .crypto import public_key_b64
 from .crypto import Role
@@ -28,8 +28,8 @@ from .names import service_label
 from .load import LoadPacer
 from .metrics import Metrics, serve_metrics
 from .rib import AdjRibOut, Key, Rib, link_cost_after
-from .streams import Mux
-from .tunnel import INITIAL_WINDOW, INITIAL_WINDOW_LARGE, LARGE_DATA_CAP, MAX_DATA, MAX_DATA_LARGE
+from .streams import BufferAccount, Mux
+from .tunnel import LARGE_DATA_CAP, mux_settings
 from .session import (
     Authenticated,
     Backoff,
@@ -45,7 +45,7 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from .wire import RouteAdv
+from .wire import RouteAdv, TunnelLimits
 
 log = logging.getLogger("cpnd")
 
@@ -62,6 +62,8 @@ FLUSH_ON_CLOSE_S = 1.0
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
+TRIM_CHECK_S = 1.0
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
 HEALTH_OFF_RECHECK_S = 1.0  # how often a loop with active probes off looks again (a reload may turn them on)
 
 
@@ -303,6 +305,7 @@ class Daemon:
         self.started_at = 0.0
         self.unauthenticated = 0
         self.stats: collections.Counter[str] = collections.Counter()
+        self.tunnel_bytes = BufferAccount()  # tunnel DATA held for every peer together
         self.listen_port: int | None = None
         self.nursery: trio.Nursery | None = None
         self.metrics = Metrics(self)
@@ -336,6 +339,7 @@ class Daemon:
                     if not peer.config.passive:
                         nursery.start_soon(self._dial_loop, peer)
                 nursery.start_soon(self._load_loop)
+                nursery.start_soon(self._memory_loop)
                 nursery.start_soon(self._health_loop)
                 log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
                 task_status.started()
@@ -474,6 +478,14 @@ class Daemon:
             if self.rib.stale_until:
                 self._propagate(self.rib.expire_stale(now))
 
+    async def _memory_loop(self) -> None:
+        """After a burst of tunnel buffering has drained, hand the freed memory back (once a second at most)."""
+        while True:
+            await trio.sleep(TRIM_CHECK_S)
+            peak = self.tunnel_bytes.take_peak()
+            if peak >= TRIM_AFTER_BYTES and self.tunnel_bytes.buffered <= peak // 4 and release_free_memory():
+                self.stats["memory_trims"] += 1
+
     # ---- connections
 
     async def _accept(self, stream: trio.SocketStream) -> None:
@@ -570,10 +582,10 @@ class Daemon:
         if conn.session.min_rtt is not None:
             self.rib.set_link_cost(peer.config.id, link_cost_after(None, conn.session.min_rtt) or 1)
         if conn.session.tunnel_enabled:
-            large = LARGE_DATA_CAP in conn.session.agreed_caps
-            conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream,
-                           max_data=MAX_DATA_LARGE if large else MAX_DATA,
-                           initial_window=INITIAL_WINDOW_LARGE if large else INITIAL_WINDOW)
+            ours = conn.session.config.tunnel
+            assert ours is not None
+            settings = mux_settings(ours, conn.session.peer_tunnel, LARGE_DATA_CAP in conn.session.agreed_caps)
+            conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream, settings, self.tunnel_bytes)
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
@@ -671,8 +683,11 @@ def _restart_expected(event: Closed) -> bool:
 
 def _session_config(config: Config) -> SessionConfig:
     g = config.gateway
+    # peer_buffer_bytes bounds both directions: what the peer may have un-credited here (the
+    # connection window we announce), and what we queue for it (max_peer_send_buffer).
+    tunnel = TunnelLimits(g.tunnel_window_bytes, g.peer_buffer_bytes - g.max_peer_send_buffer, g.max_streams_per_peer)
     return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000,
-                         restart_ms=g.graceful_restart_ms)
+                         restart_ms=g.graceful_restart_ms, tunnel=tunnel)
 
 
 def _peer_state(config: Config, peer: PeerConfig) -> PeerState:

@@ -111,7 +111,8 @@ def _combine(failures: list[HttpError]) -> HttpError:
 def filter_headers(headers: Iterable[tuple[bytes, bytes]], *, drop_cpn: bool) -> list[tuple[bytes, bytes]]:
     """Drop hop-by-hop headers (and those the Connection header names), and optionally CPN-*."""
     headers = list(headers)
-    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")}
+    # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
+    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")} - {b"host"}
     out = []
     for n, v in headers:
         ln = n.lower()
@@ -190,6 +191,12 @@ class PipeEnd:
         self.drained = trio.Event()
         self.other: PipeEnd = self
         self.load_report: tuple[float, float, int] | None = None
+        self.sent_end = False
+
+    @property
+    def closed(self) -> bool:
+        """Reset, or both directions ended."""
+        return self.inbox.reset is not None or (self.sent_end and self.inbox.ended and not self.inbox.chunks)
 
     def report_load(self, load: float, bload: float, compute_us: float) -> None:
         self.other.load_report = (load, bload, int(compute_us))
@@ -228,6 +235,7 @@ class PipeEnd:
             o.buffered += size
             o.inbox.push((item, size))
         if end:
+            self.sent_end = True
             o.inbox.ended = True
             o.inbox.event.set()
 
@@ -778,6 +786,9 @@ class DataPlane:
         if client.conn.they_are_waiting_for_100_continue:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         headers = filter_headers(req.headers, drop_cpn=True) + _framing(req.headers)
+        if not any(n.lower() == b"host" for n, _ in headers):
+            # HTTP/1.0 allows none; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
+            headers.append((b"host", self.d.id.encode()))
         idempotent = req.method in IDEMPOTENT
         failures: list[HttpError] = []
         started = trio.current_time()
@@ -836,11 +847,11 @@ class DataPlane:
             return await self._attempt_local(client, req, headers, body, cand, deadline, budget, slack)
         ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), cons.qos, 16,
                         min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0, slack)
+        head = h11.Request(method=req.method, target=req.target, headers=headers)  # before a stream exists
         up_raw = self._open_upstream(cand, ext)
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
         state = _AttemptState()
         self.account.sent(cand.key, trio.current_time())
-        head = h11.Request(method=req.method, target=req.target, headers=headers)
         try:
             if body.take_buffered() and body.replayable:
                 # The whole request is here (or kept from an earlier try): it goes upstream in
@@ -850,22 +861,7 @@ class DataPlane:
                 await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
                 return await self._read_response(client, up, up_raw, cons, deadline, state)
             async with open_nursery() as nursery:
-                async def upload() -> None:
-                    await up.send(head)
-                    async for chunk in body.iterate():
-                        await up.send(h11.Data(data=chunk))
-                    await up.send(h11.EndOfMessage(), end=True)
-
-                async def guarded_upload() -> None:
-                    try:
-                        await upload()
-                    except StreamReset:
-                        pass  # the download side reports what happened
-                    except HttpError:
-                        up_raw.reset(ResetCode.CANCEL, True, "client request failed")
-                        raise
-
-                nursery.start_soon(guarded_upload)
+                nursery.start_soon(self._upload, up, up_raw, head, body)
                 status = await self._read_response(client, up, up_raw, cons, deadline, state)
                 if not body.done:
                     nursery.cancel_scope.cancel()  # answered before reading the whole body
@@ -879,13 +875,28 @@ class DataPlane:
             if state.sent_head:
                 raise trio.BrokenResourceError("upstream reset mid-response") from None
             raise
-        except BaseException:
-            up_raw.reset(ResetCode.CANCEL, True, "ingress gave up")
-            raise
         finally:
+            # Every way out leaves the stream closed: a response that came before the whole
+            # request went up, an error, a cancellation (the far end stops waiting too).
+            if not up_raw.closed:
+                up_raw.reset(ResetCode.CANCEL, True, "ingress done with the stream")
             self.account.finished(cand.key)
             if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
                 self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
+
+    @staticmethod
+    async def _upload(up: H11Stream | LocalEvents, up_raw: ByteStream, head: h11.Request, body: BodySource) -> None:
+        """Stream the user's request upstream as it arrives (the response may come first)."""
+        try:
+            await up.send(head)
+            async for chunk in body.iterate():
+                await up.send(h11.Data(data=chunk))
+            await up.send(h11.EndOfMessage(), end=True)
+        except StreamReset:
+            pass  # the download side reports what happened
+        except HttpError:
+            up_raw.reset(ResetCode.CANCEL, True, "client request failed")
+            raise
 
     def _admit(self, inst: InstanceConfig, budget_us: int, slack_us: int) -> str | None:
         """Admission for one request to our instance ``inst`` (NO_BUDGET: none given): None,
@@ -1004,12 +1015,15 @@ class DataPlane:
                 await self._relay(stream, ext)
             else:
                 stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
-        except StreamReset:
-            pass
+        except StreamReset as exc:  # the other end's (then the stream is closed), or one of ours to send
+            stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
+                         exc.delivered, exc.text)
         except Exception:  # a bug must cost one request, never the daemon
             log.exception("%s: %s failed", self.d.id, what)
             stream.reset(ResetCode.INTERNAL, True, "internal error")
         finally:
+            if not stream.closed:  # e.g. answered before the whole request came: stop the sender
+                stream.reset(ResetCode.CANCEL, True, f"{self.d.id} is done with the stream")
             self._end()
 
     async def _relay(self, inbound: TunnelStream, ext: ExtHeader) -> None:
@@ -1035,9 +1049,15 @@ class DataPlane:
         outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
         outbound.relay_to = inbound
         self.stats["relayed"] += 1
+        # Neither side moving for body_idle_timeout_s ends the relay, as at the ingress and egress.
+        idle_s = self.limits.body_idle_timeout_s
         async with open_nursery() as nursery:
-            nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope)
-            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope)
+            nursery.cancel_scope.deadline = trio.current_time() + idle_s
+            nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope, idle_s)
+            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope, idle_s)
+        for end in (inbound, outbound):
+            if not end.closed:
+                end.reset(ResetCode.CANCEL, True, f"relay at {self.d.id} idle for {idle_s:g} s")
 
     async def _egress(self, stream: ByteStream, ext: ExtHeader) -> None:
         found = self.local.get((ext.label, ext.instance))
@@ -1048,9 +1068,12 @@ class DataPlane:
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
         deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
-            event = await rx.next_event()
+            event = await next_event_within(rx, self.limits.header_timeout_s)
         except h11.RemoteProtocolError as exc:
             stream.reset(ResetCode.BAD_REQUEST, False, str(exc))
+            return
+        except trio.TooSlowError:
+            stream.reset(ResetCode.BAD_REQUEST, False, f"no request head within {self.limits.header_timeout_s:g} s")
             return
         if not isinstance(event, h11.Request):
             stream.reset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
@@ -1143,7 +1166,11 @@ class DataPlane:
                     delivered = True
                     while not complete:
                         assert rx is not None
-                        ev = await rx.next_event()
+                        try:
+                            ev = await next_event_within(rx, self.limits.body_idle_timeout_s)
+                        except trio.TooSlowError:
+                            raise StreamReset(ResetCode.CANCEL, True,
+                                              f"request body idle for {self.limits.body_idle_timeout_s:g} s") from None
                         if isinstance(ev, h11.Data):
                             await ic.send(ev)
                         elif isinstance(ev, h11.EndOfMessage):
@@ -1252,8 +1279,8 @@ def _readable(stream: trio.SocketStream) -> bool:
         return True
 
 
-async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope) -> None:
-    """Copy one direction of a relayed stream, passing RESETs on."""
+async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope, idle_s: float) -> None:
+    """Copy one direction of a relayed stream, passing RESETs on; progress pushes ``scope``'s deadline."""
     try:
         while True:
             data = await src.receive()
@@ -1261,6 +1288,9 @@ async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope) -
                 await dst.send(b"", end=True)
                 return
             await dst.send(data)
+            now = trio.current_time()
+            if scope.deadline - now < idle_s - 1.0:  # at most once a second
+                scope.deadline = now + idle_s
     except StreamReset as exc:
         code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
         for end in (src, dst):  # the end that failed is closed already: only the other hears

@@ -23,6 +23,7 @@ from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError
 from .wire import (
     GRACEFUL_RESTART_CAP,
     MAX_HANDSHAKE_BODY,
+    TUNNEL_WINDOW_CAP,
     MAX_HOLD_MS,
     MAX_RECORD,
     MIN_HOLD_MS,
@@ -38,6 +39,7 @@ from .wire import (
     Notification,
     Open,
     RouteAdv,
+    TunnelLimits,
     RouteRefresh,
     Update,
     Withdrawal,
@@ -211,10 +213,12 @@ class SessionConfig:
     handshake_timeout_s: float = 5.0
     caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP)
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
+    tunnel: TunnelLimits | None = None  # what we accept on the tunnel, offered with tunnel-window
 
     @property
     def open_caps(self) -> tuple[str, ...]:
-        return (*self.caps, GRACEFUL_RESTART_CAP) if self.restart_ms else self.caps
+        return (*self.caps, *((GRACEFUL_RESTART_CAP,) if self.restart_ms else ()),
+                *((TUNNEL_WINDOW_CAP,) if self.tunnel is not None else ()))
 
 
 class Session:
@@ -246,6 +250,7 @@ class Session:
         self.peer_caps: tuple[str, ...] = ()
         self.agreed_caps: tuple[str, ...] = ()  # offered by both OPENs: the features this session uses
         self.peer_restart_ms = 0  # the peer's graceful-restart window (its OPEN's `gr`), 0: none
+        self.peer_tunnel: TunnelLimits | None = None  # what the peer accepts on the tunnel (its OPEN's `tw`)
         self.hold_ms = config.hold_ms
         self._hold_deadline: float | None = now + config.handshake_timeout_s
         self._keepalive_deadline: float | None = None
@@ -445,7 +450,7 @@ class Session:
         self.peer_id = self._hs.peer_id
         self._events.append(Authenticated(self.peer_id))  # type: ignore[arg-type]
         self._send(Open(self.local_id, self.config.hold_ms, self.config.open_caps, self._ts(now),
-                        self.config.restart_ms or None))
+                        self.config.restart_ms or None, self.config.tunnel))
         self._hold_deadline = now + self.config.handshake_timeout_s
 
     def _send_keepalive(self, now: float) -> None:
@@ -514,6 +519,7 @@ class Session:
         self.peer_caps = msg.caps
         self.agreed_caps = tuple(sorted(set(msg.caps) & set(self.config.open_caps)))
         self.peer_restart_ms = msg.restart_ms or 0
+        self.peer_tunnel = msg.tunnel if TUNNEL_WINDOW_CAP in self.agreed_caps else None
         self._peer_ts, self._peer_ts_at = msg.ts, now
         self._hold_deadline = now + self.hold_ms / 1000
         self._send_keepalive(now)

@@ -17,12 +17,11 @@ import trio
 from .errors import TunnelSub
 from .tunnel import (
     FLAG_END,
-    INITIAL_WINDOW,
-    MAX_DATA,
-    MAX_STREAMS,
+    UNLIMITED,
     ExtHeader,
     FlowWindow,
     FrameType,
+    MuxSettings,
     ResetCode,
     StreamIds,
     decode_frame,
@@ -55,6 +54,8 @@ class ByteStream(Protocol):
 
     load_report: tuple[float, float, int] | None
 
+    @property
+    def closed(self) -> bool: ...
     async def receive(self) -> bytes: ...
     async def send(self, data: bytes, end: bool = False) -> None: ...
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
@@ -81,10 +82,10 @@ class _Inbox:
 
     async def pop(self) -> bytes:
         while not self.chunks:
+            if self.ended:  # complete before any reset: the reader gets all of it
+                return b""
             if self.reset is not None:
                 raise self.reset
-            if self.ended:
-                return b""
             self.event = trio.Event()
             await self.event.wait()
         return self.chunks.popleft()
@@ -97,7 +98,9 @@ class TunnelStream:
         self.mux = mux
         self.id = sid
         self.ext = ext
-        self.window = FlowWindow(mux.initial_window)
+        self.window = FlowWindow(mux.settings.recv_window, send_credit=mux.settings.send_window)
+        self.buffered = 0  # DATA received and not yet passed on (counts against the connection window)
+        self._passing = 0  # of which the chunk the reader took last, credited when it asks again
         self._inbox = _Inbox()
         self._credit = trio.Event()
         self.sent_end = False
@@ -110,19 +113,37 @@ class TunnelStream:
         return self.mux.peer_id
 
     async def receive(self) -> bytes:
-        """Next chunk from the peer, ``b""`` at the end; StreamReset if abandoned."""
+        """Next chunk from the peer, ``b""`` at the end; StreamReset if abandoned.
+
+        The previous chunk is credited back to the peer only now: a reader asks again once it has
+        passed that chunk on, so what it still holds counts against the windows (tunnel.md).
+        """
+        if self._passing:
+            self._credit_back(self._passing)
+            self._passing = 0
         data = await self._inbox.pop()
         if data and self._inbox.chunks:
-            # Everything that arrived meanwhile in one piece: one h11 cycle and one write
-            # downstream instead of one per frame (at most the stream's window).
-            data = b"".join((data, *self._inbox.chunks))
-            self._inbox.chunks.clear()
-        self._maybe_close()
-        if data and not self.closed:
-            inc = self.window.on_consumed(len(data))
+            # What arrived meanwhile in one piece: one h11 cycle and one write downstream instead
+            # of one per frame, up to half the window (the peer keeps the other half to send).
+            parts, size, cap = [data], len(data), self.window.initial // 2
+            while self._inbox.chunks and size + len(self._inbox.chunks[0]) <= cap:
+                parts.append(self._inbox.chunks.popleft())
+                size += len(parts[-1])
+            data = b"".join(parts) if len(parts) > 1 else data
+        self._passing = len(data)
+        if not self.closed:
+            self._maybe_close()
+        elif not self._inbox.chunks:
+            self._release()  # closed with its data complete: the reader will not ask again
+        return data
+
+    def _credit_back(self, n: int) -> None:
+        self.buffered -= n
+        self.mux.consumed(n)
+        if not self.closed:
+            inc = self.window.on_consumed(n)
             if inc:
                 self.mux.send_frame(encode_frame(self.id, FrameType.WINDOW, inc.to_bytes(4, "big")))
-        return data
 
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
@@ -132,14 +153,20 @@ class TunnelStream:
                 raise self._inbox.reset
             if self.closed:
                 raise StreamReset(ResetCode.CANCEL, False, "stream closed")
-            n = min(len(view), self.mux.max_data, self.window.send_credit)
+            conn = self.mux.conn_window
+            n = min(len(view), self.mux.settings.max_data, self.window.send_credit, conn.send_credit)
             if n == 0 and view:
                 self._credit = trio.Event()
+                if conn.send_credit <= 0:
+                    self.mux.blocked.add(self)  # woken by the connection's WINDOW
                 await self._credit.wait()
                 continue
             await self.mux.writable()
+            if self.closed or min(self.window.send_credit, conn.send_credit) < n:
+                continue  # reset or out-raced for the credit while we waited
             last = end and n == len(view)
             self.window.send_credit -= n
+            conn.send_credit -= n
             self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(view[:n]), FLAG_END if last else 0))
             view = view[n:]
             if last:
@@ -153,12 +180,13 @@ class TunnelStream:
             self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, load_payload(load, bload, compute_us)))
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
-        """Abandon the stream and tell the peer why."""
-        if self.closed:
-            return
-        self.mux.send_frame(encode_frame(self.id, FrameType.RESET, reset_payload(code, delivered, text)))
-        self._inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
+        """Abandon the stream (and what it holds unread) and tell the peer why."""
+        if not self.closed:
+            self.mux.send_frame(encode_frame(self.id, FrameType.RESET, reset_payload(code, delivered, text)))
+            self._inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
+        self._inbox.chunks.clear()
         self._close()
+        self._release()
 
     def _maybe_close(self) -> None:
         if self.sent_end and self._inbox.ended and not self._inbox.chunks:
@@ -168,15 +196,26 @@ class TunnelStream:
         if not self.closed:
             self.closed = True
             self._credit.set()
+            if not self._inbox.chunks:
+                self._release()
             self.mux._forget(self)
+
+    def _release(self) -> None:
+        """Credit the peer's connection window with all this stream still holds."""
+        if self.buffered:
+            self.mux.consumed(self.buffered)
+            self.buffered = self._passing = 0
 
     # ---- called by the mux
 
     def _on_data(self, data: bytes, end: bool) -> None:
         if not self.window.on_receive(len(data)):
-            self.reset(ResetCode.FLOW_CONTROL, False, "peer overran its window")
+            self.mux.consumed(0, dropped=len(data))
+            self.reset(ResetCode.FLOW_CONTROL, False, "peer overran the stream's window")
             return
         if data:
+            self.buffered += len(data)
+            self.mux.account.add(len(data))
             self._inbox.push(data)
         if end:
             self._inbox.ended = True
@@ -190,22 +229,45 @@ class TunnelStream:
 
     def _on_reset(self, exc: StreamReset) -> None:
         self._inbox.fail(exc)
+        if not self._inbox.ended:  # what the peer completed before resetting (a response) stays readable
+            self._inbox.chunks.clear()
         self._close()
+
+
+class BufferAccount:
+    """Tunnel bytes held for every peer together, and the most since the last look (for trimming)."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+        self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.buffered += n
+        if self.buffered > self.peak:
+            self.peak = self.buffered
+
+    def take_peak(self) -> int:
+        """The most held since the last call; starts the next period."""
+        peak, self.peak = self.peak, self.buffered
+        return peak
 
 
 class Mux:
     """All tunnel streams of one established peer connection."""
 
     def __init__(self, conn: Connection, peer_id: str, initiator: bool, on_open: Callable[[TunnelStream], None],
-                 *, max_data: int = MAX_DATA, initial_window: int = INITIAL_WINDOW) -> None:
+                 settings: MuxSettings, account: BufferAccount | None = None) -> None:
         self.conn = conn
-        # MAX_DATA_LARGE and INITIAL_WINDOW_LARGE when both ends offered tunnel-large-data
-        self.max_data = max_data
-        self.initial_window = initial_window
+        self.settings = settings
         self.peer_id = peer_id
         self.ids = StreamIds(initiator)
         self.streams: dict[int, TunnelStream] = {}
-        self.remote_open = 0
+        # What the peer may have buffered here, every stream together; without `tunnel-window`
+        # the peer does not know it, and overruns are reset all the same.
+        self.conn_window = FlowWindow(settings.recv_conn_window,
+                                      send_credit=settings.send_conn_window if settings.conn_frames else UNLIMITED)
+        self.account = account or BufferAccount()
+        self.blocked: set[TunnelStream] = set()  # senders waiting for connection credit
         self._on_open = on_open
         self.dead: StreamReset | None = None
 
@@ -213,6 +275,9 @@ class Mux:
         """Open a stream towards the peer with ``ext`` as its extension header."""
         if self.dead is not None:
             raise self.dead
+        limit = min(self.settings.max_streams, self.settings.peer_max_streams)
+        if len(self.streams) >= limit:
+            raise StreamReset(ResetCode.TOO_MANY_STREAMS, False, f"{len(self.streams)} streams open with {self.peer_id}")
         sid = self.ids.allocate()
         stream = TunnelStream(self, sid, ext)
         self.streams[sid] = stream
@@ -225,27 +290,36 @@ class Mux:
     async def writable(self) -> None:
         await self.conn.wait_writable()
 
+    def consumed(self, n: int, *, dropped: int = 0) -> None:
+        """``n`` buffered bytes were passed on or abandoned, ``dropped`` never buffered: credit the peer."""
+        self.account.buffered -= n
+        inc = self.conn_window.on_consumed(n + dropped)
+        if inc and self.settings.conn_frames:
+            self.send_frame(encode_frame(0, FrameType.WINDOW, inc.to_bytes(4, "big")))
+
     def handle(self, payload: bytes) -> None:
         """Dispatch one received tunnel frame; ProtocolError means the session must end."""
-        fr = decode_frame(payload, self.max_data)
+        fr = decode_frame(payload, self.settings.max_data, conn_window=self.settings.conn_frames)
+        if fr.stream_id == 0:  # WINDOW for the connection (decode_frame allows nothing else)
+            self._on_conn_window(int.from_bytes(fr.payload, "big"))
+            return
         stream = self.streams.get(fr.stream_id)
         if fr.type is FrameType.OPEN:
-            self.ids.accept_open(fr.stream_id)
-            ext = ExtHeader.decode(fr.payload)
-            stream = TunnelStream(self, fr.stream_id, ext)
-            if self.remote_open >= MAX_STREAMS:
-                self.send_frame(encode_frame(fr.stream_id, FrameType.RESET,
-                                             reset_payload(ResetCode.TOO_MANY_STREAMS, False, f"more than {MAX_STREAMS} streams")))
-                return
-            self.streams[fr.stream_id] = stream
-            self.remote_open += 1
-            self._on_open(stream)
+            self._on_open_frame(fr.stream_id, fr.payload)
             return
         if stream is None:
             if not self.ids.known(fr.stream_id):
                 raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{fr.type.name} for stream {fr.stream_id} never opened")
+            if fr.type is FrameType.DATA and self.conn_window.on_receive(len(fr.payload)):
+                self.consumed(0, dropped=len(fr.payload))  # the sender counted it: credit it back
+            elif fr.type is FrameType.DATA:
+                self.conn_window.recv_allowed += len(fr.payload)  # an overrun: never credited
             return  # a frame racing the stream's close: ignore, like HTTP/2
         if fr.type is FrameType.DATA:
+            if not self.conn_window.on_receive(len(fr.payload)):
+                self.conn_window.recv_allowed += len(fr.payload)  # not taken: never buffered, never credited
+                stream.reset(ResetCode.FLOW_CONTROL, False, "peer overran the connection window")
+                return
             stream._on_data(fr.payload, fr.end)
         elif fr.type is FrameType.WINDOW:
             stream._on_window(int.from_bytes(fr.payload, "big"))
@@ -258,9 +332,26 @@ class Mux:
             else:
                 stream.load_report = parse_load(fr.payload)
 
+    def _on_open_frame(self, sid: int, payload: bytes) -> None:
+        self.ids.accept_open(sid)
+        ext = ExtHeader.decode(payload)
+        if len(self.streams) >= self.settings.max_streams:
+            self.send_frame(encode_frame(sid, FrameType.RESET, reset_payload(
+                ResetCode.TOO_MANY_STREAMS, False, f"{len(self.streams)} streams open, at most {self.settings.max_streams}")))
+            return
+        stream = TunnelStream(self, sid, ext)
+        self.streams[sid] = stream
+        self._on_open(stream)
+
+    def _on_conn_window(self, inc: int) -> None:
+        self.conn_window.send_credit += inc
+        blocked, self.blocked = self.blocked, set()
+        for stream in blocked:
+            stream._credit.set()
+
     def _forget(self, stream: TunnelStream) -> None:
-        if self.streams.pop(stream.id, None) is not None and not self.ids.is_local(stream.id):
-            self.remote_open -= 1
+        self.streams.pop(stream.id, None)
+        self.blocked.discard(stream)
 
     def fail_all(self, text: str) -> None:
         """The session went down: every stream on it is abandoned, never delivered by us."""
@@ -268,4 +359,3 @@ class Mux:
         for stream in list(self.streams.values()):
             # Whether the far end had passed the request on is unknown: assume it had.
             stream._on_reset(self.dead)
-

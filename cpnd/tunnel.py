@@ -15,6 +15,7 @@ import attrs
 
 from .errors import Code, ProtocolError, TunnelSub
 from .names import id_problem
+from .wire import TunnelLimits
 
 FRAME_HEADER = struct.Struct(">IBB")
 MAX_DATA = 16384
@@ -27,7 +28,8 @@ LARGE_DATA_CAP = "tunnel-large-data"
 INITIAL_WINDOW = 256 * 1024
 INITIAL_WINDOW_LARGE = 1024 * 1024
 MAX_WINDOW = (1 << 31) - 1
-MAX_STREAMS = 1024
+MAX_STREAMS = 1024  # without `tunnel-window`: the most streams a peer may open at once
+UNLIMITED = 1 << 62  # send credit on a connection without a connection window
 NO_BUDGET = 0xFFFFFFFF
 MAX_RESET_TEXT = 256
 
@@ -145,17 +147,20 @@ def encode_frame(stream_id: int, ftype: FrameType, payload: bytes = b"", flags: 
     return FRAME_HEADER.pack(stream_id, ftype, flags) + payload
 
 
-def decode_frame(data: bytes, max_data: int = MAX_DATA) -> Frame:
-    """Parse one tunnel frame and check its payload's shape for its type (DATA up to ``max_data``)."""
+def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = False) -> Frame:
+    """Parse one tunnel frame and check its payload's shape for its type (DATA up to ``max_data``).
+
+    ``conn_window``: the session agreed `tunnel-window`, so WINDOW on stream 0 credits the connection.
+    """
     if len(data) < FRAME_HEADER.size:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, "frame shorter than its header")
     sid, ftype, flags = FRAME_HEADER.unpack_from(data)
     payload = data[FRAME_HEADER.size:]
     if ftype not in FrameType._value2member_map_:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"unknown frame type {ftype}")
-    if sid == 0:
-        raise tunnel_error(TunnelSub.BAD_STREAM_ID, "stream id 0")
     ft = FrameType(ftype)
+    if sid == 0 and not (conn_window and ft is FrameType.WINDOW):
+        raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{ft.name} on stream id 0")
     if flags & ~FLAG_END or (flags and ft is not FrameType.DATA):
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"flags {flags:#x} on {ft.name}")
     if ft is FrameType.DATA and len(payload) > max_data:
@@ -236,7 +241,8 @@ class StreamIds:
 
 @attrs.define
 class FlowWindow:
-    """Credit-based flow control for one direction of one stream (like HTTP/2's)."""
+    """Credit-based flow control of one stream or one connection (like HTTP/2's): ``initial`` is
+    what we accept, ``send_credit`` what the other side accepts from us (by default the same)."""
 
     initial: int = INITIAL_WINDOW
     send_credit: int = attrs.field(default=attrs.Factory(lambda self: self.initial, takes_self=True))
@@ -256,3 +262,35 @@ class FlowWindow:
             self.recv_allowed += inc
             return inc
         return 0
+
+
+@attrs.frozen
+class MuxSettings:
+    """What one session's tunnel allows each way (protocol-spec/tunnel.md, "Flow control")."""
+
+    max_data: int
+    recv_window: int  # each stream's window we grant the peer
+    send_window: int  # each stream's window the peer grants us
+    recv_conn_window: int  # all DATA the peer may have un-credited here, every stream together
+    send_conn_window: int | None  # the same the peer grants us; None: no connection window (no `tunnel-window`)
+    max_streams: int  # streams open at once on the session, opened by either side (ours)
+    peer_max_streams: int  # the same, the peer's
+
+    @property
+    def conn_frames(self) -> bool:
+        """WINDOW on stream 0 is part of this session's protocol."""
+        return self.send_conn_window is not None
+
+
+def mux_settings(ours: TunnelLimits, theirs: TunnelLimits | None, large_data: bool) -> MuxSettings:
+    """The session's settings from both OPENs' `tw` (``theirs`` None: the peer has no `tunnel-window`).
+
+    Without it the peer knows only the fixed windows of version 1, so those apply both ways; we
+    still bound what it may have buffered here by our connection window (overruns are reset).
+    """
+    max_data = MAX_DATA_LARGE if large_data else MAX_DATA
+    if theirs is None:
+        fixed = INITIAL_WINDOW_LARGE if large_data else INITIAL_WINDOW
+        return MuxSettings(max_data, fixed, fixed, ours.conn_window, None, ours.max_streams, MAX_STREAMS)
+    return MuxSettings(max_data, ours.stream_window, theirs.stream_window, ours.conn_window, theirs.conn_window,
+                       ours.max_streams, theirs.max_streams)

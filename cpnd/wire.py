@@ -29,6 +29,12 @@ MAX_UPDATE_ENTRIES = 2048
 MAX_CAPS = 16
 GRACEFUL_RESTART_CAP = "graceful-restart"
 MAX_RESTART_MS = 600_000
+# The `tunnel-window` capability brings OPEN's `tw` key: what the sender of the OPEN accepts on
+# the session's tunnel (protocol-spec/tunnel.md, "Flow control").
+TUNNEL_WINDOW_CAP = "tunnel-window"
+MIN_TUNNEL_WINDOW = 16384
+MAX_TUNNEL_WINDOW = (1 << 31) - 1
+MAX_TUNNEL_STREAMS = 1 << 20
 MAX_NOTIFICATION_TEXT = 256
 U63 = (1 << 63) - 1
 U64 = (1 << 64) - 1
@@ -259,17 +265,32 @@ def decode_handshake(body: bytes) -> HandshakeMessage:
 
 
 @attrs.frozen
+class TunnelLimits:
+    """OPEN's `tw`: the stream window, connection window and most open streams its sender accepts."""
+
+    stream_window: int = attrs.field(validator=[attrs.validators.ge(MIN_TUNNEL_WINDOW), attrs.validators.le(MAX_TUNNEL_WINDOW)])
+    conn_window: int = attrs.field(validator=[attrs.validators.ge(MIN_TUNNEL_WINDOW), attrs.validators.le(MAX_TUNNEL_WINDOW)])
+    max_streams: int = attrs.field(validator=[attrs.validators.ge(1), attrs.validators.le(MAX_TUNNEL_STREAMS)])
+
+
+@attrs.frozen
 class Open:
     id: str
     hold_ms: int
     caps: tuple[str, ...]
     ts: int
     restart_ms: int | None = attrs.field(default=None)  # the `gr` key: present exactly when caps offer graceful-restart
+    tunnel: TunnelLimits | None = attrs.field(default=None)  # the `tw` key: present exactly when caps offer tunnel-window
 
     @restart_ms.validator
     def _gr_with_its_cap(self, _: object, value: int | None) -> None:
         if (value is not None) != (GRACEFUL_RESTART_CAP in self.caps):
             raise ValueError("restart_ms goes with the graceful-restart capability, and only with it")
+
+    @tunnel.validator
+    def _tw_with_its_cap(self, _: object, value: TunnelLimits | None) -> None:
+        if (value is not None) != (TUNNEL_WINDOW_CAP in self.caps):
+            raise ValueError("tunnel goes with the tunnel-window capability, and only with it")
 
 
 @attrs.frozen
@@ -355,6 +376,8 @@ def encode_message(msg: Message) -> bytes:
         d: dict[str, Any] = {"t": MsgType.OPEN, "id": msg.id, "hold": msg.hold_ms, "caps": list(msg.caps), "ts": msg.ts}
         if msg.restart_ms is not None:
             d["gr"] = msg.restart_ms
+        if msg.tunnel is not None:
+            d["tw"] = [msg.tunnel.stream_window, msg.tunnel.conn_window, msg.tunnel.max_streams]
     elif isinstance(msg, Keepalive):
         d = {"t": MsgType.KEEPALIVE, "ts": msg.ts, "echo": msg.echo, "dly": msg.dly}
     elif isinstance(msg, Update):
@@ -465,6 +488,17 @@ def _decode_withdrawal(w: object) -> Withdrawal:
     return Withdrawal(svc, origin, inst)
 
 
+def _tunnel_limits(tw: Any) -> TunnelLimits:
+    if type(tw) is not list or len(tw) != 3 or any(type(x) is not int for x in tw):
+        raise _bad("tw: must be a list of 3 integers")
+    sw, cw, ms = tw
+    if not (MIN_TUNNEL_WINDOW <= sw <= MAX_TUNNEL_WINDOW and MIN_TUNNEL_WINDOW <= cw <= MAX_TUNNEL_WINDOW):
+        raise _bad(f"tw: windows must be in [{MIN_TUNNEL_WINDOW}, {MAX_TUNNEL_WINDOW}]")
+    if not 1 <= ms <= MAX_TUNNEL_STREAMS:
+        raise _bad(f"tw: max streams must be in [1, {MAX_TUNNEL_STREAMS}]")
+    return TunnelLimits(sw, cw, ms)
+
+
 def decode_message(body: bytes) -> Message:
     """Decode and validate one session message body."""
     m = _unpack(body)
@@ -473,10 +507,11 @@ def decode_message(body: bytes) -> Message:
         caps = m.get("caps")
         if type(caps) is not list or len(caps) > MAX_CAPS or any(type(c) is not str or not 0 < len(c) <= 32 for c in caps):
             raise _bad(f"caps: must be a list of at most {MAX_CAPS} strings of 1-32 characters")
-        gr = GRACEFUL_RESTART_CAP in caps  # the capability brings the `gr` key with it
-        _keys(m, ("t", "id", "hold", "caps", "ts", "gr") if gr else ("t", "id", "hold", "caps", "ts"), "open")
+        gr = GRACEFUL_RESTART_CAP in caps  # a capability brings its key with it
+        tw = TUNNEL_WINDOW_CAP in caps
+        _keys(m, ("t", "id", "hold", "caps", "ts", *(("gr",) if gr else ()), *(("tw",) if tw else ())), "open")
         return Open(_ident(m, "id"), _int(m, "hold", 0, U63), tuple(caps), _int(m, "ts", 0, U63),
-                    _int(m, "gr", 0, MAX_RESTART_MS) if gr else None)
+                    _int(m, "gr", 0, MAX_RESTART_MS) if gr else None, _tunnel_limits(m["tw"]) if tw else None)
     if t == MsgType.KEEPALIVE:
         _keys(m, ("t", "ts", "echo", "dly"), "keepalive")
         return Keepalive(_int(m, "ts", 0, U63), _int(m, "echo", 0, U63), _int(m, "dly", 0, U63))
