@@ -56,6 +56,7 @@ class InstanceConfig:
     price: float
     compute_latency_ms: float
     health_path: str | None = None  # active probe: GET this path; None: a TCP connect
+    max_inflight: int = 256  # requests (and connections) to it at once; more are refused
 
 
 @attrs.frozen
@@ -245,7 +246,7 @@ def parse_address(text: str, *, literal: bool = False) -> Address:
 _GATEWAY_KEYS = {f.name for f in attrs.fields(GatewayConfig)}
 _PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive"}
 _SERVICE_KEYS = {"path", "instances"}
-_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path"}
+_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path", "max_inflight"}
 
 
 def _url_problem(v: str) -> str | None:
@@ -395,6 +396,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
                 compute_latency_ms=float(r.number(inst, (*ki, "compute_latency_ms"), 0, 3_600_000, 0.0)),
                 health_path=r.checked(inst, (*ki, "health_path"),
                                       lambda v: None if v.startswith("/") and " " not in v else "must be a path starting with '/'", None),
+                max_inflight=r.number(inst, (*ki, "max_inflight"), 1, 1_000_000, 256, integer=True),
             ))
         services.append(ServiceConfig(spath, tuple(instances)))
 

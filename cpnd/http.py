@@ -192,6 +192,11 @@ class PipeEnd:
         self.other: PipeEnd = self
         self.load_report: tuple[float, float, int] | None = None
         self.sent_end = False
+        self._watchers: list[trio.CancelScope] = []
+
+    def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the other end resets (the ingress gave up)."""
+        self._watchers.append(scope)
 
     @property
     def closed(self) -> bool:
@@ -244,6 +249,9 @@ class PipeEnd:
         self.inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
         self.drained.set()
         self.other.drained.set()
+        watchers, self.other._watchers = self.other._watchers, []
+        for scope in watchers:
+            scope.cancel()
 
 
 def pipe() -> tuple[PipeEnd, PipeEnd]:
@@ -298,8 +306,10 @@ class H11Stream:
             await self.transport.send_all(data)
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
-        """Several events in one write (one system call for a whole small response)."""
+        """Several events in one write (one system call for a whole small response); empties ``events``
+        (their bodies are in the write: a blocked write must not hold two copies)."""
         data = b"".join(self.conn.send(e) or b"" for e in events)
+        events.clear()
         if self.tunnel:
             await self.transport.send(data, end=end)
         elif data:
@@ -901,8 +911,12 @@ class DataPlane:
     def _admit(self, inst: InstanceConfig, budget_us: int, slack_us: int) -> str | None:
         """Admission for one request to our instance ``inst`` (NO_BUDGET: none given): None,
         or why it is refused (counted)."""
-        refusal = self.meters[inst.id].admit(trio.current_time(), None if budget_us == NO_BUDGET else budget_us,
-                                             None if slack_us == NO_BUDGET else slack_us)
+        meter = self.meters[inst.id]
+        if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
+            refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
+        else:
+            refusal = meter.admit(trio.current_time(), None if budget_us == NO_BUDGET else budget_us,
+                                  None if slack_us == NO_BUDGET else slack_us)
         if refusal is None:
             return None
         self.stats["admission_rejects"] += 1
@@ -1010,7 +1024,9 @@ class DataPlane:
         self._begin()
         try:
             if ext.origin == self.d.id:
-                await self._egress(stream, ext)
+                with trio.CancelScope() as abandoned:  # the instance call stops when the stream is abandoned
+                    stream.cancel_on_abandon(abandoned)
+                    await self._egress(stream, ext)
             elif isinstance(stream, TunnelStream):
                 await self._relay(stream, ext)
             else:
@@ -1122,8 +1138,10 @@ class DataPlane:
         request = h11.Request(method=method, target=translate_target(target, service.path, inst.url), headers=headers)
         load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
+        first = [request, *rest]
+        rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         try:
-            served = await self._call_instance([request, *rest], rx, sink, inst, host, port, deadline)
+            served = await self._call_instance(first, rx, sink, inst, host, port, deadline)
         finally:
             if served is None:
                 meter.abandoned()

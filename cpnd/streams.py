@@ -56,6 +56,7 @@ class ByteStream(Protocol):
 
     @property
     def closed(self) -> bool: ...
+    def cancel_on_abandon(self, scope: trio.CancelScope) -> None: ...
     async def receive(self) -> bytes: ...
     async def send(self, data: bytes, end: bool = False) -> None: ...
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
@@ -107,6 +108,17 @@ class TunnelStream:
         self.closed = False
         self.load_report: tuple[float, float, int] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
+        self._watchers: list[trio.CancelScope] = []
+
+    def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
+        the work done for it (an instance call) stops with it."""
+        self._watchers.append(scope)
+
+    def _abandoned(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for scope in watchers:
+            scope.cancel()
 
     @property
     def peer(self) -> str:
@@ -212,6 +224,7 @@ class TunnelStream:
         if not self.window.on_receive(len(data)):
             self.mux.consumed(0, dropped=len(data))
             self.reset(ResetCode.FLOW_CONTROL, False, "peer overran the stream's window")
+            self._abandoned()
             return
         if data:
             self.buffered += len(data)
@@ -232,6 +245,7 @@ class TunnelStream:
         if not self._inbox.ended:  # what the peer completed before resetting (a response) stays readable
             self._inbox.chunks.clear()
         self._close()
+        self._abandoned()
 
 
 class BufferAccount:
@@ -319,6 +333,7 @@ class Mux:
             if not self.conn_window.on_receive(len(fr.payload)):
                 self.conn_window.recv_allowed += len(fr.payload)  # not taken: never buffered, never credited
                 stream.reset(ResetCode.FLOW_CONTROL, False, "peer overran the connection window")
+                stream._abandoned()
                 return
             stream._on_data(fr.payload, fr.end)
         elif fr.type is FrameType.WINDOW:

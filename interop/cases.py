@@ -575,6 +575,107 @@ def _window_large(t: Target) -> None:
     _within_credit(t, LARGE_CAPS, INITIAL_WINDOW_LARGE, DATA_MAX_LARGE)
 
 
+def _tw_session(t: Target, tw: list[int]) -> Peer:
+    """A session offering `tunnel-window` with ``tw``; Skipped if the target does not offer it."""
+    p = t.session(caps=LARGE_CAPS, tw=tw)
+    if p.target_tw is None:
+        p.close()
+        raise Skipped("the target does not offer tunnel-window")
+    sw, cw, ms = p.target_tw
+    assert 16384 <= sw <= 2**31 - 1 and 16384 <= cw <= 2**31 - 1 and 1 <= ms <= 2**20, f"bad tw {p.target_tw}"
+    return p
+
+
+def _users_to_us(t: Target, p: Peer, n: int, body: int) -> tuple[list[socket.socket], dict[int, int]]:
+    """Advertise an instance of ours and have ``n`` users each POST ``body`` bytes to it through the
+    target; we never credit anything. Returns the users and the DATA bytes per stream seen in ~1.5 s."""
+    svc = f"/interop-tw-{random_id()}"
+    p.send_msg({"t": UPDATE, "adv": [new_route(svc, "tw", t.my_id)], "wd": []})
+    host, port = t.http.rsplit(":", 1)
+    users: list[socket.socket] = []
+    data: dict[int, int] = {}
+    deadline = time.monotonic() + 5
+    while not data and time.monotonic() < deadline:  # the UPDATE and the first request race
+        for u in users:
+            u.close()
+        users = [socket.create_connection((host, int(port)), timeout=5) for _ in range(n)]
+        for u in users:
+            u.sendall(f"POST {svc} HTTP/1.1\r\nHost: x\r\nContent-Length: {body}\r\n"
+                      f"CPN-Timeout: 5s\r\n\r\n".encode() + b"b" * body)
+        for sid, ftype, _, payload in _tunnel_frames(p, 1.5):
+            if ftype == 1:
+                data.setdefault(sid, 0)
+            elif ftype == 2:
+                data[sid] = data.get(sid, 0) + len(payload)
+    return users, data
+
+
+@case("tunnel-connection-window-honoured", "tunnel.md#flow-control")
+def _conn_window_honoured(t: Target) -> None:
+    """We grant 16384 bytes a stream and 32768 on the connection: four uploads of 20000 bytes each
+    through the target must stop there until we credit (we never do)."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    p = _tw_session(t, [16384, 32768, 64])
+    users: list[socket.socket] = []
+    try:
+        users, data = _users_to_us(t, p, 4, 20000)
+        assert data, "the target opened no stream to our instance"
+        assert max(data.values()) <= 16384, f"a stream carried {max(data.values())} bytes, our stream window is 16384"
+        assert sum(data.values()) <= 32768, f"{sum(data.values())} bytes on the connection, our window is 32768"
+    finally:
+        for u in users:
+            u.close()
+        p.close()
+
+
+@case("tunnel-stream-limit-honoured", "tunnel.md#streams")
+def _stream_limit_honoured(t: Target) -> None:
+    """We keep at most 2 streams open: the target must not open a third while two are."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    p = _tw_session(t, [65536, 1 << 20, 2])
+    users: list[socket.socket] = []
+    try:
+        users, data = _users_to_us(t, p, 4, 10)
+        assert 1 <= len(data) <= 2, f"the target opened {len(data)} streams to us, our limit is 2"
+    finally:
+        for u in users:
+            u.close()
+        p.close()
+
+
+@case("tunnel-stream-limit-enforced", "tunnel.md#streams (RESET 10)")
+def _stream_limit_enforced(t: Target) -> None:
+    """Open one stream more than the target's announced limit (each relayed, so each stays open):
+    the last is answered RESET too-many-streams, delivered 0."""
+    from .wire import label
+
+    route = _transit_route(t)
+    p = _tw_session(t, [65536, 1 << 20, 64])
+    try:
+        limit = p.target_tw[2]  # type: ignore[index]
+        if limit > 4096:
+            raise Skipped(f"the target allows {limit} streams: too many to open here")
+        svc, origin, inst = route
+        ext = struct.pack(">BBBBIII16s", 1, 1, 8, 1, label(svc), 0xFFFFFFFF, 0xFFFFFFFF, os.urandom(16))
+        ext += bytes([len(origin)]) + origin.encode() + bytes([len(inst)]) + inst.encode()
+        reset: dict[int, int] = {}
+        for i in range(limit + 1):
+            p.send_msg(struct.pack(">IBB", 2 * i + 1, 1, 0) + ext, ctype=TUNNEL)
+            if i % 64 == 63:
+                reset.update((sid, int.from_bytes(b[:2], "big")) for sid, ft, _, b in _tunnel_frames(p, 0.001) if ft == 4)
+        last = 2 * limit + 1
+        deadline = time.monotonic() + 5
+        while last not in reset and time.monotonic() < deadline:
+            reset.update((sid, int.from_bytes(b[:2], "big")) for sid, ft, _, b in _tunnel_frames(p, 0.2) if ft == 4)
+        assert reset.get(last) == 10, f"stream {last} beyond the limit of {limit}: {reset.get(last)}"
+        early = {sid: code for sid, code in reset.items() if sid != last and code == 10}
+        assert not early, f"streams within the limit refused: {sorted(early)[:5]}"
+    finally:
+        p.close()
+
+
 # ---------------------------------------------------------------- HTTP contract (with --http)
 
 

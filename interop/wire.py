@@ -192,15 +192,25 @@ class Peer:
             raise Closed((msg["code"], msg["sub"], msg["msg"]))
         return ctype, msg
 
-    def open_session(self, hold_ms: int = 3000, caps: list[str] | None = None) -> dict[str, Any]:
-        """Handshake, OPEN both ways and the first KEEPALIVEs; returns the target's OPEN."""
+    def open_session(self, hold_ms: int = 3000, caps: list[str] | None = None,
+                     tw: list[int] | None = None) -> dict[str, Any]:
+        """Handshake, OPEN both ways and the first KEEPALIVEs; returns the target's OPEN.
+
+        ``tw``: our tunnel limits, sent with the `tunnel-window` capability (tunnel.md, "Flow control").
+        """
         self.handshake()
         ts = int(time.monotonic() * 1e6)
-        self.send_msg({"t": OPEN, "id": self.my_id, "hold": hold_ms, "caps": caps if caps is not None else ["route-refresh", "tunnel"], "ts": ts})
+        caps = caps if caps is not None else ["route-refresh", "tunnel"]
+        mine: dict[str, Any] = {"t": OPEN, "id": self.my_id, "hold": hold_ms, "caps": caps, "ts": ts}
+        if tw is not None:
+            mine["caps"] = [*caps, "tunnel-window"]
+            mine["tw"] = tw
+        self.send_msg(mine)
         _, their_open = self.recv()
         if their_open.get("t") != OPEN:
             raise AssertionError(f"expected OPEN, got {their_open}")
         self.target_caps = list(their_open.get("caps", []))
+        self.target_tw: list[int] | None = their_open.get("tw") if tw is not None and "tunnel-window" in self.target_caps else None
         self.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": their_open["ts"], "dly": 0})
         while True:
             _, msg = self.recv()

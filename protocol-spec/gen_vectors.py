@@ -27,6 +27,7 @@ from cpnd.wire import (  # noqa: E402
     Open,
     RouteAdv,
     RouteRefresh,
+    TunnelLimits,
     Update,
     Withdrawal,
     decode_message,
@@ -56,6 +57,9 @@ def message_vectors() -> list[dict]:
          Open("gw1", 3000, ("route-refresh",), 1_000_000)),
         ("open-graceful-restart", "OPEN from gw3 offering graceful restart: keep its routes for 5000 ms",
          Open("gw3", 3000, ("route-refresh", "tunnel", "graceful-restart"), 1_000_000, 5000)),
+        ("open-tunnel-window", "OPEN from gw4 granting 1 MiB stream windows, a 60 MiB connection window, 1024 streams",
+         Open("gw4", 3000, ("route-refresh", "tunnel", "tunnel-large-data", "tunnel-window"), 1_000_000, None,
+              TunnelLimits(1 << 20, 60 << 20, 1024))),
         ("keepalive-first", "KEEPALIVE with nothing to echo", Keepalive(2_000_000, 0, 0)),
         ("keepalive-echo", "KEEPALIVE echoing ts 1000000 after holding it 250 us", Keepalive(2_000_500, 1_000_000, 250)),
         ("update-origin", "gw3 advertises its own instance s1 of /yolo",
@@ -89,6 +93,12 @@ def message_vectors() -> list[dict]:
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": [], "ts": 1, "gr": 5000})),
         ("cap-without-gr", "OPEN offering graceful-restart without its gr window",
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["graceful-restart"], "ts": 1})),
+        ("cap-without-tw", "OPEN offering tunnel-window without its tw",
+         msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel", "tunnel-window"], "ts": 1})),
+        ("tw-small-window", "OPEN whose tw grants a stream window under 16384 bytes",
+         msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel-window"], "ts": 1, "tw": [1024, 1 << 20, 8]})),
+        ("tw-no-streams", "OPEN whose tw allows 0 streams",
+         msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel-window"], "ts": 1, "tw": [65536, 1 << 20, 0]})),
     ]
     for name, meaning, body in bad:
         try:
@@ -148,16 +158,21 @@ def tunnel_vectors() -> list[dict]:
         ("data-end", "DATA on stream 1, 'GET /yolo HTTP/1.1...' fragment, END", encode_frame(1, FrameType.DATA, b"GET /yolo HTTP/1.1\r\nhost: x\r\n\r\n", FLAG_END), None),
         ("window", "WINDOW on stream 2: credit 131072 bytes", encode_frame(2, FrameType.WINDOW, (131072).to_bytes(4, "big")), None),
         ("reset", "RESET stream 3: refused, not delivered, 'over capacity'", encode_frame(3, FrameType.RESET, reset_payload(ResetCode.REFUSED, False, "over capacity")), None),
+        ("connection-window", "WINDOW on stream 0 (session with tunnel-window): credit the connection 31457280 bytes",
+         encode_frame(0, FrameType.WINDOW, (30 << 20).to_bytes(4, "big")), None),
     ]
     out = []
     for name, meaning, raw, e in good:
         v = {"name": name, "meaning": meaning, "hex": raw.hex(), "stream_id": int.from_bytes(raw[:4], "big"),
              "type": raw[4], "flags": raw[5]}
+        if v["stream_id"] == 0:
+            v["caps"] = ["tunnel-window"]  # valid only where both OPENs list it
         if e is not None:
             v["ext"] = [e.label, e.origin, e.instance, int(e.qos), e.hop_limit, e.budget_us, e.flags]
         out.append(v)
     bad = [
         ("stream-zero", "DATA on stream 0", encode_frame(0, FrameType.DATA, b"x")),
+        ("stream-zero-window", "WINDOW on stream 0 on a session without tunnel-window", encode_frame(0, FrameType.WINDOW, (65536).to_bytes(4, "big"))),
         ("unknown-type", "frame type 9", bytes.fromhex("000000010900")),
         ("oversized-data", "DATA of 16385 bytes", encode_frame(1, FrameType.DATA, b"x" * 16385)),
         ("zero-window", "WINDOW increment 0", encode_frame(1, FrameType.WINDOW, bytes(4))),

@@ -115,7 +115,7 @@ def test_tunnel_vectors(vectors) -> None:
                     ExtHeader.decode(f.payload)
             assert [ei.value.code, ei.value.subcode] == v["error"], v["name"]
         else:
-            f = decode_frame(raw)
+            f = decode_frame(raw, conn_window="tunnel-window" in v.get("caps", []))
             assert [f.stream_id, int(f.type), f.flags] == [v["stream_id"], v["type"], v["flags"]], v["name"]
             if f.type is FrameType.OPEN:
                 ext = ExtHeader.decode(f.payload)
