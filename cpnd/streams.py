@@ -127,11 +127,13 @@ class TunnelStream:
     async def receive(self) -> bytes:
         """Next chunk from the peer, ``b""`` at the end; StreamReset if abandoned.
 
-        The previous chunk is credited back to the peer only now: a reader asks again once it has
-        passed that chunk on, so what it still holds counts against the windows (tunnel.md).
+        The stream's window is credited as a chunk is taken, the connection's only when the reader
+        asks again (it has passed the chunk on): what the gateway holds while a slow destination
+        drains stays within the connection window, and one stream's transfer is not slowed (tunnel.md).
         """
         if self._passing:
-            self._credit_back(self._passing)
+            self.buffered -= self._passing
+            self.mux.consumed(self._passing)
             self._passing = 0
         data = await self._inbox.pop()
         if data and self._inbox.chunks:
@@ -147,15 +149,11 @@ class TunnelStream:
             self._maybe_close()
         elif not self._inbox.chunks:
             self._release()  # closed with its data complete: the reader will not ask again
-        return data
-
-    def _credit_back(self, n: int) -> None:
-        self.buffered -= n
-        self.mux.consumed(n)
-        if not self.closed:
-            inc = self.window.on_consumed(n)
+        if data and not self.closed:
+            inc = self.window.on_consumed(len(data))
             if inc:
                 self.mux.send_frame(encode_frame(self.id, FrameType.WINDOW, inc.to_bytes(4, "big")))
+        return data
 
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
