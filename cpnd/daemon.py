@@ -86,6 +86,7 @@ class Connection:
         self._sending = False
         self._delay_s = 0.0
         self.counted_unauthenticated = False
+        self.replaced = False  # closed for a newer connection the same peer dialled (a swap)
         self.mux: Mux | None = None
         self._writable = trio.Event()
 
@@ -549,11 +550,19 @@ class Daemon:
         for other in list(peer.conns):
             if other is conn or other.session.peer_id is None:
                 continue
-            keep_new = collision_keeps_new(self.id, peer_id, other.established, conn.initiated)
+            keep_new = collision_keeps_new(self.id, peer_id, other.established, other.initiated, conn.initiated)
             loser = other if keep_new else conn
-            log.info("%s: connection collision with %s, closing the one %s initiated", self.id, peer_id,
-                     "we" if loser.initiated else "it")
-            loser.session.close(Code.CEASE, CeaseSub.COLLISION, "connection collision resolution")
+            if other.initiated == conn.initiated:
+                # It dialled again, so it gave the old connection up (session.md, "Collisions"):
+                # a swap, its routes kept stale until the new session's End-of-RIB.
+                log.info("%s: %s connected again: its new connection replaces the old one", self.id, peer_id)
+                other.replaced = True
+                text = "replaced by a newer connection from the same peer"
+            else:
+                log.info("%s: connection collision with %s, closing the one %s initiated", self.id, peer_id,
+                         "we" if loser.initiated else "it")
+                text = "connection collision resolution"
+            loser.session.close(Code.CEASE, CeaseSub.COLLISION, text)
             if loser is not conn:
                 loser._process()
 
@@ -617,9 +626,10 @@ class Daemon:
             if was_up:
                 # The peer closed this session for a collision: it keeps (or is making) another
                 # connection to us, a swap rather than a flap. Its routes stay, marked stale, until
-                # that session's End-of-RIB or, if none comes up, the swap window passes.
-                swap = _swapped(event)
-                if not swap:
+                # that session's End-of-RIB or, if none comes up, the swap window passes. A session
+                # its own newer connection replaced is a swap too, but the peer did lose it: a flap.
+                swap = _swapped(event) or conn.replaced
+                if not _swapped(event):
                     peer.flaps += 1
                 peer.established_at = None
                 others_up = any(c.established for c in peer.conns if c is not conn)
@@ -632,6 +642,7 @@ class Daemon:
                     if window_ms:
                         log.info("%s: keeping %d routes of %s as stale for %d ms (%s)", self.id,
                                  len(self.rib.adj_in.get(peer.config.id, {})), peer.config.id, window_ms,
+                                 "replaced by its new connection" if conn.replaced else
                                  "connection collision swap" if swap else "graceful restart")
                         self._propagate(self.rib.peer_stale(peer.config.id, trio.current_time() + window_ms / 1000))
                     else:

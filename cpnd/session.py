@@ -562,12 +562,17 @@ class Backoff:
         self.attempts = 0
 
 
-def collision_keeps_new(local_id: str, peer_id: str, existing_established: bool, new_initiated_locally: bool) -> bool:
+def collision_keeps_new(local_id: str, peer_id: str, existing_established: bool, existing_initiated_locally: bool,
+                        new_initiated_locally: bool) -> bool:
     """Which of two connections to one peer survives (protocol-spec/session.md, "Collisions").
 
-    An established session always wins; otherwise the connection initiated by the
-    gateway with the greater id (byte-wise UTF-8 comparison) wins.
+    Both initiated by the same gateway: the new one (a gateway dials only when it holds no
+    connection to that peer, so it gave the old one up: it restarted, or lost the
+    connection without the other end noticing). Otherwise an established session wins,
+    then the connection initiated by the gateway with the greater id (byte-wise UTF-8).
     """
+    if existing_initiated_locally == new_initiated_locally:
+        return True
     if existing_established:
         return False
     winner = local_id if local_id.encode() > peer_id.encode() else peer_id
