@@ -52,6 +52,7 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "seq": a.seq,
             "older_seq": a.seq < fresh.seq,  # its attributes are not the freshest we hold
             "stale": route.stale,  # kept through the next hop's graceful restart
+            "down": fresh.down,  # its origin's health checks took it out: known, not used
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
         })
         if best:

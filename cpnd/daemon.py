@@ -45,7 +45,7 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from .wire import RouteAdv
+from .wire import INSTANCE_DOWN_CAP, RouteAdv
 
 log = logging.getLogger("cpnd")
 
@@ -378,13 +378,14 @@ class Daemon:
         out = []
         for svc in self.config.services:
             for inst in svc.instances:
-                if not self.dataplane.health(inst.id).healthy:
-                    continue  # withdrawn network-wide until it recovers
                 load, bload, comp = self.local_attrs.get(inst.id, (0.0, 0.0, inst.compute_latency_ms * 1000))
                 out.append(RouteAdv(
                     service=svc.path, instance=inst.id, origin=self.id, seq=self.local_seq.get(inst.id, self.seq),
                     label=service_label(svc.path), path=(self.id,), latency_us=0,
                     capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
+                    # Down by health checks: still advertised, marked down, so that its service stays
+                    # known (503 no_instance, not 404) until it recovers (messages.md, "Route").
+                    down=not self.dataplane.health(inst.id).healthy,
                 ))
         return out
 
@@ -435,7 +436,7 @@ class Daemon:
 
     def health_changed(self, iid: str, healthy: bool) -> None:
         """An instance went down or came back: re-advertise our instances."""
-        log.warning("%s: instance %s is %s", self.id, iid, "healthy again" if healthy else "unhealthy: withdrawn")
+        log.warning("%s: instance %s is %s", self.id, iid, "healthy again" if healthy else "unhealthy: advertised as down")
         self.stats["health_changes"] += 1
         self.seq += 1
         self.local_seq[iid] = self.seq
@@ -583,7 +584,8 @@ class Daemon:
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream,
                            max_data=MAX_DATA_LARGE if large else MAX_DATA,
                            initial_window=INITIAL_WINDOW_LARGE if large else INITIAL_WINDOW)
-        conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
+        conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,
+                                 down_ok=INSTANCE_DOWN_CAP in conn.session.agreed_caps)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
         if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms and not peer.swap_pending:

@@ -39,7 +39,9 @@ from .select import (
     TtlCache,
     candidates,
     choose,
+    explain_none,
     match_service,
+    no_live_instance,
     parse_constraints,
     pinned_first,
     rank,
@@ -743,8 +745,10 @@ class DataPlane:
         elif mode == "dns-ttl":
             ranked = pinned_first(ranked, self.ttl.get(service, cons, now), cands)
         if not ranked:
-            raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints"
-                            f" ({len(cands)} known)")
+            if not cands:  # known, but every instance is down or reachable only through stale paths
+                raise HttpError(503, "no_instance", no_live_instance(self.d.rib, service))
+            raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints "
+                            f"({len(cands)} live): {explain_none(cands, cons)}")
         if mode == "per-connection":
             pinned[service] = ranked[0].key
         elif mode == "dns-ttl" and self.ttl.get(service, cons, now) is None:

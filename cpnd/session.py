@@ -22,6 +22,7 @@ from .tunnel import LARGE_DATA_CAP
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
 from .wire import (
     GRACEFUL_RESTART_CAP,
+    INSTANCE_DOWN_CAP,
     MAX_HANDSHAKE_BODY,
     MAX_HOLD_MS,
     MAX_RECORD,
@@ -209,7 +210,7 @@ class SessionConfig:
     hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
-    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP)
+    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP)
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
 
     @property

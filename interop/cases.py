@@ -614,6 +614,34 @@ def _h503(t: Target) -> None:
     _json_error(status, headers, body, status)
 
 
+def _poll_http(t: Target, path: str, until: Callable[[int], bool], limit: float = 3.0) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` until ``until(status)`` or ``limit`` s pass (the target applies an UPDATE when it reads it)."""
+    deadline = time.monotonic() + limit
+    while True:
+        answer = _http(t, "GET", path)
+        if until(answer[0]) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
+
+
+@case("http-503-every-instance-down", "routing.md#instances-that-are-down, selection.md#matching")
+def _all_down(t: Target) -> None:
+    """A service whose only instance its origin marks down stays known: 503 no_instance, not 404."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    svc = "/interop-down-" + random_id()
+    p = t.session(caps=["route-refresh", "tunnel", "instance-down"])
+    try:
+        p.send_msg({"t": UPDATE, "adv": [new_route(svc, "i1", t.my_id, down=True)], "wd": []})
+        obj = _json_error(*_poll_http(t, svc, lambda s: s != 404), 503)
+        assert obj["error"] == "no_instance", obj
+        p.send_msg({"t": UPDATE, "adv": [], "wd": [[svc, t.my_id, "i1"]]})
+        obj = _json_error(*_poll_http(t, svc, lambda s: s == 404), 404)
+        assert obj["error"] == "no_such_service", obj
+    finally:
+        p.close()
+
+
 def advertised_routes(t: Target, quiet: float = 0.5, limit: float = 3.0) -> set[tuple[str, str, str]]:
     """(service, origin, instance) of every route the target advertises to us, after a ROUTE-REFRESH.
 
