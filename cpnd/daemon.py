@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import attrs
 import trio
 
-from .aio import open_nursery, sleep_until_precisely
+from .aio import open_listeners, open_nursery, sleep_until_precisely
 from .config import Config, PeerConfig, load_config
 from .crypto import public_key_b64
 from .crypto import Role
@@ -323,7 +323,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             self.started_at = trio.current_time()
             self.rib.set_local(self._local_routes(), self.started_at)
-            listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
+            listeners = await open_listeners("listen", g.listen.host, g.listen.port, str(g.listen))
             self.listen_port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery

@@ -24,7 +24,7 @@ import attrs
 import h11
 import trio
 
-from .aio import open_nursery
+from .aio import open_listeners, open_nursery
 from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
@@ -572,7 +572,7 @@ class DataPlane:
         """Accept users until ``stop_accepting``; their connections then run on until done."""
         addr = self.d.config.gateway.http_listen
         assert addr is not None
-        listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+        listeners = await open_listeners("http_listen", addr.host, addr.port, str(addr))
         self.http_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as handlers:
             with self._accepting:

@@ -341,13 +341,13 @@ class Lab:
             time.sleep(0.05)
 
     def converged(self, topo: Topology, gateways: Iterable[str] | None = None) -> bool:
-        """Every session between running gateways is up and every RIB holds a best route to every instance."""
+        """Every session between running gateways is up and every RIB holds a best route to every instance, up."""
         want = {(i.service, i.gateway, i.id) for i in topo.instances if i.gateway in self.procs}
         for gw in gateways if gateways is not None else self.procs:
             peers = {p["id"]: p["state"] for p in self.query(gw, "show-peers")}
             if any(peers.get(n) != "established" for n, _ in topo.neighbours(gw) if n in self.procs):
                 return False
-            have = {(r["service"], r["origin"], r["instance"]) for r in self.routes(gw) if r["best"]}
+            have = {(r["service"], r["origin"], r["instance"]) for r in self.routes(gw) if r["best"] and not r["down"]}
             if have != want:
                 return False
         return True
