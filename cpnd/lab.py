@@ -206,7 +206,9 @@ class InstanceProcs:
     """Simulated instances (``python -m cpnd.simulate``): real HTTP servers, one process each or one for a topology.
 
     ``die_with_parent``: children end when the starting thread does (for ``cpnd lab``, whose
-    main thread starts them; not for callers that start processes from worker threads).
+    main thread starts them; not for callers that start processes from worker threads), and
+    run in a session of their own: a Ctrl-C at the terminal reaches only ``cpnd lab``, which
+    stops them in order.
     """
 
     def __init__(self, *, die_with_parent: bool = False) -> None:
@@ -217,7 +219,7 @@ class InstanceProcs:
     def _spawn(self, args: list[str], lines: int, what: str) -> tuple[subprocess.Popen[str], list[str]]:
         """Start ``python -m cpnd.simulate ARGS``; the process and its first ``lines`` ``listening`` lines."""
         p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", *args], stdout=subprocess.PIPE, text=True,
-                             stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
+                             stdin=subprocess.DEVNULL, preexec_fn=self.preexec, start_new_session=self.preexec is not None)
         out = [p.stdout.readline() if p.stdout else "" for _ in range(lines)]
         if not all(line.startswith("listening ") for line in out):
             p.kill()
@@ -284,6 +286,7 @@ class Lab:
         self.procs[gw] = subprocess.Popen(
             [sys.executable, "-m", "cpnd", "--config", str(spec.config), "--log-level", self.log_level],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
+            start_new_session=self.preexec is not None,  # as for InstanceProcs: the lab stops them itself
         )
         log.close()
 
