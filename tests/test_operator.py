@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from cpnd.crypto import generate_key, write_private_key
-from cpnd.lab import free_ports
+from cpnd.http import H2_PREFACE
+from cpnd.lab import Lab, Topology, free_ports, write_lab
 
 
 def _gateway(tmp_path: Path, **over: str) -> tuple[Path, dict[str, str]]:
@@ -97,3 +101,78 @@ def test_ctrl_c_on_a_simulated_instance_is_quiet() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def lone(tmp_path):
+    """One real gateway with an HTTP ingress (no peers, no instances): what a client meets first."""
+    topo = Topology(("a",), (), ())
+    with Lab(write_lab(topo, tmp_path)) as lab:
+        lab.start_all()
+        lab.wait_for(lambda: lab.query("a", "status") is not None, 10, "a to answer")
+        host, port = lab.specs["a"].http.rsplit(":", 1)
+        yield lab, (host, int(port))
+
+
+def _exchange(addr: tuple[str, int], data: bytes) -> bytes:
+    """Send ``data``, read until the gateway closes (bounded)."""
+    with socket.create_connection(addr, timeout=5) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_an_http2_preface_gets_goaway_http_1_1_required_and_one_line(lone) -> None:
+    lab, addr = lone
+    answer = _exchange(addr, H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface + SETTINGS
+    # The server preface (empty SETTINGS), then GOAWAY: last stream 0, HTTP_1_1_REQUIRED, a reason; then close.
+    assert answer[:9] == b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    length, ftype = int.from_bytes(answer[9:12], "big"), answer[12]
+    assert ftype == 7 and len(answer) == 18 + length
+    assert answer[18:22] == b"\x00\x00\x00\x00" and int.from_bytes(answer[22:26], "big") == 0xD
+    assert b"HTTP/2 prior knowledge is not supported" in answer[26:]
+    lab.wait_for(lambda: "HTTP/2 prior-knowledge preface" in lab.log("a"), 5, "the log line")
+    assert lab.log("a").count("HTTP/2") == 1 and "bytearray" not in lab.log("a")
+
+
+def test_a_tls_client_hello_gets_a_plain_400_and_one_line(lone) -> None:
+    lab, addr = lone
+    with socket.create_connection(addr, timeout=5) as raw:
+        ctx = ssl.create_default_context()
+        with pytest.raises(ssl.SSLError):  # what a TLS client sees: not TLS here
+            ctx.wrap_socket(raw, server_hostname="localhost")
+    answer = _exchange(addr, bytes.fromhex("160301002a0100002603035a") + b"\x00" * 40)  # a ClientHello's start
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": "bad_request", "detail": "this port speaks plain HTTP, not TLS: use http://"}
+    lab.wait_for(lambda: lab.log("a").count("TLS ClientHello") == 2, 5, "one line per connection")
+
+
+def test_malformed_requests_and_broken_exchanges_leave_no_h11_internals(lone) -> None:
+    lab, addr = lone
+    answer = _exchange(addr, b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n")
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body == {"error": "bad_request", "detail": "malformed HTTP/1.1 request: illegal header line"}
+    # A client that pipelines requests whose (error) answers it never reads, then resets: the gateway's
+    # write fails half-way through an answer. That connection must just end (h11 used to be asked to
+    # start another exchange from the broken one: "not in a reusable state. self.states={...}").
+    for _ in range(3):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(addr)
+        s.settimeout(0.5)
+        req = b"GET /" + b"n" * 60000 + b" HTTP/1.1\r\nHost: a\r\n\r\n"  # each 404 echoes the 60 KB path
+        try:
+            for _ in range(200):
+                s.sendall(req)
+        except TimeoutError:
+            pass  # both directions full: the gateway is stuck writing an answer
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset
+    lab.wait_for(lambda: lab.query("a", "status")["http_clients"] == 0, 10, "the connections to end")
+    log = lab.log("a")
+    assert "404 no_such_service" in log
+    for needle in ("LocalProtocolError", "self.states", "bytearray", "Traceback"):
+        assert needle not in log, needle
