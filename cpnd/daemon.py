@@ -475,6 +475,7 @@ class Daemon:
                 self._propagate(self.rib.set_local(self._local_routes(), now))
             if self.rib.stale_until:
                 self._propagate(self.rib.expire_stale(now))
+            self.dataplane.flush_log_counts()
 
     # ---- connections
 

@@ -103,11 +103,15 @@ class LogLimiter:
         self.count = 0
         self.suppressed = 0
 
-    def allow(self, gateway: str, now: float) -> bool:
+    def flush(self, gateway: str, now: float) -> None:
+        """Once the second is over, log how many lines it suppressed (called on each line and by a timer)."""
         if now - self.window >= 1.0:
             if self.suppressed:
                 log.warning("%s: %d more %s lines suppressed in the last second", gateway, self.suppressed, self.kind)
             self.window, self.count, self.suppressed = now, 0, 0
+
+    def allow(self, gateway: str, now: float) -> bool:
+        self.flush(gateway, now)
         if self.count >= self.per_s:
             self.suppressed += 1
             return False
@@ -561,6 +565,12 @@ class DataPlane:
         self._accepting = trio.CancelScope()
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+
+    def flush_log_counts(self) -> None:
+        """Log the counts of suppressed lines once their second is over, even when no more lines come."""
+        now = trio.current_time()
+        self._error_lines.flush(self.d.id, now)
+        self._attempt_lines.flush(self.d.id, now)
 
     def health(self, iid: str) -> HealthTracker:
         tracker = self._health.get(iid)

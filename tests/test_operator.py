@@ -12,11 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cpnd.crypto import generate_key, write_private_key
 from cpnd.http import H2_PREFACE
-from cpnd.lab import Lab, Topology, free_ports, write_lab
+from cpnd.lab import Instance, InstanceProcs, Lab, Topology, free_ports, write_lab
 
 
 def _gateway(tmp_path: Path, **over: str) -> tuple[Path, dict[str, str]]:
@@ -176,3 +177,22 @@ def test_malformed_requests_and_broken_exchanges_leave_no_h11_internals(lone) ->
     assert "404 no_such_service" in log
     for needle in ("LocalProtocolError", "self.states", "bytearray", "Traceback"):
         assert needle not in log, needle
+
+
+def test_refusals_log_a_bounded_number_of_lines_and_no_next_candidate_when_none(tmp_path) -> None:
+    insts = InstanceProcs()
+    try:
+        port = insts.start("s1")
+        topo = Topology(("a",), (), (Instance("s1", "a", "/svc", 2, 1, 0),))  # capacity 2/s: a hard cap
+        with Lab(write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{port}/")) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: lab.converged(topo), 10, "a to advertise s1")
+            with httpx.Client(base_url=f"http://{lab.specs['a'].http}", timeout=10) as c:
+                statuses = [c.get("/svc").status_code for _ in range(60)]
+            assert statuses.count(200) <= 4 and statuses.count(503) >= 56
+            lab.wait_for(lambda: "more failed-attempt lines suppressed" in lab.log("a"), 5, "the count of the rest")
+            log = lab.log("a")
+            attempts = [ln for ln in log.splitlines() if "via a/s1 failed: stream reset: REFUSED" in ln]
+            assert 10 <= len(attempts) < 56 and "trying the next candidate" not in log  # s1 was the only one
+    finally:
+        insts.stop_all()
