@@ -19,6 +19,29 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc`` and its nested groups (``exc`` itself when it is no group)."""
+    return _leaves(exc)
+
+
+class ListenError(Exception):
+    """A listener of ours could not be opened: ``<config key> <address>: <reason>``, for one line on stderr."""
+
+    def __init__(self, what: str, address: str, reason: str) -> None:
+        super().__init__(f"{what} {address}: {reason}")
+        self.what = what
+        self.address = address
+        self.reason = reason
+
+
+async def open_listeners(what: str, host: str, port: int, shown: str) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` whose failure (a busy port, say) names the config key and address."""
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ListenError(what, shown, exc.strerror or str(exc)) from None
+
+
 @contextlib.asynccontextmanager
 async def open_nursery() -> AsyncIterator[trio.Nursery]:
     """A nursery that raises its first real error as itself, not inside an ExceptionGroup.

@@ -20,6 +20,7 @@ ROUTE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("origin", "ORIGIN"), ("next_hop", "NEXT-HOP"),
     ("path", "PATH"), ("path_latency_ms", "PATH-MS"), ("compute_latency_ms", "COMP-MS"), ("load", "LOAD"),
     ("capacity", "CAP"), ("price", "PRICE"), ("label", "LABEL"), ("age_s", "AGE-S"), ("best", "BEST"),
+    ("state", "STATE"),
 ]
 SERVICE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("healthy", "HEALTHY"), ("load", "LOAD"),
@@ -109,6 +110,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"cpnctl: service {args.service!r}: {problem}", file=sys.stderr)
             return 2
         rows = request(args.socket, "show-routes", service=args.service)
+        if not args.json:
+            for r in rows:  # why a path is not used: its instance is down, or it waits out a restart
+                r["state"] = "down" if r.get("down") else "stale" if r.get("stale") else ""
         print(json.dumps(rows, indent=1) if args.json else table(rows, ROUTE_COLUMNS))
     elif args.what == "services":
         rows = request(args.socket, "show-services")

@@ -6,6 +6,7 @@ Requests are ``{"cmd": "show-routes", "service": "/yolo"}`` and the like (see
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .aio import ListenError
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,6 +54,7 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "seq": a.seq,
             "older_seq": a.seq < fresh.seq,  # its attributes are not the freshest we hold
             "stale": route.stale,  # kept through the next hop's graceful restart
+            "down": fresh.down,  # its origin's health checks took it out: known, not used
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
         })
         if best:
@@ -165,14 +168,17 @@ def handle_request(daemon: Daemon, raw: bytes) -> dict[str, Any]:
 
 async def serve_control(daemon: Daemon, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Listen on the unix socket ``path`` until cancelled, then remove it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        if await _socket_alive(path):
-            raise OSError(f"control socket {path} is in use by a running daemon")
-        path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(str(path))
-    os.chmod(path, 0o660)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if await _socket_alive(path):  # another daemon serves it: never take it over
+                raise ListenError("control_socket", str(path), os.strerror(errno.EADDRINUSE))
+            path.unlink()
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(str(path))
+        os.chmod(path, 0o660)
+    except OSError as exc:
+        raise ListenError("control_socket", str(path), exc.strerror or str(exc)) from None
     sock.listen(16)
     listener = trio.SocketListener(sock)
     limiter = trio.CapacityLimiter(MAX_CLIENTS)

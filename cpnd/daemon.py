@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import attrs
 import trio
 
-from .aio import open_nursery, release_free_memory, sleep_until_precisely
+from .aio import open_listeners, open_nursery, release_free_memory, sleep_until_precisely
 from .config import Config, PeerConfig, load_config
 from .crypto import public_key_b64
 from .crypto import Role
@@ -45,7 +45,7 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from .wire import RouteAdv, TunnelLimits
+from .wire import INSTANCE_DOWN_CAP, RouteAdv, TunnelLimits
 
 log = logging.getLogger("cpnd")
 
@@ -88,6 +88,7 @@ class Connection:
         self._sending = False
         self._delay_s = 0.0
         self.counted_unauthenticated = False
+        self.replaced = False  # closed for a newer connection the same peer dialled (a swap)
         self.mux: Mux | None = None
         self._writable = trio.Event()
 
@@ -325,7 +326,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             self.started_at = trio.current_time()
             self.rib.set_local(self._local_routes(), self.started_at)
-            listeners = await trio.open_tcp_listeners(g.listen.port, host=g.listen.host)
+            listeners = await open_listeners("listen", g.listen.host, g.listen.port, str(g.listen))
             self.listen_port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
@@ -381,13 +382,14 @@ class Daemon:
         out = []
         for svc in self.config.services:
             for inst in svc.instances:
-                if not self.dataplane.health(inst.id).healthy:
-                    continue  # withdrawn network-wide until it recovers
                 load, bload, comp = self.local_attrs.get(inst.id, (0.0, 0.0, inst.compute_latency_ms * 1000))
                 out.append(RouteAdv(
                     service=svc.path, instance=inst.id, origin=self.id, seq=self.local_seq.get(inst.id, self.seq),
                     label=service_label(svc.path), path=(self.id,), latency_us=0,
                     capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
+                    # Down by health checks: still advertised, marked down, so that its service stays
+                    # known (503 no_instance, not 404) until it recovers (messages.md, "Route").
+                    down=not self.dataplane.health(inst.id).healthy,
                 ))
         return out
 
@@ -438,7 +440,7 @@ class Daemon:
 
     def health_changed(self, iid: str, healthy: bool) -> None:
         """An instance went down or came back: re-advertise our instances."""
-        log.warning("%s: instance %s is %s", self.id, iid, "healthy again" if healthy else "unhealthy: withdrawn")
+        log.warning("%s: instance %s is %s", self.id, iid, "healthy again" if healthy else "unhealthy: advertised as down")
         self.stats["health_changes"] += 1
         self.seq += 1
         self.local_seq[iid] = self.seq
@@ -477,6 +479,7 @@ class Daemon:
                 self._propagate(self.rib.set_local(self._local_routes(), now))
             if self.rib.stale_until:
                 self._propagate(self.rib.expire_stale(now))
+            self.dataplane.flush_log_counts()
 
     async def _memory_loop(self) -> None:
         """After a burst of tunnel buffering has drained, hand the freed memory back (once a second at most)."""
@@ -561,11 +564,19 @@ class Daemon:
         for other in list(peer.conns):
             if other is conn or other.session.peer_id is None:
                 continue
-            keep_new = collision_keeps_new(self.id, peer_id, other.established, conn.initiated)
+            keep_new = collision_keeps_new(self.id, peer_id, other.established, other.initiated, conn.initiated)
             loser = other if keep_new else conn
-            log.info("%s: connection collision with %s, closing the one %s initiated", self.id, peer_id,
-                     "we" if loser.initiated else "it")
-            loser.session.close(Code.CEASE, CeaseSub.COLLISION, "connection collision resolution")
+            if other.initiated == conn.initiated:
+                # It dialled again, so it gave the old connection up (session.md, "Collisions"):
+                # a swap, its routes kept stale until the new session's End-of-RIB.
+                log.info("%s: %s connected again: its new connection replaces the old one", self.id, peer_id)
+                other.replaced = True
+                text = "replaced by a newer connection from the same peer"
+            else:
+                log.info("%s: connection collision with %s, closing the one %s initiated", self.id, peer_id,
+                         "we" if loser.initiated else "it")
+                text = "connection collision resolution"
+            loser.session.close(Code.CEASE, CeaseSub.COLLISION, text)
             if loser is not conn:
                 loser._process()
 
@@ -586,7 +597,8 @@ class Daemon:
             assert ours is not None
             settings = mux_settings(ours, conn.session.peer_tunnel, LARGE_DATA_CAP in conn.session.agreed_caps)
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream, settings, self.tunnel_bytes)
-        conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000)
+        conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,
+                                 down_ok=INSTANCE_DOWN_CAP in conn.session.agreed_caps)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
         if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms and not peer.swap_pending:
@@ -629,9 +641,10 @@ class Daemon:
             if was_up:
                 # The peer closed this session for a collision: it keeps (or is making) another
                 # connection to us, a swap rather than a flap. Its routes stay, marked stale, until
-                # that session's End-of-RIB or, if none comes up, the swap window passes.
-                swap = _swapped(event)
-                if not swap:
+                # that session's End-of-RIB or, if none comes up, the swap window passes. A session
+                # its own newer connection replaced is a swap too, but the peer did lose it: a flap.
+                swap = _swapped(event) or conn.replaced
+                if not _swapped(event):
                     peer.flaps += 1
                 peer.established_at = None
                 others_up = any(c.established for c in peer.conns if c is not conn)
@@ -644,6 +657,7 @@ class Daemon:
                     if window_ms:
                         log.info("%s: keeping %d routes of %s as stale for %d ms (%s)", self.id,
                                  len(self.rib.adj_in.get(peer.config.id, {})), peer.config.id, window_ms,
+                                 "replaced by its new connection" if conn.replaced else
                                  "connection collision swap" if swap else "graceful restart")
                         self._propagate(self.rib.peer_stale(peer.config.id, trio.current_time() + window_ms / 1000))
                     else:

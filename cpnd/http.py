@@ -15,6 +15,7 @@ from http import HTTPStatus
 import logging
 import os
 import random
+import re
 import select
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable
@@ -24,7 +25,7 @@ import attrs
 import h11
 import trio
 
-from .aio import open_nursery
+from .aio import open_listeners, open_nursery
 from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
@@ -39,7 +40,9 @@ from .select import (
     TtlCache,
     candidates,
     choose,
+    explain_none,
     match_service,
+    no_live_instance,
     parse_constraints,
     pinned_first,
     rank,
@@ -59,6 +62,7 @@ RECEIVE_CHUNK = 256 * 1024  # a bulk body in fewer, larger pieces (each one cost
 MAX_ATTEMPTS = 3
 PIPE_HIGH_WATER = 256 * 1024
 ERROR_LOG_PER_S = 50
+ATTEMPT_LOG_PER_S = 10  # lines about a failed attempt (a refusal, say) that another candidate may still serve
 RESPONSE_HOLD_BYTES = 64 * 1024  # responses up to this size reach the user whole or not at all
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
               b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"}
@@ -86,6 +90,61 @@ class HttpError(Exception):
         self.detail = detail
         self.close = close  # the request's framing cannot be trusted: end the connection after this
         self.service = ""  # for metrics, once known
+
+
+class LogLimiter:
+    """At most ``per_s`` lines a second of one kind; beyond that they are counted, and the count is
+    logged once the second is over (a flood costs a bounded number of lines)."""
+
+    def __init__(self, per_s: int, kind: str) -> None:
+        self.per_s = per_s
+        self.kind = kind
+        self.window = -1e9
+        self.count = 0
+        self.suppressed = 0
+
+    def flush(self, gateway: str, now: float) -> None:
+        """Once the second is over, log how many lines it suppressed (called on each line and by a timer)."""
+        if now - self.window >= 1.0:
+            if self.suppressed:
+                log.warning("%s: %d more %s lines suppressed in the last second", gateway, self.suppressed, self.kind)
+            self.window, self.count, self.suppressed = now, 0, 0
+
+    def allow(self, gateway: str, now: float) -> bool:
+        self.flush(gateway, now)
+        if self.count >= self.per_s:
+            self.suppressed += 1
+            return False
+        self.count += 1
+        return True
+
+
+def _h11_reason(exc: h11.ProtocolError) -> str:
+    """h11's message without the buffer reprs it appends (``illegal request line: bytearray(b'SM')``)."""
+    return re.split(r":\s*(?:bytearray\()?b['\"]", str(exc), maxsplit=1)[0]
+
+
+# What a connection's first bytes say when it does not speak HTTP/1.x (sniff_preface).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
+TLS_HANDSHAKE = 0x16  # a TLS record of type handshake (a ClientHello); no HTTP method starts with it
+# Our answer to an HTTP/2 client with prior knowledge (RFC 9113 sections 3.4, 6.8): the server
+# preface (an empty SETTINGS frame), then GOAWAY, last stream 0, HTTP_1_1_REQUIRED (0xd).
+_H2_REFUSAL_TEXT = b"HTTP/2 prior knowledge is not supported on this port: use HTTP/1.1"
+H2_REFUSAL = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+              + (8 + len(_H2_REFUSAL_TEXT)).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
+              + b"\x00\x00\x00\x00" + (0xD).to_bytes(4, "big") + _H2_REFUSAL_TEXT)
+
+
+def sniff_preface(data: bytes) -> str | None:
+    """``"h2"``, ``"tls"``, ``""`` (too few bytes to tell yet) or None (HTTP/1.x, as far as we can tell).
+
+    The one place that decides what a user connection speaks before h11 sees it.
+    """
+    if data[:1] == bytes([TLS_HANDSHAKE]):
+        return "tls"
+    if data[:len(H2_PREFACE)] == H2_PREFACE[:len(data)]:
+        return "h2" if len(data) >= len(H2_PREFACE) else ""
+    return None
 
 
 def _reset_error(exc: StreamReset) -> HttpError:
@@ -511,9 +570,8 @@ class DataPlane:
         self.meters: dict[str, InstanceMeter] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
-        self._error_log_window = -1e9
-        self._error_log_count = 0
-        self._error_log_suppressed = 0
+        self._error_lines = LogLimiter(ERROR_LOG_PER_S, "error")
+        self._attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt")
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.damping = BoundDamping()
         self.reconfigure(daemon.config)
@@ -525,6 +583,12 @@ class DataPlane:
         self._accepting = trio.CancelScope()
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+
+    def flush_log_counts(self) -> None:
+        """Log the counts of suppressed lines once their second is over, even when no more lines come."""
+        now = trio.current_time()
+        self._error_lines.flush(self.d.id, now)
+        self._attempt_lines.flush(self.d.id, now)
 
     def health(self, iid: str) -> HealthTracker:
         tracker = self._health.get(iid)
@@ -588,7 +652,7 @@ class DataPlane:
         """Accept users until ``stop_accepting``; their connections then run on until done."""
         addr = self.d.config.gateway.http_listen
         assert addr is not None
-        listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+        listeners = await open_listeners("http_listen", addr.host, addr.port, str(addr))
         self.http_port = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as handlers:
             with self._accepting:
@@ -646,6 +710,8 @@ class DataPlane:
         client = H11Stream(h11.SERVER, transport)
         pinned: dict[str, Key] = {}
         try:
+            if not await self._http1_only(client, transport):
+                return
             while True:
                 timeout = self.limits.idle_timeout_s if client.conn.their_state is h11.IDLE else self.limits.header_timeout_s
                 with trio.move_on_after(timeout) as idle:
@@ -657,20 +723,55 @@ class DataPlane:
                 if not isinstance(event, h11.Request):
                     break
                 await self._request(client, event, pinned)
-                if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is not h11.DONE or self.draining:
+                # Another request only after a complete exchange both ways (a response cut short,
+                # a body left unread or MUST_CLOSE end the connection).
+                if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
                     break
                 client.conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
-            await self._send_error_quietly(client, HttpError(
-                exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large", str(exc), close=True))
+            error = HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large",
+                              f"malformed HTTP/1.1 request: {_h11_reason(exc)}", close=True)
+            self._log_error(None, error)
+            await self._send_error_quietly(client, error)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
-            log.info("%s: client connection ended: %s: %s", self.d.id, type(exc).__name__, exc)
+            log.info("%s: client connection ended: %s", self.d.id, _ended(exc))
         except Exception:  # a bug must cost this client its connection, never the daemon
             log.exception("%s: HTTP client connection failed", self.d.id)
         finally:
             self.clients -= 1
             with trio.CancelScope(shield=True):
                 await transport.aclose()
+
+    async def _http1_only(self, client: H11Stream, transport: trio.SocketStream) -> bool:
+        """Read the connection's first bytes into h11, unless they are not HTTP/1.x: an HTTP/2
+        preface gets GOAWAY HTTP_1_1_REQUIRED, a TLS ClientHello a plain 400; one log line, then
+        False (close). A later HTTP/2 ingress takes over the "h2" case here."""
+        data = b""
+        with trio.move_on_after(self.limits.idle_timeout_s):
+            while (kind := sniff_preface(data)) == "":
+                chunk = await transport.receive_some(RECEIVE_CHUNK)
+                data += chunk
+                if not chunk:
+                    break
+        kind = sniff_preface(data) if data else None
+        if not kind:
+            client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed (or idle), h11's EOF
+            return True
+        if self._error_lines.allow(self.d.id, trio.current_time()):
+            what = ("an HTTP/2 prior-knowledge preface: answered GOAWAY HTTP_1_1_REQUIRED" if kind == "h2"
+                    else "a TLS ClientHello: answered 400 (this port speaks plain HTTP)")
+            log.info("%s: %s sent %s and closed", self.d.id, _peer(transport), what,
+                     extra={"cpn": {"event": "not_http1", "protocol": kind, "client": _peer(transport)}})
+        with trio.move_on_after(1.0):
+            try:
+                if kind == "h2":
+                    await transport.send_all(H2_REFUSAL)
+                else:
+                    await self._send_error_quietly(client, HttpError(
+                        400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        return False
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -697,20 +798,17 @@ class DataPlane:
         finally:
             self._end()
 
-    def _log_error(self, req: h11.Request, exc: HttpError) -> None:
-        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second)."""
-        now = trio.current_time()
-        if now - self._error_log_window >= 1.0:
-            if self._error_log_suppressed:
-                log.warning("%s: %d more error lines suppressed in the last second", self.d.id, self._error_log_suppressed)
-            self._error_log_window, self._error_log_count, self._error_log_suppressed = now, 0, 0
-        if self._error_log_count >= ERROR_LOG_PER_S:
-            self._error_log_suppressed += 1
+    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
+        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second).
+
+        ``req`` None: the connection never carried a request h11 could parse.
+        """
+        if not self._error_lines.allow(self.d.id, trio.current_time()):
             return
-        self._error_log_count += 1
-        target = req.target.decode("ascii", "replace")[:200]
+        method = req.method.decode("ascii", "replace") if req is not None else "-"
+        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
         log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.d.id,
-                req.method.decode("ascii", "replace"), target, exc.status, exc.error, exc.detail,
+                method, target, exc.status, exc.error, exc.detail,
                 extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
                                "service": exc.service or None, "target": target}})
 
@@ -761,8 +859,10 @@ class DataPlane:
         elif mode == "dns-ttl":
             ranked = pinned_first(ranked, self.ttl.get(service, cons, now), cands)
         if not ranked:
-            raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints"
-                            f" ({len(cands)} known)")
+            if not cands:  # known, but every instance is down or reachable only through stale paths
+                raise HttpError(503, "no_instance", no_live_instance(self.d.rib, service))
+            raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints "
+                            f"({len(cands)} live): {explain_none(cands, cons)}")
         if mode == "per-connection":
             pinned[service] = ranked[0].key
         elif mode == "dns-ttl" and self.ttl.get(service, cons, now) is None:
@@ -822,8 +922,10 @@ class DataPlane:
             except StreamReset as exc:
                 failures.append(_reset_error(exc))
                 retry = (not exc.delivered or idempotent) and exc.code != ResetCode.DEADLINE
-                log.info("%s: %s %s via %s/%s failed: %s%s", self.d.id, req.method.decode(), service, cand.origin,
-                         cand.instance, exc, "; trying the next candidate" if retry else "")
+                more = retry and bool(remaining) and len(failures) < max_attempts and body.replayable
+                if self._attempt_lines.allow(self.d.id, trio.current_time()):
+                    log.info("%s: %s %s via %s/%s failed: %s%s", self.d.id, req.method.decode("ascii", "replace"),
+                             service, cand.origin, cand.instance, exc, "; trying the next candidate" if more else "")
                 if not retry:
                     break
                 self.stats["retries"] += 1
@@ -1267,6 +1369,25 @@ class DataPlane:
                 return head_after
         await entry.stream.aclose()
         return head_after
+
+
+def _peer(transport: trio.SocketStream) -> str:
+    try:
+        host, port = transport.socket.getpeername()[:2]
+    except OSError:
+        return "a client"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ended(exc: BaseException) -> str:
+    """Why a user connection ended early, in words (h11's own messages name its internal states)."""
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+        return f"the client went away ({exc})" if str(exc) else "the client went away"
+    if isinstance(exc, trio.TooSlowError):
+        return f"timed out ({exc})" if str(exc) else "timed out"
+    if isinstance(exc, StreamReset):
+        return f"the upstream reset the response: {exc.text}"
+    return "the exchange could not be completed (the client broke off mid-response)"
 
 
 DRAIN_LIMIT = 64 * 1024

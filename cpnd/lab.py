@@ -206,7 +206,9 @@ class InstanceProcs:
     """Simulated instances (``python -m cpnd.simulate``): real HTTP servers, one process each or one for a topology.
 
     ``die_with_parent``: children end when the starting thread does (for ``cpnd lab``, whose
-    main thread starts them; not for callers that start processes from worker threads).
+    main thread starts them; not for callers that start processes from worker threads), and
+    run in a session of their own: a Ctrl-C at the terminal reaches only ``cpnd lab``, which
+    stops them in order.
     """
 
     def __init__(self, *, die_with_parent: bool = False) -> None:
@@ -217,7 +219,7 @@ class InstanceProcs:
     def _spawn(self, args: list[str], lines: int, what: str) -> tuple[subprocess.Popen[str], list[str]]:
         """Start ``python -m cpnd.simulate ARGS``; the process and its first ``lines`` ``listening`` lines."""
         p = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", *args], stdout=subprocess.PIPE, text=True,
-                             stdin=subprocess.DEVNULL, preexec_fn=self.preexec)
+                             stdin=subprocess.DEVNULL, preexec_fn=self.preexec, start_new_session=self.preexec is not None)
         out = [p.stdout.readline() if p.stdout else "" for _ in range(lines)]
         if not all(line.startswith("listening ") for line in out):
             p.kill()
@@ -284,6 +286,7 @@ class Lab:
         self.procs[gw] = subprocess.Popen(
             [sys.executable, "-m", "cpnd", "--config", str(spec.config), "--log-level", self.log_level],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=self.preexec,
+            start_new_session=self.preexec is not None,  # as for InstanceProcs: the lab stops them itself
         )
         log.close()
 
@@ -341,13 +344,13 @@ class Lab:
             time.sleep(0.05)
 
     def converged(self, topo: Topology, gateways: Iterable[str] | None = None) -> bool:
-        """Every session between running gateways is up and every RIB holds a best route to every instance."""
+        """Every session between running gateways is up and every RIB holds a best route to every instance, up."""
         want = {(i.service, i.gateway, i.id) for i in topo.instances if i.gateway in self.procs}
         for gw in gateways if gateways is not None else self.procs:
             peers = {p["id"]: p["state"] for p in self.query(gw, "show-peers")}
             if any(peers.get(n) != "established" for n, _ in topo.neighbours(gw) if n in self.procs):
                 return False
-            have = {(r["service"], r["origin"], r["instance"]) for r in self.routes(gw) if r["best"]}
+            have = {(r["service"], r["origin"], r["instance"]) for r in self.routes(gw) if r["best"] and not r["down"]}
             if have != want:
                 return False
         return True

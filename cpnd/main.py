@@ -12,10 +12,12 @@ import time
 import trio
 
 from . import __version__
+from .aio import ListenError, leaves
 from .config import load_config
 from .errors import ConfigError
 
 EXIT_CONFIG = 2
+EXIT_LISTEN = 1  # a listener could not be opened (README, "Running a gateway")
 
 
 class JsonFormatter(logging.Formatter):
@@ -90,10 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trio.run(Daemon(config).run)
-    except OSError as exc:
-        # Binding a port or the control socket failed: an operator error, not a crash.
-        print(f"cpnd: {config.gateway.id}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:  # trio wraps what its tasks raise in (nested) exception groups
+        found = leaves(exc)
+        listen = next((e for e in found if isinstance(e, ListenError)), None)
+        if listen is not None:
+            # A busy port or an unusable control socket: an operator error, not a crash.
+            print(f"cpnd: {listen}", file=sys.stderr)
+            return EXIT_LISTEN
+        if all(isinstance(e, KeyboardInterrupt) for e in found):
+            return 130
+        raise
     return 0

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .aio import open_listeners
+
 if TYPE_CHECKING:
     from .daemon import Daemon
 
@@ -101,7 +103,7 @@ async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = 
     """Answer GET /metrics on ``metrics_listen``; anything else 404/405."""
     addr = daemon.config.gateway.metrics_listen
     assert addr is not None
-    listeners = await trio.open_tcp_listeners(addr.port, host=addr.host)
+    listeners = await open_listeners("metrics_listen", addr.host, addr.port, str(addr))
     limiter = trio.CapacityLimiter(16)
 
     async def client(stream: trio.SocketStream) -> None:

@@ -303,9 +303,11 @@ class Rib:
 class AdjRibOut:
     """What one peer has been told, and the keys that may need telling again (paced)."""
 
-    def __init__(self, peer: str, min_interval_s: float) -> None:
+    def __init__(self, peer: str, min_interval_s: float, *, down_ok: bool = True) -> None:
         self.peer = peer
         self.min_interval_s = min_interval_s
+        # Whether the peer offered instance-down: if not, a route whose instance is down is withdrawn instead.
+        self.down_ok = down_ok
         self.sent: dict[Key, RouteAdv] = {}
         self.dirty: set[Key] = set()
         self._force: set[Key] = set()
@@ -331,6 +333,8 @@ class AdjRibOut:
         wd: list[Withdrawal] = []
         for key in sorted(self.dirty):
             want = rib.export(self.peer, key)
+            if want is not None and want.down and not self.down_ok:
+                want = None
             have = self.sent.get(key)
             if want == have and key not in self._force:
                 continue

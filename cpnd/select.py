@@ -173,8 +173,8 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
     out = []
     for key in rib.by_service.get(service, ()):
         best = rib.loc[key]
-        if best.route.stale:
-            continue  # every path to it goes through a gateway that is restarting
+        if best.route.stale or best.fresh.down:
+            continue  # every path to it goes through a gateway that is restarting, or its origin took it out
         f = best.fresh
         load, bload, comp = estimate(key, best) if estimate is not None else (f.load, f.bload, f.compute_us)
         r = best.route
@@ -312,6 +312,39 @@ class BoundDamping:
             e.suppressed = e.suppressed or e.penalty > DAMP_SUPPRESS
         e.inside = within and not e.suppressed
         return e.inside
+
+
+def no_live_instance(rib: Rib, service: str) -> str:
+    """Why a known ``service`` has no candidate at all: its instances are down or only stale paths lead there."""
+    keys = rib.by_service.get(service, ())
+    down = sum(1 for k in keys if rib.loc[k].fresh.down)
+    stale = sum(1 for k in keys if rib.loc[k].route.stale and not rib.loc[k].fresh.down)
+    why = [f"{down} down by health checks"] if down else []
+    if stale:
+        why.append(f"{stale} reachable only through a restarting gateway")
+    return f"no live instance of {service}: {', '.join(why) or 'none known'}"
+
+
+def _ms(us: float) -> str:
+    return f"{us / 1000:.3g} ms"
+
+
+def explain_none(cands: Sequence[Candidate], cons: Constraints) -> str:
+    """What the best candidate could achieve when none meets ``cons``: the figures the routes show, no more."""
+    priced = [c for c in cands if cons.max_price is None or c.price <= cons.max_price]
+    if not priced:
+        cheap = min(cands, key=lambda c: (c.price, c.key))
+        return f"the lowest price is {cheap.price:g} ({cheap.instance} at {cheap.origin}), over CPN-Max-Price {cons.max_price:g}"
+    best = min(priced, key=lambda c: (c.total_us, c.key))
+    where = f"{best.instance} at {best.origin}"
+    if cons.max_latency_us is None:
+        return f"the best is {where}"  # not reached: without a bound every priced candidate is admissible
+    bound = f"CPN-Max-Latency {_ms(cons.max_latency_us)}"
+    if meets_bound(best, cons):
+        return (f"the best estimate now is {_ms(best.total_us)} ({where}), within {bound}, but its latency kept "
+                f"crossing the bound: held out by flap damping for a while")
+    return (f"the best estimate now is {_ms(best.total_us)} ({where}: path {_ms(best.path_latency_us)} + compute "
+            f"{_ms(best.compute_us)}), over {bound} less its {BOUND_MARGIN_FRAC:.0%} margin")
 
 
 def within_bound(c: Candidate, cons: Constraints, elapsed_us: int) -> bool:

@@ -22,6 +22,7 @@ from .tunnel import LARGE_DATA_CAP
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
 from .wire import (
     GRACEFUL_RESTART_CAP,
+    INSTANCE_DOWN_CAP,
     MAX_HANDSHAKE_BODY,
     TUNNEL_WINDOW_CAP,
     MAX_HOLD_MS,
@@ -211,7 +212,7 @@ class SessionConfig:
     hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
-    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP)
+    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP)
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
     tunnel: TunnelLimits | None = None  # what we accept on the tunnel, offered with tunnel-window
 
@@ -568,12 +569,17 @@ class Backoff:
         self.attempts = 0
 
 
-def collision_keeps_new(local_id: str, peer_id: str, existing_established: bool, new_initiated_locally: bool) -> bool:
+def collision_keeps_new(local_id: str, peer_id: str, existing_established: bool, existing_initiated_locally: bool,
+                        new_initiated_locally: bool) -> bool:
     """Which of two connections to one peer survives (protocol-spec/session.md, "Collisions").
 
-    An established session always wins; otherwise the connection initiated by the
-    gateway with the greater id (byte-wise UTF-8 comparison) wins.
+    Both initiated by the same gateway: the new one (a gateway dials only when it holds no
+    connection to that peer, so it gave the old one up: it restarted, or lost the
+    connection without the other end noticing). Otherwise an established session wins,
+    then the connection initiated by the gateway with the greater id (byte-wise UTF-8).
     """
+    if existing_initiated_locally == new_initiated_locally:
+        return True
     if existing_established:
         return False
     winner = local_id if local_id.encode() > peer_id.encode() else peer_id

@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import signal
 import sys
 import urllib.parse
 
 import h11
 import trio
 
-from .aio import sleep_until_precisely
+from .aio import leaves, sleep_until_precisely
 
 MAX_BODY = 200 * 1024 * 1024
 
@@ -189,15 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     insts = [Instance(iid, compute, capacity) for iid, compute, capacity in specs]
 
     async def run() -> None:
-        async with trio.open_nursery() as nursery:
-            for inst in insts:
-                port = await nursery.start(serve, inst, args.host, 0 if many else args.port)
-                print(f"listening {args.host}:{port}" + (f" {inst.id}" if many else ""), flush=True)
+        # SIGINT (a Ctrl-C) and SIGTERM end it quietly: trio would otherwise raise the
+        # interrupt wrapped in an exception group, a traceback on the terminal.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                for inst in insts:
+                    port = await nursery.start(serve, inst, args.host, 0 if many else args.port)
+                    print(f"listening {args.host}:{port}" + (f" {inst.id}" if many else ""), flush=True)
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
 
     try:
         trio.run(run)
-    except KeyboardInterrupt:
-        pass
+    except BaseException as exc:  # an interrupt before the receiver was in place
+        if not all(isinstance(e, KeyboardInterrupt) for e in leaves(exc)):
+            raise
     return 0
 
 

@@ -28,6 +28,7 @@ MAX_PATH_LEN = 32
 MAX_UPDATE_ENTRIES = 2048
 MAX_CAPS = 16
 GRACEFUL_RESTART_CAP = "graceful-restart"
+INSTANCE_DOWN_CAP = "instance-down"  # the sender takes routes whose instance is down (messages.md, "Route")
 MAX_RESTART_MS = 600_000
 # The `tunnel-window` capability brings OPEN's `tw` key: what the sender of the OPEN accepts on
 # the session's tunnel (protocol-spec/tunnel.md, "Flow control").
@@ -321,6 +322,7 @@ class RouteAdv:
     price: float = attrs.field(validator=_nonneg)
     compute_us: int = 0
     bload: float = attrs.field(default=0.0, validator=_nonneg)  # latency-bound demand, fraction of capacity
+    down: bool = False  # the origin's health checks took the instance out: its service stays known
     # (service, origin, instance), made once: the RIB's tables all share this one tuple.
     key: tuple[str, str, str] = attrs.field(init=False, eq=False, repr=False)
 
@@ -360,14 +362,18 @@ class RouteRefresh:
 Message = Open | Keepalive | Update | Notification | RouteRefresh
 
 _ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "bload", "price", "comp")
+_ROUTE_KEYS_DOWN = (*_ROUTE_KEYS, "down")
 
 
 def _route_dict(r: RouteAdv) -> dict[str, Any]:
-    return {
+    d = {
         "svc": r.service, "inst": r.instance, "origin": r.origin, "seq": r.seq, "label": r.label,
         "path": list(r.path), "lat": r.latency_us, "cap": float(r.capacity), "load": float(r.load),
         "bload": float(r.bload), "price": float(r.price), "comp": r.compute_us,
     }
+    if r.down:
+        d["down"] = True  # only ever sent as true, and only to peers that offered instance-down
+    return d
 
 
 def encode_message(msg: Message) -> bytes:
@@ -394,7 +400,7 @@ def _decode_route(r: object) -> RouteAdv:
     up = (Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
     if type(r) is not dict or any(type(k) is not str for k in r):
         raise _bad("route must be a map", *up)
-    _keys(r, _ROUTE_KEYS, "route", *up)
+    _keys(r, _ROUTE_KEYS_DOWN if "down" in r else _ROUTE_KEYS, "route", *up)
     svc = r["svc"]
     problem = service_problem(svc)
     if problem:
@@ -423,6 +429,9 @@ def _decode_route(r: object) -> RouteAdv:
     load = _float(r, "load", 0.0, 1000.0, code=ba[0], sub=ba[1])
     bload = _float(r, "bload", 0.0, 1000.0, code=ba[0], sub=ba[1])
     price = _float(r, "price", 0.0, 1e12, code=ba[0], sub=ba[1])
+    down = r.get("down", False)
+    if down is not True and "down" in r:
+        raise _bad("down: must be true when present", *ba)
     if label != service_label(svc):
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
     # A RIB holds the same few names, paths and numbers in every route it learns: one copy
@@ -430,7 +439,7 @@ def _decode_route(r: object) -> RouteAdv:
     # Not the latency: it differs from path to path, so a shared copy would cost more than it saves.
     sh = shared
     return RouteAdv(sh(svc), sh(inst), sh(origin), sh(seq), sh(label), sh(tuple(map(sh, path))),
-                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload))
+                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down)
 
 
 MAX_SHARED = 1 << 18

@@ -169,27 +169,23 @@ def _replayed_finish(t: Target) -> None:
     expect(p2, 7, 3)
 
 
-@case("collision-established-wins", "session.md#collisions (6/7)")
+@case("collision-redial-replaces", "session.md#collisions (6/7, rule 1)")
 def _collision(t: Target) -> None:
+    # A peer dials only when it holds no connection: a second session from the same dialler
+    # means it gave the first up, so the new one replaces the old at once.
     first = t.session()
     second = t.peer()
     try:
         second.open_session()
-    except Closed as c:
-        assert c.error is not None and c.error[:2] == (6, 7), c.error
-    except (ConnectionResetError, BrokenPipeError):
-        # The target hung up while our OPEN was on its way; its NOTIFICATION is still ours to read.
-        err = second.expect_error(2.0)
-        assert err is not None and err[:2] == (6, 7), err
-    else:
-        raise AssertionError("a second session for the same peer was accepted")
+        err = first.expect_error(5.0)
+        assert err is not None and err[:2] == (6, 7), f"the old session was not closed with 6/7: {err}"
+        # The new one is the session now: it answers.
+        second.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+        second.send_msg({"t": ROUTE_REFRESH})
+        second.recv(3)
     finally:
+        first.close()
         second.close()
-    # The established one is untouched: it still answers.
-    first.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
-    first.send_msg({"t": ROUTE_REFRESH})
-    first.recv(3)
-    first.close()
 
 
 # ---------------------------------------------------------------- records
@@ -717,6 +713,34 @@ def _h503(t: Target) -> None:
     status, headers, body = _http(t, "GET", "/", {"CPN-Max-Price": "0", "CPN-Max-Latency": "1us"})
     assert status in (503, 404), status  # 404 when "/" matches no service
     _json_error(status, headers, body, status)
+
+
+def _poll_http(t: Target, path: str, until: Callable[[int], bool], limit: float = 3.0) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` until ``until(status)`` or ``limit`` s pass (the target applies an UPDATE when it reads it)."""
+    deadline = time.monotonic() + limit
+    while True:
+        answer = _http(t, "GET", path)
+        if until(answer[0]) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
+
+
+@case("http-503-every-instance-down", "routing.md#instances-that-are-down, selection.md#matching")
+def _all_down(t: Target) -> None:
+    """A service whose only instance its origin marks down stays known: 503 no_instance, not 404."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    svc = "/interop-down-" + random_id()
+    p = t.session(caps=["route-refresh", "tunnel", "instance-down"])
+    try:
+        p.send_msg({"t": UPDATE, "adv": [new_route(svc, "i1", t.my_id, down=True)], "wd": []})
+        obj = _json_error(*_poll_http(t, svc, lambda s: s != 404), 503)
+        assert obj["error"] == "no_instance", obj
+        p.send_msg({"t": UPDATE, "adv": [], "wd": [[svc, t.my_id, "i1"]]})
+        obj = _json_error(*_poll_http(t, svc, lambda s: s == 404), 404)
+        assert obj["error"] == "no_such_service", obj
+    finally:
+        p.close()
 
 
 def advertised_routes(t: Target, quiet: float = 0.5, limit: float = 3.0) -> set[tuple[str, str, str]]:

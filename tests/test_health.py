@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import httpx
+
 from cpnd.health import HealthTracker
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 
@@ -20,7 +22,13 @@ def test_hysteresis_and_flap_damping() -> None:
     assert h.hold_down(400.0) == 1.0  # flaps are forgotten after 5 minutes
 
 
-def test_dead_instance_is_withdrawn_and_restored(tmp_path) -> None:
+def _route(lab: Lab, gw: str, iid: str) -> dict | None:
+    return next((r for r in lab.routes(gw) if r["instance"] == iid and r["best"]), None)
+
+
+def test_dead_instance_is_marked_down_and_restored(tmp_path) -> None:
+    """Health checks take the only instance out: its service stays known, 503 no_instance at the
+    origin and at a remote gateway (clients retry a 503, not a 404); an unknown path is still 404."""
     insts = InstanceProcs()
     try:
         port = insts.start("s1")
@@ -31,9 +39,18 @@ def test_dead_instance_is_withdrawn_and_restored(tmp_path) -> None:
             lab.start_all()
             lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
             insts.kill("s1")
-            lab.wait_for(lambda: not any(r["instance"] == "s1" for r in lab.routes("a")), 10, "s1 withdrawn at a")
+            lab.wait_for(lambda: (_route(lab, "a", "s1") or {}).get("down"), 10, "s1 marked down at a")
+            assert _route(lab, "b", "s1")["down"]
+            for gw in ("b", "a"):  # the origin, and a gateway that learnt the service from it
+                r = httpx.get(f"http://{specs[gw].http}/svc/x", timeout=10)
+                assert r.status_code == 503 and r.json()["error"] == "no_instance", (gw, r.text)
+                assert "down by health checks" in r.json()["detail"] and "cpn-instance" not in r.headers
+                r = httpx.get(f"http://{specs[gw].http}/elsewhere", timeout=10)
+                assert r.status_code == 404 and r.json()["error"] == "no_such_service"
             insts.start("s1", port=port)
-            lab.wait_for(lambda: any(r["instance"] == "s1" and r["best"] for r in lab.routes("a")), 10, "s1 back")
+            lab.wait_for(lambda: not (_route(lab, "a", "s1") or {"down": True})["down"], 10, "s1 back")
+            r = httpx.get(f"http://{specs['a'].http}/svc/x", timeout=10)
+            assert r.status_code == 200 and r.headers["cpn-instance"] == "s1"
             assert "instance s1 is unhealthy" in lab.log("b") and "healthy again" in lab.log("b")
     finally:
         insts.stop_all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import shutil
 import socket
@@ -90,6 +92,10 @@ def test_constraints_and_objectives(net) -> None:
         assert who(CPN_Max_Price="2.5") == "s1"
         assert who(CPN_Max_Price="2.5", CPN_Max_Latency="12ms") == "s1"
         assert who(CPN_Max_Price="1", CPN_Max_Latency="15ms") == "503 no_instance"  # s2: 20 ms link + compute
+        # The answer says what is achievable: the best estimate and who, as the routes show them.
+        detail = c.get("/yolo", headers={"CPN-Max-Price": "1", "CPN-Max-Latency": "15ms"}).json()["detail"]
+        m = re.search(r"the best estimate now is ([0-9.]+) ms \(s2 at d: path ([0-9.]+) ms", detail)
+        assert m and float(m.group(1)) > 15 and float(m.group(2)) >= 20 and "CPN-Max-Latency 15 ms" in detail, detail
         assert who(CPN_Max_Latency="35ms", CPN_Prefer="price") == "s2"  # ~21 ms, the cheapest
         assert who(CPN_Max_Latency="15ms", CPN_Prefer="price") == "s1"  # s2 (20 ms link + compute) is over
         assert who(CPN_QoS="bulk", CPN_Max_Price="0") == "503 no_instance"

@@ -177,6 +177,35 @@ def test_split_horizon_and_pacing() -> None:
     assert not adv and wd == [Withdrawal("/svc", "o", "s")]
 
 
+def test_down_is_an_instance_attribute_and_withdrawn_to_peers_without_the_capability() -> None:
+    """routing.md, "Instances that are down": held and propagated, taken from the freshest seq;
+    a peer that did not offer instance-down gets a withdrawal instead, and the route back later."""
+    from cpnd.select import candidates, no_live_instance
+
+    rib = Rib("me")
+    rib.set_link_cost("p", 10)
+    key = ("/svc", "o", "s")
+    rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 1, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0),)), 0)
+    new, old = AdjRibOut("new", 0.0, down_ok=True), AdjRibOut("old", 0.0, down_ok=False)
+    for ao in (new, old):
+        ao.mark_all(rib)
+        assert len(ao.flush(rib, 0)[0]) == 1
+    changed = rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 2, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0, down=True),)), 1)
+    assert changed == {key} and rib.loc[key].fresh.down and "/svc" in rib.by_service  # still known
+    assert candidates(rib, "/svc") == [] and "1 down by health checks" in no_live_instance(rib, "/svc")
+    for ao in (new, old):
+        ao.mark(changed)
+    adv, wd = new.flush(rib, 1)
+    assert [a.down for a in adv] == [True] and not wd
+    adv, wd = old.flush(rib, 1)
+    assert not adv and wd == [Withdrawal(*key)]
+    changed = rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 3, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0),)), 2)
+    old.mark(changed)
+    adv, wd = old.flush(rib, 2)
+    assert [(a.key, a.down) for a in adv] == [(key, False)] and not wd
+    assert len(candidates(rib, "/svc")) == 1
+
+
 def test_tie_breaks_are_deterministic() -> None:
     rib = Rib("me")
     for p in ("b", "a"):

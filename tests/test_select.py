@@ -23,6 +23,7 @@ from cpnd.select import (
     TtlCache,
     candidates,
     compute_estimate_us,
+    explain_none,
     match_service,
     parse_constraints,
     pinned_first,
@@ -213,3 +214,17 @@ def test_rank_applies_damping_to_the_bound_only() -> None:
     for t in range(10):
         assert rank([loaded], cons, d, float(t)) == []
         assert rank([cand(9000)], cons, d, t + 0.5) == [cand(9000)]
+
+
+def test_an_unmeetable_request_is_told_what_is_achievable() -> None:
+    def cand(iid: str, origin: str, path_us: int, comp_us: int, price: float) -> Candidate:
+        return Candidate(("/svc", origin, iid), 1, origin, (origin,), path_us, comp_us, price, 50.0, 0.0)
+
+    cands = [cand("s1", "gw3", 4000, 1000, 2.0), cand("s2", "gw4", 6000, 6400, 1.0)]
+    assert explain_none(cands, Constraints(max_price=0.5)) == \
+        "the lowest price is 1 (s2 at gw4), over CPN-Max-Price 0.5"
+    assert explain_none(cands, Constraints(max_latency_us=10_000, max_price=1.0)) == (
+        "the best estimate now is 12.4 ms (s2 at gw4: path 6 ms + compute 6.4 ms), over CPN-Max-Latency 10 ms "
+        "less its 1% margin")
+    # Within the bound by estimate, yet not admitted: only flap damping holds it out.
+    assert "held out by flap damping" in explain_none(cands, Constraints(max_latency_us=6_000))

@@ -214,23 +214,31 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
     assert b.next_delay() <= 0.25
 
 
-@pytest.mark.parametrize(("local", "peer", "established", "new_local", "keep_new"), [
-    ("a", "b", True, True, False),      # established always wins
-    ("a", "b", False, False, True),     # b > a: keep b's (the new incoming) connection
-    ("a", "b", False, True, False),
-    ("b", "a", False, True, True),
-    ("b", "a", False, False, False),
+@pytest.mark.parametrize(("local", "peer", "established", "old_local", "new_local", "keep_new"), [
+    ("a", "b", True, True, False, False),     # one each way: the established one wins
+    ("a", "b", True, False, True, False),
+    ("a", "b", False, True, False, True),     # b > a: keep b's (the new incoming) connection
+    ("a", "b", False, False, True, False),
+    ("b", "a", False, False, True, True),
+    ("b", "a", False, True, False, False),
+    ("a", "b", True, False, False, True),     # b dialled again: it gave the old one up, established or not
+    ("a", "b", False, False, False, True),
+    ("b", "a", True, False, False, True),
+    ("a", "b", True, True, True, True),       # (we never dial twice; the same rule from the other side)
 ])
-def test_collision_rule(local, peer, established, new_local, keep_new) -> None:
-    assert collision_keeps_new(local, peer, established, new_local) is keep_new
+def test_collision_rule(local, peer, established, old_local, new_local, keep_new) -> None:
+    assert collision_keeps_new(local, peer, established, old_local, new_local) is keep_new
 
 
 def test_both_sides_agree_on_collision() -> None:
     # Each side sees the other's connection as "new"; both must keep the same TCP connection.
     for x, y in (("gw1", "gw2"), ("z", "a")):
-        keep_x_view = collision_keeps_new(x, y, False, new_initiated_locally=True)   # new = x-initiated
-        keep_y_view = collision_keeps_new(y, x, False, new_initiated_locally=False)  # same conn, seen by y
+        keep_x_view = collision_keeps_new(x, y, False, False, new_initiated_locally=True)   # new = x-initiated
+        keep_y_view = collision_keeps_new(y, x, False, True, new_initiated_locally=False)  # same conn, seen by y
         assert keep_x_view == keep_y_view
+    # A peer that dials again while the other end still holds its old connection: both keep the new one
+    # (the dialler has given the old one up; if it still holds it, it is told 6/7 on it).
+    assert collision_keeps_new("a", "b", True, False, False) and collision_keeps_new("b", "a", True, True, True)
 
 
 def test_cores_do_not_import_trio() -> None:
