@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .control import ControlError, request
+from .config import control_socket_of
+from .control import STATUS_KEYS, ControlError, request
+from .errors import ConfigError
 from .crypto import KeyFileError, generate_key, load_private_key, public_key_b64, write_private_key
 from .names import service_problem
 
-DEFAULT_SOCKET = os.environ.get("CPN_SOCKET", "/run/cpn/cpnd.sock")
 
 ROUTE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("origin", "ORIGIN"), ("next_hop", "NEXT-HOP"),
@@ -58,7 +59,10 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpnctl", description="control and inspect a cpnd gateway")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"the gateway's control_socket (default {DEFAULT_SOCKET}, or $CPN_SOCKET)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--socket", metavar="PATH", help="the gateway's control socket (its control_socket)")
+    which.add_argument("--config", metavar="FILE.toml",
+                       help="the gateway's config file: its control_socket, by default <id>.sock beside it (as cpnd)")
     sub = p.add_subparsers(dest="command", required=True)
     kg = sub.add_parser("keygen", help="write a new Ed25519 private key (mode 0600) and print its public key")
     kg.add_argument("file")
@@ -75,18 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true")
     services = what.add_parser("services", help="this gateway's own instances: health, load, compute")
     services.add_argument("--json", action="store_true")
-    stats = what.add_parser("stats", help="counters (same as status)")
+    stats = what.add_parser("stats", help="counters since start and gauges now")
     stats.add_argument("--json", action="store_true")
-    status = what.add_parser("status", help="gateway summary")
+    status = what.add_parser("status", help="who the gateway is: version, uptime, listeners, peers, routes")
     status.add_argument("--json", action="store_true")
     return p
 
 
+NO_SOCKET = ("which gateway? give --socket PATH (its control_socket), --config FILE.toml (its config file) "
+             "or set CPN_SOCKET")
+
+
+def socket_path(args: argparse.Namespace) -> str | None:
+    """--socket, else the control socket of --config (the rule cpnd uses), else $CPN_SOCKET; None: not told."""
+    if args.socket:
+        return str(args.socket)
+    if args.config:
+        return str(control_socket_of(args.config))
+    return os.environ.get("CPN_SOCKET") or None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
+        if args.command not in ("keygen", "pubkey"):
+            args.socket = socket_path(args)
+            if args.socket is None:
+                parser.error(NO_SOCKET)
         return _run(args)
-    except (ControlError, KeyFileError) as exc:
+    except (ControlError, KeyFileError, ConfigError) as exc:
         print(f"cpnctl: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -120,7 +142,42 @@ def _run(args: argparse.Namespace) -> int:
     elif args.what == "peers":
         rows = request(args.socket, "show-peers")
         print(json.dumps(rows, indent=1) if args.json else table(rows, PEER_COLUMNS))
-    else:
+    elif args.what == "status":
         data = request(args.socket, "status")
-        print(json.dumps(data, indent=1) if args.json else "\n".join(f"{k}: {v}" for k, v in data.items()))
+        summary = {k: data.get(k) for k in STATUS_KEYS}
+        print(json.dumps(summary, indent=1) if args.json else status_table(summary))
+    else:
+        data = request(args.socket, "stats")
+        print(json.dumps(data, indent=1) if args.json else stats_table(data))
     return 0
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, h, m = s // 86400, s // 3600 % 24, s // 60 % 60
+    return (f"{d}d" if d else "") + (f"{h}h" if d or h else "") + (f"{m}m" if d or h or m else "") + f"{s % 60}s"
+
+
+def status_table(d: dict[str, Any]) -> str:
+    """``show status``: one aligned line per fact, as ``birdc show status`` prints them."""
+    down = f", {d['local_instances_down']} down" if d.get("local_instances_down") else ""
+    rows = [
+        ("gateway", f"{d['id']} (cpnd {d['version']}, pid {d['pid']})"),
+        ("uptime", _duration(d["uptime_s"])),
+        ("listen", d["listen"]),
+        ("http_listen", d["http_listen"] or "-"),
+        ("metrics_listen", d["metrics_listen"] or "-"),
+        ("control_socket", d["control_socket"]),
+        ("peers", f"{d['peers_established']}/{d['peers']} established"),
+        ("routes", f"{d['routes']} ({d['paths']} paths)"),
+        ("services", f"{d['services']} known, {d['local_instances']} local instances{down}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def stats_table(d: dict[str, Any]) -> str:
+    """``show stats``: every counter and gauge, one aligned line each."""
+    rows = [{"k": f"{group}.{name}", "v": value} for group in ("gateway", "http", "gauges")
+            for name, value in d.get(group, {}).items()]
+    return table(rows, [("k", "COUNTER"), ("v", "VALUE")])

@@ -266,23 +266,44 @@ def _url_problem(v: str) -> str | None:
     return None
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, parse and validate a gateway config file, loading its key file too."""
-    path = Path(path)
+def _read_toml(path: Path) -> tuple[dict[str, Any], str]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         text = raw.decode("utf-8")
-        data = tomllib.loads(text)
+        return tomllib.loads(text), text
     except UnicodeDecodeError:
         raise ConfigError(f"{path.name}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
         what = re.sub(r"\s*\(at line.*\)", "", str(exc))
         raise ConfigError(f"{path.name}:{m.group(1)}: TOML syntax: {what} (column {m.group(2)})" if m else f"{path.name}: TOML syntax: {what}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a gateway config file, loading its key file too."""
+    path = Path(path)
+    data, text = _read_toml(path)
     return parse_config(data, path, text)
+
+
+def _control_socket(r: _Reader, g: dict[str, Any], gid: str) -> Path:
+    """The one rule for where a gateway's control socket is: ``control_socket``, else ``<id>.sock``,
+    relative paths from the config file's folder (cpnd and ``cpnctl --config`` both use it)."""
+    return r.file(g, ("gateway", "control_socket"), f"{gid}.sock")
+
+
+def control_socket_of(path: str | Path) -> Path:
+    """The control socket of the gateway that config file ``path`` describes (its key is not read)."""
+    path = Path(path)
+    data, text = _read_toml(path)
+    r = _Reader(path, text)
+    g = data.get("gateway")
+    if not isinstance(g, dict):
+        raise r.error(("gateway",), "missing (required table)")
+    return _control_socket(r, g, r.checked(g, ("gateway", "id"), id_problem))
 
 
 def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
@@ -299,7 +320,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         id=gid,
         listen=r.address(g, (*gw, "listen"), literal=True),  # type: ignore[arg-type]
         key_file=r.file(g, (*gw, "key_file")),
-        control_socket=r.file(g, (*gw, "control_socket"), f"{gid}.sock"),
+        control_socket=_control_socket(r, g, gid),
         http_listen=r.address(g, (*gw, "http_listen"), None, literal=True),
         metrics_listen=r.address(g, (*gw, "metrics_listen"), None, literal=True),
         selection=r.checked(g, (*gw, "selection"), lambda v: None if v in SELECTION_MODES else f"must be one of {', '.join(SELECTION_MODES)}", "per-request"),

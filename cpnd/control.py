@@ -14,8 +14,10 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
+from . import __version__
 from .aio import ListenError
 from .errors import ConfigError
 
@@ -112,27 +114,56 @@ def services_json(daemon: Daemon) -> list[dict[str, Any]]:
     return out
 
 
-def status_json(daemon: Daemon) -> dict[str, Any]:
+# What ``cpnctl show status`` shows, in this order; status_json's other keys are counters and gauges,
+# kept there for scripts written against earlier versions (``show stats`` is their place).
+STATUS_KEYS = ("id", "version", "pid", "uptime_s", "listen", "http_listen", "metrics_listen", "control_socket",
+               "peers_established", "peers", "routes", "paths", "services", "local_instances", "local_instances_down")
+
+
+def _gauges(daemon: Daemon) -> dict[str, int]:
     return {
-        "id": daemon.id,
-        "pid": os.getpid(),
-        "listen": f"{daemon.config.gateway.listen.host}:{daemon.listen_port}",
-        "uptime_s": round(trio.current_time() - daemon.started_at, 3),
-        "routes": len(daemon.rib),
-        "paths": sum(len(t) for t in daemon.rib.adj_in.values()) + len(daemon.rib.local),
-        "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),
-        "peers": len(daemon.peers),
         "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
         "http_clients": daemon.dataplane.clients,
         "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),
+    }
+
+
+def status_json(daemon: Daemon) -> dict[str, Any]:
+    """Who this gateway is and where it listens: ``show status``."""
+    g = daemon.config.gateway
+    http_port, metrics_port = daemon.dataplane.http_port, daemon.metrics_port
+    local = [i.id for s in daemon.config.services for i in s.instances]
+    return {
+        "id": daemon.id,
+        "version": __version__,
+        "pid": os.getpid(),
+        "uptime_s": round(trio.current_time() - daemon.started_at, 3),
+        "listen": str(attrs.evolve(g.listen, port=daemon.listen_port)),  # the ports bound (a config may say 0)
+        "http_listen": str(attrs.evolve(g.http_listen, port=http_port)) if g.http_listen is not None else None,
+        "metrics_listen": str(attrs.evolve(g.metrics_listen, port=metrics_port)) if g.metrics_listen is not None else None,
+        "control_socket": str(g.control_socket),
+        "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),
+        "peers": len(daemon.peers),
+        "routes": len(daemon.rib),
+        "paths": sum(len(t) for t in daemon.rib.adj_in.values()) + len(daemon.rib.local),
+        "services": len(daemon.rib.by_service),
+        "local_instances": len(local),
+        "local_instances_down": sum(1 for iid in local if not daemon.dataplane.health(iid).healthy),
+        **_gauges(daemon),
         "stats": dict(daemon.stats),
         "http": dict(daemon.dataplane.stats),
     }
 
 
+def stats_json(daemon: Daemon) -> dict[str, Any]:
+    """Counters since start (``gateway``: sessions and routing, ``http``: the data plane) and gauges now: ``show stats``."""
+    return {"gateway": dict(sorted(daemon.stats.items())), "http": dict(sorted(daemon.dataplane.stats.items())),
+            "gauges": _gauges(daemon)}
+
+
 def reload_json(daemon: Daemon) -> dict[str, Any]:
     try:
-        return {"reloaded": True, "summary": daemon.reload()}
+        return {"reloaded": True, "summary": daemon.reload("cpnctl reload")}
     except ConfigError as exc:
         raise ControlError(f"new config refused, the old one keeps running: {exc}") from None
 
@@ -143,6 +174,7 @@ COMMANDS = {
     "show-peers": lambda d, req: peers_json(d),
     "show-services": lambda d, req: services_json(d),
     "status": lambda d, req: status_json(d),
+    "stats": lambda d, req: stats_json(d),
 }
 
 

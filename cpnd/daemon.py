@@ -308,6 +308,7 @@ class Daemon:
         self.stats: collections.Counter[str] = collections.Counter()
         self.tunnel_bytes = BufferAccount()  # tunnel DATA held for every peer together
         self.listen_port: int | None = None
+        self.metrics_port: int | None = None
         self.nursery: trio.Nursery | None = None
         self.metrics = Metrics(self)
         self.dataplane = DataPlane(self, HttpLimits(
@@ -342,14 +343,18 @@ class Daemon:
                 nursery.start_soon(self._load_loop)
                 nursery.start_soon(self._memory_loop)
                 nursery.start_soon(self._health_loop)
-                log.info("%s up: listening on %s, %d peers, %d local instances", self.id, g.listen, len(self.peers), len(self.rib.local))
+                log.info("%s up: peers on %s, http on %s, metrics on %s, control socket %s; %d peers, %d local instances",
+                         self.id, attrs.evolve(g.listen, port=self.listen_port),
+                         attrs.evolve(g.http_listen, port=self.dataplane.http_port) if g.http_listen else "-",
+                         attrs.evolve(g.metrics_listen, port=self.metrics_port) if g.metrics_listen else "-",
+                         g.control_socket, len(self.peers), len(self.rib.local))
                 task_status.started()
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         try:
-                            log.info("%s: SIGHUP: %s", self.id, self.reload())
-                        except ConfigError as exc:
-                            log.error("%s: SIGHUP: new config refused, the old one keeps running: %s", self.id, exc)
+                            self.reload("SIGHUP")  # logs what changed, or why it was refused
+                        except ConfigError:
+                            pass
                         continue
                     log.info("%s: %s received, shutting down", self.id, signal.Signals(signum).name)
                     break
@@ -393,12 +398,22 @@ class Daemon:
                 ))
         return out
 
-    def reload(self) -> str:
-        """Re-read the config file and apply it: peers, services and timers change in place.
+    def reload(self, trigger: str = "cpnctl reload") -> str:
+        """Re-read the config file and apply it, logging what changed (or why not); the summary.
 
         Sessions whose peer entry did not change are untouched, in-flight requests too.
         Raises ConfigError (nothing applied) for an invalid file or a change that needs a restart.
         """
+        try:
+            summary = self._reload()
+        except ConfigError as exc:
+            log.error("%s: %s: new config refused, the old one keeps running: %s", self.id, trigger, exc)
+            raise
+        log.info("%s: %s: %s", self.id, trigger, summary)
+        return summary
+
+    def _reload(self) -> str:
+        old = self.config
         new = load_config(self.config.source)
         old_g, g = self.config.gateway, new.gateway
         for key in RESTART_KEYS:
@@ -433,10 +448,8 @@ class Daemon:
         self.seq += 1
         self.local_seq = {}  # every local instance re-advertised with the new seq
         self._propagate(self.rib.set_local(self._local_routes(), trio.current_time()))
-        summary = (f"reloaded {new.source.name}: peers +{len(added) - len(changed)} -{len(gone)} ~{len(changed)}, "
-                   f"{len(self.pacers)} local instances")
         self.stats["reloads"] += 1
-        return summary
+        return f"reloaded {new.source.name}: {_changes(old, new)}; {len(self.pacers)} local instances"
 
     def health_changed(self, iid: str, healthy: bool) -> None:
         """An instance went down or came back: re-advertise our instances."""
@@ -681,6 +694,22 @@ class Daemon:
                 if c.adj_out is not None:
                     c.adj_out.mark(keys)
                     c.wake()
+
+
+def _changes(old: Config, new: Config) -> str:
+    """What a reload changed, for its log line: peers and instances (+added -removed ~changed, by id), gateway keys."""
+    def diff(what: str, a: dict[str, object], b: dict[str, object]) -> str:
+        added = [k for k in b if k not in a]
+        gone = [k for k in a if k not in b]
+        changed = [k for k in a if k in b and a[k] != b[k]]
+        names = ", ".join(f"{sign}{k}" for sign, ks in (("+", added), ("-", gone), ("~", changed)) for k in ks)
+        return f"{what} +{len(added)} -{len(gone)} ~{len(changed)}" + (f" ({names})" if names else "")
+
+    inst = {i.id: (s.path, i) for s in old.services for i in s.instances}  # ids are unique in a gateway
+    inst_new = {i.id: (s.path, i) for s in new.services for i in s.instances}
+    keys = [f.name for f in attrs.fields(type(old.gateway)) if getattr(old.gateway, f.name) != getattr(new.gateway, f.name)]
+    return (f"{diff('peers', {p.id: p for p in old.peers}, {p.id: p for p in new.peers})}, "
+            f"{diff('instances', inst, inst_new)}, gateway keys changed: {', '.join(keys) or 'none'}")
 
 
 def _swapped(event: Closed) -> bool:

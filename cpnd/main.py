@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import signal
@@ -67,7 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+PR_SET_NAME = 15
+
+
+def set_process_name(name: bytes = b"cpnd") -> None:
+    """Name the process as ``ps -e``, ``top`` and ``pgrep cpnd`` see it (Linux: the comm field), however it
+    was started (``python -m cpnd`` would be ``python3``); elsewhere nothing happens."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    set_process_name()
     # A reload asked for while we start must not kill us (SIGHUP's default action): the
     # config is being read fresh anyway. The daemon's own handler takes over once it runs.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

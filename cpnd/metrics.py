@@ -104,6 +104,7 @@ async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = 
     addr = daemon.config.gateway.metrics_listen
     assert addr is not None
     listeners = await open_listeners("metrics_listen", addr.host, addr.port, str(addr))
+    daemon.metrics_port = listeners[0].socket.getsockname()[1]
     limiter = trio.CapacityLimiter(16)
 
     async def client(stream: trio.SocketStream) -> None:

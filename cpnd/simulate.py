@@ -22,6 +22,7 @@ import json
 import signal
 import sys
 import urllib.parse
+from http import HTTPStatus
 
 import h11
 import trio
@@ -29,6 +30,14 @@ import trio
 from .aio import leaves, sleep_until_precisely
 
 MAX_BODY = 200 * 1024 * 1024
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase (h11 sends none unless told), as a real server answers."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class Instance:
@@ -124,7 +133,7 @@ class Instance:
             return await _send_all(send, status, b"x" * int(q["size"]), b"application/octet-stream", at=ready)
         n = int(q.get("stream", 0) or q.get("sse", 0))
         if q.get("truncate"):
-            await send(h11.Response(status_code=status, headers=[(b"content-length", b"100")]), at=ready)
+            await send(h11.Response(status_code=status, reason=_reason(status), headers=[(b"content-length", b"100")]), at=ready)
             await send(h11.Data(data=b"x" * 50))
             return False
         if n:
@@ -132,7 +141,7 @@ class Instance:
             interval = float(q.get("interval", 0.1))
             sse = bool(q.get("sse"))
             ctype = b"text/event-stream" if sse else b"application/octet-stream"
-            await send(h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"transfer-encoding", b"chunked")]))
+            await send(h11.Response(status_code=status, reason=_reason(status), headers=[(b"content-type", ctype), (b"transfer-encoding", b"chunked")]))
             for i in range(n):
                 chunk = f"data: {json.dumps({'instance': self.id, 'i': i})}\n\n" if sse else f"chunk {i}\n"
                 await send(h11.Data(data=chunk.encode()))
@@ -151,7 +160,7 @@ class Instance:
 
 async def _send_all(send, status: int, body: bytes, ctype: bytes, head: bool = False,  # type: ignore[no-untyped-def]
                     at: float | None = None) -> bool:
-    events = [h11.Response(status_code=status, headers=[(b"content-type", ctype), (b"content-length", str(len(body)).encode())])]
+    events = [h11.Response(status_code=status, reason=_reason(status), headers=[(b"content-type", ctype), (b"content-length", str(len(body)).encode())])]
     if not head:
         events.append(h11.Data(data=body))
     await send(*events, h11.EndOfMessage(), at=at)

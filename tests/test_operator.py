@@ -196,3 +196,45 @@ def test_refusals_log_a_bounded_number_of_lines_and_no_next_candidate_when_none(
             assert 10 <= len(attempts) < 56 and "trying the next candidate" not in log  # s1 was the only one
     finally:
         insts.stop_all()
+
+
+def cpnctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", *args],
+                          capture_output=True, text=True, timeout=30, env=env)
+
+
+def test_status_stats_the_up_line_and_the_process_name(lone) -> None:
+    lab, _ = lone
+    spec = lab.specs["a"]
+    # cpnctl finds the socket from the gateway's config by the rule cpnd uses (<id>.sock beside it here).
+    r = cpnctl("--config", str(spec.config), "show", "status")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len({len(ln) - len(ln.split(None, 1)[1]) for ln in lines}) == 1, r.stdout  # values in one column
+    values = {ln.split()[0]: ln.split(None, 1)[1] for ln in lines}
+    pid = lab.query("a", "status")["pid"]
+    assert values["gateway"] == f"a (cpnd 0.1.0, pid {pid})" and values["http_listen"] == spec.http
+    assert values["listen"] == spec.listen and values["control_socket"] == str(spec.control)
+    assert values["peers"] == "0/0 established" and values["metrics_listen"] == spec.metrics
+    status = json.loads(cpnctl("--socket", str(spec.control), "show", "status", "--json").stdout)
+    assert status["id"] == "a" and status["version"] == "0.1.0" and "stats" not in status
+    stats = json.loads(cpnctl("--socket", str(spec.control), "show", "stats", "--json").stdout)
+    assert set(stats) == {"gateway", "http", "gauges"} and stats["gauges"]["http_clients"] == 0
+    env = {**os.environ, "CPN_SOCKET": str(spec.control)}
+    text = cpnctl("show", "stats", env=env).stdout
+    assert text.splitlines()[0].split() == ["COUNTER", "VALUE"] and "gauges.http_clients" in text
+    assert "{" not in r.stdout + text  # tables, never dict reprs
+    assert (f"a up: peers on {spec.listen}, http on {spec.http}, metrics on {spec.metrics}, "
+            f"control socket {spec.control}; 0 peers, 0 local instances") in lab.log("a")
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "cpnd"  # what ps -e and pgrep match, not python3
+    assert str(pid) in subprocess.run(["pgrep", "-x", "cpnd"], capture_output=True, text=True).stdout.split()
+
+
+def test_cpnctl_needs_to_be_told_which_gateway(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CPN_SOCKET"}
+    r = cpnctl("show", "routes", env=env)
+    assert r.returncode == 2 and "which gateway?" in r.stderr
+    cfg = tmp_path / "gw7.toml"
+    cfg.write_text('[gateway]\nid = "gw7"\nlisten = "127.0.0.1:1"\nkey_file = "none.key"\n')
+    r = cpnctl("--config", str(cfg), "show", "peers", env=env)  # no daemon: the path it looked for, by cpnd's rule
+    assert r.returncode == 1 and f"{tmp_path / 'gw7.sock'}: no such control socket" in r.stderr

@@ -47,7 +47,8 @@ def test_reload_adds_and_removes_peers_and_services(tmp_path) -> None:
 
         specs["a"].config.write_text(full)
         r = cpnctl("--socket", sock, "reload")  # c added
-        assert r.returncode == 0 and "peers +1 -0" in r.stdout, r.stderr
+        assert r.returncode == 0 and "peers +1 -0 ~0 (+c)" in r.stdout, r.stderr
+        assert "gateway keys changed: none" in r.stdout and f"cpnctl reload: {r.stdout.strip()}" in lab.log("a")
         lab.wait_for(lambda: peers("a").get("c", {}).get("state") == "established" and "s2" in instances("b"), 20, "a-c up")
         b_after = peers("a")["b"]
         assert b_after["flaps"] == b_before["flaps"] and b_after["uptime_s"] > b_before["uptime_s"]  # untouched
@@ -61,15 +62,17 @@ def test_reload_adds_and_removes_peers_and_services(tmp_path) -> None:
         specs["a"].config.write_text(full.replace('listen = "', 'listen = "127.0.0.2:1" #"', 1))
         r = cpnctl("--socket", sock, "reload")
         assert r.returncode == 1 and "gateway.listen: changing it needs a restart" in r.stderr
+        assert "cpnctl reload: new config refused, the old one keeps running" in lab.log("a")
 
         specs["a"].config.write_text(without_services(full))  # s1 gone, by SIGHUP this time
         lab.procs["a"].send_signal(signal.SIGHUP)
         lab.wait_for(lambda: "s1" not in instances("b") and "s1" not in instances("c"), 10, "s1 withdrawn")
+        assert "SIGHUP: reloaded a.toml: peers +0 -0 ~0, instances +0 -1 ~0 (-s1)" in lab.log("a")
         assert peers("a")["b"]["flaps"] == b_before["flaps"]
 
         specs["a"].config.write_text(without_peer(full, "b"))  # b removed: its session ends with Cease
         r = cpnctl("--socket", sock, "reload")
-        assert r.returncode == 0 and "-1" in r.stdout
+        assert r.returncode == 0 and "peers +0 -1 ~0 (-b)" in r.stdout
         lab.wait_for(lambda: "a" not in {p["id"] for p in lab.query("b", "show-peers") if p["state"] == "established"},
                      10, "b to lose a")
         assert "peer-deconfigured" in peers("b")["a"]["last_error"] or "peer-deconfigured" in lab.log("b")
