@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 
 from .errors import ConfigError
@@ -72,6 +73,7 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
         s = conn.session if conn else None
         state = s.state.value if s else peer.status
         up = s is not None and conn is not None and conn.established and s.established_at is not None
+        out_rib = conn.adj_out if up and conn is not None else None
         out.append({
             "id": pid,
             "address": str(peer.config.address),
@@ -88,6 +90,13 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
             "bytes_out": s.stats["bytes_out"] if s else 0,
             # What both OPENs offered: the features this session actually uses.
             "caps": list(s.agreed_caps) if up and s else [],
+            # Route limits (routing.md): what the peer takes from us, what its limit makes us
+            # withhold now, and whether we are pacing what it sends (its bytes wait unread).
+            "peer_limits": attrs.asdict(s.peer_limits) if up and s and s.peer_limits else None,
+            "routes_sent": len(out_rib.sent) if out_rib else 0,
+            "routes_withheld": len(out_rib.withheld) if out_rib else 0,
+            "route_entries_in": s.stats["route_entries_in"] if s else 0,
+            "inbound_paced": bool(up and s and not s.wants_data()),
         })
     return out
 
@@ -119,6 +128,7 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
         "paths": sum(len(t) for t in daemon.rib.adj_in.values()) + len(daemon.rib.local),
         "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),
         "peers": len(daemon.peers),
+        "routes_withheld": sum(len(c.adj_out.withheld) for p in daemon.peers.values() for c in p.conns if c.adj_out is not None),
         "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
         "http_clients": daemon.dataplane.clients,
         "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),
