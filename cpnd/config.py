@@ -82,6 +82,8 @@ class GatewayConfig:
     connect_retry_max_ms: int = 30_000
     min_adv_interval_ms: int = 100
     max_routes_per_peer: int = 10_000
+    route_changes_per_s: int = 1000
+    route_changes_burst: int | None = None  # None: max_routes_per_peer (a whole table at once)
     max_peer_send_buffer: int = 4 * 1024 * 1024
     max_streams_per_peer: int = 1024
     tunnel_window_bytes: int = 1024 * 1024
@@ -332,6 +334,8 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         connect_retry_max_ms=r.number(g, (*gw, "connect_retry_max_ms"), 10, 3_600_000, 30_000, integer=True),
         min_adv_interval_ms=r.number(g, (*gw, "min_adv_interval_ms"), 0, 600_000, 100, integer=True),
         max_routes_per_peer=r.number(g, (*gw, "max_routes_per_peer"), 1, 10_000_000, 10_000, integer=True),
+        route_changes_per_s=r.number(g, (*gw, "route_changes_per_s"), 1, 10_000_000, 1000, integer=True),
+        route_changes_burst=r.number(g, (*gw, "route_changes_burst"), 1, 10_000_000, None, integer=True),
         max_peer_send_buffer=r.number(g, (*gw, "max_peer_send_buffer"), 65536, 1 << 30, 4 * 1024 * 1024, integer=True),
         max_streams_per_peer=r.number(g, (*gw, "max_streams_per_peer"), 1, MAX_TUNNEL_STREAMS, 1024, integer=True),
         tunnel_window_bytes=r.number(g, (*gw, "tunnel_window_bytes"), MIN_TUNNEL_WINDOW, 1 << 30, 1024 * 1024, integer=True),

@@ -77,6 +77,7 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
         s = conn.session if conn else None
         state = s.state.value if s else peer.status
         up = s is not None and conn is not None and conn.established and s.established_at is not None
+        out_rib = conn.adj_out if up and conn is not None else None
         out.append({
             "id": pid,
             "address": str(peer.config.address),
@@ -93,6 +94,13 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
             "bytes_out": s.stats["bytes_out"] if s else 0,
             # What both OPENs offered: the features this session actually uses.
             "caps": list(s.agreed_caps) if up and s else [],
+            # Route limits (routing.md): what the peer takes from us, what its limit makes us
+            # withhold now, and whether we are pacing what it sends (its bytes wait unread).
+            "peer_limits": attrs.asdict(s.peer_limits) if up and s and s.peer_limits else None,
+            "routes_sent": len(out_rib.sent) if out_rib else 0,
+            "routes_withheld": len(out_rib.withheld) if out_rib else 0,
+            "route_entries_in": s.stats["route_entries_in"] if s else 0,
+            "inbound_paced": bool(up and s and not s.wants_data()),
         })
     return out
 
@@ -122,6 +130,7 @@ STATUS_KEYS = ("id", "version", "pid", "uptime_s", "listen", "http_listen", "met
 
 def _gauges(daemon: Daemon) -> dict[str, int]:
     return {
+        "routes_withheld": sum(len(c.adj_out.withheld) for p in daemon.peers.values() for c in p.conns if c.adj_out is not None),
         "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
         "http_clients": daemon.dataplane.clients,
         "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),

@@ -24,6 +24,7 @@ from .crypto import public_key_b64
 from .crypto import Role
 from .errors import CeaseSub, Code, ConfigError, ProtocolError
 from .http import DataPlane, HttpLimits
+from .limits import TokenBucket
 from .names import service_label
 from .load import LoadPacer
 from .metrics import Metrics, serve_metrics
@@ -45,11 +46,21 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from .wire import INSTANCE_DOWN_CAP, RouteAdv, TunnelLimits
+from .wire import INSTANCE_DOWN_CAP, Limits, RouteAdv, TunnelLimits
 
 log = logging.getLogger("cpnd")
 
 RECEIVE_CHUNK = 256 * 1024  # several records per read in a bulk transfer: fewer event-loop rounds
+# A peer that is using its route bucket is read a record at a time: what one read brings is
+# unpacked in one step and waits for tokens before the next read, and both stay short.
+PACED_CHUNK = 64 * 1024
+# Route entries per flush step: a table of 10,000 goes out in steps of ~2 ms, users' requests between them.
+FLUSH_SLICE = 128
+# Route work (UPDATE slices in, flush steps out, all peers together) may take this share of the
+# process's CPU time, in bursts of ROUTE_WORK_BURST_S: a peer's burst of route changes (its whole
+# bucket at once) slows convergence, never the users' requests, which get the rest.
+ROUTE_WORK_SHARE = 0.5
+ROUTE_WORK_BURST_S = 0.05
 TUNNEL_HIGH_WATER = 1024 * 1024
 TUNNEL_LOW_WATER = 256 * 1024
 WRITE_BATCH = 256 * 1024  # most bytes the peer writer joins into one send
@@ -79,7 +90,9 @@ class Connection:
         self.peer: PeerState | None = None
         self.adj_out: AdjRibOut | None = None
         self.end_of_rib_pending = False  # send End-of-RIB after the first flush of a new session
+        self.withheld_logged = False  # the peer's route limit made us withhold: said once per session
         self._wake = trio.Event()
+        self._readable = trio.Event()  # set when the session wants the peer's bytes again
         self._out: collections.deque[tuple[float, bytes]] = collections.deque()
         self._out_bytes = 0
         self._out_ready = trio.Event()
@@ -134,8 +147,16 @@ class Connection:
 
     async def _reader(self) -> None:
         while not self._done.is_set():
+            while not self.session.wants_data() and not self._done.is_set():
+                # The peer's UPDATEs outran its bucket: its bytes wait in the kernel (TCP pushes back).
+                self._readable = trio.Event()
+                await self._readable.wait()
+            if self._done.is_set():
+                return
+            bucket = self.session.inbound
+            size = RECEIVE_CHUNK if bucket.level(trio.current_time()) >= bucket.burst else PACED_CHUNK
             try:
-                data = await self.stream.receive_some(RECEIVE_CHUNK)
+                data = await self.stream.receive_some(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             self.session.receive_data(data, trio.current_time())
@@ -146,16 +167,20 @@ class Connection:
     async def _ticker(self) -> None:
         while not self._done.is_set():
             now = trio.current_time()
-            deadlines = [self.session.get_timer()]
-            if self.adj_out is not None:
-                deadlines.append(self.adj_out.due(now))
+            deadlines = [self.session.get_timer(), self._flush_at(now)]
+            resume = self.session.resume_at()  # the peer's pace holds its UPDATEs back until then
+            if resume is not None:
+                if self.session.next_is_update():
+                    resume = max(resume, self.daemon.route_work.ready_at(0, now))
+                deadlines.append(resume)
             deadline = min((d for d in deadlines if d is not None), default=math.inf)
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
             self.session.handle_timer(now)
-            self._flush_routes(now)
+            if self._flush_routes(now):
+                await trio.lowlevel.checkpoint()  # a flush step and an UPDATE slice: two steps, not one
             self._process()
 
     async def _writer(self) -> None:
@@ -193,20 +218,47 @@ class Connection:
             if not self._out:
                 self._out_ready.set()
 
-    def _flush_routes(self, now: float) -> None:
+    def _flush_at(self, now: float) -> float | None:
+        """When the next flush step may go: the minimum interval, then the peer's pace."""
         if self.adj_out is None or not self.established:
-            return
+            return None
         due = self.adj_out.due(now)
-        if due is not None and due > now:
-            return  # the initial table goes out before End-of-RIB
-        if due is not None:
-            adv, wd = self.adj_out.flush(self.daemon.rib, now)
+        if due is None:
+            return None
+        due = max(due, self.daemon.route_work.ready_at(0, now))
+        if self.session.peer_limits is None:
+            return due
+        # Wait for a batch worth sending (a tenth of a second of the peer's pace), not for every token.
+        batch = min(FLUSH_SLICE, max(1, self.session.peer_limits.rate // 10), max(1, self.adj_out.backlog))
+        return max(due, self.session.send_ready_at(batch, now))
+
+    def _flush_routes(self, now: float) -> bool:
+        """One flush step if one is due; whether it sent anything."""
+        if self.adj_out is None or not self.established:
+            return False
+        sent = False
+        at = self._flush_at(now)
+        if at is not None and at <= now:
+            started = time.thread_time()
+            budget = min(FLUSH_SLICE, self.session.send_budget(now))
+            adv, wd = self.adj_out.flush(self.daemon.rib, now, budget)
             if adv or wd:
                 n = self.session.send_update(adv, wd)
                 self.daemon.stats["updates_out"] += n
-        if self.end_of_rib_pending:
+                sent = True
+            self.daemon.route_work.charge(time.thread_time() - started, now)
+            if self.adj_out.withheld and not self.withheld_logged:
+                self.withheld_logged = True
+                log.warning("%s: withholding routes from peer %s: it takes at most %d (%d withheld so far; own "
+                            "instances first, then fewest hops): see routes_withheld in show peers", self.daemon.id,
+                            self.adj_out.peer, self.adj_out.max_routes, len(self.adj_out.withheld),
+                            extra={"cpn": {"event": "routes_withheld", "peer": self.adj_out.peer}})
+            if self.adj_out.due(now) == now:
+                self.wake()  # the rest of this burst after a checkpoint: users' requests go in between
+        if self.end_of_rib_pending and self.adj_out.initial_done:
             self.end_of_rib_pending = False
             self.session.send_end_of_rib()
+        return sent
 
     def _enqueue(self, data: bytes) -> None:
         if not data:
@@ -227,8 +279,21 @@ class Connection:
             self._process()
 
     def _process(self) -> None:
-        """Act on every pending session event, then queue what the session wants sent."""
-        while (event := self.session.next_event()) is not None:
+        """Act on every pending session event (UPDATE entries one slice per call), then queue
+        what the session wants sent."""
+        slices = 0
+        work = self.daemon.route_work
+        while True:
+            update = self.session.next_is_update()
+            if update and slices:
+                self.wake()  # the next slice after a checkpoint: users' requests run in between
+                break
+            if update and work.level(trio.current_time()) < 0:
+                break  # the ticker comes back when route work may run again
+            started = time.thread_time()
+            event = self.session.next_event()
+            if event is None:
+                break
             if isinstance(event, Authenticated):
                 self.daemon._authenticated(self, event.peer_id)
             elif isinstance(event, Established):
@@ -236,7 +301,9 @@ class Connection:
             elif isinstance(event, RttMeasured):
                 self.daemon._rtt(self, event.min_rtt)
             elif isinstance(event, UpdateReceived):
+                slices += 1
                 self.daemon._update(self, event)
+                work.charge(time.thread_time() - started, trio.current_time())
             elif isinstance(event, RefreshRequested):
                 if self.adj_out is not None:
                     self.adj_out.mark_all(self.daemon.rib)
@@ -254,7 +321,10 @@ class Connection:
                 self._writable.set()
                 self.daemon._closed(self, event)
                 self._done.set()
+                self._readable.set()
         self._enqueue(self.session.data_to_send())
+        if self.session.wants_data():
+            self._readable.set()
 
 
 @attrs.define
@@ -271,6 +341,9 @@ class PeerState:
     flaps: int = 0
     swap_pending: bool = False  # its last session ended in a collision swap: stale routes wait for the next End-of-RIB
     removed: bool = False  # deconfigured by a reload: its dial loop ends
+    # What its sessions may cost us (route entries and messages), one bucket across its
+    # sessions: reconnecting does not refill it.
+    inbound: TokenBucket = attrs.field(factory=lambda: TokenBucket(1000, 10_000))
 
     def current(self) -> Connection | None:
         """The connection that matters most: established first, then any authenticated."""
@@ -307,6 +380,7 @@ class Daemon:
         self.unauthenticated = 0
         self.stats: collections.Counter[str] = collections.Counter()
         self.tunnel_bytes = BufferAccount()  # tunnel DATA held for every peer together
+        self.route_work = TokenBucket(ROUTE_WORK_SHARE, ROUTE_WORK_BURST_S)
         self.listen_port: int | None = None
         self.metrics_port: int | None = None
         self.nursery: trio.Nursery | None = None
@@ -423,6 +497,9 @@ class Daemon:
             raise ConfigError(f"{self.config.source.name}: gateway.key_file: the key changed: that needs a restart (reload refused)")
         self.config = new
         self.session_config = _session_config(new)
+        self.rib.max_routes_per_peer = g.max_routes_per_peer  # sessions keep what they announced
+        for peer in self.peers.values():
+            peer.inbound.retune(self.session_config.limits.rate, self.session_config.limits.burst)
         wanted = {p.id: p for p in new.peers}
         self.peer_keys.clear()
         self.peer_keys.update({p.id: p.public_key for p in new.peers})
@@ -572,6 +649,7 @@ class Daemon:
         if peer is None:  # removed by a reload while this handshake ran
             conn.session.close(Code.CEASE, CeaseSub.PEER_DECONFIGURED, f"{peer_id} is no longer configured")
             return
+        conn.session.use_inbound_bucket(peer.inbound)
         if conn.peer is None:
             self._attach(conn, peer)
         for other in list(peer.conns):
@@ -610,7 +688,10 @@ class Daemon:
             assert ours is not None
             settings = mux_settings(ours, conn.session.peer_tunnel, LARGE_DATA_CAP in conn.session.agreed_caps)
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream, settings, self.tunnel_bytes)
+        # What this session announced is what it enforces (a reload changes the next session's).
+        self.rib.import_limits[peer.config.id] = conn.session.config.limits.routes
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,
+                                 max_routes=conn.session.export_limit,
                                  down_ok=INSTANCE_DOWN_CAP in conn.session.agreed_caps)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
@@ -628,8 +709,9 @@ class Daemon:
             self._propagate(self.rib.set_link_cost(pid, cost))
 
     def _update(self, conn: Connection, event: UpdateReceived) -> None:
+        """One UPDATE, or one slice of one (session.UPDATE_SLICE entries at most)."""
         assert conn.peer is not None
-        self.stats["updates_in"] += 1
+        self.stats["route_entries_in"] += len(event.update.adv) + len(event.update.wd)
         if not event.update.adv and not event.update.wd:
             self._propagate(self.rib.end_of_rib(conn.peer.config.id))
             return
@@ -730,12 +812,20 @@ def _session_config(config: Config) -> SessionConfig:
     # connection window we announce), and what we queue for it (max_peer_send_buffer).
     tunnel = TunnelLimits(g.tunnel_window_bytes, g.peer_buffer_bytes - g.max_peer_send_buffer, g.max_streams_per_peer)
     return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000,
-                         restart_ms=g.graceful_restart_ms, tunnel=tunnel)
+                         restart_ms=g.graceful_restart_ms, tunnel=tunnel, limits=_limits(config))
+
+
+def _limits(config: Config) -> Limits:
+    """What this gateway takes from each peer (announced in LIMITS, enforced on receipt)."""
+    g = config.gateway
+    return Limits(g.max_routes_per_peer, g.route_changes_per_s, g.route_changes_burst or g.max_routes_per_peer)
 
 
 def _peer_state(config: Config, peer: PeerConfig) -> PeerState:
     g = config.gateway
-    return PeerState(peer, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000))
+    lim = _limits(config)
+    return PeerState(peer, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000),
+                     inbound=TokenBucket(lim.rate, lim.burst))
 
 
 def _pacer(config: Config) -> LoadPacer:

@@ -9,6 +9,7 @@ since they belong to the origin, not to the path.
 from __future__ import annotations
 
 import enum
+import heapq
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -129,6 +130,7 @@ class Rib:
     def __init__(self, local_id: str, *, max_routes_per_peer: int = 10_000) -> None:
         self.local_id = local_id
         self.max_routes_per_peer = max_routes_per_peer
+        self.import_limits: dict[str, int] = {}  # per peer: what its current session was told (LIMITS)
         self.local: dict[Key, Route] = {}
         self.adj_in: dict[str, dict[Key, Route]] = {}
         self.link_cost_us: dict[str, int] = {}
@@ -155,8 +157,15 @@ class Rib:
                 raise ProtocolError(Code.UPDATE, UpdateSub.BAD_PATH, f"path {list(adv.path)} from {peer!r} does not start with it")
         withdrawn = {w.key for w in update.wd}
         fresh_keys = {a.key for a in update.adv if a.key not in table or a.key in withdrawn}
-        if len(table) - len(withdrawn & table.keys()) + len(fresh_keys) > self.max_routes_per_peer:
-            raise ProtocolError(Code.CEASE, CeaseSub.MAX_ROUTES, f"{peer!r} exceeded {self.max_routes_per_peer} routes")
+        held = len(table) - len(withdrawn & table.keys()) + len(fresh_keys)
+        limit = self.import_limits.get(peer, self.max_routes_per_peer)
+        if held > limit and peer in self.stale_until:
+            # Routes kept through the peer's graceful restart are not its new session's: they
+            # go at its End-of-RIB, and must not push what it sends now over the limit.
+            readvertised = {a.key for a in update.adv}
+            held -= sum(1 for k, r in table.items() if r.stale and k not in withdrawn and k not in readvertised)
+        if held > limit:
+            raise ProtocolError(Code.CEASE, CeaseSub.MAX_ROUTES, f"{peer!r} exceeded {limit} routes")
         changed: set[Key] = set()
         for key in withdrawn:
             if table.pop(key, None) is not None:
@@ -175,6 +184,7 @@ class Rib:
         """Forget everything learned from ``peer``."""
         table = self.adj_in.pop(peer, {})
         self.link_cost_us.pop(peer, None)
+        self.import_limits.pop(peer, None)
         self.stale_until.pop(peer, None)
         return self._recompute(set(table))
 
@@ -300,52 +310,249 @@ class Rib:
         return Best(best, best_lat, fresh.adv, reason, fresh.received_at)
 
 
-class AdjRibOut:
-    """What one peer has been told, and the keys that may need telling again (paced)."""
+Rank = tuple[int, int, Key]  # (hops of the exported path, exported latency µs, key): lower goes first
 
-    def __init__(self, peer: str, min_interval_s: float, *, down_ok: bool = True) -> None:
+
+def export_rank(adv: RouteAdv) -> Rank:
+    """Which exported routes a peer's limit keeps first: our own instances (one hop), then
+    fewer hops, then lower path latency, then the key (routing.md, "Route limits")."""
+    return (len(adv.path), adv.latency_us, adv.key)
+
+
+class _Worst:
+    """A heap entry that puts the worst rank on top (heapq keeps the least first)."""
+
+    __slots__ = ("rank",)
+
+    def __init__(self, rank: Rank) -> None:
+        self.rank = rank
+
+    def __lt__(self, other: _Worst) -> bool:
+        return other.rank < self.rank
+
+
+class AdjRibOut:
+    """What one peer has been told, the keys that may need telling again (paced, in bursts a
+    budget at a time), and the routes the peer's limit makes us withhold (routing.md,
+    "Sending" and "Route limits"). Never more than ``max_routes`` sent at once."""
+
+    def __init__(self, peer: str, min_interval_s: float, *, max_routes: int | None = None, down_ok: bool = True) -> None:
         self.peer = peer
         self.min_interval_s = min_interval_s
+        self.max_routes = max_routes
         # Whether the peer offered instance-down: if not, a route whose instance is down is withdrawn instead.
         self.down_ok = down_ok
         self.sent: dict[Key, RouteAdv] = {}
         self.dirty: set[Key] = set()
         self._force: set[Key] = set()
+        self._refresh = False  # mark_all: every key, even unchanged, in the next burst
         self.last_flush = -math.inf
+        self.bursts = 0
+        # The burst under way: keys by priority (withdrawals, then fewest hops), each one decided
+        # when its turn comes, from the RIB as it is then. Keys marked meanwhile wait for the next.
+        self._plan: list[tuple[int, int, Key]] = []
+        self._plan_force: set[Key] | None = set()  # None: the whole burst is forced (a refresh)
+        # Withholding, set up once the limit is first reached: the rank of every key sent (a heap
+        # with the worst on top) and of every key withheld (a heap with the best on top).
+        self.withheld: dict[Key, Rank] = {}
+        self.withheld_total = 0  # times a route was withheld on this session
+        self._ranks: dict[Key, Rank] | None = None
+        self._worst: list[_Worst] = []
+        self._waiting: list[Rank] = []
 
     def mark(self, keys: Iterable[Key]) -> None:
         self.dirty.update(keys)
 
     def mark_all(self, rib: Rib) -> None:
-        """Resend everything, even what the peer should already have (route refresh)."""
-        self._force.update(rib.loc)
-        self.dirty.update(rib.loc)
+        """Resend everything, even what the peer should already have (route refresh).
+        O(1): a flood of ROUTE-REFRESH costs one pass, not one each."""
+        self._refresh = True
 
     def due(self, now: float) -> float | None:
         """When the next flush may happen, or None when nothing is pending."""
-        if not self.dirty:
+        if self._plan:
+            return now  # a burst under way goes on (at the pace of the flush budget)
+        if not (self.dirty or self._refresh or self._promotable()):
             return None
         return max(now, self.last_flush + self.min_interval_s)
 
-    def flush(self, rib: Rib, now: float) -> tuple[list[RouteAdv], list[Withdrawal]]:
-        """The advertisements and withdrawals that bring the peer up to date."""
+    @property
+    def backlog(self) -> int:
+        """Keys waiting to be looked at (a refresh counts as one: its size is the RIB's)."""
+        return len(self._plan) + len(self.dirty) + self._refresh
+
+    @property
+    def initial_done(self) -> bool:
+        """The first burst (the initial table) is out: End-of-RIB may follow."""
+        return self.bursts > 0 and not self._plan
+
+    def flush(self, rib: Rib, now: float, budget: int | None = None) -> tuple[list[RouteAdv], list[Withdrawal]]:
+        """The advertisements and withdrawals that bring the peer up to date: at most ``budget``
+        entries; what does not fit waits in the burst for the next call (``due`` is then now)."""
+        if not self._plan:
+            self._start_burst(rib, now)
+        left = math.inf if budget is None else budget
         adv: list[RouteAdv] = []
         wd: list[Withdrawal] = []
-        for key in sorted(self.dirty):
-            want = rib.export(self.peer, key)
-            if want is not None and want.down and not self.down_ok:
-                want = None
-            have = self.sent.get(key)
-            if want == have and key not in self._force:
-                continue
-            if want is None:
-                self.sent.pop(key, None)
-                wd.append(Withdrawal(*key))
-            else:
-                self.sent[key] = want
-                adv.append(want)
-        self.dirty.clear()
-        self._force.clear()
-        if adv or wd:
-            self.last_flush = now
+        while self._plan and left > 0:
+            key = heapq.heappop(self._plan)[2]
+            left -= self._decide(rib, key, adv, wd, left)
+        while left > 0 and self._promotable():
+            used = self._promote(rib, adv, wd, left)
+            if used < 0:
+                break
+            left -= used
         return adv, wd
+
+    # ---- internals
+
+    def _start_burst(self, rib: Rib, now: float) -> None:
+        keys: Iterable[Key] = (rib.loc.keys() | self.sent.keys()) if self._refresh else self.dirty
+        self._plan_force = None if self._refresh else self._force
+        self._plan = [_priority(rib, k) for k in keys]
+        heapq.heapify(self._plan)
+        self.dirty, self._force, self._refresh = set(), set(), False
+        self.last_flush = now
+        self.bursts += 1
+
+    def _export(self, rib: Rib, key: Key) -> RouteAdv | None:
+        want = rib.export(self.peer, key)
+        return None if want is not None and want.down and not self.down_ok else want
+
+    def _decide(self, rib: Rib, key: Key, adv: list[RouteAdv], wd: list[Withdrawal], left: float) -> int:
+        """Bring ``key`` up to date; the entries that took."""
+        want = self._export(rib, key)
+        have = self.sent.get(key)
+        if want is None:
+            self.withheld.pop(key, None)
+            if have is None:
+                return 0
+            self._unsend(key)
+            wd.append(Withdrawal(*key))
+            return 1
+        if have is not None:
+            if want == have and self._plan_force is not None and key not in self._plan_force:
+                return 0
+            self._send(key, want, adv)
+            return 1
+        limit = self.max_routes
+        if limit is None or len(self.sent) < limit:
+            self._send(key, want, adv)
+            return 1
+        rank = export_rank(want)
+        self._start_ranking()
+        worst = self._peek_worst()
+        if worst is not None and rank < worst and left >= 2:
+            self._evict(worst[2], adv, wd)
+            self._send(key, want, adv)
+            return 2
+        self._withhold(key, rank)
+        return 0
+
+    def _promotable(self) -> bool:
+        """A withheld route fits now: there is room, or it ranks before the worst one sent."""
+        if not self.withheld or self.max_routes is None:
+            return False
+        best = self._peek_waiting()
+        if best is None:
+            return False
+        if len(self.sent) < self.max_routes:
+            return True
+        worst = self._peek_worst()
+        return worst is not None and best < worst
+
+    def _promote(self, rib: Rib, adv: list[RouteAdv], wd: list[Withdrawal], left: float) -> int:
+        """Send the best withheld route, in place of the worst sent one if need be; the entries
+        that took, or -1 when the budget does not allow the swap."""
+        best = self._peek_waiting()
+        assert best is not None and self.max_routes is not None
+        key = best[2]
+        want = self._export(rib, key)
+        if want is None:  # gone meanwhile: its change is marked, nothing to tell
+            del self.withheld[key]
+            return 0
+        rank = export_rank(want)
+        if rank != best:  # changed while it waited: it competes with its new rank
+            self._withhold(key, rank, again=True)
+            return 0
+        if len(self.sent) < self.max_routes:
+            self._send(key, want, adv)
+            return 1
+        if left < 2:
+            return -1
+        worst = self._peek_worst()
+        assert worst is not None
+        self._evict(worst[2], adv, wd)
+        self._send(key, want, adv)
+        return 2
+
+    def _send(self, key: Key, want: RouteAdv, adv: list[RouteAdv]) -> None:
+        self.withheld.pop(key, None)
+        self.sent[key] = want
+        adv.append(want)
+        if self._ranks is not None:
+            rank = export_rank(want)
+            if self._ranks.get(key) != rank:
+                self._ranks[key] = rank
+                heapq.heappush(self._worst, _Worst(rank))
+                if len(self._worst) > 2 * len(self._ranks) + 64:  # drop outdated entries
+                    self._worst = [_Worst(r) for r in self._ranks.values()]
+                    heapq.heapify(self._worst)
+
+    def _unsend(self, key: Key) -> None:
+        del self.sent[key]
+        if self._ranks is not None:
+            self._ranks.pop(key, None)
+
+    def _evict(self, key: Key, adv: list[RouteAdv], wd: list[Withdrawal]) -> None:
+        assert self._ranks is not None
+        rank = self._ranks[key]
+        self._unsend(key)
+        self._withhold(key, rank)
+        # An UPDATE applies withdrawals first: a key advertised earlier in this flush must
+        # leave the advertisements, or the peer would keep it.
+        if any(a.key == key for a in adv):
+            adv[:] = [a for a in adv if a.key != key]
+        wd.append(Withdrawal(*key))
+
+    def _withhold(self, key: Key, rank: Rank, *, again: bool = False) -> None:
+        if self.withheld.get(key) == rank:
+            return
+        if key not in self.withheld and not again:
+            self.withheld_total += 1
+        self.withheld[key] = rank
+        heapq.heappush(self._waiting, rank)
+        if len(self._waiting) > 2 * len(self.withheld) + 64:
+            self._waiting = list(self.withheld.values())
+            heapq.heapify(self._waiting)
+
+    def _start_ranking(self) -> None:
+        if self._ranks is None:
+            self._ranks = {k: export_rank(a) for k, a in self.sent.items()}
+            self._worst = [_Worst(r) for r in self._ranks.values()]
+            heapq.heapify(self._worst)
+
+    def _peek_worst(self) -> Rank | None:
+        assert self._ranks is not None
+        while self._worst:
+            rank = self._worst[0].rank
+            if self._ranks.get(rank[2]) == rank:
+                return rank
+            heapq.heappop(self._worst)
+        return None
+
+    def _peek_waiting(self) -> Rank | None:
+        while self._waiting:
+            rank = self._waiting[0]
+            if self.withheld.get(rank[2]) == rank:
+                return rank
+            heapq.heappop(self._waiting)
+        return None
+
+
+def _priority(rib: Rib, key: Key) -> tuple[int, int, Key]:
+    """Order within a burst, cheap to compute: withdrawals first, then by exported hops."""
+    best = rib.loc.get(key)
+    if best is None:
+        return (0, 0, key)
+    return (1, len(best.route.adv.path) + (best.route.peer is not None), key)

@@ -20,9 +20,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .crypto import Handshake, RecordLayer, Role, handshake_error_frame
 from .tunnel import LARGE_DATA_CAP
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
+from .limits import DEFAULT_PEER_ROUTES, TokenBucket
 from .wire import (
     GRACEFUL_RESTART_CAP,
     INSTANCE_DOWN_CAP,
+    ROUTE_LIMITS_CAP,
     MAX_HANDSHAKE_BODY,
     TUNNEL_WINDOW_CAP,
     MAX_HOLD_MS,
@@ -35,17 +37,19 @@ from .wire import (
     Hello,
     HelloAck,
     Keepalive,
+    Limits,
     Message,
     MsgType,
     Notification,
     Open,
+    PendingUpdate,
     RouteAdv,
     TunnelLimits,
     RouteRefresh,
     Update,
     Withdrawal,
     decode_handshake,
-    decode_message,
+    decode_message_lazily,
     encode_message,
     frame,
     split_update,
@@ -60,6 +64,9 @@ RTT_WINDOW = 8  # samples in the min-RTT filter
 # under a second instead of RTT_WINDOW keepalive intervals.
 STARTUP_PROBES = 4
 STARTUP_PROBE_INTERVAL_S = 0.1
+# Route entries of one UPDATE handed out per next_event(): a 2048-entry UPDATE is validated
+# and applied in steps of a few milliseconds, not in one block that holds up every user.
+UPDATE_SLICE = 32
 
 
 class State(enum.Enum):
@@ -82,10 +89,13 @@ class Input(enum.Enum):
     UPDATE = "UPDATE"
     NOTIFICATION = "NOTIFICATION"
     ROUTE_REFRESH = "ROUTE_REFRESH"
+    LIMITS = "LIMITS"
     HOLD_TIMER = "hold-timer"
     KEEPALIVE_TIMER = "keepalive-timer"
     EOF = "eof"
 
+
+MAX_SEND_BUDGET = 1 << 30  # a peer that announced no pace
 
 _HANDSHAKE_STATES = (State.WAIT_HELLO, State.WAIT_ACK, State.WAIT_FINISH)
 _OPEN_STATES = (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED)
@@ -114,6 +124,7 @@ def _build_table() -> dict[State, dict[Input, tuple[str, State]]]:
     t[State.WAIT_FINISH][Input.FINISH] = ("verify_finish_and_open", State.OPEN_SENT)
     t[State.OPEN_SENT][Input.HS_ERROR] = ("peer_refused", State.CLOSED)
     t[State.OPEN_SENT][Input.OPEN] = ("accept_open", State.OPEN_CONFIRM)
+    t[State.OPEN_CONFIRM][Input.LIMITS] = ("accept_limits", State.OPEN_CONFIRM)
     t[State.OPEN_CONFIRM][Input.KEEPALIVE] = ("establish", State.ESTABLISHED)
     t[State.OPEN_CONFIRM][Input.KEEPALIVE_TIMER] = ("send_keepalive", State.OPEN_CONFIRM)
     t[State.ESTABLISHED][Input.KEEPALIVE] = ("measure_rtt", State.ESTABLISHED)
@@ -135,10 +146,10 @@ _MESSAGE_INPUT = {
     MsgType.HELLO: Input.HELLO, MsgType.HELLO_ACK: Input.HELLO_ACK, MsgType.FINISH: Input.FINISH,
     MsgType.HS_ERROR: Input.HS_ERROR, MsgType.OPEN: Input.OPEN, MsgType.KEEPALIVE: Input.KEEPALIVE,
     MsgType.UPDATE: Input.UPDATE, MsgType.NOTIFICATION: Input.NOTIFICATION,
-    MsgType.ROUTE_REFRESH: Input.ROUTE_REFRESH,
+    MsgType.ROUTE_REFRESH: Input.ROUTE_REFRESH, MsgType.LIMITS: Input.LIMITS,
 }
-_INPUT_OF_CLASS = {Open: Input.OPEN, Keepalive: Input.KEEPALIVE, Update: Input.UPDATE,
-                   Notification: Input.NOTIFICATION, RouteRefresh: Input.ROUTE_REFRESH}
+_INPUT_OF_CLASS = {Open: Input.OPEN, Keepalive: Input.KEEPALIVE, Update: Input.UPDATE, PendingUpdate: Input.UPDATE,
+                   Notification: Input.NOTIFICATION, RouteRefresh: Input.ROUTE_REFRESH, Limits: Input.LIMITS}
 
 
 class CloseReason(enum.Enum):
@@ -168,6 +179,8 @@ class Established:
 
 @attrs.frozen
 class UpdateReceived:
+    """One UPDATE, or one slice of a large one (withdrawals first); an empty one is End-of-RIB."""
+
     update: Update
 
 
@@ -207,14 +220,16 @@ Event = Authenticated | Established | UpdateReceived | RefreshRequested | RttMea
 
 @attrs.frozen
 class SessionConfig:
-    """The timers a session proposes; the hold time in use is the lower of both sides'."""
+    """The timers a session proposes (the hold time in use is the lower of both sides'), and
+    the route limits it announces and enforces (sent in LIMITS when both offer route-limits)."""
 
     hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
-    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP)
+    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP, ROUTE_LIMITS_CAP)
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
     tunnel: TunnelLimits | None = None  # what we accept on the tunnel, offered with tunnel-window
+    limits: Limits = Limits(10_000, 1000, 10_000)
 
     @property
     def open_caps(self) -> tuple[str, ...]:
@@ -245,7 +260,7 @@ class Session:
         self._records: RecordLayer | None = None
         self._reader = FrameReader(MAX_HANDSHAKE_BODY)
         self._out = bytearray()
-        self._events: collections.deque[Event] = collections.deque()
+        self._events: collections.deque[Event | PendingUpdate] = collections.deque()
         self.state = State.WAIT_HELLO if role is Role.RESPONDER else State.WAIT_ACK
         self.peer_id: str | None = None
         self.peer_caps: tuple[str, ...] = ()
@@ -263,6 +278,13 @@ class Session:
         self.established_at: float | None = None
         self.closed: Closed | None = None
         self.stats = collections.Counter[str]()
+        self.peer_limits: Limits | None = None  # what the peer takes from us (its LIMITS)
+        # What we take from the peer: every message read once established costs a token, an
+        # UPDATE one per entry. The shell may share one bucket across a peer's sessions.
+        self.inbound = TokenBucket(config.limits.rate, config.limits.burst)
+        self.outbound: TokenBucket | None = None  # the peer's announced pace, counted as we send
+        self._pending = 0  # PendingUpdates among the events: their entries go out a slice at a time
+        self._now = now
         if role is Role.INITIATOR:
             self._out += frame(self._hs.start())
 
@@ -274,9 +296,13 @@ class Session:
     # ---- public API
 
     def receive_data(self, data: bytes, now: float) -> None:
-        """Feed bytes from the peer; ``b""`` means the peer closed the connection."""
+        """Feed bytes from the peer; ``b""`` means the peer closed the connection.
+
+        Feed more only while ``wants_data()``: past the peer's pace, bytes belong in the kernel.
+        """
         if self.state is State.CLOSED:
             return
+        self._now = now
         self.stats["bytes_in"] += len(data)
         if not data:
             self._input(Input.EOF, None, now)
@@ -295,6 +321,12 @@ class Session:
 
     def handle_timer(self, now: float) -> None:
         """Fire whichever timers are due at ``now``."""
+        self._now = now
+        paused = self._paused_until()
+        if paused is not None and self._hold_deadline is not None:
+            # We are the ones not reading: the peer's messages wait in the kernel, so its
+            # silence is ours. The hold timer runs again once we read.
+            self._hold_deadline = max(self._hold_deadline, paused + self.hold_ms / 1000)
         if self._hold_deadline is not None and now >= self._hold_deadline:
             self._input(Input.HOLD_TIMER, None, now)
         if self._keepalive_deadline is not None and now >= self._keepalive_deadline and self.state is not State.CLOSED:
@@ -307,8 +339,64 @@ class Session:
         deadlines = [d for d in (self._hold_deadline, self._keepalive_deadline) if d is not None]
         return min(deadlines) if deadlines else None
 
+    def resume_at(self) -> float | None:
+        """While the inbound pace holds the peer back: when ``next_event()`` has the next UPDATE
+        slice, or ``wants_data()`` turns true again. None when nothing is held back."""
+        return self._paused_until()
+
     def next_event(self) -> Event | None:
-        return self._events.popleft() if self._events else None
+        """The next event; an UPDATE comes as one or more ``UpdateReceived`` of at most
+        UPDATE_SLICE entries each, once the inbound bucket holds their tokens (None until then:
+        ``resume_at()`` says when)."""
+        while self._events:
+            head = self._events[0]
+            if not isinstance(head, PendingUpdate):
+                return self._events.popleft()
+            n = self._slice(head)
+            if not self.inbound.take(n, self._now):
+                return None
+            try:
+                update = head.take(n)
+            except ProtocolError as exc:
+                self._fail(exc)  # drops what is still pending and queues Closed
+                continue
+            if not head.remaining:
+                self._events.popleft()
+                self._pending -= 1
+            if self._hold_deadline is not None:  # a message of the peer's, read late by our choice
+                self._hold_deadline = max(self._hold_deadline, self._now + self.hold_ms / 1000)
+            self.stats["route_entries_in"] += n
+            return UpdateReceived(update)
+        return None
+
+    def next_is_update(self) -> bool:
+        """Whether the next event would be (a slice of) an UPDATE with entries."""
+        return bool(self._events) and isinstance(self._events[0], PendingUpdate)
+
+    def wants_data(self) -> bool:
+        """False while UPDATEs already read wait for tokens, or the peer's messages cost more
+        than its bucket held: until then the shell leaves the peer's bytes unread."""
+        return self.state is not State.CLOSED and self._paused_until() is None
+
+    def use_inbound_bucket(self, bucket: TokenBucket) -> None:
+        """Count what this peer sends in ``bucket`` (one per peer, across its sessions: a
+        reconnect does not refill it)."""
+        self.inbound = bucket
+
+    @property
+    def export_limit(self) -> int:
+        """The most routes the peer takes from us: its LIMITS, else what cpn/1 peers enforce by default."""
+        return self.peer_limits.routes if self.peer_limits is not None else DEFAULT_PEER_ROUTES
+
+    def send_budget(self, now: float) -> int:
+        """Route entries we may send the peer now without outrunning the pace it announced."""
+        if self.outbound is None:
+            return MAX_SEND_BUDGET
+        return max(0, int(self.outbound.level(now)))
+
+    def send_ready_at(self, n: int, now: float) -> float:
+        """When ``send_budget`` reaches ``n`` (at most the peer's burst)."""
+        return now if self.outbound is None else self.outbound.ready_at(n, now)
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -360,6 +448,22 @@ class Session:
 
     # ---- internals
 
+    def _slice(self, pending: PendingUpdate) -> int:
+        return min(UPDATE_SLICE, pending.remaining, max(1, int(self.inbound.burst)))
+
+    def _paused_until(self) -> float | None:
+        """When reading may go on, if the inbound pace holds it now; else None."""
+        if self.state is not State.ESTABLISHED:
+            return None
+        if self._pending:
+            head = self._events[0]
+            if not isinstance(head, PendingUpdate):
+                return self._now  # events before it go first, at once
+            return self.inbound.ready_at(self._slice(head), self._now)
+        if self.inbound.level(self._now) < 0:
+            return self.inbound.ready_at(0, self._now)
+        return None
+
     def _set_state(self, new: State) -> None:
         if new is not self.state:
             log.debug("%s session %s: %s -> %s", self.local_id, self.peer_id or "?", self.state.value, new.value)
@@ -391,8 +495,10 @@ class Session:
             return None
         if ctype != ContentType.CONTROL:
             raise ProtocolError(Code.RECORD, RecordSub.BAD_CONTENT_TYPE, f"content type {ctype}")
-        msg = decode_message(payload)
+        msg = decode_message_lazily(payload)
         self.stats["msgs_in"] += 1
+        if self.state is State.ESTABLISHED and not isinstance(msg, PendingUpdate):
+            self.inbound.charge(1, now)  # an UPDATE's entries are counted as they are taken
         return _INPUT_OF_CLASS[type(msg)], msg
 
     def _input(self, inp: Input, msg: object, now: float) -> None:
@@ -419,6 +525,8 @@ class Session:
         assert self._records is not None
         self._out += self._records.seal(ContentType.CONTROL, encode_message(msg))
         self.stats["msgs_out"] += 1
+        if self.outbound is not None and self.state is State.ESTABLISHED:
+            self.outbound.charge(max(1, len(msg.adv) + len(msg.wd)) if isinstance(msg, Update) else 1, self._now)
 
     def _notify(self, exc: ProtocolError) -> None:
         try:
@@ -436,6 +544,9 @@ class Session:
         self._set_closed(Closed(CloseReason.LOCAL_ERROR, exc.code, exc.subcode, exc.detail))
 
     def _set_closed(self, closed: Closed) -> None:
+        if self._pending:  # moot: the session is over (a graceful restart resends them)
+            self._events = collections.deque(e for e in self._events if not isinstance(e, PendingUpdate))
+            self._pending = 0
         self._set_state(State.CLOSED)
         self.closed = closed
         self._hold_deadline = self._keepalive_deadline = None
@@ -523,9 +634,21 @@ class Session:
         self.peer_tunnel = msg.tunnel if TUNNEL_WINDOW_CAP in self.agreed_caps else None
         self._peer_ts, self._peer_ts_at = msg.ts, now
         self._hold_deadline = now + self.hold_ms / 1000
+        if ROUTE_LIMITS_CAP in self.agreed_caps:
+            self._send(self.config.limits)  # before the KEEPALIVE: the peer knows them once established
         self._send_keepalive(now)
 
+    def _act_accept_limits(self, msg: Limits, now: float) -> None:
+        if ROUTE_LIMITS_CAP not in self.agreed_caps or self.peer_limits is not None:
+            raise ProtocolError(Code.FSM, FsmSub.UNEXPECTED_IN_OPEN_CONFIRM,
+                                "LIMITS twice, or without route-limits in both OPENs")
+        self.peer_limits = msg
+
     def _act_establish(self, msg: Keepalive, now: float) -> None:
+        if ROUTE_LIMITS_CAP in self.agreed_caps and self.peer_limits is None:
+            raise ProtocolError(Code.FSM, FsmSub.UNEXPECTED_IN_OPEN_CONFIRM, "KEEPALIVE before LIMITS (both OPENs offered route-limits)")
+        if self.peer_limits is not None:
+            self.outbound = TokenBucket(self.peer_limits.rate, self.peer_limits.burst, at=now)
         self._on_keepalive(msg, now)
         self.established_at = now
         self._set_state(State.ESTABLISHED)
@@ -537,8 +660,12 @@ class Session:
     def _act_send_keepalive(self, msg: object, now: float) -> None:
         self._send_keepalive(now)
 
-    def _act_deliver_update(self, msg: Update, now: float) -> None:
-        self._events.append(UpdateReceived(msg))
+    def _act_deliver_update(self, msg: Update | PendingUpdate, now: float) -> None:
+        if isinstance(msg, PendingUpdate):
+            self._events.append(msg)  # taken a slice at a time by next_event()
+            self._pending += 1
+        else:
+            self._events.append(UpdateReceived(msg))  # End-of-RIB
 
     def _act_deliver_refresh(self, msg: object, now: float) -> None:
         self._events.append(RefreshRequested())

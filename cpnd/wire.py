@@ -29,6 +29,7 @@ MAX_UPDATE_ENTRIES = 2048
 MAX_CAPS = 16
 GRACEFUL_RESTART_CAP = "graceful-restart"
 INSTANCE_DOWN_CAP = "instance-down"  # the sender takes routes whose instance is down (messages.md, "Route")
+ROUTE_LIMITS_CAP = "route-limits"  # both OPENs list it: each side sends LIMITS before its first KEEPALIVE
 MAX_RESTART_MS = 600_000
 # The `tunnel-window` capability brings OPEN's `tw` key: what the sender of the OPEN accepts on
 # the session's tunnel (protocol-spec/tunnel.md, "Flow control").
@@ -54,6 +55,7 @@ class MsgType(enum.IntEnum):
     UPDATE = 3
     NOTIFICATION = 4
     ROUTE_REFRESH = 5
+    LIMITS = 6
     HELLO = 16
     HELLO_ACK = 17
     FINISH = 18
@@ -359,7 +361,21 @@ class RouteRefresh:
     pass
 
 
-Message = Open | Keepalive | Update | Notification | RouteRefresh
+def _u32(lo: int) -> Any:
+    return attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(lo), attrs.validators.le(0xFFFFFFFF))
+
+
+@attrs.frozen
+class Limits:
+    """What the sender takes from its peer (routing.md, "Route limits"): at most ``routes``
+    held at once, route entries at ``rate`` a second with bursts of ``burst``."""
+
+    routes: int = attrs.field(validator=_u32(0))
+    rate: int = attrs.field(validator=_u32(1))
+    burst: int = attrs.field(validator=_u32(1))
+
+
+Message = Open | Keepalive | Update | Notification | RouteRefresh | Limits
 
 _ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "bload", "price", "comp")
 _ROUTE_KEYS_DOWN = (*_ROUTE_KEYS, "down")
@@ -391,6 +407,8 @@ def encode_message(msg: Message) -> bytes:
              "wd": [[w.service, w.origin, w.instance] for w in msg.wd]}
     elif isinstance(msg, Notification):
         d = {"t": MsgType.NOTIFICATION, "code": msg.code, "sub": msg.subcode, "msg": msg.text[:MAX_NOTIFICATION_TEXT]}
+    elif isinstance(msg, Limits):
+        d = {"t": MsgType.LIMITS, "routes": msg.routes, "rate": msg.rate, "burst": msg.burst}
     else:
         d = {"t": MsgType.ROUTE_REFRESH}
     return _pack(d)
@@ -508,8 +526,47 @@ def _tunnel_limits(tw: Any) -> TunnelLimits:
     return TunnelLimits(sw, cw, ms)
 
 
+class PendingUpdate:
+    """An UPDATE whose envelope is checked and whose entries are decoded on demand, a slice at
+    a time, withdrawals first (routing.md applies them first): a receiver bounds the work of
+    one step whatever the size of the message. A bad entry raises when its slice is taken."""
+
+    __slots__ = ("_wd", "_adv", "_next")
+
+    def __init__(self, adv: list[Any], wd: list[Any]) -> None:
+        self._wd, self._adv, self._next = wd, adv, 0
+
+    def __len__(self) -> int:
+        return len(self._wd) + len(self._adv)
+
+    @property
+    def remaining(self) -> int:
+        return len(self) - self._next
+
+    def take(self, n: int) -> Update:
+        """The next ``n`` (or fewer, at the end) entries, validated."""
+        start, stop = self._next, min(len(self), self._next + n)
+        nwd = len(self._wd)
+        wd = tuple(_decode_withdrawal(w) for w in self._wd[start:min(stop, nwd)]) if start < nwd else ()
+        adv = tuple(_decode_route(r) for r in self._adv[max(0, start - nwd):stop - nwd]) if stop > nwd else ()
+        self._next = stop
+        return Update(adv, wd)
+
+
 def decode_message(body: bytes) -> Message:
     """Decode and validate one session message body."""
+    msg = _decode_message(body, lazy=False)
+    assert not isinstance(msg, PendingUpdate)
+    return msg
+
+
+def decode_message_lazily(body: bytes) -> Message | PendingUpdate:
+    """As ``decode_message``, but an UPDATE with entries comes back as a ``PendingUpdate``
+    whose entries are validated as they are taken (a session delivers them in slices)."""
+    return _decode_message(body, lazy=True)
+
+
+def _decode_message(body: bytes, *, lazy: bool) -> Message | PendingUpdate:
     m = _unpack(body)
     t = m["t"]
     if t == MsgType.OPEN:
@@ -531,13 +588,17 @@ def decode_message(body: bytes) -> Message:
             raise _bad("adv and wd must be lists", Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
         if len(adv) + len(wd) > MAX_UPDATE_ENTRIES:
             raise _bad(f"more than {MAX_UPDATE_ENTRIES} entries", Code.UPDATE, UpdateSub.TOO_MANY_ENTRIES)
-        return Update(tuple(_decode_route(r) for r in adv), tuple(_decode_withdrawal(w) for w in wd))
+        pending = PendingUpdate(adv, wd)
+        return pending if lazy and len(pending) else pending.take(len(pending))
     if t == MsgType.NOTIFICATION:
         _keys(m, ("t", "code", "sub", "msg"), "notification")
         return Notification(_int(m, "code", 0, 255), _int(m, "sub", 0, 255), _str(m, "msg", MAX_NOTIFICATION_TEXT))
     if t == MsgType.ROUTE_REFRESH:
         _keys(m, ("t",), "route-refresh")
         return RouteRefresh()
+    if t == MsgType.LIMITS:
+        _keys(m, ("t", "routes", "rate", "burst"), "limits")
+        return Limits(_int(m, "routes", 0, 0xFFFFFFFF), _int(m, "rate", 1, 0xFFFFFFFF), _int(m, "burst", 1, 0xFFFFFFFF))
     raise ProtocolError(Code.MESSAGE, MessageSub.BAD_TYPE, f"unknown message type {t}")
 
 

@@ -324,6 +324,141 @@ def _valid(t: Target) -> None:
     raise AssertionError("no UPDATE after ROUTE-REFRESH (a target with no routes at all would fail this)")
 
 
+# ---------------------------------------------------------------- route limits
+
+LIMITS_CAPS = ["route-refresh", "tunnel", "route-limits"]
+FLOOD_S = 2.0  # the churn flood: this long, or this many route entries, whichever comes first
+FLOOD_MAX = 200_000
+
+
+def _limits_session(t: Target, limits: tuple[int, int, int] = (10_000, 1000, 10_000)) -> Peer:
+    p = t.session(caps=LIMITS_CAPS, limits=limits)
+    if "route-limits" not in p.target_caps:
+        p.close()
+        raise Skipped("the target does not offer route-limits")
+    return p
+
+
+def _held_until_quiet(p: Peer, bound: int, held: set[tuple[str, str, str]] | None = None, *,
+                      first: bool = True, quiet: float = 0.5, limit: float = 10.0) -> set[tuple[str, str, str]]:
+    """Replay the target's UPDATEs into what it makes us hold, never more than ``bound``, until
+    ``quiet`` s pass without one (after a first one, End-of-RIB included, when ``first``)."""
+    held = set(held or ())
+    deadline = time.monotonic() + limit
+    last = last_keepalive = time.monotonic()
+    seen = not first
+    while time.monotonic() < deadline and not (seen and time.monotonic() - last >= quiet):
+        if time.monotonic() - last_keepalive > 0.5:
+            _keepalive_now(p)
+            last_keepalive = time.monotonic()
+        try:
+            ctype, msg = p.recv(0.1)
+        except (socket.timeout, TimeoutError):
+            continue
+        if ctype == TUNNEL or msg.get("t") != UPDATE:
+            continue
+        seen, last = True, time.monotonic()
+        wd = {tuple(w) for w in msg["wd"]}
+        adv = {(r["svc"], r["origin"], r["inst"]) for r in msg["adv"]}
+        assert not wd & adv, f"one UPDATE both withdraws and advertises {sorted(wd & adv)[:3]}"
+        held = (held - wd) | adv
+        assert len(held) <= bound, f"the target made us hold {len(held)} routes; our LIMITS said {bound}"
+    if not seen:
+        raise AssertionError("no UPDATE (not even End-of-RIB) from the target")
+    return held
+
+
+@case("route-limits-exchanged", "session.md, messages.md#session-messages (LIMITS)")
+def _limits_exchanged(t: Target) -> None:
+    """Both OPENs list route-limits: the target sends LIMITS, within bounds, before its first KEEPALIVE."""
+    p = _limits_session(t)
+    lim = p.target_limits
+    p.close()
+    assert lim is not None and 0 <= lim["routes"] <= 0xFFFFFFFF and 1 <= lim["rate"] <= 0xFFFFFFFF \
+        and 1 <= lim["burst"] <= 0xFFFFFFFF, lim
+
+
+@case("route-limit-honoured", "routing.md#route-limits (the sender)")
+def _limit_honoured(t: Target) -> None:
+    """We take one route fewer than the target has for us: it sends exactly that many, never
+    more, its own instances first, and a ROUTE-REFRESH changes nothing of that."""
+    everything = advertised_routes(t)
+    if not everything:
+        raise Skipped("the target advertises no route: nothing to withhold")
+    limit = len(everything) - 1
+    p = _limits_session(t, (limit, 1000, 10_000))
+    try:
+        held = _held_until_quiet(p, limit)
+        assert len(held) == limit, f"{len(held)} routes sent for a limit of {limit} ({len(everything)} to send)"
+        own = {r for r in everything if r[1] == t.target_id}
+        assert len(own) > limit or own <= held, f"its own instances withheld first: {sorted(own - held)[:3]}"
+        p.send_msg({"t": ROUTE_REFRESH})
+        assert _held_until_quiet(p, limit, held, first=False, quiet=1.0) == held
+    finally:
+        p.close()
+
+
+@case("route-limit-exceeded", "routing.md#receiving-an-update (6/1)")
+def _limit_exceeded(t: Target) -> None:
+    """One route more than the target's LIMITS allow: cease/max-routes."""
+    p = _limits_session(t)
+    assert p.target_limits is not None
+    routes, rate, burst = (p.target_limits[k] for k in ("routes", "rate", "burst"))
+    over = routes + 1
+    if over > 50_000 or max(0, over - burst) / rate > 20:
+        p.close()
+        raise Skipped(f"a limit of {routes} routes at {rate}/s takes too long to exceed")
+    svc = f"/interop-limit-{random_id()}"
+    try:
+        for start in range(0, over, 300):  # 300 routes: under 64 KiB a message
+            p.send_msg({"t": UPDATE, "adv": [new_route(svc, f"i{n}", t.my_id) for n in range(start, min(over, start + 300))],
+                        "wd": []})
+    except OSError:
+        pass  # it hung up on the way: its NOTIFICATION says why
+    err = p.expect_error(10.0 + max(0, over - burst) / rate)
+    p.close()
+    assert err is not None and err[:2] == (6, 1), f"expected 6/1 after {over} routes, got {err}"
+
+
+@case("route-churn-flood", "routing.md#route-limits (the receiver's pace)")
+def _churn_flood(t: Target) -> None:
+    """200 routes advertised and withdrawn as fast as the target lets us, for 2 s: exceeding
+    its pace is no error (it reads slower), and afterwards it is up, with its other sessions."""
+    routes = advertised_routes(t)
+    p = t.session(caps=LIMITS_CAPS)
+    svc, keys = f"/interop-churn-{random_id()}", 200
+    up = pack({"t": UPDATE, "adv": [new_route(svc, f"c{n}", t.my_id) for n in range(keys)], "wd": []})
+    down = pack({"t": UPDATE, "adv": [], "wd": [[svc, t.my_id, f"c{n}"] for n in range(keys)]})
+    sent, start = 0, time.monotonic()
+    p.sock.settimeout(0.5)
+    try:
+        while time.monotonic() - start < FLOOD_S and sent < FLOOD_MAX:
+            p.send_msg(up if (sent // keys) % 2 == 0 else down)
+            sent += keys
+    except (socket.timeout, TimeoutError):
+        pass  # it reads slower than we write: what its pace is for
+    except OSError:
+        err = p.expect_error(2.0)
+        raise AssertionError(f"the target hung up on the flood after {sent} entries: {err}") from None
+    try:
+        while True:  # what it sent us meanwhile: no NOTIFICATION
+            p.recv(0.2)
+    except (socket.timeout, TimeoutError):
+        pass
+    except Closed as c:
+        raise AssertionError(f"the target closed the flooding session after {sent} entries: {c.error}") from None
+    # Reset, not close: what the target has not read yet goes with the connection.
+    p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    p.close()
+    deadline, why = time.monotonic() + 15, "not checked"
+    while time.monotonic() < deadline:
+        why = alive(t, routes)  # a collision while it still reads the old session: try again
+        if why is None:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"after {sent} route entries in {FLOOD_S:g} s: {why}")
+
+
 # ---------------------------------------------------------------- tunnel
 
 
@@ -766,6 +901,26 @@ def advertised_routes(t: Target, quiet: float = 0.5, limit: float = 3.0) -> set[
     finally:
         p.close()
     return routes
+
+
+def alive(t: Target, routes: set[tuple[str, str, str]]) -> str | None:
+    """None when the target still completes a session, still advertises ``routes`` (so the other
+    sessions they came over are up) and answers HTTP (with --http); else why not."""
+    try:
+        gone = routes - advertised_routes(t)
+        if gone:
+            return f"routes withdrawn since the start (another session of the target went down?): {sorted(gone)[:5]}"
+        if t.http:
+            host, port = t.http.rsplit(":", 1)
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(b"GET /interop-alive-check HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                s.settimeout(5)
+                answer = s.recv(65536)
+            if not answer.startswith(b"HTTP/1.1 404"):
+                return f"HTTP ingress answered {answer[:40]!r} to an unknown path"
+        return None
+    except (Closed, OSError, AssertionError, ValueError, KeyError) as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 @case("http-served-carries-cpn-instance", "README: CPN-Instance/CPN-Origin")

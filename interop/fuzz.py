@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from .cases import SPEC, Target, advertised_routes
+from .cases import SPEC, Target, advertised_routes, alive
 from .wire import TUNNEL, Closed, frame, new_route, pack
 
 
@@ -122,26 +122,6 @@ def send_input(t: Target, kind: str, data: bytes) -> None:
         p.close()
     except (Closed, OSError, AssertionError, ValueError, KeyError, msgpack.UnpackException):
         pass
-
-
-def alive(t: Target, routes: set[tuple[str, str, str]]) -> str | None:
-    """None when the target still completes a session, still advertises ``routes`` (so the other
-    sessions they came over are up) and answers HTTP (with --http); else why not."""
-    try:
-        gone = routes - advertised_routes(t)
-        if gone:
-            return f"routes withdrawn since the start (another session of the target went down?): {sorted(gone)[:5]}"
-        if t.http:
-            host, port = t.http.rsplit(":", 1)
-            with socket.create_connection((host, int(port)), timeout=5) as s:
-                s.sendall(b"GET /interop-alive-check HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                s.settimeout(5)
-                answer = s.recv(65536)
-            if not answer.startswith(b"HTTP/1.1 404"):
-                return f"HTTP ingress answered {answer[:40]!r} to an unknown path"
-        return None
-    except (Closed, OSError, AssertionError, ValueError, KeyError) as exc:
-        return f"{type(exc).__name__}: {exc}"
 
 
 def fuzz(t: Target, n: int, seed: int, batch: int = 100, report: Callable[[dict[str, Any]], None] = print) -> tuple[int, int]:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # message types (messages.md)
-OPEN, KEEPALIVE, UPDATE, NOTIFICATION, ROUTE_REFRESH = 1, 2, 3, 4, 5
+OPEN, KEEPALIVE, UPDATE, NOTIFICATION, ROUTE_REFRESH, LIMITS = 1, 2, 3, 4, 5, 6
 HELLO, HELLO_ACK, FINISH, HS_ERROR = 16, 17, 18, 19
 CONTROL, TUNNEL = 1, 2
 MAX_HANDSHAKE_BODY = 512
@@ -106,6 +106,7 @@ class Peer:
         self.buf = b""
         self.rtt: float | None = None
         self.target_caps: list[str] = []  # from its OPEN
+        self.target_limits: dict[str, int] | None = None  # its LIMITS, when both OPENs list route-limits
 
     def close(self) -> None:
         try:
@@ -193,8 +194,9 @@ class Peer:
         return ctype, msg
 
     def open_session(self, hold_ms: int = 3000, caps: list[str] | None = None,
-                     tw: list[int] | None = None) -> dict[str, Any]:
-        """Handshake, OPEN both ways and the first KEEPALIVEs; returns the target's OPEN.
+                     tw: list[int] | None = None, limits: tuple[int, int, int] | None = None) -> dict[str, Any]:
+        """Handshake, OPEN both ways (and LIMITS, when ``caps`` and the target's both list
+        route-limits: ``limits`` = routes, rate, burst) and the first KEEPALIVEs; the target's OPEN.
 
         ``tw``: our tunnel limits, sent with the `tunnel-window` capability (tunnel.md, "Flow control").
         """
@@ -211,10 +213,20 @@ class Peer:
             raise AssertionError(f"expected OPEN, got {their_open}")
         self.target_caps = list(their_open.get("caps", []))
         self.target_tw: list[int] | None = their_open.get("tw") if tw is not None and "tunnel-window" in self.target_caps else None
+        both_limits = "route-limits" in caps and "route-limits" in self.target_caps
+        if both_limits:
+            routes, rate, burst = limits or (10_000, 1000, 10_000)
+            self.send_msg({"t": LIMITS, "routes": routes, "rate": rate, "burst": burst})
         self.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": their_open["ts"], "dly": 0})
         while True:
             _, msg = self.recv()
+            if msg.get("t") == LIMITS:
+                if not both_limits or self.target_limits is not None:
+                    raise AssertionError(f"LIMITS from the target without route-limits on both OPENs, or twice: {msg}")
+                self.target_limits = {k: msg[k] for k in ("routes", "rate", "burst")}
             if msg.get("t") == KEEPALIVE:
+                if both_limits and self.target_limits is None:
+                    raise AssertionError("the target's first KEEPALIVE came before its LIMITS (session.md)")
                 if msg["echo"]:
                     self.rtt = (time.monotonic() * 1e6 - msg["echo"] - msg["dly"]) / 1e6
                 return their_open

@@ -23,6 +23,7 @@ from cpnd.names import service_label  # noqa: E402
 from cpnd.wire import (  # noqa: E402
     ContentType,
     Keepalive,
+    Limits,
     Notification,
     Open,
     RouteAdv,
@@ -73,6 +74,10 @@ def message_vectors() -> list[dict]:
          Update((), (Withdrawal("/yolo", "gw7", "s5"),))),
         ("notification", "NOTIFICATION cease/max-routes", Notification(6, 1, "gw9 exceeded 10000 routes")),
         ("route-refresh", "ROUTE-REFRESH: resend your whole Adj-RIB-Out", RouteRefresh()),
+        ("limits", "LIMITS: I take at most 10000 routes from you, route entries at 1000/s with bursts of 10000",
+         Limits(10_000, 1000, 10_000)),
+        ("limits-no-routes", "LIMITS: send me no routes at all (a gateway that only serves), 50 entries/s, bursts of 100",
+         Limits(0, 50, 100)),
         ("end-of-rib", "End-of-RIB: an UPDATE with nothing in it, after the initial table", Update((), ())),
     ]
     out = []
@@ -104,6 +109,9 @@ def message_vectors() -> list[dict]:
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel-window"], "ts": 1, "tw": [1024, 1 << 20, 8]})),
         ("tw-no-streams", "OPEN whose tw allows 0 streams",
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel-window"], "ts": 1, "tw": [65536, 1 << 20, 0]})),
+        ("limits-zero-rate", "LIMITS with rate 0 (the least is 1)", msgpack.packb({"t": 6, "routes": 10, "rate": 0, "burst": 1})),
+        ("limits-without-burst", "LIMITS without burst", msgpack.packb({"t": 6, "routes": 10, "rate": 5})),
+        ("limits-too-many-routes", "LIMITS routes beyond 2^32-1", msgpack.packb({"t": 6, "routes": 1 << 32, "rate": 5, "burst": 5})),
     ]
     for name, meaning, body in bad:
         try:

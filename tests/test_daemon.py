@@ -90,7 +90,8 @@ def test_line_of_three(make_lab) -> None:
     peers = {p["id"]: p for p in lab.query("b", "show-peers")}
     assert peers["a"]["state"] == peers["c"]["state"] == "established"
     assert peers["a"]["rtt_ms"] >= 4.0 and peers["c"]["routes_received"] == 1
-    assert peers["a"]["caps"] == ["instance-down", "route-refresh", "tunnel", "tunnel-large-data", "tunnel-window"]  # both offered
+    assert peers["a"]["caps"] == ["instance-down", "route-limits", "route-refresh", "tunnel", "tunnel-large-data",
+                                  "tunnel-window"]  # what both ends offered
 
 
 def test_ring_with_chord_matches_shortest_paths(make_lab) -> None:
@@ -313,8 +314,10 @@ def test_cpnctl_against_a_daemon(make_lab) -> None:
     services = json.loads(cpnctl("--socket", str(specs["b"].control), "show", "services", "--json").stdout)
     assert [(x["service"], x["instance"], x["healthy"], x["capacity"]) for x in services] == [("/yolo", "s1", True, 50)]
     assert "yes" in cpnctl("--socket", str(specs["b"].control), "show", "services").stdout
+    status = json.loads(cpnctl("--socket", sock, "show", "status", "--json").stdout)
+    assert status["id"] == "a" and status["peers_established"] == 1
     stats = json.loads(cpnctl("--socket", sock, "show", "stats", "--json").stdout)
-    assert stats["id"] == "a" and stats["peers_established"] == 1 and "stats" in stats
+    assert {"gateway", "http", "gauges"} <= set(stats) and stats["gauges"]["tunnel_streams"] == 0
     missing = cpnctl("--socket", sock + ".nope", "show", "peers")
     assert missing.returncode == 1 and missing.stderr.startswith("cpnctl: ") and "no such control socket" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1

@@ -60,8 +60,9 @@ class Link:
         while self.now < end:
             self.now = min(end, self.now + step)
             for s in (self.a, self.b):
-                t = s.get_timer()
-                if t is not None and t <= self.now:
+                # A timer, or the inbound pace letting held-back UPDATEs through (resume_at).
+                due = [t for t in (s.get_timer(), s.resume_at()) if t is not None]
+                if due and min(due) <= self.now:
                     s.handle_timer(self.now)
             self.pump()
 
