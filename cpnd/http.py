@@ -24,7 +24,8 @@ import attrs
 import h11
 import trio
 
-from .aio import open_nursery
+from .admission import Slot, SlotTable, Tally
+from .aio import open_nursery, serve_accepting
 from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
@@ -72,6 +73,7 @@ class HttpLimits:
     idle_timeout_s: float = 60.0
     body_idle_timeout_s: float = 60.0
     max_clients: int = 4096
+    max_clients_per_ip: int = 256
     instance_connect_timeout_s: float = 2.0
     pool_idle_per_instance: int = 32
 
@@ -500,13 +502,19 @@ class DataPlane:
         self.damping = BoundDamping()
         self.reconfigure(daemon.config)
         self.account = SendAccount()
-        self.clients = 0
+        # Users' connections: idle ones are taken back for a newcomer before it is refused.
+        self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
+        self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.inflight = 0
         self.draining = False
         self._idle = trio.Event()
         self._accepting = trio.CancelScope()
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
+
+    @property
+    def clients(self) -> int:
+        return len(self.slots)
 
     def health(self, iid: str) -> HealthTracker:
         tracker = self._health.get(iid)
@@ -577,19 +585,46 @@ class DataPlane:
                 task_status.started()
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                        acceptors.start_soon(serve_accepting, listener, functools.partial(self._admit_client, handlers),
+                                             self.edge_event, "http")
             for listener in listeners:
                 await listener.aclose()
 
-    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # out of file descriptors and the like: wait, do not spin
-                log.warning("%s: accept failed: %s", self.d.id, exc)
-                await trio.sleep(0.1)
-                continue
-            handlers.start_soon(self._client, stream)
+    def edge_event(self, kind: str, line: str, stat: str = "accept_errors") -> None:
+        """A refusal or an accept error: logged in full when the first of a spell, else counted."""
+        self.stats[stat] += 1
+        if self.edge_tally.note(kind, trio.current_time()):
+            log.warning("%s: %s (more are counted: one line a second)", self.d.id, line)
+
+    def flush_edge_log(self) -> None:
+        """Called once a second: the line summing up a flood's refusals, if any."""
+        line = self.edge_tally.flush(trio.current_time())
+        if line:
+            log.warning("%s: %s", self.d.id, line)
+
+    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
+        """A slot for a new user (an idle one's, if need be), or the door at once."""
+        try:
+            source = stream.socket.getpeername()[0]
+        except OSError:
+            stream.socket.close()  # it went away already
+            return
+        adm = self.slots.admit(source)
+        for victim in adm.evicted:
+            if victim.owner is not None:
+                victim.owner.cancel()  # the scope of its idle wait: it closes quietly (else it sees held False)
+            self.edge_event("http idle connections reclaimed",
+                            f"http: idle connection from {victim.source} closed for a new user ({_bound_name(adm.reason)})",
+                            "idle_reclaimed")
+        if adm.slot is None:
+            # Closed before any byte is read: cheaper than a task, and nothing to reset.
+            stream.socket.close()
+            self.edge_event(f"http connections refused at {_bound_name(adm.reason)}",
+                            f"http: connection from {source} refused: {_bound_name(adm.reason)} "
+                            f"({self.slots.limit if adm.reason == 'limit' else self.slots.per_source}) reached",
+                            f"refused_{_bound_name(adm.reason)}")
+            return
+        handlers.start_soon(self._client, stream, adm.slot)
 
     def stop_accepting(self) -> None:
         """Graceful shutdown: no new users, no new requests on kept-alive connections."""
@@ -620,24 +655,14 @@ class DataPlane:
 
     # ---- ingress
 
-    async def _client(self, transport: trio.SocketStream) -> None:
-        if self.clients >= self.limits.max_clients:
-            await transport.aclose()
-            return
-        self.clients += 1
+    async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
         client = H11Stream(h11.SERVER, transport)
         pinned: dict[str, Key] = {}
         try:
             while True:
-                timeout = self.limits.idle_timeout_s if client.conn.their_state is h11.IDLE else self.limits.header_timeout_s
-                with trio.move_on_after(timeout) as idle:
-                    event = await client.next_event()
-                if idle.cancelled_caught:
-                    break
-                if isinstance(event, h11.ConnectionClosed):
-                    break
+                event = await self._next_request(client, slot)
                 if not isinstance(event, h11.Request):
-                    break
+                    break  # idle too long, taken back for a newcomer, closed, or not a request
                 await self._request(client, event, pinned)
                 if client.conn.our_state is h11.MUST_CLOSE or client.conn.their_state is not h11.DONE or self.draining:
                     break
@@ -645,14 +670,51 @@ class DataPlane:
         except h11.RemoteProtocolError as exc:
             await self._send_error_quietly(client, HttpError(
                 exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large", str(exc), close=True))
+        except HttpError as exc:  # a head that did not come whole in time
+            self.stats[f"error_{exc.status}"] += 1
+            self._log_error(None, exc)
+            await self._send_error_quietly(client, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
             log.info("%s: client connection ended: %s: %s", self.d.id, type(exc).__name__, exc)
         except Exception:  # a bug must cost this client its connection, never the daemon
             log.exception("%s: HTTP client connection failed", self.d.id)
         finally:
-            self.clients -= 1
+            self.slots.release(slot)
             with trio.CancelScope(shield=True):
                 await transport.aclose()
+
+    async def _next_request(self, client: H11Stream, slot: Slot) -> Any:
+        """The next request head; anything else (None included) ends the connection quietly.
+
+        Between requests (no byte of the next head yet) the connection is idle: closed after
+        ``idle_timeout_s``, or at once when its slot is taken back for a newcomer. From the
+        first byte of a head, the whole head must come within ``header_timeout_s`` (h11 stays
+        IDLE until it is whole, so the state cannot tell these apart): else 408.
+        """
+        event = client.next_event_nowait()
+        if event is not None:
+            return event
+        if not client.conn.trailing_data[0]:
+            if not slot.held:
+                return None  # taken back before this task first ran
+            idle = trio.CancelScope(deadline=trio.current_time() + self.limits.idle_timeout_s)
+            slot.owner = idle
+            self.slots.set_idle(slot, True)
+            try:
+                with idle:
+                    data = await client.transport.receive_some(RECEIVE_CHUNK)
+            finally:
+                self.slots.set_idle(slot, False)
+            if idle.cancelled_caught or not slot.held:
+                return None
+            client.conn.receive_data(data)
+            event = client.next_event_nowait()
+            if event is not None:
+                return event
+        with trio.move_on_after(self.limits.header_timeout_s):
+            return await client.next_event()
+        raise HttpError(408, "request_timeout", f"request head not complete within {self.limits.header_timeout_s:g} s"
+                        " of its first byte", close=True)
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -679,7 +741,7 @@ class DataPlane:
         finally:
             self._end()
 
-    def _log_error(self, req: h11.Request, exc: HttpError) -> None:
+    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
         """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second)."""
         now = trio.current_time()
         if now - self._error_log_window >= 1.0:
@@ -690,9 +752,9 @@ class DataPlane:
             self._error_log_suppressed += 1
             return
         self._error_log_count += 1
-        target = req.target.decode("ascii", "replace")[:200]
+        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
         log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.d.id,
-                req.method.decode("ascii", "replace"), target, exc.status, exc.error, exc.detail,
+                req.method.decode("ascii", "replace") if req is not None else "-", target, exc.status, exc.error, exc.detail,
                 extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
                                "service": exc.service or None, "target": target}})
 
@@ -1245,11 +1307,21 @@ async def _drain(client: H11Stream) -> bool:
 
 
 def _readable(stream: trio.SocketStream) -> bool:
-    """An idle keep-alive connection that is readable has been closed by the other end."""
+    """An idle keep-alive connection that is readable has been closed by the other end.
+
+    poll, not select: with the descriptor limit raised, descriptors above 1023 are common
+    and select() refuses them (every pooled connection would look closed).
+    """
     try:
-        return bool(select.select([stream.socket.fileno()], [], [], 0)[0])
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
+
+
+def _bound_name(reason: str) -> str:
+    return "max_http_clients_per_ip" if reason == "per_source" else "max_http_clients"
 
 
 async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope) -> None:
