@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, add_outside_peer, write_lab  # noqa: E402
-from interop.wire import TUNNEL, Peer, label, load_key, parse_pub  # noqa: E402
+from interop.cases import LIMITS_CAPS  # noqa: E402
+from interop.wire import KEEPALIVE, TUNNEL, UPDATE, Closed, Peer, label, load_key, new_route, pack, parse_pub  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -221,10 +222,53 @@ def tunnel_flood(site: Site, streams: int, seconds: float, *, honour_windows: bo
     return {"streams": streams, "bytes_sent": sent, "streams_reset": resets, "refused_too_many": refused}
 
 
+def route_flood(site: Site, routes: int) -> dict[str, Any]:
+    """Item 3: a peer sends the target ``routes`` routes (its whole import limit, then one more)."""
+    p = site.attacker(caps=LIMITS_CAPS, limits=(1_000_000, 1_000_000, 1_000_000))
+    try:
+        for start in range(0, routes, 300):  # 300 routes fit one record
+            adv = [new_route(f"/x{n % 7}", f"i{n}", "x") for n in range(start, min(routes, start + 300))]
+            p.send_msg({"t": UPDATE, "adv": adv, "wd": []})
+        site.lab.wait_for(lambda: {q["id"]: q for q in site.lab.query("t", "show-peers")}["x"]["routes_received"] >= routes,
+                          60, "the target to take the routes")
+        h = {q["id"]: q for q in site.lab.query("h", "show-peers")}["t"]
+        p.send_msg({"t": UPDATE, "adv": [new_route("/x0", "one-more", "x")], "wd": []})
+        try:
+            err = p.expect_error(10.0)
+        except AssertionError:
+            err = None
+        return {"routes": routes, "h_received_from_t": h["routes_received"],
+                "t_withheld_from_h": site.lab.query("t", "status")["routes_withheld"], "one_more": list(err[:2]) if err else None}
+    finally:
+        p.close()
+
+
+def churn_flood(site: Site, seconds: float, keys: int = 250) -> dict[str, Any]:
+    """Item 4: a peer advertises and withdraws ``keys`` routes as fast as the target reads, for ``seconds``."""
+    p = site.attacker(caps=LIMITS_CAPS)
+    up = pack({"t": UPDATE, "adv": [new_route(f"/x{n % 7}", f"c{n}", "x") for n in range(keys)], "wd": []})
+    down = pack({"t": UPDATE, "adv": [], "wd": [[f"/x{n % 7}", "x", f"c{n}"] for n in range(keys)]})
+    p.sock.settimeout(30)
+    sent, t0 = 0, time.monotonic()
+    try:
+        while time.monotonic() - t0 < seconds and sent < 10_000_000:
+            p.send_msg(up if (sent // keys) % 2 == 0 else down)
+            sent += keys
+            if sent % (keys * 20) == 0:
+                p.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+        taken = {q["id"]: q for q in site.lab.query("t", "show-peers")}["x"]["route_entries_in"]
+        return {"offered_entries": sent, "taken_entries": taken, "seconds": round(time.monotonic() - t0, 2)}
+    except (OSError, Closed) as exc:
+        return {"offered_entries": sent, "error": repr(exc)}
+    finally:
+        p.close()
+
+
 ATTACKS: dict[str, Callable[[Site, float], dict[str, Any]]] = {
     "leaked-streams": lambda site, s: leaked_streams(site, int(300 * s)),
     "tunnel-flood": lambda site, s: tunnel_flood(site, 1024, s),
-    "tunnel-flood-64": lambda site, s: tunnel_flood(site, 64, s),
+    "route-flood": lambda site, s: route_flood(site, 10_000),
+    "churn-flood": lambda site, s: churn_flood(site, s),
 }
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import heapq
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -197,3 +198,25 @@ async def sleep_until_precisely(deadline: float) -> None:
         await trio.sleep_until(deadline - SPIN_S)
     while trio.current_time() < deadline:
         await trio.sleep(0)
+
+
+ACCEPT_PAUSE_S = 0.1  # after a failed accept (out of descriptors): stop accepting this long, do not spin
+
+
+async def serve_accepting(listener: trio.SocketListener, on_accept: Callable[[trio.SocketStream], None],
+                          on_error: Callable[[str, str], None], name: str) -> None:
+    """Accept for ever, handing each connection to ``on_accept`` (which admits it and starts its task).
+
+    Unlike ``trio.serve_listeners``, which logs every failed accept with a traceback (ten
+    lines a second while descriptors run out), a failure goes to ``on_error(kind, line)``,
+    which counts it; ``name`` says which listener.
+    """
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            code = errno.errorcode.get(exc.errno or 0, "error")
+            on_error(f"{name} accept errors ({code})", f"{name}: accept failed: {exc.strerror or exc}; pausing {ACCEPT_PAUSE_S:g} s")
+            await trio.sleep(ACCEPT_PAUSE_S)
+            continue
+        on_accept(stream)

@@ -92,6 +92,10 @@ class GatewayConfig:
     http_header_timeout_ms: int = 10_000
     http_idle_timeout_ms: int = 60_000
     max_http_clients: int = 4096
+    max_http_clients_per_ip: int = 256
+    preauth_timeout_ms: int = 2000
+    max_preauth_connections: int = 64
+    max_preauth_per_ip: int = 8
     load_adv_interval_ms: int = 200
     drain_timeout_ms: int = 5000
     graceful_restart_ms: int = 0
@@ -344,6 +348,10 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         http_header_timeout_ms=r.number(g, (*gw, "http_header_timeout_ms"), 100, 3_600_000, 10_000, integer=True),
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
+        max_http_clients_per_ip=r.number(g, (*gw, "max_http_clients_per_ip"), 1, 1_000_000, 256, integer=True),
+        preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
+        max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),
+        max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
         graceful_restart_ms=r.number(g, (*gw, "graceful_restart_ms"), 0, MAX_RESTART_MS, 0, integer=True),

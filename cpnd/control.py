@@ -18,7 +18,8 @@ import attrs
 import trio
 
 from . import __version__
-from .aio import ListenError
+from .admission import Slot, SlotTable
+from .aio import ListenError, serve_accepting
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -28,7 +29,7 @@ log = logging.getLogger("cpnd.control")
 
 MAX_REQUEST = 65536
 REQUEST_TIMEOUT_S = 5.0
-MAX_CLIENTS = 32
+MAX_CLIENTS = 32  # beyond, the client waiting longest for its request line is closed for a newcomer
 
 
 def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, Any]]:
@@ -133,6 +134,9 @@ def _gauges(daemon: Daemon) -> dict[str, int]:
         "routes_withheld": sum(len(c.adj_out.withheld) for p in daemon.peers.values() for c in p.conns if c.adj_out is not None),
         "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
         "http_clients": daemon.dataplane.clients,
+        "http_clients_idle": daemon.dataplane.slots.idle,  # no byte of a next request yet: taken back first
+        "http_clients_max": daemon.dataplane.slots.limit,  # max_http_clients, as fitted to the descriptor limit
+        "preauth_connections": len(daemon.preauth),
         "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),
     }
 
@@ -222,30 +226,51 @@ async def serve_control(daemon: Daemon, path: Path, *, task_status: trio.TaskSta
         raise ListenError("control_socket", str(path), exc.strerror or str(exc)) from None
     sock.listen(16)
     listener = trio.SocketListener(sock)
-    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    slots = SlotTable(MAX_CLIENTS, MAX_CLIENTS)
 
-    async def client(stream: trio.SocketStream) -> None:
-        async with limiter:
+    async def client(stream: trio.SocketStream, slot: Slot) -> None:
+        try:
+            reading = trio.CancelScope(deadline=trio.current_time() + REQUEST_TIMEOUT_S)
+            slot.owner = reading
             buf = bytearray()
-            with trio.move_on_after(REQUEST_TIMEOUT_S):
-                while b"\n" not in buf and len(buf) <= MAX_REQUEST:
+            with reading:
+                while slot.held and b"\n" not in buf and len(buf) <= MAX_REQUEST:
                     chunk = await stream.receive_some(4096)
                     if not chunk:
                         break
                     buf += chunk
-                if len(buf) > MAX_REQUEST:
-                    reply: dict[str, Any] = {"ok": False, "error": "request too long"}
-                else:
-                    reply = handle_request(daemon, bytes(buf).split(b"\n", 1)[0])
-                try:
-                    await stream.send_all(json.dumps(reply).encode() + b"\n")
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            slots.set_idle(slot, False)
+            if reading.cancelled_caught or not slot.held:
+                return
+            if len(buf) > MAX_REQUEST:
+                reply: dict[str, Any] = {"ok": False, "error": "request too long"}
+            else:
+                reply = handle_request(daemon, bytes(buf).split(b"\n", 1)[0])
+            with trio.move_on_after(REQUEST_TIMEOUT_S):
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            slots.release(slot)
             await stream.aclose()
 
     try:
-        task_status.started()
-        await trio.serve_listeners(client, [listener])
+        async with trio.open_nursery() as nursery:
+            def admit(stream: trio.SocketStream) -> None:
+                adm = slots.admit("local")
+                for victim in adm.evicted:
+                    if victim.owner is not None:
+                        victim.owner.cancel()
+                    daemon.edge_event("control connections reclaimed",
+                                      f"control: a client silent for its request line closed for a new one ({MAX_CLIENTS} connected)")
+                if adm.slot is None:  # all of them being answered
+                    stream.socket.close()
+                    daemon.edge_event("control connections refused", f"control: connection refused: {MAX_CLIENTS} being answered")
+                    return
+                nursery.start_soon(client, stream, adm.slot)
+
+            nursery.start_soon(serve_accepting, listener, admit, daemon.edge_event, "control")
+            task_status.started()
     finally:
         try:
             path.unlink()

@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import math
 import random
+import resource
 import signal
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import attrs
 import trio
 
-from .aio import open_listeners, open_nursery, release_free_memory, sleep_until_precisely
+from .admission import Slot, SlotTable, Tally, descriptor_reserve, http_client_budget, preauth_budget
+from .aio import open_listeners, open_nursery, release_free_memory, serve_accepting, sleep_until_precisely
 from .config import Config, PeerConfig, load_config
 from .crypto import public_key_b64
 from .crypto import Role
-from .errors import CeaseSub, Code, ConfigError, ProtocolError
+from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
 from .http import DataPlane, HttpLimits
 from .limits import TokenBucket
 from .names import service_label
 from .load import LoadPacer
-from .metrics import Metrics, serve_metrics
+from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
 from .rib import AdjRibOut, Key, Rib, link_cost_after
 from .streams import BufferAccount, Mux
 from .tunnel import LARGE_DATA_CAP, mux_settings
@@ -68,7 +72,6 @@ WRITE_BATCH = 256 * 1024  # most bytes the peer writer joins into one send
 # the later one's time (never early): one timer wake-up and one write instead of one each.
 COALESCE_S = 0.0001
 COALESCE_BYTES = 16 * 1024
-MAX_UNAUTHENTICATED = 64
 FLUSH_ON_CLOSE_S = 1.0
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
@@ -100,8 +103,9 @@ class Connection:
         self.flushed = trio.Event()  # closed and its last bytes (the NOTIFICATION) sent or given up
         self._sending = False
         self._delay_s = 0.0
-        self.counted_unauthenticated = False
         self.replaced = False  # closed for a newer connection the same peer dialled (a swap)
+        self.preauth: Slot | None = None  # an inbound connection's pre-auth slot, until it authenticates
+        self.preauth_deadline = math.inf
         self.mux: Mux | None = None
         self._writable = trio.Event()
 
@@ -111,6 +115,11 @@ class Connection:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def evict(self) -> None:
+        """Its pre-auth slot went to a newer connection: end it (6/5, too many connections)."""
+        self.session.close(Code.CEASE, CeaseSub.CONNECTION_REJECTED, "too many handshakes in progress")
+        self._process()
 
     def send_tunnel(self, frame: bytes) -> None:
         """Seal and queue one tunnel frame (streams call this)."""
@@ -159,6 +168,8 @@ class Connection:
                 data = await self.stream.receive_some(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
+            if self.preauth is not None and data:
+                self.daemon.preauth.set_idle(self.preauth, False)  # it spoke: evicted after the silent ones
             self.session.receive_data(data, trio.current_time())
             self._process()
             if not data:
@@ -173,12 +184,17 @@ class Connection:
                 if self.session.next_is_update():
                     resume = max(resume, self.daemon.route_work.ready_at(0, now))
                 deadlines.append(resume)
+            if self.preauth is not None:
+                deadlines.append(self.preauth_deadline)
             deadline = min((d for d in deadlines if d is not None), default=math.inf)
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
             now = trio.current_time()
             self.session.handle_timer(now)
+            if self.preauth is not None and now >= self.preauth_deadline:
+                self.session.close(Code.HANDSHAKE, HandshakeSub.TIMEOUT,
+                                   f"no handshake within {self.daemon.config.gateway.preauth_timeout_ms} ms (pre-auth)")
             if self._flush_routes(now):
                 await trio.lowlevel.checkpoint()  # a flush step and an UPDATE slice: two steps, not one
             self._process()
@@ -377,7 +393,11 @@ class Daemon:
         self.local_attrs: dict[str, tuple[float, float, float]] = {}
         self.pacers = {i.id: _pacer(config) for s in config.services for i in s.instances}
         self.started_at = 0.0
-        self.unauthenticated = 0
+        # Inbound connections still in the handshake: capped overall and per source address;
+        # a newcomer takes the slot of the oldest (silent ones first) rather than being refused.
+        self.preauth = SlotTable(g.max_preauth_connections, g.max_preauth_per_ip, evict_busy=True)
+        self.edge_tally = Tally()  # pre-auth connections that end, accept errors: one log line a second
+        self.nofile = 1 << 20  # the descriptor limit, once raised at start
         self.stats: collections.Counter[str] = collections.Counter()
         self.tunnel_bytes = BufferAccount()  # tunnel DATA held for every peer together
         self.route_work = TokenBucket(ROUTE_WORK_SHARE, ROUTE_WORK_BURST_S)
@@ -388,6 +408,7 @@ class Daemon:
         self.dataplane = DataPlane(self, HttpLimits(
             max_body_bytes=g.max_body_bytes, header_timeout_s=g.http_header_timeout_ms / 1000,
             idle_timeout_s=g.http_idle_timeout_ms / 1000, max_clients=g.max_http_clients,
+            max_clients_per_ip=g.max_http_clients_per_ip,
         ))
 
     # ---- lifecycle
@@ -401,6 +422,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             self.started_at = trio.current_time()
             self.rib.set_local(self._local_routes(), self.started_at)
+            self._fit_descriptors()
             listeners = await open_listeners("listen", g.listen.host, g.listen.port, str(g.listen))
             self.listen_port = listeners[0].socket.getsockname()[1]
             async with trio.open_nursery() as nursery:
@@ -410,7 +432,10 @@ class Daemon:
                     await nursery.start(self.dataplane.serve)
                 if g.metrics_listen is not None:
                     await nursery.start(serve_metrics, self)
-                nursery.start_soon(trio.serve_listeners, self._accept, listeners)
+                for listener in listeners:
+                    nursery.start_soon(serve_accepting, listener, functools.partial(self._accept, nursery), self.edge_event,
+                                       "peering")
+                nursery.start_soon(self._edge_log_loop)
                 for peer in self.peers.values():
                     if not peer.config.passive:
                         nursery.start_soon(self._dial_loop, peer)
@@ -500,6 +525,8 @@ class Daemon:
         self.rib.max_routes_per_peer = g.max_routes_per_peer  # sessions keep what they announced
         for peer in self.peers.values():
             peer.inbound.retune(self.session_config.limits.rate, self.session_config.limits.burst)
+        self.preauth.limit = preauth_budget(self.nofile, g.max_preauth_connections)
+        self.preauth.per_source = g.max_preauth_per_ip
         wanted = {p.id: p for p in new.peers}
         self.peer_keys.clear()
         self.peer_keys.update({p.id: p.public_key for p in new.peers})
@@ -581,17 +608,65 @@ class Daemon:
 
     # ---- connections
 
-    async def _accept(self, stream: trio.SocketStream) -> None:
-        if self.unauthenticated >= MAX_UNAUTHENTICATED:
-            self.stats["connections_refused"] += 1
-            await stream.aclose()
+    def _accept(self, nursery: trio.Nursery, stream: trio.SocketStream) -> None:
+        """A pre-auth slot for an inbound connection (the oldest pending one's, if need be), and its task."""
+        try:
+            source = stream.socket.getpeername()[0]
+        except OSError:
+            stream.socket.close()  # it went away already
             return
-        remote = _peername(stream)
-        session = Session(Role.RESPONDER, self.id, self.config.key, self.peer_keys, trio.current_time(), config=self.session_config)
-        self.unauthenticated += 1
-        conn = Connection(self, stream, session, initiated=False, remote=remote)
-        conn.counted_unauthenticated = True
-        await self._run_connection(conn)
+        adm = self.preauth.admit(source)
+        assert adm.slot is not None  # evict_busy: never refused
+        for victim in adm.evicted:
+            self.stats["preauth_evicted"] += 1
+            victim.owner.evict()
+        now = trio.current_time()
+        session = Session(Role.RESPONDER, self.id, self.config.key, self.peer_keys, now, config=self.session_config)
+        conn = Connection(self, stream, session, initiated=False, remote=_peername(stream))
+        conn.preauth = adm.slot
+        conn.preauth_deadline = now + self.config.gateway.preauth_timeout_ms / 1000
+        adm.slot.owner = conn
+        nursery.start_soon(self._run_connection, conn)
+
+    def edge_event(self, kind: str, line: str) -> None:
+        """A failed accept or a refusal (peering, control): in full when the first of a spell, else counted."""
+        if self.edge_tally.note(kind, trio.current_time()):
+            log.warning("%s: %s (more are counted: one line a second)", self.id, line)
+
+    async def _edge_log_loop(self) -> None:
+        """Once a second, the lines that sum up floods at the edges (peering, HTTP, metrics)."""
+        while True:
+            await trio.sleep(1.0)
+            line = self.edge_tally.flush(trio.current_time())
+            if line:
+                log.warning("%s: %s", self.id, line)
+            self.dataplane.flush_edge_log()
+            self.metrics.flush_edge_log()
+
+    def _fit_descriptors(self) -> None:
+        """Raise the descriptor limit to the hard one; fit the pending handshakes and then
+        max_http_clients under it, with a reserve for everything else."""
+        from .control import MAX_CLIENTS as CONTROL_CLIENTS
+
+        before, nofile = raise_nofile_limit()
+        self.nofile = nofile
+        if nofile != before:
+            log.info("%s: descriptor limit (RLIMIT_NOFILE) raised from %d to %d", self.id, before, nofile)
+        g = self.config.gateway
+        self.preauth.limit = preauth_budget(nofile, g.max_preauth_connections)
+        if self.preauth.limit < g.max_preauth_connections:
+            log.warning("%s: max_preauth_connections lowered from %d to %d: a quarter of the descriptor limit (%d)",
+                        self.id, g.max_preauth_connections, self.preauth.limit, nofile)
+        local = sum(len(s.instances) for s in self.config.services)
+        reserve = descriptor_reserve(peers=len(self.peers), preauth=self.preauth.limit, local_instances=local,
+                                     pool_idle_per_instance=self.dataplane.limits.pool_idle_per_instance,
+                                     control_clients=CONTROL_CLIENTS, metrics_clients=METRICS_CLIENTS)
+        budget = http_client_budget(nofile, reserve, local)
+        if g.http_listen is not None and budget < g.max_http_clients:
+            log.warning("%s: max_http_clients lowered from %d to %d: the descriptor limit is %d and %d are kept for "
+                        "peers, handshakes, instances, control and metrics (raise LimitNOFILE / ulimit -n)",
+                        self.id, g.max_http_clients, budget, nofile, reserve)
+            self.dataplane.slots.limit = budget
 
     async def _dial_loop(self, peer: PeerState) -> None:
         addr = peer.config.address
@@ -642,9 +717,9 @@ class Daemon:
         peer.notify()
 
     def _authenticated(self, conn: Connection, peer_id: str) -> None:
-        if conn.counted_unauthenticated:
-            self.unauthenticated -= 1
-            conn.counted_unauthenticated = False
+        if conn.preauth is not None:
+            self.preauth.release(conn.preauth)
+            conn.preauth = None
         peer = self.peers.get(peer_id)
         if peer is None:  # removed by a reload while this handshake ran
             conn.session.close(Code.CEASE, CeaseSub.PEER_DECONFIGURED, f"{peer_id} is no longer configured")
@@ -726,6 +801,11 @@ class Daemon:
     def _closed(self, conn: Connection, event: Closed) -> None:
         peer = conn.peer
         name = peer.config.id if peer else conn.remote
+        if peer is None:  # a stranger that never authenticated: a flood of these costs one line a second
+            self.stats["preauth_closed"] += 1
+            if not self.edge_tally.note("unauthenticated peering connections ended (" + event.describe().split(": ", 1)[0] + ")",
+                                        trio.current_time()):
+                return
         level = logging.INFO if event.code in (0, Code.CEASE) else logging.WARNING
         was_up = conn.adj_out is not None
         log.log(level, "%s: peer %s %s: %s", self.id, name, "down" if was_up else "not established", event.describe(),
@@ -760,8 +840,9 @@ class Daemon:
             conn.adj_out = None
 
     def _connection_gone(self, conn: Connection) -> None:
-        if conn.counted_unauthenticated:
-            self.unauthenticated -= 1
+        if conn.preauth is not None:
+            self.preauth.release(conn.preauth)
+            conn.preauth = None
         if conn.peer is not None:
             conn.peer.conns.discard(conn)
             conn.peer.notify()
@@ -831,6 +912,26 @@ def _peer_state(config: Config, peer: PeerConfig) -> PeerState:
 def _pacer(config: Config) -> LoadPacer:
     g = config.gateway
     return LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise the soft descriptor limit to the hard one (systemd's soft default is 1024); (before, now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:  # Linux refuses more than fs.nr_open
+            target = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY:
+        return target, target
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+        except (OSError, ValueError):
+            pass
+    return soft, soft
 
 
 def _peername(stream: trio.SocketStream) -> str:

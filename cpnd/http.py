@@ -25,7 +25,8 @@ import attrs
 import h11
 import trio
 
-from .aio import open_listeners, open_nursery
+from .admission import Slot, SlotTable, Tally
+from .aio import open_listeners, open_nursery, serve_accepting
 from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
@@ -76,6 +77,7 @@ class HttpLimits:
     idle_timeout_s: float = 60.0
     body_idle_timeout_s: float = 60.0
     max_clients: int = 4096
+    max_clients_per_ip: int = 256
     instance_connect_timeout_s: float = 2.0
     pool_idle_per_instance: int = 32
 
@@ -356,6 +358,7 @@ class H11Stream:
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.transport = transport
         self.tunnel = tunnel
+        self.head_since = 0.0  # when the first byte of the request head being read came
 
     async def send(self, event: Any, *, end: bool = False) -> None:
         data = self.conn.send(event) or b""
@@ -576,7 +579,9 @@ class DataPlane:
         self.damping = BoundDamping()
         self.reconfigure(daemon.config)
         self.account = SendAccount()
-        self.clients = 0
+        # Users' connections: idle ones are taken back for a newcomer before it is refused.
+        self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
+        self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.inflight = 0
         self.draining = False
         self._idle = trio.Event()
@@ -589,6 +594,10 @@ class DataPlane:
         now = trio.current_time()
         self._error_lines.flush(self.d.id, now)
         self._attempt_lines.flush(self.d.id, now)
+
+    @property
+    def clients(self) -> int:
+        return len(self.slots)
 
     def health(self, iid: str) -> HealthTracker:
         tracker = self._health.get(iid)
@@ -659,19 +668,46 @@ class DataPlane:
                 task_status.started()
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
-                        acceptors.start_soon(self._accept_loop, listener, handlers)
+                        acceptors.start_soon(serve_accepting, listener, functools.partial(self._admit_client, handlers),
+                                             self.edge_event, "http")
             for listener in listeners:
                 await listener.aclose()
 
-    async def _accept_loop(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # out of file descriptors and the like: wait, do not spin
-                log.warning("%s: accept failed: %s", self.d.id, exc)
-                await trio.sleep(0.1)
-                continue
-            handlers.start_soon(self._client, stream)
+    def edge_event(self, kind: str, line: str, stat: str = "accept_errors") -> None:
+        """A refusal or an accept error: logged in full when the first of a spell, else counted."""
+        self.stats[stat] += 1
+        if self.edge_tally.note(kind, trio.current_time()):
+            log.warning("%s: %s (more are counted: one line a second)", self.d.id, line)
+
+    def flush_edge_log(self) -> None:
+        """Called once a second: the line summing up a flood's refusals, if any."""
+        line = self.edge_tally.flush(trio.current_time())
+        if line:
+            log.warning("%s: %s", self.d.id, line)
+
+    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
+        """A slot for a new user (an idle one's, if need be), or the door at once."""
+        try:
+            source = stream.socket.getpeername()[0]
+        except OSError:
+            stream.socket.close()  # it went away already
+            return
+        adm = self.slots.admit(source)
+        for victim in adm.evicted:
+            if victim.owner is not None:
+                victim.owner.cancel()  # the scope of its idle wait: it closes quietly (else it sees held False)
+            self.edge_event("http idle connections reclaimed",
+                            f"http: idle connection from {victim.source} closed for a new user ({_bound_name(adm.reason)})",
+                            "idle_reclaimed")
+        if adm.slot is None:
+            # Closed before any byte is read: cheaper than a task, and nothing to reset.
+            stream.socket.close()
+            self.edge_event(f"http connections refused at {_bound_name(adm.reason)}",
+                            f"http: connection from {source} refused: {_bound_name(adm.reason)} "
+                            f"({self.slots.limit if adm.reason == 'limit' else self.slots.per_source}) reached",
+                            f"refused_{_bound_name(adm.reason)}")
+            return
+        handlers.start_soon(self._client, stream, adm.slot)
 
     def stop_accepting(self) -> None:
         """Graceful shutdown: no new users, no new requests on kept-alive connections."""
@@ -702,60 +738,76 @@ class DataPlane:
 
     # ---- ingress
 
-    async def _client(self, transport: trio.SocketStream) -> None:
-        if self.clients >= self.limits.max_clients:
-            await transport.aclose()
-            return
-        self.clients += 1
+    async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
         client = H11Stream(h11.SERVER, transport)
         pinned: dict[str, Key] = {}
         try:
-            if not await self._http1_only(client, transport):
+            if not await self._http1_only(client, slot):
                 return
             while True:
-                timeout = self.limits.idle_timeout_s if client.conn.their_state is h11.IDLE else self.limits.header_timeout_s
-                with trio.move_on_after(timeout) as idle:
-                    event = await client.next_event()
-                if idle.cancelled_caught:
-                    break
-                if isinstance(event, h11.ConnectionClosed):
-                    break
+                event = await self._next_request(client, slot)
                 if not isinstance(event, h11.Request):
-                    break
+                    break  # idle too long, taken back for a newcomer, closed, or not a request
                 await self._request(client, event, pinned)
                 # Another request only after a complete exchange both ways (a response cut short,
                 # a body left unread or MUST_CLOSE end the connection).
                 if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
                     break
                 client.conn.start_next_cycle()
+                client.head_since = trio.current_time()  # pipelined bytes of the next head: its clock starts now
         except h11.RemoteProtocolError as exc:
             error = HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large",
                               f"malformed HTTP/1.1 request: {_h11_reason(exc)}", close=True)
             self._log_error(None, error)
             await self._send_error_quietly(client, error)
+        except HttpError as exc:  # a head that did not come whole in time
+            self.stats[f"error_{exc.status}"] += 1
+            self._log_error(None, exc)
+            await self._send_error_quietly(client, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
             log.info("%s: client connection ended: %s", self.d.id, _ended(exc))
         except Exception:  # a bug must cost this client its connection, never the daemon
             log.exception("%s: HTTP client connection failed", self.d.id)
         finally:
-            self.clients -= 1
+            self.slots.release(slot)
             with trio.CancelScope(shield=True):
                 await transport.aclose()
 
-    async def _http1_only(self, client: H11Stream, transport: trio.SocketStream) -> bool:
+    async def _idle_read(self, client: H11Stream, slot: Slot) -> bytes | None:
+        """Wait for the first bytes of a next head, the connection idle (closed after ``idle_timeout_s``,
+        or at once when its slot is taken back for a newcomer); None then. Starts the head's clock."""
+        if not slot.held:
+            return None  # taken back before this task first ran
+        idle = trio.CancelScope(deadline=trio.current_time() + self.limits.idle_timeout_s)
+        slot.owner = idle
+        self.slots.set_idle(slot, True)
+        try:
+            with idle:
+                data = await client.transport.receive_some(RECEIVE_CHUNK)
+        finally:
+            self.slots.set_idle(slot, False)
+        if idle.cancelled_caught or not slot.held:
+            return None
+        client.head_since = trio.current_time()
+        return data
+
+    async def _http1_only(self, client: H11Stream, slot: Slot) -> bool:
         """Read the connection's first bytes into h11, unless they are not HTTP/1.x: an HTTP/2
         preface gets GOAWAY HTTP_1_1_REQUIRED, a TLS ClientHello a plain 400; one log line, then
         False (close). A later HTTP/2 ingress takes over the "h2" case here."""
-        data = b""
-        with trio.move_on_after(self.limits.idle_timeout_s):
-            while (kind := sniff_preface(data)) == "":
+        transport = client.transport
+        data = await self._idle_read(client, slot)
+        if data is None:
+            return False
+        with trio.move_on_at(client.head_since + self.limits.header_timeout_s):
+            while data and (kind := sniff_preface(data)) == "":
                 chunk = await transport.receive_some(RECEIVE_CHUNK)
                 data += chunk
                 if not chunk:
                     break
         kind = sniff_preface(data) if data else None
         if not kind:
-            client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed (or idle), h11's EOF
+            client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
             return True
         if self._error_lines.allow(self.d.id, trio.current_time()):
             what = ("an HTTP/2 prior-knowledge preface: answered GOAWAY HTTP_1_1_REQUIRED" if kind == "h2"
@@ -772,6 +824,30 @@ class DataPlane:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
         return False
+
+    async def _next_request(self, client: H11Stream, slot: Slot) -> Any:
+        """The next request head; anything else (None included) ends the connection quietly.
+
+        Between requests (no byte of the next head yet) the connection is idle: closed after
+        ``idle_timeout_s``, or at once when its slot is taken back for a newcomer. From the
+        first byte of a head, the whole head must come within ``header_timeout_s`` (h11 stays
+        IDLE until it is whole, so the state cannot tell these apart): else 408.
+        """
+        event = client.next_event_nowait()
+        if event is not None:
+            return event
+        if not client.conn.trailing_data[0]:
+            data = await self._idle_read(client, slot)
+            if data is None:
+                return None
+            client.conn.receive_data(data)
+            event = client.next_event_nowait()
+            if event is not None:
+                return event
+        with trio.move_on_at(client.head_since + self.limits.header_timeout_s):
+            return await client.next_event()
+        raise HttpError(408, "request_timeout", f"request head not complete within {self.limits.header_timeout_s:g} s"
+                        " of its first byte", close=True)
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
@@ -1411,11 +1487,21 @@ async def _drain(client: H11Stream) -> bool:
 
 
 def _readable(stream: trio.SocketStream) -> bool:
-    """An idle keep-alive connection that is readable has been closed by the other end."""
+    """An idle keep-alive connection that is readable has been closed by the other end.
+
+    poll, not select: with the descriptor limit raised, descriptors above 1023 are common
+    and select() refuses them (every pooled connection would look closed).
+    """
     try:
-        return bool(select.select([stream.socket.fileno()], [], [], 0)[0])
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
+
+
+def _bound_name(reason: str) -> str:
+    return "max_http_clients_per_ip" if reason == "per_source" else "max_http_clients"
 
 
 async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope, idle_s: float) -> None:

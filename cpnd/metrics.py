@@ -6,6 +6,7 @@ counters and the latency histogram are updated by the data plane.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -15,13 +16,23 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .aio import open_listeners
+from .admission import Slot, SlotTable, Tally
+from .aio import open_listeners, serve_accepting
 
 if TYPE_CHECKING:
     from .daemon import Daemon
 
+log = logging.getLogger("cpnd.metrics")
+
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-SCRAPE_TIMEOUT_S = 10.0
+# Scrapers are few: beyond MAX_CLIENTS connections, the one that has waited longest for its
+# next request is closed for the newcomer (one busy answering is never cut), so idle
+# connections cannot lock a scraper out; a request must arrive within READ_TIMEOUT_S of
+# the connection or of the last answer, and an answer be taken within WRITE_TIMEOUT_S.
+MAX_CLIENTS = 16
+READ_TIMEOUT_S = 5.0
+WRITE_TIMEOUT_S = 10.0
+MAX_REQUEST_BODY = 16384
 MAX_CACHED_CHILDREN = 4096
 
 
@@ -49,6 +60,17 @@ class Metrics:
         # labels() takes a lock and builds keys on every call: the children, once each, are kept here.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
+        self.daemon_id = daemon.id
+        self.edge_tally = Tally()  # connections refused or reclaimed: one log line a second
+
+    def edge_event(self, kind: str, line: str) -> None:
+        if self.edge_tally.note(kind, trio.current_time()):
+            log.warning("%s: %s (more are counted: one line a second)", self.daemon_id, line)
+
+    def flush_edge_log(self) -> None:
+        line = self.edge_tally.flush(trio.current_time())
+        if line:
+            log.warning("%s: %s", self.daemon_id, line)
 
     def observe(self, service: str, instance: str | None, status: int, seconds: float | None) -> None:
         _child(self._counters, (service, instance or "", status),
@@ -99,49 +121,96 @@ class _DaemonCollector(Collector):
         yield load
 
 
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    """The next whole request (any small body read and dropped), or None: closed, or too big."""
+    request = None
+    body = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(16384))
+        elif isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.Data):
+            body += len(event.data)
+            if body > MAX_REQUEST_BODY:
+                return None
+        elif isinstance(event, h11.EndOfMessage):
+            return request
+        else:
+            return None
+
+
+def _answer(daemon: Daemon, conn: h11.Connection, request: h11.Request) -> bytes:
+    path = request.target.split(b"?", 1)[0]
+    if request.method not in (b"GET", b"HEAD"):
+        status, body, ctype = 405, b"method not allowed\n", b"text/plain"
+    elif path != b"/metrics":
+        status, body, ctype = 404, b"see /metrics\n", b"text/plain"
+    else:
+        status, body, ctype = 200, daemon.metrics.render(), CONTENT_TYPE
+    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+    data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+    if request.method != b"HEAD":
+        data += conn.send(h11.Data(data=body)) or b""
+    return data + (conn.send(h11.EndOfMessage()) or b"")
+
+
 async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer GET /metrics on ``metrics_listen``; anything else 404/405."""
     addr = daemon.config.gateway.metrics_listen
     assert addr is not None
     listeners = await open_listeners("metrics_listen", addr.host, addr.port, str(addr))
     daemon.metrics_port = listeners[0].socket.getsockname()[1]
-    limiter = trio.CapacityLimiter(16)
+    slots = SlotTable(MAX_CLIENTS, MAX_CLIENTS)
+    metrics = daemon.metrics
 
-    async def client(stream: trio.SocketStream) -> None:
-        async with limiter:
-            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+    async def client(stream: trio.SocketStream, slot: Slot) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        try:
+            while slot.held:
+                reading = trio.CancelScope(deadline=trio.current_time() + READ_TIMEOUT_S)
+                slot.owner = reading
+                slots.set_idle(slot, True)
+                request = None
+                try:
+                    with reading:
+                        request = await _read_request(conn, stream)
+                finally:
+                    slots.set_idle(slot, False)
+                if request is None or not slot.held:
+                    break
+                with trio.move_on_after(WRITE_TIMEOUT_S) as writing:
+                    await stream.send_all(_answer(daemon, conn, request))
+                if writing.cancelled_caught or conn.our_state is h11.MUST_CLOSE:
+                    break
+                conn.start_next_cycle()
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            slots.release(slot)
+            await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        def admit(stream: trio.SocketStream) -> None:
             try:
-                with trio.move_on_after(SCRAPE_TIMEOUT_S):
-                    while True:
-                        event = conn.next_event()
-                        if event is h11.NEED_DATA:
-                            conn.receive_data(await stream.receive_some(16384))
-                            continue
-                        if not isinstance(event, h11.Request):
-                            break
-                        path = event.target.split(b"?", 1)[0]
-                        if event.method not in (b"GET", b"HEAD"):
-                            status, body, ctype = 405, b"method not allowed\n", b"text/plain"
-                        elif path != b"/metrics":
-                            status, body, ctype = 404, b"see /metrics\n", b"text/plain"
-                        else:
-                            status, body, ctype = 200, daemon.metrics.render(), CONTENT_TYPE
-                        headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
-                        data = conn.send(h11.Response(status_code=status, headers=headers))
-                        if event.method != b"HEAD":
-                            data += conn.send(h11.Data(data=body))
-                        data += conn.send(h11.EndOfMessage())
-                        await stream.send_all(data)
-                        while conn.their_state is h11.SEND_BODY:  # a body we do not want (bounded by the timeout)
-                            if conn.next_event() is h11.NEED_DATA:
-                                conn.receive_data(await stream.receive_some(16384))
-                        if conn.our_state is h11.MUST_CLOSE:
-                            break
-                        conn.start_next_cycle()
-            except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            finally:
-                await stream.aclose()
+                source = stream.socket.getpeername()[0]
+            except OSError:
+                stream.socket.close()
+                return
+            adm = slots.admit(source)
+            for victim in adm.evicted:
+                if victim.owner is not None:
+                    victim.owner.cancel()
+                metrics.edge_event("metrics idle connections reclaimed",
+                                   f"metrics: idle connection from {victim.source} closed for a new one")
+            if adm.slot is None:
+                stream.socket.close()
+                metrics.edge_event("metrics connections refused",
+                                   f"metrics: connection from {source} refused: {MAX_CLIENTS} connections busy")
+                return
+            nursery.start_soon(client, stream, adm.slot)
 
-    task_status.started()
-    await trio.serve_listeners(client, listeners)
+        for listener in listeners:
+            nursery.start_soon(serve_accepting, listener, admit, metrics.edge_event, "metrics")
+        task_status.started()

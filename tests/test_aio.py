@@ -52,3 +52,32 @@ def test_timerfd_in_use_on_linux() -> None:
 
     timers = trio.run(main)
     assert (timers is not None) == sys.platform.startswith("linux")
+
+
+def test_failed_accepts_pause_and_are_counted_not_spun_on() -> None:
+    """Out of descriptors, accept fails at once each time: the loop reports each failure and
+    pauses ACCEPT_PAUSE_S between tries instead of spinning (or logging a traceback per try)."""
+    import errno
+
+    from trio.testing import MockClock
+
+    class Exhausted:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def accept(self) -> trio.SocketStream:
+            self.calls += 1
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    errors: list[tuple[str, str]] = []
+
+    async def main() -> int:
+        listener = Exhausted()
+        with trio.move_on_after(9.95):  # tries at 0, 0.1, ..., 9.9 s
+            await aio.serve_accepting(listener, lambda s: None, lambda k, line: errors.append((k, line)), "http")
+        return listener.calls
+
+    calls = trio.run(main, clock=MockClock(autojump_threshold=0))
+    assert calls == len(errors) == 100
+    assert errors[0] == ("http accept errors (EMFILE)", "http: accept failed: Too many open files; pausing 0.1 s")
