@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import selectors
 import socket
 import statistics
 import struct
@@ -264,9 +266,98 @@ def churn_flood(site: Site, seconds: float, keys: int = 250) -> dict[str, Any]:
         p.close()
 
 
+def _hostport(hp: str) -> tuple[str, int]:
+    host, port = hp.rsplit(":", 1)
+    return host, int(port)
+
+
+class Flood:
+    """Holds ``per_source`` TCP connections from each of ``sources`` (127.0.0.x) to ``hostport``, each
+    sending ``drip`` one byte every ``drip_s`` (nothing if empty), and opens a new one for each the
+    server closes: what an attacker holding slots does. Bounded in count and time."""
+
+    def __init__(self, hostport: str, sources: int, per_source: int, *, drip: bytes = b"", drip_s: float = 0.5) -> None:
+        self.addr, self.drip, self.drip_s = _hostport(hostport), drip, drip_s
+        self.sources = [f"127.0.0.{i}" for i in range(2, 2 + sources)]
+        self.per_source = per_source
+        self.sel = selectors.DefaultSelector()
+        self.opened = self.closed_by_server = 0
+        self.sent: dict[socket.socket, int] = {}
+
+    def _open(self, source: str) -> None:
+        try:
+            s = socket.create_connection(self.addr, timeout=2, source_address=(source, 0))
+        except OSError:
+            return
+        s.setblocking(False)
+        self.sel.register(s, selectors.EVENT_READ, source)
+        self.sent[s] = 0
+        self.opened += 1
+
+    def run(self, seconds: float) -> dict[str, int]:
+        for source in self.sources:
+            for _ in range(self.per_source):
+                self._open(source)
+        deadline, next_drip = time.monotonic() + seconds, 0.0
+        while time.monotonic() < deadline and self.opened < 200_000:
+            for key, _ in self.sel.select(0.05):
+                sock = key.fileobj
+                try:
+                    if sock.recv(65536):  # an answer (a 408, a refusal): the close comes next
+                        continue
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    pass
+                self.sel.unregister(sock)
+                self.sent.pop(sock, None)
+                sock.close()
+                self.closed_by_server += 1
+                self._open(key.data)
+            if self.drip and time.monotonic() >= next_drip:
+                next_drip = time.monotonic() + self.drip_s
+                for sock in list(self.sent):
+                    try:
+                        sock.send(self.drip[self.sent[sock] % len(self.drip):][:1])
+                        self.sent[sock] += 1
+                    except OSError:
+                        pass
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        self.sel.close()
+        return {"connections_opened": self.opened, "closed_by_target": self.closed_by_server}
+
+
+def peer_logins(site: Site, tries: int) -> int:
+    """Fresh sessions of the valid outside peer x that come up (each a full handshake and OPEN)."""
+    up = 0
+    for _ in range(tries):
+        try:
+            site.attacker().close()
+            up += 1
+        except (OSError, AssertionError, Closed):
+            pass
+    return up
+
+
+def with_logins(flood: Flood, site: Site, seconds: float) -> dict[str, Any]:
+    """Run ``flood`` for ``seconds`` in a thread while x logs in again and again from 127.0.0.1."""
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(flood.run(seconds)), daemon=True)
+    t.start()
+    time.sleep(min(1.0, seconds / 4))
+    out["valid_peer_logins"] = f"{peer_logins(site, 18)}/18"
+    t.join()
+    return out
+
+
 ATTACKS: dict[str, Callable[[Site, float], dict[str, Any]]] = {
     "leaked-streams": lambda site, s: leaked_streams(site, int(300 * s)),
     "tunnel-flood": lambda site, s: tunnel_flood(site, 1024, s),
+    # items 5-7: slow heads, silent users beyond max_http_clients, silent peering connections
+    "slow-loris": lambda site, s: Flood(site.specs["t"].http, 10, 50, drip=b"GET /svc HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 10000).run(s),
+    "idle-users": lambda site, s: Flood(site.specs["t"].http, 10, 420).run(s),
+    "preauth-flood": lambda site, s: with_logins(Flood(site.specs["t"].listen, 16, 64), site, s),
     "route-flood": lambda site, s: route_flood(site, 10_000),
     "churn-flood": lambda site, s: churn_flood(site, s),
 }
@@ -275,37 +366,48 @@ ATTACKS: dict[str, Callable[[Site, float], dict[str, Any]]] = {
 # ---------------------------------------------------------------- the honest client and the run
 
 
+def _honest_loop(url: str, stop: Any, ready: Any, out: Any) -> None:
+    lat: list[float] = []
+    ok = fail = 0
+    with httpx.Client(base_url=url, timeout=5) as c:
+        i = 0
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                good = c.post("/svc" if i % 2 else "/far", content=b"hello").status_code == 200
+            except httpx.HTTPError:
+                good = False
+            lat.append(time.monotonic() - t0)
+            ok += good
+            fail += not good
+            i += 1
+            ready.set()
+            time.sleep(0.01)
+    out.put((lat, ok, fail))
+
+
 class Honest:
-    """Sequential requests through the target (keep-alive), its own and the other gateway's services."""
+    """Sequential requests through the target (keep-alive), its own and the other gateway's services,
+    from a process of its own (the attacker's loops in this one must not slow its clock)."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.lat, self.ok, self.fail = url, [], 0, 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=5) as c:
-            i = 0
-            while not self._stop.is_set():
-                t0 = time.monotonic()
-                try:
-                    r = c.post("/svc" if i % 2 else "/far", content=b"hello")
-                    good = r.status_code == 200
-                except httpx.HTTPError:
-                    good = False
-                self.lat.append(time.monotonic() - t0)
-                self.ok += good
-                self.fail += not good
-                i += 1
-                time.sleep(0.01)
+        ctx = multiprocessing.get_context("spawn")
+        self._stop, self._ready, self._out = ctx.Event(), ctx.Event(), ctx.Queue()
+        self._p = ctx.Process(target=_honest_loop, args=(url, self._stop, self._ready, self._out), daemon=True)
+        self.lat: list[float] = []
+        self.ok = self.fail = 0
 
     def __enter__(self) -> Honest:
-        self._t.start()
+        self._p.start()
+        if not self._ready.wait(30):  # its first request answered: it is running
+            self._p.kill()
+            raise RuntimeError("the honest client did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._t.join()
+        self.lat, self.ok, self.fail = self._out.get(timeout=30)
+        self._p.join(10)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.lat) or [0.0]

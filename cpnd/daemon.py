@@ -23,7 +23,7 @@ import trio
 
 from .admission import Slot, SlotTable, Tally, descriptor_reserve, http_client_budget, preauth_budget
 from .aio import open_listeners, open_nursery, release_free_memory, serve_accepting, sleep_until_precisely
-from .config import Config, PeerConfig, load_config
+from .config import Config, PeerConfig, load_config, peer_overhead
 from .crypto import public_key_b64
 from .crypto import Role
 from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
@@ -889,9 +889,9 @@ def _restart_expected(event: Closed) -> bool:
 
 def _session_config(config: Config) -> SessionConfig:
     g = config.gateway
-    # peer_buffer_bytes bounds both directions: what the peer may have un-credited here (the
+    # peer_buffer_bytes bounds both directions and the streams: what the peer may have un-credited here (the
     # connection window we announce), and what we queue for it (max_peer_send_buffer).
-    tunnel = TunnelLimits(g.tunnel_window_bytes, g.peer_buffer_bytes - g.max_peer_send_buffer, g.max_streams_per_peer)
+    tunnel = TunnelLimits(g.tunnel_window_bytes, g.peer_buffer_bytes - peer_overhead(g), g.max_streams_per_peer)
     return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000,
                          restart_ms=g.graceful_restart_ms, tunnel=tunnel, limits=_limits(config))
 
