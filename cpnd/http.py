@@ -502,7 +502,8 @@ class DataPlane:
         self.damping = BoundDamping()
         self.reconfigure(daemon.config)
         self.account = SendAccount()
-        # Users' connections: idle ones are taken back for a newcomer before it is refused.
+        # Users' connections: one still waiting for a whole request head is taken back for a
+        # newcomer before the newcomer is refused (see _next_request).
         self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
         self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.inflight = 0
@@ -603,7 +604,7 @@ class DataPlane:
             log.warning("%s: %s", self.d.id, line)
 
     def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
-        """A slot for a new user (an idle one's, if need be), or the door at once."""
+        """A slot for a new user (one waiting for a head gives its own, if need be), or the door at once."""
         try:
             source = stream.socket.getpeername()[0]
         except OSError:
@@ -613,8 +614,9 @@ class DataPlane:
         for victim in adm.evicted:
             if victim.owner is not None:
                 victim.owner.cancel()  # the scope of its idle wait: it closes quietly (else it sees held False)
-            self.edge_event("http idle connections reclaimed",
-                            f"http: idle connection from {victim.source} closed for a new user ({_bound_name(adm.reason)})",
+            self.edge_event("http connections reclaimed (no whole head yet)",
+                            f"http: connection from {victim.source} waiting for a request head closed for a new user "
+                            f"({_bound_name(adm.reason)})",
                             "idle_reclaimed")
         if adm.slot is None:
             # Closed before any byte is read: cheaper than a task, and nothing to reset.
@@ -687,34 +689,41 @@ class DataPlane:
         """The next request head; anything else (None included) ends the connection quietly.
 
         Between requests (no byte of the next head yet) the connection is idle: closed after
-        ``idle_timeout_s``, or at once when its slot is taken back for a newcomer. From the
-        first byte of a head, the whole head must come within ``header_timeout_s`` (h11 stays
-        IDLE until it is whole, so the state cannot tell these apart): else 408.
+        ``idle_timeout_s``. From the first byte of a head, the whole head must come within
+        ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
+        apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer
+        (the one waiting longest goes first): a slow head holds no more than an idle connection.
         """
         event = client.next_event_nowait()
         if event is not None:
             return event
-        if not client.conn.trailing_data[0]:
-            if not slot.held:
-                return None  # taken back before this task first ran
-            idle = trio.CancelScope(deadline=trio.current_time() + self.limits.idle_timeout_s)
-            slot.owner = idle
-            self.slots.set_idle(slot, True)
-            try:
-                with idle:
-                    data = await client.transport.receive_some(RECEIVE_CHUNK)
-            finally:
-                self.slots.set_idle(slot, False)
-            if idle.cancelled_caught or not slot.held:
-                return None
-            client.conn.receive_data(data)
-            event = client.next_event_nowait()
-            if event is not None:
-                return event
-        with trio.move_on_after(self.limits.header_timeout_s):
-            return await client.next_event()
-        raise HttpError(408, "request_timeout", f"request head not complete within {self.limits.header_timeout_s:g} s"
-                        " of its first byte", close=True)
+        if not slot.held:
+            return None  # taken back before this task first ran
+        waiting = trio.CancelScope()
+        slot.owner = waiting
+        self.slots.set_idle(slot, True)
+        timed_out = False
+        try:
+            with waiting:
+                if not client.conn.trailing_data[0]:
+                    with trio.move_on_after(self.limits.idle_timeout_s) as idle:
+                        data = await client.transport.receive_some(RECEIVE_CHUNK)
+                    if idle.cancelled_caught:
+                        return None
+                    client.conn.receive_data(data)
+                    event = client.next_event_nowait()
+                if event is None:
+                    with trio.move_on_after(self.limits.header_timeout_s) as head:
+                        event = await client.next_event()
+                    timed_out = head.cancelled_caught
+        finally:
+            self.slots.set_idle(slot, False)
+        if not slot.held:
+            return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
+        if timed_out:
+            raise HttpError(408, "request_timeout", f"request head not complete within {self.limits.header_timeout_s:g} s"
+                            " of its first byte", close=True)
+        return event
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
