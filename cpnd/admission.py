@@ -3,8 +3,9 @@
 One ``SlotTable`` per listener that strangers can reach: HTTP users, unauthenticated
 peering connections, metrics scrapers. It caps connections overall and per source
 address, and when full takes back the slot that costs least to lose: one that is idle
-(an HTTP keep-alive between requests, a handshake that has sent nothing), the oldest
-first, and, where the table allows it, the oldest busy one; else the newcomer is refused.
+(what "idle" means is the shell's: an HTTP connection without a whole request head, a
+handshake that has sent nothing, a scraper between scrapes), the one idle longest first,
+and, where the table allows it, the oldest busy one; else the newcomer is refused.
 The shell closes what it is told to. ``Tally`` turns a flood of refusals into one log
 line a second. Nothing here imports trio: times are passed in.
 """

@@ -134,7 +134,7 @@ def _gauges(daemon: Daemon) -> dict[str, int]:
         "routes_withheld": sum(len(c.adj_out.withheld) for p in daemon.peers.values() for c in p.conns if c.adj_out is not None),
         "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
         "http_clients": daemon.dataplane.clients,
-        "http_clients_idle": daemon.dataplane.slots.idle,  # no byte of a next request yet: taken back first
+        "http_clients_idle": daemon.dataplane.slots.idle,  # no whole request head yet: may be taken back
         "http_clients_max": daemon.dataplane.slots.limit,  # max_http_clients, as fitted to the descriptor limit
         "preauth_connections": len(daemon.preauth),
         "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),

@@ -9,6 +9,7 @@ stream bytes without parsing HTTP.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 from http import HTTPStatus
@@ -18,7 +19,7 @@ import random
 import re
 import select
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -579,7 +580,8 @@ class DataPlane:
         self.damping = BoundDamping()
         self.reconfigure(daemon.config)
         self.account = SendAccount()
-        # Users' connections: idle ones are taken back for a newcomer before it is refused.
+        # Users' connections: one still waiting for a whole request head is taken back for a
+        # newcomer before the newcomer is refused (see _next_request).
         self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
         self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.inflight = 0
@@ -686,7 +688,7 @@ class DataPlane:
             log.warning("%s: %s", self.d.id, line)
 
     def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
-        """A slot for a new user (an idle one's, if need be), or the door at once."""
+        """A slot for a new user (one waiting for a head gives its own, if need be), or the door at once."""
         try:
             source = stream.socket.getpeername()[0]
         except OSError:
@@ -696,8 +698,9 @@ class DataPlane:
         for victim in adm.evicted:
             if victim.owner is not None:
                 victim.owner.cancel()  # the scope of its idle wait: it closes quietly (else it sees held False)
-            self.edge_event("http idle connections reclaimed",
-                            f"http: idle connection from {victim.source} closed for a new user ({_bound_name(adm.reason)})",
+            self.edge_event("http connections reclaimed (no whole head yet)",
+                            f"http: connection from {victim.source} waiting for a request head closed for a new user "
+                            f"({_bound_name(adm.reason)})",
                             "idle_reclaimed")
         if adm.slot is None:
             # Closed before any byte is read: cheaper than a task, and nothing to reset.
@@ -773,20 +776,24 @@ class DataPlane:
             with trio.CancelScope(shield=True):
                 await transport.aclose()
 
-    async def _idle_read(self, client: H11Stream, slot: Slot) -> bytes | None:
-        """Wait for the first bytes of a next head, the connection idle (closed after ``idle_timeout_s``,
-        or at once when its slot is taken back for a newcomer); None then. Starts the head's clock."""
-        if not slot.held:
-            return None  # taken back before this task first ran
-        idle = trio.CancelScope(deadline=trio.current_time() + self.limits.idle_timeout_s)
-        slot.owner = idle
+    @contextlib.contextmanager
+    def _waiting(self, slot: Slot) -> Iterator[None]:
+        """While a connection waits for a whole head, its slot may be taken back for a newcomer
+        (the one waiting longest goes first), which cancels what runs here."""
+        scope = trio.CancelScope()
+        slot.owner = scope
         self.slots.set_idle(slot, True)
         try:
-            with idle:
-                data = await client.transport.receive_some(RECEIVE_CHUNK)
+            with scope:
+                yield
         finally:
             self.slots.set_idle(slot, False)
-        if idle.cancelled_caught or not slot.held:
+
+    async def _first_bytes(self, client: H11Stream) -> bytes | None:
+        """The first bytes of a next head (idle until then, at most ``idle_timeout_s``: None); starts its clock."""
+        with trio.move_on_after(self.limits.idle_timeout_s) as idle:
+            data = await client.transport.receive_some(RECEIVE_CHUNK)
+        if idle.cancelled_caught:
             return None
         client.head_since = trio.current_time()
         return data
@@ -796,15 +803,18 @@ class DataPlane:
         preface gets GOAWAY HTTP_1_1_REQUIRED, a TLS ClientHello a plain 400; one log line, then
         False (close). A later HTTP/2 ingress takes over the "h2" case here."""
         transport = client.transport
-        data = await self._idle_read(client, slot)
-        if data is None:
-            return False
-        with trio.move_on_at(client.head_since + self.limits.header_timeout_s):
-            while data and (kind := sniff_preface(data)) == "":
-                chunk = await transport.receive_some(RECEIVE_CHUNK)
-                data += chunk
-                if not chunk:
-                    break
+        data: bytes | None = None
+        if slot.held:
+            with self._waiting(slot):
+                data = await self._first_bytes(client)
+                with trio.move_on_at(client.head_since + self.limits.header_timeout_s):
+                    while data and sniff_preface(data) == "":
+                        chunk = await transport.receive_some(RECEIVE_CHUNK)
+                        data += chunk
+                        if not chunk:
+                            break
+        if data is None or not slot.held:
+            return False  # idle, or taken back for a newcomer
         kind = sniff_preface(data) if data else None
         if not kind:
             client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
@@ -829,25 +839,35 @@ class DataPlane:
         """The next request head; anything else (None included) ends the connection quietly.
 
         Between requests (no byte of the next head yet) the connection is idle: closed after
-        ``idle_timeout_s``, or at once when its slot is taken back for a newcomer. From the
-        first byte of a head, the whole head must come within ``header_timeout_s`` (h11 stays
-        IDLE until it is whole, so the state cannot tell these apart): else 408.
+        ``idle_timeout_s``. From the first byte of a head, the whole head must come within
+        ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
+        apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer:
+        a slow head holds no more than an idle connection.
         """
         event = client.next_event_nowait()
         if event is not None:
             return event
-        if not client.conn.trailing_data[0]:
-            data = await self._idle_read(client, slot)
-            if data is None:
-                return None
-            client.conn.receive_data(data)
-            event = client.next_event_nowait()
-            if event is not None:
-                return event
-        with trio.move_on_at(client.head_since + self.limits.header_timeout_s):
-            return await client.next_event()
-        raise HttpError(408, "request_timeout", f"request head not complete within {self.limits.header_timeout_s:g} s"
-                        " of its first byte", close=True)
+        if not slot.held:
+            return None  # taken back before this task first ran
+        timed_out = False
+        with self._waiting(slot):
+            if not client.conn.trailing_data[0]:
+                data = await self._first_bytes(client)
+                if data is None:
+                    return None
+                client.conn.receive_data(data)
+                event = client.next_event_nowait()
+            if event is None:
+                with trio.move_on_at(client.head_since + self.limits.header_timeout_s) as head:
+                    event = await client.next_event()
+                timed_out = head.cancelled_caught
+        if not slot.held:
+            return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
+        if timed_out:
+            raise HttpError(408, "request_timeout", f"request head not complete within {self.limits.header_timeout_s:g} s"
+                            " of its first byte", close=True)
+        return event
+
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
