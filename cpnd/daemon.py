@@ -563,8 +563,8 @@ class Daemon:
         if conn.peer is None:
             self._attach(conn, peer)
         for other in list(peer.conns):
-            if other is conn or other.session.peer_id is None:
-                continue
+            if other is conn or other.session.peer_id is None or other.session.state is State.CLOSED:
+                continue  # a closed one (still sending its NOTIFICATION) has lost already: no collision
             keep_new = collision_keeps_new(self.id, peer_id, other.established, other.initiated, conn.initiated)
             loser = other if keep_new else conn
             if other.initiated == conn.initiated:
