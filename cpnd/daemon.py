@@ -389,7 +389,7 @@ class Daemon:
                     label=service_label(svc.path), path=(self.id,), latency_us=0,
                     capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
                     # Down by health checks: still advertised, marked down, so that its service stays
-                    # known (503 no_instance, not 404) until it recovers (messages.md, "Route").
+                    # known (503 no_instance, not 404) until it recovers (routing.md, "Instances that are down").
                     down=not self.dataplane.health(inst.id).healthy,
                 ))
         return out
