@@ -492,7 +492,7 @@ class Daemon:
                     label=service_label(svc.path), path=(self.id,), latency_us=0,
                     capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
                     # Down by health checks: still advertised, marked down, so that its service stays
-                    # known (503 no_instance, not 404) until it recovers (messages.md, "Route").
+                    # known (503 no_instance, not 404) until it recovers (routing.md, "Instances that are down").
                     down=not self.dataplane.health(inst.id).healthy,
                 ))
         return out
@@ -728,8 +728,8 @@ class Daemon:
         if conn.peer is None:
             self._attach(conn, peer)
         for other in list(peer.conns):
-            if other is conn or other.session.peer_id is None:
-                continue
+            if other is conn or other.session.peer_id is None or other.session.state is State.CLOSED:
+                continue  # a closed one (still sending its NOTIFICATION) has lost already: no collision
             keep_new = collision_keeps_new(self.id, peer_id, other.established, other.initiated, conn.initiated)
             loser = other if keep_new else conn
             if other.initiated == conn.initiated:

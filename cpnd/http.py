@@ -28,6 +28,8 @@ import trio
 
 from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, open_nursery, serve_accepting
+from .loglimit import LogLimiter
+from .preface import H2_REFUSAL, sniff_preface
 from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
@@ -95,59 +97,9 @@ class HttpError(Exception):
         self.service = ""  # for metrics, once known
 
 
-class LogLimiter:
-    """At most ``per_s`` lines a second of one kind; beyond that they are counted, and the count is
-    logged once the second is over (a flood costs a bounded number of lines)."""
-
-    def __init__(self, per_s: int, kind: str) -> None:
-        self.per_s = per_s
-        self.kind = kind
-        self.window = -1e9
-        self.count = 0
-        self.suppressed = 0
-
-    def flush(self, gateway: str, now: float) -> None:
-        """Once the second is over, log how many lines it suppressed (called on each line and by a timer)."""
-        if now - self.window >= 1.0:
-            if self.suppressed:
-                log.warning("%s: %d more %s lines suppressed in the last second", gateway, self.suppressed, self.kind)
-            self.window, self.count, self.suppressed = now, 0, 0
-
-    def allow(self, gateway: str, now: float) -> bool:
-        self.flush(gateway, now)
-        if self.count >= self.per_s:
-            self.suppressed += 1
-            return False
-        self.count += 1
-        return True
-
-
 def _h11_reason(exc: h11.ProtocolError) -> str:
     """h11's message without the buffer reprs it appends (``illegal request line: bytearray(b'SM')``)."""
     return re.split(r":\s*(?:bytearray\()?b['\"]", str(exc), maxsplit=1)[0]
-
-
-# What a connection's first bytes say when it does not speak HTTP/1.x (sniff_preface).
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 section 3.4
-TLS_HANDSHAKE = 0x16  # a TLS record of type handshake (a ClientHello); no HTTP method starts with it
-# Our answer to an HTTP/2 client with prior knowledge (RFC 9113 sections 3.4, 6.8): the server
-# preface (an empty SETTINGS frame), then GOAWAY, last stream 0, HTTP_1_1_REQUIRED (0xd).
-_H2_REFUSAL_TEXT = b"HTTP/2 prior knowledge is not supported on this port: use HTTP/1.1"
-H2_REFUSAL = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-              + (8 + len(_H2_REFUSAL_TEXT)).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
-              + b"\x00\x00\x00\x00" + (0xD).to_bytes(4, "big") + _H2_REFUSAL_TEXT)
-
-
-def sniff_preface(data: bytes) -> str | None:
-    """``"h2"``, ``"tls"``, ``""`` (too few bytes to tell yet) or None (HTTP/1.x, as far as we can tell).
-
-    The one place that decides what a user connection speaks before h11 sees it.
-    """
-    if data[:1] == bytes([TLS_HANDSHAKE]):
-        return "tls"
-    if data[:len(H2_PREFACE)] == H2_PREFACE[:len(data)]:
-        return "h2" if len(data) >= len(H2_PREFACE) else ""
-    return None
 
 
 def _reset_error(exc: StreamReset) -> HttpError:
@@ -574,8 +526,8 @@ class DataPlane:
         self.meters: dict[str, InstanceMeter] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
-        self._error_lines = LogLimiter(ERROR_LOG_PER_S, "error")
-        self._attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt")
+        self._error_lines = LogLimiter(ERROR_LOG_PER_S, "error", log)
+        self._attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt", log)
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.damping = BoundDamping()
         self.reconfigure(daemon.config)

@@ -315,9 +315,9 @@ def test_cpnctl_against_a_daemon(make_lab) -> None:
     assert [(x["service"], x["instance"], x["healthy"], x["capacity"]) for x in services] == [("/yolo", "s1", True, 50)]
     assert "yes" in cpnctl("--socket", str(specs["b"].control), "show", "services").stdout
     status = json.loads(cpnctl("--socket", sock, "show", "status", "--json").stdout)
-    assert status["id"] == "a" and status["peers_established"] == 1
+    assert status["id"] == "a" and status["peers_established"] == 1 and status["routes"] == 1
     stats = json.loads(cpnctl("--socket", sock, "show", "stats", "--json").stdout)
-    assert {"gateway", "http", "gauges"} <= set(stats) and stats["gauges"]["tunnel_streams"] == 0
+    assert stats["gateway"]["route_entries_in"] >= 1 and "requests" not in stats["gateway"]
     missing = cpnctl("--socket", sock + ".nope", "show", "peers")
     assert missing.returncode == 1 and missing.stderr.startswith("cpnctl: ") and "no such control socket" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1

@@ -66,3 +66,14 @@ def test_body_taken_whole_or_streamed_loses_nothing(size: int) -> None:
         return b"".join([chunk async for chunk in src.iterate()])
 
     assert trio.run(collect) == body and not src.replayable
+
+
+def test_the_first_bytes_tell_http2_and_tls_from_http1() -> None:
+    from cpnd.preface import H2_PREFACE, sniff_preface
+
+    assert sniff_preface(b"GET / HTTP/1.1\r\n") is None and sniff_preface(b"POST /x") is None
+    assert sniff_preface(b"PRI /x HTTP/1.1\r\n") is None  # diverges from the preface: HTTP/1.x's business
+    for n in range(len(H2_PREFACE)):
+        assert sniff_preface(H2_PREFACE[:n]) == ""  # maybe the preface: read on
+    assert sniff_preface(H2_PREFACE) == sniff_preface(H2_PREFACE + b"\x00\x00\x00\x04") == "h2"
+    assert sniff_preface(bytes.fromhex("1603010200")) == sniff_preface(b"\x16") == "tls"

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from cpnd.crypto import generate_key, write_private_key
-from cpnd.http import H2_PREFACE
+from cpnd.preface import H2_PREFACE
 from cpnd.lab import Instance, InstanceProcs, Lab, Topology, free_ports, write_lab
 
 
