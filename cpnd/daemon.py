@@ -158,6 +158,8 @@ class Connection:
                 data = b""
             self.session.receive_data(data, trio.current_time())
             self._process()
+            if not self.session.wants_data():
+                self.wake()  # held back: the ticker's next deadline is when the pace lets it go on
             if not data:
                 return
 
@@ -287,7 +289,7 @@ class Connection:
                 break
             if update and work.level(trio.current_time()) < 0:
                 break  # the ticker comes back when route work may run again
-            started = time.thread_time()
+            started = time.thread_time() if update else 0.0
             event = self.session.next_event()
             if event is None:
                 break
