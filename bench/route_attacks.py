@@ -15,7 +15,7 @@ with the interop suite's wire client (a second implementation of the protocol).
   advertises and withdraws ``--keys`` routes (one UPDATE of ``--keys`` entries each way) at
   ``--rate`` route entries/s for ``--seconds``. Reported: a's CPU (share of one core, from
   /proc) and RSS, the user's success and p50/p99 both times, the sessions' flaps, what x
-  offered and what a took.
+  offered and what a took. a's CPU share counts the user's requests too (baseline: those alone).
 
 The user runs in a process of its own (the attacker's loop would otherwise hold its GIL).
 """
@@ -146,7 +146,9 @@ def spill(s: Setup, seconds: float) -> dict[str, Any]:
 def churn(s: Setup, rate: float, seconds: float, keys: int, path: str) -> dict[str, Any]:
     pid = s.lab.procs["a"].pid
     url = f"http://{s.specs['a'].http}{path}"
+    cpu0, t0 = cpu_s(pid), time.monotonic()
     base = user(url, seconds)
+    base_cpu = (cpu_s(pid) - cpu0) / (time.monotonic() - t0)
     p = s.attacker()
     up = pack({"t": UPDATE, "adv": [new_route(f"/x{n % 50}", f"c{n}", "x") for n in range(keys)], "wd": []})
     down = pack({"t": UPDATE, "adv": [], "wd": [[f"/x{n % 50}", "x", f"c{n}"] for n in range(keys)]})
@@ -177,7 +179,7 @@ def churn(s: Setup, rate: float, seconds: float, keys: int, path: str) -> dict[s
     xa = s.peer("a", "x")
     result.update({
         "recipe": f"{keys} routes advertised then withdrawn, {keys} entries per UPDATE, at {rate:g} entries/s for {seconds:g} s",
-        "a_cpu_share": round(cpu, 3), "a_rss_mib": rss_mib(pid), "taken_by_a": xa.get("route_entries_in"),
+        "a_cpu_share": round(cpu, 3), "a_cpu_share_baseline": round(base_cpu, 3), "a_rss_mib": rss_mib(pid), "taken_by_a": xa.get("route_entries_in"),
         "user_baseline": base, "user_under_attack": under,
         "a_b_flaps": s.peer("a", "b")["flaps"], "b_a_flaps": s.peer("b", "a")["flaps"], "x_session": xa["state"],
     })

@@ -23,11 +23,11 @@ from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError
 from .limits import DEFAULT_PEER_ROUTES, TokenBucket
 from .wire import (
     GRACEFUL_RESTART_CAP,
-    ROUTE_LIMITS_CAP,
     MAX_HANDSHAKE_BODY,
     MAX_HOLD_MS,
     MAX_RECORD,
     MIN_HOLD_MS,
+    ROUTE_LIMITS_CAP,
     ContentType,
     Finish,
     FrameReader,
