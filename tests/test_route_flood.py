@@ -68,6 +68,7 @@ def test_a_peer_at_its_limit_does_not_cut_the_gateway_off_from_the_others(lab) -
             p.send_msg({"t": UPDATE, "adv": [new_route(f"/x{n % 7}", f"i{n}", "x") for n in range(start, start + 100)], "wd": []})
         lab_.wait_for(lambda: _peer(lab_, "a", "x")["routes_received"] == LIMIT, 10, "a to take x's routes")
         lab_.wait_for(lambda: _peer(lab_, "a", "b")["routes_withheld"] == 1, 10, "a to withhold one route from b")
+        lab_.wait_for(lambda: _peer(lab_, "b", "a")["routes_received"] == LIMIT, 10, "b to take what a sent")
         _keepalive(p)
         ab, ba = _peer(lab_, "a", "b"), _peer(lab_, "b", "a")
         assert ab["routes_sent"] == LIMIT and ab["peer_limits"] == {"routes": LIMIT, "rate": 500, "burst": 2000}
