@@ -3,9 +3,13 @@
     python bench/scale_sim.py [--cases 100:random:100,300:scale-free:1000,...] [--out bench/results]
 
 Every gateway is the real thing minus its sockets and trio: a ``Session`` per link (the
-handshake with real keys, encrypted records, keepalives, the FSM), a ``Rib`` with its
-``AdjRibOut`` pacing, and ``LoadPacer`` for load churn, wired as cpnd's daemon wires
-them. A virtual clock and an event heap deliver each link's bytes after its one-way
+handshake with real keys, encrypted records, keepalives, the FSM, LIMITS and the pace of
+route entries both ways), a ``Rib`` with its ``AdjRibOut`` pacing (and withholding beyond
+the peer's route limit), and ``LoadPacer`` for load churn, wired as cpnd's daemon wires
+them, with cpnd's default pace (``route_changes_per_s``) and a route limit, and so a burst,
+of 1,000,000 (an operator who runs 30,000 routes raises ``max_routes_per_peer``). The
+daemon's event-loop scheduling (UPDATEs taken in slices, route work at most half the CPU)
+costs no virtual time and is not modelled. A virtual clock and an event heap deliver each link's bytes after its one-way
 delay (links of 1-10 ms RTT) and fire each session's timers when they fall due; no
 wall-clock time passes. For each case (gateways : topology : routes) it measures
 
@@ -39,18 +43,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import networkx as nx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpnd.config import GatewayConfig  # noqa: E402
 from cpnd.crypto import Role, generate_key  # noqa: E402
 from cpnd.load import LoadPacer  # noqa: E402
 from cpnd.names import service_label  # noqa: E402
 from cpnd.rib import AdjRibOut, Key, Rib, link_cost_after  # noqa: E402
 from cpnd.session import Closed, Established, RttMeasured, Session, SessionConfig, State, UpdateReceived  # noqa: E402
-from cpnd.wire import RouteAdv, SharedTable, use_shared_table  # noqa: E402
+from cpnd.wire import Limits, RouteAdv, SharedTable, use_shared_table  # noqa: E402
 
 MIN_ADV_INTERVAL_S = 0.1  # cpnd's default
+ROUTE_LIMIT = 1_000_000  # max_routes_per_peer here, and so the burst (route_changes_burst's default)
+ROUTE_RATE = attrs.fields(GatewayConfig).route_changes_per_s.default  # cpnd's default pace
+FLUSH_SLICE = 128  # as cpnd's Connection: a flush step waits for a batch of the peer's pace
 LOAD_CHECK_S = 0.05  # how often an origin looks at its instances' load (cpnd's _load_loop)
 SERVICES = 10
 CHURN_S = 5.0
@@ -120,7 +129,7 @@ class Conn:
 class Node:
     def __init__(self, gid: str) -> None:
         self.id = gid
-        self.rib = Rib(gid, max_routes_per_peer=1_000_000)
+        self.rib = Rib(gid, max_routes_per_peer=ROUTE_LIMIT)
         self.conns: dict[str, Conn] = {}
         self.alive = True
         self.seq = 1
@@ -145,7 +154,7 @@ class Sim:
         self.updates = 0  # UPDATE messages sent, End-of-RIB included
         self.updates_at_convergence = 0
         self.entries = 0  # routes advertised or withdrawn, over all UPDATEs
-        cfg = SessionConfig(hold_ms=hold_ms)
+        cfg = SessionConfig(hold_ms=hold_ms, limits=Limits(ROUTE_LIMIT, ROUTE_RATE, ROUTE_LIMIT))
         for u, v in g.edges:
             a, b = sorted((u, v))
             delay = g[u][v]["rtt"] / 2
@@ -191,7 +200,7 @@ class Sim:
             if isinstance(ev, Established):
                 if s.min_rtt is not None:
                     node.rib.set_link_cost(conn.peer, link_cost_after(None, s.min_rtt) or 1)
-                conn.adj_out = AdjRibOut(conn.peer, MIN_ADV_INTERVAL_S)
+                conn.adj_out = AdjRibOut(conn.peer, MIN_ADV_INTERVAL_S, max_routes=s.export_limit)
                 conn.adj_out.mark_all(node.rib)
                 conn.end_of_rib_pending = True
                 self.schedule_flush(conn)
@@ -209,7 +218,8 @@ class Sim:
         data = s.data_to_send()
         if data and conn.other is not None:
             self.at(self.now + conn.delay, self.deliver, conn.other, data)
-        t = s.get_timer()
+        # A timer, or the peer's pace letting its held-back UPDATEs through.
+        t = min((d for d in (s.get_timer(), s.resume_at()) if d is not None), default=None)
         if t is not None and (conn.timer_at is None or t < conn.timer_at):
             conn.timer_at = t
             self.at(t, self.fire_timer, conn, t)
@@ -239,11 +249,20 @@ class Sim:
                 conn.adj_out.mark(keys)
                 self.schedule_flush(conn)
 
-    def schedule_flush(self, conn: Conn) -> None:
+    def flush_due(self, conn: Conn) -> float | None:
+        """When the next flush may go: the minimum interval, then the peer's pace (cpnd's _flush_at)."""
         assert conn.adj_out is not None
         due = conn.adj_out.due(self.now)
         if due is None:
-            due = self.now if conn.end_of_rib_pending else None
+            return self.now if conn.end_of_rib_pending else None
+        limits = conn.session.peer_limits
+        if limits is not None:
+            batch = min(FLUSH_SLICE, max(1, limits.rate // 10), max(1, conn.adj_out.backlog))
+            due = max(due, conn.session.send_ready_at(batch, self.now))
+        return due
+
+    def schedule_flush(self, conn: Conn) -> None:
+        due = self.flush_due(conn)
         if due is not None and (conn.flush_at is None or due < conn.flush_at):
             conn.flush_at = due
             self.at(due, self.flush, conn, due)
@@ -253,20 +272,22 @@ class Sim:
             return
         conn.flush_at = None
         use_shared_table(conn.node.shared)
-        due = conn.adj_out.due(self.now)
+        due = self.flush_due(conn)
         if due is not None and due > self.now:
             self.schedule_flush(conn)
             return
-        if due is not None:
-            adv, wd = conn.adj_out.flush(conn.node.rib, self.now)
+        if conn.adj_out.due(self.now) is not None:
+            adv, wd = conn.adj_out.flush(conn.node.rib, self.now, conn.session.send_budget(self.now))
             if adv or wd:
                 self.updates += conn.session.send_update(adv, wd)
                 self.entries += len(adv) + len(wd)
-        if conn.end_of_rib_pending:
+        if conn.end_of_rib_pending and conn.adj_out.initial_done:
             conn.end_of_rib_pending = False
             conn.session.send_end_of_rib()
             self.updates += 1
         self.process(conn)
+        if conn.adj_out.due(self.now) is not None:
+            self.schedule_flush(conn)  # the rest of a burst the peer's pace cut short
 
     # ---- scenario steps
 

@@ -30,7 +30,7 @@ SERVICE_COLUMNS = [
 ]
 PEER_COLUMNS = [
     ("id", "PEER"), ("address", "ADDRESS"), ("state", "STATE"), ("uptime_s", "UPTIME-S"),
-    ("rtt_ms", "RTT-MS"), ("routes_received", "ROUTES"), ("last_error", "LAST-ERROR"),
+    ("rtt_ms", "RTT-MS"), ("routes_received", "ROUTES"), ("routes_withheld", "WITHHELD"), ("last_error", "LAST-ERROR"),
 ]
 
 

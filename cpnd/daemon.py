@@ -73,6 +73,7 @@ WRITE_BATCH = 256 * 1024  # most bytes the peer writer joins into one send
 COALESCE_S = 0.0001
 COALESCE_BYTES = 16 * 1024
 FLUSH_ON_CLOSE_S = 1.0
+LINGER_S = 0.5  # after a close, how long the peer's last bytes are read and dropped
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
@@ -151,8 +152,21 @@ class Connection:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                await self._linger()
                 await self.stream.aclose()
             self.daemon._connection_gone(self)
+
+    async def _linger(self) -> None:
+        """Half-close after our last bytes, then read and drop what the peer still sends (bounded):
+        closing with unread bytes answers them with a reset, which can destroy our NOTIFICATION
+        in the peer's kernel before the peer has read it."""
+        with trio.move_on_after(LINGER_S):
+            try:
+                await self.stream.send_eof()
+                while await self.stream.receive_some(RECEIVE_CHUNK):
+                    pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
+                pass
 
     async def _reader(self) -> None:
         while not self._done.is_set():
@@ -172,6 +186,8 @@ class Connection:
                 self.daemon.preauth.set_idle(self.preauth, False)  # it spoke: evicted after the silent ones
             self.session.receive_data(data, trio.current_time())
             self._process()
+            if not self.session.wants_data():
+                self.wake()  # held back: the ticker's next deadline is when the pace lets it go on
             if not data:
                 return
 
@@ -306,7 +322,7 @@ class Connection:
                 break
             if update and work.level(trio.current_time()) < 0:
                 break  # the ticker comes back when route work may run again
-            started = time.thread_time()
+            started = time.thread_time() if update else 0.0
             event = self.session.next_event()
             if event is None:
                 break

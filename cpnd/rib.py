@@ -390,7 +390,7 @@ class AdjRibOut:
         """The advertisements and withdrawals that bring the peer up to date: at most ``budget``
         entries; what does not fit waits in the burst for the next call (``due`` is then now)."""
         if not self._plan:
-            self._start_burst(rib, now)
+            self._start_burst(rib)
         left = math.inf if budget is None else budget
         adv: list[RouteAdv] = []
         wd: list[Withdrawal] = []
@@ -402,17 +402,18 @@ class AdjRibOut:
             if used < 0:
                 break
             left -= used
+        if adv or wd:
+            self.last_flush = now  # the interval runs from what was sent: a flush of no-ops delays nothing
         return adv, wd
 
     # ---- internals
 
-    def _start_burst(self, rib: Rib, now: float) -> None:
+    def _start_burst(self, rib: Rib) -> None:
         keys: Iterable[Key] = (rib.loc.keys() | self.sent.keys()) if self._refresh else self.dirty
         self._plan_force = None if self._refresh else self._force
         self._plan = [_priority(rib, k) for k in keys]
         heapq.heapify(self._plan)
         self.dirty, self._force, self._refresh = set(), set(), False
-        self.last_flush = now
         self.bursts += 1
 
     def _export(self, rib: Rib, key: Key) -> RouteAdv | None:
