@@ -74,7 +74,7 @@ FLUSH_ON_CLOSE_S = 1.0
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
-GATEWAY_TIME_INTERVAL_S = 1.0  # our own processing times re-advertised at most this often
+GATEWAY_TIME_INTERVAL_S = 5.0  # our own processing times re-advertised at most this often (routing.md)
 TRIM_CHECK_S = 1.0
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
 HEALTH_OFF_RECHECK_S = 1.0  # how often a loop with active probes off looks again (a reload may turn them on)
@@ -577,7 +577,7 @@ class Daemon:
             self.dataplane.flush_log_counts()
 
     def _gateway_times(self, now: float) -> None:
-        """Re-advertise our own processing as egress and transit when it moved materially, at most once a second."""
+        """Re-advertise our own processing as egress and transit when it moved materially, at most every 5 s."""
         if now - self.gateway_times_at < GATEWAY_TIME_INTERVAL_S:
             return
         own = self.dataplane.own

@@ -42,9 +42,10 @@ def link_cost_after(current_us: int | None, rtt_s: float) -> int | None:
 
 
 # The same for a gateway's own processing time (`gw`, routing.md): it moves with the
-# gateway's load, so a change is re-advertised only when material.
-GATEWAY_TIME_MIN_CHANGE_US = 200
-GATEWAY_TIME_MIN_CHANGE_FRAC = 0.10
+# gateway's load, and a change of the transit time re-advertises every learned route, so
+# only a change this large is re-advertised (the ingress's correction covers the rest).
+GATEWAY_TIME_MIN_CHANGE_US = 250
+GATEWAY_TIME_MIN_CHANGE_FRAC = 0.25
 
 
 def gateway_time_after(current_us: int, measured_us: int) -> int | None:
@@ -293,7 +294,7 @@ class Rib:
         elif r.peer is None:
             adv = attrs.evolve(f, path=path, latency_us=best.latency_us)  # `gw`: our egress time, in our own route
         else:  # `gw` is a path attribute, like the latency: the best path's, plus our own as its transit
-            gw = min(MAX_LATENCY_US, self.path_gateway_us(r) + self.transit_us)
+            gw = shared(min(MAX_LATENCY_US, self.path_gateway_us(r) + self.transit_us))  # few distinct values
             adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw)
         object.__setattr__(best, "exported", adv)
         return adv

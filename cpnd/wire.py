@@ -463,7 +463,7 @@ def _decode_route(r: object) -> RouteAdv:
     # Not the latency: it differs from path to path, so a shared copy would cost more than it saves.
     sh = shared
     return RouteAdv(sh(svc), sh(inst), sh(origin), sh(seq), sh(label), sh(tuple(map(sh, path))),
-                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down, gw)
+                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down, None if gw is None else sh(gw))
 
 
 MAX_SHARED = 1 << 18

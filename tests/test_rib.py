@@ -228,9 +228,9 @@ def test_gateway_time_accumulates_like_latency_and_is_stripped_for_old_peers() -
     new.mark(changed)
     assert {a.instance: a.gateway_us for a in new.flush(rib, 1)[0]} == {"s": 1400, "t": 1700}
     assert rib.set_gateway_times(700, 500) == set()
-    # Only material moves are re-advertised (like link costs): max(200 us, 10 %).
-    assert gateway_time_after(1000, 1150) is None and gateway_time_after(1000, 1250) == 1250
-    assert gateway_time_after(5000, 5400) is None and gateway_time_after(5000, 4400) == 4400
+    # Only material moves are re-advertised (like link costs): max(250 us, 25 %).
+    assert gateway_time_after(500, 740) is None and gateway_time_after(500, 760) == 760
+    assert gateway_time_after(4000, 4900) is None and gateway_time_after(4000, 2900) == 2900
 
 
 def test_tie_breaks_are_deterministic() -> None:
