@@ -38,7 +38,7 @@ def net(tmp_path_factory):
         "s2": f"http://127.0.0.1:{insts.ports['s2']}/api/infer?model=x",
         "s3": f"http://127.0.0.1:{insts.ports['s3']}/",
     }
-    topo = Topology(("a", "b", "c", "d"), (Link("a", "b", 2), Link("b", "c", 2), Link("a", "d", 60)),
+    topo = Topology(("a", "b", "c", "d"), (Link("a", "b", 2), Link("b", "c", 2), Link("a", "d", 100)),
                     (Instance("s1", "c", "/yolo", 50, 2, 1), Instance("s2", "d", "/yolo", 50, 1, 1),
                      Instance("s3", "a", "/yolo", 50, 3, 0)),
                     dict(FAST, max_body_bytes=8 * 1024 * 1024))
@@ -57,11 +57,12 @@ def net(tmp_path_factory):
         insts.stop_all()
 
 
-S1 = {"CPN-Max-Price": "2.5"}           # s3 (price 3) out: s1 (~5 ms) beats s2 (~61 ms)
-# Only s1: s2's 60 ms link alone breaks the bound (S1 can pick s2 when bulk transfers on the
+S1 = {"CPN-Max-Price": "2.5"}           # s3 (price 3) out: s1 (~5 ms) beats s2 (~101 ms)
+# Only s1: s2's 100 ms link alone breaks the bound (S1 can pick s2 when bulk transfers on the
 # a-b link inflate its measured RTT, as they should). The bound is end to end: 4 ms of links,
-# three gateways' own processing and what a loaded machine adds to them (10-15 ms here at times).
-S1_ONLY = {"CPN-Max-Price": "2.5", "CPN-Max-Latency": "45ms"}
+# three gateways' own processing and what a loaded machine adds to them (10-15 ms here, and spikes
+# of 40 ms and more that the ingress's correction takes in).
+S1_ONLY = {"CPN-Max-Price": "2.5", "CPN-Max-Latency": "80ms"}
 S2 = {"CPN-Prefer": "price"}            # cheapest: s2
 S3: dict[str, str] = {}                 # fastest: the local s3
 
@@ -91,14 +92,14 @@ def test_constraints_and_objectives(net) -> None:
         assert who() == "s3"                                        # lowest latency
         assert who(CPN_Prefer="price") == "s2"                      # cheapest
         assert who(CPN_Max_Price="2.5") == "s1"
-        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="45ms") == "s1"
-        assert who(CPN_Max_Price="1", CPN_Max_Latency="45ms") == "503 no_instance"  # s2: 60 ms link + compute
+        assert who(CPN_Max_Price="2.5", CPN_Max_Latency="80ms") == "s1"
+        assert who(CPN_Max_Price="1", CPN_Max_Latency="80ms") == "503 no_instance"  # s2: 100 ms link + compute
         # The answer says what is achievable: the best estimate and who, as the routes show them.
-        detail = c.get("/yolo", headers={"CPN-Max-Price": "1", "CPN-Max-Latency": "45ms"}).json()["detail"]
+        detail = c.get("/yolo", headers={"CPN-Max-Price": "1", "CPN-Max-Latency": "80ms"}).json()["detail"]
         m = re.search(r"the best estimate now is ([0-9.]+) ms \(s2 at d: path ([0-9.]+) ms", detail)
-        assert m and float(m.group(1)) > 45 and float(m.group(2)) >= 60 and "CPN-Max-Latency 45 ms" in detail, detail
-        assert who(CPN_Max_Latency="150ms", CPN_Prefer="price") == "s2"  # ~61 ms and the gateways, the cheapest
-        assert who(CPN_Max_Latency="45ms", CPN_Prefer="price") == "s1"  # s2 (60 ms link + compute) is over
+        assert m and float(m.group(1)) > 80 and float(m.group(2)) >= 100 and "CPN-Max-Latency 80 ms" in detail, detail
+        assert who(CPN_Max_Latency="300ms", CPN_Prefer="price") == "s2"  # ~101 ms and the gateways, the cheapest
+        assert who(CPN_Max_Latency="80ms", CPN_Prefer="price") == "s1"  # s2 (100 ms link + compute) is over
         assert who(CPN_QoS="bulk", CPN_Max_Price="0") == "503 no_instance"
 
 
@@ -269,7 +270,9 @@ def test_prometheus_metrics(net) -> None:
 def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
     transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
     with httpx.Client(base_url=net["url"], transport=transport, timeout=10) as c:
-        seen = [c.get("/yolo", headers=h).headers["cpn-instance"] for h in (S3, S1_ONLY, S2, S3, S1_ONLY)]
+        seen = [c.get("/yolo", headers=h) for h in (S3, S1_ONLY, S2, S3, S1_ONLY)]
+        assert all("cpn-instance" in r.headers for r in seen), [r.text for r in seen]
+        seen = [r.headers["cpn-instance"] for r in seen]
         peers = set()
         for h in (S3, S1_ONLY):
             r = c.get("/yolo", headers=h)
@@ -295,8 +298,8 @@ def test_show_routes_tells_the_ingress_estimate(net) -> None:
             parts = e["path_ms"] + e["gateways_ms"] + e["compute_ms"] + e["correction_ms"]
             assert abs(e["total_ms"] - parts) < 0.01 and e["gateways_ms"] > 0, r
             assert e["path_ms"] == r["path_latency_ms"]
-    stats = net["lab"].query("a", "stats")
-    assert set(stats["own_time_ms"]) == {"ingress", "transit", "egress", "local"}
+    gauges = net["lab"].query("a", "stats")["gauges"]
+    assert {"own_ingress_ms", "own_transit_ms", "own_egress_ms", "own_local_ms"} <= set(gauges)
 
 
 def test_a_bound_no_instance_can_meet_is_refused_at_once_with_the_best_estimate(net) -> None:
