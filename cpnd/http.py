@@ -595,8 +595,8 @@ class DataPlane:
         self._attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt")
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.damping = BoundDamping()
-        self.own = OwnTimes()  # our own processing per request, by role (protocol-spec/selection.md, "Estimate")
-        self.correction = LatencyCorrection()  # per instance: observed minus estimated, at this ingress
+        self.own = OwnTimes()  # our own processing per request, by stage (protocol-spec/selection.md, "Own time")
+        self.correction = LatencyCorrection()  # per instance, at this ingress; its quantile is set by reconfigure
         self.reconfigure(daemon.config)
         self.account = SendAccount()
         self.clients = 0
@@ -670,6 +670,7 @@ class DataPlane:
             meters[inst.id] = m
         self.meters = meters
         self.ttl.ttl_s = config.gateway.dns_ttl_s
+        self.correction.quantile = config.gateway.latency_quantile
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept users until ``stop_accepting``; their connections then run on until done."""

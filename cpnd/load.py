@@ -383,8 +383,9 @@ class LatencyCorrection:
     """Per instance, at the ingress: observed minus estimated time to the response head."""
 
     def __init__(self, *, samples: int = CORRECTION_SAMPLES, ttl_s: float = CORRECTION_TTL_S,
-                 max_keys: int = 65536) -> None:
+                 quantile: float = CORRECTION_QUANTILE, max_keys: int = 65536) -> None:
         self.samples = samples
+        self.quantile = quantile  # `latency_quantile`: a reload applies it from the next response on
         self.ttl_s = ttl_s
         self.max_keys = max_keys
         self._residuals: dict[object, collections.deque[tuple[float, int]]] = {}
@@ -423,5 +424,5 @@ class LatencyCorrection:
     def _update(self, key: object, window: collections.deque[tuple[float, int]]) -> None:
         values = [r for _, r in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
-        value = values[int(CORRECTION_QUANTILE * (len(values) - 1))]
+        value = values[int(self.quantile * (len(values) - 1))]
         self._values[key] = max(-CORRECTION_MAX_US, min(CORRECTION_MAX_US, value))
