@@ -371,12 +371,17 @@ class OwnTimes:
 # What an ingress observes against what it estimated, per instance (Envoy's latency-aware
 # balancing and Prequal compare the same way): the correction is a high quantile of
 # (observed - estimated) over recent responses, so that the corrected estimate covers most
-# requests, not the typical one; bounded, and forgotten when no response refreshes it.
+# requests, not the typical one; bounded, and fading once no response refreshes it: an
+# instance that the correction took out of a bound gets no traffic, hence no new evidence,
+# and is tried again once the old evidence has faded enough (soon when it was just over,
+# later when far over; after a transient spike, not a whole TTL later).
 CORRECTION_SAMPLES = 32
 CORRECTION_PRIOR = 8  # residuals of 0 counted until the window is full: one slow response alone corrects nothing
-CORRECTION_TTL_S = 5.0
+CORRECTION_HOLD_S = 1.0  # the correction holds this long after the newest response ...
+CORRECTION_TTL_S = 5.0  # ... then fades linearly to 0 at this age; a residual older than this no longer counts
 CORRECTION_QUANTILE = 0.9
 CORRECTION_MAX_US = 1_000_000
+CORRECTION_REFRESH_S = 0.05  # the faded value is recomputed at most this often (every request reads it)
 
 
 class LatencyCorrection:
@@ -389,7 +394,7 @@ class LatencyCorrection:
         self.ttl_s = ttl_s
         self.max_keys = max_keys
         self._residuals: dict[object, collections.deque[tuple[float, int]]] = {}
-        self._values: dict[object, int] = {}
+        self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float) -> None:
         """A response head left for the user ``observed_us`` after the attempt began; we had expected ``estimated_us``."""
@@ -404,25 +409,30 @@ class LatencyCorrection:
                 self._values.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
         window.append((now, int(observed_us - estimated_us)))
-        self._update(key, window)
+        self._update(key, window, now)
 
     def value_us(self, key: object, now: float) -> int:
-        """The correction to add to the estimate of ``key`` now (0 with no recent response)."""
+        """The correction to add to the estimate of ``key`` now (0 with no response in the last ``ttl_s``)."""
         window = self._residuals.get(key)
         if window is None:
             return 0
-        if window[0][0] < now - self.ttl_s:
-            while window and window[0][0] < now - self.ttl_s:
-                window.popleft()
-            if not window:
-                del self._residuals[key]
-                self._values.pop(key, None)
-                return 0
-            self._update(key, window)
-        return self._values[key]
+        at, value = self._values[key]
+        if now - at < CORRECTION_REFRESH_S:
+            return value
+        while window and window[0][0] <= now - self.ttl_s:
+            window.popleft()
+        if not window:
+            del self._residuals[key]
+            del self._values[key]
+            return 0
+        return self._update(key, window, now)
 
-    def _update(self, key: object, window: collections.deque[tuple[float, int]]) -> None:
+    def _update(self, key: object, window: collections.deque[tuple[float, int]], now: float) -> int:
         values = [r for _, r in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
-        value = values[int(self.quantile * (len(values) - 1))]
-        self._values[key] = max(-CORRECTION_MAX_US, min(CORRECTION_MAX_US, value))
+        quiet = now - window[-1][0]  # since the newest response
+        fade = 1.0 if quiet <= CORRECTION_HOLD_S else max(0.0, (self.ttl_s - quiet) / (self.ttl_s - CORRECTION_HOLD_S))
+        value = int(values[int(self.quantile * (len(values) - 1))] * fade)
+        value = max(-CORRECTION_MAX_US, min(CORRECTION_MAX_US, value))
+        self._values[key] = (now, value)
+        return value

@@ -8,7 +8,6 @@ import pytest
 
 from cpnd.load import (
     CORRECTION_MAX_US,
-    CORRECTION_TTL_S,
     MAX_SAMPLE_TTL_S,
     REFUSAL_HOLD_S,
     REPROBE_SAMPLES,
@@ -302,32 +301,48 @@ def test_correction_needs_more_than_one_slow_response() -> None:
     c.observe("s1", 0.0, 15_000, 5000)  # one slow response (a cold connection, a pause) corrects nothing
     assert c.value_us("s1", 0.1) == 0
     c.observe("s1", 0.1, 13_000, 5000)  # a second one is evidence
-    assert c.value_us("s1", 0.2) == 8000
+    assert c.value_us("s1", 0.1) == 8000
 
 
 def test_correction_is_a_high_quantile_of_observed_minus_estimated() -> None:
-    """On a virtual clock: an instance 2-3 ms slower than estimated, one in ten 6 ms slower; the
-    corrected estimate covers nine responses in ten, the outliers aside."""
+    """An instance 2-3 ms slower than estimated, one response in ten 6 ms slower: the corrected
+    estimate covers nine responses in ten, the outliers aside."""
     c = LatencyCorrection()
-    t = 0.0
     for i in range(64):
-        t += 0.05
         extra = 6000 if i % 10 == 0 else 2000 + (i % 10) * 100
-        c.observe("s1", t, 5000 + extra, 5000)
-    assert c.value_us("s1", t) == 2900  # the last 32: residuals 2100..2900, three of 6000: index 27 of 32
-    c.observe("s1", t, 4000, 5000)  # faster than estimated: a negative residual counts too
-    assert c.value_us("s1", t) == 2900
+        c.observe("s1", 1.0, 5000 + extra, 5000)
+    assert c.value_us("s1", 1.0) == 2900  # the last 32: residuals 2100..2900, three of 6000: index 27 of 32
+    c.observe("s1", 1.0, 4000, 5000)  # faster than estimated: a negative residual counts too
+    assert c.value_us("s1", 1.0) == 2900
+    strict = LatencyCorrection(quantile=1.0)  # latency_quantile = 1: the worst recent response
+    for i in range(20):
+        strict.observe("s1", 1.0, 5000 + (6000 if i % 10 == 0 else 2000), 5000)
+    assert strict.value_us("s1", 1.0) == 6000
 
 
-def test_correction_is_bounded_and_expires() -> None:
+def test_correction_holds_then_fades_when_no_response_comes() -> None:
+    """On a virtual clock: an instance the correction keeps out of a bound gets no traffic; its
+    correction holds 1 s after the newest response, then fades to 0 at 5 s."""
     c = LatencyCorrection()
-    for i in range(32):
-        c.observe("s1", 0.01 * i, 10_000_000, 1000)
-        c.observe("s2", 0.01 * i, 0, 8000)
-        if i == 9:  # faster than estimated takes more evidence: the prior's zeros count until the window is full
-            assert c.value_us("s2", 0.1) == 0
-    assert c.value_us("s1", 0.4) == CORRECTION_MAX_US and c.value_us("s2", 0.4) == -8000
-    assert c.value_us("s1", 0.31 + CORRECTION_TTL_S + 0.01) == 0  # no response for TTL s: forgotten
+    for t in (0.0, 0.01, 0.02):
+        c.observe("s1", t, 9000, 5000)
+    assert c.value_us("s1", 1.0) == 4000
+    assert c.value_us("s1", 3.02) == 2000  # halfway between 1 s and 5 s after the newest
+    assert c.value_us("s1", 3.04) == 2000  # recomputed at most every 50 ms
+    assert c.value_us("s1", 4.52) == 500
+    assert c.value_us("s1", 5.03) == 0  # every residual over 5 s old: forgotten
+    c.observe("s1", 6.0, 9000, 5000)  # one slow response after that is not evidence on its own
+    assert c.value_us("s1", 6.0) == 0
+
+
+def test_correction_is_bounded_and_its_table_too() -> None:
+    c = LatencyCorrection()
+    for _ in range(32):
+        c.observe("s1", 0.5, 10_000_000, 1000)
+        c.observe("s2", 0.5, 0, 8000)
+        if c.value_us("s2", 0.5) != -8000:  # faster than estimated takes more evidence: the prior's zeros count
+            assert c.value_us("s2", 0.5) == 0
+    assert c.value_us("s1", 0.5) == CORRECTION_MAX_US and c.value_us("s2", 0.5) == -8000
     small = LatencyCorrection(max_keys=2)
     for key in ("a", "b", "c"):
         small.observe(key, 0.0, 1000, 0)
