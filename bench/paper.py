@@ -1,14 +1,17 @@
 """The paper's experiment, for real on loopback: per-request vs anycast (per-connection) vs DNS-TTL.
 
     python bench/paper.py [--modes per-request,per-connection,dns-ttl] [--rates 1,10,...,120]
-                          [--step 4] [--warmup 1] [--out bench/results]
+                          [--step 4] [--warmup 1] [--prewarm 3] [--out bench/results]
 
 `cpnd lab paper` per mode (GW1..GW7, the RTT table as emulated links, simulated
 s1..s5 with capacity 50 req/s, prices 2,1,2,1,2, compute 1,3,1,3,1 ms growing to
 double at full load, refusing beyond capacity). User u1 sends to gw1 with
 `CPN-Max-Latency: 10ms` and `CPN-Prefer: price`; u2 to gw2 with `CPN-Prefer: latency`.
 Both sweep the same offered rate, step by step, open-loop over long-lived
-keep-alive connections opened at the start (as the paper's users do). Per step:
+keep-alive connections opened at the start (as the paper's users do), after a few seconds
+at a low rate that no step counts (a fresh gateway's first requests are slow: connections,
+pools, first-use code paths; an end-to-end estimate rightly keeps u1 off an instance that
+was just slow, and a sweep should not measure that start-up). Per step:
 served rate per user, u1's latency as its client observes it (p50/p99/max, from each
 request's scheduled send time to its response head) beside network + compute (the
 emulated RTT of the path plus the compute time the instance reports) and the gateways'
@@ -55,6 +58,7 @@ USERS = {
     "u1": ("gw1", {"CPN-Max-Latency": "10ms", "CPN-Prefer": "price"}),
     "u2": ("gw2", {"CPN-Prefer": "latency"}),
 }
+PREWARM_RATE = 5.0  # req/s per user before the sweep (--prewarm): connections, pools and first-use code paths warm
 CLIENT_ALLOWANCE_MS = 1.0  # a Python client on the same box: its own share of what it observes
 CONNS_PER_USER = 8
 SAMPLE_EVERY_S = 0.5
@@ -135,8 +139,10 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
             nursery.start_soon(worker)
 
 
-def make_plan(rates: list[float], step_s: float, t0: float) -> list[tuple[int, float, float]]:
-    plan = []
+def make_plan(rates: list[float], step_s: float, t0: float, prewarm_s: float = 0.0) -> list[tuple[int, float, float]]:
+    """(step, when, rate) of every request; ``prewarm_s`` of PREWARM_RATE first, as step -1 (never counted)."""
+    plan = [(-1, t0 + k / PREWARM_RATE, PREWARM_RATE) for k in range(int(prewarm_s * PREWARM_RATE))]
+    t0 += prewarm_s
     for i, rate in enumerate(rates):
         start = t0 + i * step_s
         n = max(1, int(rate * step_s))
@@ -144,7 +150,9 @@ def make_plan(rates: list[float], step_s: float, t0: float) -> list[tuple[int, f
     return plan
 
 
-def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float) -> dict[str, Any]:
+def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prewarm_s: float = 0.0,
+             keep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One sweep in ``mode``; every request's record is also appended to ``keep`` when given."""
     topo = paper_topology()
     insts = InstanceProcs()
     with tempfile.TemporaryDirectory(prefix=f"cpn-paper-{mode}-") as tmp:
@@ -185,7 +193,7 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float) -> d
                     t0 = trio.current_time() + 0.5
                     async with trio.open_nursery() as nursery:
                         for u, (gw, headers) in USERS.items():
-                            nursery.start_soon(run_user, u, specs[gw].http, headers, make_plan(rates, step_s, t0), records)
+                            nursery.start_soon(run_user, u, specs[gw].http, headers, make_plan(rates, step_s, t0, prewarm_s), records)
 
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
@@ -197,7 +205,9 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float) -> d
                 stats = {gw: lab.query(gw, "status") for gw in ("gw1", "gw2")}
         finally:
             insts.stop_all()
-    return summarise(mode, rates, step_s, warmup_s, records, rtt, stats, samples)
+    if keep is not None:
+        keep += [{"mode": mode, **r} for r in records]
+    return summarise(mode, rates, step_s, warmup_s, records, rtt, stats, samples, prewarm_s)
 
 
 def measured_view(samples: list[dict[str, Any]], lo: float, hi: float) -> tuple[dict[str, float], dict[str, float]] | None:
@@ -231,8 +241,8 @@ def ingress_late(samples: list[dict[str, Any]], lo: float, hi: float) -> int | N
 
 def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, records: list[dict[str, Any]],
               rtt: dict[str, dict[str, float]], stats: dict[str, Any],
-              samples: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    t_first = min(r["at"] for r in records)
+              samples: list[dict[str, Any]] | None = None, prewarm_s: float = 0.0) -> dict[str, Any]:
+    t_first = min(r["at"] for r in records if r["step"] >= 0)
     steps = []
     for i, rate in enumerate(rates):
         lo = t_first + i * step_s + warmup_s
@@ -260,7 +270,9 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         over = [e - n for e, n in zip(e2e, netcomp)]
         row["u1_overhead_p50_ms"] = round(_pct(over, 50), 3) if over else None
         row["u1_overhead_p99_ms"] = round(_pct(over, 99), 3) if over else None
-        row["u1_late_at_ingress"] = ingress_late(samples or [], i * step_s + warmup_s, (i + 1) * step_s)
+        # The samples' clock starts with the prewarm: the step's window is that much later on it.
+        at_lo, at_hi = prewarm_s + i * step_s + warmup_s, prewarm_s + (i + 1) * step_s
+        row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
         for s in INSTANCES:
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
@@ -286,14 +298,14 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         # The same optimum from what the gateways measured during this step (path latencies
         # and compute, both inflated when the machine is busy): what any scheduler acting on
         # these measurements could reach. Separates the machine from the algorithm.
-        gws = gateways_view(samples or [], i * step_s + warmup_s, (i + 1) * step_s)
+        gws = gateways_view(samples or [], at_lo, at_hi)
         if gws is not None:
             # End to end: the model's network and compute plus each gateway's own processing as gw1
             # measured it on the way to each instance (the paper's model counts no gateway time).
             row["measured_gateways_ms"] = gws
             row["optimum_e2e"] = round(optimum(rate, rate, {s: rtt["u1"][s] + gws[s] for s in INSTANCES}), 2)
             row["served_over_optimum_e2e"] = round(row["served"] / row["optimum_e2e"], 3) if row["optimum_e2e"] else None
-        view = measured_view(samples or [], i * step_s + warmup_s, (i + 1) * step_s)
+        view = measured_view(samples or [], at_lo, at_hi)
         if view is not None:
             row["measured_path_ms"], row["measured_compute_ms"] = view
             row["optimum_measured"] = round(optimum(rate, rate, view[0], view[1]), 2)
@@ -379,14 +391,18 @@ def main() -> int:
     ap.add_argument("--rates", default="1,10,20,30,40,50,60,70,80,90,100,110,120")
     ap.add_argument("--step", type=float, default=4.0, help="seconds per step")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds at the start of each step left out")
+    ap.add_argument("--records", help="also write every request's record here (JSON lines), to see where time went")
+    ap.add_argument("--prewarm", type=float, default=3.0,
+                    help=f"seconds of both users at {PREWARM_RATE:g} req/s before the sweep, never counted")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    keep: list[dict[str, Any]] | None = [] if args.records else None
     for mode in args.modes.split(","):
-        res = run_mode(mode, rates, args.step, args.warmup)
+        res = run_mode(mode, rates, args.step, args.warmup, args.prewarm, keep)
         results.append(res)
         for s in res["steps"]:
             print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u1_late", "u1_late_at_ingress",
@@ -400,6 +416,8 @@ def main() -> int:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    if args.records and keep is not None:
+        Path(args.records).write_text("".join(json.dumps(r) + "\n" for r in keep))
     plot(results, out)
     print(markdown(results))
     print(f"\nwrote {out}/paper.json, paper.csv and the figures")
