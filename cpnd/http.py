@@ -41,6 +41,7 @@ from .select import (
     candidates,
     choose,
     View,
+    expected_us,
     explain_none,
     ingress_view,
     match_service,
@@ -906,13 +907,9 @@ class DataPlane:
             return  # nothing to learn from: a response time that includes the user's own upload
         now = trio.current_time()
         took = state.head_at - start
-        # Against the estimate with this request's own instance time in place of the estimated
-        # compute, when the egress told it: a request that is slow by its nature (a long job)
-        # says nothing about the path or the gateways (selection.md, "Correction").
-        estimated = cand.estimate_us
-        if state.instance_s is not None:
-            estimated += int(state.instance_s * 1_000_000) - cand.compute_us
-        self.correction.observe(cand.key, now, took * 1_000_000, estimated)
+        # A request slow by its nature (a long job) says nothing about the path or the gateways.
+        instance_us = None if state.instance_s is None else int(state.instance_s * 1_000_000)
+        self.correction.observe(cand.key, now, took * 1_000_000, expected_us(cand, instance_us))
         if cand.next_hop is None and state.instance_s is not None:
             self.own.add(Stage.LOCAL, now, (took - state.instance_s) * 1_000_000)
         elif cand.next_hop is not None and state.sent_at is not None and state.upstream_head_at is not None:

@@ -408,6 +408,13 @@ def within_bound(c: Candidate, cons: Constraints, elapsed_us: int) -> bool:
     return cons.max_latency_us is None or elapsed_us + c.total_us <= cons.max_latency_us
 
 
+def expected_us(c: Candidate, instance_us: int | None) -> int:
+    """What an attempt on ``c`` was expected to take, to set against what it took (selection.md,
+    "Correction"): the estimate without its correction, with this request's own instance time in
+    place of the estimated compute when the egress told it (None: not told)."""
+    return c.estimate_us if instance_us is None else c.estimate_us - c.compute_us + instance_us
+
+
 def slack_us(c: Candidate, cons: Constraints, elapsed_us: int) -> int | None:
     """The compute time a latency-bound request leaves at ``c``'s instance (the extension header's
     ``slack_us``; None: no bound): the bound less the time already spent and everything of the

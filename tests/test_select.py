@@ -25,6 +25,7 @@ from cpnd.select import (
     candidate,
     candidates,
     compute_estimate_us,
+    expected_us,
     explain_none,
     ingress_view,
     match_service,
@@ -279,6 +280,9 @@ def test_the_estimate_is_every_part_from_head_in_to_head_out() -> None:
     assert (c.correction_us, c.total_us) == (2500, 8500)
     assert "path 4 ms + gateways 1 ms + compute 1 ms + correction 2.5 ms" in explain_none([c], Constraints(max_latency_us=8000))
     assert rank([c], Constraints(max_latency_us=8000)) == [] and rank([c], Constraints(max_latency_us=9000)) == [c]
+    # What a response is set against: the estimate without correction, and with the request's own
+    # instance time (told by the egress) in place of the estimated compute.
+    assert expected_us(c, None) == 6000 and expected_us(c, 40_000) == 45_000
     # A negative correction never takes the estimate below the network alone.
     fast = candidate(rib, key, attrs.evolve(view, correction_us=-50_000), bounded=True)
     assert fast.total_us == fast.path_latency_us == 4000
