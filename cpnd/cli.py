@@ -21,7 +21,7 @@ ROUTE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("origin", "ORIGIN"), ("next_hop", "NEXT-HOP"),
     ("path", "PATH"), ("path_latency_ms", "PATH-MS"), ("compute_latency_ms", "COMP-MS"), ("load", "LOAD"),
     ("capacity", "CAP"), ("price", "PRICE"), ("label", "LABEL"), ("age_s", "AGE-S"), ("best", "BEST"),
-    ("state", "STATE"),
+    ("estimate_ms", "EST-MS"), ("state", "STATE"),
 ]
 SERVICE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("healthy", "HEALTHY"), ("load", "LOAD"),
@@ -135,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
         if not args.json:
             for r in rows:  # why a path is not used: its instance is down, or it waits out a restart
                 r["state"] = "down" if r.get("down") else "stale" if r.get("stale") else ""
+                # On best paths: what the ingress expects a request there to take now, end to end.
+                r["estimate_ms"] = r["estimate"]["total_ms"] if "estimate" in r else None
         print(json.dumps(rows, indent=1) if args.json else table(rows, ROUTE_COLUMNS))
     elif args.what == "services":
         rows = request(args.socket, "show-services")

@@ -103,6 +103,7 @@ class GatewayConfig:
     health_failures: int = 3
     health_successes: int = 2
     load_change_threshold: float = 0.05
+    latency_quantile: float = 0.9  # the share of recent responses the ingress's corrected estimate covers
     log_level: str = "info"
     log_format: str = "text"
 
@@ -369,6 +370,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         health_failures=r.number(g, (*gw, "health_failures"), 1, 1000, 3, integer=True),
         health_successes=r.number(g, (*gw, "health_successes"), 1, 1000, 2, integer=True),
         load_change_threshold=float(r.number(g, (*gw, "load_change_threshold"), 0.0, 1.0, 0.05)),
+        latency_quantile=float(r.number(g, (*gw, "latency_quantile"), 0.5, 1.0, 0.9)),
         log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
         log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
     )

@@ -21,6 +21,9 @@ from . import __version__
 from .admission import Slot, SlotTable
 from .aio import ListenError, serve_accepting
 from .errors import ConfigError
+from .load import Stage
+from .rib import Key
+from .select import candidate
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -61,12 +64,27 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
         })
         if best:
-            # What this gateway's ingress assumes of the instance right now: the freshest
-            # report (flooded or piggy-backed) corrected by its own recent sends.
-            load, bload, comp = daemon.dataplane.estimate(a.key, daemon.rib.loc[a.key])
-            out[-1]["estimate"] = {"load": round(load, 3), "bounded_load": round(bload, 3),
-                                   "compute_latency_ms": round(comp / 1000, 3)}
+            out[-1]["estimate"] = estimate_json(daemon, a.key)
     return out
+
+
+def estimate_json(daemon: Daemon, key: Key) -> dict[str, Any]:
+    """What this gateway's ingress expects of a request to the instance now (protocol-spec/selection.md,
+    "Estimate"): the load it assumes, and the time from head in to head out, in parts. ``total_ms`` is for a
+    request at the instance's load now, ``bounded_total_ms`` for a latency-bound one (checked against
+    CPN-Max-Latency: its compute counts only the latency-bound demand, which admission serves first)."""
+    view = daemon.dataplane.estimate(key, daemon.rib.loc[key])
+    c = candidate(daemon.rib, key, view, bounded=False)
+    b = candidate(daemon.rib, key, view, bounded=True)
+    return {"load": round(view.load, 3), "bounded_load": round(view.bload, 3),
+            "compute_latency_ms": round(view.compute_us / 1000, 3),
+            "total_ms": _ms(c.total_us), "path_ms": _ms(c.path_latency_us), "gateways_ms": _ms(c.gateways_us),
+            "compute_ms": _ms(c.compute_us), "correction_ms": _ms(c.correction_us),
+            "bounded_total_ms": _ms(b.total_us), "bounded_compute_ms": _ms(b.compute_us)}
+
+
+def _ms(us: int) -> float:
+    return round(us / 1000, 3)
 
 
 def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
@@ -170,8 +188,14 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
 
 def stats_json(daemon: Daemon) -> dict[str, Any]:
     """Counters since start (``gateway``: sessions and routing, ``http``: the data plane) and gauges now: ``show stats``."""
+    now = trio.current_time()
+    own = daemon.dataplane.own
+    # This gateway's own processing per request by stage, as measured now and as its routes carry it
+    # (protocol-spec/selection.md, "Own time"; routing.md, "Gateway time").
+    times: dict[str, float] = {f"own_{stage}_ms": _ms(own.us(stage, now)) for stage in Stage.ALL}
+    times |= {"advertised_egress_ms": _ms(daemon.rib.egress_us), "advertised_transit_ms": _ms(daemon.rib.transit_us)}
     return {"gateway": dict(sorted(daemon.stats.items())), "http": dict(sorted(daemon.dataplane.stats.items())),
-            "gauges": _gauges(daemon)}
+            "gauges": {**_gauges(daemon), **times}}
 
 
 def reload_json(daemon: Daemon) -> dict[str, Any]:

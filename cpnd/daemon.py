@@ -31,8 +31,9 @@ from .http import DataPlane, HttpLimits
 from .limits import TokenBucket
 from .names import service_label
 from .load import LoadPacer
+from .load import Stage
 from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
-from .rib import AdjRibOut, Key, Rib, link_cost_after
+from .rib import AdjRibOut, Key, Rib, gateway_time_after, link_cost_after
 from .streams import BufferAccount, Mux
 from .tunnel import LARGE_DATA_CAP, mux_settings
 from .session import (
@@ -50,7 +51,7 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from .wire import INSTANCE_DOWN_CAP, Limits, RouteAdv, TunnelLimits
+from .wire import GATEWAY_TIME_CAP, INSTANCE_DOWN_CAP, Limits, RouteAdv, TunnelLimits
 
 log = logging.getLogger("cpnd")
 
@@ -77,6 +78,7 @@ LINGER_S = 0.5  # after a close, how long the peer's last bytes are read and dro
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
+GATEWAY_TIME_INTERVAL_S = 5.0  # our own processing times re-advertised at most this often (routing.md)
 TRIM_CHECK_S = 1.0
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
 HEALTH_OFF_RECHECK_S = 1.0  # how often a loop with active probes off looks again (a reload may turn them on)
@@ -414,6 +416,7 @@ class Daemon:
         self.preauth = SlotTable(g.max_preauth_connections, g.max_preauth_per_ip, evict_busy=True)
         self.edge_tally = Tally()  # pre-auth connections that end, accept errors: one log line a second
         self.nofile = 1 << 20  # the descriptor limit, once raised at start
+        self.gateway_times_at = -math.inf  # when our own processing times were last re-advertised
         self.stats: collections.Counter[str] = collections.Counter()
         self.tunnel_bytes = BufferAccount()  # tunnel DATA held for every peer together
         self.route_work = TokenBucket(ROUTE_WORK_SHARE, ROUTE_WORK_BURST_S)
@@ -510,6 +513,7 @@ class Daemon:
                     # Down by health checks: still advertised, marked down, so that its service stays
                     # known (503 no_instance, not 404) until it recovers (routing.md, "Instances that are down").
                     down=not self.dataplane.health(inst.id).healthy,
+                    gateway_us=self.rib.egress_us,  # our own processing as its egress (routing.md, "Gateway time")
                 ))
         return out
 
@@ -610,9 +614,27 @@ class Daemon:
             if changed:
                 self.stats["load_updates"] += 1
                 self._propagate(self.rib.set_local(self._local_routes(), now))
+            self._gateway_times(now)
             if self.rib.stale_until:
                 self._propagate(self.rib.expire_stale(now))
             self.dataplane.flush_log_counts()
+
+    def _gateway_times(self, now: float) -> None:
+        """Re-advertise our own processing as egress and transit when it moved materially, at most every 5 s."""
+        if now - self.gateway_times_at < GATEWAY_TIME_INTERVAL_S:
+            return
+        own = self.dataplane.own
+        egress = gateway_time_after(self.rib.egress_us, own.us(Stage.EGRESS, now))
+        transit = gateway_time_after(self.rib.transit_us, own.us(Stage.TRANSIT, now))
+        if egress is None and transit is None:
+            return
+        self.gateway_times_at = now
+        self.stats["gateway_time_updates"] += 1
+        changed = self.rib.set_gateway_times(self.rib.egress_us if egress is None else egress,
+                                             self.rib.transit_us if transit is None else transit)
+        if egress is not None:
+            changed |= self.rib.set_local(self._local_routes(), now)
+        self._propagate(changed)
 
     async def _memory_loop(self) -> None:
         """After a burst of tunnel buffering has drained, hand the freed memory back (once a second at most)."""
@@ -777,13 +799,15 @@ class Daemon:
         if conn.session.tunnel_enabled:
             ours = conn.session.config.tunnel
             assert ours is not None
-            settings = mux_settings(ours, conn.session.peer_tunnel, LARGE_DATA_CAP in conn.session.agreed_caps)
+            settings = mux_settings(ours, conn.session.peer_tunnel, LARGE_DATA_CAP in conn.session.agreed_caps,
+                                    timed_load=GATEWAY_TIME_CAP in conn.session.agreed_caps)
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream, settings, self.tunnel_bytes)
         # What this session announced is what it enforces (a reload changes the next session's).
         self.rib.import_limits[peer.config.id] = conn.session.config.limits.routes
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,
                                  max_routes=conn.session.export_limit,
-                                 down_ok=INSTANCE_DOWN_CAP in conn.session.agreed_caps)
+                                 down_ok=INSTANCE_DOWN_CAP in conn.session.agreed_caps,
+                                 gw_ok=GATEWAY_TIME_CAP in conn.session.agreed_caps)
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
         if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms and not peer.swap_pending:

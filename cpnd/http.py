@@ -19,7 +19,7 @@ import random
 import re
 import select
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -34,7 +34,7 @@ from .config import Config, InstanceConfig, ServiceConfig
 from .names import service_label
 from .rib import Key
 from .health import HealthTracker
-from .load import InstanceMeter, SendAccount
+from .load import InstanceMeter, LatencyCorrection, OwnTimes, SendAccount, Stage
 from .rib import Best
 from .select import (
     BadHeader,
@@ -44,12 +44,16 @@ from .select import (
     TtlCache,
     candidates,
     choose,
+    View,
+    expected_us,
     explain_none,
+    ingress_view,
     match_service,
     no_live_instance,
     parse_constraints,
     pinned_first,
     rank,
+    slack_us,
     within_bound,
 )
 from .streams import ByteStream, StreamReset, TunnelStream, _Inbox
@@ -204,7 +208,7 @@ class PipeEnd:
         self.buffered = 0
         self.drained = trio.Event()
         self.other: PipeEnd = self
-        self.load_report: tuple[float, float, int] | None = None
+        self.load_report: tuple[float, float, int, int | None] | None = None
         self.sent_end = False
         self._watchers: list[trio.CancelScope] = []
 
@@ -217,8 +221,8 @@ class PipeEnd:
         """Reset, or both directions ended."""
         return self.inbox.reset is not None or (self.sent_end and self.inbox.ended and not self.inbox.chunks)
 
-    def report_load(self, load: float, bload: float, compute_us: float) -> None:
-        self.other.load_report = (load, bload, int(compute_us))
+    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None:
+        self.other.load_report = (load, bload, int(compute_us), None if instance_us is None else int(instance_us))
 
     async def receive(self) -> Any:
         """The next chunk (or event, for LocalEvents); ``b""`` at the end."""
@@ -372,6 +376,14 @@ class _Inline:
 @attrs.define
 class _AttemptState:
     sent_head: bool = False  # once the user has the head, a failure can only cut the connection
+    # For the end-to-end estimate (trio clock): when the request went upstream and its response
+    # head came back (a tunnelled attempt); the instance's time to its response head (as the
+    # egress measured it: ours, or told in LOAD); when the head left for the user.
+    sent_at: float | None = None
+    upstream_head_at: float | None = None
+    instance_s: float | None = None
+    head_at: float | None = None
+    whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
 
 
 class _StreamSink:
@@ -380,19 +392,26 @@ class _StreamSink:
     def __init__(self, rx: H11Stream | LocalEvents, stream: ByteStream) -> None:
         self.rx = rx
         self.stream = stream
+        self.head_at: float | None = None  # when the response head went back down the stream
 
     async def send(self, event: Any, *, end: bool = False) -> None:
         await self.rx.send(event, end=end)
+        if self.head_at is None and isinstance(event, h11.Response):
+            self.head_at = trio.current_time()
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        head = isinstance(events[0], h11.Response)
         await self.rx.send_all(events, end=end)
+        if head and self.head_at is None:
+            self.head_at = trio.current_time()
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         self.stream.reset(code, delivered, text)
 
-    def report_load(self, meter: InstanceMeter) -> None:
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
         now = trio.current_time()
-        self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us)
+        self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us,
+                                None if instance_s is None else instance_s * 1_000_000)
 
 
 class _UserSink:
@@ -415,16 +434,19 @@ class _UserSink:
         if isinstance(events[0], h11.Response):
             self.status = events[0].status_code
         self.state.sent_head = True
+        head = isinstance(events[0], h11.Response)
         try:
             await self.client.send_all(events)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
+        if head:
+            self.state.head_at = trio.current_time()
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         if self.failure is None:
             self.failure = StreamReset(code, delivered, text)
 
-    def report_load(self, meter: InstanceMeter) -> None:
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
         pass  # the ingress reads its own instances' meters directly
 
 
@@ -530,6 +552,8 @@ class DataPlane:
         self._attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt", log)
         self.ttl = TtlCache(daemon.config.gateway.dns_ttl_s)
         self.damping = BoundDamping()
+        self.own = OwnTimes()  # our own processing per request, by stage (protocol-spec/selection.md, "Own time")
+        self.correction = LatencyCorrection()  # per instance, at this ingress; its quantile is set by reconfigure
         self.reconfigure(daemon.config)
         self.account = SendAccount()
         # Users' connections: one still waiting for a whole request head is taken back for a
@@ -610,6 +634,7 @@ class DataPlane:
             meters[inst.id] = m
         self.meters = meters
         self.ttl.ttl_s = config.gateway.dns_ttl_s
+        self.correction.quantile = config.gateway.latency_quantile
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept users until ``stop_accepting``; their connections then run on until done."""
@@ -689,7 +714,7 @@ class DataPlane:
             stream.reset(ResetCode.REFUSED, False, f"{self.d.id} is shutting down")
             return
         assert self.d.nursery is not None
-        self.d.nursery.start_soon(self._incoming, stream)
+        self.d.nursery.start_soon(self._incoming, stream, trio.current_time())
 
     # ---- ingress
 
@@ -862,7 +887,7 @@ class DataPlane:
 
     async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
-            service, instance, status = await self._route(client, req, pinned)
+            service, instance, status = await self._route(client, req, pinned, t0)
             self.d.metrics.observe(service, instance, status, trio.current_time() - t0)
         except HttpError as exc:
             self.stats[f"error_{exc.status}"] += 1
@@ -917,28 +942,40 @@ class DataPlane:
             self.ttl.put(service, cons, ranked[0].key, now)
         return service, cons, ranked
 
-    def estimate(self, key: Key, best: Best) -> tuple[float, float, int]:
-        """(load, latency-bound demand, base compute µs) of an instance now: exact for our own,
-        else the freshest of flooded and piggy-backed, corrected by our own sends."""
-        now = trio.current_time()
-        if key[1] == self.d.id:
-            m = self.meters[key[2]]
-            return m.load(now), m.bounded_load(now), int(m.base_us)
-        f = best.fresh
-        load, bload = self.account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
-        return load, bload, self.account.compute_us(key, f.compute_us, best.fresh_at)
+    def estimate(self, key: Key, best: Best) -> View:
+        """What this ingress assumes of an instance now (select.ingress_view)."""
+        return ingress_view(self.d.rib, key, best, trio.current_time(), own=self.own, account=self.account,
+                            correction=self.correction, meter=self.meters[key[2]] if key[1] == self.d.id else None)
 
-    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> tuple[str, str, int]:
-        """Serve one request; (service, instance, status) of the answer, or HttpError."""
+    def observed(self, cand: Candidate, cons: Constraints, state: _AttemptState, start: float, t0: float) -> None:
+        """An attempt's response head left for the user: what it took against the estimate, our own
+        share of it, and whether it came after the request's bound (counted ``late``). Only a request
+        that was whole in hand when it went upstream counts: an upload's pace is the user's."""
+        if state.head_at is None or not state.whole:
+            return  # nothing to learn from: a response time that includes the user's own upload
+        now = trio.current_time()
+        took = state.head_at - start
+        # A request slow by its nature (a long job) says nothing about the path or the gateways.
+        instance_us = None if state.instance_s is None else int(state.instance_s * 1_000_000)
+        self.correction.observe(cand.key, now, took * 1_000_000, expected_us(cand, instance_us))
+        if cand.next_hop is None and state.instance_s is not None:
+            self.own.add(Stage.LOCAL, now, (took - state.instance_s) * 1_000_000)
+        elif cand.next_hop is not None and state.sent_at is not None and state.upstream_head_at is not None:
+            self.own.add(Stage.INGRESS, now, (took - (state.upstream_head_at - state.sent_at)) * 1_000_000)
+        if cons.max_latency_us is not None and (state.head_at - t0) * 1_000_000 > cons.max_latency_us:
+            self.stats["late"] += 1  # a defect of the estimate: served, but after the bound
+
+    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> tuple[str, str, int]:
+        """Serve one request whose head came at ``t0``; (service, instance, status) of the answer, or HttpError."""
         service, cons, ranked = self._plan(req, pinned)
         try:
-            return await self._forward(client, req, service, cons, ranked)
+            return await self._forward(client, req, service, cons, ranked, t0)
         except HttpError as exc:
             exc.service = service
             raise
 
     async def _forward(self, client: H11Stream, req: h11.Request, service: str, cons: Constraints,
-                       ranked: list[Candidate]) -> tuple[str, str, int]:
+                       ranked: list[Candidate], t0: float) -> tuple[str, str, int]:
         deadline = trio.current_time() + cons.timeout_s
         body = BodySource(client, self.limits)
         if client.conn.they_are_waiting_for_100_continue:
@@ -949,7 +986,7 @@ class DataPlane:
             headers.append((b"host", self.d.id.encode()))
         idempotent = req.method in IDEMPOTENT
         failures: list[HttpError] = []
-        started = trio.current_time()
+        started = t0  # the bound runs from the request head's arrival
         # The baselines emulate network-layer schemes: what they chose is final, no retries.
         per_request = self.d.config.gateway.selection == "per-request"
         max_attempts = MAX_ATTEMPTS if per_request else 1
@@ -964,8 +1001,12 @@ class DataPlane:
             if trio.current_time() >= deadline:
                 raise HttpError(504, "deadline_exceeded", f"no response within {cons.timeout_s:g} s")
             try:
-                elapsed_us = int((trio.current_time() - started) * 1_000_000)
-                status = await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent, elapsed_us)
+                attempt_at = trio.current_time()
+                elapsed_us = int((attempt_at - started) * 1_000_000)
+                state = _AttemptState()
+                status = await self._attempt(client, req, headers, body, cand, cons, deadline, idempotent, elapsed_us,
+                                             state)
+                self.observed(cand, cons, state, started if not failures else attempt_at, t0)
                 return service, cand.instance, status
             except StreamReset as exc:
                 failures.append(_reset_error(exc))
@@ -997,20 +1038,21 @@ class DataPlane:
         return conn.mux.open(ext)
 
     async def _attempt(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]], body: BodySource,
-                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool, elapsed_us: int) -> int:
+                       cand: Candidate, cons: Constraints, deadline: float, idempotent: bool, elapsed_us: int,
+                       state: _AttemptState) -> int:
         """One try on ``cand``; the response status, or StreamReset when it failed before a response."""
         budget = max(0, int((deadline - trio.current_time()) * 1_000_000))
         slack = NO_BUDGET
-        if cons.max_latency_us is not None and self.d.config.gateway.selection == "per-request":
-            slack = max(0, min(NO_BUDGET - 1, cons.max_latency_us - cand.path_latency_us - elapsed_us))
+        if self.d.config.gateway.selection == "per-request":
+            left = slack_us(cand, cons, elapsed_us)
+            slack = NO_BUDGET if left is None else min(NO_BUDGET - 1, left)
         if cand.next_hop is None and body.take_buffered() and body.replayable:
-            return await self._attempt_local(client, req, headers, body, cand, deadline, budget, slack)
+            return await self._attempt_local(client, req, headers, body, cand, deadline, budget, slack, state)
         ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), cons.qos, 16,
                         min(budget, NO_BUDGET - 1), EXT_FLAG_IDEMPOTENT if idempotent else 0, slack)
         head = h11.Request(method=req.method, target=req.target, headers=headers)  # before a stream exists
         up_raw = self._open_upstream(cand, ext)
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
-        state = _AttemptState()
         self.account.sent(cand.key, trio.current_time())
         try:
             if body.take_buffered() and body.replayable:
@@ -1019,8 +1061,11 @@ class DataPlane:
                 body.consumed = True
                 data = body.whole()
                 await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
+                state.sent_at = trio.current_time()
+                state.whole = True
                 return await self._read_response(client, up, up_raw, cons, deadline, state)
             async with open_nursery() as nursery:
+                state.sent_at = trio.current_time()
                 nursery.start_soon(self._upload, up, up_raw, head, body)
                 status = await self._read_response(client, up, up_raw, cons, deadline, state)
                 if not body.done:
@@ -1042,7 +1087,9 @@ class DataPlane:
                 up_raw.reset(ResetCode.CANCEL, True, "ingress done with the stream")
             self.account.finished(cand.key)
             if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
-                self.account.heard(cand.key, *up_raw.load_report, trio.current_time())
+                load, bload, comp, instance_us = up_raw.load_report
+                self.account.heard(cand.key, load, bload, comp, trio.current_time())
+                state.instance_s = None if instance_us is None else instance_us / 1_000_000
 
     @staticmethod
     async def _upload(up: H11Stream | LocalEvents, up_raw: ByteStream, head: h11.Request, body: BodySource) -> None:
@@ -1073,7 +1120,8 @@ class DataPlane:
         return f"{inst.id}: {refusal}"
 
     async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: list[tuple[bytes, bytes]],
-                             body: BodySource, cand: Candidate, deadline: float, budget_us: int, slack_us: int) -> int:
+                             body: BodySource, cand: Candidate, deadline: float, budget_us: int, slack_us: int,
+                             state: _AttemptState) -> int:
         """One try on one of our own instances, the whole request in hand: the ingress calls it
         itself (no stream, no task); admission and errors as for a tunnelled request."""
         found = self.local.get((cand.label, cand.instance))
@@ -1085,11 +1133,11 @@ class DataPlane:
             raise StreamReset(ResetCode.REFUSED, False, refusal)
         body.consumed = True
         data = body.whole()
-        state = _AttemptState()
         sink = _UserSink(client, state)
+        state.whole = True
         self.account.sent(cand.key, trio.current_time())
         try:
-            await self._serve_instance(sink, service, inst, req.method, req.target, headers,
+            state.instance_s = await self._serve_instance(sink, service, inst, req.method, req.target, headers,
                                        [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, deadline,
                                        filtered=True)
             if sink.failure is not None:
@@ -1119,6 +1167,7 @@ class DataPlane:
         if isinstance(event, h11.ConnectionClosed):
             raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
         assert isinstance(event, h11.Response)
+        state.upstream_head_at = trio.current_time()
         head = event
         response = h11.Response(status_code=head.status_code, reason=head.reason,
                                 headers=filter_headers(head.headers, drop_cpn=False) + _framing(head.headers))
@@ -1130,6 +1179,7 @@ class DataPlane:
         if held is None:
             await client.send(response)
             state.sent_head = True
+            state.head_at = trio.current_time()
         # One scope for the whole body, pushed back as data flows (at most once a second: a
         # timer per chunk cost a tenth of a bulk transfer's CPU). Neither side moving for
         # body_idle_timeout_s ends it, a user that stopped reading included.
@@ -1150,6 +1200,8 @@ class DataPlane:
                         events = [response, *([h11.Data(data=b"".join(held))] if held else []), *events]
                     state.sent_head = True
                     await client.send_all(events)
+                    if held is not None:
+                        state.head_at = trio.current_time()
                     break
                 elif held is not None:
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response")
@@ -1165,20 +1217,21 @@ class DataPlane:
 
     # ---- transit and egress
 
-    async def _incoming(self, stream: TunnelStream) -> None:
+    async def _incoming(self, stream: TunnelStream, opened_at: float) -> None:
         assert stream.ext is not None
-        await self._serve_stream(stream, stream.ext, f"stream {stream.id} from {stream.peer}")
+        await self._serve_stream(stream, stream.ext, f"stream {stream.id} from {stream.peer}", opened_at)
 
-    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str) -> None:
-        """Egress if we are the origin, else relay; nothing that goes wrong escapes."""
+    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str, opened_at: float | None = None) -> None:
+        """Egress if we are the origin, else relay; nothing that goes wrong escapes. ``opened_at``:
+        when a peer's OPEN came (our own processing is measured from there; None: our own pipe)."""
         self._begin()
         try:
             if ext.origin == self.d.id:
                 with trio.CancelScope() as abandoned:  # the instance call stops when the stream is abandoned
                     stream.cancel_on_abandon(abandoned)
-                    await self._egress(stream, ext)
+                    await self._egress(stream, ext, opened_at)
             elif isinstance(stream, TunnelStream):
-                await self._relay(stream, ext)
+                await self._relay(stream, ext, opened_at)
             else:
                 stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
         except StreamReset as exc:  # the other end's (then the stream is closed), or one of ours to send
@@ -1192,7 +1245,7 @@ class DataPlane:
                 stream.reset(ResetCode.CANCEL, True, f"{self.d.id} is done with the stream")
             self._end()
 
-    async def _relay(self, inbound: TunnelStream, ext: ExtHeader) -> None:
+    async def _relay(self, inbound: TunnelStream, ext: ExtHeader, opened_at: float | None = None) -> None:
         key = self.d.rib.lookup_target(ext.label, ext.origin, ext.instance)
         best = self.d.rib.loc.get(key) if key else None
         if best is None or best.route.peer is None:
@@ -1215,17 +1268,25 @@ class DataPlane:
         outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
         outbound.relay_to = inbound
         self.stats["relayed"] += 1
+        forwarded_at = trio.current_time()
+
+        def first_back(received_at: float, sent_at: float) -> None:
+            # Our own time on this stream: all of it up to the response's first bytes going back,
+            # less the wait for the next hop (selection.md, "Estimate").
+            if opened_at is not None:
+                self.own.add(Stage.TRANSIT, sent_at, ((sent_at - opened_at) - (received_at - forwarded_at)) * 1_000_000)
+
         # Neither side moving for body_idle_timeout_s ends the relay, as at the ingress and egress.
         idle_s = self.limits.body_idle_timeout_s
         async with open_nursery() as nursery:
             nursery.cancel_scope.deadline = trio.current_time() + idle_s
             nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope, idle_s)
-            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope, idle_s)
+            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope, idle_s, first_back)
         for end in (inbound, outbound):
             if not end.closed:
                 end.reset(ResetCode.CANCEL, True, f"relay at {self.d.id} idle for {idle_s:g} s")
 
-    async def _egress(self, stream: ByteStream, ext: ExtHeader) -> None:
+    async def _egress(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None = None) -> None:
         found = self.local.get((ext.label, ext.instance))
         if found is None:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.d.id} has no instance {ext.instance} of label {ext.label}")
@@ -1268,13 +1329,17 @@ class DataPlane:
                 stream.reset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
                 return
             rest.append(ev)
-        await self._serve_instance(sink, service, inst, event.method, event.target, event.headers,
-                                   rest, rx, deadline)
+        served = await self._serve_instance(sink, service, inst, event.method, event.target, event.headers,
+                                            rest, rx, deadline)
+        if served is not None and sink.head_at is not None and opened_at is not None:
+            self.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
     async def _serve_instance(self, sink: _StreamSink | _UserSink, service: ServiceConfig, inst: InstanceConfig,
                               method: bytes, target: bytes, headers_in: Iterable[tuple[bytes, bytes]], rest: list[Any],
-                              rx: H11Stream | LocalEvents | None, deadline: float | None, *, filtered: bool = False) -> None:
-        """Rewrite an admitted request for the instance, call it, and account what it took.
+                              rx: H11Stream | LocalEvents | None, deadline: float | None, *,
+                              filtered: bool = False) -> float | None:
+        """Rewrite an admitted request for the instance, call it, and account what it took: the
+        instance's time to its response head (s), or None.
 
         ``rest`` is what of the body is already here; ``rx`` streams the remainder (None: all here).
         ``filtered``: the headers are already stripped of hop-by-hop and CPN-* ones, framing re-added.
@@ -1297,6 +1362,7 @@ class DataPlane:
                 meter.abandoned()
             else:
                 meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
+        return served
 
     async def _connect(self, host: str, port: int) -> _PoolEntry:
         idle = self.pool.get((host, port))
@@ -1366,7 +1432,7 @@ class DataPlane:
                 responded = True
                 self._health_result(inst.id, True)
                 head_after = max(0.0, trio.current_time() - uploaded_at)
-                sink.report_load(self.meters[inst.id])
+                sink.report_load(self.meters[inst.id], head_after)
                 headers = filter_headers(ev.headers, drop_cpn=True) + _framing(ev.headers)
                 headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.d.id.encode())]
                 response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
@@ -1476,15 +1542,22 @@ def _bound_name(reason: str) -> str:
     return "max_http_clients_per_ip" if reason == "per_source" else "max_http_clients"
 
 
-async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope, idle_s: float) -> None:
-    """Copy one direction of a relayed stream, passing RESETs on; progress pushes ``scope``'s deadline."""
+async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope, idle_s: float,
+                first: Callable[[float, float], None] | None = None) -> None:
+    """Copy one direction of a relayed stream, passing RESETs on; progress pushes ``scope``'s deadline.
+    ``first`` hears when the first bytes came and when they went on."""
     try:
         while True:
             data = await src.receive()
+            if first is not None:
+                received_at = trio.current_time()
             if not data:
                 await dst.send(b"", end=True)
                 return
             await dst.send(data)
+            if first is not None:
+                first(received_at, trio.current_time())
+                first = None
             now = trio.current_time()
             if scope.deadline - now < idle_s - 1.0:  # at most once a second
                 scope.deadline = now + idle_s

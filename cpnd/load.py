@@ -302,3 +302,137 @@ class SendAccount:
         """The base compute latency to use: the piggy-backed one when it is the fresher."""
         report = self.reports.get(key)
         return report.compute_us if report is not None and report.at >= flooded_at else flooded_us
+
+
+# ---------------------------------------------------------------- end to end: the gateways' own time
+
+STAGE_SAMPLES = 32  # a gateway's own processing in one role: the median of its last this many requests ...
+STAGE_TTL_S = 5.0  # ... not older than this (an idle gateway is soon assumed as fast as its hint again)
+STAGE_HINT_US = 500  # with no samples; counts as one sample until the window is full (as the compute hint does)
+STAGE_QUANTILE = 0.5
+
+
+class Stage:
+    """The roles in which a gateway measures its own processing (protocol-spec/selection.md, "Estimate")."""
+
+    INGRESS = "ingress"  # a user's request sent on over a tunnel: everything but the wait for the next hop
+    TRANSIT = "transit"  # a stream relayed: everything but the wait for the next hop
+    EGRESS = "egress"  # a tunnelled request served by our instance: everything but the instance's time
+    LOCAL = "local"  # a user's request served by our own instance: ingress and egress in one
+    ALL = (INGRESS, TRANSIT, EGRESS, LOCAL)
+
+
+class StageMeter:
+    """One gateway's own processing per request in one role: a median over recent requests."""
+
+    def __init__(self, hint_us: int = STAGE_HINT_US, *, samples: int = STAGE_SAMPLES, ttl_s: float = STAGE_TTL_S) -> None:
+        self.hint_us = hint_us
+        self.ttl_s = ttl_s
+        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=samples)  # (when, µs)
+        self._value = hint_us
+
+    def add(self, now: float, own_us: float) -> None:
+        """A request took ``own_us`` of this gateway's own time (negative: clock noise, counted as 0)."""
+        if not math.isfinite(own_us):
+            return
+        self._samples.append((now, max(0, int(own_us))))
+        self._update()
+
+    def value_us(self, now: float) -> int:
+        """The estimate now: the median of the samples younger than ``ttl_s``, the hint among them."""
+        if self._samples and self._samples[0][0] < now - self.ttl_s:
+            while self._samples and self._samples[0][0] < now - self.ttl_s:
+                self._samples.popleft()
+            self._update()
+        return self._value
+
+    def _update(self) -> None:
+        values = [v for _, v in self._samples]
+        assert self._samples.maxlen is not None
+        if len(values) < self._samples.maxlen:
+            values.append(self.hint_us)
+        values.sort()
+        self._value = values[int(STAGE_QUANTILE * (len(values) - 1))]
+
+
+class OwnTimes:
+    """A gateway's own processing per request, one StageMeter per Stage."""
+
+    def __init__(self, hint_us: int = STAGE_HINT_US) -> None:
+        self.meters = {role: StageMeter(hint_us) for role in Stage.ALL}
+
+    def add(self, role: str, now: float, own_us: float) -> None:
+        self.meters[role].add(now, own_us)
+
+    def us(self, role: str, now: float) -> int:
+        return self.meters[role].value_us(now)
+
+
+# What an ingress observes against what it estimated, per instance (Envoy's latency-aware
+# balancing and Prequal compare the same way): the correction is a high quantile of
+# (observed - estimated) over recent responses, so that the corrected estimate covers most
+# requests, not the typical one; bounded, and fading once no response refreshes it: an
+# instance that the correction took out of a bound gets no traffic, hence no new evidence,
+# and is tried again once the old evidence has faded enough (soon when it was just over,
+# later when far over; after a transient spike, not a whole TTL later).
+CORRECTION_SAMPLES = 32
+CORRECTION_PRIOR = 8  # residuals of 0 counted until the window is full: one slow response alone corrects nothing
+CORRECTION_HOLD_S = 1.0  # the correction holds this long after the newest response ...
+CORRECTION_TTL_S = 5.0  # ... then fades linearly to 0 at this age; a residual older than this no longer counts
+CORRECTION_QUANTILE = 0.9
+CORRECTION_MAX_US = 1_000_000
+CORRECTION_REFRESH_S = 0.05  # the faded value is recomputed at most this often (every request reads it)
+
+
+class LatencyCorrection:
+    """Per instance, at the ingress: observed minus estimated time to the response head."""
+
+    def __init__(self, *, samples: int = CORRECTION_SAMPLES, ttl_s: float = CORRECTION_TTL_S,
+                 quantile: float = CORRECTION_QUANTILE, max_keys: int = 65536) -> None:
+        self.samples = samples
+        self.quantile = quantile  # `latency_quantile`: a reload applies it from the next response on
+        self.ttl_s = ttl_s
+        self.max_keys = max_keys
+        self._residuals: dict[object, collections.deque[tuple[float, int]]] = {}
+        self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
+
+    def observe(self, key: object, now: float, observed_us: float, estimated_us: float) -> None:
+        """A response head left for the user ``observed_us`` after the attempt began; we had expected ``estimated_us``."""
+        if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
+            return
+        window = self._residuals.get(key)
+        if window is None:
+            if len(self._residuals) >= self.max_keys:
+                # Bounded like every ingress table: the oldest instance's history goes.
+                old = next(iter(self._residuals))
+                del self._residuals[old]
+                self._values.pop(old, None)
+            window = self._residuals[key] = collections.deque(maxlen=self.samples)
+        window.append((now, int(observed_us - estimated_us)))
+        self._update(key, window, now)
+
+    def value_us(self, key: object, now: float) -> int:
+        """The correction to add to the estimate of ``key`` now (0 with no response in the last ``ttl_s``)."""
+        window = self._residuals.get(key)
+        if window is None:
+            return 0
+        at, value = self._values[key]
+        if now - at < CORRECTION_REFRESH_S:
+            return value
+        while window and window[0][0] <= now - self.ttl_s:
+            window.popleft()
+        if not window:
+            del self._residuals[key]
+            del self._values[key]
+            return 0
+        return self._update(key, window, now)
+
+    def _update(self, key: object, window: collections.deque[tuple[float, int]], now: float) -> int:
+        values = [r for _, r in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
+        values.sort()
+        quiet = now - window[-1][0]  # since the newest response
+        fade = 1.0 if quiet <= CORRECTION_HOLD_S else max(0.0, (self.ttl_s - quiet) / (self.ttl_s - CORRECTION_HOLD_S))
+        value = int(values[int(self.quantile * (len(values) - 1))] * fade)
+        value = max(-CORRECTION_MAX_US, min(CORRECTION_MAX_US, value))
+        self._values[key] = (now, value)
+        return value

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 
 from .errors import CeaseSub, Code, ProtocolError, UpdateSub
+from .load import STAGE_HINT_US
 from .names import service_label
 from .wire import RouteAdv, Update, Withdrawal, shared
 
@@ -37,6 +38,20 @@ def link_cost_after(current_us: int | None, rtt_s: float) -> int | None:
         return new
     if abs(new - current_us) > max(LINK_COST_MIN_CHANGE_US, LINK_COST_MIN_CHANGE_FRAC * current_us):
         return new
+    return None
+
+
+# The same for a gateway's own processing time (`gw`, routing.md): it moves with the
+# gateway's load, and a change of the transit time re-advertises every learned route, so
+# only a change this large is re-advertised (the ingress's correction covers the rest).
+GATEWAY_TIME_MIN_CHANGE_US = 250
+GATEWAY_TIME_MIN_CHANGE_FRAC = 0.25
+
+
+def gateway_time_after(current_us: int, measured_us: int) -> int | None:
+    """The new advertised processing time for a measured one, or None when the change is not material."""
+    if abs(measured_us - current_us) > max(GATEWAY_TIME_MIN_CHANGE_US, GATEWAY_TIME_MIN_CHANGE_FRAC * current_us):
+        return min(MAX_LATENCY_US, max(0, measured_us))
     return None
 
 
@@ -138,6 +153,10 @@ class Rib:
         self.by_service: dict[str, set[Key]] = {}
         self.by_label: dict[int, set[str]] = {}  # the services in by_service, by label (tunnel lookups)
         self.stale_until: dict[str, float] = {}  # peers in graceful restart: when their stale routes go
+        # Our own processing as advertised (routing.md, "Gateway time"): as the origin of our
+        # instances (egress) and as a transit of the routes we pass on.
+        self.egress_us = STAGE_HINT_US
+        self.transit_us = STAGE_HINT_US
 
     # ---- inputs
 
@@ -213,6 +232,21 @@ class Rib:
             changed |= self.end_of_rib(peer)
         return changed
 
+    def set_gateway_times(self, egress_us: int, transit_us: int) -> set[Key]:
+        """Set our own advertised processing times; the learned keys whose export changes with them.
+
+        (Our own instances carry ``egress_us`` in their local routes: the caller re-sets those.)
+        """
+        if (egress_us, transit_us) == (self.egress_us, self.transit_us):
+            return set()
+        self.egress_us, self.transit_us = egress_us, transit_us
+        changed = set()
+        for key, best in self.loc.items():
+            if best.route.peer is not None:
+                object.__setattr__(best, "exported", _UNSET)  # the export adds transit_us
+                changed.add(key)
+        return changed
+
     def set_link_cost(self, peer: str, cost_us: int) -> set[Key]:
         """Set the measured cost (smoothed RTT, µs) of the link to ``peer``."""
         if self.link_cost_us.get(peer) == cost_us:
@@ -226,6 +260,19 @@ class Rib:
         if route.peer is None:
             return 0
         return min(MAX_LATENCY_US, route.adv.latency_us + self.link_cost_us.get(route.peer, 0))
+
+    def path_gateway_us(self, route: Route) -> int:
+        """The gateways' own processing beyond us on ``route`` (its transits and its origin), µs.
+
+        A route without `gw` (from a peer without gateway-time) counts each of those gateways
+        as taking what we take ourselves in that role.
+        """
+        gw = route.adv.gateway_us
+        if gw is not None:
+            return gw
+        if route.peer is None:
+            return self.egress_us
+        return min(MAX_LATENCY_US, self.egress_us + self.transit_us * (len(route.adv.path) - 1))
 
     def candidates(self, key: Key) -> list[Route]:
         out = [self.local[key]] if key in self.local else []
@@ -242,7 +289,13 @@ class Rib:
         r, f = best.route, best.fresh
         path = r.adv.path if r.peer is None else shared((self.local_id, *r.adv.path))
         # One record for every peer we tell (their Adj-RIB-Outs share it), not one each.
-        adv = None if len(path) > 32 else attrs.evolve(f, path=path, latency_us=best.latency_us)  # None: MAX_PATH_LEN
+        if len(path) > 32:
+            adv = None  # MAX_PATH_LEN
+        elif r.peer is None:
+            adv = attrs.evolve(f, path=path, latency_us=best.latency_us)  # `gw`: our egress time, in our own route
+        else:  # `gw` is a path attribute, like the latency: the best path's, plus our own as its transit
+            gw = shared(min(MAX_LATENCY_US, self.path_gateway_us(r) + self.transit_us))  # few distinct values
+            adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw)
         object.__setattr__(best, "exported", adv)
         return adv
 
@@ -336,12 +389,14 @@ class AdjRibOut:
     budget at a time), and the routes the peer's limit makes us withhold (routing.md,
     "Sending" and "Route limits"). Never more than ``max_routes`` sent at once."""
 
-    def __init__(self, peer: str, min_interval_s: float, *, max_routes: int | None = None, down_ok: bool = True) -> None:
+    def __init__(self, peer: str, min_interval_s: float, *, max_routes: int | None = None, down_ok: bool = True,
+                 gw_ok: bool = True) -> None:
         self.peer = peer
         self.min_interval_s = min_interval_s
         self.max_routes = max_routes
         # Whether the peer offered instance-down: if not, a route whose instance is down is withdrawn instead.
         self.down_ok = down_ok
+        self.gw_ok = gw_ok  # whether the peer offered gateway-time: if not, routes go without `gw`
         self.sent: dict[Key, RouteAdv] = {}
         self.dirty: set[Key] = set()
         self._force: set[Key] = set()
@@ -418,7 +473,11 @@ class AdjRibOut:
 
     def _export(self, rib: Rib, key: Key) -> RouteAdv | None:
         want = rib.export(self.peer, key)
-        return None if want is not None and want.down and not self.down_ok else want
+        if want is None or (want.down and not self.down_ok):
+            return None
+        if not self.gw_ok and want.gateway_us is not None:
+            want = attrs.evolve(want, gateway_us=None)  # this peer's decoder does not know `gw`
+        return want
 
     def _decide(self, rib: Rib, key: Key, adv: list[RouteAdv], wd: list[Withdrawal], left: float) -> int:
         """Bring ``key`` up to date; the entries that took."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
+from .load import InstanceMeter, LatencyCorrection, OwnTimes, SendAccount, Stage
 from .rib import Best, Key, Rib
 from .tunnel import QoS
 
@@ -140,15 +141,24 @@ class Candidate:
     load: float
     fill: float = 0.0  # how full the instance is for this request's class (see candidates())
     base_compute_us: int | None = None  # at low load; None: compute_us
+    gateways_us: int = 0  # every gateway's own processing on the way, the ingress's included
+    correction_us: int = 0  # what the ingress observed of this instance beyond its estimate, lately
 
     @property
     def base_total_us(self) -> int:
-        """Path plus compute at low load: whether the instance could meet a bound at all."""
-        return self.path_latency_us + (self.compute_us if self.base_compute_us is None else self.base_compute_us)
+        """Path, gateways and compute at low load: whether the instance could meet a bound at all."""
+        comp = self.compute_us if self.base_compute_us is None else self.base_compute_us
+        return self.path_latency_us + self.gateways_us + comp
+
+    @property
+    def estimate_us(self) -> int:
+        """The estimate before the correction (what the correction is measured against)."""
+        return self.path_latency_us + self.gateways_us + self.compute_us
 
     @property
     def total_us(self) -> int:
-        return self.path_latency_us + self.compute_us
+        """What the ingress expects a request to take now, head in to head out (selection.md, "Estimate")."""
+        return self.estimate_us + self.correction_us
 
     @property
     def origin(self) -> str:
@@ -159,40 +169,78 @@ class Candidate:
         return self.key[2]
 
 
-LoadEstimate = Callable[[Key, Best], tuple[float, float, int]]
+@attrs.frozen
+class View:
+    """What the ingress assumes of one instance now: the inputs of its estimate."""
+
+    load: float
+    bload: float
+    compute_us: int  # base compute latency (at low load)
+    gateways_us: int = 0
+    correction_us: int = 0
+
+
+LoadEstimate = Callable[[Key, Best], View]
+
+
+def flooded_view(rib: Rib, best: Best) -> View:
+    """The view from the RIB alone: flooded attributes, the path's advertised gateway time."""
+    f = best.fresh
+    return View(f.load, f.bload, f.compute_us, rib.path_gateway_us(best.route))
+
+
+def ingress_view(rib: Rib, key: Key, best: Best, now: float, *, own: OwnTimes, account: SendAccount,
+                 correction: LatencyCorrection, meter: InstanceMeter | None = None) -> View:
+    """The ingress's view of an instance now: exact for our own (``meter``), else the freshest of
+    flooded and piggy-backed load corrected by our own sends; every gateway's own time on the way
+    (ours, then the path's `gw`); and our correction from what we observed."""
+    if meter is not None:
+        return View(meter.load(now), meter.bounded_load(now), int(meter.base_us), own.us(Stage.LOCAL, now),
+                    correction.value_us(key, now))
+    f = best.fresh
+    load, bload = account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
+    gateways = own.us(Stage.INGRESS, now) + rib.path_gateway_us(best.route)
+    return View(load, bload, account.compute_us(key, f.compute_us, best.fresh_at), gateways, correction.value_us(key, now))
+
+
+def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
+    """One instance as a candidate for a request, with its estimate (``bounded``: the request has a latency bound)."""
+    best = rib.loc[key]
+    f, r = best.fresh, best.route
+    # The compute estimate counts this request too: the load it would find. For a
+    # latency-bound request that is the latency-bound load: admission pushes the rest
+    # aside within a second of seeing its demand, and if it would miss its bound now the
+    # instance refuses it at once. Counting flexible traffic here instead would keep
+    # latency-bound demand away from an instance that flexible traffic filled, and so
+    # never let admission see that demand (a trap the paper bench fell into).
+    # Demand may exceed capacity (it counts refused requests), load never does: admission
+    # stops at capacity, so no request sees compute slower than at full load.
+    # A flexible request meets the load there now, but finds only the room that admission
+    # leaves it beside the latency-bound demand: that is how full the instance is for it.
+    seen = view.bload if bounded else view.load
+    fill = view.bload if bounded else max(view.load, view.bload)
+    compute = compute_estimate_us(view.compute_us, min(1.0, seen + 1 / f.capacity))
+    # Bounded: the correction never takes the estimate below the network alone.
+    correction = max(-(view.gateways_us + compute), view.correction_us)
+    return Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us, compute, f.price,
+                     f.capacity, view.load, fill, view.compute_us, view.gateways_us, correction)
 
 
 def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, bounded: bool = False) -> list[Candidate]:
-    """Every instance of ``service`` with its best path and estimated total latency.
+    """Every live instance of ``service`` with its best path and estimated total latency.
 
-    ``estimate`` turns the flooded loads into the ingress's best estimate of them now
-    (its own recent sends, piggy-backed reports); without it the flooded values are used.
-    For a latency-bound request (``bounded``) an instance is as full as the latency-bound
-    demand on it, since admission lets that demand push unbounded traffic aside.
+    ``estimate`` gives the ingress's view of an instance now (``ingress_view``); without it
+    the RIB's view is used (``flooded_view``). For a latency-bound request (``bounded``) an
+    instance is as full as the latency-bound demand on it, since admission lets that demand
+    push unbounded traffic aside.
     """
     out = []
     for key in rib.by_service.get(service, ()):
         best = rib.loc[key]
         if best.route.stale or best.fresh.down:
             continue  # every path to it goes through a gateway that is restarting, or its origin took it out
-        f = best.fresh
-        load, bload, comp = estimate(key, best) if estimate is not None else (f.load, f.bload, f.compute_us)
-        r = best.route
-        # The compute estimate counts this request too: the load it would find. For a
-        # latency-bound request that is the latency-bound load: admission pushes the rest
-        # aside within a second of seeing its demand, and if it would miss its bound now the
-        # instance refuses it at once. Counting flexible traffic here instead would keep
-        # latency-bound demand away from an instance that flexible traffic filled, and so
-        # never let admission see that demand (a trap the paper bench fell into).
-        # Demand may exceed capacity (it counts refused requests), load never does: admission
-        # stops at capacity, so no request sees compute slower than at full load.
-        # A flexible request meets the load there now, but finds only the room that admission
-        # leaves it beside the latency-bound demand: that is how full the instance is for it.
-        seen = bload if bounded else load
-        fill = bload if bounded else max(load, bload)
-        out.append(Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us,
-                             compute_estimate_us(comp, min(1.0, seen + 1 / f.capacity)), f.price, f.capacity, load, fill,
-                             comp))
+        view = estimate(key, best) if estimate is not None else flooded_view(rib, best)
+        out.append(candidate(rib, key, view, bounded=bounded))
     return out
 
 
@@ -343,13 +391,39 @@ def explain_none(cands: Sequence[Candidate], cons: Constraints) -> str:
     if meets_bound(best, cons):
         return (f"the best estimate now is {_ms(best.total_us)} ({where}), within {bound}, but its latency kept "
                 f"crossing the bound: held out by flap damping for a while")
-    return (f"the best estimate now is {_ms(best.total_us)} ({where}: path {_ms(best.path_latency_us)} + compute "
-            f"{_ms(best.compute_us)}), over {bound} less its {BOUND_MARGIN_FRAC:.0%} margin")
+    return (f"the best estimate now is {_ms(best.total_us)} ({where}: {parts(best)}), over {bound} less its "
+            f"{BOUND_MARGIN_FRAC:.0%} margin")
+
+
+def parts(c: Candidate) -> str:
+    """The estimate's parts in words, as ``show routes`` gives them."""
+    text = f"path {_ms(c.path_latency_us)} + gateways {_ms(c.gateways_us)} + compute {_ms(c.compute_us)}"
+    if c.correction_us:
+        text += f" {'+' if c.correction_us > 0 else '-'} correction {_ms(abs(c.correction_us))}"
+    return text
 
 
 def within_bound(c: Candidate, cons: Constraints, elapsed_us: int) -> bool:
     """A retry must still meet the latency bound counting the time already spent."""
     return cons.max_latency_us is None or elapsed_us + c.total_us <= cons.max_latency_us
+
+
+def expected_us(c: Candidate, instance_us: int | None) -> int:
+    """What an attempt on ``c`` was expected to take, to set against what it took (selection.md,
+    "Correction"): the estimate without its correction, with this request's own instance time in
+    place of the estimated compute when the egress told it (None: not told)."""
+    return c.estimate_us if instance_us is None else c.estimate_us - c.compute_us + instance_us
+
+
+def slack_us(c: Candidate, cons: Constraints, elapsed_us: int) -> int | None:
+    """The compute time a latency-bound request leaves at ``c``'s instance (the extension header's
+    ``slack_us``; None: no bound): the bound less the time already spent and everything of the
+    estimate that is not compute (path, gateways, correction), at most the bound less the time
+    spent and the network (selection.md, "Admission")."""
+    if cons.max_latency_us is None:
+        return None
+    left = cons.max_latency_us - elapsed_us - c.path_latency_us
+    return max(0, min(left, left - c.gateways_us - c.correction_us))
 
 
 @attrs.define

@@ -22,6 +22,7 @@ from .tunnel import LARGE_DATA_CAP
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
 from .limits import DEFAULT_PEER_ROUTES, TokenBucket
 from .wire import (
+    GATEWAY_TIME_CAP,
     GRACEFUL_RESTART_CAP,
     INSTANCE_DOWN_CAP,
     MAX_HANDSHAKE_BODY,
@@ -226,7 +227,8 @@ class SessionConfig:
     hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
-    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP, ROUTE_LIMITS_CAP)
+    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP, ROUTE_LIMITS_CAP,
+                             GATEWAY_TIME_CAP)
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
     tunnel: TunnelLimits | None = None  # what we accept on the tunnel, offered with tunnel-window
     limits: Limits = Limits(10_000, 1000, 10_000)

@@ -52,7 +52,7 @@ class StreamReset(Exception):
 class ByteStream(Protocol):
     """What ingress, egress and transit need of a stream, tunnelled or local."""
 
-    load_report: tuple[float, float, int] | None
+    load_report: tuple[float, float, int, int | None] | None
 
     @property
     def closed(self) -> bool: ...
@@ -60,7 +60,7 @@ class ByteStream(Protocol):
     async def receive(self) -> bytes: ...
     async def send(self, data: bytes, end: bool = False) -> None: ...
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
-    def report_load(self, load: float, bload: float, compute_us: float) -> None: ...
+    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None: ...
 
 
 class _Inbox:
@@ -106,7 +106,7 @@ class TunnelStream:
         self._credit = trio.Event()
         self.sent_end = False
         self.closed = False
-        self.load_report: tuple[float, float, int] | None = None
+        self.load_report: tuple[float, float, int, int | None] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
         self._watchers: list[trio.CancelScope] = []
 
@@ -184,10 +184,12 @@ class TunnelStream:
                 self._maybe_close()
                 return
 
-    def report_load(self, load: float, bload: float, compute_us: float) -> None:
-        """Piggy-back the instance's current load on this stream (egress, before the response)."""
+    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None:
+        """Piggy-back the instance's current load on this stream (egress, before the response), and
+        with `gateway-time` the instance's time to this response's head (tunnel.md, "Load piggy-backing")."""
         if not self.closed:
-            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, load_payload(load, bload, compute_us)))
+            payload = load_payload(load, bload, compute_us, instance_us, timed=self.mux.settings.timed_load)
+            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, payload))
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         """Abandon the stream (and what it holds unread) and tell the peer why."""
@@ -311,7 +313,8 @@ class Mux:
 
     def handle(self, payload: bytes) -> None:
         """Dispatch one received tunnel frame; ProtocolError means the session must end."""
-        fr = decode_frame(payload, self.settings.max_data, conn_window=self.settings.conn_frames)
+        fr = decode_frame(payload, self.settings.max_data, conn_window=self.settings.conn_frames,
+                          timed_load=self.settings.timed_load)
         if fr.stream_id == 0:  # WINDOW for the connection (decode_frame allows nothing else)
             self._on_conn_window(int.from_bytes(fr.payload, "big"))
             return

@@ -147,10 +147,11 @@ def encode_frame(stream_id: int, ftype: FrameType, payload: bytes = b"", flags: 
     return FRAME_HEADER.pack(stream_id, ftype, flags) + payload
 
 
-def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = False) -> Frame:
+def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = False, timed_load: bool = False) -> Frame:
     """Parse one tunnel frame and check its payload's shape for its type (DATA up to ``max_data``).
 
     ``conn_window``: the session agreed `tunnel-window`, so WINDOW on stream 0 credits the connection.
+    ``timed_load``: the session agreed `gateway-time`, so LOAD carries the instance's time too.
     """
     if len(data) < FRAME_HEADER.size:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, "frame shorter than its header")
@@ -169,9 +170,10 @@ def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = F
         if len(payload) != 4 or not 0 < int.from_bytes(payload, "big") <= MAX_WINDOW:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "WINDOW must carry an increment in 1..2^31-1")
     if ft is FrameType.LOAD:
-        if len(payload) != _LOAD.size:
-            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"LOAD must carry {_LOAD.size} bytes")
-        load_milli, bload_milli, _ = _LOAD.unpack(payload)
+        size = _LOAD_TIMED.size if timed_load else _LOAD.size
+        if len(payload) != size:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"LOAD must carry {size} bytes")
+        load_milli, bload_milli, _ = _LOAD.unpack_from(payload)
         if load_milli > 1_000_000 or bload_milli > 1_000_000:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "LOAD load over 1000")
     if ft is FrameType.RESET:
@@ -181,20 +183,29 @@ def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = F
 
 
 _LOAD = struct.Struct(">III")
+_LOAD_TIMED = struct.Struct(">IIII")  # with `gateway-time`: and the instance's time to its response head
+NO_TIME = 0xFFFFFFFF  # LOAD's instance time when the instance gave no response (a refusal)
 
 
 def _milli(x: float) -> int:
     return min(1_000_000, max(0, round(x * 1000)))
 
 
-def load_payload(load: float, bload: float, compute_us: float) -> bytes:
-    """LOAD: load and latency-bound demand in thousandths of capacity (u32 each), base compute µs (u32)."""
-    return _LOAD.pack(_milli(load), _milli(bload), min(0xFFFFFFFF, max(0, round(compute_us))))
+def load_payload(load: float, bload: float, compute_us: float, instance_us: float | None = None, *,
+                 timed: bool = False) -> bytes:
+    """LOAD: load and latency-bound demand in thousandths of capacity (u32 each), base compute µs (u32);
+    ``timed`` (`gateway-time`): then this request's instance time to its response head, µs (u32; NO_TIME: none)."""
+    head = (_milli(load), _milli(bload), min(0xFFFFFFFF, max(0, round(compute_us))))
+    if not timed:
+        return _LOAD.pack(*head)
+    return _LOAD_TIMED.pack(*head, NO_TIME if instance_us is None else min(NO_TIME - 1, max(0, round(instance_us))))
 
 
-def parse_load(payload: bytes) -> tuple[float, float, int]:
-    milli, bmilli, comp = _LOAD.unpack(payload)
-    return milli / 1000, bmilli / 1000, comp
+def parse_load(payload: bytes) -> tuple[float, float, int, int | None]:
+    """(load, bload, base compute µs, the instance's time µs or None) of a checked LOAD payload."""
+    milli, bmilli, comp = _LOAD.unpack_from(payload)
+    inst = _LOAD_TIMED.unpack(payload)[3] if len(payload) == _LOAD_TIMED.size else NO_TIME
+    return milli / 1000, bmilli / 1000, comp, None if inst == NO_TIME else inst
 
 
 def reset_payload(code: ResetCode, delivered: bool, text: str = "") -> bytes:
@@ -275,6 +286,7 @@ class MuxSettings:
     send_conn_window: int | None  # the same the peer grants us; None: no connection window (no `tunnel-window`)
     max_streams: int  # streams open at once on the session, opened by either side (ours)
     peer_max_streams: int  # the same, the peer's
+    timed_load: bool = False  # both OPENs list `gateway-time`: LOAD carries the instance's time
 
     @property
     def conn_frames(self) -> bool:
@@ -282,7 +294,8 @@ class MuxSettings:
         return self.send_conn_window is not None
 
 
-def mux_settings(ours: TunnelLimits, theirs: TunnelLimits | None, large_data: bool) -> MuxSettings:
+def mux_settings(ours: TunnelLimits, theirs: TunnelLimits | None, large_data: bool, *,
+                 timed_load: bool = False) -> MuxSettings:
     """The session's settings from both OPENs' `tw` (``theirs`` None: the peer has no `tunnel-window`).
 
     Without it the peer knows only the fixed windows of version 1, so those apply both ways; we
@@ -291,6 +304,6 @@ def mux_settings(ours: TunnelLimits, theirs: TunnelLimits | None, large_data: bo
     max_data = MAX_DATA_LARGE if large_data else MAX_DATA
     if theirs is None:
         fixed = INITIAL_WINDOW_LARGE if large_data else INITIAL_WINDOW
-        return MuxSettings(max_data, fixed, fixed, ours.conn_window, None, ours.max_streams, MAX_STREAMS)
+        return MuxSettings(max_data, fixed, fixed, ours.conn_window, None, ours.max_streams, MAX_STREAMS, timed_load)
     return MuxSettings(max_data, ours.stream_window, theirs.stream_window, ours.conn_window, theirs.conn_window,
-                       ours.max_streams, theirs.max_streams)
+                       ours.max_streams, theirs.max_streams, timed_load)

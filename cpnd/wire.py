@@ -30,6 +30,7 @@ MAX_CAPS = 16
 GRACEFUL_RESTART_CAP = "graceful-restart"
 INSTANCE_DOWN_CAP = "instance-down"  # the sender takes routes whose instance is down (messages.md, "Route")
 ROUTE_LIMITS_CAP = "route-limits"  # both OPENs list it: each side sends LIMITS before its first KEEPALIVE
+GATEWAY_TIME_CAP = "gateway-time"  # the sender takes Routes carrying `gw` (messages.md, "Route")
 MAX_RESTART_MS = 600_000
 # The `tunnel-window` capability brings OPEN's `tw` key: what the sender of the OPEN accepts on
 # the session's tunnel (protocol-spec/tunnel.md, "Flow control").
@@ -325,6 +326,8 @@ class RouteAdv:
     compute_us: int = 0
     bload: float = attrs.field(default=0.0, validator=_nonneg)  # latency-bound demand, fraction of capacity
     down: bool = False  # the origin's health checks took the instance out: its service stays known
+    # The gateways' own processing from the sender to the origin, µs (`gw`); None: not told (an older peer).
+    gateway_us: int | None = None
     # (service, origin, instance), made once: the RIB's tables all share this one tuple.
     key: tuple[str, str, str] = attrs.field(init=False, eq=False, repr=False)
 
@@ -378,7 +381,7 @@ class Limits:
 Message = Open | Keepalive | Update | Notification | RouteRefresh | Limits
 
 _ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "bload", "price", "comp")
-_ROUTE_KEYS_DOWN = (*_ROUTE_KEYS, "down")
+_OPTIONAL_ROUTE_KEYS = ("down", "gw")
 
 
 def _route_dict(r: RouteAdv) -> dict[str, Any]:
@@ -389,6 +392,8 @@ def _route_dict(r: RouteAdv) -> dict[str, Any]:
     }
     if r.down:
         d["down"] = True  # only ever sent as true, and only to peers that offered instance-down
+    if r.gateway_us is not None:
+        d["gw"] = r.gateway_us  # only to peers that offered gateway-time
     return d
 
 
@@ -418,7 +423,7 @@ def _decode_route(r: object) -> RouteAdv:
     up = (Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
     if type(r) is not dict or any(type(k) is not str for k in r):
         raise _bad("route must be a map", *up)
-    _keys(r, _ROUTE_KEYS_DOWN if "down" in r else _ROUTE_KEYS, "route", *up)
+    _keys(r, (*_ROUTE_KEYS, *(k for k in _OPTIONAL_ROUTE_KEYS if k in r)), "route", *up)
     svc = r["svc"]
     problem = service_problem(svc)
     if problem:
@@ -438,6 +443,7 @@ def _decode_route(r: object) -> RouteAdv:
         lat = _int(r, "lat", 0, 0xFFFFFFFF)
         comp = _int(r, "comp", 0, 0xFFFFFFFF)
         label = _int(r, "label", 0, 0x7FFFFFFF)
+        gw = _int(r, "gw", 0, 0xFFFFFFFF) if "gw" in r else None
     except ProtocolError as exc:
         raise _bad(exc.detail, *up) from None
     ba = (Code.UPDATE, UpdateSub.BAD_ATTRIBUTE)
@@ -457,7 +463,7 @@ def _decode_route(r: object) -> RouteAdv:
     # Not the latency: it differs from path to path, so a shared copy would cost more than it saves.
     sh = shared
     return RouteAdv(sh(svc), sh(inst), sh(origin), sh(seq), sh(label), sh(tuple(map(sh, path))),
-                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down)
+                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down, None if gw is None else sh(gw))
 
 
 MAX_SHARED = 1 << 18

@@ -878,6 +878,76 @@ def _all_down(t: Target) -> None:
         p.close()
 
 
+GATEWAY_TIME_CAPS = ["route-refresh", "tunnel", "gateway-time"]
+
+
+def _refreshed_routes(p: Peer, quiet: float = 0.5, limit: float = 3.0) -> list[dict[str, Any]]:
+    """Every Route the target sends on ``p`` after a ROUTE-REFRESH, until ``quiet`` s pass without one."""
+    p.send_msg({"t": ROUTE_REFRESH})
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + limit
+    last = time.monotonic()
+    try:
+        while time.monotonic() < min(deadline, last + quiet):
+            ctype, msg = p.recv(max(0.01, min(deadline, last + quiet) - time.monotonic()))
+            if ctype != TUNNEL and msg.get("t") == UPDATE and msg["adv"]:
+                out += msg["adv"]
+                last = time.monotonic()
+    except (socket.timeout, TimeoutError):
+        pass
+    return out
+
+
+@case("route-gateway-time", "messages.md#route, routing.md#gateway-time")
+def _gateway_time(t: Target) -> None:
+    """With gateway-time on both OPENs every Route carries `gw` (µs, 0..2^32-1); without it, none does."""
+    p = t.session(caps=GATEWAY_TIME_CAPS)
+    try:
+        if "gateway-time" not in p.target_caps:
+            raise Skipped("the target does not offer gateway-time")
+        routes = _refreshed_routes(p)
+    finally:
+        p.close()
+    if not routes:
+        raise Skipped("the target advertises no route")
+    for r in routes:
+        gw = r.get("gw")
+        assert type(gw) is int and 0 <= gw <= 0xFFFFFFFF, r
+    p = t.session()
+    try:
+        assert all("gw" not in r for r in _refreshed_routes(p)), "gw sent to a peer without gateway-time"
+    finally:
+        p.close()
+
+
+@case("http-503-gateways-over-the-bound", "selection.md#estimate, routing.md#gateway-time")
+def _gateways_over_bound(t: Target) -> None:
+    """A route whose gateways alone take 2 s cannot serve a 1 s bound: 503 no_instance at once (the bound is
+    end to end: selection.md), and the session stays up (a Route with `gw` is valid under gateway-time)."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    svc = "/interop-gw-" + random_id()
+    p = t.session(caps=GATEWAY_TIME_CAPS)
+    try:
+        if "gateway-time" not in p.target_caps:
+            raise Skipped("the target does not offer gateway-time")
+        p.send_msg({"t": UPDATE, "adv": [new_route(svc, "i1", t.my_id, gw=2_000_000)], "wd": []})
+        deadline = time.monotonic() + 3.0
+        while True:  # the target applies the UPDATE when it reads it
+            status, headers, body = _http(t, "GET", svc, {"CPN-Max-Latency": "1s"})
+            if status != 404 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        # Refused by the estimate, at once: a gateway that tried us would wait for an answer we never
+        # give (and this case would fail on its HTTP timeout).
+        obj = _json_error(status, headers, body, 503)
+        assert obj["error"] == "no_instance", obj
+        _refreshed_routes(p, quiet=0.2)  # still up: Closed here if the target ended the session
+        p.send_msg({"t": UPDATE, "adv": [], "wd": [[svc, t.my_id, "i1"]]})
+    finally:
+        p.close()
+
+
 def advertised_routes(t: Target, quiet: float = 0.5, limit: float = 3.0) -> set[tuple[str, str, str]]:
     """(service, origin, instance) of every route the target advertises to us, after a ROUTE-REFRESH.
 

@@ -67,6 +67,10 @@ def message_vectors() -> list[dict]:
          Update((RouteAdv("/yolo", "s1", "gw3", 1_700_000_000_000_000, yolo, ("gw3",), 0, 50.0, 0.0, 2.0, 1000),), ())),
         ("update-transit", "gw1 re-advertises s2 (origin gw4) learned over a 6 ms link, path gw1 gw4",
          Update((RouteAdv("/yolo", "s2", "gw4", 7, yolo, ("gw1", "gw4"), 6000, 50.0, 0.25, 1.0, 3000, 0.1),), ())),
+        ("update-gateway-time", "gw1 re-advertises s1 (origin gw3, 4 ms away) to a peer with gateway-time: gw3 takes "
+         "700 us of its own per request as the egress, gw1 300 us as a transit: gw 1000 us",
+         Update((RouteAdv("/yolo", "s1", "gw3", 9, yolo, ("gw1", "gw3"), 4000, 50.0, 0.1, 2.0, 1000, 0.1,
+                          gateway_us=1000),), ())),
         ("update-down", "gw5 advertises its instance s3 of /yolo as down (health checks failed): the service stays known",
          Update((RouteAdv("/yolo", "s3", "gw5", 1_700_000_000_000_001, yolo, ("gw5",), 0, 50.0, 0.0, 2.0, 1000,
                           down=True),), ())),
@@ -98,6 +102,9 @@ def message_vectors() -> list[dict]:
         ("zero-capacity", "capacity must be > 0", msgpack.packb({"t": 3, "adv": [dict(route, cap=0.0)], "wd": []})),
         ("down-false", "down present but not true (a live instance omits it)",
          msgpack.packb({"t": 3, "adv": [dict(route, down=False)], "wd": []})),
+        ("gw-negative", "gw (gateway time) below 0", msgpack.packb({"t": 3, "adv": [dict(route, gw=-1)], "wd": []})),
+        ("gw-too-large", "gw beyond 2^32-1", msgpack.packb({"t": 3, "adv": [dict(route, gw=1 << 32)], "wd": []})),
+        ("gw-bool", "gw as a boolean", msgpack.packb({"t": 3, "adv": [dict(route, gw=True)], "wd": []})),
         ("bool-as-int", "a boolean where an integer belongs", msgpack.packb({"t": 2, "ts": True, "echo": 0, "dly": 0})),
         ("gr-without-cap", "OPEN with a gr window but no graceful-restart capability",
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": [], "ts": 1, "gr": 5000})),
@@ -162,7 +169,7 @@ def handshake_vector() -> dict:
 
 
 def tunnel_vectors() -> list[dict]:
-    from cpnd.tunnel import FLAG_END, ExtHeader, FrameType, QoS, ResetCode, encode_frame, reset_payload
+    from cpnd.tunnel import FLAG_END, ExtHeader, FrameType, QoS, ResetCode, encode_frame, load_payload, parse_load, reset_payload
 
     ext = ExtHeader(service_label("/yolo"), "gw3", "s1", bytes(range(16)), QoS.REALTIME, 16, 2_000_000, 1)
     good = [
@@ -173,6 +180,14 @@ def tunnel_vectors() -> list[dict]:
         ("reset", "RESET stream 3: refused, not delivered, 'over capacity'", encode_frame(3, FrameType.RESET, reset_payload(ResetCode.REFUSED, False, "over capacity")), None),
         ("connection-window", "WINDOW on stream 0 (session with tunnel-window): credit the connection 31457280 bytes",
          encode_frame(0, FrameType.WINDOW, (30 << 20).to_bytes(4, "big")), None),
+        ("load", "LOAD on stream 1: load 0.25, latency-bound demand 0.1, base compute 1000 us",
+         encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000)), None),
+        ("load-gateway-time", "LOAD on stream 1 (session with gateway-time): load 0.25, latency-bound demand 0.1, "
+         "base compute 1000 us, this request's instance time to its response head 1234 us",
+         encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True)), None),
+        ("load-refused-gateway-time", "LOAD on stream 3 (session with gateway-time) before a RESET refused: "
+         "load 1.0, demand 1.2, base compute 3000 us, no instance time (0xFFFFFFFF)",
+         encode_frame(3, FrameType.LOAD, load_payload(1.0, 1.2, 3000, None, timed=True)), None),
     ]
     out = []
     for name, meaning, raw, e in good:
@@ -180,8 +195,12 @@ def tunnel_vectors() -> list[dict]:
              "type": raw[4], "flags": raw[5]}
         if v["stream_id"] == 0:
             v["caps"] = ["tunnel-window"]  # valid only where both OPENs list it
+        if "gateway-time" in name:
+            v["caps"] = ["gateway-time"]  # the 16-byte LOAD: only where both OPENs list it
         if e is not None:
             v["ext"] = [e.label, e.origin, e.instance, int(e.qos), e.hop_limit, e.budget_us, e.flags]
+        if raw[4] == FrameType.LOAD:  # [load, bload, base compute us, instance us or null]
+            v["load"] = list(parse_load(raw[6:]))
         out.append(v)
     bad = [
         ("stream-zero", "DATA on stream 0", encode_frame(0, FrameType.DATA, b"x")),
@@ -191,6 +210,10 @@ def tunnel_vectors() -> list[dict]:
         ("zero-window", "WINDOW increment 0", encode_frame(1, FrameType.WINDOW, bytes(4))),
         ("ext-truncated", "OPEN whose extension header stops inside the origin", encode_frame(1, FrameType.OPEN, ext.encode()[:30])),
         ("ext-version", "OPEN with extension header version 2", encode_frame(1, FrameType.OPEN, b"\x02" + ext.encode()[1:])),
+        ("load-timed-without-cap", "LOAD of 16 bytes on a session without gateway-time",
+         encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True))),
+        ("load-over-1000", "LOAD whose load is over 1000 (1000001 thousandths)",
+         encode_frame(1, FrameType.LOAD, (1_000_001).to_bytes(4, "big") + bytes(8))),
     ]
     from cpnd.tunnel import decode_frame
 

@@ -81,6 +81,8 @@ def test_good_config(tmp_path) -> None:
     ('[gateway]', '[gateway', "gw1.toml:1: TOML syntax"),
     ('selection = "per-request"', 'selection = "per-request"\nhealth_interval_ms = 10',
      "gw1.toml:8: gateway.health_interval_ms: must be 0 (active probes off) or between 50 and 3600000, got 10"),
+    ('selection = "per-request"', 'selection = "per-request"\nlatency_quantile = 1.5',
+     "gw1.toml:8: gateway.latency_quantile: must be between 0.5 and 1, got 1.5"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, old: str, new: str, expected: str) -> None:
     assert old in GOOD

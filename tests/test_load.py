@@ -7,14 +7,19 @@ import random
 import pytest
 
 from cpnd.load import (
+    CORRECTION_MAX_US,
     MAX_SAMPLE_TTL_S,
     REFUSAL_HOLD_S,
     REPROBE_SAMPLES,
     SAMPLE_TTL_S,
     InstanceMeter,
+    LatencyCorrection,
     LoadPacer,
+    OwnTimes,
     RateWindow,
     SendAccount,
+    Stage,
+    StageMeter,
     load_factor,
 )
 from cpnd.select import Candidate, choose, compute_estimate_us
@@ -266,3 +271,80 @@ def test_a_refusal_holds_an_instance_full_for_flexible_requests_briefly() -> Non
     for i in range(10):  # bounded, like every table peers' traffic fills
         acct.refused_flexible(("/s", "g", f"i{i}"), 50, 3.0)
     assert len(acct.refusals) == 4
+
+
+# ---------------------------------------------------------------- end to end: own time and correction
+
+
+def test_stage_meter_is_a_median_that_ages_out_to_its_hint() -> None:
+    m = StageMeter(hint_us=500)
+    assert m.value_us(0.0) == 500
+    for i, us in enumerate((900, 1000, 1100, 50_000)):  # one request stuck behind a burst is not the typical one
+        m.add(0.1 * i, us)
+    assert m.value_us(0.5) == 1000  # the median of 500 (the hint, one sample), 900, 1000, 1100, 50000
+    m.add(0.6, -30)  # clock noise: counted as 0, never negative
+    assert m.value_us(0.6) == 900
+    assert m.value_us(5.55) == 0  # all but the one at 0.6 s are over 5 s old: the lower of it and the hint
+    assert m.value_us(10.0) == 500
+
+
+def test_own_times_keep_each_stage_apart() -> None:
+    own = OwnTimes(hint_us=400)
+    own.add(Stage.TRANSIT, 0.0, 250)
+    own.add(Stage.TRANSIT, 0.0, 260)
+    assert own.us(Stage.TRANSIT, 0.1) == 260 and own.us(Stage.EGRESS, 0.1) == 400
+
+
+def test_correction_needs_more_than_one_slow_response() -> None:
+    c = LatencyCorrection()
+    assert c.value_us("s1", 0.0) == 0
+    c.observe("s1", 0.0, 15_000, 5000)  # one slow response (a cold connection, a pause) corrects nothing
+    assert c.value_us("s1", 0.1) == 0
+    c.observe("s1", 0.1, 13_000, 5000)  # a second one is evidence
+    assert c.value_us("s1", 0.1) == 8000
+
+
+def test_correction_is_a_high_quantile_of_observed_minus_estimated() -> None:
+    """An instance 2-3 ms slower than estimated, one response in ten 6 ms slower: the corrected
+    estimate covers nine responses in ten, the outliers aside."""
+    c = LatencyCorrection()
+    for i in range(64):
+        extra = 6000 if i % 10 == 0 else 2000 + (i % 10) * 100
+        c.observe("s1", 1.0, 5000 + extra, 5000)
+    assert c.value_us("s1", 1.0) == 2900  # the last 32: residuals 2100..2900, three of 6000: index 27 of 32
+    c.observe("s1", 1.0, 4000, 5000)  # faster than estimated: a negative residual counts too
+    assert c.value_us("s1", 1.0) == 2900
+    strict = LatencyCorrection(quantile=1.0)  # latency_quantile = 1: the worst recent response
+    for i in range(20):
+        strict.observe("s1", 1.0, 5000 + (6000 if i % 10 == 0 else 2000), 5000)
+    assert strict.value_us("s1", 1.0) == 6000
+
+
+def test_correction_holds_then_fades_when_no_response_comes() -> None:
+    """On a virtual clock: an instance the correction keeps out of a bound gets no traffic; its
+    correction holds 1 s after the newest response, then fades to 0 at 5 s."""
+    c = LatencyCorrection()
+    for t in (0.0, 0.01, 0.02):
+        c.observe("s1", t, 9000, 5000)
+    assert c.value_us("s1", 1.0) == 4000
+    assert c.value_us("s1", 3.02) == 2000  # halfway between 1 s and 5 s after the newest
+    assert c.value_us("s1", 3.04) == 2000  # recomputed at most every 50 ms
+    assert c.value_us("s1", 4.52) == 500
+    assert c.value_us("s1", 5.03) == 0  # every residual over 5 s old: forgotten
+    c.observe("s1", 6.0, 9000, 5000)  # one slow response after that is not evidence on its own
+    assert c.value_us("s1", 6.0) == 0
+
+
+def test_correction_is_bounded_and_its_table_too() -> None:
+    c = LatencyCorrection()
+    for _ in range(32):
+        c.observe("s1", 0.5, 10_000_000, 1000)
+        c.observe("s2", 0.5, 0, 8000)
+        if c.value_us("s2", 0.5) != -8000:  # faster than estimated takes more evidence: the prior's zeros count
+            assert c.value_us("s2", 0.5) == 0
+    assert c.value_us("s1", 0.5) == CORRECTION_MAX_US and c.value_us("s2", 0.5) == -8000
+    small = LatencyCorrection(max_keys=2)
+    for key in ("a", "b", "c"):
+        small.observe(key, 0.0, 1000, 0)
+        small.observe(key, 0.0, 1000, 0)
+    assert small.value_us("a", 0.0) == 0 and small.value_us("c", 0.0) == 1000  # the oldest went

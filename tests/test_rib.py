@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from cpnd.errors import CeaseSub, Code, ProtocolError, UpdateSub
 from cpnd.names import service_label
-from cpnd.rib import BEST_PATH_CHAIN, AdjRibOut, BestReason, Rib
+from cpnd.rib import BEST_PATH_CHAIN, AdjRibOut, BestReason, Rib, gateway_time_after
 from cpnd.wire import RouteAdv, Update, Withdrawal
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +204,33 @@ def test_down_is_an_instance_attribute_and_withdrawn_to_peers_without_the_capabi
     adv, wd = old.flush(rib, 2)
     assert [(a.key, a.down) for a in adv] == [(key, False)] and not wd
     assert len(candidates(rib, "/svc")) == 1
+
+
+def test_gateway_time_accumulates_like_latency_and_is_stripped_for_old_peers() -> None:
+    """routing.md, "Gateway time": `gw` is the best path's plus our own as its transit; our own
+    instances carry our egress time; a route without `gw` counts what we take ourselves; a peer
+    without gateway-time gets no `gw`."""
+    rib = Rib("me")
+    rib.set_link_cost("p", 10)
+    rib.set_gateway_times(700, 300)
+    rib.set_local([RouteAdv("/mine", "m", "me", 1, service_label("/mine"), ("me",), 0, 1.0, 0, 1, 0, gateway_us=700)], 0)
+    rib.apply_update("p", Update((RouteAdv("/svc", "s", "o", 1, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0, gateway_us=900),
+                                  RouteAdv("/svc", "t", "o", 1, LABEL, ("p", "o"), 0, 1.0, 0, 1, 0))), 0)
+    assert rib.path_gateway_us(rib.loc[("/svc", "o", "s")].route) == 900
+    assert rib.path_gateway_us(rib.loc[("/svc", "o", "t")].route) == 700 + 300  # o's egress and p's transit, as ours
+    new, old = AdjRibOut("new", 0.0), AdjRibOut("old", 0.0, gw_ok=False)
+    for ao in (new, old):
+        ao.mark_all(rib)
+    assert {a.instance: a.gateway_us for a in new.flush(rib, 0)[0]} == {"m": 700, "s": 1200, "t": 1300}
+    assert {a.instance: a.gateway_us for a in old.flush(rib, 0)[0]} == {"m": None, "s": None, "t": None}
+    changed = rib.set_gateway_times(700, 500)  # our transit time moved: every learned route's export changes
+    assert changed == {("/svc", "o", "s"), ("/svc", "o", "t")}
+    new.mark(changed)
+    assert {a.instance: a.gateway_us for a in new.flush(rib, 1)[0]} == {"s": 1400, "t": 1700}
+    assert rib.set_gateway_times(700, 500) == set()
+    # Only material moves are re-advertised (like link costs): max(250 us, 25 %).
+    assert gateway_time_after(500, 740) is None and gateway_time_after(500, 760) == 760
+    assert gateway_time_after(4000, 4900) is None and gateway_time_after(4000, 2900) == 2900
 
 
 def test_tie_breaks_are_deterministic() -> None:

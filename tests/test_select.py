@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cpnd.load import InstanceMeter, LatencyCorrection, OwnTimes, SendAccount, Stage
 from cpnd.names import service_label
 from cpnd.rib import Rib
 from cpnd.select import (
@@ -21,13 +22,18 @@ from cpnd.select import (
     Candidate,
     Constraints,
     TtlCache,
+    candidate,
     candidates,
     compute_estimate_us,
+    expected_us,
     explain_none,
+    ingress_view,
     match_service,
     parse_constraints,
     pinned_first,
     rank,
+    slack_us,
+    within_bound,
 )
 from cpnd.tunnel import QoS
 from cpnd.wire import RouteAdv, Update
@@ -116,11 +122,12 @@ def test_candidates_from_rib_use_path_latency_and_freshest_attributes() -> None:
     rib = Rib("gw1")
     rib.set_link_cost("gw4", 6000)
     label = service_label("/yolo")
-    rib.apply_update("gw4", Update((RouteAdv("/yolo", "s2", "gw4", 3, label, ("gw4",), 0, 50.0, 0.75, 1.0, 3000),)), 0)
+    rib.apply_update("gw4", Update((RouteAdv("/yolo", "s2", "gw4", 3, label, ("gw4",), 0, 50.0, 0.75, 1.0, 3000,
+                                             gateway_us=800),)), 0)
     (c,) = candidates(rib, "/yolo")
-    # load 0.75 plus this request (1/50): 3000 * (1 + 2 * 0.27)
-    assert (c.path_latency_us, c.compute_us, c.total_us, c.next_hop) == (6000, 4620, 10620, "gw4")
-    assert rank([c], Constraints(max_latency_us=10_000)) == []
+    # load 0.75 plus this request (1/50): 3000 * (1 + 2 * 0.27); gw4's own processing as the egress: 800 us
+    assert (c.path_latency_us, c.gateways_us, c.compute_us, c.total_us, c.next_hop) == (6000, 800, 4620, 11420, "gw4")
+    assert rank([c], Constraints(max_latency_us=11_000)) == []
     assert candidates(rib, "/other") == []
 
 
@@ -138,7 +145,7 @@ def test_latency_bound_requests_see_an_instance_as_full_as_its_latency_bound_dem
     for load, bload, bounded, compute, fill in ((1.0, 0.2, True, 1000, 0.2), (1.0, 0.2, False, 2000, 1.0),
                                                 (1.0, 1.6, True, 2000, 1.6), (0.2, 0.9, False, 1000, 0.9)):
         rib.apply_update("gw5", Update((RouteAdv("/yolo", "s3", "gw5", 3, label, ("gw5",), 0, 50.0, load, 2.0, 1000,
-                                                 bload),)), 0)
+                                                 bload, gateway_us=0),)), 0)
         (c,) = candidates(rib, "/yolo", bounded=bounded)
         assert (c.compute_us, c.fill, c.load) == (compute, fill, load)
         assert bool(rank([c], Constraints(max_latency_us=7_100))) == (compute == 1000)
@@ -224,7 +231,103 @@ def test_an_unmeetable_request_is_told_what_is_achievable() -> None:
     assert explain_none(cands, Constraints(max_price=0.5)) == \
         "the lowest price is 1 (s2 at gw4), over CPN-Max-Price 0.5"
     assert explain_none(cands, Constraints(max_latency_us=10_000, max_price=1.0)) == (
-        "the best estimate now is 12.4 ms (s2 at gw4: path 6 ms + compute 6.4 ms), over CPN-Max-Latency 10 ms "
-        "less its 1% margin")
+        "the best estimate now is 12.4 ms (s2 at gw4: path 6 ms + gateways 0 ms + compute 6.4 ms), over "
+        "CPN-Max-Latency 10 ms less its 1% margin")
+    # Every part of the estimate is told, the ingress's correction from what it observed included.
+    slow = attrs.evolve(cands[0], gateways_us=2500, correction_us=3100)
+    assert explain_none([slow], Constraints(max_latency_us=10_000)) == (
+        "the best estimate now is 10.6 ms (s1 at gw3: path 4 ms + gateways 2.5 ms + compute 1 ms + correction 3.1 ms), "
+        "over CPN-Max-Latency 10 ms less its 1% margin")
     # Within the bound by estimate, yet not admitted: only flap damping holds it out.
     assert "held out by flap damping" in explain_none(cands, Constraints(max_latency_us=6_000))
+
+
+# ---------------------------------------------------------------- end to end accounting
+
+
+def _e2e_rib() -> Rib:
+    """gw1 with s1 behind gw3 (4 ms link; gw3 says its own processing as egress is 700 us), its own s9."""
+    rib = Rib("gw1")
+    rib.set_link_cost("gw3", 4000)
+    label = service_label("/yolo")
+    rib.apply_update("gw3", Update((RouteAdv("/yolo", "s1", "gw3", 1, label, ("gw3",), 0, 50.0, 0.0, 2.0, 1000,
+                                             gateway_us=700),)), 0)
+    rib.set_local([RouteAdv("/yolo", "s9", "gw1", 1, label, ("gw1",), 0, 50.0, 0.0, 5.0, 2000, gateway_us=600)], 0)
+    return rib
+
+
+def test_the_estimate_is_every_part_from_head_in_to_head_out() -> None:
+    """selection.md, "Estimate": path + gateways (ours, then the path's `gw`) + compute + correction."""
+    rib = _e2e_rib()
+    own, account, corr = OwnTimes(hint_us=500), SendAccount(), LatencyCorrection()
+    own.add(Stage.INGRESS, 0.0, 300)
+    own.add(Stage.INGRESS, 0.0, 300)  # median of 500 (hint), 300, 300
+    own.add(Stage.LOCAL, 0.0, 200)
+    meter = InstanceMeter(50, 2000)
+    key = ("/yolo", "gw3", "s1")
+    view = ingress_view(rib, key, rib.loc[key], 1.0, own=own, account=account, correction=corr)
+    assert (view.gateways_us, view.compute_us, view.correction_us) == (300 + 700, 1000, 0)
+    c = candidate(rib, key, view, bounded=True)
+    assert (c.path_latency_us, c.gateways_us, c.compute_us, c.total_us) == (4000, 1000, 1000, 6000)
+    mine = ("/yolo", "gw1", "s9")
+    local = ingress_view(rib, mine, rib.loc[mine], 1.0, own=own, account=account, correction=corr, meter=meter)
+    assert local.gateways_us == 200  # ingress and egress in one: our own time for our own instances
+    # What the ingress observed against its estimate: two responses 2.5 ms later than expected.
+    for _ in range(2):
+        corr.observe(key, 1.2, 8500, c.estimate_us)
+    view = ingress_view(rib, key, rib.loc[key], 1.2, own=own, account=account, correction=corr)
+    c = candidate(rib, key, view, bounded=True)
+    assert (c.correction_us, c.total_us) == (2500, 8500)
+    assert "path 4 ms + gateways 1 ms + compute 1 ms + correction 2.5 ms" in explain_none([c], Constraints(max_latency_us=8000))
+    assert rank([c], Constraints(max_latency_us=8000)) == [] and rank([c], Constraints(max_latency_us=9000)) == [c]
+    # What a response is set against: the estimate without correction, and with the request's own
+    # instance time (told by the egress) in place of the estimated compute.
+    assert expected_us(c, None) == 6000 and expected_us(c, 40_000) == 45_000
+    # A negative correction never takes the estimate below the network alone.
+    fast = candidate(rib, key, attrs.evolve(view, correction_us=-50_000), bounded=True)
+    assert fast.total_us == fast.path_latency_us == 4000
+
+
+def test_slack_spends_what_is_left_of_the_bound_honestly() -> None:
+    """selection.md, "Admission": the compute time left = bound - time spent - path - gateways - correction."""
+    c = Candidate(("/yolo", "gw3", "s1"), 1, "gw3", ("gw3",), 4000, 1000, 2.0, 50.0, 0.0, gateways_us=1500,
+                  correction_us=800)
+    cons = Constraints(max_latency_us=10_000)
+    assert slack_us(c, Constraints(), 0) is None
+    assert slack_us(c, cons, 300) == 10_000 - 300 - 4000 - 1500 - 800
+    assert slack_us(attrs.evolve(c, correction_us=-3000), cons, 0) == 10_000 - 4000  # never more than bound - path
+    assert slack_us(c, cons, 9000) == 0
+    assert within_bound(c, cons, 2700) and not within_bound(c, cons, 2701)  # 7300 estimated + time spent
+
+
+def test_an_instance_slower_than_estimated_is_tried_again_as_its_correction_fades() -> None:
+    """On a virtual clock, one ingress and two instances for a 10 ms bound, cheapest first, a request
+    every 50 ms: s1 (price 1) is estimated at 6 ms but answers in 10.1 ms (just over) or 16 ms (far
+    over); s2 (price 3) in 7 ms as estimated. The ingress learns it from two responses, sends to s2
+    meanwhile, and tries s1 again once the correction has faded enough: about a second later when
+    just over, about four when far over; never leaves s1 when it is within the bound."""
+    def run(late_us: int) -> str:
+        rib = _e2e_rib()
+        rib.set_link_cost("gw4", 5000)
+        label = service_label("/yolo")
+        rib.apply_update("gw4", Update((RouteAdv("/yolo", "s2", "gw4", 1, label, ("gw4",), 0, 50.0, 0.0, 3.0, 1000,
+                                                 gateway_us=700),)), 0)
+        own, account, corr = OwnTimes(hint_us=300), SendAccount(), LatencyCorrection()
+        cons = Constraints(max_latency_us=10_000, max_price=4.0, prefer="price")
+        late = {("/yolo", "gw3", "s1"): late_us, ("/yolo", "gw4", "s2"): 0}
+        chosen = ""
+        for i in range(200):
+            now = 0.05 * i
+            cands = candidates(rib, "/yolo", lambda k, b: ingress_view(rib, k, b, now, own=own, account=account,
+                                                                        correction=corr), bounded=True)
+            (pick, *_) = rank(cands, cons)
+            chosen += pick.instance[1]
+            corr.observe(pick.key, now, pick.estimate_us + late[pick.key], pick.estimate_us)
+        return chosen
+
+    assert run(3000) == "1" * 200  # 9 ms: within the bound
+    just_over, far_over = run(4100), run(10_000)
+    assert just_over.startswith("11222") and far_over.startswith("11222")
+    tries = [i for i, c in enumerate(just_over) if c == "1"][2:]
+    assert len(tries) >= 6 and all(20 <= b - a <= 25 for a, b in itertools.pairwise(tries))  # every 1-1.25 s
+    assert 2 <= far_over.count("1") - 2 <= 5 and far_over.index("1", 2) >= 60  # first retry after >= 3 s

@@ -20,6 +20,7 @@ from cpnd.tunnel import (
     StreamIds,
     decode_frame,
     encode_frame,
+    parse_load,
     parse_reset,
     reset_payload,
 )
@@ -115,12 +116,15 @@ def test_tunnel_vectors(vectors) -> None:
                     ExtHeader.decode(f.payload)
             assert [ei.value.code, ei.value.subcode] == v["error"], v["name"]
         else:
-            f = decode_frame(raw, conn_window="tunnel-window" in v.get("caps", []))
+            f = decode_frame(raw, conn_window="tunnel-window" in v.get("caps", []),
+                             timed_load="gateway-time" in v.get("caps", []))
             assert [f.stream_id, int(f.type), f.flags] == [v["stream_id"], v["type"], v["flags"]], v["name"]
             if f.type is FrameType.OPEN:
                 ext = ExtHeader.decode(f.payload)
                 assert ext.encode() == f.payload
                 assert [ext.label, ext.origin, ext.instance, int(ext.qos), ext.hop_limit, ext.budget_us, ext.flags] == v["ext"]
+            if f.type is FrameType.LOAD:
+                assert v["load"] == list(parse_load(f.payload)), v["name"]
 
 
 def test_large_data_only_where_negotiated() -> None:

@@ -37,7 +37,8 @@ def routes(draw: st.DrawFn) -> RouteAdv:
     path = draw(st.lists(ids, min_size=1, max_size=6, unique=True))
     return RouteAdv(svc, draw(ids), path[-1], draw(st.integers(0, 2**64 - 1)), service_label(svc), tuple(path),
                     draw(st.integers(0, 2**32 - 1)), draw(finite) + 0.5, draw(st.floats(0, 1000)), draw(finite),
-                    draw(st.integers(0, 2**32 - 1)), draw(st.floats(0, 1000)))
+                    draw(st.integers(0, 2**32 - 1)), draw(st.floats(0, 1000)), draw(st.booleans()),
+                    draw(st.none() | st.integers(0, 2**32 - 1)))
 
 
 messages = st.one_of(
@@ -100,12 +101,26 @@ def _route_dict(**over) -> dict:
     ({"svc": "/a//b"}, UpdateSub.MALFORMED_ROUTE),
     ({"seq": True}, UpdateSub.MALFORMED_ROUTE),
     ({"extra": 1}, UpdateSub.MALFORMED_ROUTE),
+    ({"gw": -1}, UpdateSub.MALFORMED_ROUTE),
+    ({"gw": 2**32}, UpdateSub.MALFORMED_ROUTE),
+    ({"gw": True}, UpdateSub.MALFORMED_ROUTE),
+    ({"gw": 1.5}, UpdateSub.MALFORMED_ROUTE),
 ])
 def test_bad_routes_get_their_subcode(over, sub) -> None:
     body = msgpack.packb({"t": 3, "adv": [_route_dict(**over)], "wd": []})
     with pytest.raises(ProtocolError) as ei:
         decode_message(body)
     assert (ei.value.code, ei.value.subcode) == (Code.UPDATE, sub)
+
+
+def test_gateway_time_is_optional_and_travels_only_when_set() -> None:
+    """messages.md, "Route": `gw` present only when the sender has it for a peer that offered gateway-time."""
+    plain = decode_message(msgpack.packb({"t": 3, "adv": [_route_dict()], "wd": []}))
+    assert plain.adv[0].gateway_us is None
+    told = decode_message(msgpack.packb({"t": 3, "adv": [_route_dict(gw=1250)], "wd": []}))
+    assert told.adv[0].gateway_us == 1250
+    assert "gw" not in msgpack.unpackb(encode_message(plain))["adv"][0]
+    assert msgpack.unpackb(encode_message(told))["adv"][0]["gw"] == 1250
 
 
 @pytest.mark.parametrize(("body", "sub"), [
