@@ -619,6 +619,8 @@ def per_request(m: dict[str, Any], idle: dict[str, Any], n: int) -> dict[str, An
     lw, ilw = loop["seconds"], iloop["seconds"]
     out: dict[str, Any] = {k: round(bg(loop[k], lw, iloop[k], ilw), 2) for k in LOOP_KEYS}
     out["cpu_us"] = round(bg(m["cpu_s"], m["cpu_window_s"], idle["cpu_s"], idle["cpu_window_s"]) * 1e6, 1)
+    out["gc_runs"] = [round(bg(loop["gc_runs"][g], lw, iloop["gc_runs"][g], ilw), 4) for g in range(3)]
+    out["gc_us"] = round(bg(sum(loop["gc_s"]), lw, sum(iloop["gc_s"]), ilw) * 1e6, 1)
     kinds = set(m["syscalls"]) | set(idle["syscalls"])
     sysc = {k: bg(m["syscalls"].get(k, 0), m["sys_window_s"], idle["syscalls"].get(k, 0), idle["sys_window_s"])
             for k in kinds}
@@ -653,7 +655,8 @@ def profile_top(prof: Path, n_req: int, top: int = 14) -> dict[str, Any]:
     for r in rows:
         modules[r["module"]] = modules.get(r["module"], 0.0) + r["own_us"]
     cpnd = sorted((r for r in rows if r["function"].split(" (", 1)[1].startswith("cpnd/")), key=lambda r: -r["cum_us"])
-    return {"total_us": round(total, 1), "top": rows[:top],
+    calls = sum(nc for (_, _, _), (_, nc, _, _, _) in st.stats.items())  # type: ignore[attr-defined]
+    return {"total_us": round(total, 1), "python_calls": round(calls / n_req), "top": rows[:top],
             "by_module": {k: round(v, 1) for k, v in sorted(modules.items(), key=lambda kv: -kv[1])},
             "cpnd_cumulative": [{"function": r["function"], "cum_us": r["cum_us"], "calls": r["calls"]} for r in cpnd[:20]]}
 
@@ -691,24 +694,108 @@ def _frame(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
-def spy_attribution(raw: Path, cpu_us: float, top: int = 16) -> dict[str, Any]:
-    """py-spy's samples of one process (``-f raw``: one stack and its count a line), each given to the
-    innermost cpnd (or floor) frame of its stack, with what it called outside: µs per request
-    as the sample share times the CPU per request the counting pass measured."""
-    inner: dict[str, int] = {}
-    total = 0
+# Each py-spy sample goes to the first of these whose pattern is in its stack (the leaf frame only
+# for the first two): what a gateway spends its CPU on, the floor's own work (sockets, the loop,
+# h11) apart from what only cpnd does.
+CATEGORIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
+    # Paced by time, not by requests (load re-advertised as it changes, keepalives): per request
+    # it depends on the request rate, and a slowed process (the calls mode) counts more of it.
+    ("control plane (load adverts, UPDATEs, keepalives: per second, not per request)", False,
+     ("Connection._ticker", "Daemon._load_loop", "Connection._flush_routes", "Daemon._update (", "Daemon._propagate",
+      "PendingUpdate", "Daemon._memory_loop", "Daemon._health_loop", "Daemon._edge_log_loop")),
+    ("socket send/recv calls", True, ("_SocketType._nonblocking_helper (trio/_socket.py", "Connection._write (cpnd/daemon.py")),
+    ("epoll (the loop's wait and poll)", True, ("EpollIOManager.get_events", "EpollIOManager._update_registrations")),
+    ("tunnel records: seal/open (crypto)", False, ("RecordLayer.seal", "RecordLayer.open")),
+    ("selection (_plan: constraints, candidates, rank, estimates)", False, ("DataPlane._plan",)),
+    ("header rewriting (filter_headers, _framing, _content_length, translate_target, check_target)", False,
+     ("filter_headers (cpnd", "_framing (cpnd", "_content_length (cpnd", "translate_target (cpnd", "check_target (cpnd")),
+    ("a new h11.Connection per tunnel stream", False, ("H11Stream.__init__",)),
+    ("h11 events built anew (Request/Response/EndOfMessage validation)", False, ("(h11/_events.py",)),
+    ("h11 parse and serialise", False, ("(h11/",)),
+    ("cancel scopes and timeouts", False, ("CancelScope.__enter__", "CancelScope.__exit__", "CancelScope._close",
+                                           "move_on_", "fail_after", "fail_at", "DataPlane._waiting")),
+    ("accounting, admission, health, metrics", False, ("(cpnd/load.py", "(cpnd/metrics.py", "(cpnd/health.py",
+                                                       "(cpnd/admission.py", "DataPlane._admit", "DataPlane._health_result")),
+    ("tunnel frames, mux, session (no crypto)", False, ("(cpnd/streams.py", "(cpnd/tunnel.py", "(cpnd/session.py",
+                                                        "(cpnd/wire.py", "Connection._process", "Connection.send_tunnel",
+                                                        "Connection._enqueue", "DataPlane.on_stream")),
+    ("peer writer and reader tasks (wake, batch, loop)", False, ("Connection._writer", "Connection._reader")),
+    ("other request handling in cpnd/http.py", False, ("(cpnd/http.py",)),
+    ("trio scheduling and socket wrappers", False, ("(trio/",)),
+)
+FLOOR_WORK = ("socket send/recv calls", "epoll (the loop's wait and poll)", "h11 parse and serialise",
+              "h11 events built anew (Request/Response/EndOfMessage validation)", "trio scheduling and socket wrappers")
+
+
+def _category(frames: list[str]) -> str:
+    for name, leaf_only, patterns in CATEGORIES:
+        where = frames[-1:] if leaf_only else frames
+        if any(p in f for f in where for p in patterns):
+            return name
+    return "other (stdlib, partial stacks)"
+
+
+def _stack_counts(raw: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Counts by category (``CATEGORIES``) and by the innermost frame of ours of a file of stacks and
+    their counts (py-spy's raw format: samples; the probe's calls mode: calls)."""
+    inner: dict[str, float] = {}
+    cats: dict[str, float] = {}
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
-            continue
+        if not stack or not count.isdigit():
+            continue  # a stack py-spy could not read whole
         frames = stack.split(";")
-        ours = [f for f in frames if ("cpnd/" in f or "floor_proxy" in f) and "main.py" not in f and "__main__" not in f]
+        ours = [f for f in frames if ("cpnd/" in f or "floor_proxy" in f) and "main.py" not in f
+                and "__main__" not in f and "probe.py" not in f]
         key = _frame(ours[-1]) if ours else f"(trio/h11/stdlib, no frame of ours: {_frame(frames[-1])})"
         inner[key] = inner.get(key, 0) + int(count)
-        total += int(count)
+        cat = _category(frames)
+        cats[cat] = cats.get(cat, 0) + int(count)
+    return cats, inner
+
+
+def attribute(raw: Path, n_req: int, cpu_us: float, idle: tuple[Path, float] | None = None,
+              top: int = 24) -> dict[str, Any]:
+    """``_stack_counts`` per request, less what the process does on its own over as long (``idle``:
+    the stacks of an idle window and its length over this window's); ``us`` is a count's share
+    of the process's measured CPU per request."""
+    cats, inner = _stack_counts(raw)
+    if idle is not None:
+        icats, iinner = _stack_counts(idle[0])
+        cats = {k: v - icats.get(k, 0) * idle[1] for k, v in cats.items()}
+        inner = {k: v - iinner.get(k, 0) * idle[1] for k, v in inner.items()}
+    total = max(sum(v for v in cats.values() if v > 0), 1)
     rows = sorted(inner.items(), key=lambda kv: -kv[1])
-    return {"samples": total, "top": [{"frame": k, "share": round(v / total, 3), "us": round(v / total * cpu_us, 1)}
-                                      for k, v in rows[:top]]}
+    return {"count": total, "per_request": round(total / n_req, 1),
+            "categories": {k: {"per_request": round(v / n_req, 1), "us": round(v / total * cpu_us, 1)}
+                           for k, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v / n_req >= 0.5},
+            "top": [{"frame": k, "per_request": round(v / n_req, 1), "us": round(v / total * cpu_us, 1)}
+                    for k, v in rows[:top]]}
+
+
+def calls_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]]) -> dict[str, Any]:
+    """Every call each gateway makes over ``n`` sequential requests, by the stack it came from,
+    less the calls of an idle window (timers, keepalives, the load loop) over as long."""
+    (probe.dir / "mode").write_text("calls")
+    pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+    probe.start(pids)
+    time.sleep(3.0)
+    idle_s = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+    for pid in pids:
+        (probe.dir / f"probe-{pid}.calls").rename(probe.dir / f"idle-{pid}.calls")
+    out: dict[str, Any] = {}
+    for k in paths:
+        client = Sequential(*rig.targets[k])
+        client.run(100)
+        pids = [pid for _, pid in rig.roles[k]]
+        probe.start(pids)
+        client.run(n)
+        seconds = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+        client.close()
+        out[k] = {role: attribute(probe.dir / f"probe-{pid}.calls", n, cpu_us,
+                                  (probe.dir / f"idle-{pid}.calls", seconds[pid] / idle_s[pid]))
+                  for (role, pid), cpu_us in zip(rig.roles[k], cpu[k])}
+    return out
 
 
 def spy_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]], tmp: Path) -> dict[str, Any]:
@@ -735,7 +822,7 @@ def spy_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, li
         out[k] = {}
         for (role, f, p), cpu_us in zip(procs, cpu[k]):
             p.wait(timeout=60)
-            out[k][role] = spy_attribution(f, cpu_us)
+            out[k][role] = attribute(f, n, cpu_us)
     return out
 
 
@@ -762,7 +849,11 @@ def breakdown(args: argparse.Namespace) -> int:
                 print(f"{k}: " + "; ".join(f"{r['role']} {r['cpu_us']} µs, {r['steps']} steps, {r['sleeps']} wake-ups, "
                                           f"{r['syscalls']} syscalls" for r in result["paths"][k]) + f"; {machine_load()}",
                       flush=True)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "dataplane_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")  # the counts, whatever follows
             cpu = {k: [r["cpu_us"] for r in result["paths"][k]] for k in paths}
+            result["calls"] = calls_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.calls_requests, cpu)
             if py_spy():
                 (probe_dir / "mode").write_text("quiet")  # no counters while py-spy samples
                 result["py_spy"] = spy_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.spy_requests,
@@ -797,7 +888,34 @@ def breakdown(args: argparse.Namespace) -> int:
     return 0
 
 
-SYSCALL_COLUMNS = ("epoll_wait", "epoll_ctl", "recvfrom", "sendto", "poll", "getpeername")
+SYSCALL_COLUMNS = ("epoll_wait", "epoll_ctl", "recvfrom", "sendto", "write", "poll")
+
+
+def print_categories(result: dict[str, Any], what: str) -> None:
+    """Calls (exact) or py-spy's samples by category, a column per gateway, beside the floor proxy's."""
+    data = result[what]
+    cols = [(k, role) for k, roles in data.items() for role in roles]
+    names = [c[0] for c in CATEGORIES] + ["other (stdlib, partial stacks)"]
+    cpu = {(k, r["role"]): r["cpu_us"] for k, roles in result["paths"].items() for r in roles}
+    if what == "calls":
+        print("\nFunction calls (Python and C) per request by category, exact (the probe's calls mode); "
+              "µs = calls x the gateway's CPU per call")
+    else:
+        print("\nµs per request by category from py-spy's samples (share x the CPU measured above; "
+              "samples taken while the process waits for a core count too)")
+    print("| category | " + " | ".join(f"{k}: {role}" for k, role in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for name in names:
+        vals = [data[k][role]["categories"].get(name) for k, role in cols]
+        if any(vals):
+            floor_work = " (the floor's work too)" if name in FLOOR_WORK else ""
+            cell = (lambda v: f"{v['per_request']:.0f} / {v['us']:.0f}") if what == "calls" else (lambda v: f"{v['us']:.0f}")
+            print(f"| {name}{floor_work} | " + " | ".join(cell(v) if v else "-" for v in vals) + " |")
+    if what == "calls":
+        print("| all calls / CPU µs | " + " | ".join(f"{data[k][role]['per_request']:.0f} / {cpu[(k, role)]:.0f}"
+                                                    for k, role in cols) + " |")
+        print("| CPU µs per call | " + " | ".join(f"{cpu[(k, role)] / data[k][role]['per_request']:.2f}"
+                                                for k, role in cols) + " |")
 
 
 def print_breakdown(result: dict[str, Any]) -> None:
@@ -805,27 +923,32 @@ def print_breakdown(result: dict[str, Any]) -> None:
     print(f"\nPer request, {n} sequential requests per path (counts less each process's idle rate); "
           f"{result['load_before']} before, {result['load_after']} after")
     print("| path | gateway | CPU µs | syscalls | " + " | ".join(SYSCALL_COLUMNS) + " | other syscalls | loop batches "
-          "| wake-ups (slept) | task steps | tasks spawned |")
-    print("|---|---|---|---|" + "---|" * len(SYSCALL_COLUMNS) + "---|---|---|---|---|")
+          "| wake-ups (slept) | task steps | tasks spawned | GC runs per 1000 (gen 0/1/2) | GC µs |")
+    print("|---|---|---|---|" + "---|" * len(SYSCALL_COLUMNS) + "---|---|---|---|---|---|---|")
     for k, roles in result["paths"].items():
         for r in roles:
             other = ", ".join(f"{s} {v}" for s, v in r["by_kind"].items() if s not in SYSCALL_COLUMNS) or "-"
             print(f"| {k} | {r['role']} | {r['cpu_us']:.0f} | {r['syscalls']} | "
                   + " | ".join(str(r["by_kind"].get(s, 0)) for s in SYSCALL_COLUMNS)
-                  + f" | {other} | {r['batches']} | {r['sleeps']} | {r['steps']} | {r['spawned']} |")
+                  + f" | {other} | {r['batches']} | {r['sleeps']} | {r['steps']} | {r['spawned']} | "
+                  + "/".join(f"{g * 1000:.1f}" for g in r["gc_runs"]) + f" | {r['gc_us']} |")
     print("\nTime in task steps and steps per request, by task (the task's function name)")
     for k, roles in result["paths"].items():
         for r in roles:
             print(f"- {k}, {r['role']}: " + ", ".join(f"{t} {v['us']:.0f} µs/{v['steps']} steps"
                                                      for t, v in r["tasks"].items()))
-    for k, roles in result.get("py_spy", {}).items():
+    for what in ("calls", "py_spy"):
+        if result.get(what):
+            print_categories(result, what)
+    for k, roles in result.get("calls", {}).items():
         for role, p in roles.items():
-            print(f"\npy-spy, {k}, {role} ({p['samples']} samples): µs per request by the innermost frame of ours")
+            print(f"\ncalls, {k}, {role} ({p['per_request']:.0f} a request): by the innermost frame of ours")
             for r in p["top"]:
-                print(f"  {r['us']:7.1f} {r['share'] * 100:5.1f}%  {r['frame']}")
+                print(f"  {r['per_request']:7.1f} {r['us']:6.1f} µs  {r['frame']}")
     for k, roles in result.get("profiles", {}).items():
         for role, p in roles.items():
-            print(f"\ncProfile, {k}, {role}: {p['total_us']:.0f} µs per request under the profiler; by module: "
+            print(f"\ncProfile, {k}, {role}: {p['python_calls']} Python calls and {p['total_us']:.0f} µs per request under "
+                  "the profiler; own µs by module: "
                   + ", ".join(f"{m} {v:.0f}" for m, v in list(p["by_module"].items())[:10]))
             print("  own µs, share, calls per request:")
             for r in p["top"]:
@@ -849,6 +972,7 @@ def main() -> int:
     ap.add_argument("--breakdown", action="store_true", help="only the per-request breakdown (counters, syscalls, CPU, cProfile)")
     ap.add_argument("--breakdown-requests", type=int, default=2000)
     ap.add_argument("--profile-requests", type=int, default=1000)
+    ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
     ap.add_argument("--spy-requests", type=int, default=4000, help="requests per path while py-spy samples")
     ap.add_argument("--keep-profiles", metavar="DIR", help="keep the cProfile dumps (PATH-ROLE.prof) in DIR")
     ap.add_argument("--idle-seconds", type=float, default=5.0, help="the idle window whose rates are subtracted")

@@ -64,3 +64,14 @@ def test_profile_window_dumps_a_profile_and_counts_nothing(probe_dir: Path) -> N
     assert counts["steps"] == 0  # the counters were off the loop
     stats = pstats.Stats(str(probe_dir / f"probe-{os.getpid()}.prof"))
     assert any(func == "worker" for (_, _, func) in stats.stats)  # type: ignore[attr-defined]
+
+
+def test_calls_window_counts_every_call_by_its_stack(probe_dir: Path) -> None:
+    _window(probe_dir, "calls", 30)
+    lines = (probe_dir / f"probe-{os.getpid()}.calls").read_text().splitlines()
+    stacks = {line.rpartition(" ")[0]: int(line.rpartition(" ")[2]) for line in lines}
+    # Each of worker's 30 checkpoints calls trio.sleep from worker's frame, below trio's loop.
+    from_worker = [n for stack, n in stacks.items()
+                   if stack.split(";")[-1].startswith("_window.<locals>.main.<locals>.worker (")
+                   and "unrolled_run (trio/_core/_run.py" in stack]
+    assert sum(from_worker) >= 30
