@@ -1,25 +1,38 @@
-"""Data-plane benchmark: cpnd at 0, 1 and 2 tunnel hops vs nginx, HAProxy and calling the instance directly.
+"""Data-plane benchmark: cpnd at 0, 1 and 2 tunnel hops vs nginx, HAProxy, chained floor proxies and the instance itself.
 
-    python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 1000] [--out bench/results]
+    python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 1000] [--idle-rounds 7] [--idle-requests 400]
+    python bench/dataplane.py --idle-only           # the sequential idle table alone (~2 min)
+    python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
 
 Topology: gateways a - b - c on loopback (no emulated delay), one instance behind c:
 an nginx server block answering a fixed JSON body (so the instance costs next to nothing
 and every path measures its proxies, not the instance; without nginx, a simulated
 instance). Paths measured side by side in every repeat:
-  direct   client -> instance
-  nginx    client -> nginx (proxy_pass, upstream keep-alive) -> instance
-  haproxy  client -> HAProxy (mode http, connection reuse) -> instance
-  floor    client -> bench/floor_proxy.py -> instance: the least a trio + h11 proxy does
-           (parse, re-serialise, nothing else), so cpnd's own cost is measured against
-           what its stack must cost, not only against C proxies
-  local    client -> c (ingress and egress in one gateway) -> instance
-  1 hop    client -> b -> c -> instance
-  2 hops   client -> a -> b -> c -> instance (b is a transit)
+  direct    client -> instance
+  nginx     client -> nginx (proxy_pass, upstream keep-alive) -> instance
+  haproxy   client -> HAProxy (mode http, connection reuse) -> instance
+  floor     client -> bench/floor_proxy.py -> instance: the least a trio + h11 proxy does
+            (parse, re-serialise, nothing else), so cpnd's own cost is measured against
+            what its stack must cost, not only against C proxies
+  floor x2, floor x3   two and three floor proxies chained: the floor of a path through as
+            many proxies as 1 hop and 2 hops have gateways
+  local     client -> c (ingress and egress in one gateway) -> instance
+  1 hop     client -> b -> c -> instance
+  2 hops    client -> a -> b -> c -> instance (b is a transit)
 For each: requests/s at saturation (wrk, 8 keep-alive connections, 1 thread) and the
 latency at a fixed open-loop rate (p50/p99, measured from each request's scheduled
 send time so queueing counts), and the speed of a 5 MB response body (curl, one
 download at a time, from an nginx static file on the instance). Reported as medians over the repeats, with the added
 latency and the throughput ratio against direct, nginx, HAProxy and the floor, and plotted.
+Then the **idle table**: one request at a time over one keep-alive connection, every path in
+each round (the order rotated from round to round), p50/p99 per round, medians over the rounds;
+each cpnd path's added latency against the floor chain with as many proxies (local vs 1 proxy,
+1 hop vs 2, 2 hops vs 3).
+``--breakdown`` starts everything again with ``CPN_PROBE`` (cpnd/probe.py) and counts, per
+path and per gateway, over N sequential requests: CPU time (/proc/PID/stat), syscalls by kind
+(perf stat on the syscall tracepoints, else strace -c), scheduler batches (epoll_wait calls),
+wake-ups (batches that slept), task steps and spawns (a trio Instrument) and CPU per task,
+each per request, with the same for the floor proxies; then a cProfile pass per gateway.
 nginx, HAProxy, wrk and curl are installed with apt-get when missing (as root); a peer
 that cannot be installed is left out (and said so).
 """
@@ -27,23 +40,29 @@ that cannot be installed is left out (and said so).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import pstats
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpnd.lab import Instance, Lab, Link, Topology, write_lab  # noqa: E402
+from cpnd.lab import Instance, Lab, Link, Topology, free_ports, write_lab  # noqa: E402
 from httpclient import exchange  # noqa: E402
 
 
@@ -108,11 +127,13 @@ backend be
   server s1 127.0.0.1:{upstream}
 """
 
+FLOORS = ("floor", "floor x2", "floor x3")  # the floor chain with 1, 2 and 3 proxies
+CPND = ("local", "1 hop", "2 hops")
+FLOOR_OF = dict(zip(CPND, FLOORS))  # each cpnd path beside the floor with as many proxies as it has gateways
+
 
 def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[subprocess.Popen[bytes], int]:
-    """nginx or HAProxy in the foreground on a free port, one worker, proxying to the instance."""
-    from cpnd.lab import free_ports
-
+    """nginx, HAProxy or a floor proxy in the foreground on a free port, one worker, proxying to ``upstream``."""
     port = free_ports(1)[0]
     if name == "floor":
         cmd = [sys.executable, str(Path(__file__).resolve().parent / "floor_proxy.py"), str(port), str(upstream)]
@@ -140,6 +161,76 @@ def start_peer(name: str, binary: str, workdir: Path, upstream: int) -> tuple[su
     proc.kill()
     proc.wait()
     raise RuntimeError(f"{name} did not start")
+
+
+class Rig:
+    """The instance, gateways a - b - c, nginx/HAProxy and the floor chain; every process reaped on exit.
+
+    ``targets``: path name -> (host, port, URL path); ``roles``: path name -> [(role, pid)], the
+    processes a request crosses, client side first.
+    """
+
+    def __init__(self, peers: dict[str, str], *, with_peers: bool = True) -> None:
+        self.peers = peers if with_peers else {}
+        self.targets: dict[str, tuple[str, int, str]] = {}
+        self.roles: dict[str, list[tuple[str, int]]] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> Rig:
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def _proc(self, proc: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
+        def reap() -> None:
+            proc.kill()
+            proc.wait()
+        self._stack.callback(reap)
+        return proc
+
+    def _start(self) -> None:
+        inst_dir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="cpn-dp-instance-")))
+        nginx = self.peers.get("nginx") or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+        if nginx:
+            inst, port = start_peer("instance", nginx, inst_dir, 0)
+            self._proc(inst)
+        else:
+            inst = self._proc(subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "s1"],
+                                               stdout=subprocess.PIPE, text=True))
+            port = int(inst.stdout.readline().rsplit(":", 1)[1])
+        self.instance_pid = inst.pid
+        topo = Topology(("a", "b", "c"), (Link("a", "b"), Link("b", "c")), (Instance("s1", "c", "/svc", 1e6, 1, 0),),
+                        {"log_level": "warning"})
+        tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="cpn-dp-")))
+        specs = write_lab(topo, tmp, instance_url=lambda i: f"http://127.0.0.1:{port}/v1")
+        lab = self._stack.enter_context(Lab(specs, log_level="warning"))
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        self.targets["direct"] = ("127.0.0.1", port, "/v1")
+        self.roles["direct"] = []
+        for name, binary in self.peers.items():
+            proc, peer_port = start_peer(name, binary, tmp, port)
+            self.targets[name] = ("127.0.0.1", peer_port, "/svc")
+            self.roles[name] = [(name, self._proc(proc).pid)]
+        chain: list[tuple[str, int]] = []
+        upstream = port
+        for n, name in enumerate(FLOORS, 1):
+            proc, upstream = start_peer("floor", sys.executable, tmp, upstream)
+            chain.insert(0, (f"proxy {n}", self._proc(proc).pid))  # the newest is the client's side
+            self.targets[name] = ("127.0.0.1", upstream, "/v1")
+            self.roles[name] = [(f"proxy {i + 1} of {n}", pid) for i, (_, pid) in enumerate(chain)]
+        pid = {gw: lab.procs[gw].pid for gw in "abc"}
+        self.targets.update({"local": (*_hp(specs["c"].http), "/svc"), "1 hop": (*_hp(specs["b"].http), "/svc"),
+                             "2 hops": (*_hp(specs["a"].http), "/svc")})
+        self.roles.update({"local": [("ingress+egress (c)", pid["c"])],
+                           "1 hop": [("ingress (b)", pid["b"]), ("egress (c)", pid["c"])],
+                           "2 hops": [("ingress (a)", pid["a"]), ("transit (b)", pid["b"]), ("egress (c)", pid["c"])]})
 
 
 def wrk_rps(wrk: str, url: str, seconds: float, headers: dict[str, str]) -> float:
@@ -189,6 +280,108 @@ def open_loop(host: str, port: int, path: str, rate: float, seconds: float, conn
     return lat
 
 
+class Sequential:
+    """One keep-alive connection, one request at a time, a blocking socket: the cheapest client
+    Python has, so that what it adds is the same small constant on every path."""
+
+    _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        self.req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def one(self) -> None:
+        self.sock.sendall(self.req)
+        buf = b""
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        if buf[9:12] != b"200":
+            raise RuntimeError(f"status {buf[9:12]!r}")
+        m = self._LENGTH.search(buf, 0, end + 2)
+        want = end + 4 + (int(m.group(1)) if m else 0)
+        while len(buf) < want:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed mid-body")
+            buf += chunk
+
+    def run(self, n: int) -> list[float]:
+        """Latencies (ms) of ``n`` requests, one after the other."""
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.one()
+            lat.append((time.perf_counter() - t0) * 1000)
+        return lat
+
+
+def machine_load() -> str:
+    """The 1-minute load average and the processes runnable now (2 cores, shared with other agents)."""
+    fields = Path("/proc/loadavg").read_text().split()
+    return f"load {fields[0]} (1 min), {fields[3].split('/')[0]} runnable, {os.cpu_count()} cores"
+
+
+def idle_table(targets: dict[str, tuple[str, int, str]], rounds: int, n: int) -> dict[str, dict[str, list[float]]]:
+    """p50/p99 and added p50/p99 (against direct in the same round) of every path, per round."""
+    names = list(targets)
+    out: dict[str, dict[str, list[float]]] = {k: {"p50": [], "p99": [], "added_p50": [], "added_p99": []} for k in names}
+    clients = {k: Sequential(*targets[k]) for k in names}
+    try:
+        for c in clients.values():
+            c.run(50)  # warm: pools filled, sessions' streams and caches exercised
+        for rnd in range(rounds):
+            order = names[rnd % len(names):] + names[:rnd % len(names)]  # no path always follows the same one
+            got = {}
+            for k in order:
+                lat = clients[k].run(n)
+                got[k] = (pct(lat, 50), pct(lat, 99))
+            for k, (p50, p99) in got.items():
+                out[k]["p50"].append(p50)
+                out[k]["p99"].append(p99)
+                out[k]["added_p50"].append(p50 - got["direct"][0])
+                out[k]["added_p99"].append(p99 - got["direct"][1])
+            print(f"idle round {rnd}: " + ", ".join(f"{k} {got[k][0]:.3f}" for k in names) + f" ms p50; {machine_load()}",
+                  flush=True)
+    finally:
+        for c in clients.values():
+            c.close()
+    return out
+
+
+def idle_rows(idle: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    med = {k: {m: statistics.median(v) for m, v in r.items()} for k, r in idle.items()}
+    rows = []
+    for k, m in med.items():
+        floor = FLOOR_OF.get(k)
+        f = med.get(floor or "")
+        rows.append({"path": k, "p50_ms": round(m["p50"], 3), "p99_ms": round(m["p99"], 3),
+                     "added_p50_ms": round(m["added_p50"], 3), "added_p99_ms": round(m["added_p99"], 3),
+                     "floor": floor if f else None,
+                     "floor_added_p50_ms": round(f["added_p50"], 3) if f else None,
+                     "floor_added_p99_ms": round(f["added_p99"], 3) if f else None,
+                     "ratio_p50": round(m["added_p50"] / f["added_p50"], 2) if f and f["added_p50"] > 0 else None,
+                     "ratio_p99": round(m["added_p99"] / f["added_p99"], 2) if f and f["added_p99"] > 0 else None})
+    return rows
+
+
+def print_idle(rows: list[dict[str, Any]], rounds: int, n: int) -> None:
+    print(f"\nIdle: one request at a time over one keep-alive connection, {n} per path per round, medians of {rounds} rounds")
+    print("| path | p50 ms | p99 ms | added p50 | added p99 | the floor with as many proxies | its added p50 | its added p99 "
+          "| ratio p50 | ratio p99 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['path']} | {r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} | "
+              f"{r['floor'] or '-'} | {_dash(r['floor_added_p50_ms'])} | {_dash(r['floor_added_p99_ms'])} | "
+              f"{_dash(r['ratio_p50'])} | {_dash(r['ratio_p99'])} |")
+
+
 def bulk_mbps(url: str, times: int = 3) -> float | None:
     """Median MB/s of downloading the instance's 5 MB body through ``url`` (curl, one at a time)."""
     curl = shutil.which("curl")
@@ -209,73 +402,45 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--rate", type=float, default=1000.0)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args()
-    wrk = ensure("wrk", "wrk")
-    ensure("curl", "curl")  # the 5 MB downloads (left out without it)
-    peers = {name: b for name, b in (("nginx", ensure("nginx", "nginx-light")), ("haproxy", ensure("haproxy", "haproxy"))) if b}
-    peer_procs: list[subprocess.Popen[bytes]] = []
-    inst_dir = tempfile.TemporaryDirectory(prefix="cpn-dp-instance-")
-    if "nginx" in peers:
-        inst, port = start_peer("instance", peers["nginx"], Path(inst_dir.name), 0)
-    else:
-        inst = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "s1"], stdout=subprocess.PIPE, text=True)
-        port = int(inst.stdout.readline().rsplit(":", 1)[1])
-    topo = Topology(("a", "b", "c"), (Link("a", "b"), Link("b", "c")), (Instance("s1", "c", "/svc", 1e6, 1, 0),),
-                    {"log_level": "warning"})
+def _dash(v: object) -> object:
+    return "-" if v is None else v
+
+
+def saturation(rig: Rig, args: argparse.Namespace, wrk: str | None) -> dict[str, dict[str, list[float]]]:
     results: dict[str, dict[str, list[float]]] = {}
-    try:
-        with tempfile.TemporaryDirectory(prefix="cpn-dp-") as tmp:
-            specs = write_lab(topo, Path(tmp), instance_url=lambda i: f"http://127.0.0.1:{port}/v1")
-            with Lab(specs, log_level="warning") as lab:
-                lab.start_all()
-                lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
-                targets = {"direct": ("127.0.0.1", port, "/v1")}
-                for name, binary in peers.items():
-                    proc, peer_port = start_peer(name, binary, Path(tmp), port)
-                    peer_procs.append(proc)
-                    targets[name] = ("127.0.0.1", peer_port, "/svc")
-                proc, peer_port = start_peer("floor", sys.executable, Path(tmp), port)
-                peer_procs.append(proc)
-                targets["floor"] = ("127.0.0.1", peer_port, "/v1")
-                targets.update({"local": (*_hp(specs["c"].http), "/svc"), "1 hop": (*_hp(specs["b"].http), "/svc"),
-                                "2 hops": (*_hp(specs["a"].http), "/svc")})
-                for rep in range(args.repeats):
-                    for name, (h, p, path) in targets.items():
-                        r = results.setdefault(name, {"rps": [], "p50": [], "p99": [], "mbps": []})
-                        if wrk:
-                            r["rps"].append(wrk_rps(wrk, f"http://{h}:{p}{path}", args.seconds, {}))
-                        lat = open_loop(h, p, path, args.rate, args.seconds)
-                        r["p50"].append(pct(lat, 50))
-                        r["p99"].append(pct(lat, 99))
-                        mbps = bulk_mbps(f"http://{h}:{p}{path}/big")
-                        if mbps is not None:
-                            r["mbps"].append(mbps)
-                        print(f"rep {rep} {name}: rps {r['rps'][-1] if r['rps'] else '-'} p50 {r['p50'][-1]:.3f} ms p99 {r['p99'][-1]:.3f} ms"
-                              f" 5 MB at {r['mbps'][-1] if r['mbps'] else '-'} MB/s", flush=True)
-    finally:
-        for proc in [inst, *peer_procs]:
-            proc.kill()
-            proc.wait()
-        inst_dir.cleanup()
+    for rep in range(args.repeats):
+        for name, (h, p, path) in rig.targets.items():
+            r = results.setdefault(name, {"rps": [], "p50": [], "p99": [], "mbps": []})
+            if wrk:
+                r["rps"].append(wrk_rps(wrk, f"http://{h}:{p}{path}", args.seconds, {}))
+            lat = open_loop(h, p, path, args.rate, args.seconds)
+            r["p50"].append(pct(lat, 50))
+            r["p99"].append(pct(lat, 99))
+            mbps = bulk_mbps(f"http://{h}:{p}{path}/big")
+            if mbps is not None:
+                r["mbps"].append(mbps)
+            print(f"rep {rep} {name}: rps {r['rps'][-1] if r['rps'] else '-'} p50 {r['p50'][-1]:.3f} ms p99 {r['p99'][-1]:.3f} ms"
+                  f" 5 MB at {r['mbps'][-1] if r['mbps'] else '-'} MB/s; {machine_load()}", flush=True)
+    return results
+
+
+def saturation_rows(results: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
     med = {k: {m: statistics.median(v) if v else None for m, v in r.items()} for k, r in results.items()}
     d = med["direct"]
-    rows = []
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return round(a / b, 3) if a and b else None
 
+    rows = []
     for name, m in med.items():
+        chain = med.get(FLOOR_OF.get(name, ""), {})
         rows.append({
             "path": name, "rps": m["rps"], "rps_vs_direct": ratio(m["rps"], d["rps"]),
             "rps_vs_nginx": ratio(m["rps"], med.get("nginx", {}).get("rps")),
             "rps_vs_haproxy": ratio(m["rps"], med.get("haproxy", {}).get("rps")),
             "rps_vs_floor": ratio(m["rps"], med.get("floor", {}).get("rps")),
+            "floor_chain": FLOOR_OF.get(name) if chain else None,
+            "rps_vs_floor_chain": ratio(m["rps"], chain.get("rps")),
             "p50_ms": round(m["p50"], 3), "p99_ms": round(m["p99"], 3),
             "added_p50_ms": round(m["p50"] - d["p50"], 3), "added_p99_ms": round(m["p99"] - d["p99"], 3),
             "mbps_5mb": round(m["mbps"], 1) if m.get("mbps") else None,
@@ -283,23 +448,566 @@ def main() -> int:
             "mbps_vs_haproxy": ratio(m.get("mbps"), med.get("haproxy", {}).get("mbps")),
             "mbps_vs_floor": ratio(m.get("mbps"), med.get("floor", {}).get("mbps")),
         })
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dataplane.json").write_text(json.dumps({"rows": rows, "repeats": args.repeats, "rate": args.rate,
-                                                    "seconds": args.seconds, "command": " ".join(sys.argv)}, indent=1) + "\n")
-    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | vs floor | p50 ms @{args.rate:g}/s | p99 ms |"
+    return rows
+
+
+def print_saturation(rows: list[dict[str, Any]], rate: float) -> None:
+    print(f"\n| path | req/s (wrk, 8 conns) | vs direct | vs nginx | vs HAProxy | vs floor | p50 ms @{rate:g}/s | p99 ms |"
           " added p50 | added p99 | 5 MB body, MB/s | vs nginx | vs HAProxy | vs floor |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         rps = f"{r['rps']:.0f}" if r["rps"] else "-"
-        print(f"| {r['path']} | {rps} | {r['rps_vs_direct'] or '-'} | {r['rps_vs_nginx'] or '-'} | {r['rps_vs_haproxy'] or '-'} | {r['rps_vs_floor'] or '-'} | "
-              f"{r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} | "
-              f"{r['mbps_5mb'] or '-'} | {r['mbps_vs_nginx'] or '-'} | {r['mbps_vs_haproxy'] or '-'} | {r['mbps_vs_floor'] or '-'} |")
-    plot(rows, args.rate, out / "dataplane.png")
+        print(f"| {r['path']} | {rps} | {_dash(r['rps_vs_direct'])} | {_dash(r['rps_vs_nginx'])} | {_dash(r['rps_vs_haproxy'])} | "
+              f"{_dash(r['rps_vs_floor'])} | {r['p50_ms']} | {r['p99_ms']} | {r['added_p50_ms']} | {r['added_p99_ms']} | "
+              f"{_dash(r['mbps_5mb'])} | {_dash(r['mbps_vs_nginx'])} | {_dash(r['mbps_vs_haproxy'])} | {_dash(r['mbps_vs_floor'])} |")
+    by = {r["path"]: r for r in rows}
+    print("\n| path | req/s (wrk, 8 conns) | the floor with as many proxies | its req/s | ratio |")
+    print("|---|---|---|---|---|")
+    for name in CPND:
+        r = by.get(name)
+        if r and r["floor_chain"]:
+            f = by[r["floor_chain"]]
+            print(f"| {name} | {r['rps']:.0f} | {r['floor_chain']} | {f['rps']:.0f} | {r['rps_vs_floor_chain']} |")
+
+
+# ---------------------------------------------------------------- the breakdown
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Counted by kind (the rest of raw_syscalls:sys_enter is "other"): a tracepoint for each of the
+# ~350 syscalls takes perf ~15 s to tear down per process.
+SYSCALL_KINDS = ("epoll_wait", "epoll_ctl", "recvfrom", "sendto", "poll", "read", "write", "close", "socket",
+                 "connect", "accept4", "getpeername", "getsockname", "setsockopt", "getsockopt", "futex",
+                 "timerfd_settime", "getpid", "getrandom", "ioctl", "fcntl", "mmap", "munmap", "brk", "madvise",
+                 "openat", "newfstatat", "rt_sigreturn", "shutdown", "sendmsg", "recvmsg", "clock_gettime")
+
+
+class SyscallCounter:
+    """Syscalls by kind of one process between ``enable()`` and ``disable()``: perf stat on the
+    syscall tracepoints, switched on and off through its control FIFO (counted in the kernel:
+    nothing slows down), else strace -c over the whole life of the counter (ptrace: slower)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.out = out
+        self.perf = shutil.which("perf")
+        if self.perf:
+            self.ctl, self.ack = out.with_suffix(".ctl"), out.with_suffix(".ack")
+            for f in (self.ctl, self.ack):
+                f.unlink(missing_ok=True)
+                os.mkfifo(f)
+            events = ",".join(["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{k}" for k in SYSCALL_KINDS)])
+            cmd = [self.perf, "stat", "-x", ",", "-o", str(out), "-e", events, "-D", "-1",
+                   "--control", f"fifo:{self.ctl},{self.ack}", "-p", str(pid)]
+        else:
+            strace = ensure("strace", "strace")
+            if strace is None:
+                raise RuntimeError("neither perf nor strace is available for the syscall counts")
+            cmd = [strace, "-c", "-f", "-q", "-o", str(out), "-p", str(pid)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if self.perf:
+            # Opening the FIFOs waits for perf to open them: it is attached once they are open.
+            self._ctl = open(self.ctl, "w")  # noqa: SIM115 - closed in stop()
+            self._ack = open(self.ack)  # noqa: SIM115
+        else:
+            time.sleep(1.0)  # strace says nothing when it is attached
+
+    def _command(self, what: str) -> None:
+        if self.perf:
+            self._ctl.write(what + "\n")
+            self._ctl.flush()
+            if self._ack.readline().strip("\0\n") != "ack":
+                raise RuntimeError(f"perf did not acknowledge {what}")
+
+    def enable(self) -> None:
+        self._command("enable")
+
+    def disable(self) -> None:
+        self._command("disable")
+
+    def interrupt(self) -> None:
+        """Tell the counter to write its counts (several are stopped together: perf takes a moment)."""
+        self.proc.send_signal(signal.SIGINT)
+
+    def stop(self) -> dict[str, int]:
+        self.interrupt()
+        self.proc.wait(timeout=60)
+        if self.perf:
+            self._ctl.close()
+            self._ack.close()
+        text = self.out.read_text()
+        counts: dict[str, int] = {}
+        if self.perf:
+            for line in text.splitlines():
+                parts = line.split(",")
+                if len(parts) > 2 and parts[0].isdigit():
+                    name = "total" if parts[2] == "raw_syscalls:sys_enter" else parts[2].split("sys_enter_", 1)[-1]
+                    counts[name] = int(parts[0])
+            counts["other"] = counts.pop("total", 0) - sum(counts.values())
+        else:
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                    counts[parts[-1]] = int(parts[3])
+        return {k: v for k, v in counts.items() if v}
+
+
+class Probe:
+    """The probe counters (cpnd/probe.py) of a set of processes, over a window (what ``DIR/mode`` says)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def start(self, pids: list[int]) -> None:
+        for pid in pids:
+            (self.dir / f"probe-{pid}.json").unlink(missing_ok=True)
+            os.kill(pid, signal.SIGUSR1)
+
+    def read(self, pids: list[int], what: str = "json") -> dict[int, Any]:
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR2)
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + 10
+        for pid in pids:
+            f = self.dir / f"probe-{pid}.json"
+            while not f.exists():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"process {pid} wrote no probe counters: was it started with CPN_PROBE?")
+                time.sleep(0.01)
+            out[pid] = json.loads(f.read_text()) if what == "json" else self.dir / f"probe-{pid}.prof"
+        return out
+
+
+def measure_window(probe: Probe, pids: list[int], work: Any, tmp: Path) -> dict[int, dict[str, Any]]:
+    """Counters, syscalls and CPU of ``pids`` while ``work()`` runs; with the window's length."""
+    counters = {pid: SyscallCounter(pid, tmp / f"sys-{pid}.txt") for pid in pids}
+    try:
+        probe.start(pids)
+        for c in counters.values():
+            c.enable()
+        cpu0 = {pid: cpu_seconds(pid) for pid in pids}
+        t0 = time.monotonic()
+        work()
+        cpu1 = {pid: cpu_seconds(pid) for pid in pids}
+        seconds = time.monotonic() - t0
+        for c in counters.values():
+            c.disable()
+        sys_seconds = time.monotonic() - t0
+        loop = probe.read(pids)
+    finally:
+        for c in counters.values():
+            c.interrupt()
+        sys_counts = {pid: c.stop() for pid, c in counters.items()}
+    return {pid: {"cpu_s": cpu1[pid] - cpu0[pid], "cpu_window_s": seconds, "syscalls": sys_counts[pid],
+                  "sys_window_s": sys_seconds, "loop": loop[pid]} for pid in pids}
+
+
+LOOP_KEYS = ("batches", "sleeps", "steps", "spawned", "scheduled")
+
+
+def per_request(m: dict[str, Any], idle: dict[str, Any], n: int) -> dict[str, Any]:
+    """A window's counts per request, less what the process does on its own (timers, keepalives)
+    over as long, from an idle window of the same process."""
+    def bg(count: float, window: float, idle_count: float, idle_window: float) -> float:
+        return (count - idle_count * window / idle_window) / n
+
+    loop, iloop = m["loop"], idle["loop"]
+    lw, ilw = loop["seconds"], iloop["seconds"]
+    out: dict[str, Any] = {k: round(bg(loop[k], lw, iloop[k], ilw), 2) for k in LOOP_KEYS}
+    out["cpu_us"] = round(bg(m["cpu_s"], m["cpu_window_s"], idle["cpu_s"], idle["cpu_window_s"]) * 1e6, 1)
+    out["gc_runs"] = [round(bg(loop["gc_runs"][g], lw, iloop["gc_runs"][g], ilw), 4) for g in range(3)]
+    out["gc_us"] = round(bg(sum(loop["gc_s"]), lw, sum(iloop["gc_s"]), ilw) * 1e6, 1)
+    kinds = set(m["syscalls"]) | set(idle["syscalls"])
+    sysc = {k: bg(m["syscalls"].get(k, 0), m["sys_window_s"], idle["syscalls"].get(k, 0), idle["sys_window_s"])
+            for k in kinds}
+    out["syscalls"] = round(sum(sysc.values()), 2)
+    out["by_kind"] = {k: round(v, 2) for k, v in sorted(sysc.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+    tasks = {k: bg(v, lw, iloop["step_s"].get(k, 0.0), ilw) * 1e6 for k, v in loop["step_s"].items()}
+    steps = {k: bg(v, lw, iloop["step_count"].get(k, 0), ilw) for k, v in loop["step_count"].items()}
+    out["tasks"] = {k: {"us": round(tasks[k], 1), "steps": round(steps[k], 2)}
+                    for k in sorted(tasks, key=lambda k: -tasks[k]) if steps[k] >= 0.05}
+    return out
+
+
+IO_WAIT = "<method 'poll' of 'select.epoll' objects>"  # the loop waiting: not work
+
+
+def profile_top(prof: Path, n_req: int, top: int = 14) -> dict[str, Any]:
+    """A cProfile dump per request (the wait in epoll left out): the functions with the most own
+    time, own time by module, and cpnd's functions by cumulative time."""
+    st = pstats.Stats(str(prof))
+    rows = []
+    for (file, line, func), (cc, nc, tt, ct, _) in st.stats.items():  # type: ignore[attr-defined]
+        if func == IO_WAIT:
+            continue
+        rows.append({"function": f"{func} ({_short(file)}:{line})", "module": _module(file, func),
+                     "calls": round(nc / n_req, 2), "own_us": round(tt / n_req * 1e6, 1),
+                     "cum_us": round(ct / n_req * 1e6, 1)})
+    total = sum(r["own_us"] for r in rows)
+    rows.sort(key=lambda r: -r["own_us"])
+    for r in rows:
+        r["share"] = round(r["own_us"] / total, 3) if total else 0.0
+    modules: dict[str, float] = {}
+    for r in rows:
+        modules[r["module"]] = modules.get(r["module"], 0.0) + r["own_us"]
+    cpnd = sorted((r for r in rows if r["function"].split(" (", 1)[1].startswith("cpnd/")), key=lambda r: -r["cum_us"])
+    calls = sum(nc for (_, _, _), (_, nc, _, _, _) in st.stats.items())  # type: ignore[attr-defined]
+    return {"total_us": round(total, 1), "python_calls": round(calls / n_req), "top": rows[:top],
+            "by_module": {k: round(v, 1) for k, v in sorted(modules.items(), key=lambda kv: -kv[1])},
+            "cpnd_cumulative": [{"function": r["function"], "cum_us": r["cum_us"], "calls": r["calls"]} for r in cpnd[:20]]}
+
+
+def _short(file: str) -> str:
+    for marker in ("/cpnd/", "/trio/", "/h11/", "/bench/", "/attr/", "/cryptography/"):
+        if marker in file:
+            return marker.strip("/") + "/" + file.split(marker, 1)[1]
+    return file if file.startswith("~") else Path(file).name
+
+
+def _module(file: str, func: str) -> str:
+    """What a profiled function belongs to: h11, trio, a cpnd module, the socket calls, ..."""
+    if file == "~":
+        if "_socket.socket" in func:
+            return "socket calls"
+        if "cryptography" in func or "ChaCha20" in func:
+            return "crypto"
+        return "builtins"
+    for marker in ("/h11/", "/trio/", "/cryptography/", "/attr/", "/msgpack/"):
+        if marker in file:
+            return marker.strip("/")
+    if "/cpnd/" in file or "/bench/" in file:
+        return _short(file).split(":", 1)[0]
+    return "stdlib"
+
+
+def py_spy() -> str | None:
+    """py-spy (``pip install -e '.[bench]'``), beside this Python or on PATH."""
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def _frame(frame: str) -> str:
+    return re.sub(r":\d+\)$", ")", frame)
+
+
+# Each py-spy sample goes to the first of these whose pattern is in its stack (the leaf frame only
+# for the first two): what a gateway spends its CPU on, the floor's own work (sockets, the loop,
+# h11) apart from what only cpnd does.
+CATEGORIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
+    # Paced by time, not by requests (load re-advertised as it changes, keepalives): per request
+    # it depends on the request rate, and a slowed process (the calls mode) counts more of it.
+    ("control plane (load adverts, UPDATEs, keepalives: per second, not per request)", False,
+     ("Connection._ticker", "Daemon._load_loop", "Connection._flush_routes", "Daemon._update (", "Daemon._propagate",
+      "PendingUpdate", "Daemon._memory_loop", "Daemon._health_loop", "Daemon._edge_log_loop")),
+    ("socket send/recv calls", True, ("_SocketType._nonblocking_helper (trio/_socket.py", "Connection._write (cpnd/daemon.py")),
+    ("epoll (the loop's wait and poll)", True, ("EpollIOManager.get_events", "EpollIOManager._update_registrations")),
+    ("tunnel records: seal/open (crypto)", False, ("RecordLayer.seal", "RecordLayer.open")),
+    ("selection (_plan: constraints, candidates, rank, estimates)", False, ("DataPlane._plan",)),
+    ("header rewriting (filter_headers, _framing, _content_length, translate_target, check_target)", False,
+     ("filter_headers (cpnd", "_framing (cpnd", "_content_length (cpnd", "translate_target (cpnd", "check_target (cpnd")),
+    ("a new h11.Connection per tunnel stream", False, ("H11Stream.__init__",)),
+    ("h11 events built anew (Request/Response/EndOfMessage validation)", False, ("(h11/_events.py",)),
+    ("h11 parse and serialise", False, ("(h11/",)),
+    ("cancel scopes and timeouts", False, ("CancelScope.__enter__", "CancelScope.__exit__", "CancelScope._close",
+                                           "move_on_", "fail_after", "fail_at", "DataPlane._waiting")),
+    ("accounting, admission, health, metrics", False, ("(cpnd/load.py", "(cpnd/metrics.py", "(cpnd/health.py",
+                                                       "(cpnd/admission.py", "DataPlane._admit", "DataPlane._health_result")),
+    ("tunnel frames, mux, session (no crypto)", False, ("(cpnd/streams.py", "(cpnd/tunnel.py", "(cpnd/session.py",
+                                                        "(cpnd/wire.py", "Connection._process", "Connection.send_tunnel",
+                                                        "Connection._enqueue", "DataPlane.on_stream")),
+    ("peer writer and reader tasks (wake, batch, loop)", False, ("Connection._writer", "Connection._reader")),
+    ("other request handling in cpnd/http.py", False, ("(cpnd/http.py",)),
+    ("trio scheduling and socket wrappers", False, ("(trio/",)),
+)
+FLOOR_WORK = ("socket send/recv calls", "epoll (the loop's wait and poll)", "h11 parse and serialise",
+              "h11 events built anew (Request/Response/EndOfMessage validation)", "trio scheduling and socket wrappers")
+
+
+def _category(frames: list[str]) -> str:
+    for name, leaf_only, patterns in CATEGORIES:
+        where = frames[-1:] if leaf_only else frames
+        if any(p in f for f in where for p in patterns):
+            return name
+    return "other (stdlib, partial stacks)"
+
+
+def _stack_counts(raw: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Counts by category (``CATEGORIES``) and by the innermost frame of ours of a file of stacks and
+    their counts (py-spy's raw format: samples; the probe's calls mode: calls)."""
+    inner: dict[str, float] = {}
+    cats: dict[str, float] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue  # a stack py-spy could not read whole
+        frames = stack.split(";")
+        ours = [f for f in frames if ("cpnd/" in f or "floor_proxy" in f) and "main.py" not in f
+                and "__main__" not in f and "probe.py" not in f]
+        key = _frame(ours[-1]) if ours else f"(trio/h11/stdlib, no frame of ours: {_frame(frames[-1])})"
+        inner[key] = inner.get(key, 0) + int(count)
+        cat = _category(frames)
+        cats[cat] = cats.get(cat, 0) + int(count)
+    return cats, inner
+
+
+def attribute(raw: Path, n_req: int, cpu_us: float, idle: tuple[Path, float] | None = None,
+              top: int = 24) -> dict[str, Any]:
+    """``_stack_counts`` per request, less what the process does on its own over as long (``idle``:
+    the stacks of an idle window and its length over this window's); ``us`` is a count's share
+    of the process's measured CPU per request."""
+    cats, inner = _stack_counts(raw)
+    if idle is not None:
+        icats, iinner = _stack_counts(idle[0])
+        cats = {k: v - icats.get(k, 0) * idle[1] for k, v in cats.items()}
+        inner = {k: v - iinner.get(k, 0) * idle[1] for k, v in inner.items()}
+    total = max(sum(v for v in cats.values() if v > 0), 1)
+    rows = sorted(inner.items(), key=lambda kv: -kv[1])
+    return {"count": total, "per_request": round(total / n_req, 1),
+            "categories": {k: {"per_request": round(v / n_req, 1), "us": round(v / total * cpu_us, 1)}
+                           for k, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v / n_req >= 0.5},
+            "top": [{"frame": k, "per_request": round(v / n_req, 1), "us": round(v / total * cpu_us, 1)}
+                    for k, v in rows[:top]]}
+
+
+def calls_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]]) -> dict[str, Any]:
+    """Every call each gateway makes over ``n`` sequential requests, by the stack it came from,
+    less the calls of an idle window (timers, keepalives, the load loop) over as long."""
+    (probe.dir / "mode").write_text("calls")
+    pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+    probe.start(pids)
+    time.sleep(3.0)
+    idle_s = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+    for pid in pids:
+        (probe.dir / f"probe-{pid}.calls").rename(probe.dir / f"idle-{pid}.calls")
+    out: dict[str, Any] = {}
+    for k in paths:
+        client = Sequential(*rig.targets[k])
+        client.run(100)
+        pids = [pid for _, pid in rig.roles[k]]
+        probe.start(pids)
+        client.run(n)
+        seconds = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+        client.close()
+        out[k] = {role: attribute(probe.dir / f"probe-{pid}.calls", n, cpu_us,
+                                  (probe.dir / f"idle-{pid}.calls", seconds[pid] / idle_s[pid]))
+                  for (role, pid), cpu_us in zip(rig.roles[k], cpu[k])}
+    return out
+
+
+def spy_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]], tmp: Path) -> dict[str, Any]:
+    """Sample every gateway of each path with py-spy while ``n`` sequential requests run."""
+    spy = py_spy()
+    assert spy is not None
+    out: dict[str, Any] = {}
+    for k in paths:
+        client = Sequential(*rig.targets[k])
+        client.run(100)
+        procs = []
+        for role, pid in rig.roles[k]:
+            f = tmp / f"spy-{pid}.txt"
+            procs.append((role, f, subprocess.Popen([spy, "record", "-p", str(pid), "-r", "1000", "-f", "raw", "-o", str(f),
+                                                     "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        pids = [pid for _, pid in rig.roles[k]]
+        probe.start(pids)
+        time.sleep(1.0)  # attached (py-spy says nothing when)
+        client.run(n)
+        client.close()
+        probe.read(pids)
+        for _, _, p in procs:
+            p.send_signal(signal.SIGINT)
+        out[k] = {}
+        for (role, f, p), cpu_us in zip(procs, cpu[k]):
+            p.wait(timeout=60)
+            out[k][role] = attribute(f, n, cpu_us)
+    return out
+
+
+def breakdown(args: argparse.Namespace) -> int:
+    """Counts per request, per path and gateway, against the floor chain; then cProfile tops."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
+    os.environ["CPN_PROBE"] = str(probe_dir)  # inherited by every cpnd and floor process started below
+    n = args.breakdown_requests
+    paths = [*FLOORS, *CPND]
+    result: dict[str, Any] = {"requests": n, "command": " ".join(sys.argv), "load_before": machine_load(), "paths": {}}
+    ensure("nginx", "nginx-light")  # the instance
+    try:
+        with Rig({}, with_peers=False) as rig:
+            probe = Probe(probe_dir)
+            all_pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+            idle = measure_window(probe, all_pids, lambda: time.sleep(args.idle_seconds), probe_dir)
+            for k in paths:
+                pids = [pid for _, pid in rig.roles[k]]
+                client = Sequential(*rig.targets[k])  # a new connection per path: the old ones may have idled out
+                client.run(100)
+                m = measure_window(probe, pids, lambda: client.run(n), probe_dir)
+                client.close()
+                result["paths"][k] = [{"role": role, **per_request(m[pid], idle[pid], n)} for role, pid in rig.roles[k]]
+                print(f"{k}: " + "; ".join(f"{r['role']} {r['cpu_us']} µs, {r['steps']} steps, {r['sleeps']} wake-ups, "
+                                          f"{r['syscalls']} syscalls" for r in result["paths"][k]) + f"; {machine_load()}",
+                      flush=True)
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "dataplane_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")  # the counts, whatever follows
+            cpu = {k: [r["cpu_us"] for r in result["paths"][k]] for k in paths}
+            result["calls"] = calls_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.calls_requests, cpu)
+            if py_spy():
+                (probe_dir / "mode").write_text("quiet")  # no counters while py-spy samples
+                result["py_spy"] = spy_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.spy_requests,
+                                            cpu, probe_dir)
+            else:
+                print("note: py-spy missing (pip install -e '.[bench]'): cProfile only", file=sys.stderr)
+            (probe_dir / "mode").write_text("profile")
+            result["profiles"] = {}
+            for k in paths:
+                if k in FLOORS[1:]:
+                    continue  # a floor proxy is the same code at every depth
+                pids = [pid for _, pid in rig.roles[k]]
+                client = Sequential(*rig.targets[k])
+                client.run(100)
+                probe.start(pids)
+                client.run(args.profile_requests)
+                profs = probe.read(pids, "prof")
+                client.close()
+                result["profiles"][k] = {role: profile_top(profs[pid], args.profile_requests) for role, pid in rig.roles[k]}
+                if args.keep_profiles:
+                    keep = Path(args.keep_profiles)
+                    keep.mkdir(parents=True, exist_ok=True)
+                    for role, pid in rig.roles[k]:
+                        shutil.copy(profs[pid], keep / f"{k}-{role.split(' ', 1)[0]}.prof".replace(" ", "_"))
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    result["load_after"] = machine_load()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
+    print_breakdown(result)
     return 0
 
 
-def plot(rows: list[dict], rate: float, path: Path) -> None:
+SYSCALL_COLUMNS = ("epoll_wait", "epoll_ctl", "recvfrom", "sendto", "write", "poll")
+
+
+def print_categories(result: dict[str, Any], what: str) -> None:
+    """Calls (exact) or py-spy's samples by category, a column per gateway, beside the floor proxy's."""
+    data = result[what]
+    cols = [(k, role) for k, roles in data.items() for role in roles]
+    names = [c[0] for c in CATEGORIES] + ["other (stdlib, partial stacks)"]
+    cpu = {(k, r["role"]): r["cpu_us"] for k, roles in result["paths"].items() for r in roles}
+    if what == "calls":
+        print("\nFunction calls (Python and C) per request by category, exact (the probe's calls mode); "
+              "µs = calls x the gateway's CPU per call")
+    else:
+        print("\nµs per request by category from py-spy's samples (share x the CPU measured above; "
+              "samples taken while the process waits for a core count too)")
+    print("| category | " + " | ".join(f"{k}: {role}" for k, role in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for name in names:
+        vals = [data[k][role]["categories"].get(name) for k, role in cols]
+        if any(vals):
+            floor_work = " (the floor's work too)" if name in FLOOR_WORK else ""
+            cell = (lambda v: f"{v['per_request']:.0f} / {v['us']:.0f}") if what == "calls" else (lambda v: f"{v['us']:.0f}")
+            print(f"| {name}{floor_work} | " + " | ".join(cell(v) if v else "-" for v in vals) + " |")
+    if what == "calls":
+        print("| all calls / CPU µs | " + " | ".join(f"{data[k][role]['per_request']:.0f} / {cpu[(k, role)]:.0f}"
+                                                    for k, role in cols) + " |")
+        print("| CPU µs per call | " + " | ".join(f"{cpu[(k, role)] / data[k][role]['per_request']:.2f}"
+                                                for k, role in cols) + " |")
+
+
+def print_breakdown(result: dict[str, Any]) -> None:
+    n = result["requests"]
+    print(f"\nPer request, {n} sequential requests per path (counts less each process's idle rate); "
+          f"{result['load_before']} before, {result['load_after']} after")
+    print("| path | gateway | CPU µs | syscalls | " + " | ".join(SYSCALL_COLUMNS) + " | other syscalls | loop batches "
+          "| wake-ups (slept) | task steps | tasks spawned | GC runs per 1000 (gen 0/1/2) | GC µs |")
+    print("|---|---|---|---|" + "---|" * len(SYSCALL_COLUMNS) + "---|---|---|---|---|---|---|")
+    for k, roles in result["paths"].items():
+        for r in roles:
+            other = ", ".join(f"{s} {v}" for s, v in r["by_kind"].items() if s not in SYSCALL_COLUMNS) or "-"
+            print(f"| {k} | {r['role']} | {r['cpu_us']:.0f} | {r['syscalls']} | "
+                  + " | ".join(str(r["by_kind"].get(s, 0)) for s in SYSCALL_COLUMNS)
+                  + f" | {other} | {r['batches']} | {r['sleeps']} | {r['steps']} | {r['spawned']} | "
+                  + "/".join(f"{g * 1000:.1f}" for g in r["gc_runs"]) + f" | {r['gc_us']} |")
+    print("\nTime in task steps and steps per request, by task (the task's function name)")
+    for k, roles in result["paths"].items():
+        for r in roles:
+            print(f"- {k}, {r['role']}: " + ", ".join(f"{t} {v['us']:.0f} µs/{v['steps']} steps"
+                                                     for t, v in r["tasks"].items()))
+    for what in ("calls", "py_spy"):
+        if result.get(what):
+            print_categories(result, what)
+    for k, roles in result.get("calls", {}).items():
+        for role, p in roles.items():
+            print(f"\ncalls, {k}, {role} ({p['per_request']:.0f} a request): by the innermost frame of ours")
+            for r in p["top"]:
+                print(f"  {r['per_request']:7.1f} {r['us']:6.1f} µs  {r['frame']}")
+    for k, roles in result.get("profiles", {}).items():
+        for role, p in roles.items():
+            print(f"\ncProfile, {k}, {role}: {p['python_calls']} Python calls and {p['total_us']:.0f} µs per request under "
+                  "the profiler; own µs by module: "
+                  + ", ".join(f"{m} {v:.0f}" for m, v in list(p["by_module"].items())[:10]))
+            print("  own µs, share, calls per request:")
+            for r in p["top"]:
+                print(f"  {r['own_us']:7.1f} {r['share'] * 100:5.1f}% {r['calls']:6.2f}  {r['function']}")
+            print("  cpnd, cumulative µs per request:")
+            for r in p["cpnd_cumulative"][:12]:
+                print(f"  {r['cum_us']:7.1f} {r['calls']:6.2f}  {r['function']}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--idle-rounds", type=int, default=7, help="rounds of the sequential idle table")
+    ap.add_argument("--idle-requests", type=int, default=400, help="requests per path per round")
+    ap.add_argument("--idle-only", action="store_true", help="only the sequential idle table")
+    ap.add_argument("--breakdown", action="store_true", help="only the per-request breakdown (counters, syscalls, CPU, cProfile)")
+    ap.add_argument("--breakdown-requests", type=int, default=2000)
+    ap.add_argument("--profile-requests", type=int, default=1000)
+    ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
+    ap.add_argument("--spy-requests", type=int, default=4000, help="requests per path while py-spy samples")
+    ap.add_argument("--keep-profiles", metavar="DIR", help="keep the cProfile dumps (PATH-ROLE.prof) in DIR")
+    ap.add_argument("--idle-seconds", type=float, default=5.0, help="the idle window whose rates are subtracted")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    if args.breakdown:
+        return breakdown(args)
+    wrk = None if args.idle_only else ensure("wrk", "wrk")
+    if not args.idle_only:
+        ensure("curl", "curl")  # the 5 MB downloads (left out without it)
+    peers = {name: b for name, b in (("nginx", ensure("nginx", "nginx-light")), ("haproxy", ensure("haproxy", "haproxy"))) if b}
+    load_before = machine_load()
+    results: dict[str, dict[str, list[float]]] = {}
+    with Rig(peers, with_peers=not args.idle_only) as rig:
+        idle = idle_table({k: rig.targets[k] for k in ("direct", *FLOORS, *CPND)}, args.idle_rounds, args.idle_requests)
+        if not args.idle_only:
+            results = saturation(rig, args, wrk)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    irows = idle_rows(idle)
+    doc: dict[str, Any] = {"idle": {"rows": irows, "rounds": args.idle_rounds, "requests": args.idle_requests},
+                           "load_before": load_before, "load_after": machine_load(), "command": " ".join(sys.argv)}
+    if results:
+        rows = saturation_rows(results)
+        doc.update({"rows": rows, "repeats": args.repeats, "rate": args.rate, "seconds": args.seconds})
+    (out / ("dataplane_idle.json" if args.idle_only else "dataplane.json")).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\n{load_before} at the start, {doc['load_after']} at the end")
+    if results:
+        print_saturation(rows, args.rate)
+        plot(rows, args.rate, out / "dataplane.png")
+    print_idle(irows, args.idle_rounds, args.idle_requests)
+    return 0
+
+
+def plot(rows: list[dict[str, Any]], rate: float, path: Path) -> None:
     """Throughput and added latency per path, side by side."""
     try:
         import matplotlib
@@ -309,15 +1017,18 @@ def plot(rows: list[dict], rate: float, path: Path) -> None:
         print("note: matplotlib missing (pip install -e '.[bench]'): no plot", file=sys.stderr)
         return
     names = [r["path"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.bar(names, [r["rps"] or 0 for r in rows], color=["grey", "tab:green", "tab:olive", "tab:purple", "tab:blue", "tab:blue", "tab:blue"][:len(rows)])
+    colour = {"direct": "grey", "nginx": "tab:green", "haproxy": "tab:olive"}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    ax1.bar(names, [r["rps"] or 0 for r in rows],
+            color=[colour.get(n, "tab:purple" if n.startswith("floor") else "tab:blue") for n in names])
     ax1.set_yscale("log")  # cpnd is two orders of magnitude below nginx and HAProxy
     ax1.set_ylabel("requests/s at saturation (wrk, 8 conns, log)")
     ax1.set_title("throughput")
+    ax1.tick_params(axis="x", labelrotation=45)
     x = range(len(rows))
     ax2.bar([i - 0.2 for i in x], [r["p50_ms"] for r in rows], width=0.4, label="p50")
     ax2.bar([i + 0.2 for i in x], [r["p99_ms"] for r in rows], width=0.4, label="p99")
-    ax2.set_xticks(list(x), names)
+    ax2.set_xticks(list(x), names, rotation=45)
     ax2.set_ylabel(f"latency ms at {rate:g} req/s (open loop)")
     ax2.set_title("latency")
     ax2.legend()

@@ -2,6 +2,9 @@
 
     python bench/floor_proxy.py LISTEN_PORT UPSTREAM_PORT
 
+Chained (a floor whose upstream is another floor), it is the yardstick for a path through
+as many proxies as cpnd's path has gateways.
+
 One task per client connection and one upstream connection per client; each request is
 parsed with h11, re-serialised upstream, and the response parsed and re-serialised back,
 streamed as it comes. No routing, no tunnel, no encryption, no limits, no error handling
@@ -13,10 +16,14 @@ not guessed.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import h11
 import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cpnd.probe import instruments  # noqa: E402  (CPN_PROBE: the same counters as cpnd's, for the breakdown)
 
 CHUNK = 65536
 
@@ -70,4 +77,4 @@ async def serve(port: int, upstream_port: int) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(serve, int(sys.argv[1]), int(sys.argv[2]))
+    trio.run(serve, int(sys.argv[1]), int(sys.argv[2]), instruments=instruments())

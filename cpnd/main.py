@@ -103,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging(args.log_level or config.gateway.log_level, args.log_format or config.gateway.log_format)
     from .daemon import Daemon
+    from .probe import instruments
 
     try:
-        trio.run(Daemon(config).run)
+        trio.run(Daemon(config).run, instruments=instruments())  # none unless CPN_PROBE is set (benches)
     except BaseException as exc:  # trio wraps what its tasks raise in (nested) exception groups
         found = leaves(exc)
         listen = next((e for e in found if isinstance(e, ListenError)), None)

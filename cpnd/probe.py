@@ -1,0 +1,183 @@
+"""Event-loop counters for the data-plane benches, off unless ``CPN_PROBE`` names a directory.
+
+    CPN_PROBE=/tmp/probe cpnd --config gw.toml
+    kill -USR1 PID   # start a window: what /tmp/probe/mode says (count, the default; profile; calls; quiet)
+    kill -USR2 PID   # end it: write /tmp/probe/probe-PID.json (and .prof after profile, .calls after calls)
+
+Counts trio's scheduler batches, the batches that slept in epoll (wake-ups), task steps
+and spawns, and the time of task steps by task name (wall time: ``perf_counter`` costs no
+system call, where a CPU clock would cost two per step). In a "profile" window cProfile runs
+instead, in a "calls" one every function call is counted by the stack it came from (exact and
+load-independent, unlike any timing here), in a "quiet" one nothing (for py-spy, outside): the
+counters are off the loop then, so that a profile shows cpnd, not the probe. Off (the default), ``instruments()``
+is empty and nothing else runs: the event loop is not touched.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import collections
+import gc
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+ENV_DIR = "CPN_PROBE"
+MODE_FILE = "mode"  # in the directory: what the next window does (count, profile, calls or quiet)
+
+
+class LoopCounter(trio.abc.Instrument):
+    """Counts what the scheduler does between two resets; the time of steps by task name."""
+
+    def __init__(self) -> None:
+        self._step_started = self._gc_started = time.perf_counter()
+        self.reset()
+
+    def reset(self) -> None:
+        self.batches = 0  # io waits: one per scheduler batch (an epoll_wait call)
+        self.sleeps = 0  # io waits with a timeout: the loop had nothing to run and blocked (a wake-up)
+        self.steps = 0
+        self.spawned = 0
+        self.scheduled = 0
+        self.step_s: collections.Counter[str] = collections.Counter()
+        self.step_count: collections.Counter[str] = collections.Counter()
+        self.gc_runs = [0, 0, 0]  # collections by generation, and the time they took
+        self.gc_s = [0.0, 0.0, 0.0]
+        self.since = time.monotonic()
+        # _step_started is left alone: a reset comes from a signal handler, inside a task step.
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.batches += 1
+        if timeout > 0:
+            self.sleeps += 1
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        self.scheduled += 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+        self._step_started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        name = task.name.rsplit(".", 1)[-1]
+        self.step_s[name] += time.perf_counter() - self._step_started
+        self.step_count[name] += 1
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """A ``gc.callbacks`` entry: the cyclic collector's runs by generation, and their time."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            gen = info["generation"]
+            self.gc_runs[gen] += 1
+            self.gc_s[gen] += time.perf_counter() - self._gc_started
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"seconds": time.monotonic() - self.since, "batches": self.batches, "sleeps": self.sleeps,
+                "steps": self.steps, "spawned": self.spawned, "scheduled": self.scheduled,
+                "step_s": dict(self.step_s), "step_count": dict(self.step_count),
+                "gc_runs": list(self.gc_runs), "gc_s": list(self.gc_s)}
+
+
+class CallCounter:
+    """Every Python and C function call, counted by the Python stack it was made from (a
+    ``sys.setprofile`` hook: exact counts, for a run of its own, since it slows every call)."""
+
+    def __init__(self) -> None:
+        self.stacks: collections.Counter[tuple[Any, ...]] = collections.Counter()
+
+    def __call__(self, frame: Any, event: str, arg: object) -> None:
+        if event == "call" or event == "c_call":
+            codes = []
+            while frame is not None:
+                codes.append(frame.f_code)
+                frame = frame.f_back
+            self.stacks[tuple(codes)] += 1
+
+    def dump(self, path: Path) -> None:
+        """py-spy's raw format: the stack outermost first, ``;``-separated, then the count."""
+        lines = [";".join(_frame_name(c) for c in reversed(codes)) + f" {n}" for codes, n in self.stacks.items()]
+        path.write_text("\n".join(lines) + "\n")
+
+
+def _frame_name(code: Any) -> str:
+    path = code.co_filename
+    for marker in ("site-packages/", "/cpnd/", "/bench/"):
+        if marker in path:
+            path = (marker.strip("/") + "/" if marker != "site-packages/" else "") + path.split(marker, 1)[1]
+            break
+    return f"{code.co_qualname} ({path}:{code.co_firstlineno})"
+
+
+class _Probe:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.counter = LoopCounter()
+        self.profiler: cProfile.Profile | None = None
+        self.calls: CallCounter | None = None
+        self.counting = True
+
+    # Signal handlers run in the main thread, between two bytecodes of the trio loop: the
+    # instrument calls below are as safe there as in a task (trio copies its instrument lists),
+    # and sys.setprofile hooks the thread trio runs in.
+
+    def start(self, signum: int, frame: object) -> None:
+        self._end_window()
+        self.counter.reset()
+        try:
+            mode = (self.dir / MODE_FILE).read_text().strip()
+        except OSError:
+            mode = "count"
+        if mode in ("profile", "calls", "quiet"):
+            trio.lowlevel.remove_instrument(self.counter)
+            self.counting = False
+        if mode == "profile":
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+        elif mode == "calls":
+            self.calls = CallCounter()
+            sys.setprofile(self.calls)
+
+    def _end_window(self) -> None:
+        """Counters back on the loop, profilers off."""
+        if self.calls is not None:
+            sys.setprofile(None)
+        if self.profiler is not None:
+            self.profiler.disable()
+        if not self.counting:
+            trio.lowlevel.add_instrument(self.counter)
+            self.counting = True
+
+    def dump(self, signum: int, frame: object) -> None:
+        pid = os.getpid()
+        self._end_window()
+        if self.profiler is not None:
+            self.profiler.dump_stats(self.dir / f"probe-{pid}.prof")
+            self.profiler = None
+        if self.calls is not None:
+            self.calls.dump(self.dir / f"probe-{pid}.calls")
+            self.calls = None
+        tmp = self.dir / f"probe-{pid}.json.tmp"
+        tmp.write_text(json.dumps(self.counter.snapshot()))
+        tmp.rename(self.dir / f"probe-{pid}.json")  # whole or not there: the bench polls for it
+
+
+def instruments() -> list[trio.abc.Instrument]:
+    """The instruments for ``trio.run`` (none unless ``CPN_PROBE`` is set); installs the signal handlers."""
+    where = os.environ.get(ENV_DIR)
+    if not where:
+        return []
+    probe = _Probe(Path(where))
+    signal.signal(signal.SIGUSR1, probe.start)
+    signal.signal(signal.SIGUSR2, probe.dump)
+    gc.callbacks.append(probe.counter.on_gc)
+    return [probe.counter]

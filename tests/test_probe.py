@@ -1,0 +1,77 @@
+"""The benches' event-loop probe (cpnd/probe.py): nothing unless CPN_PROBE is set; windows by signal."""
+
+from __future__ import annotations
+
+import json
+import os
+import pstats
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+
+from cpnd import probe
+
+
+def test_off_without_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(probe.ENV_DIR, raising=False)
+    before = signal.getsignal(signal.SIGUSR1)
+    assert probe.instruments() == []
+    assert signal.getsignal(signal.SIGUSR1) is before  # no handler taken either
+
+
+def _window(directory: Path, mode: str, steps: int) -> Path:
+    """One probe window of ``mode`` around ``steps`` checkpoints of a task; the counters file."""
+    (directory / probe.MODE_FILE).write_text(mode)
+
+    async def main() -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await trio.sleep(0)  # the handler runs between two bytecodes: by now it has
+        async with trio.open_nursery() as nursery:
+            async def worker() -> None:
+                for _ in range(steps):
+                    await trio.sleep(0)
+            nursery.start_soon(worker, name="worker")
+        await trio.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        await trio.sleep(0)
+
+    trio.run(main, instruments=probe.instruments())
+    return directory / f"probe-{os.getpid()}.json"
+
+
+@pytest.fixture
+def probe_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(probe.ENV_DIR, str(tmp_path))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    yield tmp_path
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_counts_steps_spawns_and_waits(probe_dir: Path) -> None:
+    counts = json.loads(_window(probe_dir, "count", 50).read_text())
+    assert counts["spawned"] >= 1
+    assert counts["step_count"]["worker"] == 51  # 50 checkpoints and the last step that returns
+    assert counts["steps"] >= 51 and counts["batches"] >= 50
+    assert counts["sleeps"] >= 1  # the millisecond sleep blocked in epoll
+    assert counts["step_s"]["worker"] > 0
+
+
+def test_profile_window_dumps_a_profile_and_counts_nothing(probe_dir: Path) -> None:
+    counts = json.loads(_window(probe_dir, "profile", 20).read_text())
+    assert counts["steps"] == 0  # the counters were off the loop
+    stats = pstats.Stats(str(probe_dir / f"probe-{os.getpid()}.prof"))
+    assert any(func == "worker" for (_, _, func) in stats.stats)  # type: ignore[attr-defined]
+
+
+def test_calls_window_counts_every_call_by_its_stack(probe_dir: Path) -> None:
+    _window(probe_dir, "calls", 30)
+    lines = (probe_dir / f"probe-{os.getpid()}.calls").read_text().splitlines()
+    stacks = {line.rpartition(" ")[0]: int(line.rpartition(" ")[2]) for line in lines}
+    # Each of worker's 30 checkpoints calls trio.sleep from worker's frame, below trio's loop.
+    from_worker = [n for stack, n in stacks.items()
+                   if stack.split(";")[-1].startswith("_window.<locals>.main.<locals>.worker (")
+                   and "unrolled_run (trio/_core/_run.py" in stack]
+    assert sum(from_worker) >= 30
