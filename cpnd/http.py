@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import json
 from http import HTTPStatus
@@ -1384,6 +1385,10 @@ class DataPlane:
         try:
             entry = await self._connect(host, port)
         except (OSError, trio.TooSlowError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
+                sink.reset(ResetCode.REFUSED, False, f"{self.d.id} is out of descriptors")
+                return None
             self._health_result(inst.id, False)
             sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
             return None
