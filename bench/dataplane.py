@@ -720,10 +720,12 @@ CATEGORIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
                                                         "(cpnd/wire.py", "Connection._process", "Connection.send_tunnel",
                                                         "Connection._enqueue", "DataPlane.on_stream")),
     ("peer writer and reader tasks (wake, batch, loop)", False, ("Connection._writer", "Connection._reader")),
-    ("other request handling in cpnd/http.py", False, ("(cpnd/http.py",)),
+    ("the rest of the proxy's own request loop (cpnd/http.py; the floor's _handle)", False,
+     ("(cpnd/http.py", "_handle (bench/floor_proxy.py", "_next (bench/floor_proxy.py", "_guarded (bench/floor_proxy.py")),
     ("trio scheduling and socket wrappers", False, ("(trio/",)),
 )
 FLOOR_WORK = ("socket send/recv calls", "epoll (the loop's wait and poll)", "h11 parse and serialise",
+              "the rest of the proxy's own request loop (cpnd/http.py; the floor's _handle)",
               "h11 events built anew (Request/Response/EndOfMessage validation)", "trio scheduling and socket wrappers")
 
 
@@ -766,14 +768,15 @@ def attribute(raw: Path, n_req: int, cpu_us: float, idle: tuple[Path, float] | N
         inner = {k: v - iinner.get(k, 0) * idle[1] for k, v in inner.items()}
     total = max(sum(v for v in cats.values() if v > 0), 1)
     rows = sorted(inner.items(), key=lambda kv: -kv[1])
-    return {"count": total, "per_request": round(total / n_req, 1),
+    return {"count": round(total), "per_request": round(total / n_req, 1),
             "categories": {k: {"per_request": round(v / n_req, 1), "us": round(v / total * cpu_us, 1)}
-                           for k, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v / n_req >= 0.5},
+                           for k, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v / total >= 0.002},
             "top": [{"frame": k, "per_request": round(v / n_req, 1), "us": round(v / total * cpu_us, 1)}
                     for k, v in rows[:top]]}
 
 
-def calls_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]]) -> dict[str, Any]:
+def calls_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]],
+               keep: Path | None = None) -> dict[str, Any]:
     """Every call each gateway makes over ``n`` sequential requests, by the stack it came from,
     less the calls of an idle window (timers, keepalives, the load loop) over as long."""
     (probe.dir / "mode").write_text("calls")
@@ -795,6 +798,12 @@ def calls_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, 
         out[k] = {role: attribute(probe.dir / f"probe-{pid}.calls", n, cpu_us,
                                   (probe.dir / f"idle-{pid}.calls", seconds[pid] / idle_s[pid]))
                   for (role, pid), cpu_us in zip(rig.roles[k], cpu[k])}
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for role, pid in rig.roles[k]:
+                name = f"{k}-{role.split(' ', 1)[0]}".replace(" ", "_")
+                shutil.copy(probe.dir / f"probe-{pid}.calls", keep / f"{name}.calls")
+                shutil.copy(probe.dir / f"idle-{pid}.calls", keep / f"{name}-idle.calls")
     return out
 
 
@@ -853,7 +862,8 @@ def breakdown(args: argparse.Namespace) -> int:
             out.mkdir(parents=True, exist_ok=True)
             (out / "dataplane_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")  # the counts, whatever follows
             cpu = {k: [r["cpu_us"] for r in result["paths"][k]] for k in paths}
-            result["calls"] = calls_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.calls_requests, cpu)
+            result["calls"] = calls_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.calls_requests, cpu,
+                                         Path(args.keep_profiles) if args.keep_profiles else None)
             if py_spy():
                 (probe_dir / "mode").write_text("quiet")  # no counters while py-spy samples
                 result["py_spy"] = spy_pass(rig, probe, [k for k in paths if k not in FLOORS[1:]], args.spy_requests,
@@ -974,7 +984,8 @@ def main() -> int:
     ap.add_argument("--profile-requests", type=int, default=1000)
     ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
     ap.add_argument("--spy-requests", type=int, default=4000, help="requests per path while py-spy samples")
-    ap.add_argument("--keep-profiles", metavar="DIR", help="keep the cProfile dumps (PATH-ROLE.prof) in DIR")
+    ap.add_argument("--keep-profiles", metavar="DIR",
+                    help="keep the cProfile dumps (PATH-ROLE.prof) and the call stacks (PATH-ROLE.calls) in DIR")
     ap.add_argument("--idle-seconds", type=float, default=5.0, help="the idle window whose rates are subtracted")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
