@@ -57,7 +57,7 @@ from .select import (
     slack_us,
     within_bound,
 )
-from .streams import ByteStream, StreamReset, TunnelStream, _Inbox
+from .streams import Abandon, ByteStream, StreamReset, TunnelStream, _Inbox
 from .tunnel import EXT_FLAG_IDEMPOTENT, NO_BUDGET, ExtHeader, ResetCode
 
 if TYPE_CHECKING:
@@ -211,11 +211,11 @@ class PipeEnd:
         self.other: PipeEnd = self
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.sent_end = False
-        self._watchers: list[trio.CancelScope] = []
+        self.abandon = Abandon()
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the other end resets (the ingress gave up)."""
-        self._watchers.append(scope)
+        self.abandon.add(scope)
 
     @property
     def closed(self) -> bool:
@@ -268,9 +268,7 @@ class PipeEnd:
         self.inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
         self.drained.set()
         self.other.drained.set()
-        watchers, self.other._watchers = self.other._watchers, []
-        for scope in watchers:
-            scope.cancel()
+        self.other.abandon.fire()
 
 
 def pipe() -> tuple[PipeEnd, PipeEnd]:

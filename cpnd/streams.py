@@ -63,6 +63,21 @@ class ByteStream(Protocol):
     def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None: ...
 
 
+class Abandon:
+    """Cancel scopes of the work done for a stream, cancelled when the stream is abandoned."""
+
+    def __init__(self) -> None:
+        self._scopes: list[trio.CancelScope] = []
+
+    def add(self, scope: trio.CancelScope) -> None:
+        self._scopes.append(scope)
+
+    def fire(self) -> None:
+        scopes, self._scopes = self._scopes, []
+        for scope in scopes:
+            scope.cancel()
+
+
 class _Inbox:
     """Received chunks waiting for the reader; ``b""`` marks the end."""
 
@@ -108,17 +123,15 @@ class TunnelStream:
         self.closed = False
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
-        self._watchers: list[trio.CancelScope] = []
+        self._abandon = Abandon()
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
         the work done for it (an instance call) stops with it."""
-        self._watchers.append(scope)
+        self._abandon.add(scope)
 
     def _abandoned(self) -> None:
-        watchers, self._watchers = self._watchers, []
-        for scope in watchers:
-            scope.cancel()
+        self._abandon.fire()
 
     @property
     def peer(self) -> str:
