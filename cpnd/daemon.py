@@ -27,7 +27,7 @@ from .config import Config, PeerConfig, load_config, peer_overhead
 from .crypto import public_key_b64
 from .crypto import Role
 from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
-from .http import DataPlane, HttpLimits
+from .dataplane import DataPlane, HttpLimits
 from .limits import TokenBucket
 from .names import service_label
 from .load import LoadPacer

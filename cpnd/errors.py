@@ -131,3 +131,15 @@ class ProtocolError(CpnError):
 
 class ConfigError(CpnError):
     """An invalid configuration; the message is one line naming file, line and key."""
+
+
+class HttpError(CpnError):
+    """A gateway-made error response: status and the contract's JSON body (README, "Errors")."""
+
+    def __init__(self, status: int, error: str, detail: str, *, close: bool = False) -> None:
+        super().__init__(f"{status} {error}: {detail}")
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.close = close  # the request's framing cannot be trusted: end the connection after this
+        self.service = ""  # for metrics, once known

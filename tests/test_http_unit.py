@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cpnd.http import HttpError, check_target, filter_headers, translate_target
+from cpnd.errors import HttpError
+from cpnd.h1 import filter_headers, translate_target
+from cpnd.heads import check_target
 
 
 @pytest.mark.parametrize(("target", "service", "url", "expected"), [
@@ -47,7 +49,9 @@ def test_body_taken_whole_or_streamed_loses_nothing(size: int) -> None:
     import h11
     import trio
 
-    from cpnd.http import MAX_REPLAY_BYTES, BodySource, H11Stream, HttpLimits
+    from cpnd.body import MAX_REPLAY_BYTES, BodySource
+    from cpnd.h1 import H11Stream
+    from cpnd.plane import HttpLimits
 
     body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     client = H11Stream(h11.SERVER, None)

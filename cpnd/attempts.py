@@ -1,0 +1,210 @@
+"""The ingress's attempts: one request tried on the candidates its plan gives, until one answers.
+
+An attempt goes through a tunnel stream to the next hop, or to one of our own instances
+(in one call when the whole request is in hand, else through an in-process pipe); its
+response is relayed to the user (relay.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import h11
+import trio
+
+from .aio import open_nursery
+from .body import BodySource
+from .errors import HttpError
+from .egress import Egress
+from .h1 import H11Stream, content_length, filter_headers, framing
+from .pipes import LocalEvents, PipeEnd, pipe
+from .plane import Plane
+from .planner import Attempt, Plan, Planner
+from .relay import Cut, UserSink, relay_response
+from .select import Candidate
+from .streams import ByteStream, StreamReset
+from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
+
+log = logging.getLogger("cpnd.http")
+
+Headers = list[tuple[bytes, bytes]]
+ServeLocal = Callable[[PipeEnd, ExtHeader], None]  # runs our egress on the far end of a pipe
+
+
+class Attempts:
+    """Forwarding for one gateway's ingress."""
+
+    def __init__(self, plane: Plane, planner: Planner, egress: Egress, serve_local: ServeLocal) -> None:
+        self.p = plane
+        self.planner = planner
+        self.egress = egress
+        self.serve_local = serve_local
+
+    async def forward(self, client: H11Stream, req: h11.Request, plan: Plan) -> tuple[str, int]:
+        """Serve ``req`` on the first candidate that answers: (its instance, the status), or HttpError."""
+        body = BodySource(client, self.p.limits)
+        if client.conn.they_are_waiting_for_100_continue:
+            await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+        headers = filter_headers(req.headers, drop_cpn=True) + framing(req.headers)
+        if not any(n.lower() == b"host" for n, _ in headers):
+            # HTTP/1.0 allows none; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
+            headers.append((b"host", self.p.gw.id.encode()))
+        while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
+            start = trio.current_time()
+            attempt = Attempt()
+            try:
+                status = await self._attempt(client, req, headers, body, cand, plan, attempt)
+            except StreamReset as exc:
+                now = trio.current_time()
+                go_on = plan.failed(cand, exc.code, exc.delivered, exc.text, now)
+                if self.p.attempt_lines.allow(self.p.gw.id, now):
+                    more = "; trying the next candidate" if go_on and plan.more(body.replayable) else ""
+                    log.info("%s: %s %s via %s/%s failed: %s%s", self.p.gw.id, req.method.decode("ascii", "replace"),
+                             plan.service, cand.origin, cand.instance, exc, more)
+                if not go_on:
+                    break
+                self.p.stats["retries"] += 1
+                continue
+            # The bound runs from the head's arrival; a retry's own time from its start.
+            if self.planner.observed(plan, cand, attempt, plan.t0 if not plan.failures else start, trio.current_time()):
+                self.p.stats["late"] += 1
+            return cand.instance, status
+        raise plan.error()
+
+    def _open_upstream(self, cand: Candidate, ext: ExtHeader) -> ByteStream:
+        if cand.next_hop is None:
+            near, far = pipe()
+            self.serve_local(far, ext)
+            return near  # carries h11 events (LocalEvents), not bytes
+        conn = self.p.gw.established_conn(cand.next_hop)
+        if conn is None or conn.mux is None:
+            raise StreamReset(ResetCode.NO_ROUTE, False, f"no session to next hop {cand.next_hop}")
+        return conn.mux.open(ext)
+
+    async def _attempt(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,
+                       cand: Candidate, plan: Plan, attempt: Attempt) -> int:
+        """One try on ``cand``: the response's status, or StreamReset when it failed before a response
+        reached the user."""
+        now = trio.current_time()
+        budget, slack = plan.budget_us(now), plan.slack_us(cand, now)
+        if cand.next_hop is None and body.take_buffered() and body.replayable:
+            return await self._attempt_local(client, req, headers, body, cand, plan, budget, slack, attempt)
+        ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), plan.cons.qos, 16, budget,
+                        EXT_FLAG_IDEMPOTENT if plan.idempotent else 0, slack)
+        head = h11.Request(method=req.method, target=req.target, headers=headers)  # before a stream exists
+        up_raw = self._open_upstream(cand, ext)
+        up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
+        self.p.account.sent(cand.key, trio.current_time())
+        try:
+            if body.take_buffered() and body.replayable:
+                # The whole request is here (or kept from an earlier try): it goes upstream in
+                # one write, and no task streams it.
+                body.consumed = True
+                data = body.whole()
+                await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
+                attempt.sent_at = trio.current_time()
+                attempt.whole = True
+                return await self._response(client, up, up_raw, plan, attempt)
+            async with open_nursery() as nursery:
+                attempt.sent_at = trio.current_time()
+                nursery.start_soon(_upload, up, up_raw, head, body)
+                status = await self._response(client, up, up_raw, plan, attempt)
+                if not body.done:
+                    nursery.cancel_scope.cancel()  # answered before reading the whole body
+            return status
+        except h11.ProtocolError as exc:
+            up_raw.reset(ResetCode.BAD_REQUEST, True, str(exc))
+            if not attempt.sent_head:
+                raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
+            raise trio.BrokenResourceError(str(exc)) from None
+        except StreamReset:
+            if attempt.sent_head:
+                raise trio.BrokenResourceError("upstream reset mid-response") from None
+            raise
+        finally:
+            # Every way out leaves the stream closed: a response that came before the whole
+            # request went up, an error, a cancellation (the far end stops waiting too).
+            if not up_raw.closed:
+                up_raw.reset(ResetCode.CANCEL, True, "ingress done with the stream")
+            self.p.account.finished(cand.key)
+            if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
+                load, bload, comp, instance_us = up_raw.load_report
+                self.p.account.heard(cand.key, load, bload, comp, trio.current_time())
+                attempt.instance_s = None if instance_us is None else instance_us / 1_000_000
+
+    async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,
+                             cand: Candidate, plan: Plan, budget_us: int, slack_us: int, attempt: Attempt) -> int:
+        """One try on one of our own instances, the whole request in hand: the ingress calls it
+        itself (no stream, no task); admission and errors as for a tunnelled request."""
+        found = self.egress.local.get((cand.label, cand.instance))
+        if found is None:
+            raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {cand.instance}")
+        service, inst = found
+        refusal = self.egress.admit(inst, budget_us, slack_us)
+        if refusal is not None:
+            raise StreamReset(ResetCode.REFUSED, False, refusal)
+        body.consumed = True
+        data = body.whole()
+        sink = UserSink(client, attempt)
+        attempt.whole = True
+        self.p.account.sent(cand.key, trio.current_time())
+        try:
+            attempt.instance_s = await self.egress.call(
+                sink, service, inst, req.method, req.target, headers,
+                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.deadline)
+            if sink.failure is not None:
+                raise sink.failure
+        except StreamReset as exc:
+            if attempt.sent_head:
+                raise trio.BrokenResourceError(str(exc)) from None
+            raise
+        finally:
+            self.p.account.finished(cand.key)
+        self.p.stats[f"status_{sink.status // 100}xx"] += 1
+        return sink.status
+
+    async def _response(self, client: H11Stream, up: H11Stream | LocalEvents, up_raw: ByteStream, plan: Plan,
+                        attempt: Attempt) -> int:
+        """Pass the upstream's response on to the user; its status."""
+        event = up.next_event_nowait()
+        if event is None:
+            with trio.move_on_at(plan.deadline):
+                event = await up.next_event()
+            if event is None:
+                up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
+                raise HttpError(504, "deadline_exceeded", f"no response within {plan.cons.timeout_s:g} s")
+        while isinstance(event, h11.InformationalResponse):
+            event = await up.next_event()
+        if isinstance(event, h11.ConnectionClosed):
+            raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
+        assert isinstance(event, h11.Response)
+        attempt.upstream_head_at = trio.current_time()
+        response = h11.Response(status_code=event.status_code, reason=event.reason,
+                                headers=filter_headers(event.headers, drop_cpn=False) + framing(event.headers))
+        sink = UserSink(client, attempt)
+        try:
+            await relay_response(up, response, content_length(event.headers), sink, self.p.limits.body_idle_timeout_s,
+                                 trailers=False)
+        except Cut as exc:
+            if exc.held:  # the user has seen nothing: a clean error, or a retry
+                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
+            raise trio.BrokenResourceError("upstream ended mid-response") from None
+        self.p.stats[f"status_{event.status_code // 100}xx"] += 1
+        return event.status_code
+
+
+async def _upload(up: H11Stream | LocalEvents, up_raw: ByteStream, head: h11.Request, body: BodySource) -> None:
+    """Stream the user's request upstream as it arrives (the response may come first)."""
+    try:
+        await up.send(head)
+        async for chunk in body.iterate():
+            await up.send(h11.Data(data=chunk))
+        await up.send(h11.EndOfMessage(), end=True)
+    except StreamReset:
+        pass  # the download side reports what happened
+    except HttpError:
+        up_raw.reset(ResetCode.CANCEL, True, "client request failed")
+        raise
+

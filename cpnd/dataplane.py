@@ -1,0 +1,162 @@
+"""The data plane of one gateway, assembled: ingress (users.py, attempts.py), transit, egress.
+
+ingress (the user's HTTP/1.1, a plan per request) -> tunnel streams hop by hop (transit
+relays bytes) -> egress (URL-PATH -> the instance's real URL, keep-alive pool) -> and back.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+import trio
+
+from .attempts import Attempts
+from .config import Config
+from .egress import Egress
+from .load import InstanceMeter, OwnTimes
+from .pipes import PipeEnd
+from .plane import Gateway, HttpLimits, Plane
+from .planner import Planner
+from .rib import Best, Key
+from .select import TtlCache, View, ingress_view
+from .streams import ByteStream, StreamReset, TunnelStream
+from .transit import Transit
+from .tunnel import ExtHeader, ResetCode
+from .users import Users
+
+__all__ = ["DataPlane", "HttpLimits"]
+
+log = logging.getLogger("cpnd.http")
+
+
+class DataPlane:
+    """Ingress, transit and egress for one gateway; what the daemon, control and metrics see of them."""
+
+    def __init__(self, gw: Gateway, limits: HttpLimits = HttpLimits()) -> None:
+        self.gw = gw
+        self.plane = Plane(gw, limits)
+        self.egress = Egress(self.plane)
+        self.transit = Transit(self.plane)
+        self.planner = Planner(gw.rib, self._estimate, self.plane.account, self.plane.own, self.plane.correction,
+                               ttl=TtlCache(gw.config.gateway.dns_ttl_s))
+        self.attempts = Attempts(self.plane, self.planner, self.egress, self._serve_local)
+        self.users = Users(self.plane, self.planner, self.attempts)
+        self.reconfigure(gw.config)
+
+    # ---- what others read
+
+    @property
+    def limits(self) -> HttpLimits:
+        return self.plane.limits
+
+    @property
+    def stats(self) -> collections.Counter[str]:
+        return self.plane.stats
+
+    @property
+    def own(self) -> OwnTimes:
+        return self.plane.own
+
+    @property
+    def inflight(self) -> int:
+        return self.plane.inflight
+
+    @property
+    def meters(self) -> dict[str, InstanceMeter]:
+        return self.egress.meters
+
+    @property
+    def pool(self) -> dict[tuple[str, int], Any]:
+        return self.egress.pool
+
+    @property
+    def slots(self) -> Any:
+        return self.users.slots
+
+    @property
+    def clients(self) -> int:
+        return len(self.users.slots)
+
+    @property
+    def http_port(self) -> int | None:
+        return self.users.http_port
+
+    def health(self, iid: str) -> Any:
+        return self.egress.health(iid)
+
+    def estimate(self, key: Key, best: Best) -> View:
+        """What this ingress assumes of an instance now (select.ingress_view)."""
+        return self._estimate(key, best, trio.current_time())
+
+    def _estimate(self, key: Key, best: Best, now: float) -> View:
+        p = self.plane
+        return ingress_view(self.gw.rib, key, best, now, own=p.own, account=p.account, correction=p.correction,
+                            meter=self.egress.meters[key[2]] if key[1] == self.gw.id else None)
+
+    # ---- what the daemon drives
+
+    def reconfigure(self, config: Config) -> None:
+        self.egress.reconfigure(config)
+        self.planner.mode = config.gateway.selection
+        self.planner.ttl.ttl_s = config.gateway.dns_ttl_s
+        self.plane.correction.quantile = config.gateway.latency_quantile
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.users.serve(task_status=task_status)
+
+    def stop_accepting(self) -> None:
+        self.users.stop_accepting()
+
+    async def drained(self) -> None:
+        await self.plane.drained()
+
+    async def probe(self, inst: Any) -> None:
+        await self.egress.probe(inst)
+
+    def flush_log_counts(self) -> None:
+        """Log the counts of suppressed lines once their second is over, even when no more lines come."""
+        now = trio.current_time()
+        self.plane.error_lines.flush(self.gw.id, now)
+        self.plane.attempt_lines.flush(self.gw.id, now)
+
+    def flush_edge_log(self) -> None:
+        self.users.flush_edge_log()
+
+    def on_stream(self, stream: TunnelStream) -> None:
+        """A peer opened a stream to us: egress if we are the origin, else relay."""
+        if self.users.draining:  # not delivered: the ingress tries elsewhere
+            stream.reset(ResetCode.REFUSED, False, f"{self.gw.id} is shutting down")
+            return
+        assert self.gw.nursery is not None and stream.ext is not None
+        self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, f"stream {stream.id} from {stream.peer}",
+                                   trio.current_time())
+
+    def _serve_local(self, far: PipeEnd, ext: ExtHeader) -> None:
+        assert self.gw.nursery is not None
+        self.gw.nursery.start_soon(self._serve_stream, far, ext, "local", None)
+
+    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str, opened_at: float | None) -> None:
+        """Egress if we are the origin, else relay; nothing that goes wrong escapes. ``opened_at``:
+        when a peer's OPEN came (our own processing is measured from there; None: our own pipe)."""
+        self.plane.begin()
+        try:
+            if ext.origin == self.gw.id:
+                with trio.CancelScope() as abandoned:  # the instance call stops when the stream is abandoned
+                    stream.cancel_on_abandon(abandoned)
+                    await self.egress.serve(stream, ext, opened_at)
+            elif isinstance(stream, TunnelStream):
+                await self.transit.relay(stream, ext, opened_at)
+            else:
+                stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
+        except StreamReset as exc:  # the other end's (then the stream is closed), or one of ours to send
+            stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
+                         exc.delivered, exc.text)
+        except Exception:  # a bug must cost one request, never the daemon
+            log.exception("%s: %s failed", self.gw.id, what)
+            stream.reset(ResetCode.INTERNAL, True, "internal error")
+        finally:
+            if not stream.closed:  # e.g. answered before the whole request came: stop the sender
+                stream.reset(ResetCode.CANCEL, True, f"{self.gw.id} is done with the stream")
+            self.plane.end()

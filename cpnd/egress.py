@@ -1,0 +1,328 @@
+"""The egress: our own instances: admission, the keep-alive pool, health probes, and the call itself.
+
+A request for one of our instances comes down a tunnel stream, an in-process pipe, or (the
+whole request in hand at the ingress) straight from the user's connection; the identifier is
+rewritten to the instance's real URL and its response relayed back.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import urllib.parse
+from typing import Any
+
+import attrs
+import h11
+import trio
+
+from .aio import open_nursery
+from .config import Config, InstanceConfig, ServiceConfig
+from .h1 import MAX_HEADER_BYTES, H11Stream, content_length, filter_headers, framing, instance_address, \
+    next_event_within, readable, translate_target
+from .health import HealthTracker
+from .load import InstanceMeter, Stage
+from .names import service_label
+from .pipes import LocalEvents, PipeEnd
+from .plane import Plane
+from .relay import Cut, Sink, StreamSink, relay_response
+from .select import match_service
+from .streams import ByteStream, StreamReset
+from .tunnel import NO_BUDGET, ExtHeader, ResetCode
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@attrs.define
+class _PoolEntry:
+    stream: trio.SocketStream
+    conn: h11.Connection
+
+
+class _Inline:
+    """Stands in for a nursery when there is nothing to run beside the caller (the common case)."""
+
+    def __init__(self) -> None:
+        self.cancel_scope = trio.CancelScope()
+
+    async def __aenter__(self) -> _Inline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class Egress:
+    """Our own instances, as this gateway's egress serves them."""
+
+    def __init__(self, plane: Plane) -> None:
+        self.p = plane
+        self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
+        self.meters: dict[str, InstanceMeter] = {}
+        self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {}
+        self._health: dict[str, HealthTracker] = {}
+        self._vouched: dict[str, float] = {}  # when a request last reached each instance
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the (re)loaded services: meters of instances that stay keep their history."""
+        self.local = {(service_label(s.path), i.id): (s, i) for s in config.services for i in s.instances}
+        meters = {}
+        for _, inst in self.local.values():
+            m = self.meters.get(inst.id) or InstanceMeter(inst.capacity, int(inst.compute_latency_ms * 1000))
+            m.capacity = inst.capacity
+            m.hint_us = inst.compute_latency_ms * 1000
+            meters[inst.id] = m
+        self.meters = meters
+
+    # ---- health
+
+    def health(self, iid: str) -> HealthTracker:
+        tracker = self._health.get(iid)
+        if tracker is None:
+            g = self.p.gw.config.gateway
+            tracker = self._health[iid] = HealthTracker(g.health_failures, g.health_successes,
+                                                        hold_down_s=g.health_interval_ms / 1000)
+        return tracker
+
+    def health_result(self, iid: str, ok: bool) -> None:
+        now = trio.current_time()
+        if ok:
+            self._vouched[iid] = now
+        if self.health(iid).result(ok, now):
+            self.p.gw.health_changed(iid, self.health(iid).healthy)
+
+    async def probe(self, inst: InstanceConfig) -> None:
+        """Active check: a TCP connect, or GET ``health_path`` answered below 500."""
+        now = trio.current_time()
+        interval = self.p.gw.config.gateway.health_interval_ms / 1000
+        if self.health(inst.id).healthy and now - self._vouched.get(inst.id, -1e9) < interval:
+            return  # real traffic proved it alive since the last probe
+        ok = False
+        with trio.move_on_after(min(2.0, interval)):
+            ok = await _check(inst)
+        self.health_result(inst.id, ok)
+
+    # ---- admission
+
+    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int) -> str | None:
+        """Admission for one request to ``inst`` (NO_BUDGET: none given): None, or why it is refused (counted)."""
+        meter = self.meters[inst.id]
+        if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
+            refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
+        else:
+            refusal = meter.admit(trio.current_time(), None if budget_us == NO_BUDGET else budget_us,
+                                  None if slack_us == NO_BUDGET else slack_us)
+        if refusal is None:
+            return None
+        self.p.stats["admission_rejects"] += 1
+        return f"{inst.id}: {refusal}"
+
+    # ---- a stream for one of our instances
+
+    async def serve(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None) -> None:
+        """A request down a tunnel stream or pipe: read its head, admit it, call the instance."""
+        found = self.local.get((ext.label, ext.instance))
+        if found is None:
+            stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} of label {ext.label}")
+            return
+        service, inst = found
+        rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
+        deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
+        try:
+            method, target, headers, rest = await self._head(rx, service)
+        except StreamReset as exc:
+            stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
+            return
+        sink = StreamSink(rx, stream)
+        refusal = self.admit(inst, ext.budget_us, ext.slack_us)
+        if refusal is not None:
+            sink.report_load(self.meters[inst.id])
+            sink.reset(ResetCode.REFUSED, False, refusal)
+            return
+        served = await self.call(sink, service, inst, method, target, headers, rest, rx, deadline)
+        if served is not None and sink.head_at is not None and opened_at is not None:
+            self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
+
+    async def _head(self, rx: H11Stream | LocalEvents, service: ServiceConfig) -> tuple[bytes, bytes, Headers, list[Any]]:
+        """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped) and
+        what of its body came with it (all of it, usually); StreamReset(BAD_REQUEST or
+        NO_SUCH_INSTANCE) for what cannot be served."""
+        timeout_s = self.p.limits.header_timeout_s
+        try:
+            event = await next_event_within(rx, timeout_s)
+            if not isinstance(event, h11.Request):
+                raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
+            path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
+            if match_service({service.path}, path) != service.path:
+                raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
+            rest: list[Any] = []
+            while not (rest and isinstance(rest[-1], h11.EndOfMessage)):
+                ev = rx.next_event_nowait()
+                if ev is None:
+                    break
+                if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                    raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
+                rest.append(ev)
+        except h11.RemoteProtocolError as exc:
+            raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
+        except trio.TooSlowError:
+            raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
+        return event.method, event.target, filter_headers(event.headers, drop_cpn=True) + framing(event.headers), rest
+
+    async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
+                   headers: Headers, rest: list[Any], rx: H11Stream | LocalEvents | None,
+                   deadline: float | None) -> float | None:
+        """Call an admitted request's instance and account what it took: the instance's time to its
+        response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``rest``
+        is what of the body is here, ``rx`` streams the remainder (None: all here)."""
+        meter = self.meters[inst.id]
+        host, port, netloc = instance_address(inst.url)
+        headers = [(b"host", netloc), *((n, v) for n, v in headers if n.lower() != b"host")]
+        first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
+                             headers=headers), *rest]
+        rest.clear()  # the body's pieces live on in ``first`` only, until they are written
+        load_at_arrival = meter.load(trio.current_time())
+        served: float | None = None
+        try:
+            served = await self._exchange(first, rx, sink, inst, host, port, deadline)
+        finally:
+            if served is None:
+                meter.abandoned()
+            else:
+                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
+        return served
+
+    async def _connect(self, host: str, port: int) -> _PoolEntry:
+        idle = self.pool.get((host, port))
+        while idle:
+            entry = idle.pop()
+            if entry.conn.our_state is h11.IDLE and not readable(entry.stream):
+                return entry
+            # The instance closed it while idle (or sent junk): never send into it.
+            await entry.stream.aclose()
+        with trio.fail_after(self.p.limits.instance_connect_timeout_s):
+            s = await trio.open_tcp_stream(host, port)
+        return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+
+    async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int) -> _PoolEntry | None:
+        """A connection to the instance, or None once the sink has been told why not."""
+        try:
+            return await self._connect(host, port)
+        except (OSError, trio.TooSlowError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
+                sink.reset(ResetCode.REFUSED, False, f"{self.p.gw.id} is out of descriptors")
+                return None
+            self.health_result(inst.id, False)
+            why = "connect timed out" if isinstance(exc, trio.TooSlowError) else exc.strerror or exc
+            sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {why}")
+            return None
+
+    async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink,
+                        inst: InstanceConfig, host: str, port: int, deadline: float | None) -> float | None:
+        """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None."""
+        entry = await self._connected(sink, inst, host, port)
+        if entry is None:
+            return None
+        ic = H11Stream(h11.CLIENT, entry.stream)
+        ic.conn = entry.conn
+        up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s)
+        head_after: float | None = None
+        try:
+            async with (_Inline() if up.complete else open_nursery()) as nursery:
+                if up.complete:
+                    await up.run()  # one write, no task
+                else:
+                    nursery.start_soon(up.run)
+                with trio.move_on_at(deadline if deadline is not None else float("inf")) as cs:
+                    ev = await ic.next_event()
+                    while isinstance(ev, h11.InformationalResponse):
+                        ev = await ic.next_event()
+                if cs.cancelled_caught:
+                    sink.reset(ResetCode.DEADLINE, up.delivered, f"{inst.id} did not answer within the deadline")
+                    nursery.cancel_scope.cancel()
+                    await entry.stream.aclose()
+                    return None
+                if not isinstance(ev, h11.Response):
+                    raise OSError("instance closed the connection before responding")
+                self.health_result(inst.id, True)
+                head_after = max(0.0, trio.current_time() - up.done_at)
+                sink.report_load(self.meters[inst.id], head_after)
+                headers = filter_headers(ev.headers, drop_cpn=True) + framing(ev.headers)
+                headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())]
+                response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
+                await relay_response(ic, response, content_length(ev.headers), sink, self.p.limits.body_idle_timeout_s)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, trio.TooSlowError,
+                Cut) as exc:
+            await entry.stream.aclose()
+            what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
+            if head_after is None:
+                sink.reset(ResetCode.INSTANCE_FAILED, up.delivered, f"{inst.id}: {what}")
+            else:
+                sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {what}")
+            return head_after
+        except StreamReset:
+            await entry.stream.aclose()
+            raise
+        self._pool(host, port, entry)
+        return head_after
+
+    def _pool(self, host: str, port: int, entry: _PoolEntry) -> None:
+        """Keep a connection whose exchange completed both ways for the next request, if there is room."""
+        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
+            entry.conn.start_next_cycle()
+            idle = self.pool.setdefault((host, port), collections.deque())
+            if len(idle) < self.p.limits.pool_idle_per_instance:
+                idle.append(entry)
+                return
+        entry.stream.socket.close()
+
+
+class _Upload:
+    """The request to an instance: what is here in one write, the rest streamed as it comes."""
+
+    def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float) -> None:
+        self.ic = ic
+        self.first = first
+        self.rx = rx
+        self.idle_s = idle_s
+        self.complete = isinstance(first[-1], h11.EndOfMessage)
+        self.delivered = False
+        self.done_at = trio.current_time()  # compute latency counts from the end of the upload
+
+    async def run(self) -> None:
+        await self.ic.send_all(self.first)
+        self.delivered = True
+        while not self.complete:
+            assert self.rx is not None
+            try:
+                ev = await next_event_within(self.rx, self.idle_s)
+            except trio.TooSlowError:
+                raise StreamReset(ResetCode.CANCEL, True, f"request body idle for {self.idle_s:g} s") from None
+            if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                raise StreamReset(ResetCode.BAD_REQUEST, True, "tunnelled request ended early")
+            await self.ic.send(ev)
+            self.complete = isinstance(ev, h11.EndOfMessage)
+        self.done_at = trio.current_time()
+
+
+async def _check(inst: InstanceConfig) -> bool:
+    """One probe: the instance accepts a connection (and answers ``health_path`` below 500)."""
+    u = urllib.parse.urlsplit(inst.url)
+    try:
+        stream = await trio.open_tcp_stream(u.hostname or "127.0.0.1", u.port or 80)
+    except OSError:
+        return False
+    async with stream:
+        if inst.health_path is None:
+            return True
+        conn = H11Stream(h11.CLIENT, stream)
+        try:
+            await conn.send(h11.Request(method="GET", target=inst.health_path,
+                                        headers=[("host", u.netloc), ("connection", "close")]))
+            await conn.send(h11.EndOfMessage())
+            event = await conn.next_event()
+        except (h11.ProtocolError, trio.BrokenResourceError, OSError):
+            return False
+        return isinstance(event, h11.Response) and event.status_code < 500

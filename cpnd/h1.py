@@ -1,0 +1,179 @@
+"""HTTP/1.1 messages over byte streams with h11, and the header rules every role shares."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import select
+import urllib.parse
+from collections.abc import Iterable
+from http import HTTPStatus
+from typing import Any
+
+import h11
+import trio
+
+from .errors import HttpError
+from .heads import MAX_HEADER_BYTES
+
+RECEIVE_CHUNK = 256 * 1024  # a bulk body in fewer, larger pieces (each one costs an h11 cycle)
+RESPONSE_HOLD_BYTES = 64 * 1024  # responses up to this size reach the user whole or not at all
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+              b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"}
+IDEMPOTENT = {b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"}
+DRAIN_LIMIT = 64 * 1024
+DRAIN_TIMEOUT_S = 1.0
+
+
+def h11_reason(exc: h11.ProtocolError) -> str:
+    """h11's message without the buffer reprs it appends (``illegal request line: bytearray(b'SM')``)."""
+    return re.split(r":\s*(?:bytearray\()?b['\"]", str(exc), maxsplit=1)[0]
+
+
+
+def filter_headers(headers: Iterable[tuple[bytes, bytes]], *, drop_cpn: bool) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers (and those the Connection header names), and optionally CPN-*."""
+    headers = list(headers)
+    # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
+    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")} - {b"host"}
+    out = []
+    for n, v in headers:
+        ln = n.lower()
+        if ln in HOP_BY_HOP or ln in named or (drop_cpn and ln.startswith(b"cpn-")):
+            continue
+        out.append((n, v))
+    return out
+
+
+def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The framing header to re-send: Content-Length, or chunked if the original was."""
+    for n, v in headers:
+        if n.lower() == b"content-length":
+            return [(b"content-length", v)]
+    for n, _ in headers:
+        if n.lower() == b"transfer-encoding":
+            return [(b"transfer-encoding", b"chunked")]
+    return []
+
+
+def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The Content-Length h11 validated, or None (chunked, or until close)."""
+    for n, v in headers:
+        if n.lower() == b"content-length":
+            return int(v)
+    return None
+
+
+def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
+    """Replace the service prefix of ``target`` by the instance URL's path; keep the rest and the query."""
+    path, sep, query = target.partition(b"?")
+    rest = path[len(service.encode()):]
+    base = urllib.parse.urlsplit(instance_url)
+    base_path = (base.path or "/").encode()
+    if rest:
+        new = base_path.rstrip(b"/") + rest
+    else:
+        new = base_path
+    if base.query:
+        query = base.query.encode() + (b"&" + query if query else b"")
+        sep = b"?"
+    return new + sep + query
+
+
+@functools.lru_cache(maxsize=1024)
+def instance_address(url: str) -> tuple[str, int, bytes]:
+    """(host, port, Host header) of an instance URL; parsed once, not per request."""
+    u = urllib.parse.urlsplit(url)
+    return u.hostname or "127.0.0.1", u.port or 80, u.netloc.encode()
+
+
+def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
+    body = json.dumps({"error": exc.error, "detail": exc.detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"cache-control", b"no-store")]
+    return h11.Response(status_code=exc.status, headers=headers, reason=HTTPStatus(exc.status).phrase.encode()), body
+
+
+
+class H11Stream:
+    """An h11 connection over a trio stream or a tunnel ByteStream."""
+
+    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False) -> None:
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.transport = transport
+        self.tunnel = tunnel
+        self.head_since = 0.0  # when the first byte of the request head being read came
+
+    async def send(self, event: Any, *, end: bool = False) -> None:
+        data = self.conn.send(event) or b""
+        if self.tunnel:
+            await self.transport.send(data, end=end)
+        elif data:
+            await self.transport.send_all(data)
+
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        """Several events in one write (one system call for a whole small response); empties ``events``
+        (their bodies are in the write: a blocked write must not hold two copies)."""
+        data = b"".join(self.conn.send(e) or b"" for e in events)
+        events.clear()
+        if self.tunnel:
+            await self.transport.send(data, end=end)
+        elif data:
+            await self.transport.send_all(data)
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.tunnel:
+                data = await self.transport.receive()
+            else:
+                data = await self.transport.receive_some(RECEIVE_CHUNK)
+            self.conn.receive_data(data)
+
+    def next_event_nowait(self) -> Any:
+        """The next event if what was received already holds it, else None."""
+        event = self.conn.next_event()
+        return None if event is h11.NEED_DATA else event
+
+
+async def next_event_within(stream: Any, timeout_s: float) -> Any:
+    """The stream's next event, TooSlowError after ``timeout_s``; no timer when it is already here."""
+    event = stream.next_event_nowait()
+    if event is not None:
+        return event
+    with trio.fail_after(timeout_s):
+        return await stream.next_event()
+
+
+async def drain(client: H11Stream) -> bool:
+    """Read (and drop) what is left of a request body we will not forward, if it is small."""
+    seen = 0
+    with trio.move_on_after(DRAIN_TIMEOUT_S):
+        while client.conn.their_state is h11.SEND_BODY:
+            event = await client.next_event()
+            if isinstance(event, h11.Data):
+                seen += len(event.data)
+                if seen > DRAIN_LIMIT:
+                    return False
+            elif not isinstance(event, h11.EndOfMessage):
+                return False
+        return True
+    return False
+
+
+def readable(stream: trio.SocketStream) -> bool:
+    """An idle keep-alive connection that is readable has been closed by the other end.
+
+    poll, not select: with the descriptor limit raised, descriptors above 1023 are common
+    and select() refuses them (every pooled connection would look closed).
+    """
+    try:
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+

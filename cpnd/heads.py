@@ -1,0 +1,37 @@
+"""What a user's request head must be before it is routed: its size, its target, its framing (sans-IO)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import HttpError
+
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def check_target(target: bytes) -> str:
+    """The path of an origin-form target, refusing what could escape the advertised path."""
+    if not target.startswith(b"/"):
+        raise HttpError(400, "bad_request", "only origin-form request targets (/path?query) are accepted")
+    path = target.split(b"?", 1)[0]
+    try:
+        text = path.decode("ascii")
+    except UnicodeDecodeError:
+        raise HttpError(400, "bad_request", "request target is not ASCII") from None
+    low = text.lower()
+    if any(seg in (".", "..") for seg in text.split("/")) or "%2e" in low or "%2f" in low or "%5c" in low or "\\" in text:
+        raise HttpError(400, "bad_request", "dot segments and encoded '.', '/' or '\\' are refused in the path")
+    return text
+
+
+def check_head(target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """The routable path of a request head, or the HttpError it deserves (431, 400)."""
+    # h11 bounds only what it must buffer; a head that arrived whole is checked here.
+    if len(target) + sum(len(n) + len(v) + 4 for n, v in headers) > MAX_HEADER_BYTES:
+        raise HttpError(431, "headers_too_large", f"request head exceeds {MAX_HEADER_BYTES} bytes", close=True)
+    path = check_target(target)
+    names = {n.lower() for n, _ in headers} & {b"content-length", b"transfer-encoding"}
+    if len(names) == 2:
+        raise HttpError(400, "bad_request", "both Content-Length and Transfer-Encoding: ambiguous framing refused",
+                        close=True)
+    return path

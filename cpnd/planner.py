@@ -1,0 +1,218 @@
+"""Per-request plans (sans-IO): which instances one request tries, in what order, and when it stops.
+
+The ingress asks ``Planner.plan`` for every request head and ``Plan.next`` for each attempt,
+telling ``Plan.failed`` what went wrong; it learns from ``Planner.observed`` what an attempt took.
+No I/O and no clock of its own: every call takes ``now`` (protocol-spec/selection.md).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from .errors import HttpError
+from .heads import check_head
+from .load import LatencyCorrection, OwnTimes, SendAccount, Stage
+from .rib import Best, Key, Rib
+from .select import (
+    BadHeader,
+    BoundDamping,
+    Candidate,
+    Constraints,
+    TtlCache,
+    View,
+    candidates,
+    choose,
+    expected_us,
+    explain_none,
+    match_service,
+    no_live_instance,
+    parse_constraints,
+    pinned_first,
+    rank,
+    slack_us,
+    within_bound,
+)
+from .tunnel import NO_BUDGET, ResetCode
+
+MAX_ATTEMPTS = 3
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+MODES = ("per-request", "per-connection", "dns-ttl")
+
+Estimate = Callable[[Key, Best, float], View]
+
+
+def _us(seconds: float) -> int:
+    return int(seconds * 1_000_000)
+
+
+def reset_error(code: int, text: str) -> HttpError:
+    """The user's answer for an attempt that ended in a stream reset."""
+    if code == ResetCode.DEADLINE:
+        return HttpError(504, "deadline_exceeded", text or "the request's deadline passed")
+    if code == ResetCode.REFUSED:
+        return HttpError(503, "no_capacity", text or "every candidate instance refused the request")
+    name = ResetCode(code).name.lower() if code in ResetCode._value2member_map_ else str(code)
+    return HttpError(502, "bad_gateway", f"{name}: {text}")
+
+
+def combine(failures: Sequence[HttpError]) -> HttpError:
+    """One answer for all failed attempts: 504 if the deadline passed, 503 if all refused, else 502."""
+    if not failures:
+        return HttpError(502, "bad_gateway", "no candidate could be tried")
+    if any(f.status == 504 for f in failures):
+        return next(f for f in failures if f.status == 504)
+    if all(f.status == 503 for f in failures):
+        return HttpError(503, "no_capacity", "; ".join(f.detail for f in failures))
+    return HttpError(502, "bad_gateway", "; ".join(f.detail for f in failures if f.status == 502))
+
+
+@attrs.define
+class Attempt:
+    """One attempt's timeline (trio clock, seconds), for the end-to-end estimate."""
+
+    sent_head: bool = False  # once the user has the head, a failure can only cut the connection
+    sent_at: float | None = None  # the request went upstream (a tunnelled attempt)
+    upstream_head_at: float | None = None  # its response head came back
+    instance_s: float | None = None  # the instance's time to its response head, as its egress measured it
+    head_at: float | None = None  # the response head left for the user
+    whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
+
+
+@attrs.define
+class Plan:
+    """The candidates one request may still try, and what its failed attempts said."""
+
+    service: str
+    cons: Constraints
+    remaining: list[Candidate]
+    t0: float  # when the request head came: the bound runs from here
+    deadline: float  # no attempt starts after this (the request's timeout)
+    idempotent: bool
+    max_attempts: int
+    flexible: bool  # per-request mode, no latency bound: split at random, retries too
+    per_request: bool
+    planner: Planner
+    failures: list[HttpError] = attrs.field(factory=list)
+
+    def next(self, now: float, *, replayable: bool = True) -> Candidate | None:
+        """The next candidate to try, or None: none left, attempts used up, or a body that cannot be
+        sent twice. HttpError 504 once the deadline has passed."""
+        while self.remaining:
+            if len(self.failures) >= self.max_attempts or (self.failures and not replayable):
+                return None
+            cand = self.remaining.pop(0)
+            if self.failures and not within_bound(cand, self.cons, _us(now - self.t0)):
+                continue  # a retry must still make the bound, counting the time already spent
+            if now >= self.deadline:
+                raise HttpError(504, "deadline_exceeded", f"no response within {self.cons.timeout_s:g} s")
+            return cand
+        return None
+
+    def failed(self, cand: Candidate, code: int, delivered: bool, text: str, now: float) -> bool:
+        """An attempt on ``cand`` was reset before any response reached the user; whether to go on."""
+        self.failures.append(reset_error(code, text))
+        if (delivered and not self.idempotent) or code == ResetCode.DEADLINE:
+            self.remaining = []
+            return False
+        if self.flexible:
+            if code == ResetCode.REFUSED and cand.next_hop is not None:  # our own: the meter is exact
+                self.planner.account.refused_flexible(cand.key, cand.capacity, now)
+            # A retry is split like a first try: all of them on the next in rank order would
+            # swing that instance's load with the refusals.
+            self.remaining = choose(self.remaining, self.cons.prefer, self.planner.rng)
+        return True
+
+    def more(self, replayable: bool) -> bool:
+        """Whether another attempt may follow (for the log line)."""
+        return bool(self.remaining) and len(self.failures) < self.max_attempts and replayable
+
+    def error(self) -> HttpError:
+        return combine(self.failures)
+
+    def budget_us(self, now: float) -> int:
+        """The extension header's budget: the time left before the deadline."""
+        return min(NO_BUDGET - 1, max(0, _us(self.deadline - now)))
+
+    def slack_us(self, cand: Candidate, now: float) -> int:
+        """The extension header's slack: compute time the bound leaves at ``cand`` (NO_BUDGET: none)."""
+        if not self.per_request:
+            return NO_BUDGET
+        left = slack_us(cand, self.cons, _us(now - self.t0))
+        return NO_BUDGET if left is None else min(NO_BUDGET - 1, left)
+
+
+@attrs.define
+class Planner:
+    """One gateway's per-request choices: the RIB, the selection mode, and what it measured."""
+
+    rib: Rib
+    estimate: Estimate  # the ingress's view of an instance now (select.ingress_view)
+    account: SendAccount
+    own: OwnTimes
+    correction: LatencyCorrection
+    mode: str = attrs.field(default="per-request", validator=attrs.validators.in_(MODES))
+    ttl: TtlCache = attrs.field(factory=lambda: TtlCache(0.0))
+    damping: BoundDamping = attrs.field(factory=BoundDamping)
+    rng: random.Random = attrs.field(factory=random.Random)
+
+    def plan(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], pinned: dict[str, Key],
+             t0: float, now: float) -> Plan:
+        """The plan for a request whose head came at ``t0``, or the HttpError it gets instead."""
+        path = check_head(target, headers)
+        try:
+            cons = parse_constraints(headers)
+        except BadHeader as exc:
+            raise HttpError(400, "bad_header", str(exc)) from None
+        service = match_service(self.rib.by_service, path)
+        if service is None:
+            raise HttpError(404, "no_such_service", f"no service matches {path}")
+        ranked = self._ranked(service, cons, pinned, now)
+        per_request = self.mode == "per-request"
+        # The baselines emulate network-layer schemes: what they chose is final, no retries.
+        return Plan(service, cons, ranked, t0, now + cons.timeout_s, method in IDEMPOTENT,
+                    MAX_ATTEMPTS if per_request else 1, per_request and cons.max_latency_us is None, per_request, self)
+
+    def _ranked(self, service: str, cons: Constraints, pinned: dict[str, Key], now: float) -> list[Candidate]:
+        per_request = self.mode == "per-request"
+        cands = candidates(self.rib, service, lambda key, best: self.estimate(key, best, now),
+                           bounded=cons.max_latency_us is not None and per_request)
+        ranked = rank(cands, cons, self.damping if per_request else None, now)
+        if per_request:
+            # Latency-bound requests go first-fit in rank order: packing them tight leaves
+            # whole instances to flexible traffic. Flexible ones are split at random.
+            if cons.max_latency_us is None and self.account.refusals:
+                ranked = [attrs.evolve(c, fill=max(c.fill, 1.0)) if self.account.holds_flexible(c.key, now) else c
+                          for c in ranked]
+            ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
+        elif self.mode == "per-connection":
+            ranked = pinned_first(ranked, pinned.get(service), cands)
+        else:
+            ranked = pinned_first(ranked, self.ttl.get(service, cons, now), cands)
+        if not ranked:
+            if not cands:  # known, but every instance is down or reachable only through stale paths
+                raise HttpError(503, "no_instance", no_live_instance(self.rib, service))
+            raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints "
+                            f"({len(cands)} live): {explain_none(cands, cons)}")
+        if self.mode == "per-connection":
+            pinned[service] = ranked[0].key
+        elif self.mode == "dns-ttl" and self.ttl.get(service, cons, now) is None:
+            self.ttl.put(service, cons, ranked[0].key, now)
+        return ranked
+
+    def observed(self, plan: Plan, cand: Candidate, attempt: Attempt, start: float, now: float) -> bool:
+        """An attempt's response head left for the user: what it took against the estimate, and our
+        own share of it; True if it left after the request's bound (a defect of the estimate). Only a
+        request that was whole in hand when it went upstream counts: an upload's pace is the user's."""
+        if attempt.head_at is None or not attempt.whole:
+            return False
+        took = attempt.head_at - start
+        instance_us = None if attempt.instance_s is None else _us(attempt.instance_s)
+        self.correction.observe(cand.key, now, took * 1_000_000, expected_us(cand, instance_us))
+        if cand.next_hop is None and attempt.instance_s is not None:
+            self.own.add(Stage.LOCAL, now, (took - attempt.instance_s) * 1_000_000)
+        elif cand.next_hop is not None and attempt.sent_at is not None and attempt.upstream_head_at is not None:
+            self.own.add(Stage.INGRESS, now, (took - (attempt.upstream_head_at - attempt.sent_at)) * 1_000_000)
+        return plan.cons.max_latency_us is not None and _us(attempt.head_at - plan.t0) > plan.cons.max_latency_us

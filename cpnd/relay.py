@@ -1,0 +1,131 @@
+"""The response relay: an upstream's response passed on to a sink (the user, or a stream back).
+
+One loop for the ingress (tunnelled or local instance -> user) and the egress (instance ->
+stream back to the ingress): small responses of known length are held whole, others flow as
+they come, and neither side moving for the idle time ends the exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from .h1 import RESPONSE_HOLD_BYTES, H11Stream, content_length
+from .load import InstanceMeter
+from .pipes import LocalEvents
+from .planner import Attempt
+from .streams import ByteStream, StreamReset
+from .tunnel import ResetCode
+
+
+class Sink(Protocol):
+    """Where a response goes."""
+
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None: ...
+
+    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
+
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None: ...
+
+
+class Cut(Exception):
+    """The upstream ended mid-response; ``held``: nothing of it reached the sink yet."""
+
+    def __init__(self, held: bool) -> None:
+        super().__init__("upstream ended mid-response")
+        self.held = held
+
+
+class StreamSink:
+    """Back down the (tunnel or pipe) stream the request came on: the egress's sink."""
+
+    def __init__(self, rx: H11Stream | LocalEvents, stream: ByteStream) -> None:
+        self.rx = rx
+        self.stream = stream
+        self.head_at: float | None = None  # when the response head went back down the stream
+
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        head = isinstance(events[0], h11.Response)
+        await self.rx.send_all(events, end=end)
+        if head and self.head_at is None:
+            self.head_at = trio.current_time()
+
+    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
+        self.stream.reset(code, delivered, text)
+
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
+        now = trio.current_time()
+        self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us,
+                                None if instance_s is None else instance_s * 1_000_000)
+
+
+class UserSink:
+    """The user's connection: the ingress's sink, and the egress's when the instance is our own.
+
+    A lost user is a CANCEL reset (the egress stops the instance call); what would reset a
+    stream is kept for the ingress, which retries or answers the error as for a tunnelled attempt.
+    """
+
+    def __init__(self, client: H11Stream, attempt: Attempt) -> None:
+        self.client = client
+        self.attempt = attempt
+        self.status = 0
+        self.failure: StreamReset | None = None
+
+    async def send_all(self, events: list[Any], *, end: bool = False) -> None:
+        head = isinstance(events[0], h11.Response)
+        if head:
+            self.status = events[0].status_code
+        self.attempt.sent_head = True
+        try:
+            await self.client.send_all(events)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
+        if head:
+            self.attempt.head_at = trio.current_time()
+
+    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
+        if self.failure is None:
+            self.failure = StreamReset(code, delivered, text)
+
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
+        pass  # the ingress reads its own instances' meters directly
+
+
+async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, length: int | None, sink: Sink,
+                         idle_s: float, *, trailers: bool = True) -> None:
+    """Send ``head`` (already rewritten) and the body read from ``source`` to ``sink``.
+
+    A response of known ``length`` up to RESPONSE_HOLD_BYTES is gathered whole before the sink
+    sees its head: an upstream failing meanwhile still leaves a clean error or a retry (Cut with
+    ``held``). ``trailers`` False: the upstream's trailer fields are dropped. TooSlowError when
+    neither side moved for ``idle_s``.
+    """
+    held: list[Any] | None = [head] if length is not None and length <= RESPONSE_HOLD_BYTES else None
+    if held is None:
+        await sink.send_all([head])
+    # One scope for the whole body, pushed back as data flows (at most once a second: a
+    # timer per chunk cost a tenth of a bulk transfer's CPU).
+    with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
+        while True:
+            event = source.next_event_nowait()
+            if event is None:
+                event = await source.next_event()
+            if isinstance(event, h11.Data):
+                if held is not None:
+                    held.append(event)
+                else:
+                    await sink.send_all([event])
+            elif isinstance(event, h11.EndOfMessage):
+                end = event if trailers else h11.EndOfMessage()
+                await sink.send_all([*held, end] if held is not None else [end], end=True)
+                break
+            else:
+                raise Cut(held is not None)
+            now = trio.current_time()
+            if idle.deadline - now < idle_s - 1.0:
+                idle.deadline = now + idle_s
+    if idle.cancelled_caught:
+        raise trio.TooSlowError(f"response body idle for {idle_s:g} s")

@@ -1,0 +1,316 @@
+"""Users' connections at the ingress: admission, request heads under their timeouts, errors, and
+one request at a time handed to its plan and attempts."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import trio
+
+from .admission import Slot, SlotTable, Tally
+from .aio import open_listeners, serve_accepting
+from .attempts import Attempts
+from .errors import HttpError
+from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
+from .plane import Plane
+from .planner import Planner
+from .preface import H2_REFUSAL, sniff_preface
+from .rib import Key
+from .streams import StreamReset
+
+log = logging.getLogger("cpnd.http")
+
+
+class Users:
+    """The users' side of one gateway's ingress."""
+
+    def __init__(self, plane: Plane, planner: Planner, attempts: Attempts) -> None:
+        self.p = plane
+        self.planner = planner
+        self.attempts = attempts
+        limits = plane.limits
+        # Users' connections: one still waiting for a whole request head is taken back for a
+        # newcomer before the newcomer is refused (see _next_request).
+        self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
+        self.edge_tally = Tally()  # refusals and accept errors: one log line a second
+        self.draining = False
+        self._accepting = trio.CancelScope()
+        self.http_port: int | None = None
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept users until ``stop_accepting``; their connections then run on until done."""
+        addr = self.p.gw.config.gateway.http_listen
+        assert addr is not None
+        listeners = await open_listeners("http_listen", addr.host, addr.port, str(addr))
+        self.http_port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as handlers:
+            with self._accepting:
+                task_status.started()
+                async with trio.open_nursery() as acceptors:
+                    for listener in listeners:
+                        acceptors.start_soon(serve_accepting, listener, functools.partial(self._admit_client, handlers),
+                                             self.edge_event, "http")
+            for listener in listeners:
+                await listener.aclose()
+
+    def edge_event(self, kind: str, line: str, stat: str = "accept_errors") -> None:
+        """A refusal or an accept error: logged in full when the first of a spell, else counted."""
+        self.p.stats[stat] += 1
+        if self.edge_tally.note(kind, trio.current_time()):
+            log.warning("%s: %s (more are counted: one line a second)", self.p.gw.id, line)
+
+    def flush_edge_log(self) -> None:
+        """Called once a second: the line summing up a flood's refusals, if any."""
+        line = self.edge_tally.flush(trio.current_time())
+        if line:
+            log.warning("%s: %s", self.p.gw.id, line)
+
+    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
+        """A slot for a new user (one waiting for a head gives its own, if need be), or the door at once."""
+        try:
+            source = stream.socket.getpeername()[0]
+        except OSError:
+            stream.socket.close()  # it went away already
+            return
+        adm = self.slots.admit(source)
+        for victim in adm.evicted:
+            if victim.owner is not None:
+                victim.owner.cancel()  # the scope of its idle wait: it closes quietly (else it sees held False)
+            self.edge_event("http connections reclaimed (no whole head yet)",
+                            f"http: connection from {victim.source} waiting for a request head closed for a new user "
+                            f"({_bound_name(adm.reason)})",
+                            "idle_reclaimed")
+        if adm.slot is None:
+            # Closed before any byte is read: cheaper than a task, and nothing to reset.
+            stream.socket.close()
+            self.edge_event(f"http connections refused at {_bound_name(adm.reason)}",
+                            f"http: connection from {source} refused: {_bound_name(adm.reason)} "
+                            f"({self.slots.limit if adm.reason == 'limit' else self.slots.per_source}) reached",
+                            f"refused_{_bound_name(adm.reason)}")
+            return
+        handlers.start_soon(self._client, stream, adm.slot)
+
+    def stop_accepting(self) -> None:
+        """Graceful shutdown: no new users, no new requests on kept-alive connections."""
+        self.draining = True
+        self._accepting.cancel()
+
+    async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
+        client = H11Stream(h11.SERVER, transport)
+        pinned: dict[str, Key] = {}
+        try:
+            if not await self._http1_only(client, slot):
+                return
+            while True:
+                event = await self._next_request(client, slot)
+                if not isinstance(event, h11.Request):
+                    break  # idle too long, taken back for a newcomer, closed, or not a request
+                await self._request(client, event, pinned)
+                # Another request only after a complete exchange both ways (a response cut short,
+                # a body left unread or MUST_CLOSE end the connection).
+                if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
+                    break
+                client.conn.start_next_cycle()
+                client.head_since = trio.current_time()  # pipelined bytes of the next head: its clock starts now
+        except h11.RemoteProtocolError as exc:
+            error = HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large",
+                              f"malformed HTTP/1.1 request: {h11_reason(exc)}", close=True)
+            self._log_error(None, error)
+            await self._send_error_quietly(client, error)
+        except HttpError as exc:  # a head that did not come whole in time
+            self.p.stats[f"error_{exc.status}"] += 1
+            self._log_error(None, exc)
+            await self._send_error_quietly(client, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
+            log.info("%s: client connection ended: %s", self.p.gw.id, _ended(exc))
+        except Exception:  # a bug must cost this client its connection, never the daemon
+            log.exception("%s: HTTP client connection failed", self.p.gw.id)
+        finally:
+            self.slots.release(slot)
+            with trio.CancelScope(shield=True):
+                await transport.aclose()
+
+    @contextlib.contextmanager
+    def _waiting(self, slot: Slot) -> Iterator[None]:
+        """While a connection waits for a whole head, its slot may be taken back for a newcomer
+        (the one waiting longest goes first), which cancels what runs here."""
+        scope = trio.CancelScope()
+        slot.owner = scope
+        self.slots.set_idle(slot, True)
+        try:
+            with scope:
+                yield
+        finally:
+            self.slots.set_idle(slot, False)
+
+    async def _first_bytes(self, client: H11Stream) -> bytes | None:
+        """The first bytes of a next head (idle until then, at most ``idle_timeout_s``: None); starts its clock."""
+        with trio.move_on_after(self.p.limits.idle_timeout_s) as idle:
+            data = await client.transport.receive_some(RECEIVE_CHUNK)
+        if idle.cancelled_caught:
+            return None
+        client.head_since = trio.current_time()
+        return data
+
+    async def _http1_only(self, client: H11Stream, slot: Slot) -> bool:
+        """Read the connection's first bytes into h11, unless they are not HTTP/1.x: an HTTP/2
+        preface gets GOAWAY HTTP_1_1_REQUIRED, a TLS ClientHello a plain 400; one log line, then
+        False (close). A later HTTP/2 ingress takes over the "h2" case here."""
+        transport = client.transport
+        data: bytes | None = None
+        if slot.held:
+            with self._waiting(slot):
+                data = await self._first_bytes(client)
+                with trio.move_on_at(client.head_since + self.p.limits.header_timeout_s):
+                    while data and sniff_preface(data) == "":
+                        chunk = await transport.receive_some(RECEIVE_CHUNK)
+                        data += chunk
+                        if not chunk:
+                            break
+        if data is None or not slot.held:
+            return False  # idle, or taken back for a newcomer
+        kind = sniff_preface(data) if data else None
+        if not kind:
+            client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
+            return True
+        if self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
+            what = ("an HTTP/2 prior-knowledge preface: answered GOAWAY HTTP_1_1_REQUIRED" if kind == "h2"
+                    else "a TLS ClientHello: answered 400 (this port speaks plain HTTP)")
+            log.info("%s: %s sent %s and closed", self.p.gw.id, _peer(transport), what,
+                     extra={"cpn": {"event": "not_http1", "protocol": kind, "client": _peer(transport)}})
+        with trio.move_on_after(1.0):
+            try:
+                if kind == "h2":
+                    await transport.send_all(H2_REFUSAL)
+                else:
+                    await self._send_error_quietly(client, HttpError(
+                        400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        return False
+
+    async def _next_request(self, client: H11Stream, slot: Slot) -> Any:
+        """The next request head; anything else (None included) ends the connection quietly.
+
+        Between requests (no byte of the next head yet) the connection is idle: closed after
+        ``idle_timeout_s``. From the first byte of a head, the whole head must come within
+        ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
+        apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer:
+        a slow head holds no more than an idle connection.
+        """
+        event = client.next_event_nowait()
+        if event is not None:
+            return event
+        if not slot.held:
+            return None  # taken back before this task first ran
+        timed_out = False
+        with self._waiting(slot):
+            if not client.conn.trailing_data[0]:
+                data = await self._first_bytes(client)
+                if data is None:
+                    return None
+                client.conn.receive_data(data)
+                event = client.next_event_nowait()
+            if event is None:
+                with trio.move_on_at(client.head_since + self.p.limits.header_timeout_s) as head:
+                    event = await client.next_event()
+                timed_out = head.cancelled_caught
+        if not slot.held:
+            return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
+        if timed_out:
+            raise HttpError(408, "request_timeout", f"request head not complete within {self.p.limits.header_timeout_s:g} s"
+                            " of its first byte", close=True)
+        return event
+
+
+    async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
+        if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        try:
+            resp, body = error_response(exc)
+            if exc.close or (client.conn.their_state is h11.SEND_BODY and not await drain(client)):
+                # The rest of the body is not worth reading: say we close, or the client
+                # would send its next request into a socket we are closing (a reset).
+                resp = h11.Response(status_code=resp.status_code, reason=resp.reason,
+                                    headers=[*resp.headers, (b"connection", b"close")])
+            await client.send(resp)
+            await client.send(h11.Data(data=body))
+            await client.send(h11.EndOfMessage())
+        except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
+        self.p.stats["requests"] += 1
+        t0 = trio.current_time()
+        self.p.begin()
+        try:
+            await self._request_counted(client, req, pinned, t0)
+        finally:
+            self.p.end()
+
+    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
+        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second).
+
+        ``req`` None: the connection never carried a request h11 could parse.
+        """
+        if not self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
+            return
+        method = req.method.decode("ascii", "replace") if req is not None else "-"
+        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
+        log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.p.gw.id,
+                method, target, exc.status, exc.error, exc.detail,
+                extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
+                               "service": exc.service or None, "target": target}})
+
+    async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
+        try:
+            service, instance, status = await self._route(client, req, pinned, t0)
+            self.p.gw.metrics.observe(service, instance, status, trio.current_time() - t0)
+        except HttpError as exc:
+            self.p.stats[f"error_{exc.status}"] += 1
+            self.p.gw.metrics.observe(exc.service, None, exc.status, None)
+            self._log_error(req, exc)
+            if client.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                # If the body was not read to its end, _client closes the connection after this.
+                await self._send_error_quietly(client, exc)
+            else:
+                raise trio.BrokenResourceError(str(exc)) from None
+
+    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> tuple[str, str, int]:
+        """Serve one request whose head came at ``t0``: (service, instance, status) of the answer, or HttpError."""
+        plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, trio.current_time())
+        try:
+            instance, status = await self.attempts.forward(client, req, plan)
+        except HttpError as exc:
+            exc.service = plan.service
+            raise
+        return plan.service, instance, status
+
+
+def _peer(transport: trio.SocketStream) -> str:
+    try:
+        host, port = transport.socket.getpeername()[:2]
+    except OSError:
+        return "a client"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ended(exc: BaseException) -> str:
+    """Why a user connection ended early, in words (h11's own messages name its internal states)."""
+    if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError)):
+        return f"the client went away ({exc})" if str(exc) else "the client went away"
+    if isinstance(exc, trio.TooSlowError):
+        return f"timed out ({exc})" if str(exc) else "timed out"
+    if isinstance(exc, StreamReset):
+        return f"the upstream reset the response: {exc.text}"
+    return "the exchange could not be completed (the client broke off mid-response)"
+
+
+def _bound_name(reason: str) -> str:
+    return "max_http_clients_per_ip" if reason == "per_source" else "max_http_clients"
+

@@ -1,0 +1,164 @@
+"""The per-request planner (sans-IO) on a virtual clock: head checks, order, retry rules, baselines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cpnd.errors import HttpError
+from cpnd.load import LatencyCorrection, OwnTimes, SendAccount
+from cpnd.names import service_label
+from cpnd.planner import MAX_ATTEMPTS, Attempt, Planner
+from cpnd.rib import Rib
+from cpnd.select import TtlCache, flooded_view
+from cpnd.tunnel import NO_BUDGET, ResetCode
+from cpnd.wire import RouteAdv, Update
+
+LABEL = service_label("/yolo")
+
+
+def make_rib(*instances: tuple[str, str, int, float]) -> Rib:
+    """gw1's RIB with (peer, instance, compute µs, price) routes of /yolo, each peer 2 ms away."""
+    rib = Rib("gw1")
+    for peer, iid, comp, price in instances:
+        rib.set_link_cost(peer, 2000)
+        rib.apply_update(peer, Update((RouteAdv("/yolo", iid, peer, 1, LABEL, (peer,), 0, 50.0, 0.0, price, comp,
+                                                gateway_us=0),)), 0)
+    return rib
+
+
+def planner(rib: Rib, mode: str = "per-request", seed: int = 1) -> Planner:
+    return Planner(rib, lambda key, best, now: flooded_view(rib, best), SendAccount(), OwnTimes(), LatencyCorrection(),
+                   mode=mode, ttl=TtlCache(5.0), rng=random.Random(seed))
+
+
+def hdr(**kw: str) -> list[tuple[bytes, bytes]]:
+    return [(b"host", b"x")] + [(k.replace("_", "-").encode(), v.encode()) for k, v in kw.items()]
+
+
+THREE = make_rib(("gw2", "a", 1000, 1.0), ("gw3", "b", 2000, 2.0), ("gw4", "c", 3000, 3.0))
+
+
+@pytest.mark.parametrize(("target", "headers", "status", "error"), [
+    (b"/nothing", hdr(), 404, "no_such_service"),
+    (b"/yolo/../x", hdr(), 400, "bad_request"),
+    (b"/yolo", hdr(CPN_Max_Latency="soon"), 400, "bad_header"),
+    (b"/yolo", hdr(Content_Length="1", Transfer_Encoding="chunked"), 400, "bad_request"),
+    (b"/yolo", hdr(X_Big="x" * 70_000), 431, "headers_too_large"),
+    (b"/yolo", hdr(CPN_Max_Price="0.5"), 503, "no_instance"),
+    (b"/yolo", hdr(CPN_Max_Latency="1ms"), 503, "no_instance"),
+])
+def test_a_head_that_cannot_be_planned_gets_its_error(target, headers, status, error) -> None:
+    with pytest.raises(HttpError) as ei:
+        planner(THREE).plan(b"GET", target, headers, {}, 0.0, 0.0)
+    assert (ei.value.status, ei.value.error) == (status, error)
+
+
+def test_an_unrefused_retry_goes_on_and_a_delivered_post_does_not() -> None:
+    p = planner(THREE)
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Prefer="price"), {}, 0.0, 0.0)
+    first = plan.next(0.0)
+    assert first is not None and first.instance == "a"  # the cheapest, and no other is near-equal
+    assert plan.failed(first, ResetCode.REFUSED, False, "full", 0.001)
+    second = plan.next(0.001)
+    assert second is not None and second.instance != "a"
+    post = p.plan(b"POST", b"/yolo", hdr(), {}, 0.0, 0.0)
+    cand = post.next(0.0)
+    assert cand is not None
+    assert not post.failed(cand, ResetCode.INSTANCE_FAILED, True, "broke mid-request", 0.002)
+    assert post.next(0.002) is None
+    assert post.error().status == 502
+
+
+def test_a_deadline_reset_ends_the_request_and_all_refusals_make_503() -> None:
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
+    cand = plan.next(0.0)
+    assert cand is not None and not plan.failed(cand, ResetCode.DEADLINE, False, "", 0.0)
+    assert plan.next(0.0) is None and plan.error().status == 504
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
+    while (cand := plan.next(0.0)) is not None:
+        plan.failed(cand, ResetCode.REFUSED, False, f"{cand.instance} full", 0.0)
+    assert len(plan.failures) == 3 and plan.error().status == 503 and "a full" in plan.error().detail
+
+
+def test_no_attempt_starts_after_the_deadline_and_a_retry_must_still_make_the_bound() -> None:
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(CPN_Timeout="1s"), {}, 0.0, 0.0)
+    cand = plan.next(0.0)
+    assert cand is not None
+    plan.failed(cand, ResetCode.INSTANCE_FAILED, False, "", 1.0)
+    with pytest.raises(HttpError) as ei:
+        plan.next(1.0)
+    assert ei.value.status == 504
+    # Bound 4.5 ms: a (3 ms) and b (4 ms) make it, tried in rank order; after a failed
+    # 1.2 ms in, b (4 + 1.2 ms) no longer would.
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="4.5ms"), {}, 0.0, 0.0)
+    assert [c.instance for c in plan.remaining] == ["a", "b"]
+    cand = plan.next(0.0)
+    assert cand is not None and cand.instance == "a"
+    assert plan.failed(cand, ResetCode.REFUSED, False, "", 0.0012)
+    assert plan.next(0.0012) is None and plan.error().status == 503
+
+
+def test_a_body_that_cannot_be_sent_twice_gets_no_retry() -> None:
+    plan = planner(THREE).plan(b"PUT", b"/yolo", hdr(), {}, 0.0, 0.0)
+    cand = plan.next(0.0, replayable=False)
+    assert cand is not None and plan.failed(cand, ResetCode.REFUSED, False, "", 0.0)
+    assert plan.next(0.0, replayable=False) is None and not plan.more(False)
+
+
+def test_budget_and_slack_for_the_extension_header() -> None:
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms", CPN_Timeout="2s"), {}, 0.0, 0.0)
+    cand = plan.next(0.001)
+    assert cand is not None
+    assert plan.budget_us(0.001) == 1_999_000
+    # The bound less the 1 ms spent, the 2 ms path and everything but compute.
+    assert plan.slack_us(cand, 0.001) == 10_000 - 1000 - 2000
+    base = planner(THREE, mode="per-connection").plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 0.0, 0.0)
+    assert base.slack_us(cand, 0.0) == NO_BUDGET
+
+
+def test_baselines_keep_their_choice_and_never_retry() -> None:
+    pinned: dict = {}
+    p = planner(THREE, mode="per-connection")
+    first = p.plan(b"GET", b"/yolo", hdr(), pinned, 0.0, 0.0)
+    assert first.max_attempts == 1 and pinned["/yolo"] == first.remaining[0].key
+    again = p.plan(b"GET", b"/yolo", hdr(CPN_Prefer="price"), pinned, 1.0, 1.0)
+    assert again.remaining[0].key == pinned["/yolo"]
+    dns = planner(THREE, mode="dns-ttl")
+    chosen = dns.plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0).remaining[0].key
+    assert dns.plan(b"GET", b"/yolo", hdr(), {}, 4.9, 4.9).remaining[0].key == chosen  # held for the TTL (5 s)
+
+
+def test_observed_learns_only_from_whole_requests_and_flags_late_ones() -> None:
+    p = planner(THREE)
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 0.0, 0.0)
+    cand = plan.next(0.0)
+    assert cand is not None
+    upload = Attempt(head_at=0.050, whole=False)
+    assert not p.observed(plan, cand, upload, 0.0, 0.050)  # the user's upload pace: nothing learnt
+    late = Attempt(sent_at=0.0005, upstream_head_at=0.0115, head_at=0.012, whole=True, instance_s=0.001)
+    assert p.observed(plan, cand, late, 0.0, 0.012)
+    on_time = Attempt(sent_at=0.0005, upstream_head_at=0.004, head_at=0.0045, whole=True)
+    assert not p.observed(plan, cand, on_time, 0.0, 0.0045)
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(ResetCode)), st.booleans()), max_size=6),
+       st.sampled_from([b"GET", b"POST"]), st.integers(0, 2**16))
+def test_attempts_are_bounded_and_never_repeat_an_instance(failures, method: bytes, seed: int) -> None:
+    p = planner(THREE, seed=seed)
+    plan = p.plan(method, b"/yolo", hdr(), {}, 0.0, 0.0)
+    tried = []
+    for code, delivered in failures:
+        cand = plan.next(0.0)
+        if cand is None:
+            break
+        tried.append(cand.instance)
+        if not plan.failed(cand, code, delivered, "", 0.0):
+            assert plan.next(0.0) is None
+            break
+    assert len(tried) == len(set(tried)) <= MAX_ATTEMPTS
+    if plan.failures:
+        assert plan.error().status in (502, 503, 504)
