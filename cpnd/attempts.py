@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections.abc import Callable
+from typing import Any
 
 import h11
 import trio
@@ -18,7 +20,7 @@ from .aio import open_nursery
 from .body import BodySource
 from .errors import HttpError
 from .egress import Egress
-from .h1 import H11Stream, content_length, filter_headers, framing
+from .h1 import H11Stream, Headers, content_length, rewrite_headers
 from .pipes import LocalEvents, PipeEnd, pipe
 from .plane import Plane
 from .planner import Attempt, Plan, Planner
@@ -29,7 +31,6 @@ from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
 
 log = logging.getLogger("cpnd.http")
 
-Headers = list[tuple[bytes, bytes]]
 ServeLocal = Callable[[PipeEnd, ExtHeader], None]  # runs our egress on the far end of a pipe
 
 
@@ -41,16 +42,15 @@ class Attempts:
         self.planner = planner
         self.egress = egress
         self.serve_local = serve_local
+        self.ids = random.Random(os.urandom(16))
 
     async def forward(self, client: H11Stream, req: h11.Request, plan: Plan) -> tuple[str, int]:
         """Serve ``req`` on the first candidate that answers: (its instance, the status), or HttpError."""
         body = BodySource(client, self.p.limits)
         if client.conn.they_are_waiting_for_100_continue:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
-        headers = filter_headers(req.headers, drop_cpn=True) + framing(req.headers)
-        if not any(n.lower() == b"host" for n, _ in headers):
-            # HTTP/1.0 allows none; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
-            headers.append((b"host", self.p.gw.id.encode()))
+        # HTTP/1.0 allows no Host; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
+        headers = rewrite_headers(req.headers, drop_cpn=True, default_host=self.p.gw.id.encode())
         while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
             start = trio.current_time()
             attempt = Attempt()
@@ -91,9 +91,11 @@ class Attempts:
         budget, slack = plan.budget_us(now), plan.slack_us(cand, now)
         if cand.next_hop is None and body.take_buffered() and body.replayable:
             return await self._attempt_local(client, req, headers, body, cand, plan, budget, slack, attempt)
-        ext = ExtHeader(cand.label, cand.origin, cand.instance, os.urandom(16), plan.cons.qos, 16, budget,
+        # The request id is for logs: a PRNG seeded from the system's (no system call per request).
+        ext = ExtHeader(cand.label, cand.origin, cand.instance, self.ids.randbytes(16), plan.cons.qos, 16, budget,
                         EXT_FLAG_IDEMPOTENT if plan.idempotent else 0, slack)
-        head = h11.Request(method=req.method, target=req.target, headers=headers)  # before a stream exists
+        # Built before a stream exists (nothing to leak if it fails); the headers are h11's own, checked.
+        head = h11.Request(method=req.method, target=req.target, headers=headers, _parsed=True)
         up_raw = self._open_upstream(cand, ext)
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
         self.p.account.sent(cand.key, trio.current_time())
@@ -167,33 +169,34 @@ class Attempts:
 
     async def _response(self, client: H11Stream, up: H11Stream | LocalEvents, up_raw: ByteStream, plan: Plan,
                         attempt: Attempt) -> int:
-        """Pass the upstream's response on to the user; its status."""
-        event = up.next_event_nowait()
-        if event is None:
-            with trio.move_on_at(plan.deadline):
+        """Pass the upstream's response on to the user; its status. One scope: the request's deadline
+        for the head, then the idle time for the body."""
+        idle_s = self.p.limits.body_idle_timeout_s
+        event: Any = None
+        with trio.CancelScope(deadline=plan.deadline) as scope:
+            event = up.next_event_nowait() or await up.next_event()
+            while isinstance(event, h11.InformationalResponse):
                 event = await up.next_event()
-            if event is None:
+            if isinstance(event, h11.ConnectionClosed):
+                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
+            assert isinstance(event, h11.Response)
+            attempt.upstream_head_at = trio.current_time()
+            response = h11.Response(status_code=event.status_code, reason=event.reason, _parsed=True,
+                                    headers=rewrite_headers(event.headers, drop_cpn=False))
+            try:
+                await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
+                                     idle_s, trailers=False)
+            except Cut as exc:
+                if exc.held:  # the user has seen nothing: a clean error, or a retry
+                    raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
+                raise trio.BrokenResourceError("upstream ended mid-response") from None
+        if scope.cancelled_caught:
+            if attempt.upstream_head_at is None:
                 up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
                 raise HttpError(504, "deadline_exceeded", f"no response within {plan.cons.timeout_s:g} s")
-        while isinstance(event, h11.InformationalResponse):
-            event = await up.next_event()
-        if isinstance(event, h11.ConnectionClosed):
-            raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
-        assert isinstance(event, h11.Response)
-        attempt.upstream_head_at = trio.current_time()
-        response = h11.Response(status_code=event.status_code, reason=event.reason,
-                                headers=filter_headers(event.headers, drop_cpn=False) + framing(event.headers))
-        sink = UserSink(client, attempt)
-        try:
-            await relay_response(up, response, content_length(event.headers), sink, self.p.limits.body_idle_timeout_s,
-                                 trailers=False)
-        except Cut as exc:
-            if exc.held:  # the user has seen nothing: a clean error, or a retry
-                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
-            raise trio.BrokenResourceError("upstream ended mid-response") from None
+            raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
         self.p.stats[f"status_{event.status_code // 100}xx"] += 1
         return event.status_code
-
 
 async def _upload(up: H11Stream | LocalEvents, up_raw: ByteStream, head: h11.Request, body: BodySource) -> None:
     """Stream the user's request upstream as it arrives (the response may come first)."""

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import math
+import os
 import random
 import resource
 import signal
@@ -124,12 +125,34 @@ class Connection:
         self.session.close(Code.CEASE, CeaseSub.CONNECTION_REJECTED, "too many handshakes in progress")
         self._process()
 
-    def send_tunnel(self, frame: bytes) -> None:
-        """Seal and queue one tunnel frame (streams call this)."""
+    def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
+        """Seal and queue one tunnel frame (streams call this); ``flush``: the last of a burst, written
+        now if the writer is idle (``flush``)."""
         if self.session.state is State.CLOSED:
             return
         self.session.send_tunnel(frame)
         self._enqueue(self.session.data_to_send())
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is queued from the caller's own step when the writer task is idle and nothing is
+        held back for an emulated delay: a request or response does not wait for the writer's turn
+        (a wake-up, a scheduler pass and trio's send machinery on every hop). What the socket does
+        not take at once stays queued for the writer."""
+        if self._sending or not self._out or self._delay_s or self.session.state is State.CLOSED:
+            return
+        data = self._out[0][1] if len(self._out) == 1 else b"".join(chunk for _, chunk in self._out)
+        try:
+            n = os.write(self.stream.socket.fileno(), data)  # the socket is non-blocking (trio's)
+        except OSError:
+            return  # full (BlockingIOError), or broken: the writer finds out and handles it
+        self._out.clear()
+        if n < len(data):
+            self._out.append((trio.current_time(), data[n:]))
+        self._out_bytes -= n
+        if self._out_bytes <= TUNNEL_LOW_WATER:
+            self._writable.set()
 
     async def wait_writable(self) -> None:
         """Backpressure for tunnel data: wait while too much is queued for this peer."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import math
 import urllib.parse
 from typing import Any
 
@@ -18,8 +19,8 @@ import trio
 
 from .aio import open_nursery
 from .config import Config, InstanceConfig, ServiceConfig
-from .h1 import MAX_HEADER_BYTES, H11Stream, content_length, filter_headers, framing, instance_address, \
-    next_event_within, readable, translate_target
+from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
+    readable, replace_host, rewrite_headers, translate_target
 from .health import HealthTracker
 from .load import InstanceMeter, Stage
 from .names import service_label
@@ -29,9 +30,6 @@ from .relay import Cut, Sink, StreamSink, relay_response
 from .select import match_service
 from .streams import ByteStream, StreamReset
 from .tunnel import NO_BUDGET, ExtHeader, ResetCode
-
-
-Headers = list[tuple[bytes, bytes]]
 
 
 @attrs.define
@@ -168,7 +166,7 @@ class Egress:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
-        return event.method, event.target, filter_headers(event.headers, drop_cpn=True) + framing(event.headers), rest
+        return event.method, event.target, rewrite_headers(event.headers, drop_cpn=True), rest
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, rest: list[Any], rx: H11Stream | LocalEvents | None,
@@ -178,9 +176,8 @@ class Egress:
         is what of the body is here, ``rx`` streams the remainder (None: all here)."""
         meter = self.meters[inst.id]
         host, port, netloc = instance_address(inst.url)
-        headers = [(b"host", netloc), *((n, v) for n, v in headers if n.lower() != b"host")]
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
-                             headers=headers), *rest]
+                             headers=replace_host(headers, netloc), _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
@@ -235,26 +232,29 @@ class Egress:
                     await up.run()  # one write, no task
                 else:
                     nursery.start_soon(up.run)
-                with trio.move_on_at(deadline if deadline is not None else float("inf")) as cs:
+                # One scope: the request's deadline for the head, then the idle time for the body.
+                with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
                     ev = await ic.next_event()
                     while isinstance(ev, h11.InformationalResponse):
                         ev = await ic.next_event()
-                if cs.cancelled_caught:
+                    if not isinstance(ev, h11.Response):
+                        raise OSError("instance closed the connection before responding")
+                    self.health_result(inst.id, True)
+                    head_after = max(0.0, trio.current_time() - up.done_at)
+                    sink.report_load(self.meters[inst.id], head_after)
+                    headers = rewrite_headers(ev.headers, drop_cpn=True,
+                                              extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
+                    response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
+                    await relay_response(ic, response, content_length(ev.headers), sink, scope,
+                                         self.p.limits.body_idle_timeout_s)
+                if scope.cancelled_caught and head_after is None:
                     sink.reset(ResetCode.DEADLINE, up.delivered, f"{inst.id} did not answer within the deadline")
                     nursery.cancel_scope.cancel()
                     await entry.stream.aclose()
                     return None
-                if not isinstance(ev, h11.Response):
-                    raise OSError("instance closed the connection before responding")
-                self.health_result(inst.id, True)
-                head_after = max(0.0, trio.current_time() - up.done_at)
-                sink.report_load(self.meters[inst.id], head_after)
-                headers = filter_headers(ev.headers, drop_cpn=True) + framing(ev.headers)
-                headers += [(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())]
-                response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
-                await relay_response(ic, response, content_length(ev.headers), sink, self.p.limits.body_idle_timeout_s)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, trio.TooSlowError,
-                Cut) as exc:
+                if scope.cancelled_caught:
+                    raise OSError(f"response body idle for {self.p.limits.body_idle_timeout_s:g} s")
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
             await entry.stream.aclose()
             what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
             if head_after is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import h11
 import trio
+from h11._headers import Headers, normalize_and_validate  # h11's own header list: see rewrite_headers
 
 from .errors import HttpError
 from .heads import MAX_HEADER_BYTES
@@ -57,9 +58,49 @@ def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
     return []
 
 
-def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+FRAMING = (b"content-length", b"transfer-encoding")
+_DROP = HOP_BY_HOP - set(FRAMING)
+
+
+def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
+                    default_host: bytes | None = None, extra: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
+    """The headers to relay: ``filter_headers`` and ``framing`` in one pass, Host set to ``host`` (or
+    ``default_host`` if there is none), ``extra`` (lowercase, valid) appended.
+
+    Headers h11 parsed are valid already: they are filtered as h11 holds them and the result goes
+    into an event built with ``_parsed=True``, without validating every header again (a third of
+    a proxy's h11 cost). Anything else takes the checked path.
+    """
+    full = getattr(headers, "_full_items", None)
+    if full is None:
+        pairs = list(headers)  # type: ignore[arg-type]
+        out = normalize_and_validate(filter_headers(pairs, drop_cpn=drop_cpn) + framing(pairs))._full_items
+    else:
+        # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
+        named = {t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - {b"host"}
+        named -= set(FRAMING)
+        out = [item for item in full if not (item[1] in _DROP or item[1] in named
+                                             or (drop_cpn and item[1].startswith(b"cpn-")))]
+        lengths = [item for item in out if item[1] == b"content-length"]
+        if lengths and any(item[1] == b"transfer-encoding" for item in out):
+            out = [item for item in out if item[1] != b"transfer-encoding"]  # as framing(): the length wins
+    if host is not None:
+        out = [(b"host", b"host", host), *(item for item in out if item[1] != b"host")]
+    elif default_host is not None and not any(item[1] == b"host" for item in out):
+        out = [*out, (b"host", b"host", default_host)]
+    out += [(n, n, v) for n, v in extra]
+    return Headers(out)
+
+
+def replace_host(headers: Headers, host: bytes) -> Headers:
+    """``headers`` (as ``rewrite_headers`` made them) with Host set to ``host``."""
+    return Headers([(b"host", b"host", host), *(item for item in headers._full_items if item[1] != b"host")])
+
+
+def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length h11 validated, or None (chunked, or until close)."""
-    for n, v in headers:
+    full = getattr(headers, "_full_items", None)
+    for n, v in ((low, v) for _, low, v in full) if full is not None else headers:
         if n.lower() == b"content-length":
             return int(v)
     return None

@@ -95,37 +95,35 @@ class UserSink:
 
 
 async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, length: int | None, sink: Sink,
-                         idle_s: float, *, trailers: bool = True) -> None:
+                         idle: trio.CancelScope, idle_s: float, *, trailers: bool = True) -> None:
     """Send ``head`` (already rewritten) and the body read from ``source`` to ``sink``.
 
     A response of known ``length`` up to RESPONSE_HOLD_BYTES is gathered whole before the sink
     sees its head: an upstream failing meanwhile still leaves a clean error or a retry (Cut with
-    ``held``). ``trailers`` False: the upstream's trailer fields are dropped. TooSlowError when
-    neither side moved for ``idle_s``.
+    ``held``). ``trailers`` False: the upstream's trailer fields are dropped. ``idle`` is the
+    caller's scope (entered already, so that one scope serves the wait for the head and the
+    body): its deadline becomes ``idle_s`` from now, pushed back as data flows (at most once a
+    second: a timer per chunk cost a tenth of a bulk transfer's CPU).
     """
+    idle.deadline = trio.current_time() + idle_s
     held: list[Any] | None = [head] if length is not None and length <= RESPONSE_HOLD_BYTES else None
     if held is None:
         await sink.send_all([head])
-    # One scope for the whole body, pushed back as data flows (at most once a second: a
-    # timer per chunk cost a tenth of a bulk transfer's CPU).
-    with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
-        while True:
-            event = source.next_event_nowait()
-            if event is None:
-                event = await source.next_event()
-            if isinstance(event, h11.Data):
-                if held is not None:
-                    held.append(event)
-                else:
-                    await sink.send_all([event])
-            elif isinstance(event, h11.EndOfMessage):
-                end = event if trailers else h11.EndOfMessage()
-                await sink.send_all([*held, end] if held is not None else [end], end=True)
-                break
+    while True:
+        event = source.next_event_nowait()
+        if event is None:
+            event = await source.next_event()
+        if isinstance(event, h11.Data):
+            if held is not None:
+                held.append(event)
             else:
-                raise Cut(held is not None)
-            now = trio.current_time()
-            if idle.deadline - now < idle_s - 1.0:
-                idle.deadline = now + idle_s
-    if idle.cancelled_caught:
-        raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
+                await sink.send_all([event])
+        elif isinstance(event, h11.EndOfMessage):
+            end = event if trailers else h11.EndOfMessage()
+            await sink.send_all([*held, end] if held is not None else [end], end=True)
+            return
+        else:
+            raise Cut(held is not None)
+        now = trio.current_time()
+        if idle.deadline - now < idle_s - 1.0:
+            idle.deadline = now + idle_s

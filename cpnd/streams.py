@@ -190,8 +190,10 @@ class TunnelStream:
             last = end and n == len(view)
             self.window.send_credit -= n
             conn.send_credit -= n
-            self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(view[:n]), FLAG_END if last else 0))
-            view = view[n:]
+            view_n, view = view[:n], view[n:]
+            # The last frame of this send goes out now (with what was queued before it: an OPEN, a LOAD).
+            self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(view_n), FLAG_END if last else 0),
+                                flush=not view)
             if last:
                 self.sent_end = True
                 self._maybe_close()
@@ -207,7 +209,7 @@ class TunnelStream:
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         """Abandon the stream (and what it holds unread) and tell the peer why."""
         if not self.closed:
-            self.mux.send_frame(encode_frame(self.id, FrameType.RESET, reset_payload(code, delivered, text)))
+            self.mux.send_frame(encode_frame(self.id, FrameType.RESET, reset_payload(code, delivered, text)), flush=True)
             self._inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
         self._inbox.chunks.clear()
         self._close()
@@ -311,8 +313,8 @@ class Mux:
         self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()))
         return stream
 
-    def send_frame(self, frame: bytes) -> None:
-        self.conn.send_tunnel(frame)
+    def send_frame(self, frame: bytes, *, flush: bool = False) -> None:
+        self.conn.send_tunnel(frame, flush=flush)
 
     async def writable(self) -> None:
         await self.conn.wait_writable()

@@ -136,26 +136,23 @@ class Users:
                 await transport.aclose()
 
     @contextlib.contextmanager
-    def _waiting(self, slot: Slot) -> Iterator[None]:
-        """While a connection waits for a whole head, its slot may be taken back for a newcomer
-        (the one waiting longest goes first), which cancels what runs here."""
-        scope = trio.CancelScope()
+    def _waiting(self, slot: Slot) -> Iterator[trio.CancelScope]:
+        """The one scope of a wait for a whole head: idle until its first byte (``idle_timeout_s``),
+        then ``header_timeout_s`` from there (``_head_started``). Meanwhile its slot may be taken
+        back for a newcomer (the one waiting longest goes first), which cancels the scope too."""
+        scope = trio.CancelScope(deadline=trio.current_time() + self.p.limits.idle_timeout_s)
         slot.owner = scope
         self.slots.set_idle(slot, True)
         try:
             with scope:
-                yield
+                yield scope
         finally:
             self.slots.set_idle(slot, False)
 
-    async def _first_bytes(self, client: H11Stream) -> bytes | None:
-        """The first bytes of a next head (idle until then, at most ``idle_timeout_s``: None); starts its clock."""
-        with trio.move_on_after(self.p.limits.idle_timeout_s) as idle:
-            data = await client.transport.receive_some(RECEIVE_CHUNK)
-        if idle.cancelled_caught:
-            return None
+    def _head_started(self, client: H11Stream, scope: trio.CancelScope) -> None:
+        """The first bytes of a head came: its clock starts."""
         client.head_since = trio.current_time()
-        return data
+        scope.deadline = client.head_since + self.p.limits.header_timeout_s
 
     async def _http1_only(self, client: H11Stream, slot: Slot) -> bool:
         """Read the connection's first bytes into h11, unless they are not HTTP/1.x: an HTTP/2
@@ -164,14 +161,14 @@ class Users:
         transport = client.transport
         data: bytes | None = None
         if slot.held:
-            with self._waiting(slot):
-                data = await self._first_bytes(client)
-                with trio.move_on_at(client.head_since + self.p.limits.header_timeout_s):
-                    while data and sniff_preface(data) == "":
-                        chunk = await transport.receive_some(RECEIVE_CHUNK)
-                        data += chunk
-                        if not chunk:
-                            break
+            with self._waiting(slot) as scope:
+                data = await transport.receive_some(RECEIVE_CHUNK)
+                self._head_started(client, scope)
+                while data and sniff_preface(data) == "":  # maybe a preface: read on (within the head's time)
+                    chunk = await transport.receive_some(RECEIVE_CHUNK)
+                    data += chunk
+                    if not chunk:
+                        break
         if data is None or not slot.held:
             return False  # idle, or taken back for a newcomer
         kind = sniff_preface(data) if data else None
@@ -208,25 +205,27 @@ class Users:
             return event
         if not slot.held:
             return None  # taken back before this task first ran
-        timed_out = False
-        with self._waiting(slot):
-            if not client.conn.trailing_data[0]:
-                data = await self._first_bytes(client)
-                if data is None:
-                    return None
+        started = False
+        with self._waiting(slot) as scope:
+            if client.conn.trailing_data[0]:  # pipelined: the head's clock runs since the last response
+                started = True
+                scope.deadline = client.head_since + self.p.limits.header_timeout_s
+            else:
+                data = await client.transport.receive_some(RECEIVE_CHUNK)
+                started = True
+                self._head_started(client, scope)
                 client.conn.receive_data(data)
                 event = client.next_event_nowait()
             if event is None:
-                with trio.move_on_at(client.head_since + self.p.limits.header_timeout_s) as head:
-                    event = await client.next_event()
-                timed_out = head.cancelled_caught
+                event = await client.next_event()
         if not slot.held:
             return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
-        if timed_out:
+        if scope.cancelled_caught:
+            if not started:
+                return None  # idle for idle_timeout_s: closed quietly
             raise HttpError(408, "request_timeout", f"request head not complete within {self.p.limits.header_timeout_s:g} s"
                             " of its first byte", close=True)
         return event
-
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):

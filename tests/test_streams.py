@@ -29,7 +29,7 @@ class Link:
         self.sent: list[bytes] = []
         self.up = True
 
-    def send_tunnel(self, frame: bytes) -> None:
+    def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
         self.sent.append(frame)
         if self.up and self.other is not None:
             self.other.handle(frame)
