@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import errno
 import functools
 import json
@@ -27,11 +28,13 @@ import attrs
 import h11
 import trio
 
+from . import forwarded, tlsstream  # [tls] issue 19: TLS at the edge, Forwarded
 from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, open_nursery, serve_accepting
 from .loglimit import LogLimiter
 from .preface import H2_REFUSAL, sniff_preface
 from .config import Config, InstanceConfig, ServiceConfig
+from .tls import InstanceTls, ServerTls
 from .names import service_label
 from .rib import Key
 from .health import HealthTracker
@@ -180,7 +183,7 @@ def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
 def _instance_address(url: str) -> tuple[str, int, bytes]:
     """(host, port, Host header) of an instance URL; parsed once, not per request."""
     u = urllib.parse.urlsplit(url)
-    return u.hostname or "127.0.0.1", u.port or 80, u.netloc.encode()
+    return u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80), u.netloc.encode()
 
 
 def check_target(target: bytes) -> str:
@@ -315,6 +318,7 @@ class H11Stream:
         self.transport = transport
         self.tunnel = tunnel
         self.head_since = 0.0  # when the first byte of the request head being read came
+        self.source = ""  # a user's connection: its peer address (for Forwarded)
 
     async def send(self, event: Any, *, end: bool = False) -> None:
         data = self.conn.send(event) or b""
@@ -532,7 +536,7 @@ class BodySource:
 
 @attrs.define
 class _PoolEntry:
-    stream: trio.SocketStream
+    stream: trio.abc.Stream  # a SocketStream, or an SSLStream over one (https instances)
     conn: h11.Connection
 
 
@@ -543,7 +547,9 @@ class DataPlane:
         self.d = daemon
         self.limits = limits
         self.rng = random.Random()
-        self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
+        self.pool: dict[tuple[Any, ...], collections.deque[_PoolEntry]] = {}
+        self.tls_server: ServerTls | None = None  # [tls] https_listen's context (set by reconfigure)
+        self.https_port: int | None = None
         self.meters: dict[str, InstanceMeter] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
@@ -562,7 +568,7 @@ class DataPlane:
         self.inflight = 0
         self.draining = False
         self._idle = trio.Event()
-        self._accepting = trio.CancelScope()
+        self._accepting: list[trio.CancelScope] = []  # one per listener set (http_listen, https_listen)
         self.http_port: int | None = None
         self.stats: collections.Counter[str] = collections.Counter()
 
@@ -598,11 +604,12 @@ class DataPlane:
         if self.health(inst.id).healthy and now - self._vouched.get(inst.id, -1e9) < interval:
             return  # real traffic proved it alive since the last probe
         u = urllib.parse.urlsplit(inst.url)
+        host, port, _ = _instance_address(inst.url)
         ok = False
         with trio.move_on_after(min(2.0, interval)):
-            try:
-                stream = await trio.open_tcp_stream(u.hostname or "127.0.0.1", u.port or 80)
-            except OSError:
+            try:  # [tls] an https instance's probe is a verified TLS handshake too
+                stream = await tlsstream.open_instance(host, port, inst.tls, min(2.0, interval))
+            except (OSError, trio.TooSlowError):
                 stream = None
             if stream is not None:
                 async with stream:
@@ -634,20 +641,30 @@ class DataPlane:
         self.meters = meters
         self.ttl.ttl_s = config.gateway.dns_ttl_s
         self.correction.quantile = config.gateway.latency_quantile
+        self.tls_server = config.tls  # [tls] a reload serves the re-read certificate from the next handshake on
+        if config.tls is not None:
+            log.info("%s: https: serving %s", self.d.id, config.tls.describe(datetime.datetime.now(datetime.timezone.utc)))
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept users until ``stop_accepting``; their connections then run on until done."""
-        addr = self.d.config.gateway.http_listen
+    async def serve(self, *, tls: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept users (``tls``: on https_listen) until ``stop_accepting``; their connections then run on until done."""
+        g = self.d.config.gateway
+        addr = g.https_listen if tls else g.http_listen
         assert addr is not None
-        listeners = await open_listeners("http_listen", addr.host, addr.port, str(addr))
-        self.http_port = listeners[0].socket.getsockname()[1]
+        listeners = await open_listeners("https_listen" if tls else "http_listen", addr.host, addr.port, str(addr))
+        if tls:
+            self.https_port = listeners[0].socket.getsockname()[1]
+        else:
+            self.http_port = listeners[0].socket.getsockname()[1]
+        accepting = trio.CancelScope()
+        self._accepting.append(accepting)
         async with trio.open_nursery() as handlers:
-            with self._accepting:
+            with accepting:
                 task_status.started()
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
-                        acceptors.start_soon(serve_accepting, listener, functools.partial(self._admit_client, handlers),
-                                             self.edge_event, "http")
+                        acceptors.start_soon(serve_accepting, listener,
+                                             functools.partial(self._admit_client, handlers, tls=tls),
+                                             self.edge_event, "https" if tls else "http")
             for listener in listeners:
                 await listener.aclose()
 
@@ -663,7 +680,7 @@ class DataPlane:
         if line:
             log.warning("%s: %s", self.d.id, line)
 
-    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
+    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream, *, tls: bool = False) -> None:
         """A slot for a new user (one waiting for a head gives its own, if need be), or the door at once."""
         try:
             source = stream.socket.getpeername()[0]
@@ -686,12 +703,13 @@ class DataPlane:
                             f"({self.slots.limit if adm.reason == 'limit' else self.slots.per_source}) reached",
                             f"refused_{_bound_name(adm.reason)}")
             return
-        handlers.start_soon(self._client, stream, adm.slot)
+        handlers.start_soon(self._client, stream, adm.slot, tls)
 
     def stop_accepting(self) -> None:
         """Graceful shutdown: no new users, no new requests on kept-alive connections."""
         self.draining = True
-        self._accepting.cancel()
+        for scope in self._accepting:
+            scope.cancel()
 
     async def drained(self) -> None:
         """Return once no request is in flight here (ingress, transit or egress)."""
@@ -717,10 +735,16 @@ class DataPlane:
 
     # ---- ingress
 
-    async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
+    async def _client(self, transport: trio.SocketStream, slot: Slot, tls: bool = False) -> None:
         client = H11Stream(h11.SERVER, transport)
+        client.source = slot.source  # [tls] for Forwarded
         pinned: dict[str, Key] = {}
         try:
+            if tls:  # [tls] the handshake, under the bounds of a request head (cpnd/tlsstream.py)
+                secured = await tlsstream.accept(self, transport, slot)
+                if secured is None:
+                    return
+                client.transport = secured
             if not await self._http1_only(client, slot):
                 return
             while True:
@@ -980,6 +1004,7 @@ class DataPlane:
         if client.conn.they_are_waiting_for_100_continue:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         headers = filter_headers(req.headers, drop_cpn=True) + _framing(req.headers)
+        headers = forwarded.at_ingress(headers, client.source, self.d.id)  # [tls] the user's address to the egress
         if not any(n.lower() == b"host" for n, _ in headers):
             # HTTP/1.0 allows none; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
             headers.append((b"host", self.d.id.encode()))
@@ -1345,10 +1370,12 @@ class DataPlane:
         """
         meter = self.meters[inst.id]
         host, port, netloc = _instance_address(inst.url)
+        headers_in = list(headers_in)
+        origin = forwarded.read(headers_in)  # [tls] what the ingress saw, before CPN-* go
         if not filtered:
-            headers_in = list(headers_in)
             headers_in = filter_headers(headers_in, drop_cpn=True) + _framing(headers_in)
         headers = [(b"host", netloc), *((n, v) for n, v in headers_in if n.lower() != b"host")]
+        headers = forwarded.for_instance(headers, origin)  # [tls] Forwarded, X-Forwarded-For
         request = h11.Request(method=method, target=translate_target(target, service.path, inst.url), headers=headers)
         load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
@@ -1363,16 +1390,16 @@ class DataPlane:
                 meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
         return served
 
-    async def _connect(self, host: str, port: int) -> _PoolEntry:
-        idle = self.pool.get((host, port))
+    async def _connect(self, host: str, port: int, tls: InstanceTls | None = None) -> _PoolEntry:
+        idle = self.pool.get(_pool_key(host, port, tls))
         while idle:
             entry = idle.pop()
             if entry.conn.our_state is h11.IDLE and not _readable(entry.stream):
                 return entry
             # The instance closed it while idle (or sent junk): never send into it.
             await entry.stream.aclose()
-        with trio.fail_after(self.limits.instance_connect_timeout_s):
-            s = await trio.open_tcp_stream(host, port)
+        # [tls] connect (and a verified TLS handshake) before the request's instance time starts
+        s = await tlsstream.open_instance(host, port, tls, self.limits.instance_connect_timeout_s)
         return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
 
     async def _call_instance(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: _StreamSink | _UserSink,
@@ -1381,12 +1408,14 @@ class DataPlane:
         uploaded_at = trio.current_time()  # compute latency counts from the end of the upload
         head_after: float | None = None
         try:
-            entry = await self._connect(host, port)
+            entry = await self._connect(host, port, inst.tls)
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
                 sink.reset(ResetCode.REFUSED, False, f"{self.d.id} is out of descriptors")
                 return None
+            if isinstance(exc, tlsstream.InstanceTlsError) and self._error_lines.allow(self.d.id, trio.current_time()):
+                log.warning("%s: instance %s at %s:%d: %s", self.d.id, inst.id, host, port, exc.strerror)  # [tls]
             self._health_result(inst.id, False)
             sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {'connect timed out' if isinstance(exc, trio.TooSlowError) else exc.strerror or exc}")
             return None
@@ -1480,7 +1509,7 @@ class DataPlane:
             raise
         if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
             entry.conn.start_next_cycle()
-            idle = self.pool.setdefault((host, port), collections.deque())
+            idle = self.pool.setdefault(_pool_key(host, port, inst.tls), collections.deque())
             if len(idle) < self.limits.pool_idle_per_instance:
                 idle.append(entry)
                 return head_after
@@ -1488,9 +1517,9 @@ class DataPlane:
         return head_after
 
 
-def _peer(transport: trio.SocketStream) -> str:
+def _peer(transport: trio.abc.Stream) -> str:
     try:
-        host, port = transport.socket.getpeername()[:2]
+        host, port = tlsstream.raw_socket(transport).getpeername()[:2]
     except OSError:
         return "a client"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -1527,7 +1556,12 @@ async def _drain(client: H11Stream) -> bool:
     return False
 
 
-def _readable(stream: trio.SocketStream) -> bool:
+def _pool_key(host: str, port: int, tls: InstanceTls | None) -> tuple[Any, ...]:
+    """Idle connections are shared by instances at the same address with the same TLS trust."""
+    return (host, port) if tls is None else (host, port, *tls.pool_key)
+
+
+def _readable(stream: trio.abc.Stream) -> bool:
     """An idle keep-alive connection that is readable has been closed by the other end.
 
     poll, not select: with the descriptor limit raised, descriptors above 1023 are common
@@ -1535,7 +1569,7 @@ def _readable(stream: trio.SocketStream) -> bool:
     """
     try:
         poller = select.poll()
-        poller.register(stream.socket.fileno(), select.POLLIN)
+        poller.register(tlsstream.raw_socket(stream).fileno(), select.POLLIN)
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True
