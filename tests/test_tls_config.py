@@ -107,3 +107,21 @@ def test_cpnd_with_a_bad_certificate_file_is_one_line(site) -> None:
     assert r.returncode == 2
     assert r.stderr.startswith("cpnd: gw1.toml:6: gateway.tls_cert_file: ") and "no PEM certificate" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_readme_tls_example_is_valid(tmp_path) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (toml,) = re.findall(r"<!-- example:tls-toml -->\n```toml\n(.*?)```", readme, re.S)
+    write_private_key(tmp_path / "gw1.key", generate_key(), force=True)
+    ca = CertAuthority.create(tmp_path / "tls", "site CA")
+    (tmp_path / "tls" / "site-CA.pem").rename(tmp_path / "tls" / "site-ca.pem")
+    ca.issue(tmp_path / "tls", "gw1", ["gw1.example.net"])
+    (tmp_path / "gw1.toml").write_text(toml)
+    cfg = load_config(tmp_path / "gw1.toml")
+    assert cfg.tls is not None and cfg.tls.subject == "CN=gw1.example.net"
+    a, cloud = cfg.services[0].instances
+    assert a.tls is not None and a.tls.server_name == "llm-a.site.internal" and a.tls.ca_file == tmp_path / "tls" / "site-ca.pem"
+    assert cloud.tls is not None and cloud.tls.server_name == "api.example-llm.com" and cloud.tls.ca_file is None
