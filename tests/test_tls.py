@@ -8,7 +8,9 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -232,3 +234,69 @@ def test_reload_serves_a_new_certificate_and_refuses_a_bad_one(net) -> None:
         assert served_serial() == after
     finally:
         cert_file.write_bytes(good)
+
+
+class _CountingTlsServer(ThreadingHTTPServer):
+    """An https instance that counts its TLS connections; ``handshake_delay_s`` before each handshake,
+    and ``close``: one request per connection (so every request needs a new handshake)."""
+
+    daemon_threads = True
+
+    def __init__(self, cert: tuple[Path, Path], *, handshake_delay_s: float = 0.0, close: bool = False) -> None:
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ctx.load_cert_chain(*cert)
+        self.delay, self.close, self.connections = handshake_delay_s, close, 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                data = json.dumps({"instance": "tls", "connection": server.connections}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                if server.close:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    def finish_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        time.sleep(self.delay)
+        try:
+            request = self.ctx.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        self.connections += 1
+        super().finish_request(request, client_address)
+
+
+@pytest.mark.parametrize("close", [False, True])
+def test_instance_tls_connections_are_pooled_and_their_handshakes_are_not_compute_time(tmp_path, close: bool) -> None:
+    ca = CertAuthority.create(tmp_path / "pki")
+    # With close, every request to the instance needs a new, slow (0.25 s) handshake.
+    server = _CountingTlsServer(ca.issue(tmp_path / "pki", "inst", ["127.0.0.1"]), handshake_delay_s=0.25 if close else 0,
+                                close=close)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        topo = Topology(("a",), (), (Instance("tls", "a", "/svc", 1000, 1, 0),), dict(FAST, health_interval_ms=0))
+        specs = write_lab(topo, tmp_path / "gw", instance_url=lambda i: f"https://127.0.0.1:{server.server_address[1]}/")
+        _add_instance_keys(specs["a"].config, "tls", [f'tls_ca_file = "{ca.cert_file}"'])
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+            n = 6
+            with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10) as c:
+                answers = [c.get("/svc") for _ in range(n)]
+            assert all(r.status_code == 200 and r.headers["cpn-instance"] == "tls" for r in answers)
+            assert server.connections == (n if close else 1)  # kept alive and reused, unless the instance closes
+            (svc,) = lab.query("a", "show-services")
+            # The measured compute latency leaves the handshakes out: 0.25 s each, it would be at least 250 ms.
+            assert svc["compute_latency_ms"] < 100, svc
+    finally:
+        server.shutdown()
+        server.server_close()
