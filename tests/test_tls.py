@@ -137,6 +137,22 @@ def test_curl_over_https_listen_and_its_tls_parameters(net) -> None:
 def test_plain_http_to_the_https_port_is_told_so(net) -> None:
     r = httpx.get(f"http://{net['https']}/svc", timeout=10)
     assert r.status_code == 400 and "use https://" in r.json()["detail"]
+    # A ClientHello that is not one: the handshake fails, the connection is closed, counted and logged.
+    host, port = net["https"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as bogus:
+        bogus.sendall(b"\x16\x03\x01\x00\x05hello")
+        while bogus.recv(100):  # a TLS alert, perhaps, then the close
+            pass
+
+    def refused(reason: str) -> float:
+        metrics = httpx.get(f"http://{net['specs']['a'].metrics}/metrics", timeout=10).text
+        return float(metrics.split(f'cpn_tls_refused_total{{reason="{reason}"}} ')[1].split()[0])
+
+    net["lab"].wait_for(lambda: refused("handshake_failures") >= 1, 5, "the failed handshake counted")
+    assert refused("plain_http") >= 1
+    # One line a second for such refusals (the first of a spell in full, then a count).
+    net["lab"].wait_for(lambda: "https TLS handshakes failed" in net["lab"].log("a")
+                        or "https: TLS handshake from 127.0.0.1:" in net["lab"].log("a"), 5, "the handshake failure line")
 
 
 def test_probes_of_https_instances_verify_their_certificate(net) -> None:
