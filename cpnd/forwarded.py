@@ -10,6 +10,7 @@ egress replaces whatever ``Forwarded`` / ``X-Forwarded-For`` came with the reque
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -36,7 +37,14 @@ class Origin:
         node = f'"[{self.client}]"' if ":" in self.client else self.client
         return f"for={node};by={self.ingress}".encode()
 
+    @functools.cached_property
+    def instance_headers(self) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        return (FORWARDED, self.forwarded()), (X_FORWARDED_FOR, self.client.encode())
 
+
+# Parsing an address costs microseconds and the same few come again and again (a user's
+# connection carries many requests): the checks are cached (bounded), not repeated per request.
+@functools.lru_cache(maxsize=4096)
 def client_address(source: str) -> str | None:
     """The canonical text of a socket's peer address (an IPv4-mapped IPv6 one as IPv4); None if not an IP."""
     try:
@@ -52,10 +60,14 @@ def at_ingress(headers: list[tuple[bytes, bytes]], source: str, ingress: str) ->
     """The tunnelled head's headers: the user's Forwarded / X-Forwarded-For out, CPN-Client and
     CPN-Ingress in (``headers`` has had the user's ``CPN-*`` removed already)."""
     out = [(n, v) for n, v in headers if n.lower() not in _REPLACED]
-    client = client_address(source)
-    if client is not None:
-        out += [(CLIENT, client.encode()), (INGRESS, ingress.encode())]
+    out += _tunnel_pair(source, ingress)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _tunnel_pair(source: str, ingress: str) -> tuple[tuple[bytes, bytes], ...]:
+    client = client_address(source)
+    return () if client is None else ((CLIENT, client.encode()), (INGRESS, ingress.encode()))
 
 
 def read(headers: Iterable[tuple[bytes, bytes]]) -> Origin | None:
@@ -70,8 +82,13 @@ def read(headers: Iterable[tuple[bytes, bytes]]) -> Origin | None:
             ingress.append(v)
     if len(client) != 1 or len(ingress) != 1:
         return None
+    return _origin(client[0], ingress[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin(client: bytes, ingress: bytes) -> Origin | None:
     try:
-        addr, gid = client[0].decode("ascii"), ingress[0].decode("ascii")
+        addr, gid = client.decode("ascii"), ingress.decode("ascii")
     except UnicodeDecodeError:
         return None
     canonical = client_address(addr)
@@ -85,5 +102,5 @@ def for_instance(headers: list[tuple[bytes, bytes]], origin: Origin | None) -> l
     by ours; with no Origin (an ingress that sends none) the user's are still removed, none added."""
     out = [(n, v) for n, v in headers if n.lower() not in _REPLACED]
     if origin is not None:
-        out += [(FORWARDED, origin.forwarded()), (X_FORWARDED_FOR, origin.client.encode())]
+        out += origin.instance_headers
     return out
