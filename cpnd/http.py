@@ -643,7 +643,9 @@ class DataPlane:
         self.correction.quantile = config.gateway.latency_quantile
         self.tls_server = config.tls  # [tls] a reload serves the re-read certificate from the next handshake on
         if config.tls is not None:
-            log.info("%s: https: serving %s", self.d.id, config.tls.describe(datetime.datetime.now(datetime.timezone.utc)))
+            now = datetime.datetime.now(datetime.timezone.utc)
+            log.log(logging.WARNING if config.tls.expiring(now) else logging.INFO, "%s: https: serving %s", self.d.id,
+                    config.tls.describe(now))
 
     async def serve(self, *, tls: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Accept users (``tls``: on https_listen) until ``stop_accepting``; their connections then run on until done."""

@@ -25,6 +25,7 @@ CLIENT_ALPN: tuple[str, ...] = (ALPN_HTTP1,)  # to instances: ``http2 = true`` w
 # TLS 1.2 suites: forward-secret AEAD only (Mozilla's "intermediate" profile); TLS 1.3's are all
 # AEAD and not set by this string.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+EXPIRY_WARNING = datetime.timedelta(days=14)  # ACME renews at 30 days left: 14 means renewal is failing
 MAX_PEM_BYTES = 1024 * 1024  # a certificate chain or a CA bundle larger than this is not what was meant
 
 
@@ -81,9 +82,13 @@ class ServerTls:
     subject: str
     expires: datetime.datetime
 
+    def expiring(self, now: datetime.datetime) -> bool:
+        """Expired, or expiring within EXPIRY_WARNING: the log line about it is a warning."""
+        return self.expires - now < EXPIRY_WARNING
+
     def describe(self, now: datetime.datetime) -> str:
         left = self.expires - now
-        state = f"EXPIRED {-left.days} days ago" if left.total_seconds() < 0 else f"expires in {left.days} days"
+        state = f"EXPIRED {(-left).days} days ago" if left.total_seconds() < 0 else f"expires in {left.days} days"
         return f"certificate {self.subject}, {state} ({self.expires:%Y-%m-%d %H:%M} UTC)"
 
 

@@ -125,3 +125,16 @@ def test_the_readme_tls_example_is_valid(tmp_path) -> None:
     a, cloud = cfg.services[0].instances
     assert a.tls is not None and a.tls.server_name == "llm-a.site.internal" and a.tls.ca_file == tmp_path / "tls" / "site-ca.pem"
     assert cloud.tls is not None and cloud.tls.server_name == "api.example-llm.com" and cloud.tls.ca_file is None
+
+
+def test_an_expired_certificate_loads_and_says_so(site) -> None:
+    import datetime
+
+    ca = CertAuthority.create(site / "old")
+    cert, key = ca.issue(site / "pki", "gw", ["localhost"], expired=True)
+    cfg = load(site, BASE)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert cfg.tls is not None and cfg.tls.expiring(now) and "EXPIRED 1 days ago" in cfg.tls.describe(now)
+    ca.issue(site / "pki", "gw", ["localhost"], days=60)
+    fresh = load(site, BASE).tls
+    assert fresh is not None and not fresh.expiring(now) and "expires in 59 days" in fresh.describe(now)
