@@ -608,7 +608,7 @@ class DataPlane:
         ok = False
         with trio.move_on_after(min(2.0, interval)):
             try:  # [tls] an https instance's probe is a verified TLS handshake too
-                stream = await tlsstream.open_instance(host, port, inst.tls, min(2.0, interval))
+                stream = await tlsstream.open_instance(host, port, tlsstream.instance_tls(inst), min(2.0, interval))
             except (OSError, trio.TooSlowError):
                 stream = None
             if stream is not None:
@@ -1410,7 +1410,7 @@ class DataPlane:
         uploaded_at = trio.current_time()  # compute latency counts from the end of the upload
         head_after: float | None = None
         try:
-            entry = await self._connect(host, port, inst.tls)
+            entry = await self._connect(host, port, tlsstream.instance_tls(inst))
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
@@ -1511,7 +1511,7 @@ class DataPlane:
             raise
         if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
             entry.conn.start_next_cycle()
-            idle = self.pool.setdefault(_pool_key(host, port, inst.tls), collections.deque())
+            idle = self.pool.setdefault(_pool_key(host, port, tlsstream.instance_tls(inst)), collections.deque())
             if len(idle) < self.limits.pool_idle_per_instance:
                 idle.append(entry)
                 return head_after

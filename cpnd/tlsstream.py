@@ -6,17 +6,20 @@ The contexts and the words for failures are cpnd/tls.py's; this module only move
 
 from __future__ import annotations
 
+import functools
 import socket
 import ssl
+import urllib.parse
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .admission import Slot
 from .preface import TLS_HANDSHAKE
-from .tls import InstanceTls, handshake_failure
+from .tls import ClientContexts, InstanceTls, handshake_failure
 
 if TYPE_CHECKING:
+    from .config import InstanceConfig
     from .http import DataPlane
 
 # A client that speaks plain HTTP to https_listen is told so (as nginx does), not left to a TLS
@@ -33,6 +36,21 @@ class InstanceTlsError(OSError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(0, detail)
+
+
+_SYSTEM = ClientContexts()  # for https instances that came without a context of their own
+
+
+def instance_tls(inst: InstanceConfig) -> InstanceTls | None:
+    """How to reach ``inst`` over TLS: its configured trust, or, for an https instance made without one
+    (not from the config file: registered, say), the system's CAs and the URL's host; None: plain http."""
+    return inst.tls if inst.tls is not None else _default_tls(inst.url)
+
+
+@functools.lru_cache(maxsize=1024)
+def _default_tls(url: str) -> InstanceTls | None:
+    u = urllib.parse.urlsplit(url)
+    return InstanceTls(_SYSTEM.get(None), u.hostname or "", None) if u.scheme == "https" else None
 
 
 def raw_socket(stream: Any) -> Any:

@@ -47,3 +47,4 @@ def test_an_ingress_that_sends_no_origin_still_has_the_users_headers_removed() -
     headers = [(b"host", b"x"), (b"X-Forwarded-For", b"6.6.6.6"), (b"Forwarded", b"for=6.6.6.6"), (b"accept", b"*/*")]
     assert for_instance(headers, None) == [(b"host", b"x"), (b"accept", b"*/*")]
     assert Origin("2001:db8::1", "gw1").forwarded() == b'for="[2001:db8::1]";by=gw1'
+

@@ -138,3 +138,15 @@ def test_an_expired_certificate_loads_and_says_so(site) -> None:
     ca.issue(site / "pki", "gw", ["localhost"], days=60)
     fresh = load(site, BASE).tls
     assert fresh is not None and not fresh.expiring(now) and "expires in 59 days" in fresh.describe(now)
+
+
+def test_an_https_instance_made_without_a_context_verifies_with_the_system_cas() -> None:
+    # An instance not read from the config file (a registered one, say) has no InstanceTls of its own.
+    from cpnd.config import InstanceConfig
+    from cpnd.tlsstream import instance_tls
+
+    plain = InstanceConfig("p", "http://10.0.0.1:80/", 1, 0, 0)
+    assert instance_tls(plain) is None
+    tls = instance_tls(InstanceConfig("s", "https://api.example.com/v1", 1, 0, 0))
+    assert tls is not None and tls.server_name == "api.example.com" and tls.ca_file is None
+    assert tls.context.verify_mode.name == "CERT_REQUIRED" and tls.context.check_hostname
