@@ -3,6 +3,7 @@
     python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 1000] [--idle-rounds 7] [--idle-requests 400]
     python bench/dataplane.py --idle-only           # the sequential idle table alone (~2 min)
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
+    python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
 
 Topology: gateways a - b - c on loopback (no emulated delay), one instance behind c:
 an nginx server block answering a fixed JSON body (so the instance costs next to nothing
@@ -983,6 +984,8 @@ def main() -> int:
     ap.add_argument("--idle-requests", type=int, default=400, help="requests per path per round")
     ap.add_argument("--idle-only", action="store_true", help="only the sequential idle table")
     ap.add_argument("--breakdown", action="store_true", help="only the per-request breakdown (counters, syscalls, CPU, cProfile)")
+    ap.add_argument("--https", action="store_true", help="only the https rows: TLS at the ingress and an https "
+                    "instance, beside nginx doing the same (bench/dataplane_https.py)")
     ap.add_argument("--breakdown-requests", type=int, default=2000)
     ap.add_argument("--profile-requests", type=int, default=1000)
     ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
@@ -994,6 +997,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.breakdown:
         return breakdown(args)
+    if args.https:
+        import dataplane_https
+        return dataplane_https.run(args, ensure("nginx", "nginx-light"), ensure("wrk", "wrk"), Path(args.out))
     wrk = None if args.idle_only else ensure("wrk", "wrk")
     if not args.idle_only:
         ensure("curl", "curl")  # the 5 MB downloads (left out without it)

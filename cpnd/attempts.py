@@ -16,6 +16,7 @@ from typing import Any
 import h11
 import trio
 
+from . import forwarded
 from .aio import open_nursery
 from .body import BodySource
 from .errors import HttpError
@@ -50,7 +51,10 @@ class Attempts:
         if client.conn.they_are_waiting_for_100_continue:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # HTTP/1.0 allows no Host; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
-        headers = rewrite_headers(req.headers, drop_cpn=True, default_host=self.p.gw.id.encode())
+        # The user's own Forwarded headers go; the egress learns who the user is from CPN-Client.
+        me = self.p.gw.id
+        headers = rewrite_headers(req.headers, drop_cpn=True, default_host=me.encode(), drop=forwarded.REPLACED,
+                                  extra=forwarded.tunnel_pair(client.source, me))
         while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
             start = trio.current_time()
             attempt = Attempt()
@@ -154,7 +158,7 @@ class Attempts:
         self.p.account.sent(cand.key, trio.current_time())
         try:
             attempt.instance_s = await self.egress.call(
-                sink, service, inst, req.method, req.target, headers,
+                sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
                 [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.deadline)
             if sink.failure is not None:
                 raise sink.failure

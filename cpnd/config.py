@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .crypto import KeyFileError, load_private_key, parse_public_key
 from .errors import ConfigError
 from .names import id_problem, service_problem
+from .tls import ClientContexts, InstanceTls, ServerTls, TlsFileError, server_context
 from .wire import MAX_HOLD_MS, MAX_RESTART_MS, MAX_TUNNEL_STREAMS, MIN_HOLD_MS, MIN_TUNNEL_WINDOW
 
 SELECTION_MODES = ("per-request", "per-connection", "dns-ttl")
@@ -57,6 +58,9 @@ class InstanceConfig:
     compute_latency_ms: float
     health_path: str | None = None  # active probe: GET this path; None: a TCP connect
     max_inflight: int = 256  # requests (and connections) to it at once; more are refused
+    tls_ca_file: Path | None = None  # https: verify it against this CA file (PEM); None: the system's CAs
+    tls_server_name: str | None = None  # https: the name sent in SNI and checked; None: the URL's host
+    tls: InstanceTls | None = attrs.field(default=None, eq=False)  # https: its context, built when loaded
 
 
 @attrs.frozen
@@ -72,6 +76,9 @@ class GatewayConfig:
     key_file: Path
     control_socket: Path
     http_listen: Address | None = None
+    https_listen: Address | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     metrics_listen: Address | None = None
     selection: str = "per-request"
     dns_ttl_s: float = 30.0
@@ -125,6 +132,7 @@ class Config:
     services: tuple[ServiceConfig, ...]
     key: Ed25519PrivateKey = attrs.field(eq=False)
     source: Path
+    tls: ServerTls | None = attrs.field(default=None, eq=False)  # https_listen's context, built from the files when loaded
 
 
 # ---------------------------------------------------------------- locating keys in the text
@@ -229,8 +237,48 @@ class _Reader:
 
     def file(self, data: dict[str, Any], keypath: tuple[str | int, ...], default: Any = attrs.NOTHING) -> Path:
         v = self.get(data, keypath, str, default)
+        if v is None:
+            return v  # type: ignore[no-any-return]  # an optional file left out
         p = Path(v).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
+
+
+def _server_tls(r: _Reader, g: GatewayConfig) -> ServerTls | None:
+    """https_listen's context, loaded now: a bad certificate or key is a config error naming its key."""
+    gw = ("gateway",)
+    if g.https_listen is None:
+        for key in ("tls_cert_file", "tls_key_file"):
+            if getattr(g, key) is not None:
+                raise r.error((*gw, key), "set without https_listen (nothing would serve it)")
+        return None
+    for key in ("tls_cert_file", "tls_key_file"):
+        if getattr(g, key) is None:
+            raise r.error((*gw, key), "missing (required with https_listen)")
+    if g.https_listen == g.http_listen:
+        raise r.error((*gw, "https_listen"), "is http_listen's address too")
+    assert g.tls_cert_file is not None and g.tls_key_file is not None
+    try:
+        return server_context(g.tls_cert_file, g.tls_key_file)
+    except TlsFileError as exc:
+        raise r.error((*gw, exc.key), exc.message) from None
+
+
+def _instance_tls(r: _Reader, inst: dict[str, Any], ki: tuple[str | int, ...], contexts: ClientContexts) -> dict[str, Any]:
+    """An https instance's trust (``tls_ca_file``, ``tls_server_name``) and its context; http: none of it."""
+    https = urllib.parse.urlsplit(inst["url"]).scheme == "https"
+    ca = r.file(inst, (*ki, "tls_ca_file"), None)
+    name = r.checked(inst, (*ki, "tls_server_name"), lambda v: None if _HOSTNAME_RE.fullmatch(v) else "must be a DNS name", None)
+    if not https:
+        for key, v in (("tls_ca_file", ca), ("tls_server_name", name)):
+            if v is not None:
+                raise r.error((*ki, key), "only for an https:// url")
+        return {}
+    try:
+        ctx = contexts.get(ca)
+    except TlsFileError as exc:
+        raise r.error((*ki, exc.key), exc.message) from None
+    host = urllib.parse.urlsplit(inst["url"]).hostname or ""
+    return {"tls_ca_file": ca, "tls_server_name": name, "tls": InstanceTls(ctx, name or host, ca)}
 
 
 def _health_interval(r: _Reader, data: dict[str, Any], keypath: tuple[str | int, ...]) -> int:
@@ -263,13 +311,14 @@ def parse_address(text: str, *, literal: bool = False) -> Address:
 _GATEWAY_KEYS = {f.name for f in attrs.fields(GatewayConfig)}
 _PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive"}
 _SERVICE_KEYS = {"path", "instances"}
-_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path", "max_inflight"}
+_INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path", "max_inflight",
+                  "tls_ca_file", "tls_server_name"}
 
 
 def _url_problem(v: str) -> str | None:
     u = urllib.parse.urlsplit(v)
-    if u.scheme != "http":
-        return "must be an http:// URL"
+    if u.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
     try:
         port = u.port
     except ValueError:
@@ -339,6 +388,9 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         key_file=r.file(g, (*gw, "key_file")),
         control_socket=_control_socket(r, g, gid),
         http_listen=r.address(g, (*gw, "http_listen"), None, literal=True),
+        https_listen=r.address(g, (*gw, "https_listen"), None, literal=True),
+        tls_cert_file=r.file(g, (*gw, "tls_cert_file"), None),
+        tls_key_file=r.file(g, (*gw, "tls_key_file"), None),
         metrics_listen=r.address(g, (*gw, "metrics_listen"), None, literal=True),
         selection=r.checked(g, (*gw, "selection"), lambda v: None if v in SELECTION_MODES else f"must be one of {', '.join(SELECTION_MODES)}", "per-request"),
         dns_ttl_s=r.number(g, (*gw, "dns_ttl_s"), 0.001, 86400, 30.0),
@@ -376,6 +428,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     )
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
+    server_tls = _server_tls(r, gateway)
     least = peer_overhead(gateway) + gateway.tunnel_window_bytes
     if gateway.peer_buffer_bytes < least:
         raise r.error((*gw, "peer_buffer_bytes"), f"must be >= max_peer_send_buffer + {STREAM_COST_BYTES} x max_streams_per_peer"
@@ -415,6 +468,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     services: list[ServiceConfig] = []
     seen_paths: dict[str, int] = {}
     seen_instances: dict[str, tuple[int, int]] = {}
+    contexts = ClientContexts()  # one per CA file, shared by the instances that name it
     for i, s in enumerate(services_raw):
         kp = ("services", i)
         r.table(s, kp, _SERVICE_KEYS)
@@ -443,6 +497,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
                 health_path=r.checked(inst, (*ki, "health_path"),
                                       lambda v: None if v.startswith("/") and " " not in v else "must be a path starting with '/'", None),
                 max_inflight=r.number(inst, (*ki, "max_inflight"), 1, 1_000_000, 256, integer=True),
+                **_instance_tls(r, inst, ki, contexts),
             ))
         services.append(ServiceConfig(spath, tuple(instances)))
 
@@ -450,4 +505,4 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         key = load_private_key(gateway.key_file)
     except KeyFileError as exc:
         raise r.error((*gw, "key_file"), str(exc)) from None
-    return Config(gateway, tuple(peers), tuple(services), key, path)
+    return Config(gateway, tuple(peers), tuple(services), key, path, server_tls)

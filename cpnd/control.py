@@ -171,6 +171,8 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
         "uptime_s": round(trio.current_time() - daemon.started_at, 3),
         "listen": str(attrs.evolve(g.listen, port=daemon.listen_port)),  # the ports bound (a config may say 0)
         "http_listen": str(attrs.evolve(g.http_listen, port=http_port)) if g.http_listen is not None else None,
+        "https_listen": (str(attrs.evolve(g.https_listen, port=daemon.dataplane.https_port))  # [tls]
+                         if g.https_listen is not None else None),
         "metrics_listen": str(attrs.evolve(g.metrics_listen, port=metrics_port)) if g.metrics_listen is not None else None,
         "control_socket": str(g.control_socket),
         "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),

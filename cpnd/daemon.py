@@ -77,7 +77,7 @@ COALESCE_BYTES = 16 * 1024
 FLUSH_ON_CLOSE_S = 1.0
 LINGER_S = 0.5  # after a close, how long the peer's last bytes are read and dropped
 # [gateway] keys a running daemon cannot take over without restarting.
-RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "metrics_listen")
+RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "https_listen", "metrics_listen")
 LOAD_CHECK_S = 0.05
 GATEWAY_TIME_INTERVAL_S = 5.0  # our own processing times re-advertised at most this often (routing.md)
 TRIM_CHECK_S = 1.0
@@ -472,6 +472,8 @@ class Daemon:
                 await nursery.start(serve_control, self, g.control_socket)
                 if g.http_listen is not None:
                     await nursery.start(self.dataplane.serve)
+                if g.https_listen is not None:  # [tls]
+                    await nursery.start(functools.partial(self.dataplane.serve, tls=True))
                 if g.metrics_listen is not None:
                     await nursery.start(serve_metrics, self)
                 for listener in listeners:
@@ -484,9 +486,10 @@ class Daemon:
                 nursery.start_soon(self._load_loop)
                 nursery.start_soon(self._memory_loop)
                 nursery.start_soon(self._health_loop)
-                log.info("%s up: peers on %s, http on %s, metrics on %s, control socket %s; %d peers, %d local instances",
+                log.info("%s up: peers on %s, http on %s%s, metrics on %s, control socket %s; %d peers, %d local instances",
                          self.id, attrs.evolve(g.listen, port=self.listen_port),
                          attrs.evolve(g.http_listen, port=self.dataplane.http_port) if g.http_listen else "-",
+                         f", https on {attrs.evolve(g.https_listen, port=self.dataplane.https_port)}" if g.https_listen else "",
                          attrs.evolve(g.metrics_listen, port=self.metrics_port) if g.metrics_listen else "-",
                          g.control_socket, len(self.peers), len(self.rib.local))
                 task_status.started()
@@ -723,7 +726,7 @@ class Daemon:
                                      pool_idle_per_instance=self.dataplane.limits.pool_idle_per_instance,
                                      control_clients=CONTROL_CLIENTS, metrics_clients=METRICS_CLIENTS)
         budget = http_client_budget(nofile, reserve, local)
-        if g.http_listen is not None and budget < g.max_http_clients:
+        if (g.http_listen or g.https_listen) is not None and budget < g.max_http_clients:
             log.warning("%s: max_http_clients lowered from %d to %d: the descriptor limit is %d and %d are kept for "
                         "peers, handshakes, instances, control and metrics (raise LimitNOFILE / ulimit -n)",
                         self.id, g.max_http_clients, budget, nofile, reserve)

@@ -7,6 +7,7 @@ relays bytes) -> egress (URL-PATH -> the instance's real URL, keep-alive pool) -
 from __future__ import annotations
 
 import collections
+import datetime
 import logging
 from typing import Any
 
@@ -83,6 +84,10 @@ class DataPlane:
     def http_port(self) -> int | None:
         return self.users.http_port
 
+    @property
+    def https_port(self) -> int | None:
+        return self.users.https_port
+
     def health(self, iid: str) -> Any:
         return self.egress.health(iid)
 
@@ -102,9 +107,14 @@ class DataPlane:
         self.planner.mode = config.gateway.selection
         self.planner.ttl.ttl_s = config.gateway.dns_ttl_s
         self.plane.correction.quantile = config.gateway.latency_quantile
+        self.users.tls_server = config.tls  # a reload serves the re-read certificate from the next handshake on
+        if config.tls is not None:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            log.log(logging.WARNING if config.tls.expiring(now) else logging.INFO, "%s: https: serving %s", self.gw.id,
+                    config.tls.describe(now))
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.users.serve(task_status=task_status)
+    async def serve(self, *, tls: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.users.serve(tls=tls, task_status=task_status)
 
     def stop_accepting(self) -> None:
         self.users.stop_accepting()

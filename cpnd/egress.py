@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import math
 import urllib.parse
 from typing import Any
@@ -17,6 +18,7 @@ import attrs
 import h11
 import trio
 
+from . import forwarded, tlsstream
 from .aio import open_nursery
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
@@ -29,12 +31,15 @@ from .plane import Plane
 from .relay import Cut, Sink, StreamSink, relay_response
 from .select import match_service
 from .streams import ByteStream, StreamReset
+from .tls import InstanceTls
 from .tunnel import NO_BUDGET, ExtHeader, ResetCode
+
+log = logging.getLogger("cpnd.http")
 
 
 @attrs.define
 class _PoolEntry:
-    stream: trio.SocketStream
+    stream: trio.abc.Stream  # a SocketStream, or an SSLStream over one (https instances)
     conn: h11.Connection
 
 
@@ -56,7 +61,7 @@ class Egress:
 
     def __init__(self, plane: Plane) -> None:
         self.p = plane
-        self.pool: dict[tuple[str, int], collections.deque[_PoolEntry]] = {}
+        self.pool: dict[tuple[Any, ...], collections.deque[_PoolEntry]] = {}
         self.meters: dict[str, InstanceMeter] = {}
         self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {}
         self._health: dict[str, HealthTracker] = {}
@@ -98,7 +103,7 @@ class Egress:
             return  # real traffic proved it alive since the last probe
         ok = False
         with trio.move_on_after(min(2.0, interval)):
-            ok = await _check(inst)
+            ok = await _check(inst, min(2.0, interval))
         self.health_result(inst.id, ok)
 
     # ---- admission
@@ -128,7 +133,7 @@ class Egress:
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
         deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
-            method, target, headers, rest = await self._head(rx, service)
+            method, target, headers, origin, rest = await self._head(rx, service)
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
@@ -138,14 +143,15 @@ class Egress:
             sink.report_load(self.meters[inst.id])
             sink.reset(ResetCode.REFUSED, False, refusal)
             return
-        served = await self.call(sink, service, inst, method, target, headers, rest, rx, deadline)
+        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline)
         if served is not None and sink.head_at is not None and opened_at is not None:
             self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
-    async def _head(self, rx: H11Stream | LocalEvents, service: ServiceConfig) -> tuple[bytes, bytes, Headers, list[Any]]:
-        """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped) and
-        what of its body came with it (all of it, usually); StreamReset(BAD_REQUEST or
-        NO_SUCH_INSTANCE) for what cannot be served."""
+    async def _head(self, rx: H11Stream | LocalEvents,
+                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any]]:
+        """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped), the
+        user's address as the ingress saw it, and what of its body came with it (all of it, usually);
+        StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
             event = await next_event_within(rx, timeout_s)
@@ -166,18 +172,22 @@ class Egress:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
-        return event.method, event.target, rewrite_headers(event.headers, drop_cpn=True), rest
+        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True), forwarded.read(event.headers),
+                rest)
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
-                   headers: Headers, rest: list[Any], rx: H11Stream | LocalEvents | None,
-                   deadline: float | None) -> float | None:
+                   headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
+                   rx: H11Stream | LocalEvents | None, deadline: float | None) -> float | None:
         """Call an admitted request's instance and account what it took: the instance's time to its
-        response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``rest``
-        is what of the body is here, ``rx`` streams the remainder (None: all here)."""
+        response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``origin``
+        is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
+        ``rx`` streams the remainder (None: all here)."""
         meter = self.meters[inst.id]
         host, port, netloc = instance_address(inst.url)
+        headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
+                               extra=origin.instance_headers if origin is not None else ())
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
-                             headers=replace_host(headers, netloc), _parsed=True), *rest]
+                             headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
@@ -190,27 +200,29 @@ class Egress:
                 meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
         return served
 
-    async def _connect(self, host: str, port: int) -> _PoolEntry:
-        idle = self.pool.get((host, port))
+    async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:
+        idle = self.pool.get(_pool_key(host, port, tls))
         while idle:
             entry = idle.pop()
             if entry.conn.our_state is h11.IDLE and not readable(entry.stream):
                 return entry
             # The instance closed it while idle (or sent junk): never send into it.
             await entry.stream.aclose()
-        with trio.fail_after(self.p.limits.instance_connect_timeout_s):
-            s = await trio.open_tcp_stream(host, port)
+        # Connect (and a verified TLS handshake) before the request's instance time starts.
+        s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
         return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
 
     async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int) -> _PoolEntry | None:
         """A connection to the instance, or None once the sink has been told why not."""
         try:
-            return await self._connect(host, port)
+            return await self._connect(host, port, tlsstream.instance_tls(inst))
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
                 sink.reset(ResetCode.REFUSED, False, f"{self.p.gw.id} is out of descriptors")
                 return None
+            if isinstance(exc, tlsstream.InstanceTlsError) and self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
+                log.warning("%s: instance %s at %s:%d: %s", self.p.gw.id, inst.id, host, port, exc.strerror)
             self.health_result(inst.id, False)
             why = "connect timed out" if isinstance(exc, trio.TooSlowError) else exc.strerror or exc
             sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {why}")
@@ -265,18 +277,18 @@ class Egress:
         except StreamReset:
             await entry.stream.aclose()
             raise
-        self._pool(host, port, entry)
+        self._pool(_pool_key(host, port, tlsstream.instance_tls(inst)), entry)
         return head_after
 
-    def _pool(self, host: str, port: int, entry: _PoolEntry) -> None:
+    def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
         """Keep a connection whose exchange completed both ways for the next request, if there is room."""
         if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
             entry.conn.start_next_cycle()
-            idle = self.pool.setdefault((host, port), collections.deque())
+            idle = self.pool.setdefault(key, collections.deque())
             if len(idle) < self.p.limits.pool_idle_per_instance:
                 idle.append(entry)
                 return
-        entry.stream.socket.close()
+        tlsstream.raw_socket(entry.stream).close()  # no TLS close_notify: the instance sees the connection end
 
 
 class _Upload:
@@ -307,12 +319,19 @@ class _Upload:
         self.done_at = trio.current_time()
 
 
-async def _check(inst: InstanceConfig) -> bool:
-    """One probe: the instance accepts a connection (and answers ``health_path`` below 500)."""
+def _pool_key(host: str, port: int, tls: InstanceTls | None) -> tuple[Any, ...]:
+    """Idle connections are shared by instances at the same address with the same TLS trust."""
+    return (host, port) if tls is None else (host, port, *tls.pool_key)
+
+
+async def _check(inst: InstanceConfig, timeout_s: float) -> bool:
+    """One probe: the instance accepts a connection (an https one: a verified TLS handshake too), and
+    answers ``health_path`` below 500."""
     u = urllib.parse.urlsplit(inst.url)
+    host, port, _ = instance_address(inst.url)
     try:
-        stream = await trio.open_tcp_stream(u.hostname or "127.0.0.1", u.port or 80)
-    except OSError:
+        stream = await tlsstream.open_instance(host, port, tlsstream.instance_tls(inst), timeout_s)
+    except (OSError, trio.TooSlowError):
         return False
     async with stream:
         if inst.health_path is None:

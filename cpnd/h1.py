@@ -7,7 +7,7 @@ import json
 import re
 import select
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from http import HTTPStatus
 from typing import Any
 
@@ -63,9 +63,11 @@ _DROP = HOP_BY_HOP - set(FRAMING)
 
 
 def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
-                    default_host: bytes | None = None, extra: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
-    """The headers to relay: ``filter_headers`` and ``framing`` in one pass, Host set to ``host`` (or
-    ``default_host`` if there is none), ``extra`` (lowercase, valid) appended.
+                    default_host: bytes | None = None, drop: Collection[bytes] = (),
+                    extra: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
+    """The headers to relay: ``filter_headers`` and ``framing`` in one pass, those named in ``drop``
+    (lowercase) out, Host set to ``host`` (or ``default_host`` if there is none), ``extra``
+    (lowercase, valid) appended.
 
     Headers h11 parsed are valid already: they are filtered as h11 holds them and the result goes
     into an event built with ``_parsed=True``, without validating every header again (a third of
@@ -75,11 +77,12 @@ def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cp
     if full is None:
         pairs = list(headers)  # type: ignore[arg-type]
         out = normalize_and_validate(filter_headers(pairs, drop_cpn=drop_cpn) + framing(pairs))._full_items
+        out = [item for item in out if item[1] not in drop]
     else:
         # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
         named = {t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - {b"host"}
         named -= set(FRAMING)
-        out = [item for item in full if not (item[1] in _DROP or item[1] in named
+        out = [item for item in full if not (item[1] in _DROP or item[1] in named or item[1] in drop
                                              or (drop_cpn and item[1].startswith(b"cpn-")))]
         lengths = [item for item in out if item[1] == b"content-length"]
         if lengths and any(item[1] == b"transfer-encoding" for item in out):
@@ -92,9 +95,13 @@ def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cp
     return Headers(out)
 
 
-def replace_host(headers: Headers, host: bytes) -> Headers:
-    """``headers`` (as ``rewrite_headers`` made them) with Host set to ``host``."""
-    return Headers([(b"host", b"host", host), *(item for item in headers._full_items if item[1] != b"host")])
+def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),
+                 extra: Iterable[tuple[bytes, bytes]] = ()) -> Headers:
+    """``headers`` (as ``rewrite_headers`` made them) with Host set to ``host``, those named in ``drop``
+    out and ``extra`` (lowercase, valid) appended."""
+    return Headers([(b"host", b"host", host),
+                    *(item for item in headers._full_items if item[1] != b"host" and item[1] not in drop),
+                    *((n, n, v) for n, v in extra)])
 
 
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:
@@ -126,7 +133,7 @@ def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
 def instance_address(url: str) -> tuple[str, int, bytes]:
     """(host, port, Host header) of an instance URL; parsed once, not per request."""
     u = urllib.parse.urlsplit(url)
-    return u.hostname or "127.0.0.1", u.port or 80, u.netloc.encode()
+    return u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 80), u.netloc.encode()
 
 
 def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
@@ -145,6 +152,7 @@ class H11Stream:
         self.transport = transport
         self.tunnel = tunnel
         self.head_since = 0.0  # when the first byte of the request head being read came
+        self.source = ""  # a user's connection: its peer address (for Forwarded)
 
     async def send(self, event: Any, *, end: bool = False) -> None:
         data = self.conn.send(event) or b""
@@ -205,7 +213,7 @@ async def drain(client: H11Stream) -> bool:
     return False
 
 
-def readable(stream: trio.SocketStream) -> bool:
+def readable(stream: trio.abc.Stream) -> bool:
     """An idle keep-alive connection that is readable has been closed by the other end.
 
     poll, not select: with the descriptor limit raised, descriptors above 1023 are common
@@ -213,7 +221,7 @@ def readable(stream: trio.SocketStream) -> bool:
     """
     try:
         poller = select.poll()
-        poller.register(stream.socket.fileno(), select.POLLIN)
+        poller.register(getattr(stream, "transport_stream", stream).socket.fileno(), select.POLLIN)  # TLS: its socket
         return bool(poller.poll(0))
     except (OSError, ValueError):
         return True

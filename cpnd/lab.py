@@ -227,9 +227,12 @@ class InstanceProcs:
             raise RuntimeError(f"{what} did not start")
         return p, out
 
-    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9, port: int = 0) -> int:
+    def start(self, iid: str, *, compute_ms: float = 0.0, capacity: float = 1e9, port: int = 0,
+              tls: tuple[Path, Path] | None = None) -> int:
+        """Start one instance; ``tls`` (certificate file, key file): it serves https://."""
         p, (line,) = self._spawn(["--id", iid, "--compute-ms", str(compute_ms), "--capacity", str(capacity),
-                                  "--port", str(port)], 1, f"simulated instance {iid}")
+                                  "--port", str(port), *(("--tls-cert", str(tls[0]), "--tls-key", str(tls[1])) if tls else ())],
+                                 1, f"simulated instance {iid}")
         self.procs[iid] = p
         self.ports[iid] = int(line.rsplit(":", 1)[1])
         return self.ports[iid]

@@ -115,6 +115,10 @@ class _DaemonCollector(Collector):
         yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=st["retries"])
         yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=st["admission_rejects"])
         yield CounterMetricFamily("cpn_relayed_streams", "Streams relayed as a transit gateway", value=st["relayed"])
+        tls = CounterMetricFamily("cpn_tls_refused", "https_listen connections closed before a request", labels=["reason"])
+        for reason in ("handshake_failures", "handshake_timeouts", "plain_http"):  # [tls]
+            tls.add_metric([reason], st[f"tls_{reason}"])
+        yield tls
         load = GaugeMetricFamily("cpn_instance_load", "Load of our own instances, fraction of capacity", labels=["instance"])
         for iid, meter in d.dataplane.meters.items():
             load.add_metric([iid], meter.load(trio.current_time()))

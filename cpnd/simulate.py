@@ -2,6 +2,7 @@
 
     python -m cpnd.simulate --id s1 [--host 127.0.0.1] [--port 0] [--compute-ms 1] [--capacity 50]
     python -m cpnd.simulate --instance s1:1:50 --instance s2:3:50 ...   # several, one process
+    python -m cpnd.simulate --id s1 --tls-cert s1.crt --tls-key s1.key  # serving https://
 
 Prints ``listening <host>:<port>`` once ready (``listening <host>:<port> <id>`` per instance
 with ``--instance``). Every request is answered with JSON
@@ -20,6 +21,7 @@ import argparse
 import collections
 import json
 import signal
+import ssl
 import sys
 import urllib.parse
 from http import HTTPStatus
@@ -167,9 +169,12 @@ async def _send_all(send, status: int, body: bytes, ctype: bytes, head: bool = F
     return True
 
 
-async def serve(inst: Instance, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+async def serve(inst: Instance, host: str, port: int, tls: ssl.SSLContext | None = None, *,  # type: ignore[no-untyped-def]
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     listeners = await trio.open_tcp_listeners(port, host=host)
     task_status.started(listeners[0].socket.getsockname()[1])
+    if tls is not None:  # https: the handshake runs on the connection's first read
+        listeners = [trio.SSLListener(listener, tls, https_compatible=True) for listener in listeners]  # type: ignore[misc]
     await trio.serve_listeners(inst.handle, listeners)
 
 
@@ -191,9 +196,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instance", type=_instance_spec, action="append", default=[], metavar="ID:COMPUTE_MS:CAPACITY",
                     help="serve several instances from this one process, each on a port of its own "
                          "(prints 'listening HOST:PORT ID' per instance); instead of --id")
+    ap.add_argument("--tls-cert", help="serve https:// with this certificate (PEM; with --tls-key)")
+    ap.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = ap.parse_args(argv)
     if bool(args.id) == bool(args.instance):
         ap.error("give either --id or one or more --instance")
+    tls = None
+    if args.tls_cert or args.tls_key:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        tls.set_alpn_protocols(["http/1.1"])
     many = bool(args.instance)
     specs = args.instance or [(args.id, args.compute_ms, args.capacity)]
     insts = [Instance(iid, compute, capacity) for iid, compute, capacity in specs]
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 for inst in insts:
-                    port = await nursery.start(serve, inst, args.host, 0 if many else args.port)
+                    port = await nursery.start(serve, inst, args.host, 0 if many else args.port, tls)
                     print(f"listening {args.host}:{port}" + (f" {inst.id}" if many else ""), flush=True)
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

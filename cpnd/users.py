@@ -12,16 +12,18 @@ from typing import Any
 import h11
 import trio
 
+from . import tlsstream
 from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
 from .errors import HttpError
 from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
-from .plane import Plane
+from .plane import HttpLimits, Plane
 from .planner import Planner
 from .preface import H2_REFUSAL, sniff_preface
 from .rib import Key
 from .streams import StreamReset
+from .tls import ServerTls
 
 log = logging.getLogger("cpnd.http")
 
@@ -39,22 +41,35 @@ class Users:
         self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
         self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.draining = False
-        self._accepting = trio.CancelScope()
+        self._accepting: list[trio.CancelScope] = []  # one per listener set (http_listen, https_listen)
         self.http_port: int | None = None
+        self.https_port: int | None = None
+        self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept users until ``stop_accepting``; their connections then run on until done."""
-        addr = self.p.gw.config.gateway.http_listen
+    @property
+    def limits(self) -> HttpLimits:
+        return self.p.limits
+
+    async def serve(self, *, tls: bool = False, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept users (``tls``: on https_listen) until ``stop_accepting``; their connections then run on until done."""
+        g = self.p.gw.config.gateway
+        addr = g.https_listen if tls else g.http_listen
         assert addr is not None
-        listeners = await open_listeners("http_listen", addr.host, addr.port, str(addr))
-        self.http_port = listeners[0].socket.getsockname()[1]
+        listeners = await open_listeners("https_listen" if tls else "http_listen", addr.host, addr.port, str(addr))
+        if tls:
+            self.https_port = listeners[0].socket.getsockname()[1]
+        else:
+            self.http_port = listeners[0].socket.getsockname()[1]
+        accepting = trio.CancelScope()
+        self._accepting.append(accepting)
         async with trio.open_nursery() as handlers:
-            with self._accepting:
+            with accepting:
                 task_status.started()
                 async with trio.open_nursery() as acceptors:
                     for listener in listeners:
-                        acceptors.start_soon(serve_accepting, listener, functools.partial(self._admit_client, handlers),
-                                             self.edge_event, "http")
+                        acceptors.start_soon(serve_accepting, listener,
+                                             functools.partial(self._admit_client, handlers, tls=tls),
+                                             self.edge_event, "https" if tls else "http")
             for listener in listeners:
                 await listener.aclose()
 
@@ -70,7 +85,7 @@ class Users:
         if line:
             log.warning("%s: %s", self.p.gw.id, line)
 
-    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream) -> None:
+    def _admit_client(self, handlers: trio.Nursery, stream: trio.SocketStream, *, tls: bool = False) -> None:
         """A slot for a new user (one waiting for a head gives its own, if need be), or the door at once."""
         try:
             source = stream.socket.getpeername()[0]
@@ -93,17 +108,24 @@ class Users:
                             f"({self.slots.limit if adm.reason == 'limit' else self.slots.per_source}) reached",
                             f"refused_{_bound_name(adm.reason)}")
             return
-        handlers.start_soon(self._client, stream, adm.slot)
+        handlers.start_soon(self._client, stream, adm.slot, tls)
 
     def stop_accepting(self) -> None:
         """Graceful shutdown: no new users, no new requests on kept-alive connections."""
         self.draining = True
-        self._accepting.cancel()
+        for scope in self._accepting:
+            scope.cancel()
 
-    async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
+    async def _client(self, transport: trio.SocketStream, slot: Slot, tls: bool = False) -> None:
         client = H11Stream(h11.SERVER, transport)
+        client.source = slot.source  # for Forwarded
         pinned: dict[str, Key] = {}
         try:
+            if tls:  # the handshake, under the bounds of a request head (cpnd/tlsstream.py)
+                secured = await tlsstream.accept(self, transport, slot)
+                if secured is None:
+                    return
+                client.transport = secured
             if not await self._http1_only(client, slot):
                 return
             while True:
@@ -291,9 +313,9 @@ class Users:
         return plan.service, instance, status
 
 
-def _peer(transport: trio.SocketStream) -> str:
+def _peer(transport: trio.abc.Stream) -> str:
     try:
-        host, port = transport.socket.getpeername()[:2]
+        host, port = tlsstream.raw_socket(transport).getpeername()[:2]
     except OSError:
         return "a client"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -760,6 +760,45 @@ def _conn_window_honoured(t: Target) -> None:
         p.close()
 
 
+@case("tunnel-client-address", "tunnel.md#client-address")
+def _client_address(t: Target) -> None:
+    """A user that claims another address (X-Forwarded-For, Forwarded, CPN-Client) asks the target for
+    our instance: the tunnelled head carries the address the user connected from, once, in
+    CPN-Client, the target's id in CPN-Ingress, and none of the user's claims."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    p = t.session()
+    svc = f"/interop-fwd-{random_id()}"
+    p.send_msg({"t": UPDATE, "adv": [new_route(svc, "fwd", t.my_id)], "wd": []})
+    host, port = t.http.rsplit(":", 1)
+    head, sid, user = b"", None, None
+    try:
+        deadline = time.monotonic() + 5
+        while sid is None and time.monotonic() < deadline:  # the UPDATE and the request race
+            if user is not None:
+                user.close()
+            user = socket.create_connection((host, int(port)), timeout=5)
+            user.sendall(f"GET {svc}/x HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6\r\n"
+                         f"Forwarded: for=6.6.6.6\r\nCPN-Client: 6.6.6.6\r\nCPN-Ingress: evil\r\n\r\n".encode())
+            for fsid, ftype, _, payload in _tunnel_frames(p, 1.0):
+                if ftype == 1 and sid is None:
+                    sid = fsid
+                elif ftype == 2 and fsid == sid:
+                    head += payload
+        assert sid is not None and user is not None, "the target opened no stream to our instance"
+        lines = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+        headers = [(n.strip().lower(), v.strip()) for n, _, v in (line.partition(":") for line in lines)]
+        got = {n: [v for m, v in headers if m == n] for n in ("cpn-client", "cpn-ingress", "x-forwarded-for", "forwarded")}
+        assert got["cpn-client"] == [user.getsockname()[0]], f"CPN-Client {got['cpn-client']}, the user is {user.getsockname()[0]}"
+        assert got["cpn-ingress"] == [p.target_id], f"CPN-Ingress {got['cpn-ingress']}, the target is {p.target_id}"
+        assert not got["x-forwarded-for"] and not got["forwarded"], f"the user's claims travelled: {got}"
+        p.send_msg(struct.pack(">IBBHB", sid, 4, 0, 9, 1) + b"interop done", ctype=TUNNEL)  # RESET cancel
+    finally:
+        if user is not None:
+            user.close()
+        p.close()
+
+
 @case("tunnel-stream-limit-honoured", "tunnel.md#streams")
 def _stream_limit_honoured(t: Target) -> None:
     """We keep at most 2 streams open: the target must not open a third while two are."""

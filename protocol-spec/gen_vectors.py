@@ -229,6 +229,42 @@ def tunnel_vectors() -> list[dict]:
     return out
 
 
+def forwarded_vectors() -> list[dict]:
+    """The client address from ingress to egress (tunnel.md, "Client address"): the tunnelled head's
+    CPN-Client / CPN-Ingress, and the Forwarded / X-Forwarded-For the instance gets from them."""
+    from cpnd.forwarded import at_ingress, for_instance, read
+
+    user = [(b"host", b"api.example"), (b"x-forwarded-for", b"6.6.6.6"), (b"forwarded", b"for=6.6.6.6")]
+    out: list[dict] = []
+    for source, ingress, meaning in [
+        ("203.0.113.7", "gw1", "an IPv4 user"),
+        ("2001:db8::17", "edge-eu.1", "an IPv6 user: bracketed and quoted in Forwarded (RFC 7239 section 6)"),
+        ("::ffff:198.51.100.9", "gw_2", "an IPv4-mapped IPv6 peer address travels as IPv4"),
+    ]:
+        tunnel = at_ingress(list(user), source, ingress)
+        origin = read(tunnel)
+        assert origin is not None
+        out.append({"name": f"forwarded-{len(out) + 1}", "meaning": meaning, "peer_address": source,
+                    "ingress": ingress, "user_headers": [[n.decode(), v.decode()] for n, v in user],
+                    "tunnel_headers": [[n.decode(), v.decode()] for n, v in tunnel],
+                    "instance_headers": [[n.decode(), v.decode()] for n, v in for_instance(tunnel, origin)]})
+    for name, meaning, extra in [
+        ("not-an-address", "CPN-Client that is not an IP address", [(b"cpn-client", b"example.com"), (b"cpn-ingress", b"gw1")]),
+        ("not-canonical", "CPN-Client not in canonical form", [(b"cpn-client", b"2001:DB8:0::17"), (b"cpn-ingress", b"gw1")]),
+        ("two-clients", "two CPN-Client headers", [(b"cpn-client", b"192.0.2.1"), (b"cpn-client", b"192.0.2.2"),
+                                                  (b"cpn-ingress", b"gw1")]),
+        ("no-ingress", "CPN-Client without CPN-Ingress", [(b"cpn-client", b"192.0.2.1")]),
+        ("bad-ingress", "CPN-Ingress that is not a gateway id", [(b"cpn-client", b"192.0.2.1"), (b"cpn-ingress", b"g w")]),
+    ]:
+        tunnel = list(user) + extra
+        origin = read(tunnel)
+        assert origin is None, name
+        out.append({"name": f"forwarded-{name}", "meaning": f"{meaning}: ignored, the user's headers still removed",
+                    "tunnel_headers": [[n.decode(), v.decode()] for n, v in tunnel],
+                    "instance_headers": [[n.decode(), v.decode()] for n, v in for_instance(tunnel, origin)]})
+    return out
+
+
 def main() -> None:
     out = {
         "about": "Test vectors for protocol-spec (cpn/1). Hex strings are exact bytes; bin values in 'decoded' are {\"bin\": hex}.",
@@ -236,6 +272,7 @@ def main() -> None:
         "messages": message_vectors(),
         "handshake": handshake_vector(),
         "tunnel": tunnel_vectors(),
+        "forwarded": forwarded_vectors(),
     }
     path = Path(__file__).resolve().parent / "vectors.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -73,7 +73,7 @@ def test_good_config(tmp_path) -> None:
     ('emulated_rtt_ms = 4', 'emulated_rtt_ms = "4"', "gw1.toml:13: peers[0].emulated_rtt_ms: must be an integer or a number"),
     ('capacity = 50', 'capacity = 0', "gw1.toml:20: services[0].instances[0].capacity: must be between"),
     ('path = "/yolo"', 'path = "yolo"', "gw1.toml:16: services[0].path: must start with '/'"),
-    ('url = "http://127.0.0.1:9001/v1/detect"', 'url = "ftp://x/"', "gw1.toml:19: services[0].instances[0].url: must be an http:// URL"),
+    ('url = "http://127.0.0.1:9001/v1/detect"', 'url = "ftp://x/"', "gw1.toml:19: services[0].instances[0].url: must be an http:// or https:// URL"),
     ('id = "s1"', 'id = "s 1"', "gw1.toml:18: services[0].instances[0].id: must be 1-64 characters"),
     ('key_file = "gw1.key"', 'key_file = "nope.key"', "gw1.toml:6: gateway.key_file:"),
     ('id = "gw1"', 'id = 1', "gw1.toml:2: gateway.id: must be a string, got int"),
