@@ -100,6 +100,7 @@ class HttpError(Exception):
         self.detail = detail
         self.close = close  # the request's framing cannot be trusted: end the connection after this
         self.service = ""  # for metrics, once known
+        self.headers: list[tuple[bytes, bytes]] = []  # [clients hook] Retry-After, WWW-Authenticate
 
 
 def _h11_reason(exc: h11.ProtocolError) -> str:
@@ -315,6 +316,7 @@ class H11Stream:
         self.transport = transport
         self.tunnel = tunnel
         self.head_since = 0.0  # when the first byte of the request head being read came
+        self.source = ""  # [clients hook] the user's address (failed keys are paced per address)
 
     async def send(self, event: Any, *, end: bool = False) -> None:
         data = self.conn.send(event) or b""
@@ -452,7 +454,7 @@ class _UserSink:
 def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
     body = json.dumps({"error": exc.error, "detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
+               (b"cache-control", b"no-store"), *exc.headers]
     return h11.Response(status_code=exc.status, headers=headers, reason=HTTPStatus(exc.status).phrase.encode()), body
 
 
@@ -719,6 +721,7 @@ class DataPlane:
 
     async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
         client = H11Stream(h11.SERVER, transport)
+        client.source = slot.source  # [clients hook]
         pinned: dict[str, Key] = {}
         try:
             if not await self._http1_only(client, slot):
@@ -966,6 +969,8 @@ class DataPlane:
 
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> tuple[str, str, int]:
         """Serve one request whose head came at ``t0``; (service, instance, status) of the answer, or HttpError."""
+        if self.d.clients.active:  # [clients hook] cpnd/clients.py: 401/403/429; the key never goes on
+            req = _client_gate(self.d, client, req)
         service, cons, ranked = self._plan(req, pinned)
         try:
             return await self._forward(client, req, service, cons, ranked, t0)
@@ -1486,6 +1491,20 @@ class DataPlane:
                 return head_after
         await entry.stream.aclose()
         return head_after
+
+
+def _client_gate(d: Daemon, client: H11Stream, req: h11.Request) -> h11.Request:
+    """[clients hook] The ``[[clients]]`` verdict on a request: an HttpError, or the request without its key."""
+    path = check_target(req.target)
+    v = d.clients.check(req.headers, match_service(d.rib.by_service, path) or path, client.source, trio.current_time())
+    if v.status:
+        exc = HttpError(v.status, v.error, v.detail)
+        if v.retry_after_s is not None:
+            exc.headers.append((b"retry-after", str(v.retry_after_s).encode()))
+        if v.status == 401:
+            exc.headers.append((b"www-authenticate", b'Bearer realm="cpn"'))
+        raise exc
+    return h11.Request(method=req.method, target=req.target, headers=list(v.headers), http_version=req.http_version)
 
 
 def _peer(transport: trio.SocketStream) -> str:
