@@ -59,9 +59,12 @@ def source_key(source: str) -> str:
     if ":" not in source:
         return source
     try:
-        return str(ipaddress.IPv6Network((source.split("%", 1)[0], 64), strict=False))
+        addr = ipaddress.IPv6Address(source.split("%", 1)[0])
     except ValueError:
         return source
+    if addr.ipv4_mapped is not None:  # an IPv4 user on a dual-stack listener: its own address, not ::ffff:0:0/64
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
 
 
 class KeyIndex:

@@ -102,6 +102,8 @@ def test_ipv6_failures_count_per_64() -> None:
     assert source_key("2001:db8:1:2:aaaa::1") == source_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
     assert source_key("2001:db8:1:3::1") != source_key("2001:db8:1:2::1")
     assert source_key("192.0.2.1") == "192.0.2.1"
+    assert source_key("::ffff:192.0.2.1") == "192.0.2.1"  # dual-stack listeners see IPv4 users so
+    assert source_key("fe80::1%eth0") == "fe80::/64" and source_key("not an address") == "not an address"
 
 
 def test_reload_keeps_level_and_counters() -> None:

@@ -4,10 +4,14 @@ that register at b (cpnctl and HTTP) and become routable from a one hop away, th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -229,3 +233,73 @@ def test_registration_bound(net) -> None:
             for i in range(3):
                 c.delete(f"/cpn/v1/instances/n{i}")
     assert not [s for s in lab.query("b", "show-services") if s.get("registered")]
+
+
+def test_the_readme_edge_example_runs_as_written(tmp_path) -> None:
+    from test_readme import blocks, ports_outside_ephemeral_range, section
+
+    if shutil.which("curl") is None:
+        pytest.skip("the example calls curl")
+    fixed = ["7201", "7202", "8201", "9202", "9001"]
+    port = dict(zip(fixed, map(str, ports_outside_ephemeral_range(len(fixed)))))
+    setup, run, join, tryit, leave = (re.sub(r"(?<=[:\s])(7201|7202|8201|9202|9001)\b", lambda m: port[m.group(1)], b)
+                                      for b in blocks(section("edge"), "sh"))
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+    env = {k: v for k, v in os.environ.items() if k != "CPN_SOCKET"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    edge = tmp_path / "edge"
+
+    def sh(script: str, cwd: Path = edge) -> str:
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    def gw1_has_e1() -> bool:
+        r = subprocess.run(["cpnctl", "--config", "gw1.toml", "show", "routes", "--json"], cwd=edge, env=env,
+                           capture_output=True, text=True, timeout=10)
+        return r.returncode == 0 and any(x["instance"] == "e1" and x["best"] for x in json.loads(r.stdout))
+
+    def wait(cond, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert all(p.poll() is None for p in procs), [(edge / f"{i}.log").read_text() for i in range(len(procs))]
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    sh(setup, tmp_path)
+    procs: list[subprocess.Popen] = []
+    try:
+        for line in run.strip().splitlines():  # each a long-running process, as in its own terminal
+            with open(edge / f"{len(procs)}.log", "wb") as log:
+                procs.append(subprocess.Popen(["bash", "-c", "exec " + line], cwd=edge, env=env, stdout=log,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        wait(lambda: (edge / "gw2.sock").exists() and (edge / "gw1.sock").exists() and
+             b"listening" in (edge / "0.log").read_bytes(), "the gateways and the instance to start")
+        assert json.loads(sh(join)) == {"id": "e1", "service": "/echo", "result": "added", "ttl_s": 30.0}
+        wait(gw1_has_e1, "gw1 to learn e1 through gw2")
+        out = sh(tryit)
+        row = next(ln.split() for ln in out.splitlines() if ln.startswith("/echo"))
+        assert row[:5] == ["/echo", "e1", "gw2", "gw2", "gw2"] and "*" in row, out
+        ok, unauthorized = out.split("HTTP/1.1 ")[1:3]
+        assert ok.startswith("200 OK") and "cpn-instance: e1" in ok and "cpn-origin: gw2" in ok, ok
+        answer, _ = json.JSONDecoder().raw_decode(ok.partition("\n\n")[2])
+        assert answer["path"] == "/v1/hello" and "authorization" not in answer["headers"]
+        assert unauthorized.startswith("401") and '"error": "unauthorized"' in unauthorized
+        assert re.search(r"^alice\s+/echo\s+10\.00\s+20\.00\s+\S+\s+1\s+0\s+0\s", out, re.M), out
+        assert re.search(r"^/echo\s+e1\s+yes\s.*\syes\s+http://127\.0\.0\.1:\d+/v1$", out, re.M), out
+        assert json.loads(sh(leave)) == {"id": "e1", "service": "/echo", "result": "deleted"}
+        wait(lambda: not gw1_has_e1(), "e1 to be withdrawn at gw1")
+        gone = sh(tryit.replace("cpnctl --config gw1.toml show routes\n", ""))
+        assert gone.startswith("HTTP/1.1 404") and "no_such_service" in gone
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0, 0]
