@@ -161,8 +161,8 @@ class Registrations:
                 raise RegistrationError(413, "body_too_large", f"a registration is at most {MAX_BODY_BYTES} bytes")
             try:
                 data = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                raise RegistrationError.bad("body", "not JSON") from None
+            except (ValueError, UnicodeDecodeError, RecursionError):  # 16 KiB of '[' is too deep for json
+                raise RegistrationError.bad("body", "not JSON (or nested too deep)") from None
             status, out = self.put(parse_registration(data, iid, default_ttl_s=DEFAULT_TTL_S, by=registrar.id),
                                    registrar.services)
             return _answer(status, out)
@@ -218,7 +218,11 @@ class Registrations:
                 if got is None or not slot.held:
                     break
                 req, body = got
-                status, data, extra = self.handle(req.method, req.target, req.headers, body, slot.source)
+                try:
+                    status, data, extra = self.handle(req.method, req.target, req.headers, body, slot.source)
+                except Exception:  # a bug must cost this request, never the daemon
+                    log.exception("%s: registration request failed", self.d.id)
+                    status, data, extra = _answer(500, {"error": "internal", "detail": "see the gateway's log"})
                 headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                            (b"cache-control", b"no-store"), *extra]
                 if body is None:

@@ -61,10 +61,11 @@ def _number(body: dict[str, Any], field: str, default: float | None) -> float | 
     if v is None or field not in body:
         return v
     lo, hi = RANGES[field]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    # Compared before any float conversion: JSON integers have no size limit (10**400 overflows a float).
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or isinstance(v, float) and not math.isfinite(v):
         raise RegistrationError.bad(field, f"must be a number, got {type(v).__name__}")
     if not lo <= v <= hi:
-        raise RegistrationError.bad(field, f"must be between {lo:g} and {hi:g}, got {v:g}")
+        raise RegistrationError.bad(field, f"must be between {lo:g} and {hi:g}, got {str(v)[:24]}")
     return float(v)
 
 
@@ -86,21 +87,23 @@ def parse_registration(body: object, iid: str | None = None, *, default_ttl_s: f
         raise RegistrationError.bad("body", "must be a JSON object")
     for k in body:
         if k not in FIELDS:
-            raise RegistrationError.bad(str(k)[:64], f"unknown field (expected: {', '.join(FIELDS)})")
+            raise RegistrationError.bad(str(k)[:64] or '""', f"unknown field (expected: {', '.join(FIELDS)})")
     if iid is not None:
         if id_problem(iid):
             raise RegistrationError.bad("id", f"{iid[:64]!r} in the URL: {id_problem(iid)}")
         if "id" in body and body["id"] != iid:
             raise RegistrationError.bad("id", "differs from the id in the URL")
         body = {**body, "id": iid}
+    # In FIELDS order: the first field at fault is the one named.
+    service = _text(body, "service", service_problem)
     rid = _text(body, "id", id_problem)
+    url = _text(body, "url", _url_problem)
     capacity = _number(body, "capacity", None)
     if capacity is None:
         raise RegistrationError.bad("capacity", "missing (required)")
-    inst = InstanceConfig(id=rid, url=_text(body, "url", _url_problem), capacity=capacity,
-                          price=_number(body, "price", 0.0) or 0.0,
+    inst = InstanceConfig(id=rid, url=url, capacity=capacity, price=_number(body, "price", 0.0) or 0.0,
                           compute_latency_ms=_number(body, "compute_latency_ms", 0.0) or 0.0, registered=True)
-    return Registration(_text(body, "service", service_problem), inst, _number(body, "ttl_s", default_ttl_s), by)
+    return Registration(service, inst, _number(body, "ttl_s", default_ttl_s), by)
 
 
 @attrs.define

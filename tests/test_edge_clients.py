@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -303,3 +304,23 @@ def test_the_readme_edge_example_runs_as_written(tmp_path) -> None:
                 p.kill()
                 p.wait()
     assert [p.returncode for p in procs] == [0, 0, 0]
+
+
+def test_hostile_registrations_never_harm_the_gateway(net) -> None:
+    lab = net["lab"]
+    host, port = net["reg"].removeprefix("http://").split(":")
+    nasty = [b"[" * 16_000, b"\xff\xfe{}", b'{"service": "/reg", "url": "http://h/", "capacity": 1' + b"0" * 500 + b"}",
+             json.dumps({"service": "/reg/" + "a/" * 200 + "b", "url": "http://h/", "capacity": 1}).encode()]
+    for body in nasty:
+        r = httpx.put(net["reg"] + "/cpn/v1/instances/x", content=body, headers=bearer(TOKEN), timeout=10)
+        assert r.status_code == 400 and r.json()["field"] in ("body", "capacity", "service"), r.text
+    for raw in (b"GARBAGE\r\n\r\n", b"PUT /cpn/v1/instances/x HTTP/1.1\r\nContent-Length: -1\r\n\r\n", b"\x16\x03\x01\x00"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass  # closed by the gateway, whatever it answered
+    assert not lab.dead()
+    r = httpx.put(net["reg"] + "/cpn/v1/instances/x", json={}, headers=bearer(TOKEN), timeout=10)
+    assert r.status_code == 400 and r.json()["field"] == "service"
+    assert "Traceback" not in lab.log("b")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import attrs
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cpnd.config import Config, GatewayConfig, InstanceConfig, ServiceConfig, parse_address
@@ -143,3 +143,23 @@ def test_registry_invariants(seq) -> None:
         assert timer == min((e.expires_at for e in r.entries.values() if e.expires_at is not None), default=None)
         merged = r.merge(config())
         assert sorted(i.id for s in merged.services for i in s.instances) == sorted(r.entries)
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["service", "id", "url", "capacity", "price", "compute_latency_ms", "ttl_s", "x"]),
+                       json_values | st.integers(min_value=10**300, max_value=10**400), max_size=8) | json_values,
+       st.text(max_size=70))
+@example({"service": "/a", "url": "http://h/", "capacity": 10**400}, "x")  # no float holds it
+@example({"": 1}, "x")
+def test_any_json_is_a_registration_or_a_400(body, iid) -> None:
+    try:
+        r = parse_registration(body, iid, default_ttl_s=DEFAULT_TTL_S)
+    except RegistrationError as exc:
+        assert exc.status == 400 and exc.field and len(str(exc)) < 400
+    else:
+        assert r.instance.id == iid and 1e-6 <= r.instance.capacity <= 1e9
