@@ -232,7 +232,7 @@ def handle_request(daemon: Daemon, raw: bytes) -> dict[str, Any]:
     """Answer one request line; never raises."""
     try:
         req = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # 64 KiB of '[' is too deep for json: not a crash
         return {"ok": False, "error": "request is not JSON"}
     if not isinstance(req, dict) or req.get("cmd") not in COMMANDS:
         return {"ok": False, "error": f"unknown command; known: {', '.join(COMMANDS)}"}

@@ -324,3 +324,12 @@ def test_hostile_registrations_never_harm_the_gateway(net) -> None:
     r = httpx.put(net["reg"] + "/cpn/v1/instances/x", json={}, headers=bearer(TOKEN), timeout=10)
     assert r.status_code == 400 and r.json()["field"] == "service"
     assert "Traceback" not in lab.log("b")
+
+
+def test_a_deeply_nested_control_request_is_an_error_not_a_crash(net) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(net["specs"]["a"].control))
+        s.sendall(b"[" * 60_000 + b"\n")
+        assert json.loads(s.makefile().readline()) == {"ok": False, "error": "request is not JSON"}
+    assert not net["lab"].dead() and net["lab"].query("a", "status")["id"] == "a"
