@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pubkey", help="print the public key of a key file")
     pk.add_argument("file")
     sub.add_parser("reload", help="make the daemon re-read its config (like SIGHUP); prints what changed")
-    sub.add_parser("hash-key", help="print a new random client key (or registrar token) and its SHA-256 for the config")
+    hk = sub.add_parser("hash-key", help="print a new random client key (or registrar token) and its SHA-256 for the config")
+    hk.add_argument("--stdin", action="store_true", help="hash the key read from stdin instead of making one")
     reg = sub.add_parser("register", help="register an instance with the gateway (advertised like a configured one)")
     reg.add_argument("--service", required=True, help="its service (URL-PATH)")
     reg.add_argument("--id", required=True, help="its instance id, unique in the gateway")
@@ -150,7 +151,10 @@ def _run(args: argparse.Namespace) -> int:
         print(request(args.socket, "reload")["summary"])
         return 0
     if args.command == "hash-key":
-        key = new_key()
+        key = sys.stdin.readline().strip() if args.stdin else new_key()
+        if not key:
+            print("cpnctl: hash-key --stdin: no key on stdin", file=sys.stderr)
+            return 2
         print(f"key     {key}\nsha256  {key_sha256(key)}")
         return 0
     if args.command == "register":

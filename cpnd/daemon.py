@@ -22,8 +22,8 @@ import attrs
 import trio
 
 from .admission import Slot, SlotTable, Tally, descriptor_reserve, http_client_budget, preauth_budget
-from .clients import ClientTable
 from .aio import open_listeners, open_nursery, release_free_memory, serve_accepting, sleep_until_precisely
+from .clients import ClientTable
 from .config import Config, PeerConfig, load_config, peer_overhead
 from .crypto import public_key_b64
 from .crypto import Role

@@ -15,6 +15,7 @@ import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import h11
 import trio
 
@@ -178,6 +179,8 @@ class Registrations:
         assert addr is not None
         listeners = await open_listeners("registration_listen", addr.host, addr.port, str(addr))
         self.port = listeners[0].socket.getsockname()[1]
+        log.info("%s: instance registration on %s (%d registrars)", self.d.id, attrs.evolve(addr, port=self.port),
+                 len(self.d.config.registrars))
         slots = SlotTable(MAX_CLIENTS, MAX_CLIENTS_PER_IP)
         async with trio.open_nursery() as nursery:
             def admit(stream: trio.SocketStream) -> None:

@@ -187,3 +187,14 @@ H = key_sha256("k")
 ])
 def test_config_errors_name_file_line_and_key(tmp_path, extra, error) -> None:
     assert _config(tmp_path, extra).startswith(error)
+
+
+def test_cpnctl_hash_key() -> None:
+    run = [sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "hash-key"]
+    out = subprocess.run(run, capture_output=True, text=True, timeout=30, check=True).stdout
+    (k1, key), (k2, digest) = (line.split() for line in out.splitlines())
+    assert (k1, k2) == ("key", "sha256") and key.startswith("cpn_") and digest == hashlib.sha256(key.encode()).hexdigest()
+    again = subprocess.run([*run, "--stdin"], input=key + "\n", capture_output=True, text=True, timeout=30, check=True)
+    assert again.stdout == out  # an existing key hashed the same way
+    empty = subprocess.run([*run, "--stdin"], input="", capture_output=True, text=True, timeout=30)
+    assert empty.returncode == 2 and "no key on stdin" in empty.stderr
