@@ -136,6 +136,12 @@ def _client_metrics(d: Daemon) -> Iterator[GaugeMetricFamily | CounterMetricFami
                               value=d.clients.counts["source_blocked"])
     yield GaugeMetricFamily("cpn_registered_instances", "Instances registered here (cpnctl register, HTTP)",
                             value=len(d.registrations.registry))
+    registrations = CounterMetricFamily("cpn_registrations", "Registration requests by result (added, changed, "
+                                        "refreshed, deleted, expired, unauthorized, error_<status>, ...)", labels=["result"])
+    for name, n in sorted(d.stats.items()):
+        if name.startswith("registration_"):
+            registrations.add_metric([name.removeprefix("registration_")], n)
+    yield registrations
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:

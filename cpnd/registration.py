@@ -55,7 +55,8 @@ class Registrations:
         self.registry = Registry(g.max_registered_instances)
         self.failures = SourceLimiter(g.auth_failures_per_s, g.auth_failures_burst, g.max_auth_failure_sources)
         self.registrars = KeyIndex((r.token_sha256, r) for r in daemon.config.registrars)
-        self.stats: collections.Counter[str] = collections.Counter()
+        # Counted in the daemon's stats (show stats) as registration_<what>; /metrics has them too.
+        self.stats: collections.Counter[str] = daemon.stats
         self.port: int | None = None
         self._wake = trio.Event()
         self._lines = LogLimiter(LOG_PER_S, "registration", log)
@@ -75,7 +76,7 @@ class Registrations:
         now = trio.current_time()
         configured = {i.id for s in self.d.config.services for i in s.instances if not i.registered}
         what = self.registry.put(reg, now, configured=configured, allowed=allowed)
-        self.stats[what] += 1
+        self.stats[f"registration_{what}"] += 1
         iid = reg.instance.id
         if what != "refreshed":
             self.d.apply_registry([iid])
@@ -88,7 +89,7 @@ class Registrations:
 
     def delete(self, iid: str, allowed: tuple[str, ...] | None, by: str) -> dict[str, Any]:
         reg = self.registry.delete(iid, allowed=allowed, by=by)
-        self.stats["deleted"] += 1
+        self.stats["registration_deleted"] += 1
         self.d.apply_registry([iid])
         log.info("%s: instance %s of %s deregistered by %s", self.d.id, iid, reg.service, by,
                  extra={"cpn": {"event": "instance_deregistered", "instance": iid, "service": reg.service, "by": by}})
@@ -122,7 +123,7 @@ class Registrations:
             self._wake = trio.Event()
             gone = self.registry.expire(trio.current_time())
             if gone:
-                self.stats["expired"] += len(gone)
+                self.stats["registration_expired"] += len(gone)
                 self.d.apply_registry([r.instance.id for r in gone])
                 for reg in gone:
                     log.warning("%s: instance %s of %s withdrawn: no heartbeat within its ttl (%g s)", self.d.id,
@@ -143,13 +144,13 @@ class Registrations:
                            [(b"allow", b"PUT, DELETE")])
         wait = self.failures.retry_after(source, now)
         if wait is not None:
-            self.stats["rate_limited"] += 1
+            self.stats["registration_rate_limited"] += 1
             return _answer(429, {"error": "rate_limited", "detail": "too many failed authentications from this address"},
                            [(b"retry-after", str(max(1, int(wait + 0.999))).encode())])
         token = bearer(headers)
         registrar = self.registrars.find(token) if token is not None else None
         if not isinstance(registrar, RegistrarConfig):
-            self.stats["unauthorized"] += 1
+            self.stats["registration_unauthorized"] += 1
             if token is not None:
                 self.failures.failed(source, now)
             return _answer(401, {"error": "unauthorized", "detail": "a [[registrars]] token is required: "
@@ -168,7 +169,7 @@ class Registrations:
                                    registrar.services)
             return _answer(status, out)
         except RegistrationError as exc:
-            self.stats[f"error_{exc.status}"] += 1
+            self.stats[f"registration_error_{exc.status}"] += 1
             if self._lines.allow(self.d.id, now):
                 log.info("%s: registration %s %s from %s (%s) refused: %d %s: %s", self.d.id, method.decode(), iid[:64],
                          registrar.id, source, exc.status, exc.error, exc)
@@ -195,7 +196,7 @@ class Registrations:
                         victim.owner.cancel()
                 if adm.slot is None:
                     stream.socket.close()
-                    self.stats["refused"] += 1
+                    self.stats["registration_refused"] += 1
                     self.d.edge_event("registration connections refused",
                                       f"registration: connection from {source} refused: {MAX_CLIENTS} busy")
                     return

@@ -186,6 +186,10 @@ def test_register_over_http_heartbeat_delete_and_ttl_expiry(net) -> None:
         lab.wait_for(lambda: "r2" not in {x["instance"] for x in lab.routes("a")}, 15, "r2 withdrawn at a (TTL)")
         assert "instance r2 of /reg/v2 withdrawn: no heartbeat within its ttl (1 s)" in lab.log("b")
         assert "r2" not in {s["instance"] for s in lab.query("b", "show-services")}
+    metrics = httpx.get(f"http://{net['specs']['b'].metrics}/metrics", timeout=10).text
+    for result in ("added", "refreshed", "deleted", "expired"):
+        assert re.search(rf'^cpn_registrations_total{{result="{result}"}} [1-9]', metrics, re.M), result
+    assert lab.query("b", "stats")["gateway"]["registration_expired"] >= 1
 
 
 @pytest.mark.parametrize(("method", "path", "headers", "body", "status", "error", "field"), [
