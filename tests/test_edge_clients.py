@@ -337,3 +337,17 @@ def test_a_deeply_nested_control_request_is_an_error_not_a_crash(net) -> None:
         s.sendall(b"[" * 60_000 + b"\n")
         assert json.loads(s.makefile().readline()) == {"ok": False, "error": "request is not JSON"}
     assert not net["lab"].dead() and net["lab"].query("a", "status")["id"] == "a"
+
+
+def test_idle_registration_connections_cannot_lock_registrars_out(net) -> None:
+    host, port = net["reg"].removeprefix("http://").split(":")
+    idle = [socket.create_connection((host, int(port)), timeout=10) for _ in range(16)]  # 16 per address
+    try:
+        with httpx.Client(base_url=net["reg"], headers=bearer(TOKEN), timeout=10) as c:
+            r = c.delete("/cpn/v1/instances/nobody")  # the 17th: the longest idle is closed for it
+        assert r.status_code == 404 and r.json()["error"] == "not_registered"
+        idle[0].settimeout(3.0)  # well inside READ_TIMEOUT_S (5 s): closed for the newcomer, not for its silence
+        assert idle[0].recv(1) == b""
+    finally:
+        for s in idle:
+            s.close()
