@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .clients import key_sha256, new_key
 from .config import control_socket_of
 from .control import STATUS_KEYS, ControlError, request
 from .errors import ConfigError
@@ -26,7 +27,11 @@ ROUTE_COLUMNS = [
 SERVICE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("healthy", "HEALTHY"), ("load", "LOAD"),
     ("compute_latency_ms", "COMP-MS"), ("capacity", "CAP"), ("price", "PRICE"), ("inflight", "INFLIGHT"),
-    ("refused", "REFUSED"), ("url", "URL"),
+    ("refused", "REFUSED"), ("registered", "REGISTERED"), ("url", "URL"),
+]
+CLIENT_COLUMNS = [
+    ("id", "CLIENT"), ("services", "SERVICES"), ("rate", "RATE"), ("burst", "BURST"), ("tokens", "TOKENS"),
+    ("allowed", "ALLOWED"), ("forbidden", "FORBIDDEN"), ("rate_limited", "RATE-LIMITED"), ("last_seen_s", "LAST-SEEN-S"),
 ]
 PEER_COLUMNS = [
     ("id", "PEER"), ("address", "ADDRESS"), ("state", "STATE"), ("uptime_s", "UPTIME-S"),
@@ -39,10 +44,14 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "path":
         return " ".join(value) if value else "local"
+    if key == "services":
+        return ",".join(value)
     if key == "best":
         return "*" if value else ""
     if key == "healthy":
         return "yes" if value else "NO"
+    if key == "registered":
+        return "yes" if value else ""
     if key == "load":
         return f"{value:.0%}"
     if isinstance(value, float):
@@ -70,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pubkey", help="print the public key of a key file")
     pk.add_argument("file")
     sub.add_parser("reload", help="make the daemon re-read its config (like SIGHUP); prints what changed")
+    hk = sub.add_parser("hash-key", help="print a new random client key (or registrar token) and its SHA-256 for the config")
+    hk.add_argument("--stdin", action="store_true", help="hash the key read from stdin instead of making one")
+    reg = sub.add_parser("register", help="register an instance with the gateway (advertised like a configured one)")
+    reg.add_argument("--service", required=True, help="its service (URL-PATH)")
+    reg.add_argument("--id", required=True, help="its instance id, unique in the gateway")
+    reg.add_argument("--url", required=True, help="its real http:// URL")
+    reg.add_argument("--capacity", required=True, type=float, help="requests/s (a hard admission cap)")
+    reg.add_argument("--price", type=float)
+    reg.add_argument("--compute-latency-ms", type=float)
+    reg.add_argument("--ttl-s", type=float, help="withdrawn unless registered again within this (default: never)")
+    dereg = sub.add_parser("deregister", help="withdraw a registered instance")
+    dereg.add_argument("--id", required=True)
     show = sub.add_parser("show", help="show routes, peers or status")
     what = show.add_subparsers(dest="what", required=True)
     routes = what.add_parser("routes", help="every path in the RIB, best marked")
@@ -79,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--json", action="store_true")
     services = what.add_parser("services", help="this gateway's own instances: health, load, compute")
     services.add_argument("--json", action="store_true")
+    clients = what.add_parser("clients", help="[[clients]]: their quotas and counters")
+    clients.add_argument("--json", action="store_true")
     stats = what.add_parser("stats", help="counters since start and gauges now")
     stats.add_argument("--json", action="store_true")
     status = what.add_parser("status", help="who the gateway is: version, uptime, listeners, peers, routes")
@@ -103,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command not in ("keygen", "pubkey"):
+        if args.command not in ("keygen", "pubkey", "hash-key"):
             args.socket = socket_path(args)
             if args.socket is None:
                 parser.error(NO_SOCKET)
@@ -127,6 +150,23 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "reload":
         print(request(args.socket, "reload")["summary"])
         return 0
+    if args.command == "hash-key":
+        key = sys.stdin.readline().strip() if args.stdin else new_key()
+        if not key:
+            print("cpnctl: hash-key --stdin: no key on stdin", file=sys.stderr)
+            return 2
+        print(f"key     {key}\nsha256  {key_sha256(key)}")
+        return 0
+    if args.command == "register":
+        fields = {"service": args.service, "id": args.id, "url": args.url, "capacity": args.capacity, "price": args.price,
+                  "compute_latency_ms": args.compute_latency_ms, "ttl_s": args.ttl_s}
+        r = request(args.socket, "register", **{k: v for k, v in fields.items() if v is not None})
+        print(f"{r['id']} of {r['service']}: {r['result']}" + (f" (ttl {r['ttl_s']:g} s)" if r["ttl_s"] else ""))
+        return 0
+    if args.command == "deregister":
+        r = request(args.socket, "deregister", id=args.id)
+        print(f"{r['id']} of {r['service']}: deregistered")
+        return 0
     if args.what == "routes":
         if args.service is not None and (problem := service_problem(args.service)):
             print(f"cpnctl: service {args.service!r}: {problem}", file=sys.stderr)
@@ -141,6 +181,9 @@ def _run(args: argparse.Namespace) -> int:
     elif args.what == "services":
         rows = request(args.socket, "show-services")
         print(json.dumps(rows, indent=1) if args.json else table(rows, SERVICE_COLUMNS))
+    elif args.what == "clients":
+        rows = request(args.socket, "show-clients")
+        print(json.dumps(rows, indent=1) if args.json else table(rows, CLIENT_COLUMNS))
     elif args.what == "peers":
         rows = request(args.socket, "show-peers")
         print(json.dumps(rows, indent=1) if args.json else table(rows, PEER_COLUMNS))

@@ -61,6 +61,7 @@ class InstanceConfig:
     tls_ca_file: Path | None = None  # https: verify it against this CA file (PEM); None: the system's CAs
     tls_server_name: str | None = None  # https: the name sent in SNI and checked; None: the URL's host
     tls: InstanceTls | None = attrs.field(default=None, eq=False)  # https: its context, built when loaded
+    registered: bool = False  # joined by registration (cpnd/registry.py), not from the file
 
 
 @attrs.frozen
@@ -113,6 +114,32 @@ class GatewayConfig:
     latency_quantile: float = 0.9  # the share of recent responses the ingress's corrected estimate covers
     log_level: str = "info"
     log_format: str = "text"
+    # Client keys and instance registration (cpnd/clients.py, cpnd/registry.py).
+    registration_listen: Address | None = None
+    max_registered_instances: int = 256
+    auth_failures_per_s: float = 1.0
+    auth_failures_burst: int = 20
+    max_auth_failure_sources: int = 4096
+
+
+@attrs.frozen
+class ClientConfig:
+    """A ``[[clients]]`` entry: who may call which services how fast (cpnd/clients.py)."""
+
+    id: str
+    api_key_sha256: bytes = attrs.field(repr=False)  # the digest, 32 bytes; the key itself is never stored
+    services: tuple[str, ...] | None = None  # URL-PATH prefixes it may call; None: all
+    rate: float | None = None  # requests/s; None: no limit
+    burst: float = 1.0
+
+
+@attrs.frozen
+class RegistrarConfig:
+    """A ``[[registrars]]`` entry: a token that may register instances of these services over HTTP."""
+
+    id: str
+    token_sha256: bytes = attrs.field(repr=False)
+    services: tuple[str, ...]
 
 
 # What one open tunnel stream costs beyond its data (its task, HTTP parser, instance connection),
@@ -133,6 +160,8 @@ class Config:
     key: Ed25519PrivateKey = attrs.field(eq=False)
     source: Path
     tls: ServerTls | None = attrs.field(default=None, eq=False)  # https_listen's context, built from the files when loaded
+    clients: tuple[ClientConfig, ...] = ()
+    registrars: tuple[RegistrarConfig, ...] = ()
 
 
 # ---------------------------------------------------------------- locating keys in the text
@@ -375,7 +404,7 @@ def control_socket_of(path: str | Path) -> Path:
 def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     """Validate parsed TOML ``data`` (read from ``path``) into a Config."""
     r = _Reader(path, text)
-    r.table(data, (), {"gateway", "peers", "services"})
+    r.table(data, (), {"gateway", "peers", "services", "clients", "registrars"})
     if "gateway" not in data:
         raise r.error(("gateway",), "missing (required table)")
     g = r.table(data["gateway"], ("gateway",), _GATEWAY_KEYS)
@@ -425,6 +454,11 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         latency_quantile=float(r.number(g, (*gw, "latency_quantile"), 0.5, 1.0, 0.9)),
         log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
         log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
+        registration_listen=r.address(g, (*gw, "registration_listen"), None, literal=True),
+        max_registered_instances=r.number(g, (*gw, "max_registered_instances"), 0, 100_000, 256, integer=True),
+        auth_failures_per_s=float(r.number(g, (*gw, "auth_failures_per_s"), 0.001, 1e6, 1.0)),
+        auth_failures_burst=r.number(g, (*gw, "auth_failures_burst"), 1, 1_000_000, 20, integer=True),
+        max_auth_failure_sources=r.number(g, (*gw, "max_auth_failure_sources"), 16, 10_000_000, 4096, integer=True),
     )
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
@@ -505,4 +539,80 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         key = load_private_key(gateway.key_file)
     except KeyFileError as exc:
         raise r.error((*gw, "key_file"), str(exc)) from None
-    return Config(gateway, tuple(peers), tuple(services), key, path, server_tls)
+    return Config(gateway, tuple(peers), tuple(services), key, path, server_tls, _clients(r, data),
+                  _registrars(r, data))
+
+
+# ---------------------------------------------------------------- clients and registrars
+
+_CLIENT_KEYS = {"id", "api_key_sha256", "services", "rate", "burst"}
+_REGISTRAR_KEYS = {"id", "token_sha256", "services"}
+
+
+def _entries(r: _Reader, data: dict[str, Any], name: str, allowed: set[str]) -> list[dict[str, Any]]:
+    raw = data.get(name, [])
+    if not isinstance(raw, list):
+        raise r.error((name,), f"must be an array of tables ([[{name}]])")
+    for i, entry in enumerate(raw):
+        r.table(entry, (name, i), allowed)
+    return raw
+
+
+def _digest(r: _Reader, data: dict[str, Any], keypath: tuple[str | int, ...], seen: dict[bytes, int]) -> bytes:
+    """A hex SHA-256 (``cpnctl hash-key``), unique among its kind."""
+    v = r.checked(data, keypath, lambda v: None if re.fullmatch(r"[0-9A-Fa-f]{64}", v) else
+                  "must be 64 hex digits, the SHA-256 of the key (cpnctl hash-key prints one)")
+    digest = bytes.fromhex(v)
+    if digest in seen:
+        raise r.error(keypath, f"the same key as {keypath[0]}[{seen[digest]}]")
+    seen[digest] = int(keypath[1])
+    return digest
+
+
+def _prefixes(r: _Reader, data: dict[str, Any], keypath: tuple[str | int, ...], default: Any = attrs.NOTHING) -> tuple[str, ...] | None:
+    """URL-PATH prefixes (whole segments; "/" is every service)."""
+    v = r.get(data, keypath, list, default)
+    if v is None:
+        return None
+    for j, p in enumerate(v):
+        problem = service_problem(p) if p != "/" else None
+        if problem:
+            raise r.error(keypath, f"[{j}] {p!r}: {problem}")
+    if not v:
+        raise r.error(keypath, "must name at least one URL-PATH prefix (\"/\" for all)")
+    return tuple(v)
+
+
+def _unique_id(r: _Reader, data: dict[str, Any], keypath: tuple[str | int, ...], seen: set[str]) -> str:
+    cid = r.checked(data, keypath, id_problem)
+    if cid in seen:
+        raise r.error(keypath, f"duplicate id {cid!r}")
+    seen.add(cid)
+    return cid
+
+
+def _clients(r: _Reader, data: dict[str, Any]) -> tuple[ClientConfig, ...]:
+    out, ids, digests = [], set[str](), dict[bytes, int]()
+    for i, c in enumerate(_entries(r, data, "clients", _CLIENT_KEYS)):
+        kp: tuple[str | int, ...] = ("clients", i)
+        rate = r.number(c, (*kp, "rate"), 0.001, 1e9, None)
+        burst = r.number(c, (*kp, "burst"), 1, 1e9, None)
+        if burst is not None and rate is None:
+            raise r.error((*kp, "burst"), "needs a rate")
+        out.append(ClientConfig(
+            id=_unique_id(r, c, (*kp, "id"), ids), api_key_sha256=_digest(r, c, (*kp, "api_key_sha256"), digests),
+            services=_prefixes(r, c, (*kp, "services"), None), rate=None if rate is None else float(rate),
+            burst=float(burst if burst is not None else max(1.0, rate or 1.0)),  # default: one second's worth
+        ))
+    return tuple(out)
+
+
+def _registrars(r: _Reader, data: dict[str, Any]) -> tuple[RegistrarConfig, ...]:
+    out, ids, digests = [], set[str](), dict[bytes, int]()
+    for i, c in enumerate(_entries(r, data, "registrars", _REGISTRAR_KEYS)):
+        kp: tuple[str | int, ...] = ("registrars", i)
+        rid = _unique_id(r, c, (*kp, "id"), ids) if "id" in c else f"registrars[{i}]"
+        out.append(RegistrarConfig(rid, _digest(r, c, (*kp, "token_sha256"), digests), _prefixes(r, c, (*kp, "services"))))  # type: ignore[arg-type]
+    if not out and "registration_listen" in data["gateway"]:
+        raise r.error(("gateway", "registration_listen"), "needs at least one [[registrars]] (the tokens it accepts)")
+    return tuple(out)

@@ -22,6 +22,7 @@ from .admission import Slot, SlotTable
 from .aio import ListenError, serve_accepting
 from .errors import ConfigError
 from .load import Stage
+from .registry import RegistrationError
 from .rib import Key
 from .select import candidate
 
@@ -137,6 +138,7 @@ def services_json(daemon: Daemon) -> list[dict[str, Any]]:
                 "load": round(meter.load(now), 3), "bounded_load": round(meter.bounded_load(now), 3),
                 "compute_latency_ms": round(meter.base_us / 1000, 3), "capacity": inst.capacity, "price": inst.price,
                 "inflight": meter.inflight, "refused": meter.refused,
+                **daemon.registrations.registry.describe(inst.id, now),  # registered, registered_by, expires_in_s
             })
     return out
 
@@ -207,11 +209,22 @@ def reload_json(daemon: Daemon) -> dict[str, Any]:
         raise ControlError(f"new config refused, the old one keeps running: {exc}") from None
 
 
+def registration_json(daemon: Daemon, req: dict[str, Any]) -> dict[str, Any]:
+    """``cpnctl register`` / ``deregister`` (cpnd/registration.py)."""
+    try:
+        return daemon.registrations.control(req)
+    except RegistrationError as exc:
+        raise ControlError(str(exc)) from None
+
+
 COMMANDS = {
     "reload": lambda d, req: reload_json(d),
     "show-routes": lambda d, req: routes_json(d, req.get("service")),
     "show-peers": lambda d, req: peers_json(d),
     "show-services": lambda d, req: services_json(d),
+    "show-clients": lambda d, req: d.clients.rows(trio.current_time()),
+    "register": registration_json,
+    "deregister": registration_json,
     "status": lambda d, req: status_json(d),
     "stats": lambda d, req: stats_json(d),
 }
@@ -221,7 +234,7 @@ def handle_request(daemon: Daemon, raw: bytes) -> dict[str, Any]:
     """Answer one request line; never raises."""
     try:
         req = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # 64 KiB of '[' is too deep for json: not a crash
         return {"ok": False, "error": "request is not JSON"}
     if not isinstance(req, dict) or req.get("cmd") not in COMMANDS:
         return {"ok": False, "error": f"unknown command; known: {', '.join(COMMANDS)}"}

@@ -24,6 +24,7 @@ import trio
 
 from .admission import Slot, SlotTable, Tally, descriptor_reserve, http_client_budget, preauth_budget
 from .aio import open_listeners, open_nursery, release_free_memory, serve_accepting, sleep_until_precisely
+from .clients import ClientTable
 from .config import Config, PeerConfig, load_config, peer_overhead
 from .crypto import public_key_b64
 from .crypto import Role
@@ -34,6 +35,7 @@ from .names import service_label
 from .load import LoadPacer
 from .load import Stage
 from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
+from .registration import Registrations
 from .rib import AdjRibOut, Key, Rib, gateway_time_after, link_cost_after
 from .streams import BufferAccount, Mux
 from .tunnel import LARGE_DATA_CAP, mux_settings
@@ -77,7 +79,8 @@ COALESCE_BYTES = 16 * 1024
 FLUSH_ON_CLOSE_S = 1.0
 LINGER_S = 0.5  # after a close, how long the peer's last bytes are read and dropped
 # [gateway] keys a running daemon cannot take over without restarting.
-RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "https_listen", "metrics_listen")
+RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "https_listen", "metrics_listen",
+                "registration_listen")
 LOAD_CHECK_S = 0.05
 GATEWAY_TIME_INTERVAL_S = 5.0  # our own processing times re-advertised at most this often (routing.md)
 TRIM_CHECK_S = 1.0
@@ -452,6 +455,8 @@ class Daemon:
             idle_timeout_s=g.http_idle_timeout_ms / 1000, max_clients=g.max_http_clients,
             max_clients_per_ip=g.max_http_clients_per_ip,
         ))
+        self.clients = ClientTable.from_config(config)  # [[clients]]: keys and quotas at the ingress
+        self.registrations = Registrations(self)  # instances that join by cpnctl register or HTTP
 
     # ---- lifecycle
 
@@ -470,6 +475,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(serve_control, self, g.control_socket)
+                await nursery.start(self.registrations.run)
                 if g.http_listen is not None:
                     await nursery.start(self.dataplane.serve)
                 if g.https_listen is not None:  # [tls]
@@ -566,6 +572,8 @@ class Daemon:
                 raise ConfigError(f"{self.config.source.name}: gateway.{key}: changing it needs a restart (reload refused)")
         if public_key_b64(new.key) != public_key_b64(self.config.key):
             raise ConfigError(f"{self.config.source.name}: gateway.key_file: the key changed: that needs a restart (reload refused)")
+        new = self.registrations.reconfigure(new)  # registered instances stay
+        self.clients.reconfigure(new.clients, g)
         self.config = new
         self.session_config = _session_config(new)
         self.rib.max_routes_per_peer = g.max_routes_per_peer  # sessions keep what they announced
@@ -600,6 +608,18 @@ class Daemon:
         self._propagate(self.rib.set_local(self._local_routes(), trio.current_time()))
         self.stats["reloads"] += 1
         return f"reloaded {new.source.name}: {_changes(old, new)}; {len(self.pacers)} local instances"
+
+    def apply_registry(self, changed: Iterable[str]) -> None:
+        """Registered instances joined, changed or left (cpnd/registration.py): the instance half of a
+        reload, re-advertising only those that ``changed``."""
+        self.config = self.registrations.registry.merge(self.config)
+        self.pacers = {i.id: self.pacers.get(i.id) or _pacer(self.config) for svc in self.config.services for i in svc.instances}
+        self.local_attrs = {k: v for k, v in self.local_attrs.items() if k in self.pacers}
+        self.dataplane.reconfigure(self.config)
+        for iid in changed:
+            self.seq += 1
+            self.local_seq[iid] = self.seq
+        self._propagate(self.rib.set_local(self._local_routes(), trio.current_time()))
 
     def health_changed(self, iid: str, healthy: bool) -> None:
         """An instance went down or came back: re-advertise our instances."""

@@ -143,3 +143,4 @@ class HttpError(CpnError):
         self.detail = detail
         self.close = close  # the request's framing cannot be trusted: end the connection after this
         self.service = ""  # for metrics, once known
+        self.headers: list[tuple[bytes, bytes]] = []  # more for the response: Retry-After, WWW-Authenticate

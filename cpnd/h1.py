@@ -139,7 +139,7 @@ def instance_address(url: str) -> tuple[str, int, bytes]:
 def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
     body = json.dumps({"error": exc.error, "detail": exc.detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"cache-control", b"no-store")]
+               (b"cache-control", b"no-store"), *exc.headers]
     return h11.Response(status_code=exc.status, headers=headers, reason=HTTPStatus(exc.status).phrase.encode()), body
 
 

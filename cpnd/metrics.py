@@ -123,6 +123,29 @@ class _DaemonCollector(Collector):
         for iid, meter in d.dataplane.meters.items():
             load.add_metric([iid], meter.load(trio.current_time()))
         yield load
+        yield from _client_metrics(d)
+
+
+def _client_metrics(d: Daemon) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """[[clients]] counters and registered instances (cpnd/clients.py, cpnd/registry.py)."""
+    per_client = CounterMetricFamily("cpn_client_requests", "Requests with a known client key, by client and result "
+                                     "(allowed, forbidden, rate_limited)", labels=["client", "result"])
+    for cid, st in sorted(d.clients.states.items()):
+        for result in ("allowed", "forbidden", "rate_limited"):
+            per_client.add_metric([cid, result], st.counts[result])
+    yield per_client
+    yield CounterMetricFamily("cpn_client_unauthorized", "Requests refused 401: no client key, or an unknown one",
+                              value=d.clients.counts["unauthorized"])
+    yield CounterMetricFamily("cpn_client_source_blocked", "Requests refused 429 for their address's failed keys",
+                              value=d.clients.counts["source_blocked"])
+    yield GaugeMetricFamily("cpn_registered_instances", "Instances registered here (cpnctl register, HTTP)",
+                            value=len(d.registrations.registry))
+    registrations = CounterMetricFamily("cpn_registrations", "Registration requests by result (added, changed, "
+                                        "refreshed, deleted, expired, unauthorized, error_<status>, ...)", labels=["result"])
+    for name, n in sorted(d.stats.items()):
+        if name.startswith("registration_"):
+            registrations.add_metric([name.removeprefix("registration_")], n)
+    yield registrations
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:

@@ -40,6 +40,7 @@ class Gateway(Protocol):
     rib: Rib
     nursery: trio.Nursery | None
     metrics: Any
+    clients: Any  # cpnd/clients.py's ClientTable
 
     def established_conn(self, peer: str) -> Any: ...
 

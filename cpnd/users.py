@@ -17,11 +17,13 @@ from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
 from .errors import HttpError
+from .heads import check_target
 from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
 from .plane import HttpLimits, Plane
 from .planner import Planner
 from .preface import H2_REFUSAL, sniff_preface
 from .rib import Key
+from .select import match_service
 from .streams import StreamReset
 from .tls import ServerTls
 
@@ -304,6 +306,8 @@ class Users:
 
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> tuple[str, str, int]:
         """Serve one request whose head came at ``t0``: (service, instance, status) of the answer, or HttpError."""
+        if self.p.gw.clients.active:  # cpnd/clients.py: 401/403/429; the key never goes on
+            req = self._client_gate(client, req)
         plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, trio.current_time())
         try:
             instance, status = await self.attempts.forward(client, req, plan)
@@ -311,6 +315,23 @@ class Users:
             exc.service = plan.service
             raise
         return plan.service, instance, status
+
+    def _client_gate(self, client: H11Stream, req: h11.Request) -> h11.Request:
+        """The ``[[clients]]`` verdict on a request: an HttpError, or the request without its key."""
+        gw = self.p.gw
+        path = check_target(req.target)
+        v = gw.clients.check(req.headers, match_service(gw.rib.by_service, path) or path, client.source,
+                             trio.current_time())
+        if v.status:
+            exc = HttpError(v.status, v.error, v.detail)
+            if v.retry_after_s is not None:
+                exc.headers.append((b"retry-after", str(v.retry_after_s).encode()))
+            if v.status == 401:
+                exc.headers.append((b"www-authenticate", b'Bearer realm="cpn"'))
+            raise exc
+        # h11 validated these headers when it parsed them: _parsed skips doing it again (2.5x cheaper).
+        return h11.Request(method=req.method, target=req.target, headers=list(v.headers),
+                           http_version=req.http_version, _parsed=True)
 
 
 def _peer(transport: trio.abc.Stream) -> str:

@@ -117,3 +117,20 @@ def test_cpnd_exits_2_without_traceback(tmp_path) -> None:
     ok = subprocess.run([sys.executable, "-m", "cpnd", "--config", str(write(tmp_path, GOOD)), "--check"],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_every_key_is_in_the_readme_configuration_table() -> None:
+    import re
+    from pathlib import Path
+
+    import attrs
+
+    from cpnd import config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Bounds")]
+    documented = {name for cell in re.findall(r"^\| ([^|]+) \|", table, re.M)
+                  for name in re.findall(r"`(?:\[\[?[a-z.]+\]\]? )?([a-z_0-9]+)`", cell)}
+    keys = {f.name for f in attrs.fields(config.GatewayConfig)} | config._PEER_KEYS | (config._SERVICE_KEYS - {"instances"}) \
+        | config._INSTANCE_KEYS | config._CLIENT_KEYS | config._REGISTRAR_KEYS
+    assert sorted(keys - documented) == []
