@@ -183,8 +183,15 @@ class H11Stream:
             self.conn.receive_data(data)
 
     def next_event_nowait(self) -> Any:
-        """The next event if what was received already holds it, else None."""
+        """The next event if what was received already holds it, else None. A tunnel stream's
+        chunks already queued count as received (a request's head arrives with its OPEN)."""
         event = self.conn.next_event()
+        if event is h11.NEED_DATA and self.tunnel:
+            receive_nowait = getattr(self.transport, "receive_nowait", None)
+            data = receive_nowait() if receive_nowait is not None else None
+            if data is not None:
+                self.conn.receive_data(data)
+                event = self.conn.next_event()
         return None if event is h11.NEED_DATA else event
 
 
