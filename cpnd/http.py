@@ -61,7 +61,7 @@ from .streams import Abandon, ByteStream, StreamReset, TunnelStream, _Inbox
 from .tunnel import EXT_FLAG_IDEMPOTENT, NO_BUDGET, ExtHeader, ResetCode
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from .host import DataPlaneHost as Daemon  # issue 18: what the data plane needs of the daemon, not the daemon
 
 log = logging.getLogger("cpnd.http")
 
