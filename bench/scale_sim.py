@@ -220,6 +220,7 @@ class Sim:
         """``instances`` instances' loads random-walk, read by their cores' own load poll (paced by
         cpnd's LoadPacer, or advertised whenever they moved)."""
         rng = random.Random(seed)
+        walks = {}  # one random walk per instance: the order the cores poll in changes nothing
         live = [(n, iid) for n, c in self.cores.items() if n not in self.net.dead for iid in self.sources[n].values]
         churning = set(rng.sample(live, min(instances, len(live))))
         for n, source in self.sources.items():
@@ -234,7 +235,8 @@ class Sim:
             def walk(iid: str, now: float, source: Instances = source, mine: set[str] = mine) -> tuple[float, float, float] | None:
                 if iid not in mine:
                     return None
-                load = min(1.0, max(0.0, source.values[iid][0] + rng.uniform(-0.05, 0.05)))
+                step = walks.setdefault(iid, random.Random(f"{seed}:{iid}")).uniform(-0.05, 0.05)
+                load = min(1.0, max(0.0, source.values[iid][0] + step))
                 return (round(load, 3), 0.0, COMPUTE_US)
 
             source.walk = walk

@@ -74,10 +74,6 @@ class Connection:
         self._writable = trio.Event()
 
     @property
-    def session(self) -> object:
-        return self.link.session
-
-    @property
     def _delay_s(self) -> float:
         peer = self.link.peer
         return peer.config.emulated_rtt_ms / 2000 if peer is not None else 0.0
@@ -452,9 +448,8 @@ class Daemon:
         self.pump()
         try:
             await conn.run()
-        except Exception:  # a bug must cost this session, never the daemon
+        except Exception:  # a bug must cost this session, never the daemon (run's clean-up has told the core)
             log.exception("%s: connection %s failed", self.id, conn.link.remote)
-            self._connection_gone(conn)
 
     def _connection_gone(self, conn: Connection) -> None:
         self.conns.pop(conn.link, None)
@@ -474,7 +469,8 @@ class Daemon:
             stream.socket.close()  # it went away already
             return
         link = self.core.accept(source, _peername(stream), trio.current_time())
-        nursery.start_soon(self._run_connection, Connection(self, stream, link))
+        conn = self.conns[link] = Connection(self, stream, link)  # before any pump: its bytes and events are its own
+        nursery.start_soon(self._run_connection, conn)
 
     # ---- status
 

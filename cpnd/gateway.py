@@ -186,7 +186,8 @@ class Gateway:
         self.rib = Rib(g.id, max_routes_per_peer=g.max_routes_per_peer)
         self.session_config = session_config(config)
         self.peer_keys = {p.id: p.public_key for p in config.peers}
-        self.peers = {p.id: _peer(config, p) for p in config.peers}
+        self.rng = rng or random.Random()
+        self.peers = {p.id: _peer(config, p, self.rng) for p in config.peers}
         self.links: dict[Link, None] = {}
         # Per-origin sequence numbers start from the wall clock (the caller's ``seq``) so a
         # restarted gateway still outranks what it advertised before (protocol-spec/routing.md).
@@ -202,12 +203,12 @@ class Gateway:
         self.stats: collections.Counter[str] = collections.Counter()
         self.route_work = TokenBucket(ROUTE_WORK_SHARE, ROUTE_WORK_BURST_S)
         self.gateway_times_at = -math.inf  # when our own processing times were last re-advertised
-        self.rng = rng or random.Random()
         self.cpu_clock = cpu_clock
         self._events: collections.deque[Event] = collections.deque()
         self._sending: dict[Link, None] = {}
         self._load_at = now + LOAD_CHECK_S
         self._now = now
+        self._processing: set[Link] = set()  # links whose events are being acted on (close re-enters)
         self._rr = 0  # where handle_timer starts its round of links (route work one link at a time)
         # Told every set of Loc-RIB changes as it is propagated (benches and tests count them); None: nobody.
         self.observe: Callable[[set[Key], float], None] | None = None
@@ -352,9 +353,11 @@ class Gateway:
         return link
 
     def close(self, link: Link, code: int, subcode: int, text: str) -> None:
-        """End ``link``'s session, telling the peer why (its NOTIFICATION waits in ``data_to_send``)."""
+        """End ``link``'s session, telling the peer why (its NOTIFICATION waits in ``data_to_send``):
+        the one way the core and its shell close a link."""
         link.session.close(code, subcode, text)
-        self._process(link, self._now)
+        if link not in self._processing:  # else the loop under way takes the Closed event
+            self._process(link, self._now)
 
     def link_gone(self, link: Link, now: float) -> None:
         """The shell hung up ``link``: forget it (a session not yet closed counts as lost)."""
@@ -501,7 +504,7 @@ class Gateway:
             for link in list(peer.links):
                 self.close(link, Code.CEASE, sub, "peer removed from the config" if pid in gone else "peer settings changed")
         for pid in (pid for pid in wanted if pid not in self.peers):
-            self.peers[pid] = _peer(new, wanted[pid])
+            self.peers[pid] = _peer(new, wanted[pid], self.rng)
             self._first_dial(self.peers[pid], now)
         self.pacers = {i.id: self.pacers.get(i.id) or _pacer(new) for svc in new.services for i in svc.instances}
         self.local_attrs = {k: v for k, v in self.local_attrs.items() if k in self.pacers}
@@ -582,8 +585,8 @@ class Gateway:
         s = link.session
         s.handle_timer(now)
         if link.preauth is not None and now >= link.preauth_deadline:
-            s.close(Code.HANDSHAKE, HandshakeSub.TIMEOUT,
-                    f"no handshake within {self.config.gateway.preauth_timeout_ms} ms (pre-auth)")
+            self.close(link, Code.HANDSHAKE, HandshakeSub.TIMEOUT,
+                       f"no handshake within {self.config.gateway.preauth_timeout_ms} ms (pre-auth)")
         if self._flush(link, now):
             link.more = True  # an UPDATE slice after a checkpoint: two steps, not one
             self._queue_out(link)
@@ -635,6 +638,18 @@ class Gateway:
     def _process(self, link: Link, now: float) -> bool:
         """Act on the link's pending session events, at most one UPDATE slice (the next waits for
         the next call, and for the route-work budget); whether a slice was taken."""
+        self._processing.add(link)
+        try:
+            routing, slices = self._take_events(link, now)
+        finally:
+            self._processing.discard(link)
+        self._queue_out(link)
+        if routing or link.more or not link.session.wants_data():
+            self.timer_dirty = True
+        return slices > 0
+
+    def _take_events(self, link: Link, now: float) -> tuple[bool, int]:
+        """The event loop of ``_process``: whether any event was not a tunnel record, and the UPDATE slices taken."""
         s = link.session
         slices = 0
         routing = False
@@ -654,10 +669,7 @@ class Gateway:
             if update:
                 slices += 1
                 self.route_work.charge(self.cpu_clock() - started, now)
-        self._queue_out(link)
-        if routing or link.more or not s.wants_data():
-            self.timer_dirty = True
-        return slices > 0
+        return routing, slices
 
     def _queue_out(self, link: Link) -> None:
         if link.session.has_data_to_send():
@@ -675,7 +687,7 @@ class Gateway:
             link.preauth = None
         peer = self.peers.get(event.peer_id)
         if peer is None:  # removed by a reload while this handshake ran
-            link.session.close(Code.CEASE, CeaseSub.PEER_DECONFIGURED, f"{event.peer_id} is no longer configured")
+            self.close(link, Code.CEASE, CeaseSub.PEER_DECONFIGURED, f"{event.peer_id} is no longer configured")
             return
         link.session.use_inbound_bucket(peer.inbound)
         if link.peer is None:
@@ -699,9 +711,7 @@ class Gateway:
             log.info("%s: connection collision with %s, closing the one %s initiated", self.id, peer.config.id,
                      "we" if loser.initiated else "it")
             text = "connection collision resolution"
-        loser.session.close(Code.CEASE, CeaseSub.COLLISION, text)
-        if loser is not new:
-            self._process(loser, self._now)
+        self.close(loser, Code.CEASE, CeaseSub.COLLISION, text)
 
     def _on_established(self, link: Link, event: Established, now: float) -> None:
         peer = link.peer
@@ -747,7 +757,7 @@ class Gateway:
             changed = self.rib.apply_update(pid, event.update, now)
         except ProtocolError as exc:
             log.warning("%s: peer %s sent a bad UPDATE: %s", self.id, pid, exc)
-            link.session.close(exc.code, exc.subcode, exc.detail)
+            self.close(link, exc.code, exc.subcode, exc.detail)
             return
         self._propagate(changed)
 
@@ -890,10 +900,12 @@ def route_limits(config: Config) -> Limits:
     return Limits(g.max_routes_per_peer, g.route_changes_per_s, g.route_changes_burst or g.max_routes_per_peer)
 
 
-def _peer(config: Config, peer: PeerConfig) -> Peer:
+def _peer(config: Config, peer: PeerConfig, rng: random.Random) -> Peer:
     g = config.gateway
     lim = route_limits(config)
-    return Peer(peer, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000),
+    backoff = Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000,
+                      rng=random.Random(rng.getrandbits(64)))  # the core's rng decides: a seeded core repeats
+    return Peer(peer, backoff,
                 inbound=TokenBucket(lim.rate, lim.burst))
 
 

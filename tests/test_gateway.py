@@ -235,3 +235,44 @@ def test_timer_is_the_earliest_of_every_deadline() -> None:
     link = a.established_link("b")
     assert a.get_timer() <= link.session.get_timer()
     assert a.get_timer() <= a._load_at
+
+
+def test_swap_past_its_window_drops_the_routes() -> None:
+    net, a, b = pair()
+    # b ends the session for a collision (it holds, or is making, another connection to a) and
+    # then never comes back: a keeps b's routes for the swap window, then drops them.
+    b.close(b.established_link("a"), Code.CEASE, CeaseSub.COLLISION, "connection collision resolution")
+    net.pump("b")
+    net.run_while(lambda: a.established_link("b") is not None, limit_s=1.0)
+    net.kill("b")
+    g = a.config.gateway
+    window = (g.handshake_timeout_ms + 2 * g.connect_retry_min_ms) / 1000
+    assert a.peers["b"].swap_pending and a.peers["b"].flaps == 0  # a swap is not a flap
+    net.run_for(window - 0.1)
+    assert key("b", "b1") in a.rib.loc and a.rib.adj_in["b"][key("b", "b1")].stale
+    net.run_for(0.2)
+    assert key("b", "b1") not in a.rib.loc
+
+
+def test_cease_restarting_keeps_our_routes_at_the_peer() -> None:
+    net, a, b = pair(graceful_restart_ms=2000)
+    a.close(a.established_link("b"), Code.CEASE, CeaseSub.RESTARTING, "gateway restarting: keep my routes")
+    net.pump("a")
+    net.run_for(0.005)  # the NOTIFICATION arrives
+    assert b.peers["a"].last_error == "peer-notification cease/restarting: gateway restarting: keep my routes"
+    net.kill("a")  # it restarts: gone until its new process comes up
+    net.run_for(0.05)
+    assert b.rib.adj_in["a"][key("a", "a1")].stale and key("a", "a1") in b.rib.loc
+    assert 1.9 < b.rib.stale_until["a"] - net.now < 2.0
+
+
+def test_reload_with_changed_peer_settings_reconnects_it() -> None:
+    net, a, b = pair()
+    old = a.established_link("b")
+    changed = config_for("a", KEYS["a"], {"b": PUB["b"]}, services={"/s": ["a1"]})
+    changed = attrs.evolve(changed, peers=(attrs.evolve(changed.peers[0], emulated_rtt_ms=2.0),))
+    assert "peers +0 -0 ~1 (~b)" in a.reload(changed, net.now)
+    net.pump("a")
+    net.run_while(lambda: a.established_link("b") is None or a.established_link("b") is old)
+    assert old.session.closed.subcode == CeaseSub.CONFIG_CHANGE
+    assert a.peers["b"].config.emulated_rtt_ms == 2.0
