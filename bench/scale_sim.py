@@ -230,7 +230,7 @@ class Sim:
                 continue
             if not paced:  # every poll's move is news
                 for iid in mine:
-                    self.cores[n].pacers[iid] = LoadPacer(min_interval_s=0.0, load_threshold=1e-9)
+                    self.cores[n].own.pacers[iid] = LoadPacer(min_interval_s=0.0, load_threshold=1e-9)
 
             def walk(iid: str, now: float, source: Instances = source, mine: set[str] = mine) -> tuple[float, float, float] | None:
                 if iid not in mine:

@@ -171,6 +171,67 @@ class Peer:
         return best
 
 
+class OwnInstances:
+    """Our own instances as we advertise them: sequence numbers, last advertised attributes, load pacers."""
+
+    def __init__(self, config: Config, source: InstanceSource, seq: int) -> None:
+        self.origin = config.gateway.id
+        self.source = source
+        # Per-origin sequence numbers start from the wall clock (the caller's ``seq``) so a
+        # restarted gateway still outranks what it advertised before (protocol-spec/routing.md).
+        self.seq = seq
+        self.config = config
+        # Each instance's own seq: one instance's news re-advertises that instance alone.
+        self.seqs = {i.id: seq for svc in config.services for i in svc.instances}
+        self.attrs: dict[str, Reading] = {}  # what was last advertised of each (configured compute until measured)
+        self.pacers = _pacers(config, {})
+
+    def reconfigure(self, config: Config) -> None:
+        """Take the reloaded services: instances that stay keep their pacers and attributes."""
+        self.config = config
+        self.pacers = _pacers(config, self.pacers)
+        self.attrs = {k: v for k, v in self.attrs.items() if k in self.pacers}
+
+    def bump(self, iids: Iterable[str] | None) -> None:
+        """Increment seq: ``iids`` (None: every instance) carry news."""
+        self.seq += 1
+        if iids is None:
+            self.seqs = {i.id: self.seq for svc in self.config.services for i in svc.instances}
+        else:
+            for iid in iids:
+                self.seqs[iid] = self.seq
+
+    def poll(self, now: float) -> bool:
+        """Read the instances' load (the 50 ms check): whether one moved enough to re-advertise (paced)."""
+        readings = self.source.readings(now)  # every time, none configured or not: the shell's beat
+        moved = False
+        for iid, pacer in self.pacers.items():
+            reading = readings.get(iid)
+            if reading is not None and pacer.should_advertise(now, *reading):
+                pacer.advertised(now, *reading)
+                self.bump([iid])
+                self.attrs[iid] = reading
+                moved = True
+        return moved
+
+    def routes(self, egress_us: int) -> list[RouteAdv]:
+        """Our instances as routes (path: us alone), ``egress_us`` our own processing as their egress."""
+        out = []
+        for svc in self.config.services:
+            for inst in svc.instances:
+                load, bload, comp = self.attrs.get(inst.id, (0.0, 0.0, inst.compute_latency_ms * 1000))
+                out.append(RouteAdv(
+                    service=svc.path, instance=inst.id, origin=self.origin, seq=self.seqs.get(inst.id, self.seq),
+                    label=service_label(svc.path), path=(self.origin,), latency_us=0,
+                    capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
+                    # Down by health checks: still advertised, marked down, so that its service stays
+                    # known (503 no_instance, not 404) until it recovers (routing.md, "Instances that are down").
+                    down=not self.source.healthy(inst.id),
+                    gateway_us=egress_us,  # our own processing as its egress (routing.md, "Gateway time")
+                ))
+        return out
+
+
 # ---------------------------------------------------------------- the core
 
 
@@ -182,19 +243,13 @@ class Gateway:
         g = config.gateway
         self.config = config
         self.id = g.id
-        self.source = source
         self.rib = Rib(g.id, max_routes_per_peer=g.max_routes_per_peer)
         self.session_config = session_config(config)
         self.peer_keys = {p.id: p.public_key for p in config.peers}
         self.rng = rng or random.Random()
         self.peers = {p.id: _peer(config, p, self.rng) for p in config.peers}
         self.links: dict[Link, None] = {}
-        # Per-origin sequence numbers start from the wall clock (the caller's ``seq``) so a
-        # restarted gateway still outranks what it advertised before (protocol-spec/routing.md).
-        self.seq = seq
-        self.local_seq: dict[str, int] = {}
-        self.local_attrs: dict[str, Reading] = {}
-        self.pacers = {i.id: _pacer(config) for s in config.services for i in s.instances}
+        self.own = OwnInstances(config, source, seq)
         # Inbound links still in the handshake: capped overall and per source address; a
         # newcomer takes the slot of the oldest (silent ones first) rather than being refused.
         self.preauth = SlotTable(g.max_preauth_connections, g.max_preauth_per_ip, evict_busy=True)
@@ -221,7 +276,7 @@ class Gateway:
         """Announce our instances and start dialling the peers that are not passive."""
         self._now = now
         self._load_at = now + LOAD_CHECK_S
-        self.rib.set_local(self._local_routes(), now)
+        self.rib.set_local(self.own.routes(self.rib.egress_us), now)
         for peer in self.peers.values():
             self._first_dial(peer, now)
 
@@ -408,46 +463,15 @@ class Gateway:
 
     def _readvertise(self, now: float, iids: Iterable[str] | None) -> None:
         """Increment seq, rebuild our routes, propagate: ``iids`` take the new seq (None: every instance)."""
-        self.seq += 1
-        if iids is None:
-            self.local_seq = {}
-        else:
-            for iid in iids:
-                self.local_seq[iid] = self.seq
-        self._propagate(self.rib.set_local(self._local_routes(), now))
-
-    def _local_routes(self) -> list[RouteAdv]:
-        out = []
-        for svc in self.config.services:
-            for inst in svc.instances:
-                load, bload, comp = self.local_attrs.get(inst.id, (0.0, 0.0, inst.compute_latency_ms * 1000))
-                out.append(RouteAdv(
-                    service=svc.path, instance=inst.id, origin=self.id, seq=self.local_seq.get(inst.id, self.seq),
-                    label=service_label(svc.path), path=(self.id,), latency_us=0,
-                    capacity=inst.capacity, load=load, price=inst.price, compute_us=int(comp), bload=bload,
-                    # Down by health checks: still advertised, marked down, so that its service stays
-                    # known (503 no_instance, not 404) until it recovers (routing.md, "Instances that are down").
-                    down=not self.source.healthy(inst.id),
-                    gateway_us=self.rib.egress_us,  # our own processing as its egress (routing.md, "Gateway time")
-                ))
-        return out
+        self.own.bump(iids)
+        self._propagate(self.rib.set_local(self.own.routes(self.rib.egress_us), now))
 
     def _load_tick(self, now: float) -> None:
         """Re-advertise the measured load and compute latency of our instances (paced); our own
         processing times; drop stale routes whose window passed."""
-        readings = self.source.readings(now) if self.pacers else {}
-        changed = False
-        for iid, pacer in self.pacers.items():
-            reading = readings.get(iid)
-            if reading is not None and pacer.should_advertise(now, *reading):
-                pacer.advertised(now, *reading)
-                self.seq += 1  # increment seq: this instance's attributes are news
-                self.local_seq[iid] = self.seq
-                self.local_attrs[iid] = reading
-                changed = True
-        if changed:
+        if self.own.poll(now):
             self.stats["load_updates"] += 1
-            self._propagate(self.rib.set_local(self._local_routes(), now))
+            self._propagate(self.rib.set_local(self.own.routes(self.rib.egress_us), now))
         self._gateway_times(now)
         if self.rib.stale_until:
             self._propagate(self.rib.expire_stale(now))
@@ -456,8 +480,8 @@ class Gateway:
         """Re-advertise our own processing as egress and transit when it moved materially, at most every 5 s."""
         if now - self.gateway_times_at < GATEWAY_TIME_INTERVAL_S:
             return
-        egress = gateway_time_after(self.rib.egress_us, self.source.own_us(Stage.EGRESS, now))
-        transit = gateway_time_after(self.rib.transit_us, self.source.own_us(Stage.TRANSIT, now))
+        egress = gateway_time_after(self.rib.egress_us, self.own.source.own_us(Stage.EGRESS, now))
+        transit = gateway_time_after(self.rib.transit_us, self.own.source.own_us(Stage.TRANSIT, now))
         if egress is None and transit is None:
             return
         self.gateway_times_at = now
@@ -465,7 +489,7 @@ class Gateway:
         changed = self.rib.set_gateway_times(self.rib.egress_us if egress is None else egress,
                                              self.rib.transit_us if transit is None else transit)
         if egress is not None:
-            changed |= self.rib.set_local(self._local_routes(), now)
+            changed |= self.rib.set_local(self.own.routes(self.rib.egress_us), now)
         self._propagate(changed)
 
     # ---- reload
@@ -506,40 +530,16 @@ class Gateway:
         for pid in (pid for pid in wanted if pid not in self.peers):
             self.peers[pid] = _peer(new, wanted[pid], self.rng)
             self._first_dial(self.peers[pid], now)
-        self.pacers = {i.id: self.pacers.get(i.id) or _pacer(new) for svc in new.services for i in svc.instances}
-        self.local_attrs = {k: v for k, v in self.local_attrs.items() if k in self.pacers}
+        self.own.reconfigure(new)
         self._readvertise(now, None)  # every local instance re-advertised with the new seq
         self.stats["reloads"] += 1
-        return f"reloaded {new.source.name}: {changes(old, new)}; {len(self.pacers)} local instances"
+        return f"reloaded {new.source.name}: {changes(old, new)}; {len(self.own.pacers)} local instances"
 
     # ---- status
 
     def peer_status(self, now: float) -> list[PeerStatus]:
         """Every configured peer as ``show peers`` shows it."""
-        return [self._peer_status(peer, now) for _, peer in sorted(self.peers.items())]
-
-    def _peer_status(self, peer: Peer, now: float) -> PeerStatus:
-        pid = peer.config.id
-        link = peer.current()
-        s = link.session if link else None
-        up = s is not None and link is not None and link.established and s.established_at is not None
-        out_rib = link.adj_out if up and link is not None else None
-        return PeerStatus(
-            id=pid, address=str(peer.config.address), state=s.state.value if s else peer.status,
-            uptime_s=round(now - s.established_at, 3) if up and s and s.established_at is not None else 0.0,
-            rtt_ms=round(s.srtt * 1000, 3) if s and s.srtt is not None else None,
-            routes_received=len(self.rib.adj_in.get(pid, {})) if up else 0,
-            link_cost_ms=round(self.rib.link_cost_us[pid] / 1000, 3) if pid in self.rib.link_cost_us else None,
-            flaps=peer.flaps, last_error=peer.last_error,
-            msgs_in=s.stats["msgs_in"] if s else 0, msgs_out=s.stats["msgs_out"] if s else 0,
-            bytes_in=s.stats["bytes_in"] if s else 0, bytes_out=s.stats["bytes_out"] if s else 0,
-            caps=list(s.agreed_caps) if up and s else [],
-            peer_limits=attrs.asdict(s.peer_limits) if up and s and s.peer_limits else None,
-            routes_sent=len(out_rib.sent) if out_rib else 0,
-            routes_withheld=len(out_rib.withheld) if out_rib else 0,
-            route_entries_in=s.stats["route_entries_in"] if s else 0,
-            inbound_paced=bool(up and s and not s.wants_data()),
-        )
+        return [peer_status(peer, self.rib, now) for _, peer in sorted(self.peers.items())]
 
     def session_totals(self) -> collections.Counter[str]:
         """Every link's session counters added up (bytes and tunnel frames in and out)."""
@@ -849,6 +849,31 @@ _HANDLERS: dict[type, Callable[[Gateway, Link, object, float], None]] = {
 # ---------------------------------------------------------------- pure rules
 
 
+def peer_status(peer: Peer, rib: Rib, now: float) -> PeerStatus:
+    """One peer as ``show peers`` shows it: its current link's session, and what the RIB holds from it."""
+    pid = peer.config.id
+    link = peer.current()
+    s = link.session if link else None
+    up = s is not None and link is not None and link.established and s.established_at is not None
+    out_rib = link.adj_out if up and link is not None else None
+    return PeerStatus(
+        id=pid, address=str(peer.config.address), state=s.state.value if s else peer.status,
+        uptime_s=round(now - s.established_at, 3) if up and s and s.established_at is not None else 0.0,
+        rtt_ms=round(s.srtt * 1000, 3) if s and s.srtt is not None else None,
+        routes_received=len(rib.adj_in.get(pid, {})) if up else 0,
+        link_cost_ms=round(rib.link_cost_us[pid] / 1000, 3) if pid in rib.link_cost_us else None,
+        flaps=peer.flaps, last_error=peer.last_error,
+        msgs_in=s.stats["msgs_in"] if s else 0, msgs_out=s.stats["msgs_out"] if s else 0,
+        bytes_in=s.stats["bytes_in"] if s else 0, bytes_out=s.stats["bytes_out"] if s else 0,
+        caps=list(s.agreed_caps) if up and s else [],
+        peer_limits=attrs.asdict(s.peer_limits) if up and s and s.peer_limits else None,
+        routes_sent=len(out_rib.sent) if out_rib else 0,
+        routes_withheld=len(out_rib.withheld) if out_rib else 0,
+        route_entries_in=s.stats["route_entries_in"] if s else 0,
+        inbound_paced=bool(up and s and not s.wants_data()),
+    )
+
+
 def swapped(event: Closed) -> bool:
     """Whether the peer ended an established session for a connection collision (session.md, "Collisions")."""
     return event.reason is CloseReason.PEER_NOTIFICATION and (event.code, event.subcode) == (Code.CEASE, CeaseSub.COLLISION)
@@ -909,6 +934,17 @@ def _peer(config: Config, peer: PeerConfig, rng: random.Random) -> Peer:
                 inbound=TokenBucket(lim.rate, lim.burst))
 
 
-def _pacer(config: Config) -> LoadPacer:
+def _pacers(config: Config, old: Mapping[str, LoadPacer]) -> dict[str, LoadPacer]:
+    """A load pacer per local instance: the old one of an instance that stays, else one that knows
+    what the instance's first route carries (no load, its configured compute latency), so that the
+    first load poll re-advertises only what moved."""
     g = config.gateway
-    return LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
+    out = {}
+    for svc in config.services:
+        for inst in svc.instances:
+            pacer = old.get(inst.id)
+            if pacer is None:
+                pacer = LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
+                pacer.last_compute_us = inst.compute_latency_ms * 1000
+            out[inst.id] = pacer
+    return out

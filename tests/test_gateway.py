@@ -211,10 +211,10 @@ def test_load_poll_paces_readvertisements_with_new_sequence_numbers() -> None:
     source.values["a1"] = (0.5, 0.0, 1000.0)
     net.run_for(0.3)
     assert b.rib.loc[key("a", "a1")].fresh.load == 0.5 and b.rib.loc[key("a", "a1")].fresh.seq > SEQ
-    seq = a.seq
+    seq = a.own.seq
     source.values["a1"] = (0.51, 0.0, 1000.0)  # below the 5 % threshold: not news
     net.run_for(1.0)
-    assert a.seq == seq and b.rib.loc[key("a", "a1")].fresh.load == 0.5
+    assert a.own.seq == seq and b.rib.loc[key("a", "a1")].fresh.load == 0.5
 
 
 def test_health_change_readvertises_the_instance_as_down() -> None:
@@ -276,3 +276,17 @@ def test_reload_with_changed_peer_settings_reconnects_it() -> None:
     net.run_while(lambda: a.established_link("b") is None or a.established_link("b") is old)
     assert old.session.closed.subcode == CeaseSub.CONFIG_CHANGE
     assert a.peers["b"].config.emulated_rtt_ms == 2.0
+
+
+def test_one_instance_news_readvertises_that_instance_alone() -> None:
+    source = Instances({"a1": (0.0, 0.0, 1000.0), "a2": (0.0, 0.0, 1000.0)})
+    net = Net()
+    a = net.add(core("a", ("b",), services={"/s": ["a1", "a2"]}, source=source))
+    b = net.add(core("b", ("a",)))
+    net.run_while(lambda: key("a", "a2") not in b.rib.loc)
+    net.run_for(0.5)
+    # The first polls find what the first routes carried (no load, the configured 1 ms): nothing to tell.
+    assert a.own.seq == SEQ and a.stats["load_updates"] == 0
+    source.values["a1"] = (0.5, 0.0, 1000.0)
+    net.run_for(0.3)
+    assert b.rib.loc[key("a", "a1")].fresh.seq == SEQ + 1 and b.rib.loc[key("a", "a2")].fresh.seq == SEQ
