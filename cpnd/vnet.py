@@ -55,19 +55,18 @@ class Net:
         self.cores: dict[str, Gateway] = {}
         self.delays: dict[frozenset[str], float] = {}  # one-way delay per pair of ids
         self.other: dict[Link, Link] = {}  # each link's far end, while both are connected
-        self.owner: dict[Link, str] = {}
+        self.owner: dict[Link, Gateway] = {}  # the core (not the id: a restarted gateway is a new core) of each link
         self.all_links: list[Link] = []  # every link ever made (their counters outlive them)
         self.dead: set[str] = set()
         self.enter = enter or (lambda gid: None)  # called before any call into a core (scale_sim's shared tables)
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._order = itertools.count()
-        self._timer_at: dict[str, float] = {}
+        self._timer_at: dict[Gateway, float] = {}
 
     def add(self, core: Gateway, *, start: bool = True) -> Gateway:
         gid = core.id
         self.cores[gid] = core
         self.dead.discard(gid)
-        self._timer_at.pop(gid, None)
         if start:
             self.enter(gid)
             core.start(self.now)
@@ -103,11 +102,18 @@ class Net:
 
     # ---- a core's outputs
 
+    def alive(self, core: Gateway) -> bool:
+        """``core`` is its id's current core, and not dead (a restart adds a new core under the old id)."""
+        return self.cores.get(core.id) is core and core.id not in self.dead
+
     def pump(self, gid: str) -> None:
         """Deliver what core ``gid`` has to send, act on its events, and re-arm its timer."""
-        core = self.cores[gid]
-        if gid in self.dead:
+        self._pump(self.cores[gid])
+
+    def _pump(self, core: Gateway) -> None:
+        if not self.alive(core):
             return
+        gid = core.id
         while True:
             links = core.links_with_data()
             if not links and not core.has_events():
@@ -116,81 +122,81 @@ class Net:
                 data = core.data_to_send(link)
                 far = self.other.get(link)
                 if data and far is not None:
-                    self.at(self.now + self.delay(gid, self.owner[far]), self._deliver, far, data)
+                    self.at(self.now + self.delay(gid, self.owner[far].id), self._deliver, far, data)
             for event in core.events():
                 if isinstance(event, Dial):
                     self._dial(gid, event)
                 elif isinstance(event, LinkDown):
-                    self._hang_up(gid, event.link)
+                    self._hang_up(core, event.link)
         t = core.get_timer()
-        if t is not None and t < self._timer_at.get(gid, float("inf")):
-            self._timer_at[gid] = t
-            self.at(t, self._fire, gid, t)
+        if t is not None and t < self._timer_at.get(core, float("inf")):
+            self._timer_at[core] = t
+            self.at(t, self._fire, core, t)
 
-    def _fire(self, gid: str, t: float) -> None:
-        if self._timer_at.get(gid) != t or gid in self.dead:
+    def _fire(self, core: Gateway, t: float) -> None:
+        if self._timer_at.get(core) != t or not self.alive(core):
             return
-        del self._timer_at[gid]
-        self.enter(gid)
-        self.cores[gid].handle_timer(self.now)
-        self.pump(gid)
+        del self._timer_at[core]
+        self.enter(core.id)
+        core.handle_timer(self.now)
+        self._pump(core)
 
     def _deliver(self, link: Link, data: bytes) -> None:
-        gid = self.owner[link]
-        if gid in self.dead or link.gone:
+        core = self.owner[link]
+        if not self.alive(core) or link.gone:
             return
-        self.enter(gid)
-        self.cores[gid].receive_data(link, data, self.now)
-        self.pump(gid)
+        self.enter(core.id)
+        core.receive_data(link, data, self.now)
+        self._pump(core)
 
     def _dial(self, gid: str, dial: Dial) -> None:
         """A connect takes one round trip; a dead or unknown peer refuses it."""
         rtt = 2 * self.delay(gid, dial.peer_id)
-        self.at(self.now + rtt, self._connect, gid, dial.peer_id)
+        self.at(self.now + rtt, self._connect, self.cores[gid], dial.peer_id)
 
-    def _connect(self, gid: str, peer_id: str) -> None:
-        if gid in self.dead:
+    def _connect(self, core: Gateway, peer_id: str) -> None:
+        if not self.alive(core):
             return
-        core = self.cores[gid]
+        gid = core.id
         self.enter(gid)
         target = self.cores.get(peer_id)
         if target is None or peer_id in self.dead:
             core.dial_failed(peer_id, f"connect {peer_id}: Connection refused", self.now)
-            self.pump(gid)
+            self._pump(core)
             return
         link = core.connected(peer_id, self.now)
         if link is None:
-            self.pump(gid)
+            self._pump(core)
             return
         self.enter(peer_id)
         far = target.accept(gid, gid, self.now)
-        self.join(gid, link, peer_id, far)
-        self.pump(peer_id)
+        self.join(core, link, target, far)
+        self._pump(target)
         self.enter(gid)
-        self.pump(gid)
+        self._pump(core)
 
-    def join(self, a: str, link_a: Link, b: str, link_b: Link) -> None:
+    def join(self, a: Gateway, link_a: Link, b: Gateway, link_b: Link) -> None:
         """Pair two links as the two ends of one connection."""
         self.other[link_a], self.other[link_b] = link_b, link_a
         self.owner[link_a], self.owner[link_b] = a, b
         self.all_links += [link_a, link_b]
 
-    def _hang_up(self, gid: str, link: Link) -> None:
+    def _hang_up(self, core: Gateway, link: Link) -> None:
         """The core closed ``link``: after its last bytes the far end reads EOF, and both ends are gone."""
         far = self.other.pop(link, None)
-        t = self.now + (self.delay(gid, self.owner[far]) if far is not None else 0.0)
+        t = self.now + (self.delay(core.id, self.owner[far].id) if far is not None else 0.0)
         if far is not None:
             self.other.pop(far, None)
             self.at(t, self._deliver, far, b"")
             self.at(t, self._gone, self.owner[far], far)
-        self.at(t, self._gone, gid, link)
+        self.at(t, self._gone, core, link)
 
-    def _gone(self, gid: str, link: Link) -> None:
-        if gid in self.dead:
+    def _gone(self, core: Gateway, link: Link) -> None:
+        if not self.alive(core):
             return
-        self.enter(gid)
-        self.cores[gid].link_gone(link, self.now)
-        self.pump(gid)
+        self.enter(core.id)
+        core.link_gone(link, self.now)
+        self._pump(core)
 
     # ---- scenario steps
 
@@ -202,19 +208,24 @@ class Net:
             far = self.other.pop(link, None)
             if far is not None:
                 self.other.pop(far, None)
-                fg = self.owner[far]
-                if fg not in self.dead:
-                    self.enter(fg)
-                    self.cores[fg].receive_data(far, b"", self.now)
-                    self.cores[fg].link_gone(far, self.now)
-                    self.pump(fg)
+                fc = self.owner[far]
+                if self.alive(fc):
+                    self.enter(fc.id)
+                    fc.receive_data(far, b"", self.now)
+                    fc.link_gone(far, self.now)
+                    self._pump(fc)
+
+    def silence(self, gid: str) -> None:
+        """Core ``gid`` dies and nobody notices: its far ends hold their links until a hold timer
+        or a new connection from its next core says otherwise."""
+        self.dead.add(gid)
 
     def cut(self, a: str, b: str) -> None:
         """Break the connection between ``a`` and ``b`` silently on ``b``'s side: ``a`` sees it lost,
         ``b`` still holds its end (it never noticed: the far end's hold timer or a new dial tells it)."""
         for link in list(self.cores[a].links):
             far = self.other.get(link)
-            if far is not None and self.owner[far] == b:
+            if far is not None and self.owner[far].id == b:
                 del self.other[link], self.other[far]
                 self.enter(a)
                 self.cores[a].receive_data(link, b"", self.now)

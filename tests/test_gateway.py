@@ -121,7 +121,7 @@ def test_swap_a_peer_that_dials_again_keeps_its_routes_until_the_new_end_of_rib(
     old = a.established_link("b")
     # b restarts and a never noticed (the connection died silently on b's side): b's new core
     # dials a, which replaces the old session by the new one.
-    net.dead.add("b")
+    net.silence("b")
     present = []
     b2 = core("b", ("a",), services={"/s": ["b1", "b3"]}, seq=SEQ + 100)
     b2.peers["a"].dial_at = net.now
@@ -290,3 +290,17 @@ def test_one_instance_news_readvertises_that_instance_alone() -> None:
     source.values["a1"] = (0.5, 0.0, 1000.0)
     net.run_for(0.3)
     assert b.rib.loc[key("a", "a1")].fresh.seq == SEQ + 1 and b.rib.loc[key("a", "a2")].fresh.seq == SEQ
+
+
+def test_a_silently_cut_connection_ends_at_the_hold_time_and_comes_back() -> None:
+    net, a, b = pair()
+    old = b.established_link("a")
+    start = net.now
+    net.cut("a", "b")  # a sees its end lost; b hears nothing more on its end
+    # a dials again at once; b keeps its established session (it wins the collision) until
+    # its hold timer says the peer is gone.
+    net.run_while(lambda: old.session.state is not State.CLOSED, limit_s=5.0)
+    assert old.session.closed.reason is CloseReason.HOLD_EXPIRED
+    assert 2.9 <= net.now - start <= 3.2  # hold_time_ms 3000 (keepalives a third of it)
+    net.run_while(lambda: not established([a, b]) or key("a", "a1") not in b.rib.loc, limit_s=10.0)
+    assert b.established_link("a") is not old
