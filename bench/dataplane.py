@@ -702,7 +702,7 @@ CATEGORIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     # Paced by time, not by requests (load re-advertised as it changes, keepalives): per request
     # it depends on the request rate, and a slowed process (the calls mode) counts more of it.
     ("control plane (load adverts, UPDATEs, keepalives: per second, not per request)", False,
-     ("Connection._ticker", "Daemon._load_loop", "Connection._flush_routes", "Daemon._update (", "Daemon._propagate",
+     ("Daemon._timer_loop", "Gateway.handle_timer", "Gateway._flush (", "Gateway._on_update", "Gateway._propagate",
       "PendingUpdate", "Daemon._memory_loop", "Daemon._health_loop", "Daemon._edge_log_loop")),
     ("socket send/recv calls", True, ("_SocketType._nonblocking_helper (trio/_socket.py", "Connection._write (cpnd/daemon.py")),
     ("epoll (the loop's wait and poll)", True, ("EpollIOManager.get_events", "EpollIOManager._update_registrations")),

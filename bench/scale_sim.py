@@ -1,21 +1,22 @@
-"""Control-plane scale by simulation: the real sans-IO cores of hundreds to thousands of gateways.
+"""Control-plane scale by simulation: the gateway cores of hundreds to thousands of gateways.
 
     python bench/scale_sim.py [--cases 100:random:100,300:scale-free:1000,...] [--out bench/results]
 
-Every gateway is the real thing minus its sockets and trio: a ``Session`` per link (the
-handshake with real keys, encrypted records, keepalives, the FSM, LIMITS and the pace of
-route entries both ways), a ``Rib`` with its ``AdjRibOut`` pacing (and withholding beyond
-the peer's route limit), and ``LoadPacer`` for load churn, wired as cpnd's daemon wires
-them, with cpnd's default pace (``route_changes_per_s``) and a route limit, and so a burst,
-of 1,000,000 (an operator who runs 30,000 routes raises ``max_routes_per_peer``). The
-daemon's event-loop scheduling (UPDATEs taken in slices, route work at most half the CPU)
-costs no virtual time and is not modelled. A virtual clock and an event heap deliver each link's bytes after its one-way
-delay (links of 1-10 ms RTT) and fire each session's timers when they fall due; no
-wall-clock time passes. For each case (gateways : topology : routes) it measures
+Every gateway is cpnd's own ``gateway.Gateway`` core, the one the daemon runs, minus its sockets
+and trio: it dials its peers (the greater id first), resolves collisions, runs a ``Session`` per
+link (the handshake with real keys, encrypted records, keepalives, the FSM, LIMITS and the pace
+of route entries both ways), its ``Rib`` with an ``AdjRibOut`` per peer (pacing, withholding
+beyond the peer's route limit, End-of-RIB), its 50 ms load poll with ``LoadPacer`` and graceful
+restart as configured, with cpnd's default pace (``route_changes_per_s``) and a route limit, and
+so a burst, of 1,000,000 (an operator who runs 30,000 routes raises ``max_routes_per_peer``).
+``cpnd.vnet`` is the simulation's shell: a virtual clock and an event heap deliver each link's
+bytes after its one-way delay (links of 1-10 ms RTT) and fire each core's timer when it falls
+due; no wall-clock time passes and the route-work budget (a share of the CPU) is not modelled.
+For each case (gateways : topology : routes) it measures
 
   * session set-up: virtual time until every session is established;
-  * convergence: every origin announces its instances at once; virtual time until the
-    last Loc-RIB change, with every gateway holding a best path to every route;
+  * convergence: every origin announces its instances at once (a reload that adds them); virtual
+    time until the last Loc-RIB change, with every gateway holding a best path to every route;
     messages and bytes sent per gateway meanwhile; CPU seconds of the simulation;
     memory per path held (RSS growth over all Adj-RIB-In and Loc-RIB entries);
   * hub failure: the best-connected gateway dies (its links break); virtual time until
@@ -23,8 +24,8 @@ wall-clock time passes. For each case (gateways : topology : routes) it measures
     affected route per surviving gateway; routes cut off from a gateway count as withdrawn);
   * load churn: 5 instances' loads random-walk for 5 s (virtual); UPDATE messages
     and route entries per gateway per second with cpnd's pacing (200 ms minimum interval,
-    5 % threshold) and without it (every 50 ms check advertised); the per-peer minimum
-    advertisement interval (100 ms) bounds the messages either way.
+    5 % threshold) and without it (every 50 ms check that moved advertised); the per-peer
+    minimum advertisement interval (100 ms) bounds the messages either way.
 
 Results go to bench/results/scale_sim.json and scale_sim.png.
 """
@@ -32,14 +33,12 @@ Results go to bench/results/scale_sim.json and scale_sim.png.
 from __future__ import annotations
 
 import argparse
-import heapq
 import itertools
 import json
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +48,19 @@ import networkx as nx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cpnd.config import GatewayConfig  # noqa: E402
-from cpnd.crypto import Role, generate_key  # noqa: E402
+from cpnd.crypto import generate_key  # noqa: E402
+from cpnd.gateway import Gateway  # noqa: E402
 from cpnd.load import LoadPacer  # noqa: E402
-from cpnd.names import service_label  # noqa: E402
-from cpnd.rib import AdjRibOut, Key, Rib, link_cost_after  # noqa: E402
-from cpnd.session import Closed, Established, RttMeasured, Session, SessionConfig, State, UpdateReceived  # noqa: E402
-from cpnd.wire import Limits, RouteAdv, SharedTable, use_shared_table  # noqa: E402
+from cpnd.rib import Key  # noqa: E402
+from cpnd.vnet import Instances, Net, config_for, established  # noqa: E402
+from cpnd.wire import SharedTable, use_shared_table  # noqa: E402
 
-MIN_ADV_INTERVAL_S = 0.1  # cpnd's default
 ROUTE_LIMIT = 1_000_000  # max_routes_per_peer here, and so the burst (route_changes_burst's default)
 ROUTE_RATE = attrs.fields(GatewayConfig).route_changes_per_s.default  # cpnd's default pace
-FLUSH_SLICE = 128  # as cpnd's Connection: a flush step waits for a batch of the peer's pace
-LOAD_CHECK_S = 0.05  # how often an origin looks at its instances' load (cpnd's _load_loop)
 SERVICES = 10
 CHURN_S = 5.0
 CHURN_INSTANCES = 5  # instances whose load moves all the time (the rest hold still)
+COMPUTE_US = 1000.0  # every instance's compute latency (1 ms), as its meter reads it
 
 
 def ring_of_rings(n: int, rng: random.Random) -> nx.Graph:
@@ -114,71 +111,43 @@ def rss_kib() -> int:
     return 0
 
 
-class Conn:
-    """One side of one link: a session, what the peer was told, and its pending timers."""
-
-    def __init__(self, node: Node, peer: str, session: Session, delay: float) -> None:
-        self.node, self.peer, self.session, self.delay = node, peer, session, delay
-        self.other: Conn | None = None
-        self.adj_out: AdjRibOut | None = None
-        self.timer_at: float | None = None
-        self.flush_at: float | None = None
-        self.end_of_rib_pending = False
-
-
-class Node:
-    def __init__(self, gid: str) -> None:
-        self.id = gid
-        self.rib = Rib(gid, max_routes_per_peer=ROUTE_LIMIT)
-        self.conns: dict[str, Conn] = {}
-        self.alive = True
-        self.seq = 1
-        self.local: dict[str, RouteAdv] = {}
-        self.pacers: dict[str, LoadPacer] = {}
-        self.loads: dict[str, float] = {}
-        # This gateway's own table of shared names, paths and keys (cpnd has one per process):
-        # sharing across simulated gateways would understate each one's memory.
-        self.shared = SharedTable()
-
-
 class Sim:
-    def __init__(self, g: nx.Graph, *, hold_ms: int = 3000) -> None:
+    """One core per gateway, on one virtual network; the scenario steps and what they count."""
+
+    def __init__(self, g: nx.Graph, seed: int, *, hold_ms: int = 3000) -> None:
         self.g = g
-        self.now = 0.0
-        self.heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
-        self.order = itertools.count()
-        self.nodes = {n: Node(n) for n in g}
-        self.keys = {n: generate_key() for n in g}
+        keys = {n: generate_key() for n in g}
+        # Each gateway's own table of shared names, paths and keys (cpnd has one per process):
+        # sharing across simulated gateways would understate each one's memory.
+        self.shared = {n: SharedTable() for n in g}
+        self.net = Net(enter=lambda gid: use_shared_table(self.shared[gid]))
+        for u, v in g.edges:
+            self.net.delays[frozenset((u, v))] = g[u][v]["rtt"] / 2
+        self.sources = {n: Instances() for n in g}
+        self.configs = {n: config_for(n, keys[n], {p: keys[p].public_key() for p in g[n]}, hold_time_ms=hold_ms,
+                                      max_routes_per_peer=ROUTE_LIMIT) for n in g}
+        self.cores: dict[str, Gateway] = {}
         self.last_change = 0.0
         self.loc_changes: dict[Key, int] = {}
-        self.updates = 0  # UPDATE messages sent, End-of-RIB included
-        self.updates_at_convergence = 0
-        self.entries = 0  # routes advertised or withdrawn, over all UPDATEs
-        cfg = SessionConfig(hold_ms=hold_ms, limits=Limits(ROUTE_LIMIT, ROUTE_RATE, ROUTE_LIMIT))
-        for u, v in g.edges:
-            a, b = sorted((u, v))
-            delay = g[u][v]["rtt"] / 2
-            sa = Session(Role.INITIATOR, a, self.keys[a], {b: self.keys[b].public_key()}, 0.0, expected_peer=b, config=cfg)
-            sb = Session(Role.RESPONDER, b, self.keys[b], {a: self.keys[a].public_key()}, 0.0, config=cfg)
-            ca, cb = Conn(self.nodes[a], b, sa, delay), Conn(self.nodes[b], a, sb, delay)
-            ca.other, cb.other = cb, ca
-            self.nodes[a].conns[b] = ca
-            self.nodes[b].conns[a] = cb
-        for node in self.nodes.values():
-            for conn in node.conns.values():
-                self.process(conn)
+        for i, n in enumerate(sorted(g)):
+            use_shared_table(self.shared[n])
+            core = Gateway(self.configs[n], self.sources[n], 0.0, seq=1, rng=random.Random(seed * 100_003 + i),
+                           cpu_clock=lambda: 0.0)
+            core.observe = self._observe
+            self.cores[n] = core
+            self.net.add(core)
 
-    # ---- the event loop
+    def _observe(self, keys: set[Key], now: float) -> None:
+        self.last_change = now
+        for k in keys:
+            self.loc_changes[k] = self.loc_changes.get(k, 0) + 1
 
-    def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
-        heapq.heappush(self.heap, (t, next(self.order), fn, args))
+    @property
+    def now(self) -> float:
+        return self.net.now
 
     def run_until(self, t: float) -> None:
-        while self.heap and self.heap[0][0] <= t:
-            when, _, fn, args = heapq.heappop(self.heap)
-            self.now = when
-            fn(*args)
-        self.now = max(self.now, t)
+        self.net.run_until(t)
 
     def run_until_quiet(self, quiet: float = 2.0, limit: float = 600.0) -> float:
         """Run until no Loc-RIB changed for ``quiet`` s (virtual); the time of the last change."""
@@ -189,199 +158,98 @@ class Sim:
                 return self.last_change
         raise RuntimeError("no convergence within the limit")
 
-    # ---- the daemon's wiring, as in cpnd/daemon.py
-
-    def process(self, conn: Conn) -> None:
-        node = conn.node
-        if not node.alive:
-            return
-        s = conn.session
-        while (ev := s.next_event()) is not None:
-            if isinstance(ev, Established):
-                if s.min_rtt is not None:
-                    node.rib.set_link_cost(conn.peer, link_cost_after(None, s.min_rtt) or 1)
-                conn.adj_out = AdjRibOut(conn.peer, MIN_ADV_INTERVAL_S, max_routes=s.export_limit)
-                conn.adj_out.mark_all(node.rib)
-                conn.end_of_rib_pending = True
-                self.schedule_flush(conn)
-            elif isinstance(ev, RttMeasured):
-                cost = link_cost_after(node.rib.link_cost_us.get(conn.peer), ev.min_rtt) if conn.adj_out else None
-                if cost is not None:
-                    self.propagate(node, node.rib.set_link_cost(conn.peer, cost))
-            elif isinstance(ev, UpdateReceived):
-                u = ev.update
-                self.propagate(node, node.rib.end_of_rib(conn.peer) if not u.adv and not u.wd
-                               else node.rib.apply_update(conn.peer, u, self.now))
-            elif isinstance(ev, Closed):
-                conn.adj_out = None
-                self.propagate(node, node.rib.peer_down(conn.peer))
-        data = s.data_to_send()
-        if data and conn.other is not None:
-            self.at(self.now + conn.delay, self.deliver, conn.other, data)
-        # A timer, or the peer's pace letting its held-back UPDATEs through.
-        t = min((d for d in (s.get_timer(), s.resume_at()) if d is not None), default=None)
-        if t is not None and (conn.timer_at is None or t < conn.timer_at):
-            conn.timer_at = t
-            self.at(t, self.fire_timer, conn, t)
-
-    def deliver(self, conn: Conn, data: bytes) -> None:
-        use_shared_table(conn.node.shared)
-        if conn.node.alive and conn.session.state is not State.CLOSED:
-            conn.session.receive_data(data, self.now)
-            self.process(conn)
-
-    def fire_timer(self, conn: Conn, t: float) -> None:
-        if conn.timer_at != t or not conn.node.alive:
-            return
-        conn.timer_at = None
-        use_shared_table(conn.node.shared)
-        conn.session.handle_timer(self.now)
-        self.process(conn)
-
-    def propagate(self, node: Node, keys: set[Key]) -> None:
-        if not keys:
-            return
-        self.last_change = self.now
-        for k in keys:
-            self.loc_changes[k] = self.loc_changes.get(k, 0) + 1
-        for conn in node.conns.values():
-            if conn.adj_out is not None:
-                conn.adj_out.mark(keys)
-                self.schedule_flush(conn)
-
-    def flush_due(self, conn: Conn) -> float | None:
-        """When the next flush may go: the minimum interval, then the peer's pace (cpnd's _flush_at)."""
-        assert conn.adj_out is not None
-        due = conn.adj_out.due(self.now)
-        if due is None:
-            return self.now if conn.end_of_rib_pending else None
-        limits = conn.session.peer_limits
-        if limits is not None:
-            batch = min(FLUSH_SLICE, max(1, limits.rate // 10), max(1, conn.adj_out.backlog))
-            due = max(due, conn.session.send_ready_at(batch, self.now))
-        return due
-
-    def schedule_flush(self, conn: Conn) -> None:
-        due = self.flush_due(conn)
-        if due is not None and (conn.flush_at is None or due < conn.flush_at):
-            conn.flush_at = due
-            self.at(due, self.flush, conn, due)
-
-    def flush(self, conn: Conn, t: float) -> None:
-        if conn.flush_at != t or conn.adj_out is None or not conn.node.alive or conn.session.state is not State.ESTABLISHED:
-            return
-        conn.flush_at = None
-        use_shared_table(conn.node.shared)
-        due = self.flush_due(conn)
-        if due is not None and due > self.now:
-            self.schedule_flush(conn)
-            return
-        if conn.adj_out.due(self.now) is not None:
-            adv, wd = conn.adj_out.flush(conn.node.rib, self.now, conn.session.send_budget(self.now))
-            if adv or wd:
-                self.updates += conn.session.send_update(adv, wd)
-                self.entries += len(adv) + len(wd)
-        if conn.end_of_rib_pending and conn.adj_out.initial_done:
-            conn.end_of_rib_pending = False
-            conn.session.send_end_of_rib()
-            self.updates += 1
-        self.process(conn)
-        if conn.adj_out.due(self.now) is not None:
-            self.schedule_flush(conn)  # the rest of a burst the peer's pace cut short
-
-    # ---- scenario steps
+    # ---- what the cores counted
 
     def established(self) -> bool:
-        return all(c.session.state is State.ESTABLISHED for n in self.nodes.values() for c in n.conns.values())
-
-    def announce(self, routes: int, seed: int) -> None:
-        """``routes`` instances spread over the gateways, of SERVICES services, announced at once."""
-        rng = random.Random(seed)
-        names = sorted(self.nodes)
-        for i in range(routes):
-            node = self.nodes[names[i % len(names)] if routes >= len(names) else rng.choice(names)]
-            svc = f"/svc{i % SERVICES}"
-            iid = f"i{i}"
-            use_shared_table(node.shared)
-            node.local[iid] = RouteAdv(svc, iid, node.id, node.seq, service_label(svc), (node.id,), 0, 50.0, 0.0,
-                                       1.0, 1000)
-            node.pacers[iid] = LoadPacer()
-            node.loads[iid] = 0.0
-        for node in self.nodes.values():
-            if node.local:
-                use_shared_table(node.shared)
-                self.propagate(node, node.rib.set_local(node.local.values(), self.now))
+        return established(self.cores.values())
 
     def messages(self) -> tuple[int, int]:
-        msgs = sum(c.session.stats["msgs_out"] for n in self.nodes.values() for c in n.conns.values())
-        byts = sum(c.session.stats["bytes_out"] for n in self.nodes.values() for c in n.conns.values())
-        return msgs, byts
+        links = self.net.all_links
+        return sum(c.session.stats["msgs_out"] for c in links), sum(c.session.stats["bytes_out"] for c in links)
+
+    def updates(self) -> int:
+        """UPDATE messages sent, End-of-RIB included (one per session that came up)."""
+        return (sum(c.stats["updates_out"] for c in self.cores.values())
+                + sum(1 for c in self.net.all_links if c.session.established_at is not None and not c.end_of_rib_pending))
+
+    def entries(self) -> int:
+        """Route entries (advertised or withdrawn) taken in, over every UPDATE."""
+        return sum(c.stats["route_entries_in"] for c in self.cores.values())
+
+    def live(self) -> list[Gateway]:
+        return [c for n, c in self.cores.items() if n not in self.net.dead]
 
     def paths_held(self) -> tuple[int, int]:
-        live = [n for n in self.nodes.values() if n.alive]
-        return (sum(len(t) for n in live for t in n.rib.adj_in.values()) + sum(len(n.rib.local) for n in live),
-                sum(len(n.rib) for n in live))
+        return sum(c.paths for c in self.live()), sum(len(c.rib) for c in self.live())
 
     def converged(self, routes: int | None = None) -> bool:
         """Every live gateway holds exactly the routes whose origin it can still reach (all of them by default)."""
-        live = self.g.subgraph(n for n, node in self.nodes.items() if node.alive)
+        live = self.g.subgraph(n for n in self.cores if n not in self.net.dead)
         for comp in nx.connected_components(live):
-            want = sum(len(self.nodes[n].local) for n in comp)
-            if any(len(self.nodes[n].rib) != want for n in comp):
+            want = sum(len(self.cores[n].rib.local) for n in comp)
+            if any(len(self.cores[n].rib) != want for n in comp):
                 return False
-        return routes is None or sum(len(n.local) for n in self.nodes.values()) == routes
+        return routes is None or sum(len(c.rib.local) for c in self.cores.values()) == routes
+
+    # ---- scenario steps
+
+    def announce(self, routes: int, seed: int) -> None:
+        """``routes`` instances spread over the gateways, of SERVICES services, added at once by a reload."""
+        rng = random.Random(seed)
+        names = sorted(self.cores)
+        services: dict[str, dict[str, list[str]]] = {n: {} for n in names}
+        for i in range(routes):
+            n = names[i % len(names)] if routes >= len(names) else rng.choice(names)
+            services[n].setdefault(f"/svc{i % SERVICES}", []).append(f"i{i}")
+        for n in names:
+            if not services[n]:
+                continue
+            old = self.configs[n]
+            new = config_for(n, old.key, {p.id: p.public_key for p in old.peers}, services=services[n],
+                             hold_time_ms=old.gateway.hold_time_ms, max_routes_per_peer=ROUTE_LIMIT)
+            self.sources[n].values = {iid: (0.0, 0.0, COMPUTE_US) for iids in services[n].values() for iid in iids}
+            use_shared_table(self.shared[n])
+            self.cores[n].reload(new, self.now)
+            self.net.pump(n)
 
     def kill(self, gid: str) -> None:
         """The gateway dies: its links break (its neighbours see the connection go)."""
-        node = self.nodes[gid]
-        node.alive = False
-        for conn in node.conns.values():
-            other = conn.other
-            if other is not None and other.node.alive:
-                other.other = None
-                use_shared_table(other.node.shared)
-                other.session.receive_data(b"", self.now)
-                self.process(other)
+        self.net.kill(gid)
 
     def churn(self, seconds: float, paced: bool, seed: int, instances: int) -> None:
-        """``instances`` instances' loads random-walk; their origins re-advertise as cpnd's load loop does."""
+        """``instances`` instances' loads random-walk, read by their cores' own load poll (paced by
+        cpnd's LoadPacer, or advertised whenever they moved)."""
         rng = random.Random(seed)
-        end = self.now + seconds
-        live = [(node, iid) for node in self.nodes.values() if node.alive for iid in node.local]
+        walks = {}  # one random walk per instance: the order the cores poll in changes nothing
+        live = [(n, iid) for n, c in self.cores.items() if n not in self.net.dead for iid in self.sources[n].values]
         churning = set(rng.sample(live, min(instances, len(live))))
+        for n, source in self.sources.items():
+            mine = {iid for (m, iid) in churning if m == n}
+            if not mine:
+                source.walk = None
+                continue
+            if not paced:  # every poll's move is news
+                for iid in mine:
+                    self.cores[n].own.pacers[iid] = LoadPacer(min_interval_s=0.0, load_threshold=1e-9)
 
-        def tick() -> None:
-            for node in self.nodes.values():
-                if not node.alive or not node.local:
-                    continue
-                use_shared_table(node.shared)
-                changed = False
-                for iid, adv in node.local.items():
-                    if (node, iid) not in churning:
-                        continue
-                    load = min(1.0, max(0.0, node.loads[iid] + rng.uniform(-0.05, 0.05)))
-                    node.loads[iid] = load
-                    pacer = node.pacers[iid]
-                    if (pacer.should_advertise(self.now, load, 0.0, 1000) if paced else load != pacer.last_load):
-                        pacer.advertised(self.now, load, 0.0, 1000)
-                        node.seq += 1
-                        node.local[iid] = RouteAdv(adv.service, iid, node.id, node.seq, adv.label, adv.path, 0,
-                                                   adv.capacity, round(load, 3), adv.price, adv.compute_us)
-                        changed = True
-                if changed:
-                    self.propagate(node, node.rib.set_local(node.local.values(), self.now))
-            if self.now + LOAD_CHECK_S < end:
-                self.at(self.now + LOAD_CHECK_S, tick)
+            def walk(iid: str, now: float, source: Instances = source, mine: set[str] = mine) -> tuple[float, float, float] | None:
+                if iid not in mine:
+                    return None
+                step = walks.setdefault(iid, random.Random(f"{seed}:{iid}")).uniform(-0.05, 0.05)
+                load = min(1.0, max(0.0, source.values[iid][0] + step))
+                return (round(load, 3), 0.0, COMPUTE_US)
 
-        self.at(self.now, tick)
-        self.run_until(end)
+            source.walk = walk
+        self.run_until(self.now + seconds)
+        for source in self.sources.values():
+            source.walk = None
 
 
 def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
     g = topology(kind, n, seed)
     cpu0 = time.process_time()
     rss0 = rss_kib()
-    sim = Sim(g)
+    sim = Sim(g, seed)
     while not sim.established():
         sim.run_until(sim.now + 0.1)
         if sim.now > 60:
@@ -390,7 +258,7 @@ def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
     sim.run_until(sim.now + 1.0)  # past the start-up keepalives
     rss1 = rss_kib()
     msgs0, bytes0 = sim.messages()
-    updates0 = sim.updates
+    updates0 = sim.updates()
     t0 = sim.now
     sim.announce(routes, seed)
     done = sim.run_until_quiet()
@@ -398,13 +266,13 @@ def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
         raise RuntimeError("quiet but not converged")
     conv_s = done - t0
     msgs1, bytes1 = sim.messages()
-    sim.updates_at_convergence = sim.updates
+    updates_at_convergence = sim.updates()
     rss2 = rss_kib()
     held, loc = sim.paths_held()
     cpu_conv = time.process_time() - cpu0
     # Hub failure.
     hub = max(g.degree, key=lambda d: d[1])[0]
-    hub_routes = len(sim.nodes[hub].local)
+    hub_routes = len(sim.cores[hub].rib.local)
     sim.loc_changes.clear()
     t1 = sim.now
     sim.kill(hub)
@@ -418,15 +286,15 @@ def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
     # Load churn, paced as cpnd does, then unpaced.
     churn = {}
     for paced in (True, False):
-        u0, e0 = sim.updates, sim.entries
+        u0, e0 = sim.updates(), sim.entries()
         sim.churn(CHURN_S, paced, seed, CHURN_INSTANCES)
-        churn["paced" if paced else "unpaced"] = {"updates": round((sim.updates - u0) / (n - 1) / CHURN_S, 2),
-                                                   "routes": round((sim.entries - e0) / (n - 1) / CHURN_S, 2)}
+        churn["paced" if paced else "unpaced"] = {"updates": round((sim.updates() - u0) / (n - 1) / CHURN_S, 2),
+                                                   "routes": round((sim.entries() - e0) / (n - 1) / CHURN_S, 2)}
         sim.run_until_quiet()
     return {
         "gateways": n, "topology": kind, "links": g.number_of_edges(), "routes": routes,
         "setup_s": round(setup_s, 3), "converge_s": round(conv_s, 3),
-        "msgs_per_gateway": round((msgs1 - msgs0) / n, 1), "updates_per_gateway": round((sim.updates_at_convergence - updates0) / n, 1),
+        "msgs_per_gateway": round((msgs1 - msgs0) / n, 1), "updates_per_gateway": round((updates_at_convergence - updates0) / n, 1),
         "kib_per_gateway": round((bytes1 - bytes0) / n / 1024, 1),
         "paths_held": held, "loc_entries": loc,
         "bytes_per_path": round((rss2 - rss1) * 1024 / max(1, held), 1),

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -20,14 +20,30 @@ import trio
 from . import __version__
 from .admission import Slot, SlotTable
 from .aio import ListenError, serve_accepting
+from .config import Config
 from .errors import ConfigError
-from .load import Stage
 from .registry import RegistrationError
-from .rib import Key
-from .select import candidate
+from .rib import Best, Key, Rib
+from .select import View, candidate
+from .status import Status
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+
+class Host(Protocol):
+    """What the control socket needs of its daemon (given to ``serve_control``; no import of the daemon)."""
+
+    config: Config
+    rib: Rib
+
+    def status(self) -> Status: ...
+
+    def estimate(self, key: Key, best: Best) -> View: ...
+
+    def reload(self, trigger: str) -> str: ...
+
+    def edge_event(self, kind: str, line: str) -> None: ...
+
+
+Daemon = Host  # the name the functions below were written with
 
 log = logging.getLogger("cpnd.control")
 
@@ -74,7 +90,7 @@ def estimate_json(daemon: Daemon, key: Key) -> dict[str, Any]:
     "Estimate"): the load it assumes, and the time from head in to head out, in parts. ``total_ms`` is for a
     request at the instance's load now, ``bounded_total_ms`` for a latency-bound one (checked against
     CPN-Max-Latency: its compute counts only the latency-bound demand, which admission serves first)."""
-    view = daemon.dataplane.estimate(key, daemon.rib.loc[key])
+    view = daemon.estimate(key, daemon.rib.loc[key])
     c = candidate(daemon.rib, key, view, bounded=False)
     b = candidate(daemon.rib, key, view, bounded=True)
     return {"load": round(view.load, 3), "bounded_load": round(view.bload, 3),
@@ -90,57 +106,18 @@ def _ms(us: int) -> float:
 
 def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
     """The peer list as the user contract's ``show peers --json`` objects."""
-    now = trio.current_time()
-    out = []
-    for pid, peer in sorted(daemon.peers.items()):
-        conn = peer.current()
-        s = conn.session if conn else None
-        state = s.state.value if s else peer.status
-        up = s is not None and conn is not None and conn.established and s.established_at is not None
-        out_rib = conn.adj_out if up and conn is not None else None
-        out.append({
-            "id": pid,
-            "address": str(peer.config.address),
-            "state": state,
-            "uptime_s": round(now - s.established_at, 3) if up and s and s.established_at is not None else 0.0,
-            "rtt_ms": round(s.srtt * 1000, 3) if s and s.srtt is not None else None,
-            "routes_received": len(daemon.rib.adj_in.get(pid, {})) if up else 0,
-            "link_cost_ms": round(daemon.rib.link_cost_us[pid] / 1000, 3) if pid in daemon.rib.link_cost_us else None,
-            "flaps": peer.flaps,
-            "last_error": peer.last_error,
-            "msgs_in": s.stats["msgs_in"] if s else 0,
-            "msgs_out": s.stats["msgs_out"] if s else 0,
-            "bytes_in": s.stats["bytes_in"] if s else 0,
-            "bytes_out": s.stats["bytes_out"] if s else 0,
-            # What both OPENs offered: the features this session actually uses.
-            "caps": list(s.agreed_caps) if up and s else [],
-            # Route limits (routing.md): what the peer takes from us, what its limit makes us
-            # withhold now, and whether we are pacing what it sends (its bytes wait unread).
-            "peer_limits": attrs.asdict(s.peer_limits) if up and s and s.peer_limits else None,
-            "routes_sent": len(out_rib.sent) if out_rib else 0,
-            "routes_withheld": len(out_rib.withheld) if out_rib else 0,
-            "route_entries_in": s.stats["route_entries_in"] if s else 0,
-            "inbound_paced": bool(up and s and not s.wants_data()),
-        })
-    return out
+    return daemon.status().peer_json()
 
 
 def services_json(daemon: Daemon) -> list[dict[str, Any]]:
     """Our own instances as the service-side gateway sees them."""
     now = trio.current_time()
-    out = []
-    for svc in daemon.config.services:
-        for inst in svc.instances:
-            meter = daemon.dataplane.meters[inst.id]
-            out.append({
-                "service": svc.path, "instance": inst.id, "url": inst.url,
-                "healthy": daemon.dataplane.health(inst.id).healthy,
-                "load": round(meter.load(now), 3), "bounded_load": round(meter.bounded_load(now), 3),
-                "compute_latency_ms": round(meter.base_us / 1000, 3), "capacity": inst.capacity, "price": inst.price,
-                "inflight": meter.inflight, "refused": meter.refused,
-                **daemon.registrations.registry.describe(inst.id, now),  # registered, registered_by, expires_in_s
-            })
-    return out
+    return [{"service": i.service, "instance": i.instance, "url": i.url, "healthy": i.healthy,
+             "load": round(i.load, 3), "bounded_load": round(i.bounded_load, 3),
+             "compute_latency_ms": round(i.compute_latency_ms, 3), "capacity": i.capacity, "price": i.price,
+             "inflight": i.inflight, "refused": i.refused,
+             **daemon.registrations.registry.describe(i.instance, now)}  # registered, registered_by, expires_in_s
+            for i in daemon.status().instances]
 
 
 # What ``cpnctl show status`` shows, in this order; status_json's other keys are counters and gauges,
@@ -149,57 +126,39 @@ STATUS_KEYS = ("id", "version", "pid", "uptime_s", "listen", "http_listen", "met
                "peers_established", "peers", "routes", "paths", "services", "local_instances", "local_instances_down")
 
 
-def _gauges(daemon: Daemon) -> dict[str, int]:
-    return {
-        "routes_withheld": sum(len(c.adj_out.withheld) for p in daemon.peers.values() for c in p.conns if c.adj_out is not None),
-        "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
-        "http_clients": daemon.dataplane.clients,
-        "http_clients_idle": daemon.dataplane.slots.idle,  # no whole request head yet: may be taken back
-        "http_clients_max": daemon.dataplane.slots.limit,  # max_http_clients, as fitted to the descriptor limit
-        "preauth_connections": len(daemon.preauth),
-        "pooled_instance_connections": sum(len(q) for q in daemon.dataplane.pool.values()),
-    }
-
-
 def status_json(daemon: Daemon) -> dict[str, Any]:
     """Who this gateway is and where it listens: ``show status``."""
     g = daemon.config.gateway
-    http_port, metrics_port = daemon.dataplane.http_port, daemon.metrics_port
-    local = [i.id for s in daemon.config.services for i in s.instances]
+    st = daemon.status()
+    ports = st.ports
     return {
-        "id": daemon.id,
+        "id": st.id,
         "version": __version__,
         "pid": os.getpid(),
-        "uptime_s": round(trio.current_time() - daemon.started_at, 3),
-        "listen": str(attrs.evolve(g.listen, port=daemon.listen_port)),  # the ports bound (a config may say 0)
-        "http_listen": str(attrs.evolve(g.http_listen, port=http_port)) if g.http_listen is not None else None,
-        "https_listen": (str(attrs.evolve(g.https_listen, port=daemon.dataplane.https_port))  # [tls]
-                         if g.https_listen is not None else None),
-        "metrics_listen": str(attrs.evolve(g.metrics_listen, port=metrics_port)) if g.metrics_listen is not None else None,
+        "uptime_s": st.uptime_s,
+        "listen": str(attrs.evolve(g.listen, port=ports["listen"])),  # the ports bound (a config may say 0)
+        "http_listen": str(attrs.evolve(g.http_listen, port=ports["http_listen"])) if g.http_listen is not None else None,
+        "https_listen": str(attrs.evolve(g.https_listen, port=ports["https_listen"])) if g.https_listen is not None else None,
+        "metrics_listen": str(attrs.evolve(g.metrics_listen, port=ports["metrics_listen"])) if g.metrics_listen is not None else None,
         "control_socket": str(g.control_socket),
-        "peers_established": sum(1 for p in daemon.peers.values() if (c := p.current()) and c.established),
-        "peers": len(daemon.peers),
-        "routes": len(daemon.rib),
-        "paths": sum(len(t) for t in daemon.rib.adj_in.values()) + len(daemon.rib.local),
-        "services": len(daemon.rib.by_service),
-        "local_instances": len(local),
-        "local_instances_down": sum(1 for iid in local if not daemon.dataplane.health(iid).healthy),
-        **_gauges(daemon),
-        "stats": dict(daemon.stats),
-        "http": dict(daemon.dataplane.stats),
+        "peers_established": st.peers_established,
+        "peers": len(st.peers),
+        "routes": st.routes,
+        "paths": st.paths,
+        "services": st.services,
+        "local_instances": len(st.instances),
+        "local_instances_down": sum(1 for i in st.instances if not i.healthy),
+        **st.gauges,
+        "stats": st.stats,
+        "http": st.http,
     }
 
 
 def stats_json(daemon: Daemon) -> dict[str, Any]:
     """Counters since start (``gateway``: sessions and routing, ``http``: the data plane) and gauges now: ``show stats``."""
-    now = trio.current_time()
-    own = daemon.dataplane.own
-    # This gateway's own processing per request by stage, as measured now and as its routes carry it
-    # (protocol-spec/selection.md, "Own time"; routing.md, "Gateway time").
-    times: dict[str, float] = {f"own_{stage}_ms": _ms(own.us(stage, now)) for stage in Stage.ALL}
-    times |= {"advertised_egress_ms": _ms(daemon.rib.egress_us), "advertised_transit_ms": _ms(daemon.rib.transit_us)}
-    return {"gateway": dict(sorted(daemon.stats.items())), "http": dict(sorted(daemon.dataplane.stats.items())),
-            "gauges": {**_gauges(daemon), **times}}
+    st = daemon.status()
+    return {"gateway": dict(sorted(st.stats.items())), "http": dict(sorted(st.http.items())),
+            "gauges": {**st.gauges, **st.times}}
 
 
 def reload_json(daemon: Daemon) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Prometheus metrics at ``[gateway] metrics_listen``: GET /metrics (prometheus-client text format).
 
-Gauges are read from the daemon at scrape time (nothing on the hot path); per-request
+Gauges are read from a status snapshot taken at scrape time (nothing on the hot path); per-request
 counters and the latency histogram are updated by the data plane.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 import trio
@@ -18,9 +18,8 @@ from prometheus_client.registry import Collector
 
 from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .config import Address
+from .status import Status
 
 log = logging.getLogger("cpnd.metrics")
 
@@ -49,18 +48,18 @@ def _child(cache: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
 class Metrics:
     """One registry per daemon, so several daemons in one process (tests) never mix."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon_id: str, status: Callable[[], Status]) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("cpn_requests", "Requests answered at this ingress, by service, instance and status",
                                 ["service", "instance", "status"], registry=self.registry)
         self.latency = Histogram("cpn_request_seconds", "Time from request head to response head at this ingress",
                                  ["service"], registry=self.registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
-        self.registry.register(_DaemonCollector(daemon))
+        self.registry.register(_StatusCollector(status))
         # labels() takes a lock and builds keys on every call: the children, once each, are kept here.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
-        self.daemon_id = daemon.id
+        self.daemon_id = daemon_id
         self.edge_tally = Tally()  # connections refused or reclaimed: one log line a second
 
     def edge_event(self, kind: str, line: str) -> None:
@@ -82,67 +81,63 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class _DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
+class _StatusCollector(Collector):
+    def __init__(self, status: Callable[[], Status]) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        d = self.d
+        st = self.status()
         sessions = GaugeMetricFamily("cpn_sessions", "Peers by session state", labels=["state"])
         counts: dict[str, int] = {}
-        for peer in d.peers.values():
-            conn = peer.current()
-            state = conn.session.state.value if conn else peer.status
-            counts[state] = counts.get(state, 0) + 1
+        for peer in st.peers:
+            counts[peer.state] = counts.get(peer.state, 0) + 1
         for state, n in sorted(counts.items()):
             sessions.add_metric([state], n)
         yield sessions
-        yield GaugeMetricFamily("cpn_routes", "Instances with a best path (Loc-RIB size)", value=len(d.rib))
-        yield GaugeMetricFamily("cpn_paths", "Paths held, own instances included",
-                                value=sum(len(t) for t in d.rib.adj_in.values()) + len(d.rib.local))
+        yield GaugeMetricFamily("cpn_routes", "Instances with a best path (Loc-RIB size)", value=st.routes)
+        yield GaugeMetricFamily("cpn_paths", "Paths held, own instances included", value=st.paths)
         tunnel = CounterMetricFamily("cpn_peer_bytes", "Bytes exchanged with peers (sessions and tunnels)", labels=["direction"])
-        conns = [c for p in d.peers.values() for c in p.conns]
-        tunnel.add_metric(["in"], sum(c.session.stats["bytes_in"] for c in conns))
-        tunnel.add_metric(["out"], sum(c.session.stats["bytes_out"] for c in conns))
+        totals = st.session_totals
+        tunnel.add_metric(["in"], totals.get("bytes_in", 0))
+        tunnel.add_metric(["out"], totals.get("bytes_out", 0))
         yield tunnel
         frames = CounterMetricFamily("cpn_tunnel_frames", "Tunnel frames exchanged with peers", labels=["direction"])
-        frames.add_metric(["in"], sum(c.session.stats["tunnel_in"] for c in conns))
-        frames.add_metric(["out"], sum(c.session.stats["tunnel_out"] for c in conns))
+        frames.add_metric(["in"], totals.get("tunnel_in", 0))
+        frames.add_metric(["out"], totals.get("tunnel_out", 0))
         yield frames
-        yield GaugeMetricFamily("cpn_tunnel_streams", "Open tunnel streams",
-                                value=sum(len(c.mux.streams) for c in conns if c.mux is not None))
-        st = d.dataplane.stats
-        yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=st["retries"])
-        yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=st["admission_rejects"])
-        yield CounterMetricFamily("cpn_relayed_streams", "Streams relayed as a transit gateway", value=st["relayed"])
+        yield GaugeMetricFamily("cpn_tunnel_streams", "Open tunnel streams", value=st.gauges["tunnel_streams"])
+        http = st.http
+        yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=http.get("retries", 0))
+        yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=http.get("admission_rejects", 0))
+        yield CounterMetricFamily("cpn_relayed_streams", "Streams relayed as a transit gateway", value=http.get("relayed", 0))
         tls = CounterMetricFamily("cpn_tls_refused", "https_listen connections closed before a request", labels=["reason"])
-        for reason in ("handshake_failures", "handshake_timeouts", "plain_http"):  # [tls]
-            tls.add_metric([reason], st[f"tls_{reason}"])
+        for reason in ("handshake_failures", "handshake_timeouts", "plain_http"):
+            tls.add_metric([reason], http.get(f"tls_{reason}", 0))
         yield tls
         load = GaugeMetricFamily("cpn_instance_load", "Load of our own instances, fraction of capacity", labels=["instance"])
-        for iid, meter in d.dataplane.meters.items():
-            load.add_metric([iid], meter.load(trio.current_time()))
+        for inst in st.instances:
+            load.add_metric([inst.instance], inst.load)
         yield load
-        yield from _client_metrics(d)
+        yield from _client_metrics(st)
 
 
-def _client_metrics(d: Daemon) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+def _client_metrics(st: Status) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """[[clients]] counters and registered instances (cpnd/clients.py, cpnd/registry.py)."""
     per_client = CounterMetricFamily("cpn_client_requests", "Requests with a known client key, by client and result "
                                      "(allowed, forbidden, rate_limited)", labels=["client", "result"])
-    for cid, st in sorted(d.clients.states.items()):
+    for cid, counts in sorted(st.clients.items()):
         for result in ("allowed", "forbidden", "rate_limited"):
-            per_client.add_metric([cid, result], st.counts[result])
+            per_client.add_metric([cid, result], counts[result])
     yield per_client
     yield CounterMetricFamily("cpn_client_unauthorized", "Requests refused 401: no client key, or an unknown one",
-                              value=d.clients.counts["unauthorized"])
+                              value=st.client_totals.get("unauthorized", 0))
     yield CounterMetricFamily("cpn_client_source_blocked", "Requests refused 429 for their address's failed keys",
-                              value=d.clients.counts["source_blocked"])
+                              value=st.client_totals.get("source_blocked", 0))
     yield GaugeMetricFamily("cpn_registered_instances", "Instances registered here (cpnctl register, HTTP)",
-                            value=len(d.registrations.registry))
+                            value=st.registered_instances)
     registrations = CounterMetricFamily("cpn_registrations", "Registration requests by result (added, changed, "
                                         "refreshed, deleted, expired, unauthorized, error_<status>, ...)", labels=["result"])
-    for name, n in sorted(d.stats.items()):
+    for name, n in sorted(st.stats.items()):
         if name.startswith("registration_"):
             registrations.add_metric([name.removeprefix("registration_")], n)
     yield registrations
@@ -168,14 +163,14 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
             return None
 
 
-def _answer(daemon: Daemon, conn: h11.Connection, request: h11.Request) -> bytes:
+def _answer(metrics: Metrics, conn: h11.Connection, request: h11.Request) -> bytes:
     path = request.target.split(b"?", 1)[0]
     if request.method not in (b"GET", b"HEAD"):
         status, body, ctype = 405, b"method not allowed\n", b"text/plain"
     elif path != b"/metrics":
         status, body, ctype = 404, b"see /metrics\n", b"text/plain"
     else:
-        status, body, ctype = 200, daemon.metrics.render(), CONTENT_TYPE
+        status, body, ctype = 200, metrics.render(), CONTENT_TYPE
     headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
     data = conn.send(h11.Response(status_code=status, headers=headers)) or b""
     if request.method != b"HEAD":
@@ -183,14 +178,10 @@ def _answer(daemon: Daemon, conn: h11.Connection, request: h11.Request) -> bytes
     return data + (conn.send(h11.EndOfMessage()) or b"")
 
 
-async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Answer GET /metrics on ``metrics_listen``; anything else 404/405."""
-    addr = daemon.config.gateway.metrics_listen
-    assert addr is not None
+async def serve_metrics(metrics: Metrics, addr: Address, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer GET /metrics on ``addr`` (``metrics_listen``; its port as bound goes to ``task_status``); anything else 404/405."""
     listeners = await open_listeners("metrics_listen", addr.host, addr.port, str(addr))
-    daemon.metrics_port = listeners[0].socket.getsockname()[1]
     slots = SlotTable(MAX_CLIENTS, MAX_CLIENTS)
-    metrics = daemon.metrics
 
     async def client(stream: trio.SocketStream, slot: Slot) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
@@ -208,7 +199,7 @@ async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = 
                 if request is None or not slot.held:
                     break
                 with trio.move_on_after(WRITE_TIMEOUT_S) as writing:
-                    await stream.send_all(_answer(daemon, conn, request))
+                    await stream.send_all(_answer(metrics, conn, request))
                 if writing.cancelled_caught or conn.our_state is h11.MUST_CLOSE:
                     break
                 conn.start_next_cycle()
@@ -240,4 +231,4 @@ async def serve_metrics(daemon: Daemon, *, task_status: trio.TaskStatus[None] = 
 
         for listener in listeners:
             nursery.start_soon(serve_accepting, listener, admit, metrics.edge_event, "metrics")
-        task_status.started()
+        task_status.started(listeners[0].socket.getsockname()[1])

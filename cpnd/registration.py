@@ -12,8 +12,9 @@ import collections
 import json
 import logging
 import re
+from collections.abc import Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import h11
@@ -26,8 +27,18 @@ from .config import Config, RegistrarConfig
 from .loglimit import LogLimiter
 from .registry import DEFAULT_TTL_S, Registration, RegistrationError, Registry, parse_registration
 
-if TYPE_CHECKING:
-    from .daemon import Daemon
+
+
+class Host(Protocol):
+    """What registration needs of the daemon: its config and counters, and a way to apply the registry."""
+
+    id: str
+    config: Config
+    stats: collections.Counter[str]
+
+    def apply_registry(self, changed: Iterable[str]) -> None: ...
+
+    def edge_event(self, kind: str, line: str) -> None: ...
 
 log = logging.getLogger("cpnd.registration")
 
@@ -49,7 +60,7 @@ def _answer(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]
 class Registrations:
     """Registered instances of one gateway: the registry, its expiry timer and its HTTP endpoint."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Host) -> None:
         self.d = daemon
         g = daemon.config.gateway
         self.registry = Registry(g.max_registered_instances)

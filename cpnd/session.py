@@ -406,6 +406,9 @@ class Session:
         self.stats["bytes_out"] += len(out)
         return out
 
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
     def send_update(self, adv: Sequence[RouteAdv], wd: Sequence[Withdrawal]) -> int:
         """Queue UPDATEs carrying ``adv`` and ``wd``; returns how many messages."""
         if self.state is not State.ESTABLISHED:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -33,10 +33,15 @@ from .tunnel import (
     tunnel_error,
 )
 
-if TYPE_CHECKING:
-    from .daemon import Connection
-
 log = logging.getLogger("cpnd.streams")
+
+
+class Connection(Protocol):
+    """What a ``Mux`` needs of the peer connection it runs on (the daemon's Connection; no import of it)."""
+
+    def send_tunnel(self, frame: bytes) -> None: ...
+
+    async def wait_writable(self) -> None: ...
 
 
 class StreamReset(Exception):

@@ -1,0 +1,89 @@
+"""The module structure of cpnd/: no import cycle (type-only and function-level imports included),
+and the sans-IO cores never reach trio or sockets, directly or through another module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "cpnd"
+
+# Every module that decides without doing I/O: protocol, policy, parsing, the gateway core and
+# its simulated network. The rest (daemon, the data plane's parts, streams, control, metrics, aio, ...)
+# are trio shells.
+CORES = ("admission", "clients", "config", "crypto", "errors", "forwarded", "gateway", "heads", "health", "limits",
+         "load", "loglimit", "names", "planner", "preface", "registry", "rib", "select", "session", "status", "tls",
+         "tunnel", "vnet", "wire")
+IO = {"trio", "socket", "select", "selectors", "asyncio", "subprocess", "threading"}
+
+
+def imports(module: str) -> tuple[set[str], set[str]]:
+    """(cpnd modules, other top-level modules) that ``module`` imports anywhere in its text."""
+    tree = ast.parse((PKG / f"{module}.py").read_text())
+    local: set[str] = set()
+    other: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                (local if alias.name.startswith("cpnd.") else other).add(alias.name.removeprefix("cpnd.").split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0 and not (node.module or "").startswith("cpnd"):
+                other.add((node.module or "").split(".")[0])
+            elif node.module in (None, "cpnd"):  # from . import x: a module, or a name of the package
+                local |= {a.name if (PKG / f"{a.name}.py").exists() else "__init__" for a in node.names}
+            else:
+                local.add(node.module.removeprefix("cpnd.").split(".")[0])
+    return local, other
+
+
+def graph() -> dict[str, set[str]]:
+    return {p.stem: imports(p.stem)[0] for p in PKG.glob("*.py")}
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(g.get(m, ())):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(g):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_cpnd_has_no_import_cycle() -> None:
+    cycle = find_cycle(graph())
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_cores_never_import_trio_or_sockets() -> None:
+    g = graph()
+    for mod in CORES:
+        local, other = imports(mod)
+        assert not other & IO, f"{mod} imports {other & IO}"
+        assert local <= set(CORES) | {"__init__"}, f"core {mod} imports the shell modules {local - set(CORES)}"
+    assert set(CORES) <= set(g)
+
+
+def test_every_module_is_a_core_or_a_known_shell() -> None:
+    shells = {"__init__", "__main__", "aio", "attempts", "body", "cli", "control", "daemon", "dataplane", "egress",
+              "h1", "lab", "main", "metrics", "pipes", "plane", "probe", "registration", "relay", "simulate", "streams",
+              "tlsstream", "transit", "users"}
+    assert set(graph()) == set(CORES) | shells  # a new module says which it is
