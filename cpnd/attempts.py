@@ -50,7 +50,8 @@ class Attempts:
         if client.conn.they_are_waiting_for_100_continue:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # HTTP/1.0 allows no Host; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
-        headers = rewrite_headers(req.headers, drop_cpn=True, default_host=self.p.gw.id.encode())
+        headers = rewrite_headers(req.headers, drop_cpn=True, default_host=self.p.gw.id.encode(),
+                                  extra=getattr(client, "tunnel_extra", ()))  # HTTP/2 users: TE: trailers (tunnel.md)
         while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
             start = trio.current_time()
             attempt = Attempt()
@@ -185,7 +186,7 @@ class Attempts:
                                     headers=rewrite_headers(event.headers, drop_cpn=False))
             try:
                 await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
-                                     idle_s, trailers=False)
+                                     idle_s, trailers=getattr(client, "trailers", False))  # HTTP/2 users: kept
             except Cut as exc:
                 if exc.held:  # the user has seen nothing: a clean error, or a retry
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None

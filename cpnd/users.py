@@ -16,10 +16,11 @@ from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
 from .errors import HttpError
+from .h2edge import H2Server, H2Stream
 from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
 from .plane import Plane
 from .planner import Planner
-from .preface import H2_REFUSAL, sniff_preface
+from .preface import sniff_preface
 from .rib import Key
 from .streams import StreamReset
 
@@ -156,8 +157,8 @@ class Users:
 
     async def _http1_only(self, client: H11Stream, slot: Slot) -> bool:
         """Read the connection's first bytes into h11, unless they are not HTTP/1.x: an HTTP/2
-        preface gets GOAWAY HTTP_1_1_REQUIRED, a TLS ClientHello a plain 400; one log line, then
-        False (close). A later HTTP/2 ingress takes over the "h2" case here."""
+        preface is served by h2edge.py, a TLS ClientHello gets a plain 400 and one log line;
+        then False (close)."""
         transport = client.transport
         data: bytes | None = None
         if slot.held:
@@ -175,20 +176,16 @@ class Users:
         if not kind:
             client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
             return True
+        if kind == "h2":  # HTTP/2 with prior knowledge: its own connection handler (h2edge.py)
+            await H2Server(self, transport, _peer(transport)).serve(data)
+            return False
         if self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
-            what = ("an HTTP/2 prior-knowledge preface: answered GOAWAY HTTP_1_1_REQUIRED" if kind == "h2"
-                    else "a TLS ClientHello: answered 400 (this port speaks plain HTTP)")
-            log.info("%s: %s sent %s and closed", self.p.gw.id, _peer(transport), what,
+            log.info("%s: %s sent a TLS ClientHello: answered 400 (this port speaks plain HTTP) and closed",
+                     self.p.gw.id, _peer(transport),
                      extra={"cpn": {"event": "not_http1", "protocol": kind, "client": _peer(transport)}})
         with trio.move_on_after(1.0):
-            try:
-                if kind == "h2":
-                    await transport.send_all(H2_REFUSAL)
-                else:
-                    await self._send_error_quietly(client, HttpError(
-                        400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self._send_error_quietly(client, HttpError(
+                400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
         return False
 
     async def _next_request(self, client: H11Stream, slot: Slot) -> Any:
@@ -228,6 +225,10 @@ class Users:
         return event
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
+        if isinstance(client, H2Stream):  # an HTTP/2 stream answers in its own framing (a gRPC status for gRPC)
+            with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
+                await client.send_error(exc)
+            return
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
