@@ -78,6 +78,12 @@ def is_grpc(fields: Iterable[tuple[bytes, bytes]]) -> bool:
     return False
 
 
+def wants_trailers(fields: Iterable[tuple[bytes, bytes]]) -> bool:
+    """The request says ``TE: trailers`` (RFC 9110 section 10.1.4): its sender takes trailer fields."""
+    return any(n.lower() == b"te" and b"trailers" in (t.split(b";")[0].strip() for t in v.lower().split(b","))
+               for n, v in fields)
+
+
 def grpc_timeout_us(value: bytes) -> int:
     """``grpc-timeout`` (up to 8 digits and a unit, gRPC's PROTOCOL-HTTP2.md) in µs; ValueError if malformed."""
     m = _GRPC_TIMEOUT_RE.fullmatch(value.strip())

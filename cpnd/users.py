@@ -16,6 +16,7 @@ from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
 from .errors import HttpError
+from .grpcmap import wants_trailers
 from .h2edge import H2Server, H2Stream
 from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
 from .plane import Plane
@@ -284,6 +285,8 @@ class Users:
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> tuple[str, str, int]:
         """Serve one request whose head came at ``t0``: (service, instance, status) of the answer, or HttpError."""
         plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, trio.current_time())
+        if isinstance(client, H11Stream):  # HTTP/1.1 users get the upstream's trailers if they ask (TE: trailers)
+            client.trailers = wants_trailers(req.headers) and req.http_version == b"1.1"
         try:
             instance, status = await self.attempts.forward(client, req, plan)
         except HttpError as exc:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +30,7 @@ class EchoServer:
         name = service.lstrip("/")
         methods = {
             "Echo": grpc.unary_unary_rpc_method_handler(self.echo),
+            "Say": grpc.unary_unary_rpc_method_handler(self.echo),  # README's example
             "Count": grpc.unary_stream_rpc_method_handler(self.count),
             "Sum": grpc.stream_unary_rpc_method_handler(self.sum),
             "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
@@ -77,7 +80,7 @@ class EchoServer:
 def grpc_net(tmp_path_factory):
     """a (hop0, pick-near) - b (hop1) - c (hop2, pick-far); every instance a grpcio server."""
     placed = [("g0", "a", HOPS[0], 1.0), ("g1", "b", HOPS[1], 1.0), ("g2", "c", HOPS[2], 1.0),
-              ("near", "a", "/pick.P", 3.0), ("far", "c", "/pick.P", 1.0)]
+              ("near", "a", "/pick.P", 3.0), ("far", "c", "/pick.P", 1.0), ("e1", "c", "/pkg.Echo", 1.0)]
     servers = {iid: EchoServer(iid, svc) for iid, _, svc, _ in placed}
     topo = Topology(("a", "b", "c"), (Link("a", "b", 2), Link("b", "c", 2)),
                     tuple(Instance(iid, gw, svc, 50, price, 1) for iid, gw, svc, price in placed), FAST)
@@ -203,3 +206,43 @@ def test_no_instance_meets_the_bound_is_unavailable(grpc_net) -> None:
         grpc_net["channel"].unary_unary("/pick.P/Echo")(b"x", timeout=10, metadata=(("cpn-max-price", "0.5"),))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert dict(err.value.trailing_metadata())["cpn-error"] == "no_instance"
+
+
+def test_the_readme_example_runs_as_written(grpc_net, capsys) -> None:
+    """README's gRPC example (its client block), against this lab's ingress instead of gw1's port."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## gRPC and HTTP/2"):readme.index("## Instance health")]
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert "127.0.0.1:8101" in code
+    exec(compile(code.replace("127.0.0.1:8101", grpc_net["specs"]["a"].http), "README.md", "exec"), {})
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first.startswith("b'hi' {") and "'instance': 'e1'" in first
+    assert second == "StatusCode.UNIMPLEMENTED no_such_service: no service matches /nowhere.S/M"
+
+
+@pytest.mark.parametrize("te", [True, False])
+def test_an_http1_client_gets_the_trailers_when_it_asks(grpc_net, te) -> None:
+    """HTTP/1.1 with TE: trailers to a gRPC instance two hops away: the trailers come chunked; without, none."""
+    import socket
+
+    import h11
+
+    host, port = grpc_net["specs"]["a"].http.rsplit(":", 1)
+    conn = h11.Connection(h11.CLIENT)
+    message = b"\x00\x00\x00\x00\x03abc"
+    headers = [("host", "a"), ("content-type", "application/grpc"), ("content-length", str(len(message)))]
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(conn.send(h11.Request(method="POST", target=f"{HOPS[2]}/Echo",
+                                        headers=headers + ([("te", "trailers")] if te else [])))
+                  + conn.send(h11.Data(data=message)) + conn.send(h11.EndOfMessage()))
+        events = []
+        while not events or not isinstance(events[-1], h11.EndOfMessage):
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(s.recv(65536))
+            else:
+                events.append(event)
+    assert events[0].status_code == 200
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == message
+    trailers = dict(events[-1].headers)
+    assert (trailers.get(b"grpc-status"), trailers.get(b"instance")) == ((b"0", b"g2") if te else (None, None))
