@@ -97,7 +97,7 @@ class H2Stream:
                     wire.h2.end_stream(sid)
                 self.conn.our_state = h11.DONE
             # InformationalResponse (100 Continue): HTTP/2 clients do not wait for one
-        await wire.written()
+        wire.kick()  # written by the writer's next round, with whatever else is queued by then
 
     async def send_error(self, exc: HttpError) -> None:
         """A gateway-made error: a trailers-only gRPC status for gRPC clients, else the JSON response."""
@@ -110,7 +110,7 @@ class H2Stream:
             h2c.send_headers(self.inbox.sid, response_fields(resp.status_code, resp.headers))
             h2c.send_data(self.inbox.sid, body, end_stream=True)  # under the initial window (tens of bytes)
         self.conn.our_state = h11.DONE
-        await self.server.wire.written()
+        self.server.wire.kick()
 
     def _check(self) -> None:
         if self.inbox.reset_code is not None or self.server.wire.broken is not None:

@@ -18,6 +18,7 @@ import trio
 STREAM_WINDOW = 65_535  # per-stream receive window: the tunnel takes a stream's bytes before more are asked for
 CONNECTION_WINDOW = 1024 * 1024  # what one connection may have buffered here, all its streams together
 RECEIVE_CHUNK = 64 * 1024
+WRITE_HIGH_WATER = 64 * 1024  # queued DATA beyond this waits for the socket (a slow reader slows its senders)
 
 
 class H2Inbox:
@@ -83,6 +84,7 @@ class H2Wire:
         self._round = trio.Event()
         self._pulled = 0  # writer rounds that took data from h2
         self._written = 0  # of those, the ones written to the transport
+        self._unwritten = 0  # bytes of DATA queued since the writer last finished a round
         self.broken: BaseException | None = None
 
     def kick(self) -> None:
@@ -99,11 +101,21 @@ class H2Wire:
                 if data:
                     await self.transport.send_all(data)
                 self._written = self._pulled
+                self._unwritten = 0
                 self._round.set()
                 self._round = trio.Event()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.broken = exc
             self.fail_all(h2.errors.ErrorCodes.CANCEL)
+
+    async def queued(self, size: int) -> None:
+        """``size`` more bytes queued: written by the writer's next round, waited for only past
+        WRITE_HIGH_WATER (small frames of one response then leave in one write)."""
+        self._unwritten += size
+        if self._unwritten >= WRITE_HIGH_WATER:
+            await self.written()
+        else:
+            self.kick()
 
     async def written(self) -> None:
         """Return once what is queued now has been written (a slow reader slows its senders)."""
@@ -168,7 +180,7 @@ class H2Wire:
                 continue
             self.h2.send_data(inbox.sid, bytes(view[:window]))
             view = view[window:]
-            await self.written()
+            await self.queued(window)
 
     def reset(self, sid: int, code: int) -> None:
         """RST_STREAM ``code`` unless the stream is closed already."""

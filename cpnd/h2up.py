@@ -73,13 +73,32 @@ class H2Client:
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.closed = True  # GOAWAY: no new streams here (those below its last id may still finish)
 
-    def open(self, fields: list[tuple[bytes, bytes]], end: bool) -> H2Inbox:
-        """A new stream with ``fields`` sent; h2's errors (too many streams, closed) propagate."""
-        sid = self.wire.h2.get_next_available_stream_id()
-        self.wire.h2.send_headers(sid, fields, end_stream=end)
+    def open(self, fields: list[tuple[bytes, bytes]], body: list[Any]) -> tuple[H2Inbox, bool]:
+        """A new stream with ``fields`` sent, and ``body`` with them when it is the whole request and fits
+        the windows (one write: a small call costs the instance one read); whether it went. h2's errors
+        (too many streams, closed) propagate."""
+        h2c = self.wire.h2
+        sid = h2c.get_next_available_stream_id()
+        whole = bool(body) and isinstance(body[-1], h11.EndOfMessage)
+        size = sum(len(e.data) for e in body if isinstance(e, h11.Data))
+        if whole and not body[-1].headers and size == 0:
+            h2c.send_headers(sid, fields, end_stream=True)
+        elif whole and size <= min(h2c.outbound_flow_control_window, h2c.remote_settings.initial_window_size,
+                                   h2c.max_outbound_frame_size):
+            h2c.send_headers(sid, fields)
+            data = b"".join(e.data for e in body if isinstance(e, h11.Data))
+            if body[-1].headers:
+                if data:
+                    h2c.send_data(sid, data)
+                h2c.send_headers(sid, trailer_fields(body[-1].headers), end_stream=True)
+            else:
+                h2c.send_data(sid, data, end_stream=True)
+        else:
+            h2c.send_headers(sid, fields)
+            whole = False
         inbox = self.wire.inboxes[sid] = H2Inbox(self.wire, sid)
         self.wire.kick()
-        return inbox
+        return inbox, whole
 
 
 def _response(event: h2.events.ResponseReceived) -> Any:
@@ -134,19 +153,19 @@ class H2Pool:
         req, body = first[0], first[1:]
         first.clear()
         complete = bool(body) and isinstance(body[-1], h11.EndOfMessage) or rx is None
-        only_end = complete and len(body) == 1 and not body[0].headers
         try:
-            inbox = client.open(upstream_request_fields(req.method, req.target, netloc, b"http", req.headers), only_end)
+            inbox, sent = client.open(upstream_request_fields(req.method, req.target, netloc, b"http", req.headers), body)
         except (h2.exceptions.ProtocolError, h2.exceptions.StreamIDTooLowError) as exc:
             client.closed = True  # a new connection for the next request
             sink.reset(ResetCode.REFUSED, False, f"{inst.id}: HTTP/2 connection cannot open a stream: {exc}")
             return None
-        up = _H2Upload(client.wire, inbox, [] if only_end else body, None if complete else rx, eg.p.limits.body_idle_timeout_s)
+        up = _H2Upload(client.wire, inbox, [] if sent else body, None if complete else rx, eg.p.limits.body_idle_timeout_s)
         head_after: float | None = None
         idle_s = eg.p.limits.body_idle_timeout_s
         try:
             async with open_nursery() as nursery:
-                nursery.start_soon(up.run)
+                if not up.finished:
+                    nursery.start_soon(up.run)
                 with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
                     ev = await inbox.next_event()
                     if not isinstance(ev, h11.Response):
@@ -190,7 +209,7 @@ class _H2Upload:
         self.body = body
         self.rx = rx
         self.idle_s = idle_s
-        self.finished = not body and rx is None  # END_STREAM went with the head
+        self.finished = not body and rx is None  # the whole request went with the head
         self.delivered = True  # the head went with the stream's opening
         self.done_at = trio.current_time()
 
@@ -225,4 +244,4 @@ class _H2Upload:
             else:
                 self.wire.h2.end_stream(self.inbox.sid)
             self.finished = True
-            await self.wire.written()
+            self.wire.kick()
