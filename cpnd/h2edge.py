@@ -31,6 +31,7 @@ from .rib import Key
 from .streams import StreamReset
 
 if TYPE_CHECKING:
+    from .admission import Slot
     from .users import Users
 
 log = logging.getLogger("cpnd.http")
@@ -57,6 +58,7 @@ class H2Stream:
         self.inbox = inbox
         self.grpc = grpc
         self.conn = _States(ended)
+        self.source = server.source  # the user's address, as an H11Stream's (Forwarded)
         self.scope = trio.CancelScope()
         self.head_since = trio.current_time()
 
@@ -122,11 +124,13 @@ class H2Stream:
 class H2Server:
     """The ingress's side of one HTTP/2 connection."""
 
-    def __init__(self, users: Users, transport: Any, peer: str) -> None:
+    def __init__(self, users: Users, transport: Any, peer: str, slot: Slot | None = None) -> None:
         self.users = users
         self.p = users.p
         self.transport = transport
-        self.peer = peer
+        self.peer = peer  # for log lines
+        self.slot = slot
+        self.source = slot.source if slot is not None else ""  # the client's address
         self.wire = H2Wire(transport, client_side=False)
         self.streams: dict[int, H2Stream] = {}
         self.pinned: dict[str, Key] = {}  # per-connection selection pins, as on an HTTP/1.1 connection
@@ -180,15 +184,26 @@ class H2Server:
                 self.goaway(ErrorCodes.NO_ERROR)
                 return
             self._idle = trio.CancelScope(deadline=trio.current_time() + idle_s if not self.streams else math.inf)
-            with self._idle:
-                data = await self.transport.receive_some(RECEIVE_CHUNK)
-            if self._idle.cancelled_caught:
-                self.goaway(ErrorCodes.NO_ERROR)  # idle for idle_timeout_s with no stream open
+            self._set_idle(not self.streams)
+            try:
+                with self._idle:
+                    data = await self.transport.receive_some(RECEIVE_CHUNK)
+            finally:
+                self._set_idle(False)
+            if self._idle.cancelled_caught or (self.slot is not None and not self.slot.held):
+                self.goaway(ErrorCodes.NO_ERROR)  # idle for idle_timeout_s, or its slot taken back for a newcomer
                 return
             if not data:  # the client closed: nobody reads the responses
                 self.wire.fail_all(ErrorCodes.CANCEL)
                 self._cancel_all()
                 return
+
+    def _set_idle(self, idle: bool) -> None:
+        """With no stream open the connection is idle: its slot may be taken back for a newcomer
+        (users.py), which cancels the read."""
+        if self.slot is not None and self.slot.held:
+            self.slot.owner = self._idle if idle else None
+            self.users.slots.set_idle(self.slot, idle)
 
     def goaway(self, code: int) -> None:
         try:
@@ -238,6 +253,7 @@ class H2Server:
             inbox.ended = True
         stream = self.streams[sid] = H2Stream(self, inbox, is_grpc(fields), event.stream_ended is not None)
         assert self._nursery is not None
+        self._set_idle(False)
         self._nursery.start_soon(self._stream, stream, req)
 
     async def _stream(self, stream: H2Stream, req: h11.Request) -> None:
@@ -247,7 +263,8 @@ class H2Server:
                 await self.users._request(stream, req, self.pinned)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, StreamReset,
                 h11.ProtocolError) as exc:
-            log.info("%s: HTTP/2 stream %d of %s ended: %s", self.p.gw.id, stream.inbox.sid, self.peer, exc)
+            if self.p.attempt_lines.allow(self.p.gw.id, trio.current_time()):
+                log.info("%s: HTTP/2 stream %d of %s ended: %s", self.p.gw.id, stream.inbox.sid, self.peer, exc)
         except Exception:  # a bug costs this stream, never the connection or the daemon
             log.exception("%s: HTTP/2 stream failed", self.p.gw.id)
         finally:
@@ -266,6 +283,7 @@ class H2Server:
         self.wire.kick()
         if not self.streams:
             self._idle.deadline = trio.current_time() + self.p.limits.idle_timeout_s
+            self._set_idle(True)
             self._done.set()
 
     def _cancel_all(self) -> None:

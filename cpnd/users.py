@@ -178,7 +178,7 @@ class Users:
             client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
             return True
         if kind == "h2":  # HTTP/2 with prior knowledge: its own connection handler (h2edge.py)
-            await H2Server(self, transport, _peer(transport)).serve(data)
+            await H2Server(self, transport, _peer(transport), slot).serve(data)
             return False
         if self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
             log.info("%s: %s sent a TLS ClientHello: answered 400 (this port speaks plain HTTP) and closed",

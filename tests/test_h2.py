@@ -175,3 +175,42 @@ def test_a_client_reset_is_taken_and_the_connection_goes_on(edge) -> None:
         assert c.response(sid)[0][b":status"] == b"200"
     finally:
         c.close()
+
+
+def test_an_idle_h2_connection_gives_its_slot_to_a_newcomer(tmp_path) -> None:
+    """max_http_clients = 1: an HTTP/2 connection with no stream open is taken back for a new user
+    (GOAWAY NO_ERROR), as an idle HTTP/1.1 one would be."""
+    insts = InstanceProcs()
+    insts.start("s1")
+    topo = Topology(("a",), (), (Instance("s1", "a", "/svc", 1e6, 1, 0),), {"max_http_clients": 1})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports['s1']}/")
+    try:
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 10, "the local route")
+            host, port = specs["a"].http.rsplit(":", 1)
+            c = Client((host, int(port)))
+            try:
+                sid = c.get(b"/svc/first")
+                c.flush()
+                assert c.response(sid)[0][b":status"] == b"200"
+                # The stream's task may still be finishing when its response has arrived (the connection
+                # is not idle yet): a newcomer is refused at once until it is (bounded).
+                answer = b""
+                for _ in range(50):
+                    with socket.create_connection((host, int(port)), timeout=10) as newcomer:
+                        newcomer.sendall(b"GET /svc/second HTTP/1.1\r\nHost: a\r\n\r\n")
+                        try:
+                            answer = newcomer.recv(65536)
+                        except ConnectionResetError:
+                            answer = b""
+                    if answer:
+                        break
+                assert answer.startswith(b"HTTP/1.1 200 ")
+                c.until(lambda evs: any(isinstance(e, h2.events.ConnectionTerminated) for e in evs))
+                goaway = next(e for e in c.events if isinstance(e, h2.events.ConnectionTerminated))
+                assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == sid
+            finally:
+                c.close()
+    finally:
+        insts.stop_all()
