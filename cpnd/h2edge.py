@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 import h11
 import trio
 from h2.errors import ErrorCodes
@@ -99,7 +100,10 @@ class H2Stream:
                     wire.h2.end_stream(sid)
                 self.conn.our_state = h11.DONE
             # InformationalResponse (100 Continue): HTTP/2 clients do not wait for one
-        wire.kick()  # written by the writer's next round, with whatever else is queued by then
+        if self.conn.our_state is h11.DONE:
+            await wire.written()  # the request ends when its answer is on the wire (a drain waits for no more)
+        else:
+            wire.kick()  # written by the writer's next round, with the rest of the response if it comes by then
 
     async def send_error(self, exc: HttpError) -> None:
         """A gateway-made error: a trailers-only gRPC status for gRPC clients, else the JSON response."""
@@ -112,7 +116,7 @@ class H2Stream:
             h2c.send_headers(self.inbox.sid, response_fields(resp.status_code, resp.headers))
             h2c.send_data(self.inbox.sid, body, end_stream=True)  # under the initial window (tens of bytes)
         self.conn.our_state = h11.DONE
-        self.server.wire.kick()
+        await self.server.wire.written()
 
     def _check(self) -> None:
         if self.inbox.reset_code is not None or self.server.wire.broken is not None:
@@ -152,6 +156,13 @@ class H2Server:
         h2c.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams})
         h2c.increment_flow_control_window(CONNECTION_WINDOW - 65_535)
         self.p.stats["h2_connections"] += 1
+        self.users.h2_servers.add(self)
+        try:
+            await self._serve(received)
+        finally:
+            self.users.h2_servers.discard(self)
+
+    async def _serve(self, received: bytes) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.wire.writer)
@@ -181,8 +192,7 @@ class H2Server:
                     return
             self.wire.kick()
             if self.users.draining and not self.streams:
-                self.goaway(ErrorCodes.NO_ERROR)
-                return
+                return  # drain() sent GOAWAY
             self._idle = trio.CancelScope(deadline=trio.current_time() + idle_s if not self.streams else math.inf)
             self._set_idle(not self.streams)
             try:
@@ -190,6 +200,8 @@ class H2Server:
                     data = await self.transport.receive_some(RECEIVE_CHUNK)
             finally:
                 self._set_idle(False)
+            if self.users.draining and not self.streams:
+                return  # drain() sent GOAWAY
             if self._idle.cancelled_caught or (self.slot is not None and not self.slot.held):
                 self.goaway(ErrorCodes.NO_ERROR)  # idle for idle_timeout_s, or its slot taken back for a newcomer
                 return
@@ -197,6 +209,17 @@ class H2Server:
                 self.wire.fail_all(ErrorCodes.CANCEL)
                 self._cancel_all()
                 return
+
+    def drain(self) -> None:
+        """Graceful shutdown: GOAWAY NO_ERROR naming the last stream we took (RFC 9113 section 6.8);
+        the streams open finish, then the connection closes. Built by hand: once h2 has sent a
+        GOAWAY it reads no more frames, and these streams still need theirs."""
+        goaway = hyperframe.frame.GoAwayFrame(0)
+        goaway.last_stream_id = self.wire.h2.highest_inbound_stream_id
+        goaway.error_code = ErrorCodes.NO_ERROR
+        self.wire.send_raw(goaway.serialize())
+        if not self.streams:
+            self._idle.cancel()
 
     def _set_idle(self, idle: bool) -> None:
         """With no stream open the connection is idle: its slot may be taken back for a newcomer
@@ -284,6 +307,8 @@ class H2Server:
         if not self.streams:
             self._idle.deadline = trio.current_time() + self.p.limits.idle_timeout_s
             self._set_idle(True)
+            if self.users.draining:
+                self._idle.cancel()  # the last stream of a draining connection: close it
             self._done.set()
 
     def _cancel_all(self) -> None:

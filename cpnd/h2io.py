@@ -85,6 +85,7 @@ class H2Wire:
         self._pulled = 0  # writer rounds that took data from h2
         self._written = 0  # of those, the ones written to the transport
         self._unwritten = 0  # bytes of DATA queued since the writer last finished a round
+        self._extra = b""  # frames h2's state machine must not see (a graceful GOAWAY: h2 would stop reading)
         self.broken: BaseException | None = None
 
     def kick(self) -> None:
@@ -96,7 +97,8 @@ class H2Wire:
             while True:
                 await self._dirty.wait()
                 self._dirty = trio.Event()
-                data = self.h2.data_to_send()
+                data = self.h2.data_to_send() + self._extra
+                self._extra = b""
                 self._pulled += 1
                 if data:
                     await self.transport.send_all(data)
@@ -125,6 +127,11 @@ class H2Wire:
             await self._round.wait()
         if self.broken is not None:
             raise trio.BrokenResourceError(str(self.broken))
+
+    def send_raw(self, frame: bytes) -> None:
+        """Queue a frame built outside h2, after what h2 has queued."""
+        self._extra += frame
+        self.kick()
 
     def ack(self, sid: int, flow: int) -> None:
         try:

@@ -41,6 +41,7 @@ class Users:
         self.slots = SlotTable(limits.max_clients, limits.max_clients_per_ip)
         self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.draining = False
+        self.h2_servers: set[H2Server] = set()
         self._accepting = trio.CancelScope()
         self.http_port: int | None = None
 
@@ -101,6 +102,8 @@ class Users:
         """Graceful shutdown: no new users, no new requests on kept-alive connections."""
         self.draining = True
         self._accepting.cancel()
+        for server in list(self.h2_servers):  # HTTP/2 connections: GOAWAY, their streams finish
+            server.drain()
 
     async def _client(self, transport: trio.SocketStream, slot: Slot) -> None:
         client = H11Stream(h11.SERVER, transport)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import threading
 import time
 from concurrent import futures
@@ -246,3 +248,25 @@ def test_an_http1_client_gets_the_trailers_when_it_asks(grpc_net, te) -> None:
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == message
     trailers = dict(events[-1].headers)
     assert (trailers.get(b"grpc-status"), trailers.get(b"instance")) == ((b"0", b"g2") if te else (None, None))
+
+
+def test_shutdown_lets_a_call_in_flight_finish(tmp_path) -> None:
+    """SIGTERM while a call is in flight: the gateway's GOAWAY stops new calls on the channel, the
+    call in flight completes, and the gateway exits cleanly."""
+    server = EchoServer("solo", "/solo.E")
+    topo = Topology(("a",), (), (Instance("solo", "a", "/solo.E", 50, 1, 1),), FAST)
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{server.port}/solo.E")
+    text = specs["a"].config.read_text()
+    specs["a"].config.write_text(text.replace("\ncompute_latency_ms = 1\n", "\ncompute_latency_ms = 1\nhttp2 = true\n"))
+    try:
+        with Lab(specs) as lab, grpc.insecure_channel(specs["a"].http) as channel:
+            lab.start_all()
+            lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 10, "the local route")
+            future = channel.unary_unary("/solo.E/Sleep").future(b"1", timeout=10)
+            assert server.sleeping.wait(10)
+            os.kill(lab.procs["a"].pid, signal.SIGTERM)
+            assert future.result() == b"slept"
+            assert lab.procs["a"].wait(10) == 0
+            assert "Traceback" not in lab.log("a")
+    finally:
+        server.server.stop(None)

@@ -214,3 +214,4 @@ def test_an_idle_h2_connection_gives_its_slot_to_a_newcomer(tmp_path) -> None:
                 c.close()
     finally:
         insts.stop_all()
+
