@@ -270,3 +270,15 @@ def test_shutdown_lets_a_call_in_flight_finish(tmp_path) -> None:
             assert "Traceback" not in lab.log("a")
     finally:
         server.server.stop(None)
+
+
+def test_megabytes_both_ways_through_two_hops_within_the_windows(grpc_net) -> None:
+    """3 MiB up and back through every window on the way (the user's HTTP/2 stream, the tunnel's,
+    the instance's HTTP/2 stream): the ingress takes the body only as the tunnel does."""
+    payload = bytes(range(256)) * (3 * 4096)
+    call = grpc_net["channel"].unary_unary(f"{HOPS[2]}/Echo")
+    reply, state = call.with_call(payload, timeout=30)
+    assert reply == payload and _trailers(state)["instance"] == "g2"
+    chunks = [payload[i:i + 256 * 1024] for i in range(0, len(payload), 256 * 1024)]
+    reply, state = grpc_net["channel"].stream_unary(f"{HOPS[2]}/Sum").with_call(iter(chunks), timeout=30)
+    assert reply == b"|".join(chunks)
