@@ -51,7 +51,7 @@ class Attempts:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # HTTP/1.0 allows no Host; the tunnel speaks HTTP/1.1, which needs one (the egress sets the instance's).
         headers = rewrite_headers(req.headers, drop_cpn=True, default_host=self.p.gw.id.encode(),
-                                  extra=getattr(client, "tunnel_extra", ()))  # HTTP/2 users: TE: trailers (tunnel.md)
+                                  extra=client.tunnel_extra)  # TE: trailers for users that take them (tunnel.md)
         while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
             start = trio.current_time()
             attempt = Attempt()
@@ -186,7 +186,7 @@ class Attempts:
                                     headers=rewrite_headers(event.headers, drop_cpn=False))
             try:
                 await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
-                                     idle_s, trailers=getattr(client, "trailers", False))  # HTTP/2 users: kept
+                                     idle_s, trailers=client.trailers)  # HTTP/2, or TE: trailers
             except Cut as exc:
                 if exc.held:  # the user has seen nothing: a clean error, or a retry
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None

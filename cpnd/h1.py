@@ -145,7 +145,7 @@ class H11Stream:
         self.transport = transport
         self.tunnel = tunnel
         self.head_since = 0.0  # when the first byte of the request head being read came
-        self.trailers = False  # the request being served said TE: trailers (and its response is chunked)
+        self.trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
 
     @property
     def tunnel_extra(self) -> tuple[tuple[bytes, bytes], ...]:
