@@ -4,6 +4,7 @@
     python bench/dataplane.py --idle-only           # the sequential idle table alone (~2 min)
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
     python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
+    python bench/dataplane.py --grpc [--repeats 3] [--seconds 4] [--idle-rounds 5]   # gRPC unary beside direct calls
 
 Topology: gateways a - b - c on loopback (no emulated delay), one instance behind c:
 an nginx server block answering a fixed JSON body (so the instance costs next to nothing
@@ -994,12 +995,16 @@ def main() -> int:
                     help="keep the cProfile dumps (PATH-ROLE.prof) and the call stacks (PATH-ROLE.calls) in DIR")
     ap.add_argument("--idle-seconds", type=float, default=5.0, help="the idle window whose rates are subtracted")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--grpc", action="store_true", help="only the gRPC unary rows (bench/dataplane_grpc.py)")
     args = ap.parse_args()
     if args.breakdown:
         return breakdown(args)
     if args.https:
         import dataplane_https
         return dataplane_https.run(args, ensure("nginx", "nginx-light"), ensure("wrk", "wrk"), Path(args.out))
+    if args.grpc:
+        import dataplane_grpc
+        return dataplane_grpc.run(args)
     wrk = None if args.idle_only else ensure("wrk", "wrk")
     if not args.idle_only:
         ensure("curl", "curl")  # the 5 MB downloads (left out without it)

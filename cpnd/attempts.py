@@ -54,7 +54,7 @@ class Attempts:
         # The user's own Forwarded headers go; the egress learns who the user is from CPN-Client.
         me = self.p.gw.id
         headers = rewrite_headers(req.headers, drop_cpn=True, default_host=me.encode(), drop=forwarded.REPLACED,
-                                  extra=forwarded.tunnel_pair(client.source, me))
+                                  extra=(*forwarded.tunnel_pair(client.source, me), *client.tunnel_extra))  # TE: trailers (tunnel.md)
         while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
             start = trio.current_time()
             attempt = Attempt()
@@ -189,7 +189,7 @@ class Attempts:
                                     headers=rewrite_headers(event.headers, drop_cpn=False))
             try:
                 await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
-                                     idle_s, trailers=False)
+                                     idle_s, trailers=client.trailers)  # HTTP/2, or TE: trailers
             except Cut as exc:
                 if exc.held:  # the user has seen nothing: a clean error, or a retry
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None

@@ -62,6 +62,7 @@ class InstanceConfig:
     tls_server_name: str | None = None  # https: the name sent in SNI and checked; None: the URL's host
     tls: InstanceTls | None = attrs.field(default=None, eq=False)  # https: its context, built when loaded
     registered: bool = False  # joined by registration (cpnd/registry.py), not from the file
+    http2: bool = False  # the egress speaks HTTP/2 to it (h2c prior knowledge), over one pooled connection
 
 
 @attrs.frozen
@@ -101,6 +102,7 @@ class GatewayConfig:
     http_idle_timeout_ms: int = 60_000
     max_http_clients: int = 4096
     max_http_clients_per_ip: int = 256
+    http2_max_streams: int = 100  # concurrent streams on one HTTP/2 user connection
     preauth_timeout_ms: int = 2000
     max_preauth_connections: int = 64
     max_preauth_per_ip: int = 8
@@ -341,7 +343,7 @@ _GATEWAY_KEYS = {f.name for f in attrs.fields(GatewayConfig)}
 _PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive"}
 _SERVICE_KEYS = {"path", "instances"}
 _INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path", "max_inflight",
-                  "tls_ca_file", "tls_server_name"}
+                  "tls_ca_file", "tls_server_name", "http2"}
 
 
 def _url_problem(v: str) -> str | None:
@@ -441,6 +443,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         max_http_clients_per_ip=r.number(g, (*gw, "max_http_clients_per_ip"), 1, 1_000_000, 256, integer=True),
+        http2_max_streams=r.number(g, (*gw, "http2_max_streams"), 1, 1_000_000, 100, integer=True),
         preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
         max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),
         max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),
@@ -532,6 +535,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
                                       lambda v: None if v.startswith("/") and " " not in v else "must be a path starting with '/'", None),
                 max_inflight=r.number(inst, (*ki, "max_inflight"), 1, 1_000_000, 256, integer=True),
                 **_instance_tls(r, inst, ki, contexts),
+                http2=r.get(inst, (*ki, "http2"), bool, False),
             ))
         services.append(ServiceConfig(spath, tuple(instances)))
 

@@ -271,7 +271,7 @@ class Daemon:
         self.dataplane = DataPlane(self, HttpLimits(
             max_body_bytes=g.max_body_bytes, header_timeout_s=g.http_header_timeout_ms / 1000,
             idle_timeout_s=g.http_idle_timeout_ms / 1000, max_clients=g.max_http_clients,
-            max_clients_per_ip=g.max_http_clients_per_ip,
+            max_clients_per_ip=g.max_http_clients_per_ip, h2_max_streams=g.http2_max_streams,
         ))
         self.clients = ClientTable.from_config(config)  # [[clients]]: keys and quotas at the ingress
         self.registrations = Registrations(self)  # instances that join by cpnctl register or HTTP

@@ -23,6 +23,7 @@ from .aio import open_nursery
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
     readable, replace_host, rewrite_headers, translate_target
+from .h2up import H2Pool
 from .health import HealthTracker
 from .load import InstanceMeter, Stage
 from .names import service_label
@@ -66,6 +67,7 @@ class Egress:
         self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
+        self.h2 = H2Pool(self)
 
     def reconfigure(self, config: Config) -> None:
         """Take the (re)loaded services: meters of instances that stay keep their history."""
@@ -192,7 +194,10 @@ class Egress:
         load_at_arrival = meter.load(trio.current_time())
         served: float | None = None
         try:
-            served = await self._exchange(first, rx, sink, inst, host, port, deadline)
+            if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
+                served = await self.h2.exchange(first, rx, sink, inst, host, port, netloc, deadline)
+            else:
+                served = await self._exchange(first, rx, sink, inst, host, port, deadline)
         finally:
             if served is None:
                 meter.abandoned()

@@ -153,6 +153,12 @@ class H11Stream:
         self.tunnel = tunnel
         self.head_since = 0.0  # when the first byte of the request head being read came
         self.source = ""  # a user's connection: its peer address (for Forwarded)
+        self.trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
+
+    @property
+    def tunnel_extra(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Fields the ingress adds to the tunnelled request: TE: trailers when the user takes them (tunnel.md)."""
+        return ((b"te", b"trailers"),) if self.trailers else ()
 
     async def send(self, event: Any, *, end: bool = False) -> None:
         data = self.conn.send(event) or b""

@@ -30,6 +30,7 @@ class HttpLimits:
     max_clients_per_ip: int = 256
     instance_connect_timeout_s: float = 2.0
     pool_idle_per_instance: int = 32
+    h2_max_streams: int = 100  # concurrent streams on one HTTP/2 user connection (http2_max_streams)
 
 
 class Gateway(Protocol):

@@ -78,6 +78,8 @@ class UserSink:
         head = isinstance(events[0], h11.Response)
         if head:
             self.status = events[0].status_code
+        if end and events[-1].headers and not self.client.trailers:
+            events[-1] = h11.EndOfMessage()  # trailers only for a user that takes them (HTTP/2, TE: trailers)
         self.attempt.sent_head = True
         try:
             await self.client.send_all(events)

@@ -18,9 +18,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 ALPN_HTTP1 = "http/1.1"
-# What the ingress offers in ALPN, in its order of preference: "h2" goes first here once the
-# ingress speaks HTTP/2 (DESIGN.md section 6); the stream's selected protocol then picks the server.
-SERVER_ALPN: tuple[str, ...] = (ALPN_HTTP1,)
+# What the ingress offers in ALPN, in its order of preference (DESIGN.md section 6): the
+# connection's first bytes then pick the server (an HTTP/2 preface goes to cpnd/h2edge.py).
+SERVER_ALPN: tuple[str, ...] = ("h2", ALPN_HTTP1)
 CLIENT_ALPN: tuple[str, ...] = (ALPN_HTTP1,)  # to instances: ``http2 = true`` would offer "h2"
 # TLS 1.2 suites: forward-secret AEAD only (Mozilla's "intermediate" profile); TLS 1.3's are all
 # AEAD and not set by this string.

@@ -18,10 +18,12 @@ from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
 from .errors import HttpError
 from .heads import check_target
+from .grpcmap import wants_trailers
+from .h2edge import H2Server, H2Stream
 from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
 from .plane import HttpLimits, Plane
 from .planner import Planner
-from .preface import H2_REFUSAL, sniff_preface
+from .preface import sniff_preface
 from .rib import Key
 from .select import match_service
 from .streams import StreamReset
@@ -44,6 +46,7 @@ class Users:
         self.edge_tally = Tally()  # refusals and accept errors: one log line a second
         self.draining = False
         self._accepting: list[trio.CancelScope] = []  # one per listener set (http_listen, https_listen)
+        self.h2_servers: set[H2Server] = set()
         self.http_port: int | None = None
         self.https_port: int | None = None
         self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
@@ -117,6 +120,8 @@ class Users:
         self.draining = True
         for scope in self._accepting:
             scope.cancel()
+        for server in list(self.h2_servers):  # HTTP/2 connections: GOAWAY, their streams finish
+            server.drain()
 
     async def _client(self, transport: trio.SocketStream, slot: Slot, tls: bool = False) -> None:
         client = H11Stream(h11.SERVER, transport)
@@ -180,8 +185,8 @@ class Users:
 
     async def _http1_only(self, client: H11Stream, slot: Slot) -> bool:
         """Read the connection's first bytes into h11, unless they are not HTTP/1.x: an HTTP/2
-        preface gets GOAWAY HTTP_1_1_REQUIRED, a TLS ClientHello a plain 400; one log line, then
-        False (close). A later HTTP/2 ingress takes over the "h2" case here."""
+        preface is served by h2edge.py, a TLS ClientHello gets a plain 400 and one log line;
+        then False (close)."""
         transport = client.transport
         data: bytes | None = None
         if slot.held:
@@ -199,20 +204,16 @@ class Users:
         if not kind:
             client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
             return True
+        if kind == "h2":  # HTTP/2 with prior knowledge: its own connection handler (h2edge.py)
+            await H2Server(self, transport, _peer(transport), slot).serve(data)
+            return False
         if self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
-            what = ("an HTTP/2 prior-knowledge preface: answered GOAWAY HTTP_1_1_REQUIRED" if kind == "h2"
-                    else "a TLS ClientHello: answered 400 (this port speaks plain HTTP)")
-            log.info("%s: %s sent %s and closed", self.p.gw.id, _peer(transport), what,
+            log.info("%s: %s sent a TLS ClientHello: answered 400 (this port speaks plain HTTP) and closed",
+                     self.p.gw.id, _peer(transport),
                      extra={"cpn": {"event": "not_http1", "protocol": kind, "client": _peer(transport)}})
         with trio.move_on_after(1.0):
-            try:
-                if kind == "h2":
-                    await transport.send_all(H2_REFUSAL)
-                else:
-                    await self._send_error_quietly(client, HttpError(
-                        400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+            await self._send_error_quietly(client, HttpError(
+                400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
         return False
 
     async def _next_request(self, client: H11Stream, slot: Slot) -> Any:
@@ -252,6 +253,10 @@ class Users:
         return event
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
+        if isinstance(client, H2Stream):  # an HTTP/2 stream answers in its own framing (a gRPC status for gRPC)
+            with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
+                await client.send_error(exc)
+            return
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
@@ -309,6 +314,8 @@ class Users:
         if self.p.gw.clients.active:  # cpnd/clients.py: 401/403/429; the key never goes on
             req = self._client_gate(client, req)
         plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, trio.current_time())
+        if isinstance(client, H11Stream):  # HTTP/1.1 users get the upstream's trailers if they ask (TE: trailers)
+            client.trailers = wants_trailers(req.headers) and req.http_version == b"1.1"
         try:
             instance, status = await self.attempts.forward(client, req, plan)
         except HttpError as exc:

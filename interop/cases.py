@@ -1059,3 +1059,90 @@ def run_case(t: Target, name: str, section: str, fn: Case) -> dict[str, Any]:
         ok, detail = False, f"{type(exc).__name__}: {exc}"
     return {"case": name, "section": section, "passed": ok, "skipped": skipped, "detail": detail,
             "seconds": round(time.monotonic() - start, 3)}
+
+
+@case("tunnel-http2-trailers", "tunnel.md#http2-and-grpc-requests-in-the-stream")
+def _http2_trailers(t: Target) -> None:
+    """An HTTP/2 user's gRPC-style call to our instance: the target writes it into the stream chunked
+    with ``TE: trailers``, and our response's trailers reach the user as HTTP/2 trailers."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    p = t.session()
+    svc = f"/interop-h2-{random_id()}"
+    p.send_msg({"t": UPDATE, "adv": [new_route(svc, "h2", t.my_id)], "wd": []})
+    host, port = t.http.rsplit(":", 1)
+    sock: socket.socket | None = None
+    try:
+        opened = None
+        for _ in range(10):  # the UPDATE and the request race on two connections
+            if sock is not None:
+                sock.close()
+            sock = socket.create_connection((host, int(port)), timeout=5)
+            user = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+            user.initiate_connection()
+            user.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"x"),
+                                  (b":path", f"{svc}/Say".encode()), (b"content-type", b"application/grpc"),
+                                  (b"te", b"trailers")])
+            user.send_data(1, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+            sock.sendall(user.data_to_send())
+            frames = _tunnel_frames(p, 0.5)
+            opened = next((f for f in frames if f[1] == 1), None)
+            if opened is not None:
+                break
+            if any(isinstance(e, h2.events.ConnectionTerminated) for e in user.receive_data(_recv_some(sock))):
+                raise Skipped("the target does not serve HTTP/2 on its HTTP port")
+        assert opened is not None, f"the target never opened a stream to our instance of {svc}"
+        sid = opened[0]
+        request = b"".join(f[3] for f in frames if f[0] == sid and f[1] == 2)
+        while not any(f[0] == sid and f[1] == 2 and f[2] & 1 for f in frames):
+            more = _tunnel_frames(p, 1.0)
+            assert more, "the tunnelled request never ended"
+            frames += more
+            request += b"".join(f[3] for f in more if f[0] == sid and f[1] == 2)
+        head, _, body = request.partition(b"\r\n\r\n")
+        lines = [line.lower() for line in head.split(b"\r\n")]
+        assert lines[0] == f"post {svc}/say http/1.1".encode(), lines[0]
+        assert b"transfer-encoding: chunked" in lines and b"te: trailers" in lines, lines
+        assert _dechunk(body) == b"\x00\x00\x00\x00\x02hi", body
+        p.send_msg(struct.pack(">IBBIII", sid, 5, 0, 0, 0, 1000), ctype=TUNNEL)
+        response = (b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n"
+                    b"7\r\n\x00\x00\x00\x00\x02ok\r\n0\r\ngrpc-status: 0\r\nx-custom: yes\r\n\r\n")
+        p.send_msg(struct.pack(">IBB", sid, 2, 1) + response, ctype=TUNNEL)
+        events: list[Any] = []
+        deadline = time.monotonic() + 5
+        while not any(isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)) for e in events):
+            assert time.monotonic() < deadline, f"no end of the HTTP/2 response: {events}"
+            events += user.receive_data(_recv_some(sock))
+            sock.sendall(user.data_to_send())
+        trailers = next((dict(e.headers) for e in events if isinstance(e, h2.events.TrailersReceived)), None)
+        assert trailers == {b"grpc-status": b"0", b"x-custom": b"yes"}, events
+        data = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+        assert data == b"\x00\x00\x00\x00\x02ok", data
+    finally:
+        if sock is not None:
+            sock.close()
+        p.close()
+
+
+def _recv_some(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise AssertionError("the target closed the HTTP/2 connection")
+    return data
+
+
+def _dechunk(body: bytes) -> bytes:
+    """A whole chunked body's content (chunk boundaries carry no meaning); AssertionError if malformed."""
+    out = b""
+    while True:
+        size_line, sep, body = body.partition(b"\r\n")
+        assert sep, "chunked body cut short"
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            assert body.endswith(b"\r\n"), "chunked body without its final CRLF"
+            return out
+        out, body = out + body[:size], body[size + 2:]

@@ -263,6 +263,46 @@ def forwarded_vectors() -> list[dict]:
                     "tunnel_headers": [[n.decode(), v.decode()] for n, v in tunnel],
                     "instance_headers": [[n.decode(), v.decode()] for n, v in for_instance(tunnel, origin)]})
     return out
+def http2_vectors() -> dict:
+    """A gRPC unary call as an ingress writes it into a tunnel stream, and a response with trailers
+    as an egress writes it back (tunnel.md, "HTTP/2 and gRPC requests in the stream")."""
+    import h11
+
+    from cpnd.grpcmap import request_head
+    from cpnd.h1 import rewrite_headers
+    from cpnd.h2edge import H2Stream
+
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/echo.Echo/Say"), (b":authority", b"gw1:8080"),
+              (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"250m"),
+              (b"cpn-max-latency", b"20ms")]
+    message = b"\x00\x00\x00\x00\x05hello"  # gRPC framing: not compressed, length 5
+    method, target, headers = request_head(fields)
+    # What the ingress keeps: hop-by-hop and CPN-* dropped, chunked for a body of unknown length,
+    # TE: trailers for a user that takes trailers (h2edge.py, attempts.py).
+    user = h11.Request(method=method, target=target, headers=[*headers, (b"transfer-encoding", b"chunked")])
+    headers = rewrite_headers(user.headers, drop_cpn=True, extra=H2Stream.tunnel_extra)
+    client = h11.Connection(h11.CLIENT)
+    request = b"".join(client.send(e) or b"" for e in (h11.Request(method=method, target=target, headers=headers),
+                                                        h11.Data(data=message), h11.EndOfMessage()))
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(request)
+    while not isinstance(server.next_event(), h11.EndOfMessage):
+        pass
+    response = b"".join(server.send(e) or b"" for e in (
+        h11.Response(status_code=200, headers=[(b"content-type", b"application/grpc"), (b"transfer-encoding", b"chunked"),
+                                               (b"cpn-instance", b"s1"), (b"cpn-origin", b"gw3")]),
+        h11.Data(data=message),
+        h11.EndOfMessage(headers=[(b"grpc-status", b"0"), (b"grpc-message", b""), (b"x-served-by-bin", b"AAH/")])))
+    return {
+        "meaning": "gRPC unary call /echo.Echo/Say from an HTTP/2 user (grpc-timeout 250m, cpn-max-latency 20ms) "
+                   "and its OK response with trailers, as HTTP/1.1 in the tunnel stream",
+        "h2_request_fields": [[n.decode(), v.decode()] for n, v in fields],
+        "request_hex": request.hex(),
+        "request_text": request.decode("latin-1"),
+        "response_hex": response.hex(),
+        "response_text": response.decode("latin-1"),
+        "trailers": [["grpc-status", "0"], ["grpc-message", ""], ["x-served-by-bin", "AAH/"]],
+    }
 
 
 def main() -> None:
@@ -273,6 +313,7 @@ def main() -> None:
         "handshake": handshake_vector(),
         "tunnel": tunnel_vectors(),
         "forwarded": forwarded_vectors(),
+        "http2": http2_vectors(),
     }
     path = Path(__file__).resolve().parent / "vectors.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from cpnd.crypto import generate_key, write_private_key
-from cpnd.preface import H2_PREFACE
 from cpnd.lab import Instance, InstanceProcs, Lab, Topology, free_ports, write_lab
 
 
@@ -123,19 +122,6 @@ def _exchange(addr: tuple[str, int], data: bytes) -> bytes:
         while chunk := s.recv(65536):
             out += chunk
         return out
-
-
-def test_an_http2_preface_gets_goaway_http_1_1_required_and_one_line(lone) -> None:
-    lab, addr = lone
-    answer = _exchange(addr, H2_PREFACE + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # preface + SETTINGS
-    # The server preface (empty SETTINGS), then GOAWAY: last stream 0, HTTP_1_1_REQUIRED, a reason; then close.
-    assert answer[:9] == b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    length, ftype = int.from_bytes(answer[9:12], "big"), answer[12]
-    assert ftype == 7 and len(answer) == 18 + length
-    assert answer[18:22] == b"\x00\x00\x00\x00" and int.from_bytes(answer[22:26], "big") == 0xD
-    assert b"HTTP/2 prior knowledge is not supported" in answer[26:]
-    lab.wait_for(lambda: "HTTP/2 prior-knowledge preface" in lab.log("a"), 5, "the log line")
-    assert lab.log("a").count("HTTP/2") == 1 and "bytearray" not in lab.log("a")
 
 
 def test_a_tls_client_hello_gets_a_plain_400_and_one_line(lone) -> None:

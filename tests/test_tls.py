@@ -112,23 +112,27 @@ def test_httpx_over_https_listen_reaches_an_https_instance_one_hop_away(net) -> 
 
 
 def test_curl_over_https_listen_and_its_tls_parameters(net) -> None:
-    r = subprocess.run(["curl", "-sS", "--cacert", str(net["ca"].cert_file), "-H", "CPN-Max-Price: 1",
+    r = subprocess.run(["curl", "-sS", "--http1.1", "--cacert", str(net["ca"].cert_file), "-H", "CPN-Max-Price: 1",
                         "-w", "\n%{http_version} %{ssl_verify_result}", f"https://{net['https']}/svc/curl?q=1"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     body, meta = r.stdout.rsplit("\n", 1)
     assert json.loads(body)["instance"] == "s_tls" and json.loads(body)["query"] == "q=1"
     assert meta == "1.1 0"
-    # TLS 1.2 and 1.3 both served, ALPN http/1.1, a forward-secret AEAD suite on 1.2.
+    # HTTP/2 by ALPN on the same port (httpx with h2): the same routing, per stream.
+    with httpx.Client(verify=_trust(net), timeout=10, http2=True) as c:
+        r2 = c.get(f"https://{net['https']}/svc/h2?q=2", headers={"CPN-Max-Price": "1"})
+    assert r2.http_version == "HTTP/2" and r2.status_code == 200 and r2.json()["instance"] == "s_tls"
+    # TLS 1.2 and 1.3 both served, ALPN h2 or http/1.1 as the client prefers, a forward-secret AEAD suite on 1.2.
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         ctx = ssl.create_default_context(cafile=str(net["ca"].cert_file))
         ctx.minimum_version = ctx.maximum_version = version
-        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        ctx.set_alpn_protocols(["h2", "http/1.1"] if version is ssl.TLSVersion.TLSv1_3 else ["http/1.1"])
         host, port = net["https"].rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as raw, \
                 ctx.wrap_socket(raw, server_hostname="localhost") as s:
             assert s.version() == version.name.replace("_", ".")
-            assert s.selected_alpn_protocol() == "http/1.1"
+            assert s.selected_alpn_protocol() == ("h2" if version is ssl.TLSVersion.TLSv1_3 else "http/1.1")
             if version is ssl.TLSVersion.TLSv1_2:
                 name, _, _ = s.cipher()
                 assert name.startswith("ECDHE-") and ("GCM" in name or "CHACHA20" in name), name
