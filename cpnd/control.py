@@ -62,6 +62,7 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "stale": route.stale,  # kept through the next hop's graceful restart
             "down": fresh.down,  # its origin's health checks took it out: known, not used
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
+            "validation": route.validation.value,  # origin validation (routing.md): valid or unknown
         })
         if best:
             out[-1]["estimate"] = estimate_json(daemon, a.key)
@@ -120,8 +121,19 @@ def peers_json(daemon: Daemon) -> list[dict[str, Any]]:
             "routes_withheld": len(out_rib.withheld) if out_rib else 0,
             "route_entries_in": s.stats["route_entries_in"] if s else 0,
             "inbound_paced": bool(up and s and not s.wants_data()),
+            **policy_json(daemon, pid),
         })
     return out
+
+
+def policy_json(daemon: Daemon, pid: str) -> dict[str, Any]:
+    """A peer's policy (routing.md, "Policy") and what origin validation dropped from it."""
+    p = daemon.peers[pid].config
+    rib = daemon.rib
+    return {"import": list(p.import_prefixes) if p.import_prefixes is not None else None,
+            "export": list(p.export_prefixes) if p.export_prefixes is not None else None,
+            "local_pref": p.local_pref, "routes_invalid": rib.invalid_by_peer[pid],
+            "routes_filtered": rib.filtered_by_peer[pid], "last_invalid": rib.last_invalid.get(pid, "")}
 
 
 def services_json(daemon: Daemon) -> list[dict[str, Any]]:
@@ -194,7 +206,12 @@ def stats_json(daemon: Daemon) -> dict[str, Any]:
     # (protocol-spec/selection.md, "Own time"; routing.md, "Gateway time").
     times: dict[str, float] = {f"own_{stage}_ms": _ms(own.us(stage, now)) for stage in Stage.ALL}
     times |= {"advertised_egress_ms": _ms(daemon.rib.egress_us), "advertised_transit_ms": _ms(daemon.rib.transit_us)}
-    return {"gateway": dict(sorted(daemon.stats.items())), "http": dict(sorted(daemon.dataplane.stats.items())),
+    trust = daemon.rib.trust
+    if trust is not None:  # origin validation's work: signatures made and checked (cache hits cost none)
+        times |= {"origin_signs": daemon.rib.signer.signs if daemon.rib.signer else 0, "origin_verifies": trust.verifies,
+                  "origin_verify_cache_hits": trust.cache_hits, "certificates": len(trust.certs)}
+    return {"gateway": dict(sorted((daemon.stats + daemon.rib.counters).items())),
+            "http": dict(sorted(daemon.dataplane.stats.items())),
             "gauges": {**_gauges(daemon), **times}}
 
 

@@ -30,6 +30,7 @@ from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
 from .http import DataPlane, HttpLimits
 from .limits import TokenBucket
 from .names import service_label
+from .policy import configure_rib, session_up
 from .load import LoadPacer
 from .load import Stage
 from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
@@ -401,6 +402,7 @@ class Daemon:
         g = config.gateway
         self.id = g.id
         self.rib = Rib(g.id, max_routes_per_peer=g.max_routes_per_peer)
+        configure_rib(self.rib, config)  # origin validation and per-peer policy
         self.session_config = _session_config(config)
         self.peer_keys = {p.id: p.public_key for p in config.peers}
         self.peers = {p.id: _peer_state(config, p) for p in config.peers}
@@ -543,6 +545,7 @@ class Daemon:
         self.config = new
         self.session_config = _session_config(new)
         self.rib.max_routes_per_peer = g.max_routes_per_peer  # sessions keep what they announced
+        configure_rib(self.rib, new)
         for peer in self.peers.values():
             peer.inbound.retune(self.session_config.limits.rate, self.session_config.limits.burst)
         self.preauth.limit = preauth_budget(self.nofile, g.max_preauth_connections)
@@ -807,7 +810,8 @@ class Daemon:
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,
                                  max_routes=conn.session.export_limit,
                                  down_ok=INSTANCE_DOWN_CAP in conn.session.agreed_caps,
-                                 gw_ok=GATEWAY_TIME_CAP in conn.session.agreed_caps)
+                                 gw_ok=GATEWAY_TIME_CAP in conn.session.agreed_caps,
+                                 **session_up(self.rib, peer.config, conn.session.agreed_caps))
         conn.adj_out.mark_all(self.rib)
         conn.end_of_rib_pending = True
         if peer.config.id in self.rib.stale_until and not conn.session.peer_restart_ms and not peer.swap_pending:
