@@ -477,8 +477,10 @@ def _anchors(r: _Reader, g: dict[str, Any], keypath: tuple[str | int, ...]) -> t
     """``trust_anchors``: base64 Ed25519 public keys (of ``cpnctl keygen`` domain keys)."""
     v = r.get(g, keypath, list, [])
     for i, b64 in enumerate(v):
+        if not isinstance(b64, str):
+            raise r.error(keypath, f"[{i}]: must be a string (a base64 public key)")
         try:
-            parse_public_key(b64) if isinstance(b64, str) else (_ for _ in ()).throw(ValueError("must be a string"))
+            parse_public_key(b64)
         except ValueError as exc:
             raise r.error(keypath, f"[{i}]: {exc}") from None
     return tuple(b.strip() for b in v)

@@ -116,13 +116,16 @@ def _check_fields(id: str, key: object, services: tuple[object, ...], not_after:
         raise CertificateError("exp: must be an integer in [0, 2^63)")
 
 
+def _no_ext(code: int, data: bytes) -> object:
+    raise ValueError("msgpack ext types are not allowed")
+
+
 def decode_certificate(raw: bytes) -> Certificate:
     """Parse an encoded certificate (its signature is not checked here); CertificateError otherwise."""
     if len(raw) > MAX_CERT_BYTES:
         raise CertificateError(f"longer than {MAX_CERT_BYTES} bytes")
     try:
-        m = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True,
-                            ext_hook=lambda c, d: (_ for _ in ()).throw(ValueError("ext")))
+        m = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext)
     except Exception:
         raise CertificateError("not one msgpack object") from None
     if type(m) is not dict or set(m) != {"v", "id", "key", "svc", "exp", "iss", "sig"}:
