@@ -26,6 +26,11 @@ wall-clock time passes. For each case (gateways : topology : routes) it measures
     5 % threshold) and without it (every 50 ms check advertised); the per-peer minimum
     advertisement interval (100 ms) bounds the messages either way.
 
+With ``--trust on`` (or ``both``: each case twice) every gateway signs its own routes and
+validates every route it receives, as cpnd does with a domain key (one certificate per gateway
+naming every service): the row then counts the origin signatures made and verified (cache
+misses) per gateway, at convergence and per second of load churn, and ``cpu_s`` shows their cost.
+
 Results go to bench/results/scale_sim.json and scale_sim.png.
 """
 
@@ -52,9 +57,10 @@ from cpnd.config import GatewayConfig  # noqa: E402
 from cpnd.crypto import Role, generate_key  # noqa: E402
 from cpnd.load import LoadPacer  # noqa: E402
 from cpnd.names import service_label  # noqa: E402
+from cpnd.origin import Signer, Trust, issue  # noqa: E402
 from cpnd.rib import AdjRibOut, Key, Rib, link_cost_after  # noqa: E402
 from cpnd.session import Closed, Established, RttMeasured, Session, SessionConfig, State, UpdateReceived  # noqa: E402
-from cpnd.wire import Limits, RouteAdv, SharedTable, use_shared_table  # noqa: E402
+from cpnd.wire import ORIGIN_SIG_CAP, Limits, RouteAdv, SharedTable, use_shared_table  # noqa: E402
 
 MIN_ADV_INTERVAL_S = 0.1  # cpnd's default
 ROUTE_LIMIT = 1_000_000  # max_routes_per_peer here, and so the burst (route_changes_burst's default)
@@ -142,7 +148,7 @@ class Node:
 
 
 class Sim:
-    def __init__(self, g: nx.Graph, *, hold_ms: int = 3000) -> None:
+    def __init__(self, g: nx.Graph, *, hold_ms: int = 3000, trust: bool = False) -> None:
         self.g = g
         self.now = 0.0
         self.heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -154,6 +160,14 @@ class Sim:
         self.updates = 0  # UPDATE messages sent, End-of-RIB included
         self.updates_at_convergence = 0
         self.entries = 0  # routes advertised or withdrawn, over all UPDATEs
+        if trust:  # origin validation as the lab sets it up: one domain key certifies every gateway
+            domain = generate_key()
+            anchor = domain.public_key().public_bytes_raw()
+            for n, node in self.nodes.items():
+                raw = self.keys[n].public_key().public_bytes_raw()
+                cert = issue(domain, raw, [f"/svc{i}" for i in range(SERVICES)], int(time.time()) + 86400, n)
+                node.rib.signer = Signer(n, self.keys[n], cert)
+                node.rib.trust = Trust(n, {m: self.keys[m].public_key().public_bytes_raw() for m in g[n]}, [anchor], cert)
         cfg = SessionConfig(hold_ms=hold_ms, limits=Limits(ROUTE_LIMIT, ROUTE_RATE, ROUTE_LIMIT))
         for u, v in g.edges:
             a, b = sorted((u, v))
@@ -200,7 +214,12 @@ class Sim:
             if isinstance(ev, Established):
                 if s.min_rtt is not None:
                     node.rib.set_link_cost(conn.peer, link_cost_after(None, s.min_rtt) or 1)
-                conn.adj_out = AdjRibOut(conn.peer, MIN_ADV_INTERVAL_S, max_routes=s.export_limit)
+                signer = node.rib.signer if ORIGIN_SIG_CAP in s.agreed_caps else None
+                if node.rib.trust is not None and signer is not None:
+                    node.rib.trust.signing_peers.add(conn.peer)
+                conn.adj_out = AdjRibOut(conn.peer, MIN_ADV_INTERVAL_S, max_routes=s.export_limit,
+                                         sig_ok=signer is not None,
+                                         adjacency=signer.adjacency(conn.peer) if signer is not None else None)
                 conn.adj_out.mark_all(node.rib)
                 conn.end_of_rib_pending = True
                 self.schedule_flush(conn)
@@ -312,6 +331,12 @@ class Sim:
                 use_shared_table(node.shared)
                 self.propagate(node, node.rib.set_local(node.local.values(), self.now))
 
+    def crypto(self) -> tuple[int, int]:
+        """Origin signatures made and verified (cache misses) so far, over all gateways."""
+        signs = sum(n.rib.signer.signs for n in self.nodes.values() if n.rib.signer is not None)
+        verifies = sum(n.rib.trust.verifies for n in self.nodes.values() if n.rib.trust is not None)
+        return signs, verifies
+
     def messages(self) -> tuple[int, int]:
         msgs = sum(c.session.stats["msgs_out"] for n in self.nodes.values() for c in n.conns.values())
         byts = sum(c.session.stats["bytes_out"] for n in self.nodes.values() for c in n.conns.values())
@@ -377,11 +402,11 @@ class Sim:
         self.run_until(end)
 
 
-def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
+def run_case(n: int, kind: str, routes: int, seed: int, trust: bool = False) -> dict[str, Any]:
     g = topology(kind, n, seed)
     cpu0 = time.process_time()
     rss0 = rss_kib()
-    sim = Sim(g)
+    sim = Sim(g, trust=trust)
     while not sim.established():
         sim.run_until(sim.now + 0.1)
         if sim.now > 60:
@@ -402,6 +427,7 @@ def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
     rss2 = rss_kib()
     held, loc = sim.paths_held()
     cpu_conv = time.process_time() - cpu0
+    crypto_conv = sim.crypto()
     # Hub failure.
     hub = max(g.degree, key=lambda d: d[1])[0]
     hub_routes = len(sim.nodes[hub].local)
@@ -416,12 +442,17 @@ def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
     exploration = sum(sim.loc_changes.values()) / max(1, len(sim.loc_changes)) / (n - 1)
     affected = len(sim.loc_changes)
     # Load churn, paced as cpnd does, then unpaced.
+    signs_conv, verifies_conv = crypto_conv
     churn = {}
     for paced in (True, False):
         u0, e0 = sim.updates, sim.entries
+        s0, v0 = sim.crypto()
         sim.churn(CHURN_S, paced, seed, CHURN_INSTANCES)
+        s1, v1 = sim.crypto()
         churn["paced" if paced else "unpaced"] = {"updates": round((sim.updates - u0) / (n - 1) / CHURN_S, 2),
-                                                   "routes": round((sim.entries - e0) / (n - 1) / CHURN_S, 2)}
+                                                   "routes": round((sim.entries - e0) / (n - 1) / CHURN_S, 2),
+                                                   "signs": round((s1 - s0) / CHURN_S, 2),
+                                                   "verifies": round((v1 - v0) / (n - 1) / CHURN_S, 2)}
         sim.run_until_quiet()
     return {
         "gateways": n, "topology": kind, "links": g.number_of_edges(), "routes": routes,
@@ -437,6 +468,8 @@ def run_case(n: int, kind: str, routes: int, seed: int) -> dict[str, Any]:
         "hub_stable_s": round(done - t1, 3), "hub_msgs_per_gateway": round((msgs2 - msgs1) / (n - 1), 1),
         "hub_exploration": round(exploration, 2), "hub_affected_routes": affected,
         "churn_update_msgs_per_gateway_s": churn,
+        # Origin validation: signatures made (all gateways) and verified (per gateway) until convergence.
+        "trust": trust, "signs": signs_conv, "verifies_per_gateway": round(verifies_conv / n, 1),
     }
 
 
@@ -478,18 +511,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma-separated GATEWAYS:TOPOLOGY:ROUTES")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--trust", choices=("off", "on", "both"), default="off",
+                    help="origin signatures and validation on every gateway (both: each case twice)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # run one case in this process, print its row
     args = ap.parse_args(argv)
     if args.one:
         n, kind, routes = args.one.split(":")
-        print(json.dumps(run_case(int(n), kind, int(routes), args.seed)))
+        print(json.dumps(run_case(int(n), kind, int(routes), args.seed, args.trust == "on")))
         return 0
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for spec in args.cases.split(","):
+    runs = [(spec, t) for spec in args.cases.split(",") for t in (("off", "on") if args.trust == "both" else (args.trust,))]
+    for spec, trust in runs:
         # Each case in a fresh process: memory per path is read from RSS growth, which a heap
         # left over from an earlier case would hide.
-        out = subprocess.run([sys.executable, __file__, "--one", spec, "--seed", str(args.seed)],
+        out = subprocess.run([sys.executable, __file__, "--one", spec, "--seed", str(args.seed), "--trust", trust],
                              capture_output=True, text=True, check=True).stdout
         row = json.loads(out.strip().splitlines()[-1])
         rows.append(row)

@@ -254,7 +254,7 @@ class Trust:
         # Authorisations (RPKI's VRPs): every certificate verified, by (encoding, origin it applies to).
         self.certs: collections.OrderedDict[tuple[bytes, str], Certificate] = collections.OrderedDict()
         self.vrp: dict[str, dict[str, int]] = {}  # prefix -> origin -> certificates naming it
-        self.by_origin: dict[str, bytes] = {}  # origin -> its key, from the newest certificate seen
+        self.by_origin: dict[str, Certificate] = {}  # origin -> the newest certificate seen for it
         self.own: tuple[bytes, str] | None = None
         self._bad_certs: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._verified: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # sig -> key + message
@@ -277,10 +277,12 @@ class Trust:
         for p in cert.services:
             self.vrp.setdefault(p, {})
             self.vrp[p][origin] = self.vrp[p].get(origin, 0) + 1
-        self.by_origin[origin] = cert.key
+        self.by_origin[origin] = cert
 
     def _forget(self, k: tuple[bytes, str]) -> None:
         cert = self.certs.pop(k)
+        if self.by_origin.get(k[1]) is cert:
+            del self.by_origin[k[1]]
         for p in cert.services:
             n = self.vrp[p][k[1]] - 1
             if n:
@@ -302,6 +304,12 @@ class Trust:
         return out
 
     def _certificate(self, raw: bytes, origin: str, now: float) -> Certificate:
+        known = self.certs.get((raw, origin))
+        if known is not None and known.issuer in self.anchors:  # verified before: only time moved
+            if known.not_after < now:
+                raise CertificateError(f"expired at {known.not_after}")
+            self.certs.move_to_end((raw, origin))
+            return known
         bad = self._bad_certs.get(raw)
         if bad is not None:
             raise CertificateError(bad)
@@ -340,7 +348,8 @@ class Trust:
         return True
 
     def key_of(self, origin: str) -> bytes | None:
-        return self.peer_keys.get(origin) or self.by_origin.get(origin)
+        cert = self.by_origin.get(origin)
+        return self.peer_keys.get(origin) or (cert.key if cert is not None else None)
 
     def validate(self, peer: str, adv: RouteAdv) -> Verdict:
         """The verdict on ``adv`` received from ``peer`` (routing.md, "Origin validation")."""
@@ -351,13 +360,19 @@ class Trust:
                 cert = self._certificate(adv.cert, adv.origin, now)
             except CertificateError as exc:
                 return Verdict(Validation.INVALID, f"certificate: {exc}")
+        elif adv.origin not in self.peer_keys:
+            # Sent once per session: the one we hold for the origin (routing.md, "Certificates").
+            cert = self.by_origin.get(adv.origin)
+            if cert is not None and (cert.not_after < now or cert.issuer not in self.anchors):
+                cert = None
+        if cert is not None:
             if not covered(cert.services, adv.service):
                 return Verdict(Validation.INVALID, f"{adv.origin}'s certificate does not name {adv.service}")
         allowed = self.authorised(adv.service)
         if allowed is not None and adv.origin not in allowed:
             return Verdict(Validation.INVALID, f"{adv.service} is authorised to {', '.join(sorted(allowed))}, "
                                                f"not {adv.origin}")
-        key = cert.key if cert is not None else self.key_of(adv.origin)
+        key = cert.key if cert is not None else self.peer_keys.get(adv.origin)
         if adv.osig is None or adv.oadj is None:
             if key is None or (adv.origin == peer and peer not in self.signing_peers):
                 return Verdict(Validation.UNKNOWN, "unsigned")  # nobody to check it with, or a peer from before origin-sig

@@ -462,6 +462,7 @@ class AdjRibOut:
         self.sig_ok = sig_ok
         self.adjacency = adjacency
         self.export_prefixes = export_prefixes
+        self.certs_sent: dict[str, bytes] = {}  # per origin: the certificate this session carried already
         self.sent: dict[Key, RouteAdv] = {}
         self.dirty: set[Key] = set()
         self._force: set[Key] = set()
@@ -547,8 +548,11 @@ class AdjRibOut:
         if not self.sig_ok:
             if want.osig is not None or want.oadj is not None or want.cert is not None:
                 want = attrs.evolve(want, osig=None, oadj=None, cert=None)  # nor these
-        elif len(want.path) == 1 and want.osig is not None:
-            want = attrs.evolve(want, oadj=self.adjacency)  # our own instance: we send it to this peer
+        else:
+            if len(want.path) == 1 and want.osig is not None:
+                want = attrs.evolve(want, oadj=self.adjacency)  # our own instance: we send it to this peer
+            if want.cert is not None and self.certs_sent.get(want.origin) == want.cert:
+                want = attrs.evolve(want, cert=None)  # each origin's certificate once per session: the peer keeps it
         return want
 
     def _decide(self, rib: Rib, key: Key, adv: list[RouteAdv], wd: list[Withdrawal], left: float) -> int:
@@ -619,6 +623,8 @@ class AdjRibOut:
         return 2
 
     def _send(self, key: Key, want: RouteAdv, adv: list[RouteAdv]) -> None:
+        if want.cert is not None:
+            self.certs_sent[want.origin] = want.cert
         self.withheld.pop(key, None)
         self.sent[key] = want
         adv.append(want)

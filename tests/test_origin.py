@@ -279,3 +279,20 @@ def test_origin_vectors(vectors) -> None:
         trust.signing_peers = {"gw1", "evil"}
         assert trust.validate("gw1", route(v["validation"][0]["route"])).state is Validation.VALID  # learns gw3's cert
         assert trust.validate(case["from"], route(case["route"])).state.value == case["validation"], case["name"]
+
+
+def test_a_certificate_goes_once_per_session_and_the_receiver_keeps_it(w) -> None:
+    """Routes after the first of an origin come without its certificate; the receiver validates them with
+    the one it keeps (and with the same rules: a service it does not name is invalid)."""
+    rib = Rib("x")
+    rib.trust = w.trust(local="x", peers=())
+    routes = [attrs.evolve(w.signed("o", adv("o", ("o",), inst=f"i{n}"), to="t"), path=("t", "o")) for n in range(3)]
+    rib.apply_update("t", Update(tuple(routes)), 0.0)
+    out = AdjRibOut("y", 0.0, sig_ok=True)
+    out.mark_all(rib)
+    sent, _ = out.flush(rib, 0.0)
+    assert [r.cert is not None for r in sent] == [True, False, False]
+    far = w.trust(local="y", peers=())
+    assert [far.validate("x", attrs.evolve(r, path=("x", *r.path))).state for r in sent] == [Validation.VALID] * 3
+    stray = attrs.evolve(w.signed("o", adv("o", ("o",), svc="/elsewhere"), to="t"), path=("x", "t", "o"), cert=None)
+    assert "does not name /elsewhere" in far.validate("x", stray).reason
