@@ -73,10 +73,10 @@ def totals(lab: Lab) -> tuple[int, int, int]:
     return msgs, byts, updates
 
 
-def run_once(n: int, seed: int) -> dict:
+def run_once(n: int, seed: int, trust: bool = True) -> dict:
     topo, g = topology(n, seed)
     with tempfile.TemporaryDirectory(prefix="cpn-bench-") as tmp:
-        specs = write_lab(topo, Path(tmp))
+        specs = write_lab(topo, Path(tmp), trust=trust)
         lab = Lab(specs, log_level="warning")
         with lab:
             t0 = time.monotonic()
@@ -117,6 +117,7 @@ def run_once(n: int, seed: int) -> dict:
         "messages_per_gateway": round(msgs / n, 1),
         "kill_to_healed_s": round(t_heal - t_kill, 3),
         "killed_degree": g.degree[victim],
+        "trust": trust,
     }
 
 
@@ -225,15 +226,19 @@ def main() -> int:
     ap.add_argument("--sizes", default="5,10,20")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--trust", choices=("on", "off", "both"), default="on",
+                    help="the lab's domain key and certificates, so every route is signed and verified (the "
+                         "default, as `cpnd lab`); off: no trust anchors, routes signed but unverifiable; both: each size twice")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     for n in sizes:
-        runs = [run_once(n, seed=1000 * n + r) for r in range(args.repeats)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        med["repeats"] = args.repeats
-        results.append(med)
-        print(json.dumps(med), flush=True)
+        for trust in ((False, True) if args.trust == "both" else (args.trust == "on",)):
+            runs = [run_once(n, seed=1000 * n + r, trust=trust) for r in range(args.repeats)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            med["repeats"] = args.repeats
+            results.append(med)
+            print(json.dumps(med), flush=True)
     codec = codec_bench()
     codec.update(origin_bench())
     print(json.dumps(codec), flush=True)
@@ -241,11 +246,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "control_plane.json").write_text(json.dumps({"sizes": results, "codec": codec,
                                                          "command": " ".join(sys.argv)}, indent=1) + "\n")
-    print("\n| gateways | links | launch->converged s | 1st session->converged s | msgs/gateway | kill->healed s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| gateways | links | trust | launch->converged s | 1st session->converged s | msgs/gateway | kill->healed s |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['gateways']} | {r['links']} | {r['launch_to_converged_s']} | {r['first_session_to_converged_s']} | "
-              f"{r['messages_per_gateway']} | {r['kill_to_healed_s']} |")
+        print(f"| {r['gateways']} | {r['links']} | {'on' if r['trust'] else 'off'} | {r['launch_to_converged_s']} | "
+              f"{r['first_session_to_converged_s']} | {r['messages_per_gateway']} | {r['kill_to_healed_s']} |")
     print("\n| codec (one core) | msgs/s |\n|---|---|")
     for k, v in codec.items():
         if k.endswith("_per_s"):
