@@ -118,6 +118,7 @@ class GatewayConfig:
     trust_anchors: tuple[str, ...] = ()
     cert_file: Path | None = None
     accept_unverified_origins: bool = True
+    seal_streams: bool = True  # seal requests end to end to origins that publish a key (tunnel.md)
 
 
 # What one open tunnel stream costs beyond its data (its task, HTTP parser, instance connection),
@@ -389,6 +390,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         trust_anchors=_anchors(r, g, (*gw, "trust_anchors")),
         cert_file=r.file(g, (*gw, "cert_file")) if "cert_file" in g else None,
         accept_unverified_origins=r.get(g, (*gw, "accept_unverified_origins"), bool, True),
+        seal_streams=r.get(g, (*gw, "seal_streams"), bool, True),
     )
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")

@@ -30,7 +30,7 @@ from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
 from .http import DataPlane, HttpLimits
 from .limits import TokenBucket
 from .names import service_label
-from .policy import configure_rib, session_up
+from .policy import configure_rib, session_up, stream_sealer
 from .load import LoadPacer
 from .load import Stage
 from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
@@ -805,6 +805,7 @@ class Daemon:
             settings = mux_settings(ours, conn.session.peer_tunnel, LARGE_DATA_CAP in conn.session.agreed_caps,
                                     timed_load=GATEWAY_TIME_CAP in conn.session.agreed_caps)
             conn.mux = Mux(conn, peer.config.id, conn.initiated, self.dataplane.on_stream, settings, self.tunnel_bytes)
+            conn.mux.sealer = stream_sealer(self.rib, self.config, conn.session.agreed_caps)
         # What this session announced is what it enforces (a reload changes the next session's).
         self.rib.import_limits[peer.config.id] = conn.session.config.limits.routes
         conn.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,

@@ -111,6 +111,13 @@ class _DaemonCollector(Collector):
         yield frames
         yield GaugeMetricFamily("cpn_tunnel_streams", "Open tunnel streams",
                                 value=sum(len(c.mux.streams) for c in conns if c.mux is not None))
+        dropped = CounterMetricFamily("cpn_routes_dropped", "Routes dropped on receipt: origin validation failed "
+                                      "(invalid), unverifiable and not accepted (unverified), or an import filter",
+                                      labels=["reason"])
+        for reason, key in (("invalid", "routes_invalid"), ("unverified", "routes_unverified_dropped"),
+                            ("filtered", "routes_filtered")):
+            dropped.add_metric([reason], d.rib.counters[key])
+        yield dropped
         st = d.dataplane.stats
         yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=st["retries"])
         yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=st["admission_rejects"])

@@ -179,10 +179,10 @@ def read_certificate(path: Path) -> Certificate:
 
 def origin_message(adv: RouteAdv) -> bytes:
     """What the origin signs: the context string, then msgpack
-    [svc, inst, origin, seq, cap, load, bload, price, comp, down], numbers as float64 / int."""
+    [svc, inst, origin, seq, cap, load, bload, price, comp, down, xk], numbers as float64 / int, xk nil when absent."""
     return ORIGIN_CONTEXT + msgpack.packb(
         [adv.service, adv.instance, adv.origin, adv.seq, float(adv.capacity), float(adv.load), float(adv.bload),
-         float(adv.price), adv.compute_us, adv.down], use_bin_type=True)
+         float(adv.price), adv.compute_us, adv.down, adv.seal_key], use_bin_type=True)
 
 
 def adjacency_message(origin: str, neighbour: str) -> bytes:
@@ -194,16 +194,19 @@ def adjacency_message(origin: str, neighbour: str) -> bytes:
 class Signer:
     """The origin side: signs our own instances' routes and our adjacency tokens."""
 
-    def __init__(self, local_id: str, key: Ed25519PrivateKey, cert: Certificate | None = None) -> None:
+    def __init__(self, local_id: str, key: Ed25519PrivateKey, cert: Certificate | None = None,
+                 seal_key: bytes | None = None) -> None:
         self.local_id = local_id
         self.key = key
+        self.seal_key = seal_key  # our X25519 public key for sealed streams, published in our routes (`xk`)
         self.cert = cert.encode() if cert is not None else None
         self._last: dict[tuple[str, str], tuple[bytes, bytes]] = {}  # per instance: the last message and its signature
         self._adjacency: dict[str, bytes] = {}
         self.signs = 0
 
     def sign(self, adv: RouteAdv) -> RouteAdv:
-        """``adv`` (one of ours) with its origin signature and our certificate."""
+        """``adv`` (one of ours) with our sealing key, its origin signature and our certificate."""
+        adv = attrs.evolve(adv, seal_key=self.seal_key)
         msg = origin_message(adv)
         last = self._last.get((adv.service, adv.instance))
         if last is not None and last[0] == msg:

@@ -9,8 +9,12 @@ from typing import Any
 
 from .config import Config, PeerConfig
 from .crypto import parse_public_key
-from .origin import Signer, Trust
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from .origin import Signer, Trust, Validation
 from .rib import Rib
+from .seal import Opener, StreamSealer
+from .tunnel import SEALED_CAP, ExtHeader
 from .wire import ORIGIN_SIG_CAP
 
 
@@ -33,10 +37,29 @@ def configure_rib(rib: Rib, config: Config) -> None:
         rib.trust.peer_keys = peer_keys
         rib.trust.anchors = frozenset(anchors)
         rib.trust.accept_unverified = g.accept_unverified_origins
+    if rib.opener is None:  # one sealing key per process: our routes publish it
+        rib.opener = Opener(X25519PrivateKey.generate())
     if rib.signer is None or rib.signer.cert != (config.cert.encode() if config.cert else None):
-        rib.signer = Signer(g.id, config.key, config.cert)
+        rib.signer = Signer(g.id, config.key, config.cert, rib.opener.public)
     rib.import_prefixes = {p.id: p.import_prefixes for p in config.peers if p.import_prefixes is not None}
     rib.local_pref = {p.id: p.local_pref for p in config.peers if p.local_pref != 100}
+
+
+def stream_sealer(rib: Rib, config: Config, agreed_caps: tuple[str, ...]) -> StreamSealer | None:
+    """How a new session's tunnel seals (tunnel.md, "Sealed streams"); None without sealed-streams on both OPENs."""
+    if SEALED_CAP not in agreed_caps or rib.opener is None:
+        return None
+
+    def key_for(ext: ExtHeader) -> bytes | None:
+        key = rib.lookup_target(ext.label, ext.origin, ext.instance)
+        best = rib.loc.get(key) if key is not None else None
+        # Only a key the origin signed and we verified: an unverified one could be a transit's own.
+        if best is None or best.route.validation is not Validation.VALID:
+            return None
+        return best.fresh.seal_key
+
+    return StreamSealer(config.gateway.id, rib.opener, key_for, seal_outbound=config.gateway.seal_streams,
+                        counters=rib.counters)
 
 
 def session_up(rib: Rib, peer: PeerConfig, agreed_caps: tuple[str, ...]) -> dict[str, Any]:

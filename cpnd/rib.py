@@ -21,6 +21,7 @@ from .errors import CeaseSub, Code, ProtocolError, UpdateSub
 from .load import STAGE_HINT_US
 from .names import service_label
 from .origin import Signer, Trust, Validation, covered
+from .seal import Opener
 from .wire import RouteAdv, Update, Withdrawal, shared
 
 Key = tuple[str, str, str]  # (service, origin, instance)
@@ -179,6 +180,7 @@ class Rib:
         # / empty takes every route as before, unknown.
         self.trust: Trust | None = None
         self.signer: Signer | None = None
+        self.opener: Opener | None = None  # our sealing key (tunnel.md, "Sealed streams"), published by the signer
         self.import_prefixes: dict[str, tuple[str, ...]] = {}  # per peer; absent: everything
         self.local_pref: dict[str, int] = {}  # per peer; absent: 100
         self.counters: collections.Counter[str] = collections.Counter()
@@ -352,7 +354,7 @@ class Rib:
             # The freshest attributes with their origin signature, and the best path's adjacency token.
             adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw, oadj=r.adv.oadj)
             if adv.oadj is None and adv.osig is not None:
-                adv = attrs.evolve(adv, osig=None)  # a signature without its path's token does not verify
+                adv = attrs.evolve(adv, osig=None, seal_key=None)  # a signature without its path's token does not verify
         object.__setattr__(best, "exported", adv)
         return adv
 
@@ -546,8 +548,8 @@ class AdjRibOut:
         if not self.gw_ok and want.gateway_us is not None:
             want = attrs.evolve(want, gateway_us=None)  # this peer's decoder does not know `gw`
         if not self.sig_ok:
-            if want.osig is not None or want.oadj is not None or want.cert is not None:
-                want = attrs.evolve(want, osig=None, oadj=None, cert=None)  # nor these
+            if want.osig is not None or want.oadj is not None or want.cert is not None or want.seal_key is not None:
+                want = attrs.evolve(want, osig=None, oadj=None, cert=None, seal_key=None)  # nor these
         else:
             if len(want.path) == 1 and want.osig is not None:
                 want = attrs.evolve(want, oadj=self.adjacency)  # our own instance: we send it to this peer

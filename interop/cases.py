@@ -1036,6 +1036,29 @@ def _origin_vectors(t: Target) -> None:
     pub(v["gw3_public_key"]).verify(bytes.fromhex(v["adjacency"]["oadj"]), adjacency_message("gw3", "gw1"))
 
 
+@case("vectors-sealed", "tunnel.md#sealed-streams")
+def _sealed_vectors(t: Target) -> None:
+    """Our own key derivation and records against the spec's sealed-stream vectors."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey as XKey, X25519PublicKey as XPub
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    v = json.loads((SPEC / "vectors.json").read_text())["sealed"]
+    raw = lambda k: k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # noqa: E731
+    static = XKey.from_private_bytes(bytes.fromhex(v["origin_private"]))
+    eph = XKey.from_private_bytes(bytes.fromhex(v["eph_private"]))
+    xk, e = raw(static), raw(eph)
+    lp = lambda s: bytes([len(s.encode())]) + s.encode()  # noqa: E731
+    info = b"cpn/1 sealed stream" + e + xk + v["label"].to_bytes(4, "big") + lp(v["origin"]) + lp(v["instance"])
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=bytes.fromhex(v["request_id"]), info=info).derive(
+        eph.exchange(XPub.from_public_bytes(xk)))
+    assert okm[:32].hex() == v["request_key"] and okm[32:].hex() == v["response_key"]
+    for key, plain, sealed in ((okm[:32], v["request"], v["sealed_request"]), (okm[32:], v["response"], v["sealed_response"])):
+        ct = ChaCha20Poly1305(key).encrypt(bytes(12), b"\x01" + bytes.fromhex(plain), None)  # counter 0, the last record
+        assert (struct.pack(">I", len(ct)) + ct).hex() == sealed
+
+
 @case("origin-sig-routes-signed", "messages.md#route, routing.md#origin-validation")
 def _origin_signed(t: Target) -> None:
     """Under origin-sig the target's own routes carry its signature and its adjacency token naming us;

@@ -264,7 +264,7 @@ def origin_message(r: dict[str, Any]) -> bytes:
     """What an origin signs for Route ``r``."""
     return b"cpn/1 origin\x00" + msgpack.packb(
         [r["svc"], r["inst"], r["origin"], r["seq"], float(r["cap"]), float(r["load"]), float(r["bload"]),
-         float(r["price"]), r["comp"], bool(r.get("down", False))], use_bin_type=True)
+         float(r["price"]), r["comp"], bool(r.get("down", False)), r.get("xk")], use_bin_type=True)
 
 
 def adjacency_message(origin: str, neighbour: str) -> bytes:

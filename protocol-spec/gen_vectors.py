@@ -250,6 +250,46 @@ def handshake_vector() -> dict:
     }
 
 
+def seal_keys():
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return (X25519PrivateKey.from_private_bytes(seed("gw3 sealing")),
+            X25519PrivateKey.from_private_bytes(seed("ingress ephemeral")))
+
+
+def sealed_ext():
+    from cpnd.seal import x25519_public
+    from cpnd.tunnel import ExtHeader, QoS
+
+    _, eph = seal_keys()
+    return ExtHeader(service_label("/yolo"), "gw3", "s1", bytes(range(16)), QoS.INTERACTIVE, 16, 2_000_000, 1,
+                     eph=x25519_public(eph))
+
+
+def sealed_vectors() -> dict:
+    """A sealed stream's keys and first records (tunnel.md, "Sealed streams")."""
+    from cpnd.seal import Opener, outbound, x25519_public
+
+    static, eph = seal_keys()
+    ext = sealed_ext()
+    pub, ingress = outbound(x25519_public(static), ext.request_id, ext.label, ext.origin, ext.instance, eph)
+    egress = Opener(static).inbound(pub, ext.request_id, ext.label, ext.origin, ext.instance)
+    request = b"GET /yolo/x HTTP/1.1\r\nhost: gw1\r\nauthorization: Bearer secret\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    sealed_req = ingress.send.seal(request, True)
+    sealed_resp = egress.send.seal(response, True)
+    assert egress.recv.open(sealed_req) == request and ingress.recv.open(sealed_resp) == response
+    return {
+        "about": "X25519 keys from seeds 'gw3 sealing' (the origin's, published as xk) and 'ingress ephemeral'",
+        "origin_private": seed("gw3 sealing").hex(), "origin_public": x25519_public(static).hex(),
+        "eph_private": seed("ingress ephemeral").hex(), "eph_public": pub.hex(),
+        "request_id": ext.request_id.hex(), "label": ext.label, "origin": ext.origin, "instance": ext.instance,
+        "request_key": ingress.send.key.hex(), "response_key": ingress.recv.key.hex(),
+        "request": request.hex(), "sealed_request": sealed_req.hex(),
+        "response": response.hex(), "sealed_response": sealed_resp.hex(),
+    }
+
+
 def tunnel_vectors() -> list[dict]:
     from cpnd.tunnel import FLAG_END, ExtHeader, FrameType, QoS, ResetCode, encode_frame, load_payload, parse_load, reset_payload
 
@@ -267,6 +307,8 @@ def tunnel_vectors() -> list[dict]:
         ("load-gateway-time", "LOAD on stream 1 (session with gateway-time): load 0.25, latency-bound demand 0.1, "
          "base compute 1000 us, this request's instance time to its response head 1234 us",
          encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True)), None),
+        ("open-sealed", "OPEN stream 5 to s1 at gw3, sealed (flag 0x02): the ingress's ephemeral X25519 key ends the "
+         "header (vectors.json -> sealed)", encode_frame(5, FrameType.OPEN, sealed_ext().encode()), sealed_ext()),
         ("load-refused-gateway-time", "LOAD on stream 3 (session with gateway-time) before a RESET refused: "
          "load 1.0, demand 1.2, base compute 3000 us, no instance time (0xFFFFFFFF)",
          encode_frame(3, FrameType.LOAD, load_payload(1.0, 1.2, 3000, None, timed=True)), None),
@@ -281,6 +323,9 @@ def tunnel_vectors() -> list[dict]:
             v["caps"] = ["gateway-time"]  # the 16-byte LOAD: only where both OPENs list it
         if e is not None:
             v["ext"] = [e.label, e.origin, e.instance, int(e.qos), e.hop_limit, e.budget_us, e.flags]
+            if e.eph is not None:
+                v["eph"] = e.eph.hex()
+                v["caps"] = ["sealed-streams"]
         if raw[4] == FrameType.LOAD:  # [load, bload, base compute us, instance us or null]
             v["load"] = list(parse_load(raw[6:]))
         out.append(v)
@@ -291,6 +336,8 @@ def tunnel_vectors() -> list[dict]:
         ("oversized-data", "DATA of 16385 bytes", encode_frame(1, FrameType.DATA, b"x" * 16385)),
         ("zero-window", "WINDOW increment 0", encode_frame(1, FrameType.WINDOW, bytes(4))),
         ("ext-truncated", "OPEN whose extension header stops inside the origin", encode_frame(1, FrameType.OPEN, ext.encode()[:30])),
+        ("ext-sealed-without-key", "OPEN whose extension header has the sealed flag but no 32-byte key after the ids",
+         encode_frame(1, FrameType.OPEN, sealed_ext().encode()[:-1])),
         ("ext-version", "OPEN with extension header version 2", encode_frame(1, FrameType.OPEN, b"\x02" + ext.encode()[1:])),
         ("load-timed-without-cap", "LOAD of 16 bytes on a session without gateway-time",
          encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True))),
@@ -319,6 +366,7 @@ def main() -> None:
         "handshake": handshake_vector(),
         "tunnel": tunnel_vectors(),
         "origin": origin_vectors(),
+        "sealed": sealed_vectors(),
     }
     path = Path(__file__).resolve().parent / "vectors.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

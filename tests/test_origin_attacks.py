@@ -174,3 +174,6 @@ def test_capture_of_a_prefix_another_gateway_is_authorised_for_is_dropped(net) -
             p.close()
     stats = lab.query("t", "stats")
     assert stats["gateway"]["routes_invalid"] >= 2 and stats["gauges"]["origin_verifies"] > 0
+    metrics = httpx.get(f"http://{specs['t'].metrics}/metrics", timeout=10).text
+    line = next(ln for ln in metrics.splitlines() if ln.startswith('cpn_routes_dropped_total{reason="invalid"}'))
+    assert float(line.split()[-1]) == stats["gateway"]["routes_invalid"]
