@@ -258,6 +258,7 @@ class Trust:
         self.certs: collections.OrderedDict[tuple[bytes, str], Certificate] = collections.OrderedDict()
         self.vrp: dict[str, dict[str, int]] = {}  # prefix -> origin -> certificates naming it
         self.by_origin: dict[str, Certificate] = {}  # origin -> the newest certificate seen for it
+        self.raw_by_origin: dict[str, bytes] = {}  # ... and its encoding, as routes carry it on
         self.own: tuple[bytes, str] | None = None
         self._bad_certs: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._verified: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # sig -> key + message
@@ -281,11 +282,13 @@ class Trust:
             self.vrp.setdefault(p, {})
             self.vrp[p][origin] = self.vrp[p].get(origin, 0) + 1
         self.by_origin[origin] = cert
+        self.raw_by_origin[origin] = k[0]
 
     def _forget(self, k: tuple[bytes, str]) -> None:
         cert = self.certs.pop(k)
         if self.by_origin.get(k[1]) is cert:
             del self.by_origin[k[1]]
+            del self.raw_by_origin[k[1]]
         for p in cert.services:
             n = self.vrp[p][k[1]] - 1
             if n:

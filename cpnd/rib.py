@@ -352,7 +352,12 @@ class Rib:
         else:  # `gw` is a path attribute, like the latency: the best path's, plus our own as its transit
             gw = shared(min(MAX_LATENCY_US, self.path_gateway_us(r) + self.transit_us))  # few distinct values
             # The freshest attributes with their origin signature, and the best path's adjacency token.
-            adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw, oadj=r.adv.oadj)
+            # A route that came without its certificate (sent once per session) goes on with the one we
+            # hold for its origin: our peers may not have it (each session strips repeats again).
+            cert = f.cert
+            if cert is None and f.osig is not None and self.trust is not None:
+                cert = self.trust.raw_by_origin.get(f.origin)
+            adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw, oadj=r.adv.oadj, cert=cert)
             if adv.oadj is None and adv.osig is not None:
                 adv = attrs.evolve(adv, osig=None, seal_key=None)  # a signature without its path's token does not verify
         object.__setattr__(best, "exported", adv)

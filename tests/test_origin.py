@@ -296,3 +296,22 @@ def test_a_certificate_goes_once_per_session_and_the_receiver_keeps_it(w) -> Non
     assert [far.validate("x", attrs.evolve(r, path=("x", *r.path))).state for r in sent] == [Validation.VALID] * 3
     stray = attrs.evolve(w.signed("o", adv("o", ("o",), svc="/elsewhere"), to="t"), path=("x", "t", "o"), cert=None)
     assert "does not name /elsewhere" in far.validate("x", stray).reason
+
+
+def test_a_route_that_came_without_its_certificate_goes_on_with_it(w) -> None:
+    """The freshest attributes may come over a session that sent the origin's certificate earlier: what
+    we pass on carries the one we hold, or a gateway further on could not verify the origin (a 10-gateway
+    lab saw exactly that: "/svc is authorised to ..., not g003")."""
+    rib = Rib("a")
+    rib.trust = w.trust(local="a", peers=())
+    first = attrs.evolve(w.signed("o", adv("o", ("o",), seq=1), to="x"), path=("x", "o"))
+    fresher = attrs.evolve(w.signed("o", adv("o", ("o",), seq=2), to="y"), path=("y", "o"), cert=None)
+    rib.apply_update("x", Update((first,)), 0.0)
+    rib.apply_update("y", Update((fresher,)), 0.0)
+    assert rib.loc[first.key].fresh.seq == 2 and rib.loc[first.key].fresh.cert is None
+    out = AdjRibOut("z", 0.0, sig_ok=True)
+    out.mark_all(rib)
+    (sent,), _ = out.flush(rib, 0.0)
+    assert sent.cert == w.certs["o"].encode()
+    far = w.trust(local="z", peers=())
+    assert far.validate("a", sent).state is Validation.VALID
