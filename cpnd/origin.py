@@ -260,6 +260,7 @@ class Trust:
         self.by_origin: dict[str, Certificate] = {}  # origin -> the newest certificate seen for it
         self.raw_by_origin: dict[str, bytes] = {}  # ... and its encoding, as routes carry it on
         self.own: tuple[bytes, str] | None = None
+        self.new_prefixes: set[str] = set()  # prefixes that gained an authorised origin since last taken
         self._bad_certs: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         self._verified: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()  # sig -> key + message
         self.verifies = 0
@@ -280,6 +281,8 @@ class Trust:
         self.certs[k] = cert
         for p in cert.services:
             self.vrp.setdefault(p, {})
+            if origin not in self.vrp[p]:
+                self.new_prefixes.add(p)  # a new authorisation: routes held under it are judged again
             self.vrp[p][origin] = self.vrp[p].get(origin, 0) + 1
         self.by_origin[origin] = cert
         self.raw_by_origin[origin] = k[0]
@@ -297,6 +300,10 @@ class Trust:
                 del self.vrp[p][k[1]]
                 if not self.vrp[p]:
                     del self.vrp[p]
+
+    def take_new_prefixes(self) -> set[str]:
+        out, self.new_prefixes = self.new_prefixes, set()
+        return out
 
     def authorised(self, service: str) -> set[str] | None:
         """The origins some certificate authorises for ``service``; None when none covers it."""

@@ -238,7 +238,25 @@ class Rib:
                 continue
             table[adv.key] = Route(adv, peer, now, validation=validation, pref=pref)
             changed.add(adv.key)
+        if self.trust is not None and self.trust.new_prefixes:
+            changed |= self._revalidate(self.trust.take_new_prefixes())
         return self._recompute(changed)
+
+    def _revalidate(self, prefixes: set[str]) -> set[Key]:
+        """Authorisations for ``prefixes`` were learned: routes held under them from an origin no
+        authorisation names are invalid now (routing.md, "Origin validation", rule 2), dropped."""
+        assert self.trust is not None
+        gone: set[Key] = set()
+        for peer, table in self.adj_in.items():
+            for key in [k for k in table if covered(prefixes, k[0])]:
+                allowed = self.trust.authorised(key[0])
+                if allowed is not None and key[1] not in allowed:
+                    del table[key]
+                    gone.add(key)
+                    self.counters["routes_invalid"] += 1
+                    self.invalid_by_peer[peer] += 1
+                    self.last_invalid[peer] = f"{key[0]} {key[1]}/{key[2]}: {key[0]} is authorised to others (learned later)"
+        return gone
 
     def _validate(self, peer: str, adv: RouteAdv) -> Validation:
         """Origin validation of one route; invalid (and unknown when not accepted) are counted."""

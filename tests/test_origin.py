@@ -315,3 +315,15 @@ def test_a_route_that_came_without_its_certificate_goes_on_with_it(w) -> None:
     assert sent.cert == w.certs["o"].encode()
     far = w.trust(local="z", peers=())
     assert far.validate("a", sent).state is Validation.VALID
+
+
+def test_a_capture_held_before_the_covering_certificate_goes_when_it_comes(w) -> None:
+    rib = Rib("x")
+    rib.trust = w.trust(local="x", peers=("evil",))
+    capture = w.signed("evil", adv("evil", ("evil",), svc="/svc/admin"), to="x")
+    rib.apply_update("evil", Update((capture,)), 0.0)
+    assert rib.loc[capture.key].route.validation is Validation.VALID  # nobody is authorised for /svc yet
+    real = attrs.evolve(w.signed("o", adv("o", ("o",)), to="t"), path=("t", "o"))  # carries o's /svc certificate
+    changed = rib.apply_update("t", Update((real,)), 0.0)
+    assert capture.key in changed and capture.key not in rib.loc and real.key in rib.loc
+    assert rib.invalid_by_peer["evil"] == 1 and "learned later" in rib.last_invalid["evil"]
