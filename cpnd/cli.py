@@ -22,7 +22,7 @@ ROUTE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("origin", "ORIGIN"), ("next_hop", "NEXT-HOP"),
     ("path", "PATH"), ("path_latency_ms", "PATH-MS"), ("compute_latency_ms", "COMP-MS"), ("load", "LOAD"),
     ("capacity", "CAP"), ("price", "PRICE"), ("label", "LABEL"), ("age_s", "AGE-S"), ("best", "BEST"),
-    ("estimate_ms", "EST-MS"), ("state", "STATE"),
+    ("estimate_ms", "EST-MS"), ("validation", "ORIGIN"), ("state", "STATE"),
 ]
 SERVICE_COLUMNS = [
     ("service", "SERVICE"), ("instance", "INSTANCE"), ("healthy", "HEALTHY"), ("load", "LOAD"),
@@ -35,7 +35,8 @@ CLIENT_COLUMNS = [
 ]
 PEER_COLUMNS = [
     ("id", "PEER"), ("address", "ADDRESS"), ("state", "STATE"), ("uptime_s", "UPTIME-S"),
-    ("rtt_ms", "RTT-MS"), ("routes_received", "ROUTES"), ("routes_withheld", "WITHHELD"), ("last_error", "LAST-ERROR"),
+    ("rtt_ms", "RTT-MS"), ("routes_received", "ROUTES"), ("routes_withheld", "WITHHELD"), ("routes_invalid", "INVALID"),
+    ("import", "IMPORT"), ("export", "EXPORT"), ("local_pref", "PREF"), ("last_error", "LAST-ERROR"),
 ]
 
 
@@ -44,7 +45,7 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "path":
         return " ".join(value) if value else "local"
-    if key == "services":
+    if key in ("services", "import", "export"):
         return ",".join(value)
     if key == "best":
         return "*" if value else ""
@@ -78,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     kg.add_argument("--force", action="store_true", help="overwrite an existing file")
     pk = sub.add_parser("pubkey", help="print the public key of a key file")
     pk.add_argument("file")
+    ce = sub.add_parser("certify", help="issue a certificate: a domain key (trust anchor) lets a gateway's key "
+                        "originate service prefixes")
+    ce.add_argument("--ca", required=True, metavar="DOMAIN.key", help="the domain's private key (cpnctl keygen)")
+    ce.add_argument("--pubkey", required=True, metavar="B64", help="the gateway's public key")
+    ce.add_argument("--services", required=True, metavar="/a,/b", help="URL-PATH prefixes it may originate")
+    ce.add_argument("--out", required=True, metavar="GW.cert")
+    ce.add_argument("--id", default="", help="the gateway's id (else the certificate holds only for a gateway "
+                    "whose key a receiver has in [[peers]])")
+    ce.add_argument("--days", type=float, default=365.0, help="valid for this many days (default 365)")
     sub.add_parser("reload", help="make the daemon re-read its config (like SIGHUP); prints what changed")
     hk = sub.add_parser("hash-key", help="print a new random client key (or registrar token) and its SHA-256 for the config")
     hk.add_argument("--stdin", action="store_true", help="hash the key read from stdin instead of making one")
@@ -126,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command not in ("keygen", "pubkey", "hash-key"):
+        if args.command not in ("keygen", "pubkey", "hash-key", "certify"):
             args.socket = socket_path(args)
             if args.socket is None:
                 parser.error(NO_SOCKET)
@@ -147,6 +157,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pubkey":
         print(public_key_b64(load_private_key(Path(args.file))))
         return 0
+    if args.command == "certify":
+        return certify(args)
     if args.command == "reload":
         print(request(args.socket, "reload")["summary"])
         return 0
@@ -194,6 +206,38 @@ def _run(args: argparse.Namespace) -> int:
     else:
         data = request(args.socket, "stats")
         print(json.dumps(data, indent=1) if args.json else stats_table(data))
+    return 0
+
+
+def certify(args: argparse.Namespace) -> int:
+    """``cpnctl certify``: write a certificate signed by ``--ca``; prints what it says."""
+    import time
+
+    from .crypto import parse_public_key
+    from .origin import CertificateError, certificate_pem, issue
+
+    ca = load_private_key(Path(args.ca))
+    try:
+        key = parse_public_key(args.pubkey).public_bytes_raw()
+    except ValueError as exc:
+        print(f"cpnctl: --pubkey: {exc}", file=sys.stderr)
+        return 2
+    services = [s.strip() for s in args.services.split(",") if s.strip()]
+    if not 0 < args.days <= 36500:
+        print("cpnctl: --days: must be between 0 and 36500", file=sys.stderr)
+        return 2
+    try:
+        cert = issue(ca, key, services, int(time.time() + args.days * 86400), args.id)
+    except CertificateError as exc:
+        print(f"cpnctl: {exc}", file=sys.stderr)
+        return 2
+    try:
+        Path(args.out).write_text(certificate_pem(cert))
+    except OSError as exc:
+        print(f"cpnctl: {args.out}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {cert.id or 'any gateway with key'} {args.pubkey} may originate {', '.join(services)} "
+          f"until {time.strftime('%Y-%m-%d', time.gmtime(cert.not_after))} (issuer {public_key_b64(ca)})")
     return 0
 
 

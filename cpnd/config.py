@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import time
 import tomllib
 import urllib.parse
 from collections.abc import Callable
@@ -19,10 +20,11 @@ from typing import Any
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .crypto import KeyFileError, load_private_key, parse_public_key
+from .crypto import KeyFileError, load_private_key, parse_public_key, public_key_b64
 from .errors import ConfigError
 from .names import id_problem, service_problem
 from .tls import ClientContexts, InstanceTls, ServerTls, TlsFileError, server_context
+from .origin import Certificate, CertificateError, covered, read_certificate
 from .wire import MAX_HOLD_MS, MAX_RESTART_MS, MAX_TUNNEL_STREAMS, MIN_HOLD_MS, MIN_TUNNEL_WINDOW
 
 SELECTION_MODES = ("per-request", "per-connection", "dns-ttl")
@@ -47,6 +49,11 @@ class PeerConfig:
     public_key_b64: str
     emulated_rtt_ms: float = 0.0
     passive: bool = False
+    # Per-peer policy (routing.md, "Policy"): the URL-PATH prefixes taken from / given to this peer
+    # (None: all), and the preference of its routes over others' (higher wins, default 100).
+    import_prefixes: tuple[str, ...] | None = None
+    export_prefixes: tuple[str, ...] | None = None
+    local_pref: int = 100
 
 
 @attrs.frozen
@@ -122,6 +129,12 @@ class GatewayConfig:
     auth_failures_per_s: float = 1.0
     auth_failures_burst: int = 20
     max_auth_failure_sources: int = 4096
+    # Origin validation (routing.md): keys whose certificates we believe, our own certificate,
+    # and whether routes no key can verify are kept (less preferred) or dropped.
+    trust_anchors: tuple[str, ...] = ()
+    cert_file: Path | None = None
+    accept_unverified_origins: bool = True
+    seal_streams: bool = True  # seal requests end to end to origins that publish a key (tunnel.md)
 
 
 @attrs.frozen
@@ -164,6 +177,7 @@ class Config:
     tls: ServerTls | None = attrs.field(default=None, eq=False)  # https_listen's context, built from the files when loaded
     clients: tuple[ClientConfig, ...] = ()
     registrars: tuple[RegistrarConfig, ...] = ()
+    cert: Certificate | None = attrs.field(default=None, eq=False)  # cert_file, read
 
 
 # ---------------------------------------------------------------- locating keys in the text
@@ -340,7 +354,7 @@ def parse_address(text: str, *, literal: bool = False) -> Address:
 # ---------------------------------------------------------------- loading
 
 _GATEWAY_KEYS = {f.name for f in attrs.fields(GatewayConfig)}
-_PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive"}
+_PEER_KEYS = {"id", "address", "public_key", "emulated_rtt_ms", "passive", "import", "export", "local_pref"}
 _SERVICE_KEYS = {"path", "instances"}
 _INSTANCE_KEYS = {"id", "url", "capacity", "price", "compute_latency_ms", "health_path", "max_inflight",
                   "tls_ca_file", "tls_server_name", "http2"}
@@ -462,6 +476,10 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         auth_failures_per_s=float(r.number(g, (*gw, "auth_failures_per_s"), 0.001, 1e6, 1.0)),
         auth_failures_burst=r.number(g, (*gw, "auth_failures_burst"), 1, 1_000_000, 20, integer=True),
         max_auth_failure_sources=r.number(g, (*gw, "max_auth_failure_sources"), 16, 10_000_000, 4096, integer=True),
+        trust_anchors=_anchors(r, g, (*gw, "trust_anchors")),
+        cert_file=r.file(g, (*gw, "cert_file")) if "cert_file" in g else None,
+        accept_unverified_origins=r.get(g, (*gw, "accept_unverified_origins"), bool, True),
+        seal_streams=r.get(g, (*gw, "seal_streams"), bool, True),
     )
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
@@ -497,6 +515,9 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
             id=pid, address=addr, public_key=pub, public_key_b64=b64.strip(),  # type: ignore[arg-type]
             emulated_rtt_ms=float(r.number(p, (*kp, "emulated_rtt_ms"), 0, 10_000, 0.0)),
             passive=r.get(p, (*kp, "passive"), bool, False),
+            import_prefixes=_peer_prefixes(r, p, (*kp, "import")),
+            export_prefixes=_peer_prefixes(r, p, (*kp, "export")),
+            local_pref=r.number(p, (*kp, "local_pref"), 0, 1_000_000, 100, integer=True),
         ))
 
     services_raw = data.get("services", [])
@@ -543,8 +564,9 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         key = load_private_key(gateway.key_file)
     except KeyFileError as exc:
         raise r.error((*gw, "key_file"), str(exc)) from None
+    cert = _own_certificate(r, gateway, key, services) if gateway.cert_file is not None else None
     return Config(gateway, tuple(peers), tuple(services), key, path, server_tls, _clients(r, data),
-                  _registrars(r, data))
+                  _registrars(r, data), cert)
 
 
 # ---------------------------------------------------------------- clients and registrars
@@ -620,3 +642,50 @@ def _registrars(r: _Reader, data: dict[str, Any]) -> tuple[RegistrarConfig, ...]
     if not out and "registration_listen" in data["gateway"]:
         raise r.error(("gateway", "registration_listen"), "needs at least one [[registrars]] (the tokens it accepts)")
     return tuple(out)
+
+
+
+
+def _anchors(r: _Reader, g: dict[str, Any], keypath: tuple[str | int, ...]) -> tuple[str, ...]:
+    """``trust_anchors``: base64 Ed25519 public keys (of ``cpnctl keygen`` domain keys)."""
+    v = r.get(g, keypath, list, [])
+    for i, b64 in enumerate(v):
+        if not isinstance(b64, str):
+            raise r.error(keypath, f"[{i}]: must be a string (a base64 public key)")
+        try:
+            parse_public_key(b64)
+        except ValueError as exc:
+            raise r.error(keypath, f"[{i}]: {exc}") from None
+    return tuple(b.strip() for b in v)
+
+
+def _peer_prefixes(r: _Reader, p: dict[str, Any], keypath: tuple[str | int, ...]) -> tuple[str, ...] | None:
+    """``import`` / ``export``: a list of URL-PATH prefixes; absent: every service."""
+    v = r.get(p, keypath, list, None)
+    if v is None:
+        return None
+    for s in v:
+        problem = service_problem(s) if isinstance(s, str) else "must be a string"
+        if problem:
+            raise r.error(keypath, f"{s!r}: {problem}")
+    return tuple(v)
+
+
+def _own_certificate(r: _Reader, g: GatewayConfig, key: Ed25519PrivateKey, services: list[ServiceConfig]) -> Certificate:
+    """``cert_file``: ours (our key, our id or none), naming every service we host, not expired."""
+    assert g.cert_file is not None
+    kp = ("gateway", "cert_file")
+    try:
+        cert = read_certificate(g.cert_file)
+    except CertificateError as exc:
+        raise r.error(kp, f"{g.cert_file}: {exc}") from None
+    if cert.key != parse_public_key(public_key_b64(key)).public_bytes_raw():
+        raise r.error(kp, f"{g.cert_file}: certifies another key than key_file's")
+    if cert.id and cert.id != g.id:
+        raise r.error(kp, f"{g.cert_file}: issued to {cert.id!r}, not {g.id!r}")
+    if cert.not_after < time.time():
+        raise r.error(kp, f"{g.cert_file}: expired")
+    for i, svc in enumerate(services):
+        if not covered(cert.services, svc.path):
+            raise r.error(kp, f"{g.cert_file}: does not name {svc.path} (services[{i}].path): peers would drop its routes")
+    return cert

@@ -79,6 +79,7 @@ def routes_json(daemon: Daemon, service: str | None = None) -> list[dict[str, An
             "stale": route.stale,  # kept through the next hop's graceful restart
             "down": fresh.down,  # its origin's health checks took it out: known, not used
             "reason": daemon.rib.loc[a.key].reason.value if best else None,
+            "validation": route.validation.value,  # origin validation (routing.md): valid or unknown
         })
         if best:
             out[-1]["estimate"] = estimate_json(daemon, a.key)

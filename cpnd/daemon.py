@@ -30,6 +30,7 @@ from .gateway import Dial, Gateway, Link, LinkDown, LinkUp, Reading, TunnelData
 from .dataplane import DataPlane, HttpLimits
 from .load import Stage
 from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
+from .policy import stream_sealer
 from .registration import Registrations
 from .rib import Best, Key, Rib
 from .select import View
@@ -446,6 +447,7 @@ class Daemon:
                                         timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
                 conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, self.dataplane.on_stream, settings,
                                self.tunnel_bytes)
+                conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
             if conn is not None:
@@ -541,13 +543,17 @@ class Daemon:
         times = {f"own_{stage}_ms": round(dp.own.us(stage, now) / 1000, 3) for stage in Stage.ALL}
         times |= {"advertised_egress_ms": round(self.rib.egress_us / 1000, 3),
                   "advertised_transit_ms": round(self.rib.transit_us / 1000, 3)}
+        trust = self.rib.trust
+        if trust is not None:  # origin validation's work: signatures made and checked (cache hits cost none)
+            times |= {"origin_signs": self.rib.signer.signs if self.rib.signer else 0, "origin_verifies": trust.verifies,
+                      "origin_verify_cache_hits": trust.cache_hits, "certificates": len(trust.certs)}
         return Status(
             id=self.id, uptime_s=round(now - self.started_at, 3),
             ports={"listen": self.listen_port, "http_listen": dp.http_port, "https_listen": dp.https_port,
                    "metrics_listen": self.metrics_port},
             peers=tuple(core.peer_status(now)), routes=len(self.rib), paths=core.paths, services=len(self.rib.by_service),
             instances=tuple(instances), gauges=gauges, session_totals=dict(core.session_totals()),
-            stats=dict(core.stats), http=dict(dp.stats), times=times,
+            stats=dict(core.stats + self.rib.counters), http=dict(dp.stats), times=times,
             clients={cid: {r: st.counts[r] for r in ("allowed", "forbidden", "rate_limited")}
                      for cid, st in self.clients.states.items()},
             client_totals=dict(self.clients.counts), registered_instances=len(self.registrations.registry))

@@ -27,6 +27,7 @@ from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
 from .limits import TokenBucket
 from .load import LoadPacer, Stage
 from .names import service_label
+from .policy import configure_rib, session_up
 from .rib import AdjRibOut, Key, Rib, gateway_time_after, link_cost_after
 from .session import (
     Authenticated,
@@ -245,6 +246,7 @@ class Gateway:
         self.config = config
         self.id = g.id
         self.rib = Rib(g.id, max_routes_per_peer=g.max_routes_per_peer)
+        configure_rib(self.rib, config)  # origin validation and per-peer policy
         self.session_config = session_config(config)
         self.peer_keys = {p.id: p.public_key for p in config.peers}
         self.rng = rng or random.Random()
@@ -513,6 +515,7 @@ class Gateway:
         self.config = new
         self.session_config = session_config(new)
         self.rib.max_routes_per_peer = g.max_routes_per_peer  # sessions keep what they announced
+        configure_rib(self.rib, new)
         for peer in self.peers.values():
             peer.inbound.retune(self.session_config.limits.rate, self.session_config.limits.burst)
         self.preauth.limit = preauth_budget(self.nofile, g.max_preauth_connections)
@@ -737,7 +740,8 @@ class Gateway:
         self.rib.import_limits[peer.config.id] = s.config.limits.routes
         link.adj_out = AdjRibOut(peer.config.id, self.config.gateway.min_adv_interval_ms / 1000,
                                  max_routes=s.export_limit, down_ok=INSTANCE_DOWN_CAP in s.agreed_caps,
-                                 gw_ok=GATEWAY_TIME_CAP in s.agreed_caps)
+                                 gw_ok=GATEWAY_TIME_CAP in s.agreed_caps,
+                                 **session_up(self.rib, peer.config, s.agreed_caps))
         link.adj_out.mark_all(self.rib)
         link.end_of_rib_pending = True
         if peer.config.id in self.rib.stale_until and not s.peer_restart_ms and not peer.swap_pending:
@@ -879,6 +883,10 @@ def peer_status(peer: Peer, rib: Rib, now: float) -> PeerStatus:
         routes_withheld=len(out_rib.withheld) if out_rib else 0,
         route_entries_in=s.stats["route_entries_in"] if s else 0,
         inbound_paced=bool(up and s and not s.wants_data()),
+        import_=list(peer.config.import_prefixes) if peer.config.import_prefixes is not None else None,
+        export=list(peer.config.export_prefixes) if peer.config.export_prefixes is not None else None,
+        local_pref=peer.config.local_pref, routes_invalid=rib.invalid_by_peer[pid],
+        routes_filtered=rib.filtered_by_peer[pid], last_invalid=rib.last_invalid.get(pid, ""),
     )
 
 

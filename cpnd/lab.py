@@ -24,6 +24,9 @@ import attrs
 from .control import ControlError, request
 from .crypto import generate_key, public_key_b64, write_private_key
 from .names import id_problem, service_problem
+from .origin import certificate_pem, issue
+
+CERT_DAYS = 30
 
 
 @attrs.frozen
@@ -123,6 +126,8 @@ def free_ports(n: int) -> list[int]:
 
 
 def _toml_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -142,14 +147,25 @@ class GatewaySpec:
 
 
 def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
-              instance_url: Callable[[Instance], str] | None = None) -> dict[str, GatewaySpec]:
-    """Keys and one config file per gateway of ``topo`` under ``workdir``."""
+              instance_url: Callable[[Instance], str] | None = None, trust: bool = True) -> dict[str, GatewaySpec]:
+    """Keys and one config file per gateway of ``topo`` under ``workdir``.
+
+    ``trust``: a domain key (``domain.key``, every gateway's trust anchor) and a certificate per
+    gateway naming its services (``<id>.cert``), so that every route in the lab is ``valid``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     ports = free_ports(3 * len(topo.gateways))
     specs: dict[str, GatewaySpec] = {}
+    domain = generate_key() if trust else None
+    if domain is not None:
+        write_private_key(workdir / "domain.key", domain, force=True)
     for n, gw in enumerate(topo.gateways):
         key = generate_key()
         write_private_key(workdir / f"{gw}.key", key, force=True)
+        services = sorted({i.service for i in topo.instances if i.gateway == gw})
+        if domain is not None and services:
+            cert = issue(domain, key.public_key().public_bytes_raw(), services, int(time.time()) + CERT_DAYS * 86400, gw)
+            (workdir / f"{gw}.cert").write_text(certificate_pem(cert))
         specs[gw] = GatewaySpec(gw, workdir / f"{gw}.toml", workdir / f"{gw}.sock",
                                 f"127.0.0.1:{ports[3 * n]}", f"127.0.0.1:{ports[3 * n + 1]}", public_key_b64(key),
                                 f"127.0.0.1:{ports[3 * n + 2]}")
@@ -158,6 +174,10 @@ def write_lab(topo: Topology, workdir: Path, *, selection: str = "per-request",
                  f'metrics_listen = "{spec.metrics}"',
                  f'control_socket = "{spec.control.name}"', f'key_file = "{gw}.key"', f'selection = "{selection}"']
         options = dict(topo.gateway_options)
+        if domain is not None:
+            options.setdefault("trust_anchors", [public_key_b64(domain)])
+            if (workdir / f"{gw}.cert").exists() and any(i.gateway == gw for i in topo.instances):
+                options.setdefault("cert_file", f"{gw}.cert")
         if instance_url is None:
             options.setdefault("health_interval_ms", 0)  # placeholder URLs: nothing to probe
         lines += [f"{k} = {_toml_value(v)}" for k, v in options.items()]

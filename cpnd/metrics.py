@@ -114,6 +114,13 @@ class _StatusCollector(Collector):
         for reason in ("handshake_failures", "handshake_timeouts", "plain_http"):
             tls.add_metric([reason], http.get(f"tls_{reason}", 0))
         yield tls
+        dropped = CounterMetricFamily("cpn_routes_dropped", "Routes dropped on receipt: origin validation failed "
+                                      "(invalid), unverifiable and not accepted (unverified), or an import filter",
+                                      labels=["reason"])
+        for reason, key in (("invalid", "routes_invalid"), ("unverified", "routes_unverified_dropped"),
+                            ("filtered", "routes_filtered")):
+            dropped.add_metric([reason], st.stats.get(key, 0))
+        yield dropped
         load = GaugeMetricFamily("cpn_instance_load", "Load of our own instances, fraction of capacity", labels=["instance"])
         for inst in st.instances:
             load.add_metric([inst.instance], inst.load)

@@ -8,6 +8,7 @@ since they belong to the origin, not to the path.
 
 from __future__ import annotations
 
+import collections
 import enum
 import heapq
 import math
@@ -19,6 +20,8 @@ import attrs
 from .errors import CeaseSub, Code, ProtocolError, UpdateSub
 from .load import STAGE_HINT_US
 from .names import service_label
+from .origin import Signer, Trust, Validation, covered
+from .seal import Opener
 from .wire import RouteAdv, Update, Withdrawal, shared
 
 Key = tuple[str, str, str]  # (service, origin, instance)
@@ -61,6 +64,8 @@ class BestReason(enum.Enum):
     ONLY = "only-path"
     LOCAL = "local"
     NOT_STALE = "not-stale"
+    VALID = "valid-origin"
+    PREFERENCE = "local-pref"
     LATENCY = "lowest-latency"
     HOPS = "fewest-hops"
     NEXT_HOP = "lowest-next-hop"
@@ -74,6 +79,8 @@ class Route:
     peer: str | None  # None for our own instances
     received_at: float
     stale: bool = False  # kept through the peer's graceful restart, not yet re-advertised
+    validation: Validation = Validation.UNKNOWN  # origin validation (ours: valid); invalid ones are never held
+    pref: int = 100  # the peer's local_pref: higher is preferred
 
     @property
     def next_hop(self) -> str | None:
@@ -105,6 +112,16 @@ def _by_not_stale(a: Route, la: int, b: Route, lb: int) -> Route | None:
     return None if a.stale == b.stale else (b if a.stale else a)
 
 
+def _by_validation(a: Route, la: int, b: Route, lb: int) -> Route | None:
+    # An origin we could verify beats one we could not (RPKI's NotFound is kept, but less preferred).
+    va, vb = a.validation is Validation.VALID, b.validation is Validation.VALID
+    return None if va == vb else (a if va else b)
+
+
+def _by_preference(a: Route, la: int, b: Route, lb: int) -> Route | None:
+    return None if a.pref == b.pref else (a if a.pref > b.pref else b)
+
+
 def _by_latency(a: Route, la: int, b: Route, lb: int) -> Route | None:
     return None if la == lb else (a if la < lb else b)
 
@@ -124,6 +141,8 @@ Comparator = Callable[[Route, int, Route, int], "Route | None"]
 BEST_PATH_CHAIN: tuple[tuple[BestReason, Comparator], ...] = (
     (BestReason.LOCAL, _by_local),
     (BestReason.NOT_STALE, _by_not_stale),
+    (BestReason.VALID, _by_validation),
+    (BestReason.PREFERENCE, _by_preference),
     (BestReason.LATENCY, _by_latency),
     (BestReason.HOPS, _by_hops),
     (BestReason.NEXT_HOP, _by_next_hop),
@@ -157,6 +176,17 @@ class Rib:
         # instances (egress) and as a transit of the routes we pass on.
         self.egress_us = STAGE_HINT_US
         self.transit_us = STAGE_HINT_US
+        # Origin validation and per-peer policy (routing.md, "Origin validation", "Policy"): None
+        # / empty takes every route as before, unknown.
+        self.trust: Trust | None = None
+        self.signer: Signer | None = None
+        self.opener: Opener | None = None  # our sealing key (tunnel.md, "Sealed streams"), published by the signer
+        self.import_prefixes: dict[str, tuple[str, ...]] = {}  # per peer; absent: everything
+        self.local_pref: dict[str, int] = {}  # per peer; absent: 100
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.invalid_by_peer: collections.Counter[str] = collections.Counter()
+        self.filtered_by_peer: collections.Counter[str] = collections.Counter()
+        self.last_invalid: dict[str, str] = {}  # per peer: why its last invalid route was dropped
 
     # ---- inputs
 
@@ -165,7 +195,7 @@ class Rib:
         new = {a.key: a for a in advs}
         changed = set(self.local) | set(new)
         keep = {k: r for k, r in self.local.items() if k in new and r.adv == new[k]}
-        self.local = {k: keep.get(k) or Route(a, None, now) for k, a in new.items()}
+        self.local = {k: keep.get(k) or Route(a, None, now, validation=Validation.VALID) for k, a in new.items()}
         return self._recompute(changed)
 
     def apply_update(self, peer: str, update: Update, now: float) -> set[Key]:
@@ -189,15 +219,57 @@ class Rib:
         for key in withdrawn:
             if table.pop(key, None) is not None:
                 changed.add(key)
+        imports = self.import_prefixes.get(peer)
+        pref = self.local_pref.get(peer, 100)
         for adv in update.adv:
+            validation = Validation.UNKNOWN
             if self.local_id in adv.path:
-                # Loop: the path already went through us. Like BGP, treat as withdrawn.
+                validation = Validation.INVALID  # loop: the path already went through us
+            elif imports is not None and not covered(imports, adv.service):
+                validation = Validation.INVALID  # not ours to take from this peer
+                self.filtered_by_peer[peer] += 1
+                self.counters["routes_filtered"] += 1
+            elif self.trust is not None:
+                validation = self._validate(peer, adv)
+            if validation is Validation.INVALID:
+                # Like BGP, treat as withdrawn: whatever the peer said before for this key is gone.
                 if table.pop(adv.key, None) is not None:
                     changed.add(adv.key)
                 continue
-            table[adv.key] = Route(adv, peer, now)
+            table[adv.key] = Route(adv, peer, now, validation=validation, pref=pref)
             changed.add(adv.key)
+        if self.trust is not None and self.trust.new_prefixes:
+            changed |= self._revalidate(self.trust.take_new_prefixes())
         return self._recompute(changed)
+
+    def _revalidate(self, prefixes: set[str]) -> set[Key]:
+        """Authorisations for ``prefixes`` were learned: routes held under them from an origin no
+        authorisation names are invalid now (routing.md, "Origin validation", rule 2), dropped."""
+        assert self.trust is not None
+        gone: set[Key] = set()
+        for peer, table in self.adj_in.items():
+            for key in [k for k in table if covered(prefixes, k[0])]:
+                allowed = self.trust.authorised(key[0])
+                if allowed is not None and key[1] not in allowed:
+                    del table[key]
+                    gone.add(key)
+                    self.counters["routes_invalid"] += 1
+                    self.invalid_by_peer[peer] += 1
+                    self.last_invalid[peer] = f"{key[0]} {key[1]}/{key[2]}: {key[0]} is authorised to others (learned later)"
+        return gone
+
+    def _validate(self, peer: str, adv: RouteAdv) -> Validation:
+        """Origin validation of one route; invalid (and unknown when not accepted) are counted."""
+        assert self.trust is not None
+        verdict = self.trust.validate(peer, adv)
+        if verdict.state is Validation.INVALID:
+            self.counters["routes_invalid"] += 1
+            self.invalid_by_peer[peer] += 1
+            self.last_invalid[peer] = f"{adv.service} {adv.origin}/{adv.instance}: {verdict.reason}"
+        elif verdict.state is Validation.UNKNOWN and not self.trust.accept_unverified:
+            self.counters["routes_unverified_dropped"] += 1
+            return Validation.INVALID
+        return verdict.state
 
     def peer_down(self, peer: str) -> set[Key]:
         """Forget everything learned from ``peer``."""
@@ -293,9 +365,19 @@ class Rib:
             adv = None  # MAX_PATH_LEN
         elif r.peer is None:
             adv = attrs.evolve(f, path=path, latency_us=best.latency_us)  # `gw`: our egress time, in our own route
+            if self.signer is not None:
+                adv = self.signer.sign(adv)  # once per change sent, shared by every peer (`oadj` is per peer)
         else:  # `gw` is a path attribute, like the latency: the best path's, plus our own as its transit
             gw = shared(min(MAX_LATENCY_US, self.path_gateway_us(r) + self.transit_us))  # few distinct values
-            adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw)
+            # The freshest attributes with their origin signature, and the best path's adjacency token.
+            # A route that came without its certificate (sent once per session) goes on with the one we
+            # hold for its origin: our peers may not have it (each session strips repeats again).
+            cert = f.cert
+            if cert is None and f.osig is not None and self.trust is not None:
+                cert = self.trust.raw_by_origin.get(f.origin)
+            adv = attrs.evolve(f, path=path, latency_us=best.latency_us, gateway_us=gw, oadj=r.adv.oadj, cert=cert)
+            if adv.oadj is None and adv.osig is not None:
+                adv = attrs.evolve(adv, osig=None, seal_key=None)  # a signature without its path's token does not verify
         object.__setattr__(best, "exported", adv)
         return adv
 
@@ -356,7 +438,9 @@ class Rib:
             lat = self.path_latency_us(r)
             best, reason = compare(best, best_lat, r, lat)
             best_lat = self.path_latency_us(best)
-            if r.adv.seq > fresh.adv.seq:
+            # Attributes come from the freshest verified path when there is one: a `seq` nobody
+            # could verify never overrides what the origin signed (routing.md, "Origin validation").
+            if (r.validation is Validation.VALID, r.adv.seq) > (fresh.validation is Validation.VALID, fresh.adv.seq):
                 fresh = r
         if self.local.get(key) is not None:
             fresh = self.local[key]  # our own instance: nobody else knows it better
@@ -390,13 +474,20 @@ class AdjRibOut:
     "Sending" and "Route limits"). Never more than ``max_routes`` sent at once."""
 
     def __init__(self, peer: str, min_interval_s: float, *, max_routes: int | None = None, down_ok: bool = True,
-                 gw_ok: bool = True) -> None:
+                 gw_ok: bool = True, sig_ok: bool = False, adjacency: bytes | None = None,
+                 export_prefixes: tuple[str, ...] | None = None) -> None:
         self.peer = peer
         self.min_interval_s = min_interval_s
         self.max_routes = max_routes
         # Whether the peer offered instance-down: if not, a route whose instance is down is withdrawn instead.
         self.down_ok = down_ok
         self.gw_ok = gw_ok  # whether the peer offered gateway-time: if not, routes go without `gw`
+        # Whether the peer offered origin-sig (if not, routes go without osig, oadj, cert), and our
+        # adjacency token for it (the `oadj` of our own routes); the services it may be told of.
+        self.sig_ok = sig_ok
+        self.adjacency = adjacency
+        self.export_prefixes = export_prefixes
+        self.certs_sent: dict[str, bytes] = {}  # per origin: the certificate this session carried already
         self.sent: dict[Key, RouteAdv] = {}
         self.dirty: set[Key] = set()
         self._force: set[Key] = set()
@@ -475,8 +566,18 @@ class AdjRibOut:
         want = rib.export(self.peer, key)
         if want is None or (want.down and not self.down_ok):
             return None
+        if self.export_prefixes is not None and not covered(self.export_prefixes, want.service):
+            return None
         if not self.gw_ok and want.gateway_us is not None:
             want = attrs.evolve(want, gateway_us=None)  # this peer's decoder does not know `gw`
+        if not self.sig_ok:
+            if want.osig is not None or want.oadj is not None or want.cert is not None or want.seal_key is not None:
+                want = attrs.evolve(want, osig=None, oadj=None, cert=None, seal_key=None)  # nor these
+        else:
+            if len(want.path) == 1 and want.osig is not None:
+                want = attrs.evolve(want, oadj=self.adjacency)  # our own instance: we send it to this peer
+            if want.cert is not None and self.certs_sent.get(want.origin) == want.cert:
+                want = attrs.evolve(want, cert=None)  # each origin's certificate once per session: the peer keeps it
         return want
 
     def _decide(self, rib: Rib, key: Key, adv: list[RouteAdv], wd: list[Withdrawal], left: float) -> int:
@@ -547,6 +648,8 @@ class AdjRibOut:
         return 2
 
     def _send(self, key: Key, want: RouteAdv, adv: list[RouteAdv]) -> None:
+        if want.cert is not None:
+            self.certs_sent[want.origin] = want.cert
         self.withheld.pop(key, None)
         self.sent[key] = want
         adv.append(want)

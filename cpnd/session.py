@@ -18,7 +18,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .crypto import Handshake, RecordLayer, Role, handshake_error_frame
-from .tunnel import LARGE_DATA_CAP
+from .tunnel import LARGE_DATA_CAP, SEALED_CAP
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
 from .limits import DEFAULT_PEER_ROUTES, TokenBucket
 from .wire import (
@@ -29,6 +29,7 @@ from .wire import (
     MAX_HOLD_MS,
     MAX_RECORD,
     MIN_HOLD_MS,
+    ORIGIN_SIG_CAP,
     ROUTE_LIMITS_CAP,
     TUNNEL_WINDOW_CAP,
     ContentType,
@@ -228,7 +229,7 @@ class SessionConfig:
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
     caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP, ROUTE_LIMITS_CAP,
-                             GATEWAY_TIME_CAP)
+                             GATEWAY_TIME_CAP, ORIGIN_SIG_CAP, SEALED_CAP)
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
     tunnel: TunnelLimits | None = None  # what we accept on the tunnel, offered with tunnel-window
     limits: Limits = Limits(10_000, 1000, 10_000)

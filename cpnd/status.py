@@ -36,6 +36,13 @@ class PeerStatus:
     routes_withheld: int
     route_entries_in: int
     inbound_paced: bool
+    # Policy (routing.md, "Policy") and what origin validation dropped from this peer.
+    import_: list[str] | None = None  # "import" in JSON
+    export: list[str] | None = None
+    local_pref: int = 100
+    routes_invalid: int = 0
+    routes_filtered: int = 0
+    last_invalid: str = ""
 
 
 @attrs.frozen
@@ -81,4 +88,4 @@ class Status:
         return sum(1 for p in self.peers if p.state == "established")
 
     def peer_json(self) -> list[dict[str, Any]]:
-        return [attrs.asdict(p) for p in self.peers]
+        return [{("import" if k == "import_" else k): v for k, v in attrs.asdict(p).items()} for p in self.peers]

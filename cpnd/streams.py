@@ -10,11 +10,12 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from .errors import TunnelSub
+from .seal import Sealing, SealError, StreamSealer
 from .tunnel import (
     FLAG_END,
     UNLIMITED,
@@ -394,6 +395,41 @@ class TunnelStream:
         self._abandoned()
 
 
+class SealedStream:
+    """A tunnel stream sealed end to end (tunnel.md, "Sealed streams"): what goes out is sealed,
+    what comes in is opened; everything else is the stream's own."""
+
+    def __init__(self, stream: TunnelStream, sealing: Sealing, *, egress: bool) -> None:
+        self._stream = stream
+        self._sealing = sealing
+        self._egress = egress  # a record that does not open: before the instance (egress) or after it
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _broken(self, exc: SealError) -> StreamReset:
+        code = ResetCode.BAD_REQUEST if self._egress else ResetCode.INTERNAL
+        self._stream.reset(code, not self._egress, str(exc))
+        return StreamReset(code, not self._egress, f"sealed stream: {exc}")
+
+    async def receive(self) -> bytes:
+        while True:
+            data = await self._stream.receive()
+            try:
+                if not data:
+                    self._sealing.recv.finish()
+                    return b""
+                plain = self._sealing.recv.open(data)
+            except SealError as exc:
+                raise self._broken(exc) from None
+            if plain:
+                return plain
+
+    async def send(self, data: bytes, end: bool = False) -> None:
+        if data or end:
+            await self._stream.send(self._sealing.send.seal(data, end), end)
+
+
 class BufferAccount:
     """Tunnel bytes held for every peer together, and the most since the last look (for trimming)."""
 
@@ -430,11 +466,19 @@ class Mux:
         self.blocked: set[TunnelStream] = set()  # senders waiting for connection credit
         self._on_open = on_open
         self.dead: StreamReset | None = None
+        # End-to-end sealing (tunnel.md, "Sealed streams"): None when the session did not agree on it.
+        self.sealer: StreamSealer | None = None
 
-    def open(self, ext: ExtHeader) -> TunnelStream:
-        """Open a stream towards the peer with ``ext`` as its extension header."""
+    def open(self, ext: ExtHeader) -> TunnelStream | SealedStream:
+        """Open a stream towards the peer with ``ext`` as its extension header (sealed, as the ingress,
+        when the session and the origin allow it)."""
         if self.dead is not None:
             raise self.dead
+        sealing = None
+        if self.sealer is not None:
+            ext, sealing = self.sealer.outbound(ext)
+        elif ext.eph is not None:  # a transit whose next hop does not take sealed streams
+            raise StreamReset(ResetCode.NO_ROUTE, False, f"{self.peer_id} does not take sealed streams")
         limit = min(self.settings.max_streams, self.settings.peer_max_streams)
         if len(self.streams) >= limit:
             raise StreamReset(ResetCode.TOO_MANY_STREAMS, False, f"{len(self.streams)} streams open with {self.peer_id}")
@@ -442,7 +486,7 @@ class Mux:
         stream = TunnelStream(self, sid, ext)
         self.streams[sid] = stream
         self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()))
-        return stream
+        return stream if sealing is None else SealedStream(stream, sealing, egress=False)
 
     def send_frame(self, frame: bytes, *, flush: bool = False) -> None:
         self.conn.send_tunnel(frame, flush=flush)
@@ -503,6 +547,17 @@ class Mux:
             return
         stream = TunnelStream(self, sid, ext)
         self.streams[sid] = stream
+        if ext.eph is not None:
+            try:
+                if self.sealer is None:
+                    raise SealError("sealed stream on a session without sealed-streams")
+                sealing = self.sealer.inbound(ext)
+            except SealError as exc:
+                stream.reset(ResetCode.BAD_REQUEST, False, str(exc))
+                return
+            if sealing is not None:  # we are its egress; a transit relays the ciphertext as it comes
+                self._on_open(SealedStream(stream, sealing, egress=True))  # type: ignore[arg-type]
+                return
         self._on_open(stream)
 
     def _on_conn_window(self, inc: int) -> None:

@@ -75,6 +75,8 @@ def tunnel_error(sub: TunnelSub, detail: str) -> ProtocolError:
 _EXT = struct.Struct(">BBBBIII16s")
 EXT_VERSION = 1
 EXT_FLAG_IDEMPOTENT = 0x01
+EXT_FLAG_SEALED = 0x02  # the header ends with the ingress's ephemeral X25519 key: DATA is sealed end to end
+SEALED_CAP = "sealed-streams"  # both OPENs list it: OPENs on the session may carry EXT_FLAG_SEALED
 
 
 @attrs.frozen
@@ -90,12 +92,16 @@ class ExtHeader:
     budget_us: int = NO_BUDGET  # remaining deadline budget, µs; NO_BUDGET = none
     flags: int = 0
     slack_us: int = NO_BUDGET  # compute latency the user's latency bound leaves, µs; NO_BUDGET = unbounded
+    eph: bytes | None = None  # sealed (EXT_FLAG_SEALED): the ingress's ephemeral X25519 public key
+    # Decoded from a peer's OPEN (kept through attrs.evolve): a transit passes it on, never seals it itself.
+    from_peer: bool = attrs.field(default=False, eq=False, repr=False)
 
     def encode(self) -> bytes:
         o, i = self.origin.encode(), self.instance.encode()
-        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, self.flags, self.label, self.budget_us,
+        flags = (self.flags & ~EXT_FLAG_SEALED) | (EXT_FLAG_SEALED if self.eph is not None else 0)
+        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, flags, self.label, self.budget_us,
                           self.slack_us, self.request_id)
-                + bytes([len(o)]) + o + bytes([len(i)]) + i)
+                + bytes([len(o)]) + o + bytes([len(i)]) + i + (self.eph or b""))
 
     @classmethod
     def decode(cls, data: bytes) -> ExtHeader:
@@ -126,9 +132,16 @@ class ExtHeader:
                 raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"bad id in extension header: {id_problem(name)}")
             names.append(name)
             pos += 1 + n
+        eph = None
+        if flags & EXT_FLAG_SEALED:
+            eph = data[pos:pos + 32]
+            if len(eph) != 32:
+                raise tunnel_error(TunnelSub.MALFORMED_FRAME, "sealed extension header without its 32-byte key")
+            pos += 32
         if pos != len(data):
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "trailing bytes after extension header")
-        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags, slack)
+        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags & ~EXT_FLAG_SEALED, slack, eph,
+                   from_peer=True)
 
 
 @attrs.frozen

@@ -31,6 +31,11 @@ GRACEFUL_RESTART_CAP = "graceful-restart"
 INSTANCE_DOWN_CAP = "instance-down"  # the sender takes routes whose instance is down (messages.md, "Route")
 ROUTE_LIMITS_CAP = "route-limits"  # both OPENs list it: each side sends LIMITS before its first KEEPALIVE
 GATEWAY_TIME_CAP = "gateway-time"  # the sender takes Routes carrying `gw` (messages.md, "Route")
+# Routes carry the origin's signature `osig`, its adjacency token `oadj` and its certificate `cert`
+# (routing.md, "Origin validation"); the sender signs its own instances' routes.
+ORIGIN_SIG_CAP = "origin-sig"
+SIGNATURE = 64
+MAX_CERT_BYTES = 1024
 MAX_RESTART_MS = 600_000
 # The `tunnel-window` capability brings OPEN's `tw` key: what the sender of the OPEN accepts on
 # the session's tunnel (protocol-spec/tunnel.md, "Flow control").
@@ -328,6 +333,14 @@ class RouteAdv:
     down: bool = False  # the origin's health checks took the instance out: its service stays known
     # The gateways' own processing from the sender to the origin, µs (`gw`); None: not told (an older peer).
     gateway_us: int | None = None
+    # Origin validation (routing.md): the origin's Ed25519 signature over what only it may say
+    # (`osig`), its signature naming the first gateway it sent the route to (`oadj`), and the
+    # certificate that binds its key to the services it may originate (`cert`); None: not carried.
+    osig: bytes | None = attrs.field(default=None, repr=False)
+    oadj: bytes | None = attrs.field(default=None, repr=False)
+    cert: bytes | None = attrs.field(default=None, repr=False)
+    # The origin's X25519 key for sealed streams (`xk`, tunnel.md "Sealed streams"), under its signature.
+    seal_key: bytes | None = attrs.field(default=None, repr=False)
     # (service, origin, instance), made once: the RIB's tables all share this one tuple.
     key: tuple[str, str, str] = attrs.field(init=False, eq=False, repr=False)
 
@@ -381,7 +394,7 @@ class Limits:
 Message = Open | Keepalive | Update | Notification | RouteRefresh | Limits
 
 _ROUTE_KEYS = ("svc", "inst", "origin", "seq", "label", "path", "lat", "cap", "load", "bload", "price", "comp")
-_OPTIONAL_ROUTE_KEYS = ("down", "gw")
+_OPTIONAL_ROUTE_KEYS = ("down", "gw", "osig", "oadj", "cert", "xk")
 
 
 def _route_dict(r: RouteAdv) -> dict[str, Any]:
@@ -394,6 +407,13 @@ def _route_dict(r: RouteAdv) -> dict[str, Any]:
         d["down"] = True  # only ever sent as true, and only to peers that offered instance-down
     if r.gateway_us is not None:
         d["gw"] = r.gateway_us  # only to peers that offered gateway-time
+    if r.osig is not None and r.oadj is not None:  # only to peers that offered origin-sig, always together
+        d["osig"] = r.osig
+        d["oadj"] = r.oadj
+        if r.seal_key is not None:  # signed with them: never without them
+            d["xk"] = r.seal_key
+    if r.cert is not None:
+        d["cert"] = r.cert
     return d
 
 
@@ -458,12 +478,31 @@ def _decode_route(r: object) -> RouteAdv:
         raise _bad("down: must be true when present", *ba)
     if label != service_label(svc):
         raise _bad(f"label: {label} is not the label of {svc!r}", Code.UPDATE, UpdateSub.LABEL_MISMATCH)
+    osig, oadj, cert, xk = _signatures(r)
     # A RIB holds the same few names, paths and numbers in every route it learns: one copy
     # each, not one per route (a float or a large int is an object of its own, 24-28 bytes).
     # Not the latency: it differs from path to path, so a shared copy would cost more than it saves.
     sh = shared
     return RouteAdv(sh(svc), sh(inst), sh(origin), sh(seq), sh(label), sh(tuple(map(sh, path))),
-                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down, None if gw is None else sh(gw))
+                    lat, sh(cap), sh(load), sh(price), sh(comp), sh(bload), down, None if gw is None else sh(gw),
+                    osig, sh(oadj), cert if cert is None else sh(cert), xk if xk is None else sh(xk))
+
+
+def _signatures(r: dict[str, Any]) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
+    """`osig` and `oadj` (together or neither), `cert` and `xk` (only with `osig`), checked for shape
+    only: what they say is the receiver's origin validation (routing.md), never a reason to end the session."""
+    if ("osig" in r) != ("oadj" in r) or ("xk" in r and "osig" not in r):
+        raise _bad("osig and oadj: both or neither; xk only with them", Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
+    try:
+        osig = _bin(r, "osig", SIGNATURE) if "osig" in r else None
+        oadj = _bin(r, "oadj", SIGNATURE) if "oadj" in r else None
+        xk = _bin(r, "xk", 32) if "xk" in r else None
+    except ProtocolError as exc:
+        raise _bad(exc.detail, Code.UPDATE, UpdateSub.MALFORMED_ROUTE) from None
+    cert = r.get("cert")
+    if cert is not None and (type(cert) is not bytes or not 0 < len(cert) <= MAX_CERT_BYTES):
+        raise _bad(f"cert: must be 1-{MAX_CERT_BYTES} bytes of bin", Code.UPDATE, UpdateSub.MALFORMED_ROUTE)
+    return osig, oadj, cert, xk
 
 
 MAX_SHARED = 1 << 18

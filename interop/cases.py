@@ -1047,6 +1047,115 @@ def _served(t: Target) -> None:
         assert status in (502, 503, 504), status
 
 
+# ---------------------------------------------------------------- origin validation
+
+ORIGIN_CAPS = ["route-refresh", "tunnel", "instance-down", "origin-sig"]
+
+
+@case("vectors-origin", "routing.md#origin-validation")
+def _origin_vectors(t: Target) -> None:
+    """Our own certificate, origin signature and adjacency bytes against the spec's vectors."""
+    import base64
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey as Pub
+
+    from .wire import adjacency_message, origin_message
+
+    v = json.loads((SPEC / "vectors.json").read_text())["origin"]
+    pub = lambda b64: Pub.from_public_bytes(base64.b64decode(b64))  # noqa: E731
+    cert = msgpack.unpackb(bytes.fromhex(v["certificate"]["hex"]), raw=False)
+    body = b"cpn/1 certificate\x00" + msgpack.packb([cert["v"], cert["id"], cert["key"], cert["svc"], cert["exp"],
+                                                      cert["iss"]], use_bin_type=True)
+    assert body.hex() == v["certificate"]["signed_hex"]
+    pub(v["domain_public_key"]).verify(cert["sig"], body)
+    route = {k: bytes.fromhex(x["bin"]) if isinstance(x, dict) else x for k, x in v["origin_signature"]["route"].items()}
+    assert origin_message(route).hex() == v["origin_signature"]["signed_hex"]
+    pub(v["gw3_public_key"]).verify(bytes.fromhex(v["origin_signature"]["osig"]), origin_message(route))
+    assert adjacency_message("gw3", "gw1").hex() == v["adjacency"]["signed_hex"]
+    pub(v["gw3_public_key"]).verify(bytes.fromhex(v["adjacency"]["oadj"]), adjacency_message("gw3", "gw1"))
+
+
+@case("vectors-sealed", "tunnel.md#sealed-streams")
+def _sealed_vectors(t: Target) -> None:
+    """Our own key derivation and records against the spec's sealed-stream vectors."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey as XKey, X25519PublicKey as XPub
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    v = json.loads((SPEC / "vectors.json").read_text())["sealed"]
+    raw = lambda k: k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)  # noqa: E731
+    static = XKey.from_private_bytes(bytes.fromhex(v["origin_private"]))
+    eph = XKey.from_private_bytes(bytes.fromhex(v["eph_private"]))
+    xk, e = raw(static), raw(eph)
+    lp = lambda s: bytes([len(s.encode())]) + s.encode()  # noqa: E731
+    info = b"cpn/1 sealed stream" + e + xk + v["label"].to_bytes(4, "big") + lp(v["origin"]) + lp(v["instance"])
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=bytes.fromhex(v["request_id"]), info=info).derive(
+        eph.exchange(XPub.from_public_bytes(xk)))
+    assert okm[:32].hex() == v["request_key"] and okm[32:].hex() == v["response_key"]
+    for key, plain, sealed in ((okm[:32], v["request"], v["sealed_request"]), (okm[32:], v["response"], v["sealed_response"])):
+        ct = ChaCha20Poly1305(key).encrypt(bytes(12), b"\x01" + bytes.fromhex(plain), None)  # counter 0, the last record
+        assert (struct.pack(">I", len(ct)) + ct).hex() == sealed
+
+
+@case("origin-sig-routes-signed", "messages.md#route, routing.md#origin-validation")
+def _origin_signed(t: Target) -> None:
+    """Under origin-sig the target's own routes carry its signature and its adjacency token naming us;
+    without origin-sig no route carries osig, oadj or cert."""
+    from .wire import adjacency_message, origin_message
+
+    p = t.session(caps=ORIGIN_CAPS)
+    try:
+        if "origin-sig" not in p.target_caps:
+            raise Skipped("the target does not offer origin-sig")
+        routes = _refreshed_routes(p)
+    finally:
+        p.close()
+    if not routes:
+        raise Skipped("the target advertises no route")
+    for r in routes:
+        assert ("osig" in r) == ("oadj" in r), r
+        if r["path"] == [p.target_id]:  # its own: we know its key (routes of others' we cannot check)
+            t.pub.verify(r["osig"], origin_message(r))
+            t.pub.verify(r["oadj"], adjacency_message(p.target_id, t.my_id))
+        elif "osig" in r:
+            assert type(r["osig"]) is bytes and len(r["osig"]) == 64 and len(r["oadj"]) == 64, r
+    p = t.session()
+    try:
+        assert all(not {"osig", "oadj", "cert"} & set(r) for r in _refreshed_routes(p)), "signatures sent without origin-sig"
+    finally:
+        p.close()
+
+
+@case("origin-sig-invalid-dropped", "routing.md#origin-validation")
+def _origin_invalid(t: Target) -> None:
+    """Routes of ours whose signature fails, or that come unsigned once we sign, are dropped (404), the session
+    kept; a correctly signed one is taken (its instance down: 503 no_instance, at once)."""
+    if not t.http:
+        raise Skipped(NEEDS_HTTP)
+    from .wire import sign_route
+
+    p = t.session(caps=ORIGIN_CAPS)
+    try:
+        if "origin-sig" not in p.target_caps:
+            raise Skipped("the target does not offer origin-sig")
+        tag = random_id()
+        forged = dict(sign_route(new_route(f"/interop-forged-{tag}", "i1", t.my_id, down=True), t.key, p.target_id),
+                      price=1e12)
+        unsigned = new_route(f"/interop-unsigned-{tag}", "i1", t.my_id, down=True)
+        good = sign_route(new_route(f"/interop-signed-{tag}", "i1", t.my_id, down=True), t.key, p.target_id)
+        p.send_msg({"t": UPDATE, "adv": [forged, unsigned], "wd": []})
+        p.send_msg({"t": UPDATE, "adv": [good], "wd": []})
+        obj = _json_error(*_poll_http(t, f"/interop-signed-{tag}", lambda s: s != 404), 503)
+        assert obj["error"] == "no_instance", obj
+        for svc in (f"/interop-forged-{tag}", f"/interop-unsigned-{tag}"):
+            assert _json_error(*_http(t, "GET", svc), 404)["error"] == "no_such_service"
+        _refreshed_routes(p, quiet=0.2)  # still up: Closed here if the target ended the session
+        p.send_msg({"t": UPDATE, "adv": [], "wd": [[f"/interop-signed-{tag}", t.my_id, "i1"]]})
+    finally:
+        p.close()
+
+
 def run_case(t: Target, name: str, section: str, fn: Case) -> dict[str, Any]:
     start = time.monotonic()
     skipped = False

@@ -256,3 +256,30 @@ def new_route(service: str, instance: str, origin: str, seq: int = 1, **over: An
 
 def random_id() -> str:
     return "x" + os.urandom(4).hex()
+
+
+# ---- origin validation (routing.md, "Origin validation"), from the spec alone
+
+def origin_message(r: dict[str, Any]) -> bytes:
+    """What an origin signs for Route ``r``."""
+    return b"cpn/1 origin\x00" + msgpack.packb(
+        [r["svc"], r["inst"], r["origin"], r["seq"], float(r["cap"]), float(r["load"]), float(r["bload"]),
+         float(r["price"]), r["comp"], bool(r.get("down", False)), r.get("xk")], use_bin_type=True)
+
+
+def adjacency_message(origin: str, neighbour: str) -> bytes:
+    o, n = origin.encode(), neighbour.encode()
+    return b"cpn/1 adjacency\x00" + bytes([len(o)]) + o + bytes([len(n)]) + n
+
+
+def sign_route(r: dict[str, Any], key: Ed25519PrivateKey, neighbour: str) -> dict[str, Any]:
+    """``r`` signed by its origin (``key``), sent to ``neighbour``: with `osig` and `oadj`."""
+    return {**r, "osig": key.sign(origin_message(r)), "oadj": key.sign(adjacency_message(r["origin"], neighbour))}
+
+
+def certificate(ca: Ed25519PrivateKey, key: Ed25519PublicKey, services: list[str], exp: int, gw_id: str = "") -> bytes:
+    """A certificate from trust anchor ``ca``: ``key`` (of ``gw_id``) may originate ``services`` until ``exp``."""
+    iss, k = raw_pub(ca), key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    body = b"cpn/1 certificate\x00" + msgpack.packb([1, gw_id, k, services, exp, iss], use_bin_type=True)
+    return msgpack.packb({"v": 1, "id": gw_id, "key": k, "svc": services, "exp": exp, "iss": iss, "sig": ca.sign(body)},
+                         use_bin_type=True)

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import attrs
 import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cpnd.crypto import Handshake, RecordLayer, Role, public_key_b64  # noqa: E402
 from cpnd.errors import ProtocolError  # noqa: E402
 from cpnd.names import service_label  # noqa: E402
+from cpnd.origin import Signer, Trust, adjacency_message, issue, origin_message  # noqa: E402
 from cpnd.wire import (  # noqa: E402
     ContentType,
     Keepalive,
@@ -83,6 +85,8 @@ def message_vectors() -> list[dict]:
         ("limits-no-routes", "LIMITS: send me no routes at all (a gateway that only serves), 50 entries/s, bursts of 100",
          Limits(0, 50, 100)),
         ("end-of-rib", "End-of-RIB: an UPDATE with nothing in it, after the initial table", Update((), ())),
+        ("update-signed", "gw1 re-advertises s1 (origin gw3) on an origin-sig session: gw3's origin signature, its "
+         "adjacency token naming gw1, and its certificate (vectors.json -> origin)", Update((signed_transit(),), ())),
     ]
     out = []
     for name, meaning, msg in good:
@@ -116,6 +120,12 @@ def message_vectors() -> list[dict]:
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel-window"], "ts": 1, "tw": [1024, 1 << 20, 8]})),
         ("tw-no-streams", "OPEN whose tw allows 0 streams",
          msgpack.packb({"t": 1, "id": "gw1", "hold": 3000, "caps": ["tunnel-window"], "ts": 1, "tw": [65536, 1 << 20, 0]})),
+        ("osig-without-oadj", "a Route with osig but no oadj (both or neither)",
+         msgpack.packb({"t": 3, "adv": [dict(route, osig=b"\x01" * 64)], "wd": []}, use_bin_type=True)),
+        ("osig-short", "osig of 63 bytes", msgpack.packb({"t": 3, "adv": [dict(route, osig=b"\x01" * 63, oadj=b"\x01" * 64)],
+                                                          "wd": []}, use_bin_type=True)),
+        ("cert-too-long", "cert of 1025 bytes", msgpack.packb({"t": 3, "adv": [dict(route, cert=b"\x01" * 1025)], "wd": []},
+                                                               use_bin_type=True)),
         ("limits-zero-rate", "LIMITS with rate 0 (the least is 1)", msgpack.packb({"t": 6, "routes": 10, "rate": 0, "burst": 1})),
         ("limits-without-burst", "LIMITS without burst", msgpack.packb({"t": 6, "routes": 10, "rate": 5})),
         ("limits-too-many-routes", "LIMITS routes beyond 2^32-1", msgpack.packb({"t": 6, "routes": 1 << 32, "rate": 5, "burst": 5})),
@@ -128,6 +138,78 @@ def message_vectors() -> list[dict]:
         else:
             raise AssertionError(f"{name} decoded")
     return out
+
+
+CERT_EXP = 2_000_000_000  # 2033-05-18: the vectors' certificates hold until then
+VALIDATE_AT = 1_800_000_000  # the wall clock (Unix seconds) the validation vectors are judged at
+
+
+def origin_keys() -> tuple[Ed25519PrivateKey, Ed25519PrivateKey, Ed25519PrivateKey]:
+    """The domain key (trust anchor), gw3's identity key (an origin) and evil's."""
+    return tuple(Ed25519PrivateKey.from_private_bytes(seed(n)) for n in ("domain", "gw3 identity", "evil identity"))
+
+
+def signed_transit() -> RouteAdv:
+    """s1 of /yolo at gw3, signed by gw3 (sent to gw1) and passed on by gw1, 4 ms further."""
+    domain, gw3, _ = origin_keys()
+    cert = issue(domain, gw3.public_key().public_bytes_raw(), ["/yolo"], CERT_EXP, "gw3")
+    s = Signer("gw3", gw3, cert)
+    own = RouteAdv("/yolo", "s1", "gw3", 1_700_000_000_000_000, service_label("/yolo"), ("gw3",), 0, 50.0, 0.25, 2.0, 1000, 0.1)
+    return attrs.evolve(s.sign(own), oadj=s.adjacency("gw1"), path=("gw1", "gw3"), latency_us=4000)
+
+
+def origin_vectors() -> dict:
+    """Certificates, origin signatures, adjacency tokens, and the verdict on routes (routing.md, "Origin validation")."""
+    domain, gw3, evil = origin_keys()
+    raw = lambda k: k.public_key().public_bytes_raw()  # noqa: E731
+    cert = issue(domain, raw(gw3), ["/yolo"], CERT_EXP, "gw3")
+    route = signed_transit()
+    pub = lambda k: public_key_b64(k)  # noqa: E731
+    receiver = {"id": "gw2", "peers": {"gw1": "(any key)", "evil": pub(evil)}, "trust_anchors": [pub(domain)],
+                "now": VALIDATE_AT}
+    r = route
+    cases = [
+        ("valid", "gw3's signed route, passed on by gw1", "gw1", r, "valid"),
+        ("forged-seq", "the same with a larger seq than gw3 signed", "gw1", attrs.evolve(r, seq=(1 << 64) - 1), "invalid"),
+        ("forged-price", "the same with another price", "gw1", attrs.evolve(r, price=1e12), "invalid"),
+        ("transit-latency", "gw1 claims a different latency: a path attribute, its own word", "gw1",
+         attrs.evolve(r, latency_us=1), "valid"),
+        ("forged-adjacency", "evil claims gw3 sent its routes to evil", "evil", attrs.evolve(r, path=("evil", "gw3")), "invalid"),
+        ("unsigned-known-key", "gw3's route without signatures, from evil: gw3's key is known (its certificate)", "evil",
+         attrs.evolve(r, path=("evil", "gw3"), osig=None, oadj=None), "invalid"),
+        ("unknown-origin", "a route of an origin nobody certified, unsigned, passed on by evil", "evil",
+         RouteAdv("/other", "o1", "far", 1, service_label("/other"), ("evil", "far"), 0, 10.0, 0.0, 1.0, 1000), "unknown"),
+        ("capture", "evil originates /yolo/admin, signed with its own key: /yolo is authorised to gw3", "evil",
+         RouteAdv("/yolo/admin", "grab", "evil", 1, service_label("/yolo/admin"), ("evil",), 0, 10.0, 0.0, 1.0, 1000,
+                  osig=evil.sign(origin_message(RouteAdv("/yolo/admin", "grab", "evil", 1, service_label("/yolo/admin"),
+                                                         ("evil",), 0, 10.0, 0.0, 1.0, 1000))),
+                  oadj=evil.sign(adjacency_message("evil", "gw2"))), "invalid"),
+    ]
+    out_cases = []
+    for name, meaning, peer, adv, want in cases:
+        trust = Trust("gw2", {"evil": raw(evil)}, [raw(domain)], clock=lambda: VALIDATE_AT)
+        trust._remember(cert, "gw3")  # gw2 saw gw3's certificate before (with the valid route)
+        trust.signing_peers = {"gw1", "evil"}
+        got = trust.validate(peer, adv).state.value
+        assert got == want, (name, got, trust.validate(peer, adv))
+        out_cases.append({"name": name, "meaning": meaning, "from": peer,
+                          "route": jsonable(msgpack.unpackb(encode_message(Update((adv,), ())))["adv"][0]),
+                          "validation": want})
+    own = attrs.evolve(route, path=("gw3",), latency_us=0, oadj=None, osig=None, cert=None)
+    return {
+        "about": "Seeds: sha256('cpn test vector ' + name) for names 'domain', 'gw3 identity', 'evil identity'.",
+        "domain_public_key": pub(domain), "gw3_public_key": pub(gw3), "evil_public_key": pub(evil),
+        "certificate": {"meaning": "the domain key lets gw3's key originate /yolo until 2033-05-18",
+                        "hex": cert.encode().hex(), "signed_hex": cert.body().hex(),
+                        "decoded": jsonable(msgpack.unpackb(cert.encode()))},
+        "origin_signature": {"meaning": "gw3 signs s1's attributes", "route": jsonable(msgpack.unpackb(
+                                 encode_message(Update((own,), ())))["adv"][0]),
+                             "signed_hex": origin_message(own).hex(), "osig": route.osig.hex()},
+        "adjacency": {"meaning": "gw3 sends its routes to gw1", "signed_hex": adjacency_message("gw3", "gw1").hex(),
+                      "oadj": route.oadj.hex()},
+        "receiver": receiver,
+        "validation": out_cases,
+    }
 
 
 def handshake_vector() -> dict:
@@ -168,6 +250,46 @@ def handshake_vector() -> dict:
     }
 
 
+def seal_keys():
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return (X25519PrivateKey.from_private_bytes(seed("gw3 sealing")),
+            X25519PrivateKey.from_private_bytes(seed("ingress ephemeral")))
+
+
+def sealed_ext():
+    from cpnd.seal import x25519_public
+    from cpnd.tunnel import ExtHeader, QoS
+
+    _, eph = seal_keys()
+    return ExtHeader(service_label("/yolo"), "gw3", "s1", bytes(range(16)), QoS.INTERACTIVE, 16, 2_000_000, 1,
+                     eph=x25519_public(eph))
+
+
+def sealed_vectors() -> dict:
+    """A sealed stream's keys and first records (tunnel.md, "Sealed streams")."""
+    from cpnd.seal import Opener, outbound, x25519_public
+
+    static, eph = seal_keys()
+    ext = sealed_ext()
+    pub, ingress = outbound(x25519_public(static), ext.request_id, ext.label, ext.origin, ext.instance, eph)
+    egress = Opener(static).inbound(pub, ext.request_id, ext.label, ext.origin, ext.instance)
+    request = b"GET /yolo/x HTTP/1.1\r\nhost: gw1\r\nauthorization: Bearer secret\r\n\r\n"
+    response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    sealed_req = ingress.send.seal(request, True)
+    sealed_resp = egress.send.seal(response, True)
+    assert egress.recv.open(sealed_req) == request and ingress.recv.open(sealed_resp) == response
+    return {
+        "about": "X25519 keys from seeds 'gw3 sealing' (the origin's, published as xk) and 'ingress ephemeral'",
+        "origin_private": seed("gw3 sealing").hex(), "origin_public": x25519_public(static).hex(),
+        "eph_private": seed("ingress ephemeral").hex(), "eph_public": pub.hex(),
+        "request_id": ext.request_id.hex(), "label": ext.label, "origin": ext.origin, "instance": ext.instance,
+        "request_key": ingress.send.key.hex(), "response_key": ingress.recv.key.hex(),
+        "request": request.hex(), "sealed_request": sealed_req.hex(),
+        "response": response.hex(), "sealed_response": sealed_resp.hex(),
+    }
+
+
 def tunnel_vectors() -> list[dict]:
     from cpnd.tunnel import FLAG_END, ExtHeader, FrameType, QoS, ResetCode, encode_frame, load_payload, parse_load, reset_payload
 
@@ -185,6 +307,8 @@ def tunnel_vectors() -> list[dict]:
         ("load-gateway-time", "LOAD on stream 1 (session with gateway-time): load 0.25, latency-bound demand 0.1, "
          "base compute 1000 us, this request's instance time to its response head 1234 us",
          encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True)), None),
+        ("open-sealed", "OPEN stream 5 to s1 at gw3, sealed (flag 0x02): the ingress's ephemeral X25519 key ends the "
+         "header (vectors.json -> sealed)", encode_frame(5, FrameType.OPEN, sealed_ext().encode()), sealed_ext()),
         ("load-refused-gateway-time", "LOAD on stream 3 (session with gateway-time) before a RESET refused: "
          "load 1.0, demand 1.2, base compute 3000 us, no instance time (0xFFFFFFFF)",
          encode_frame(3, FrameType.LOAD, load_payload(1.0, 1.2, 3000, None, timed=True)), None),
@@ -199,6 +323,9 @@ def tunnel_vectors() -> list[dict]:
             v["caps"] = ["gateway-time"]  # the 16-byte LOAD: only where both OPENs list it
         if e is not None:
             v["ext"] = [e.label, e.origin, e.instance, int(e.qos), e.hop_limit, e.budget_us, e.flags]
+            if e.eph is not None:
+                v["eph"] = e.eph.hex()
+                v["caps"] = ["sealed-streams"]
         if raw[4] == FrameType.LOAD:  # [load, bload, base compute us, instance us or null]
             v["load"] = list(parse_load(raw[6:]))
         out.append(v)
@@ -209,6 +336,8 @@ def tunnel_vectors() -> list[dict]:
         ("oversized-data", "DATA of 16385 bytes", encode_frame(1, FrameType.DATA, b"x" * 16385)),
         ("zero-window", "WINDOW increment 0", encode_frame(1, FrameType.WINDOW, bytes(4))),
         ("ext-truncated", "OPEN whose extension header stops inside the origin", encode_frame(1, FrameType.OPEN, ext.encode()[:30])),
+        ("ext-sealed-without-key", "OPEN whose extension header has the sealed flag but no 32-byte key after the ids",
+         encode_frame(1, FrameType.OPEN, sealed_ext().encode()[:-1])),
         ("ext-version", "OPEN with extension header version 2", encode_frame(1, FrameType.OPEN, b"\x02" + ext.encode()[1:])),
         ("load-timed-without-cap", "LOAD of 16 bytes on a session without gateway-time",
          encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True))),
@@ -314,6 +443,8 @@ def main() -> None:
         "tunnel": tunnel_vectors(),
         "forwarded": forwarded_vectors(),
         "http2": http2_vectors(),
+        "origin": origin_vectors(),
+        "sealed": sealed_vectors(),
     }
     path = Path(__file__).resolve().parent / "vectors.json"
     path.write_text(json.dumps(out, indent=1) + "\n")

@@ -13,7 +13,8 @@ PKG = ROOT / "cpnd"
 # its simulated network. The rest (daemon, the data plane's parts, streams, control, metrics, aio, ...)
 # are trio shells.
 CORES = ("admission", "clients", "config", "crypto", "errors", "forwarded", "gateway", "grpcmap", "heads", "health", "limits",
-         "load", "loglimit", "names", "planner", "preface", "registry", "rib", "select", "session", "status", "tls",
+         "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "seal", "select",
+         "session", "status", "tls",
          "tunnel", "vnet", "wire")
 IO = {"trio", "socket", "select", "selectors", "asyncio", "subprocess", "threading"}
 

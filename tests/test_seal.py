@@ -1,0 +1,80 @@
+"""Sealed streams, sans-IO: keys, records, truncation, tampering, replay, and the spec's vectors."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from cpnd.seal import MAX_SEALED_CHUNK, Opener, SealError, StreamSealer, outbound, x25519_public
+from cpnd.tunnel import ExtHeader
+
+RID = bytes(range(16))
+
+
+def pair(opener: Opener | None = None):
+    opener = opener or Opener(X25519PrivateKey.generate())
+    eph, ingress = outbound(opener.public, RID, 7, "gw3", "s1")
+    return ingress, opener.inbound(eph, RID, 7, "gw3", "s1"), opener, eph
+
+
+def test_round_trip_in_pieces_and_both_ways() -> None:
+    ingress, egress, _, _ = pair()
+    body = bytes(range(256)) * 300  # several records
+    wire = ingress.send.seal(body[:1000], False) + ingress.send.seal(body[1000:], True)
+    got = b"".join(egress.recv.open(wire[i:i + 777]) for i in range(0, len(wire), 777))
+    egress.recv.finish()
+    assert got == body and len(wire) > len(body) + 16 * (len(body) // MAX_SEALED_CHUNK)
+    assert ingress.recv.open(egress.send.seal(b"HTTP/1.1 200 OK\r\n\r\n", True)) == b"HTTP/1.1 200 OK\r\n\r\n"
+    ingress.recv.finish()
+
+
+def test_truncation_tampering_reordering_and_replay_are_refused() -> None:
+    ingress, egress, opener, eph = pair()
+    first, second = ingress.send.seal(b"a" * 10, False), ingress.send.seal(b"b" * 10, True)
+    egress.recv.open(first)
+    with pytest.raises(SealError, match="before its last record"):
+        egress.recv.finish()  # a transit cut the stream short
+    for bad in (first, second[:-1] + bytes([second[-1] ^ 1])):
+        _, fresh, _, _ = pair(opener)
+        with pytest.raises(SealError):
+            fresh.recv.open(bad if bad is not first else second)  # out of order, or flipped
+    with pytest.raises(SealError, match="replayed"):
+        opener.inbound(eph, RID, 7, "gw3", "s1")
+    other = Opener(X25519PrivateKey.generate())
+    e2, ing2 = outbound(other.public, RID, 7, "gw3", "s1")
+    moved = opener.inbound(e2, RID, 7, "gw3", "s1")  # sealed to someone else's key
+    with pytest.raises(SealError, match="authentication"):
+        moved.recv.open(ing2.send.seal(b"x", True))
+    e3, ing3 = outbound(opener.public, RID, 7, "gw3", "s1")
+    edited = opener.inbound(e3, RID, 7, "gw3", "s2")  # a transit changed the target in the header
+    with pytest.raises(SealError):
+        edited.recv.open(ing3.send.seal(b"x", True))
+
+
+def test_stream_sealer_seals_as_ingress_only_and_opens_only_as_egress() -> None:
+    opener = Opener(X25519PrivateKey.generate())
+    keys = {"gw3": opener.public}
+    s = StreamSealer("gw1", Opener(X25519PrivateKey.generate()), lambda ext: keys.get(ext.origin))
+    ext, sealing = s.outbound(ExtHeader(7, "gw3", "s1"))
+    assert ext.eph is not None and sealing is not None and s.counters["sealed_streams_out"] == 1
+    relayed = ExtHeader.decode(ExtHeader(7, "gw9", "s1").encode())  # from a peer: a transit passes it on
+    assert s.outbound(relayed) == (relayed, None)
+    assert s.outbound(ExtHeader(7, "nobody", "s1"))[1] is None  # no verified key: not sealed
+    assert s.inbound(ExtHeader.decode(ext.encode())) is None  # gw1 is not the egress of gw3's instance
+    egress = StreamSealer("gw3", opener, lambda ext: None)
+    got = egress.inbound(ExtHeader.decode(ext.encode()))
+    assert got is not None and got.recv.open(sealing.send.seal(b"GET", True)) == b"GET"
+
+
+def test_sealed_vectors(vectors) -> None:
+    v = vectors["sealed"]
+    static = X25519PrivateKey.from_private_bytes(bytes.fromhex(v["origin_private"]))
+    eph = X25519PrivateKey.from_private_bytes(bytes.fromhex(v["eph_private"]))
+    rid = bytes.fromhex(v["request_id"])
+    pub, ingress = outbound(x25519_public(static), rid, v["label"], v["origin"], v["instance"], eph)
+    assert pub.hex() == v["eph_public"] and x25519_public(static).hex() == v["origin_public"]
+    assert (ingress.send.key.hex(), ingress.recv.key.hex()) == (v["request_key"], v["response_key"])
+    assert ingress.send.seal(bytes.fromhex(v["request"]), True).hex() == v["sealed_request"]
+    egress = Opener(static).inbound(pub, rid, v["label"], v["origin"], v["instance"])
+    assert egress.recv.open(bytes.fromhex(v["sealed_request"])).hex() == v["request"]
+    assert egress.send.seal(bytes.fromhex(v["response"]), True).hex() == v["sealed_response"]
