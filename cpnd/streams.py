@@ -190,116 +190,6 @@ class TunnelStream:
                 self.mux.send_frame(encode_frame(self.id, FrameType.WINDOW, inc.to_bytes(4, "big")))
         return data
 
-    async def send(self, data: bytes, end: bool = False) -> None: ...
-    def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
-    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None: ...
-
-
-class Abandon:
-    """Cancel scopes of the work done for a stream, cancelled when the stream is abandoned."""
-
-    def __init__(self) -> None:
-        self._scopes: list[trio.CancelScope] = []
-
-    def add(self, scope: trio.CancelScope) -> None:
-        self._scopes.append(scope)
-
-    def fire(self) -> None:
-        scopes, self._scopes = self._scopes, []
-        for scope in scopes:
-            scope.cancel()
-
-
-class _Inbox:
-    """Received chunks waiting for the reader; ``b""`` marks the end."""
-
-    def __init__(self) -> None:
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.event = trio.Event()
-        self.ended = False
-        self.reset: StreamReset | None = None
-
-    def push(self, data: bytes) -> None:
-        self.chunks.append(data)
-        self.event.set()
-
-    def fail(self, exc: StreamReset) -> None:
-        if self.reset is None:
-            self.reset = exc
-        self.event.set()
-
-    async def pop(self) -> bytes:
-        while not self.chunks:
-            if self.ended:  # complete before any reset: the reader gets all of it
-                return b""
-            if self.reset is not None:
-                raise self.reset
-            self.event = trio.Event()
-            await self.event.wait()
-        return self.chunks.popleft()
-
-
-class TunnelStream:
-    """One request/response exchange multiplexed on a peer connection."""
-
-    def __init__(self, mux: Mux, sid: int, ext: ExtHeader | None) -> None:
-        self.mux = mux
-        self.id = sid
-        self.ext = ext
-        self.window = FlowWindow(mux.settings.recv_window, send_credit=mux.settings.send_window)
-        self.buffered = 0  # DATA received and not yet passed on (counts against the connection window)
-        self._passing = 0  # of which the chunk the reader took last, credited when it asks again
-        self._inbox = _Inbox()
-        self._credit = trio.Event()
-        self.sent_end = False
-        self.closed = False
-        self.load_report: tuple[float, float, int, int | None] | None = None
-        self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
-        self._abandon = Abandon()
-
-    def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
-        """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
-        the work done for it (an instance call) stops with it."""
-        self._abandon.add(scope)
-
-    def _abandoned(self) -> None:
-        self._abandon.fire()
-
-    @property
-    def peer(self) -> str:
-        return self.mux.peer_id
-
-    async def receive(self) -> bytes:
-        """Next chunk from the peer, ``b""`` at the end; StreamReset if abandoned.
-
-        The stream's window is credited as a chunk is taken, the connection's only when the reader
-        asks again (it has passed the chunk on): what the gateway holds while a slow destination
-        drains stays within the connection window, and one stream's transfer is not slowed (tunnel.md).
-        """
-        if self._passing:
-            self.buffered -= self._passing
-            self.mux.consumed(self._passing)
-            self._passing = 0
-        data = await self._inbox.pop()
-        if data and self._inbox.chunks:
-            # What arrived meanwhile in one piece: one h11 cycle and one write downstream instead
-            # of one per frame, up to half the window (the peer keeps the other half to send).
-            parts, size, cap = [data], len(data), self.window.initial // 2
-            while self._inbox.chunks and size + len(self._inbox.chunks[0]) <= cap:
-                parts.append(self._inbox.chunks.popleft())
-                size += len(parts[-1])
-            data = b"".join(parts) if len(parts) > 1 else data
-        self._passing = len(data)
-        if not self.closed:
-            self._maybe_close()
-        elif not self._inbox.chunks:
-            self._release()  # closed with its data complete: the reader will not ask again
-        if data and not self.closed:
-            inc = self.window.on_consumed(len(data))
-            if inc:
-                self.mux.send_frame(encode_frame(self.id, FrameType.WINDOW, inc.to_bytes(4, "big")))
-        return data
-
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
         view = memoryview(data)
@@ -414,16 +304,30 @@ class SealedStream:
 
     async def receive(self) -> bytes:
         while True:
-            data = await self._stream.receive()
-            try:
-                if not data:
-                    self._sealing.recv.finish()
-                    return b""
-                plain = self._sealing.recv.open(data)
-            except SealError as exc:
-                raise self._broken(exc) from None
-            if plain:
+            plain = self._open(await self._stream.receive())
+            if plain is not None:
                 return plain
+
+    def receive_nowait(self) -> bytes | None:
+        """What ``receive`` would return now (opened), or None if it would have to wait."""
+        while True:
+            data = self._stream.receive_nowait()
+            if data is None:
+                return None
+            plain = self._open(data)
+            if plain is not None:
+                return plain
+
+    def _open(self, data: bytes) -> bytes | None:
+        """The plaintext of what came (``b""``: the end), or None for a record that carried none."""
+        try:
+            if not data:
+                self._sealing.recv.finish()
+                return b""
+            plain = self._sealing.recv.open(data)
+        except SealError as exc:
+            raise self._broken(exc) from None
+        return plain or None
 
     async def send(self, data: bytes, end: bool = False) -> None:
         if data or end:
