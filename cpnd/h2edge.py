@@ -27,6 +27,7 @@ from .errors import HttpError
 from .grpcmap import grpc_error_fields, is_grpc, request_head, response_fields, trailer_fields
 from .h1 import error_response
 from .heads import MAX_HEADER_BYTES
+from .limits import TokenBucket
 from .h2io import CONNECTION_WINDOW, RECEIVE_CHUNK, STREAM_WINDOW, H2Inbox, H2Wire, h2_error_name
 from .rib import Key
 from .streams import StreamReset
@@ -45,6 +46,8 @@ class Users(Protocol):
     slots: SlotTable
 
     async def _request(self, client: Any, req: h11.Request, pinned: dict[str, Key]) -> None: ...
+
+    def edge_event(self, kind: str, line: str, stat: str = ...) -> None: ...
 
 log = logging.getLogger("cpnd.http")
 
@@ -150,6 +153,11 @@ class H2Server:
         self.streams: dict[int, H2Stream] = {}
         self.pinned: dict[str, Key] = {}  # per-connection selection pins, as on an HTTP/1.1 connection
         self.max_streams = self.p.limits.h2_max_streams
+        # Streams the client resets (HTTP/2 "Rapid Reset", CVE-2023-44487: each costs us a request's
+        # routing, none a concurrency slot): as many a second as may be open at once, beyond that
+        # GOAWAY ENHANCE_YOUR_CALM.
+        self.resets = TokenBucket(rate=float(self.max_streams), burst=float(2 * self.max_streams))
+        self._reset_now: set[int] = set()  # streams the batch being read resets: not started at all
         self._idle = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._done = trio.Event()
@@ -198,6 +206,7 @@ class H2Server:
                 self.wire.fail_all(ErrorCodes.CANCEL)
                 self._cancel_all()
                 return
+            self._reset_now = {e.stream_id for e in events if isinstance(e, h2.events.StreamReset)}
             for event in events:
                 if self._on_event(event):
                     return
@@ -253,6 +262,8 @@ class H2Server:
         elif isinstance(event, (h2.events.DataReceived, h2.events.TrailersReceived, h2.events.StreamEnded)):
             self.wire.on_stream_event(event)
         elif isinstance(event, h2.events.StreamReset):
+            if not self.resets.take(1, trio.current_time()):
+                return self._calm()
             stream = self.streams.get(event.stream_id)
             if stream is not None:
                 self.p.stats["h2_streams_cancelled"] += 1
@@ -264,8 +275,22 @@ class H2Server:
             return True  # the client's GOAWAY: no new streams; those open finish
         return False
 
+    def _calm(self) -> bool:
+        """A client resetting streams faster than its bucket allows: GOAWAY ENHANCE_YOUR_CALM, the
+        streams it has open cancelled, no more reading (True)."""
+        self.p.stats["h2_rapid_resets"] += 1
+        self.users.edge_event("HTTP/2 connections closed for resetting streams too fast",
+                              f"http: {self.peer} reset HTTP/2 streams faster than {self.max_streams}/s "
+                              f"(http2_max_streams a second): GOAWAY ENHANCE_YOUR_CALM", "h2_rapid_resets_logged")
+        self.goaway(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.wire.fail_all(ErrorCodes.CANCEL)
+        self._cancel_all()
+        return True
+
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
+        if sid in self._reset_now:  # reset in the same read: nothing to route (the reset is counted)
+            return
         if self.users.draining or len(self.streams) >= self.max_streams:
             # Over what we advertised (a client before our SETTINGS' ACK, or one ignoring it): this
             # stream only (RFC 9113 section 5.1.2), retryable elsewhere.

@@ -215,3 +215,32 @@ def test_an_idle_h2_connection_gives_its_slot_to_a_newcomer(tmp_path) -> None:
     finally:
         insts.stop_all()
 
+
+
+def test_rapid_reset_ends_the_connection_and_costs_others_nothing(edge) -> None:
+    """HTTP/2 Rapid Reset (CVE-2023-44487): streams opened and reset at once, faster than
+    http2_max_streams a second, get GOAWAY ENHANCE_YOUR_CALM; the next client is served."""
+    lab, addr = edge
+    before = lab.query("a", "stats")["http"].get("h2_rapid_resets", 0)
+    c = Client(addr)
+    try:
+        for _ in range(50):
+            sid = c.h2.get_next_available_stream_id()
+            c.h2.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"),
+                                    (b":path", b"/svc/x")], end_stream=True)
+            c.h2.reset_stream(sid, ErrorCodes.CANCEL)
+        c.flush()
+        events = c.until(lambda evs: any(isinstance(e, h2.events.ConnectionTerminated) for e in evs))
+        gone = next(e for e in events if isinstance(e, h2.events.ConnectionTerminated))
+        assert gone.error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        c.close()
+    assert lab.query("a", "stats")["http"]["h2_rapid_resets"] == before + 1
+    honest = Client(addr)
+    try:
+        honest.flush()
+        head, _ = honest.response(honest.get(b"/svc/ok"))
+        honest.flush()
+        assert head[b":status"] == b"200"
+    finally:
+        honest.close()
