@@ -6,6 +6,7 @@ Requests are ``{"cmd": "show-routes", "service": "/yolo"}`` and the like (see
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import logging
@@ -153,7 +154,7 @@ def _gauges(daemon: Daemon) -> dict[str, int]:
     return {
         "routes_withheld": sum(len(c.adj_out.withheld) for p in daemon.peers.values() for c in p.conns if c.adj_out is not None),
         "tunnel_streams": sum(len(c.mux.streams) for p in daemon.peers.values() for c in p.conns if c.mux is not None),
-        "http_clients": daemon.dataplane.clients,
+        "http_clients": daemon.dataplane.clients + (daemon.workers.clients if daemon.workers else 0),
         "http_clients_idle": daemon.dataplane.slots.idle,  # no whole request head yet: may be taken back
         "http_clients_max": daemon.dataplane.slots.limit,  # max_http_clients, as fitted to the descriptor limit
         "preauth_connections": len(daemon.preauth),
@@ -186,8 +187,18 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
         "local_instances_down": sum(1 for iid in local if not daemon.dataplane.health(iid).healthy),
         **_gauges(daemon),
         "stats": dict(daemon.stats),
-        "http": dict(daemon.dataplane.stats),
+        "http": dict(daemon.dataplane.stats + (daemon.workers.stats() if daemon.workers else collections.Counter())),
+        "workers": workers_json(daemon),
     }
+
+
+def workers_json(daemon: Daemon) -> list[dict[str, Any]]:
+    """``show status --json``'s ``workers``: the processes serving users (this one alone when workers = 1)."""
+    if daemon.workers is not None:
+        return daemon.workers.status()
+    return [{"index": 0, "pid": os.getpid(), "alive": True, "restarts": 0, "up_s": round(trio.current_time() - daemon.started_at, 3),
+             "http_clients": daemon.dataplane.clients, "inflight": daemon.dataplane.inflight,
+             "requests": daemon.dataplane.stats["requests"], "report_age_ms": 0}]
 
 
 def stats_json(daemon: Daemon) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
+from .workers import Workers
 from .wire import GATEWAY_TIME_CAP, INSTANCE_DOWN_CAP, Limits, RouteAdv, TunnelLimits
 
 log = logging.getLogger("cpnd")
@@ -80,7 +81,7 @@ FLUSH_ON_CLOSE_S = 1.0
 LINGER_S = 0.5  # after a close, how long the peer's last bytes are read and dropped
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "https_listen", "metrics_listen",
-                "registration_listen")
+                "registration_listen", "workers")
 LOAD_CHECK_S = 0.05
 GATEWAY_TIME_INTERVAL_S = 5.0  # our own processing times re-advertised at most this often (routing.md)
 TRIM_CHECK_S = 1.0
@@ -457,6 +458,7 @@ class Daemon:
         ))
         self.clients = ClientTable.from_config(config)  # [[clients]]: keys and quotas at the ingress
         self.registrations = Registrations(self)  # instances that join by cpnctl register or HTTP
+        self.workers = Workers(self) if g.workers > 1 else None  # [gateway] workers: users served by N processes
 
     # ---- lifecycle
 
@@ -476,9 +478,11 @@ class Daemon:
                 self.nursery = nursery
                 await nursery.start(serve_control, self, g.control_socket)
                 await nursery.start(self.registrations.run)
-                if g.http_listen is not None:
+                if self.workers is not None:
+                    await nursery.start(self.workers.run)
+                elif g.http_listen is not None:
                     await nursery.start(self.dataplane.serve)
-                if g.https_listen is not None:  # [tls]
+                if g.https_listen is not None and self.workers is None:  # [tls]
                     await nursery.start(functools.partial(self.dataplane.serve, tls=True))
                 if g.metrics_listen is not None:
                     await nursery.start(serve_metrics, self)
@@ -517,9 +521,13 @@ class Daemon:
         ``restarting``: Cease/restarting, so peers keep our routes through our graceful restart.
         """
         self.dataplane.stop_accepting()
+        if self.workers is not None:
+            self.workers.stop()
         drain_s = self.config.gateway.drain_timeout_ms / 1000
         with trio.move_on_after(drain_s) as drain:
             await self.dataplane.drained()
+            if self.workers is not None:
+                await self.workers.drained()
         if drain.cancelled_caught:
             log.warning("%s: %d requests still in flight after %g s of draining: cut", self.id, self.dataplane.inflight, drain_s)
         conns = [c for p in self.peers.values() for c in p.conns]
@@ -603,6 +611,8 @@ class Daemon:
         self.pacers = {i.id: self.pacers.get(i.id) or _pacer(new) for svc in new.services for i in svc.instances}
         self.local_attrs = {k: v for k, v in self.local_attrs.items() if k in self.pacers}
         self.dataplane.reconfigure(new)
+        if self.workers is not None:
+            self.workers.reload()
         self.seq += 1
         self.local_seq = {}  # every local instance re-advertised with the new seq
         self._propagate(self.rib.set_local(self._local_routes(), trio.current_time()))
@@ -651,6 +661,8 @@ class Daemon:
                 meter = self.dataplane.meters[iid]
                 meter.expire(now)
                 load, bload, comp = round(meter.load(now), 3), round(meter.bounded_load(now), 3), round(meter.base_us)
+                if self.workers is not None:  # the workers call our instances, not this process
+                    load, bload, comp = self.workers.advertised(iid, meter.capacity, meter.base_us)
                 if pacer.should_advertise(now, load, bload, comp):
                     pacer.advertised(now, load, bload, comp)
                     self.seq += 1

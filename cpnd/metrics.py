@@ -111,7 +111,7 @@ class _DaemonCollector(Collector):
         yield frames
         yield GaugeMetricFamily("cpn_tunnel_streams", "Open tunnel streams",
                                 value=sum(len(c.mux.streams) for c in conns if c.mux is not None))
-        st = d.dataplane.stats
+        st = d.dataplane.stats + d.workers.stats() if d.workers is not None else d.dataplane.stats  # [gateway] workers
         yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=st["retries"])
         yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=st["admission_rejects"])
         yield CounterMetricFamily("cpn_relayed_streams", "Streams relayed as a transit gateway", value=st["relayed"])
@@ -121,7 +121,8 @@ class _DaemonCollector(Collector):
         yield tls
         load = GaugeMetricFamily("cpn_instance_load", "Load of our own instances, fraction of capacity", labels=["instance"])
         for iid, meter in d.dataplane.meters.items():
-            load.add_metric([iid], meter.load(trio.current_time()))
+            load.add_metric([iid], meter.load(trio.current_time()) if d.workers is None  # [gateway] workers: theirs
+                            else d.workers.advertised(iid, meter.capacity, meter.base_us)[0])
         yield load
         yield from _client_metrics(d)
 
