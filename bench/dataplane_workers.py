@@ -7,7 +7,8 @@ two worker processes), each with the same nginx instance (a fixed JSON body) as 
 (capacity 1e6: admission never refuses). Every round runs wrk (1 thread, 16 keep-alive connections,
 so the kernel gives each worker some) against each in turn, the order alternating, so both see the
 same machine; the ratio is taken per round and its median reported with the machine's load, since
-the box is shared. One hop is not measured: workers do not serve tunnelled requests yet.
+the box is shared. The control process's CPU during the 2-worker runs is what would not scale with
+more cores (everything else is per worker). One hop is not measured: workers do not serve tunnelled requests yet.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def wrk_rps(wrk: str, url: str, seconds: float) -> float:
 
 
 def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path) -> int:
-    from dataplane import machine_load, start_peer
+    from dataplane import cpu_seconds, machine_load, start_peer
 
     if nginx is None or wrk is None:
         print("the workers rows need nginx and wrk", file=sys.stderr)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpn-dp-workers-")))
         inst, port = start_peer("instance", nginx, tmp, 0)
         stack.callback(lambda: (inst.kill(), inst.wait()))
-        urls = {}
+        urls, control = {}, 0
         for n in (1, 2):
             topo = Topology((f"w{n}",), (), (Instance("s1", f"w{n}", "/svc", 1e6, 1, 0),),
                             {"log_level": "warning", "workers": n, "health_interval_ms": 0})
@@ -60,15 +61,24 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
             lab.wait_for(lambda lab=lab, n=n: len([w for w in lab.query(f"w{n}", "status")["workers"]
                                                    if w["report_age_ms"] is not None]) == n, 30, "workers up")
             urls[n] = f"http://{specs[f'w{n}'].http}/svc"
+            control = lab.procs[f"w{n}"].pid  # the 2-worker gateway's control process: what all workers share
+            workers = [w["pid"] for w in lab.query(f"w{n}", "status")["workers"]]
             wrk_rps(wrk, urls[n], 1.0)  # warm: pools, caches
+        shared = worker_cpu = 0.0
         for r in range(args.repeats):
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                before = cpu_seconds(control), sum(cpu_seconds(p) for p in workers)
                 rps[n].append(wrk_rps(wrk, urls[n], args.seconds))
+                if n == 2:
+                    shared += cpu_seconds(control) - before[0]
+                    worker_cpu += sum(cpu_seconds(p) for p in workers) - before[1]
+        served = sum(rps[2]) * args.seconds
     ratios = [b / a for a, b in zip(rps[1], rps[2]) if a]
     doc: dict[str, Any] = {"rps_1_worker": rps[1], "rps_2_workers": rps[2], "ratios": ratios,
                            "median_ratio": statistics.median(ratios) if ratios else None,
                            "load_before": load_before, "load_after": machine_load(), "command": " ".join(sys.argv),
-                           "connections": CONNECTIONS, "seconds": args.seconds}
+                           "connections": CONNECTIONS, "seconds": args.seconds,
+                           "control_cpu_us_per_request": shared / served * 1e6, "worker_cpu_us_per_request": worker_cpu / served * 1e6}
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane_workers.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(f"{load_before} at the start, {doc['load_after']} at the end")
@@ -77,4 +87,6 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
     print(f"  workers = 2: {statistics.median(rps[2]):8.0f} req/s (median; rounds {', '.join(f'{x:.0f}' for x in rps[2])})")
     if ratios:
         print(f"  2 / 1: {doc['median_ratio']:.2f}x (median of the per-round ratios {', '.join(f'{x:.2f}' for x in ratios)})")
+    print(f"  CPU per request with 2 workers: {doc['worker_cpu_us_per_request']:.0f} us in the workers, "
+          f"{doc['control_cpu_us_per_request']:.1f} us in the control process (the part all workers share)")
     return 0

@@ -133,12 +133,17 @@ def services_json(daemon: Daemon) -> list[dict[str, Any]]:
     for svc in daemon.config.services:
         for inst in svc.instances:
             meter = daemon.dataplane.meters[inst.id]
+            load, bload, comp = round(meter.load(now), 3), round(meter.bounded_load(now), 3), meter.base_us
+            inflight = meter.inflight
+            if daemon.workers is not None:  # [gateway] workers call the instances: their latest reports
+                load, bload, comp = daemon.workers.advertised(inst.id, meter.capacity, meter.base_us)
+                inflight = daemon.workers.inflight(inst.id)
             out.append({
                 "service": svc.path, "instance": inst.id, "url": inst.url,
                 "healthy": daemon.dataplane.health(inst.id).healthy,
-                "load": round(meter.load(now), 3), "bounded_load": round(meter.bounded_load(now), 3),
-                "compute_latency_ms": round(meter.base_us / 1000, 3), "capacity": inst.capacity, "price": inst.price,
-                "inflight": meter.inflight, "refused": meter.refused,
+                "load": load, "bounded_load": bload,
+                "compute_latency_ms": round(comp / 1000, 3), "capacity": inst.capacity, "price": inst.price,
+                "inflight": inflight, "refused": meter.refused,
                 **daemon.registrations.registry.describe(inst.id, now),  # registered, registered_by, expires_in_s
             })
     return out

@@ -187,6 +187,9 @@ class Workers:
     def clients(self) -> int:
         return sum(st.report.clients for st in self.slots if st.report is not None)
 
+    def inflight(self, iid: str) -> int:
+        return loads(self.slots, iid)[2]
+
     def advertised(self, iid: str, capacity: float, base_us: float) -> tuple[float, float, float]:
         """An instance's (load, bounded load, compute µs) to advertise, from every worker's report."""
         arrivals, bounded, _, base = loads(self.slots, iid)
