@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,18 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
             workers = [w["pid"] for w in lab.query(f"w{n}", "status")["workers"]]
             wrk_rps(wrk, urls[n], 1.0)  # warm: pools, caches
         shared = worker_cpu = 0.0
+        ages: list[float] = []  # how old the control's view of each worker is, sampled during the 2-worker runs
         for r in range(args.repeats):
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):
                 before = cpu_seconds(control), sum(cpu_seconds(p) for p in workers)
+                stop = threading.Event()
+                sampler = threading.Thread(target=_sample_ages, args=(lab, stop, ages)) if n == 2 else None
+                if sampler is not None:
+                    sampler.start()
                 rps[n].append(wrk_rps(wrk, urls[n], args.seconds))
+                if sampler is not None:
+                    stop.set()
+                    sampler.join()
                 if n == 2:
                     shared += cpu_seconds(control) - before[0]
                     worker_cpu += sum(cpu_seconds(p) for p in workers) - before[1]
@@ -78,6 +87,8 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
                            "median_ratio": statistics.median(ratios) if ratios else None,
                            "load_before": load_before, "load_after": machine_load(), "command": " ".join(sys.argv),
                            "connections": CONNECTIONS, "seconds": args.seconds,
+                           "report_age_ms": {"p50": statistics.median(ages), "max": max(ages), "samples": len(ages)}
+                           if ages else None,
                            "control_cpu_us_per_request": shared / served * 1e6, "worker_cpu_us_per_request": worker_cpu / served * 1e6}
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane_workers.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -89,4 +100,12 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
         print(f"  2 / 1: {doc['median_ratio']:.2f}x (median of the per-round ratios {', '.join(f'{x:.2f}' for x in ratios)})")
     print(f"  CPU per request with 2 workers: {doc['worker_cpu_us_per_request']:.0f} us in the workers, "
           f"{doc['control_cpu_us_per_request']:.1f} us in the control process (the part all workers share)")
+    if ages:
+        print(f"  the control's view of a worker under load: {statistics.median(ages):.0f} ms old at the median, "
+              f"{max(ages):.0f} ms at most ({len(ages)} samples of show status' report_age_ms)")
     return 0
+
+
+def _sample_ages(lab: Lab, stop: threading.Event, out: list[float]) -> None:
+    while not stop.wait(0.05):
+        out += [w["report_age_ms"] for w in lab.query("w2", "status")["workers"] if w["report_age_ms"] is not None]
