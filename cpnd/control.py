@@ -152,7 +152,8 @@ def services_json(daemon: Daemon) -> list[dict[str, Any]]:
 # What ``cpnctl show status`` shows, in this order; status_json's other keys are counters and gauges,
 # kept there for scripts written against earlier versions (``show stats`` is their place).
 STATUS_KEYS = ("id", "version", "pid", "uptime_s", "listen", "http_listen", "metrics_listen", "control_socket",
-               "peers_established", "peers", "routes", "paths", "services", "local_instances", "local_instances_down")
+               "peers_established", "peers", "routes", "paths", "services", "local_instances", "local_instances_down",
+               "workers")
 
 
 def _gauges(daemon: Daemon) -> dict[str, int]:
@@ -192,9 +193,14 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
         "local_instances_down": sum(1 for iid in local if not daemon.dataplane.health(iid).healthy),
         **_gauges(daemon),
         "stats": dict(daemon.stats),
-        "http": dict(daemon.dataplane.stats + (daemon.workers.stats() if daemon.workers else collections.Counter())),
+        "http": dict(_http_stats(daemon)),
         "workers": workers_json(daemon),
     }
+
+
+def _http_stats(daemon: Daemon) -> collections.Counter[str]:
+    """The data plane's counters: this process's and (``[gateway] workers``) every worker's, added up."""
+    return daemon.dataplane.stats + daemon.workers.stats() if daemon.workers is not None else daemon.dataplane.stats
 
 
 def workers_json(daemon: Daemon) -> list[dict[str, Any]]:
@@ -214,7 +220,7 @@ def stats_json(daemon: Daemon) -> dict[str, Any]:
     # (protocol-spec/selection.md, "Own time"; routing.md, "Gateway time").
     times: dict[str, float] = {f"own_{stage}_ms": _ms(own.us(stage, now)) for stage in Stage.ALL}
     times |= {"advertised_egress_ms": _ms(daemon.rib.egress_us), "advertised_transit_ms": _ms(daemon.rib.transit_us)}
-    return {"gateway": dict(sorted(daemon.stats.items())), "http": dict(sorted(daemon.dataplane.stats.items())),
+    return {"gateway": dict(sorted(daemon.stats.items())), "http": dict(sorted(_http_stats(daemon).items())),
             "gauges": {**_gauges(daemon), **times}}
 
 

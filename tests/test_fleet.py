@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import msgpack
@@ -56,6 +57,14 @@ def test_every_bound_is_split_so_the_shares_never_add_up_to_more(tmp_path) -> No
     assert (s2.capacity, s2.max_inflight) == (5.0, 1)  # a bound below N: 1 each (README, "workers")
     assert (w.clients[0].rate, w.clients[0].burst) == (4.5, 1.0)
     assert w.gateway.max_http_clients == 50 and w.gateway.id == "gw1"
+
+
+def test_auto_is_one_worker_per_core(tmp_path) -> None:
+    write_private_key(tmp_path / "gw1.key", generate_key(), force=True)
+    (tmp_path / "gw1.toml").write_text(CONFIG.format(digest="ab" * 32).replace("workers = 2", 'workers = "auto"'))
+    assert load_config(tmp_path / "gw1.toml").gateway.workers == min(64, os.cpu_count() or 1)
+    (tmp_path / "gw1.toml").write_text(CONFIG.format(digest="ab" * 32).replace("workers = 2\n", ""))
+    assert load_config(tmp_path / "gw1.toml").gateway.workers == 1
 
 
 def test_a_report_survives_the_pipe_and_garbage_is_refused() -> None:

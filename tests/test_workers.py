@@ -7,8 +7,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
+import json
 import math
 
 import httpx
@@ -83,6 +86,12 @@ def test_both_workers_serve_and_status_lists_them(gw) -> None:
         if all(w["requests"] for w in workers(lab)):
             break
     lab.wait_for(lambda: all(w["requests"] > 0 for w in workers(lab)), 10, "requests answered by both workers")
+    shown = subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "--socket",
+                            str(lab.specs["a"].control), "show", "status", "--json"], capture_output=True, text=True, timeout=30)
+    assert [w["pid"] for w in json.loads(shown.stdout)["workers"]] == [w["pid"] for w in ws]
+    text = subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "--socket",
+                           str(lab.specs["a"].control), "show", "status"], capture_output=True, text=True, timeout=30).stdout
+    assert f"2/2 running (pids {ws[0]['pid']}, {ws[1]['pid']}), 0 restarts" in text
     status = lab.query("a", "status")
     assert status["http"]["requests"] == sum(w["requests"] for w in status["workers"])
     metrics = httpx.get(f"http://{lab.specs['a'].metrics}/metrics", timeout=10).text
