@@ -18,6 +18,7 @@ import attrs
 import msgpack
 
 from .config import Config
+from .load import MAX_EVENTS, InstanceMeter
 
 REPORT_INTERVAL_S = 0.25  # how often a worker reports: the control's view of its load is at most this old
 MAX_REPORT_BYTES = 1 << 20  # a report larger than this is a bug: the control stops reading that worker
@@ -47,6 +48,15 @@ def worker_config(config: Config, n: int) -> Config:
     gateway = attrs.evolve(g, max_http_clients=int_share(g.max_http_clients, n),
                            max_http_clients_per_ip=int_share(g.max_http_clients_per_ip, n))
     return attrs.evolve(config, gateway=gateway, services=services, clients=clients)
+
+
+def hold_predecessors_share(meters: dict[str, InstanceMeter], now: float) -> None:
+    """A replacement worker starts with its share of every instance used up for one second: what its
+    dead predecessor admitted in its last second is unknown (reports are up to 0.25 s old), and the
+    share must hold across the two. After that second no window can hold admissions of both."""
+    for m in meters.values():
+        for _ in range(min(math.ceil(m.capacity), MAX_EVENTS)):
+            m.arrivals.add(now)
 
 
 @attrs.frozen

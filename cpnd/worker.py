@@ -1,8 +1,8 @@
 """One data-plane worker process (``[gateway] workers = N``): users on the listeners the control
 process hands it, planned over its own RIB of our instances, called with its share of their bounds.
 
-Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD``
-(-1: no such listener); reports its counts on REPORT_FD every fleet.REPORT_INTERVAL_S. SIGTERM
+Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD RESTARTED``
+(-1: no such listener; RESTARTED 1: it replaces one that died); reports its counts on REPORT_FD every fleet.REPORT_INTERVAL_S. SIGTERM
 drains it (drain_timeout_ms), SIGHUP re-reads the config; it drains and ends too when the control process is gone (its
 report pipe breaks).
 """
@@ -23,7 +23,7 @@ from .clients import ClientTable
 from .config import Config, load_config
 from .dataplane import DataPlane, HttpLimits
 from .errors import ConfigError
-from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, worker_config
+from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
 from .names import service_label
 from .rib import Rib
 from .wire import RouteAdv
@@ -99,7 +99,9 @@ class WorkerGateway:
         return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=dict(dp.stats),
                       requests=dict(self.metrics.requests), loads=loads)
 
-    async def run(self, http_fd: int, https_fd: int, report_fd: int) -> None:
+    async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool) -> None:
+        if restarted:
+            hold_predecessors_share(self.dataplane.meters, trio.current_time())
         users = self.dataplane.users
         users.inherited = {tls: [trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))]
                            for tls, fd in ((False, http_fd), (True, https_fd)) if fd >= 0}
@@ -147,13 +149,18 @@ class WorkerGateway:
 
 
 def main(argv: list[str]) -> int:
-    path, index, n, http_fd, https_fd, report_fd = argv
+    path, index, n, http_fd, https_fd, report_fd, restarted = argv
     from .main import set_process_name, setup_logging
 
     set_process_name(b"cpnd-worker")
-    config = load_config(path)
+    try:
+        config = load_config(path)  # edited since the gateway started: the control process restarts us later
+    except ConfigError as exc:
+        print(f"cpnd worker {index}: {exc}", file=sys.stderr)
+        return 2
     setup_logging(config.gateway.log_level, config.gateway.log_format)
-    trio.run(WorkerGateway(config, int(index), int(n)).run, int(http_fd), int(https_fd), int(report_fd))
+    trio.run(WorkerGateway(config, int(index), int(n)).run, int(http_fd), int(https_fd), int(report_fd),
+             restarted == "1")
     return 0
 
 

@@ -125,7 +125,7 @@ class Workers:
         r, w = os.pipe()
         try:
             argv = [sys.executable, "-m", "cpnd.worker", str(self.d.config.source), str(st.index), str(self.n),
-                    str(fds.get(False, -1)), str(fds.get(True, -1)), str(w)]
+                    str(fds.get(False, -1)), str(fds.get(True, -1)), str(w), "1" if st.restarts else "0"]
             proc = await trio.lowlevel.open_process(argv, pass_fds=(*fds.values(), w))
         except BaseException:
             os.close(r)

@@ -11,7 +11,8 @@ import pytest
 
 from cpnd.config import load_config
 from cpnd.crypto import generate_key, write_private_key
-from cpnd.fleet import InstanceLoad, Report, WorkerState, loads, worker_config
+from cpnd.fleet import InstanceLoad, Report, WorkerState, hold_predecessors_share, loads, worker_config
+from cpnd.load import InstanceMeter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,6 +87,13 @@ def test_counts_of_a_replaced_worker_are_kept_and_loads_add_up() -> None:
     assert a.pid is None and a.stats()["requests"] == 5 and loads([a, b], "s1") == (3, 0, 2, 700.0)
     a.report = Report(12, 0, 0, {"requests": 1}, {("/yolo", "s1", 200): 1}, {})
     assert a.stats()["requests"] == 6 and a.requests()[("/yolo", "s1", 200)] == 6
+
+
+def test_a_replacement_starts_with_its_share_used_for_one_second() -> None:
+    m = InstanceMeter(12.5, 1000)
+    hold_predecessors_share({"s1": m}, 100.0)
+    assert m.admit(100.5, None) is not None  # whatever the dead worker admitted just before, nothing more
+    assert m.admit(101.01, None) is None  # a second on: its own share again
 
 
 def test_fleet_does_not_import_trio() -> None:
