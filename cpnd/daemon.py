@@ -54,8 +54,8 @@ from .session import (
     UpdateReceived,
     collision_keeps_new,
 )
-from .workers import Workers
 from .wire import GATEWAY_TIME_CAP, INSTANCE_DOWN_CAP, Limits, RouteAdv, TunnelLimits
+from .workers import Workers
 
 log = logging.getLogger("cpnd")
 

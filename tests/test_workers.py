@@ -1,4 +1,4 @@
-"""``[gateway] workers = 2`` with real processes: both workers serve, an instance's capacity holds across
+"""``[gateway] workers = 2`` with real processes: both workers serve (http and https), an instance's capacity holds across
 them under a burst, a killed worker is restarted while the other's keep-alive users go on, status and
 metrics add them up, and SIGTERM reaps every worker."""
 
@@ -170,3 +170,31 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_https_listen_is_served_by_the_workers(tmp_path) -> None:
+    import ssl
+
+    from tlscerts import CertAuthority
+
+    ca = CertAuthority.create(tmp_path / "ca")
+    cert, key = ca.issue(tmp_path / "certs", "gw", ["127.0.0.1"])
+    insts = InstanceProcs()
+    insts.start("l1")
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=1e6),), FAST)
+    specs = write_lab(topo, tmp_path / "lab", instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    text = specs["a"].config.read_text()
+    specs["a"].config.write_text(text.replace("[gateway]\n", f'[gateway]\nhttps_listen = "127.0.0.1:0"\n'
+                                              f'tls_cert_file = "{cert}"\ntls_key_file = "{key}"\n', 1))
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in workers(lab)), 30, "both workers' reports")
+        url = lab.query("a", "status")["https_listen"]
+        for _ in range(10):
+            with httpx.Client(verify=ssl.create_default_context(cafile=str(ca.cert_file)), timeout=10) as c:
+                assert c.get(f"https://{url}/local").status_code == 200
+        lab.wait_for(lambda: sum(w["requests"] for w in workers(lab)) == 10, 10, "the workers' https requests")
+    finally:
+        lab.stop_all()
+        insts.stop_all()
