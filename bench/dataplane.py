@@ -5,6 +5,7 @@
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
     python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
     python bench/dataplane.py --grpc [--repeats 3] [--seconds 4] [--idle-rounds 5]   # gRPC unary beside direct calls
+    python bench/dataplane.py --workers [--repeats 5]    # a local instance with [gateway] workers = 1 and 2
 
 Topology: gateways a - b - c on loopback (no emulated delay), one instance behind c:
 an nginx server block answering a fixed JSON body (so the instance costs next to nothing
@@ -988,6 +989,7 @@ def main() -> int:
     ap.add_argument("--https", action="store_true", help="only the https rows: TLS at the ingress and an https "
                     "instance, beside nginx doing the same (bench/dataplane_https.py)")
     ap.add_argument("--breakdown-requests", type=int, default=2000)
+    ap.add_argument("--workers", action="store_true", help="only the [gateway] workers rows: a local instance with 1 and 2 workers")
     ap.add_argument("--profile-requests", type=int, default=1000)
     ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
     ap.add_argument("--spy-requests", type=int, default=4000, help="requests per path while py-spy samples")
@@ -999,6 +1001,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.breakdown:
         return breakdown(args)
+    if args.workers:
+        import dataplane_workers
+        return dataplane_workers.run(args, ensure("nginx", "nginx-light"), ensure("wrk", "wrk"), Path(args.out))
     if args.https:
         import dataplane_https
         return dataplane_https.run(args, ensure("nginx", "nginx-light"), ensure("wrk", "wrk"), Path(args.out))

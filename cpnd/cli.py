@@ -261,6 +261,11 @@ def status_table(d: dict[str, Any]) -> str:
         ("routes", f"{d['routes']} ({d['paths']} paths)"),
         ("services", f"{d['services']} known, {d['local_instances']} local instances{down}"),
     ]
+    if d.get("workers") and len(d["workers"]) > 1:  # [gateway] workers
+        ws = d["workers"]
+        restarts = sum(w["restarts"] for w in ws)
+        rows.append(("workers", f"{sum(w['alive'] for w in ws)}/{len(ws)} running (pids "
+                                f"{', '.join(str(w['pid'] or '-') for w in ws)}), {restarts} restarts"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import time
 import tomllib
@@ -135,6 +136,7 @@ class GatewayConfig:
     cert_file: Path | None = None
     accept_unverified_origins: bool = True
     seal_streams: bool = True  # seal requests end to end to origins that publish a key (tunnel.md)
+    workers: int = 1  # data-plane processes on http_listen/https_listen (cpnd/workers.py); "auto": one per core
 
 
 @attrs.frozen
@@ -286,6 +288,19 @@ class _Reader:
             return v  # type: ignore[no-any-return]  # an optional file left out
         p = Path(v).expanduser()
         return p if p.is_absolute() else (self.path.parent / p)
+
+
+MAX_WORKERS = 64
+
+
+def _workers(r: _Reader, g: dict[str, Any], keypath: tuple[str | int, ...]) -> int:
+    """``workers``: 1..MAX_WORKERS, or "auto" (one per core, as this machine has them)."""
+    v = g.get("workers", 1)
+    if v == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(v, str):
+        raise r.error(keypath, f'must be an integer or "auto", got {v!r}')
+    return int(r.number(g, keypath, 1, MAX_WORKERS, 1, integer=True))
 
 
 def _server_tls(r: _Reader, g: GatewayConfig) -> ServerTls | None:
@@ -480,7 +495,14 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         cert_file=r.file(g, (*gw, "cert_file")) if "cert_file" in g else None,
         accept_unverified_origins=r.get(g, (*gw, "accept_unverified_origins"), bool, True),
         seal_streams=r.get(g, (*gw, "seal_streams"), bool, True),
+        workers=_workers(r, g, (*gw, "workers")),
     )
+    if gateway.workers > 1 and gateway.http_listen is None and gateway.https_listen is None:
+        raise r.error((*gw, "workers"), "set above 1 without http_listen or https_listen (workers serve users)")
+    if gateway.workers > 1 and data.get("peers"):
+        # Workers have no tunnel sessions yet, and a peer's request would reach our instances from the
+        # control process beside the workers' shares of their capacity (README, "Workers").
+        raise r.error((*gw, "workers"), "set above 1 with [[peers]]: not supported yet (workers serve local instances only)")
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
     server_tls = _server_tls(r, gateway)

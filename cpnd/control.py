@@ -124,7 +124,8 @@ def services_json(daemon: Daemon) -> list[dict[str, Any]]:
 # What ``cpnctl show status`` shows, in this order; status_json's other keys are counters and gauges,
 # kept there for scripts written against earlier versions (``show stats`` is their place).
 STATUS_KEYS = ("id", "version", "pid", "uptime_s", "listen", "http_listen", "metrics_listen", "control_socket",
-               "peers_established", "peers", "routes", "paths", "services", "local_instances", "local_instances_down")
+               "peers_established", "peers", "routes", "paths", "services", "local_instances", "local_instances_down",
+               "workers")
 
 
 def status_json(daemon: Daemon) -> dict[str, Any]:
@@ -152,6 +153,7 @@ def status_json(daemon: Daemon) -> dict[str, Any]:
         **st.gauges,
         "stats": st.stats,
         "http": st.http,
+        "workers": st.workers,
     }
 
 

@@ -16,6 +16,7 @@ import resource
 import signal
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from time import time_ns
 
 import attrs
@@ -32,6 +33,7 @@ from .load import Stage
 from .metrics import MAX_CLIENTS as METRICS_CLIENTS, Metrics, serve_metrics
 from .policy import stream_sealer
 from .registration import Registrations
+from .workers import Workers
 from .rib import Best, Key, Rib
 from .select import View
 from .status import InstanceStatus, Status
@@ -240,6 +242,8 @@ class _Instances:
         for iid, meter in dp.meters.items():
             meter.expire(now)
             out[iid] = (round(meter.load(now), 3), round(meter.bounded_load(now), 3), round(meter.base_us))
+            if self.d.workers is not None:  # the workers call our instances, not this process
+                out[iid] = self.d.workers.advertised(iid, meter.capacity, meter.base_us)
         # The core looks every 50 ms: the data plane's suppressed-line counts go out on the same beat.
         dp.flush_log_counts()
         return out
@@ -276,6 +280,7 @@ class Daemon:
         ))
         self.clients = ClientTable.from_config(config)  # [[clients]]: keys and quotas at the ingress
         self.registrations = Registrations(self)  # instances that join by cpnctl register or HTTP
+        self.workers = Workers(self) if g.workers > 1 else None  # users served by N processes (README, "Workers")
 
     @property
     def config(self) -> Config:
@@ -310,9 +315,11 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(serve_control, self, g.control_socket)
-                if g.http_listen is not None:
+                if self.workers is not None:
+                    await nursery.start(self.workers.run)
+                elif g.http_listen is not None:
                     await nursery.start(self.dataplane.serve)
-                if g.https_listen is not None:
+                if g.https_listen is not None and self.workers is None:
                     await nursery.start(functools.partial(self.dataplane.serve, tls=True))
                 await nursery.start(self.registrations.run)
                 if g.metrics_listen is not None:
@@ -349,9 +356,13 @@ class Daemon:
         ``restarting``: Cease/restarting, so peers keep our routes through our graceful restart.
         """
         self.dataplane.stop_accepting()
+        if self.workers is not None:
+            self.workers.stop()
         drain_s = self.config.gateway.drain_timeout_ms / 1000
         with trio.move_on_after(drain_s) as drain:
             await self.dataplane.drained()
+            if self.workers is not None:
+                await self.workers.drained()
         if drain.cancelled_caught:
             log.warning("%s: %d requests still in flight after %g s of draining: cut", self.id, self.dataplane.inflight, drain_s)
         conns = list(self.conns.values())
@@ -381,6 +392,8 @@ class Daemon:
         self.clients.reconfigure(new.clients, new.gateway)
         self.dataplane.reconfigure(new)  # first: the core's new routes read the new instances' health
         summary = self.core.reload(new, trio.current_time())
+        if self.workers is not None:
+            self.workers.reload()
         self.pump()
         log.info("%s: %s: %s", self.id, trigger, summary)
         return summary
@@ -525,14 +538,18 @@ class Daemon:
         for svc in self.config.services:
             for inst in svc.instances:
                 meter = dp.meters[inst.id]
+                load, bload, comp, inflight = meter.load(now), meter.bounded_load(now), meter.base_us, meter.inflight
+                if self.workers is not None:  # the workers call the instances: their latest reports
+                    load, bload, comp = self.workers.advertised(inst.id, meter.capacity, meter.base_us)
+                    inflight = self.workers.inflight(inst.id)
                 instances.append(InstanceStatus(
                     service=svc.path, instance=inst.id, url=inst.url, healthy=dp.health(inst.id).healthy,
-                    load=meter.load(now), bounded_load=meter.bounded_load(now), compute_latency_ms=meter.base_us / 1000,
-                    capacity=inst.capacity, price=inst.price, inflight=meter.inflight, refused=meter.refused))
+                    load=load, bounded_load=bload, compute_latency_ms=comp / 1000,
+                    capacity=inst.capacity, price=inst.price, inflight=inflight, refused=meter.refused))
         gauges = {
             "routes_withheld": core.routes_withheld,
             "tunnel_streams": sum(len(c.mux.streams) for c in self.conns.values() if c.mux is not None),
-            "http_clients": dp.clients,
+            "http_clients": dp.clients + (self.workers.clients if self.workers is not None else 0),
             "http_clients_idle": dp.slots.idle,  # no whole request head yet: may be taken back
             "http_clients_max": dp.slots.limit,  # max_http_clients, as fitted to the descriptor limit
             "preauth_connections": len(core.preauth),
@@ -553,10 +570,21 @@ class Daemon:
                    "metrics_listen": self.metrics_port},
             peers=tuple(core.peer_status(now)), routes=len(self.rib), paths=core.paths, services=len(self.rib.by_service),
             instances=tuple(instances), gauges=gauges, session_totals=dict(core.session_totals()),
-            stats=dict(core.stats + self.rib.counters), http=dict(dp.stats), times=times,
+            stats=dict(core.stats + self.rib.counters), times=times,
+            http=dict(dp.stats + self.workers.stats() if self.workers is not None else dp.stats),
+            workers=self._workers_status(now),
             clients={cid: {r: st.counts[r] for r in ("allowed", "forbidden", "rate_limited")}
                      for cid, st in self.clients.states.items()},
             client_totals=dict(self.clients.counts), registered_instances=len(self.registrations.registry))
+
+    def _workers_status(self, now: float) -> list[dict[str, Any]]:
+        """The processes serving users (this one alone when ``workers`` is 1)."""
+        if self.workers is not None:
+            return self.workers.status()
+        dp = self.dataplane
+        return [{"index": 0, "pid": os.getpid(), "alive": True, "restarts": 0, "up_s": round(now - self.started_at, 3),
+                 "http_clients": dp.clients, "inflight": dp.inflight, "requests": dp.stats["requests"],
+                 "report_age_ms": 0}]
 
     def estimate(self, key: Key, best: Best) -> View:
         """What the ingress expects of a request to ``key`` now (``show routes``)."""

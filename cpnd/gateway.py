@@ -61,7 +61,7 @@ GATEWAY_TIME_INTERVAL_S = 5.0  # our own processing times re-advertised at most 
 DIAL_JITTER_S = 0.05
 # [gateway] keys a running daemon cannot take over without restarting.
 RESTART_KEYS = ("id", "listen", "key_file", "control_socket", "http_listen", "https_listen", "metrics_listen",
-                "registration_listen")
+                "registration_listen", "workers")
 
 Reading = tuple[float, float, float]  # (load, bounded load, compute latency µs) of one instance
 

@@ -82,6 +82,7 @@ class Status:
     clients: dict[str, dict[str, int]] = attrs.field(factory=dict)  # [[clients]] id -> allowed, forbidden, rate_limited
     client_totals: dict[str, int] = attrs.field(factory=dict)  # unauthorized, source_blocked
     registered_instances: int = 0
+    workers: list[dict[str, Any]] = attrs.field(factory=list)  # the processes serving users (README, "Workers")
 
     @property
     def peers_established(self) -> int:

@@ -50,6 +50,8 @@ class Users:
         self.http_port: int | None = None
         self.https_port: int | None = None
         self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
+        # workers (cpnd/workers.py): listeners opened by the control process, by tls; used instead of opening ours
+        self.inherited: dict[bool, list[trio.SocketListener]] = {}
 
     @property
     def limits(self) -> HttpLimits:
@@ -60,7 +62,8 @@ class Users:
         g = self.p.gw.config.gateway
         addr = g.https_listen if tls else g.http_listen
         assert addr is not None
-        listeners = await open_listeners("https_listen" if tls else "http_listen", addr.host, addr.port, str(addr))
+        listeners = self.inherited.pop(tls, None) or await open_listeners("https_listen" if tls else "http_listen",
+                                                                         addr.host, addr.port, str(addr))
         if tls:
             self.https_port = listeners[0].socket.getsockname()[1]
         else:

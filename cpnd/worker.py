@@ -1,0 +1,168 @@
+"""One data-plane worker process (``[gateway] workers = N``): users on the listeners the control
+process hands it, planned over its own RIB of our instances, called with its share of their bounds.
+
+Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD RESTARTED``
+(-1: no such listener; RESTARTED 1: it replaces one that died); reports its counts on REPORT_FD every fleet.REPORT_INTERVAL_S. SIGTERM
+drains it (drain_timeout_ms), SIGHUP re-reads the config; it drains and ends too when the control process is gone (its
+report pipe breaks).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import trio
+
+from .clients import ClientTable
+from .config import Config, load_config
+from .dataplane import DataPlane, HttpLimits
+from .errors import ConfigError
+from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
+from .names import service_label
+from .rib import Rib
+from .wire import RouteAdv
+
+log = logging.getLogger("cpnd.worker")
+
+
+
+class _Counts:
+    """What the data plane observes per request, counted for the control process's metrics."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+
+    def observe(self, service: str, instance: str | None, status: int, seconds: float | None) -> None:
+        key = (service, instance or "", status)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def edge_event(self, kind: str, line: str) -> None:
+        pass
+
+
+class WorkerGateway:
+    """The ``plane.Gateway`` a worker's data plane serves: no peer sessions, a RIB of our own instances."""
+
+    def __init__(self, config: Config, index: int, n: int) -> None:
+        self.index, self.n = index, n
+        self.config = worker_config(config, n)
+        self.id = config.gateway.id
+        self.rib = Rib(self.id)
+        self.nursery: trio.Nursery | None = None
+        self.metrics = _Counts()
+        self.clients = ClientTable.from_config(self.config)
+        g = self.config.gateway
+        self.dataplane = DataPlane(self, HttpLimits(
+            max_body_bytes=g.max_body_bytes, header_timeout_s=g.http_header_timeout_ms / 1000,
+            idle_timeout_s=g.http_idle_timeout_ms / 1000, max_clients=g.max_http_clients,
+            max_clients_per_ip=g.max_http_clients_per_ip,
+        ))
+
+    def established_conn(self, peer: str) -> Any:
+        return None  # workers have no sessions (README, "Workers")
+
+    def health_changed(self, iid: str, healthy: bool) -> None:
+        log.warning("%s/worker %d: instance %s is %s", self.id, self.index, iid, "healthy again" if healthy else "unhealthy")
+        self.set_local()
+
+    def set_local(self) -> None:
+        self.rib.set_local([RouteAdv(
+            service=s.path, instance=i.id, origin=self.id, seq=1, label=service_label(s.path), path=(self.id,),
+            latency_us=0, capacity=i.capacity, load=0.0, price=i.price, compute_us=int(i.compute_latency_ms * 1000),
+            bload=0.0, down=not self.dataplane.health(i.id).healthy, gateway_us=self.rib.egress_us,
+        ) for s in self.config.services for i in s.instances], trio.current_time())
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as exc:
+            log.warning("%s/worker %d: reload refused: %s", self.id, self.index, exc)
+            return
+        self.config = worker_config(config, self.n)
+        self.dataplane.reconfigure(self.config)
+        self.clients.reconfigure(self.config.clients, self.config.gateway)
+        self.set_local()
+
+    def report(self) -> Report:
+        now = trio.current_time()
+        dp = self.dataplane
+        loads = {}
+        for iid, m in dp.meters.items():
+            m.expire(now)
+            loads[iid] = InstanceLoad(m.arrivals.count(now), m.bounded.count(now), m.inflight, m.base_us)
+        return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=dict(dp.stats),
+                      requests=dict(self.metrics.requests), loads=loads)
+
+    async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool) -> None:
+        if restarted:
+            hold_predecessors_share(self.dataplane.meters, trio.current_time())
+        users = self.dataplane.users
+        users.inherited = {tls: [trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))]
+                           for tls, fd in ((False, http_fd), (True, https_fd)) if fd >= 0}
+        report = trio.lowlevel.FdStream(report_fd)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            self.set_local()
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                for tls in list(users.inherited):
+                    await nursery.start(functools.partial(self.dataplane.serve, tls=tls))
+                nursery.start_soon(self._report_loop, report)
+                nursery.start_soon(self._health_loop)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        self.reload()
+                        continue
+                    break
+                self.dataplane.stop_accepting()
+                with trio.move_on_after(self.config.gateway.drain_timeout_ms / 1000):
+                    await self.dataplane.drained()
+                nursery.cancel_scope.cancel()
+
+    async def _report_loop(self, out: trio.lowlevel.FdStream) -> None:
+        while True:
+            try:
+                await out.send_all(self.report().encode())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The control process is gone (however it died): drain and end, as on SIGTERM.
+                log.warning("%s/worker %d: the control process is gone: draining", self.id, self.index)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            await trio.sleep(REPORT_INTERVAL_S)
+            self.dataplane.flush_log_counts()
+
+    async def _health_loop(self) -> None:
+        """Each worker checks the instances it has not seen answer lately (egress.probe skips the others)."""
+        while True:
+            interval_ms = self.config.gateway.health_interval_ms
+            await trio.sleep(interval_ms / 1000 if interval_ms else 1.0)
+            if interval_ms:
+                async with trio.open_nursery() as nursery:
+                    for s in self.config.services:
+                        for i in s.instances:
+                            nursery.start_soon(self.dataplane.probe, i)
+
+
+def main(argv: list[str]) -> int:
+    path, index, n, http_fd, https_fd, report_fd, restarted = argv
+    from .main import set_process_name, setup_logging
+
+    set_process_name(b"cpnd-worker")
+    try:
+        config = load_config(path)  # edited since the gateway started: the control process restarts us later
+    except ConfigError as exc:
+        print(f"cpnd worker {index}: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.gateway.log_level, config.gateway.log_format)
+    trio.run(WorkerGateway(config, int(index), int(n)).run, int(http_fd), int(https_fd), int(report_fd),
+             restarted == "1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,206 @@
+"""The control process's side of ``[gateway] workers = N``: the shared listeners, N worker
+processes (cpnd/worker.py) kept running, and what they report (cpnd/fleet.py).
+
+Each worker gets its own SO_REUSEPORT socket on http_listen (and https_listen), opened here and
+kept open here, so the kernel spreads new connections over the workers and a worker that dies
+loses none that were still queued: its replacement accepts them from the same socket.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgpack
+import trio
+
+from .aio import ListenError
+from .config import Address
+from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+class Daemon(Protocol):
+    """What the workers' supervisor needs of the control process's daemon."""
+
+    id: str
+    config: Config
+    stats: collections.Counter[str]
+    metrics: Any  # its requests counter takes the workers' counts
+    dataplane: Any  # its users' ports, as the workers' listeners bound them
+
+log = logging.getLogger("cpnd.workers")
+
+RESPAWN_PAUSE_S = 1.0  # a worker that dies within this of its start is restarted only after it (a crash loop)
+BACKLOG = 1024
+
+
+def reuseport_sockets(what: str, addr: Address, n: int) -> list[socket.socket]:
+    """``n`` listening sockets on ``addr`` (port 0: one the OS picks, the same for all), SO_REUSEPORT."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    port, out = addr.port, []
+    try:
+        for _ in range(n):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            out.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr.host, port))
+            s.listen(BACKLOG)
+            port = s.getsockname()[1]
+    except OSError as exc:
+        for s in out:
+            s.close()
+        raise ListenError(what, str(addr), exc.strerror or str(exc)) from None
+    return out
+
+
+class Workers:
+    """N worker processes serving the gateway's users; restarted when they die, stopped on shutdown."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.n = daemon.config.gateway.workers
+        self.slots = [WorkerState(i) for i in range(self.n)]
+        self.socks: dict[bool, list[socket.socket]] = {}
+        self.procs: dict[int, trio.Process] = {}
+        self.stopping = False
+        self._running = 0
+        self._done = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the listeners, start the workers; return once all have ended after ``stop``."""
+        g = self.d.config.gateway
+        users = self.d.dataplane.users
+        if g.http_listen is not None:
+            self.socks[False] = reuseport_sockets("http_listen", g.http_listen, self.n)
+            users.http_port = self.socks[False][0].getsockname()[1]
+        if g.https_listen is not None:
+            self.socks[True] = reuseport_sockets("https_listen", g.https_listen, self.n)
+            users.https_port = self.socks[True][0].getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                for st in self.slots:
+                    self._running += 1
+                    nursery.start_soon(self._supervise, st)
+                task_status.started()
+        finally:
+            for socks in self.socks.values():
+                for s in socks:
+                    s.close()
+            self._done.set()
+
+    def stop(self) -> None:
+        """Drain every worker (each stops accepting, finishes its requests, exits)."""
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+
+    async def drained(self) -> None:
+        await self._done.wait()
+
+    def reload(self) -> None:
+        """Workers re-read the config file (services, clients); restart-only keys stay as they were."""
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGHUP)
+
+    async def _supervise(self, st: WorkerState) -> None:
+        try:
+            while not self.stopping:
+                await self._one(st)
+                if self.stopping:
+                    break
+                st.restarts += 1
+                self.d.stats["worker_restarts"] += 1
+                log.warning("%s: worker %d ended; restarting it", self.d.id, st.index)
+                if trio.current_time() - st.started_at < RESPAWN_PAUSE_S:
+                    await trio.sleep(RESPAWN_PAUSE_S)
+        finally:
+            self._running -= 1
+
+    async def _one(self, st: WorkerState) -> None:
+        """Run one process in ``st`` until it ends, reading its reports."""
+        fds = {tls: socks[st.index].fileno() for tls, socks in self.socks.items()}
+        r, w = os.pipe()
+        try:
+            argv = [sys.executable, "-m", "cpnd.worker", str(self.d.config.source), str(st.index), str(self.n),
+                    str(fds.get(False, -1)), str(fds.get(True, -1)), str(w), "1" if st.restarts else "0"]
+            proc = await trio.lowlevel.open_process(argv, pass_fds=(*fds.values(), w))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.procs[st.index] = proc
+        st.started(proc.pid, trio.current_time())
+        if self.stopping:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            async with trio.lowlevel.FdStream(r) as reports:
+                await self._read(st, reports)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:  # we are cancelled: the daemon is going down
+                proc.kill()
+                with trio.CancelScope(shield=True):
+                    await proc.wait()
+            del self.procs[st.index]
+            st.ended()
+
+    async def _read(self, st: WorkerState, reports: trio.lowlevel.FdStream) -> None:
+        unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPORT_BYTES, strict_map_key=False)
+        while data := await reports.receive_some(65536):
+            try:
+                unpacker.feed(data)
+                for obj in unpacker:
+                    self._take(st, Report.decode(obj))
+            except (ValueError, msgpack.UnpackException) as exc:  # a bug in the worker: its counts stop here
+                log.error("%s: worker %d sent a bad report (%s); no more are read", self.d.id, st.index, exc)
+                while await reports.receive_some(65536):
+                    pass
+                return
+
+    def _take(self, st: WorkerState, report: Report) -> None:
+        """A worker's report: its per-request counts go into our metrics as the increments since the last."""
+        before = st.report.requests if st.report is not None else {}
+        metrics = self.d.metrics
+        for key, n in report.requests.items():
+            if n > before.get(key, 0):
+                service, instance, status = key
+                metrics.requests.labels(service, instance, str(status)).inc(n - before.get(key, 0))
+        st.report, st.reported_at = report, trio.current_time()
+
+    # ---- what status, metrics and the load loop read
+
+    def status(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        return [st.status(now) for st in self.slots]
+
+    def stats(self) -> collections.Counter[str]:
+        out: collections.Counter[str] = collections.Counter()
+        for st in self.slots:
+            out.update(st.stats())
+        return out
+
+    @property
+    def clients(self) -> int:
+        return sum(st.report.clients for st in self.slots if st.report is not None)
+
+    def inflight(self, iid: str) -> int:
+        return loads(self.slots, iid)[2]
+
+    def advertised(self, iid: str, capacity: float, base_us: float) -> tuple[float, float, float]:
+        """An instance's (load, bounded load, compute µs) to advertise, from every worker's report."""
+        arrivals, bounded, _, base = loads(self.slots, iid)
+        return round(arrivals / capacity, 3), round(bounded / capacity, 3), round(base if base is not None else base_us)
