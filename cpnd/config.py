@@ -334,7 +334,7 @@ def _instance_tls(r: _Reader, inst: dict[str, Any], ki: tuple[str | int, ...], c
                 raise r.error((*ki, key), "only for an https:// url")
         return {}
     try:
-        ctx = contexts.get(ca)
+        ctx = contexts.get(ca, h2=inst.get("http2") is True)
     except TlsFileError as exc:
         raise r.error((*ki, exc.key), exc.message) from None
     host = urllib.parse.urlsplit(inst["url"]).hostname or ""

@@ -14,6 +14,7 @@ import h11
 import trio
 from h2.errors import ErrorCodes
 
+from . import tlsstream
 from .aio import open_nursery
 from .config import InstanceConfig
 from .grpcmap import trailer_fields, upstream_request_fields
@@ -21,6 +22,7 @@ from .h1 import content_length, next_event_within, rewrite_headers
 from .h2io import RECEIVE_CHUNK, H2Inbox, H2Wire
 from .relay import Cut, Sink, relay_response
 from .streams import StreamReset
+from .tls import InstanceTls
 from .tunnel import ResetCode
 
 if TYPE_CHECKING:
@@ -135,17 +137,21 @@ class H2Pool:
     def __init__(self, egress: EgressSide) -> None:
         self.egress = egress
         self.p = egress.p
-        self.conns: dict[tuple[str, int], H2Client] = {}
-        self._connecting: dict[tuple[str, int], trio.Lock] = {}
+        self.conns: dict[tuple[Any, ...], H2Client] = {}
+        self._connecting: dict[tuple[Any, ...], trio.Lock] = {}
 
-    async def client(self, host: str, port: int) -> H2Client:
-        lock = self._connecting.setdefault((host, port), trio.Lock())
+    async def client(self, host: str, port: int, tls: InstanceTls | None) -> H2Client:
+        key = (host, port) if tls is None else (host, port, *tls.pool_key)
+        lock = self._connecting.setdefault(key, trio.Lock())
         async with lock:  # one connection per address, however many requests arrive at once
-            client = self.conns.get((host, port))
+            client = self.conns.get(key)
             if client is None or client.closed:
-                with trio.fail_after(self.p.limits.instance_connect_timeout_s):
-                    stream = await trio.open_tcp_stream(host, port)
-                client = self.conns[(host, port)] = H2Client(stream)
+                # h2c for http://, h2 by ALPN for https:// (verified like any https instance)
+                stream = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
+                if tls is not None and stream.selected_alpn_protocol() != "h2":
+                    await trio.aclose_forcefully(stream)
+                    raise tlsstream.InstanceTlsError("TLS handshake done, but the instance did not agree to HTTP/2 (ALPN h2)")
+                client = self.conns[key] = H2Client(stream)
                 nursery = self.p.gw.nursery
                 assert nursery is not None
                 nursery.start_soon(client.run)
@@ -156,16 +162,19 @@ class H2Pool:
         """Egress._exchange for an HTTP/2 instance: the time to its response head, or None (``sink`` told why)."""
         eg = self.egress
         try:
-            client = await self.client(host, port)
+            tls = tlsstream.instance_tls(inst)
+            client = await self.client(host, port, tls)
         except (OSError, trio.TooSlowError) as exc:
             eg.health_result(inst.id, False)
-            sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {exc}")
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc or "connect timed out"
+            sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {why}")
             return None
         req, body = first[0], first[1:]
         first.clear()
         complete = bool(body) and isinstance(body[-1], h11.EndOfMessage) or rx is None
         try:
-            inbox, sent = client.open(upstream_request_fields(req.method, req.target, netloc, b"http", req.headers), body)
+            scheme = b"http" if tls is None else b"https"
+            inbox, sent = client.open(upstream_request_fields(req.method, req.target, netloc, scheme, req.headers), body)
         except (h2.exceptions.ProtocolError, h2.exceptions.StreamIDTooLowError) as exc:
             client.closed = True  # a new connection for the next request
             sink.reset(ResetCode.REFUSED, False, f"{inst.id}: HTTP/2 connection cannot open a stream: {exc}")

@@ -21,7 +21,8 @@ ALPN_HTTP1 = "http/1.1"
 # What the ingress offers in ALPN, in its order of preference (DESIGN.md section 6): the
 # connection's first bytes then pick the server (an HTTP/2 preface goes to cpnd/h2edge.py).
 SERVER_ALPN: tuple[str, ...] = ("h2", ALPN_HTTP1)
-CLIENT_ALPN: tuple[str, ...] = (ALPN_HTTP1,)  # to instances: ``http2 = true`` would offer "h2"
+CLIENT_ALPN: tuple[str, ...] = (ALPN_HTTP1,)  # to instances; ``http2 = true`` ones: H2_ALPN
+H2_ALPN: tuple[str, ...] = ("h2",)
 # TLS 1.2 suites: forward-secret AEAD only (Mozilla's "intermediate" profile); TLS 1.3's are all
 # AEAD and not set by this string.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -114,8 +115,8 @@ def server_context(cert_file: Path, key_file: Path) -> ServerTls:
     return ServerTls(ctx, certs[0].subject.rfc4514_string() or "(empty subject)", _expiry(certs[0]))
 
 
-def client_context(ca_file: Path | None) -> ssl.SSLContext:
-    """A context verifying instances against ``ca_file`` (PEM), or the system's CAs when None."""
+def client_context(ca_file: Path | None, alpn: tuple[str, ...] = CLIENT_ALPN) -> ssl.SSLContext:
+    """A context verifying instances against ``ca_file`` (PEM), or the system's CAs when None, offering ``alpn``."""
     if ca_file is not None:
         _certificates(ca_file, "tls_ca_file")  # a clear error before OpenSSL's
     try:
@@ -123,7 +124,7 @@ def client_context(ca_file: Path | None) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as exc:
         raise TlsFileError("tls_ca_file", f"{ca_file}: OpenSSL refused it: {getattr(exc, 'reason', None) or exc}") from None
     _harden(ctx)
-    ctx.set_alpn_protocols(list(CLIENT_ALPN))
+    ctx.set_alpn_protocols(list(alpn))
     return ctx
 
 
@@ -142,15 +143,16 @@ class InstanceTls:
 
 
 class ClientContexts:
-    """One client context per CA file (the system's: ~25 ms to load), shared by the instances using it."""
+    """One client context per CA file and protocol (the system's CAs: ~25 ms to load), shared by the
+    instances using it; ``h2``: ALPN offers HTTP/2 alone (``http2 = true`` instances)."""
 
     def __init__(self) -> None:
-        self._by_ca: dict[Path | None, ssl.SSLContext] = {}
+        self._by_ca: dict[tuple[Path | None, bool], ssl.SSLContext] = {}
 
-    def get(self, ca_file: Path | None) -> ssl.SSLContext:
-        ctx = self._by_ca.get(ca_file)
+    def get(self, ca_file: Path | None, *, h2: bool = False) -> ssl.SSLContext:
+        ctx = self._by_ca.get((ca_file, h2))
         if ctx is None:
-            ctx = self._by_ca[ca_file] = client_context(ca_file)
+            ctx = self._by_ca[(ca_file, h2)] = client_context(ca_file, H2_ALPN if h2 else CLIENT_ALPN)
         return ctx
 
 

@@ -24,7 +24,7 @@ HOPS = {0: "/hop0.E", 1: "/hop1.E", 2: "/hop2.E"}
 class EchoServer:
     """A grpcio server whose methods tell which instance served them; raw bytes, no generated code."""
 
-    def __init__(self, iid: str, service: str) -> None:
+    def __init__(self, iid: str, service: str, tls: tuple[bytes, bytes] | None = None) -> None:
         self.iid = iid
         self.cancelled = threading.Event()
         self.sleeping = threading.Event()
@@ -40,7 +40,10 @@ class EchoServer:
             "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, methods),))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        if tls is None:
+            self.port = self.server.add_insecure_port("127.0.0.1:0")
+        else:  # (key PEM, certificate PEM): gRPC over TLS, HTTP/2 by ALPN
+            self.port = self.server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([tls]))
         self.server.start()
 
     def _trailers(self, context: grpc.ServicerContext) -> None:
@@ -282,3 +285,29 @@ def test_megabytes_both_ways_through_two_hops_within_the_windows(grpc_net) -> No
     chunks = [payload[i:i + 256 * 1024] for i in range(0, len(payload), 256 * 1024)]
     reply, state = grpc_net["channel"].stream_unary(f"{HOPS[2]}/Sum").with_call(iter(chunks), timeout=30)
     assert reply == b"|".join(chunks)
+
+
+def test_an_https_http2_instance_is_called_over_tls_with_alpn_h2(tmp_path) -> None:
+    """``http2 = true`` with an ``https://`` url: the egress verifies the instance's certificate
+    (``tls_ca_file``) and speaks HTTP/2 by ALPN; a call one hop away keeps its trailers."""
+    from tlscerts import CertAuthority
+
+    ca = CertAuthority.create(tmp_path / "ca")
+    cert_file, key_file = ca.issue(tmp_path / "certs", "inst", ["127.0.0.1"])
+    server = EchoServer("tls1", "/sec.E", tls=(key_file.read_bytes(), cert_file.read_bytes()))
+    topo = Topology(("a", "b"), (Link("a", "b", 2),), (Instance("tls1", "b", "/sec.E", 50, 1, 1),), FAST)
+    specs = write_lab(topo, tmp_path / "lab", instance_url=lambda i: f"https://127.0.0.1:{server.port}{i.service}")
+    text = specs["b"].config.read_text()
+    specs["b"].config.write_text(text.replace("\ncompute_latency_ms = 1\n",
+                                              f'\ncompute_latency_ms = 1\nhttp2 = true\ntls_ca_file = "{ca.cert_file}"\n'))
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        with grpc.insecure_channel(specs["a"].http) as channel:
+            reply, state = channel.unary_unary("/sec.E/Echo").with_call(b"over tls", timeout=10)
+        assert reply == b"over tls" and _trailers(state)["instance"] == "tls1"
+        assert state.code() == grpc.StatusCode.OK
+    finally:
+        lab.stop_all()
+        server.server.stop(None)
