@@ -460,7 +460,7 @@ class Daemon:
                                         timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
                 conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, self.dataplane.on_stream, settings,
                                self.tunnel_bytes)
-                conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps)
+                conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, event.link.peer.config.id)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
             if conn is not None:

@@ -45,12 +45,15 @@ def configure_rib(rib: Rib, config: Config) -> None:
     rib.local_pref = {p.id: p.local_pref for p in config.peers if p.local_pref != 100}
 
 
-def stream_sealer(rib: Rib, config: Config, agreed_caps: tuple[str, ...]) -> StreamSealer | None:
-    """How a new session's tunnel seals (tunnel.md, "Sealed streams"); None without sealed-streams on both OPENs."""
+def stream_sealer(rib: Rib, config: Config, agreed_caps: tuple[str, ...], peer: str = "") -> StreamSealer | None:
+    """How a new session's tunnel (to ``peer``) seals (tunnel.md, "Sealed streams"); None without
+    sealed-streams on both OPENs."""
     if SEALED_CAP not in agreed_caps or rib.opener is None:
         return None
 
     def key_for(ext: ExtHeader) -> bytes | None:
+        if ext.origin == peer:
+            return None  # no transit between us: the session's own encryption already ends at the origin
         key = rib.lookup_target(ext.label, ext.origin, ext.instance)
         best = rib.loc.get(key) if key is not None else None
         # Only a key the origin signed and we verified: an unverified one could be a transit's own.

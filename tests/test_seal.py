@@ -78,3 +78,24 @@ def test_sealed_vectors(vectors) -> None:
     egress = Opener(static).inbound(pub, rid, v["label"], v["origin"], v["instance"])
     assert egress.recv.open(bytes.fromhex(v["sealed_request"])).hex() == v["request"]
     assert egress.send.seal(bytes.fromhex(v["response"]), True).hex() == v["sealed_response"]
+
+
+def test_no_seal_when_the_first_hop_is_the_origin() -> None:
+    """Sealing is for transits: a stream whose next hop is its origin is already encrypted end to end
+    by the session (tunnel.md, "Sealed streams"); for any other origin the RIB's verified key is asked."""
+    import types
+
+    from cpnd.policy import stream_sealer
+    from cpnd.rib import Rib
+    from cpnd.tunnel import SEALED_CAP
+
+    asked: list[str] = []
+    rib = Rib("gw1")
+    rib.opener = Opener(X25519PrivateKey.generate())
+    rib.lookup_target = lambda label, origin, instance: asked.append(origin)  # type: ignore[method-assign]
+    config = types.SimpleNamespace(gateway=types.SimpleNamespace(id="gw1", seal_streams=True))
+    sealer = stream_sealer(rib, config, (SEALED_CAP,), "gw3")  # type: ignore[arg-type]
+    assert sealer is not None
+    assert sealer.key_for(ExtHeader(7, "gw3", "s1")) is None and asked == []  # next hop = origin: not sealed
+    sealer.key_for(ExtHeader(7, "gw5", "s1"))
+    assert asked == ["gw5"]  # through gw3 to gw5: the verified key decides
