@@ -26,7 +26,9 @@ from .tls import InstanceTls
 from .tunnel import ResetCode
 
 if TYPE_CHECKING:
+    from .h1 import H11Stream
     from .load import InstanceMeter
+    from .pipes import LocalEvents
     from .plane import Plane
 
 
@@ -37,8 +39,7 @@ class EgressSide(Protocol):
     meters: dict[str, InstanceMeter]
 
     def health_result(self, iid: str, ok: bool) -> None: ...
-    from .pipes import LocalEvents
-    from .h1 import H11Stream
+
 
 log = logging.getLogger("cpnd.http")
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from .h1 import RESPONSE_HOLD_BYTES, H11Stream, content_length
+from .h1 import RESPONSE_HOLD_BYTES, H11Stream
 from .load import InstanceMeter
 from .pipes import LocalEvents
 from .planner import Attempt
