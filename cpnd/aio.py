@@ -8,10 +8,14 @@ import errno
 import heapq
 import math
 import os
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
+
+from .admission import Admission, Slot, SlotTable
+
+T = TypeVar("T")
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -220,3 +224,35 @@ async def serve_accepting(listener: trio.SocketListener, on_accept: Callable[[tr
             await trio.sleep(ACCEPT_PAUSE_S)
             continue
         on_accept(stream)
+
+
+def admit_stream(slots: SlotTable, stream: trio.SocketStream) -> tuple[str, Admission] | None:
+    """A new connection's source address and its admission to ``slots``: the waits of the connections
+    evicted for it are cancelled, and a refused one's socket is closed (nothing read, nothing to
+    reset). None when its peer is gone already (closed too)."""
+    try:
+        source = stream.socket.getpeername()[0]
+    except OSError:
+        stream.socket.close()
+        return None
+    adm = slots.admit(source)
+    for victim in adm.evicted:
+        if victim.owner is not None:
+            victim.owner.cancel()
+    if adm.slot is None:
+        stream.socket.close()
+    return source, adm
+
+
+async def read_reclaimable(slots: SlotTable, slot: Slot, timeout_s: float, read: Callable[[], Awaitable[T]]) -> T | None:
+    """``read()`` within ``timeout_s``, the slot idle meanwhile (a newcomer may take it back, which
+    cancels the read); None when it timed out or was taken back."""
+    reading = trio.CancelScope(deadline=trio.current_time() + timeout_s)
+    slot.owner = reading
+    slots.set_idle(slot, True)
+    try:
+        with reading:
+            return await read()
+    finally:
+        slots.set_idle(slot, False)
+    return None

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .admission import Slot, SlotTable, Tally
-from .aio import open_listeners, serve_accepting
+from .aio import admit_stream, open_listeners, read_reclaimable, serve_accepting
 from .config import Address
 from .status import Status
 
@@ -194,15 +194,7 @@ async def serve_metrics(metrics: Metrics, addr: Address, *, task_status: trio.Ta
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         try:
             while slot.held:
-                reading = trio.CancelScope(deadline=trio.current_time() + READ_TIMEOUT_S)
-                slot.owner = reading
-                slots.set_idle(slot, True)
-                request = None
-                try:
-                    with reading:
-                        request = await _read_request(conn, stream)
-                finally:
-                    slots.set_idle(slot, False)
+                request = await read_reclaimable(slots, slot, READ_TIMEOUT_S, lambda: _read_request(conn, stream))
                 if request is None or not slot.held:
                     break
                 with trio.move_on_after(WRITE_TIMEOUT_S) as writing:
@@ -218,19 +210,14 @@ async def serve_metrics(metrics: Metrics, addr: Address, *, task_status: trio.Ta
 
     async with trio.open_nursery() as nursery:
         def admit(stream: trio.SocketStream) -> None:
-            try:
-                source = stream.socket.getpeername()[0]
-            except OSError:
-                stream.socket.close()
+            admitted = admit_stream(slots, stream)
+            if admitted is None:
                 return
-            adm = slots.admit(source)
+            source, adm = admitted
             for victim in adm.evicted:
-                if victim.owner is not None:
-                    victim.owner.cancel()
                 metrics.edge_event("metrics idle connections reclaimed",
                                    f"metrics: idle connection from {victim.source} closed for a new one")
             if adm.slot is None:
-                stream.socket.close()
                 metrics.edge_event("metrics connections refused",
                                    f"metrics: connection from {source} refused: {MAX_CLIENTS} connections busy")
                 return

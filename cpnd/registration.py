@@ -21,7 +21,7 @@ import h11
 import trio
 
 from .admission import Slot, SlotTable
-from .aio import open_listeners, serve_accepting
+from .aio import admit_stream, open_listeners, read_reclaimable, serve_accepting
 from .clients import KeyIndex, SourceLimiter, bearer
 from .config import Config, RegistrarConfig
 from .loglimit import LogLimiter
@@ -196,17 +196,11 @@ class Registrations:
         slots = SlotTable(MAX_CLIENTS, MAX_CLIENTS_PER_IP)
         async with trio.open_nursery() as nursery:
             def admit(stream: trio.SocketStream) -> None:
-                try:
-                    source = stream.socket.getpeername()[0]
-                except OSError:
-                    stream.socket.close()
+                admitted = admit_stream(slots, stream)
+                if admitted is None:
                     return
-                adm = slots.admit(source)
-                for victim in adm.evicted:
-                    if victim.owner is not None:
-                        victim.owner.cancel()
+                source, adm = admitted
                 if adm.slot is None:
-                    stream.socket.close()
                     self.stats["registration_refused"] += 1
                     self.d.edge_event("registration connections refused",
                                       f"registration: connection from {source} refused: {MAX_CLIENTS} busy")
@@ -221,15 +215,7 @@ class Registrations:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         try:
             while slot.held:
-                reading = trio.CancelScope(deadline=trio.current_time() + READ_TIMEOUT_S)
-                slot.owner = reading
-                slots.set_idle(slot, True)
-                got = None
-                try:
-                    with reading:
-                        got = await _read_request(conn, stream)
-                finally:
-                    slots.set_idle(slot, False)
+                got = await read_reclaimable(slots, slot, READ_TIMEOUT_S, lambda: _read_request(conn, stream))
                 if got is None or not slot.held:
                     break
                 req, body = got
