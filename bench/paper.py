@@ -23,6 +23,10 @@ processing gw1 measures per instance). CPN-Max-Latency is end to end (DESIGN.md 
 200 that u1's client sees later than 10 ms (plus CLIENT_ALLOWANCE_MS for this Python
 client on the same box) is counted late, a failure, not served, in every mode; gw1's own
 count of responses later than the bound (measured at the ingress) is reported beside it.
+Beside u1, in the same run and on the same schedule, a "floor" client sends the same request
+through the floor of our own stack on u1's usual path (FloorPath: two trio + h11 proxies with
+gw1-gw3's emulated link between them, an instance with s1's compute): what any trio + h11 pair
+of gateways would add on this machine at this load.
 Writes paper.json, paper.csv and figures 10(a), 10(b), 11(a), 11(b) as PNG under --out.
 """
 
@@ -35,6 +39,7 @@ import itertools
 import json
 import sys
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -47,6 +52,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cpnd.aio import sleep_until_precisely  # noqa: E402
 from cpnd.lab import PAPER_COMPUTE_MS, PAPER_RTT, InstanceProcs, Lab, paper_topology, write_lab  # noqa: E402
 from httpclient import KeepAlive  # noqa: E402
 
@@ -63,6 +69,11 @@ CLIENT_ALLOWANCE_MS = 1.0  # a Python client on the same box: its own share of w
 CONNS_PER_USER = 8
 SAMPLE_EVERY_S = 0.5
 REQUEST_TIMEOUT_S = 5.0
+# The floor of our own stack on u1's usual path (gw1 -> gw3 -> s1): two bench/floor_proxy.py
+# (trio + h11, parse and re-serialise only) with gw1-gw3's emulated link between them, in front
+# of an instance of its own with s1's compute; "floor" sends what u1 sends, when u1 sends it.
+FLOOR_RTT_MS = PAPER_RTT["gw1"]["gw3"]
+FLOOR_COMPUTE_MS = PAPER_COMPUTE_MS[0]
 
 
 # ---------------------------------------------------------------- the optimum
@@ -118,8 +129,11 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
     async def worker() -> None:
         conn = KeepAlive(host, int(port))
         async for step, at in recv:
-            await trio.sleep_until(at)
-            rec: dict[str, Any] = {"user": name, "step": step, "at": at, "status": 0, "instance": None}
+            # trio's own sleep wakes up to 1 ms late (epoll's millisecond timeout): the client's lag,
+            # not the system's, though it counts in the latency (measured from ``at``, open loop).
+            await sleep_until_precisely(at)
+            rec: dict[str, Any] = {"user": name, "step": step, "at": at, "status": 0, "instance": None,
+                                   "send_lag_ms": (trio.current_time() - at) * 1000}
             try:
                 status, h, body = await conn.request(req, REQUEST_TIMEOUT_S)
                 rec["status"] = status
@@ -139,6 +153,51 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
             nursery.start_soon(worker)
 
 
+def run_clients(jobs: dict[str, tuple[str, dict[str, str]]], plan: list[tuple[int, float, float]],
+                start: float) -> list[dict[str, Any]]:
+    """Every user's load from a process of its own (``--client``), as users are: one user's
+    responses, or this process's sampling, never delay another's. ``start``: time.monotonic() of
+    the plan's 0; the records' ``at`` count from it."""
+    procs = {}
+    try:
+        for name, (hostport, headers) in jobs.items():
+            procs[name] = subprocess.Popen([sys.executable, __file__, "--client"], stdin=subprocess.PIPE,
+                                           stdout=subprocess.PIPE, text=True)
+            job = {"name": name, "hostport": hostport, "headers": headers, "plan": plan, "start": start}
+            assert procs[name].stdin is not None
+            procs[name].stdin.write(json.dumps(job))
+            procs[name].stdin.close()
+        records = []
+        for name, proc in procs.items():
+            assert proc.stdout is not None
+            out = proc.stdout.read()  # the others wait meanwhile, blocked on a full pipe at worst
+            if proc.wait():
+                raise RuntimeError(f"the load of {name} failed (exit {proc.returncode})")
+            records += [json.loads(line) for line in out.splitlines() if line]
+        return records
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
+def client_main() -> int:
+    """``--client``: one user's load (a JSON job on stdin), its records as JSON lines on stdout."""
+    job = json.loads(sys.stdin.read())
+    records: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        base = trio.current_time() + (job["start"] - time.monotonic())  # the plan's 0 on trio's clock
+        plan = [(step, base + at, rate) for step, at, rate in job["plan"]]
+        await run_user(job["name"], job["hostport"], job["headers"], plan, records)
+        for r in records:
+            r["at"] -= base
+
+    trio.run(main)
+    sys.stdout.write("".join(json.dumps(r) + "\n" for r in records))
+    return 0
+
+
 def make_plan(rates: list[float], step_s: float, t0: float, prewarm_s: float = 0.0) -> list[tuple[int, float, float]]:
     """(step, when, rate) of every request; ``prewarm_s`` of PREWARM_RATE first, as step -1 (never counted)."""
     plan = [(-1, t0 + k / PREWARM_RATE, PREWARM_RATE) for k in range(int(prewarm_s * PREWARM_RATE))]
@@ -150,6 +209,40 @@ def make_plan(rates: list[float], step_s: float, t0: float, prewarm_s: float = 0
     return plan
 
 
+class FloorPath:
+    """The instance and the two floor proxies of the floor path; every process reaped on exit."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def _start(self, cmd: list[str]) -> str:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        self.procs.append(proc)
+        line = proc.stdout.readline() if proc.stdout else ""
+        if not line:
+            raise RuntimeError(f"{cmd[1:3]} did not start")
+        return line.split()[-1].rsplit(":", 1)[-1] if ":" in line else line.strip()
+
+    def __enter__(self) -> str:
+        """Start it; the address its client sends to."""
+        try:
+            inst = self._start([sys.executable, "-m", "cpnd.simulate", "--id", "f1", "--compute-ms",
+                                str(FLOOR_COMPUTE_MS), "--capacity", "1e9"])
+            proxy = str(Path(__file__).resolve().parent / "floor_proxy.py")
+            half = str(FLOOR_RTT_MS / 2)
+            far = self._start([sys.executable, proxy, "0", inst, half, "0"])  # gw3's place
+            near = self._start([sys.executable, proxy, "0", far, "0", half])  # gw1's place
+        except BaseException:
+            self.__exit__()
+            raise
+        return f"127.0.0.1:{near}"
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
 def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prewarm_s: float = 0.0,
              keep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One sweep in ``mode``; every request's record is also appended to ``keep`` when given."""
@@ -159,16 +252,15 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
         try:
             urls = insts.start_topology(topo)
             specs = write_lab(topo, Path(tmp), selection=mode, instance_url=urls)
-            with Lab(specs, log_level="warning") as lab:
+            with Lab(specs, log_level="warning") as lab, FloorPath() as floor:
                 lab.start_all()
                 lab.wait_for(lambda: lab.converged(topo), 60, "convergence")
                 time.sleep(3.0)  # let the min-RTT filters see a few quiet probes after start-up
                 rtt = {u: {r["instance"]: r["path_latency_ms"] for r in lab.routes(gw) if r["best"]}
                        for u, (gw, _) in USERS.items()}
-                records: list[dict[str, Any]] = []
                 samples: list[dict[str, Any]] = []
                 done = threading.Event()
-                start = time.monotonic() + 0.5
+                start = time.monotonic() + 1.5  # the client processes start meanwhile
 
                 def sample() -> None:
                     # What the gateways measure while the load runs: gw1's path latencies and
@@ -189,16 +281,12 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         "estimate_ms": {r["instance"]: r["estimate"]["bounded_total_ms"] for r in best},
                                         "late": late_count})
 
-                async def main() -> None:
-                    t0 = trio.current_time() + 0.5
-                    async with trio.open_nursery() as nursery:
-                        for u, (gw, headers) in USERS.items():
-                            nursery.start_soon(run_user, u, specs[gw].http, headers, make_plan(rates, step_s, t0, prewarm_s), records)
-
+                plan = make_plan(rates, step_s, 0.0, prewarm_s)
+                jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 try:
-                    trio.run(main)
+                    records = run_clients(jobs, plan, start)
                 finally:
                     done.set()
                     sampler.join()
@@ -270,6 +358,15 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         over = [e - n for e, n in zip(e2e, netcomp)]
         row["u1_overhead_p50_ms"] = round(_pct(over, 50), 3) if over else None
         row["u1_overhead_p99_ms"] = round(_pct(over, 99), 3) if over else None
+        # The floor path beside it (FloorPath): what trio + h11 alone cost on u1's usual path here.
+        fl = [r["latency_ms"] for r in window if r["user"] == "floor" and r["status"] == 200]
+        row["floor_p50_e2e_ms"] = round(_pct(fl, 50), 3) if fl else None
+        row["floor_p99_e2e_ms"] = round(_pct(fl, 99), 3) if fl else None
+        row["floor_overhead_p50_ms"] = round(_pct(fl, 50) - FLOOR_RTT_MS - FLOOR_COMPUTE_MS, 3) if fl else None
+        if fl and over:
+            row["u1_over_floor_overhead_p50"] = round(_pct(over, 50) / max(row["floor_overhead_p50_ms"], 0.001), 2)
+        lag = [r["send_lag_ms"] for r in window if r["user"] == "u1" and "send_lag_ms" in r]
+        row["u1_client_send_lag_p99_ms"] = round(_pct(lag, 99), 3) if lag else None  # in the e2e figures
         # The samples' clock starts with the prewarm: the step's window is that much later on it.
         at_lo, at_hi = prewarm_s + i * step_s + warmup_s, prewarm_s + (i + 1) * step_s
         row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
@@ -386,6 +483,8 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--client"]:
+        return client_main()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="per-request,per-connection,dns-ttl")
     ap.add_argument("--rates", default="1,10,20,30,40,50,60,70,80,90,100,110,120")
@@ -409,7 +508,8 @@ def main() -> int:
                                                  "u2_served", "served", "optimum", "served_over_optimum", "optimum_e2e",
                                                  "optimum_measured", "u1_p50_e2e_ms", "u1_p99_e2e_ms", "u1_max_e2e_ms",
                                                  "u1_max_net_compute_ms", "u1_overhead_p50_ms", "s1_load", "s2_load",
-                                                 "s3_load", "s4_load", "s5_load")}), flush=True)
+                                                 "s3_load", "s4_load", "s5_load", "floor_p50_e2e_ms", "floor_p99_e2e_ms",
+                                                 "u1_over_floor_overhead_p50")}), flush=True)
     (out / "paper.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1) + "\n")
     with open(out / "paper.csv", "w", newline="") as f:
         rows = [s for r in results for s in r["steps"]]
@@ -447,10 +547,12 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def e2e_markdown(results: list[dict[str, Any]]) -> str:
     """Per mode and step: u1 and u2 served (late 200s are failures), u1 late by its client and at gw1,
     u1's client-observed p50/p99/max beside network + compute and the gateways' share, and served
-    over the optimum under end-to-end accounting."""
+    over the optimum under end-to-end accounting; the floor path's p50 / p99 and the gateways' share
+    over the floor's (FloorPath)."""
     head = ("| mode | offered per user | u1 served | u1 late (client / at gw1) | u2 served | u1 client p50 / p99 / max ms "
-            "| u1 network + compute p50 / max ms | gateways' share p50 / p99 ms | optimum e2e (ratio) |")
-    lines = [head, "|" + "---|" * 9]
+            "| u1 network + compute p50 / max ms | gateways' share p50 / p99 ms | floor path p50 / p99 ms "
+            "| share / floor's p50 | optimum e2e (ratio) |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         for s in r["steps"]:
             def f(k: str) -> str:
@@ -461,6 +563,7 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
                          f"{f('u1_late_at_ingress')} | {s['u2_served']:g} | {f('u1_p50_e2e_ms')} / {f('u1_p99_e2e_ms')} / "
                          f"{f('u1_max_e2e_ms')} | {f('u1_p50_net_compute_ms')} / {f('u1_max_net_compute_ms')} | "
                          f"{f('u1_overhead_p50_ms')} / {f('u1_overhead_p99_ms')} | "
+                         f"{f('floor_p50_e2e_ms')} / {f('floor_p99_e2e_ms')} | {f('u1_over_floor_overhead_p50')} | "
                          + (f"{oe:.1f} ({s['served_over_optimum_e2e']:.3f})" if oe else "-") + " |")
     return "\n".join(lines)
 

@@ -50,10 +50,9 @@ PACED_CHUNK = 64 * 1024
 TUNNEL_HIGH_WATER = 1024 * 1024
 TUNNEL_LOW_WATER = 256 * 1024
 WRITE_BATCH = 256 * 1024  # most bytes the peer writer joins into one send
-# Over an emulated delay, small records queued this close together leave together, at
-# the later one's time (never early): one timer wake-up and one write instead of one each.
-COALESCE_S = 0.0001
-COALESCE_BYTES = 16 * 1024
+# An emulated delay is applied where the bytes arrive, as a wire would: the sender writes at
+# once and the receiver holds what it read until the delay has passed (at most this much).
+DELAY_INBOX_BYTES = 4 * RECEIVE_CHUNK
 FLUSH_ON_CLOSE_S = 1.0
 LINGER_S = 0.5  # after a close, how long the peer's last bytes are read and dropped
 TRIM_CHECK_S = 1.0
@@ -71,18 +70,27 @@ class Connection:
         self.link = link
         self.mux: Mux | None = None
         self._readable = trio.Event()  # set when the core wants the peer's bytes again
-        self._out: collections.deque[tuple[float, bytes]] = collections.deque()
+        self._out: collections.deque[bytes] = collections.deque()
         self._out_bytes = 0
         self._out_ready = trio.Event()
         self._done = trio.Event()
         self.flushed = trio.Event()  # closed and its last bytes (the NOTIFICATION) sent or given up
         self._sending = False
         self._writable = trio.Event()
+        self._inbox: collections.deque[tuple[float, bytes]] = collections.deque()  # (due, bytes) read over a delay
+        self._inbox_bytes = 0
+        self._inbox_ready = trio.Event()
+        self._inbox_space = trio.Event()
 
     @property
     def _delay_s(self) -> float:
+        """The emulated one-way delay of what this connection reads. Before an inbound connection's
+        OPEN names its peer, the longest configured: a keepalive read then and echoed would otherwise
+        make a link's measured RTT undercut its emulated one (a min-RTT filter forgets the longer)."""
         peer = self.link.peer
-        return peer.config.emulated_rtt_ms / 2000 if peer is not None else 0.0
+        if peer is not None:
+            return peer.config.emulated_rtt_ms / 2000
+        return max((p.emulated_rtt_ms for p in self.daemon.config.peers), default=0.0) / 2000
 
     def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
         """Seal and queue one tunnel frame (streams call this); ``flush``: the last of a burst, written
@@ -92,20 +100,19 @@ class Connection:
             self.flush()
 
     def flush(self) -> None:
-        """Write what is queued from the caller's own step when the writer task is idle and nothing is
-        held back for an emulated delay: a request or response does not wait for the writer's turn
-        (a wake-up, a scheduler pass and trio's send machinery on every hop). What the socket does
-        not take at once stays queued for the writer."""
-        if self._sending or not self._out or self._done.is_set() or self._delay_s:
+        """Write what is queued from the caller's own step when the writer task is idle: a request or
+        response does not wait for the writer's turn (a wake-up, a scheduler pass and trio's send
+        machinery on every hop). What the socket does not take at once stays queued for the writer."""
+        if self._sending or not self._out or self._done.is_set():
             return
-        data = self._out[0][1] if len(self._out) == 1 else b"".join(chunk for _, chunk in self._out)
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         try:
             n = os.write(self.stream.socket.fileno(), data)  # the socket is non-blocking (trio's)
         except OSError:
             return  # full (BlockingIOError), or broken: the writer finds out and handles it
         self._out.clear()
         if n < len(data):
-            self._out.append((trio.current_time(), data[n:]))
+            self._out.append(data[n:])
         self._out_bytes -= n
         if self._out_bytes <= TUNNEL_LOW_WATER:
             self._writable.set()
@@ -123,15 +130,17 @@ class Connection:
         self._writable.set()
         self._done.set()
         self._readable.set()
+        self._inbox_space.set()
 
     async def run(self) -> None:
         try:
             async with open_nursery() as nursery:
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._reader)
+                nursery.start_soon(self._deliverer)
                 await self._done.wait()
                 # Closed: give the NOTIFICATION a bounded chance to leave, then hang up.
-                with trio.move_on_after(FLUSH_ON_CLOSE_S + self._delay_s):
+                with trio.move_on_after(FLUSH_ON_CLOSE_S):
                     while self._out or self._sending:  # until the last bytes are in the kernel
                         await self._out_ready.wait()
                         await trio.sleep(0)
@@ -155,13 +164,17 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError, OSError):
                 pass
 
+    async def _until_wanted(self) -> None:
+        """Wait while the peer's UPDATEs have outrun its bucket: its bytes wait in the kernel (TCP pushes back)."""
+        while not self.core.wants_data(self.link) and not self._done.is_set():
+            self._readable = trio.Event()
+            self.daemon.paused.add(self)
+            await self._readable.wait()
+
     async def _reader(self) -> None:
         while not self._done.is_set():
-            while not self.core.wants_data(self.link) and not self._done.is_set():
-                # The peer's UPDATEs outran its bucket: its bytes wait in the kernel (TCP pushes back).
-                self._readable = trio.Event()
-                self.daemon.paused.add(self)
-                await self._readable.wait()
+            if not (self._delay_s or self._inbox):
+                await self._until_wanted()  # over a delay the deliverer waits for this instead
             if self._done.is_set():
                 return
             bucket = self.link.session.inbound
@@ -170,6 +183,39 @@ class Connection:
                 data = await self.stream.receive_some(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
+            if self._delay_s or self._inbox:  # in arrival order, even when a reload took the delay away
+                await self._hold(data)
+            else:
+                self.core.receive_data(self.link, data, trio.current_time())
+                self.daemon.pump()
+            if not data:
+                return
+
+    async def _hold(self, data: bytes) -> None:
+        """Keep what was read until the emulated one-way delay has passed; read ahead at most
+        ``DELAY_INBOX_BYTES`` (then the kernel's buffers and TCP push back, as without a delay)."""
+        self._inbox.append((trio.current_time() + self._delay_s, data))
+        self._inbox_bytes += len(data)
+        self._inbox_ready.set()
+        while self._inbox_bytes > DELAY_INBOX_BYTES and not self._done.is_set():
+            self._inbox_space = trio.Event()
+            await self._inbox_space.wait()
+
+    async def _deliverer(self) -> None:
+        """Hand held bytes to the core when their delay has passed (one precise timer, no spinning)."""
+        while not self._done.is_set():
+            while not self._inbox:
+                self._inbox_ready = trio.Event()
+                await self._inbox_ready.wait()
+            due, data = self._inbox[0]
+            if due > trio.current_time():
+                await sleep_until_precisely(due)
+            await self._until_wanted()
+            if self._done.is_set():
+                return
+            self._inbox.popleft()
+            self._inbox_bytes -= len(data)
+            self._inbox_space.set()
             self.core.receive_data(self.link, data, trio.current_time())
             self.daemon.pump()
             if not data:
@@ -180,16 +226,12 @@ class Connection:
             while not self._out:
                 self._out_ready = trio.Event()
                 await self._out_ready.wait()
-            release, _ = self._out[0]
-            if release > trio.current_time():
-                await sleep_until_precisely(release)
-            # Everything already due goes in one write (up to WRITE_BATCH bytes): streams that
-            # queued records meanwhile share one system call instead of one each.
-            now = trio.current_time()
-            chunks = [self._out.popleft()[1]]
+            # Everything queued goes in one write (up to WRITE_BATCH bytes): streams that queued
+            # records meanwhile share one system call instead of one each.
+            chunks = [self._out.popleft()]
             size = len(chunks[0])
-            while self._out and self._out[0][0] <= now and size + len(self._out[0][1]) <= WRITE_BATCH:
-                chunks.append(self._out.popleft()[1])
+            while self._out and size + len(self._out[0]) <= WRITE_BATCH:
+                chunks.append(self._out.popleft())
                 size += len(chunks[-1])
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._out_bytes -= size
@@ -213,13 +255,7 @@ class Connection:
     def enqueue(self, data: bytes) -> None:
         if not data:
             return
-        delay = self._delay_s
-        release = trio.current_time() + delay
-        if (delay and self._out and release - self._out[-1][0] <= COALESCE_S
-                and len(self._out[-1][1]) + len(data) <= COALESCE_BYTES):
-            self._out[-1] = (release, self._out[-1][1] + data)
-        else:
-            self._out.append((release, data))
+        self._out.append(data)
         self._out_bytes += len(data)
         self._out_ready.set()
         if self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer and not self._done.is_set():
