@@ -77,7 +77,7 @@ class Attempts:
             return cand.instance, status
         raise plan.error()
 
-    def _open_upstream(self, cand: Candidate, ext: ExtHeader) -> ByteStream:
+    def _open_upstream(self, cand: Candidate, ext: ExtHeader, soon: bool) -> ByteStream:
         if cand.next_hop is None:
             near, far = pipe()
             self.serve_local(far, ext)
@@ -85,7 +85,7 @@ class Attempts:
         conn = self.p.gw.established_conn(cand.next_hop)
         if conn is None or conn.mux is None:
             raise StreamReset(ResetCode.NO_ROUTE, False, f"no session to next hop {cand.next_hop}")
-        return conn.mux.open(ext)
+        return conn.mux.open(ext, soon=soon)
 
     async def _attempt(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,
                        cand: Candidate, plan: Plan, attempt: Attempt) -> int:
@@ -100,11 +100,12 @@ class Attempts:
                         EXT_FLAG_IDEMPOTENT if plan.idempotent else 0, slack)
         # Built before a stream exists (nothing to leak if it fails); the headers are h11's own, checked.
         head = h11.Request(method=req.method, target=req.target, headers=headers, _parsed=True)
-        up_raw = self._open_upstream(cand, ext)
+        whole = body.take_buffered() and body.replayable
+        up_raw = self._open_upstream(cand, ext, soon=whole)  # the whole request follows it at once
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
         self.p.account.sent(cand.key, trio.current_time())
         try:
-            if body.take_buffered() and body.replayable:
+            if whole:
                 # The whole request is here (or kept from an earlier try): it goes upstream in
                 # one write, and no task streams it.
                 body.consumed = True

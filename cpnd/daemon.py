@@ -92,10 +92,11 @@ class Connection:
             return peer.config.emulated_rtt_ms / 2000
         return max((p.emulated_rtt_ms for p in self.daemon.config.peers), default=0.0) / 2000
 
-    def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
+    def send_tunnel(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
         """Seal and queue one tunnel frame (streams call this); ``flush``: the last of a burst, written
-        now if the writer is idle (``flush``)."""
-        self.enqueue(self.core.send_tunnel(self.link, frame))
+        now if the writer is idle (``flush``); ``soon``: a flushed frame follows from this same step
+        (an OPEN before its request, a LOAD before its response), so the writer is not woken for it."""
+        self.enqueue(self.core.send_tunnel(self.link, frame), wake=not (flush or soon))
         if flush:
             self.flush()
 
@@ -103,16 +104,21 @@ class Connection:
         """Write what is queued from the caller's own step when the writer task is idle: a request or
         response does not wait for the writer's turn (a wake-up, a scheduler pass and trio's send
         machinery on every hop). What the socket does not take at once stays queued for the writer."""
-        if self._sending or not self._out or self._done.is_set():
+        if not self._out:
+            return
+        if self._sending or self._done.is_set():
+            self._out_ready.set()  # the writer (or the close) takes it
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         try:
             n = os.write(self.stream.socket.fileno(), data)  # the socket is non-blocking (trio's)
         except OSError:
-            return  # full (BlockingIOError), or broken: the writer finds out and handles it
+            self._out_ready.set()  # full (BlockingIOError), or broken: the writer finds out and handles it
+            return
         self._out.clear()
         if n < len(data):
             self._out.append(data[n:])
+            self._out_ready.set()
         self._out_bytes -= n
         if self._out_bytes <= TUNNEL_LOW_WATER:
             self._writable.set()
@@ -252,12 +258,14 @@ class Connection:
             if not self._out:
                 self._out_ready.set()
 
-    def enqueue(self, data: bytes) -> None:
+    def enqueue(self, data: bytes, *, wake: bool = True) -> None:
+        """Queue bytes for the peer; ``wake``: the writer sends them (else the caller flushes)."""
         if not data:
             return
         self._out.append(data)
         self._out_bytes += len(data)
-        self._out_ready.set()
+        if wake:
+            self._out_ready.set()
         if self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer and not self._done.is_set():
             # The peer does not read: drop the session rather than buffer without bound.
             self._out.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import select
 import urllib.parse
@@ -154,6 +155,7 @@ class H11Stream:
         self.head_since = 0.0  # when the first byte of the request head being read came
         self.source = ""  # a user's connection: its peer address (for Forwarded)
         self.trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
+        self._writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
 
     @property
     def tunnel_extra(self) -> tuple[tuple[bytes, bytes], ...]:
@@ -165,7 +167,7 @@ class H11Stream:
         if self.tunnel:
             await self.transport.send(data, end=end)
         elif data:
-            await self.transport.send_all(data)
+            await self._write(data)
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         """Several events in one write (one system call for a whole small response); empties ``events``
@@ -175,7 +177,26 @@ class H11Stream:
         if self.tunnel:
             await self.transport.send(data, end=end)
         elif data:
+            await self._write(data)
+
+    async def _write(self, data: bytes) -> None:
+        """Write to a plain socket at once when it takes it all: trio's send_all would then still
+        yield to the scheduler (a task step and a loop pass per write, on every hop). What the
+        socket does not take, a TLS stream and a broken socket go through trio's send_all."""
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None and not self._writing:
+            try:
+                n = os.write(sock.fileno(), data)  # trio's sockets are non-blocking
+            except OSError:
+                n = 0  # full, or broken: send_all waits, or says so its own way
+            if n == len(data):
+                return
+            data = data[n:]
+        self._writing = True
+        try:
             await self.transport.send_all(data)
+        finally:
+            self._writing = False
 
     async def next_event(self) -> Any:
         while True:

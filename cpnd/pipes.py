@@ -34,7 +34,8 @@ class PipeEnd:
         """Reset, or both directions ended."""
         return self.inbox.reset is not None or (self.sent_end and self.inbox.ended and not self.inbox.chunks)
 
-    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None:
+    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None,
+                    *, soon: bool = False) -> None:
         self.other.load_report = (load, bload, int(compute_us), None if instance_us is None else int(instance_us))
 
     async def receive(self) -> Any:

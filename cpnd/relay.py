@@ -58,7 +58,7 @@ class StreamSink:
     def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
         now = trio.current_time()
         self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us,
-                                None if instance_s is None else instance_s * 1_000_000)
+                                None if instance_s is None else instance_s * 1_000_000, soon=True)
 
 
 class UserSink:

@@ -40,7 +40,7 @@ log = logging.getLogger("cpnd.streams")
 class Connection(Protocol):
     """What a ``Mux`` needs of the peer connection it runs on (the daemon's Connection; no import of it)."""
 
-    def send_tunnel(self, frame: bytes) -> None: ...
+    def send_tunnel(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None: ...
 
     async def wait_writable(self) -> None: ...
 
@@ -66,7 +66,8 @@ class ByteStream(Protocol):
     async def receive(self) -> bytes: ...
     async def send(self, data: bytes, end: bool = False) -> None: ...
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
-    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None: ...
+    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None,
+                    *, soon: bool = False) -> None: ...
 
 
 class Abandon:
@@ -221,12 +222,14 @@ class TunnelStream:
                 self._maybe_close()
                 return
 
-    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None) -> None:
+    def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None,
+                    *, soon: bool = False) -> None:
         """Piggy-back the instance's current load on this stream (egress, before the response), and
-        with `gateway-time` the instance's time to this response's head (tunnel.md, "Load piggy-backing")."""
+        with `gateway-time` the instance's time to this response's head (tunnel.md, "Load piggy-backing").
+        ``soon``: the response (or a RESET) follows from the same step and takes it along."""
         if not self.closed:
             payload = load_payload(load, bload, compute_us, instance_us, timed=self.mux.settings.timed_load)
-            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, payload))
+            self.mux.send_frame(encode_frame(self.id, FrameType.LOAD, payload), soon=soon)
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         """Abandon the stream (and what it holds unread) and tell the peer why."""
@@ -373,9 +376,9 @@ class Mux:
         # End-to-end sealing (tunnel.md, "Sealed streams"): None when the session did not agree on it.
         self.sealer: StreamSealer | None = None
 
-    def open(self, ext: ExtHeader) -> TunnelStream | SealedStream:
+    def open(self, ext: ExtHeader, *, soon: bool = False) -> TunnelStream | SealedStream:
         """Open a stream towards the peer with ``ext`` as its extension header (sealed, as the ingress,
-        when the session and the origin allow it)."""
+        when the session and the origin allow it); ``soon``: the request follows from the same step."""
         if self.dead is not None:
             raise self.dead
         sealing = None
@@ -389,11 +392,11 @@ class Mux:
         sid = self.ids.allocate()
         stream = TunnelStream(self, sid, ext)
         self.streams[sid] = stream
-        self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()))
+        self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()), soon=soon)
         return stream if sealing is None else SealedStream(stream, sealing, egress=False)
 
-    def send_frame(self, frame: bytes, *, flush: bool = False) -> None:
-        self.conn.send_tunnel(frame, flush=flush)
+    def send_frame(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
+        self.conn.send_tunnel(frame, flush=flush, soon=soon)
 
     async def writable(self) -> None:
         await self.conn.wait_writable()

@@ -29,7 +29,7 @@ class Link:
         self.sent: list[bytes] = []
         self.up = True
 
-    def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
+    def send_tunnel(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
         self.sent.append(frame)
         if self.up and self.other is not None:
             self.other.handle(frame)
