@@ -104,6 +104,7 @@ class Connection:
         """Write what is queued from the caller's own step when the writer task is idle: a request or
         response does not wait for the writer's turn (a wake-up, a scheduler pass and trio's send
         machinery on every hop). What the socket does not take at once stays queued for the writer."""
+        self.daemon.held.discard(self)
         if not self._out:
             return
         if self._sending or self._done.is_set():
@@ -121,7 +122,17 @@ class Connection:
             self._out_ready.set()
         self._out_bytes -= n
         if self._out_bytes <= TUNNEL_LOW_WATER:
-            self._writable.set()
+            self._drained()
+
+    def _drained(self) -> None:
+        """Below the low-water mark: senders and relays waiting for room go on."""
+        self._writable.set()
+        if self.mux is not None and self.mux.drain_waiters:
+            self.mux.drained()
+
+    @property
+    def congested(self) -> bool:
+        return self._out_bytes > TUNNEL_HIGH_WATER
 
     async def wait_writable(self) -> None:
         """Backpressure for tunnel data: wait while too much is queued for this peer."""
@@ -194,6 +205,7 @@ class Connection:
             else:
                 self.core.receive_data(self.link, data, trio.current_time())
                 self.daemon.pump()
+                self.daemon.flush_held()
             if not data:
                 return
 
@@ -224,6 +236,7 @@ class Connection:
             self._inbox_space.set()
             self.core.receive_data(self.link, data, trio.current_time())
             self.daemon.pump()
+            self.daemon.flush_held()
             if not data:
                 return
 
@@ -242,7 +255,7 @@ class Connection:
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._out_bytes -= size
             if self._out_bytes <= TUNNEL_LOW_WATER:
-                self._writable.set()
+                self._drained()
             try:
                 self._sending = True
                 await self.stream.send_all(data)
@@ -266,6 +279,8 @@ class Connection:
         self._out_bytes += len(data)
         if wake:
             self._out_ready.set()
+        else:
+            self.daemon.held.add(self)  # flushed by the caller, or at the end of the reader's step
         if self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer and not self._done.is_set():
             # The peer does not read: drop the session rather than buffer without bound.
             self._out.clear()
@@ -309,6 +324,9 @@ class Daemon:
         self.core = Gateway(config, _Instances(self), 0.0, seq=time_ns() // 1000)
         self.conns: dict[Link, Connection] = {}
         self.paused: set[Connection] = set()  # readers waiting for the core to want bytes again
+        # Connections with frames queued from a step that did not write them: a reader's step writes
+        # them at its end (what a transit relayed, in one write), a task's own flush before that.
+        self.held: set[Connection] = set()
         self.started_at = 0.0
         self.tunnel_bytes = BufferAccount()  # tunnel DATA held for every peer together
         self.listen_port: int | None = None
@@ -484,6 +502,10 @@ class Daemon:
             for conn in [c for c in self.paused if c._done.is_set() or core.wants_data(c.link)]:
                 self.paused.discard(conn)
                 conn._readable.set()
+
+    def flush_held(self) -> None:
+        while self.held:
+            self.held.pop().flush()
 
     def _on_event(self, event: object) -> None:
         if isinstance(event, TunnelData):

@@ -140,6 +140,16 @@ class DataPlane:
             stream.reset(ResetCode.REFUSED, False, f"{self.gw.id} is shutting down")
             return
         assert self.gw.nursery is not None and stream.ext is not None
+        if stream.ext.origin != self.gw.id:  # a transit: relayed from this step, no task (transit.py)
+            try:
+                self.transit.relay(stream, stream.ext, trio.current_time())
+            except StreamReset as exc:
+                stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
+                             exc.delivered, exc.text)
+            except Exception:  # a bug must cost one request, never the daemon
+                log.exception("%s: relaying stream %s from %s failed", self.gw.id, stream.id, stream.peer)
+                stream.reset(ResetCode.INTERNAL, True, "internal error")
+            return
         self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, f"stream {stream.id} from {stream.peer}",
                                    trio.current_time())
 
@@ -156,8 +166,6 @@ class DataPlane:
                 with trio.CancelScope() as abandoned:  # the instance call stops when the stream is abandoned
                     stream.cancel_on_abandon(abandoned)
                     await self.egress.serve(stream, ext, opened_at)
-            elif isinstance(stream, TunnelStream):
-                await self.transit.relay(stream, ext, opened_at)
             else:
                 stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
         except StreamReset as exc:  # the other end's (then the stream is closed), or one of ours to send

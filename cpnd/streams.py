@@ -44,6 +44,17 @@ class Connection(Protocol):
 
     async def wait_writable(self) -> None: ...
 
+    @property
+    def congested(self) -> bool: ...
+
+
+class Relayer(Protocol):
+    """A transit's relay of two streams (cpnd/transit.py), told of what happens to either."""
+
+    def moved(self, stream: TunnelStream) -> None: ...
+    def credited(self, stream: TunnelStream) -> None: ...
+    def reset_by(self, stream: TunnelStream, exc: StreamReset) -> None: ...
+
 
 class StreamReset(Exception):
     """The other end abandoned the stream (RESET), or its session went down."""
@@ -130,6 +141,7 @@ class TunnelStream:
         self.closed = False
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
+        self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
         self._abandon = Abandon()
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
@@ -163,6 +175,11 @@ class TunnelStream:
             return None
         self._pass_on()
         return self._taken(inbox.chunks.popleft() if inbox.chunks else b"")
+
+    def pass_on(self) -> None:
+        """The chunk taken last has been passed on: credit the connection now (a relay, which
+        does not ask again until more comes)."""
+        self._pass_on()
 
     def _pass_on(self) -> None:
         """The reader asks again: the chunk it took last has been passed on (the connection's credit)."""
@@ -222,6 +239,33 @@ class TunnelStream:
                 self._maybe_close()
                 return
 
+    def send_nowait(self, data: bytes, end: bool = False) -> int:
+        """Send what the stream's and the connection's windows take now, ending our side with the last
+        byte if ``end``: the bytes sent (a relay's move, made from the step that received them)."""
+        if self._inbox.reset is not None:
+            raise self._inbox.reset
+        if self.closed:
+            raise StreamReset(ResetCode.CANCEL, False, "stream closed")
+        conn, sent, view = self.mux.conn_window, 0, memoryview(data)
+        while view or end:
+            n = min(len(view), self.mux.settings.max_data, self.window.send_credit, conn.send_credit)
+            if n == 0 and view:
+                if conn.send_credit <= 0:
+                    self.mux.blocked.add(self)  # credited by the connection's WINDOW
+                break
+            last = end and n == len(view)
+            self.window.send_credit -= n
+            conn.send_credit -= n
+            chunk, view = view[:n], view[n:]
+            self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(chunk), FLAG_END if last else 0),
+                                flush=not view)
+            sent += n
+            if last:
+                self.sent_end = True
+                self._maybe_close()
+                break
+        return sent
+
     def report_load(self, load: float, bload: float, compute_us: float, instance_us: float | None = None,
                     *, soon: bool = False) -> None:
         """Piggy-back the instance's current load on this stream (egress, before the response), and
@@ -239,6 +283,8 @@ class TunnelStream:
         self._inbox.chunks.clear()
         self._close()
         self._release()
+        if self.relay is not None:
+            self.relay.reset_by(self, StreamReset(code, delivered, text))
 
     def _maybe_close(self) -> None:
         if self.sent_end and self._inbox.ended and not self._inbox.chunks:
@@ -275,10 +321,14 @@ class TunnelStream:
             self._inbox.event.set()
             # The reader may never ask again (h11 already saw the message end): close here.
             self._maybe_close()
+        if self.relay is not None:
+            self.relay.moved(self)
 
     def _on_window(self, inc: int) -> None:
         self.window.send_credit += inc
         self._credit.set()
+        if self.relay is not None:
+            self.relay.credited(self)
 
     def _on_reset(self, exc: StreamReset) -> None:
         self._inbox.fail(exc)
@@ -286,6 +336,8 @@ class TunnelStream:
             self._inbox.chunks.clear()
         self._close()
         self._abandoned()
+        if self.relay is not None:
+            self.relay.reset_by(self, exc)
 
 
 class SealedStream:
@@ -371,6 +423,7 @@ class Mux:
                                       send_credit=settings.send_conn_window if settings.conn_frames else UNLIMITED)
         self.account = account or BufferAccount()
         self.blocked: set[TunnelStream] = set()  # senders waiting for connection credit
+        self.drain_waiters: set[TunnelStream] = set()  # relays' streams waiting for the connection to drain
         self._on_open = on_open
         self.dead: StreamReset | None = None
         # End-to-end sealing (tunnel.md, "Sealed streams"): None when the session did not agree on it.
@@ -400,6 +453,20 @@ class Mux:
 
     async def writable(self) -> None:
         await self.conn.wait_writable()
+
+    def congested(self) -> bool:
+        """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``writable``)."""
+        return self.conn.congested
+
+    def wait_drained(self, stream: TunnelStream) -> None:
+        self.drain_waiters.add(stream)
+
+    def drained(self) -> None:
+        """The connection's queue fell below its low-water mark: relays move again."""
+        waiters, self.drain_waiters = self.drain_waiters, set()
+        for stream in waiters:
+            if stream.relay is not None:
+                stream.relay.credited(stream)
 
     def consumed(self, n: int, *, dropped: int = 0) -> None:
         """``n`` buffered bytes were passed on or abandoned, ``dropped`` never buffered: credit the peer."""
@@ -441,7 +508,7 @@ class Mux:
             stream._on_reset(StreamReset(code, delivered, text))
         elif fr.type is FrameType.LOAD:
             if stream.relay_to is not None:
-                stream.relay_to.report_load(*parse_load(fr.payload))
+                stream.relay_to.report_load(*parse_load(fr.payload), soon=True)  # the reader's step writes it
             else:
                 stream.load_report = parse_load(fr.payload)
 
@@ -472,10 +539,13 @@ class Mux:
         blocked, self.blocked = self.blocked, set()
         for stream in blocked:
             stream._credit.set()
+            if stream.relay is not None:
+                stream.relay.credited(stream)
 
     def _forget(self, stream: TunnelStream) -> None:
         self.streams.pop(stream.id, None)
         self.blocked.discard(stream)
+        self.drain_waiters.discard(stream)
 
     def fail_all(self, text: str) -> None:
         """The session went down: every stream on it is abandoned, never delivered by us."""

@@ -1,17 +1,26 @@
-"""Transit: a stream for another gateway's instance relayed to the next hop, bytes only (no HTTP parsing)."""
+"""Transit: a stream for another gateway's instance relayed to the next hop, bytes only (no HTTP parsing).
+
+A relay has no task of its own: what arrives on one stream is moved on to the other from the
+step that received it (the peer connection's reader), as far as the other's windows take it;
+the rest waits in the stream it came on, and moves when credit comes back. One sweeper task
+ends relays that stay idle, as the ingress and the egress do with theirs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import attrs
 import trio
 
-from .aio import open_nursery
 from .load import Stage
 from .plane import Plane
 from .streams import StreamReset, TunnelStream
 from .tunnel import NO_BUDGET, ExtHeader, ResetCode
+
+log = logging.getLogger("cpnd.transit")
+
+SWEEP_S = 1.0  # how often idle relays are looked for
 
 
 class Transit:
@@ -19,70 +28,144 @@ class Transit:
 
     def __init__(self, plane: Plane) -> None:
         self.p = plane
+        self.relays: set[Relay] = set()
+        self._sweeping = False
 
-    async def relay(self, inbound: TunnelStream, ext: ExtHeader, opened_at: float | None = None) -> None:
+    def relay(self, inbound: TunnelStream, ext: ExtHeader, opened_at: float) -> None:
+        """Open the next hop's stream for ``inbound`` and start moving bytes (StreamReset: refused)."""
         key = self.p.gw.rib.lookup_target(ext.label, ext.origin, ext.instance)
         best = self.p.gw.rib.loc.get(key) if key else None
         if best is None or best.route.peer is None:
-            inbound.reset(ResetCode.NO_ROUTE, False, f"{self.p.gw.id} has no route to {ext.origin}/{ext.instance}")
-            return
+            raise StreamReset(ResetCode.NO_ROUTE, False, f"{self.p.gw.id} has no route to {ext.origin}/{ext.instance}")
         nxt = best.route.peer
         if nxt == inbound.peer or ext.hop_limit <= 1:
-            inbound.reset(ResetCode.HOP_LIMIT, False, f"hop limit reached at {self.p.gw.id}")
-            return
+            raise StreamReset(ResetCode.HOP_LIMIT, False, f"hop limit reached at {self.p.gw.id}")
         conn = self.p.gw.established_conn(nxt)
         if conn is None or conn.mux is None:
-            inbound.reset(ResetCode.NO_ROUTE, False, f"{self.p.gw.id} has no session to {nxt}")
-            return
+            raise StreamReset(ResetCode.NO_ROUTE, False, f"{self.p.gw.id} has no session to {nxt}")
         budget = ext.budget_us
         if budget != NO_BUDGET:
             budget -= self.p.gw.rib.link_cost_us.get(nxt, 0) // 2
             if budget <= 0:
-                inbound.reset(ResetCode.DEADLINE, False, f"deadline passed at {self.p.gw.id}")
-                return
-        outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
-        outbound.relay_to = inbound
+                raise StreamReset(ResetCode.DEADLINE, False, f"deadline passed at {self.p.gw.id}")
+        # Its request, or a RESET, follows from this step, or the reader writes it at the step's end.
+        outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget), soon=True)
+        assert isinstance(outbound, TunnelStream)  # a transit's outbound is never sealed by it
+        outbound.relay_to = inbound  # LOAD frames go back as they come
         self.p.stats["relayed"] += 1
-        forwarded_at = trio.current_time()
+        relay = Relay(self, inbound, outbound, opened_at, trio.current_time())
+        self.relays.add(relay)
+        self.p.begin()
+        if not self._sweeping:
+            assert self.p.gw.nursery is not None
+            self._sweeping = True
+            self.p.gw.nursery.start_soon(self._sweep)
+        relay.moved(inbound)  # what came with the OPEN
 
-        def first_back(received_at: float, sent_at: float) -> None:
+    def _done(self, relay: Relay) -> None:
+        if relay in self.relays:
+            self.relays.discard(relay)
+            self.p.end()
+
+    async def _sweep(self) -> None:
+        """End relays where neither side moved for body_idle_timeout_s; ends when none are left."""
+        try:
+            while self.relays:
+                await trio.sleep(SWEEP_S)
+                now = trio.current_time()
+                idle_s = self.p.limits.body_idle_timeout_s
+                for relay in [r for r in self.relays if now - r.last_move > idle_s]:
+                    relay.end(ResetCode.CANCEL, True, f"relay at {self.p.gw.id} idle for {idle_s:g} s")
+        finally:
+            self._sweeping = False
+
+
+class Relay:
+    """One relayed stream pair: ``inbound`` from the previous hop, ``outbound`` to the next."""
+
+    def __init__(self, transit: Transit, inbound: TunnelStream, outbound: TunnelStream, opened_at: float,
+                 forwarded_at: float) -> None:
+        self.transit = transit
+        self.inbound, self.outbound = inbound, outbound
+        self.opened_at, self.forwarded_at = opened_at, forwarded_at
+        self.last_move = forwarded_at
+        self.pending: dict[TunnelStream, bytes] = {}  # taken from a stream, not yet taken by the other
+        self.timed = False
+        self.finished = False
+        inbound.relay = outbound.relay = self
+
+    def _other(self, stream: TunnelStream) -> TunnelStream:
+        return self.outbound if stream is self.inbound else self.inbound
+
+    def moved(self, src: TunnelStream) -> None:
+        """``src`` received DATA (or its end): pass on what the other side's windows take."""
+        if self.finished:
+            return
+        try:
+            self._pump(src)
+        except StreamReset as exc:
+            code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
+            self.end(code, exc.delivered, exc.text)
+            return
+        except Exception:  # runs in the peer connection's reader: a bug must cost one stream, never the session
+            log.exception("%s: relay of stream %s from %s failed", self.transit.p.gw.id, self.inbound.id,
+                          self.inbound.peer)
+            self.end(ResetCode.INTERNAL, True, "internal error")
+            return
+        if self.inbound.closed and self.outbound.closed:
+            self._finish()
+
+    def credited(self, dst: TunnelStream) -> None:
+        """``dst`` may send again (stream or connection credit, the connection drained)."""
+        self.moved(self._other(dst))
+
+    def reset_by(self, stream: TunnelStream, exc: StreamReset) -> None:
+        """One side was reset (by its peer, its session's loss or us): the other hears why."""
+        if self.finished:
+            return
+        code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
+        self.end(code, exc.delivered, exc.text)
+
+    def end(self, code: ResetCode, delivered: bool, text: str) -> None:
+        """Reset both sides (the one already closed hears nothing) and forget the relay."""
+        if self.finished:
+            return
+        self._finish()
+        for stream in (self.inbound, self.outbound):
+            if not stream.closed:
+                stream.reset(code, delivered, text)
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.pending.clear()
+        self.transit._done(self)
+
+    def _pump(self, src: TunnelStream) -> None:
+        dst = self._other(src)
+        while not dst.closed:
+            if dst.mux.congested():
+                dst.mux.wait_drained(dst)
+                return
+            data = self.pending.pop(src, None)
+            if data is None:
+                data = src.receive_nowait()
+                if data is None:
+                    return  # nothing waiting
+            sent = dst.send_nowait(data, end=not data)
+            if sent < len(data) or (not data and not dst.sent_end):
+                self.pending[src] = data[sent:]
+                return  # the rest when dst has credit again
+            src.pass_on()
+            self._progress(src)
+            if not data:
+                return
+
+    def _progress(self, src: TunnelStream) -> None:
+        now = trio.current_time()
+        self.last_move = now
+        if src is self.outbound and not self.timed:
             # Our own time on this stream: all of it up to the response's first bytes going back,
             # less the wait for the next hop (selection.md, "Estimate").
-            if opened_at is not None:
-                self.p.own.add(Stage.TRANSIT, sent_at, ((sent_at - opened_at) - (received_at - forwarded_at)) * 1_000_000)
-
-        # Neither side moving for body_idle_timeout_s ends the relay, as at the ingress and egress.
-        idle_s = self.p.limits.body_idle_timeout_s
-        async with open_nursery() as nursery:
-            nursery.cancel_scope.deadline = trio.current_time() + idle_s
-            nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope, idle_s)
-            nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope, idle_s, first_back)
-        for end in (inbound, outbound):
-            if not end.closed:
-                end.reset(ResetCode.CANCEL, True, f"relay at {self.p.gw.id} idle for {idle_s:g} s")
-
-
-async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope, idle_s: float,
-                first: Callable[[float, float], None] | None = None) -> None:
-    """Copy one direction of a relayed stream, passing RESETs on; progress pushes ``scope``'s deadline.
-    ``first`` hears when the first bytes came and when they went on."""
-    try:
-        while True:
-            data = await src.receive()
-            if first is not None:
-                received_at = trio.current_time()
-            if not data:
-                await dst.send(b"", end=True)
-                return
-            await dst.send(data)
-            if first is not None:
-                first(received_at, trio.current_time())
-                first = None
-            now = trio.current_time()
-            if scope.deadline - now < idle_s - 1.0:  # at most once a second
-                scope.deadline = now + idle_s
-    except StreamReset as exc:
-        code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
-        for end in (src, dst):  # the end that failed is closed already: only the other hears
-            end.reset(code, exc.delivered, exc.text)
-        scope.cancel()
+            self.timed = True
+            own_s = (now - self.opened_at) - (now - self.forwarded_at)
+            self.transit.p.own.add(Stage.TRANSIT, now, own_s * 1_000_000)
