@@ -176,6 +176,11 @@ class TunnelStream:
         self._pass_on()
         return self._taken(inbox.chunks.popleft() if inbox.chunks else b"")
 
+    @property
+    def at_end(self) -> bool:
+        """Everything the peer sent has been taken, its end included."""
+        return self._inbox.ended and not self._inbox.chunks
+
     def pass_on(self) -> None:
         """The chunk taken last has been passed on: credit the connection now (a relay, which
         does not ask again until more comes)."""

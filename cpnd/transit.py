@@ -151,13 +151,16 @@ class Relay:
                 data = src.receive_nowait()
                 if data is None:
                     return  # nothing waiting
-            sent = dst.send_nowait(data, end=not data)
-            if sent < len(data) or (not data and not dst.sent_end):
+            end = not data or src.at_end  # the last bytes and the end in one frame
+            sent = dst.send_nowait(data, end=end)
+            if sent < len(data) or (end and not dst.sent_end):
                 self.pending[src] = data[sent:]
                 return  # the rest when dst has credit again
             src.pass_on()
             self._progress(src)
-            if not data:
+            if end:
+                if data:
+                    src.receive_nowait()  # take the end as well: the stream closes
                 return
 
     def _progress(self, src: TunnelStream) -> None:
