@@ -216,37 +216,18 @@ class TunnelStream:
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
         view = memoryview(data)
-        while view or end:
-            if self._inbox.reset is not None:
-                raise self._inbox.reset
-            if self.closed:
-                raise StreamReset(ResetCode.CANCEL, False, "stream closed")
-            conn = self.mux.conn_window
-            n = min(len(view), self.mux.settings.max_data, self.window.send_credit, conn.send_credit)
-            if n == 0 and view:
-                self._credit = trio.Event()
-                if conn.send_credit <= 0:
-                    self.mux.blocked.add(self)  # woken by the connection's WINDOW
-                await self._credit.wait()
-                continue
+        while True:
             await self.mux.writable()
-            if self.closed or min(self.window.send_credit, conn.send_credit) < n:
-                continue  # reset or out-raced for the credit while we waited
-            last = end and n == len(view)
-            self.window.send_credit -= n
-            conn.send_credit -= n
-            view_n, view = view[:n], view[n:]
-            # The last frame of this send goes out now (with what was queued before it: an OPEN, a LOAD).
-            self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(view_n), FLAG_END if last else 0),
-                                flush=not view)
-            if last:
-                self.sent_end = True
-                self._maybe_close()
+            view = view[self.send_nowait(view, end):]
+            if not view and (self.sent_end or not end):
                 return
+            self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
+            await self._credit.wait()
 
-    def send_nowait(self, data: bytes, end: bool = False) -> int:
+    def send_nowait(self, data: bytes | memoryview, end: bool = False) -> int:
         """Send what the stream's and the connection's windows take now, ending our side with the last
-        byte if ``end``: the bytes sent (a relay's move, made from the step that received them)."""
+        byte if ``end``: the bytes sent (the last frame written at once; a relay's move is made from
+        the step that received the bytes)."""
         if self._inbox.reset is not None:
             raise self._inbox.reset
         if self.closed:
