@@ -499,10 +499,6 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     )
     if gateway.workers > 1 and gateway.http_listen is None and gateway.https_listen is None:
         raise r.error((*gw, "workers"), "set above 1 without http_listen or https_listen (workers serve users)")
-    if gateway.workers > 1 and data.get("peers"):
-        # Workers have no tunnel sessions yet, and a peer's request would reach our instances from the
-        # control process beside the workers' shares of their capacity (README, "Workers").
-        raise r.error((*gw, "workers"), "set above 1 with [[peers]]: not supported yet (workers serve local instances only)")
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
     server_tls = _server_tls(r, gateway)

@@ -281,6 +281,8 @@ class Daemon:
         self.clients = ClientTable.from_config(config)  # [[clients]]: keys and quotas at the ingress
         self.registrations = Registrations(self)  # instances that join by cpnctl register or HTTP
         self.workers = Workers(self) if g.workers > 1 else None  # users served by N processes (README, "Workers")
+        if self.workers is not None:  # workers: fed the Loc-RIB as it changes, handed peers' streams for our instances
+            self.core.observe = self.workers.rib_changed
 
     @property
     def config(self) -> Config:
@@ -458,8 +460,8 @@ class Daemon:
                 assert ours is not None
                 settings = mux_settings(ours, s.peer_tunnel, LARGE_DATA_CAP in s.agreed_caps,
                                         timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
-                conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, self.dataplane.on_stream, settings,
-                               self.tunnel_bytes)
+                on_open = self.workers.on_peer_stream if self.workers is not None else self.dataplane.on_stream  # workers
+                conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, on_open, settings, self.tunnel_bytes)
                 conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, event.link.peer.config.id)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)

@@ -395,6 +395,8 @@ def run_lab(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"cpnd lab: {exc}", file=sys.stderr)
             return 2
+    if getattr(args, "workers", None):
+        topo = attrs.evolve(topo, gateway_options={**topo.gateway_options, "workers": args.workers})
     tmp = None
     if args.dir:
         workdir = Path(args.dir).resolve()

@@ -1,10 +1,11 @@
 """One data-plane worker process (``[gateway] workers = N``): users on the listeners the control
 process hands it, planned over its own RIB of our instances, called with its share of their bounds.
 
-Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD RESTARTED``
-(-1: no such listener; RESTARTED 1: it replaces one that died); reports its counts on REPORT_FD every fleet.REPORT_INTERVAL_S. SIGTERM
-drains it (drain_timeout_ms), SIGHUP re-reads the config; it drains and ends too when the control process is gone (its
-report pipe breaks).
+Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD RESTARTED CHANNEL_FD``
+(-1: no such listener, or no channel; RESTARTED 1: it replaces one that died); reports its counts on REPORT_FD every
+fleet.REPORT_INTERVAL_S. With peers, CHANNEL_FD is its channel to the control process (cpnd/handoff.py): the Loc-RIB
+comes in on it, and its streams for peers' instances go out on it. SIGTERM drains it (drain_timeout_ms), SIGHUP re-reads
+the config; it drains and ends too when the control process is gone (its report pipe or channel breaks).
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from .config import Config, load_config
 from .dataplane import DataPlane, HttpLimits
 from .errors import ConfigError
 from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
+from .gateway import session_config
+from .handoff import Channel, worker_sealer
 from .names import service_label
 from .rib import Rib
+from .ribfeed import Mirror
 from .wire import RouteAdv
 
 log = logging.getLogger("cpnd.worker")
+
+SNAPSHOT_WAIT_S = 5.0  # at most this long without users at start, for the control's RIB snapshot
 
 
 
@@ -47,7 +53,8 @@ class _Counts:
 
 
 class WorkerGateway:
-    """The ``plane.Gateway`` a worker's data plane serves: no peer sessions, a RIB of our own instances."""
+    """The ``plane.Gateway`` a worker's data plane serves: our own instances, and with peers the
+    control's Loc-RIB mirrored (cpnd/ribfeed.py), reached through its channel to the control process."""
 
     def __init__(self, config: Config, index: int, n: int) -> None:
         self.index, self.n = index, n
@@ -57,6 +64,9 @@ class WorkerGateway:
         self.nursery: trio.Nursery | None = None
         self.metrics = _Counts()
         self.clients = ClientTable.from_config(self.config)
+        self.mirror = Mirror()
+        self._synced = trio.Event()
+        self.channel: Channel | None = None
         g = self.config.gateway
         self.dataplane = DataPlane(self, HttpLimits(
             max_body_bytes=g.max_body_bytes, header_timeout_s=g.http_header_timeout_ms / 1000,
@@ -65,7 +75,14 @@ class WorkerGateway:
         ))
 
     def established_conn(self, peer: str) -> Any:
-        return None  # workers have no sessions (README, "Workers")
+        """The channel to the control process, which relays to ``peer`` while its session is up."""
+        ch = self.channel
+        return ch if ch is not None and peer in self.mirror.peers and not ch.done.is_set() else None
+
+    def _on_rib(self, payload: bytes) -> None:
+        self.mirror.apply(self.rib, payload, trio.current_time())
+        if self.mirror.synced:
+            self._synced.set()
 
     def health_changed(self, iid: str, healthy: bool) -> None:
         log.warning("%s/worker %d: instance %s is %s", self.id, self.index, iid, "healthy again" if healthy else "unhealthy")
@@ -99,7 +116,7 @@ class WorkerGateway:
         return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=dict(dp.stats),
                       requests=dict(self.metrics.requests), loads=loads)
 
-    async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool) -> None:
+    async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool, channel_fd: int = -1) -> None:
         if restarted:
             hold_predecessors_share(self.dataplane.meters, trio.current_time())
         users = self.dataplane.users
@@ -110,6 +127,12 @@ class WorkerGateway:
             self.set_local()
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                if channel_fd >= 0:  # users are served once the RIB snapshot is in (bounded: a wedged control)
+                    nursery.start_soon(self._channel, channel_fd)
+                    with trio.move_on_after(SNAPSHOT_WAIT_S):
+                        while not self.mirror.synced:
+                            self._synced = trio.Event()
+                            await self._synced.wait()
                 for tls in list(users.inherited):
                     await nursery.start(functools.partial(self.dataplane.serve, tls=tls))
                 nursery.start_soon(self._report_loop, report)
@@ -123,6 +146,23 @@ class WorkerGateway:
                 with trio.move_on_after(self.config.gateway.drain_timeout_ms / 1000):
                     await self.dataplane.drained()
                 nursery.cancel_scope.cancel()
+
+    async def _channel(self, fd: int) -> None:
+        """Run the channel to the control process; once it breaks the control process is gone: drain."""
+        g = self.config.gateway
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+        ch = self.channel = Channel(stream, "control", initiator=True, on_open=self._handed,
+                                    limits=session_config(self.config).tunnel, max_buffer=g.max_peer_send_buffer,
+                                    on_rib=self._on_rib)
+        ch.mux.sealer = worker_sealer(self.id, self.rib, lambda: self.mirror.peers, g.seal_streams)
+        await ch.run()
+        log.warning("%s/worker %d: the channel to the control process is gone: draining", self.id, self.index)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _handed(self, stream: Any) -> None:
+        """A peer's stream for one of our instances, handed over by the control process: served as an egress."""
+        self.dataplane.stats["handed_streams"] += 1
+        self.dataplane.on_stream(stream)
 
     async def _report_loop(self, out: trio.lowlevel.FdStream) -> None:
         while True:
@@ -149,7 +189,7 @@ class WorkerGateway:
 
 
 def main(argv: list[str]) -> int:
-    path, index, n, http_fd, https_fd, report_fd, restarted = argv
+    path, index, n, http_fd, https_fd, report_fd, restarted, channel_fd = argv
     from .main import set_process_name, setup_logging
 
     set_process_name(b"cpnd-worker")
@@ -160,7 +200,7 @@ def main(argv: list[str]) -> int:
         return 2
     setup_logging(config.gateway.log_level, config.gateway.log_format)
     trio.run(WorkerGateway(config, int(index), int(n)).run, int(http_fd), int(https_fd), int(report_fd),
-             restarted == "1")
+             restarted == "1", int(channel_fd))
     return 0
 
 

@@ -4,11 +4,16 @@ processes (cpnd/worker.py) kept running, and what they report (cpnd/fleet.py).
 Each worker gets its own SO_REUSEPORT socket on http_listen (and https_listen), opened here and
 kept open here, so the kernel spreads new connections over the workers and a worker that dies
 loses none that were still queued: its replacement accepts them from the same socket.
+
+With peers, each worker also gets a channel (cpnd/handoff.py): the Loc-RIB is fed to it, its
+streams for peers' instances come back on it to be relayed on our sessions, and peers' streams for
+our instances go to a worker on it, so that every call to our instances is made within a worker's share.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -16,12 +21,18 @@ import socket
 import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 import msgpack
 import trio
 
 from .aio import ListenError
 from .config import Address
 from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
+from .gateway import session_config
+from .handoff import LOW_WATER, Channel, hand_over, relay_sealer
+from .ribfeed import FeedOut
+from .streams import StreamReset, TunnelStream
+from .tunnel import SEALED_CAP, ResetCode
 
 if TYPE_CHECKING:
     from .config import Config
@@ -34,11 +45,15 @@ class Daemon(Protocol):
     config: Config
     stats: collections.Counter[str]
     metrics: Any  # its requests counter takes the workers' counts
-    dataplane: Any  # its users' ports, as the workers' listeners bound them
+    dataplane: Any  # its users' ports, as the workers' listeners bound them; transit for the workers' streams
+    core: Any  # the gateway core: its RIB and sessions, fed to the workers
+    tunnel_bytes: Any  # streams.BufferAccount of every tunnel's buffered bytes
+    nursery: trio.Nursery | None
 
 log = logging.getLogger("cpnd.workers")
 
 RESPAWN_PAUSE_S = 1.0  # a worker that dies within this of its start is restarted only after it (a crash loop)
+FEED_POLL_S = 0.25  # a worker hears of a session up or down at most this late (route changes: at once)
 BACKLOG = 1024
 
 
@@ -76,6 +91,10 @@ class Workers:
         self.stopping = False
         self._running = 0
         self._done = trio.Event()
+        self.channels: dict[int, Channel] = {}  # with peers: each live worker's channel, by slot
+        self._rib_event = trio.Event()  # set (and replaced) when the Loc-RIB changed: the feeds wake
+        self._feeds: dict[int, FeedOut] = {}
+        self._rr = itertools.count()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the listeners, start the workers; return once all have ended after ``stop``."""
@@ -133,23 +152,34 @@ class Workers:
         """Run one process in ``st`` until it ends, reading its reports."""
         fds = {tls: socks[st.index].fileno() for tls, socks in self.socks.items()}
         r, w = os.pipe()
+        ours, theirs = socket.socketpair() if self.d.config.peers else (None, None)
         try:
             argv = [sys.executable, "-m", "cpnd.worker", str(self.d.config.source), str(st.index), str(self.n),
-                    str(fds.get(False, -1)), str(fds.get(True, -1)), str(w), "1" if st.restarts else "0"]
-            proc = await trio.lowlevel.open_process(argv, pass_fds=(*fds.values(), w))
+                    str(fds.get(False, -1)), str(fds.get(True, -1)), str(w), "1" if st.restarts else "0",
+                    str(theirs.fileno() if theirs is not None else -1)]
+            extra = (theirs.fileno(),) if theirs is not None else ()
+            proc = await trio.lowlevel.open_process(argv, pass_fds=(*fds.values(), w, *extra))
         except BaseException:
             os.close(r)
+            if ours is not None:
+                ours.close()
             raise
         finally:
             os.close(w)
+            if theirs is not None:
+                theirs.close()
         self.procs[st.index] = proc
         st.started(proc.pid, trio.current_time())
         if self.stopping:
             proc.send_signal(signal.SIGTERM)
         try:
-            async with trio.lowlevel.FdStream(r) as reports:
-                await self._read(st, reports)
-            await proc.wait()
+            async with trio.open_nursery() as nursery:
+                if ours is not None:
+                    nursery.start_soon(self._run_channel, st, ours)
+                async with trio.lowlevel.FdStream(r) as reports:
+                    await self._read(st, reports)
+                await proc.wait()
+                nursery.cancel_scope.cancel()
         finally:
             if proc.returncode is None:  # we are cancelled: the daemon is going down
                 proc.kill()
@@ -157,6 +187,101 @@ class Workers:
                     await proc.wait()
             del self.procs[st.index]
             st.ended()
+
+    # ---- with peers: the channels
+
+    async def _run_channel(self, st: WorkerState, sock: socket.socket) -> None:
+        """The control's end of one worker's channel: its streams relayed as a transit's, the RIB fed to it."""
+        g = self.d.config.gateway
+        ch = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), f"worker{st.index}", initiator=False,
+                     on_open=self.d.dataplane.on_stream, limits=session_config(self.d.config).tunnel,
+                     max_buffer=g.max_peer_send_buffer, account=self.d.tunnel_bytes)
+        rib = self.d.core.rib
+        if rib.opener is not None:
+            ch.mux.sealer = relay_sealer(self.d.id, rib.opener)
+        self.channels[st.index] = ch
+        self._feeds[st.index] = FeedOut()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._feed, ch, self._feeds[st.index])
+                await ch.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.channels.pop(st.index, None)
+            self._feeds.pop(st.index, None)
+
+    def rib_changed(self, keys: set[Any], now: float) -> None:
+        """The core's Loc-RIB changed (``Gateway.observe``): every worker is told, as it reads."""
+        for feed in self._feeds.values():
+            feed.mark(keys)
+        event, self._rib_event = self._rib_event, trio.Event()
+        event.set()
+
+    def peers(self) -> dict[str, bool]:
+        """The peers with an established session, and whether it takes sealed streams."""
+        out = {}
+        for pid in self.d.core.peers:
+            link = self.d.core.established_link(pid)
+            if link is not None:
+                out[pid] = SEALED_CAP in link.session.agreed_caps
+        return out
+
+    async def _feed(self, ch: Channel, feed: FeedOut) -> None:
+        """Send the worker the Loc-RIB (a snapshot, then what changed) as fast as it reads, never
+        more than LOW_WATER queued: the backlog is the set of changed keys, bounded by the RIB."""
+        rib = self.d.core.rib
+        while not ch.done.is_set():
+            while (data := feed.take(rib, self.peers(), trio.current_time())) is not None:
+                ch.send_rib(data)
+                while ch.queued > LOW_WATER and not ch.done.is_set():
+                    ch.drained = trio.Event()
+                    await ch.drained.wait()
+            with trio.move_on_after(FEED_POLL_S):
+                await self._rib_event.wait()
+
+    def on_peer_stream(self, stream: TunnelStream) -> None:
+        """A peer's stream (the daemon's muxes call this): for one of our instances, handed to a
+        worker (its share of the instance's bounds admits it); anything else as without workers."""
+        ext = stream.ext
+        live = [i for i, ch in self.channels.items() if not ch.done.is_set()]
+        if self.stopping or ext is None or ext.origin != self.d.id or not live or self.d.nursery is None:
+            self.d.dataplane.on_stream(stream)
+            return
+        slot = self._pick(live, ext.instance)
+        self.d.nursery.start_soon(self._hand, stream, self.channels[slot])
+
+    def _pick(self, live: list[int], iid: str) -> int:
+        """The worker that admitted the fewest requests to ``iid`` in its last reported second (in turn when even)."""
+        start = next(self._rr)
+        order = [live[(start + k) % len(live)] for k in range(len(live))]
+
+        def admitted(i: int) -> int:
+            r = self.slots[i].report
+            return r.loads[iid].arrivals if r is not None and iid in r.loads else 0
+
+        return min(order, key=admitted)
+
+    async def _hand(self, stream: TunnelStream, ch: Channel) -> None:
+        plane = self.d.dataplane.plane
+        plane.begin()
+        try:
+            ext = stream.ext
+            assert ext is not None
+            try:
+                out = ch.mux.open(attrs.evolve(ext, eph=None))  # a sealed one was opened here (Mux.sealer)
+            except StreamReset as exc:
+                stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
+                             False, exc.text)
+                return
+            self.d.stats["handed_to_workers"] += 1
+            await hand_over(stream, out, self.d.dataplane.limits.body_idle_timeout_s)
+        except Exception:  # a bug must cost one request, never the daemon
+            log.exception("%s: handing a stream to %s failed", self.d.id, ch.name)
+            stream.reset(ResetCode.INTERNAL, True, "internal error")
+        finally:
+            if not stream.closed:
+                stream.reset(ResetCode.CANCEL, True, f"{self.d.id} is done with the stream")
+            plane.end()
 
     async def _read(self, st: WorkerState, reports: trio.lowlevel.FdStream) -> None:
         unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPORT_BYTES, strict_map_key=False)

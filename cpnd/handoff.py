@@ -1,0 +1,196 @@
+"""Both ends of the channel between the control process and one worker (cpnd/ribfeed.py has its
+framing and the RIB feed): tunnel streams handed over both ways, and the Loc-RIB fed to the worker.
+
+A worker's request for a peer's instance goes as a tunnel stream on this channel to the control
+process, which relays it onto its session with the next hop as a transit does (cpnd/transit.py);
+a peer's stream for one of our instances goes the other way, from the control process to a worker,
+which calls the instance within its share of the instance's bounds (cpnd/fleet.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+
+import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from .aio import open_nursery
+from .origin import Validation
+from .rib import Rib
+from .ribfeed import TUNNEL, ChannelError, Deframer, encode
+from .seal import Opener, StreamSealer
+from .streams import BufferAccount, Mux, StreamReset, TunnelStream
+from .tunnel import ExtHeader, ResetCode, TunnelLimits, mux_settings
+
+log = logging.getLogger("cpnd.workers")
+
+RECEIVE_CHUNK = 256 * 1024
+HIGH_WATER = 1024 * 1024  # streams wait (wait_writable) while this much is queued
+LOW_WATER = 256 * 1024  # the RIB feed sends only below this: routes never crowd out requests
+
+
+class Channel:
+    """One end of a worker's channel: a ``streams.Mux`` runs on it as on a peer connection."""
+
+    def __init__(self, stream: trio.SocketStream, name: str, *, initiator: bool, on_open: Callable[[TunnelStream], None],
+                 limits: TunnelLimits, max_buffer: int, account: BufferAccount | None = None,
+                 on_rib: Callable[[bytes], None] | None = None) -> None:
+        self.stream = stream
+        self.name = name
+        self.max_buffer = max_buffer
+        self.on_rib = on_rib
+        # Both ends run from one config: the same windows both ways, large frames, timed LOAD.
+        self.mux = Mux(self, name, initiator, on_open, mux_settings(limits, limits, True, timed_load=True), account)
+        self.done = trio.Event()
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_bytes = 0
+        self._out_ready = trio.Event()
+        self._writable = trio.Event()
+        self.drained = trio.Event()  # set whenever the queue is below LOW_WATER
+
+    # ---- what the Mux calls (streams.Connection)
+
+    def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
+        self._enqueue(encode(TUNNEL, frame))
+
+    async def wait_writable(self) -> None:
+        while self._out_bytes > HIGH_WATER and not self.done.is_set():
+            self._writable = trio.Event()
+            await self._writable.wait()
+
+    def send_rib(self, data: bytes) -> None:
+        self._enqueue(data)
+
+    @property
+    def queued(self) -> int:
+        return self._out_bytes
+
+    def _enqueue(self, data: bytes) -> None:
+        if self.done.is_set():
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._out_ready.set()
+        if self._out_bytes > self.max_buffer:
+            self.close(f"{self._out_bytes} bytes queued: the other end does not read")
+
+    def close(self, why: str) -> None:
+        if not self.done.is_set():
+            log.warning("channel %s closed: %s", self.name, why)
+            self.mux.fail_all(why)
+            self.done.set()
+            self._writable.set()
+            self._out_ready.set()
+
+    # ---- the shell
+
+    async def run(self) -> None:
+        """Read and write until either end closes; then every stream on it is failed."""
+        try:
+            async with open_nursery() as nursery:
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                await self.done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.close("ended")
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+
+    async def _reader(self) -> None:
+        frames = Deframer()
+        while True:
+            try:
+                data = await self.stream.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self.close("the other end is gone")
+                return
+            try:
+                for kind, payload in frames.feed(data):
+                    if kind == TUNNEL:
+                        self.mux.handle(payload)
+                    elif self.on_rib is not None:
+                        self.on_rib(payload)
+                    else:
+                        raise ChannelError("a RIB message towards the control process")
+            except Exception as exc:  # noqa: BLE001 - ours on both ends: a bug, which costs this channel only
+                log.exception("channel %s: bad input", self.name)
+                self.close(f"bad input: {exc}")
+                return
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._out:
+                self.drained.set()
+                self._out_ready = trio.Event()
+                await self._out_ready.wait()
+                if self.done.is_set():
+                    return
+            data = b"".join(self._out)
+            self._out.clear()
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self.close("the other end is gone")
+                return
+            self._out_bytes -= len(data)
+            if self._out_bytes <= LOW_WATER:
+                self._writable.set()
+                self.drained.set()
+
+
+def worker_sealer(local_id: str, rib: Rib, peers: Callable[[], dict[str, bool]], seal: bool) -> StreamSealer:
+    """How a worker seals the streams it sends through the control process (tunnel.md, "Sealed
+    streams"): as the control process would on the session with the route's next hop."""
+
+    def key_for(ext: ExtHeader) -> bytes | None:
+        key = rib.lookup_target(ext.label, ext.origin, ext.instance)
+        best = rib.loc.get(key) if key is not None else None
+        if best is None or best.route.peer is None or best.route.peer == ext.origin:
+            return None  # no transit between the control process and the origin: the session's encryption is enough
+        if not peers().get(best.route.peer) or best.route.validation is not Validation.VALID:
+            return None  # that session does not take sealed streams; a key we did not verify
+        return best.fresh.seal_key
+
+    # The opener is never used: sealed streams for our instances are opened by the control process.
+    return StreamSealer(local_id, Opener(X25519PrivateKey.generate()), key_for, seal_outbound=seal, counters=rib.counters)
+
+
+def relay_sealer(local_id: str, opener: Opener) -> StreamSealer:
+    """The control's side: sealed streams from a worker are relayed as they come, never opened here."""
+    return StreamSealer(local_id, opener, lambda ext: None, seal_outbound=False)
+
+
+async def hand_over(inbound: TunnelStream, outbound: TunnelStream, idle_s: float) -> None:
+    """Relay one stream from a peer to a worker (control process): bytes both ways, RESETs passed on,
+    the worker's LOAD frames passed back; neither side moving for ``idle_s`` ends it."""
+    outbound.relay_to = inbound
+    async with open_nursery() as nursery:
+        nursery.cancel_scope.deadline = trio.current_time() + idle_s
+        nursery.start_soon(_pump, inbound, outbound, nursery.cancel_scope, idle_s)
+        nursery.start_soon(_pump, outbound, inbound, nursery.cancel_scope, idle_s)
+    for end in (inbound, outbound):
+        if not end.closed:
+            end.reset(ResetCode.CANCEL, True, f"hand-over idle for {idle_s:g} s")
+
+
+async def _pump(src: TunnelStream, dst: TunnelStream, scope: trio.CancelScope, idle_s: float) -> None:
+    try:
+        while True:
+            data = await src.receive()
+            if not data:
+                await dst.send(b"", end=True)
+                return
+            await dst.send(data)
+            now = trio.current_time()
+            if scope.deadline - now < idle_s - 1.0:
+                scope.deadline = now + idle_s
+    except StreamReset as exc:
+        code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
+        for end in (src, dst):
+            end.reset(code, exc.delivered, exc.text)
+        scope.cancel()

@@ -1,0 +1,141 @@
+"""``[gateway] workers = 2`` on gateways with peers, real processes: the ingress's workers reach a
+peer's instance through the control process's session (both workers serve), routes learnt and withdrawn
+after the workers started reach them (200, then 404 as one process answers), a worker killed with
+SIGKILL leaves the other's tunnelled requests going, and the egress's workers take the peer's streams
+for its instances within their shares."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+
+import attrs
+import pytest
+
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
+
+from test_workers import connect, raw_get
+
+FAST = {"health_interval_ms": 0, "workers": 2, "connect_retry_min_ms": 100}
+
+
+def workers(lab: Lab, gw: str) -> list[dict]:
+    return lab.query(gw, "status")["workers"]
+
+
+@pytest.fixture(params=[1, 2], ids=["egress-1-worker", "egress-2-workers"])
+def pair(request, tmp_path):
+    """Gateways a (workers = 2, users) and b (workers = 1 or 2) peered; b serves /remote (r1)."""
+    insts = InstanceProcs()
+    for iid in ("r1", "r2"):
+        insts.start(iid)
+    late = Instance("r2", "b", "/late", capacity=1e6)  # in b's certificate, left out of its config until a test adds it
+    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), FAST)
+    specs = write_lab(attrs.evolve(topo, instances=(*topo.instances, late)), tmp_path,
+                      instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    conf = specs["b"].config
+    text = conf.read_text()
+    if request.param == 1:
+        text = text.replace("workers = 2", "workers = 1")
+    with_late, without = text, text[:text.index('[[services]]\npath = "/late"')]
+    conf.write_text(without)
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        for gw in ("a", "b") if request.param == 2 else ("a",):
+            lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in workers(lab, gw)), 30, f"{gw}'s workers")
+        yield lab, specs, (with_late, without), request.param
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
+def users_on_both_workers(lab: Lab, addr: str, path: str) -> list[socket.socket]:
+    """Keep-alive users, each with one request answered, until both of a's workers hold some."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(40):
+            s = connect(addr)
+            socks.append(s)
+            assert raw_get(s, path) == 200
+            if len(socks) >= 4:
+                lab.wait_for(lambda: sum(w["http_clients"] for w in workers(lab, "a")) == len(socks), 10, "reports")
+                if all(w["http_clients"] for w in workers(lab, "a")):
+                    return socks
+        raise AssertionError("the kernel put every connection on one worker")
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def test_every_worker_reaches_the_peers_instance(pair) -> None:
+    lab, specs, _, egress_workers = pair
+    socks = users_on_both_workers(lab, specs["a"].http, "/remote")
+    try:
+        for _ in range(5):
+            for s in socks:
+                assert raw_get(s, "/remote") == 200
+        lab.wait_for(lambda: all(w["requests"] >= 2 for w in workers(lab, "a")), 10, "both workers' counts")
+        lab.wait_for(lambda: lab.query("a", "status")["http"]["requests"] == 6 * len(socks), 10,
+                     "the workers' counts added up")
+        if egress_workers == 2:  # b's control process handed every stream to its workers
+            b = lab.query("b", "status")
+            assert b["stats"]["handed_to_workers"] >= 6 * len(socks)
+            lab.wait_for(lambda: lab.query("b", "status")["http"]["handed_streams"] == b["stats"]["handed_to_workers"],
+                         10, "b's workers' counts")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_routes_learnt_and_withdrawn_after_the_workers_started(pair) -> None:
+    lab, specs, (with_late, without), _ = pair
+    socks = users_on_both_workers(lab, specs["a"].http, "/remote")
+    try:
+        for s in socks:
+            assert raw_get(s, "/late") == 404
+        conf = specs["b"].config
+        conf.write_text(with_late)
+        lab.query("b", "reload")
+        lab.wait_for(lambda: any(r["service"] == "/late" for r in lab.routes("a")), 10, "a learns /late")
+        lab.wait_for(lambda: all(raw_get(s, "/late") == 200 for s in socks), 10, "every worker serves /late")
+        conf.write_text(without)
+        lab.query("b", "reload")
+        lab.wait_for(lambda: not any(r["service"] == "/late" for r in lab.routes("a")), 10, "a forgets /late")
+        lab.wait_for(lambda: all(raw_get(s, "/late") == 404 for s in socks), 10, "every worker forgets /late")
+        assert all(raw_get(s, "/remote") == 200 for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_killed_worker_leaves_the_others_tunnelled_requests_going(pair) -> None:
+    lab, specs, _, _ = pair
+    addr = specs["a"].http
+    socks = users_on_both_workers(lab, addr, "/remote")
+    try:
+        before = workers(lab, "a")
+        os.kill(before[0]["pid"], signal.SIGKILL)
+        answered = 0
+        for s in socks:
+            try:
+                assert raw_get(s, "/remote") == 200
+                answered += 1
+            except (ConnectionError, OSError):
+                pass
+        assert answered == before[1]["http_clients"]  # the other worker's users, every one of them
+        lab.wait_for(lambda: (w := workers(lab, "a")[0])["alive"] and w["pid"] != before[0]["pid"]
+                     and w["report_age_ms"] is not None, 15, "worker 0 restarted")
+        # The replacement is fed the RIB again: new users on either worker reach the peer.
+        lab.wait_for(lambda: all(_get(addr, "/remote") == 200 for _ in range(10)), 15, "both workers serve /remote")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _get(addr: str, path: str) -> int:
+    with connect(addr) as s:
+        return raw_get(s, path)
