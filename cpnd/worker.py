@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from .channelio import ChannelIO
 from .clients import ClientTable
 from .config import Config, load_config
 from .dataplane import DataPlane, HttpLimits
@@ -65,6 +66,7 @@ class WorkerGateway:
         self.metrics = _Counts()
         self.clients = ClientTable.from_config(self.config)
         self.mirror = Mirror()
+        self.data_channels = ChannelIO(self.config, self.rib) if config.peers else None
         self._synced = trio.Event()
         self.channel: Channel | None = None
         g = self.config.gateway
@@ -75,12 +77,24 @@ class WorkerGateway:
         ))
 
     def established_conn(self, peer: str) -> Any:
-        """The channel to the control process, which relays to ``peer`` while its session is up."""
+        """Our data channel to ``peer``, else the channel to the control process, which relays to
+        ``peer`` while its session is up."""
+        if peer not in self.mirror.peers:
+            return None
+        direct = self.data_channels.conn(peer) if self.data_channels is not None else None
+        if direct is not None:
+            self.dataplane.stats["streams_on_data_channels"] += 1
+            return direct
         ch = self.channel
-        return ch if ch is not None and peer in self.mirror.peers and not ch.done.is_set() else None
+        if ch is None or ch.done.is_set():
+            return None
+        self.dataplane.stats["streams_via_control"] += 1
+        return ch
 
     def _on_rib(self, payload: bytes) -> None:
         self.mirror.apply(self.rib, payload, trio.current_time())
+        if self.data_channels is not None:
+            self.data_channels.want(self.mirror.peers)
         if self.mirror.synced:
             self._synced.set()
 
@@ -113,7 +127,10 @@ class WorkerGateway:
         for iid, m in dp.meters.items():
             m.expire(now)
             loads[iid] = InstanceLoad(m.arrivals.count(now), m.bounded.count(now), m.inflight, m.base_us)
-        return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=dict(dp.stats),
+        stats = dict(dp.stats)
+        if self.data_channels is not None:  # data channels established since the worker started
+            stats["data_channels_up"] = self.data_channels.core.stats["data_channels_up"]
+        return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=stats,
                       requests=dict(self.metrics.requests), loads=loads)
 
     async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool, channel_fd: int = -1) -> None:
@@ -127,6 +144,8 @@ class WorkerGateway:
             self.set_local()
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
+                if self.data_channels is not None:
+                    nursery.start_soon(self.data_channels.run)
                 if channel_fd >= 0:  # users are served once the RIB snapshot is in (bounded: a wedged control)
                     nursery.start_soon(self._channel, channel_fd)
                     with trio.move_on_after(SNAPSHOT_WAIT_S):

@@ -6,17 +6,21 @@ for its instances within their shares."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
+import time
 
 import attrs
 import pytest
 
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 
-from test_workers import connect, raw_get
+from test_workers import connect, raw_get, read_status
 
+CAPACITY = 20  # /capped's instance at b: 10 a second per worker when b has two
+BURST = 80
 FAST = {"health_interval_ms": 0, "workers": 2, "connect_retry_min_ms": 100}
 
 
@@ -28,10 +32,11 @@ def workers(lab: Lab, gw: str) -> list[dict]:
 def pair(request, tmp_path):
     """Gateways a (workers = 2, users) and b (workers = 1 or 2) peered; b serves /remote (r1)."""
     insts = InstanceProcs()
-    for iid in ("r1", "r2"):
+    for iid in ("r1", "r2", "rc"):
         insts.start(iid)
     late = Instance("r2", "b", "/late", capacity=1e6)  # in b's certificate, left out of its config until a test adds it
-    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), FAST)
+    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),
+                                                     Instance("rc", "b", "/capped", capacity=CAPACITY)), FAST)
     specs = write_lab(attrs.evolve(topo, instances=(*topo.instances, late)), tmp_path,
                       instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
     conf = specs["b"].config
@@ -73,6 +78,8 @@ def users_on_both_workers(lab: Lab, addr: str, path: str) -> list[socket.socket]
 
 def test_every_worker_reaches_the_peers_instance(pair) -> None:
     lab, specs, _, egress_workers = pair
+    # Each of a's workers dials its own data channel to b beside the control process's session.
+    lab.wait_for(lambda: lab.query("a", "status")["http"].get("data_channels_up", 0) >= 2, 15, "a's data channels")
     socks = users_on_both_workers(lab, specs["a"].http, "/remote")
     try:
         for _ in range(5):
@@ -81,6 +88,9 @@ def test_every_worker_reaches_the_peers_instance(pair) -> None:
         lab.wait_for(lambda: all(w["requests"] >= 2 for w in workers(lab, "a")), 10, "both workers' counts")
         lab.wait_for(lambda: lab.query("a", "status")["http"]["requests"] == 6 * len(socks), 10,
                      "the workers' counts added up")
+        http = lab.query("a", "status")["http"]
+        assert http["streams_on_data_channels"] == 6 * len(socks) and "streams_via_control" not in http
+        assert lab.query("b", "show-peers")[0]["state"] == "established" and lab.query("b", "status")["stats"]["data_channels"] == 2
         if egress_workers == 2:  # b's control process handed every stream to its workers
             b = lab.query("b", "status")
             assert b["stats"]["handed_to_workers"] >= 6 * len(socks)
@@ -134,6 +144,26 @@ def test_a_killed_worker_leaves_the_others_tunnelled_requests_going(pair) -> Non
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_remote_instances_capacity_holds_across_both_sides_workers(pair) -> None:
+    """A burst from a's two workers to b's instance (capacity 20): whichever of b's processes admits
+    them (b's control process hands every peer stream to a worker, each with its share), no more than
+    20 get in per started second."""
+    lab, specs, _, egress_workers = pair
+    socks = [connect(specs["a"].http) for _ in range(BURST)]
+    try:
+        t0 = time.monotonic()
+        for s in socks:  # every request sent before any is answered
+            s.sendall(b"GET /capped HTTP/1.1\r\nHost: a\r\n\r\n")
+        codes = [read_status(s) for s in socks]
+        took = time.monotonic() - t0
+    finally:
+        for s in socks:
+            s.close()
+    ok = codes.count(200)
+    assert 0 < ok <= CAPACITY * math.ceil(took), (ok, took, egress_workers)
+    assert ok + codes.count(503) == BURST
 
 
 def _get(addr: str, path: str) -> int:
