@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -17,6 +19,7 @@ from .config import Config
 from .daemon import Connection
 from .gateway import Dial, Link, LinkDown, LinkUp, TunnelData
 from .errors import ProtocolError
+from .fleet import int_share
 from .policy import stream_sealer
 from .rib import Rib
 from .streams import BufferAccount, Mux, TunnelStream
@@ -34,8 +37,13 @@ def _refuse(stream: TunnelStream) -> None:
 class ChannelIO:
     """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``pump``), for data channels."""
 
-    def __init__(self, config: Config, rib: Rib) -> None:
-        self.core = DataChannels(config)
+    def __init__(self, config: Config, rib: Rib, *, n: int = 1,
+                 on_stream: Callable[[TunnelStream], None] | None = None) -> None:
+        g = config.gateway
+        # This worker's share of what a peer may open here (session.md, "Data channels"), as with every bound.
+        self.core = DataChannels(config, inbound_limit=int_share(g.max_data_channels_per_peer, n),
+                                 pending_limit=int_share(g.max_preauth_connections, n))
+        self.on_stream = on_stream or _refuse  # streams a peer opens on its data channel to us
         self.config = config
         self.rib = rib
         self.conns: dict[Link, Connection] = {}
@@ -56,6 +64,20 @@ class ChannelIO:
         link = self.core.up(peer)
         conn = self.conns.get(link) if link is not None else None
         return conn if conn is not None and conn.mux is not None and not conn._done.is_set() else None
+
+    def accept(self, sock: socket.socket) -> None:
+        """A peer's data channel the control process handed us (its HELLO still unread): run it."""
+        assert self.nursery is not None
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        try:
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            sock.close()
+            return
+        link = self.core.accept(f"{host}:{port}", trio.current_time())
+        conn = self.conns[link] = Connection(self, stream, link)  # type: ignore[arg-type]
+        self.nursery.start_soon(self._run, conn, link.remote)
+        self.pump()
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -114,7 +136,9 @@ class ChannelIO:
                 assert ours is not None
                 settings = mux_settings(ours, s.peer_tunnel, LARGE_DATA_CAP in s.agreed_caps,
                                         timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
-                conn.mux = Mux(conn, s.peer_id, True, _refuse, settings, self.tunnel_bytes)
+                # Ours carry our streams only; a peer's carry its streams, served here as the control process would.
+                on_open = _refuse if event.link.initiated else self.on_stream
+                conn.mux = Mux(conn, s.peer_id, event.link.initiated, on_open, settings, self.tunnel_bytes)
                 conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, s.peer_id)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
@@ -139,10 +163,13 @@ class ChannelIO:
             return
         conn = self.conns[link] = Connection(self, stream, link)  # type: ignore[arg-type]
         self.pump()
+        await self._run(conn, dial.peer_id)
+
+    async def _run(self, conn: Connection, who: str) -> None:
         try:
             await conn.run()
         except Exception:  # a bug must cost this channel, never the worker
-            log.exception("%s: data channel to %s failed", self.core.id, dial.peer_id)
+            log.exception("%s: data channel with %s failed", self.core.id, who)
 
     def _connection_gone(self, conn: Connection) -> None:
         self.conns.pop(conn.link, None)

@@ -1,6 +1,8 @@
 """A worker's data channels (sans-IO): one data-only session to each peer whose session the
 control process has established (protocol-spec/session.md, "Data channels"), so that the worker's
-tunnel streams go to the peer directly, not through the control process.
+tunnel streams go to the peer directly, not through the control process; and the peers' data
+channels the control process handed to this worker (their connection's socket, before the
+handshake), which it accepts as the responder.
 
 The same face as the gateway core for daemon.Connection (``receive_data``, ``send_tunnel``,
 ``close``, ``data_to_send``, events ``Dial``/``LinkUp``/``TunnelData``/``LinkDown``), without routes:
@@ -20,7 +22,18 @@ from .config import Config, PeerConfig
 from .crypto import Role
 from .errors import CeaseSub, Code, FsmSub
 from .gateway import Dial, Event, Link, LinkDown, LinkUp, TunnelData, session_config
-from .session import TUNNEL_CAP, Backoff, Closed, Established, Session, SessionConfig, State, TunnelFrame, UpdateReceived
+from .session import (
+    TUNNEL_CAP,
+    Authenticated,
+    Backoff,
+    Closed,
+    Established,
+    Session,
+    SessionConfig,
+    State,
+    TunnelFrame,
+    UpdateReceived,
+)
 from .tunnel import LARGE_DATA_CAP, SEALED_CAP
 from .wire import GATEWAY_TIME_CAP
 
@@ -40,6 +53,7 @@ class ChannelPeer:
     dial_at: float | None = None
     dialling: bool = False
     refused: int = 0  # channels it refused (an older gateway, its limit): the worker relays meanwhile
+    inbound: dict[Link, None] = attrs.field(factory=dict)  # its data channels handed to us, authenticated
 
 
 def channel_session_config(config: Config) -> SessionConfig:
@@ -49,7 +63,8 @@ def channel_session_config(config: Config) -> SessionConfig:
 class DataChannels:
     """Data channels to the peers the control process has a session with (``want``), redialled with backoff."""
 
-    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+    def __init__(self, config: Config, rng: random.Random | None = None, *, inbound_limit: int = 1,
+                 pending_limit: int = 16) -> None:
         g = config.gateway
         self.config = config
         self.id = g.id
@@ -60,6 +75,9 @@ class DataChannels:
                                                     rng=random.Random(rng.getrandbits(64)))) for p in config.peers}
         self.wanted: set[str] = set()
         self.links: dict[Link, None] = {}
+        self.inbound_limit = inbound_limit  # per peer: this worker's share of max_data_channels_per_peer
+        self.pending_limit = pending_limit  # handed to us and still in their handshake
+        self.pending: dict[Link, None] = {}
         self.stats: collections.Counter[str] = collections.Counter()
         self.timer_dirty = True
         self._events: collections.deque[Event] = collections.deque()
@@ -77,6 +95,8 @@ class DataChannels:
                 cp.dial_at = None
                 if cp.link is not None and cp.link.session.state is not State.CLOSED:
                     self.close(cp.link, Code.CEASE, CeaseSub.ADMIN_RESET, "the session it went beside has ended")
+                for link in list(cp.inbound):
+                    self.close(link, Code.CEASE, CeaseSub.CONNECTION_REJECTED, "its session ended")
             elif cp.link is None and cp.dial_at is None and not cp.dialling:
                 cp.dial_at = now
                 self.timer_dirty = True
@@ -123,6 +143,21 @@ class DataChannels:
         self._process(link)
         return link
 
+    def accept(self, remote: str, now: float) -> Link:
+        """A peer's connection the control process handed us (its HELLO said `dc`): we are the responder."""
+        self._now = now
+        session = Session(Role.RESPONDER, self.id, self.config.key, self.peer_keys, now, config=self.session_config)
+        link = Link(session, initiated=False, remote=remote)
+        self.links[link] = None
+        self.pending[link] = None
+        self.timer_dirty = True
+        if len(self.pending) > self.pending_limit:  # the oldest still in its handshake makes room
+            oldest = next(iter(self.pending))
+            self.stats["data_channels_pending_evicted"] += 1
+            self.close(oldest, Code.CEASE, CeaseSub.CONNECTION_REJECTED, "too many handshakes in progress")
+        self._process(link)
+        return link
+
     def dial_failed(self, peer_id: str, error: str, now: float) -> None:
         self._now = now
         cp = self.peers[peer_id]
@@ -158,7 +193,10 @@ class DataChannels:
             self._process(link)
         self.links.pop(link, None)
         self._sending.pop(link, None)
+        self.pending.pop(link, None)
         cp = link.peer
+        if isinstance(cp, ChannelPeer):
+            cp.inbound.pop(link, None)
         if isinstance(cp, ChannelPeer) and cp.link is link:
             cp.link = None
             if cp.config.id in self.wanted:
@@ -188,9 +226,12 @@ class DataChannels:
         while (event := s.next_event()) is not None:
             if isinstance(event, TunnelFrame):
                 self._events.append(TunnelData(link, event.payload))
+            elif isinstance(event, Authenticated):
+                self._authenticated(link, event)
             elif isinstance(event, Established):
-                self.stats["data_channels_up"] += 1
-                link.peer.backoff.reset()  # type: ignore[union-attr]
+                self.stats["data_channels_up" if link.initiated else "data_channels_in"] += 1
+                if link.initiated:
+                    link.peer.backoff.reset()  # type: ignore[union-attr]
                 self._events.append(LinkUp(link))
                 self.timer_dirty = True
             elif isinstance(event, UpdateReceived):
@@ -200,10 +241,30 @@ class DataChannels:
         if s.has_data_to_send():
             self._sending[link] = None
 
+    def _authenticated(self, link: Link, event: Authenticated) -> None:
+        """A handed connection authenticated: a data channel of a peer whose session the control
+        process holds, within this worker's share of the peer's limit (session.md, "Data channels")."""
+        self.pending.pop(link, None)
+        cp = self.peers.get(event.peer_id)
+        if cp is None or link.initiated:
+            return
+        link.peer = cp  # type: ignore[assignment]
+        if not link.session.data_channel:  # the control process saw `dc`, the signed transcript did not
+            self.close(link, Code.CEASE, CeaseSub.CONNECTION_REJECTED, "not a data channel")
+        elif event.peer_id not in self.wanted:
+            self.close(link, Code.CEASE, CeaseSub.CONNECTION_REJECTED, "a data channel needs an established session")
+        elif len(cp.inbound) >= self.inbound_limit:
+            self.stats["data_channels_refused"] += 1
+            self.close(link, Code.CEASE, CeaseSub.CONNECTION_REJECTED, f"at most {self.inbound_limit} data channels here")
+        else:
+            cp.inbound[link] = None
+
     def _closed(self, link: Link, event: Closed) -> None:
         self._events.append(LinkDown(link, event))
         self.timer_dirty = True
-        if link.established or link.session.established_at is not None:
+        if not link.initiated:
+            log.debug("%s: a data channel from %s ended: %s", self.id, link.session.peer_id or link.remote, event.describe())
+        elif link.established or link.session.established_at is not None:
             log.info("%s: data channel to %s down: %s", self.id, link.session.peer_id, event.describe())
         else:
             self.stats["data_channels_refused"] += 1

@@ -519,8 +519,11 @@ class Daemon:
         link = self.core.established_link(peer_id)
         return self.conns.get(link) if link is not None else None
 
-    def _accept(self, nursery: trio.Nursery, stream: trio.SocketStream) -> None:
+    def _accept(self, nursery: trio.Nursery, stream: trio.SocketStream, *, sorted_out: bool = False) -> None:
         """A pre-auth slot for an inbound connection (the oldest pending one's, if need be), and its task."""
+        if not sorted_out and self.workers is not None and self.workers.fd_socks:  # workers: a peer's data channel?
+            nursery.start_soon(self.workers.sort_out, stream, functools.partial(self._accept, nursery, sorted_out=True))
+            return
         try:
             source = stream.socket.getpeername()[0]
         except OSError:

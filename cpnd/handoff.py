@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import socket
 from collections.abc import Callable
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .aio import open_nursery
+from .errors import ProtocolError
 from .origin import Validation
 from .rib import Rib
 from .ribfeed import TUNNEL, ChannelError, Deframer, encode
 from .seal import Opener, StreamSealer
 from .streams import BufferAccount, Mux, StreamReset, TunnelStream
 from .tunnel import ExtHeader, ResetCode, TunnelLimits, mux_settings
+from .wire import MAX_HANDSHAKE_BODY, Hello, decode_handshake
 
 log = logging.getLogger("cpnd.workers")
 
@@ -141,6 +145,28 @@ class Channel:
             if self._out_bytes <= LOW_WATER:
                 self._writable.set()
                 self.drained.set()
+
+
+def peek_hello(fd: int) -> tuple[Hello | None, bool]:
+    """(the HELLO at the head of a fresh connection, whether the first frame is all there or never
+    will be), by MSG_PEEK: nothing is taken from the socket. (None, False): wait for more."""
+    with socket.socket(fileno=os.dup(fd)) as s:
+        try:
+            data = s.recv(4 + MAX_HANDSHAKE_BODY, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None, False
+        except OSError:
+            return None, True
+    if not data:
+        return None, True  # closed: the daemon's accept sees it
+    length = int.from_bytes(data[:4], "big") if len(data) >= 4 else 0
+    if len(data) < 4 or len(data) < 4 + length:
+        return None, len(data) >= 4 and length > MAX_HANDSHAKE_BODY  # too long for a HELLO: not ours to wait for
+    try:
+        msg = decode_handshake(data[4:4 + length])
+    except ProtocolError:
+        return None, True
+    return (msg if isinstance(msg, Hello) else None), True
 
 
 def worker_sealer(local_id: str, rib: Rib, peers: Callable[[], dict[str, bool]], seal: bool) -> StreamSealer:

@@ -78,14 +78,18 @@ class FeedOut:
     def pending(self, rib: Rib, peers: Mapping[str, bool]) -> bool:
         return self.fresh or bool(self.dirty) or self.meta != (rib.egress_us, rib.transit_us, dict(peers))
 
-    def take(self, rib: Rib, peers: Mapping[str, bool], now: float) -> bytes | None:
+    def take(self, rib: Rib, peers: Mapping[str, bool], now: float, *, xk: bytes | None = None) -> bytes | None:
         """The next feed message (a framed RIB message), or None when the worker is up to date.
-        ``peers``: the peers with an established session, and whether it takes sealed streams."""
+        ``peers``: the peers with an established session, and whether it takes sealed streams;
+        ``xk``: the gateway's sealing private key, sent with the snapshot (a worker that accepts a
+        peer's data channel opens the sealed streams on it: tunnel.md, "Sealed streams")."""
         if not self.pending(rib, peers):
             return None
         if self.fresh:
             self.dirty |= set(rib.loc)
         msg: dict[str, Any] = {"eg": rib.egress_us, "tr": rib.transit_us, "peers": dict(peers), "set": [], "del": []}
+        if self.fresh and xk is not None:
+            msg["xk"] = xk
         self.fresh = False
         self.meta = (rib.egress_us, rib.transit_us, dict(peers))
         for _ in range(min(FEED_BATCH, len(self.dirty))):
@@ -116,6 +120,7 @@ class Mirror:
     peers: dict[str, bool] = attrs.field(factory=dict)  # established peers -> takes sealed streams
     received: int = 0  # entries applied (set and del), for status and tests
     synced: bool = False  # the whole snapshot came (a worker serves users only from then on)
+    xk: bytes | None = None  # the gateway's sealing private key, from the snapshot
 
     def apply(self, rib: Rib, payload: bytes, now: float) -> set[Key]:
         """Apply one feed message to ``rib``; the keys that changed. ChannelError if malformed."""
@@ -123,6 +128,8 @@ class Mirror:
             msg = msgpack.unpackb(payload, raw=False, strict_map_key=False, max_bin_len=MAX_FRAME)
             rib.egress_us, rib.transit_us = int(msg["eg"]), int(msg["tr"])
             self.peers = {str(k): bool(v) for k, v in msg["peers"].items()}
+            if "xk" in msg:
+                self.xk = bytes(msg["xk"])
             changed: set[Key] = set()
             for e in msg["set"]:
                 best = _best(e, now)

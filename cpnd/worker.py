@@ -1,10 +1,11 @@
 """One data-plane worker process (``[gateway] workers = N``): users on the listeners the control
 process hands it, planned over its own RIB of our instances, called with its share of their bounds.
 
-Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD RESTARTED CHANNEL_FD``
-(-1: no such listener, or no channel; RESTARTED 1: it replaces one that died); reports its counts on REPORT_FD every
-fleet.REPORT_INTERVAL_S. With peers, CHANNEL_FD is its channel to the control process (cpnd/handoff.py): the Loc-RIB
-comes in on it, and its streams for peers' instances go out on it. SIGTERM drains it (drain_timeout_ms), SIGHUP re-reads
+Started by cpnd/workers.py as ``python -m cpnd.worker CONFIG INDEX N HTTP_FD HTTPS_FD REPORT_FD RESTARTED CHANNEL_FD
+HANDED_FD`` (-1: no such listener, or no peers; RESTARTED 1: it replaces one that died); reports its counts on REPORT_FD
+every fleet.REPORT_INTERVAL_S. With peers, CHANNEL_FD is its channel to the control process (cpnd/handoff.py): the
+Loc-RIB comes in on it, and streams for peers go out on it until the worker's own data channels to them are up
+(cpnd/channelio.py); on HANDED_FD come the peers' data channels the control process hands it (SCM_RIGHTS). SIGTERM drains it (drain_timeout_ms), SIGHUP re-reads
 the config; it drains and ends too when the control process is gone (its report pipe or channel breaks).
 """
 
@@ -19,6 +20,7 @@ import sys
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .channelio import ChannelIO
 from .clients import ClientTable
@@ -31,6 +33,7 @@ from .handoff import Channel, worker_sealer
 from .names import service_label
 from .rib import Rib
 from .ribfeed import Mirror
+from .seal import Opener
 from .wire import RouteAdv
 
 log = logging.getLogger("cpnd.worker")
@@ -66,7 +69,7 @@ class WorkerGateway:
         self.metrics = _Counts()
         self.clients = ClientTable.from_config(self.config)
         self.mirror = Mirror()
-        self.data_channels = ChannelIO(self.config, self.rib) if config.peers else None
+        self.data_channels = ChannelIO(self.config, self.rib, n=n, on_stream=self._handed) if config.peers else None
         self._synced = trio.Event()
         self.channel: Channel | None = None
         g = self.config.gateway
@@ -93,6 +96,8 @@ class WorkerGateway:
 
     def _on_rib(self, payload: bytes) -> None:
         self.mirror.apply(self.rib, payload, trio.current_time())
+        if self.rib.opener is None and self.mirror.xk is not None:  # peers' sealed streams to our instances
+            self.rib.opener = Opener(X25519PrivateKey.from_private_bytes(self.mirror.xk))
         if self.data_channels is not None:
             self.data_channels.want(self.mirror.peers)
         if self.mirror.synced:
@@ -128,12 +133,14 @@ class WorkerGateway:
             m.expire(now)
             loads[iid] = InstanceLoad(m.arrivals.count(now), m.bounded.count(now), m.inflight, m.base_us)
         stats = dict(dp.stats)
-        if self.data_channels is not None:  # data channels established since the worker started
-            stats["data_channels_up"] = self.data_channels.core.stats["data_channels_up"]
+        if self.data_channels is not None:  # data channels established since the worker started, ours and peers'
+            stats.update(self.data_channels.core.stats)
+        stats.update({k: self.rib.counters[k] for k in ("sealed_streams_out", "sealed_streams_in") if self.rib.counters[k]})
         return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=stats,
                       requests=dict(self.metrics.requests), loads=loads)
 
-    async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool, channel_fd: int = -1) -> None:
+    async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool, channel_fd: int = -1,
+                  handed_fd: int = -1) -> None:
         if restarted:
             hold_predecessors_share(self.dataplane.meters, trio.current_time())
         users = self.dataplane.users
@@ -152,6 +159,8 @@ class WorkerGateway:
                         while not self.mirror.synced:
                             self._synced = trio.Event()
                             await self._synced.wait()
+                if handed_fd >= 0:  # with the snapshot in: the peers' sessions and our sealing key are known
+                    nursery.start_soon(self._take_handed, handed_fd)
                 for tls in list(users.inherited):
                     await nursery.start(functools.partial(self.dataplane.serve, tls=tls))
                 nursery.start_soon(self._report_loop, report)
@@ -177,6 +186,25 @@ class WorkerGateway:
         await ch.run()
         log.warning("%s/worker %d: the channel to the control process is gone: draining", self.id, self.index)
         os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _take_handed(self, fd: int) -> None:
+        """Peers' data channels the control process hands us (SCM_RIGHTS, one descriptor a message)."""
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        with sock:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                try:
+                    msg, fds, _, _ = socket.recv_fds(sock, 16, 4)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    return
+                if not msg and not fds:
+                    return  # the control process is gone (its report pipe says so too)
+                for fd_in in fds:
+                    assert self.data_channels is not None
+                    self.data_channels.accept(socket.socket(fileno=fd_in))
 
     def _handed(self, stream: Any) -> None:
         """A peer's stream for one of our instances, handed over by the control process: served as an egress."""
@@ -208,7 +236,7 @@ class WorkerGateway:
 
 
 def main(argv: list[str]) -> int:
-    path, index, n, http_fd, https_fd, report_fd, restarted, channel_fd = argv
+    path, index, n, http_fd, https_fd, report_fd, restarted, channel_fd, handed_fd = argv
     from .main import set_process_name, setup_logging
 
     set_process_name(b"cpnd-worker")
@@ -219,7 +247,7 @@ def main(argv: list[str]) -> int:
         return 2
     setup_logging(config.gateway.log_level, config.gateway.log_format)
     trio.run(WorkerGateway(config, int(index), int(n)).run, int(http_fd), int(https_fd), int(report_fd),
-             restarted == "1", int(channel_fd))
+             restarted == "1", int(channel_fd), int(handed_fd))
     return 0
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -29,7 +30,7 @@ from .aio import ListenError
 from .config import Address
 from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
 from .gateway import session_config
-from .handoff import LOW_WATER, Channel, hand_over, relay_sealer
+from .handoff import LOW_WATER, Channel, hand_over, peek_hello, relay_sealer
 from .ribfeed import FeedOut
 from .streams import StreamReset, TunnelStream
 from .tunnel import SEALED_CAP, ResetCode
@@ -53,6 +54,7 @@ class Daemon(Protocol):
 log = logging.getLogger("cpnd.workers")
 
 RESPAWN_PAUSE_S = 1.0  # a worker that dies within this of its start is restarted only after it (a crash loop)
+PEEK_S = 0.1  # how long an inbound connection's first frame is waited for before it is accepted as ever
 FEED_POLL_S = 0.25  # a worker hears of a session up or down at most this late (route changes: at once)
 BACKLOG = 1024
 
@@ -92,6 +94,8 @@ class Workers:
         self._running = 0
         self._done = trio.Event()
         self.channels: dict[int, Channel] = {}  # with peers: each live worker's channel, by slot
+        self.fd_socks: dict[int, socket.socket] = {}  # with peers: where peers' data channels go to each worker
+        self._peeking = 0  # inbound connections whose first frame we wait for (sort_out)
         self._rib_event = trio.Event()  # set (and replaced) when the Loc-RIB changed: the feeds wake
         self._feeds: dict[int, FeedOut] = {}
         self._rr = itertools.count()
@@ -153,21 +157,29 @@ class Workers:
         fds = {tls: socks[st.index].fileno() for tls, socks in self.socks.items()}
         r, w = os.pipe()
         ours, theirs = socket.socketpair() if self.d.config.peers else (None, None)
+        # Peers' data channels are handed over on a socket of their own (SCM_RIGHTS), one connection a message.
+        fd_ours, fd_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if self.d.config.peers else (None, None)
         try:
             argv = [sys.executable, "-m", "cpnd.worker", str(self.d.config.source), str(st.index), str(self.n),
                     str(fds.get(False, -1)), str(fds.get(True, -1)), str(w), "1" if st.restarts else "0",
-                    str(theirs.fileno() if theirs is not None else -1)]
-            extra = (theirs.fileno(),) if theirs is not None else ()
+                    str(theirs.fileno() if theirs is not None else -1),
+                    str(fd_theirs.fileno() if fd_theirs is not None else -1)]
+            extra = (theirs.fileno(), fd_theirs.fileno()) if theirs is not None and fd_theirs is not None else ()
             proc = await trio.lowlevel.open_process(argv, pass_fds=(*fds.values(), w, *extra))
         except BaseException:
             os.close(r)
-            if ours is not None:
-                ours.close()
+            for s in (ours, fd_ours):
+                if s is not None:
+                    s.close()
             raise
         finally:
             os.close(w)
-            if theirs is not None:
-                theirs.close()
+            for s in (theirs, fd_theirs):
+                if s is not None:
+                    s.close()
+        if fd_ours is not None:
+            fd_ours.setblocking(False)
+            self.fd_socks[st.index] = fd_ours
         self.procs[st.index] = proc
         st.started(proc.pid, trio.current_time())
         if self.stopping:
@@ -185,6 +197,9 @@ class Workers:
                 proc.kill()
                 with trio.CancelScope(shield=True):
                     await proc.wait()
+            if fd_ours is not None:
+                self.fd_socks.pop(st.index, None)
+                fd_ours.close()
             del self.procs[st.index]
             st.ended()
 
@@ -231,13 +246,55 @@ class Workers:
         more than LOW_WATER queued: the backlog is the set of changed keys, bounded by the RIB."""
         rib = self.d.core.rib
         while not ch.done.is_set():
-            while (data := feed.take(rib, self.peers(), trio.current_time())) is not None:
+            xk = rib.opener.key.private_bytes_raw() if rib.opener is not None else None
+            while (data := feed.take(rib, self.peers(), trio.current_time(), xk=xk)) is not None:
                 ch.send_rib(data)
                 while ch.queued > LOW_WATER and not ch.done.is_set():
                     ch.drained = trio.Event()
                     await ch.drained.wait()
             with trio.move_on_after(FEED_POLL_S):
                 await self._rib_event.wait()
+
+    async def sort_out(self, stream: trio.SocketStream, accept: Callable[[trio.SocketStream], None]) -> None:
+        """Wait (up to PEEK_S, at most max_preauth_connections at once) for an inbound connection's
+        first frame without taking it: a peer's data channel goes to a worker, anything else to ``accept``."""
+        if self._peeking >= self.d.config.gateway.max_preauth_connections:
+            accept(stream)
+            return
+        self._peeking += 1
+        try:
+            hello = None
+            with trio.move_on_after(PEEK_S):
+                while True:
+                    await trio.lowlevel.wait_readable(stream.socket)
+                    hello, complete = peek_hello(stream.socket.fileno())
+                    if complete:
+                        break
+                    await trio.sleep(PEEK_S / 10)  # part of a frame: what is there stays readable
+        except (OSError, trio.ClosedResourceError):
+            hello = None
+        finally:
+            self._peeking -= 1
+        if hello is None or not self._take_channel(stream, hello):
+            accept(stream)
+
+    def _take_channel(self, stream: trio.SocketStream, hello: Any) -> bool:
+        """A HELLO with `dc` from a configured peer: hand its socket to a worker (round robin),
+        which runs the handshake and the data channel itself (no process between the peer's worker
+        and ours). False: not one, or no worker takes it: the daemon accepts it as ever."""
+        if self.stopping or not self.fd_socks or not hello.data or hello.id not in self.d.core.peers:
+            return False
+        live = sorted(self.fd_socks)
+        for k in range(len(live)):
+            slot = live[(next(self._rr) + k) % len(live)]
+            try:
+                socket.send_fds(self.fd_socks[slot], [b"c"], [stream.socket.fileno()], socket.MSG_DONTWAIT)
+            except OSError:  # that worker is gone or not reading: the next one
+                continue
+            self.d.stats["data_channels_handed"] += 1
+            stream.socket.close()  # the worker has its own descriptor of the connection now
+            return True
+        return False
 
     def on_peer_stream(self, stream: TunnelStream) -> None:
         """A peer's stream (the daemon's muxes call this): for one of our instances, handed to a

@@ -1,7 +1,8 @@
 """Data channels (protocol-spec/session.md, "Data channels"), sans-IO: a worker's data-only session
 (cpnd/channels.py) beside the main session of two gateway cores, without a collision; refused without
 an established session or past the peer's limit; closed with the main session; an UPDATE on one is an
-error; and the HELLO's `dc` flag is signed (flipped in transit, the handshake fails)."""
+error; the HELLO's `dc` flag is signed (flipped in transit, the handshake fails); and a worker handed
+peers' data channels accepts them within its share, while the session is up, and nothing else."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from cpnd.crypto import Handshake, Role
 from cpnd.errors import CeaseSub, Code, FsmSub, HandshakeSub, ProtocolError
 from cpnd.gateway import Dial, LinkDown, LinkUp
 from cpnd.names import service_label
-from cpnd.session import State
+from cpnd.session import Session, State
 from cpnd.wire import Hello, RouteAdv, decode_handshake, encode_handshake
 
 from cpnd.vnet import Net
@@ -124,3 +125,51 @@ def test_the_dc_flag_is_signed() -> None:
         assert (exc.code, exc.subcode) == (Code.HANDSHAKE, HandshakeSub.BAD_SIGNATURE)
     else:
         raise AssertionError("a HELLO without its dc flag was accepted")
+
+
+def _between(dc_a: DataChannels, la, dc_b: DataChannels, lb, now: float = 0.0) -> None:
+    for _ in range(20):
+        out, back = dc_a.data_to_send(la), dc_b.data_to_send(lb)
+        if out:
+            dc_b.receive_data(lb, out, now)
+        if back:
+            dc_a.receive_data(la, back, now)
+        if not out and not back:
+            return
+
+
+def test_a_worker_accepts_handed_data_channels_within_its_share() -> None:
+    """b's worker, handed a's workers' connections by b's control process, is their responder: while
+    b has a session with a (the feed says so), up to its share of max_data_channels_per_peer."""
+    a = core("a", ("b",))
+    b_worker = DataChannels(core("b", ("a",)).config, inbound_limit=1)
+    b_worker.want({"a"}, 0.0)
+    links = []
+    for _ in range(2):
+        dc = DataChannels(a.config)
+        dc.want({"b"}, 0.0)
+        dc.handle_timer(0.0)
+        la, lb = dc.connected("b", 0.0), b_worker.accept("127.0.0.1:1", 0.0)
+        _between(dc, la, b_worker, lb)
+        links.append((la, lb))
+    (la1, lb1), (la2, lb2) = links
+    assert la1.established and lb1.established and lb1 in b_worker.peers["a"].inbound
+    assert lb2.session.closed.subcode == CeaseSub.CONNECTION_REJECTED and "at most 1" in lb2.session.closed.text
+    b_worker.want(set(), 0.0)  # b's session with a ended: the feed says so, its channels close
+    assert lb1.session.state is State.CLOSED and "its session ended" in lb1.session.closed.text
+
+
+def test_a_handed_connection_that_is_not_a_data_channel_is_refused() -> None:
+    b_worker = DataChannels(core("b", ("a",)).config)
+    b_worker.want({"a"}, 0.0)
+    s = Session(Role.INITIATOR, "a", KEYS["a"], {"b": PUB["b"]}, 0.0, expected_peer="b")  # a session, not a channel
+    lb = b_worker.accept("127.0.0.1:1", 0.0)
+    for _ in range(10):
+        out, back = s.data_to_send(), b_worker.data_to_send(lb)
+        if out:
+            b_worker.receive_data(lb, out, 0.0)
+        if back:
+            s.receive_data(back, 0.0)
+        if not out and not back:
+            break
+    assert lb.session.closed is not None and "not a data channel" in lb.session.closed.text

@@ -90,11 +90,14 @@ def test_every_worker_reaches_the_peers_instance(pair) -> None:
                      "the workers' counts added up")
         http = lab.query("a", "status")["http"]
         assert http["streams_on_data_channels"] == 6 * len(socks) and "streams_via_control" not in http
-        assert lab.query("b", "show-peers")[0]["state"] == "established" and lab.query("b", "status")["stats"]["data_channels"] == 2
-        if egress_workers == 2:  # b's control process handed every stream to its workers
+        assert lab.query("b", "show-peers")[0]["state"] == "established"
+        if egress_workers == 1:
+            assert lab.query("b", "status")["stats"]["data_channels"] == 2  # beside a's session, at b's core
+        if egress_workers == 2:  # b's control process handed a's data channels to its workers: no stream passed it
             b = lab.query("b", "status")
-            assert b["stats"]["handed_to_workers"] >= 6 * len(socks)
-            lab.wait_for(lambda: lab.query("b", "status")["http"]["handed_streams"] == b["stats"]["handed_to_workers"],
+            assert b["stats"]["data_channels_handed"] == 2 and "data_channels" not in b["stats"], b["stats"]
+            assert b["stats"].get("handed_to_workers", 0) == 0
+            lab.wait_for(lambda: lab.query("b", "status")["http"]["handed_streams"] == 6 * len(socks),
                          10, "b's workers' counts")
     finally:
         for s in socks:
@@ -164,6 +167,38 @@ def test_a_remote_instances_capacity_holds_across_both_sides_workers(pair) -> No
     ok = codes.count(200)
     assert 0 < ok <= CAPACITY * math.ceil(took), (ok, took, egress_workers)
     assert ok + codes.count(503) == BURST
+
+
+def test_through_a_transit_with_workers_sealed_end_to_end(tmp_path) -> None:
+    """a -> t -> b, every gateway with two workers: a's worker seals (the route is valid, its next hop
+    is not the origin) and opens the stream on its data channel to t, whose control process hands
+    that channel to a worker of t, which relays on its own data channel to b, handed to a worker of b,
+    which opens the seal with b's key (fed to it by b's control process) and calls the instance."""
+    insts = InstanceProcs()
+    insts.start("r1")
+    topo = Topology(("a", "t", "b"), (Link("a", "t"), Link("t", "b")), (Instance("r1", "b", "/remote", capacity=1e6),),
+                    FAST)
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        for gw in ("a", "t"):  # each worker of a has a channel to t, each of t one to a and one to b
+            lab.wait_for(lambda gw=gw: lab.query(gw, "status")["http"].get("data_channels_up", 0) >= 2 * len(
+                topo.neighbours(gw)), 20, f"{gw}'s workers' data channels")
+        for _ in range(10):
+            assert _get(specs["a"].http, "/remote") == 200
+        for gw, key in (("a", "sealed_streams_out"), ("b", "sealed_streams_in")):
+            lab.wait_for(lambda gw=gw, key=key: lab.query(gw, "status")["http"].get(key, 0) == 10, 10, f"{gw}: {key}")
+        assert lab.query("t", "status")["stats"]["data_channels_handed"] >= 2
+        assert lab.query("b", "status")["stats"]["data_channels_handed"] >= 2
+        assert lab.query("a", "status")["http"]["streams_on_data_channels"] == 10
+        # Relayed by t's workers: no control process passed a stream on.
+        lab.wait_for(lambda: lab.query("t", "status")["http"].get("relayed", 0) == 10, 10, "t's workers' relays")
+        assert all(lab.query(gw, "status")["stats"].get("handed_to_workers", 0) == 0 for gw in ("t", "b"))
+    finally:
+        lab.stop_all()
+        insts.stop_all()
 
 
 def _get(addr: str, path: str) -> int:
