@@ -115,9 +115,9 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
               f"{', '.join(f'{x:.0f}' for x in hop[f'rps_{n}'])})")
     if hr:
         print(f"  2 / 1: {statistics.median(hr):.2f}x (median of the per-round ratios {', '.join(f'{x:.2f}' for x in hr)})")
-    print(f"  with 2 workers: {hop['data_channel_share']:.1%} of the ingress workers' attempts on their data channels; "
-          f"CPU per request {hop['control_cpu_us_per_request']:.0f} us in the two control processes, "
-          f"{hop['worker_cpu_us_per_request']:.0f} us in the four workers")
+    print(f"  CPU per request: workers = 1: {hop['cpu_us_per_request_1_worker']:.0f} us in the two gateways; workers = 2: "
+          f"{hop['worker_cpu_us_per_request']:.0f} us in the four workers, {hop['control_cpu_us_per_request']:.0f} us in the "
+          f"two control processes; {hop['data_channel_share']:.1%} of the ingress workers' attempts on their data channels")
     if ages:
         print(f"  the control's view of a worker under load: {statistics.median(ages):.0f} ms old at the median, "
               f"{max(ages):.0f} ms at most ({len(ages)} samples of show status' report_age_ms)")
@@ -148,20 +148,21 @@ def _one_hop(args: argparse.Namespace, stack: contextlib.ExitStack, tmp: Path, p
         workers[n] = [w["pid"] for gw in (ing, eg) for w in lab.query(gw, "status")["workers"]]
         wrk_rps(wrk, urls[n], 1.0)
     rps: dict[int, list[float]] = {1: [], 2: []}
-    shared = worker_cpu = 0.0
+    cpu = {n: [0.0, 0.0] for n in (1, 2)}  # (control processes, workers) CPU seconds over the rounds
     for r in range(args.repeats):
         for n in ((1, 2) if r % 2 == 0 else (2, 1)):
             before = sum(cpu_seconds(p) for p in controls[n]), sum(cpu_seconds(p) for p in workers[n])
             rps[n].append(wrk_rps(wrk, urls[n], args.seconds))
-            if n == 2:
-                shared += sum(cpu_seconds(p) for p in controls[n]) - before[0]
-                worker_cpu += sum(cpu_seconds(p) for p in workers[n]) - before[1]
-    served = sum(rps[2]) * args.seconds
+            cpu[n][0] += sum(cpu_seconds(p) for p in controls[n]) - before[0]
+            cpu[n][1] += sum(cpu_seconds(p) for p in workers[n]) - before[1]
     http = labs[2].query("h2i", "status")["http"]
     direct, relayed = http.get("streams_on_data_channels", 0), http.get("streams_via_control", 0)
+    per = {n: 1e6 / (sum(rps[n]) * args.seconds) for n in (1, 2)}
+    # With workers = 1 the gateway's own process is the "worker" (controls and workers are the same pids).
     return {"rps_1": rps[1], "rps_2": rps[2], "ratios": [b / a for a, b in zip(rps[1], rps[2]) if a],
             "data_channel_share": direct / max(1, direct + relayed),
-            "control_cpu_us_per_request": shared / served * 1e6, "worker_cpu_us_per_request": worker_cpu / served * 1e6}
+            "cpu_us_per_request_1_worker": cpu[1][0] * per[1],
+            "control_cpu_us_per_request": cpu[2][0] * per[2], "worker_cpu_us_per_request": cpu[2][1] * per[2]}
 
 
 def _sample_ages(lab: Lab, stop: threading.Event, out: list[float]) -> None:
