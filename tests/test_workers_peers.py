@@ -201,6 +201,50 @@ def test_through_a_transit_with_workers_sealed_end_to_end(tmp_path) -> None:
         insts.stop_all()
 
 
+def test_refused_data_channels_leave_the_requests_to_the_control_process(tmp_path) -> None:
+    """b takes no data channels (max_data_channels_per_peer = 0): a's workers send every request
+    through a's control process, which relays it on its session with b."""
+    insts = InstanceProcs()
+    insts.start("r1")
+    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), FAST)
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    conf = specs["b"].config
+    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_refused", 0) >= 2, 20, "refusals")
+        socks = users_on_both_workers(lab, specs["a"].http, "/remote")
+        try:
+            for s in socks:
+                assert raw_get(s, "/remote") == 200
+        finally:
+            for s in socks:
+                s.close()
+        lab.wait_for(lambda: lab.query("a", "status")["http"].get("streams_via_control", 0) == 2 * len(socks), 10,
+                     "a's workers' counts")
+        http = lab.query("a", "status")["http"]
+        assert "streams_on_data_channels" not in http and lab.query("a", "status")["http"]["requests"] == 2 * len(socks)
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
+def test_an_egress_worker_killed_its_peers_channels_come_back_on_the_other(pair) -> None:
+    lab, specs, _, egress_workers = pair
+    if egress_workers == 1:
+        pytest.skip("b has no workers")
+    lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_handed", 0) >= 2, 15, "a's channels at b")
+    victim = workers(lab, "b")[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    # a's workers whose channel was on the dead worker dial again; b hands the new ones to a live worker.
+    lab.wait_for(lambda: all(_get(specs["a"].http, "/remote") == 200 for _ in range(10)), 15, "a's users served")
+    lab.wait_for(lambda: (w := workers(lab, "b")[0])["alive"] and w["pid"] != victim, 15, "b's worker 0 restarted")
+    for _ in range(10):
+        assert _get(specs["a"].http, "/remote") == 200
+
+
 def _get(addr: str, path: str) -> int:
     with connect(addr) as s:
         return raw_get(s, path)
