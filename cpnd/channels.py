@@ -65,14 +65,12 @@ class DataChannels:
 
     def __init__(self, config: Config, rng: random.Random | None = None, *, inbound_limit: int = 1,
                  pending_limit: int = 16) -> None:
-        g = config.gateway
         self.config = config
-        self.id = g.id
+        self.id = config.gateway.id
         self.session_config = channel_session_config(config)
         self.peer_keys = {p.id: p.public_key for p in config.peers}
-        rng = rng or random.Random()
-        self.peers = {p.id: ChannelPeer(p, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000,
-                                                    rng=random.Random(rng.getrandbits(64)))) for p in config.peers}
+        self.rng = rng or random.Random()
+        self.peers = {p.id: self._peer(p) for p in config.peers}
         self.wanted: set[str] = set()
         self.links: dict[Link, None] = {}
         self.inbound_limit = inbound_limit  # per peer: this worker's share of max_data_channels_per_peer
@@ -100,6 +98,33 @@ class DataChannels:
             elif cp.link is None and cp.dial_at is None and not cp.dialling:
                 cp.dial_at = now
                 self.timer_dirty = True
+
+    def reconfigure(self, config: Config) -> None:
+        """A reload: new peers get channels once wanted; a peer removed or changed (its address, its
+        key) loses the ones it has (they were made with what no longer holds)."""
+        self.config = config
+        self.session_config = channel_session_config(config)
+        self.peer_keys.clear()
+        self.peer_keys.update({p.id: p.public_key for p in config.peers})
+        wanted = {p.id: p for p in config.peers}
+        for pid, cp in list(self.peers.items()):
+            if wanted.get(pid) != cp.config:
+                for link in [cp.link, *cp.inbound]:
+                    if link is not None and link.session.state is not State.CLOSED:
+                        self.close(link, Code.CEASE, CeaseSub.CONFIG_CHANGE, "peer settings changed")
+                if pid not in wanted:
+                    del self.peers[pid]
+                    self.wanted.discard(pid)
+                else:
+                    cp.config = wanted[pid]
+        for pid, p in wanted.items():
+            self.peers.setdefault(pid, self._peer(p))
+        self.timer_dirty = True
+
+    def _peer(self, p: PeerConfig) -> ChannelPeer:
+        g = self.config.gateway
+        return ChannelPeer(p, Backoff(base=g.connect_retry_min_ms / 1000, cap=g.connect_retry_max_ms / 1000,
+                                      rng=random.Random(self.rng.getrandbits(64))))
 
     def up(self, peer_id: str) -> Link | None:
         """The established data channel to ``peer_id``, if any."""
@@ -129,7 +154,9 @@ class DataChannels:
     def connected(self, peer_id: str, now: float) -> Link | None:
         """The dial succeeded: its link (None: no longer wanted, the shell hangs up)."""
         self._now = now
-        cp = self.peers[peer_id]
+        cp = self.peers.get(peer_id)
+        if cp is None:
+            return None
         cp.dialling = False
         if peer_id not in self.wanted or cp.link is not None:
             return None
@@ -160,7 +187,9 @@ class DataChannels:
 
     def dial_failed(self, peer_id: str, error: str, now: float) -> None:
         self._now = now
-        cp = self.peers[peer_id]
+        cp = self.peers.get(peer_id)
+        if cp is None:
+            return
         cp.dialling = False
         if peer_id in self.wanted:
             cp.dial_at = now + cp.backoff.next_delay()

@@ -122,6 +122,10 @@ class WorkerGateway:
             return
         self.config = worker_config(config, self.n)
         self.dataplane.reconfigure(self.config)
+        if self.data_channels is not None:  # peers added, changed or removed: their channels follow
+            self.data_channels.core.reconfigure(self.config)
+            self.data_channels.config = self.config
+            self.data_channels.want(self.mirror.peers)
         self.clients.reconfigure(self.config.clients, self.config.gateway)
         self.set_local()
 

@@ -1,20 +1,23 @@
 """Data channels (protocol-spec/session.md, "Data channels"), sans-IO: a worker's data-only session
 (cpnd/channels.py) beside the main session of two gateway cores, without a collision; refused without
 an established session or past the peer's limit; closed with the main session; an UPDATE on one is an
-error; the HELLO's `dc` flag is signed (flipped in transit, the handshake fails); and a worker handed
-peers' data channels accepts them within its share, while the session is up, and nothing else."""
+error; the HELLO's `dc` flag is signed (flipped in transit, the handshake fails); a worker handed
+peers' data channels accepts them within its share, while the session is up, and nothing else; and a
+reload closes the channels of a changed peer and dials new peers."""
 
 from __future__ import annotations
 
+import attrs
+
 from cpnd.channels import DataChannels
+from cpnd.config import Address
 from cpnd.crypto import Handshake, Role
 from cpnd.errors import CeaseSub, Code, FsmSub, HandshakeSub, ProtocolError
 from cpnd.gateway import Dial, LinkDown, LinkUp
 from cpnd.names import service_label
 from cpnd.session import Session, State
+from cpnd.vnet import Net, config_for
 from cpnd.wire import Hello, RouteAdv, decode_handshake, encode_handshake
-
-from cpnd.vnet import Net
 
 from test_gateway import KEYS, PUB, core, pair
 
@@ -173,3 +176,20 @@ def test_a_handed_connection_that_is_not_a_data_channel_is_refused() -> None:
         if not out and not back:
             break
     assert lb.session.closed is not None and "not a data channel" in lb.session.closed.text
+
+
+def test_a_reload_closes_the_channels_of_a_changed_peer_and_adds_new_ones() -> None:
+    net, a, b = pair()
+    dc = worker_of(a)
+    dlink, blink, _ = open_channel(net, b, dc)
+    assert dlink.established
+    new = config_for("a", KEYS["a"], {"b": PUB["b"], "c": PUB["c"]})  # c is new, b moved (another address)
+    new = attrs.evolve(new, peers=tuple(attrs.evolve(p, address=Address("127.0.0.1", 2)) if p.id == "b" else p
+                                        for p in new.peers))
+    dc.reconfigure(new)
+    assert dlink.session.state is State.CLOSED and dlink.session.closed.subcode == CeaseSub.CONFIG_CHANGE
+    assert set(dc.peers) == {"b", "c"} and dc.peers["b"].config.address.port == 2
+    dc.link_gone(dlink, net.now)
+    dc.want({"b", "c"}, net.now)
+    dc.handle_timer(net.now + 5)
+    assert sorted(e.peer_id for e in dc.events() if isinstance(e, Dial)) == ["b", "c"]
