@@ -14,6 +14,9 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
+
+import attrs
 
 import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -189,6 +192,29 @@ def worker_sealer(local_id: str, rib: Rib, peers: Callable[[], dict[str, bool]],
 def relay_sealer(local_id: str, opener: Opener) -> StreamSealer:
     """The control's side: sealed streams from a worker are relayed as they come, never opened here."""
     return StreamSealer(local_id, opener, lambda ext: None, seal_outbound=False)
+
+
+async def pass_on(plane: Any, stream: TunnelStream, mux: Mux, idle_s: float, what: str) -> None:
+    """Relay ``stream`` (already opened here, if it was sealed) onto a new stream on ``mux``, counted in
+    ``plane`` (its drain waits for it); nothing that goes wrong escapes."""
+    plane.begin()
+    try:
+        ext = stream.ext
+        assert ext is not None
+        try:
+            out = mux.open(attrs.evolve(ext, eph=None))
+        except StreamReset as exc:
+            stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
+                         False, exc.text)
+            return
+        await hand_over(stream, out, idle_s)
+    except Exception:  # a bug must cost one request, never the process
+        log.exception("passing a stream on to %s failed", what)
+        stream.reset(ResetCode.INTERNAL, True, "internal error")
+    finally:
+        if not stream.closed:
+            stream.reset(ResetCode.CANCEL, True, "done with the stream")
+        plane.end()
 
 
 async def hand_over(inbound: TunnelStream, outbound: TunnelStream, idle_s: float) -> None:

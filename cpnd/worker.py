@@ -29,7 +29,7 @@ from .dataplane import DataPlane, HttpLimits
 from .errors import ConfigError
 from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
 from .gateway import session_config
-from .handoff import Channel, worker_sealer
+from .handoff import Channel, pass_on, worker_sealer
 from .names import service_label
 from .rib import Rib
 from .ribfeed import Mirror
@@ -211,8 +211,17 @@ class WorkerGateway:
                     self.data_channels.accept(socket.socket(fileno=fd_in))
 
     def _handed(self, stream: Any) -> None:
-        """A peer's stream for one of our instances, handed over by the control process: served as an egress."""
+        """A peer's stream (handed over by the control process, or on a peer's data channel handed to
+        us): served as its egress or transit; one for an instance registered at the control process
+        (not in our config) goes there, the only process that calls it."""
         self.dataplane.stats["handed_streams"] += 1
+        ext, ch = stream.ext, self.channel
+        if (ext is not None and ext.origin == self.id and ext.instance not in self.dataplane.meters
+                and ch is not None and not ch.done.is_set() and self.nursery is not None):
+            self.dataplane.stats["passed_to_control"] += 1
+            self.nursery.start_soon(pass_on, self.dataplane.plane, stream, ch.mux, self.dataplane.limits.body_idle_timeout_s,
+                                    "the control process")
+            return
         self.dataplane.on_stream(stream)
 
     async def _report_loop(self, out: trio.lowlevel.FdStream) -> None:

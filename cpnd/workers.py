@@ -22,7 +22,6 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import attrs
 import msgpack
 import trio
 
@@ -30,9 +29,9 @@ from .aio import ListenError
 from .config import Address
 from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
 from .gateway import session_config
-from .handoff import LOW_WATER, Channel, hand_over, peek_hello, relay_sealer
+from .handoff import LOW_WATER, Channel, pass_on, peek_hello, relay_sealer
 from .ribfeed import FeedOut
-from .streams import StreamReset, TunnelStream
+from .streams import TunnelStream
 from .tunnel import SEALED_CAP, ResetCode
 
 if TYPE_CHECKING:
@@ -48,6 +47,7 @@ class Daemon(Protocol):
     metrics: Any  # its requests counter takes the workers' counts
     dataplane: Any  # its users' ports, as the workers' listeners bound them; transit for the workers' streams
     core: Any  # the gateway core: its RIB and sessions, fed to the workers
+    registrations: Any  # registered instances: known to this process only
     tunnel_bytes: Any  # streams.BufferAccount of every tunnel's buffered bytes
     nursery: trio.Nursery | None
 
@@ -301,8 +301,12 @@ class Workers:
         worker (its share of the instance's bounds admits it); anything else as without workers."""
         ext = stream.ext
         live = [i for i, ch in self.channels.items() if not ch.done.is_set()]
-        if self.stopping or ext is None or ext.origin != self.d.id or not live or self.d.nursery is None:
+        if (self.stopping or ext is None or ext.origin != self.d.id or self.d.nursery is None
+                or ext.instance in self.d.registrations.registry.entries):  # registered: this process alone calls it
             self.d.dataplane.on_stream(stream)
+            return
+        if not live:  # our instances are called from workers only: no share of them is this process's
+            stream.reset(ResetCode.REFUSED, False, f"{self.d.id}: no worker to take it now")
             return
         slot = self._pick(live, ext.instance)
         self.d.nursery.start_soon(self._hand, stream, self.channels[slot])
@@ -319,26 +323,8 @@ class Workers:
         return min(order, key=admitted)
 
     async def _hand(self, stream: TunnelStream, ch: Channel) -> None:
-        plane = self.d.dataplane.plane
-        plane.begin()
-        try:
-            ext = stream.ext
-            assert ext is not None
-            try:
-                out = ch.mux.open(attrs.evolve(ext, eph=None))  # a sealed one was opened here (Mux.sealer)
-            except StreamReset as exc:
-                stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
-                             False, exc.text)
-                return
-            self.d.stats["handed_to_workers"] += 1
-            await hand_over(stream, out, self.d.dataplane.limits.body_idle_timeout_s)
-        except Exception:  # a bug must cost one request, never the daemon
-            log.exception("%s: handing a stream to %s failed", self.d.id, ch.name)
-            stream.reset(ResetCode.INTERNAL, True, "internal error")
-        finally:
-            if not stream.closed:
-                stream.reset(ResetCode.CANCEL, True, f"{self.d.id} is done with the stream")
-            plane.end()
+        self.d.stats["handed_to_workers"] += 1  # a sealed one was opened here (Mux.sealer): it goes on plain
+        await pass_on(self.d.dataplane.plane, stream, ch.mux, self.d.dataplane.limits.body_idle_timeout_s, ch.name)
 
     async def _read(self, st: WorkerState, reports: trio.lowlevel.FdStream) -> None:
         unpacker = msgpack.Unpacker(max_buffer_size=MAX_REPORT_BYTES, strict_map_key=False)

@@ -10,6 +10,8 @@ import math
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import attrs
@@ -51,7 +53,7 @@ def pair(request, tmp_path):
         lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
         for gw in ("a", "b") if request.param == 2 else ("a",):
             lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in workers(lab, gw)), 30, f"{gw}'s workers")
-        yield lab, specs, (with_late, without), request.param
+        yield lab, specs, (with_late, without), request.param, insts
     finally:
         lab.stop_all()
         insts.stop_all()
@@ -77,7 +79,7 @@ def users_on_both_workers(lab: Lab, addr: str, path: str) -> list[socket.socket]
 
 
 def test_every_worker_reaches_the_peers_instance(pair) -> None:
-    lab, specs, _, egress_workers = pair
+    lab, specs, _, egress_workers, _ = pair
     # Each of a's workers dials its own data channel to b beside the control process's session.
     lab.wait_for(lambda: lab.query("a", "status")["http"].get("data_channels_up", 0) >= 2, 15, "a's data channels")
     socks = users_on_both_workers(lab, specs["a"].http, "/remote")
@@ -105,7 +107,7 @@ def test_every_worker_reaches_the_peers_instance(pair) -> None:
 
 
 def test_routes_learnt_and_withdrawn_after_the_workers_started(pair) -> None:
-    lab, specs, (with_late, without), _ = pair
+    lab, specs, (with_late, without), _, _ = pair
     socks = users_on_both_workers(lab, specs["a"].http, "/remote")
     try:
         for s in socks:
@@ -126,7 +128,7 @@ def test_routes_learnt_and_withdrawn_after_the_workers_started(pair) -> None:
 
 
 def test_a_killed_worker_leaves_the_others_tunnelled_requests_going(pair) -> None:
-    lab, specs, _, _ = pair
+    lab, specs, _, _, _ = pair
     addr = specs["a"].http
     socks = users_on_both_workers(lab, addr, "/remote")
     try:
@@ -153,7 +155,7 @@ def test_a_remote_instances_capacity_holds_across_both_sides_workers(pair) -> No
     """A burst from a's two workers to b's instance (capacity 20): whichever of b's processes admits
     them (b's control process hands every peer stream to a worker, each with its share), no more than
     20 get in per started second."""
-    lab, specs, _, egress_workers = pair
+    lab, specs, _, egress_workers, _ = pair
     socks = [connect(specs["a"].http) for _ in range(BURST)]
     try:
         t0 = time.monotonic()
@@ -232,7 +234,7 @@ def test_refused_data_channels_leave_the_requests_to_the_control_process(tmp_pat
 
 
 def test_an_egress_worker_killed_its_peers_channels_come_back_on_the_other(pair) -> None:
-    lab, specs, _, egress_workers = pair
+    lab, specs, _, egress_workers, _ = pair
     if egress_workers == 1:
         pytest.skip("b has no workers")
     lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_handed", 0) >= 2, 15, "a's channels at b")
@@ -243,6 +245,24 @@ def test_an_egress_worker_killed_its_peers_channels_come_back_on_the_other(pair)
     lab.wait_for(lambda: (w := workers(lab, "b")[0])["alive"] and w["pid"] != victim, 15, "b's worker 0 restarted")
     for _ in range(10):
         assert _get(specs["a"].http, "/remote") == 200
+
+
+def test_a_registered_instance_is_served_to_peers_by_the_control_process(pair) -> None:
+    """Workers know the config file's instances only: a peer's request for a registered one is served
+    by b's control process (the only process calling it), not handed to a worker that would not know it."""
+    lab, specs, _, egress_workers, insts = pair
+    url = f"http://127.0.0.1:{insts.ports['r2']}/r2"
+    r = subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "--socket",
+                        str(specs["b"].control), "register", "--service", "/late", "--id", "rr", "--url", url,
+                        "--capacity", "100"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    lab.wait_for(lambda: any(x["instance"] == "rr" for x in lab.routes("a")), 10, "a learns rr")
+    lab.wait_for(lambda: _get(specs["a"].http, "/late") == 200, 10, "a's workers reach rr")
+    for _ in range(6):
+        assert _get(specs["a"].http, "/late") == 200
+    if egress_workers == 2:  # on a's data channels, handed to b's workers, which passed them to b's control process
+        assert lab.query("b", "status")["stats"].get("handed_to_workers", 0) == 0
+        lab.wait_for(lambda: lab.query("b", "status")["http"].get("passed_to_control", 0) >= 7, 10, "b's workers' counts")
 
 
 def _get(addr: str, path: str) -> int:
