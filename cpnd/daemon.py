@@ -242,7 +242,7 @@ class _Instances:
         for iid, meter in dp.meters.items():
             meter.expire(now)
             out[iid] = (round(meter.load(now), 3), round(meter.bounded_load(now), 3), round(meter.base_us))
-            if self.d.workers is not None:  # the workers call our instances, not this process
+            if self.d.workers is not None and iid not in self.d.registrations.registry.entries:  # workers call them
                 out[iid] = self.d.workers.advertised(iid, meter.capacity, meter.base_us)
         # The core looks every 50 ms: the data plane's suppressed-line counts go out on the same beat.
         dp.flush_log_counts()
@@ -544,7 +544,7 @@ class Daemon:
             for inst in svc.instances:
                 meter = dp.meters[inst.id]
                 load, bload, comp, inflight = meter.load(now), meter.bounded_load(now), meter.base_us, meter.inflight
-                if self.workers is not None:  # the workers call the instances: their latest reports
+                if self.workers is not None and inst.id not in self.registrations.registry.entries:  # the workers' reports
                     load, bload, comp = self.workers.advertised(inst.id, meter.capacity, meter.base_us)
                     inflight = self.workers.inflight(inst.id)
                 instances.append(InstanceStatus(

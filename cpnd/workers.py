@@ -246,6 +246,7 @@ class Workers:
         more than LOW_WATER queued: the backlog is the set of changed keys, bounded by the RIB."""
         rib = self.d.core.rib
         while not ch.done.is_set():
+            changed = self._rib_event  # taken first: a change while we send sets this one
             xk = rib.opener.key.private_bytes_raw() if rib.opener is not None else None
             while (data := feed.take(rib, self.peers(), trio.current_time(), xk=xk)) is not None:
                 ch.send_rib(data)
@@ -253,7 +254,7 @@ class Workers:
                     ch.drained = trio.Event()
                     await ch.drained.wait()
             with trio.move_on_after(FEED_POLL_S):
-                await self._rib_event.wait()
+                await changed.wait()
 
     async def sort_out(self, stream: trio.SocketStream, accept: Callable[[trio.SocketStream], None]) -> None:
         """Wait (up to PEEK_S, at most max_preauth_connections at once) for an inbound connection's
