@@ -83,9 +83,9 @@ class Channel:
         if self._out_bytes > self.max_buffer:
             self.close(f"{self._out_bytes} bytes queued: the other end does not read")
 
-    def close(self, why: str) -> None:
+    def close(self, why: str, *, level: int = logging.WARNING) -> None:
         if not self.done.is_set():
-            log.warning("channel %s closed: %s", self.name, why)
+            log.log(level, "channel %s closed: %s", self.name, why)
             self.mux.fail_all(why)
             self.done.set()
             self._writable.set()
@@ -102,7 +102,7 @@ class Channel:
                 await self.done.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self.close("ended")
+            self.close("ended", level=logging.DEBUG)
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
@@ -114,7 +114,7 @@ class Channel:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 data = b""
             if not data:
-                self.close("the other end is gone")
+                self.close("the other end is gone", level=logging.INFO)
                 return
             try:
                 for kind, payload in frames.feed(data):
@@ -142,7 +142,7 @@ class Channel:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self.close("the other end is gone")
+                self.close("the other end is gone", level=logging.INFO)
                 return
             self._out_bytes -= len(data)
             if self._out_bytes <= LOW_WATER:
