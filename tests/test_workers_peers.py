@@ -19,7 +19,7 @@ import pytest
 
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 
-from test_workers import connect, raw_get, read_status
+from test_workers import _alive, connect, raw_get, read_status
 
 CAPACITY = 20  # /capped's instance at b: 10 a second per worker when b has two
 BURST = 80
@@ -263,6 +263,19 @@ def test_a_registered_instance_is_served_to_peers_by_the_control_process(pair) -
     if egress_workers == 2:  # on a's data channels, handed to b's workers, which passed them to b's control process
         assert lab.query("b", "status")["stats"].get("handed_to_workers", 0) == 0
         lab.wait_for(lambda: lab.query("b", "status")["http"].get("passed_to_control", 0) >= 7, 10, "b's workers' counts")
+
+
+def test_sigterm_ends_both_gateways_and_every_worker(pair) -> None:
+    """With sessions, data channels and requests in flight on them, SIGTERM drains and ends every process."""
+    lab, specs, _, egress_workers, _ = pair
+    lab.wait_for(lambda: lab.query("a", "status")["http"].get("data_channels_up", 0) >= 2, 15, "a's data channels")
+    assert _get(specs["a"].http, "/remote") == 200
+    pids = [w["pid"] for gw in ("a", "b") for w in workers(lab, gw)]
+    assert lab.stop("a") == 0 and lab.stop("b") == 0
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
 
 
 def _get(addr: str, path: str) -> int:
