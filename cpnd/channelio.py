@@ -18,6 +18,7 @@ from .channels import DataChannels
 from .config import Config
 from .daemon import Connection
 from .gateway import Dial, Link, LinkDown, LinkUp, TunnelData
+from .handoff import PartSealer
 from .errors import ProtocolError
 from .fleet import int_share
 from .policy import stream_sealer
@@ -37,13 +38,14 @@ def _refuse(stream: TunnelStream) -> None:
 class ChannelIO:
     """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``pump``), for data channels."""
 
-    def __init__(self, config: Config, rib: Rib, *, n: int = 1,
-                 on_stream: Callable[[TunnelStream], None] | None = None) -> None:
+    def __init__(self, config: Config, rib: Rib, *, n: int = 1, on_stream: Callable[[TunnelStream], None] | None = None,
+                 owns: Callable[[Any], bool] | None = None) -> None:
         g = config.gateway
         # This worker's share of what a peer may open here (session.md, "Data channels"), as with every bound.
         self.core = DataChannels(config, inbound_limit=int_share(g.max_data_channels_per_peer, n),
                                  pending_limit=int_share(g.max_preauth_connections, n))
         self.on_stream = on_stream or _refuse  # streams a peer opens on its data channel to us
+        self.owns = owns  # which sealed streams to us this worker opens (the others go on to their owner)
         self.config = config
         self.rib = rib
         self.conns: dict[Link, Connection] = {}
@@ -139,7 +141,10 @@ class ChannelIO:
                 # Ours carry our streams only; a peer's carry its streams, served here as the control process would.
                 on_open = _refuse if event.link.initiated else self.on_stream
                 conn.mux = Mux(conn, s.peer_id, event.link.initiated, on_open, settings, self.tunnel_bytes)
-                conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, s.peer_id)
+                sealer = stream_sealer(self.rib, self.config, s.agreed_caps, s.peer_id)
+                if sealer is not None and self.owns is not None:
+                    sealer = PartSealer(sealer, lambda: self.rib.opener, self.owns)
+                conn.mux.sealer = sealer
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
             if conn is not None:

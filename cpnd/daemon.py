@@ -463,6 +463,8 @@ class Daemon:
                 on_open = self.workers.on_peer_stream if self.workers is not None else self.dataplane.on_stream  # workers
                 conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, on_open, settings, self.tunnel_bytes)
                 conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, event.link.peer.config.id)
+                if self.workers is not None:  # workers: a sealed stream to us is opened by its owner worker
+                    self.workers.adopt(conn.mux)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
             if conn is not None:

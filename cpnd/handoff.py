@@ -10,6 +10,7 @@ which calls the instance within its share of the instance's bounds (cpnd/fleet.p
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import os
 import socket
@@ -26,8 +27,8 @@ from .errors import ProtocolError
 from .origin import Validation
 from .rib import Rib
 from .ribfeed import TUNNEL, ChannelError, Deframer, encode
-from .seal import Opener, StreamSealer
-from .streams import BufferAccount, Mux, StreamReset, TunnelStream
+from .seal import Opener, SealError, Sealing, StreamSealer
+from .streams import BufferAccount, Mux, SealedStream, StreamReset, TunnelStream
 from .tunnel import ExtHeader, ResetCode, TunnelLimits, mux_settings
 from .wire import MAX_HANDSHAKE_BODY, Hello, decode_handshake
 
@@ -172,6 +173,32 @@ def peek_hello(fd: int) -> tuple[Hello | None, bool]:
     return (msg if isinstance(msg, Hello) else None), True
 
 
+def owner(eph: bytes, n: int) -> int:
+    """The one worker that may open a sealed stream with ephemeral key ``eph``: every process of a
+    gateway holds its sealing key, but a replay window is per process, so each key has one process
+    (a recorded stream replayed through another session or data channel meets the same window)."""
+    return int.from_bytes(hashlib.sha256(eph).digest()[:4], "big") % n
+
+
+class PartSealer(StreamSealer):
+    """A StreamSealer that opens only the sealed streams ``mine`` says are this process's (the rest
+    are delivered as they came, still sealed, to be passed to their owner); the key read when needed
+    (a worker has it from the RIB snapshot)."""
+
+    def __init__(self, base: StreamSealer, opener: Callable[[], Opener | None], mine: Callable[[ExtHeader], bool]) -> None:
+        super().__init__(base.local_id, base.opener, base.key_for, seal_outbound=base.seal_outbound, counters=base.counters)
+        self._opener, self._mine = opener, mine
+
+    def inbound(self, ext: ExtHeader) -> Sealing | None:
+        if ext.eph is None or ext.origin != self.local_id or not self._mine(ext):
+            return None
+        opener = self._opener()
+        if opener is None:
+            raise SealError("no sealing key here yet")
+        self.opener = opener
+        return super().inbound(ext)
+
+
 def worker_sealer(local_id: str, rib: Rib, peers: Callable[[], dict[str, bool]], seal: bool) -> StreamSealer:
     """How a worker seals the streams it sends through the control process (tunnel.md, "Sealed
     streams"): as the control process would on the session with the route's next hop."""
@@ -185,24 +212,30 @@ def worker_sealer(local_id: str, rib: Rib, peers: Callable[[], dict[str, bool]],
             return None  # that session does not take sealed streams; a key we did not verify
         return best.fresh.seal_key
 
-    # The opener is never used: sealed streams for our instances are opened by the control process.
+    # The opener is a placeholder until the snapshot brings the gateway's (PartSealer reads rib.opener).
     return StreamSealer(local_id, Opener(X25519PrivateKey.generate()), key_for, seal_outbound=seal, counters=rib.counters)
 
 
-def relay_sealer(local_id: str, opener: Opener) -> StreamSealer:
-    """The control's side: sealed streams from a worker are relayed as they come, never opened here."""
-    return StreamSealer(local_id, opener, lambda ext: None, seal_outbound=False)
+def relay_sealer(local_id: str, opener: Opener, mine: Callable[[ExtHeader], bool]) -> StreamSealer:
+    """The control's side of a channel: what a worker sends on is relayed as it comes; a sealed stream
+    for one of our instances is opened here only if ``mine`` (a registered instance: this process's)."""
+    return PartSealer(StreamSealer(local_id, opener, lambda ext: None, seal_outbound=False), lambda: opener, mine)
+
+
+def still_sealed(stream: Any) -> bool:
+    """A sealed stream this process did not open (it goes on as it came, to its owner)."""
+    return stream.ext is not None and stream.ext.eph is not None and not isinstance(stream, SealedStream)
 
 
 async def pass_on(plane: Any, stream: TunnelStream, mux: Mux, idle_s: float, what: str) -> None:
-    """Relay ``stream`` (already opened here, if it was sealed) onto a new stream on ``mux``, counted in
-    ``plane`` (its drain waits for it); nothing that goes wrong escapes."""
+    """Relay ``stream`` onto a new stream on ``mux`` (opened here if it was sealed to us: it goes on
+    plain; else as it came), counted in ``plane`` (its drain waits for it); nothing that goes wrong escapes."""
     plane.begin()
     try:
         ext = stream.ext
         assert ext is not None
         try:
-            out = mux.open(attrs.evolve(ext, eph=None))
+            out = mux.open(ext if still_sealed(stream) else attrs.evolve(ext, eph=None))
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
                          False, exc.text)

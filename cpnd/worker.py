@@ -29,7 +29,7 @@ from .dataplane import DataPlane, HttpLimits
 from .errors import ConfigError
 from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
 from .gateway import session_config
-from .handoff import Channel, pass_on, worker_sealer
+from .handoff import Channel, PartSealer, owner, pass_on, still_sealed, worker_sealer
 from .names import service_label
 from .rib import Rib
 from .ribfeed import Mirror
@@ -69,7 +69,7 @@ class WorkerGateway:
         self.metrics = _Counts()
         self.clients = ClientTable.from_config(self.config)
         self.mirror = Mirror()
-        self.data_channels = ChannelIO(self.config, self.rib, n=n, on_stream=self._handed) if config.peers else None
+        self.data_channels = ChannelIO(self.config, self.rib, n=n, on_stream=self._handed, owns=self.owns) if config.peers else None
         self._synced = trio.Event()
         self.channel: Channel | None = None
         g = self.config.gateway
@@ -186,7 +186,8 @@ class WorkerGateway:
         ch = self.channel = Channel(stream, "control", initiator=True, on_open=self._handed,
                                     limits=session_config(self.config).tunnel, max_buffer=g.max_peer_send_buffer,
                                     on_rib=self._on_rib)
-        ch.mux.sealer = worker_sealer(self.id, self.rib, lambda: self.mirror.peers, g.seal_streams)
+        ch.mux.sealer = PartSealer(worker_sealer(self.id, self.rib, lambda: self.mirror.peers, g.seal_streams),
+                                   lambda: self.rib.opener, self.owns)
         await ch.run()
         log.warning("%s/worker %d: the channel to the control process is gone: draining", self.id, self.index)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -210,13 +211,17 @@ class WorkerGateway:
                     assert self.data_channels is not None
                     self.data_channels.accept(socket.socket(fileno=fd_in))
 
+    def owns(self, ext: Any) -> bool:
+        """A sealed stream to us that this worker opens: one of its instances, its share of the keys."""
+        return ext.instance in self.dataplane.meters and owner(ext.eph, self.n) == self.index
+
     def _handed(self, stream: Any) -> None:
         """A peer's stream (handed over by the control process, or on a peer's data channel handed to
         us): served as its egress or transit; one for an instance registered at the control process
         (not in our config) goes there, the only process that calls it."""
         self.dataplane.stats["handed_streams"] += 1
         ext, ch = stream.ext, self.channel
-        if (ext is not None and ext.origin == self.id and ext.instance not in self.dataplane.meters
+        if (ext is not None and ext.origin == self.id and (ext.instance not in self.dataplane.meters or still_sealed(stream))
                 and ch is not None and not ch.done.is_set() and self.nursery is not None):
             self.dataplane.stats["passed_to_control"] += 1
             self.nursery.start_soon(pass_on, self.dataplane.plane, stream, ch.mux, self.dataplane.limits.body_idle_timeout_s,

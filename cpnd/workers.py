@@ -29,7 +29,7 @@ from .aio import ListenError
 from .config import Address
 from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
 from .gateway import session_config
-from .handoff import LOW_WATER, Channel, pass_on, peek_hello, relay_sealer
+from .handoff import LOW_WATER, Channel, PartSealer, owner, pass_on, peek_hello, relay_sealer, still_sealed
 from .ribfeed import FeedOut
 from .streams import TunnelStream
 from .tunnel import SEALED_CAP, ResetCode
@@ -209,11 +209,11 @@ class Workers:
         """The control's end of one worker's channel: its streams relayed as a transit's, the RIB fed to it."""
         g = self.d.config.gateway
         ch = Channel(trio.SocketStream(trio.socket.from_stdlib_socket(sock)), f"worker{st.index}", initiator=False,
-                     on_open=self.d.dataplane.on_stream, limits=session_config(self.d.config).tunnel,
+                     on_open=self._from_worker, limits=session_config(self.d.config).tunnel,
                      max_buffer=g.max_peer_send_buffer, account=self.d.tunnel_bytes)
         rib = self.d.core.rib
         if rib.opener is not None:
-            ch.mux.sealer = relay_sealer(self.d.id, rib.opener)
+            ch.mux.sealer = relay_sealer(self.d.id, rib.opener, self._registered)
         self.channels[st.index] = ch
         self._feeds[st.index] = FeedOut()
         try:
@@ -297,6 +297,24 @@ class Workers:
             return True
         return False
 
+    def _registered(self, ext: Any) -> bool:
+        return ext.instance in self.d.registrations.registry.entries
+
+    def adopt(self, mux: Any) -> None:
+        """A peer session's Mux (the daemon's LinkUp): a sealed stream for one of our instances is
+        opened by its owner worker only (handoff.owner), so the replay window it meets is one."""
+        rib = self.d.core.rib
+        if mux.sealer is not None:
+            mux.sealer = PartSealer(mux.sealer, lambda: rib.opener, self._registered)
+
+    def _from_worker(self, stream: TunnelStream) -> None:
+        """A stream a worker opened on its channel: towards a peer (relayed as a transit), or a peer's
+        sealed stream for our instances that worker does not own (to the owner)."""
+        if still_sealed(stream) and stream.ext is not None and stream.ext.origin == self.d.id:
+            self.on_peer_stream(stream)
+            return
+        self.d.dataplane.on_stream(stream)
+
     def on_peer_stream(self, stream: TunnelStream) -> None:
         """A peer's stream (the daemon's muxes call this): for one of our instances, handed to a
         worker (its share of the instance's bounds admits it); anything else as without workers."""
@@ -309,7 +327,13 @@ class Workers:
         if not live:  # our instances are called from workers only: no share of them is this process's
             stream.reset(ResetCode.REFUSED, False, f"{self.d.id}: no worker to take it now")
             return
-        slot = self._pick(live, ext.instance)
+        if still_sealed(stream):  # its owner opens it, whichever session or channel it came on
+            slot = owner(ext.eph, self.n)  # type: ignore[arg-type]
+            if slot not in live:
+                stream.reset(ResetCode.REFUSED, False, f"{self.d.id}: its worker is not up now")
+                return
+        else:
+            slot = self._pick(live, ext.instance)
         self.d.nursery.start_soon(self._hand, stream, self.channels[slot])
 
     def _pick(self, live: list[int], iid: str) -> int:
@@ -324,7 +348,7 @@ class Workers:
         return min(order, key=admitted)
 
     async def _hand(self, stream: TunnelStream, ch: Channel) -> None:
-        self.d.stats["handed_to_workers"] += 1  # a sealed one was opened here (Mux.sealer): it goes on plain
+        self.d.stats["handed_to_workers"] += 1
         await pass_on(self.d.dataplane.plane, stream, ch.mux, self.d.dataplane.limits.body_idle_timeout_s, ch.name)
 
     async def _read(self, st: WorkerState, reports: trio.lowlevel.FdStream) -> None:
