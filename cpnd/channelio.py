@@ -36,7 +36,8 @@ def _refuse(stream: TunnelStream) -> None:
 
 
 class ChannelIO:
-    """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``pump``), for data channels."""
+    """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``held``, ``pump``,
+    ``flush_held``, ``_connection_gone``), for data channels: kept in step with daemon.Daemon's."""
 
     def __init__(self, config: Config, rib: Rib, *, n: int = 1, on_stream: Callable[[TunnelStream], None] | None = None,
                  owns: Callable[[Any], bool] | None = None) -> None:
@@ -50,6 +51,7 @@ class ChannelIO:
         self.rib = rib
         self.conns: dict[Link, Connection] = {}
         self.paused: set[Connection] = set()
+        self.held: set[Connection] = set()  # connections with bytes queued but not yet written (flush_held)
         self.tunnel_bytes = BufferAccount()
         self.nursery: trio.Nursery | None = None
         self._wake = trio.Event()
@@ -119,6 +121,10 @@ class ChannelIO:
         for conn in [c for c in self.paused if c._done.is_set() or core.wants_data(c.link)]:
             self.paused.discard(conn)
             conn._readable.set()
+
+    def flush_held(self) -> None:
+        while self.held:
+            self.held.pop().flush()
 
     def _on_event(self, event: object) -> None:
         if isinstance(event, TunnelData):
