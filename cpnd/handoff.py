@@ -60,8 +60,13 @@ class Channel:
 
     # ---- what the Mux calls (streams.Connection)
 
-    def send_tunnel(self, frame: bytes, *, flush: bool = False) -> None:
+    def send_tunnel(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
+        """``flush``/``soon`` (when to write, for a peer connection) do not matter here: the writer takes all."""
         self._enqueue(encode(TUNNEL, frame))
+
+    @property
+    def congested(self) -> bool:
+        return self._out_bytes > HIGH_WATER
 
     async def wait_writable(self) -> None:
         while self._out_bytes > HIGH_WATER and not self.done.is_set():
