@@ -114,6 +114,7 @@ class GatewayConfig:
     preauth_timeout_ms: int = 2000
     max_preauth_connections: int = 64
     max_preauth_per_ip: int = 8
+    max_data_channels_per_peer: int = 8  # data-only sessions a peer's workers may add beside its session (session.md)
     load_adv_interval_ms: int = 200
     drain_timeout_ms: int = 5000
     graceful_restart_ms: int = 0
@@ -476,6 +477,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
         max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),
         max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),
+        max_data_channels_per_peer=r.number(g, (*gw, "max_data_channels_per_peer"), 0, 64, 8, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
         graceful_restart_ms=r.number(g, (*gw, "graceful_restart_ms"), 0, MAX_RESTART_MS, 0, integer=True),
@@ -499,10 +501,6 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     )
     if gateway.workers > 1 and gateway.http_listen is None and gateway.https_listen is None:
         raise r.error((*gw, "workers"), "set above 1 without http_listen or https_listen (workers serve users)")
-    if gateway.workers > 1 and data.get("peers"):
-        # Workers have no tunnel sessions yet, and a peer's request would reach our instances from the
-        # control process beside the workers' shares of their capacity (README, "Workers").
-        raise r.error((*gw, "workers"), "set above 1 with [[peers]]: not supported yet (workers serve local instances only)")
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
     server_tls = _server_tls(r, gateway)

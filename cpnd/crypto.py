@@ -120,9 +120,15 @@ def _lp(s: str) -> bytes:
     return bytes([len(b)]) + b
 
 
-def transcript_hash(version: int, initiator: str, responder: str, eph_i: bytes, eph_r: bytes) -> bytes:
-    """SHA-256 over everything both sides must agree on (protocol-spec/handshake.md)."""
-    return hashlib.sha256(b"cpn/1" + bytes([version]) + _lp(initiator) + _lp(responder) + eph_i + eph_r).digest()
+def transcript_hash(version: int, initiator: str, responder: str, eph_i: bytes, eph_r: bytes, *,
+                    data_channel: bool = False) -> bytes:
+    """SHA-256 over everything both sides must agree on (protocol-spec/handshake.md); a data
+    channel's (HELLO `dc`) ends with DATA_CHANNEL_TAG, so the flag is signed as the rest is."""
+    tail = DATA_CHANNEL_TAG if data_channel else b""
+    return hashlib.sha256(b"cpn/1" + bytes([version]) + _lp(initiator) + _lp(responder) + eph_i + eph_r + tail).digest()
+
+
+DATA_CHANNEL_TAG = b"data-channel"
 
 
 def derive_keys(shared: bytes, th: bytes) -> tuple[bytes, bytes]:
@@ -149,6 +155,7 @@ class Handshake:
         expected_peer: str | None = None,
         versions: tuple[int, ...] = SUPPORTED_VERSIONS,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        data_channel: bool = False,
     ) -> None:
         if role is Role.INITIATOR and expected_peer is None:
             raise ValueError("an initiator must know which peer it dials")
@@ -165,11 +172,12 @@ class Handshake:
         self.peer_id: str | None = None
         self.version: int | None = None
         self.complete = False
+        self.data_channel = data_channel  # the initiator's choice; the responder learns it from HELLO
 
     def start(self) -> bytes:
         """The initiator's HELLO body."""
         assert self.role is Role.INITIATOR and self.expected_peer is not None
-        return encode_handshake(Hello(self._versions, self.local_id, self.expected_peer, self._eph_pub))
+        return encode_handshake(Hello(self._versions, self.local_id, self.expected_peer, self._eph_pub, self.data_channel))
 
     @property
     def transcript(self) -> bytes:
@@ -229,7 +237,8 @@ class Handshake:
             raise ProtocolError(Code.HANDSHAKE, HandshakeSub.UNKNOWN_PEER, f"{msg.id!r} is not in the peer list")
         self.version = max(common)
         self.peer_id = msg.id
-        self._th = transcript_hash(self.version, msg.id, self.local_id, msg.eph, self._eph_pub)
+        self.data_channel = msg.data
+        self._th = transcript_hash(self.version, msg.id, self.local_id, msg.eph, self._eph_pub, data_channel=msg.data)
         self._keys = derive_keys(self._shared(msg.eph), self._th)
         sig = self._key.sign(_RESPONDER_CONTEXT + self._th)
         return encode_handshake(HelloAck(self.version, self.local_id, self._eph_pub, sig))
@@ -241,7 +250,7 @@ class Handshake:
             raise ProtocolError(Code.HANDSHAKE, HandshakeSub.WRONG_PEER, f"dialled {self.expected_peer!r}, answered by {msg.id!r}")
         self.version = msg.version
         self.peer_id = msg.id
-        self._th = transcript_hash(msg.version, self.local_id, msg.id, self._eph_pub, msg.eph)
+        self._th = transcript_hash(msg.version, self.local_id, msg.id, self._eph_pub, msg.eph, data_channel=self.data_channel)
         self._verify(msg.id, _RESPONDER_CONTEXT, msg.sig)
         self._keys = derive_keys(self._shared(msg.eph), self._th)
         self.complete = True

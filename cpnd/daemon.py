@@ -301,7 +301,7 @@ class _Instances:
         for iid, meter in dp.meters.items():
             meter.expire(now)
             out[iid] = (round(meter.load(now), 3), round(meter.bounded_load(now), 3), round(meter.base_us))
-            if self.d.workers is not None:  # the workers call our instances, not this process
+            if self.d.workers is not None and iid not in self.d.registrations.registry.entries:  # workers call them
                 out[iid] = self.d.workers.advertised(iid, meter.capacity, meter.base_us)
         # The core looks every 50 ms: the data plane's suppressed-line counts go out on the same beat.
         dp.flush_log_counts()
@@ -343,6 +343,8 @@ class Daemon:
         self.clients = ClientTable.from_config(config)  # [[clients]]: keys and quotas at the ingress
         self.registrations = Registrations(self)  # instances that join by cpnctl register or HTTP
         self.workers = Workers(self) if g.workers > 1 else None  # users served by N processes (README, "Workers")
+        if self.workers is not None:  # workers: fed the Loc-RIB as it changes, handed peers' streams for our instances
+            self.core.observe = self.workers.rib_changed
 
     @property
     def config(self) -> Config:
@@ -524,9 +526,11 @@ class Daemon:
                 assert ours is not None
                 settings = mux_settings(ours, s.peer_tunnel, LARGE_DATA_CAP in s.agreed_caps,
                                         timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
-                conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, self.dataplane.on_stream, settings,
-                               self.tunnel_bytes)
+                on_open = self.workers.on_peer_stream if self.workers is not None else self.dataplane.on_stream  # workers
+                conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, on_open, settings, self.tunnel_bytes)
                 conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, event.link.peer.config.id)
+                if self.workers is not None:  # workers: a sealed stream to us is opened by its owner worker
+                    self.workers.adopt(conn.mux)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
             if conn is not None:
@@ -583,8 +587,11 @@ class Daemon:
         link = self.core.established_link(peer_id)
         return self.conns.get(link) if link is not None else None
 
-    def _accept(self, nursery: trio.Nursery, stream: trio.SocketStream) -> None:
+    def _accept(self, nursery: trio.Nursery, stream: trio.SocketStream, *, sorted_out: bool = False) -> None:
         """A pre-auth slot for an inbound connection (the oldest pending one's, if need be), and its task."""
+        if not sorted_out and self.workers is not None and self.workers.fd_socks:  # workers: a peer's data channel?
+            nursery.start_soon(self.workers.sort_out, stream, functools.partial(self._accept, nursery, sorted_out=True))
+            return
         try:
             source = stream.socket.getpeername()[0]
         except OSError:
@@ -605,7 +612,7 @@ class Daemon:
             for inst in svc.instances:
                 meter = dp.meters[inst.id]
                 load, bload, comp, inflight = meter.load(now), meter.bounded_load(now), meter.base_us, meter.inflight
-                if self.workers is not None:  # the workers call the instances: their latest reports
+                if self.workers is not None and inst.id not in self.registrations.registry.entries:  # the workers' reports
                     load, bload, comp = self.workers.advertised(inst.id, meter.capacity, meter.base_us)
                     inflight = self.workers.inflight(inst.id)
                 instances.append(InstanceStatus(

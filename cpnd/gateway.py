@@ -23,7 +23,7 @@ import attrs
 from .admission import Slot, SlotTable, Tally, preauth_budget
 from .config import Address, Config, GatewayConfig, PeerConfig, peer_overhead
 from .crypto import Role, public_key_b64
-from .errors import CeaseSub, Code, ConfigError, HandshakeSub, ProtocolError
+from .errors import CeaseSub, Code, ConfigError, FsmSub, HandshakeSub, ProtocolError
 from .limits import TokenBucket
 from .load import LoadPacer, Stage
 from .names import service_label
@@ -154,6 +154,7 @@ class Peer:
     # sessions: reconnecting does not refill it.
     inbound: TokenBucket
     links: dict[Link, None] = attrs.field(factory=dict)  # insertion-ordered set
+    channels: dict[Link, None] = attrs.field(factory=dict)  # its data channels (session.md, "Data channels")
     status: str = "idle"  # idle | connect | active (waiting to retry)
     last_error: str = ""
     established_at: float | None = None
@@ -434,6 +435,8 @@ class Gateway:
         peer = link.peer
         if peer is None:
             return
+        if peer.channels.pop(link, 0) is None:  # a data channel: nothing to redial
+            return
         peer.links.pop(link, None)
         if peer.removed or peer.config.passive:
             return
@@ -529,7 +532,7 @@ class Gateway:
             peer = self.peers.pop(pid)
             peer.removed = True
             sub = CeaseSub.PEER_DECONFIGURED if pid in gone else CeaseSub.CONFIG_CHANGE
-            for link in list(peer.links):
+            for link in [*peer.links, *peer.channels]:
                 self.close(link, Code.CEASE, sub, "peer removed from the config" if pid in gone else "peer settings changed")
         for pid in (pid for pid in wanted if pid not in self.peers):
             self.peers[pid] = _peer(new, wanted[pid], self.rng)
@@ -700,6 +703,9 @@ class Gateway:
         if peer is None:  # removed by a reload while this handshake ran
             self.close(link, Code.CEASE, CeaseSub.PEER_DECONFIGURED, f"{event.peer_id} is no longer configured")
             return
+        if link.session.data_channel:
+            self._accept_channel(link, peer)
+            return
         link.session.use_inbound_bucket(peer.inbound)
         if link.peer is None:
             self._attach(link, peer)
@@ -724,9 +730,25 @@ class Gateway:
             text = "connection collision resolution"
         self.close(loser, Code.CEASE, CeaseSub.COLLISION, text)
 
+    def _accept_channel(self, link: Link, peer: Peer) -> None:
+        """A data channel from ``peer``: beside its established session, no collision (session.md, "Data channels")."""
+        limit = self.config.gateway.max_data_channels_per_peer
+        full = len(peer.channels) >= limit
+        link.peer = peer
+        peer.channels[link] = None  # until the shell hangs up, refused or not
+        if self.established_link(peer.config.id) is None:
+            self.close(link, Code.CEASE, CeaseSub.CONNECTION_REJECTED, "a data channel needs an established session")
+        elif full:
+            self.stats["data_channels_refused"] += 1
+            self.close(link, Code.CEASE, CeaseSub.CONNECTION_REJECTED, f"at most {limit} data channels")
+
     def _on_established(self, link: Link, event: Established, now: float) -> None:
         peer = link.peer
         assert peer is not None
+        if link.session.data_channel:  # tunnel streams only: the shell attaches them, routing never hears of it
+            self.stats["data_channels"] += 1
+            self._events.append(LinkUp(link))
+            return
         s = link.session
         peer.established_at = now
         peer.backoff.reset()
@@ -750,7 +772,7 @@ class Gateway:
         self._events.append(LinkUp(link))
 
     def _on_rtt(self, link: Link, event: RttMeasured, now: float) -> None:
-        if not link.established or link.peer is None:
+        if not link.established or link.peer is None or link.session.data_channel:
             return
         pid = link.peer.config.id
         cost = link_cost_after(self.rib.link_cost_us.get(pid), event.min_rtt)
@@ -760,6 +782,9 @@ class Gateway:
     def _on_update(self, link: Link, event: UpdateReceived, now: float) -> None:
         """One UPDATE, or one slice of one (session.UPDATE_SLICE entries at most); empty: End-of-RIB."""
         assert link.peer is not None
+        if link.session.data_channel:
+            self.close(link, Code.FSM, FsmSub.UNEXPECTED_IN_ESTABLISHED, "UPDATE on a data channel")
+            return
         pid = link.peer.config.id
         self.stats["route_entries_in"] += len(event.update.adv) + len(event.update.wd)
         if not event.update.adv and not event.update.wd:
@@ -783,6 +808,9 @@ class Gateway:
     def _on_closed(self, link: Link, event: Closed, now: float) -> None:
         self._events.append(LinkDown(link, event))
         peer = link.peer
+        if peer is not None and link in peer.channels:
+            log.debug("%s: a data channel of %s ended: %s", self.id, peer.config.id, event.describe())
+            return
         name = peer.config.id if peer else link.remote
         if peer is None:  # a stranger that never authenticated: a flood of these costs one line a second
             self.stats["preauth_closed"] += 1
@@ -800,6 +828,8 @@ class Gateway:
         peer.last_error = event.describe()
         if was_up:
             self._peer_down(peer, link, event, now)
+            for channel in list(peer.channels):  # they carry data for this session alone
+                self.close(channel, Code.CEASE, CeaseSub.CONNECTION_REJECTED, "its session ended")
 
     def _peer_down(self, peer: Peer, link: Link, event: Closed, now: float) -> None:
         """An established session ended: keep the peer's routes as stale for its graceful restart or a

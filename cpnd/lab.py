@@ -395,6 +395,8 @@ def run_lab(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"cpnd lab: {exc}", file=sys.stderr)
             return 2
+    if getattr(args, "workers", None):
+        topo = attrs.evolve(topo, gateway_options={**topo.gateway_options, "workers": args.workers})
     tmp = None
     if args.dir:
         workdir = Path(args.dir).resolve()
@@ -419,6 +421,10 @@ def run_lab(args: argparse.Namespace) -> int:
             print(f"{gw} http={spec.http} control={spec.control}", flush=True)
         try:
             lab.wait_for(lambda: stop["flag"] or lab.converged(topo), args.timeout, "every RIB to converge")
+            if getattr(args, "workers", None):  # and every worker serving (a worker's start takes a second or so)
+                lab.wait_for(lambda: stop["flag"] or all(w["report_age_ms"] is not None for gw in specs
+                                                         for w in lab.query(gw, "status")["workers"]),
+                             args.timeout, "every worker to report")
         except (TimeoutError, RuntimeError) as exc:
             print(f"cpnd lab: {exc}; logs in {workdir}", file=sys.stderr)
             return 1

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--dir", help="working directory for keys, configs and sockets (default: a temporary one)")
     lab.add_argument("--selection", choices=["per-request", "per-connection", "dns-ttl"], default="per-request")
     lab.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for convergence (default 30)")
+    lab.add_argument("--workers", type=int, metavar="N",
+                     help="[gateway] workers = N on every gateway (default: the topology's, else 1)")
     lab.add_argument("--log-level", dest="lab_log_level", choices=["debug", "info", "warning", "error"], default="warning")
     return p
 

@@ -409,24 +409,30 @@ class Rib:
             if new == old:
                 continue
             changed.add(key)
-            if new is None:
-                del self.loc[key]
-                svc = self.by_service.get(key[0])
-                if svc is not None:
-                    svc.discard(key)
-                    if not svc:
-                        del self.by_service[key[0]]
-                        label = service_label(key[0])
-                        self.by_label[label].discard(key[0])
-                        if not self.by_label[label]:
-                            del self.by_label[label]
-            else:
-                self.loc[key] = new
-                if key[0] not in self.by_service:
-                    self.by_service[key[0]] = set()
-                    self.by_label.setdefault(service_label(key[0]), set()).add(key[0])
-                self.by_service[key[0]].add(key)
+            self.put(key, new)
         return changed
+
+    def put(self, key: Key, new: Best | None) -> None:
+        """Set (None: remove) the best path of ``key`` and its indexes; a worker's mirror of the
+        control process's Loc-RIB (cpnd/ribfeed.py) sets it directly."""
+        if new is None:
+            if self.loc.pop(key, None) is None:
+                return
+            svc = self.by_service.get(key[0])
+            if svc is not None:
+                svc.discard(key)
+                if not svc:
+                    del self.by_service[key[0]]
+                    label = service_label(key[0])
+                    self.by_label[label].discard(key[0])
+                    if not self.by_label[label]:
+                        del self.by_label[label]
+        else:
+            self.loc[key] = new
+            if key[0] not in self.by_service:
+                self.by_service[key[0]] = set()
+                self.by_label.setdefault(service_label(key[0]), set()).add(key[0])
+            self.by_service[key[0]].add(key)
 
     def _select(self, key: Key) -> Best | None:
         cands = self.candidates(key)

@@ -13,6 +13,7 @@ import enum
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -254,8 +255,11 @@ class Session:
         expected_peer: str | None = None,
         config: SessionConfig = SessionConfig(),
         random_bytes: Callable[[int], bytes] | None = None,
+        data_channel: bool = False,
     ) -> None:
-        kw = {"random_bytes": random_bytes} if random_bytes else {}
+        kw: dict[str, Any] = {"random_bytes": random_bytes} if random_bytes else {}
+        if data_channel:
+            kw["data_channel"] = True
         self.role = role
         self.local_id = local_id
         self.config = config
@@ -290,6 +294,11 @@ class Session:
         self._now = now
         if role is Role.INITIATOR:
             self._out += frame(self._hs.start())
+
+    @property
+    def data_channel(self) -> bool:
+        """A data channel (HELLO `dc`; session.md, "Data channels"): tunnel streams only, no routes."""
+        return self._hs.data_channel
 
     @property
     def min_rtt(self) -> float | None:

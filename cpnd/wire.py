@@ -205,6 +205,7 @@ class Hello:
     id: str
     to: str
     eph: bytes
+    data: bool = False  # `dc`: a data channel beside the main session (session.md, "Data channels")
 
 
 @attrs.frozen
@@ -234,6 +235,8 @@ def encode_handshake(msg: HandshakeMessage) -> bytes:
     """Encode a handshake message body (not yet framed)."""
     if isinstance(msg, Hello):
         d: dict[str, Any] = {"t": MsgType.HELLO, "v": list(msg.versions), "id": msg.id, "to": msg.to, "eph": msg.eph}
+        if msg.data:
+            d["dc"] = True  # only ever sent as true
     elif isinstance(msg, HelloAck):
         d = {"t": MsgType.HELLO_ACK, "v": msg.version, "id": msg.id, "eph": msg.eph, "sig": msg.sig}
     elif isinstance(msg, Finish):
@@ -250,12 +253,14 @@ def decode_handshake(body: bytes) -> HandshakeMessage:
         t = m["t"]
         hs = (Code.HANDSHAKE, HandshakeSub.MALFORMED)
         if t == MsgType.HELLO:
-            _keys(m, ("t", "v", "id", "to", "eph"), "hello", *hs)
+            _keys(m, ("t", "v", "id", "to", "eph", *(("dc",) if "dc" in m else ())), "hello", *hs)
+            if "dc" in m and m["dc"] is not True:
+                raise _bad("dc: must be true when present", *hs)
             v = m["v"]
             if type(v) is not list or not 1 <= len(v) <= 8 or any(type(x) is not int or not 0 < x < 256 for x in v):
                 raise _bad("v: must be a list of 1-8 versions in [1, 255]", *hs)
             to = "" if m["to"] == "" else _ident(m, "to", *hs)  # "" = whoever answers (identified by key)
-            return Hello(tuple(v), _ident(m, "id", *hs), to, _bin(m, "eph", 32))
+            return Hello(tuple(v), _ident(m, "id", *hs), to, _bin(m, "eph", 32), "dc" in m)
         if t == MsgType.HELLO_ACK:
             _keys(m, ("t", "v", "id", "eph", "sig"), "hello-ack", *hs)
             return HelloAck(_int(m, "v", 1, 255), _ident(m, "id", *hs), _bin(m, "eph", 32), _bin(m, "sig", 64))

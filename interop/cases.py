@@ -188,6 +188,62 @@ def _collision(t: Target) -> None:
         second.close()
 
 
+@case("data-channel-beside-session", "session.md#data-channels")
+def _data_channel(t: Target) -> None:
+    # A data channel comes up beside the session without a collision; both stay usable.
+    main = t.session()
+    dc = t.peer()
+    try:
+        their_open = dc.open_session(caps=["tunnel"], dc=True)
+        assert "tunnel" in their_open["caps"], their_open
+        for p in (main, dc):
+            p.send_msg({"t": KEEPALIVE, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+        main.send_msg({"t": ROUTE_REFRESH})
+        main.recv(3)  # the session answers (its routes, or End-of-RIB): it was not closed
+        _, msg = dc.recv(3)
+        assert msg.get("t") == KEEPALIVE, f"expected only KEEPALIVE on a data channel, got {msg}"
+    finally:
+        main.close()
+        dc.close()
+
+
+@case("data-channel-without-session", "session.md#data-channels (6/5)")
+def _data_channel_alone(t: Target) -> None:
+    p = t.peer()
+    try:
+        p.open_session(caps=["tunnel"], dc=True)
+    except Closed as c:
+        p.close()
+        assert c.error is not None and c.error[:2] == (6, 5), c.error
+        return
+    expect(p, 6, 5)
+
+
+@case("data-channel-ends-with-session", "session.md#data-channels (6/5)")
+def _data_channel_ends(t: Target) -> None:
+    main = t.session()
+    dc = t.peer()
+    try:
+        dc.open_session(caps=["tunnel"], dc=True)
+        main.close()  # the session ends: the target closes the data channel too
+        err = dc.expect_error(5.0)
+        assert err is not None and err[:2] == (6, 5), f"the data channel was not closed with 6/5: {err}"
+    finally:
+        dc.close()
+
+
+@case("data-channel-update", "session.md#data-channels (5/3)")
+def _data_channel_update(t: Target) -> None:
+    main = t.session()
+    dc = t.peer()
+    try:
+        dc.open_session(caps=["tunnel"], dc=True)
+        dc.send_msg({"t": UPDATE, "adv": [], "wd": []})  # even End-of-RIB
+        expect(dc, 5, 3)
+    finally:
+        main.close()
+
+
 # ---------------------------------------------------------------- records
 
 

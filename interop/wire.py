@@ -64,9 +64,11 @@ def parse_pub(b64: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(base64.b64decode(b64, validate=True))
 
 
-def transcript(version: int, initiator: str, responder: str, eph_i: bytes, eph_r: bytes) -> bytes:
+def transcript(version: int, initiator: str, responder: str, eph_i: bytes, eph_r: bytes, dc: bool = False) -> bytes:
+    """handshake.md's th; a data channel's (HELLO `dc`) ends with "data-channel"."""
     lp = lambda s: bytes([len(s.encode())]) + s.encode()  # noqa: E731
-    return hashlib.sha256(b"cpn/1" + bytes([version]) + lp(initiator) + lp(responder) + eph_i + eph_r).digest()
+    tail = b"data-channel" if dc else b""
+    return hashlib.sha256(b"cpn/1" + bytes([version]) + lp(initiator) + lp(responder) + eph_i + eph_r + tail).digest()
 
 
 def traffic_keys(shared: bytes, th: bytes) -> tuple[bytes, bytes]:
@@ -137,11 +139,13 @@ class Peer:
     # ---- handshake
 
     def hello(self, *, versions: list[int] | None = None, my_id: str | None = None, to: str | None = None,
-              eph: bytes | None = None) -> X25519PrivateKey:
+              eph: bytes | None = None, dc: bool = False) -> X25519PrivateKey:
         e = X25519PrivateKey.generate()
-        self.send_raw(frame(pack({"t": HELLO, "v": versions or [1], "id": my_id or self.my_id,
-                                  "to": to if to is not None else (self.target_id or ""),
-                                  "eph": eph if eph is not None else raw_pub(e)})))
+        msg = {"t": HELLO, "v": versions or [1], "id": my_id or self.my_id,
+               "to": to if to is not None else (self.target_id or ""), "eph": eph if eph is not None else raw_pub(e)}
+        if dc:
+            msg["dc"] = True  # a data channel (session.md, "Data channels")
+        self.send_raw(frame(pack(msg)))
         return e
 
     def read_handshake(self) -> dict[str, Any]:
@@ -151,13 +155,13 @@ class Peer:
             raise Closed((msg["code"], msg["sub"], msg["msg"]))
         return msg
 
-    def handshake(self, *, sign_with: Ed25519PrivateKey | None = None) -> None:
-        e = self.hello()
+    def handshake(self, *, sign_with: Ed25519PrivateKey | None = None, dc: bool = False) -> None:
+        e = self.hello(dc=dc)
         ack = self.read_handshake()
         if ack.get("t") != HELLO_ACK or (self.target_id is not None and ack["id"] != self.target_id):
             raise AssertionError(f"expected HELLO-ACK from {self.target_id or 'the target'}, got {ack}")
         self.target_id = ack["id"]
-        th = transcript(ack["v"], self.my_id, ack["id"], raw_pub(e), ack["eph"])
+        th = transcript(ack["v"], self.my_id, ack["id"], raw_pub(e), ack["eph"], dc)
         try:
             self.target_pub.verify(ack["sig"], b"cpn/1 responder\x00" + th)
         except InvalidSignature:
@@ -194,13 +198,14 @@ class Peer:
         return ctype, msg
 
     def open_session(self, hold_ms: int = 3000, caps: list[str] | None = None,
-                     tw: list[int] | None = None, limits: tuple[int, int, int] | None = None) -> dict[str, Any]:
+                     tw: list[int] | None = None, limits: tuple[int, int, int] | None = None, dc: bool = False) -> dict[str, Any]:
         """Handshake, OPEN both ways (and LIMITS, when ``caps`` and the target's both list
         route-limits: ``limits`` = routes, rate, burst) and the first KEEPALIVEs; the target's OPEN.
 
         ``tw``: our tunnel limits, sent with the `tunnel-window` capability (tunnel.md, "Flow control").
+        ``dc``: a data channel (session.md, "Data channels").
         """
-        self.handshake()
+        self.handshake(dc=dc)
         ts = int(time.monotonic() * 1e6)
         caps = caps if caps is not None else ["route-refresh", "tunnel"]
         mine: dict[str, Any] = {"t": OPEN, "id": self.my_id, "hold": hold_ms, "caps": caps, "ts": ts}

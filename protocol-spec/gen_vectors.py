@@ -212,12 +212,14 @@ def origin_vectors() -> dict:
     }
 
 
-def handshake_vector() -> dict:
+def handshake_vector(data_channel: bool = False) -> dict:
+    """A session's handshake, or with ``data_channel`` a data channel's (HELLO `dc`, its transcript's tail)."""
     k1 = Ed25519PrivateKey.from_private_bytes(seed("gw1 identity"))
     k2 = Ed25519PrivateKey.from_private_bytes(seed("gw2 identity"))
     peers1 = {"gw2": k2.public_key()}
     peers2 = {"gw1": k1.public_key()}
-    init = Handshake(Role.INITIATOR, "gw1", k1, peers1, expected_peer="gw2", random_bytes=lambda n: seed("gw1 ephemeral")[:n])
+    init = Handshake(Role.INITIATOR, "gw1", k1, peers1, expected_peer="gw2", random_bytes=lambda n: seed("gw1 ephemeral")[:n],
+                     data_channel=data_channel)
     resp = Handshake(Role.RESPONDER, "gw2", k2, peers2, random_bytes=lambda n: seed("gw2 ephemeral")[:n])
     hello = init.start()
     ack = resp.receive(hello)
@@ -226,7 +228,8 @@ def handshake_vector() -> dict:
     i_send, i_recv = init.traffic_keys()
     rec_i = RecordLayer(i_send, i_recv)
     rec_r = RecordLayer(*resp.traffic_keys())
-    open_i = rec_i.seal(ContentType.CONTROL, encode_message(Open("gw1", 3000, ("route-refresh",), 1_000_000)))
+    caps = ("tunnel",) if data_channel else ("route-refresh",)
+    open_i = rec_i.seal(ContentType.CONTROL, encode_message(Open("gw1", 3000, caps, 1_000_000)))
     ka_i = rec_i.seal(ContentType.CONTROL, encode_message(Keepalive(1_000_100, 0, 0)))
     open_r = rec_r.seal(ContentType.CONTROL, encode_message(Open("gw2", 3000, ("route-refresh",), 5_000_000)))
     return {
@@ -241,7 +244,7 @@ def handshake_vector() -> dict:
         "key_initiator_to_responder": i_send.hex(),
         "key_responder_to_initiator": i_recv.hex(),
         "initiator_records": [
-            {"counter": 0, "content_type": 1, "meaning": "OPEN gw1 hold 3000 caps [route-refresh] ts 1000000", "frame": open_i.hex()},
+            {"counter": 0, "content_type": 1, "meaning": f"OPEN gw1 hold 3000 caps [{caps[0]}] ts 1000000", "frame": open_i.hex()},
             {"counter": 1, "content_type": 1, "meaning": "KEEPALIVE ts 1000100 echo 0 dly 0", "frame": ka_i.hex()},
         ],
         "responder_records": [
@@ -440,6 +443,7 @@ def main() -> None:
         "labels": {svc: service_label(svc) for svc in ("/yolo", "/ai/llm/v1", "/ai/embed/v2")},
         "messages": message_vectors(),
         "handshake": handshake_vector(),
+        "handshake-data-channel": handshake_vector(data_channel=True),
         "tunnel": tunnel_vectors(),
         "forwarded": forwarded_vectors(),
         "http2": http2_vectors(),

@@ -87,7 +87,6 @@ def test_good_config(tmp_path) -> None:
     ('selection = "per-request"', 'selection = "per-request"\nworkers = 65', "gw1.toml:8: gateway.workers: must be between 1 and 64, got 65"),
     ('selection = "per-request"', 'selection = "per-request"\nworkers = "many"', """gw1.toml:8: gateway.workers: must be an integer or "auto", got 'many'"""),
     ('selection = "per-request"', 'selection = "per-request"\nworkers = 1.5', "gw1.toml:8: gateway.workers: must be an integer, got float"),
-    ('selection = "per-request"', 'selection = "per-request"\nworkers = 2', "gw1.toml:8: gateway.workers: set above 1 with [[peers]]"),
     ('http_listen = "127.0.0.1:8101"', 'workers = 2', "gw1.toml:4: gateway.workers: set above 1 without http_listen"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, old: str, new: str, expected: str) -> None:

@@ -155,13 +155,15 @@ def test_bad_public_keys(text: str, why: str) -> None:
         parse_public_key(text)
 
 
-def test_handshake_vector(vectors) -> None:
-    v = vectors["handshake"]
+@pytest.mark.parametrize("which", ["handshake", "handshake-data-channel"])
+def test_handshake_vector(vectors, which: str) -> None:
+    v = vectors[which]
     ki = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["initiator"]["identity_seed"]))
     kr = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(v["responder"]["identity_seed"]))
     assert public_key_b64(ki) == v["initiator"]["public_key"]
     init = Handshake(Role.INITIATOR, "gw1", ki, {"gw2": kr.public_key()}, expected_peer="gw2",
-                     random_bytes=lambda n: bytes.fromhex(v["initiator"]["ephemeral_seed"])[:n])
+                     random_bytes=lambda n: bytes.fromhex(v["initiator"]["ephemeral_seed"])[:n],
+                     data_channel=which == "handshake-data-channel")
     resp = Handshake(Role.RESPONDER, "gw2", kr, {"gw1": ki.public_key()},
                      random_bytes=lambda n: bytes.fromhex(v["responder"]["ephemeral_seed"])[:n])
     hello = init.start()
@@ -180,3 +182,4 @@ def test_handshake_vector(vectors) -> None:
         assert ctype == rec["content_type"]
         decode_message(payload)
     assert init.transcript.hex() == resp.transcript.hex() == v["transcript_hash"]
+    assert resp.data_channel is (which == "handshake-data-channel")

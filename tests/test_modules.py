@@ -12,8 +12,8 @@ PKG = ROOT / "cpnd"
 # Every module that decides without doing I/O: protocol, policy, parsing, the gateway core and
 # its simulated network. The rest (daemon, the data plane's parts, streams, control, metrics, aio, ...)
 # are trio shells.
-CORES = ("admission", "clients", "config", "crypto", "errors", "fleet", "forwarded", "gateway", "grpcmap", "heads", "health", "limits",
-         "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "seal", "select",
+CORES = ("admission", "channels", "clients", "config", "crypto", "errors", "fleet", "forwarded", "gateway", "grpcmap", "heads", "health", "limits",
+         "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "ribfeed", "seal", "select",
          "session", "status", "tls",
          "tunnel", "vnet", "wire")
 IO = {"trio", "socket", "select", "selectors", "asyncio", "subprocess", "threading"}
@@ -86,5 +86,5 @@ def test_cores_never_import_trio_or_sockets() -> None:
 def test_every_module_is_a_core_or_a_known_shell() -> None:
     shells = {"__init__", "__main__", "aio", "attempts", "body", "cli", "control", "daemon", "dataplane", "egress",
               "h1", "h2edge", "h2io", "h2up", "lab", "main", "metrics", "pipes", "plane", "probe", "registration", "relay", "simulate", "streams",
-              "tlsstream", "transit", "users", "worker", "workers"}
+              "tlsstream", "transit", "users", "worker", "workers", "handoff", "channelio"}
     assert set(graph()) == set(CORES) | shells  # a new module says which it is

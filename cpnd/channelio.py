@@ -1,0 +1,189 @@
+"""The trio shell of a worker's data channels (cpnd/channels.py): each a daemon.Connection with a
+``streams.Mux`` on it, as a peer session is in the control process, so a worker's tunnel streams go
+to the peer directly. Until a peer's data channel is up (or when the peer refuses one), the worker's
+streams go through the control process instead (cpnd/handoff.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from .channels import DataChannels
+from .config import Config
+from .daemon import Connection
+from .gateway import Dial, Link, LinkDown, LinkUp, TunnelData
+from .handoff import PartSealer
+from .errors import ProtocolError
+from .fleet import int_share
+from .policy import stream_sealer
+from .rib import Rib
+from .streams import BufferAccount, Mux, TunnelStream
+from .tunnel import LARGE_DATA_CAP, ResetCode, mux_settings
+from .wire import GATEWAY_TIME_CAP
+
+log = logging.getLogger("cpnd.worker")
+
+
+def _refuse(stream: TunnelStream) -> None:
+    """A stream the peer opened on a data channel: only the worker opens streams there (session.md)."""
+    stream.reset(ResetCode.REFUSED, False, "streams are opened only by a data channel's initiator")
+
+
+class ChannelIO:
+    """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``held``, ``pump``,
+    ``flush_held``, ``_connection_gone``), for data channels: kept in step with daemon.Daemon's."""
+
+    def __init__(self, config: Config, rib: Rib, *, n: int = 1, on_stream: Callable[[TunnelStream], None] | None = None,
+                 owns: Callable[[Any], bool] | None = None) -> None:
+        g = config.gateway
+        # This worker's share of what a peer may open here (session.md, "Data channels"), as with every bound.
+        self.core = DataChannels(config, inbound_limit=int_share(g.max_data_channels_per_peer, n),
+                                 pending_limit=int_share(g.max_preauth_connections, n))
+        self.on_stream = on_stream or _refuse  # streams a peer opens on its data channel to us
+        self.owns = owns  # which sealed streams to us this worker opens (the others go on to their owner)
+        self.config = config
+        self.rib = rib
+        self.conns: dict[Link, Connection] = {}
+        self.paused: set[Connection] = set()
+        self.held: set[Connection] = set()  # connections with bytes queued but not yet written (flush_held)
+        self.tunnel_bytes = BufferAccount()
+        self.nursery: trio.Nursery | None = None
+        self._wake = trio.Event()
+        self._pumping = False
+
+    def want(self, peers: Any) -> None:
+        """The peers with a session at the control process now: a data channel to each."""
+        self.core.want(peers, trio.current_time())
+        if self.nursery is not None:  # else the run loop's first round dials them
+            self.pump()
+
+    def conn(self, peer: str) -> Connection | None:
+        """The established data channel to ``peer`` with its Mux, if any."""
+        link = self.core.up(peer)
+        conn = self.conns.get(link) if link is not None else None
+        return conn if conn is not None and conn.mux is not None and not conn._done.is_set() else None
+
+    def accept(self, sock: socket.socket) -> None:
+        """A peer's data channel the control process handed us (its HELLO still unread): run it."""
+        assert self.nursery is not None
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        try:
+            host, port = sock.getpeername()[:2]
+        except OSError:
+            sock.close()
+            return
+        link = self.core.accept(f"{host}:{port}", trio.current_time())
+        conn = self.conns[link] = Connection(self, stream, link)  # type: ignore[arg-type]
+        self.nursery.start_soon(self._run, conn, link.remote)
+        self.pump()
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            core = self.core
+            while True:
+                core.handle_timer(trio.current_time())
+                self.pump()
+                self._wake = trio.Event()
+                core.timer_dirty = False
+                at = core.get_timer()
+                with trio.move_on_at(math.inf if at is None else at):
+                    await self._wake.wait()
+
+    def pump(self) -> None:
+        if self._pumping:
+            return
+        self._pumping = True
+        core = self.core
+        try:
+            while True:
+                links = core.links_with_data()
+                if not links and not core.has_events():
+                    break
+                for link in links:
+                    data = core.data_to_send(link)
+                    conn = self.conns.get(link)
+                    if conn is not None:
+                        conn.enqueue(data)
+                for event in core.events():
+                    self._on_event(event)
+        finally:
+            self._pumping = False
+        if core.timer_dirty:
+            core.timer_dirty = False
+            self._wake.set()
+        for conn in [c for c in self.paused if c._done.is_set() or core.wants_data(c.link)]:
+            self.paused.discard(conn)
+            conn._readable.set()
+
+    def flush_held(self) -> None:
+        while self.held:
+            self.held.pop().flush()
+
+    def _on_event(self, event: object) -> None:
+        if isinstance(event, TunnelData):
+            conn = self.conns.get(event.link)
+            if conn is not None and conn.mux is not None and not conn._done.is_set():
+                try:
+                    conn.mux.handle(event.payload)
+                except ProtocolError as exc:
+                    log.warning("%s: peer %s sent a bad tunnel frame on a data channel: %s", self.core.id,
+                                event.link.session.peer_id, exc)
+                    self.core.close(event.link, exc.code, exc.subcode, exc.detail)
+        elif isinstance(event, LinkUp):
+            conn = self.conns.get(event.link)
+            s = event.link.session
+            if conn is not None and s.tunnel_enabled and s.peer_id is not None:
+                ours = s.config.tunnel
+                assert ours is not None
+                settings = mux_settings(ours, s.peer_tunnel, LARGE_DATA_CAP in s.agreed_caps,
+                                        timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
+                # Ours carry our streams only; a peer's carry its streams, served here as the control process would.
+                on_open = _refuse if event.link.initiated else self.on_stream
+                conn.mux = Mux(conn, s.peer_id, event.link.initiated, on_open, settings, self.tunnel_bytes)
+                sealer = stream_sealer(self.rib, self.config, s.agreed_caps, s.peer_id)
+                if sealer is not None and self.owns is not None:
+                    sealer = PartSealer(sealer, lambda: self.rib.opener, self.owns)
+                conn.mux.sealer = sealer
+        elif isinstance(event, LinkDown):
+            conn = self.conns.get(event.link)
+            if conn is not None:
+                conn.down()
+        elif isinstance(event, Dial):
+            assert self.nursery is not None
+            self.nursery.start_soon(self._dial, event)
+
+    async def _dial(self, dial: Dial) -> None:
+        try:
+            with trio.fail_after(dial.timeout_s):
+                stream = await trio.open_tcp_stream(dial.address.host, dial.address.port)
+        except (OSError, trio.TooSlowError) as exc:
+            self.core.dial_failed(dial.peer_id, f"connect {dial.address}: {exc}", trio.current_time())
+            self.pump()
+            return
+        link = self.core.connected(dial.peer_id, trio.current_time())
+        if link is None:
+            await stream.aclose()
+            self.pump()
+            return
+        conn = self.conns[link] = Connection(self, stream, link)  # type: ignore[arg-type]
+        self.pump()
+        await self._run(conn, dial.peer_id)
+
+    async def _run(self, conn: Connection, who: str) -> None:
+        try:
+            await conn.run()
+        except Exception:  # a bug must cost this channel, never the worker
+            log.exception("%s: data channel with %s failed", self.core.id, who)
+
+    def _connection_gone(self, conn: Connection) -> None:
+        self.conns.pop(conn.link, None)
+        self.paused.discard(conn)
+        self.core.link_gone(conn.link, trio.current_time())
+        self.pump()

@@ -1,0 +1,159 @@
+"""The channel between the control process and one worker (``[gateway] workers = N`` with peers),
+sans-IO: its framing, and the worker's mirror of the control's Loc-RIB (a snapshot, then deltas).
+
+One unix stream socket per worker carries, both ways, tunnel frames exactly as a peer session's
+records would (protocol-spec/tunnel.md: the worker is the opener of the streams it sends towards
+peers, the control process of the streams it hands the worker for our instances), and from the
+control process to the worker the routes learnt from peers. Both ends are processes of one gateway
+started from one file: this is not protocol, never on a network.
+
+Frame: ``length u32 | kind u8 | payload`` (length counts kind and payload). Nothing here imports trio.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+import msgpack
+
+from .origin import Validation
+from .rib import Best, BestReason, Key, Rib, Route
+from .wire import RouteAdv, _decode_route, _route_dict
+
+TUNNEL = 1  # one tunnel frame (tunnel.md), either way
+RIB = 2  # one feed message (msgpack), control -> worker
+
+MAX_FRAME = 1 << 20  # a feed message of FEED_BATCH routes with certificates fits; more is a bug: the channel ends
+FEED_BATCH = 256  # Loc-RIB entries per feed message: the worker applies one between users' requests
+_HEAD = struct.Struct(">IB")
+
+
+class ChannelError(ValueError):
+    """The other end sent what no process of ours sends: the channel is given up."""
+
+
+def encode(kind: int, payload: bytes) -> bytes:
+    return _HEAD.pack(len(payload) + 1, kind) + payload
+
+
+class Deframer:
+    """Frames out of the byte stream, each checked against MAX_FRAME as soon as its head is in."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._buf += data
+        out, pos, buf = [], 0, self._buf
+        while len(buf) - pos >= _HEAD.size:
+            length, kind = _HEAD.unpack_from(buf, pos)
+            if not 1 <= length <= MAX_FRAME or kind not in (TUNNEL, RIB):
+                raise ChannelError(f"bad channel frame (length {length}, kind {kind})")
+            if len(buf) - pos < 4 + length:
+                break
+            out.append((kind, bytes(buf[pos + 5:pos + 4 + length])))
+            pos += 4 + length
+        del buf[:pos]
+        return out
+
+
+# ---------------------------------------------------------------- the control's side
+
+
+class FeedOut:
+    """What one worker still has to be told of the Loc-RIB: a set of keys (a key changed twice is
+    sent once, as it is then), so the backlog is bounded by the RIB itself whatever the worker's pace."""
+
+    def __init__(self) -> None:
+        self.dirty: set[Key] = set()
+        self.meta: Any = None  # (egress µs, transit µs, peers) as last sent
+        self.fresh = True  # nothing sent yet: the first messages are the snapshot
+
+    def mark(self, keys: Iterable[Key]) -> None:
+        self.dirty.update(keys)
+
+    def pending(self, rib: Rib, peers: Mapping[str, bool]) -> bool:
+        return self.fresh or bool(self.dirty) or self.meta != (rib.egress_us, rib.transit_us, dict(peers))
+
+    def take(self, rib: Rib, peers: Mapping[str, bool], now: float, *, xk: bytes | None = None) -> bytes | None:
+        """The next feed message (a framed RIB message), or None when the worker is up to date.
+        ``peers``: the peers with an established session, and whether it takes sealed streams;
+        ``xk``: the gateway's sealing private key, sent with the snapshot (a worker that accepts a
+        peer's data channel opens the sealed streams on it: tunnel.md, "Sealed streams")."""
+        if not self.pending(rib, peers):
+            return None
+        if self.fresh:
+            self.dirty |= set(rib.loc)
+        msg: dict[str, Any] = {"eg": rib.egress_us, "tr": rib.transit_us, "peers": dict(peers), "set": [], "del": []}
+        if self.fresh and xk is not None:
+            msg["xk"] = xk
+        self.fresh = False
+        self.meta = (rib.egress_us, rib.transit_us, dict(peers))
+        for _ in range(min(FEED_BATCH, len(self.dirty))):
+            key = self.dirty.pop()
+            best = rib.loc.get(key)
+            if best is None or best.route.peer is None:  # gone, or one of ours: the worker has its own
+                msg["del"].append(list(key))
+            else:
+                msg["set"].append(entry(best, now))
+        msg["synced"] = not self.dirty  # the worker is up to date as of now (at start: it holds the snapshot)
+        return encode(RIB, msgpack.packb(msg, use_bin_type=True))
+
+
+def entry(best: Best, now: float) -> list[Any]:
+    r = best.route
+    fresh = None if best.fresh is r.adv else _route_dict(best.fresh)
+    return [_route_dict(r.adv), r.peer, r.stale, r.validation.value, r.pref, best.latency_us, fresh,
+            best.reason.value, max(0.0, now - best.fresh_at)]
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+@attrs.define
+class Mirror:
+    """A worker's view of the control's Loc-RIB beyond its own instances."""
+
+    peers: dict[str, bool] = attrs.field(factory=dict)  # established peers -> takes sealed streams
+    received: int = 0  # entries applied (set and del), for status and tests
+    synced: bool = False  # the whole snapshot came (a worker serves users only from then on)
+    xk: bytes | None = None  # the gateway's sealing private key, from the snapshot
+
+    def apply(self, rib: Rib, payload: bytes, now: float) -> set[Key]:
+        """Apply one feed message to ``rib``; the keys that changed. ChannelError if malformed."""
+        try:
+            msg = msgpack.unpackb(payload, raw=False, strict_map_key=False, max_bin_len=MAX_FRAME)
+            rib.egress_us, rib.transit_us = int(msg["eg"]), int(msg["tr"])
+            self.peers = {str(k): bool(v) for k, v in msg["peers"].items()}
+            if "xk" in msg:
+                self.xk = bytes(msg["xk"])
+            changed: set[Key] = set()
+            for e in msg["set"]:
+                best = _best(e, now)
+                key = best.route.adv.key
+                if key not in rib.local:  # ours are served from our own config and health
+                    rib.put(key, best)
+                    changed.add(key)
+            for svc, origin, inst in msg["del"]:
+                key = (str(svc), str(origin), str(inst))
+                if key not in rib.local and key in rib.loc:
+                    rib.put(key, None)
+                    changed.add(key)
+        except ChannelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any shape error is the same error
+            raise ChannelError(f"bad feed message: {exc!r}") from None
+        self.received += len(msg["set"]) + len(msg["del"])
+        self.synced = self.synced or bool(msg.get("synced"))
+        return changed
+
+
+def _best(e: list[Any], now: float) -> Best:
+    adv, peer, stale, validation, pref, latency_us, fresh, reason, age = e
+    route_adv: RouteAdv = _decode_route(adv)
+    route = Route(route_adv, str(peer), now - float(age), stale=bool(stale), validation=Validation(validation), pref=int(pref))
+    return Best(route, int(latency_us), route_adv if fresh is None else _decode_route(fresh), BestReason(reason),
+                now - float(age))
