@@ -153,7 +153,7 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
             nursery.start_soon(worker)
 
 
-def run_clients(jobs: dict[str, tuple[str, dict[str, str]]], plan: list[tuple[int, float, float]],
+def run_clients(jobs: dict[str, tuple[str, dict[str, str]]], plans: dict[str, list[tuple[int, float, float]]],
                 start: float) -> list[dict[str, Any]]:
     """Every user's load from a process of its own (``--client``), as users are: one user's
     responses, or this process's sampling, never delay another's. ``start``: time.monotonic() of
@@ -163,7 +163,7 @@ def run_clients(jobs: dict[str, tuple[str, dict[str, str]]], plan: list[tuple[in
         for name, (hostport, headers) in jobs.items():
             procs[name] = subprocess.Popen([sys.executable, __file__, "--client"], stdin=subprocess.PIPE,
                                            stdout=subprocess.PIPE, text=True)
-            job = {"name": name, "hostport": hostport, "headers": headers, "plan": plan, "start": start}
+            job = {"name": name, "hostport": hostport, "headers": headers, "plan": plans[name], "start": start}
             assert procs[name].stdin is not None
             procs[name].stdin.write(json.dumps(job))
             procs[name].stdin.close()
@@ -198,14 +198,16 @@ def client_main() -> int:
     return 0
 
 
-def make_plan(rates: list[float], step_s: float, t0: float, prewarm_s: float = 0.0) -> list[tuple[int, float, float]]:
-    """(step, when, rate) of every request; ``prewarm_s`` of PREWARM_RATE first, as step -1 (never counted)."""
-    plan = [(-1, t0 + k / PREWARM_RATE, PREWARM_RATE) for k in range(int(prewarm_s * PREWARM_RATE))]
+def make_plan(rates: list[float], step_s: float, t0: float, prewarm_s: float = 0.0,
+              phase: float = 0.0) -> list[tuple[int, float, float]]:
+    """(step, when, rate) of every request; ``prewarm_s`` of PREWARM_RATE first, as step -1 (never counted).
+    ``phase`` (a fraction of the period) sets users apart: independent users do not send in lockstep."""
+    plan = [(-1, t0 + (k + phase) / PREWARM_RATE, PREWARM_RATE) for k in range(int(prewarm_s * PREWARM_RATE))]
     t0 += prewarm_s
     for i, rate in enumerate(rates):
         start = t0 + i * step_s
         n = max(1, int(rate * step_s))
-        plan += [(i, start + k / rate, rate) for k in range(n)]
+        plan += [(i, start + (k + phase) / rate, rate) for k in range(n)]
     return plan
 
 
@@ -281,12 +283,12 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         "estimate_ms": {r["instance"]: r["estimate"]["bounded_total_ms"] for r in best},
                                         "late": late_count})
 
-                plan = make_plan(rates, step_s, 0.0, prewarm_s)
                 jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
+                plans = {u: make_plan(rates, step_s, 0.0, prewarm_s, phase=i / len(jobs)) for i, u in enumerate(jobs)}
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 try:
-                    records = run_clients(jobs, plan, start)
+                    records = run_clients(jobs, plans, start)
                 finally:
                     done.set()
                     sampler.join()
