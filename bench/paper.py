@@ -23,8 +23,8 @@ processing gw1 measures per instance). CPN-Max-Latency is end to end (DESIGN.md 
 200 that u1's client sees later than 10 ms (plus CLIENT_ALLOWANCE_MS for this Python
 client on the same box) is counted late, a failure, not served, in every mode; gw1's own
 count of responses later than the bound (measured at the ingress) is reported beside it.
-Beside u1, in the same run and on the same schedule, a "floor" client sends the same request
-through the floor of our own stack on u1's usual path (FloorPath: two trio + h11 proxies with
+Beside u1, in the same run (at u1's rate up to 10 req/s: a probe, not a third user loading the
+machine), a "floor" client sends the same request through the floor of our own stack on u1's usual path (FloorPath: two trio + h11 proxies with
 gw1-gw3's emulated link between them, an instance with s1's compute): what any trio + h11 pair
 of gateways would add on this machine at this load.
 Writes paper.json, paper.csv and figures 10(a), 10(b), 11(a), 11(b) as PNG under --out.
@@ -71,8 +71,10 @@ SAMPLE_EVERY_S = 0.5
 REQUEST_TIMEOUT_S = 5.0
 # The floor of our own stack on u1's usual path (gw1 -> gw3 -> s1): two bench/floor_proxy.py
 # (trio + h11, parse and re-serialise only) with gw1-gw3's emulated link between them, in front
-# of an instance of its own with s1's compute; "floor" sends what u1 sends, when u1 sends it.
+# of an instance of its own with s1's compute; "floor" sends what u1 sends, at u1's rate up to
+# FLOOR_MAX_RATE: a probe of what the stack costs at the machine's load, not a third user adding to it.
 FLOOR_RTT_MS = PAPER_RTT["gw1"]["gw3"]
+FLOOR_MAX_RATE = 10.0
 FLOOR_COMPUTE_MS = PAPER_COMPUTE_MS[0]
 
 
@@ -284,7 +286,8 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         "late": late_count})
 
                 jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
-                plans = {u: make_plan(rates, step_s, 0.0, prewarm_s, phase=i / len(jobs)) for i, u in enumerate(jobs)}
+                plans = {u: make_plan(rates if u != "floor" else [min(r, FLOOR_MAX_RATE) for r in rates], step_s, 0.0,
+                                      prewarm_s, phase=i / len(jobs)) for i, u in enumerate(jobs)}
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 try:
