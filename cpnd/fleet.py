@@ -18,6 +18,7 @@ import attrs
 import msgpack
 
 from .config import Config
+from .histogram import MAX_SERVICES, ROW, Latencies, add_latencies
 from .load import MAX_EVENTS, InstanceMeter
 
 REPORT_INTERVAL_S = 0.25  # how often a worker reports: the control's view of its load is at most this old
@@ -69,6 +70,16 @@ class InstanceLoad:
     base_us: float = 0.0  # its compute time as this worker measures it (load.InstanceMeter.base_us)
 
 
+def _latency(obj: Any) -> Latencies:
+    """A report's histogram rows, checked: one row per service, a count per bucket and the sum."""
+    if not isinstance(obj, dict) or len(obj) > MAX_SERVICES + 1:
+        raise ValueError("latency: not a map of at most MAX_SERVICES services")
+    out = {str(k): [*(int(x) for x in v[:-1]), float(v[-1])] for k, v in obj.items()}
+    if any(len(row) != ROW for row in out.values()):
+        raise ValueError(f"latency: rows of {ROW} numbers expected")
+    return out
+
+
 @attrs.frozen
 class Report:
     """A worker's state, sent every REPORT_INTERVAL_S; counters are cumulative since the worker started."""
@@ -79,11 +90,13 @@ class Report:
     stats: dict[str, int]  # the data plane's counters (status_json's "http")
     requests: dict[tuple[str, str, int], int]  # answered, by (service, instance, status)
     loads: dict[str, InstanceLoad]
+    latency: Latencies = attrs.field(factory=dict)  # its histogram's counts (cpnd/histogram.py)
 
     def encode(self) -> bytes:
         return msgpack.packb({"pid": self.pid, "clients": self.clients, "inflight": self.inflight, "stats": self.stats,
                               "requests": [[s, i, st, n] for (s, i, st), n in self.requests.items()],
-                              "loads": {k: [v.arrivals, v.bounded, v.inflight, v.base_us] for k, v in self.loads.items()}})
+                              "loads": {k: [v.arrivals, v.bounded, v.inflight, v.base_us] for k, v in self.loads.items()},
+                              "latency": self.latency})
 
     @classmethod
     def decode(cls, obj: Any) -> Report:
@@ -92,8 +105,9 @@ class Report:
             return cls(pid=int(obj["pid"]), clients=int(obj["clients"]), inflight=int(obj["inflight"]),
                        stats={str(k): int(v) for k, v in obj["stats"].items()},
                        requests={(str(s), str(i), int(st)): int(n) for s, i, st, n in obj["requests"]},
-                       loads={str(k): InstanceLoad(int(a), int(b), int(f), float(c)) for k, (a, b, f, c) in obj["loads"].items()})
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                       loads={str(k): InstanceLoad(int(a), int(b), int(f), float(c)) for k, (a, b, f, c) in obj["loads"].items()},
+                       latency=_latency(obj.get("latency", {})))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ValueError(f"not a worker report: {exc}") from None
 
 
@@ -110,6 +124,7 @@ class WorkerState:
     # Counters of processes that ended in this slot, so the totals never go back when one is replaced.
     past_stats: collections.Counter[str] = attrs.field(factory=collections.Counter)
     past_requests: collections.Counter[tuple[str, str, int]] = attrs.field(factory=collections.Counter)
+    past_latency: Latencies = attrs.field(factory=dict)
 
     def started(self, pid: int, now: float) -> None:
         self.pid, self.started_at = pid, now
@@ -119,12 +134,20 @@ class WorkerState:
         if self.report is not None:
             self.past_stats.update(self.report.stats)
             self.past_requests.update(self.report.requests)
+            add_latencies(self.past_latency, self.report.latency)
         self.pid, self.report = None, None
 
     def stats(self) -> collections.Counter[str]:
         out = collections.Counter(self.past_stats)
         if self.report is not None:
             out.update(self.report.stats)
+        return out
+
+    def latencies(self) -> Latencies:
+        out: Latencies = {}
+        add_latencies(out, self.past_latency)
+        if self.report is not None:
+            add_latencies(out, self.report.latency)
         return out
 
     def requests(self) -> collections.Counter[tuple[str, str, int]]:

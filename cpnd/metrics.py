@@ -12,13 +12,14 @@ from typing import Any
 
 import h11
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .admission import Slot, SlotTable, Tally
 from .aio import admit_stream, open_listeners, read_reclaimable, serve_accepting
 from .config import Address
+from .histogram import LATENCY_BUCKETS, LatencyHistogram, Latencies, add_latencies
 from .status import Status
 
 log = logging.getLogger("cpnd.metrics")
@@ -52,13 +53,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("cpn_requests", "Requests answered at this ingress, by service, instance and status",
                                 ["service", "instance", "status"], registry=self.registry)
-        self.latency = Histogram("cpn_request_seconds", "Time from request head to response head at this ingress",
-                                 ["service"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
+        self.latency = LatencyHistogram()
+        # Other processes' latencies (the workers', cpnd/workers.py), added to ours at scrape time.
+        self.more_latencies: Callable[[], Latencies] = dict
         self.registry.register(_StatusCollector(status))
+        self.registry.register(_LatencyCollector(self))
         # labels() takes a lock and builds keys on every call: the children, once each, are kept here.
         self._counters: dict[tuple[str, str, int], Any] = {}
-        self._histograms: dict[str, Any] = {}
         self.daemon_id = daemon_id
         self.edge_tally = Tally()  # connections refused or reclaimed: one log line a second
 
@@ -75,10 +76,31 @@ class Metrics:
         _child(self._counters, (service, instance or "", status),
                lambda: self.requests.labels(service, instance or "", str(status))).inc()
         if seconds is not None:
-            _child(self._histograms, service, lambda: self.latency.labels(service)).observe(seconds)
+            self.latency.observe(service, seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _LatencyCollector(Collector):
+    """``cpn_request_seconds``: this process's latencies and the workers' together."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        rows: Latencies = {}
+        add_latencies(rows, self.metrics.latency.by_service)
+        add_latencies(rows, self.metrics.more_latencies())
+        family = HistogramMetricFamily("cpn_request_seconds", "Time from request head to response head at this ingress",
+                                       labels=["service"])
+        for service, row in sorted(rows.items()):
+            buckets, total = [], 0.0
+            for bound, n in zip((*map(str, LATENCY_BUCKETS), "+Inf"), row[:-1]):
+                total += n
+                buckets.append((bound, total))
+            family.add_metric([service], buckets, sum_value=row[-1])
+        yield family
 
 
 class _StatusCollector(Collector):

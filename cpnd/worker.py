@@ -28,6 +28,7 @@ from .config import Config, load_config
 from .dataplane import DataPlane, HttpLimits
 from .errors import ConfigError
 from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
+from .histogram import LatencyHistogram
 from .gateway import session_config
 from .handoff import Channel, PartSealer, owner, pass_on, still_sealed, worker_sealer
 from .names import service_label
@@ -47,10 +48,13 @@ class _Counts:
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency = LatencyHistogram()
 
     def observe(self, service: str, instance: str | None, status: int, seconds: float | None) -> None:
         key = (service, instance or "", status)
         self.requests[key] = self.requests.get(key, 0) + 1
+        if seconds is not None:
+            self.latency.observe(service, seconds)
 
     def edge_event(self, kind: str, line: str) -> None:
         pass
@@ -141,7 +145,8 @@ class WorkerGateway:
             stats.update(self.data_channels.core.stats)
         stats.update({k: self.rib.counters[k] for k in ("sealed_streams_out", "sealed_streams_in") if self.rib.counters[k]})
         return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=stats,
-                      requests=dict(self.metrics.requests), loads=loads)
+                      requests=dict(self.metrics.requests), loads=loads,
+                      latency={k: list(v) for k, v in self.metrics.latency.by_service.items()})
 
     async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool, channel_fd: int = -1,
                   handed_fd: int = -1) -> None:

@@ -28,6 +28,7 @@ import trio
 from .aio import ListenError
 from .config import Address
 from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
+from .histogram import Latencies, add_latencies
 from .gateway import session_config
 from .handoff import LOW_WATER, Channel, PartSealer, owner, pass_on, peek_hello, relay_sealer, still_sealed
 from .ribfeed import FeedOut
@@ -86,6 +87,7 @@ class Workers:
 
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        daemon.metrics.more_latencies = self.latencies  # /metrics' histogram counts the workers' requests too
         self.n = daemon.config.gateway.workers
         self.slots = [WorkerState(i) for i in range(self.n)]
         self.socks: dict[bool, list[socket.socket]] = {}
@@ -379,6 +381,13 @@ class Workers:
     def status(self) -> list[dict[str, Any]]:
         now = trio.current_time()
         return [st.status(now) for st in self.slots]
+
+    def latencies(self) -> Latencies:
+        """Every worker's latency histogram, those that ended in each slot included."""
+        out: Latencies = {}
+        for st in self.slots:
+            add_latencies(out, st.latencies())
+        return out
 
     def stats(self) -> collections.Counter[str]:
         out: collections.Counter[str] = collections.Counter()

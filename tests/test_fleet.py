@@ -12,6 +12,7 @@ import pytest
 from cpnd.config import load_config
 from cpnd.crypto import generate_key, write_private_key
 from cpnd.fleet import InstanceLoad, Report, WorkerState, hold_predecessors_share, loads, worker_config
+from cpnd.histogram import LATENCY_BUCKETS, LatencyHistogram
 from cpnd.load import InstanceMeter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +88,25 @@ def test_counts_of_a_replaced_worker_are_kept_and_loads_add_up() -> None:
     assert a.pid is None and a.stats()["requests"] == 5 and loads([a, b], "s1") == (3, 0, 2, 700.0)
     a.report = Report(12, 0, 0, {"requests": 1}, {("/yolo", "s1", 200): 1}, {})
     assert a.stats()["requests"] == 6 and a.requests()[("/yolo", "s1", 200)] == 6
+
+
+def test_workers_latency_histograms_travel_in_reports_and_add_up_across_replacements() -> None:
+    h = LatencyHistogram()
+    for seconds in (0.0005, 0.001, 0.003, 20.0):  # on a bound counts in it (le); past the last: +Inf
+        h.observe("/yolo", seconds)
+    row = h.by_service["/yolo"]
+    assert row[0] == 2 and row[LATENCY_BUCKETS.index(0.005)] == 1 and row[len(LATENCY_BUCKETS)] == 1
+    assert row[-1] == pytest.approx(20.0045)
+    r = Report(7, 0, 0, {}, {}, {}, latency=h.by_service)
+    assert Report.decode(msgpack.unpackb(r.encode(), strict_map_key=False)) == r
+    for bad in ({"/yolo": [1, 2]}, {"/yolo": []}, ["/yolo"]):
+        with pytest.raises(ValueError):
+            Report.decode({**msgpack.unpackb(r.encode()), "latency": bad})
+    slot = WorkerState(0)
+    slot.report = r
+    slot.ended()  # its process is replaced: what it counted stays
+    slot.report = Report(8, 0, 0, {}, {}, {}, latency={"/yolo": [1] + [0] * len(LATENCY_BUCKETS) + [0.0002]})
+    assert slot.latencies()["/yolo"][0] == 3 and sum(slot.latencies()["/yolo"][:-1]) == 5
 
 
 def test_a_replacement_starts_with_its_share_used_for_one_second() -> None:

@@ -97,6 +97,11 @@ def test_both_workers_serve_and_status_lists_them(gw) -> None:
     metrics = httpx.get(f"http://{lab.specs['a'].metrics}/metrics", timeout=10).text
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("cpn_requests_total{"))
     assert counted == status["http"]["requests"]
+    # The latency histogram counts the workers' answers too (their reports carry their histograms).
+    answered = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("cpn_requests_total{") and 'status="200"' in line)
+    timed = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith("cpn_request_seconds_count{"))
+    assert timed == answered > 0
 
 
 def test_capacity_holds_across_workers_under_a_burst(gw) -> None:
