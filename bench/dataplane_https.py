@@ -270,8 +270,8 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
                                                           "load_before": load_before,
                                                           "load_after": Path("/proc/loadavg").read_text().split()[0]},
                                                          indent=1) + "\n")
-    print(f"\n| path | req/s (wrk, 8 conns) | vs nginx (same scheme) | https vs http | p50 ms (1 at a time) | p99 ms |"
-          f" added p50 vs direct | added p50 / nginx's |")
+    print("\n| path | req/s (wrk, 8 conns) | vs nginx (same scheme) | https vs http | p50 ms (1 at a time) | p99 ms |"
+          " added p50 vs direct | added p50 / nginx's |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['rps'] if r['rps'] is not None else '-'} | {r['rps_vs_nginx'] or '-'} | "

@@ -225,7 +225,7 @@ def test_a_silent_or_slow_handshake_holds_no_more_than_an_idle_connection(net) -
 
 
 def test_reload_serves_a_new_certificate_and_refuses_a_bad_one(net) -> None:
-    lab, specs = net["lab"], net["specs"]
+    specs = net["specs"]
     host, port = net["https"].rsplit(":", 1)
 
     def served_serial() -> int:
