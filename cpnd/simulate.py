@@ -52,7 +52,7 @@ class Instance:
         self.refused = 0
 
     def load(self, now: float) -> float:
-        """Requests that arrived in the last second, as a fraction of capacity."""
+        """Requests taken in the last second (refusals are not), as a fraction of capacity."""
         while self.arrivals and self.arrivals[0] <= now - 1.0:
             self.arrivals.popleft()
         return len(self.arrivals) / self.capacity if self.capacity else 0.0
@@ -118,10 +118,12 @@ class Instance:
             return False
         now = trio.current_time()
         load = self.load(now)
-        self.arrivals.append(now)
         if load >= 1.0:
+            # A refusal takes none of the capacity: only what it serves counts (else one request
+            # over would have it refuse for a whole second after).
             self.refused += 1
             return await _send_all(send, 503, b'{"error": "overloaded"}', b"application/json")
+        self.arrivals.append(now)
         compute = self.compute_time(load)
         # The model's compute latency counts from the request's arrival: this server's own
         # parsing and rendering (~0.5 ms of Python on a slow machine) are part of it.
