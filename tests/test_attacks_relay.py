@@ -264,3 +264,29 @@ def test_a_response_followed_by_reset_is_relayed_whole(tmp_path) -> None:
         o.lab.wait_for(lambda: o.lab.query("t", "status")["tunnel_streams"] == 0, 10, "t's streams to close")
     finally:
         o.close()
+
+
+def test_a_peer_refusing_data_channels_is_redialled_with_backoff(tmp_path) -> None:
+    """b refuses data channels (max_data_channels_per_peer = 0) once their handshake is done (its
+    refusal comes after its OPEN): a's workers must redial with the connect-retry backoff, not at its
+    minimum for ever (each try is a handshake's signatures at both ends). From 250 ms doubling, each
+    worker tries at most 6 times in the first 4 s (at the minimum: 16 or more)."""
+    insts = InstanceProcs()
+    insts.start("r1")
+    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),),
+                    {"health_interval_ms": 0, "workers": 2})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    conf = specs["b"].config
+    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_refused", 0) >= 1, 20, "a first refusal")
+        t0 = time.monotonic()
+        lab.wait_for(lambda: time.monotonic() - t0 >= 4, 10, "4 s of redials")  # a window of time: what is counted
+        refused = lab.query("b", "status")["stats"].get("data_channels_refused", 0)
+        assert refused <= 2 * 6 + 1, refused
+    finally:
+        lab.stop_all()
+        insts.stop_all()
