@@ -27,6 +27,7 @@ from .session import (
     Authenticated,
     Backoff,
     Closed,
+    CloseReason,
     Established,
     Session,
     SessionConfig,
@@ -258,9 +259,8 @@ class DataChannels:
             elif isinstance(event, Authenticated):
                 self._authenticated(link, event)
             elif isinstance(event, Established):
+                # The backoff is reset when the channel ends, unless the peer refused it (_closed).
                 self.stats["data_channels_up" if link.initiated else "data_channels_in"] += 1
-                if link.initiated:
-                    link.peer.backoff.reset()  # type: ignore[union-attr]
                 self._events.append(LinkUp(link))
                 self.timer_dirty = True
             elif isinstance(event, UpdateReceived):
@@ -291,9 +291,14 @@ class DataChannels:
     def _closed(self, link: Link, event: Closed) -> None:
         self._events.append(LinkDown(link, event))
         self.timer_dirty = True
+        # A refusal can come once our handshake is done (after the peer's OPEN): it is one all the
+        # same, and the redials back off (each is a handshake's signatures at both ends).
+        refused = (event.reason is CloseReason.PEER_NOTIFICATION and event.code == Code.CEASE
+                   and event.subcode == CeaseSub.CONNECTION_REJECTED)
         if not link.initiated:
             log.debug("%s: a data channel from %s ended: %s", self.id, link.session.peer_id or link.remote, event.describe())
-        elif link.established or link.session.established_at is not None:
+        elif (link.established or link.session.established_at is not None) and not refused:
+            link.peer.backoff.reset()  # type: ignore[union-attr]
             log.info("%s: data channel to %s down: %s", self.id, link.session.peer_id, event.describe())
         else:
             self.stats["data_channels_refused"] += 1

@@ -137,7 +137,8 @@ class Connection:
     async def wait_writable(self) -> None:
         """Backpressure for tunnel data: wait while too much is queued for this peer."""
         while self._out_bytes > TUNNEL_HIGH_WATER and not self._done.is_set():
-            self._writable = trio.Event()
+            if self._writable.is_set():  # one event for every waiter: a new one each would leave the others asleep
+                self._writable = trio.Event()
             await self._writable.wait()
 
     def down(self) -> None:
@@ -254,10 +255,12 @@ class Connection:
                 size += len(chunks[-1])
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             self._out_bytes -= size
+            # Sending from here on: what the relays woken below queue goes after this batch (their
+            # flush would otherwise write it first, and a record out of order ends the session).
+            self._sending = True
             if self._out_bytes <= TUNNEL_LOW_WATER:
                 self._drained()
             try:
-                self._sending = True
                 await self.stream.send_all(data)
                 self._sending = False
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

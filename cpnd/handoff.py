@@ -70,7 +70,8 @@ class Channel:
 
     async def wait_writable(self) -> None:
         while self._out_bytes > HIGH_WATER and not self.done.is_set():
-            self._writable = trio.Event()
+            if self._writable.is_set():  # one event for every waiter (as daemon.Connection's)
+                self._writable = trio.Event()
             await self._writable.wait()
 
     def send_rib(self, data: bytes) -> None:
@@ -154,6 +155,8 @@ class Channel:
             if self._out_bytes <= LOW_WATER:
                 self._writable.set()
                 self.drained.set()
+                if self.mux.drain_waiters:  # transit relays that found the channel congested go on
+                    self.mux.drained()
 
 
 def peek_hello(fd: int) -> tuple[Hello | None, bool]:

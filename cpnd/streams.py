@@ -142,6 +142,7 @@ class TunnelStream:
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
         self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
+        self._dropped = False  # reset by us: what it held unread is gone
         self._abandon = Abandon()
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
@@ -175,6 +176,11 @@ class TunnelStream:
             return None
         self._pass_on()
         return self._taken(inbox.chunks.popleft() if inbox.chunks else b"")
+
+    @property
+    def complete(self) -> bool:
+        """The peer's END came and what it sent is here to read, even after its RESET (never after ours)."""
+        return self._inbox.ended and not self._dropped
 
     @property
     def at_end(self) -> bool:
@@ -267,6 +273,7 @@ class TunnelStream:
             self.mux.send_frame(encode_frame(self.id, FrameType.RESET, reset_payload(code, delivered, text)), flush=True)
             self._inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
         self._inbox.chunks.clear()
+        self._dropped = True
         self._close()
         self._release()
         if self.relay is not None:

@@ -92,6 +92,8 @@ class Relay:
         self.pending: dict[TunnelStream, bytes] = {}  # taken from a stream, not yet taken by the other
         self.timed = False
         self.finished = False
+        # A side reset after its END: (it, why); what it completed goes on whole, then the reset (tunnel.md).
+        self.reset_after_end: tuple[TunnelStream, ResetCode, bool, str] | None = None
         inbound.relay = outbound.relay = self
 
     def _other(self, stream: TunnelStream) -> TunnelStream:
@@ -112,7 +114,10 @@ class Relay:
                           self.inbound.peer)
             self.end(ResetCode.INTERNAL, True, "internal error")
             return
-        if self.inbound.closed and self.outbound.closed:
+        after = self.reset_after_end
+        if after is not None and self._other(after[0]).sent_end:
+            self.end(*after[1:])
+        elif self.inbound.closed and self.outbound.closed:
             self._finish()
 
     def credited(self, dst: TunnelStream) -> None:
@@ -124,6 +129,10 @@ class Relay:
         if self.finished:
             return
         code = ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL
+        if stream.complete and self.reset_after_end is None:  # e.g. a response, then the egress stops the upload
+            self.reset_after_end = (stream, code, exc.delivered, exc.text)
+            self.moved(stream)
+            return
         self.end(code, exc.delivered, exc.text)
 
     def end(self, code: ResetCode, delivered: bool, text: str) -> None:
@@ -142,7 +151,7 @@ class Relay:
 
     def _pump(self, src: TunnelStream) -> None:
         dst = self._other(src)
-        while not dst.closed:
+        while not dst.closed and not dst.sent_end:  # src's end passes on once (a WINDOW after it moves nothing)
             if dst.mux.congested():
                 dst.mux.wait_drained(dst)
                 return
