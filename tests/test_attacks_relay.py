@@ -1,7 +1,9 @@
-"""Attacks on the task-less transit relays, real processes: a next hop that stops reading for a while
-(its session must carry on with every record in order once it reads again), a next hop that credits a
-request after its end (the end goes on once), and a worker's channel to the control process that fills
-up (the relays waiting for it must move again when it drains)."""
+"""Attacks on the task-less transit relays and the workers' channels, real processes: a next hop that
+stops reading for a while (its session carries on with every record in order once it reads again),
+several large responses at once on one session (every sender waiting for room goes on), a next hop
+that credits a request after its END (the end goes on once), a response followed by RESET (relayed
+whole), a worker's channel to the control process that fills up (the relays waiting for it move again
+when it drains), and a peer refusing data channels (redialled with backoff)."""
 
 from __future__ import annotations
 
