@@ -7,7 +7,6 @@ streams go through the control process instead (cpnd/handoff.py).
 from __future__ import annotations
 
 import logging
-import math
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -16,10 +15,9 @@ import trio
 
 from .channels import DataChannels
 from .config import Config
-from .daemon import Connection
+from .daemon import Connection, CoreShell
 from .gateway import Dial, Link, LinkDown, LinkUp, TunnelData
 from .handoff import PartSealer
-from .errors import ProtocolError
 from .fleet import int_share
 from .policy import stream_sealer
 from .rib import Rib
@@ -35,9 +33,9 @@ def _refuse(stream: TunnelStream) -> None:
     stream.reset(ResetCode.REFUSED, False, "streams are opened only by a data channel's initiator")
 
 
-class ChannelIO:
+class ChannelIO(CoreShell):
     """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``held``, ``pump``,
-    ``flush_held``, ``_connection_gone``), for data channels: kept in step with daemon.Daemon's."""
+    ``flush_held``, ``_connection_gone``), for data channels: the shell loop is daemon.CoreShell's."""
 
     def __init__(self, config: Config, rib: Rib, *, n: int = 1, on_stream: Callable[[TunnelStream], None] | None = None,
                  owns: Callable[[Any], bool] | None = None) -> None:
@@ -86,56 +84,11 @@ class ChannelIO:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            core = self.core
-            while True:
-                core.handle_timer(trio.current_time())
-                self.pump()
-                self._wake = trio.Event()
-                core.timer_dirty = False
-                at = core.get_timer()
-                with trio.move_on_at(math.inf if at is None else at):
-                    await self._wake.wait()
-
-    def pump(self) -> None:
-        if self._pumping:
-            return
-        self._pumping = True
-        core = self.core
-        try:
-            while True:
-                links = core.links_with_data()
-                if not links and not core.has_events():
-                    break
-                for link in links:
-                    data = core.data_to_send(link)
-                    conn = self.conns.get(link)
-                    if conn is not None:
-                        conn.enqueue(data)
-                for event in core.events():
-                    self._on_event(event)
-        finally:
-            self._pumping = False
-        if core.timer_dirty:
-            core.timer_dirty = False
-            self._wake.set()
-        for conn in [c for c in self.paused if c._done.is_set() or core.wants_data(c.link)]:
-            self.paused.discard(conn)
-            conn._readable.set()
-
-    def flush_held(self) -> None:
-        while self.held:
-            self.held.pop().flush()
+            await self._timer_loop()
 
     def _on_event(self, event: object) -> None:
         if isinstance(event, TunnelData):
-            conn = self.conns.get(event.link)
-            if conn is not None and conn.mux is not None and not conn._done.is_set():
-                try:
-                    conn.mux.handle(event.payload)
-                except ProtocolError as exc:
-                    log.warning("%s: peer %s sent a bad tunnel frame on a data channel: %s", self.core.id,
-                                event.link.session.peer_id, exc)
-                    self.core.close(event.link, exc.code, exc.subcode, exc.detail)
+            self._tunnel_data(event, " on a data channel")
         elif isinstance(event, LinkUp):
             conn = self.conns.get(event.link)
             s = event.link.session

@@ -317,7 +317,79 @@ class _Instances:
         return self.d.dataplane.own.us(stage, now)
 
 
-class Daemon:
+class CoreShell:
+    """What a process driving a sans-IO core over peer connections does with the core's outputs (the
+    daemon's gateway core; a worker's data channels, cpnd/channelio.py): bytes to each link's
+    Connection, events to ``_on_event``, frames queued in a reader's step written at its end, and
+    the core's one timer."""
+
+    core: Any
+    conns: dict[Any, Connection]
+    paused: set[Connection]
+    held: set[Connection]
+    _pumping: bool
+    _wake: trio.Event
+
+    def pump(self) -> None:
+        """Hand the core's outputs to the shell: bytes to their connections, events to their handlers."""
+        if self._pumping:
+            return  # the outer call goes on until nothing is left
+        self._pumping = True
+        core = self.core
+        try:
+            while True:
+                links = core.links_with_data()
+                if not links and not core.has_events():
+                    break
+                for link in links:
+                    conn = self.conns.get(link)
+                    data = core.data_to_send(link)
+                    if conn is not None:
+                        conn.enqueue(data)
+                for event in core.events():
+                    self._on_event(event)
+        finally:
+            self._pumping = False
+        if core.timer_dirty:
+            core.timer_dirty = False
+            self._wake.set()
+        if self.paused:
+            for conn in [c for c in self.paused if c._done.is_set() or core.wants_data(c.link)]:
+                self.paused.discard(conn)
+                conn._readable.set()
+
+    def flush_held(self) -> None:
+        while self.held:
+            self.held.pop().flush()
+
+    def _on_event(self, event: object) -> None:
+        raise NotImplementedError
+
+    def _tunnel_data(self, event: TunnelData, where: str = "") -> None:
+        """A tunnel record for its connection's Mux; a bad frame ends that session."""
+        conn = self.conns.get(event.link)
+        if conn is not None and conn.mux is not None and not conn._done.is_set():
+            try:
+                conn.mux.handle(event.payload)
+            except ProtocolError as exc:
+                log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, event.link.session.peer_id,
+                            where, exc)
+                self.core.close(event.link, exc.code, exc.subcode, exc.detail)
+
+    async def _timer_loop(self) -> None:
+        """The core's one timer: sleep until it is due (or moved earlier), fire it, pump its outputs."""
+        core = self.core
+        while True:
+            core.handle_timer(trio.current_time())
+            self.pump()
+            self._wake = trio.Event()
+            core.timer_dirty = False
+            at = core.get_timer()
+            with trio.move_on_at(math.inf if at is None else at):
+                await self._wake.wait()
+
+
+class Daemon(CoreShell):
     """One gateway's process: its core, the data plane, and the sockets of both."""
 
     def __init__(self, config: Config) -> None:
@@ -480,47 +552,9 @@ class Daemon:
 
     # ---- the core's timer and outputs
 
-    def pump(self) -> None:
-        """Hand the core's outputs to the shell: bytes to their connections, events to their handlers."""
-        if self._pumping:
-            return  # the outer call goes on until nothing is left
-        self._pumping = True
-        core = self.core
-        try:
-            while True:
-                links = core.links_with_data()
-                if not links and not core.has_events():
-                    break
-                for link in links:
-                    conn = self.conns.get(link)
-                    data = core.data_to_send(link)
-                    if conn is not None:
-                        conn.enqueue(data)
-                for event in core.events():
-                    self._on_event(event)
-        finally:
-            self._pumping = False
-        if core.timer_dirty:
-            core.timer_dirty = False
-            self._wake.set()
-        if self.paused:
-            for conn in [c for c in self.paused if c._done.is_set() or core.wants_data(c.link)]:
-                self.paused.discard(conn)
-                conn._readable.set()
-
-    def flush_held(self) -> None:
-        while self.held:
-            self.held.pop().flush()
-
     def _on_event(self, event: object) -> None:
         if isinstance(event, TunnelData):
-            conn = self.conns.get(event.link)
-            if conn is not None and conn.mux is not None and not conn._done.is_set():
-                try:
-                    conn.mux.handle(event.payload)
-                except ProtocolError as exc:
-                    log.warning("%s: peer %s sent a bad tunnel frame: %s", self.id, event.link.session.peer_id, exc)
-                    self.core.close(event.link, exc.code, exc.subcode, exc.detail)
+            self._tunnel_data(event)
         elif isinstance(event, LinkUp):
             conn = self.conns.get(event.link)
             s = event.link.session
@@ -541,18 +575,6 @@ class Daemon:
         elif isinstance(event, Dial):
             assert self.nursery is not None
             self.nursery.start_soon(self._dial, event)
-
-    async def _timer_loop(self) -> None:
-        """The core's one timer: sleep until it is due (or moved earlier), fire it, pump its outputs."""
-        core = self.core
-        while True:
-            core.handle_timer(trio.current_time())
-            self.pump()
-            self._wake = trio.Event()
-            core.timer_dirty = False
-            at = core.get_timer()
-            with trio.move_on_at(math.inf if at is None else at):
-                await self._wake.wait()
 
     # ---- connections
 
