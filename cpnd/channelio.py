@@ -37,6 +37,8 @@ class ChannelIO(CoreShell):
     """What daemon.Connection needs of its daemon (``core``, ``config``, ``paused``, ``held``, ``pump``,
     ``flush_held``, ``_connection_gone``), for data channels: the shell loop is daemon.CoreShell's."""
 
+    CONNECTION = "data channel"
+
     def __init__(self, config: Config, rib: Rib, *, n: int = 1, on_stream: Callable[[TunnelStream], None] | None = None,
                  owns: Callable[[Any], bool] | None = None) -> None:
         g = config.gateway
@@ -78,7 +80,7 @@ class ChannelIO(CoreShell):
             return
         link = self.core.accept(f"{host}:{port}", trio.current_time())
         conn = self.conns[link] = Connection(self, stream, link)  # type: ignore[arg-type]
-        self.nursery.start_soon(self._run, conn, link.remote)
+        self.nursery.start_soon(self._run_connection, conn)
         self.pump()
 
     async def run(self) -> None:
@@ -112,31 +114,3 @@ class ChannelIO(CoreShell):
             assert self.nursery is not None
             self.nursery.start_soon(self._dial, event)
 
-    async def _dial(self, dial: Dial) -> None:
-        try:
-            with trio.fail_after(dial.timeout_s):
-                stream = await trio.open_tcp_stream(dial.address.host, dial.address.port)
-        except (OSError, trio.TooSlowError) as exc:
-            self.core.dial_failed(dial.peer_id, f"connect {dial.address}: {exc}", trio.current_time())
-            self.pump()
-            return
-        link = self.core.connected(dial.peer_id, trio.current_time())
-        if link is None:
-            await stream.aclose()
-            self.pump()
-            return
-        conn = self.conns[link] = Connection(self, stream, link)  # type: ignore[arg-type]
-        self.pump()
-        await self._run(conn, dial.peer_id)
-
-    async def _run(self, conn: Connection, who: str) -> None:
-        try:
-            await conn.run()
-        except Exception:  # a bug must cost this channel, never the worker
-            log.exception("%s: data channel with %s failed", self.core.id, who)
-
-    def _connection_gone(self, conn: Connection) -> None:
-        self.conns.pop(conn.link, None)
-        self.paused.discard(conn)
-        self.core.link_gone(conn.link, trio.current_time())
-        self.pump()

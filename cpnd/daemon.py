@@ -323,7 +323,9 @@ class CoreShell:
     Connection, events to ``_on_event``, frames queued in a reader's step written at its end, and
     the core's one timer."""
 
+    CONNECTION = "connection"  # what its connections are called in logs
     core: Any
+    nursery: trio.Nursery | None
     conns: dict[Any, Connection]
     paused: set[Connection]
     held: set[Connection]
@@ -387,6 +389,37 @@ class CoreShell:
             at = core.get_timer()
             with trio.move_on_at(math.inf if at is None else at):
                 await self._wake.wait()
+
+    async def _dial(self, dial: Dial) -> None:
+        try:
+            with trio.fail_after(dial.timeout_s):
+                stream = await trio.open_tcp_stream(dial.address.host, dial.address.port)
+        except (OSError, trio.TooSlowError) as exc:
+            self.core.dial_failed(dial.peer_id, f"connect {dial.address}: {getattr(exc, 'strerror', None) or 'timed out'}",
+                                  trio.current_time())
+            self.pump()
+            return
+        link = self.core.connected(dial.peer_id, trio.current_time())
+        if link is None:  # the peer dialled us meanwhile
+            await stream.aclose()
+            self.pump()
+            return
+        await self._run_connection(Connection(self, stream, link))
+
+    async def _run_connection(self, conn: Connection) -> None:
+        self.conns[conn.link] = conn
+        self.pump()
+        try:
+            await conn.run()
+        except Exception:  # a bug must cost this connection, never the process (run's clean-up has told the core)
+            log.exception("%s: %s %s failed", self.core.id, self.CONNECTION, conn.link.remote)
+
+    def _connection_gone(self, conn: Connection) -> None:
+        self.conns.pop(conn.link, None)
+        self.paused.discard(conn)
+        self.held.discard(conn)
+        self.core.link_gone(conn.link, trio.current_time())
+        self.pump()
 
 
 class Daemon(CoreShell):
@@ -577,36 +610,6 @@ class Daemon(CoreShell):
             self.nursery.start_soon(self._dial, event)
 
     # ---- connections
-
-    async def _dial(self, dial: Dial) -> None:
-        try:
-            with trio.fail_after(dial.timeout_s):
-                stream = await trio.open_tcp_stream(dial.address.host, dial.address.port)
-        except (OSError, trio.TooSlowError) as exc:
-            self.core.dial_failed(dial.peer_id, f"connect {dial.address}: {getattr(exc, 'strerror', None) or 'timed out'}",
-                                  trio.current_time())
-            self.pump()
-            return
-        link = self.core.connected(dial.peer_id, trio.current_time())
-        if link is None:  # the peer dialled us meanwhile
-            await stream.aclose()
-            self.pump()
-            return
-        await self._run_connection(Connection(self, stream, link))
-
-    async def _run_connection(self, conn: Connection) -> None:
-        self.conns[conn.link] = conn
-        self.pump()
-        try:
-            await conn.run()
-        except Exception:  # a bug must cost this session, never the daemon (run's clean-up has told the core)
-            log.exception("%s: connection %s failed", self.id, conn.link.remote)
-
-    def _connection_gone(self, conn: Connection) -> None:
-        self.conns.pop(conn.link, None)
-        self.paused.discard(conn)
-        self.core.link_gone(conn.link, trio.current_time())
-        self.pump()
 
     def established_conn(self, peer_id: str) -> Connection | None:
         link = self.core.established_link(peer_id)
