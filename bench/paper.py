@@ -22,7 +22,8 @@ each choice; and the same under end-to-end accounting (the model plus the gatewa
 processing gw1 measures per instance). CPN-Max-Latency is end to end (DESIGN.md 6): a
 200 that u1's client sees later than 10 ms (plus CLIENT_ALLOWANCE_MS for this Python
 client on the same box) is counted late, a failure, not served, in every mode; gw1's own
-count of responses later than the bound (measured at the ingress) is reported beside it.
+count of responses later than the bound (measured at the ingress) is reported beside it, and
+its count of requests it answered 504 at the bound instead of late (per-request mode).
 Beside u1, in the same run (at u1's rate up to 10 req/s: a probe, not a third user loading the
 machine), a "floor" client sends the same request through the floor of our own stack on u1's usual path (FloorPath: two trio + h11 proxies with
 gw1-gw3's emulated link between them, an instance with s1's compute): what any trio + h11 pair
@@ -274,7 +275,7 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                             comp = {i["instance"]: i["compute_latency_ms"] for gw in ORIGIN.values()
                                     for i in lab.query(gw, "show-services")}
                             best = [r for r in lab.routes("gw1") if r["best"]]
-                            late_count = lab.query("gw1", "stats")["http"].get("late", 0)
+                            http = lab.query("gw1", "stats")["http"]
                         except (OSError, ValueError, KeyError):
                             continue
                         samples.append({"at": time.monotonic() - start, "compute_ms": comp,
@@ -283,7 +284,7 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         # to each instance (gw1's and the path's), and its total
                                         "gateways_ms": {r["instance"]: r["estimate"]["gateways_ms"] for r in best},
                                         "estimate_ms": {r["instance"]: r["estimate"]["bounded_total_ms"] for r in best},
-                                        "late": late_count})
+                                        "late": http.get("late", 0), "bound_cut": http.get("bound_cut", 0)})
 
                 jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
                 plans = {u: make_plan(rates if u != "floor" else [min(r, FLOOR_MAX_RATE) for r in rates], step_s, 0.0,
@@ -325,10 +326,11 @@ def gateways_view(samples: list[dict[str, Any]], lo: float, hi: float) -> dict[s
     return out if len(out) == len(INSTANCES) else None
 
 
-def ingress_late(samples: list[dict[str, Any]], lo: float, hi: float) -> int | None:
-    """gw1's count of responses later than their bound (measured at the ingress) between lo and hi."""
-    before = [x["late"] for x in samples if x["at"] < lo and "late" in x]
-    until = [x["late"] for x in samples if x["at"] < hi and "late" in x]
+def ingress_late(samples: list[dict[str, Any]], lo: float, hi: float, key: str = "late") -> int | None:
+    """gw1's count between lo and hi of responses later than their bound (measured at the ingress),
+    or (``bound_cut``) of requests it answered 504 at their bound instead."""
+    before = [x[key] for x in samples if x["at"] < lo and key in x]
+    until = [x[key] for x in samples if x["at"] < hi and key in x]
     return until[-1] - before[-1] if before and until else None
 
 
@@ -375,6 +377,7 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         # The samples' clock starts with the prewarm: the step's window is that much later on it.
         at_lo, at_hi = prewarm_s + i * step_s + warmup_s, prewarm_s + (i + 1) * step_s
         row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
+        row["u1_cut_at_bound"] = ingress_late(samples or [], at_lo, at_hi, "bound_cut")
         for s in INSTANCES:
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
@@ -509,7 +512,7 @@ def main() -> int:
         res = run_mode(mode, rates, args.step, args.warmup, args.prewarm, keep)
         results.append(res)
         for s in res["steps"]:
-            print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u1_late", "u1_late_at_ingress",
+            print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u1_late", "u1_late_at_ingress", "u1_cut_at_bound",
                                                  "u2_served", "served", "optimum", "served_over_optimum", "optimum_e2e",
                                                  "optimum_measured", "u1_p50_e2e_ms", "u1_p99_e2e_ms", "u1_max_e2e_ms",
                                                  "u1_max_net_compute_ms", "u1_overhead_p50_ms", "s1_load", "s2_load",
@@ -554,7 +557,7 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
     u1's client-observed p50/p99/max beside network + compute and the gateways' share, and served
     over the optimum under end-to-end accounting; the floor path's p50 / p99 and the gateways' share
     over the floor's (FloorPath)."""
-    head = ("| mode | offered per user | u1 served | u1 late (client / at gw1) | u2 served | u1 client p50 / p99 / max ms "
+    head = ("| mode | offered per user | u1 served | u1 late (client / at gw1) / 504 at the bound | u2 served | u1 client p50 / p99 / max ms "
             "| u1 network + compute p50 / max ms | gateways' share p50 / p99 ms | floor path p50 / p99 ms "
             "| share / floor's p50 | optimum e2e (ratio) |")
     lines = [head, "|" + "---|" * 11]
@@ -565,7 +568,7 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
                 return "-" if v is None else f"{v:g}"
             oe = s.get("optimum_e2e")
             lines.append(f"| {r['mode']} | {s['offered_per_user']:g} | {s['u1_served']:g} | {s['u1_late']:g} / "
-                         f"{f('u1_late_at_ingress')} | {s['u2_served']:g} | {f('u1_p50_e2e_ms')} / {f('u1_p99_e2e_ms')} / "
+                         f"{f('u1_late_at_ingress')} / {f('u1_cut_at_bound')} | {s['u2_served']:g} | {f('u1_p50_e2e_ms')} / {f('u1_p99_e2e_ms')} / "
                          f"{f('u1_max_e2e_ms')} | {f('u1_p50_net_compute_ms')} / {f('u1_max_net_compute_ms')} | "
                          f"{f('u1_overhead_p50_ms')} / {f('u1_overhead_p99_ms')} | "
                          f"{f('floor_p50_e2e_ms')} / {f('floor_p99_e2e_ms')} | {f('u1_over_floor_overhead_p50')} | "

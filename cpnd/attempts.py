@@ -57,12 +57,17 @@ class Attempts:
                                   extra=(*forwarded.tunnel_pair(client.source, me), *client.tunnel_extra))  # TE: trailers (tunnel.md)
         while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
             start = trio.current_time()
-            attempt = Attempt()
+            attempt = Attempt(bound_at=plan.bound_at)
             try:
                 status = await self._attempt(client, req, headers, body, cand, plan, attempt)
             except StreamReset as exc:
                 now = trio.current_time()
-                go_on = plan.failed(cand, exc.code, exc.delivered, exc.text, now)
+                text = exc.text
+                if exc.code == ResetCode.DEADLINE and plan.bound_at is not None and now >= plan.bound_at:
+                    self.p.stats["bound_cut"] += 1  # answered 504 at the bound instead of a late 200
+                    self.planner.missed(cand, start, now)
+                    text = f"{_bound_text(plan)}: {exc.text}"
+                go_on = plan.failed(cand, exc.code, exc.delivered, text, now)
                 if self.p.attempt_lines.allow(self.p.gw.id, now):
                     more = "; trying the next candidate" if go_on and plan.more(body.replayable) else ""
                     log.info("%s: %s %s via %s/%s failed: %s%s", self.p.gw.id, req.method.decode("ascii", "replace"),
@@ -160,7 +165,7 @@ class Attempts:
         try:
             attempt.instance_s = await self.egress.call(
                 sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
-                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.deadline)
+                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline())
             if sink.failure is not None:
                 raise sink.failure
         except StreamReset as exc:
@@ -178,7 +183,7 @@ class Attempts:
         for the head, then the idle time for the body."""
         idle_s = self.p.limits.body_idle_timeout_s
         event: Any = None
-        with trio.CancelScope(deadline=plan.deadline) as scope:
+        with trio.CancelScope(deadline=plan.head_deadline()) as scope:
             event = up.next_event_nowait() or await up.next_event()
             while isinstance(event, h11.InformationalResponse):
                 event = await up.next_event()
@@ -198,10 +203,17 @@ class Attempts:
         if scope.cancelled_caught:
             if attempt.upstream_head_at is None:
                 up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
+                if plan.bound_at is not None and plan.bound_at <= plan.deadline:
+                    raise StreamReset(ResetCode.DEADLINE, True, "no response head by then")
                 raise HttpError(504, "deadline_exceeded", f"no response within {plan.cons.timeout_s:g} s")
             raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
         self.p.stats[f"status_{event.status_code // 100}xx"] += 1
         return event.status_code
+
+def _bound_text(plan: Plan) -> str:
+    bound_ms = (plan.bound_at or plan.t0) - plan.t0
+    return f"no response head within the request's latency bound ({bound_ms * 1000:g} ms)"
+
 
 async def _upload(up: H11Stream | LocalEvents, up_raw: ByteStream, head: h11.Request, body: BodySource) -> None:
     """Stream the user's request upstream as it arrives (the response may come first)."""

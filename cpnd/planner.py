@@ -79,6 +79,7 @@ class Attempt:
     instance_s: float | None = None  # the instance's time to its response head, as its egress measured it
     head_at: float | None = None  # the response head left for the user
     whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
+    bound_at: float | None = None  # the head must leave by then (the latency bound), else 504
 
 
 @attrs.define
@@ -90,6 +91,7 @@ class Plan:
     remaining: list[Candidate]
     t0: float  # when the request head came: the bound runs from here
     deadline: float  # no attempt starts after this (the request's timeout)
+    bound_at: float | None  # t0 + CPN-Max-Latency: no response head leaves for the user after this
     idempotent: bool
     max_attempts: int
     flexible: bool  # per-request mode, no latency bound: split at random, retries too
@@ -132,6 +134,10 @@ class Plan:
     def error(self) -> HttpError:
         return combine(self.failures)
 
+    def head_deadline(self) -> float:
+        """Until when an attempt waits for its response head: the bound, if any, else the timeout."""
+        return self.deadline if self.bound_at is None else min(self.deadline, self.bound_at)
+
     def budget_us(self, now: float) -> int:
         """The extension header's budget: the time left before the deadline."""
         return min(NO_BUDGET - 1, max(0, _us(self.deadline - now)))
@@ -172,7 +178,9 @@ class Planner:
         ranked = self._ranked(service, cons, pinned, now)
         per_request = self.mode == "per-request"
         # The baselines emulate network-layer schemes: what they chose is final, no retries.
-        return Plan(service, cons, ranked, t0, now + cons.timeout_s, method in IDEMPOTENT,
+        # The baselines emulate schemes that know nothing of the bound: they answer late, not 504.
+        bound_at = None if cons.max_latency_us is None or not per_request else t0 + cons.max_latency_us / 1_000_000
+        return Plan(service, cons, ranked, t0, now + cons.timeout_s, bound_at, method in IDEMPOTENT,
                     MAX_ATTEMPTS if per_request else 1, per_request and cons.max_latency_us is None, per_request, self)
 
     def _ranked(self, service: str, cons: Constraints, pinned: dict[str, Key], now: float) -> list[Candidate]:
@@ -216,3 +224,8 @@ class Planner:
         elif cand.next_hop is not None and attempt.sent_at is not None and attempt.upstream_head_at is not None:
             self.own.add(Stage.INGRESS, now, (took - (attempt.upstream_head_at - attempt.sent_at)) * 1_000_000)
         return plan.cons.max_latency_us is not None and _us(attempt.head_at - plan.t0) > plan.cons.max_latency_us
+
+    def missed(self, cand: Candidate, start: float, now: float) -> None:
+        """An attempt was cut at the request's bound: it took at least ``now - start``. The
+        correction learns that much (a lower bound), as it would have from a late answer."""
+        self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None))

@@ -77,7 +77,15 @@ class UserSink:
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         head = isinstance(events[0], h11.Response)
         if head:
+            now = trio.current_time()
+            bound_at = self.attempt.bound_at
+            if bound_at is not None and now > bound_at:
+                # A 200 past the bound is a broken promise, not a success: the user gets 504 now
+                # (DESIGN.md section 6), and the instance's answer goes unused.
+                raise StreamReset(ResetCode.DEADLINE, True, f"the response head came {(now - bound_at) * 1000:.1f} ms "
+                                  "after the request's latency bound")
             self.status = events[0].status_code
+            self.attempt.head_at = now  # it leaves now: the write below is the socket's, no wait before it
         if end and events[-1].headers and not self.client.trailers:
             events[-1] = h11.EndOfMessage()  # trailers only for a user that takes them (HTTP/2, TE: trailers)
         self.attempt.sent_head = True
@@ -85,8 +93,6 @@ class UserSink:
             await self.client.send_all(events)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
-        if head:
-            self.attempt.head_at = trio.current_time()
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         if self.failure is None:

@@ -198,13 +198,13 @@ def test_slow_request_does_not_delay_fast_one_over_the_same_peer(net) -> None:
         async with httpx.AsyncClient(base_url=net["url"], timeout=10) as c:
             t0 = trio.current_time()
 
-            async def req(name: str, path: str) -> None:
-                r = await c.get(path, headers=S1_ONLY)
+            async def req(name: str, path: str, headers: dict[str, str] = S1_ONLY) -> None:
+                r = await c.get(path, headers=headers)
                 assert r.status_code == 200 and r.headers["cpn-instance"] == "s1", (path, r.text)
                 done[name] = trio.current_time() - t0
 
             async with trio.open_nursery() as n:
-                n.start_soon(req, "slow", "/yolo?delay=2")
+                n.start_soon(req, "slow", "/yolo?delay=2", S1)  # no bound: a 2 s answer is a success
                 n.start_soon(req, "stream", "/yolo?stream=20&interval=0.1")
                 await trio.sleep(0.2)
                 for i in range(5):
@@ -214,6 +214,23 @@ def test_slow_request_does_not_delay_fast_one_over_the_same_peer(net) -> None:
     done = trio.run(main)
     assert done["slow"] > 2.0 and done["stream"] > 1.9
     assert max(done[f"fast{i}"] for i in range(5)) < 1.0
+
+
+@pytest.mark.parametrize("headers", [S1_ONLY, {"CPN-Max-Latency": "80ms"}], ids=["remote", "local"])
+def test_a_response_not_ready_by_the_bound_is_a_504_at_the_bound(net, headers) -> None:
+    """CPN-Max-Latency is a deadline for the response head: no late 200, a 504 at the bound."""
+    lab = net["lab"]
+    before = lab.query("a", "stats")["http"].get("bound_cut", 0)
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        t0 = time.monotonic()
+        r = c.get("/yolo?delay=1", headers=headers)
+        took = time.monotonic() - t0
+        assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded", r.text
+        assert "latency bound" in r.json()["detail"] and "cpn-instance" not in r.headers
+        assert took < 0.9  # answered at the bound, not when the instance was done
+        assert c.get("/yolo", headers=headers).status_code == 200  # the connection goes on
+    stats = lab.query("a", "stats")["http"]
+    assert stats["bound_cut"] == before + 1 and stats.get("late", 0) == 0
 
 
 def test_no_stream_is_left_open(net) -> None:

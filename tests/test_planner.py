@@ -145,6 +145,23 @@ def test_observed_learns_only_from_whole_requests_and_flags_late_ones() -> None:
     assert not p.observed(plan, cand, on_time, 0.0, 0.0045)
 
 
+def test_the_bound_is_the_head_deadline_in_per_request_mode_only() -> None:
+    p = planner(THREE)
+    bound = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.001)
+    assert bound.bound_at == pytest.approx(3.010) and bound.head_deadline() == pytest.approx(3.010)
+    assert bound.deadline > bound.bound_at  # the request's timeout is later: the bound decides
+    free = p.plan(b"GET", b"/yolo", hdr(), {}, 3.0, 3.001)
+    assert free.bound_at is None and free.head_deadline() == free.deadline
+    anycast = planner(THREE, mode="per-connection").plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0)
+    assert anycast.bound_at is None  # a baseline answers late, as the scheme it emulates would
+    cand = bound.next(3.001)
+    assert cand is not None
+    before = p.correction.value_us(cand.key, 3.010)
+    for _ in range(3):  # cut at the bound: the correction learns they took at least that long
+        p.missed(cand, 3.001, 3.010)
+    assert p.correction.value_us(cand.key, 3.010) > before
+
+
 @given(st.lists(st.tuples(st.sampled_from(list(ResetCode)), st.booleans()), max_size=6),
        st.sampled_from([b"GET", b"POST"]), st.integers(0, 2**16))
 def test_attempts_are_bounded_and_never_repeat_an_instance(failures, method: bytes, seed: int) -> None:
