@@ -21,6 +21,7 @@ from .config import Config
 from .histogram import MAX_SERVICES, ROW, Latencies, add_latencies
 from .load import MAX_EVENTS, InstanceMeter
 
+MAX_SIBLING_KEYS = 4096  # instances per report whose sends are relayed to the other workers (the busiest)
 REPORT_INTERVAL_S = 0.25  # how often a worker reports: the control's view of its load is at most this old
 MAX_REPORT_BYTES = 1 << 20  # a report larger than this is a bug: the control stops reading that worker
 
@@ -91,12 +92,15 @@ class Report:
     requests: dict[tuple[str, str, int], int]  # answered, by (service, instance, status)
     loads: dict[str, InstanceLoad]
     latency: Latencies = attrs.field(factory=dict)  # its histogram's counts (cpnd/histogram.py)
+    # Its sends to peers' instances over the last second (load.SendAccount.own_rates): relayed to the
+    # other workers, so each one's estimate counts every worker's sends (ribfeed.SIBLINGS).
+    sends: dict[tuple[str, str, str], int] = attrs.field(factory=dict)
 
     def encode(self) -> bytes:
         return msgpack.packb({"pid": self.pid, "clients": self.clients, "inflight": self.inflight, "stats": self.stats,
                               "requests": [[s, i, st, n] for (s, i, st), n in self.requests.items()],
                               "loads": {k: [v.arrivals, v.bounded, v.inflight, v.base_us] for k, v in self.loads.items()},
-                              "latency": self.latency})
+                              "latency": self.latency, "sends": [[*k, n] for k, n in self.sends.items()]})
 
     @classmethod
     def decode(cls, obj: Any) -> Report:
@@ -106,7 +110,8 @@ class Report:
                        stats={str(k): int(v) for k, v in obj["stats"].items()},
                        requests={(str(s), str(i), int(st)): int(n) for s, i, st, n in obj["requests"]},
                        loads={str(k): InstanceLoad(int(a), int(b), int(f), float(c)) for k, (a, b, f, c) in obj["loads"].items()},
-                       latency=_latency(obj.get("latency", {})))
+                       latency=_latency(obj.get("latency", {})),
+                       sends={(str(a), str(b), str(c)): int(n) for a, b, c, n in obj.get("sends", [])[:MAX_SIBLING_KEYS]})
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ValueError(f"not a worker report: {exc}") from None
 

@@ -26,7 +26,7 @@ from .aio import open_nursery
 from .errors import ProtocolError
 from .origin import Validation
 from .rib import Rib
-from .ribfeed import TUNNEL, ChannelError, Deframer, encode
+from .ribfeed import RIB, SIBLINGS, TUNNEL, ChannelError, Deframer, encode
 from .seal import Opener, SealError, Sealing, StreamSealer
 from .streams import BufferAccount, Mux, SealedStream, StreamReset, TunnelStream
 from .tunnel import ExtHeader, ResetCode, TunnelLimits, mux_settings
@@ -44,11 +44,13 @@ class Channel:
 
     def __init__(self, stream: trio.SocketStream, name: str, *, initiator: bool, on_open: Callable[[TunnelStream], None],
                  limits: TunnelLimits, max_buffer: int, account: BufferAccount | None = None,
-                 on_rib: Callable[[bytes], None] | None = None) -> None:
+                 on_rib: Callable[[bytes], None] | None = None,
+                 on_siblings: Callable[[bytes], None] | None = None) -> None:
         self.stream = stream
         self.name = name
         self.max_buffer = max_buffer
         self.on_rib = on_rib
+        self.on_siblings = on_siblings
         # Both ends run from one config: the same windows both ways, large frames, timed LOAD.
         self.mux = Mux(self, name, initiator, on_open, mux_settings(limits, limits, True, timed_load=True), account)
         self.done = trio.Event()
@@ -127,10 +129,12 @@ class Channel:
                 for kind, payload in frames.feed(data):
                     if kind == TUNNEL:
                         self.mux.handle(payload)
-                    elif self.on_rib is not None:
+                    elif kind == RIB and self.on_rib is not None:
                         self.on_rib(payload)
+                    elif kind == SIBLINGS and self.on_siblings is not None:
+                        self.on_siblings(payload)
                     else:
-                        raise ChannelError("a RIB message towards the control process")
+                        raise ChannelError("a feed message towards the control process")
             except Exception as exc:  # noqa: BLE001 - ours on both ends: a bug, which costs this channel only
                 log.exception("channel %s: bad input", self.name)
                 self.close(f"bad input: {exc}")

@@ -229,6 +229,7 @@ class LoadReport:
 # or, refused at capacity, for one request's share of a second: a slot frees as each request
 # leaves the one-second window, and holding longer would leave those slots empty.
 REFUSAL_HOLD_S = 0.2
+SIBLING_SAMPLES = 16  # the other workers' counts kept per instance: 4 s at one relay per report interval
 
 
 class SendAccount:
@@ -236,6 +237,9 @@ class SendAccount:
 
     def __init__(self, max_keys: int = 65536) -> None:
         self.sends: dict[object, RateWindow] = {}
+        # With workers: the other workers' sends over their last second, as the control process
+        # last relayed them ((when, count) samples per key, the newest last; see ``siblings``).
+        self.sibling_sends: dict[object, collections.deque[tuple[float, int]]] = {}
         self.inflight: collections.Counter[object] = collections.Counter()
         self.reports: dict[object, LoadReport] = {}
         self.refusals: dict[object, float] = {}  # until when a refusal keeps flexible requests off
@@ -269,6 +273,38 @@ class SendAccount:
         self.sends.setdefault(key, RateWindow(keep_s=3 * WINDOW_S)).add(now)
         self.inflight[key] += 1
 
+    def own_rates(self, now: float, limit: int) -> dict[object, int]:
+        """Our sends per instance over the last second (the busiest ``limit``), for our siblings."""
+        counts = {key: n for key, win in self.sends.items() if (n := win.count(now)) > 0}
+        if len(counts) > limit:
+            counts = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:limit])
+        return counts
+
+    def siblings(self, counts: dict[object, int], now: float) -> None:
+        """The other workers' sends over their last second, as of ``now``: the same correction as
+        our own sends (``estimate``), a report interval or so late. A key not in ``counts`` is 0."""
+        for key, samples in list(self.sibling_sends.items()):
+            if key not in counts:
+                if samples[-1][1] == 0 and samples[-1][0] < now - 2 * WINDOW_S:
+                    del self.sibling_sends[key]  # quiet for longer than any estimate looks back
+                else:
+                    samples.append((now, 0))
+        for key, n in counts.items():
+            self._make_room(self.sibling_sends, key)
+            self.sibling_sends.setdefault(key, collections.deque(maxlen=SIBLING_SAMPLES)).append((now, n))
+
+    def _sibling_change(self, key: object, since: float) -> int:
+        """How much the other workers' last-second count grew since ``since`` (may be negative)."""
+        samples = self.sibling_sends.get(key)
+        if not samples:
+            return 0
+        then = 0
+        for at, n in samples:
+            if at > since:
+                break
+            then = n
+        return samples[-1][1] - then
+
     def finished(self, key: object) -> None:
         self.inflight[key] -= 1
         if self.inflight[key] <= 0:
@@ -292,10 +328,11 @@ class SendAccount:
         else:
             load, bload, at = flooded_load, flooded_bload, flooded_at
         win = self.sends.get(key)
-        if win is None or capacity <= 0:
+        if (win is None and key not in self.sibling_sends) or capacity <= 0:
             return load, bload
         at = max(at, now - 2 * WINDOW_S)  # older than our memory: count all of our current rate
-        delta = (win.count(now) - win.count(now, at=at)) / capacity
+        mine = 0 if win is None else win.count(now) - win.count(now, at=at)
+        delta = (mine + self._sibling_change(key, at)) / capacity
         return max(0.0, load + delta), max(0.0, bload + delta)
 
     def compute_us(self, key: object, flooded_us: int, flooded_at: float) -> int:

@@ -25,6 +25,7 @@ from .wire import RouteAdv, _decode_route, _route_dict
 
 TUNNEL = 1  # one tunnel frame (tunnel.md), either way
 RIB = 2  # one feed message (msgpack), control -> worker
+SIBLINGS = 3  # the other workers' sends per instance over their last second (msgpack), control -> worker
 
 MAX_FRAME = 1 << 20  # a feed message of FEED_BATCH routes with certificates fits; more is a bug: the channel ends
 FEED_BATCH = 256  # Loc-RIB entries per feed message: the worker applies one between users' requests
@@ -50,7 +51,7 @@ class Deframer:
         out, pos, buf = [], 0, self._buf
         while len(buf) - pos >= _HEAD.size:
             length, kind = _HEAD.unpack_from(buf, pos)
-            if not 1 <= length <= MAX_FRAME or kind not in (TUNNEL, RIB):
+            if not 1 <= length <= MAX_FRAME or kind not in (TUNNEL, RIB, SIBLINGS):
                 raise ChannelError(f"bad channel frame (length {length}, kind {kind})")
             if len(buf) - pos < 4 + length:
                 break
@@ -101,6 +102,28 @@ class FeedOut:
                 msg["set"].append(entry(best, now))
         msg["synced"] = not self.dirty  # the worker is up to date as of now (at start: it holds the snapshot)
         return encode(RIB, msgpack.packb(msg, use_bin_type=True))
+
+
+def add_sends(reports: Iterable[Mapping[Key, int]]) -> dict[Key, int]:
+    """Workers' last-second sends per instance (from their reports), added up."""
+    total: dict[Key, int] = {}
+    for sends in reports:
+        for key, n in sends.items():
+            total[key] = total.get(key, 0) + n
+    return total
+
+
+def siblings_message(reports: Iterable[Mapping[Key, int]]) -> bytes:
+    """For one worker: the other workers' last-second sends per instance, added up (their reports)."""
+    return encode(SIBLINGS, msgpack.packb([[*k, n] for k, n in add_sends(reports).items()], use_bin_type=True))
+
+
+def read_siblings(payload: bytes) -> dict[Key, int]:
+    """A SIBLINGS message's counts; ChannelError if malformed."""
+    try:
+        return {(str(a), str(b), str(c)): int(n) for a, b, c, n in msgpack.unpackb(payload, raw=False)}
+    except Exception as exc:  # noqa: BLE001 - any shape error is the same error
+        raise ChannelError(f"bad siblings message: {exc!r}") from None
 
 
 def entry(best: Best, now: float) -> list[Any]:

@@ -27,13 +27,13 @@ from .clients import ClientTable
 from .config import Config, load_config
 from .dataplane import DataPlane, HttpLimits
 from .errors import ConfigError
-from .fleet import REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
+from .fleet import MAX_SIBLING_KEYS, REPORT_INTERVAL_S, InstanceLoad, Report, hold_predecessors_share, worker_config
 from .histogram import LatencyHistogram
 from .gateway import session_config
 from .handoff import Channel, PartSealer, owner, pass_on, still_sealed, worker_sealer
 from .names import service_label
 from .rib import Rib
-from .ribfeed import Mirror
+from .ribfeed import Mirror, read_siblings
 from .seal import Opener
 from .wire import RouteAdv
 
@@ -107,6 +107,10 @@ class WorkerGateway:
         if self.mirror.synced:
             self._synced.set()
 
+    def _on_siblings(self, payload: bytes) -> None:
+        self.dataplane.stats["sibling_updates"] += 1
+        self.dataplane.plane.account.siblings(read_siblings(payload), trio.current_time())  # type: ignore[arg-type]
+
     def health_changed(self, iid: str, healthy: bool) -> None:
         log.warning("%s/worker %d: instance %s is %s", self.id, self.index, iid, "healthy again" if healthy else "unhealthy")
         self.set_local()
@@ -146,7 +150,8 @@ class WorkerGateway:
         stats.update({k: self.rib.counters[k] for k in ("sealed_streams_out", "sealed_streams_in") if self.rib.counters[k]})
         return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=stats,
                       requests=dict(self.metrics.requests), loads=loads,
-                      latency={k: list(v) for k, v in self.metrics.latency.by_service.items()})
+                      latency={k: list(v) for k, v in self.metrics.latency.by_service.items()},
+                      sends=dp.plane.account.own_rates(now, MAX_SIBLING_KEYS))  # type: ignore[arg-type]
 
     async def run(self, http_fd: int, https_fd: int, report_fd: int, restarted: bool, channel_fd: int = -1,
                   handed_fd: int = -1) -> None:
@@ -190,7 +195,7 @@ class WorkerGateway:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
         ch = self.channel = Channel(stream, "control", initiator=True, on_open=self._handed,
                                     limits=session_config(self.config).tunnel, max_buffer=g.max_peer_send_buffer,
-                                    on_rib=self._on_rib)
+                                    on_rib=self._on_rib, on_siblings=self._on_siblings)
         ch.mux.sealer = PartSealer(worker_sealer(self.id, self.rib, lambda: self.mirror.peers, g.seal_streams),
                                    lambda: self.rib.opener, self.owns)
         await ch.run()

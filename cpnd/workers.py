@@ -31,7 +31,7 @@ from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
 from .histogram import Latencies, add_latencies
 from .gateway import session_config
 from .handoff import LOW_WATER, Channel, PartSealer, owner, pass_on, peek_hello, relay_sealer, still_sealed
-from .ribfeed import FeedOut
+from .ribfeed import FeedOut, add_sends, siblings_message
 from .streams import TunnelStream
 from .tunnel import SEALED_CAP, ResetCode
 
@@ -101,6 +101,7 @@ class Workers:
         self._rib_event = trio.Event()  # set (and replaced) when the Loc-RIB changed: the feeds wake
         self._feeds: dict[int, FeedOut] = {}
         self._rr = itertools.count()
+        self._told_sends: dict[int, bool] = {}  # per slot: its last report had sends the others were told of
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the listeners, start the workers; return once all have ended after ``stop``."""
@@ -375,6 +376,22 @@ class Workers:
                 service, instance, status = key
                 metrics.requests.labels(service, instance, str(status)).inc(n - before.get(key, 0))
         st.report, st.reported_at = report, trio.current_time()
+        self._relay_sends(st)
+
+    def _relay_sends(self, changed: WorkerState) -> None:
+        """Tell the other workers what this one sends where (its report just came), so that each
+        one's estimate of a peer's instance counts every worker's sends (load.SendAccount.siblings)."""
+        if changed.report is None or (not changed.report.sends and not self._told_sends.get(changed.index)):
+            return  # nothing sent, nothing sent before: the others know
+        self._told_sends[changed.index] = bool(changed.report.sends)
+        now = trio.current_time()
+        # Ours too: `show routes --json` estimates as the workers do (the control process serves no users).
+        self.d.dataplane.plane.account.siblings(add_sends(o.report.sends for o in self.slots if o.report is not None), now)
+        for st in self.slots:
+            ch = self.channels.get(st.index)
+            if st is changed or ch is None or ch.queued > LOW_WATER:
+                continue  # a worker that does not read has the older counts until it does
+            ch.send_rib(siblings_message(o.report.sends for o in self.slots if o is not st and o.report is not None))
 
     # ---- what status, metrics and the load loop read
 

@@ -71,7 +71,7 @@ def test_auto_is_one_worker_per_core(tmp_path) -> None:
 
 def test_a_report_survives_the_pipe_and_garbage_is_refused() -> None:
     r = Report(pid=7, clients=2, inflight=1, stats={"requests": 5}, requests={("/yolo", "s1", 200): 4, ("/x", "", 404): 1},
-               loads={"s1": InstanceLoad(3, 1, 1, 900.0)})
+               loads={"s1": InstanceLoad(3, 1, 1, 900.0)}, sends={("/yolo", "gw2", "s2"): 12})
     assert Report.decode(msgpack.unpackb(r.encode(), strict_map_key=False)) == r
     for bad in (None, {}, {"pid": 1}, {**msgpack.unpackb(r.encode()), "loads": {"s1": [-1, 0, 0, 0.0]}}):
         with pytest.raises(ValueError):

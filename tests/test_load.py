@@ -195,6 +195,29 @@ def test_estimate_adds_only_our_own_change() -> None:
     assert acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.5) == (pytest.approx(0.9), pytest.approx(0.3))
 
 
+def test_the_other_workers_sends_count_as_our_own_do() -> None:
+    """With workers, each one's estimate adds the others' sends (relayed by the control process
+    every report interval) the way it adds its own: only their change since the measurement."""
+    acct = SendAccount()
+    key, quiet = ("/s", "g", "i"), ("/s", "g", "j")
+    acct.siblings({key: 10, quiet: 3}, 0.75)  # the others sent 10 over their last second, as of 0.75
+    # A measurement from 1.0 already holds those 10: nothing to add (as for our own sends).
+    acct.siblings({key: 10, quiet: 3}, 1.0)
+    assert acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.1) == (pytest.approx(0.4), pytest.approx(0.1))
+    acct.siblings({key: 25}, 1.25)  # 15 more since; ``quiet`` went quiet (absent: 0)
+    assert acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.3) == (pytest.approx(0.7), pytest.approx(0.4))
+    assert acct.estimate(quiet, 50, 0.2, 0.0, 1.0, 1.3) == (pytest.approx(0.14), pytest.approx(0.0))
+    for i in range(5):  # and ours on top
+        acct.sent(key, 1.26 + 0.01 * i)
+    assert acct.estimate(key, 50, 0.4, 0.1, 1.0, 1.3)[0] == pytest.approx(0.8)
+    # Older than any sample: all of their current rate counts (as for ours beyond our memory).
+    assert acct.estimate(key, 50, 0.0, 0.0, 0.5, 1.3)[0] == pytest.approx((25 + 5) / 50)
+    assert acct.own_rates(1.3, 10) == {key: 5} and acct.own_rates(3.0, 10) == {}
+    for t in (4.0, 4.25):  # long quiet: forgotten
+        acct.siblings({}, t)
+    assert quiet not in acct.sibling_sends
+
+
 def _cand(name: str, total: int, price: float, fill: float) -> Candidate:
     return Candidate(("/s", "g" + name, name), 1, "g" + name, ("g" + name,), total, 0, price, 50, fill, fill)
 

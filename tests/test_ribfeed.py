@@ -8,7 +8,8 @@ import pytest
 
 from cpnd.names import service_label
 from cpnd.rib import Rib
-from cpnd.ribfeed import FEED_BATCH, MAX_FRAME, RIB, TUNNEL, ChannelError, Deframer, FeedOut, Mirror, encode
+from cpnd.ribfeed import (FEED_BATCH, MAX_FRAME, RIB, SIBLINGS, TUNNEL, ChannelError, Deframer, FeedOut, Mirror, encode,
+                          read_siblings, siblings_message)
 from cpnd.wire import RouteAdv, Update, Withdrawal
 
 
@@ -77,3 +78,13 @@ def test_framing_bounds_and_kinds() -> None:
         Deframer().feed(encode(9, b""))
     with pytest.raises(ChannelError):
         Mirror().apply(Rib("a"), b"\x93\x01\x02\x03", 0.0)  # msgpack, but not a feed message
+
+
+def test_siblings_add_up_the_other_workers_sends_and_bad_ones_are_refused() -> None:
+    a, b = ("/s", "g", "i"), ("/s", "g", "j")
+    frames = Deframer().feed(siblings_message([{a: 3}, {a: 4, b: 1}]))
+    assert [k for k, _ in frames] == [SIBLINGS]
+    assert read_siblings(frames[0][1]) == {a: 7, b: 1}
+    for bad in (b"\xc1", b"\x91\x93\x01\x02\x03", b"\x01"):
+        with pytest.raises(ChannelError):
+            read_siblings(bad)

@@ -92,6 +92,9 @@ def test_every_worker_reaches_the_peers_instance(pair) -> None:
                      "the workers' counts added up")
         http = lab.query("a", "status")["http"]
         assert http["streams_on_data_channels"] == 6 * len(socks) and "streams_via_control" not in http
+        # Each worker sent to r1: the control process relays each one's sends to the other (selection
+        # counts every worker's), at least one message to each.
+        lab.wait_for(lambda: lab.query("a", "status")["http"].get("sibling_updates", 0) >= 2, 10, "sends relayed")
         assert lab.query("b", "show-peers")[0]["state"] == "established"
         if egress_workers == 1:
             assert lab.query("b", "status")["stats"]["data_channels"] == 2  # beside a's session, at b's core
