@@ -21,7 +21,9 @@ from .config import Config
 from .histogram import MAX_SERVICES, ROW, Latencies, add_latencies
 from .load import MAX_EVENTS, InstanceMeter
 
-MAX_SIBLING_KEYS = 4096  # instances per report whose sends are relayed to the other workers (the busiest)
+# Instances per report whose sends are relayed to the other workers (the busiest): at most ~100 KB
+# of a report (a key is at most 256 + 2 x 64 bytes), beside its other contents, under MAX_REPORT_BYTES.
+MAX_SIBLING_KEYS = 256
 REPORT_INTERVAL_S = 0.25  # how often a worker reports: the control's view of its load is at most this old
 MAX_REPORT_BYTES = 1 << 20  # a report larger than this is a bug: the control stops reading that worker
 

@@ -40,12 +40,14 @@ class RateWindow:
         self._start = 0  # entries before this have left; compacted now and then
 
     def add(self, now: float) -> None:
-        if self._times and now < self._times[-1]:
-            now = self._times[-1]  # keep it sorted even if a caller's clock stutters
-        self._times.append(now)
-        self._trim(now)
-        if len(self._times) - self._start > MAX_EVENTS:
-            self._start = len(self._times) - MAX_EVENTS
+        times = self._times
+        if times and now < times[-1]:
+            now = times[-1]  # keep it sorted even if a caller's clock stutters
+        times.append(now)
+        if times[self._start] <= now - self.keep_s:
+            self._trim(now)
+        if len(times) - self._start > MAX_EVENTS:
+            self._start = len(times) - MAX_EVENTS
 
     def _trim(self, now: float) -> None:
         self._start = bisect.bisect_right(self._times, now - self.keep_s, self._start)
@@ -55,10 +57,17 @@ class RateWindow:
 
     def count(self, now: float, at: float | None = None) -> int:
         """Events in (at - window, at], ``at`` defaulting to now (must be within keep_s)."""
+        times = self._times
+        if at is None and self.keep_s == self.window_s and (not times or times[-1] <= now):
+            # The common case, one search: what is not trimmed is in the window (no event is
+            # later than now: time only moves forward).
+            if self._start < len(times) and times[self._start] <= now - self.keep_s:
+                self._trim(now)
+            return len(times) - self._start
         self._trim(now)
         at = now if at is None else at
-        lo = bisect.bisect_right(self._times, at - self.window_s, self._start)
-        hi = bisect.bisect_right(self._times, at, lo)
+        lo = bisect.bisect_right(times, at - self.window_s, self._start)
+        hi = bisect.bisect_right(times, at, lo)
         return hi - lo
 
 

@@ -27,6 +27,7 @@ TUNNEL = 1  # one tunnel frame (tunnel.md), either way
 RIB = 2  # one feed message (msgpack), control -> worker
 SIBLINGS = 3  # the other workers' sends per instance over their last second (msgpack), control -> worker
 
+SIBLING_KEYS = 1024  # instances per SIBLINGS message, the busiest
 MAX_FRAME = 1 << 20  # a feed message of FEED_BATCH routes with certificates fits; more is a bug: the channel ends
 FEED_BATCH = 256  # Loc-RIB entries per feed message: the worker applies one between users' requests
 _HEAD = struct.Struct(">IB")
@@ -114,14 +115,16 @@ def add_sends(reports: Iterable[Mapping[Key, int]]) -> dict[Key, int]:
 
 
 def siblings_message(reports: Iterable[Mapping[Key, int]]) -> bytes:
-    """For one worker: the other workers' last-second sends per instance, added up (their reports)."""
-    return encode(SIBLINGS, msgpack.packb([[*k, n] for k, n in add_sends(reports).items()], use_bin_type=True))
+    """For one worker: the other workers' last-second sends per instance, added up (their reports);
+    the busiest SIBLING_KEYS instances (a key is at most ~400 bytes: well under MAX_FRAME)."""
+    total = sorted(add_sends(reports).items(), key=lambda kv: -kv[1])[:SIBLING_KEYS]
+    return encode(SIBLINGS, msgpack.packb([[*k, n] for k, n in total], use_bin_type=True))
 
 
 def read_siblings(payload: bytes) -> dict[Key, int]:
     """A SIBLINGS message's counts; ChannelError if malformed."""
     try:
-        return {(str(a), str(b), str(c)): int(n) for a, b, c, n in msgpack.unpackb(payload, raw=False)}
+        return {(str(a), str(b), str(c)): int(n) for a, b, c, n in msgpack.unpackb(payload, raw=False)[:SIBLING_KEYS]}
     except Exception as exc:  # noqa: BLE001 - any shape error is the same error
         raise ChannelError(f"bad siblings message: {exc!r}") from None
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cpnd.load import (
     CORRECTION_MAX_US,
@@ -33,6 +35,17 @@ def test_rate_window_slides() -> None:
     assert w.count(1.95) == 1
     assert w.count(1.95, at=1.0) == 3  # the window that ended at 1.0, still remembered
     assert w.count(5.0) == 0
+
+
+@given(st.lists(st.tuples(st.floats(0, 0.7), st.booleans()), max_size=60), st.sampled_from([1.0, 3.0]))
+def test_rate_window_counts_as_a_plain_list_would(steps, keep_s) -> None:
+    w, seen, now = RateWindow(window_s=1.0, keep_s=keep_s), [], 0.0
+    for dt, add in steps:
+        now += dt
+        if add:
+            w.add(now)
+            seen.append(now)
+        assert w.count(now) == sum(1 for t in seen if now - 1.0 < t <= now)
 
 
 def test_load_factor_is_f_d() -> None:

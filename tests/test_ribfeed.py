@@ -85,6 +85,10 @@ def test_siblings_add_up_the_other_workers_sends_and_bad_ones_are_refused() -> N
     frames = Deframer().feed(siblings_message([{a: 3}, {a: 4, b: 1}]))
     assert [k for k, _ in frames] == [SIBLINGS]
     assert read_siblings(frames[0][1]) == {a: 7, b: 1}
+    many = [{("/" + "s" * 255, "g" * 64, f"{w:02}" + "i" * 62): 1 + w} for w in range(1200)]  # worst-case keys
+    head, payload = Deframer().feed(siblings_message(many))[0]
+    assert head == SIBLINGS and len(payload) < MAX_FRAME and len(read_siblings(payload)) == 1024
+    assert min(read_siblings(payload).values()) == 1200 - 1024 + 1  # the busiest kept
     for bad in (b"\xc1", b"\x91\x93\x01\x02\x03", b"\x01"):
         with pytest.raises(ChannelError):
             read_siblings(bad)
