@@ -98,7 +98,9 @@ class DataPlane:
     def _estimate(self, key: Key, best: Best, now: float) -> View:
         p = self.plane
         return ingress_view(self.gw.rib, key, best, now, own=p.own, account=p.account, correction=p.correction,
-                            meter=self.egress.meters[key[2]] if key[1] == self.gw.id else None)
+                            # One of ours this process does not call (a worker's view of an instance registered
+                            # at the control process) is estimated as a peer's is: from its advertisement.
+                            meter=self.egress.meters.get(key[2]) if key[1] == self.gw.id else None)
 
     # ---- what the daemon drives
 

@@ -1,4 +1,4 @@
-"""The channel between the control process and one worker (``[gateway] workers = N`` with peers),
+"""The channel between the control process and one worker (``[gateway] workers = N``),
 sans-IO: its framing, and the worker's mirror of the control's Loc-RIB (a snapshot, then deltas).
 
 One unix stream socket per worker carries, both ways, tunnel frames exactly as a peer session's
@@ -97,9 +97,9 @@ class FeedOut:
         for _ in range(min(FEED_BATCH, len(self.dirty))):
             key = self.dirty.pop()
             best = rib.loc.get(key)
-            if best is None or best.route.peer is None:  # gone, or one of ours: the worker has its own
+            if best is None:
                 msg["del"].append(list(key))
-            else:
+            else:  # ours too: a worker skips those of its own config, and reaches the others (registered) through us
                 msg["set"].append(entry(best, now))
         msg["synced"] = not self.dirty  # the worker is up to date as of now (at start: it holds the snapshot)
         return encode(RIB, msgpack.packb(msg, use_bin_type=True))
@@ -149,7 +149,11 @@ class Mirror:
     xk: bytes | None = None  # the gateway's sealing private key, from the snapshot
 
     def apply(self, rib: Rib, payload: bytes, now: float) -> set[Key]:
-        """Apply one feed message to ``rib``; the keys that changed. ChannelError if malformed."""
+        """Apply one feed message to ``rib``; the keys that changed. ChannelError if malformed.
+
+        A route of the control process's own (peer None) that the worker's config does not have
+        (an instance registered at run time) is kept with our own id as its peer: the worker
+        reaches it through the control process (worker.WorkerGateway.established_conn)."""
         try:
             msg = msgpack.unpackb(payload, raw=False, strict_map_key=False, max_bin_len=MAX_FRAME)
             rib.egress_us, rib.transit_us = int(msg["eg"]), int(msg["tr"])
@@ -158,7 +162,7 @@ class Mirror:
                 self.xk = bytes(msg["xk"])
             changed: set[Key] = set()
             for e in msg["set"]:
-                best = _best(e, now)
+                best = _best(e, now, rib.local_id)
                 key = best.route.adv.key
                 if key not in rib.local:  # ours are served from our own config and health
                     rib.put(key, best)
@@ -177,9 +181,9 @@ class Mirror:
         return changed
 
 
-def _best(e: list[Any], now: float) -> Best:
+def _best(e: list[Any], now: float, own_id: str) -> Best:
     adv, peer, stale, validation, pref, latency_us, fresh, reason, age = e
     route_adv: RouteAdv = _decode_route(adv)
-    route = Route(route_adv, str(peer), now - float(age), stale=bool(stale), validation=Validation(validation), pref=int(pref))
+    route = Route(route_adv, own_id if peer is None else str(peer), now - float(age), stale=bool(stale), validation=Validation(validation), pref=int(pref))
     return Best(route, int(latency_us), route_adv if fresh is None else _decode_route(fresh), BestReason(reason),
                 now - float(age))

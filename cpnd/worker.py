@@ -85,7 +85,14 @@ class WorkerGateway:
 
     def established_conn(self, peer: str) -> Any:
         """Our data channel to ``peer``, else the channel to the control process, which relays to
-        ``peer`` while its session is up."""
+        ``peer`` while its session is up; ``peer`` our own id: an instance registered at the control
+        process (ribfeed.Mirror.apply), which serves it as its egress (the only process calling it)."""
+        if peer == self.id:
+            ch = self.channel
+            if ch is None or ch.done.is_set():
+                return None
+            self.dataplane.stats["streams_to_registered"] += 1
+            return ch
         if peer not in self.mirror.peers:
             return None
         direct = self.data_channels.conn(peer) if self.data_channels is not None else None

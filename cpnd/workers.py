@@ -159,15 +159,16 @@ class Workers:
         """Run one process in ``st`` until it ends, reading its reports."""
         fds = {tls: socks[st.index].fileno() for tls, socks in self.socks.items()}
         r, w = os.pipe()
-        ours, theirs = socket.socketpair() if self.d.config.peers else (None, None)
+        # The channel: the Loc-RIB fed to the worker, and its streams to peers and to instances
+        # registered here (the control process calls those: README, "Workers").
+        ours, theirs = socket.socketpair()
         # Peers' data channels are handed over on a socket of their own (SCM_RIGHTS), one connection a message.
         fd_ours, fd_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if self.d.config.peers else (None, None)
         try:
             argv = [sys.executable, "-m", "cpnd.worker", str(self.d.config.source), str(st.index), str(self.n),
                     str(fds.get(False, -1)), str(fds.get(True, -1)), str(w), "1" if st.restarts else "0",
-                    str(theirs.fileno() if theirs is not None else -1),
-                    str(fd_theirs.fileno() if fd_theirs is not None else -1)]
-            extra = (theirs.fileno(), fd_theirs.fileno()) if theirs is not None and fd_theirs is not None else ()
+                    str(theirs.fileno()), str(fd_theirs.fileno() if fd_theirs is not None else -1)]
+            extra = tuple(s.fileno() for s in (theirs, fd_theirs) if s is not None)
             proc = await trio.lowlevel.open_process(argv, pass_fds=(*fds.values(), w, *extra))
         except BaseException:
             os.close(r)
@@ -189,8 +190,7 @@ class Workers:
             proc.send_signal(signal.SIGTERM)
         try:
             async with trio.open_nursery() as nursery:
-                if ours is not None:
-                    nursery.start_soon(self._run_channel, st, ours)
+                nursery.start_soon(self._run_channel, st, ours)
                 async with trio.lowlevel.FdStream(r) as reports:
                     await self._read(st, reports)
                 await proc.wait()

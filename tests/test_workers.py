@@ -1,6 +1,7 @@
 """``[gateway] workers = 2`` with real processes: both workers serve (http and https), an instance's capacity holds across
 them under a burst, a killed worker is restarted while the other's keep-alive users go on, status and
-metrics add them up, and SIGTERM reaps every worker."""
+metrics add them up, an instance registered at run time is served to the workers' users (through the
+control process), and SIGTERM reaps every worker."""
 
 from __future__ import annotations
 
@@ -202,4 +203,41 @@ def test_https_listen_is_served_by_the_workers(tmp_path) -> None:
         lab.wait_for(lambda: sum(w["requests"] for w in workers(lab)) == 10, 10, "the workers' https requests")
     finally:
         lab.stop_all()
+        insts.stop_all()
+
+
+def _cpnctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "--socket",
+                           str(lab.specs["a"].control), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_a_registered_instance_is_served_to_the_workers_users_by_the_control_process(gw) -> None:
+    """The workers know their config's instances; one registered at run time (cpnctl register) is in the
+    control process only: the workers have its route from the feed and send its requests there."""
+    lab, addr = gw
+    insts = InstanceProcs()
+    try:
+        insts.start("x1")
+        r = _cpnctl(lab, "register", "--service", "/local", "--id", "x1", "--url",
+                    f"http://127.0.0.1:{insts.ports['x1']}/x1", "--capacity", "1000", "--price", "0.1")
+        assert r.returncode == 0, r.stderr
+        seen: set[str] = set()
+
+        def both() -> bool:  # new connections: the kernel spreads them over the workers
+            with connect(addr) as s:
+                s.sendall(b"GET /local HTTP/1.1\r\nHost: a\r\nCPN-Prefer: price\r\n\r\n")
+                head = s.recv(65536)
+            if b" 200 " in head.split(b"\r\n", 1)[0] and b"cpn-instance: x1" in head.lower():
+                seen.add("x1")
+            return lab.query("a", "status")["http"].get("streams_to_registered", 0) >= 4
+        lab.wait_for(both, 20, "the workers' users served by the registered x1")
+        assert seen == {"x1"}
+        assert _cpnctl(lab, "deregister", "--id", "x1").returncode == 0
+        lab.wait_for(lambda: all("x1" not in r["instance"] for r in lab.routes("a")), 10, "x1 withdrawn")
+        for _ in range(6):  # the workers forgot it: their own l1 serves again
+            with connect(addr) as s:
+                s.sendall(b"GET /local HTTP/1.1\r\nHost: a\r\nCPN-Prefer: price\r\n\r\n")
+                head = s.recv(65536).lower()
+            assert b"cpn-instance: x1" not in head
+    finally:
         insts.stop_all()
