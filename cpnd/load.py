@@ -439,11 +439,16 @@ class LatencyCorrection:
         self.quantile = quantile  # `latency_quantile`: a reload applies it from the next response on
         self.ttl_s = ttl_s
         self.max_keys = max_keys
-        self._residuals: dict[object, collections.deque[tuple[float, int]]] = {}
+        self._residuals: dict[object, collections.deque[tuple[float, int, bool]]] = {}  # (when, residual, cut)
         self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
 
-    def observe(self, key: object, now: float, observed_us: float, estimated_us: float) -> None:
-        """A response head left for the user ``observed_us`` after the attempt began; we had expected ``estimated_us``."""
+    def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False) -> None:
+        """A response head left for the user ``observed_us`` after the attempt began; we had expected ``estimated_us``.
+
+        ``cut``: no head came; the attempt was cut at the request's bound after ``observed_us``. Such
+        a residual may be the request's own nature (a long job under a tight bound, which one user can
+        send on purpose), so while the window holds answered ones it counts at most as much as the
+        largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
         if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
             return
         window = self._residuals.get(key)
@@ -454,7 +459,7 @@ class LatencyCorrection:
                 del self._residuals[old]
                 self._values.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
-        window.append((now, int(observed_us - estimated_us)))
+        window.append((now, int(observed_us - estimated_us), cut))
         self._update(key, window, now)
 
     def value_us(self, key: object, now: float) -> int:
@@ -473,8 +478,10 @@ class LatencyCorrection:
             return 0
         return self._update(key, window, now)
 
-    def _update(self, key: object, window: collections.deque[tuple[float, int]], now: float) -> int:
-        values = [r for _, r in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
+    def _update(self, key: object, window: collections.deque[tuple[float, int, bool]], now: float) -> int:
+        answered = [r for _, r, cut in window if not cut]
+        cap = max(0, *answered) if answered else CORRECTION_MAX_US
+        values = [min(r, cap) if cut else r for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
         quiet = now - window[-1][0]  # since the newest response
         fade = 1.0 if quiet <= CORRECTION_HOLD_S else max(0.0, (self.ttl_s - quiet) / (self.ttl_s - CORRECTION_HOLD_S))

@@ -227,5 +227,6 @@ class Planner:
 
     def missed(self, cand: Candidate, start: float, now: float) -> None:
         """An attempt was cut at the request's bound: it took at least ``now - start``. The
-        correction learns that much (a lower bound), as it would have from a late answer."""
-        self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None))
+        correction learns that much (a lower bound), as from a late answer, within what answered
+        requests show (load.LatencyCorrection.observe: one user's long jobs are not the instance's)."""
+        self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None), cut=True)

@@ -384,3 +384,24 @@ def test_correction_is_bounded_and_its_table_too() -> None:
         small.observe(key, 0.0, 1000, 0)
         small.observe(key, 0.0, 1000, 0)
     assert small.value_us("a", 0.0) == 0 and small.value_us("c", 0.0) == 1000  # the oldest went
+
+
+def test_cut_attempts_count_only_as_far_as_answered_ones_show() -> None:
+    """One user's long jobs under a tight bound (cut each time) must not make the instance look slow
+    to everyone: while others' requests are answered on time, cut residuals count at most as theirs;
+    when every request is cut (the instance slow for all), they count in full."""
+    attacked = LatencyCorrection()
+    for i in range(10):
+        attacked.observe("s1", 1.0 + i * 0.01, 5000, 5000)  # answered as estimated
+        attacked.observe("s1", 1.0 + i * 0.01, 10_000, 5000, cut=True)  # cut at a 10 ms bound
+    assert attacked.value_us("s1", 1.2) == 0
+    slow = LatencyCorrection()
+    for i in range(10):
+        slow.observe("s1", 1.0 + i * 0.01, 9000, 5000)  # answered, 4 ms over the estimate
+        slow.observe("s1", 1.0 + i * 0.01, 10_000, 5000, cut=True)
+    assert slow.value_us("s1", 1.2) == 4000  # the cut ones as far as the answered show
+    everyone = LatencyCorrection()
+    for i in range(4):
+        everyone.observe("s1", 1.0 + i * 0.01, 10_000, 5000, cut=True)
+    assert everyone.value_us("s1", 1.1) == 5000
+
