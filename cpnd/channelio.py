@@ -38,6 +38,7 @@ class ChannelIO(CoreShell):
     ``flush_held``, ``_connection_gone``), for data channels: the shell loop is daemon.CoreShell's."""
 
     CONNECTION = "data channel"
+    _where = " on a data channel"
 
     def __init__(self, config: Config, rib: Rib, *, n: int = 1, on_stream: Callable[[TunnelStream], None] | None = None,
                  owns: Callable[[Any], bool] | None = None) -> None:
@@ -90,7 +91,7 @@ class ChannelIO(CoreShell):
 
     def _on_event(self, event: object) -> None:
         if isinstance(event, TunnelData):
-            self._tunnel_data(event, " on a data channel")
+            self._tunnel_data(event)
         elif isinstance(event, LinkUp):
             conn = self.conns.get(event.link)
             s = event.link.session
@@ -106,6 +107,7 @@ class ChannelIO(CoreShell):
                 if sealer is not None and self.owns is not None:
                     sealer = PartSealer(sealer, lambda: self.rib.opener, self.owns)
                 conn.mux.sealer = sealer
+                s.tunnel_direct = True  # its records go straight to the Mux from now on (CoreShell.received)
         elif isinstance(event, LinkDown):
             conn = self.conns.get(event.link)
             if conn is not None:

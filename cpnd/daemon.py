@@ -205,8 +205,7 @@ class Connection:
                 await self._hold(data)
             else:
                 self.core.receive_data(self.link, data, trio.current_time())
-                self.daemon.pump()
-                self.daemon.flush_held()
+                self.daemon.received(self)
             if not data:
                 return
 
@@ -236,8 +235,7 @@ class Connection:
             self._inbox_bytes -= len(data)
             self._inbox_space.set()
             self.core.receive_data(self.link, data, trio.current_time())
-            self.daemon.pump()
-            self.daemon.flush_held()
+            self.daemon.received(self)
             if not data:
                 return
 
@@ -324,6 +322,7 @@ class CoreShell:
     the core's one timer."""
 
     CONNECTION = "connection"  # what its connections are called in logs
+    _where = ""  # said after "a bad tunnel frame" in logs
     core: Any
     nursery: trio.Nursery | None
     conns: dict[Any, Connection]
@@ -364,19 +363,39 @@ class CoreShell:
         while self.held:
             self.held.pop().flush()
 
+    def received(self, conn: Connection) -> None:
+        """After the core took what ``conn`` read: its tunnel records to the Mux (those that came before
+        any session event, straight from the session), then the core's outputs, then what that queued."""
+        s = conn.link.session
+        if s.tunnel_in:
+            records, s.tunnel_in = s.tunnel_in, []
+            for payload in records:
+                if not self._tunnel_record(conn, payload):
+                    break
+        self.pump()
+        self.flush_held()
+
     def _on_event(self, event: object) -> None:
         raise NotImplementedError
 
     def _tunnel_data(self, event: TunnelData, where: str = "") -> None:
-        """A tunnel record for its connection's Mux; a bad frame ends that session."""
+        """A tunnel record (as a core event) for its connection's Mux."""
         conn = self.conns.get(event.link)
-        if conn is not None and conn.mux is not None and not conn._done.is_set():
-            try:
-                conn.mux.handle(event.payload)
-            except ProtocolError as exc:
-                log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, event.link.session.peer_id,
-                            where, exc)
-                self.core.close(event.link, exc.code, exc.subcode, exc.detail)
+        if conn is not None:
+            self._tunnel_record(conn, event.payload, where)
+
+    def _tunnel_record(self, conn: Connection, payload: bytes, where: str = "") -> bool:
+        """A tunnel record for ``conn``'s Mux; a bad frame ends that session (then False)."""
+        if conn.mux is None or conn._done.is_set():
+            return True
+        try:
+            conn.mux.handle(payload)
+        except ProtocolError as exc:
+            log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, conn.link.session.peer_id,
+                        where or self._where, exc)
+            self.core.close(conn.link, exc.code, exc.subcode, exc.detail)
+            return False
+        return True
 
     async def _timer_loop(self) -> None:
         """The core's one timer: sleep until it is due (or moved earlier), fire it, pump its outputs."""
@@ -598,6 +617,7 @@ class Daemon(CoreShell):
                                         timed_load=GATEWAY_TIME_CAP in s.agreed_caps)
                 on_open = self.workers.on_peer_stream if self.workers is not None else self.dataplane.on_stream  # workers
                 conn.mux = Mux(conn, event.link.peer.config.id, event.link.initiated, on_open, settings, self.tunnel_bytes)
+                s.tunnel_direct = True  # its records go straight to the Mux from now on (received)
                 conn.mux.sealer = stream_sealer(self.rib, self.config, s.agreed_caps, event.link.peer.config.id)
                 if self.workers is not None:  # workers: a sealed stream to us is opened by its owner worker
                     self.workers.adopt(conn.mux)

@@ -296,7 +296,9 @@ class Gateway:
         after = s.get_timer()
         if after is not None and (before is None or after < before):
             self.timer_dirty = True  # a new timer (a keepalive after OPEN): get_timer moved earlier
-        self._process(link, now)
+        if s.has_events() or s.has_data_to_send() or not data:
+            self._process(link, now)
+        # else: tunnel records only, taken by the shell from ``tunnel_in``: nothing for the core to do
 
     def wants_data(self, link: Link) -> bool:
         """False while the peer's UPDATEs outran its bucket: its bytes wait in the kernel."""

@@ -291,6 +291,10 @@ class Session:
         self.inbound = TokenBucket(config.limits.rate, config.limits.burst)
         self.outbound: TokenBucket | None = None  # the peer's announced pace, counted as we send
         self._pending = 0  # PendingUpdates among the events: their entries go out a slice at a time
+        # Set by a shell that takes tunnel records straight from ``tunnel_in`` (its Mux is up): a record
+        # with no session event before it waiting goes there instead of becoming a TunnelFrame event.
+        self.tunnel_direct = False
+        self.tunnel_in: list[bytes] = []
         self._now = now
         if role is Role.INITIATOR:
             self._out += frame(self._hs.start())
@@ -380,6 +384,9 @@ class Session:
             self.stats["route_entries_in"] += n
             return UpdateReceived(update)
         return None
+
+    def has_events(self) -> bool:
+        return bool(self._events)
 
     def next_is_update(self) -> bool:
         """Whether the next event would be (a slice of) an UPDATE with entries."""
@@ -506,7 +513,12 @@ class Session:
             # the peer alive like any other record.
             self._hold_deadline = now + self.hold_ms / 1000
             self.stats["tunnel_in"] += 1
-            self._events.append(TunnelFrame(payload))
+            if self.tunnel_direct and len(self._events) == self._pending:
+                # Nothing but route work waits before it (that may go after: the data plane does not
+                # wait for UPDATE slices): the shell takes it before the events of this read.
+                self.tunnel_in.append(payload)
+            else:
+                self._events.append(TunnelFrame(payload))
             return None
         if ctype != ContentType.CONTROL:
             raise ProtocolError(Code.RECORD, RecordSub.BAD_CONTENT_TYPE, f"content type {ctype}")
