@@ -77,6 +77,7 @@ class Egress:
             m = self.meters.get(inst.id) or InstanceMeter(inst.capacity, int(inst.compute_latency_ms * 1000))
             m.capacity = inst.capacity
             m.hint_us = inst.compute_latency_ms * 1000
+            m.holds.guard_s = config.gateway.admission_guard_ms / 1000
             meters[inst.id] = m
         self.meters = meters
 
@@ -185,6 +186,7 @@ class Egress:
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
         ``rx`` streams the remainder (None: all here)."""
         meter = self.meters[inst.id]
+        hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
         headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
                                extra=origin.instance_headers if origin is not None else ())
@@ -202,7 +204,7 @@ class Egress:
             if served is None:
                 meter.abandoned()
             else:
-                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
+                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival, hold)
         return served
 
     async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:

@@ -19,7 +19,7 @@ import msgpack
 
 from .config import Config
 from .histogram import MAX_SERVICES, ROW, Latencies, add_latencies
-from .load import MAX_EVENTS, InstanceMeter
+from .load import InstanceMeter
 
 REPORT_INTERVAL_S = 0.25  # how often a worker reports: the control's view of its load is at most this old
 MAX_REPORT_BYTES = 1 << 20  # a report larger than this is a bug: the control stops reading that worker
@@ -52,12 +52,11 @@ def worker_config(config: Config, n: int) -> Config:
 
 
 def hold_predecessors_share(meters: dict[str, InstanceMeter], now: float) -> None:
-    """A replacement worker starts with its share of every instance used up for one second: what its
-    dead predecessor admitted in its last second is unknown (reports are up to 0.25 s old), and the
-    share must hold across the two. After that second no window can hold admissions of both."""
+    """A replacement worker starts with its share of every instance used up for one second and the
+    admission guard: what its dead predecessor admitted in its last second is unknown (reports are up
+    to 0.25 s old), and the share must hold across the two. After that no window can hold requests of both."""
     for m in meters.values():
-        for _ in range(min(math.ceil(m.capacity), MAX_EVENTS)):
-            m.arrivals.add(now)
+        m.used_up(now)
 
 
 @attrs.frozen

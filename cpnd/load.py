@@ -62,10 +62,60 @@ class RateWindow:
         return hi - lo
 
 
+# An admitted request holds its slot of the instance's capacity until one second after the latest
+# moment the instance can have counted it: this long after its admission, or when its answer came
+# back if sooner (protocol-spec/selection.md, "Admission"; `admission_guard_ms`). Measured on the
+# paper lab at saturation (bench/lab_overload.py, 2 cores): admission to the instance's read took up
+# to 32-47 ms with one worker per gateway and 58 ms with two (the gateway's own queueing, mostly).
+ADMISSION_GUARD_S = 0.1
+
+
+class SlotHolds:
+    """Until when each admitted request counts against its instance's capacity (a sorted multiset).
+
+    An instance counts a request when it reads it: after our admission, before its answer reaches
+    us, and (assumed) within ``guard_s`` of the admission. A request counted until one second after
+    the latest such moment is in every sliding second of the instance's own clock that can hold it,
+    so admitting below capacity here keeps every such second at or below capacity there, whatever
+    the delays in between (counting at admission alone lets a queued request land a window late).
+    """
+
+    def __init__(self, guard_s: float = ADMISSION_GUARD_S, window_s: float = WINDOW_S) -> None:
+        self.guard_s = guard_s
+        self.window_s = window_s
+        self._until: list[float] = []  # sorted
+
+    def add(self, now: float, n: int = 1) -> float:
+        """``n`` requests admitted now; the provisional end of their hold (the ticket for ``answered``)."""
+        until = now + self.guard_s
+        i = bisect.bisect_right(self._until, until)
+        self._until[i:i] = [until] * n
+        if len(self._until) > MAX_EVENTS:
+            del self._until[: len(self._until) - MAX_EVENTS]  # bounded like a RateWindow: the oldest go
+        return until
+
+    def answered(self, until: float, now: float) -> None:
+        """The request whose ticket is ``until`` was answered ``now``: the instance has counted it by now."""
+        if now >= until:
+            return
+        i = bisect.bisect_left(self._until, until)
+        if i < len(self._until) and self._until[i] == until:
+            del self._until[i]
+            bisect.insort(self._until, now)
+
+    def held(self, now: float) -> int:
+        """Requests the instance may still count in a second that ends at or after ``now``."""
+        k = bisect.bisect_right(self._until, now - self.window_s)
+        if k:
+            del self._until[:k]
+        return len(self._until)
+
+
 class InstanceMeter:
     """One local instance as its service-side gateway sees it."""
 
-    def __init__(self, capacity: float, compute_hint_us: int, *, samples: int = 32) -> None:
+    def __init__(self, capacity: float, compute_hint_us: int, *, samples: int = 32,
+                 guard_s: float = ADMISSION_GUARD_S) -> None:
         self.capacity = capacity
         self.hint_us = float(compute_hint_us)
         self.base_us = self.hint_us
@@ -82,6 +132,8 @@ class InstanceMeter:
         self._expired_base: float | None = None  # the base when samples last ran out, if above the hint
         self.inflight = 0
         self.refused = 0
+        self.holds = SlotHolds(guard_s)  # the hard capacity bound (admission-time counts alone can be overrun)
+        self._last_hold: float | None = None
 
     def load(self, now: float) -> float:
         return self.arrivals.count(now) / self.capacity
@@ -99,6 +151,7 @@ class InstanceMeter:
         the bounded demand of the last second leaves (protocol-spec/selection.md, "Admission").
         """
         n = self.arrivals.count(now)
+        held = self.holds.held(now)  # >= n: every request admitted in the last second, and the later ones
         expect = self.base_us * load_factor((n + 1) / self.capacity)
         if slack_us is not None:  # demand, whether or not it gets in
             self.bounded.add(now)
@@ -109,8 +162,8 @@ class InstanceMeter:
                 self.servable.add(now)
                 self._ceilings.append((now, limit))
         why = None
-        if n + 1 > self.capacity:
-            why = f"at capacity ({n} requests in the last second, capacity {self.capacity:g}/s)"
+        if held + 1 > self.capacity:
+            why = f"at capacity ({held} requests in the last second, capacity {self.capacity:g}/s)"
         elif budget_us is not None and expect > budget_us:
             why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
         elif slack_us is not None:
@@ -126,10 +179,25 @@ class InstanceMeter:
             self.refused += 1
             return why
         self.arrivals.add(now)
+        self._last_hold = self.holds.add(now)
         if slack_us is None:
             self.unbounded.add(now)
         self.inflight += 1
         return None
+
+    def take_hold(self) -> float | None:
+        """The hold of the request just admitted, for its call to end with ``done`` (the egress admits
+        and starts the call in one step, with no checkpoint between: no other admission comes first)."""
+        hold, self._last_hold = self._last_hold, None
+        return hold
+
+    def used_up(self, now: float) -> None:
+        """Take every slot for a second and the guard (a replacement worker: what its predecessor
+        admitted just before it died is unknown)."""
+        n = min(math.ceil(self.capacity), MAX_EVENTS)
+        for _ in range(n):
+            self.arrivals.add(now)
+        self.holds.add(now, n)
 
     def load_limit(self, slack_us: float) -> float:
         """Most arrivals per second at which compute still fits ``slack_us`` (inverse of f_d)."""
@@ -146,9 +214,12 @@ class InstanceMeter:
             return self.capacity
         return min(self.capacity, min(c for _, c in self._ceilings))
 
-    def done(self, now: float, service_us: float, load_at_arrival: float) -> None:
-        """A response head came back after ``service_us``: refine the base compute latency."""
+    def done(self, now: float, service_us: float, load_at_arrival: float, hold: float | None = None) -> None:
+        """A response head came back after ``service_us`` (its exchange ended ``now``): refine the base
+        compute latency, and end the request's ``hold`` (from ``take_hold``) by now if it runs later."""
         self.inflight = max(0, self.inflight - 1)
+        if hold is not None:
+            self.holds.answered(hold, now)
         if not math.isfinite(service_us) or service_us < 0:
             return
         self._samples.append((now, service_us / load_factor(load_at_arrival)))
