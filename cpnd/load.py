@@ -63,18 +63,26 @@ class RateWindow:
 
 
 # An admitted request holds its slot of the instance's capacity until one second after the latest
-# moment the instance can have counted it: this long after its admission, or when its answer came
-# back if sooner (protocol-spec/selection.md, "Admission"; `admission_guard_ms`). Measured on the
-# paper lab at saturation (bench/lab_overload.py, 2 cores): admission to the instance's read took up
-# to 32-47 ms with one worker per gateway and 58 ms with two (the gateway's own queueing, mostly).
+# moment the instance can have counted it: this long after we wrote it to the instance (after its
+# admission if not yet written), or when its answer came back if sooner (protocol-spec/selection.md,
+# "Admission"; `admission_guard_ms`). Measured on the paper lab at saturation (bench/lab_overload.py,
+# 2 cores): our write to the instance's read took up to 45 ms (the instances' one process starved), and
+# admission to the write up to 87 ms with two workers per gateway (the gateway's own queueing).
 ADMISSION_GUARD_S = 0.1
+
+
+@attrs.define
+class Hold:
+    """One admitted request's slot: until when it counts (SlotHolds keeps every such moment, sorted)."""
+
+    until: float
 
 
 class SlotHolds:
     """Until when each admitted request counts against its instance's capacity (a sorted multiset).
 
     An instance counts a request when it reads it: after our admission, before its answer reaches
-    us, and (assumed) within ``guard_s`` of the admission. A request counted until one second after
+    us, and (assumed) within ``guard_s`` of our writing it. A request counted until one second after
     the latest such moment is in every sliding second of the instance's own clock that can hold it,
     so admitting below capacity here keeps every such second at or below capacity there, whatever
     the delays in between (counting at admission alone lets a queued request land a window late).
@@ -85,23 +93,34 @@ class SlotHolds:
         self.window_s = window_s
         self._until: list[float] = []  # sorted
 
-    def add(self, now: float, n: int = 1) -> float:
-        """``n`` requests admitted now; the provisional end of their hold (the ticket for ``answered``)."""
+    def add(self, now: float, n: int = 1) -> Hold:
+        """``n`` requests admitted now, not yet written; the hold (of the last) to move on as it goes."""
         until = now + self.guard_s
         i = bisect.bisect_right(self._until, until)
         self._until[i:i] = [until] * n
         if len(self._until) > MAX_EVENTS:
             del self._until[: len(self._until) - MAX_EVENTS]  # bounded like a RateWindow: the oldest go
-        return until
+        return Hold(until)
 
-    def answered(self, until: float, now: float) -> None:
-        """The request whose ticket is ``until`` was answered ``now``: the instance has counted it by now."""
-        if now >= until:
-            return
-        i = bisect.bisect_left(self._until, until)
-        if i < len(self._until) and self._until[i] == until:
+    def sent(self, hold: Hold, now: float) -> None:
+        """The request was written to the instance ``now``: it may count it up to the guard later."""
+        if now + self.guard_s > hold.until:
+            self._move(hold, now + self.guard_s)
+
+    def answered(self, hold: Hold, now: float) -> None:
+        """The request's answer came back ``now``: the instance has counted it by now."""
+        if now < hold.until:
+            self._move(hold, now)
+
+    def _move(self, hold: Hold, until: float) -> None:
+        i = bisect.bisect_left(self._until, hold.until)
+        if i < len(self._until) and self._until[i] == hold.until:
             del self._until[i]
-            bisect.insort(self._until, now)
+        elif until < hold.until:
+            return  # gone already (bounded away): nothing to shorten
+        # (A write more than a second after its admission finds its entry gone: it counts again.)
+        bisect.insort(self._until, until)
+        hold.until = until
 
     def held(self, now: float) -> int:
         """Requests the instance may still count in a second that ends at or after ``now``."""
@@ -133,7 +152,7 @@ class InstanceMeter:
         self.inflight = 0
         self.refused = 0
         self.holds = SlotHolds(guard_s)  # the hard capacity bound (admission-time counts alone can be overrun)
-        self._last_hold: float | None = None
+        self._last_hold: Hold | None = None
 
     def load(self, now: float) -> float:
         return self.arrivals.count(now) / self.capacity
@@ -185,11 +204,16 @@ class InstanceMeter:
         self.inflight += 1
         return None
 
-    def take_hold(self) -> float | None:
-        """The hold of the request just admitted, for its call to end with ``done`` (the egress admits
-        and starts the call in one step, with no checkpoint between: no other admission comes first)."""
+    def take_hold(self) -> Hold | None:
+        """The hold of the request just admitted, for its call to move on (``sent``, ``done``): the
+        egress admits and starts the call in one step, with no checkpoint between."""
         hold, self._last_hold = self._last_hold, None
         return hold
+
+    def sent(self, hold: Hold | None, now: float) -> None:
+        """The request of ``hold`` was written to the instance now (its head, at least)."""
+        if hold is not None:
+            self.holds.sent(hold, now)
 
     def used_up(self, now: float) -> None:
         """Take every slot for a second and the guard (a replacement worker: what its predecessor
@@ -214,7 +238,7 @@ class InstanceMeter:
             return self.capacity
         return min(self.capacity, min(c for _, c in self._ceilings))
 
-    def done(self, now: float, service_us: float, load_at_arrival: float, hold: float | None = None) -> None:
+    def done(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None) -> None:
         """A response head came back after ``service_us`` (its exchange ended ``now``): refine the base
         compute latency, and end the request's ``hold`` (from ``take_hold``) by now if it runs later."""
         self.inflight = max(0, self.inflight - 1)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from cpnd.load import (
     CORRECTION_MAX_US,
+    Hold,
     MAX_SAMPLE_TTL_S,
     REFUSAL_HOLD_S,
     REPROBE_SAMPLES,
@@ -70,6 +71,16 @@ def test_a_slow_answer_holds_no_longer_than_the_guard() -> None:
     assert m.admit(1.11, None) is None  # a slow instance keeps its capacity (not one request per answer time)
 
 
+def test_the_guard_runs_from_the_write() -> None:
+    m = InstanceMeter(capacity=1, compute_hint_us=1000, guard_s=0.1)
+    assert m.admit(0.0, None) is None
+    hold = m.take_hold()
+    m.sent(hold, 0.5)  # queued half a second here before it went: the instance may read it up to 0.6
+    assert m.admit(1.59, None) is not None
+    assert m.admit(1.61, None) is None
+    assert m.take_hold() is not None and m.take_hold() is None
+
+
 def test_no_guard_is_counting_at_admission() -> None:
     m = InstanceMeter(capacity=10, compute_hint_us=1000, guard_s=0.0)
     assert all(m.admit(0.01 * i, None) is None for i in range(10))
@@ -79,30 +90,33 @@ def test_no_guard_is_counting_at_admission() -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(capacity=st.integers(1, 8), guard_ms=st.integers(0, 60),
-       requests=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 60), st.integers(0, 400)), max_size=120))
+       requests=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 900), st.integers(0, 60), st.integers(0, 400)),
+                         max_size=120))
 def test_no_instance_second_holds_more_than_capacity(capacity: int, guard_ms: int,
-                                                     requests: list[tuple[int, int, int]]) -> None:
-    """Requests arrive at the gateway (ms), reach the instance up to the guard later and are answered
-    any time after: whatever the delays and their order, no sliding second of the instance's clock
-    counts more than capacity of those admitted. Counting at admission alone fails this."""
+                                                     requests: list[tuple[int, int, int, int]]) -> None:
+    """Requests arrive at the gateway (ms), are written to the instance any time in the second after
+    (our queueing), read up to the guard after that, answered any time later: whatever the delays and
+    their order, no sliding second of the instance's clock counts more than capacity of those admitted.
+    Counting at admission alone fails this."""
     m = InstanceMeter(capacity=capacity, compute_hint_us=1000, guard_s=guard_ms / 1000)
-    events = []  # (time, order, kind, request)
-    for k, (at, read_delay, answer_delay) in enumerate(requests):
-        read = at + min(read_delay, guard_ms)
-        events.append((at / 1000, 0, "ask", k, read / 1000, (read + answer_delay) / 1000))
-    events.sort()
+    events = []  # (time, order at a tie, kind, request, its write, read and answer times)
+    for k, (at, write_delay, read_delay, answer_delay) in enumerate(requests):
+        write = at + write_delay
+        read = write + min(read_delay, guard_ms)
+        events.append((at / 1000, 0, "ask", k, write / 1000, read / 1000, (read + answer_delay) / 1000))
     reads: list[float] = []
-    pending: list[tuple[float, int, str, int, float, float]] = []
-    holds: dict[int, float | None] = {}
-    while events or pending:
-        ev = min(events + pending)
-        (events if ev in events else pending).remove(ev)
-        now, _, kind, k, read, answer = ev
+    holds: dict[int, Hold | None] = {}
+    while events:
+        ev = min(events)
+        events.remove(ev)
+        now, _, kind, k, write, read, answer = ev
         if kind == "ask":
             if m.admit(now, None) is None:
                 holds[k] = m.take_hold()
                 reads.append(read)
-                pending.append((answer, 1, "answer", k, read, answer))
+                events += [(write, 1, "write", k, write, read, answer), (answer, 2, "answer", k, write, read, answer)]
+        elif kind == "write":
+            m.sent(holds[k], now)
         else:
             m.done(now, (answer - read) * 1e6, load_at_arrival=0.0, hold=holds[k])
     reads.sort()
