@@ -12,7 +12,8 @@ request an instance received beyond its capacity in that second (the gateways' o
 ``no_capacity``). Counted per status with a wrk Lua script. Writes ``lab_overload.json``.
 
 ``--guard-ms``: run the lab once per value of ``[gateway] admission_guard_ms`` (the paper scenario
-written as a topology file with that key; 0 is counting at admission only, as before the guard).
+written as a topology file with that key; 0: a request's slot is held until its write to the instance,
+then a second; the default is the gateway's, 100 ms).
 """
 
 from __future__ import annotations
