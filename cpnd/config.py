@@ -116,7 +116,7 @@ class GatewayConfig:
     max_preauth_per_ip: int = 8
     max_data_channels_per_peer: int = 8  # data-only sessions a peer's workers may add beside its session (session.md)
     load_adv_interval_ms: int = 200
-    admission_guard_ms: int = 100  # how late after admission an instance may count a request (load.SlotHolds)
+    admission_guard_ms: int = 100  # how late after our write an instance may count a request (load.SlotHolds)
     drain_timeout_ms: int = 5000
     graceful_restart_ms: int = 0
     health_interval_ms: int = 2000

@@ -92,14 +92,15 @@ class SlotHolds:
         self.guard_s = guard_s
         self.window_s = window_s
         self._until: list[float] = []  # sorted
+        self._start = 0  # entries before this have ended; compacted now and then (as in RateWindow)
 
     def add(self, now: float, n: int = 1) -> Hold:
         """``n`` requests admitted now, not yet written; the hold (of the last) to move on as it goes."""
         until = now + self.guard_s
-        i = bisect.bisect_right(self._until, until)
+        i = bisect.bisect_right(self._until, until, self._start)
         self._until[i:i] = [until] * n
-        if len(self._until) > MAX_EVENTS:
-            del self._until[: len(self._until) - MAX_EVENTS]  # bounded like a RateWindow: the oldest go
+        if len(self._until) - self._start > MAX_EVENTS:
+            self._start = len(self._until) - MAX_EVENTS  # bounded like a RateWindow: the oldest go
         return Hold(until)
 
     def sent(self, hold: Hold, now: float) -> None:
@@ -113,21 +114,22 @@ class SlotHolds:
             self._move(hold, now)
 
     def _move(self, hold: Hold, until: float) -> None:
-        i = bisect.bisect_left(self._until, hold.until)
+        i = bisect.bisect_left(self._until, hold.until, self._start)
         if i < len(self._until) and self._until[i] == hold.until:
             del self._until[i]
         elif until < hold.until:
             return  # gone already (bounded away): nothing to shorten
-        # (A write more than a second after its admission finds its entry gone: it counts again.)
-        bisect.insort(self._until, until)
+        # (Written more than a second and the guard after its admission, it had ended: it counts again.)
+        bisect.insort(self._until, until, self._start)
         hold.until = until
 
     def held(self, now: float) -> int:
         """Requests the instance may still count in a second that ends at or after ``now``."""
-        k = bisect.bisect_right(self._until, now - self.window_s)
-        if k:
-            del self._until[:k]
-        return len(self._until)
+        self._start = bisect.bisect_right(self._until, now - self.window_s, self._start)
+        if self._start > 1024 and self._start * 2 > len(self._until):
+            del self._until[: self._start]
+            self._start = 0
+        return len(self._until) - self._start
 
 
 class InstanceMeter:

@@ -21,6 +21,7 @@ from cpnd.load import (
     OwnTimes,
     RateWindow,
     SendAccount,
+    SlotHolds,
     Stage,
     StageMeter,
     load_factor,
@@ -79,6 +80,26 @@ def test_the_guard_runs_from_the_write() -> None:
     assert m.admit(1.59, None) is not None
     assert m.admit(1.61, None) is None
     assert m.take_hold() is not None and m.take_hold() is None
+
+
+def test_slot_holds_count_like_a_plain_list_through_compaction() -> None:
+    rng = random.Random(7)
+    holds = SlotHolds(guard_s=0.05)
+    model: dict[int, float] = {}  # request -> until, recomputed by hand
+    tickets = {}
+    now = 0.0
+    for k in range(6000):  # ~3000 a second: compaction (over 1024 ended entries) runs many times
+        now += rng.uniform(0, 0.00066)
+        tickets[k] = holds.add(now)
+        model[k] = now + 0.05
+        j = rng.randrange(max(0, k - 50), k + 1)  # a recent one is written, or answered
+        if rng.random() < 0.5:
+            holds.sent(tickets[j], now)
+            model[j] = max(model[j], now + 0.05)
+        elif now < model[j]:
+            holds.answered(tickets[j], now)
+            model[j] = now
+        assert holds.held(now) == sum(1 for u in model.values() if u > now - 1.0)
 
 
 def test_no_guard_is_counting_at_admission() -> None:
