@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpn-dp-workers-")))
         inst, port = start_peer("instance", nginx, tmp, 0)
         stack.callback(lambda: (inst.kill(), inst.wait()))
-        urls, control = {}, 0
+        urls, control, single = {}, 0, 0
         for n in (1, 2):
             topo = Topology((f"w{n}",), (), (Instance("s1", f"w{n}", "/svc", 1e6, 1, 0),),
                             {"log_level": "warning", "workers": n, "health_interval_ms": 0})
@@ -69,13 +69,14 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
                                                    if w["report_age_ms"] is not None]) == n, 30, "workers up")
             urls[n] = f"http://{specs[f'w{n}'].http}/svc"
             control = lab.procs[f"w{n}"].pid  # the 2-worker gateway's control process: what all workers share
+            single = single or control  # the 1-worker gateway: one process does it all
             workers = [w["pid"] for w in lab.query(f"w{n}", "status")["workers"]]
             wrk_rps(wrk, urls[n], 1.0)  # warm: pools, caches
-        shared = worker_cpu = 0.0
+        shared = worker_cpu = single_cpu = 0.0
         ages: list[float] = []  # how old the control's view of each worker is, sampled during the 2-worker runs
         for r in range(args.repeats):
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):
-                before = cpu_seconds(control), sum(cpu_seconds(p) for p in workers)
+                before = cpu_seconds(control), sum(cpu_seconds(p) for p in workers), cpu_seconds(single)
                 stop = threading.Event()
                 sampler = threading.Thread(target=_sample_ages, args=(lab, stop, ages)) if n == 2 else None
                 if sampler is not None:
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
                 if n == 2:
                     shared += cpu_seconds(control) - before[0]
                     worker_cpu += sum(cpu_seconds(p) for p in workers) - before[1]
+                else:
+                    single_cpu += cpu_seconds(single) - before[2]
         served = sum(rps[2]) * args.seconds
+        served_1 = sum(rps[1]) * args.seconds
         hop = _one_hop(args, stack, tmp, port, wrk)
     ratios = [b / a for a, b in zip(rps[1], rps[2]) if a]
     doc: dict[str, Any] = {"rps_1_worker": rps[1], "rps_2_workers": rps[2], "ratios": ratios,
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
                            "connections": CONNECTIONS, "seconds": args.seconds,
                            "report_age_ms": {"p50": statistics.median(ages), "max": max(ages), "samples": len(ages)}
                            if ages else None,
-                           "control_cpu_us_per_request": shared / served * 1e6, "worker_cpu_us_per_request": worker_cpu / served * 1e6}
+                           "control_cpu_us_per_request": shared / served * 1e6, "worker_cpu_us_per_request": worker_cpu / served * 1e6,
+                           "cpu_us_per_request_1_worker": single_cpu / served_1 * 1e6 if served_1 else None}
     doc["one_hop"] = hop
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane_workers.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -106,7 +111,8 @@ def run(args: argparse.Namespace, nginx: str | None, wrk: str | None, out: Path)
     print(f"  workers = 2: {statistics.median(rps[2]):8.0f} req/s (median; rounds {', '.join(f'{x:.0f}' for x in rps[2])})")
     if ratios:
         print(f"  2 / 1: {doc['median_ratio']:.2f}x (median of the per-round ratios {', '.join(f'{x:.2f}' for x in ratios)})")
-    print(f"  CPU per request with 2 workers: {doc['worker_cpu_us_per_request']:.0f} us in the workers, "
+    print(f"  CPU per request: workers = 1: {doc['cpu_us_per_request_1_worker']:.0f} us in the gateway; workers = 2: "
+          f"{doc['worker_cpu_us_per_request']:.0f} us in the workers, "
           f"{doc['control_cpu_us_per_request']:.1f} us in the control process (the part all workers share)")
     hr = hop["ratios"]
     print(f"one hop, both gateways with the same workers, wrk -t1 -c{CONNECTIONS} {args.seconds:g} s x {args.repeats} rounds:")

@@ -1,7 +1,8 @@
 """The paper lab over its capacity, with ``[gateway] workers = 1`` and ``2`` on every gateway: does
 any instance get more than its capacity?
 
-    python bench/lab_overload.py [--workers 1,2] [--seconds 10] [--connections 16] [--out bench/results]
+    python bench/lab_overload.py [--workers 1,2] [--seconds 10] [--connections 16] [--guard-ms 0,100]
+                                 [--out bench/results]
 
 ``cpnd lab paper --workers N`` (GW1..GW7, s1..s5 of /yolo with capacity 50 req/s each, 250 in all);
 wrk on gw1 and on gw2 at once, as fast as they answer (open the throttle: each far above what the
@@ -9,6 +10,10 @@ instances take). The simulated instances count their own arrivals over a sliding
 503 with ``{"error": "overloaded"}`` past their capacity, so every such body a client sees is a
 request an instance received beyond its capacity in that second (the gateways' own refusals are 503
 ``no_capacity``). Counted per status with a wrk Lua script. Writes ``lab_overload.json``.
+
+``--guard-ms``: run the lab once per value of ``[gateway] admission_guard_ms`` (the paper scenario
+written as a topology file with that key; 0: a request's slot is held until its write to the instance,
+then a second; the default is the gateway's, 100 ms).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+
+from cpnd.lab import paper_topology
 
 LUA = """
 local threads = {}
@@ -40,10 +47,27 @@ end
 """
 
 
-def run_lab(workers: int, seconds: float, connections: int, wrk: str, tmp: Path) -> dict:
+def paper_with(tmp: Path, guard_ms: int) -> Path:
+    """The paper scenario as a topology file, every gateway with ``admission_guard_ms = guard_ms``."""
+    topo = paper_topology()
+    lines = ["[gateway]", f"admission_guard_ms = {guard_ms}"]
+    lines += [line for gw in topo.gateways for line in ("", "[[gateways]]", f'id = "{gw}"')]
+    lines += [line for link in topo.links
+              for line in ("", "[[links]]", f'a = "{link.a}"', f'b = "{link.b}"', f"rtt_ms = {link.rtt_ms!r}")]
+    lines += [line for i in topo.instances
+              for line in ("", "[[instances]]", f'id = "{i.id}"', f'gateway = "{i.gateway}"', f'service = "{i.service}"',
+                           f"capacity = {i.capacity!r}", f"price = {i.price!r}",
+                           f"compute_latency_ms = {i.compute_latency_ms!r}")]
+    path = tmp / f"paper-guard{guard_ms}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_lab(workers: int, seconds: float, connections: int, wrk: str, tmp: Path, guard_ms: int | None = None) -> dict:
     script = tmp / "count.lua"
     script.write_text(LUA)
-    lab = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", "paper", "--dir", str(tmp / f"lab{workers}"),
+    scenario = "paper" if guard_ms is None else str(paper_with(tmp, guard_ms))
+    lab = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", scenario, "--dir", str(tmp / f"lab{workers}-{guard_ms}"),
                             "--workers", str(workers), "--timeout", "60"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -71,7 +95,7 @@ def run_lab(workers: int, seconds: float, connections: int, wrk: str, tmp: Path)
             t.join()
         served = sum(v["counts"].get("200", 0) for v in out.values())
         over = sum(n for v in out.values() for k, n in v["counts"].items() if k.endswith("instance-overloaded"))
-        return {"workers": workers, "seconds": seconds, "per_gateway": out, "served_per_s": round(served / seconds, 1),
+        return {"workers": workers, "admission_guard_ms": guard_ms, "seconds": seconds, "per_gateway": out, "served_per_s": round(served / seconds, 1),
                 "instance_overloads": over, "instance_overloads_per_s": round(over / seconds, 2)}
     finally:
         lab.terminate()
@@ -83,6 +107,7 @@ def main() -> int:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--guard-ms", default=None, help="comma-separated admission_guard_ms values (default: the gateway's)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     wrk = shutil.which("wrk")
@@ -91,10 +116,11 @@ def main() -> int:
         return 1
     rows = []
     with tempfile.TemporaryDirectory(prefix="cpn-overload-") as tmp:
-        for n in (int(x) for x in args.workers.split(",")):
-            rows.append(run_lab(n, args.seconds, args.connections, wrk, Path(tmp)))
+        guards = [None] if args.guard_ms is None else [int(x) for x in args.guard_ms.split(",")]
+        for n, guard in ((int(x), g) for x in args.workers.split(",") for g in guards):
+            rows.append(run_lab(n, args.seconds, args.connections, wrk, Path(tmp), guard))
             r = rows[-1]
-            print(f"workers = {n}: served {r['served_per_s']} req/s of 250 in capacity; instances over their capacity: "
+            print(f"workers = {n}" + ("" if guard is None else f", admission_guard_ms = {guard}") + f": served {r['served_per_s']} req/s of 250 in capacity; instances over their capacity: "
                   f"{r['instance_overloads']} requests in {args.seconds:g} s; per gateway "
                   + "; ".join(f"{gw} {v['req_per_s']:.0f} req/s {v['counts']}" for gw, v in r["per_gateway"].items()),
                   flush=True)

@@ -116,6 +116,7 @@ class GatewayConfig:
     max_preauth_per_ip: int = 8
     max_data_channels_per_peer: int = 8  # data-only sessions a peer's workers may add beside its session (session.md)
     load_adv_interval_ms: int = 200
+    admission_guard_ms: int = 100  # how late after our write an instance may count a request (load.SlotHolds)
     drain_timeout_ms: int = 5000
     graceful_restart_ms: int = 0
     health_interval_ms: int = 2000
@@ -479,6 +480,7 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),
         max_data_channels_per_peer=r.number(g, (*gw, "max_data_channels_per_peer"), 0, 64, 8, integer=True),
         load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
+        admission_guard_ms=r.number(g, (*gw, "admission_guard_ms"), 0, 10_000, 100, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
         graceful_restart_ms=r.number(g, (*gw, "graceful_restart_ms"), 0, MAX_RESTART_MS, 0, integer=True),
         health_interval_ms=_health_interval(r, g, (*gw, "health_interval_ms")),

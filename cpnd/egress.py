@@ -25,7 +25,7 @@ from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_a
     readable, replace_host, rewrite_headers, translate_target
 from .h2up import H2Pool
 from .health import HealthTracker
-from .load import InstanceMeter, Stage
+from .load import Hold, InstanceMeter, Stage
 from .names import service_label
 from .pipes import LocalEvents, PipeEnd
 from .plane import Plane
@@ -77,6 +77,7 @@ class Egress:
             m = self.meters.get(inst.id) or InstanceMeter(inst.capacity, int(inst.compute_latency_ms * 1000))
             m.capacity = inst.capacity
             m.hint_us = inst.compute_latency_ms * 1000
+            m.holds.guard_s = config.gateway.admission_guard_ms / 1000
             meters[inst.id] = m
         self.meters = meters
 
@@ -185,6 +186,7 @@ class Egress:
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
         ``rx`` streams the remainder (None: all here)."""
         meter = self.meters[inst.id]
+        hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
         headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
                                extra=origin.instance_headers if origin is not None else ())
@@ -195,14 +197,14 @@ class Egress:
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
-                served = await self.h2.exchange(first, rx, sink, inst, host, port, netloc, deadline)
+                served = await self.h2.exchange(first, rx, sink, inst, host, port, netloc, deadline, hold)
             else:
-                served = await self._exchange(first, rx, sink, inst, host, port, deadline)
+                served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
             if served is None:
                 meter.abandoned()
             else:
-                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival)
+                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival, hold)
         return served
 
     async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:
@@ -234,14 +236,15 @@ class Egress:
             return None
 
     async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink,
-                        inst: InstanceConfig, host: str, port: int, deadline: float | None) -> float | None:
+                        inst: InstanceConfig, host: str, port: int, deadline: float | None,
+                        hold: Hold | None = None) -> float | None:
         """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None."""
         entry = await self._connected(sink, inst, host, port)
         if entry is None:
             return None
         ic = H11Stream(h11.CLIENT, entry.stream)
         ic.conn = entry.conn
-        up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s)
+        up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
         head_after: float | None = None
         try:
             async with (_Inline() if up.complete else open_nursery()) as nursery:
@@ -299,8 +302,10 @@ class Egress:
 class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
 
-    def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float) -> None:
+    def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
+                 meter: InstanceMeter | None = None, hold: Hold | None = None) -> None:
         self.ic = ic
+        self.meter, self.hold = meter, hold  # capacity: the slot's guard runs from the write (load.SlotHolds)
         self.first = first
         self.rx = rx
         self.idle_s = idle_s
@@ -311,6 +316,8 @@ class _Upload:
     async def run(self) -> None:
         await self.ic.send_all(self.first)
         self.delivered = True
+        if self.meter is not None:
+            self.meter.sent(self.hold, trio.current_time())
         while not self.complete:
             assert self.rx is not None
             try:

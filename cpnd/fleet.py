@@ -19,7 +19,7 @@ import msgpack
 
 from .config import Config
 from .histogram import MAX_SERVICES, ROW, Latencies, add_latencies
-from .load import MAX_EVENTS, InstanceMeter
+from .load import InstanceMeter
 
 # Instances per report whose sends are relayed to the other workers (the busiest): at most ~100 KB
 # of a report (a key is at most 256 + 2 x 64 bytes), beside its other contents, under MAX_REPORT_BYTES.
@@ -55,12 +55,11 @@ def worker_config(config: Config, n: int) -> Config:
 
 
 def hold_predecessors_share(meters: dict[str, InstanceMeter], now: float) -> None:
-    """A replacement worker starts with its share of every instance used up for one second: what its
-    dead predecessor admitted in its last second is unknown (reports are up to 0.25 s old), and the
-    share must hold across the two. After that second no window can hold admissions of both."""
+    """A replacement worker starts with its share of every instance used up for one second and the
+    admission guard: what its dead predecessor admitted in its last second is unknown (reports are up
+    to 0.25 s old), and the share must hold across the two. After that no window can hold requests of both."""
     for m in meters.values():
-        for _ in range(min(math.ceil(m.capacity), MAX_EVENTS)):
-            m.arrivals.add(now)
+        m.used_up(now)
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ from .tunnel import ResetCode
 
 if TYPE_CHECKING:
     from .h1 import H11Stream
-    from .load import InstanceMeter
+    from .load import Hold, InstanceMeter
     from .pipes import LocalEvents
     from .plane import Plane
 
@@ -159,7 +159,7 @@ class H2Pool:
         return client
 
     async def exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink, inst: InstanceConfig,
-                       host: str, port: int, netloc: bytes, deadline: float | None) -> float | None:
+                       host: str, port: int, netloc: bytes, deadline: float | None, hold: Hold | None = None) -> float | None:
         """Egress._exchange for an HTTP/2 instance: the time to its response head, or None (``sink`` told why)."""
         eg = self.egress
         try:
@@ -181,6 +181,7 @@ class H2Pool:
             sink.reset(ResetCode.REFUSED, False, f"{inst.id}: HTTP/2 connection cannot open a stream: {exc}")
             return None
         up = _H2Upload(client.wire, inbox, [] if sent else body, None if complete else rx, eg.p.limits.body_idle_timeout_s)
+        eg.meters[inst.id].sent(hold, up.done_at)  # capacity: the head is queued (load.SlotHolds)
         head_after: float | None = None
         idle_s = eg.p.limits.body_idle_timeout_s
         try:

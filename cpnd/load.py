@@ -71,10 +71,81 @@ class RateWindow:
         return hi - lo
 
 
+# An admitted request holds its slot of the instance's capacity until one second after the latest
+# moment the instance can have counted it: this long after we wrote it to the instance (after its
+# admission if not yet written), or when its answer came back if sooner (protocol-spec/selection.md,
+# "Admission"; `admission_guard_ms`). Measured on the paper lab at saturation (bench/lab_overload.py,
+# 2 cores): our write to the instance's read took up to 45 ms (the instances' one process starved), and
+# admission to the write up to 87 ms with two workers per gateway (the gateway's own queueing).
+ADMISSION_GUARD_S = 0.1
+
+
+@attrs.define
+class Hold:
+    """One admitted request's slot: until when it counts (SlotHolds keeps every such moment, sorted)."""
+
+    until: float
+
+
+class SlotHolds:
+    """Until when each admitted request counts against its instance's capacity (a sorted multiset).
+
+    An instance counts a request when it reads it: after our admission, before its answer reaches
+    us, and (assumed) within ``guard_s`` of our writing it. A request counted until one second after
+    the latest such moment is in every sliding second of the instance's own clock that can hold it,
+    so admitting below capacity here keeps every such second at or below capacity there, whatever
+    the delays in between (counting at admission alone lets a queued request land a window late).
+    """
+
+    def __init__(self, guard_s: float = ADMISSION_GUARD_S, window_s: float = WINDOW_S) -> None:
+        self.guard_s = guard_s
+        self.window_s = window_s
+        self._until: list[float] = []  # sorted
+        self._start = 0  # entries before this have ended; compacted now and then (as in RateWindow)
+
+    def add(self, now: float, n: int = 1) -> Hold:
+        """``n`` requests admitted now, not yet written; the hold (of the last) to move on as it goes."""
+        until = now + self.guard_s
+        i = bisect.bisect_right(self._until, until, self._start)
+        self._until[i:i] = [until] * n
+        if len(self._until) - self._start > MAX_EVENTS:
+            self._start = len(self._until) - MAX_EVENTS  # bounded like a RateWindow: the oldest go
+        return Hold(until)
+
+    def sent(self, hold: Hold, now: float) -> None:
+        """The request was written to the instance ``now``: it may count it up to the guard later."""
+        if now + self.guard_s > hold.until:
+            self._move(hold, now + self.guard_s)
+
+    def answered(self, hold: Hold, now: float) -> None:
+        """The request's answer came back ``now``: the instance has counted it by now."""
+        if now < hold.until:
+            self._move(hold, now)
+
+    def _move(self, hold: Hold, until: float) -> None:
+        i = bisect.bisect_left(self._until, hold.until, self._start)
+        if i < len(self._until) and self._until[i] == hold.until:
+            del self._until[i]
+        elif until < hold.until:
+            return  # gone already (bounded away): nothing to shorten
+        # (Written more than a second and the guard after its admission, it had ended: it counts again.)
+        bisect.insort(self._until, until, self._start)
+        hold.until = until
+
+    def held(self, now: float) -> int:
+        """Requests the instance may still count in a second that ends at or after ``now``."""
+        self._start = bisect.bisect_right(self._until, now - self.window_s, self._start)
+        if self._start > 1024 and self._start * 2 > len(self._until):
+            del self._until[: self._start]
+            self._start = 0
+        return len(self._until) - self._start
+
+
 class InstanceMeter:
     """One local instance as its service-side gateway sees it."""
 
-    def __init__(self, capacity: float, compute_hint_us: int, *, samples: int = 32) -> None:
+    def __init__(self, capacity: float, compute_hint_us: int, *, samples: int = 32,
+                 guard_s: float = ADMISSION_GUARD_S) -> None:
         self.capacity = capacity
         self.hint_us = float(compute_hint_us)
         self.base_us = self.hint_us
@@ -91,6 +162,8 @@ class InstanceMeter:
         self._expired_base: float | None = None  # the base when samples last ran out, if above the hint
         self.inflight = 0
         self.refused = 0
+        self.holds = SlotHolds(guard_s)  # the hard capacity bound (admission-time counts alone can be overrun)
+        self._last_hold: Hold | None = None
 
     def load(self, now: float) -> float:
         return self.arrivals.count(now) / self.capacity
@@ -108,6 +181,7 @@ class InstanceMeter:
         the bounded demand of the last second leaves (protocol-spec/selection.md, "Admission").
         """
         n = self.arrivals.count(now)
+        held = self.holds.held(now)  # >= n: every request admitted in the last second, and the later ones
         expect = self.base_us * load_factor((n + 1) / self.capacity)
         if slack_us is not None:  # demand, whether or not it gets in
             self.bounded.add(now)
@@ -118,8 +192,8 @@ class InstanceMeter:
                 self.servable.add(now)
                 self._ceilings.append((now, limit))
         why = None
-        if n + 1 > self.capacity:
-            why = f"at capacity ({n} requests in the last second, capacity {self.capacity:g}/s)"
+        if held + 1 > self.capacity:
+            why = f"at capacity ({held} requests in the last second, capacity {self.capacity:g}/s)"
         elif budget_us is not None and expect > budget_us:
             why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
         elif slack_us is not None:
@@ -135,10 +209,30 @@ class InstanceMeter:
             self.refused += 1
             return why
         self.arrivals.add(now)
+        self._last_hold = self.holds.add(now)
         if slack_us is None:
             self.unbounded.add(now)
         self.inflight += 1
         return None
+
+    def take_hold(self) -> Hold | None:
+        """The hold of the request just admitted, for its call to move on (``sent``, ``done``): the
+        egress admits and starts the call in one step, with no checkpoint between."""
+        hold, self._last_hold = self._last_hold, None
+        return hold
+
+    def sent(self, hold: Hold | None, now: float) -> None:
+        """The request of ``hold`` was written to the instance now (its head, at least)."""
+        if hold is not None:
+            self.holds.sent(hold, now)
+
+    def used_up(self, now: float) -> None:
+        """Take every slot for a second and the guard (a replacement worker: what its predecessor
+        admitted just before it died is unknown)."""
+        n = min(math.ceil(self.capacity), MAX_EVENTS)
+        for _ in range(n):
+            self.arrivals.add(now)
+        self.holds.add(now, n)
 
     def load_limit(self, slack_us: float) -> float:
         """Most arrivals per second at which compute still fits ``slack_us`` (inverse of f_d)."""
@@ -155,9 +249,12 @@ class InstanceMeter:
             return self.capacity
         return min(self.capacity, min(c for _, c in self._ceilings))
 
-    def done(self, now: float, service_us: float, load_at_arrival: float) -> None:
-        """A response head came back after ``service_us``: refine the base compute latency."""
+    def done(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None) -> None:
+        """A response head came back after ``service_us`` (its exchange ended ``now``): refine the base
+        compute latency, and end the request's ``hold`` (from ``take_hold``) by now if it runs later."""
         self.inflight = max(0, self.inflight - 1)
+        if hold is not None:
+            self.holds.answered(hold, now)
         if not math.isfinite(service_us) or service_us < 0:
             return
         self._samples.append((now, service_us / load_factor(load_at_arrival)))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpnd.load import (
     CORRECTION_MAX_US,
+    Hold,
     MAX_SAMPLE_TTL_S,
     REFUSAL_HOLD_S,
     REPROBE_SAMPLES,
@@ -20,6 +21,7 @@ from cpnd.load import (
     OwnTimes,
     RateWindow,
     SendAccount,
+    SlotHolds,
     Stage,
     StageMeter,
     load_factor,
@@ -53,11 +55,105 @@ def test_load_factor_is_f_d() -> None:
 
 
 def test_admission_enforces_capacity() -> None:
-    m = InstanceMeter(capacity=10, compute_hint_us=1000)
+    m = InstanceMeter(capacity=10, compute_hint_us=1000, guard_s=0.1)
     admitted = [m.admit(0.01 * i, None) is None for i in range(15)]
     assert admitted == [True] * 10 + [False] * 5
-    assert m.admit(1.005, None) is None  # the first (t=0) left the window
-    assert "capacity" in (m.admit(1.006, None) or "")
+    assert m.admit(1.005, None) is not None  # the first (t=0) left the window, but it may have reached the instance late
+    assert m.admit(1.105, None) is None  # not later than the guard: its slot is free
+    assert "capacity" in (m.admit(1.106, None) or "")
+
+
+def test_an_answer_frees_the_slot_a_second_after_it() -> None:
+    m = InstanceMeter(capacity=2, compute_hint_us=1000, guard_s=0.1)
+    assert m.admit(0.0, None) is None
+    first = m.take_hold()
+    assert m.take_hold() is None  # taken once
+    assert m.admit(0.5, None) is None
+    m.done(0.01, 5000, load_at_arrival=0.0, hold=first)  # answered at 0.01: the instance counted it by then
+    assert m.admit(1.0, None) is not None  # (0, 1]: the second one is held, and the first (0.01) too
+    assert m.admit(1.011, None) is None  # the first freed its slot a second after its answer, not after the guard
+
+
+def test_a_slow_answer_holds_no_longer_than_the_guard() -> None:
+    m = InstanceMeter(capacity=1, compute_hint_us=1000, guard_s=0.1)
+    assert m.admit(0.0, None) is None
+    hold = m.take_hold()
+    m.done(3.0, 3_000_000, load_at_arrival=0.0, hold=hold)  # a 3 s answer: counted by the instance within the guard
+    assert m.admit(1.09, None) is not None
+    assert m.admit(1.11, None) is None  # a slow instance keeps its capacity (not one request per answer time)
+
+
+def test_the_guard_runs_from_the_write() -> None:
+    m = InstanceMeter(capacity=1, compute_hint_us=1000, guard_s=0.1)
+    assert m.admit(0.0, None) is None
+    hold = m.take_hold()
+    m.sent(hold, 0.5)  # queued half a second here before it went: the instance may read it up to 0.6
+    assert m.admit(1.59, None) is not None
+    assert m.admit(1.61, None) is None
+    assert m.take_hold() is not None and m.take_hold() is None
+
+
+def test_slot_holds_count_like_a_plain_list_through_compaction() -> None:
+    rng = random.Random(7)
+    holds = SlotHolds(guard_s=0.05)
+    model: dict[int, float] = {}  # request -> until, recomputed by hand
+    tickets = {}
+    now = 0.0
+    for k in range(6000):  # ~3000 a second: compaction (over 1024 ended entries) runs many times
+        now += rng.uniform(0, 0.00066)
+        tickets[k] = holds.add(now)
+        model[k] = now + 0.05
+        j = rng.randrange(max(0, k - 50), k + 1)  # a recent one is written, or answered
+        if rng.random() < 0.5:
+            holds.sent(tickets[j], now)
+            model[j] = max(model[j], now + 0.05)
+        elif now < model[j]:
+            holds.answered(tickets[j], now)
+            model[j] = now
+        assert holds.held(now) == sum(1 for u in model.values() if u > now - 1.0)
+
+
+def test_no_guard_is_counting_at_admission() -> None:
+    m = InstanceMeter(capacity=10, compute_hint_us=1000, guard_s=0.0)
+    assert all(m.admit(0.01 * i, None) is None for i in range(10))
+    assert m.admit(0.999, None) is not None
+    assert m.admit(1.0, None) is None  # the first (t=0) left the window
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(1, 8), guard_ms=st.integers(0, 60),
+       requests=st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 900), st.integers(0, 60), st.integers(0, 400)),
+                         max_size=120))
+def test_no_instance_second_holds_more_than_capacity(capacity: int, guard_ms: int,
+                                                     requests: list[tuple[int, int, int, int]]) -> None:
+    """Requests arrive at the gateway (ms), are written to the instance any time in the second after
+    (our queueing), read up to the guard after that, answered any time later: whatever the delays and
+    their order, no sliding second of the instance's clock counts more than capacity of those admitted.
+    Counting at admission alone fails this."""
+    m = InstanceMeter(capacity=capacity, compute_hint_us=1000, guard_s=guard_ms / 1000)
+    events = []  # (time, order at a tie, kind, request, its write, read and answer times)
+    for k, (at, write_delay, read_delay, answer_delay) in enumerate(requests):
+        write = at + write_delay
+        read = write + min(read_delay, guard_ms)
+        events.append((at / 1000, 0, "ask", k, write / 1000, read / 1000, (read + answer_delay) / 1000))
+    reads: list[float] = []
+    holds: dict[int, Hold | None] = {}
+    while events:
+        ev = min(events)
+        events.remove(ev)
+        now, _, kind, k, write, read, answer = ev
+        if kind == "ask":
+            if m.admit(now, None) is None:
+                holds[k] = m.take_hold()
+                reads.append(read)
+                events += [(write, 1, "write", k, write, read, answer), (answer, 2, "answer", k, write, read, answer)]
+        elif kind == "write":
+            m.sent(holds[k], now)
+        else:
+            m.done(now, (answer - read) * 1e6, load_at_arrival=0.0, hold=holds[k])
+    reads.sort()
+    for i, r in enumerate(reads):  # the instance's window (r - 1, r]
+        assert sum(1 for x in reads[: i + 1] if x > r - 1) <= capacity
 
 
 def test_admission_deadline_and_slack() -> None:
