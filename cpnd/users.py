@@ -241,9 +241,11 @@ class Users:
             else:
                 data = await client.transport.receive_some(RECEIVE_CHUNK)
                 started = True
-                self._head_started(client, scope)
+                client.head_since = trio.current_time()
                 client.conn.receive_data(data)
                 event = client.next_event_nowait()
+                if event is None:  # the head's clock matters only while we wait for the rest of it
+                    scope.deadline = client.head_since + self.p.limits.header_timeout_s
             if event is None:
                 event = await client.next_event()
         if not slot.held:
