@@ -416,7 +416,10 @@ class Mux:
                                       send_credit=settings.send_conn_window if settings.conn_frames else UNLIMITED)
         self.account = account or BufferAccount()
         self.blocked: set[TunnelStream] = set()  # senders waiting for connection credit
-        self.drain_waiters: set[TunnelStream] = set()  # relays' streams waiting for the connection to drain
+        # Relays' streams waiting for the connection to drain, in the order they came (a dict as an
+        # ordered set): the longest waiting goes first, and one that fills the queue again waits at
+        # the back, so relays sharing a congested connection take turns.
+        self.drain_waiters: dict[TunnelStream, None] = {}
         self._on_open = on_open
         self.dead: StreamReset | None = None
         # End-to-end sealing (tunnel.md, "Sealed streams"): None when the session did not agree on it.
@@ -452,12 +455,16 @@ class Mux:
         return self.conn.congested
 
     def wait_drained(self, stream: TunnelStream) -> None:
-        self.drain_waiters.add(stream)
+        self.drain_waiters.setdefault(stream, None)
 
     def drained(self) -> None:
-        """The connection's queue fell below its low-water mark: relays move again."""
-        waiters, self.drain_waiters = self.drain_waiters, set()
-        for stream in waiters:
+        """The connection's queue fell below its low-water mark: relays move again, in turn. Once
+        one fills the queue again, those not yet woken keep their places ahead of it."""
+        waiters, self.drain_waiters = list(self.drain_waiters), {}
+        for i, stream in enumerate(waiters):
+            if self.congested():
+                self.drain_waiters = dict.fromkeys(waiters[i:]) | self.drain_waiters
+                return
             if stream.relay is not None:
                 stream.relay.credited(stream)
 
@@ -538,7 +545,7 @@ class Mux:
     def _forget(self, stream: TunnelStream) -> None:
         self.streams.pop(stream.id, None)
         self.blocked.discard(stream)
-        self.drain_waiters.discard(stream)
+        self.drain_waiters.pop(stream, None)
 
     def fail_all(self, text: str) -> None:
         """The session went down: every stream on it is abandoned, never delivered by us."""

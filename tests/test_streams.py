@@ -166,3 +166,35 @@ def test_settings_from_both_opens() -> None:
     old = mux_settings(ours, None, False)
     assert (old.recv_window, old.send_window, old.recv_conn_window, old.send_conn_window) == (262144, 262144, 60 << 20, None)
 
+
+
+
+def test_relays_waiting_on_a_congested_connection_take_turns() -> None:
+    """Relays sharing a congested connection move in turn as it drains: one that fills the queue
+    again waits behind those not yet woken (woken in a set's order, one relay went first every time
+    and the others starved)."""
+    ma, _, _ = pair(SMALL, SMALL)
+    link = ma.conn
+    link.congested = False  # type: ignore[attr-defined]
+    woken: list[str] = []
+
+    class Relay:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def credited(self, stream: object) -> None:
+            woken.append(self.name)
+            link.congested = True  # type: ignore[attr-defined]  # its bytes fill the queue again
+            ma.wait_drained(stream)  # type: ignore[arg-type]
+
+    streams = []
+    for name in "abcd":
+        st = ma.open(EXT)
+        st.relay = Relay(name)  # type: ignore[assignment]
+        streams.append(st)
+        ma.wait_drained(st)
+    ma.wait_drained(streams[0])  # waiting twice keeps its place
+    for _ in range(6):
+        link.congested = False  # type: ignore[attr-defined]
+        ma.drained()
+    assert woken == ["a", "b", "c", "d", "a", "b"]
