@@ -164,6 +164,17 @@ class RegistrarConfig:
 # What one open tunnel stream costs beyond its data (its task, HTTP parser, instance connection),
 # measured with 1024 streams flooding a gateway: ~21 KiB each; budgeted in peer_buffer_bytes.
 STREAM_COST_BYTES = 32 * 1024
+# Senders to a peer wait while this much is queued for it (daemon.Connection, handoff.Channel); what one
+# write may add beyond it: a read's worth (256 KiB) from a user or an instance, or a relay's chunk of up
+# to half a stream window (streams.TunnelStream._taken), and a frame's overhead.
+SEND_HIGH_WATER = 1024 * 1024
+SEND_CHUNK = 256 * 1024
+FRAME_OVERHEAD = 64 * 1024
+
+
+def least_send_buffer(g: GatewayConfig) -> int:
+    """The smallest ``max_peer_send_buffer`` our own writes never overrun (which would drop the session)."""
+    return SEND_HIGH_WATER + max(SEND_CHUNK, g.tunnel_window_bytes // 2) + FRAME_OVERHEAD
 
 
 def peer_overhead(g: GatewayConfig) -> int:
@@ -505,6 +516,11 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         raise r.error((*gw, "workers"), "set above 1 without http_listen or https_listen (workers serve users)")
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
         raise r.error((*gw, "connect_retry_max_ms"), "must be >= connect_retry_min_ms")
+    if gateway.max_peer_send_buffer < (send := least_send_buffer(gateway)):
+        # Named where the operator set it: the buffer, else the window that outgrew the default buffer.
+        key = "max_peer_send_buffer" if "max_peer_send_buffer" in g else "tunnel_window_bytes"
+        raise r.error((*gw, key), f"max_peer_send_buffer must be >= 1 MiB + max(256 KiB, tunnel_window_bytes / 2) + 64 KiB"
+                      f" ({send}): senders wait at 1 MiB queued, and a relay may then queue half a stream window at once")
     server_tls = _server_tls(r, gateway)
     least = peer_overhead(gateway) + gateway.tunnel_window_bytes
     if gateway.peer_buffer_bytes < least:

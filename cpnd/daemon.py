@@ -25,7 +25,7 @@ import trio
 from .admission import descriptor_reserve, http_client_budget, preauth_budget
 from .aio import open_listeners, open_nursery, release_free_memory, serve_accepting, sleep_until_precisely
 from .clients import ClientTable
-from .config import Config, load_config
+from .config import SEND_HIGH_WATER, Config, load_config
 from .errors import CeaseSub, Code, ConfigError, ProtocolError
 from .gateway import Dial, Gateway, Link, LinkDown, LinkUp, Reading, TunnelData
 from .dataplane import DataPlane, HttpLimits
@@ -47,7 +47,7 @@ RECEIVE_CHUNK = 256 * 1024  # several records per read in a bulk transfer: fewer
 # A peer that is using its route bucket is read a record at a time: what one read brings is
 # unpacked in one step and waits for tokens before the next read, and both stay short.
 PACED_CHUNK = 64 * 1024
-TUNNEL_HIGH_WATER = 1024 * 1024
+TUNNEL_HIGH_WATER = SEND_HIGH_WATER  # config.least_send_buffer keeps max_peer_send_buffer above this and one write
 TUNNEL_LOW_WATER = 256 * 1024
 WRITE_BATCH = 256 * 1024  # most bytes the peer writer joins into one send
 # An emulated delay is applied where the bytes arrive, as a wire would: the sender writes at

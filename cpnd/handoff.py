@@ -23,6 +23,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .aio import open_nursery
+from .config import SEND_HIGH_WATER
 from .errors import ProtocolError
 from .origin import Validation
 from .rib import Rib
@@ -35,7 +36,7 @@ from .wire import MAX_HANDSHAKE_BODY, Hello, decode_handshake
 log = logging.getLogger("cpnd.workers")
 
 RECEIVE_CHUNK = 256 * 1024
-HIGH_WATER = 1024 * 1024  # streams wait (wait_writable) while this much is queued
+HIGH_WATER = SEND_HIGH_WATER  # streams wait (wait_writable) while this much is queued (as on a peer connection)
 LOW_WATER = 256 * 1024  # the RIB feed sends only below this: routes never crowd out requests
 
 

@@ -88,6 +88,11 @@ def test_good_config(tmp_path) -> None:
     ('selection = "per-request"', 'selection = "per-request"\nworkers = "many"', """gw1.toml:8: gateway.workers: must be an integer or "auto", got 'many'"""),
     ('selection = "per-request"', 'selection = "per-request"\nworkers = 1.5', "gw1.toml:8: gateway.workers: must be an integer, got float"),
     ('http_listen = "127.0.0.1:8101"', 'workers = 2', "gw1.toml:4: gateway.workers: set above 1 without http_listen"),
+    # A relay may queue half a stream window at once after senders stopped at 1 MiB: the buffer must hold it.
+    ('selection = "per-request"', 'selection = "per-request"\ntunnel_window_bytes = 8388608\npeer_buffer_bytes = 134217728',
+     "gw1.toml:8: gateway.tunnel_window_bytes: max_peer_send_buffer must be >= 1 MiB + max(256 KiB, tunnel_window_bytes / 2) + 64 KiB (5308416)"),
+    ('selection = "per-request"', 'selection = "per-request"\nmax_peer_send_buffer = 1048576',
+     "gw1.toml:8: gateway.max_peer_send_buffer: max_peer_send_buffer must be >= 1 MiB + max(256 KiB, tunnel_window_bytes / 2) + 64 KiB (1638400)"),
 ])
 def test_errors_name_file_line_and_key(tmp_path, old: str, new: str, expected: str) -> None:
     assert old in GOOD

@@ -8,7 +8,7 @@ import pytest
 
 from bench.hostile import Honest, PeakRss, Site, fds, leaked_streams, rss_mb, tunnel_flood
 
-BUDGET = {"peer_buffer_bytes": 8 * 1024 * 1024, "max_peer_send_buffer": 1024 * 1024,
+BUDGET = {"peer_buffer_bytes": 8 * 1024 * 1024, "max_peer_send_buffer": 1536 * 1024,
           "tunnel_window_bytes": 256 * 1024, "max_streams_per_peer": 128}
 
 
