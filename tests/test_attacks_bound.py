@@ -1,0 +1,73 @@
+"""Attacks on CPN-Max-Latency as a deadline, with real processes: one client's requests must not
+make other users' requests fail (503 no_instance, 504) when the instance serves them well."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
+
+TIGHT = {"CPN-Max-Latency": "60ms"}  # the other users: a local instance of ~1 ms meets it easily
+LOOSE_MS = 700  # the attacker's bound: its attempts are cut at 700 ms
+ATTACKERS = 40  # more than the correction's window (32 samples)
+
+
+@pytest.fixture
+def gw(tmp_path):
+    """One gateway, a, with one local instance l1 (1 ms)."""
+    insts = InstanceProcs()
+    insts.start("l1", compute_ms=1)
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000, compute_latency_ms=1),),
+                    {"health_interval_ms": 0})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
+        yield lab, f"http://{specs['a'].http}"
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
+def _served(url: str, n: int) -> list[int]:
+    """``n`` tight-bound requests from a well-behaved user, one after the other: their statuses."""
+    with httpx.Client(base_url=url, timeout=10) as c:
+        return [c.get("/local", headers=TIGHT).status_code for _ in range(n)]
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _read_status(s: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_slow_uploads_do_not_poison_the_correction(gw) -> None:
+    """Requests whose bodies never come are cut at their bound: the user's pace, not the instance's;
+    the correction must not learn from them, so the other users' tight bounds are still met."""
+    lab, url = gw
+    assert _served(url, 5) == [200] * 5
+    socks = [_connect(url) for _ in range(ATTACKERS)]
+    try:
+        for s in socks:  # a body of 100 bytes announced, 1 sent: the upload never ends
+            s.sendall(f"POST /local HTTP/1.1\r\nHost: a\r\nCPN-Max-Latency: {LOOSE_MS}ms\r\n"
+                      "Content-Length: 100\r\n\r\nx".encode())
+        assert [_read_status(s) for s in socks] == [504] * ATTACKERS  # cut at their bound
+    finally:
+        for s in socks:
+            s.close()
+    assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS
+    assert _served(url, 5) == [200] * 5  # not 503 no_instance: l1 is as fast as ever
+
