@@ -440,6 +440,9 @@ class LatencyCorrection:
         self.ttl_s = ttl_s
         self.max_keys = max_keys
         self._residuals: dict[object, collections.deque[tuple[float, int, bool]]] = {}  # (when, residual, cut)
+        # The last answered ones' residuals apart (when, residual): cut ones cap at their largest,
+        # and many cut at once (one user's long jobs) must not push them out of the window.
+        self._answered: dict[object, collections.deque[tuple[float, int]]] = {}
         self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False) -> None:
@@ -447,7 +450,8 @@ class LatencyCorrection:
 
         ``cut``: no head came; the attempt was cut at the request's bound after ``observed_us``. Such
         a residual may be the request's own nature (a long job under a tight bound, which one user can
-        send on purpose), so while the window holds answered ones it counts at most as much as the
+        send on purpose), so while answered ones younger than ``ttl_s`` are known (the last
+        ``samples`` of them, which cut ones do not push out) it counts at most as much as the
         largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
         if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
             return
@@ -458,8 +462,11 @@ class LatencyCorrection:
                 old = next(iter(self._residuals))
                 del self._residuals[old]
                 self._values.pop(old, None)
+                self._answered.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
         window.append((now, int(observed_us - estimated_us), cut))
+        if not cut:
+            self._answered.setdefault(key, collections.deque(maxlen=self.samples)).append((now, int(observed_us - estimated_us)))
         self._update(key, window, now)
 
     def value_us(self, key: object, now: float) -> int:
@@ -475,11 +482,12 @@ class LatencyCorrection:
         if not window:
             del self._residuals[key]
             del self._values[key]
+            self._answered.pop(key, None)  # none younger than the window's newest
             return 0
         return self._update(key, window, now)
 
     def _update(self, key: object, window: collections.deque[tuple[float, int, bool]], now: float) -> int:
-        answered = [r for _, r, cut in window if not cut]
+        answered = [r for at, r in self._answered.get(key, ()) if at > now - self.ttl_s]
         cap = max(0, *answered) if answered else CORRECTION_MAX_US
         values = [min(r, cap) if cut else r for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()

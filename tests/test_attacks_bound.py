@@ -7,10 +7,12 @@ import socket
 
 import httpx
 import pytest
+import trio
 
 from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
+from cpnd.load import LatencyCorrection
 
-TIGHT = {"CPN-Max-Latency": "60ms"}  # the other users: a local instance of ~1 ms meets it easily
+TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
 LOOSE_MS = 700  # the attacker's bound: its attempts are cut at 700 ms
 ATTACKERS = 40  # more than the correction's window (32 samples)
 
@@ -71,3 +73,38 @@ def test_slow_uploads_do_not_poison_the_correction(gw) -> None:
     assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS
     assert _served(url, 5) == [200] * 5  # not 503 no_instance: l1 is as fast as ever
 
+def test_many_long_jobs_cannot_push_the_answered_out_of_the_correction(gw) -> None:
+    """One user's long jobs under a loose bound, more at once than the correction's window: cut
+    each, they count at most as far as the other users' answered requests show, even when they
+    outnumber those in the window."""
+    lab, url = gw
+    assert _served(url, 5) == [200] * 5
+
+    async def jobs() -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=10, limits=httpx.Limits(max_connections=ATTACKERS)) as c:
+            codes: list[int] = []
+
+            async def one() -> None:
+                codes.append((await c.get("/local?delay=3", headers={"CPN-Max-Latency": f"{LOOSE_MS}ms"})).status_code)
+            async with trio.open_nursery() as n:
+                for _ in range(ATTACKERS):
+                    n.start_soon(one)
+            return codes
+
+    assert trio.run(jobs) == [504] * ATTACKERS
+    assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS
+    assert _served(url, 5) == [200] * 5
+
+
+def test_cut_residuals_cannot_evict_the_answered_ones() -> None:
+    """Sans-IO, the same: 40 cut residuals after 5 answered ones fill the window of 32, and still
+    count only as far as the answered ones show; once those are older than 5 s, in full."""
+    c = LatencyCorrection()
+    for i in range(5):
+        c.observe("l1", 1.0 + i * 0.01, 3000, 2000)  # answered, 1 ms over the estimate
+    for i in range(40):
+        c.observe("l1", 1.1 + i * 0.001, 700_000, 2000, cut=True)
+    assert c.value_us("l1", 1.2) == 1000
+    for i in range(40):  # the answered ones are gone (older than 5 s): every request is cut
+        c.observe("l1", 6.1 + i * 0.001, 700_000, 2000, cut=True)
+    assert c.value_us("l1", 6.2) == 698_000
