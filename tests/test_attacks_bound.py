@@ -4,6 +4,8 @@ make other users' requests fail (503 no_instance, 504) when the instance serves 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -108,3 +110,73 @@ def test_cut_residuals_cannot_evict_the_answered_ones() -> None:
     for i in range(40):  # the answered ones are gone (older than 5 s): every request is cut
         c.observe("l1", 6.1 + i * 0.001, 700_000, 2000, cut=True)
     assert c.value_us("l1", 6.2) == 698_000
+
+
+@pytest.fixture
+def workers_gw(tmp_path):
+    """a with two workers and a local l1 (configured); x1 is started for registration at run time."""
+    insts = InstanceProcs()
+    insts.start("l1")
+    insts.start("x1")
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000),), {"health_interval_ms": 0, "workers": 2})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in lab.query("a", "status")["workers"]), 30,
+                     "both workers' reports")
+        yield lab, f"http://{specs['a'].http}", insts
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
+def _cpnctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "--socket",
+                           str(lab.specs["a"].control), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_a_registered_instance_behind_the_workers_is_cut_at_the_bound_and_deregistered_mid_call(workers_gw) -> None:
+    """The workers reach a registered instance through the control process: its bound is cut at the
+    bound there too (the control's call stops: no stream stays open), and a deregistration while
+    calls are open neither hangs them nor sends later requests anywhere but l1."""
+    lab, url, insts = workers_gw
+    r = _cpnctl(lab, "register", "--service", "/local", "--id", "x1", "--url",
+                f"http://127.0.0.1:{insts.ports['x1']}/x1", "--capacity", "1000", "--price", "0.1")
+    assert r.returncode == 0, r.stderr
+    cheap = {"CPN-Prefer": "price"}
+
+    def via_x1() -> bool:
+        with httpx.Client(base_url=url, timeout=10) as c:  # new connections: both workers in time
+            return c.get("/local", headers=cheap).headers.get("cpn-instance") == "x1"
+    lab.wait_for(lambda: all(via_x1() for _ in range(4)), 20, "the workers' users served by x1")
+
+    async def calls(n: int, headers: dict[str, str], during=None) -> list[tuple[int, float]]:
+        out: list[tuple[int, float]] = []
+        async with httpx.AsyncClient(base_url=url, timeout=10, limits=httpx.Limits(max_connections=n)) as c:
+            async def one() -> None:
+                t0 = trio.current_time()
+                resp = await c.get("/local?delay=1.5", headers=headers)
+                out.append((resp.status_code, trio.current_time() - t0))
+            async with trio.open_nursery() as nursery:
+                for _ in range(n):
+                    nursery.start_soon(one)
+                if during is not None:
+                    await trio.sleep(0.3)  # the calls are in flight (x1 answers after 1.5 s)
+                    await trio.to_thread.run_sync(during)
+        return out
+
+    cut = trio.run(calls, 8, {**cheap, "CPN-Max-Latency": "300ms"})
+    assert [s for s, _ in cut] == [504] * 8 and max(t for _, t in cut) < 1.2, cut
+    lab.wait_for(lambda: lab.query("a", "status")["tunnel_streams"] == 0, 10, "the control's calls to stop")
+    lab.wait_for(lambda: lab.query("a", "stats")["http"].get("bound_cut") == 8, 10, "the workers' cuts reported")
+
+    def deregister() -> None:
+        assert _cpnctl(lab, "deregister", "--id", "x1").returncode == 0
+    open_ones = trio.run(calls, 8, cheap, deregister)
+    assert all(s in (200, 502, 503) for s, _ in open_ones) and max(t for _, t in open_ones) < 5, open_ones
+    lab.wait_for(lambda: lab.query("a", "status")["tunnel_streams"] == 0, 10, "every stream closed")
+    with httpx.Client(base_url=url, timeout=10) as c:
+        for _ in range(6):
+            resp = c.get("/local", headers=cheap)
+            assert resp.status_code == 200 and resp.headers["cpn-instance"] == "l1"
