@@ -131,7 +131,9 @@ class Attempts:
             if not attempt.sent_head:
                 raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
             raise trio.BrokenResourceError(str(exc)) from None
-        except StreamReset:
+        except StreamReset as exc:
+            if exc.code == ResetCode.DEADLINE and not up_raw.closed:  # cut at the bound: the far end is told so
+                up_raw.reset(ResetCode.DEADLINE, True, exc.text)
             if attempt.sent_head:
                 raise trio.BrokenResourceError("upstream reset mid-response") from None
             raise

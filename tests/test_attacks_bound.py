@@ -6,12 +6,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import pytest
 import trio
 
-from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.load import LatencyCorrection
 
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
@@ -180,3 +182,84 @@ def test_a_registered_instance_behind_the_workers_is_cut_at_the_bound_and_deregi
         for _ in range(6):
             resp = c.get("/local", headers=cheap)
             assert resp.status_code == 200 and resp.headers["cpn-instance"] == "l1"
+
+
+class Trickler:
+    """An instance that sends its response head at once and a 10-byte body a byte every 150 ms: a
+    small response the ingress holds whole, whose head was ready long before the bound."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        conns = []
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            conns.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        for conn in conns:
+            conn.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        try:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            for _ in range(10):
+                if self.stop.wait(0.15):
+                    return
+                conn.sendall(b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture
+def trickling_gw(tmp_path):
+    """a with a local instance t1 (the Trickler) and a remote one behind b (the same Trickler)."""
+    tr = Trickler()
+    topo = Topology(("a", "b"), (Link("a", "b", 0),),
+                    (Instance("t1", "a", "/t", capacity=10_000, price=2), Instance("t2", "b", "/t", capacity=10_000, price=1)),
+                    {"health_interval_ms": 0, "hold_time_ms": 1500, "min_adv_interval_ms": 20,
+                     "connect_retry_min_ms": 100, "connect_retry_max_ms": 1000})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{tr.port}/{i.id}")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        yield lab, f"http://{specs['a'].http}"
+    finally:
+        lab.stop_all()
+        tr.close()
+
+
+@pytest.mark.parametrize("instance", ["t1", "t2"], ids=["local", "remote"])
+def test_a_held_response_whose_body_trickles_is_answered_at_the_bound(trickling_gw, instance) -> None:
+    """A small response is held whole before its head leaves; one whose body is not whole by the
+    bound is a 504 at the bound (README, selection.md), not when the instance is done 1.5 s later."""
+    lab, url = trickling_gw
+    with httpx.Client(base_url=url, timeout=10) as c:
+        t0 = time.monotonic()
+        r = c.get("/t", headers={"CPN-Max-Latency": "300ms", **({"CPN-Max-Price": "1.5"} if instance == "t2" else {})})
+        took = time.monotonic() - t0
+    assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded", r.text
+    assert took < 1.0, took  # at the bound (300 ms), not after the whole body (1.5 s)
+    assert lab.query("a", "stats")["http"]["bound_cut"] == 1
+    with httpx.Client(base_url=url, timeout=10) as c:  # the instance is the one meant (an unbounded call waits)
+        assert c.get("/t", headers={"CPN-Max-Price": "1.5"} if instance == "t2" else {}).headers["cpn-instance"] == instance
