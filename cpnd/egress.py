@@ -67,6 +67,7 @@ class Egress:
         self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
+        self._pool_keys: set[tuple[Any, ...]] = set()  # the addresses of our instances now: only theirs are pooled
         self.h2 = H2Pool(self)
 
     def reconfigure(self, config: Config) -> None:
@@ -79,6 +80,15 @@ class Egress:
             m.hint_us = inst.compute_latency_ms * 1000
             meters[inst.id] = m
         self.meters = meters
+        # What was kept for instances no longer ours goes with them (registered ones come and go, at
+        # addresses of their own: an idle connection kept per address ever seen would use up descriptors).
+        self._pool_keys = {_pool_key(*instance_address(i.url)[:2], tlsstream.instance_tls(i)) for _, i in self.local.values()}
+        for key in [k for k in self.pool if k not in self._pool_keys]:
+            for entry in self.pool.pop(key):
+                tlsstream.raw_socket(entry.stream).close()
+        for table in (self._health, self._vouched):
+            for iid in [k for k in table if k not in meters]:
+                del table[iid]
 
     # ---- health
 
@@ -287,7 +297,7 @@ class Egress:
 
     def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
         """Keep a connection whose exchange completed both ways for the next request, if there is room."""
-        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
+        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE and key in self._pool_keys:
             entry.conn.start_next_cycle()
             idle = self.pool.setdefault(key, collections.deque())
             if len(idle) < self.p.limits.pool_idle_per_instance:

@@ -3,6 +3,7 @@ make other users' requests fail (503 no_instance, 504) when the instance serves 
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from cpnd.load import LatencyCorrection
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
 LOOSE_MS = 700  # the attacker's bound: its attempts are cut at 700 ms
 ATTACKERS = 40  # more than the correction's window (32 samples)
+CHURN = 30  # registrations, each at an address of its own
 
 
 @pytest.fixture
@@ -263,3 +265,34 @@ def test_a_held_response_whose_body_trickles_is_answered_at_the_bound(trickling_
     assert lab.query("a", "stats")["http"]["bound_cut"] == 1
     with httpx.Client(base_url=url, timeout=10) as c:  # the instance is the one meant (an unbounded call waits)
         assert c.get("/t", headers={"CPN-Max-Price": "1.5"} if instance == "t2" else {}).headers["cpn-instance"] == instance
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_registration_churn_leaves_no_pooled_connection_behind(gw) -> None:
+    """Instances registered at addresses of their own and deregistered (pods coming and going): the
+    gateway's idle connections to them go with them, not one descriptor per address ever seen."""
+    lab, url = gw
+    sim = subprocess.Popen([sys.executable, "-m", "cpnd.simulate", "--id", "r", "--host", "0.0.0.0"],
+                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert sim.stdout is not None
+        port = int(sim.stdout.readline().rsplit(":", 1)[1])
+        pid = lab.procs["a"].pid
+        before = _fds(pid)
+        with httpx.Client(base_url=url, timeout=10) as c:
+            for n in range(2, 2 + CHURN):  # each at an address of its own: 127.0.0.n
+                iid = f"r{n}"
+                lab.query("a", "register", service="/local", id=iid, url=f"http://127.0.0.{n}:{port}/r", capacity=1000,
+                          price=0)
+                lab.wait_for(lambda: c.get("/local", headers={"CPN-Prefer": "price"}).headers.get("cpn-instance") == iid,
+                             10, f"{iid} serving")
+                lab.query("a", "deregister", id=iid)
+                lab.wait_for(lambda: all(r["instance"] != iid for r in lab.routes("a")), 10, f"{iid} withdrawn")
+        assert _fds(pid) < before + CHURN // 2, (before, _fds(pid))
+    finally:
+        sim.terminate()
+        sim.wait(5)
