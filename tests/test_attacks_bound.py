@@ -4,6 +4,7 @@ make other users' requests fail (503 no_instance, 504) when the instance serves 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -15,7 +16,9 @@ import pytest
 import trio
 
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
+from cpnd.fleet import MAX_SIBLING_KEYS
 from cpnd.load import LatencyCorrection
+from cpnd.ribfeed import SIBLING_KEYS, Deframer, others_message, read_siblings, relay_total, siblings_message
 
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
 LOOSE_MS = 700  # the attacker's bound: its attempts are cut at 700 ms
@@ -296,3 +299,63 @@ def test_registration_churn_leaves_no_pooled_connection_behind(gw) -> None:
     finally:
         sim.terminate()
         sim.wait(5)
+
+
+@pytest.fixture
+def four_workers(tmp_path):
+    """a with four workers, its local l1, and x1 to register (which the workers reach through the control)."""
+    insts = InstanceProcs()
+    insts.start("l1")
+    insts.start("x1")
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000),), {"health_interval_ms": 0, "workers": 4})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in lab.query("a", "status")["workers"]), 30,
+                     "the workers' reports")
+        yield lab, f"http://{specs['a'].http}", insts
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
+def test_the_workers_sends_are_relayed_once_an_interval_not_once_a_report(four_workers) -> None:
+    """Each worker's sends reach the others once a report interval (0.25 s) in one message, however
+    many workers report: relayed on every report, N workers cost N - 1 messages an interval to each
+    one and N x (N - 1) sums of N reports to the control process (at 16 workers sending to 256
+    instances each, more than a core)."""
+    lab, url, insts = four_workers
+    lab.query("a", "register", service="/local", id="x1", url=f"http://127.0.0.1:{insts.ports['x1']}/x1",
+              capacity=10_000, price=0)
+    cheap = {"CPN-Prefer": "price"}
+
+    def updates() -> int:
+        return lab.query("a", "status")["http"].get("sibling_updates", 0)
+
+    def busy(seconds: float) -> None:  # new connections: the kernel spreads them over the workers
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with httpx.Client(base_url=url, timeout=10) as c:
+                c.get("/local", headers=cheap)
+    lab.wait_for(lambda: busy(0.3) is None and updates() > 0, 20, "sends relayed")
+    before, t0 = updates(), time.monotonic()
+    busy(2.0)  # every worker sends to x1 all along: each report has sends
+    took, got = time.monotonic() - t0, updates() - before
+    intervals = took / 0.25 + 3  # and a report's lag at either end
+    assert got <= 4 * intervals, (got, took)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_each_workers_share_of_the_total_is_the_sum_of_the_others(seed) -> None:
+    """Sans-IO: the total taken once (its busiest only) less a worker's own report gives that worker
+    what the sum of the others' reports would: the same busiest counts."""
+    rng = random.Random(seed)
+    pool = [("/s", f"g{k % 7}", f"i{k}") for k in range(3000)]
+    reports = [{k: rng.randint(1, 50) for k in rng.sample(pool, MAX_SIBLING_KEYS)} for _ in range(8)]
+    total = relay_total(reports, MAX_SIBLING_KEYS)
+    assert len(total) == SIBLING_KEYS + MAX_SIBLING_KEYS
+    for i, own in enumerate(reports):
+        (_, got), = Deframer().feed(others_message(total, own))
+        (_, want), = Deframer().feed(siblings_message([r for j, r in enumerate(reports) if j != i]))
+        assert sorted(read_siblings(got).values()) == sorted(read_siblings(want).values())
