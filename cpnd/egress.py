@@ -149,6 +149,9 @@ class Egress:
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
+        if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
+            stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
+            return
         sink = StreamSink(rx, stream)
         refusal = self.admit(inst, ext.budget_us, ext.slack_us)
         if refusal is not None:
@@ -268,7 +271,8 @@ class Egress:
                         raise OSError("instance closed the connection before responding")
                     self.health_result(inst.id, True)
                     head_after = max(0.0, trio.current_time() - up.done_at)
-                    sink.report_load(self.meters[inst.id], head_after)
+                    if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
+                        sink.report_load(self.meters[inst.id], head_after)
                     headers = rewrite_headers(ev.headers, drop_cpn=True,
                                               extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
