@@ -291,7 +291,7 @@ class SendAccount:
 
     def siblings(self, counts: dict[object, int], now: float) -> None:
         """The other workers' sends over their last second, as of ``now``: the same correction as
-        our own sends (``estimate``), a report interval or so late. A key not in ``counts`` is 0."""
+        our own sends (``estimate``), up to two report intervals late (their report, then the relay's). A key not in ``counts`` is 0."""
         for key, samples in list(self.sibling_sends.items()):
             if key not in counts:
                 if samples[-1][1] == 0 and samples[-1][0] < now - 2 * WINDOW_S:
