@@ -440,8 +440,8 @@ class LatencyCorrection:
         self.ttl_s = ttl_s
         self.max_keys = max_keys
         self._residuals: dict[object, collections.deque[tuple[float, int, bool]]] = {}  # (when, residual, cut)
-        # The last answered ones' residuals apart (when, residual): cut ones cap at their largest,
-        # and many cut at once (one user's long jobs) must not push them out of the window.
+        # The last answered ones' residuals apart (when, residual): those of the last CORRECTION_HOLD_S
+        # cap cut ones even when many cut at once (one user's long jobs) pushed them out of the window.
         self._answered: dict[object, collections.deque[tuple[float, int]]] = {}
         self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
 
@@ -450,9 +450,9 @@ class LatencyCorrection:
 
         ``cut``: no head came; the attempt was cut at the request's bound after ``observed_us``. Such
         a residual may be the request's own nature (a long job under a tight bound, which one user can
-        send on purpose), so while answered ones younger than ``ttl_s`` are known (the last
-        ``samples`` of them, which cut ones do not push out) it counts at most as much as the
-        largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
+        send on purpose), so while the window holds answered ones, or one was answered within
+        CORRECTION_HOLD_S (kept apart: cut ones do not push those out), it counts at most as much as
+        the largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
         if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
             return
         window = self._residuals.get(key)
@@ -487,7 +487,8 @@ class LatencyCorrection:
         return self._update(key, window, now)
 
     def _update(self, key: object, window: collections.deque[tuple[float, int, bool]], now: float) -> int:
-        answered = [r for at, r in self._answered.get(key, ()) if at > now - self.ttl_s]
+        answered = [r for _, r, cut in window if not cut]
+        answered += [r for at, r in self._answered.get(key, ()) if at > now - CORRECTION_HOLD_S]
         cap = max(0, *answered) if answered else CORRECTION_MAX_US
         values = [min(r, cap) if cut else r for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
