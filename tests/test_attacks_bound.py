@@ -121,6 +121,26 @@ def test_many_long_jobs_cannot_push_the_answered_out_of_the_correction(gw) -> No
     assert _served(url, 5) == [200] * 5
 
 
+def test_a_slow_reader_does_not_turn_its_answer_into_a_cut(gw) -> None:
+    """The bound is on the response head leaving: a user that reads its (held, 60 KB) answer long
+    after the bound, through a small receive buffer, still gets it whole, and nothing is cut."""
+    lab, url = gw
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        s.connect((host, int(port)))
+        s.sendall(b"GET /local?size=60000 HTTP/1.1\r\nHost: a\r\nCPN-Max-Latency: 200ms\r\n\r\n")
+        time.sleep(0.6)  # the attack itself: nothing read until three times the bound has passed
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < 60000:
+            chunk = s.recv(65536)
+            assert chunk, data[:200]
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    assert lab.query("a", "stats")["http"].get("bound_cut", 0) == 0
+
+
 def test_cut_residuals_cannot_evict_the_answered_ones() -> None:
     """Sans-IO, the same: 40 cut residuals after 5 answered ones fill the window of 32, and still
     count only as far as the answered ones show while one was answered within the last second; then
