@@ -15,8 +15,8 @@ import httpx
 import pytest
 import trio
 
-from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.fleet import MAX_SIBLING_KEYS
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.load import LatencyCorrection
 from cpnd.ribfeed import SIBLING_KEYS, Deframer, others_message, read_siblings, relay_total, siblings_message
 
@@ -336,6 +336,9 @@ def test_registration_churn_leaves_no_pooled_connection_behind(gw) -> None:
                 lab.query("a", "deregister", id=iid)
                 lab.wait_for(lambda: all(r["instance"] != iid for r in lab.routes("a")), 10, f"{iid} withdrawn")
         assert _fds(pid) < before + CHURN // 2, (before, _fds(pid))
+        with httpx.Client(base_url=url, timeout=10) as c:  # those of an instance that stays are kept
+            assert c.get("/local").headers["cpn-instance"] == "l1"
+        assert lab.query("a", "stats")["gauges"]["pooled_instance_connections"] == 1
     finally:
         sim.terminate()
         sim.wait(5)
