@@ -65,7 +65,7 @@ class Attempts:
                 text = exc.text
                 if exc.code == ResetCode.DEADLINE and plan.bound_at is not None and now >= plan.bound_at:
                     self.p.stats["bound_cut"] += 1  # answered 504 at the bound instead of a late 200
-                    self.planner.missed(cand, start, now)
+                    self.planner.missed(cand, attempt, plan.t0 if not plan.failures else start, now)
                     text = f"{_bound_text(plan)}: {exc.text}"
                 go_on = plan.failed(cand, exc.code, exc.delivered, text, now)
                 if self.p.attempt_lines.allow(self.p.gw.id, now):
@@ -131,7 +131,9 @@ class Attempts:
             if not attempt.sent_head:
                 raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
             raise trio.BrokenResourceError(str(exc)) from None
-        except StreamReset:
+        except StreamReset as exc:
+            if exc.code == ResetCode.DEADLINE and not up_raw.closed:  # cut at the bound: the far end is told so
+                up_raw.reset(ResetCode.DEADLINE, True, exc.text)
             if attempt.sent_head:
                 raise trio.BrokenResourceError("upstream reset mid-response") from None
             raise

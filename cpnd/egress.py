@@ -67,6 +67,7 @@ class Egress:
         self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
+        self._pool_keys: set[tuple[Any, ...]] = set()  # the addresses of our instances now: only theirs are pooled
         self.h2 = H2Pool(self)
 
     def reconfigure(self, config: Config) -> None:
@@ -80,6 +81,15 @@ class Egress:
             m.holds.guard_s = config.gateway.admission_guard_ms / 1000
             meters[inst.id] = m
         self.meters = meters
+        # What was kept for instances no longer ours goes with them (registered ones come and go, at
+        # addresses of their own: an idle connection kept per address ever seen would use up descriptors).
+        self._pool_keys = {_pool_key(*instance_address(i.url)[:2], tlsstream.instance_tls(i)) for _, i in self.local.values()}
+        for key in [k for k in self.pool if k not in self._pool_keys]:
+            for entry in self.pool.pop(key):
+                tlsstream.raw_socket(entry.stream).close()
+        for table in (self._health, self._vouched):
+            for iid in [k for k in table if k not in meters]:
+                del table[iid]
 
     # ---- health
 
@@ -139,6 +149,9 @@ class Egress:
             method, target, headers, origin, rest = await self._head(rx, service)
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
+            return
+        if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
+            stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
         refusal = self.admit(inst, ext.budget_us, ext.slack_us)
@@ -261,7 +274,8 @@ class Egress:
                         raise OSError("instance closed the connection before responding")
                     self.health_result(inst.id, True)
                     head_after = max(0.0, trio.current_time() - up.done_at)
-                    sink.report_load(self.meters[inst.id], head_after)
+                    if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
+                        sink.report_load(self.meters[inst.id], head_after)
                     headers = rewrite_headers(ev.headers, drop_cpn=True,
                                               extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
@@ -290,7 +304,7 @@ class Egress:
 
     def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
         """Keep a connection whose exchange completed both ways for the next request, if there is room."""
-        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE:
+        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE and key in self._pool_keys:
             entry.conn.start_next_cycle()
             idle = self.pool.setdefault(key, collections.deque())
             if len(idle) < self.p.limits.pool_idle_per_instance:

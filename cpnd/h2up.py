@@ -194,7 +194,8 @@ class H2Pool:
                         raise OSError("instance ended the stream before responding")
                     eg.health_result(inst.id, True)
                     head_after = max(0.0, trio.current_time() - up.done_at)
-                    sink.report_load(eg.meters[inst.id], head_after)
+                    if inst.id in eg.meters:  # else it left (deregistered) since the call began: it ends all the same
+                        sink.report_load(eg.meters[inst.id], head_after)
                     headers = rewrite_headers(ev.headers, drop_cpn=True, extra=[
                         (b"cpn-instance", inst.id.encode()), (b"cpn-origin", eg.p.gw.id.encode())])
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)

@@ -388,7 +388,7 @@ class SendAccount:
 
     def siblings(self, counts: dict[object, int], now: float) -> None:
         """The other workers' sends over their last second, as of ``now``: the same correction as
-        our own sends (``estimate``), a report interval or so late. A key not in ``counts`` is 0."""
+        our own sends (``estimate``), up to two report intervals late (their report, then the relay's). A key not in ``counts`` is 0."""
         for key, samples in list(self.sibling_sends.items()):
             if key not in counts:
                 if samples[-1][1] == 0 and samples[-1][0] < now - 2 * WINDOW_S:
@@ -537,6 +537,9 @@ class LatencyCorrection:
         self.ttl_s = ttl_s
         self.max_keys = max_keys
         self._residuals: dict[object, collections.deque[tuple[float, int, bool]]] = {}  # (when, residual, cut)
+        # The last answered ones' residuals apart (when, residual): those of the last CORRECTION_HOLD_S
+        # cap cut ones even when many cut at once (one user's long jobs) pushed them out of the window.
+        self._answered: dict[object, collections.deque[tuple[float, int]]] = {}
         self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False) -> None:
@@ -544,8 +547,9 @@ class LatencyCorrection:
 
         ``cut``: no head came; the attempt was cut at the request's bound after ``observed_us``. Such
         a residual may be the request's own nature (a long job under a tight bound, which one user can
-        send on purpose), so while the window holds answered ones it counts at most as much as the
-        largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
+        send on purpose), so while the window holds answered ones, or one was answered within
+        CORRECTION_HOLD_S (kept apart: cut ones do not push those out), it counts at most as much as
+        the largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
         if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
             return
         window = self._residuals.get(key)
@@ -555,8 +559,11 @@ class LatencyCorrection:
                 old = next(iter(self._residuals))
                 del self._residuals[old]
                 self._values.pop(old, None)
+                self._answered.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
         window.append((now, int(observed_us - estimated_us), cut))
+        if not cut:
+            self._answered.setdefault(key, collections.deque(maxlen=self.samples)).append((now, int(observed_us - estimated_us)))
         self._update(key, window, now)
 
     def value_us(self, key: object, now: float) -> int:
@@ -572,11 +579,13 @@ class LatencyCorrection:
         if not window:
             del self._residuals[key]
             del self._values[key]
+            self._answered.pop(key, None)  # none younger than the window's newest
             return 0
         return self._update(key, window, now)
 
     def _update(self, key: object, window: collections.deque[tuple[float, int, bool]], now: float) -> int:
         answered = [r for _, r, cut in window if not cut]
+        answered += [r for at, r in self._answered.get(key, ()) if at > now - CORRECTION_HOLD_S]
         cap = max(0, *answered) if answered else CORRECTION_MAX_US
         values = [min(r, cap) if cut else r for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()

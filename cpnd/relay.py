@@ -21,7 +21,9 @@ from .tunnel import ResetCode
 
 
 class Sink(Protocol):
-    """Where a response goes."""
+    """Where a response goes; ``hold_until``: a held response not whole by then is not sent (None: no limit)."""
+
+    hold_until: float | None
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None: ...
 
@@ -40,6 +42,8 @@ class Cut(Exception):
 
 class StreamSink:
     """Back down the (tunnel or pipe) stream the request came on: the egress's sink."""
+
+    hold_until = None  # the ingress holds the user's bound
 
     def __init__(self, rx: H11Stream | LocalEvents, stream: ByteStream) -> None:
         self.rx = rx
@@ -73,6 +77,7 @@ class UserSink:
         self.attempt = attempt
         self.status = 0
         self.failure: StreamReset | None = None
+        self.hold_until = attempt.bound_at  # a held response not whole by the bound: 504 at the bound
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         head = isinstance(events[0], h11.Response)
@@ -119,7 +124,12 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
         await sink.send_all([head])
     while True:
         event = source.next_event_nowait()
-        if event is None:
+        if event is None and held is not None and sink.hold_until is not None:
+            with trio.move_on_at(sink.hold_until):  # its head may not leave after the bound (UserSink)
+                event = await source.next_event()
+            if event is None:
+                raise StreamReset(ResetCode.DEADLINE, True, "the response was not whole by the request's latency bound")
+        elif event is None:
             event = await source.next_event()
         if isinstance(event, h11.Data):
             if held is not None:

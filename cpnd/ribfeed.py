@@ -12,6 +12,7 @@ Frame: ``length u32 | kind u8 | payload`` (length counts kind and payload). Noth
 
 from __future__ import annotations
 
+import heapq
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -119,6 +120,21 @@ def siblings_message(reports: Iterable[Mapping[Key, int]]) -> bytes:
     the busiest SIBLING_KEYS instances (a key is at most ~400 bytes: well under MAX_FRAME)."""
     total = sorted(add_sends(reports).items(), key=lambda kv: -kv[1])[:SIBLING_KEYS]
     return encode(SIBLINGS, msgpack.packb([[*k, n] for k, n in total], use_bin_type=True))
+
+
+def relay_total(reports: Iterable[Mapping[Key, int]], own_max: int) -> dict[Key, int]:
+    """Every worker's sends added up, once an interval (``others_message`` takes each one's share):
+    only the busiest SIBLING_KEYS + ``own_max`` (a report's most), among which each worker's busiest
+    SIBLING_KEYS of the others are (its own, subtracted, lower at most ``own_max`` of them)."""
+    total = add_sends(reports)
+    if len(total) > SIBLING_KEYS + own_max:
+        total = dict(heapq.nlargest(SIBLING_KEYS + own_max, total.items(), key=lambda kv: kv[1]))
+    return total
+
+
+def others_message(total: Mapping[Key, int], own: Mapping[Key, int]) -> bytes:
+    """For one worker: the others' sends, ``total`` (relay_total) less its ``own`` report's."""
+    return siblings_message([{k: n - own.get(k, 0) for k, n in total.items() if n > own.get(k, 0)}])
 
 
 def read_siblings(payload: bytes) -> dict[Key, int]:

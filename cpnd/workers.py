@@ -27,11 +27,11 @@ import trio
 
 from .aio import ListenError
 from .config import Address
-from .fleet import MAX_REPORT_BYTES, Report, WorkerState, loads
+from .fleet import MAX_REPORT_BYTES, MAX_SIBLING_KEYS, REPORT_INTERVAL_S, Report, WorkerState, loads
 from .histogram import Latencies, add_latencies
 from .gateway import session_config
 from .handoff import LOW_WATER, Channel, PartSealer, owner, pass_on, peek_hello, relay_sealer, still_sealed
-from .ribfeed import FeedOut, add_sends, siblings_message
+from .ribfeed import FeedOut, add_sends, others_message, relay_total
 from .streams import TunnelStream
 from .tunnel import SEALED_CAP, ResetCode
 
@@ -101,7 +101,7 @@ class Workers:
         self._rib_event = trio.Event()  # set (and replaced) when the Loc-RIB changed: the feeds wake
         self._feeds: dict[int, FeedOut] = {}
         self._rr = itertools.count()
-        self._told_sends: dict[int, bool] = {}  # per slot: its last report had sends the others were told of
+        self._told_sends = False  # the last relay had sends: the next one says if they stopped
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Open the listeners, start the workers; return once all have ended after ``stop``."""
@@ -118,6 +118,7 @@ class Workers:
                 for st in self.slots:
                     self._running += 1
                     nursery.start_soon(self._supervise, st)
+                nursery.start_soon(self._relay_loop)
                 task_status.started()
         finally:
             for socks in self.socks.values():
@@ -376,22 +377,29 @@ class Workers:
                 service, instance, status = key
                 metrics.requests.labels(service, instance, str(status)).inc(n - before.get(key, 0))
         st.report, st.reported_at = report, trio.current_time()
-        self._relay_sends(st)
 
-    def _relay_sends(self, changed: WorkerState) -> None:
-        """Tell the other workers what this one sends where (its report just came), so that each
-        one's estimate of a peer's instance counts every worker's sends (load.SendAccount.siblings)."""
-        if changed.report is None or (not changed.report.sends and not self._told_sends.get(changed.index)):
-            return  # nothing sent, nothing sent before: the others know
-        self._told_sends[changed.index] = bool(changed.report.sends)
-        now = trio.current_time()
+    async def _relay_loop(self) -> None:
+        # Once a report interval, not on every report: relayed on each, N workers cost each one
+        # N - 1 messages an interval, and the control N x (N - 1) sums of N reports.
+        while not self.stopping:
+            await trio.sleep(REPORT_INTERVAL_S)
+            self._relay_sends()
+
+    def _relay_sends(self) -> None:
+        """Tell each worker what the others send where (their last reports), so that each one's
+        estimate of a peer's instance counts every worker's sends (load.SendAccount.siblings)."""
+        sends = {st.index: st.report.sends for st in self.slots if st.report is not None}
+        if not any(sends.values()) and not self._told_sends:
+            return  # nothing sent, nothing sent before: the workers know
+        self._told_sends = any(sends.values())
         # Ours too: `show routes --json` estimates as the workers do (the control process serves no users).
-        self.d.dataplane.plane.account.siblings(add_sends(o.report.sends for o in self.slots if o.report is not None), now)
+        self.d.dataplane.plane.account.siblings(add_sends(sends.values()), trio.current_time())
+        total = relay_total(sends.values(), MAX_SIBLING_KEYS)  # once: each worker's share is it less its own
         for st in self.slots:
             ch = self.channels.get(st.index)
-            if st is changed or ch is None or ch.queued > LOW_WATER:
+            if ch is None or ch.queued > LOW_WATER:
                 continue  # a worker that does not read has the older counts until it does
-            ch.send_rib(siblings_message(o.report.sends for o in self.slots if o is not st and o.report is not None))
+            ch.send_rib(others_message(total, sends.get(st.index, {})))
 
     # ---- what status, metrics and the load loop read
 
