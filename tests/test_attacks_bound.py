@@ -19,6 +19,7 @@ from cpnd.fleet import MAX_SIBLING_KEYS
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.load import LatencyCorrection
 from cpnd.ribfeed import SIBLING_KEYS, Deframer, others_message, read_siblings, relay_total, siblings_message
+from test_workers import _cpnctl
 
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
 LOOSE_MS = 700  # the attacker's bound: its attempts are cut at 700 ms
@@ -155,28 +156,28 @@ def test_cut_residuals_cannot_evict_the_answered_ones() -> None:
     assert c.value_us("l1", 2.1) == 698_000
 
 
-@pytest.fixture
-def workers_gw(tmp_path):
-    """a with two workers and a local l1 (configured); x1 is started for registration at run time."""
+def _workers_lab(tmp_path, n: int):
+    """a with ``n`` workers and a local l1 (configured); x1 is started for registration at run time
+    (the workers reach it through the control process)."""
     insts = InstanceProcs()
     insts.start("l1")
     insts.start("x1")
-    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000),), {"health_interval_ms": 0, "workers": 2})
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000),), {"health_interval_ms": 0, "workers": n})
     specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
     lab = Lab(specs)
     try:
         lab.start_all()
         lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in lab.query("a", "status")["workers"]), 30,
-                     "both workers' reports")
+                     "the workers' reports")
         yield lab, f"http://{specs['a'].http}", insts
     finally:
         lab.stop_all()
         insts.stop_all()
 
 
-def _cpnctl(lab: Lab, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from cpnd.cli import main; raise SystemExit(main())", "--socket",
-                           str(lab.specs["a"].control), *args], capture_output=True, text=True, timeout=30)
+@pytest.fixture
+def workers_gw(tmp_path):
+    yield from _workers_lab(tmp_path, 2)
 
 
 def test_a_registered_instance_behind_the_workers_is_cut_at_the_bound_and_deregistered_mid_call(workers_gw) -> None:
@@ -346,21 +347,7 @@ def test_registration_churn_leaves_no_pooled_connection_behind(gw) -> None:
 
 @pytest.fixture
 def four_workers(tmp_path):
-    """a with four workers, its local l1, and x1 to register (which the workers reach through the control)."""
-    insts = InstanceProcs()
-    insts.start("l1")
-    insts.start("x1")
-    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000),), {"health_interval_ms": 0, "workers": 4})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in lab.query("a", "status")["workers"]), 30,
-                     "the workers' reports")
-        yield lab, f"http://{specs['a'].http}", insts
-    finally:
-        lab.stop_all()
-        insts.stop_all()
+    yield from _workers_lab(tmp_path, 4)
 
 
 def test_the_workers_sends_are_relayed_once_an_interval_not_once_a_report(four_workers) -> None:
