@@ -212,6 +212,7 @@ class Attempts:
         self.p.stats[f"status_{event.status_code // 100}xx"] += 1
         return event.status_code
 
+
 def _bound_text(plan: Plan) -> str:
     bound_ms = (plan.bound_at or plan.t0) - plan.t0
     return f"no response head within the request's latency bound ({bound_ms * 1000:g} ms)"
