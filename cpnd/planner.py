@@ -38,6 +38,7 @@ from .select import (
 from .tunnel import NO_BUDGET, ResetCode
 
 MAX_ATTEMPTS = 3
+DEADLINE_GRACE_S = 0.05  # a far end's deadline reset this much before ours is its clock, not a lie
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 MODES = ("per-request", "per-connection", "dns-ttl")
 
@@ -116,7 +117,10 @@ class Plan:
     def failed(self, cand: Candidate, code: int, delivered: bool, text: str, now: float) -> bool:
         """An attempt on ``cand`` was reset before any response reached the user; whether to go on."""
         self.failures.append(reset_error(code, text))
-        if (delivered and not self.idempotent) or code == ResetCode.DEADLINE:
+        # A deadline reset ends the request only when our own clock agrees (the far end's budget runs
+        # out a one-way trip before ours): one sent early is a failed attempt, retried if that is safe.
+        out_of_time = code == ResetCode.DEADLINE and now >= self.head_deadline() - DEADLINE_GRACE_S
+        if (delivered and not self.idempotent) or out_of_time:
             self.remaining = []
             return False
         if self.flexible:

@@ -74,10 +74,16 @@ def test_an_unrefused_retry_goes_on_and_a_delivered_post_does_not() -> None:
 
 
 def test_a_deadline_reset_ends_the_request_and_all_refusals_make_503() -> None:
-    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(CPN_Timeout="1s"), {}, 0.0, 0.0)
     cand = plan.next(0.0)
-    assert cand is not None and not plan.failed(cand, ResetCode.DEADLINE, False, "", 0.0)
-    assert plan.next(0.0) is None and plan.error().status == 504
+    assert cand is not None and not plan.failed(cand, ResetCode.DEADLINE, False, "", 0.97)  # our clock agrees
+    assert plan.next(0.97) is None and plan.error().status == 504
+    # One that comes long before our own deadline (a far end that lies, or a bug) fails one attempt.
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(CPN_Timeout="1s"), {}, 0.0, 0.0)
+    first = plan.next(0.0)
+    assert first is not None and plan.failed(first, ResetCode.DEADLINE, False, "early", 0.1)
+    second = plan.next(0.1)
+    assert second is not None and second.key != first.key
     plan = planner(THREE).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
     while (cand := plan.next(0.0)) is not None:
         plan.failed(cand, ResetCode.REFUSED, False, f"{cand.instance} full", 0.0)
