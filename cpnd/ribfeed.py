@@ -163,6 +163,9 @@ class Mirror:
     received: int = 0  # entries applied (set and del), for status and tests
     synced: bool = False  # the whole snapshot came (a worker serves users only from then on)
     xk: bytes | None = None  # the gateway's sealing private key, from the snapshot
+    # The control's routes for keys this worker serves from its own config, kept aside: a reload
+    # that drops one from the config shows the control's (a registered instance of that id) at once.
+    shadowed: dict[Key, Best] = attrs.field(factory=dict)
 
     def apply(self, rib: Rib, payload: bytes, now: float) -> set[Key]:
         """Apply one feed message to ``rib``; the keys that changed. ChannelError if malformed.
@@ -180,11 +183,14 @@ class Mirror:
             for e in msg["set"]:
                 best = _best(e, now, rib.local_id)
                 key = best.route.adv.key
-                if key not in rib.local:  # ours are served from our own config and health
+                if key in rib.local:  # ours are served from our own config and health
+                    self.shadowed[key] = best
+                else:
                     rib.put(key, best)
                     changed.add(key)
             for svc, origin, inst in msg["del"]:
                 key = (str(svc), str(origin), str(inst))
+                self.shadowed.pop(key, None)
                 if key not in rib.local and key in rib.loc:
                     rib.put(key, None)
                     changed.add(key)
@@ -195,6 +201,15 @@ class Mirror:
         self.received += len(msg["set"]) + len(msg["del"])
         self.synced = self.synced or bool(msg.get("synced"))
         return changed
+
+
+    def unshadow(self, rib: Rib) -> set[Key]:
+        """After the worker's own instances changed (a reload): the control's routes for keys it no
+        longer serves itself go into ``rib``; the keys put."""
+        keys = {k for k in self.shadowed if k not in rib.local}
+        for key in keys:
+            rib.put(key, self.shadowed.pop(key))
+        return keys
 
 
 def _best(e: list[Any], now: float, own_id: str) -> Best:

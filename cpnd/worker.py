@@ -143,6 +143,7 @@ class WorkerGateway:
             self.data_channels.want(self.mirror.peers)
         self.clients.reconfigure(self.config.clients, self.config.gateway)
         self.set_local()
+        self.mirror.unshadow(self.rib)  # an id the file gave up may be the control's now (registered)
 
     def report(self) -> Report:
         now = trio.current_time()

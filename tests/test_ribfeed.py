@@ -4,6 +4,7 @@ and the channel's framing refuses what no process of ours sends."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from cpnd.names import service_label
@@ -92,3 +93,22 @@ def test_siblings_add_up_the_other_workers_sends_and_bad_ones_are_refused() -> N
     for bad in (b"\xc1", b"\x91\x93\x01\x02\x03", b"\x01"):
         with pytest.raises(ChannelError):
             read_siblings(bad)
+
+
+def test_an_id_the_workers_file_gives_up_shows_the_controls_route_at_once() -> None:
+    """The control's route for an id the worker serves from its own file is kept aside, not dropped:
+    a reload that removes the id from the file (the control has it registered now) shows it at once."""
+    control, worker, feed, mirror = Rib("a"), Rib("a"), FeedOut(), Mirror()
+    mine = RouteAdv(service="/mine", instance="m1", origin="a", seq=1, label=service_label("/mine"), path=("a",),
+                    latency_us=0, capacity=5.0, load=0.0, price=1.0)
+    control.set_local([mine], 0.0)
+    worker.set_local([mine], 0.0)
+    drain(feed, control, worker, mirror, {})
+    assert worker.loc[mine.key].route.peer is None  # the worker's own
+    registered = attrs.evolve(mine, seq=2, price=0.5)  # the file dropped m1 and it was registered at the control
+    feed.mark(control.set_local([registered], 1.0))
+    drain(feed, control, worker, mirror, {})
+    assert worker.loc[mine.key].route.peer is None  # still the worker's own until it reloads
+    worker.set_local([], 2.0)  # the worker's reload
+    assert mirror.unshadow(worker) == {mine.key}
+    assert worker.loc[mine.key].route.peer == "a" and worker.loc[mine.key].fresh.price == 0.5  # via the control
