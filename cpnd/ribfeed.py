@@ -202,7 +202,6 @@ class Mirror:
         self.synced = self.synced or bool(msg.get("synced"))
         return changed
 
-
     def unshadow(self, rib: Rib) -> set[Key]:
         """After the worker's own instances changed (a reload): the control's routes for keys it no
         longer serves itself go into ``rib``; the keys put."""
