@@ -165,9 +165,7 @@ class DataPlane:
         self.plane.begin()
         try:
             if ext.origin == self.gw.id:
-                with trio.CancelScope() as abandoned:  # the instance call stops when the stream is abandoned
-                    stream.cancel_on_abandon(abandoned)
-                    await self.egress.serve(stream, ext, opened_at)
+                await self.egress.serve(stream, ext, opened_at)  # the instance call stops if the stream is abandoned
             else:
                 stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
         except StreamReset as exc:  # the other end's (then the stream is closed), or one of ours to send

@@ -47,9 +47,6 @@ class _PoolEntry:
 class _Inline:
     """Stands in for a nursery when there is nothing to run beside the caller (the common case)."""
 
-    def __init__(self) -> None:
-        self.cancel_scope = trio.CancelScope()
-
     async def __aenter__(self) -> _Inline:
         return self
 
@@ -251,22 +248,28 @@ class Egress:
     async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink,
                         inst: InstanceConfig, host: str, port: int, deadline: float | None,
                         hold: Hold | None = None) -> float | None:
-        """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None."""
-        entry = await self._connected(sink, inst, host, port)
-        if entry is None:
-            return None
-        ic = H11Stream(h11.CLIENT, entry.stream)
-        ic.conn = entry.conn
-        up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
+        """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None.
+
+        One scope for the whole call: the stream's abandonment ends it quietly (``sink.cancel_on_abandon``),
+        the request's deadline bounds the head once the request is up, then the idle time the body."""
+        entry: _PoolEntry | None = None
         head_after: float | None = None
-        try:
-            async with (_Inline() if up.complete else open_nursery()) as nursery:
-                if up.complete:
-                    await up.run()  # one write, no task
-                else:
-                    nursery.start_soon(up.run)
-                # One scope: the request's deadline for the head, then the idle time for the body.
-                with trio.CancelScope(deadline=deadline if deadline is not None else math.inf) as scope:
+        with trio.CancelScope() as scope:
+            sink.cancel_on_abandon(scope)
+            entry = await self._connected(sink, inst, host, port)
+            if entry is None:
+                return None
+            ic = H11Stream(h11.CLIENT, entry.stream)
+            ic.conn = entry.conn
+            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
+            try:
+                async with (_Inline() if up.complete else open_nursery()) as nursery:
+                    if up.complete:
+                        await up.run()  # one write, no task
+                    else:
+                        nursery.start_soon(up.run)
+                    if deadline is not None:
+                        scope.deadline = deadline
                     ev = await ic.next_event()
                     while isinstance(ev, h11.InformationalResponse):
                         ev = await ic.next_event()
@@ -281,24 +284,31 @@ class Egress:
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
                     await relay_response(ic, response, content_length(ev.headers), sink, scope,
                                          self.p.limits.body_idle_timeout_s)
-                if scope.cancelled_caught and head_after is None:
-                    sink.reset(ResetCode.DEADLINE, up.delivered, f"{inst.id} did not answer within the deadline")
-                    nursery.cancel_scope.cancel()
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
+                await entry.stream.aclose()
+                what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
+                if head_after is None:
+                    sink.reset(ResetCode.INSTANCE_FAILED, up.delivered, f"{inst.id}: {what}")
+                else:
+                    sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {what}")
+                return head_after
+            except StreamReset:
+                await entry.stream.aclose()
+                raise
+        if scope.cancelled_caught:
+            if entry is None or sink.abandoned:  # the stream was abandoned: nothing to tell
+                if entry is not None:
                     await entry.stream.aclose()
-                    return None
-                if scope.cancelled_caught:
-                    raise OSError(f"response body idle for {self.p.limits.body_idle_timeout_s:g} s")
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
-            await entry.stream.aclose()
-            what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
+                return None
             if head_after is None:
-                sink.reset(ResetCode.INSTANCE_FAILED, up.delivered, f"{inst.id}: {what}")
-            else:
-                sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {what}")
-            return head_after
-        except StreamReset:
+                sink.reset(ResetCode.DEADLINE, up.delivered, f"{inst.id} did not answer within the deadline")
+                await entry.stream.aclose()
+                return None
             await entry.stream.aclose()
-            raise
+            sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: response body idle for "
+                       f"{self.p.limits.body_idle_timeout_s:g} s")
+            return head_after
+        assert entry is not None
         self._pool(_pool_key(host, port, tlsstream.instance_tls(inst)), entry)
         return head_after
 

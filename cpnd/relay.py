@@ -31,6 +31,11 @@ class Sink(Protocol):
 
     def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None: ...
 
+    def cancel_on_abandon(self, scope: trio.CancelScope) -> None: ...
+
+    @property
+    def abandoned(self) -> bool: ...
+
 
 class Cut(Exception):
     """The upstream ended mid-response; ``held``: nothing of it reached the sink yet."""
@@ -63,6 +68,15 @@ class StreamSink:
         now = trio.current_time()
         self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us,
                                 None if instance_s is None else instance_s * 1_000_000, soon=True)
+
+    def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
+        """The instance call's scope: cancelled when the ingress abandons the stream (its RESET, the session lost)."""
+        self.stream.cancel_on_abandon(scope)
+
+    @property
+    def abandoned(self) -> bool:
+        """The stream ended before our response did: the far end abandoned it (we reset it only after the call)."""
+        return self.stream.closed
 
 
 class UserSink:
@@ -105,6 +119,11 @@ class UserSink:
 
     def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
         pass  # the ingress reads its own instances' meters directly
+
+    def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
+        pass  # a lost user fails the write (CANCEL, above): no scope to cancel
+
+    abandoned = False
 
 
 async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, length: int | None, sink: Sink,

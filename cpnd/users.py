@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,17 +139,7 @@ class Users:
                 client.transport = secured
             if not await self._http1_only(client, slot):
                 return
-            while True:
-                event = await self._next_request(client, slot)
-                if not isinstance(event, h11.Request):
-                    break  # idle too long, taken back for a newcomer, closed, or not a request
-                await self._request(client, event, pinned)
-                # Another request only after a complete exchange both ways (a response cut short,
-                # a body left unread or MUST_CLOSE end the connection).
-                if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
-                    break
-                client.conn.start_next_cycle()
-                client.head_since = trio.current_time()  # pipelined bytes of the next head: its clock starts now
+            await self._requests(client, slot, pinned)
         except h11.RemoteProtocolError as exc:
             error = HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large",
                               f"malformed HTTP/1.1 request: {h11_reason(exc)}", close=True)
@@ -219,28 +210,63 @@ class Users:
                 400, "bad_request", "this port speaks plain HTTP, not TLS: use http://", close=True))
         return False
 
-    async def _next_request(self, client: H11Stream, slot: Slot) -> Any:
+    async def _requests(self, client: H11Stream, slot: Slot, pinned: dict[str, Key]) -> None:
+        """One request at a time until the connection ends; HttpError(408) for a head not whole in time.
+
+        Every wait for a head is under one scope per connection (``_HeadWait``), not one per request.
+        """
+        event: Any = None
+        while True:
+            wait = _HeadWait()
+            with wait.scope:
+                slot.owner = wait.scope  # a newcomer taking the slot back cancels it (only while it waits: idle)
+                while True:
+                    if event is None:
+                        event = await self._next_request(client, slot, wait)
+                    if not isinstance(event, h11.Request):
+                        return  # idle too long, taken back for a newcomer, closed, or not a request
+                    if wait.scope.cancel_called:
+                        break  # its time ran out as the head came whole: the request is served under a new scope
+                    await self._request(client, event, pinned)
+                    event = None
+                    # Another request only after a complete exchange both ways (a response cut short,
+                    # a body left unread or MUST_CLOSE end the connection).
+                    if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
+                        return
+                    client.conn.start_next_cycle()
+                    client.head_since = trio.current_time()  # pipelined bytes of the next head: its clock starts now
+            if wait.scope.cancelled_caught:
+                if wait.started and slot.held:
+                    raise HttpError(408, "request_timeout", f"request head not complete within "
+                                    f"{self.p.limits.header_timeout_s:g} s of its first byte", close=True)
+                return  # idle for idle_timeout_s, or taken back for a newcomer: closed quietly
+
+    async def _next_request(self, client: H11Stream, slot: Slot, wait: _HeadWait) -> Any:
         """The next request head; anything else (None included) ends the connection quietly.
 
         Between requests (no byte of the next head yet) the connection is idle: closed after
         ``idle_timeout_s``. From the first byte of a head, the whole head must come within
         ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
         apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer:
-        a slow head holds no more than an idle connection.
+        a slow head holds no more than an idle connection. Both end ``wait``'s scope (``_requests``
+        answers); its deadline is back to none once the head is here.
         """
         event = client.next_event_nowait()
         if event is not None:
             return event
         if not slot.held:
             return None  # taken back before this task first ran
-        started = False
-        with self._waiting(slot) as scope:
+        scope = wait.scope
+        self.slots.set_idle(slot, True)
+        try:
             if client.conn.trailing_data[0]:  # pipelined: the head's clock runs since the last response
-                started = True
+                wait.started = True
                 scope.deadline = client.head_since + self.p.limits.header_timeout_s
             else:
+                wait.started = False
+                scope.deadline = trio.current_time() + self.p.limits.idle_timeout_s
                 data = await client.transport.receive_some(RECEIVE_CHUNK)
-                started = True
+                wait.started = True
                 client.head_since = trio.current_time()
                 client.conn.receive_data(data)
                 event = client.next_event_nowait()
@@ -248,13 +274,11 @@ class Users:
                     scope.deadline = client.head_since + self.p.limits.header_timeout_s
             if event is None:
                 event = await client.next_event()
+        finally:
+            self.slots.set_idle(slot, False)
+        scope.deadline = math.inf
         if not slot.held:
             return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
-        if scope.cancelled_caught:
-            if not started:
-                return None  # idle for idle_timeout_s: closed quietly
-            raise HttpError(408, "request_timeout", f"request head not complete within {self.p.limits.header_timeout_s:g} s"
-                            " of its first byte", close=True)
         return event
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
@@ -344,6 +368,18 @@ class Users:
         # h11 validated these headers when it parsed them: _parsed skips doing it again (2.5x cheaper).
         return h11.Request(method=req.method, target=req.target, headers=list(v.headers),
                            http_version=req.http_version, _parsed=True)
+
+
+class _HeadWait:
+    """A user connection's one cancel scope for its waits for request heads, its deadline set per
+    wait (a scope per request cost ~50 function calls, a deadline change ~15); ``started``: the
+    head waited for had its first byte (then a timeout is a 408, else a quiet close)."""
+
+    __slots__ = ("scope", "started")
+
+    def __init__(self) -> None:
+        self.scope = trio.CancelScope()
+        self.started = False
 
 
 def _peer(transport: trio.abc.Stream) -> str:
