@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import errno
 import logging
-import math
 import urllib.parse
 from typing import Any
 
