@@ -20,7 +20,7 @@ from bench.hostile import Site, _open_frame
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.wire import TUNNEL, UPDATE, Peer, load_key, new_route, parse_pub
 
-from test_workers_peers import FAST, workers
+from test_workers_peers import refusing_pair, workers
 
 SIZE = 3_000_000  # each response: several times a stream's window, all of them several times the high-water mark
 
@@ -129,25 +129,13 @@ def test_relays_waiting_for_a_workers_full_channel_move_again_when_it_drains(tmp
     process, the responses onto the worker's channel. Several large responses at once fill that
     channel past its high-water mark; every relay that waited for it must go on once it drained,
     not sit until the idle sweeper ends it (60 s): each download completes well before that."""
-    insts = InstanceProcs()
-    insts.start("r1")
-    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), FAST)
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    conf = specs["b"].config
-    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+    with refusing_pair(tmp_path) as (lab, specs):
         lab.wait_for(lambda: all(w["report_age_ms"] is not None for w in workers(lab, "a")), 30, "a's workers")
         lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_refused", 0) >= 2, 20, "refusals")
         results = _downloads(f"http://{specs['a'].http}/remote?size={SIZE}")
         assert results == [(200, SIZE)] * 12, results
         lab.wait_for(lambda: lab.query("a", "status")["http"].get("streams_via_control", 0) == 12, 10,
                      "a's workers' reports: every download through the control process")
-    finally:
-        lab.stop_all()
-        insts.stop_all()
 
 
 def _frames(p: Peer, until: object, limit_s: float = 10.0) -> list[tuple[int, int, int, bytes]]:
@@ -273,22 +261,9 @@ def test_a_peer_refusing_data_channels_is_redialled_with_backoff(tmp_path) -> No
     refusal comes after its OPEN): a's workers must redial with the connect-retry backoff, not at its
     minimum for ever (each try is a handshake's signatures at both ends). From 250 ms doubling, each
     worker tries at most 6 times in the first 4 s (at the minimum: 16 or more)."""
-    insts = InstanceProcs()
-    insts.start("r1")
-    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),),
-                    {"health_interval_ms": 0, "workers": 2})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    conf = specs["b"].config
-    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+    with refusing_pair(tmp_path, {"health_interval_ms": 0, "workers": 2}) as (lab, _):
         lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_refused", 0) >= 1, 20, "a first refusal")
         t0 = time.monotonic()
         lab.wait_for(lambda: time.monotonic() - t0 >= 4, 10, "4 s of redials")  # a window of time: what is counted
         refused = lab.query("b", "status")["stats"].get("data_channels_refused", 0)
         assert refused <= 2 * 6 + 1, refused
-    finally:
-        lab.stop_all()
-        insts.stop_all()

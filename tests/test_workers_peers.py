@@ -6,6 +6,7 @@ for its instances within their shares."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -24,6 +25,26 @@ from test_workers import _alive, connect, raw_get, read_status
 CAPACITY = 20  # /capped's instance at b: 10 a second per worker when b has two
 BURST = 80
 FAST = {"health_interval_ms": 0, "workers": 2, "connect_retry_min_ms": 100}
+
+
+@contextlib.contextmanager
+def refusing_pair(tmp_path, options=FAST):
+    """a (the options' workers) and b (one worker, max_data_channels_per_peer = 0) peered and
+    converged; b serves /remote (r1). Yields the lab and its specs."""
+    insts = InstanceProcs()
+    insts.start("r1")
+    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), options)
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    conf = specs["b"].config
+    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        yield lab, specs
+    finally:
+        lab.stop_all()
+        insts.stop_all()
 
 
 def workers(lab: Lab, gw: str) -> list[dict]:
@@ -214,16 +235,7 @@ def test_through_a_transit_with_workers_sealed_end_to_end(tmp_path) -> None:
 def test_refused_data_channels_leave_the_requests_to_the_control_process(tmp_path) -> None:
     """b takes no data channels (max_data_channels_per_peer = 0): a's workers send every request
     through a's control process, which relays it on its session with b."""
-    insts = InstanceProcs()
-    insts.start("r1")
-    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), FAST)
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    conf = specs["b"].config
-    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+    with refusing_pair(tmp_path) as (lab, specs):
         lab.wait_for(lambda: lab.query("b", "status")["stats"].get("data_channels_refused", 0) >= 2, 20, "refusals")
         socks = users_on_both_workers(lab, specs["a"].http, "/remote")
         try:
@@ -236,9 +248,6 @@ def test_refused_data_channels_leave_the_requests_to_the_control_process(tmp_pat
                      "a's workers' counts")
         http = lab.query("a", "status")["http"]
         assert "streams_on_data_channels" not in http and lab.query("a", "status")["http"]["requests"] == 2 * len(socks)
-    finally:
-        lab.stop_all()
-        insts.stop_all()
 
 
 def test_an_egress_worker_killed_its_peers_channels_come_back_on_the_other(pair) -> None:
