@@ -122,14 +122,13 @@ def siblings_message(reports: Iterable[Mapping[Key, int]]) -> bytes:
     return encode(SIBLINGS, msgpack.packb([[*k, n] for k, n in total], use_bin_type=True))
 
 
-def relay_total(reports: Iterable[Mapping[Key, int]], own_max: int) -> dict[Key, int]:
-    """Every worker's sends added up, once an interval (``others_message`` takes each one's share):
-    only the busiest SIBLING_KEYS + ``own_max`` (a report's most), among which each worker's busiest
-    SIBLING_KEYS of the others are (its own, subtracted, lower at most ``own_max`` of them)."""
-    total = add_sends(reports)
+def relay_total(total: Mapping[Key, int], own_max: int) -> dict[Key, int]:
+    """Every worker's sends (``add_sends``) as relayed once an interval (``others_message`` takes each
+    one's share): only the busiest SIBLING_KEYS + ``own_max`` (a report's most), among which each
+    worker's busiest SIBLING_KEYS of the others are (its own, subtracted, lower at most ``own_max``)."""
     if len(total) > SIBLING_KEYS + own_max:
-        total = dict(heapq.nlargest(SIBLING_KEYS + own_max, total.items(), key=lambda kv: kv[1]))
-    return total
+        return dict(heapq.nlargest(SIBLING_KEYS + own_max, total.items(), key=lambda kv: kv[1]))
+    return dict(total)
 
 
 def others_message(total: Mapping[Key, int], own: Mapping[Key, int]) -> bytes:

@@ -393,8 +393,9 @@ class Workers:
             return  # nothing sent, nothing sent before: the workers know
         self._told_sends = any(sends.values())
         # Ours too: `show routes --json` estimates as the workers do (the control process serves no users).
-        self.d.dataplane.plane.account.siblings(add_sends(sends.values()), trio.current_time())
-        total = relay_total(sends.values(), MAX_SIBLING_KEYS)  # once: each worker's share is it less its own
+        everyone = add_sends(sends.values())  # added up once, for us and (its busiest) for the workers
+        self.d.dataplane.plane.account.siblings(everyone, trio.current_time())
+        total = relay_total(everyone, MAX_SIBLING_KEYS)  # each worker's share is it less its own
         for st in self.slots:
             ch = self.channels.get(st.index)
             if ch is None or ch.queued > LOW_WATER:

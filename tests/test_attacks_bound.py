@@ -18,7 +18,7 @@ import trio
 from cpnd.fleet import MAX_SIBLING_KEYS
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.load import LatencyCorrection
-from cpnd.ribfeed import SIBLING_KEYS, Deframer, others_message, read_siblings, relay_total, siblings_message
+from cpnd.ribfeed import SIBLING_KEYS, Deframer, add_sends, others_message, read_siblings, relay_total, siblings_message
 from test_workers import _cpnctl
 
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
@@ -383,7 +383,7 @@ def test_each_workers_share_of_the_total_is_the_sum_of_the_others(seed) -> None:
     rng = random.Random(seed)
     pool = [("/s", f"g{k % 7}", f"i{k}") for k in range(3000)]
     reports = [{k: rng.randint(1, 50) for k in rng.sample(pool, MAX_SIBLING_KEYS)} for _ in range(8)]
-    total = relay_total(reports, MAX_SIBLING_KEYS)
+    total = relay_total(add_sends(reports), MAX_SIBLING_KEYS)
     assert len(total) == SIBLING_KEYS + MAX_SIBLING_KEYS
     for i, own in enumerate(reports):
         (_, got), = Deframer().feed(others_message(total, own))
