@@ -18,7 +18,6 @@ from .load import LatencyCorrection, OwnTimes, SendAccount, Stage
 from .rib import Best, Key, Rib
 from .select import (
     BadHeader,
-    BoundDamping,
     Candidate,
     Constraints,
     TtlCache,
@@ -165,7 +164,6 @@ class Planner:
     correction: LatencyCorrection
     mode: str = attrs.field(default="per-request", validator=attrs.validators.in_(MODES))
     ttl: TtlCache = attrs.field(factory=lambda: TtlCache(0.0))
-    damping: BoundDamping = attrs.field(factory=BoundDamping)
     rng: random.Random = attrs.field(factory=random.Random)
 
     def plan(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], pinned: dict[str, Key],
@@ -191,7 +189,7 @@ class Planner:
         per_request = self.mode == "per-request"
         cands = candidates(self.rib, service, lambda key, best: self.estimate(key, best, now),
                            bounded=cons.max_latency_us is not None and per_request)
-        ranked = rank(cands, cons, self.damping if per_request else None, now)
+        ranked = rank(cands, cons)
         if per_request:
             # Latency-bound requests go first-fit in rank order: packing them tight leaves
             # whole instances to flexible traffic. Flexible ones are split at random.

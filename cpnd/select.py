@@ -258,18 +258,8 @@ def meets_bound(c: Candidate, cons: Constraints) -> bool:
     return cons.max_latency_us is None or c.total_us <= cons.max_latency_us * (1 - BOUND_MARGIN_FRAC)
 
 
-def rank(cands: Sequence[Candidate], cons: Constraints, damping: BoundDamping | None = None,
-         now: float = 0.0) -> list[Candidate]:
-    """Admissible candidates, best first by the request's objective (deterministic ties).
-
-    With ``damping``, whether an instance could meet the bound at all (at low load) is
-    damped (BoundDamping); that it meets it at its load now is not: load moving an
-    instance in and out of a bound is how latency-bound traffic finds its share.
-    """
-    if damping is not None and cons.max_latency_us is not None:
-        limit = cons.max_latency_us * (1 - BOUND_MARGIN_FRAC)
-        # Every candidate's check goes through the damping, whatever else rules it out.
-        cands = [c for c in cands if damping.check(c.key, cons.max_latency_us, c.base_total_us <= limit, now)]
+def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
+    """Admissible candidates, best first by the request's objective (deterministic ties)."""
     ok = [c for c in cands if admissible(c, cons)]
     if cons.prefer == "price":
         return sorted(ok, key=lambda c: (c.price, c.total_us, c.key))
@@ -309,59 +299,6 @@ def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, spli
     return [pick, *(c for c in spare if c is not pick), *full]
 
 
-# Flap damping of the latency-bound check (like BGP's, RFC 2439): each time an instance
-# drops out of a bound it had met, its penalty grows by one; above SUPPRESS it stays out
-# until the penalty, halving every HALF_LIFE_S, is below REUSE.
-DAMP_HALF_LIFE_S = 15.0
-DAMP_SUPPRESS = 1.5
-DAMP_REUSE = 0.5
-DAMP_MAX_ENTRIES = 4096
-
-
-@attrs.define
-class _Damped:
-    inside: bool
-    penalty: float = 0.0
-    at: float = 0.0
-    suppressed: bool = False
-
-
-@attrs.define
-class BoundDamping:
-    """Per (instance, latency bound): whether the bound check may pass, damped.
-
-    Flooded and measured latencies are noisy; an instance whose estimate sits at a request
-    class's bound would otherwise swing that whole class in and out of it, at every turn
-    of the noise. Each drop-out costs a penalty; instances that keep dropping out are held
-    out for a while instead (protocol-spec/selection.md, "Choice").
-    """
-
-    max_entries: int = DAMP_MAX_ENTRIES
-    _entries: dict[tuple[Key, int], _Damped] = attrs.field(factory=dict)
-
-    def check(self, key: Key, bound_us: int, within: bool, now: float) -> bool:
-        """The damped outcome of a bound check whose raw result is ``within``."""
-        e = self._entries.get((key, bound_us))
-        if e is None:
-            if len(self._entries) >= self.max_entries:
-                # Users choose the bound values: the oldest entry goes, the table never grows past the cap.
-                self._entries.pop(next(iter(self._entries)))
-            self._entries[(key, bound_us)] = _Damped(within, at=now)
-            return within
-        if e.penalty:
-            e.penalty *= 0.5 ** ((now - e.at) / DAMP_HALF_LIFE_S)
-            if e.penalty < 0.01:
-                e.penalty = 0.0
-        e.at = now
-        if e.suppressed and e.penalty < DAMP_REUSE:
-            e.suppressed = False
-        if e.inside and not within:
-            e.penalty += 1.0
-            e.suppressed = e.suppressed or e.penalty > DAMP_SUPPRESS
-        e.inside = within and not e.suppressed
-        return e.inside
-
-
 def no_live_instance(rib: Rib, service: str) -> str:
     """Why a known ``service`` has no candidate at all: its instances are down or only stale paths lead there."""
     keys = rib.by_service.get(service, ())
@@ -388,9 +325,6 @@ def explain_none(cands: Sequence[Candidate], cons: Constraints) -> str:
     if cons.max_latency_us is None:
         return f"the best is {where}"  # not reached: without a bound every priced candidate is admissible
     bound = f"CPN-Max-Latency {_ms(cons.max_latency_us)}"
-    if meets_bound(best, cons):
-        return (f"the best estimate now is {_ms(best.total_us)} ({where}), within {bound}, but its latency kept "
-                f"crossing the bound: held out by flap damping for a while")
     return (f"the best estimate now is {_ms(best.total_us)} ({where}: {parts(best)}), over {bound} less its "
             f"{BOUND_MARGIN_FRAC:.0%} margin")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 
 import attrs
 import pytest
@@ -15,10 +14,7 @@ from cpnd.names import service_label
 from cpnd.rib import Rib
 from cpnd.select import (
     BOUND_MARGIN_FRAC,
-    DAMP_HALF_LIFE_S,
-    DAMP_REUSE,
     BadHeader,
-    BoundDamping,
     Candidate,
     Constraints,
     TtlCache,
@@ -173,56 +169,6 @@ def test_baseline_pins() -> None:
     assert cache.get("/s", Constraints(prefer="price"), 11.0) is None
 
 
-def test_an_instance_swinging_across_a_bound_is_held_out_then_let_back() -> None:
-    d = BoundDamping()
-    key, bound = ("/yolo", "gw4", "s2"), 10_000
-    assert d.check(key, bound, True, 0.0)
-    assert not d.check(key, bound, False, 1.0)  # one drop-out: penalty 1, not suppressed
-    assert d.check(key, bound, True, 2.0)  # back at once
-    assert d.check(key, 20_000, True, 2.0) and d.check(("/yolo", "gw6", "s4"), bound, True, 2.0)  # others unaffected
-    assert not d.check(key, bound, False, 3.0)  # a second drop-out soon after: suppressed
-    t = 3.0
-    while not d.check(key, bound, True, t):  # held out although it meets the bound now ...
-        t += 0.5
-        assert t < 60
-    # ... until the penalty (1 + 1 x 2^(-2/15)) decays below DAMP_REUSE: ~27 s later.
-    expected = DAMP_HALF_LIFE_S * math.log2((1 + 0.5 ** (2 / DAMP_HALF_LIFE_S)) / DAMP_REUSE)
-    assert t - 3.0 == pytest.approx(expected, abs=0.5)
-    # Drop-outs far apart never suppress: the penalty decays in between.
-    d2 = BoundDamping()
-    for i in range(10):
-        assert d2.check(key, bound, True, 100.0 * i)
-        assert not d2.check(key, bound, False, 100.0 * i + 1)
-    assert d2.check(key, bound, True, 1000.0)
-
-
-def test_damping_table_is_bounded() -> None:
-    d = BoundDamping(max_entries=8)
-    for i in range(100):
-        d.check(("/s", "g", f"i{i}"), 10_000, True, float(i))
-    assert len(d._entries) == 8
-
-
-def test_rank_applies_damping_to_the_bound_only() -> None:
-    def cand(total: int, price: float = 1.0) -> Candidate:
-        return Candidate(("/yolo", "gw4", "s2"), 1, "gw4", ("gw4",), total - 3000, 3000, price, 50, 0.0)
-
-    d, cons = BoundDamping(), Constraints(max_latency_us=10_000)
-    for t, total in ((0.0, 9000), (1.0, 10_500), (2.0, 9000), (3.0, 10_500)):
-        rank([cand(total)], cons, d, t)
-    assert rank([cand(9000)], cons, d, 4.0) == []  # suppressed: dropped out twice in 3 s
-    assert rank([cand(9000)], cons) == [cand(9000)]  # undamped
-    assert rank([cand(9000)], Constraints(), d, 4.0) == [cand(9000)]  # no bound, no damping
-    assert rank([cand(9000, price=3)], Constraints(max_latency_us=10_000, max_price=2), BoundDamping(), 0.0) == []
-    # Load alone moving an instance across the bound (its low-load total stays within) is
-    # not a flap: it is back as soon as its load allows.
-    d = BoundDamping()
-    loaded = attrs.evolve(cand(10_500), base_compute_us=1000)
-    for t in range(10):
-        assert rank([loaded], cons, d, float(t)) == []
-        assert rank([cand(9000)], cons, d, t + 0.5) == [cand(9000)]
-
-
 def test_an_unmeetable_request_is_told_what_is_achievable() -> None:
     def cand(iid: str, origin: str, path_us: int, comp_us: int, price: float) -> Candidate:
         return Candidate(("/svc", origin, iid), 1, origin, (origin,), path_us, comp_us, price, 50.0, 0.0)
@@ -238,8 +184,6 @@ def test_an_unmeetable_request_is_told_what_is_achievable() -> None:
     assert explain_none([slow], Constraints(max_latency_us=10_000)) == (
         "the best estimate now is 10.6 ms (s1 at gw3: path 4 ms + gateways 2.5 ms + compute 1 ms + correction 3.1 ms), "
         "over CPN-Max-Latency 10 ms less its 1% margin")
-    # Within the bound by estimate, yet not admitted: only flap damping holds it out.
-    assert "held out by flap damping" in explain_none(cands, Constraints(max_latency_us=6_000))
 
 
 # ---------------------------------------------------------------- end to end accounting
