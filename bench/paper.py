@@ -44,9 +44,11 @@ import subprocess
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import attrs
 import networkx as nx
 import trio
 
@@ -249,9 +251,11 @@ class FloorPath:
 
 
 def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prewarm_s: float = 0.0,
-             keep: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One sweep in ``mode``; every request's record is also appended to ``keep`` when given."""
+             keep: list[dict[str, Any]] | None = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One sweep in ``mode``; every request's record is also appended to ``keep`` when given;
+    ``options``: [gateway] keys for every gateway (``--set``)."""
     topo = paper_topology()
+    topo = attrs.evolve(topo, gateway_options={**topo.gateway_options, **(options or {})})
     insts = InstanceProcs()
     with tempfile.TemporaryDirectory(prefix=f"cpn-paper-{mode}-") as tmp:
         try:
@@ -284,6 +288,7 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         # to each instance (gw1's and the path's), and its total
                                         "gateways_ms": {r["instance"]: r["estimate"]["gateways_ms"] for r in best},
                                         "estimate_ms": {r["instance"]: r["estimate"]["bounded_total_ms"] for r in best},
+                                        "estimates": {r["instance"]: r["estimate"] for r in best},  # its parts, for --records
                                         "late": http.get("late", 0), "bound_cut": http.get("bound_cut", 0)})
 
                 jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
@@ -300,7 +305,7 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
         finally:
             insts.stop_all()
     if keep is not None:
-        keep += [{"mode": mode, **r} for r in records]
+        keep += [{"mode": mode, **r} for r in records] + [{"mode": mode, "sample": x} for x in samples]
     return summarise(mode, rates, step_s, warmup_s, records, rtt, stats, samples, prewarm_s)
 
 
@@ -498,18 +503,25 @@ def main() -> int:
     ap.add_argument("--rates", default="1,10,20,30,40,50,60,70,80,90,100,110,120")
     ap.add_argument("--step", type=float, default=4.0, help="seconds per step")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds at the start of each step left out")
-    ap.add_argument("--records", help="also write every request's record here (JSON lines), to see where time went")
+    ap.add_argument("--records", help="also write every request's record here (JSON lines), and gw1's samples "
+                    "(every 0.5 s: each instance's estimate in parts), to see where time went")
     ap.add_argument("--prewarm", type=float, default=3.0,
                     help=f"seconds of both users at {PREWARM_RATE:g} req/s before the sweep, never counted")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [gateway] key for every gateway, as TOML (e.g. latency_quantile=0.75); repeatable")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
+    try:
+        options = tomllib.loads("\n".join(args.set))
+    except tomllib.TOMLDecodeError as exc:
+        ap.error(f"--set: {exc}")
     rates = [float(r) for r in args.rates.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     keep: list[dict[str, Any]] | None = [] if args.records else None
     for mode in args.modes.split(","):
-        res = run_mode(mode, rates, args.step, args.warmup, args.prewarm, keep)
+        res = run_mode(mode, rates, args.step, args.warmup, args.prewarm, keep, options)
         results.append(res)
         for s in res["steps"]:
             print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u1_late", "u1_late_at_ingress", "u1_cut_at_bound",
