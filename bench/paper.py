@@ -1,7 +1,8 @@
 """The paper's experiment, for real on loopback: per-request vs anycast (per-connection) vs DNS-TTL.
 
     python bench/paper.py [--modes per-request,per-connection,dns-ttl] [--rates 1,10,...,120]
-                          [--step 4] [--warmup 1] [--prewarm 3] [--out bench/results]
+                          [--step 4] [--warmup 1] [--prewarm 3] [--set KEY=VALUE ...]
+                          [--records FILE] [--out bench/results]
 
 `cpnd lab paper` per mode (GW1..GW7, the RTT table as emulated links, simulated
 s1..s5 with capacity 50 req/s, prices 2,1,2,1,2, compute 1,3,1,3,1 ms growing to
