@@ -65,7 +65,7 @@ class Attempts:
                 text = exc.text
                 if exc.code == ResetCode.DEADLINE and plan.bound_at is not None and now >= plan.bound_at:
                     self.p.stats["bound_cut"] += 1  # answered 504 at the bound instead of a late 200
-                    self.planner.missed(cand, attempt, plan.t0 if not plan.failures else start, now)
+                    self.planner.missed(cand, attempt, plan.t0 if not plan.failures else start, now, client.source or None)
                     text = f"{_bound_text(plan)}: {exc.text}"
                 go_on = plan.failed(cand, exc.code, exc.delivered, text, now)
                 if self.p.attempt_lines.allow(self.p.gw.id, now):

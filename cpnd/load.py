@@ -536,20 +536,24 @@ class LatencyCorrection:
         self.quantile = quantile  # `latency_quantile`: a reload applies it from the next response on
         self.ttl_s = ttl_s
         self.max_keys = max_keys
-        self._residuals: dict[object, collections.deque[tuple[float, int, bool]]] = {}  # (when, residual, cut)
+        # (when, residual, cut): ``cut`` is False for an answered attempt, else the party whose attempt was cut
+        self._residuals: dict[object, collections.deque[tuple[float, int, object]]] = {}
         # The last answered ones' residuals apart (when, residual): those of the last CORRECTION_HOLD_S
         # cap cut ones even when many cut at once (one user's long jobs) pushed them out of the window.
         self._answered: dict[object, collections.deque[tuple[float, int]]] = {}
         self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
 
-    def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False) -> None:
+    def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False,
+                party: object = None) -> None:
         """A response head left for the user ``observed_us`` after the attempt began; we had expected ``estimated_us``.
 
         ``cut``: no head came; the attempt was cut at the request's bound after ``observed_us``. Such
         a residual may be the request's own nature (a long job under a tight bound, which one user can
         send on purpose), so while the window holds answered ones, or one was answered within
         CORRECTION_HOLD_S (kept apart: cut ones do not push those out), it counts at most as much as
-        the largest of theirs: alone, cut ones (everyone's requests too slow) count in full."""
+        the largest of theirs. With none answered, cut ones count in full only when they are two
+        parties' (``party``: the user's address; everyone's requests too slow), else as 0: one user
+        alone cannot hold an instance out for everyone else."""
         if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
             return
         window = self._residuals.get(key)
@@ -561,7 +565,7 @@ class LatencyCorrection:
                 self._values.pop(old, None)
                 self._answered.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
-        window.append((now, int(observed_us - estimated_us), cut))
+        window.append((now, int(observed_us - estimated_us), (True if party is None else party) if cut else False))
         if not cut:
             self._answered.setdefault(key, collections.deque(maxlen=self.samples)).append((now, int(observed_us - estimated_us)))
         self._update(key, window, now)
@@ -583,11 +587,14 @@ class LatencyCorrection:
             return 0
         return self._update(key, window, now)
 
-    def _update(self, key: object, window: collections.deque[tuple[float, int, bool]], now: float) -> int:
-        answered = [r for _, r, cut in window if not cut]
+    def _update(self, key: object, window: collections.deque[tuple[float, int, object]], now: float) -> int:
+        answered = [r for _, r, cut in window if cut is False]
         answered += [r for at, r in self._answered.get(key, ()) if at > now - CORRECTION_HOLD_S]
-        cap = max(0, *answered) if answered else CORRECTION_MAX_US
-        values = [min(r, cap) if cut else r for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
+        if answered:
+            cap = max(0, *answered)
+        else:  # every attempt cut: the instance slow for all, if they are not all one party's
+            cap = CORRECTION_MAX_US if len({cut for _, _, cut in window}) >= 2 else 0
+        values = [r if cut is False else min(r, cap) for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
         quiet = now - window[-1][0]  # since the newest response
         fade = 1.0 if quiet <= CORRECTION_HOLD_S else max(0.0, (self.ttl_s - quiet) / (self.ttl_s - CORRECTION_HOLD_S))

@@ -227,10 +227,12 @@ class Planner:
             self.own.add(Stage.INGRESS, now, (took - (attempt.upstream_head_at - attempt.sent_at)) * 1_000_000)
         return plan.cons.max_latency_us is not None and _us(attempt.head_at - plan.t0) > plan.cons.max_latency_us
 
-    def missed(self, cand: Candidate, attempt: Attempt, start: float, now: float) -> None:
+    def missed(self, cand: Candidate, attempt: Attempt, start: float, now: float, party: object = None) -> None:
         """An attempt was cut at the request's bound: it took at least ``now - start``. The
         correction learns that much (a lower bound), as from a late answer, within what answered
         requests show (load.LatencyCorrection.observe: one user's long jobs are not the instance's);
-        as for an answer, only if the request was whole in hand: a slow upload is the user's pace."""
+        as for an answer, only if the request was whole in hand: a slow upload is the user's pace.
+        ``party``: whose request it was (the user's address): one party's cuts alone count as 0."""
         if attempt.whole:
-            self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None), cut=True)
+            self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None), cut=True,
+                                    party=party)

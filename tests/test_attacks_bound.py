@@ -83,6 +83,26 @@ def test_slow_uploads_do_not_poison_the_correction(gw) -> None:
     assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS
     assert _served(url, 5) == [200] * 5  # not 503 no_instance: l1 is as fast as ever
 
+def test_one_users_cut_jobs_alone_do_not_hold_the_instance_out_for_others(gw) -> None:
+    """Nobody else uses l1 meanwhile: one user's long jobs under a loose bound, all cut, are the only
+    evidence. They may be its own jobs, so they count as nothing, and the next user, at another
+    address, is served at once, not told 503 no_instance for seconds."""
+    lab, url = gw
+    socks = [_connect(url) for _ in range(ATTACKERS)]
+    try:
+        for s in socks:  # all at once from 127.0.0.1: cut together, 700 ms later
+            s.sendall(f"GET /local?delay=3 HTTP/1.1\r\nHost: a\r\nCPN-Max-Latency: {LOOSE_MS}ms\r\n\r\n".encode())
+        assert [_read_status(s) for s in socks] == [504] * ATTACKERS
+    finally:
+        for s in socks:
+            s.close()
+    assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS
+    other = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=url, timeout=10, transport=other) as c:
+        codes = [c.get("/local", headers=TIGHT) for _ in range(5)]
+    assert [r.status_code for r in codes] == [200] * 5, [r.text for r in codes]
+
+
 def test_many_long_jobs_cannot_push_the_answered_out_of_the_correction(gw) -> None:
     """One user's long jobs under a loose bound, more at once than the correction's window, while
     another user's requests are answered (ten a second): cut each, they count at most as far as
@@ -152,8 +172,11 @@ def test_cut_residuals_cannot_evict_the_answered_ones() -> None:
     for i in range(40):
         c.observe("l1", 1.1 + i * 0.001, 700_000, 2000, cut=True)
     assert c.value_us("l1", 1.2) == 1000
-    c.observe("l1", 2.1, 700_000, 2000, cut=True)  # more than a second since the last answer
-    assert c.value_us("l1", 2.1) == 698_000
+    c.observe("l1", 2.1, 700_000, 2000, cut=True)  # more than a second since the last answer: one
+    assert c.value_us("l1", 2.1) == 0  # party's cuts alone (all of these: party unknown) count as 0
+    for i in range(3):
+        c.observe("l1", 2.2, 700_000, 2000, cut=True, party=f"192.0.2.{i}")  # every user's requests cut
+    assert c.value_us("l1", 2.2) == 698_000
 
 
 def _workers_lab(tmp_path, n: int):

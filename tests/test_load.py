@@ -485,7 +485,8 @@ def test_correction_is_bounded_and_its_table_too() -> None:
 def test_cut_attempts_count_only_as_far_as_answered_ones_show() -> None:
     """One user's long jobs under a tight bound (cut each time) must not make the instance look slow
     to everyone: while others' requests are answered on time, cut residuals count at most as theirs;
-    when every request is cut (the instance slow for all), they count in full."""
+    when every request is cut, they count in full if they are two users' (the instance slow for
+    all), as 0 if they are one user's alone (its own jobs, or a user holding the instance out)."""
     attacked = LatencyCorrection()
     for i in range(10):
         attacked.observe("s1", 1.0 + i * 0.01, 5000, 5000)  # answered as estimated
@@ -498,6 +499,12 @@ def test_cut_attempts_count_only_as_far_as_answered_ones_show() -> None:
     assert slow.value_us("s1", 1.2) == 4000  # the cut ones as far as the answered show
     everyone = LatencyCorrection()
     for i in range(4):
-        everyone.observe("s1", 1.0 + i * 0.01, 10_000, 5000, cut=True)
+        everyone.observe("s1", 1.0 + i * 0.01, 10_000, 5000, cut=True, party=f"192.0.2.{i % 2}")
     assert everyone.value_us("s1", 1.1) == 5000
+    alone = LatencyCorrection()
+    for i in range(40):  # one user's burst of long jobs on an instance nobody else uses now
+        alone.observe("s1", 1.0 + i * 0.01, 10_000, 5000, cut=True, party="192.0.2.7")
+    assert alone.value_us("s1", 1.5) == 0
+    alone.observe("s1", 1.5, 10_000, 5000, cut=True, party="192.0.2.8")  # a second user's cut too: evidence
+    assert alone.value_us("s1", 1.5) == 5000
 

@@ -166,8 +166,11 @@ def test_the_bound_is_the_head_deadline_in_per_request_mode_only() -> None:
     for _ in range(3):  # cut while the user was still uploading: its pace, nothing learnt
         p.missed(cand, Attempt(whole=False), 3.001, 3.010)
     assert p.correction.value_us(cand.key, 3.010) == before
-    for _ in range(3):  # cut at the bound: the correction learns they took at least that long
-        p.missed(cand, Attempt(whole=True), 3.001, 3.010)
+    for _ in range(3):  # one user's requests cut at the bound: maybe its own long jobs, nothing learnt
+        p.missed(cand, Attempt(whole=True), 3.001, 3.010, "192.0.2.1")
+    assert p.correction.value_us(cand.key, 3.010) == before
+    for _ in range(3):  # two users' cut: the correction learns they took at least that long
+        p.missed(cand, Attempt(whole=True), 3.001, 3.010, "192.0.2.2")
     assert p.correction.value_us(cand.key, 3.010) > before
 
 
