@@ -452,10 +452,27 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
     if "gateway" not in data:
         raise r.error(("gateway",), "missing (required table)")
     g = r.table(data["gateway"], ("gateway",), _GATEWAY_KEYS)
+    gateway = _gateway(r, g)
+    _check_gateway(r, g, gateway)
+    server_tls = _server_tls(r, gateway)
+    peers = _peers(r, data, gateway)
+    services = _services(r, data)
+    gw = ("gateway",)
+    try:
+        key = load_private_key(gateway.key_file)
+    except KeyFileError as exc:
+        raise r.error((*gw, "key_file"), str(exc)) from None
+    cert = _own_certificate(r, gateway, key, services) if gateway.cert_file is not None else None
+    return Config(gateway, tuple(peers), tuple(services), key, path, server_tls, _clients(r, data),
+                  _registrars(r, data), cert)
+
+
+def _gateway(r: _Reader, g: dict[str, Any]) -> GatewayConfig:
+    """The [gateway] table's keys, each checked on its own."""
     gw = ("gateway",)
     gid = r.checked(g, (*gw, "id"), id_problem)
     hold = r.number(g, (*gw, "hold_time_ms"), MIN_HOLD_MS, MAX_HOLD_MS, 3000, integer=True)
-    gateway = GatewayConfig(
+    return GatewayConfig(
         id=gid,
         listen=r.address(g, (*gw, "listen"), literal=True),  # type: ignore[arg-type]
         key_file=r.file(g, (*gw, "key_file")),
@@ -512,6 +529,11 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         seal_streams=r.get(g, (*gw, "seal_streams"), bool, True),
         workers=_workers(r, g, (*gw, "workers")),
     )
+
+
+def _check_gateway(r: _Reader, g: dict[str, Any], gateway: GatewayConfig) -> None:
+    """What the [gateway] keys must satisfy together."""
+    gw = ("gateway",)
     if gateway.workers > 1 and gateway.http_listen is None and gateway.https_listen is None:
         raise r.error((*gw, "workers"), "set above 1 without http_listen or https_listen (workers serve users)")
     if gateway.connect_retry_max_ms < gateway.connect_retry_min_ms:
@@ -521,12 +543,15 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
         key = "max_peer_send_buffer" if "max_peer_send_buffer" in g else "tunnel_window_bytes"
         raise r.error((*gw, key), f"max_peer_send_buffer must be >= 1 MiB + max(256 KiB, tunnel_window_bytes / 2) + 64 KiB"
                       f" ({send}): senders wait at 1 MiB queued, and a relay may then queue half a stream window at once")
-    server_tls = _server_tls(r, gateway)
     least = peer_overhead(gateway) + gateway.tunnel_window_bytes
     if gateway.peer_buffer_bytes < least:
         raise r.error((*gw, "peer_buffer_bytes"), f"must be >= max_peer_send_buffer + {STREAM_COST_BYTES} x max_streams_per_peer"
                       f" + tunnel_window_bytes ({least})")
 
+
+def _peers(r: _Reader, data: dict[str, Any], gateway: GatewayConfig) -> list[PeerConfig]:
+    """The [[peers]] tables: none twice, none this gateway itself."""
+    gid = gateway.id
     peers_raw = data.get("peers", [])
     if not isinstance(peers_raw, list):
         raise r.error(("peers",), "must be an array of tables ([[peers]])")
@@ -557,7 +582,11 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
             export_prefixes=_peer_prefixes(r, p, (*kp, "export")),
             local_pref=r.number(p, (*kp, "local_pref"), 0, 1_000_000, 100, integer=True),
         ))
+    return peers
 
+
+def _services(r: _Reader, data: dict[str, Any]) -> list[ServiceConfig]:
+    """The [[services]] tables and their instances: no path and no instance id twice."""
     services_raw = data.get("services", [])
     if not isinstance(services_raw, list):
         raise r.error(("services",), "must be an array of tables ([[services]])")
@@ -584,27 +613,26 @@ def parse_config(data: dict[str, Any], path: Path, text: str = "") -> Config:
                 a, b = seen_instances[iid]
                 raise r.error((*ki, "id"), f"duplicate instance id {iid!r} (also services[{a}].instances[{b}])")
             seen_instances[iid] = (i, j)
-            instances.append(InstanceConfig(
-                id=iid,
-                url=r.checked(inst, (*ki, "url"), _url_problem),
-                capacity=float(r.number(inst, (*ki, "capacity"), 1e-6, 1e9)),
-                price=float(r.number(inst, (*ki, "price"), 0, 1e12, 0.0)),
-                compute_latency_ms=float(r.number(inst, (*ki, "compute_latency_ms"), 0, 3_600_000, 0.0)),
-                health_path=r.checked(inst, (*ki, "health_path"),
-                                      lambda v: None if v.startswith("/") and " " not in v else "must be a path starting with '/'", None),
-                max_inflight=r.number(inst, (*ki, "max_inflight"), 1, 1_000_000, 256, integer=True),
-                **_instance_tls(r, inst, ki, contexts),
-                http2=r.get(inst, (*ki, "http2"), bool, False),
-            ))
+            instances.append(_instance(r, inst, ki, iid, contexts))
         services.append(ServiceConfig(spath, tuple(instances)))
+    return services
 
-    try:
-        key = load_private_key(gateway.key_file)
-    except KeyFileError as exc:
-        raise r.error((*gw, "key_file"), str(exc)) from None
-    cert = _own_certificate(r, gateway, key, services) if gateway.cert_file is not None else None
-    return Config(gateway, tuple(peers), tuple(services), key, path, server_tls, _clients(r, data),
-                  _registrars(r, data), cert)
+
+def _instance(r: _Reader, inst: dict[str, Any], ki: tuple[str | int, ...], iid: str,
+              contexts: ClientContexts) -> InstanceConfig:
+    """One [[services.instances]] table (its id already checked against the others')."""
+    return InstanceConfig(
+        id=iid,
+        url=r.checked(inst, (*ki, "url"), _url_problem),
+        capacity=float(r.number(inst, (*ki, "capacity"), 1e-6, 1e9)),
+        price=float(r.number(inst, (*ki, "price"), 0, 1e12, 0.0)),
+        compute_latency_ms=float(r.number(inst, (*ki, "compute_latency_ms"), 0, 3_600_000, 0.0)),
+        health_path=r.checked(inst, (*ki, "health_path"),
+                              lambda v: None if v.startswith("/") and " " not in v else "must be a path starting with '/'", None),
+        max_inflight=r.number(inst, (*ki, "max_inflight"), 1, 1_000_000, 256, integer=True),
+        **_instance_tls(r, inst, ki, contexts),
+        http2=r.get(inst, (*ki, "http2"), bool, False),
+    )
 
 
 # ---------------------------------------------------------------- clients and registrars
@@ -680,8 +708,6 @@ def _registrars(r: _Reader, data: dict[str, Any]) -> tuple[RegistrarConfig, ...]
     if not out and "registration_listen" in data["gateway"]:
         raise r.error(("gateway", "registration_listen"), "needs at least one [[registrars]] (the tokens it accepts)")
     return tuple(out)
-
-
 
 
 def _anchors(r: _Reader, g: dict[str, Any], keypath: tuple[str | int, ...]) -> tuple[str, ...]:
