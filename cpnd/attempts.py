@@ -19,6 +19,7 @@ import trio
 from . import forwarded
 from .aio import open_nursery
 from .body import BodySource
+from .clients import source_key
 from .errors import HttpError
 from .egress import Egress
 from .h1 import H11Stream, Headers, content_length, rewrite_headers
@@ -156,7 +157,7 @@ class Attempts:
         if found is None:
             raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {cand.instance}")
         service, inst = found
-        refusal = self.egress.admit(inst, budget_us, slack_us)
+        refusal = self.egress.admit(inst, budget_us, slack_us, source_key(client.source))
         if refusal is not None:
             raise StreamReset(ResetCode.REFUSED, False, refusal)
         body.consumed = True

@@ -19,9 +19,11 @@ import trio
 
 from . import forwarded, tlsstream
 from .aio import open_nursery
+from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
     readable, replace_host, rewrite_headers, translate_target
+from .fairshare import Shares
 from .h2up import H2Pool
 from .health import HealthTracker
 from .load import Hold, InstanceMeter, Stage
@@ -63,6 +65,7 @@ class Egress:
         self.local: dict[tuple[int, str], tuple[ServiceConfig, InstanceConfig]] = {}
         self._health: dict[str, HealthTracker] = {}
         self._vouched: dict[str, float] = {}  # when a request last reached each instance
+        self.shares: dict[str, Shares] = {}  # each user's admissions per instance, for its fair share
         self._pool_keys: set[tuple[Any, ...]] = set()  # the addresses of our instances now: only theirs are pooled
         self.h2 = H2Pool(self)
 
@@ -83,7 +86,7 @@ class Egress:
         for key in [k for k in self.pool if k not in self._pool_keys]:
             for entry in self.pool.pop(key):
                 tlsstream.raw_socket(entry.stream).close()
-        for table in (self._health, self._vouched):
+        for table in (self._health, self._vouched, self.shares):
             for iid in [k for k in table if k not in meters]:
                 del table[iid]
 
@@ -117,15 +120,21 @@ class Egress:
 
     # ---- admission
 
-    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int) -> str | None:
-        """Admission for one request to ``inst`` (NO_BUDGET: none given): None, or why it is refused (counted)."""
+    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, party: str) -> str | None:
+        """Admission for one request to ``inst`` (NO_BUDGET: none given) from ``party`` (the user's
+        address, "" unknown): None, or why it is refused (counted)."""
         meter = self.meters[inst.id]
+        now = trio.current_time()
+        shares = self.shares.get(inst.id)
+        if shares is None:
+            shares = self.shares[inst.id] = Shares()
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:
-            refusal = meter.admit(trio.current_time(), None if budget_us == NO_BUDGET else budget_us,
-                                  None if slack_us == NO_BUDGET else slack_us)
+            refusal = shares.refuse(party, meter.holds.held(now), inst.capacity, now) or meter.admit(
+                now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us)
         if refusal is None:
+            shares.admitted(party)
             return None
         self.p.stats["admission_rejects"] += 1
         return f"{inst.id}: {refusal}"
@@ -150,7 +159,7 @@ class Egress:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
-        refusal = self.admit(inst, ext.budget_us, ext.slack_us)
+        refusal = self.admit(inst, ext.budget_us, ext.slack_us, source_key(origin.client) if origin is not None else "")
         if refusal is not None:
             sink.report_load(self.meters[inst.id])
             sink.reset(ResetCode.REFUSED, False, refusal)
@@ -214,6 +223,9 @@ class Egress:
                 meter.abandoned()
             else:
                 meter.done(trio.current_time(), served * 1_000_000, load_at_arrival, hold)
+            shares = self.shares.get(inst.id)
+            if shares is not None:  # (gone with its instance: a reload meanwhile)
+                shares.ended(source_key(origin.client) if origin is not None else "", trio.current_time())
         return served
 
     async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:

@@ -12,7 +12,7 @@ PKG = ROOT / "cpnd"
 # Every module that decides without doing I/O: protocol, policy, parsing, the gateway core and
 # its simulated network. The rest (daemon, the data plane's parts, streams, control, metrics, aio, ...)
 # are trio shells.
-CORES = ("admission", "channels", "clients", "config", "crypto", "errors", "fleet", "forwarded", "gateway", "grpcmap", "heads", "health", "histogram", "limits",
+CORES = ("admission", "channels", "clients", "config", "crypto", "errors", "fairshare", "fleet", "forwarded", "gateway", "grpcmap", "heads", "health", "histogram", "limits",
          "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "ribfeed", "seal", "select",
          "session", "status", "tls",
          "tunnel", "vnet", "wire")

@@ -1,0 +1,88 @@
+"""Each user's fair share of an instance once it fills (sans-IO; time is an input).
+
+An instance's capacity is counted at its egress (load.InstanceMeter). Below ``FULL`` of it,
+every request that fits is admitted, whoever sends it. Above, a party (a user, by address:
+the ingress's CPN-Client, or a local user's own) that already holds its share of the capacity
+(capacity / the parties that asked in the last second, this one included; a request is held
+while in flight and a second after, as the instance's own bound counts it) is
+refused, so one user sending long jobs as fast as they are admitted cannot take all of an
+instance from the others: the room above ``FULL`` is theirs. The users counted are those that
+asked in that second, admitted or not: one that was refused so far still has its share. Like Envoy's and nginx's per-client
+limits, but with no setting: a share is what is left when the instance is contended, no more.
+"""
+
+from __future__ import annotations
+
+import collections
+
+FULL = 0.8  # shares apply above this fraction of capacity held (the room above: newcomers')
+WINDOW_S = 1.0  # a party counts among the users this long after it asked; a request is held this long after it ended
+MAX_EVENTS = 65_536  # admissions remembered per instance (the oldest are forgotten first)
+
+
+class _Window:
+    """Events of the last WINDOW_S by party (at most MAX_EVENTS: the oldest are forgotten first)."""
+
+    def __init__(self) -> None:
+        self._events: collections.deque[tuple[float, str]] = collections.deque()  # (when, party), oldest first
+        self.count: collections.Counter[str] = collections.Counter()
+
+    def add(self, party: str, now: float) -> None:
+        self._events.append((now, party))
+        self.count[party] += 1
+        if len(self._events) > MAX_EVENTS or self._events[0][0] <= now - WINDOW_S:
+            self.trim(now)
+
+    def trim(self, now: float) -> None:
+        events, count = self._events, self.count
+        while events and (events[0][0] <= now - WINDOW_S or len(events) > MAX_EVENTS):
+            _, party = events.popleft()
+            count[party] -= 1
+            if not count[party]:
+                del count[party]
+
+
+class Shares:
+    """One instance's users of the last second: those that asked, and what each holds."""
+
+    def __init__(self) -> None:
+        self._asked = _Window()  # who wants the instance: a share is counted among them
+        self._ended = _Window()  # requests answered (or abandoned) in the last second: still held
+        self._inflight: collections.Counter[str] = collections.Counter()  # admitted, not yet ended
+
+    def held(self, party: str) -> int:
+        """The requests ``party`` holds of the instance's capacity (as load.SlotHolds counts them:
+        until a second after their answer), as of the last ``refuse``."""
+        return self._inflight.get(party, 0) + self._ended.count.get(party, 0)
+
+    def refuse(self, party: str, held: int, capacity: float, now: float) -> str | None:
+        """Why ``party``'s request is over its share, or None; ``held``: requests counted against
+        ``capacity`` now (the instance's own bound is checked apart). Every call is a request that
+        asked: its party counts among the users from now on, for a second."""
+        self._asked.add(party, now)
+        if held + 1 <= FULL * capacity:
+            return None
+        self._asked.trim(now)
+        self._ended.trim(now)
+        users = len(self._asked.count)
+        share = capacity / users
+        mine = self.held(party)
+        if mine + 1 <= share:
+            return None
+        return (f"over its fair share: this user holds {mine} of its capacity, share {share:.3g} "
+                f"among {users} users (the instance is {FULL:.0%} full)")
+
+    def admitted(self, party: str) -> None:
+        self._inflight[party] += 1
+
+    def ended(self, party: str, now: float) -> None:
+        """A request of ``party`` admitted here was answered (or abandoned) now: held a second more."""
+        n = self._inflight.pop(party, 0)
+        if n > 1:
+            self._inflight[party] = n - 1
+        self._ended.add(party, now)
+
+    def users(self, now: float) -> int:
+        """Users that asked in the last second."""
+        self._asked.trim(now)
+        return len(self._asked.count)

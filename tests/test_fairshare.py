@@ -1,0 +1,151 @@
+"""Each user's fair share of an instance once it fills (sans-IO, virtual clock)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cpnd.fairshare import FULL, MAX_EVENTS, Shares
+
+
+def _run(shares: Shares, capacity: float, offered: dict[str, int], seconds: int, job_s: float = 0.0) -> dict[str, int]:
+    """Each party offers its rate (req/s, evenly spaced); an admitted request takes ``job_s`` and is
+    held a second after (as the egress counts it). Admitted per party a second, over the run's last 3 s."""
+    running: list[tuple[float, str]] = []  # (when it ends, party)
+    held: list[float] = []  # when each admitted request stops counting
+    got = {p: 0 for p in offered}
+    events = sorted((k / rate, p) for p, rate in offered.items() for k in range(rate * seconds))
+    for t, party in events:
+        for end, who in [r for r in running if r[0] <= t]:
+            running.remove((end, who))
+            shares.ended(who, end)
+        held = [h for h in held if h > t]
+        if len(held) + 1 > capacity:  # the instance's own bound (load.InstanceMeter)
+            shares.refuse(party, len(held), capacity, t)  # it asked
+            continue
+        if shares.refuse(party, len(held), capacity, t) is None:
+            shares.admitted(party)
+            running.append((t + job_s, party))
+            held.append(t + job_s + 1.0)
+            if t >= seconds - 3:
+                got[party] += 1
+    return {p: n / 3 for p, n in got.items()}
+
+
+def test_below_the_mark_whoever_asks_gets_in() -> None:
+    s = Shares()
+    for i in range(int(FULL * 50) - 1):
+        assert s.refuse("10.0.0.1", i, 50, i * 0.001) is None
+        s.admitted("10.0.0.1")
+
+
+def test_one_user_flooding_cannot_take_what_another_needs() -> None:
+    """One user offers 130 req/s, another 10, to an instance of 50/s: the second gets all of its 10."""
+    for job_s in (0.0, 0.3):
+        got = _run(Shares(), 50, {"attacker": 130, "honest": 10}, 8, job_s)
+        assert got["honest"] == 10 and got["attacker"] >= 10, (job_s, got)
+    # Jobs of 2 s hold a slot 3 s: 50 slots serve 16.7 a second, and each user's share, 25 slots,
+    # 8.3 a second. The honest user gets that share, where alone the flood had all.
+    got = _run(Shares(), 50, {"attacker": 130, "honest": 10}, 12, 2.0)
+    assert got["honest"] >= 7 and got["attacker"] >= 7, got
+    for job_s in (0.0, 0.3, 2.0):  # alone, a user may have all of it
+        alone = _run(Shares(), 50, {"attacker": 130}, 8, job_s)
+        assert alone["attacker"] >= 50 / (1 + job_s) - 2, (job_s, alone)
+
+
+def test_the_share_is_said_and_counts_this_user_too() -> None:
+    s = Shares()
+    for _ in range(45):
+        s.admitted("a")
+    assert s.refuse("a", 45, 50, 0.5) is None  # alone: all of it is a's share
+    assert s.refuse("b", 45, 50, 0.5) is None  # a newcomer, counted among the users: 25 of 50
+    s.admitted("b")
+    why = s.refuse("a", 46, 50, 0.5)
+    assert why is not None and "holds 45 of its capacity" in why and "share 25 among 2 users" in why
+    for _ in range(45):
+        s.ended("a", 0.6)  # answered: still held for a second ...
+    assert s.held("a") == 45 and s.refuse("a", 46, 50, 0.7) is not None
+    assert s.refuse("a", 46, 50, 1.65) is None and s.held("a") == 0  # ... then no more
+    s.ended("nobody", 1.7)  # an end with no admission (a reload between): nothing breaks
+    assert s.held("nobody") == 1
+
+
+def test_what_a_user_had_leaves_after_a_second() -> None:
+    s = Shares()
+    for i in range(40):
+        assert s.refuse("a", i, 50, i * 0.01) is None
+        s.admitted("a")
+    assert s.users(0.4) == 1
+    assert s.refuse("b", 45, 50, 2.0) is None and s.users(2.0) == 1  # a's requests left the window: b alone
+
+
+@given(st.lists(st.tuples(st.floats(0, 0.01), st.sampled_from("abcdefgh")), max_size=300))
+def test_counts_are_bounded_and_exact(steps) -> None:
+    s = Shares()
+    t = 0.0
+    log: list[tuple[float, str]] = []
+    for dt, party in steps:
+        t += dt
+        assert s.refuse(party, 0, 10**6, t) is None  # far below the mark: asked, and admitted
+        s.admitted(party)
+        log.append((t, party))
+    live = [p for at, p in log if at > t - 1.0][-MAX_EVENTS:]
+    assert s.users(t) == len(set(live))
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def test_a_flooding_user_leaves_another_its_share(tmp_path) -> None:
+    """One gateway with an instance of 20 req/s. One user (127.0.0.1) keeps 16 connections busy with
+    long jobs (0.3 s), far over the capacity; another (127.0.0.2) then sends 4 requests a second.
+    Its first may find every slot held (a slot is held a second after its answer, and admission
+    cannot take one back); from 1.5 s on, each of its requests is served: the flood is held to its
+    share while the instance is full."""
+    import threading
+    import time
+
+    import httpx
+
+    from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
+
+    insts = InstanceProcs()
+    insts.start("l1", compute_ms=1)
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=20, compute_latency_ms=1),),
+                    {"health_interval_ms": 0})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    stop = threading.Event()
+    flood: list[int] = []
+
+    def flooder() -> None:
+        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10) as c:
+            while not stop.is_set():
+                flood.append(c.get("/local?delay=0.3").status_code)
+
+    threads = [threading.Thread(target=flooder) for _ in range(16)]
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while flood.count(503) < 20 and time.monotonic() < deadline:  # the instance is full: the flood is refused
+            time.sleep(0.05)
+        assert flood.count(503) >= 20, flood[-20:]
+        other = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10, transport=other) as c:
+            got = []
+            t0 = time.monotonic()
+            for _ in range(16):
+                got.append((time.monotonic() - t0, c.get("/local")))
+                time.sleep(0.25)
+        late = [r for at, r in got if at >= 1.5]
+        assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
+        assert 503 in flood[-40:]  # the flood was still on, and still refused
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+        lab.stop_all()
+        insts.stop_all()
