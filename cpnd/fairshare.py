@@ -7,8 +7,9 @@ the ingress's CPN-Client, or a local user's own) that already holds its share of
 while in flight and a second after, as the instance's own bound counts it) is
 refused, so one user sending long jobs as fast as they are admitted cannot take all of an
 instance from the others: the room above ``FULL`` is theirs. The users counted are those that
-asked in that second, admitted or not: one that was refused so far still has its share. Like Envoy's and nginx's per-client
-limits, but with no setting: a share is what is left when the instance is contended, no more.
+asked in the last second while it was that full, admitted or not: one refused so far still has
+its share. Like Envoy's and nginx's per-client limits, but with no setting: a share is what is
+left when the instance is contended, no more.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import collections
 
 FULL = 0.8  # shares apply above this fraction of capacity held (the room above: newcomers')
 WINDOW_S = 1.0  # a party counts among the users this long after it asked; a request is held this long after it ended
-MAX_EVENTS = 65_536  # admissions remembered per instance (the oldest are forgotten first)
+MAX_EVENTS = 65_536  # asks and ends remembered per instance and window (the oldest are forgotten first)
 
 
 class _Window:
@@ -57,11 +58,11 @@ class Shares:
 
     def refuse(self, party: str, held: int, capacity: float, now: float) -> str | None:
         """Why ``party``'s request is over its share, or None; ``held``: requests counted against
-        ``capacity`` now (the instance's own bound is checked apart). Every call is a request that
-        asked: its party counts among the users from now on, for a second."""
-        self._asked.add(party, now)
+        ``capacity`` now (the instance's own bound is checked apart). A request that asks while the
+        instance is that full counts its party among the users from now on, for a second."""
         if held + 1 <= FULL * capacity:
             return None
+        self._asked.add(party, now)
         self._asked.trim(now)
         self._ended.trim(now)
         users = len(self._asked.count)

@@ -72,11 +72,12 @@ def test_the_share_is_said_and_counts_this_user_too() -> None:
 
 def test_what_a_user_had_leaves_after_a_second() -> None:
     s = Shares()
+    assert s.refuse("a", 10, 50, 0.0) is None and s.users(0.0) == 0  # far from full: nobody is counted
     for i in range(40):
-        assert s.refuse("a", i, 50, i * 0.01) is None
+        assert s.refuse("a", 45, 50, i * 0.01) is None  # full: a is counted (and alone, all is its share)
         s.admitted("a")
     assert s.users(0.4) == 1
-    assert s.refuse("b", 45, 50, 2.0) is None and s.users(2.0) == 1  # a's requests left the window: b alone
+    assert s.refuse("b", 45, 50, 2.0) is None and s.users(2.0) == 1  # a's asks left the window: b alone
 
 
 @given(st.lists(st.tuples(st.floats(0, 0.01), st.sampled_from("abcdefgh")), max_size=300))
@@ -86,8 +87,8 @@ def test_counts_are_bounded_and_exact(steps) -> None:
     log: list[tuple[float, str]] = []
     for dt, party in steps:
         t += dt
-        assert s.refuse(party, 0, 10**6, t) is None  # far below the mark: asked, and admitted
-        s.admitted(party)
+        if s.refuse(party, 900, 1000, t) is None:  # full: every ask counts its user
+            s.admitted(party)
         log.append((t, party))
     live = [p for at, p in log if at > t - 1.0][-MAX_EVENTS:]
     assert s.users(t) == len(set(live))
