@@ -97,8 +97,9 @@ class Egress:
                                                         hold_down_s=g.health_interval_ms / 1000)
         return tracker
 
-    def health_result(self, iid: str, ok: bool) -> None:
-        now = trio.current_time()
+    def health_result(self, iid: str, ok: bool, now: float | None = None) -> None:
+        """A probe's or a call's verdict on an instance (``now``: the caller's clock reading, if it has one)."""
+        now = trio.current_time() if now is None else now
         if ok:
             self._vouched[iid] = now
         if self.health(iid).result(ok, now):
@@ -117,13 +118,13 @@ class Egress:
 
     # ---- admission
 
-    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int) -> str | None:
-        """Admission for one request to ``inst`` (NO_BUDGET: none given): None, or why it is refused (counted)."""
+    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, now: float) -> str | None:
+        """Admission for one request to ``inst`` (NO_BUDGET: none given) at ``now``: None, or why it is refused (counted)."""
         meter = self.meters[inst.id]
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:
-            refusal = meter.admit(trio.current_time(), None if budget_us == NO_BUDGET else budget_us,
+            refusal = meter.admit(now, None if budget_us == NO_BUDGET else budget_us,
                                   None if slack_us == NO_BUDGET else slack_us)
         if refusal is None:
             return None
@@ -140,33 +141,39 @@ class Egress:
             return
         service, inst = found
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
-        deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
+        now = trio.current_time()  # one reading for this step: the head is here with the OPEN, usually
+        deadline = now + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
-            method, target, headers, origin, rest = await self._head(rx, service)
+            method, target, headers, origin, rest, waited = await self._head(rx, service)
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
+        if waited:
+            now = trio.current_time()
         if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
-        refusal = self.admit(inst, ext.budget_us, ext.slack_us)
+        refusal = self.admit(inst, ext.budget_us, ext.slack_us, now)
         if refusal is not None:
-            sink.report_load(self.meters[inst.id])
+            sink.report_load(self.meters[inst.id], now=now)
             sink.reset(ResetCode.REFUSED, False, refusal)
             return
-        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline)
+        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now)
         if served is not None and sink.head_at is not None and opened_at is not None:
             self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
     async def _head(self, rx: H11Stream | LocalEvents,
-                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any]]:
+                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any], bool]:
         """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped), the
-        user's address as the ingress saw it, and what of its body came with it (all of it, usually);
-        StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
+        user's address as the ingress saw it, what of its body came with it (all of it, usually), and
+        whether we waited for the head; StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
-            event = await next_event_within(rx, timeout_s)
+            event = rx.next_event_nowait()
+            waited = event is None
+            if waited:
+                event = await next_event_within(rx, timeout_s)
             if not isinstance(event, h11.Request):
                 raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -185,15 +192,15 @@ class Egress:
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
         return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True), forwarded.read(event.headers),
-                rest)
+                rest, waited)
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
-                   rx: H11Stream | LocalEvents | None, deadline: float | None) -> float | None:
+                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float) -> float | None:
         """Call an admitted request's instance and account what it took: the instance's time to its
         response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``origin``
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
-        ``rx`` streams the remainder (None: all here)."""
+        ``rx`` streams the remainder (None: all here); ``now``: the clock as the request was admitted."""
         meter = self.meters[inst.id]
         hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
@@ -202,13 +209,13 @@ class Egress:
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
-        load_at_arrival = meter.load(trio.current_time())
+        load_at_arrival = meter.load(now)
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
                 served = await self.h2.exchange(first, rx, sink, inst, host, port, netloc, deadline, hold)
             else:
-                served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
+                served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold, now)
         finally:
             if served is None:
                 meter.abandoned()
@@ -246,7 +253,7 @@ class Egress:
 
     async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink,
                         inst: InstanceConfig, host: str, port: int, deadline: float | None,
-                        hold: Hold | None = None) -> float | None:
+                        hold: Hold | None = None, now: float | None = None) -> float | None:
         """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None.
 
         One scope for the whole call: the stream's abandonment ends it quietly (``sink.cancel_on_abandon``),
@@ -260,7 +267,7 @@ class Egress:
                 return None
             ic = H11Stream(h11.CLIENT, entry.stream)
             ic.conn = entry.conn
-            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
+            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, now)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
                     if up.complete:
@@ -274,15 +281,16 @@ class Egress:
                         ev = await ic.next_event()
                     if not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
-                    self.health_result(inst.id, True)
-                    head_after = max(0.0, trio.current_time() - up.done_at)
+                    now = trio.current_time()  # one reading for this step: health, load report, the relay's idle time
+                    self.health_result(inst.id, True, now)
+                    head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
-                        sink.report_load(self.meters[inst.id], head_after)
+                        sink.report_load(self.meters[inst.id], head_after, now)
                     headers = rewrite_headers(ev.headers, drop_cpn=True,
                                               extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
                     await relay_response(ic, response, content_length(ev.headers), sink, scope,
-                                         self.p.limits.body_idle_timeout_s)
+                                         self.p.limits.body_idle_timeout_s, now=now)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
                 await entry.stream.aclose()
                 what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
@@ -326,7 +334,7 @@ class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
 
     def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
-                 meter: InstanceMeter | None = None, hold: Hold | None = None) -> None:
+                 meter: InstanceMeter | None = None, hold: Hold | None = None, now: float | None = None) -> None:
         self.ic = ic
         self.meter, self.hold = meter, hold  # capacity: the slot's guard runs from the write (load.SlotHolds)
         self.first = first
@@ -334,13 +342,17 @@ class _Upload:
         self.idle_s = idle_s
         self.complete = isinstance(first[-1], h11.EndOfMessage)
         self.delivered = False
-        self.done_at = trio.current_time()  # compute latency counts from the end of the upload
+        self.done_at = trio.current_time() if now is None else now  # compute latency counts from the end of the upload
 
     async def run(self) -> None:
         await self.ic.send_all(self.first)
         self.delivered = True
+        now = trio.current_time()
         if self.meter is not None:
-            self.meter.sent(self.hold, trio.current_time())
+            self.meter.sent(self.hold, now)
+        if self.complete:
+            self.done_at = now
+            return
         while not self.complete:
             assert self.rx is not None
             try:

@@ -81,6 +81,7 @@ class Attempt:
     head_at: float | None = None  # the response head left for the user
     whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
     bound_at: float | None = None  # the head must leave by then (the latency bound), else 504
+    ended_at: float | None = None  # the attempt was over (its response relayed, or it failed)
 
 
 @attrs.define
