@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from cpnd.errors import HttpError
 from cpnd.h1 import filter_headers, translate_target
-from cpnd.heads import check_target
+from cpnd.heads import check_target, split_head
 
 
 @pytest.mark.parametrize(("target", "service", "url", "expected"), [
@@ -34,6 +34,29 @@ def test_check_target_refuses_escapes(target: bytes) -> None:
 
 def test_check_target_keeps_the_path() -> None:
     assert check_target(b"/yolo/x.y/..z?a=../b") == "/yolo/x.y/..z"
+
+
+@given(st.lists(st.sampled_from(["", ".", "..", "...", "a", ".a", "a.", "x.y", "..b"]), max_size=6))
+def test_dot_segments_are_found_as_splitting_finds_them(segments: list[str]) -> None:
+    path = "/" + "/".join(segments)
+    if any(s in (".", "..") for s in path.split("/")):
+        with pytest.raises(HttpError):
+            check_target(path.encode() + b"?q=/./")
+    else:
+        assert check_target(path.encode() + b"?q=/./") == path
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"Host", b"CPN-QoS", b"cpn-x", b"cpn", b"X-Cpn-A", b"Content-Length",
+                                           b"TRANSFER-ENCODING", b"transfer-encoding"]), st.binary(max_size=4)),
+                max_size=6))
+def test_split_head_finds_the_cpn_fields_and_ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> None:
+    names = {n.lower() for n, _ in headers}
+    if {b"content-length", b"transfer-encoding"} <= names:
+        with pytest.raises(HttpError):
+            split_head(b"/a", headers)
+        return
+    assert split_head(b"/a", headers) == ("/a", [(n, v) for n, v in headers
+                                                 if n.decode("latin-1").lower().startswith("cpn-")])
 
 
 def test_filter_headers() -> None:
