@@ -94,6 +94,24 @@ class RateWindow:
         hi = bisect.bisect_right(times, at, lo)
         return hi - lo
 
+    def change(self, now: float, at: float) -> int:
+        """``count(now) - count(now, at=at)`` in one pass (an ingress's estimate of every candidate
+        asks it per request: two counts were ten calls, this is six)."""
+        times = self._times
+        n, start, cutoff = len(times), self._start, now - self.keep_s
+        if start < n and times[start] <= cutoff:
+            start += 1
+            if start < n and times[start] <= cutoff or start > 1024:
+                self._past(cutoff, start)
+                n, start = len(times), self._start
+            else:
+                self._start = start
+        hi_now = n if not n or times[-1] <= now else bisect.bisect_right(times, now, start)
+        lo_now = bisect.bisect_right(times, now - self.window_s, start)
+        lo_at = bisect.bisect_right(times, at - self.window_s, start)
+        hi_at = bisect.bisect_right(times, at, lo_at)
+        return (hi_now - lo_now) - (hi_at - lo_at)
+
 
 # An admitted request holds its slot of the instance's capacity until one second after the latest
 # moment the instance can have counted it: this long after we wrote it to the instance (after its
@@ -147,6 +165,13 @@ class SlotHolds:
             self._move(hold, now)
 
     def _move(self, hold: Hold, until: float) -> None:
+        u = self._until
+        n = len(u)
+        # The newest hold is the last (requests one at a time: always): moved in place if the order
+        # stays, without the three calls of a search, a deletion and an insertion.
+        if n > self._start and u[-1] == hold.until and (until >= hold.until or n == 1 or u[-2] <= until):
+            u[-1] = hold.until = until
+            return
         i = bisect.bisect_left(self._until, hold.until, self._start)
         if i < len(self._until) and self._until[i] == hold.until:
             del self._until[i]
@@ -461,7 +486,7 @@ class SendAccount:
         if (win is None and key not in self.sibling_sends) or capacity <= 0:
             return load, bload
         at = max(at, now - 2 * WINDOW_S)  # older than our memory: count all of our current rate
-        mine = 0 if win is None else win.count(now) - win.count(now, at=at)
+        mine = 0 if win is None else win.change(now, at)
         delta = (mine + self._sibling_change(key, at)) / capacity
         return max(0.0, load + delta), max(0.0, bload + delta)
 
