@@ -265,8 +265,7 @@ class Egress:
             entry = await self._connected(sink, inst, host, port)
             if entry is None:
                 return None
-            ic = H11Stream(h11.CLIENT, entry.stream)
-            ic.conn = entry.conn
+            ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
             up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, now)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:

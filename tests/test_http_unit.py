@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import h11
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cpnd.errors import HttpError
-from cpnd.h1 import filter_headers, translate_target
+from cpnd.h1 import content_length, filter_headers, translate_target
 from cpnd.heads import check_target, split_head
 
 
@@ -138,3 +139,11 @@ def test_rewriting_parsed_headers_is_the_checked_path(headers, drop_cpn: bool, h
     # The same fields (the framing may sit elsewhere: the order of different fields carries no meaning).
     assert sorted(fast) == sorted(checked)
     assert sorted(n.lower() for n, _ in fast.raw_items()) == sorted(n for n, _ in fast)
+
+
+def test_content_length_as_h11_holds_the_fields_and_as_pairs() -> None:
+    fields = [(b"Host", b"x"), (b"X-Len", b"3"), (b"Content-Length", b"12")]
+    assert content_length(h11.Request(method="POST", target="/", headers=fields).headers) == 12
+    assert content_length(fields) == 12
+    assert content_length(h11.Request(method="GET", target="/", headers=fields[:2]).headers) is None
+    assert content_length(fields[:2]) is None
