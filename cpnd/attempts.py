@@ -33,6 +33,7 @@ from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
 log = logging.getLogger("cpnd.http")
 
 ServeLocal = Callable[[PipeEnd, ExtHeader], None]  # runs our egress on the far end of a pipe
+STATUS_KEYS = tuple(f"status_{n}xx" for n in range(10))  # by status // 100 (h11: three digits), made once
 
 
 class Attempts:
@@ -179,7 +180,7 @@ class Attempts:
         finally:
             self.p.account.finished(cand.key)
             attempt.ended_at = trio.current_time()
-        self.p.stats[f"status_{sink.status // 100}xx"] += 1
+        self.p.stats[STATUS_KEYS[sink.status // 100]] += 1
         return sink.status
 
     async def _response(self, client: H11Stream, up: H11Stream | LocalEvents, up_raw: ByteStream, plan: Plan,
@@ -212,7 +213,7 @@ class Attempts:
                     raise StreamReset(ResetCode.DEADLINE, True, "no response head by then")
                 raise HttpError(504, "deadline_exceeded", f"no response within {plan.cons.timeout_s:g} s")
             raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
-        self.p.stats[f"status_{event.status_code // 100}xx"] += 1
+        self.p.stats[STATUS_KEYS[event.status_code // 100]] += 1
         return event.status_code
 
 
