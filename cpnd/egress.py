@@ -191,8 +191,9 @@ class Egress:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
-        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True), forwarded.read(event.headers),
-                rest, waited)
+        # (raw_items: a list, walked without h11's two calls a field)
+        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True),
+                forwarded.read(event.headers.raw_items()), rest, waited)
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
