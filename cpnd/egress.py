@@ -216,7 +216,7 @@ class Egress:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
                 served = await self.h2.exchange(first, rx, sink, inst, host, port, netloc, deadline, hold)
             else:
-                served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold, now)
+                served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
             if served is None:
                 meter.abandoned()
@@ -254,7 +254,7 @@ class Egress:
 
     async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink,
                         inst: InstanceConfig, host: str, port: int, deadline: float | None,
-                        hold: Hold | None = None, now: float | None = None) -> float | None:
+                        hold: Hold | None = None) -> float | None:
         """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None.
 
         One scope for the whole call: the stream's abandonment ends it quietly (``sink.cancel_on_abandon``),
@@ -267,7 +267,7 @@ class Egress:
             if entry is None:
                 return None
             ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
-            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, now)
+            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
                     if up.complete:
@@ -334,7 +334,7 @@ class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
 
     def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
-                 meter: InstanceMeter | None = None, hold: Hold | None = None, now: float | None = None) -> None:
+                 meter: InstanceMeter | None = None, hold: Hold | None = None) -> None:
         self.ic = ic
         self.meter, self.hold = meter, hold  # capacity: the slot's guard runs from the write (load.SlotHolds)
         self.first = first
@@ -342,7 +342,9 @@ class _Upload:
         self.idle_s = idle_s
         self.complete = isinstance(first[-1], h11.EndOfMessage)
         self.delivered = False
-        self.done_at = trio.current_time() if now is None else now  # compute latency counts from the end of the upload
+        # Compute latency counts from the end of the upload; a whole request's is set by run() before
+        # anything reads it (no clock reading here), a streamed one's until then is now.
+        self.done_at = 0.0 if self.complete else trio.current_time()
 
     async def run(self) -> None:
         await self.ic.send_all(self.first)
