@@ -34,6 +34,7 @@ from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
 log = logging.getLogger("cpnd.http")
 
 ServeLocal = Callable[[PipeEnd, ExtHeader], None]  # runs our egress on the far end of a pipe
+STATUS_KEYS = tuple(f"status_{n}xx" for n in range(10))  # by status // 100 (h11: three digits), made once
 
 
 class Attempts:
@@ -46,8 +47,9 @@ class Attempts:
         self.serve_local = serve_local
         self.ids = random.Random(os.urandom(16))
 
-    async def forward(self, client: H11Stream, req: h11.Request, plan: Plan) -> tuple[str, int]:
-        """Serve ``req`` on the first candidate that answers: (its instance, the status), or HttpError."""
+    async def forward(self, client: H11Stream, req: h11.Request, plan: Plan) -> tuple[str, int, float]:
+        """Serve ``req`` on the first candidate that answers: (its instance, the status, when the attempt
+        ended), or HttpError."""
         body = BodySource(client, self.p.limits)
         if client.conn.they_are_waiting_for_100_continue:
             await client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
@@ -56,11 +58,10 @@ class Attempts:
         me = self.p.gw.id
         headers = rewrite_headers(req.headers, drop_cpn=True, default_host=me.encode(), drop=forwarded.REPLACED,
                                   extra=(*forwarded.tunnel_pair(client.source, me), *client.tunnel_extra))  # TE: trailers (tunnel.md)
-        while (cand := plan.next(trio.current_time(), replayable=body.replayable)) is not None:
-            start = trio.current_time()
+        while (cand := plan.next(start := trio.current_time(), replayable=body.replayable)) is not None:
             attempt = Attempt(bound_at=plan.bound_at)
             try:
-                status = await self._attempt(client, req, headers, body, cand, plan, attempt)
+                status = await self._attempt(client, req, headers, body, cand, plan, attempt, start)
             except StreamReset as exc:
                 now = trio.current_time()
                 text = exc.text
@@ -78,9 +79,10 @@ class Attempts:
                 self.p.stats["retries"] += 1
                 continue
             # The bound runs from the head's arrival; a retry's own time from its start.
-            if self.planner.observed(plan, cand, attempt, plan.t0 if not plan.failures else start, trio.current_time()):
+            assert attempt.ended_at is not None
+            if self.planner.observed(plan, cand, attempt, plan.t0 if not plan.failures else start, attempt.ended_at):
                 self.p.stats["late"] += 1
-            return cand.instance, status
+            return cand.instance, status, attempt.ended_at
         raise plan.error()
 
     def _open_upstream(self, cand: Candidate, ext: ExtHeader, soon: bool) -> ByteStream:
@@ -94,13 +96,12 @@ class Attempts:
         return conn.mux.open(ext, soon=soon)
 
     async def _attempt(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,
-                       cand: Candidate, plan: Plan, attempt: Attempt) -> int:
-        """One try on ``cand``: the response's status, or StreamReset when it failed before a response
-        reached the user."""
-        now = trio.current_time()
+                       cand: Candidate, plan: Plan, attempt: Attempt, now: float) -> int:
+        """One try on ``cand`` starting ``now``: the response's status, or StreamReset when it failed
+        before a response reached the user."""
         budget, slack = plan.budget_us(now), plan.slack_us(cand, now)
         if cand.next_hop is None and body.take_buffered() and body.replayable:
-            return await self._attempt_local(client, req, headers, body, cand, plan, budget, slack, attempt)
+            return await self._attempt_local(client, req, headers, body, cand, plan, budget, slack, attempt, now)
         # The request id is for logs: a PRNG seeded from the system's (no system call per request).
         ext = ExtHeader(cand.label, cand.origin, cand.instance, self.ids.randbytes(16), plan.cons.qos, 16, budget,
                         EXT_FLAG_IDEMPOTENT if plan.idempotent else 0, slack)
@@ -109,7 +110,7 @@ class Attempts:
         whole = body.take_buffered() and body.replayable
         up_raw = self._open_upstream(cand, ext, soon=whole)  # the whole request follows it at once
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
-        self.p.account.sent(cand.key, trio.current_time())
+        self.p.account.sent(cand.key, now)
         try:
             if whole:
                 # The whole request is here (or kept from an earlier try): it goes upstream in
@@ -144,31 +145,33 @@ class Attempts:
             if not up_raw.closed:
                 up_raw.reset(ResetCode.CANCEL, True, "ingress done with the stream")
             self.p.account.finished(cand.key)
+            attempt.ended_at = trio.current_time()
             if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
                 load, bload, comp, instance_us = up_raw.load_report
-                self.p.account.heard(cand.key, load, bload, comp, trio.current_time())
+                self.p.account.heard(cand.key, load, bload, comp, attempt.ended_at)
                 attempt.instance_s = None if instance_us is None else instance_us / 1_000_000
 
     async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,
-                             cand: Candidate, plan: Plan, budget_us: int, slack_us: int, attempt: Attempt) -> int:
+                             cand: Candidate, plan: Plan, budget_us: int, slack_us: int, attempt: Attempt,
+                             now: float) -> int:
         """One try on one of our own instances, the whole request in hand: the ingress calls it
         itself (no stream, no task); admission and errors as for a tunnelled request."""
         found = self.egress.local.get((cand.label, cand.instance))
         if found is None:
             raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {cand.instance}")
         service, inst = found
-        refusal = self.egress.admit(inst, budget_us, slack_us, source_key(client.source))
+        refusal = self.egress.admit(inst, budget_us, slack_us, source_key(client.source), now)
         if refusal is not None:
             raise StreamReset(ResetCode.REFUSED, False, refusal)
         body.consumed = True
         data = body.whole()
         sink = UserSink(client, attempt)
         attempt.whole = True
-        self.p.account.sent(cand.key, trio.current_time())
+        self.p.account.sent(cand.key, now)
         try:
             attempt.instance_s = await self.egress.call(
                 sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
-                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline())
+                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline(), now)
             if sink.failure is not None:
                 raise sink.failure
         except StreamReset as exc:
@@ -177,7 +180,8 @@ class Attempts:
             raise
         finally:
             self.p.account.finished(cand.key)
-        self.p.stats[f"status_{sink.status // 100}xx"] += 1
+            attempt.ended_at = trio.current_time()
+        self.p.stats[STATUS_KEYS[sink.status // 100]] += 1
         return sink.status
 
     async def _response(self, client: H11Stream, up: H11Stream | LocalEvents, up_raw: ByteStream, plan: Plan,
@@ -193,12 +197,12 @@ class Attempts:
             if isinstance(event, h11.ConnectionClosed):
                 raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
             assert isinstance(event, h11.Response)
-            attempt.upstream_head_at = trio.current_time()
+            attempt.upstream_head_at = now = trio.current_time()
             response = h11.Response(status_code=event.status_code, reason=event.reason, _parsed=True,
                                     headers=rewrite_headers(event.headers, drop_cpn=False))
             try:
                 await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
-                                     idle_s, trailers=client.trailers)  # HTTP/2, or TE: trailers
+                                     idle_s, trailers=client.trailers, now=now)  # HTTP/2, or TE: trailers
             except Cut as exc:
                 if exc.held:  # the user has seen nothing: a clean error, or a retry
                     raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
@@ -210,7 +214,7 @@ class Attempts:
                     raise StreamReset(ResetCode.DEADLINE, True, "no response head by then")
                 raise HttpError(504, "deadline_exceeded", f"no response within {plan.cons.timeout_s:g} s")
             raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
-        self.p.stats[f"status_{event.status_code // 100}xx"] += 1
+        self.p.stats[STATUS_KEYS[event.status_code // 100]] += 1
         return event.status_code
 
 

@@ -37,6 +37,7 @@ class DataPlane:
 
     def __init__(self, gw: Gateway, limits: HttpLimits = HttpLimits()) -> None:
         self.gw = gw
+        self._rib, self._id = gw.rib, gw.id  # read per candidate per request: the daemon's are properties
         self.plane = Plane(gw, limits)
         self.egress = Egress(self.plane)
         self.transit = Transit(self.plane)
@@ -97,10 +98,10 @@ class DataPlane:
 
     def _estimate(self, key: Key, best: Best, now: float) -> View:
         p = self.plane
-        return ingress_view(self.gw.rib, key, best, now, own=p.own, account=p.account, correction=p.correction,
+        return ingress_view(self._rib, key, best, now, own=p.own, account=p.account, correction=p.correction,
                             # One of ours this process does not call (a worker's view of an instance registered
                             # at the control process) is estimated as a peer's is: from its advertisement.
-                            meter=self.egress.meters.get(key[2]) if key[1] == self.gw.id else None)
+                            meter=self.egress.meters.get(key[2]) if key[1] == self._id else None)
 
     # ---- what the daemon drives
 

@@ -100,8 +100,9 @@ class Egress:
                                                         hold_down_s=g.health_interval_ms / 1000)
         return tracker
 
-    def health_result(self, iid: str, ok: bool) -> None:
-        now = trio.current_time()
+    def health_result(self, iid: str, ok: bool, now: float | None = None) -> None:
+        """A probe's or a call's verdict on an instance (``now``: the caller's clock reading, if it has one)."""
+        now = trio.current_time() if now is None else now
         if ok:
             self._vouched[iid] = now
         if self.health(iid).result(ok, now):
@@ -120,11 +121,10 @@ class Egress:
 
     # ---- admission
 
-    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, party: str) -> str | None:
+    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, party: str, now: float) -> str | None:
         """Admission for one request to ``inst`` (NO_BUDGET: none given) from ``party`` (the user's
-        address, "" unknown): None, or why it is refused (counted)."""
+        address, "" unknown) at ``now``: None, or why it is refused (counted)."""
         meter = self.meters[inst.id]
-        now = trio.current_time()
         shares = self.shares.get(inst.id)
         if shares is None:
             shares = self.shares[inst.id] = Shares()
@@ -149,33 +149,39 @@ class Egress:
             return
         service, inst = found
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
-        deadline = trio.current_time() + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
+        now = trio.current_time()  # one reading for this step: the head is here with the OPEN, usually
+        deadline = now + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
-            method, target, headers, origin, rest = await self._head(rx, service)
+            method, target, headers, origin, rest, waited = await self._head(rx, service)
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
+        if waited:
+            now = trio.current_time()
         if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
-        refusal = self.admit(inst, ext.budget_us, ext.slack_us, source_key(origin.client) if origin is not None else "")
+        refusal = self.admit(inst, ext.budget_us, ext.slack_us, source_key(origin.client) if origin is not None else "", now)
         if refusal is not None:
-            sink.report_load(self.meters[inst.id])
+            sink.report_load(self.meters[inst.id], now=now)
             sink.reset(ResetCode.REFUSED, False, refusal)
             return
-        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline)
+        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now)
         if served is not None and sink.head_at is not None and opened_at is not None:
             self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
     async def _head(self, rx: H11Stream | LocalEvents,
-                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any]]:
+                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any], bool]:
         """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped), the
-        user's address as the ingress saw it, and what of its body came with it (all of it, usually);
-        StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
+        user's address as the ingress saw it, what of its body came with it (all of it, usually), and
+        whether we waited for the head; StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
-            event = await next_event_within(rx, timeout_s)
+            event = rx.next_event_nowait()
+            waited = event is None
+            if waited:
+                event = await next_event_within(rx, timeout_s)
             if not isinstance(event, h11.Request):
                 raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
@@ -193,16 +199,17 @@ class Egress:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
-        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True), forwarded.read(event.headers),
-                rest)
+        # (raw_items: a list, walked without h11's two calls a field)
+        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True),
+                forwarded.read(event.headers.raw_items()), rest, waited)
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
-                   rx: H11Stream | LocalEvents | None, deadline: float | None) -> float | None:
+                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float) -> float | None:
         """Call an admitted request's instance and account what it took: the instance's time to its
         response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``origin``
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
-        ``rx`` streams the remainder (None: all here)."""
+        ``rx`` streams the remainder (None: all here); ``now``: the clock as the request was admitted."""
         meter = self.meters[inst.id]
         hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
@@ -211,7 +218,7 @@ class Egress:
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
-        load_at_arrival = meter.load(trio.current_time())
+        load_at_arrival = meter.load(now)
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
@@ -219,13 +226,14 @@ class Egress:
             else:
                 served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
+            end = trio.current_time()
             if served is None:
                 meter.abandoned()
             else:
-                meter.done(trio.current_time(), served * 1_000_000, load_at_arrival, hold)
+                meter.done(end, served * 1_000_000, load_at_arrival, hold)
             shares = self.shares.get(inst.id)
             if shares is not None:  # (gone with its instance: a reload meanwhile)
-                shares.ended(source_key(origin.client) if origin is not None else "", trio.current_time())
+                shares.ended(source_key(origin.client) if origin is not None else "", end)
         return served
 
     async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:
@@ -270,8 +278,7 @@ class Egress:
             entry = await self._connected(sink, inst, host, port)
             if entry is None:
                 return None
-            ic = H11Stream(h11.CLIENT, entry.stream)
-            ic.conn = entry.conn
+            ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
             up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
@@ -286,15 +293,16 @@ class Egress:
                         ev = await ic.next_event()
                     if not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
-                    self.health_result(inst.id, True)
-                    head_after = max(0.0, trio.current_time() - up.done_at)
+                    now = trio.current_time()  # one reading for this step: health, load report, the relay's idle time
+                    self.health_result(inst.id, True, now)
+                    head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
-                        sink.report_load(self.meters[inst.id], head_after)
+                        sink.report_load(self.meters[inst.id], head_after, now)
                     headers = rewrite_headers(ev.headers, drop_cpn=True,
                                               extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
                     await relay_response(ic, response, content_length(ev.headers), sink, scope,
-                                         self.p.limits.body_idle_timeout_s)
+                                         self.p.limits.body_idle_timeout_s, now=now)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
                 await entry.stream.aclose()
                 what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
@@ -346,13 +354,19 @@ class _Upload:
         self.idle_s = idle_s
         self.complete = isinstance(first[-1], h11.EndOfMessage)
         self.delivered = False
-        self.done_at = trio.current_time()  # compute latency counts from the end of the upload
+        # Compute latency counts from the end of the upload; a whole request's is set by run() before
+        # anything reads it (no clock reading here), a streamed one's until then is now.
+        self.done_at = 0.0 if self.complete else trio.current_time()
 
     async def run(self) -> None:
         await self.ic.send_all(self.first)
         self.delivered = True
+        now = trio.current_time()
         if self.meter is not None:
-            self.meter.sent(self.hold, trio.current_time())
+            self.meter.sent(self.hold, now)
+        if self.complete:
+            self.done_at = now
+            return
         while not self.complete:
             assert self.rx is not None
             try:

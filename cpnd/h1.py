@@ -108,7 +108,12 @@ def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length h11 validated, or None (chunked, or until close)."""
     full = getattr(headers, "_full_items", None)
-    for n, v in ((low, v) for _, low, v in full) if full is not None else headers:
+    if full is not None:  # h11's own: names lowercase already, walked without a call per field
+        for _, low, v in full:
+            if low == b"content-length":
+                return int(v)
+        return None
+    for n, v in headers:
         if n.lower() == b"content-length":
             return int(v)
     return None
@@ -148,8 +153,10 @@ def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
 class H11Stream:
     """An h11 connection over a trio stream or a tunnel ByteStream."""
 
-    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False) -> None:
-        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES)
+    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
+                 conn: h11.Connection | None = None) -> None:
+        # ``conn``: a kept-alive connection's (a new h11.Connection is ~8 calls)
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES) if conn is None else conn
         self.transport = transport
         self.tunnel = tunnel
         self.head_since = 0.0  # when the first byte of the request head being read came

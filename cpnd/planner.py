@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from .errors import HttpError
-from .heads import check_head
+from .heads import split_head
 from .load import LatencyCorrection, OwnTimes, SendAccount, Stage
 from .rib import Best, Key, Rib
 from .select import (
@@ -42,6 +42,7 @@ IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"
 MODES = ("per-request", "per-connection", "dns-ttl")
 
 Estimate = Callable[[Key, Best, float], View]
+NO_CONSTRAINTS = parse_constraints(())  # a request with no CPN-* field (most): parsed once
 
 
 def _us(seconds: float) -> int:
@@ -80,6 +81,7 @@ class Attempt:
     head_at: float | None = None  # the response head left for the user
     whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
     bound_at: float | None = None  # the head must leave by then (the latency bound), else 504
+    ended_at: float | None = None  # the attempt was over (its response relayed, or it failed)
 
 
 @attrs.define
@@ -169,9 +171,9 @@ class Planner:
     def plan(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], pinned: dict[str, Key],
              t0: float, now: float) -> Plan:
         """The plan for a request whose head came at ``t0``, or the HttpError it gets instead."""
-        path = check_head(target, headers)
+        path, cpn = split_head(target, headers)
         try:
-            cons = parse_constraints(headers)
+            cons = parse_constraints(cpn) if cpn else NO_CONSTRAINTS
         except BadHeader as exc:
             raise HttpError(400, "bad_header", str(exc)) from None
         service = match_service(self.rib.by_service, path)

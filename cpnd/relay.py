@@ -29,7 +29,7 @@ class Sink(Protocol):
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None: ...
 
-    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None: ...
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None, now: float | None = None) -> None: ...
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None: ...
 
@@ -64,8 +64,8 @@ class StreamSink:
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         self.stream.reset(code, delivered, text)
 
-    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
-        now = trio.current_time()
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None, now: float | None = None) -> None:
+        now = trio.current_time() if now is None else now
         self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us,
                                 None if instance_s is None else instance_s * 1_000_000, soon=True)
 
@@ -117,7 +117,7 @@ class UserSink:
         if self.failure is None:
             self.failure = StreamReset(code, delivered, text)
 
-    def report_load(self, meter: InstanceMeter, instance_s: float | None = None) -> None:
+    def report_load(self, meter: InstanceMeter, instance_s: float | None = None, now: float | None = None) -> None:
         pass  # the ingress reads its own instances' meters directly
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
@@ -127,29 +127,33 @@ class UserSink:
 
 
 async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, length: int | None, sink: Sink,
-                         idle: trio.CancelScope, idle_s: float, *, trailers: bool = True) -> None:
+                         idle: trio.CancelScope, idle_s: float, *, trailers: bool = True, now: float | None = None) -> None:
     """Send ``head`` (already rewritten) and the body read from ``source`` to ``sink``.
 
     A response of known ``length`` up to RESPONSE_HOLD_BYTES is gathered whole before the sink
     sees its head: an upstream failing meanwhile still leaves a clean error or a retry (Cut with
     ``held``). ``trailers`` False: the upstream's trailer fields are dropped. ``idle`` is the
     caller's scope (entered already, so that one scope serves the wait for the head and the
-    body): its deadline becomes ``idle_s`` from now, pushed back as data flows (at most once a
-    second: a timer per chunk cost a tenth of a bulk transfer's CPU).
+    body): its deadline becomes ``idle_s`` from ``now`` (the caller's clock reading, if it has
+    one), pushed back as data flows (at most once a second: a timer per chunk cost a tenth of a
+    bulk transfer's CPU; the clock is read only after a wait, since nothing else moves it a second).
     """
-    idle.deadline = trio.current_time() + idle_s
+    idle.deadline = (trio.current_time() if now is None else now) + idle_s
     held: list[Any] | None = [head] if length is not None and length <= RESPONSE_HOLD_BYTES else None
     if held is None:
         await sink.send_all([head])
     while True:
+        waited = held is None  # the sink's writes may have waited
         event = source.next_event_nowait()
         if event is None and held is not None and sink.hold_until is not None:
             with trio.move_on_at(sink.hold_until):  # its head may not leave after the bound (UserSink)
                 event = await source.next_event()
             if event is None:
                 raise StreamReset(ResetCode.DEADLINE, True, "the response was not whole by the request's latency bound")
+            waited = True
         elif event is None:
             event = await source.next_event()
+            waited = True
         if isinstance(event, h11.Data):
             if held is not None:
                 held.append(event)
@@ -161,6 +165,7 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
             return
         else:
             raise Cut(held is not None)
-        now = trio.current_time()
-        if idle.deadline - now < idle_s - 1.0:
-            idle.deadline = now + idle_s
+        if waited:
+            now = trio.current_time()
+            if idle.deadline - now < idle_s - 1.0:
+                idle.deadline = now + idle_s

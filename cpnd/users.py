@@ -227,14 +227,15 @@ class Users:
                         return  # idle too long, taken back for a newcomer, closed, or not a request
                     if wait.scope.cancel_called:
                         break  # its time ran out as the head came whole: the request is served under a new scope
-                    await self._request(client, event, pinned)
+                    await self._request(client, event, pinned, wait.head_at)
                     event = None
+                    wait.head_at = None
                     # Another request only after a complete exchange both ways (a response cut short,
                     # a body left unread or MUST_CLOSE end the connection).
                     if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
                         return
                     client.conn.start_next_cycle()
-                    client.head_since = trio.current_time()  # pipelined bytes of the next head: its clock starts now
+                    wait.cycle_ended = True  # pipelined bytes of the next head: its clock starts now (_next_request)
             if wait.scope.cancelled_caught:
                 if wait.started and slot.held:
                     raise HttpError(408, "request_timeout", f"request head not complete within "
@@ -257,9 +258,12 @@ class Users:
         if not slot.held:
             return None  # taken back before this task first ran
         scope = wait.scope
+        cycle_ended, wait.cycle_ended = wait.cycle_ended, False
         self.slots.set_idle(slot, True)
         try:
             if client.conn.trailing_data[0]:  # pipelined: the head's clock runs since the last response
+                if cycle_ended:  # it ended in this step: now is then
+                    client.head_since = trio.current_time()
                 wait.started = True
                 scope.deadline = client.head_since + self.p.limits.header_timeout_s
             else:
@@ -272,6 +276,8 @@ class Users:
                 event = client.next_event_nowait()
                 if event is None:  # the head's clock matters only while we wait for the rest of it
                     scope.deadline = client.head_since + self.p.limits.header_timeout_s
+                else:
+                    wait.head_at = client.head_since  # whole in this step: when it came (_request's t0)
             if event is None:
                 event = await client.next_event()
         finally:
@@ -301,9 +307,11 @@ class Users:
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
-    async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key]) -> None:
+    async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float | None = None) -> None:
+        """Serve one request whose head came whole at ``t0`` (None: now)."""
         self.p.stats["requests"] += 1
-        t0 = trio.current_time()
+        if t0 is None:
+            t0 = trio.current_time()
         self.p.begin()
         try:
             await self._request_counted(client, req, pinned, t0)
@@ -326,8 +334,8 @@ class Users:
 
     async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
-            service, instance, status = await self._route(client, req, pinned, t0)
-            self.p.gw.metrics.observe(service, instance, status, trio.current_time() - t0)
+            service, instance, status, ended_at = await self._route(client, req, pinned, t0)
+            self.p.gw.metrics.observe(service, instance, status, ended_at - t0)
         except HttpError as exc:
             self.p.stats[f"error_{exc.status}"] += 1
             self.p.gw.metrics.observe(exc.service, None, exc.status, None)
@@ -338,26 +346,27 @@ class Users:
             else:
                 raise trio.BrokenResourceError(str(exc)) from None
 
-    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> tuple[str, str, int]:
-        """Serve one request whose head came at ``t0``: (service, instance, status) of the answer, or HttpError."""
+    async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key],
+                     t0: float) -> tuple[str, str, int, float]:
+        """Serve one request whose head came at ``t0`` (this step: the plan is made at ``t0`` too):
+        (service, instance, status) of the answer and when its attempt ended, or HttpError."""
         if self.p.gw.clients.active:  # cpnd/clients.py: 401/403/429; the key never goes on
-            req = self._client_gate(client, req)
-        plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, trio.current_time())
+            req = self._client_gate(client, req, t0)
+        plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, t0)
         if isinstance(client, H11Stream):  # HTTP/1.1 users get the upstream's trailers if they ask (TE: trailers)
             client.trailers = wants_trailers(req.headers) and req.http_version == b"1.1"
         try:
-            instance, status = await self.attempts.forward(client, req, plan)
+            instance, status, ended_at = await self.attempts.forward(client, req, plan)
         except HttpError as exc:
             exc.service = plan.service
             raise
-        return plan.service, instance, status
+        return plan.service, instance, status, ended_at
 
-    def _client_gate(self, client: H11Stream, req: h11.Request) -> h11.Request:
-        """The ``[[clients]]`` verdict on a request: an HttpError, or the request without its key."""
+    def _client_gate(self, client: H11Stream, req: h11.Request, now: float) -> h11.Request:
+        """The ``[[clients]]`` verdict on a request at ``now``: an HttpError, or the request without its key."""
         gw = self.p.gw
         path = check_target(req.target)
-        v = gw.clients.check(req.headers, match_service(gw.rib.by_service, path) or path, client.source,
-                             trio.current_time())
+        v = gw.clients.check(req.headers, match_service(gw.rib.by_service, path) or path, client.source, now)
         if v.status:
             exc = HttpError(v.status, v.error, v.detail)
             if v.retry_after_s is not None:
@@ -373,13 +382,16 @@ class Users:
 class _HeadWait:
     """A user connection's one cancel scope for its waits for request heads, its deadline set per
     wait (a scope per request cost ~50 function calls, a deadline change ~15); ``started``: the
-    head waited for had its first byte (then a timeout is a 408, else a quiet close)."""
+    head waited for had its first byte (then a timeout is a 408, else a quiet close). The clock is
+    read once a step (4 calls a reading): ``cycle_ended`` and ``head_at`` carry a step's reading on."""
 
-    __slots__ = ("scope", "started")
+    __slots__ = ("scope", "started", "cycle_ended", "head_at")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.started = False
+        self.cycle_ended = False  # an exchange ended in this step: a pipelined head's clock starts now
+        self.head_at: float | None = None  # the head waited for came whole in the step that read this
 
 
 def _peer(transport: trio.abc.Stream) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import h11
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cpnd.errors import HttpError
-from cpnd.h1 import filter_headers, translate_target
-from cpnd.heads import check_target
+from cpnd.h1 import content_length, filter_headers, translate_target
+from cpnd.heads import check_target, split_head
 
 
 @pytest.mark.parametrize(("target", "service", "url", "expected"), [
@@ -34,6 +35,29 @@ def test_check_target_refuses_escapes(target: bytes) -> None:
 
 def test_check_target_keeps_the_path() -> None:
     assert check_target(b"/yolo/x.y/..z?a=../b") == "/yolo/x.y/..z"
+
+
+@given(st.lists(st.sampled_from(["", ".", "..", "...", "a", ".a", "a.", "x.y", "..b"]), max_size=6))
+def test_dot_segments_are_found_as_splitting_finds_them(segments: list[str]) -> None:
+    path = "/" + "/".join(segments)
+    if any(s in (".", "..") for s in path.split("/")):
+        with pytest.raises(HttpError):
+            check_target(path.encode() + b"?q=/./")
+    else:
+        assert check_target(path.encode() + b"?q=/./") == path
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"Host", b"CPN-QoS", b"cpn-x", b"cpn", b"X-Cpn-A", b"Content-Length",
+                                           b"TRANSFER-ENCODING", b"transfer-encoding"]), st.binary(max_size=4)),
+                max_size=6))
+def test_split_head_finds_the_cpn_fields_and_ambiguous_framing(headers: list[tuple[bytes, bytes]]) -> None:
+    names = {n.lower() for n, _ in headers}
+    if {b"content-length", b"transfer-encoding"} <= names:
+        with pytest.raises(HttpError):
+            split_head(b"/a", headers)
+        return
+    assert split_head(b"/a", headers) == ("/a", [(n, v) for n, v in headers
+                                                 if n.decode("latin-1").lower().startswith("cpn-")])
 
 
 def test_filter_headers() -> None:
@@ -115,3 +139,11 @@ def test_rewriting_parsed_headers_is_the_checked_path(headers, drop_cpn: bool, h
     # The same fields (the framing may sit elsewhere: the order of different fields carries no meaning).
     assert sorted(fast) == sorted(checked)
     assert sorted(n.lower() for n, _ in fast.raw_items()) == sorted(n for n, _ in fast)
+
+
+def test_content_length_as_h11_holds_the_fields_and_as_pairs() -> None:
+    fields = [(b"Host", b"x"), (b"X-Len", b"3"), (b"Content-Length", b"12")]
+    assert content_length(h11.Request(method="POST", target="/", headers=fields).headers) == 12
+    assert content_length(fields) == 12
+    assert content_length(h11.Request(method="GET", target="/", headers=fields[:2]).headers) is None
+    assert content_length(fields[:2]) is None

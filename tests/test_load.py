@@ -508,3 +508,16 @@ def test_cut_attempts_count_only_as_far_as_answered_ones_show() -> None:
     alone.observe("s1", 1.5, 10_000, 5000, cut=True, party="192.0.2.8")  # a second user's cut too: evidence
     assert alone.value_us("s1", 1.5) == 5000
 
+
+
+@given(st.lists(st.tuples(st.floats(0, 0.7), st.booleans(), st.floats(0, 2.0)), max_size=60))
+def test_rate_window_change_is_the_difference_of_two_counts(steps) -> None:
+    w, seen, now = RateWindow(window_s=1.0, keep_s=3.0), [], 0.0
+    for dt, add, back in steps:
+        now += dt
+        if add:
+            w.add(now)
+            seen.append(now)
+        at = now - back
+        assert w.change(now, at) == (sum(1 for t in seen if now - 1.0 < t <= now)
+                                     - sum(1 for t in seen if at - 1.0 < t <= at))
