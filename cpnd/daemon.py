@@ -190,24 +190,45 @@ class Connection:
             await self._readable.wait()
 
     async def _reader(self) -> None:
+        fd = self.stream.socket.fileno()
         while not self._done.is_set():
-            if not (self._delay_s or self._inbox):
+            held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
+            if not held:
                 await self._until_wanted()  # over a delay the deliverer waits for this instead
             if self._done.is_set():
                 return
             bucket = self.link.session.inbound
             size = RECEIVE_CHUNK if bucket.level(trio.current_time()) >= bucket.burst else PACED_CHUNK
-            try:
-                data = await self.stream.receive_some(size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if self._delay_s or self._inbox:  # in arrival order, even when a reload took the delay away
+            data = await self._read(fd, size)
+            if held or self._inbox:
                 await self._hold(data)
             else:
                 self.core.receive_data(self.link, data, trio.current_time())
                 self.daemon.received(self)
             if not data:
                 return
+
+    @staticmethod
+    async def _read(fd: int, size: int) -> bytes:
+        """What the peer sent next, ``b""`` when it closed or the connection broke: read at once, waiting
+        only when nothing is there (trio's ``receive_some`` does the same through ~25 more calls)."""
+        try:
+            data = os.read(fd, size)  # the socket is non-blocking (trio's)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as trio's does
+            return data
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+                return os.read(fd, size)
+            except BlockingIOError:
+                continue
+            except (trio.ClosedResourceError, OSError):
+                return b""
 
     async def _hold(self, data: bytes) -> None:
         """Keep what was read until the emulated one-way delay has passed; read ahead at most

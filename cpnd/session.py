@@ -352,8 +352,10 @@ class Session:
         """When ``handle_timer`` must next be called, or None."""
         if self.state is State.CLOSED:
             return None
-        deadlines = [d for d in (self._hold_deadline, self._keepalive_deadline) if d is not None]
-        return min(deadlines) if deadlines else None
+        hold, keepalive = self._hold_deadline, self._keepalive_deadline  # looked at twice a read: no list, no min()
+        if hold is None or (keepalive is not None and keepalive < hold):
+            return keepalive
+        return hold
 
     def resume_at(self) -> float | None:
         """While the inbound pace holds the peer back: when ``next_event()`` has the next UPDATE
