@@ -67,6 +67,7 @@ class Connection:
         self.daemon = daemon
         self.core = daemon.core
         self.stream = stream
+        self._fd = stream.socket.fileno()
         self.link = link
         self.mux: Mux | None = None
         self._readable = trio.Event()  # set when the core wants the peer's bytes again
@@ -96,7 +97,18 @@ class Connection:
         """Seal and queue one tunnel frame (streams call this); ``flush``: the last of a burst, written
         now if the writer is idle (``flush``); ``soon``: a flushed frame follows from this same step
         (an OPEN before its request, a LOAD before its response), so the writer is not woken for it."""
-        self.enqueue(self.core.send_tunnel(self.link, frame), wake=not (flush or soon))
+        data = self.core.send_tunnel(self.link, frame)
+        if flush and data and not (self._out or self._sending or self._done.is_set()):
+            # Nothing queued before it: straight to the socket (no queue, no join). Below the low-water
+            # mark already, so no sender or relay waits for room.
+            try:
+                n = os.write(self._fd, data)  # the socket is non-blocking (trio's)
+            except OSError:
+                n = 0  # full (BlockingIOError), or broken: the writer finds out and handles it
+            if n < len(data):
+                self.enqueue(data[n:])
+            return
+        self.enqueue(data, wake=not (flush or soon))
         if flush:
             self.flush()
 
@@ -112,7 +124,7 @@ class Connection:
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         try:
-            n = os.write(self.stream.socket.fileno(), data)  # the socket is non-blocking (trio's)
+            n = os.write(self._fd, data)  # the socket is non-blocking (trio's)
         except OSError:
             self._out_ready.set()  # full (BlockingIOError), or broken: the writer finds out and handles it
             return
@@ -190,7 +202,7 @@ class Connection:
             await self._readable.wait()
 
     async def _reader(self) -> None:
-        fd = self.stream.socket.fileno()
+        fd = self._fd
         while not self._done.is_set():
             held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
             if not held:

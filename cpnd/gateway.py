@@ -452,9 +452,8 @@ class Gateway:
         """Seal one tunnel frame for ``link``: the bytes to write (empty once closed)."""
         if link.session.state is State.CLOSED:
             return b""
-        link.session.send_tunnel(frame)
         self._sending.pop(link, None)
-        return link.session.data_to_send()
+        return link.session.tunnel_record(frame)
 
     def established_link(self, peer_id: str) -> Link | None:
         peer = self.peers.get(peer_id)

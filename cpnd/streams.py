@@ -18,6 +18,7 @@ from .errors import TunnelSub
 from .seal import Sealing, SealError, StreamSealer
 from .tunnel import (
     FLAG_END,
+    FRAME_HEADER,
     UNLIMITED,
     ExtHeader,
     FlowWindow,
@@ -25,9 +26,9 @@ from .tunnel import (
     MuxSettings,
     ResetCode,
     StreamIds,
-    decode_frame,
     encode_frame,
     load_payload,
+    parse_frame,
     parse_load,
     parse_reset,
     reset_payload,
@@ -222,8 +223,9 @@ class TunnelStream:
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
         view = memoryview(data)
+        conn = self.mux.conn
         while True:
-            await self.mux.writable()
+            await conn.wait_writable()
             view = view[self.send_nowait(view, end):]
             if not view and (self.sent_end or not end):
                 return
@@ -238,19 +240,22 @@ class TunnelStream:
             raise self._inbox.reset
         if self.closed:
             raise StreamReset(ResetCode.CANCEL, False, "stream closed")
-        conn, sent, view = self.mux.conn_window, 0, memoryview(data)
+        mux = self.mux
+        conn, window, sent, view = mux.conn_window, self.window, 0, memoryview(data)
         while view or end:
-            n = min(len(view), self.mux.settings.max_data, self.window.send_credit, conn.send_credit)
+            size = len(view)
+            n = min(size, mux.settings.max_data, window.send_credit, conn.send_credit)
             if n == 0 and view:
                 if conn.send_credit <= 0:
-                    self.mux.blocked.add(self)  # credited by the connection's WINDOW
+                    mux.blocked.add(self)  # credited by the connection's WINDOW
                 break
-            last = end and n == len(view)
-            self.window.send_credit -= n
+            last = end and n == size
+            window.send_credit -= n
             conn.send_credit -= n
             chunk, view = view[:n], view[n:]
-            self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(chunk), FLAG_END if last else 0),
-                                flush=not view)
+            # The frame built here (bytes + a memoryview copies once): no encode_frame call, no bytes(chunk).
+            mux.send_frame(FRAME_HEADER.pack(self.id, FrameType.DATA, FLAG_END if last else 0) + chunk,
+                           flush=not view)
             sent += n
             if last:
                 self.sent_end = True
@@ -406,6 +411,8 @@ class Mux:
     def __init__(self, conn: Connection, peer_id: str, initiator: bool, on_open: Callable[[TunnelStream], None],
                  settings: MuxSettings, account: BufferAccount | None = None) -> None:
         self.conn = conn
+        # Frames go straight to the connection (one call fewer on every frame).
+        self.send_frame: Callable[..., None] = conn.send_tunnel
         self.settings = settings
         self.peer_id = peer_id
         self.ids = StreamIds(initiator)
@@ -444,12 +451,6 @@ class Mux:
         self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()), soon=soon)
         return stream if sealing is None else SealedStream(stream, sealing, egress=False)
 
-    def send_frame(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
-        self.conn.send_tunnel(frame, flush=flush, soon=soon)
-
-    async def writable(self) -> None:
-        await self.conn.wait_writable()
-
     def congested(self) -> bool:
         """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``writable``)."""
         return self.conn.congested
@@ -477,40 +478,42 @@ class Mux:
 
     def handle(self, payload: bytes) -> None:
         """Dispatch one received tunnel frame; ProtocolError means the session must end."""
-        fr = decode_frame(payload, self.settings.max_data, conn_window=self.settings.conn_frames,
-                          timed_load=self.settings.timed_load)
-        if fr.stream_id == 0:  # WINDOW for the connection (decode_frame allows nothing else)
-            self._on_conn_window(int.from_bytes(fr.payload, "big"))
+        settings = self.settings
+        sid, ftype, flags, data = parse_frame(payload, settings.max_data, settings.send_conn_window is not None,
+                                              settings.timed_load)
+        if sid == 0:  # WINDOW for the connection (parse_frame allows nothing else)
+            self._on_conn_window(int.from_bytes(data, "big"))
             return
-        stream = self.streams.get(fr.stream_id)
-        if fr.type is FrameType.OPEN:
-            self._on_open_frame(fr.stream_id, fr.payload)
-            return
-        if stream is None:
-            if not self.ids.known(fr.stream_id):
-                raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{fr.type.name} for stream {fr.stream_id} never opened")
-            if fr.type is FrameType.DATA and self.conn_window.on_receive(len(fr.payload)):
-                self.consumed(0, dropped=len(fr.payload))  # the sender counted it: credit it back
-            elif fr.type is FrameType.DATA:
-                self.conn_window.recv_allowed += len(fr.payload)  # an overrun: never credited
-            return  # a frame racing the stream's close: ignore, like HTTP/2
-        if fr.type is FrameType.DATA:
-            if not self.conn_window.on_receive(len(fr.payload)):
-                self.conn_window.recv_allowed += len(fr.payload)  # not taken: never buffered, never credited
+        stream = self.streams.get(sid)
+        if ftype == FrameType.DATA and stream is not None:
+            window = self.conn_window
+            window.recv_allowed -= len(data)  # window.on_receive, inline on every DATA frame
+            if window.recv_allowed < 0:
+                window.recv_allowed += len(data)  # not taken: never buffered, never credited
                 stream.reset(ResetCode.FLOW_CONTROL, False, "peer overran the connection window")
                 stream._abandoned()
                 return
-            stream._on_data(fr.payload, fr.end)
-        elif fr.type is FrameType.WINDOW:
-            stream._on_window(int.from_bytes(fr.payload, "big"))
-        elif fr.type is FrameType.RESET:
-            code, delivered, text = parse_reset(fr.payload)
-            stream._on_reset(StreamReset(code, delivered, text))
-        elif fr.type is FrameType.LOAD:
+            stream._on_data(data, flags == FLAG_END)
+        elif ftype == FrameType.OPEN:
+            self._on_open_frame(sid, data)
+        elif stream is None:
+            if not self.ids.known(sid):
+                raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{FrameType(ftype).name} for stream {sid} never opened")
+            if ftype == FrameType.DATA and self.conn_window.on_receive(len(data)):
+                self.consumed(0, dropped=len(data))  # the sender counted it: credit it back
+            elif ftype == FrameType.DATA:
+                self.conn_window.recv_allowed += len(data)  # an overrun: never credited
+            # else, or after: a frame racing the stream's close: ignore, like HTTP/2
+        elif ftype == FrameType.LOAD:
             if stream.relay_to is not None:
-                stream.relay_to.report_load(*parse_load(fr.payload), soon=True)  # the reader's step writes it
+                stream.relay_to.report_load(*parse_load(data), soon=True)  # the reader's step writes it
             else:
-                stream.load_report = parse_load(fr.payload)
+                stream.load_report = parse_load(data)
+        elif ftype == FrameType.WINDOW:
+            stream._on_window(int.from_bytes(data, "big"))
+        else:  # RESET
+            code, delivered, text = parse_reset(data)
+            stream._on_reset(StreamReset(code, delivered, text))
 
     def _on_open_frame(self, sid: int, payload: bytes) -> None:
         self.ids.accept_open(sid)

@@ -166,33 +166,47 @@ def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = F
     ``conn_window``: the session agreed `tunnel-window`, so WINDOW on stream 0 credits the connection.
     ``timed_load``: the session agreed `gateway-time`, so LOAD carries the instance's time too.
     """
-    if len(data) < FRAME_HEADER.size:
+    sid, ftype, flags, payload = parse_frame(data, max_data, conn_window, timed_load)
+    return Frame(sid, FrameType(ftype), flags, payload)
+
+
+_T_OPEN, _T_DATA, _T_WINDOW, _T_RESET, _T_LOAD = (int(t) for t in FrameType)  # plain ints: the Mux dispatches on them
+_FRAME_TYPES = frozenset(FrameType._value2member_map_)
+
+
+def parse_frame(data: bytes, max_data: int, conn_window: bool, timed_load: bool) -> tuple[int, int, int, bytes]:
+    """``decode_frame``'s checks, its result as plain ``(stream id, type, flags, payload)``: what the Mux
+    takes of every frame (no Frame, no FrameType built)."""
+    if len(data) < 6:  # FRAME_HEADER.size
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, "frame shorter than its header")
     sid, ftype, flags = FRAME_HEADER.unpack_from(data)
-    payload = data[FRAME_HEADER.size:]
-    if ftype not in FrameType._value2member_map_:
+    payload = data[6:]
+    if ftype == _T_DATA and sid and not flags & ~FLAG_END:  # the common frame, with decode_frame's checks in its order
+        if len(payload) > max_data:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {max_data}")
+        return sid, ftype, flags, payload
+    if ftype not in _FRAME_TYPES:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"unknown frame type {ftype}")
-    ft = FrameType(ftype)
-    if sid == 0 and not (conn_window and ft is FrameType.WINDOW):
-        raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{ft.name} on stream id 0")
-    if flags & ~FLAG_END or (flags and ft is not FrameType.DATA):
-        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"flags {flags:#x} on {ft.name}")
-    if ft is FrameType.DATA and len(payload) > max_data:
+    if sid == 0 and not (conn_window and ftype == _T_WINDOW):
+        raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{FrameType(ftype).name} on stream id 0")
+    if flags & ~FLAG_END or (flags and ftype != _T_DATA):
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"flags {flags:#x} on {FrameType(ftype).name}")
+    if ftype == _T_DATA and len(payload) > max_data:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {max_data}")
-    if ft is FrameType.WINDOW:
+    if ftype == _T_WINDOW:
         if len(payload) != 4 or not 0 < int.from_bytes(payload, "big") <= MAX_WINDOW:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "WINDOW must carry an increment in 1..2^31-1")
-    if ft is FrameType.LOAD:
+    elif ftype == _T_LOAD:
         size = _LOAD_TIMED.size if timed_load else _LOAD.size
         if len(payload) != size:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"LOAD must carry {size} bytes")
         load_milli, bload_milli, _ = _LOAD.unpack_from(payload)
         if load_milli > 1_000_000 or bload_milli > 1_000_000:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "LOAD load over 1000")
-    if ft is FrameType.RESET:
+    elif ftype == _T_RESET:
         if not 3 <= len(payload) <= 3 + MAX_RESET_TEXT or payload[2] > 1:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "RESET must be code u16, delivered u8, text")
-    return Frame(sid, ft, flags, payload)
+    return sid, ftype, flags, payload
 
 
 _LOAD = struct.Struct(">III")
