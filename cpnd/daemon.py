@@ -98,19 +98,27 @@ class Connection:
         now if the writer is idle (``flush``); ``soon``: a flushed frame follows from this same step
         (an OPEN before its request, a LOAD before its response), so the writer is not woken for it."""
         data = self.core.send_tunnel(self.link, frame)
-        if flush and data and not (self._out or self._sending or self._done.is_set()):
-            # Nothing queued before it: straight to the socket (no queue, no join). Below the low-water
-            # mark already, so no sender or relay waits for room.
-            try:
-                n = os.write(self._fd, data)  # the socket is non-blocking (trio's)
-            except OSError:
-                n = 0  # full (BlockingIOError), or broken: the writer finds out and handles it
-            if n < len(data):
-                self.enqueue(data[n:])
+        if not (flush and data) or self._sending or self._done.is_set():
+            self.enqueue(data, wake=not (flush or soon))
+            if flush:
+                self.flush()
             return
-        self.enqueue(data, wake=not (flush or soon))
-        if flush:
-            self.flush()
+        # flush, inline: what is queued (an OPEN or a LOAD sent ``soon``), then this, in one write
+        queued = self._out_bytes
+        if queued:
+            self.daemon.held.discard(self)
+            self._out.append(data)
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_bytes = 0
+        try:
+            n = os.write(self._fd, data)  # the socket is non-blocking (trio's)
+        except OSError:
+            n = 0  # full (BlockingIOError), or broken: the writer finds out and handles it
+        if n < len(data):
+            self.enqueue(data[n:])
+        if queued and self._out_bytes <= TUNNEL_LOW_WATER:
+            self._drained()  # (with nothing queued before it, no sender or relay waited for room)
 
     def flush(self) -> None:
         """Write what is queued from the caller's own step when the writer task is idle: a request or
@@ -402,9 +410,16 @@ class CoreShell:
         s = conn.link.session
         if s.tunnel_in:
             records, s.tunnel_in = s.tunnel_in, []
-            for payload in records:
-                if not self._tunnel_record(conn, payload):
-                    break
+            mux = conn.mux
+            if mux is not None:
+                for payload in records:  # _tunnel_record, inline for every record
+                    if conn._done.is_set():
+                        break
+                    try:
+                        mux.handle(payload)
+                    except ProtocolError as exc:
+                        self._bad_frame(conn, exc)
+                        break
         self.pump()
         self.flush_held()
 
@@ -424,11 +439,15 @@ class CoreShell:
         try:
             conn.mux.handle(payload)
         except ProtocolError as exc:
-            log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, conn.link.session.peer_id,
-                        where or self._where, exc)
-            self.core.close(conn.link, exc.code, exc.subcode, exc.detail)
+            self._bad_frame(conn, exc, where)
             return False
         return True
+
+    def _bad_frame(self, conn: Connection, exc: ProtocolError, where: str = "") -> None:
+        """A bad tunnel frame ends its session."""
+        log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, conn.link.session.peer_id,
+                    where or self._where, exc)
+        self.core.close(conn.link, exc.code, exc.subcode, exc.detail)
 
     async def _timer_loop(self) -> None:
         """The core's one timer: sleep until it is due (or moved earlier), fire it, pump its outputs."""

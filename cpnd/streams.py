@@ -102,18 +102,25 @@ class _Inbox:
 
     def __init__(self) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.event = trio.Event()
+        self.event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
         self.ended = False
         self.reset: StreamReset | None = None
 
     def push(self, data: bytes) -> None:
         self.chunks.append(data)
-        self.event.set()
+        if self.event is not None:
+            self.event.set()
+
+    def end(self) -> None:
+        self.ended = True
+        if self.event is not None:
+            self.event.set()
 
     def fail(self, exc: StreamReset) -> None:
         if self.reset is None:
             self.reset = exc
-        self.event.set()
+        if self.event is not None:
+            self.event.set()
 
     async def pop(self) -> bytes:
         while not self.chunks:
@@ -121,8 +128,9 @@ class _Inbox:
                 return b""
             if self.reset is not None:
                 raise self.reset
-            self.event = trio.Event()
-            await self.event.wait()
+            event = self.event = trio.Event()
+            await event.wait()
+            self.event = None
         return self.chunks.popleft()
 
 
@@ -133,26 +141,33 @@ class TunnelStream:
         self.mux = mux
         self.id = sid
         self.ext = ext
-        self.window = FlowWindow(mux.settings.recv_window, send_credit=mux.settings.send_window)
+        self.window = FlowWindow(mux.settings.recv_window, mux.settings.send_window, mux.settings.recv_window)
         self.buffered = 0  # DATA received and not yet passed on (counts against the connection window)
         self._passing = 0  # of which the chunk the reader took last, credited when it asks again
         self._inbox = _Inbox()
-        self._credit = trio.Event()
+        self._credit: trio.Event | None = None  # while a sender waits for credit
         self.sent_end = False
         self.closed = False
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
         self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
         self._dropped = False  # reset by us: what it held unread is gone
-        self._abandon = Abandon()
+        self._abandon: Abandon | None = None
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
         the work done for it (an instance call) stops with it."""
+        if self._abandon is None:
+            self._abandon = Abandon()
         self._abandon.add(scope)
 
     def _abandoned(self) -> None:
-        self._abandon.fire()
+        if self._abandon is not None:
+            self._abandon.fire()
+
+    def _credited(self) -> None:
+        if self._credit is not None:
+            self._credit.set()
 
     @property
     def peer(self) -> str:
@@ -166,7 +181,8 @@ class TunnelStream:
         drains stays within the connection window, and one stream's transfer is not slowed (tunnel.md).
         """
         self._pass_on()
-        return self._taken(await self._inbox.pop())
+        inbox = self._inbox
+        return self._taken(inbox.chunks.popleft() if inbox.chunks else await inbox.pop())
 
     def receive_nowait(self) -> bytes | None:
         """What ``receive`` would return now, or None if it would have to wait."""
@@ -229,8 +245,9 @@ class TunnelStream:
             view = view[self.send_nowait(view, end):]
             if not view and (self.sent_end or not end):
                 return
-            self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
-            await self._credit.wait()
+            credit = self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
+            await credit.wait()
+            self._credit = None
 
     def send_nowait(self, data: bytes | memoryview, end: bool = False) -> int:
         """Send what the stream's and the connection's windows take now, ending our side with the last
@@ -291,7 +308,7 @@ class TunnelStream:
     def _close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._credit.set()
+            self._credited()
             if not self._inbox.chunks:
                 self._release()
             self.mux._forget(self)
@@ -305,18 +322,20 @@ class TunnelStream:
     # ---- called by the mux
 
     def _on_data(self, data: bytes, end: bool) -> None:
-        if not self.window.on_receive(len(data)):
-            self.mux.consumed(0, dropped=len(data))
+        size = len(data)
+        window = self.window
+        window.recv_allowed -= size  # window.on_receive, inline on every DATA frame
+        if window.recv_allowed < 0:
+            self.mux.consumed(0, dropped=size)
             self.reset(ResetCode.FLOW_CONTROL, False, "peer overran the stream's window")
             self._abandoned()
             return
         if data:
-            self.buffered += len(data)
-            self.mux.account.add(len(data))
+            self.buffered += size
+            self.mux.account.add(size)
             self._inbox.push(data)
         if end:
-            self._inbox.ended = True
-            self._inbox.event.set()
+            self._inbox.end()
             # The reader may never ask again (h11 already saw the message end): close here.
             self._maybe_close()
         if self.relay is not None:
@@ -324,7 +343,7 @@ class TunnelStream:
 
     def _on_window(self, inc: int) -> None:
         self.window.send_credit += inc
-        self._credit.set()
+        self._credited()
         if self.relay is not None:
             self.relay.credited(self)
 
@@ -420,7 +439,8 @@ class Mux:
         # What the peer may have buffered here, every stream together; without `tunnel-window`
         # the peer does not know it, and overruns are reset all the same.
         self.conn_window = FlowWindow(settings.recv_conn_window,
-                                      send_credit=settings.send_conn_window if settings.conn_frames else UNLIMITED)
+                                      settings.send_conn_window if settings.conn_frames else UNLIMITED,
+                                      settings.recv_conn_window)
         self.account = account or BufferAccount()
         self.blocked: set[TunnelStream] = set()  # senders waiting for connection credit
         # Relays' streams waiting for the connection to drain, in the order they came (a dict as an
@@ -505,8 +525,12 @@ class Mux:
                 self.conn_window.recv_allowed += len(data)  # an overrun: never credited
             # else, or after: a frame racing the stream's close: ignore, like HTTP/2
         elif ftype == FrameType.LOAD:
-            if stream.relay_to is not None:
-                stream.relay_to.report_load(*parse_load(data), soon=True)  # the reader's step writes it
+            back = stream.relay_to
+            if back is not None and back.mux.settings.timed_load == settings.timed_load:
+                if not back.closed:  # as it came (the same layout both ways); the reader's step writes it
+                    back.mux.send_frame(encode_frame(back.id, FrameType.LOAD, data), soon=True)
+            elif back is not None:
+                back.report_load(*parse_load(data), soon=True)  # the reader's step writes it
             else:
                 stream.load_report = parse_load(data)
         elif ftype == FrameType.WINDOW:
@@ -541,7 +565,7 @@ class Mux:
         self.conn_window.send_credit += inc
         blocked, self.blocked = self.blocked, set()
         for stream in blocked:
-            stream._credit.set()
+            stream._credited()
             if stream.relay is not None:
                 stream.relay.credited(stream)
 

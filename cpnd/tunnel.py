@@ -8,6 +8,7 @@ its response each, opened by an extension header, with per-stream flow control.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import struct
 
@@ -108,11 +109,12 @@ class ExtHeader:
         """Parse an extension header; ProtocolError(tunnel/malformed-frame) on any defect."""
         if len(data) < _EXT.size + 2:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header too short")
-        ver, qos, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
+        ver, qos_value, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
         if ver != EXT_VERSION:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"extension header version {ver}")
-        if qos not in QoS._value2member_map_:
-            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"qos {qos}")
+        qos = _QOS.get(qos_value)
+        if qos is None:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"qos {qos_value}")
         if label > 0x7FFFFFFF:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "label has its top bit set")
         pos = _EXT.size
@@ -124,13 +126,7 @@ class ExtHeader:
             raw = data[pos + 1: pos + 1 + n]
             if len(raw) != n:
                 raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header truncated")
-            try:
-                name = raw.decode()
-            except UnicodeDecodeError:
-                raise tunnel_error(TunnelSub.MALFORMED_FRAME, "id is not UTF-8") from None
-            if id_problem(name):
-                raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"bad id in extension header: {id_problem(name)}")
-            names.append(name)
+            names.append(_ext_id(raw))
             pos += 1 + n
         eph = None
         if flags & EXT_FLAG_SEALED:
@@ -140,8 +136,25 @@ class ExtHeader:
             pos += 32
         if pos != len(data):
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "trailing bytes after extension header")
-        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags & ~EXT_FLAG_SEALED, slack, eph,
+        return cls(label, names[0], names[1], rid, qos, hops, budget, flags & ~EXT_FLAG_SEALED, slack, eph,
                    from_peer=True)
+
+
+_QOS = {int(q): q for q in QoS}
+
+
+# Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept.
+@functools.lru_cache(maxsize=4096)
+def _ext_id(raw: bytes) -> str:
+    """An id of an extension header, checked; ProtocolError(tunnel/malformed-frame) if it is not one."""
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, "id is not UTF-8") from None
+    problem = id_problem(name)
+    if problem:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"bad id in extension header: {problem}")
+    return name
 
 
 @attrs.frozen
@@ -222,7 +235,9 @@ def load_payload(load: float, bload: float, compute_us: float, instance_us: floa
                  timed: bool = False) -> bytes:
     """LOAD: load and latency-bound demand in thousandths of capacity (u32 each), base compute µs (u32);
     ``timed`` (`gateway-time`): then this request's instance time to its response head, µs (u32; NO_TIME: none)."""
-    head = (_milli(load), _milli(bload), min(0xFFFFFFFF, max(0, round(compute_us))))
+    # _milli inline: the egress builds one LOAD a request
+    head = (min(1_000_000, max(0, round(load * 1000))), min(1_000_000, max(0, round(bload * 1000))),
+            min(0xFFFFFFFF, max(0, round(compute_us))))
     if not timed:
         return _LOAD.pack(*head)
     return _LOAD_TIMED.pack(*head, NO_TIME if instance_us is None else min(NO_TIME - 1, max(0, round(instance_us))))
