@@ -75,6 +75,7 @@ class Connection:
         self._out_bytes = 0
         self._out_ready = trio.Event()
         self._done = trio.Event()
+        self.is_down = False  # _done.is_set(), as a plain flag for the every-frame paths
         self.flushed = trio.Event()  # closed and its last bytes (the NOTIFICATION) sent or given up
         self._sending = False
         self._writable = trio.Event()
@@ -98,7 +99,7 @@ class Connection:
         now if the writer is idle (``flush``); ``soon``: a flushed frame follows from this same step
         (an OPEN before its request, a LOAD before its response), so the writer is not woken for it."""
         data = self.core.send_tunnel(self.link, frame)
-        if not (flush and data) or self._sending or self._done.is_set():
+        if not (flush and data) or self._sending or self.is_down:
             self.enqueue(data, wake=not (flush or soon))
             if flush:
                 self.flush()
@@ -127,7 +128,7 @@ class Connection:
         self.daemon.held.discard(self)
         if not self._out:
             return
-        if self._sending or self._done.is_set():
+        if self._sending or self.is_down:
             self._out_ready.set()  # the writer (or the close) takes it
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -166,6 +167,7 @@ class Connection:
         if self.mux is not None:
             self.mux.fail_all(self.link.session.closed.describe() if self.link.session.closed else "closed")
         self._writable.set()
+        self.is_down = True
         self._done.set()
         self._readable.set()
         self._inbox_space.set()
@@ -210,20 +212,20 @@ class Connection:
             await self._readable.wait()
 
     async def _reader(self) -> None:
-        fd = self._fd
-        while not self._done.is_set():
+        fd, clock = self._fd, trio.lowlevel.current_clock()  # the clock's own method: trio.current_time's two calls fewer
+        while not self.is_down:
             held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
             if not held:
                 await self._until_wanted()  # over a delay the deliverer waits for this instead
-            if self._done.is_set():
+            if self.is_down:
                 return
             bucket = self.link.session.inbound
-            size = RECEIVE_CHUNK if bucket.level(trio.current_time()) >= bucket.burst else PACED_CHUNK
+            size = RECEIVE_CHUNK if bucket.level(clock.current_time()) >= bucket.burst else PACED_CHUNK
             data = await self._read(fd, size)
             if held or self._inbox:
                 await self._hold(data)
             else:
-                self.core.receive_data(self.link, data, trio.current_time())
+                self.core.receive_data(self.link, data, clock.current_time())
                 self.daemon.received(self)
             if not data:
                 return
@@ -323,7 +325,9 @@ class Connection:
             self._out_ready.set()
         else:
             self.daemon.held.add(self)  # flushed by the caller, or at the end of the reader's step
-        if self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer and not self._done.is_set():
+        # (max_peer_send_buffer is above the high-water mark: config.least_send_buffer; looked up past it only)
+        if (self._out_bytes > TUNNEL_HIGH_WATER and self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer
+                and not self._done.is_set()):
             # The peer does not read: drop the session rather than buffer without bound.
             self._out.clear()
             self._out_bytes = 0
@@ -413,7 +417,7 @@ class CoreShell:
             mux = conn.mux
             if mux is not None:
                 for payload in records:  # _tunnel_record, inline for every record
-                    if conn._done.is_set():
+                    if conn.is_down:
                         break
                     try:
                         mux.handle(payload)
@@ -434,7 +438,7 @@ class CoreShell:
 
     def _tunnel_record(self, conn: Connection, payload: bytes, where: str = "") -> bool:
         """A tunnel record for ``conn``'s Mux; a bad frame ends that session (then False)."""
-        if conn.mux is None or conn._done.is_set():
+        if conn.mux is None or conn.is_down:
             return True
         try:
             conn.mux.handle(payload)

@@ -335,7 +335,7 @@ class Session:
                     break
                 assert records is not None
                 ctype, payload = records.open(header, body)
-                if ctype == ContentType.TUNNEL and len(self._events) == self._pending:  # as _opened does
+                if ctype == ContentType.TUNNEL and (not self._events or len(self._events) == self._pending):  # as _opened
                     self._hold_deadline = now + self.hold_ms / 1000
                     self.stats["tunnel_in"] += 1
                     self.tunnel_in.append(payload)

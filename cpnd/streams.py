@@ -571,8 +571,10 @@ class Mux:
 
     def _forget(self, stream: TunnelStream) -> None:
         self.streams.pop(stream.id, None)
-        self.blocked.discard(stream)
-        self.drain_waiters.pop(stream, None)
+        if self.blocked:
+            self.blocked.discard(stream)
+        if self.drain_waiters:
+            self.drain_waiters.pop(stream, None)
 
     def fail_all(self, text: str) -> None:
         """The session went down: every stream on it is abandoned, never delivered by us."""

@@ -97,6 +97,12 @@ class ExtHeader:
     # Decoded from a peer's OPEN (kept through attrs.evolve): a transit passes it on, never seals it itself.
     from_peer: bool = attrs.field(default=False, eq=False, repr=False)
 
+    def onward(self, budget_us: int) -> ExtHeader:
+        """This header for the next hop (a transit's): one hop fewer, ``budget_us`` left (attrs.evolve's
+        result, without its calls)."""
+        return ExtHeader(self.label, self.origin, self.instance, self.request_id, self.qos, self.hop_limit - 1,
+                         budget_us, self.flags, self.slack_us, self.eph, from_peer=self.from_peer)
+
     def encode(self) -> bytes:
         o, i = self.origin.encode(), self.instance.encode()
         flags = (self.flags & ~EXT_FLAG_SEALED) | (EXT_FLAG_SEALED if self.eph is not None else 0)
