@@ -472,7 +472,7 @@ class Mux:
         return stream if sealing is None else SealedStream(stream, sealing, egress=False)
 
     def congested(self) -> bool:
-        """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``writable``)."""
+        """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``wait_writable``)."""
         return self.conn.congested
 
     def wait_drained(self, stream: TunnelStream) -> None:
