@@ -212,7 +212,8 @@ class Connection:
             await self._readable.wait()
 
     async def _reader(self) -> None:
-        fd, clock = self._fd, trio.lowlevel.current_clock()  # the clock's own method: trio.current_time's two calls fewer
+        fd = self._fd
+        clock = trio.lowlevel.current_clock()  # its own method: two calls fewer than trio.current_time()
         while not self.is_down:
             held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
             if not held:

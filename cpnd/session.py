@@ -335,7 +335,8 @@ class Session:
                     break
                 assert records is not None
                 ctype, payload = records.open(header, body)
-                if ctype == ContentType.TUNNEL and (not self._events or len(self._events) == self._pending):  # as _opened
+                # As _opened does, with nothing but route work waiting before it:
+                if ctype == ContentType.TUNNEL and (not self._events or len(self._events) == self._pending):
                     self._hold_deadline = now + self.hold_ms / 1000
                     self.stats["tunnel_in"] += 1
                     self.tunnel_in.append(payload)
