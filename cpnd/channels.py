@@ -207,9 +207,8 @@ class DataChannels:
     def send_tunnel(self, link: Link, frame: bytes) -> bytes:
         if link.session.state is State.CLOSED:
             return b""
-        link.session.send_tunnel(frame)
         self._sending.pop(link, None)
-        return link.session.data_to_send()
+        return link.session.tunnel_record(frame)
 
     def close(self, link: Link, code: int, subcode: int, text: str) -> None:
         link.session.close(code, subcode, text)

@@ -259,8 +259,9 @@ class Handshake:
 
 # ---------------------------------------------------------------- record layer
 
-_NONCE_PREFIX = b"\x00\x00\x00\x00"
-_COUNTER = struct.Struct(">Q")
+_NONCE = struct.Struct(">4xQ")  # four zero bytes, then the record counter
+_LENGTH = struct.Struct(">I")
+_CONTENT_TYPE = tuple(bytes([t]) for t in range(256))
 MAX_COUNTER = (1 << 64) - 1
 
 
@@ -275,15 +276,15 @@ class RecordLayer:
 
     def seal(self, content_type: int, payload: bytes) -> bytes:
         """A whole frame (length header + ciphertext) carrying ``payload``."""
-        plaintext = bytes([content_type]) + payload
-        if len(plaintext) > MAX_PLAINTEXT:
-            raise ProtocolError(Code.RECORD, RecordSub.TOO_LONG, f"record plaintext of {len(plaintext)} bytes")
+        size = len(payload) + 1
+        if size > MAX_PLAINTEXT:
+            raise ProtocolError(Code.RECORD, RecordSub.TOO_LONG, f"record plaintext of {size} bytes")
         if self.send_counter >= MAX_COUNTER:
             raise ProtocolError(Code.RECORD, RecordSub.COUNTER_EXHAUSTED, "send counter exhausted")
-        header = struct.pack(">I", len(plaintext) + AEAD_TAG)
-        nonce = _NONCE_PREFIX + _COUNTER.pack(self.send_counter)
+        header = _LENGTH.pack(size + AEAD_TAG)
+        nonce = _NONCE.pack(self.send_counter)
         self.send_counter += 1
-        return header + self._send.encrypt(nonce, plaintext, header)
+        return header + self._send.encrypt(nonce, _CONTENT_TYPE[content_type] + payload, header)
 
     def open(self, header: bytes, body: bytes) -> tuple[int, bytes]:
         """Authenticate and decrypt one frame; any replay, reorder or tamper is fatal."""
@@ -291,7 +292,7 @@ class RecordLayer:
             raise ProtocolError(Code.RECORD, RecordSub.COUNTER_EXHAUSTED, "receive counter exhausted")
         if len(body) < AEAD_TAG + 1:
             raise ProtocolError(Code.RECORD, RecordSub.DECRYPT_FAILED, "record shorter than tag + content type")
-        nonce = _NONCE_PREFIX + _COUNTER.pack(self.recv_counter)
+        nonce = _NONCE.pack(self.recv_counter)
         try:
             plaintext = self._recv.decrypt(nonce, body, header)
         except InvalidTag:

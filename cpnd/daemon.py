@@ -67,6 +67,7 @@ class Connection:
         self.daemon = daemon
         self.core = daemon.core
         self.stream = stream
+        self._fd = stream.socket.fileno()
         self.link = link
         self.mux: Mux | None = None
         self._readable = trio.Event()  # set when the core wants the peer's bytes again
@@ -74,6 +75,7 @@ class Connection:
         self._out_bytes = 0
         self._out_ready = trio.Event()
         self._done = trio.Event()
+        self.is_down = False  # _done.is_set(), as a plain flag for the every-frame paths
         self.flushed = trio.Event()  # closed and its last bytes (the NOTIFICATION) sent or given up
         self._sending = False
         self._writable = trio.Event()
@@ -96,9 +98,28 @@ class Connection:
         """Seal and queue one tunnel frame (streams call this); ``flush``: the last of a burst, written
         now if the writer is idle (``flush``); ``soon``: a flushed frame follows from this same step
         (an OPEN before its request, a LOAD before its response), so the writer is not woken for it."""
-        self.enqueue(self.core.send_tunnel(self.link, frame), wake=not (flush or soon))
-        if flush:
-            self.flush()
+        data = self.core.send_tunnel(self.link, frame)
+        if not (flush and data) or self._sending or self.is_down:
+            self.enqueue(data, wake=not (flush or soon))
+            if flush:
+                self.flush()
+            return
+        # flush, inline: what is queued (an OPEN or a LOAD sent ``soon``), then this, in one write
+        queued = self._out_bytes
+        if queued:
+            self.daemon.held.discard(self)
+            self._out.append(data)
+            data = b"".join(self._out)
+            self._out.clear()
+            self._out_bytes = 0
+        try:
+            n = os.write(self._fd, data)  # the socket is non-blocking (trio's)
+        except OSError:
+            n = 0  # full (BlockingIOError), or broken: the writer finds out and handles it
+        if n < len(data):
+            self.enqueue(data[n:])
+        if queued and self._out_bytes <= TUNNEL_LOW_WATER:
+            self._drained()  # (with nothing queued before it, no sender or relay waited for room)
 
     def flush(self) -> None:
         """Write what is queued from the caller's own step when the writer task is idle: a request or
@@ -107,12 +128,12 @@ class Connection:
         self.daemon.held.discard(self)
         if not self._out:
             return
-        if self._sending or self._done.is_set():
+        if self._sending or self.is_down:
             self._out_ready.set()  # the writer (or the close) takes it
             return
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         try:
-            n = os.write(self.stream.socket.fileno(), data)  # the socket is non-blocking (trio's)
+            n = os.write(self._fd, data)  # the socket is non-blocking (trio's)
         except OSError:
             self._out_ready.set()  # full (BlockingIOError), or broken: the writer finds out and handles it
             return
@@ -146,6 +167,7 @@ class Connection:
         if self.mux is not None:
             self.mux.fail_all(self.link.session.closed.describe() if self.link.session.closed else "closed")
         self._writable.set()
+        self.is_down = True
         self._done.set()
         self._readable.set()
         self._inbox_space.set()
@@ -190,24 +212,46 @@ class Connection:
             await self._readable.wait()
 
     async def _reader(self) -> None:
-        while not self._done.is_set():
-            if not (self._delay_s or self._inbox):
+        fd = self._fd
+        clock = trio.lowlevel.current_clock()  # its own method: two calls fewer than trio.current_time()
+        while not self.is_down:
+            held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
+            if not held:
                 await self._until_wanted()  # over a delay the deliverer waits for this instead
-            if self._done.is_set():
+            if self.is_down:
                 return
             bucket = self.link.session.inbound
-            size = RECEIVE_CHUNK if bucket.level(trio.current_time()) >= bucket.burst else PACED_CHUNK
-            try:
-                data = await self.stream.receive_some(size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if self._delay_s or self._inbox:  # in arrival order, even when a reload took the delay away
+            size = RECEIVE_CHUNK if bucket.level(clock.current_time()) >= bucket.burst else PACED_CHUNK
+            data = await self._read(fd, size)
+            if held or self._inbox:
                 await self._hold(data)
             else:
-                self.core.receive_data(self.link, data, trio.current_time())
+                self.core.receive_data(self.link, data, clock.current_time())
                 self.daemon.received(self)
             if not data:
                 return
+
+    @staticmethod
+    async def _read(fd: int, size: int) -> bytes:
+        """What the peer sent next, ``b""`` when it closed or the connection broke: read at once, waiting
+        only when nothing is there (trio's ``receive_some`` does the same through ~25 more calls)."""
+        try:
+            data = os.read(fd, size)  # the socket is non-blocking (trio's)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return b""
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as trio's does
+            return data
+        while True:
+            try:
+                await trio.lowlevel.wait_readable(fd)
+                return os.read(fd, size)
+            except BlockingIOError:
+                continue
+            except (trio.ClosedResourceError, OSError):
+                return b""
 
     async def _hold(self, data: bytes) -> None:
         """Keep what was read until the emulated one-way delay has passed; read ahead at most
@@ -282,7 +326,9 @@ class Connection:
             self._out_ready.set()
         else:
             self.daemon.held.add(self)  # flushed by the caller, or at the end of the reader's step
-        if self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer and not self._done.is_set():
+        # (max_peer_send_buffer is above the high-water mark: config.least_send_buffer; looked up past it only)
+        if (self._out_bytes > TUNNEL_HIGH_WATER and self._out_bytes > self.daemon.config.gateway.max_peer_send_buffer
+                and not self._done.is_set()):
             # The peer does not read: drop the session rather than buffer without bound.
             self._out.clear()
             self._out_bytes = 0
@@ -369,9 +415,16 @@ class CoreShell:
         s = conn.link.session
         if s.tunnel_in:
             records, s.tunnel_in = s.tunnel_in, []
-            for payload in records:
-                if not self._tunnel_record(conn, payload):
-                    break
+            mux = conn.mux
+            if mux is not None:
+                for payload in records:  # _tunnel_record, inline for every record
+                    if conn.is_down:
+                        break
+                    try:
+                        mux.handle(payload)
+                    except ProtocolError as exc:
+                        self._bad_frame(conn, exc)
+                        break
         self.pump()
         self.flush_held()
 
@@ -386,16 +439,20 @@ class CoreShell:
 
     def _tunnel_record(self, conn: Connection, payload: bytes, where: str = "") -> bool:
         """A tunnel record for ``conn``'s Mux; a bad frame ends that session (then False)."""
-        if conn.mux is None or conn._done.is_set():
+        if conn.mux is None or conn.is_down:
             return True
         try:
             conn.mux.handle(payload)
         except ProtocolError as exc:
-            log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, conn.link.session.peer_id,
-                        where or self._where, exc)
-            self.core.close(conn.link, exc.code, exc.subcode, exc.detail)
+            self._bad_frame(conn, exc, where)
             return False
         return True
+
+    def _bad_frame(self, conn: Connection, exc: ProtocolError, where: str = "") -> None:
+        """A bad tunnel frame ends its session."""
+        log.warning("%s: peer %s sent a bad tunnel frame%s: %s", self.core.id, conn.link.session.peer_id,
+                    where or self._where, exc)
+        self.core.close(conn.link, exc.code, exc.subcode, exc.detail)
 
     async def _timer_loop(self) -> None:
         """The core's one timer: sleep until it is due (or moved earlier), fire it, pump its outputs."""

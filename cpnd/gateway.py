@@ -291,11 +291,14 @@ class Gateway:
         if link.preauth is not None and data:
             self.preauth.set_idle(link.preauth, False)  # it spoke: evicted after the silent ones
         s = link.session
-        before = s.get_timer()
-        s.receive_data(data, now)
-        after = s.get_timer()
-        if after is not None and (before is None or after < before):
-            self.timer_dirty = True  # a new timer (a keepalive after OPEN): get_timer moved earlier
+        if s.state is State.ESTABLISHED:  # what it reads then only moves its timer later (or ends it)
+            s.receive_data(data, now)
+        else:
+            before = s.get_timer()
+            s.receive_data(data, now)
+            after = s.get_timer()
+            if after is not None and (before is None or after < before):
+                self.timer_dirty = True  # a new timer (a keepalive after OPEN): get_timer moved earlier
         if s.has_events() or s.has_data_to_send() or not data:
             self._process(link, now)
         # else: tunnel records only, taken by the shell from ``tunnel_in``: nothing for the core to do
@@ -452,9 +455,8 @@ class Gateway:
         """Seal one tunnel frame for ``link``: the bytes to write (empty once closed)."""
         if link.session.state is State.CLOSED:
             return b""
-        link.session.send_tunnel(frame)
         self._sending.pop(link, None)
-        return link.session.data_to_send()
+        return link.session.tunnel_record(frame)
 
     def established_link(self, peer_id: str) -> Link | None:
         peer = self.peers.get(peer_id)

@@ -16,7 +16,7 @@ import attrs
 DEFAULT_PEER_ROUTES = 10_000
 
 
-@attrs.define
+@attrs.define(on_setattr=attrs.setters.NO_OP)  # checked at creation and in retune: level() runs on every read
 class TokenBucket:
     """``rate`` tokens a second up to ``burst``; starts full. ``charge`` may go below zero
     (what was already read must be counted); ``take`` only spends what is there."""
@@ -53,5 +53,7 @@ class TokenBucket:
 
     def retune(self, rate: float, burst: float) -> None:
         """New rate and burst (a reload); the level is kept, capped at the new burst."""
+        if not (rate > 0 and burst > 0):
+            raise ValueError(f"rate and burst must be > 0, got {rate} and {burst}")
         self.rate, self.burst = rate, burst
         self.tokens = min(self.tokens, burst)

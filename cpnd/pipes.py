@@ -73,8 +73,7 @@ class PipeEnd:
             o.inbox.push((item, size))
         if end:
             self.sent_end = True
-            o.inbox.ended = True
-            o.inbox.event.set()
+            o.inbox.end()
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         self.other.inbox.fail(StreamReset(code, delivered, text))

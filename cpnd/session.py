@@ -323,9 +323,28 @@ class Session:
         if not data:
             self._input(Input.EOF, None, now)
             return
-        self._reader.feed(data)
+        if not self.tunnel_direct:
+            self._reader.feed(data)
+            batch: list[tuple[bytes, bytes]] = []
+        else:  # established, its Mux up: the read's records in one call, tunnel records straight to tunnel_in
+            batch = self._reader.take(data)
         try:
-            while self.state is not State.CLOSED:
+            records = self._records
+            for header, body in batch:
+                if self.state is State.CLOSED:
+                    break
+                assert records is not None
+                ctype, payload = records.open(header, body)
+                # As _opened does, with nothing but route work waiting before it:
+                if ctype == ContentType.TUNNEL and (not self._events or len(self._events) == self._pending):
+                    self._hold_deadline = now + self.hold_ms / 1000
+                    self.stats["tunnel_in"] += 1
+                    self.tunnel_in.append(payload)
+                    continue
+                decoded = self._opened(ctype, payload, now)
+                if decoded is not None:
+                    self._input(*decoded, now)
+            while self.state is not State.CLOSED:  # what take() left: a partial frame, or one over the limit
                 fr = self._reader.next_frame()
                 if fr is None:
                     break
@@ -352,8 +371,10 @@ class Session:
         """When ``handle_timer`` must next be called, or None."""
         if self.state is State.CLOSED:
             return None
-        deadlines = [d for d in (self._hold_deadline, self._keepalive_deadline) if d is not None]
-        return min(deadlines) if deadlines else None
+        hold, keepalive = self._hold_deadline, self._keepalive_deadline  # looked at twice a read: no list, no min()
+        if hold is None or (keepalive is not None and keepalive < hold):
+            return keepalive
+        return hold
 
     def resume_at(self) -> float | None:
         """While the inbound pace holds the peer back: when ``next_event()`` has the next UPDATE
@@ -455,6 +476,20 @@ class Session:
         self._out += self._records.seal(ContentType.TUNNEL, payload)
         self.stats["tunnel_out"] += 1
 
+    def tunnel_record(self, payload: bytes) -> bytes:
+        """``send_tunnel`` and ``data_to_send`` in one call (the data plane's every frame): the bytes to
+        write now, what was queued before it first (records go out in the order they were sealed)."""
+        if not self.tunnel_enabled:
+            raise RuntimeError("tunnel not negotiated on this session")
+        assert self._records is not None
+        out = self._records.seal(ContentType.TUNNEL, payload)
+        self.stats["tunnel_out"] += 1
+        if self._out:
+            out = bytes(self._out) + out
+            self._out.clear()
+        self.stats["bytes_out"] += len(out)
+        return out
+
     def send_route_refresh(self) -> None:
         if self.state is not State.ESTABLISHED:
             raise RuntimeError(f"route refresh in state {self.state.value}")
@@ -508,6 +543,10 @@ class Session:
                 if isinstance(hs, HandshakeError):
                     return Input.HS_ERROR, hs
             raise
+        return self._opened(ctype, payload, now)
+
+    def _opened(self, ctype: int, payload: bytes, now: float) -> tuple[Input, object] | None:
+        """A record opened: a tunnel frame (to ``tunnel_in`` or as an event), else a control message."""
         if ctype == ContentType.TUNNEL and self.tunnel_enabled:
             # Tunnel frames bypass the FSM (they are not session messages) but prove
             # the peer alive like any other record.

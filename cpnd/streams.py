@@ -18,6 +18,7 @@ from .errors import TunnelSub
 from .seal import Sealing, SealError, StreamSealer
 from .tunnel import (
     FLAG_END,
+    FRAME_HEADER,
     UNLIMITED,
     ExtHeader,
     FlowWindow,
@@ -25,9 +26,9 @@ from .tunnel import (
     MuxSettings,
     ResetCode,
     StreamIds,
-    decode_frame,
     encode_frame,
     load_payload,
+    parse_frame,
     parse_load,
     parse_reset,
     reset_payload,
@@ -101,18 +102,25 @@ class _Inbox:
 
     def __init__(self) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.event = trio.Event()
+        self.event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
         self.ended = False
         self.reset: StreamReset | None = None
 
     def push(self, data: bytes) -> None:
         self.chunks.append(data)
-        self.event.set()
+        if self.event is not None:
+            self.event.set()
+
+    def end(self) -> None:
+        self.ended = True
+        if self.event is not None:
+            self.event.set()
 
     def fail(self, exc: StreamReset) -> None:
         if self.reset is None:
             self.reset = exc
-        self.event.set()
+        if self.event is not None:
+            self.event.set()
 
     async def pop(self) -> bytes:
         while not self.chunks:
@@ -120,8 +128,9 @@ class _Inbox:
                 return b""
             if self.reset is not None:
                 raise self.reset
-            self.event = trio.Event()
-            await self.event.wait()
+            event = self.event = trio.Event()
+            await event.wait()
+            self.event = None
         return self.chunks.popleft()
 
 
@@ -132,26 +141,33 @@ class TunnelStream:
         self.mux = mux
         self.id = sid
         self.ext = ext
-        self.window = FlowWindow(mux.settings.recv_window, send_credit=mux.settings.send_window)
+        self.window = FlowWindow(mux.settings.recv_window, mux.settings.send_window, mux.settings.recv_window)
         self.buffered = 0  # DATA received and not yet passed on (counts against the connection window)
         self._passing = 0  # of which the chunk the reader took last, credited when it asks again
         self._inbox = _Inbox()
-        self._credit = trio.Event()
+        self._credit: trio.Event | None = None  # while a sender waits for credit
         self.sent_end = False
         self.closed = False
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
         self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
         self._dropped = False  # reset by us: what it held unread is gone
-        self._abandon = Abandon()
+        self._abandon: Abandon | None = None
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
         the work done for it (an instance call) stops with it."""
+        if self._abandon is None:
+            self._abandon = Abandon()
         self._abandon.add(scope)
 
     def _abandoned(self) -> None:
-        self._abandon.fire()
+        if self._abandon is not None:
+            self._abandon.fire()
+
+    def _credited(self) -> None:
+        if self._credit is not None:
+            self._credit.set()
 
     @property
     def peer(self) -> str:
@@ -165,7 +181,8 @@ class TunnelStream:
         drains stays within the connection window, and one stream's transfer is not slowed (tunnel.md).
         """
         self._pass_on()
-        return self._taken(await self._inbox.pop())
+        inbox = self._inbox
+        return self._taken(inbox.chunks.popleft() if inbox.chunks else await inbox.pop())
 
     def receive_nowait(self) -> bytes | None:
         """What ``receive`` would return now, or None if it would have to wait."""
@@ -222,13 +239,15 @@ class TunnelStream:
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
         view = memoryview(data)
+        conn = self.mux.conn
         while True:
-            await self.mux.writable()
+            await conn.wait_writable()
             view = view[self.send_nowait(view, end):]
             if not view and (self.sent_end or not end):
                 return
-            self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
-            await self._credit.wait()
+            credit = self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
+            await credit.wait()
+            self._credit = None
 
     def send_nowait(self, data: bytes | memoryview, end: bool = False) -> int:
         """Send what the stream's and the connection's windows take now, ending our side with the last
@@ -238,19 +257,22 @@ class TunnelStream:
             raise self._inbox.reset
         if self.closed:
             raise StreamReset(ResetCode.CANCEL, False, "stream closed")
-        conn, sent, view = self.mux.conn_window, 0, memoryview(data)
+        mux = self.mux
+        conn, window, sent, view = mux.conn_window, self.window, 0, memoryview(data)
         while view or end:
-            n = min(len(view), self.mux.settings.max_data, self.window.send_credit, conn.send_credit)
+            size = len(view)
+            n = min(size, mux.settings.max_data, window.send_credit, conn.send_credit)
             if n == 0 and view:
                 if conn.send_credit <= 0:
-                    self.mux.blocked.add(self)  # credited by the connection's WINDOW
+                    mux.blocked.add(self)  # credited by the connection's WINDOW
                 break
-            last = end and n == len(view)
-            self.window.send_credit -= n
+            last = end and n == size
+            window.send_credit -= n
             conn.send_credit -= n
             chunk, view = view[:n], view[n:]
-            self.mux.send_frame(encode_frame(self.id, FrameType.DATA, bytes(chunk), FLAG_END if last else 0),
-                                flush=not view)
+            # The frame built here (bytes + a memoryview copies once): no encode_frame call, no bytes(chunk).
+            mux.send_frame(FRAME_HEADER.pack(self.id, FrameType.DATA, FLAG_END if last else 0) + chunk,
+                           flush=not view)
             sent += n
             if last:
                 self.sent_end = True
@@ -286,7 +308,7 @@ class TunnelStream:
     def _close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._credit.set()
+            self._credited()
             if not self._inbox.chunks:
                 self._release()
             self.mux._forget(self)
@@ -300,18 +322,20 @@ class TunnelStream:
     # ---- called by the mux
 
     def _on_data(self, data: bytes, end: bool) -> None:
-        if not self.window.on_receive(len(data)):
-            self.mux.consumed(0, dropped=len(data))
+        size = len(data)
+        window = self.window
+        window.recv_allowed -= size  # window.on_receive, inline on every DATA frame
+        if window.recv_allowed < 0:
+            self.mux.consumed(0, dropped=size)
             self.reset(ResetCode.FLOW_CONTROL, False, "peer overran the stream's window")
             self._abandoned()
             return
         if data:
-            self.buffered += len(data)
-            self.mux.account.add(len(data))
+            self.buffered += size
+            self.mux.account.add(size)
             self._inbox.push(data)
         if end:
-            self._inbox.ended = True
-            self._inbox.event.set()
+            self._inbox.end()
             # The reader may never ask again (h11 already saw the message end): close here.
             self._maybe_close()
         if self.relay is not None:
@@ -319,7 +343,7 @@ class TunnelStream:
 
     def _on_window(self, inc: int) -> None:
         self.window.send_credit += inc
-        self._credit.set()
+        self._credited()
         if self.relay is not None:
             self.relay.credited(self)
 
@@ -406,6 +430,8 @@ class Mux:
     def __init__(self, conn: Connection, peer_id: str, initiator: bool, on_open: Callable[[TunnelStream], None],
                  settings: MuxSettings, account: BufferAccount | None = None) -> None:
         self.conn = conn
+        # Frames go straight to the connection (one call fewer on every frame).
+        self.send_frame: Callable[..., None] = conn.send_tunnel
         self.settings = settings
         self.peer_id = peer_id
         self.ids = StreamIds(initiator)
@@ -413,7 +439,8 @@ class Mux:
         # What the peer may have buffered here, every stream together; without `tunnel-window`
         # the peer does not know it, and overruns are reset all the same.
         self.conn_window = FlowWindow(settings.recv_conn_window,
-                                      send_credit=settings.send_conn_window if settings.conn_frames else UNLIMITED)
+                                      settings.send_conn_window if settings.conn_frames else UNLIMITED,
+                                      settings.recv_conn_window)
         self.account = account or BufferAccount()
         self.blocked: set[TunnelStream] = set()  # senders waiting for connection credit
         # Relays' streams waiting for the connection to drain, in the order they came (a dict as an
@@ -444,14 +471,8 @@ class Mux:
         self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()), soon=soon)
         return stream if sealing is None else SealedStream(stream, sealing, egress=False)
 
-    def send_frame(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
-        self.conn.send_tunnel(frame, flush=flush, soon=soon)
-
-    async def writable(self) -> None:
-        await self.conn.wait_writable()
-
     def congested(self) -> bool:
-        """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``writable``)."""
+        """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``wait_writable``)."""
         return self.conn.congested
 
     def wait_drained(self, stream: TunnelStream) -> None:
@@ -477,40 +498,46 @@ class Mux:
 
     def handle(self, payload: bytes) -> None:
         """Dispatch one received tunnel frame; ProtocolError means the session must end."""
-        fr = decode_frame(payload, self.settings.max_data, conn_window=self.settings.conn_frames,
-                          timed_load=self.settings.timed_load)
-        if fr.stream_id == 0:  # WINDOW for the connection (decode_frame allows nothing else)
-            self._on_conn_window(int.from_bytes(fr.payload, "big"))
+        settings = self.settings
+        sid, ftype, flags, data = parse_frame(payload, settings.max_data, settings.send_conn_window is not None,
+                                              settings.timed_load)
+        if sid == 0:  # WINDOW for the connection (parse_frame allows nothing else)
+            self._on_conn_window(int.from_bytes(data, "big"))
             return
-        stream = self.streams.get(fr.stream_id)
-        if fr.type is FrameType.OPEN:
-            self._on_open_frame(fr.stream_id, fr.payload)
-            return
-        if stream is None:
-            if not self.ids.known(fr.stream_id):
-                raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{fr.type.name} for stream {fr.stream_id} never opened")
-            if fr.type is FrameType.DATA and self.conn_window.on_receive(len(fr.payload)):
-                self.consumed(0, dropped=len(fr.payload))  # the sender counted it: credit it back
-            elif fr.type is FrameType.DATA:
-                self.conn_window.recv_allowed += len(fr.payload)  # an overrun: never credited
-            return  # a frame racing the stream's close: ignore, like HTTP/2
-        if fr.type is FrameType.DATA:
-            if not self.conn_window.on_receive(len(fr.payload)):
-                self.conn_window.recv_allowed += len(fr.payload)  # not taken: never buffered, never credited
+        stream = self.streams.get(sid)
+        if ftype == FrameType.DATA and stream is not None:
+            window = self.conn_window
+            window.recv_allowed -= len(data)  # window.on_receive, inline on every DATA frame
+            if window.recv_allowed < 0:
+                window.recv_allowed += len(data)  # not taken: never buffered, never credited
                 stream.reset(ResetCode.FLOW_CONTROL, False, "peer overran the connection window")
                 stream._abandoned()
                 return
-            stream._on_data(fr.payload, fr.end)
-        elif fr.type is FrameType.WINDOW:
-            stream._on_window(int.from_bytes(fr.payload, "big"))
-        elif fr.type is FrameType.RESET:
-            code, delivered, text = parse_reset(fr.payload)
-            stream._on_reset(StreamReset(code, delivered, text))
-        elif fr.type is FrameType.LOAD:
-            if stream.relay_to is not None:
-                stream.relay_to.report_load(*parse_load(fr.payload), soon=True)  # the reader's step writes it
+            stream._on_data(data, flags == FLAG_END)
+        elif ftype == FrameType.OPEN:
+            self._on_open_frame(sid, data)
+        elif stream is None:
+            if not self.ids.known(sid):
+                raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{FrameType(ftype).name} for stream {sid} never opened")
+            if ftype == FrameType.DATA and self.conn_window.on_receive(len(data)):
+                self.consumed(0, dropped=len(data))  # the sender counted it: credit it back
+            elif ftype == FrameType.DATA:
+                self.conn_window.recv_allowed += len(data)  # an overrun: never credited
+            # else, or after: a frame racing the stream's close: ignore, like HTTP/2
+        elif ftype == FrameType.LOAD:
+            back = stream.relay_to
+            if back is not None and back.mux.settings.timed_load == settings.timed_load:
+                if not back.closed:  # as it came (the same layout both ways); the reader's step writes it
+                    back.mux.send_frame(encode_frame(back.id, FrameType.LOAD, data), soon=True)
+            elif back is not None:
+                back.report_load(*parse_load(data), soon=True)  # the reader's step writes it
             else:
-                stream.load_report = parse_load(fr.payload)
+                stream.load_report = parse_load(data)
+        elif ftype == FrameType.WINDOW:
+            stream._on_window(int.from_bytes(data, "big"))
+        else:  # RESET
+            code, delivered, text = parse_reset(data)
+            stream._on_reset(StreamReset(code, delivered, text))
 
     def _on_open_frame(self, sid: int, payload: bytes) -> None:
         self.ids.accept_open(sid)
@@ -538,14 +565,16 @@ class Mux:
         self.conn_window.send_credit += inc
         blocked, self.blocked = self.blocked, set()
         for stream in blocked:
-            stream._credit.set()
+            stream._credited()
             if stream.relay is not None:
                 stream.relay.credited(stream)
 
     def _forget(self, stream: TunnelStream) -> None:
         self.streams.pop(stream.id, None)
-        self.blocked.discard(stream)
-        self.drain_waiters.pop(stream, None)
+        if self.blocked:
+            self.blocked.discard(stream)
+        if self.drain_waiters:
+            self.drain_waiters.pop(stream, None)
 
     def fail_all(self, text: str) -> None:
         """The session went down: every stream on it is abandoned, never delivered by us."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import attrs
 import trio
 
 from .load import Stage
@@ -49,7 +48,7 @@ class Transit:
             if budget <= 0:
                 raise StreamReset(ResetCode.DEADLINE, False, f"deadline passed at {self.p.gw.id}")
         # Its request, or a RESET, follows from this step, or the reader writes it at the step's end.
-        outbound = conn.mux.open(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget), soon=True)
+        outbound = conn.mux.open(ext.onward(budget), soon=True)
         assert isinstance(outbound, TunnelStream)  # a transit's outbound is never sealed by it
         outbound.relay_to = inbound  # LOAD frames go back as they come
         self.p.stats["relayed"] += 1
@@ -152,7 +151,7 @@ class Relay:
     def _pump(self, src: TunnelStream) -> None:
         dst = self._other(src)
         while not dst.closed and not dst.sent_end:  # src's end passes on once (a WINDOW after it moves nothing)
-            if dst.mux.congested():
+            if dst.mux.conn.congested:
                 dst.mux.wait_drained(dst)
                 return
             data = self.pending.pop(src, None)

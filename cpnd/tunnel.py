@@ -8,6 +8,7 @@ its response each, opened by an extension header, with per-stream flow control.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import struct
 
@@ -96,6 +97,12 @@ class ExtHeader:
     # Decoded from a peer's OPEN (kept through attrs.evolve): a transit passes it on, never seals it itself.
     from_peer: bool = attrs.field(default=False, eq=False, repr=False)
 
+    def onward(self, budget_us: int) -> ExtHeader:
+        """This header for the next hop (a transit's): one hop fewer, ``budget_us`` left (attrs.evolve's
+        result, without its calls)."""
+        return ExtHeader(self.label, self.origin, self.instance, self.request_id, self.qos, self.hop_limit - 1,
+                         budget_us, self.flags, self.slack_us, self.eph, from_peer=self.from_peer)
+
     def encode(self) -> bytes:
         o, i = self.origin.encode(), self.instance.encode()
         flags = (self.flags & ~EXT_FLAG_SEALED) | (EXT_FLAG_SEALED if self.eph is not None else 0)
@@ -108,11 +115,12 @@ class ExtHeader:
         """Parse an extension header; ProtocolError(tunnel/malformed-frame) on any defect."""
         if len(data) < _EXT.size + 2:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header too short")
-        ver, qos, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
+        ver, qos_value, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
         if ver != EXT_VERSION:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"extension header version {ver}")
-        if qos not in QoS._value2member_map_:
-            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"qos {qos}")
+        qos = _QOS.get(qos_value)
+        if qos is None:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"qos {qos_value}")
         if label > 0x7FFFFFFF:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "label has its top bit set")
         pos = _EXT.size
@@ -124,13 +132,7 @@ class ExtHeader:
             raw = data[pos + 1: pos + 1 + n]
             if len(raw) != n:
                 raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header truncated")
-            try:
-                name = raw.decode()
-            except UnicodeDecodeError:
-                raise tunnel_error(TunnelSub.MALFORMED_FRAME, "id is not UTF-8") from None
-            if id_problem(name):
-                raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"bad id in extension header: {id_problem(name)}")
-            names.append(name)
+            names.append(_ext_id(raw))
             pos += 1 + n
         eph = None
         if flags & EXT_FLAG_SEALED:
@@ -140,8 +142,25 @@ class ExtHeader:
             pos += 32
         if pos != len(data):
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "trailing bytes after extension header")
-        return cls(label, names[0], names[1], rid, QoS(qos), hops, budget, flags & ~EXT_FLAG_SEALED, slack, eph,
+        return cls(label, names[0], names[1], rid, qos, hops, budget, flags & ~EXT_FLAG_SEALED, slack, eph,
                    from_peer=True)
+
+
+_QOS = {int(q): q for q in QoS}
+
+
+# Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept.
+@functools.lru_cache(maxsize=4096)
+def _ext_id(raw: bytes) -> str:
+    """An id of an extension header, checked; ProtocolError(tunnel/malformed-frame) if it is not one."""
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, "id is not UTF-8") from None
+    problem = id_problem(name)
+    if problem:
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"bad id in extension header: {problem}")
+    return name
 
 
 @attrs.frozen
@@ -166,33 +185,47 @@ def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = F
     ``conn_window``: the session agreed `tunnel-window`, so WINDOW on stream 0 credits the connection.
     ``timed_load``: the session agreed `gateway-time`, so LOAD carries the instance's time too.
     """
-    if len(data) < FRAME_HEADER.size:
+    sid, ftype, flags, payload = parse_frame(data, max_data, conn_window, timed_load)
+    return Frame(sid, FrameType(ftype), flags, payload)
+
+
+_T_OPEN, _T_DATA, _T_WINDOW, _T_RESET, _T_LOAD = (int(t) for t in FrameType)  # plain ints: the Mux dispatches on them
+_FRAME_TYPES = frozenset(FrameType._value2member_map_)
+
+
+def parse_frame(data: bytes, max_data: int, conn_window: bool, timed_load: bool) -> tuple[int, int, int, bytes]:
+    """``decode_frame``'s checks, its result as plain ``(stream id, type, flags, payload)``: what the Mux
+    takes of every frame (no Frame, no FrameType built)."""
+    if len(data) < 6:  # FRAME_HEADER.size
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, "frame shorter than its header")
     sid, ftype, flags = FRAME_HEADER.unpack_from(data)
-    payload = data[FRAME_HEADER.size:]
-    if ftype not in FrameType._value2member_map_:
+    payload = data[6:]
+    if ftype == _T_DATA and sid and not flags & ~FLAG_END:  # the common frame, with decode_frame's checks in its order
+        if len(payload) > max_data:
+            raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {max_data}")
+        return sid, ftype, flags, payload
+    if ftype not in _FRAME_TYPES:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"unknown frame type {ftype}")
-    ft = FrameType(ftype)
-    if sid == 0 and not (conn_window and ft is FrameType.WINDOW):
-        raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{ft.name} on stream id 0")
-    if flags & ~FLAG_END or (flags and ft is not FrameType.DATA):
-        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"flags {flags:#x} on {ft.name}")
-    if ft is FrameType.DATA and len(payload) > max_data:
+    if sid == 0 and not (conn_window and ftype == _T_WINDOW):
+        raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"{FrameType(ftype).name} on stream id 0")
+    if flags & ~FLAG_END or (flags and ftype != _T_DATA):
+        raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"flags {flags:#x} on {FrameType(ftype).name}")
+    if ftype == _T_DATA and len(payload) > max_data:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {max_data}")
-    if ft is FrameType.WINDOW:
+    if ftype == _T_WINDOW:
         if len(payload) != 4 or not 0 < int.from_bytes(payload, "big") <= MAX_WINDOW:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "WINDOW must carry an increment in 1..2^31-1")
-    if ft is FrameType.LOAD:
+    elif ftype == _T_LOAD:
         size = _LOAD_TIMED.size if timed_load else _LOAD.size
         if len(payload) != size:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"LOAD must carry {size} bytes")
         load_milli, bload_milli, _ = _LOAD.unpack_from(payload)
         if load_milli > 1_000_000 or bload_milli > 1_000_000:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "LOAD load over 1000")
-    if ft is FrameType.RESET:
+    elif ftype == _T_RESET:
         if not 3 <= len(payload) <= 3 + MAX_RESET_TEXT or payload[2] > 1:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "RESET must be code u16, delivered u8, text")
-    return Frame(sid, ft, flags, payload)
+    return sid, ftype, flags, payload
 
 
 _LOAD = struct.Struct(">III")
@@ -208,7 +241,9 @@ def load_payload(load: float, bload: float, compute_us: float, instance_us: floa
                  timed: bool = False) -> bytes:
     """LOAD: load and latency-bound demand in thousandths of capacity (u32 each), base compute µs (u32);
     ``timed`` (`gateway-time`): then this request's instance time to its response head, µs (u32; NO_TIME: none)."""
-    head = (_milli(load), _milli(bload), min(0xFFFFFFFF, max(0, round(compute_us))))
+    # _milli inline: the egress builds one LOAD a request
+    head = (min(1_000_000, max(0, round(load * 1000))), min(1_000_000, max(0, round(bload * 1000))),
+            min(0xFFFFFFFF, max(0, round(compute_us))))
     if not timed:
         return _LOAD.pack(*head)
     return _LOAD_TIMED.pack(*head, NO_TIME if instance_us is None else min(NO_TIME - 1, max(0, round(instance_us))))

@@ -105,6 +105,27 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
+    def take(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """``feed(data)``, then every complete ``(header, body)`` up to one over the limit (``next_frame``
+        raises for that one): a read's records in one call, parsed from ``data`` itself when nothing was
+        buffered before it."""
+        if self._buf:
+            self.feed(data)
+            data = bytes(self._buf)
+            self._buf.clear()
+        frames = []
+        pos, size, limit = 0, len(data), self.limit
+        while size - pos >= LENGTH_HEADER:
+            (length,) = _LEN.unpack_from(data, pos)
+            end = pos + LENGTH_HEADER + length
+            if length > limit or end > size:
+                break
+            frames.append((data[pos:pos + LENGTH_HEADER], data[pos + LENGTH_HEADER:end]))
+            pos = end
+        if pos < size:
+            self._buf += data[pos:] if pos else data
+        return frames
+
     def next_frame(self) -> tuple[bytes, bytes] | None:
         """Next complete ``(header, body)``, or None until more bytes arrive."""
         pos = self._pos

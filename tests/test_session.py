@@ -113,6 +113,25 @@ def test_update_delivered(keys) -> None:
     assert UpdateReceived(Update((r,), ())) in link.events["b"]
 
 
+def test_tunnel_records_keep_their_order_and_go_straight_to_tunnel_in(keys) -> None:
+    """tunnel_record hands back what was queued before its record first (records must arrive in the order
+    they were sealed); with tunnel_direct, a read's tunnel records go to tunnel_in, an UPDATE among them to
+    the FSM."""
+    link = Link(keys)
+    link.pump()
+    assert link.a.tunnel_enabled
+    link.b.tunnel_direct = True
+    r = RouteAdv("/yolo", "s1", "a", 1, service_label("/yolo"), ("a",), 0, 50.0, 0.0, 2.0, 1000)
+    link.a.send_update([r], [])  # sealed first, not yet taken
+    out = link.a.tunnel_record(b"frame 1") + link.a.tunnel_record(b"frame 2")
+    assert not link.a.has_data_to_send()
+    link.b.receive_data(out[:7], link.now)  # a read that ends inside a record
+    link.b.receive_data(out[7:], link.now)
+    assert link.b.state is State.ESTABLISHED and link.b.tunnel_in == [b"frame 1", b"frame 2"]
+    link.pump()
+    assert UpdateReceived(Update((r,), ())) in link.events["b"]
+
+
 def test_notification_closes_both(keys) -> None:
     link = Link(keys)
     link.pump()

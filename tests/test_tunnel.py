@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +21,7 @@ from cpnd.tunnel import (
     StreamIds,
     decode_frame,
     encode_frame,
+    parse_frame,
     parse_load,
     parse_reset,
     reset_payload,
@@ -36,6 +38,32 @@ exts = st.builds(ExtHeader, st.integers(0, 2**31 - 1), ids, ids, st.binary(min_s
 @given(exts)
 def test_ext_header_round_trip(ext: ExtHeader) -> None:
     assert ExtHeader.decode(ext.encode()) == ext
+
+
+@given(exts, st.integers(0, 2**32 - 1))
+def test_onward_is_evolve(ext: ExtHeader, budget: int) -> None:
+    """A transit's next-hop header, built directly, is what attrs.evolve made (from_peer kept)."""
+    ext = ExtHeader.decode(ext.encode())
+    onward = ext.onward(budget)
+    assert onward == attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget)
+    assert onward.from_peer and repr(onward) == repr(attrs.evolve(ext, hop_limit=ext.hop_limit - 1, budget_us=budget))
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=40) | st.builds(encode_frame, st.integers(0, 3), st.sampled_from(list(FrameType)),
+                                          st.binary(max_size=20), st.integers(0, 2)),
+       st.integers(0, 20), st.booleans(), st.booleans())
+def test_parse_frame_agrees_with_decode_frame(data: bytes, max_data: int, conn_window: bool, timed: bool) -> None:
+    """The Mux's parse_frame accepts what decode_frame accepts, with the same result, and refuses the
+    rest with the same error (DATA frames, its fast path, included)."""
+    try:
+        want = decode_frame(data, max_data, conn_window=conn_window, timed_load=timed)
+    except ProtocolError as exc:
+        with pytest.raises(ProtocolError) as ei:
+            parse_frame(data, max_data, conn_window, timed)
+        assert (ei.value.code, ei.value.subcode, ei.value.detail) == (exc.code, exc.subcode, exc.detail)
+        return
+    assert parse_frame(data, max_data, conn_window, timed) == (want.stream_id, want.type, want.flags, want.payload)
 
 
 @settings(max_examples=500)

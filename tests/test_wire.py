@@ -167,6 +167,34 @@ def test_frame_reader_reassembles_any_split(bodies: list[bytes], cuts: list[int]
     assert out == bodies and r.buffered() == 0
 
 
+@given(st.lists(st.binary(max_size=300), max_size=20), st.lists(st.integers(1, 700), min_size=1, max_size=20),
+       st.booleans())
+def test_frame_reader_take_is_next_frame_in_one_call(bodies: list[bytes], cuts: list[int], mixed: bool) -> None:
+    """take() gives what feed() and next_frame() would, a read at a time, whatever the pieces (mixed: some
+    reads taken by next_frame, leaving bytes buffered before the next take)."""
+    stream = b"".join(frame(b) for b in bodies)
+    r, out, i, k = FrameReader(limit=300), [], 0, 0
+    while i < len(stream):
+        n = cuts[k % len(cuts)]
+        if mixed and k % 2:
+            r.feed(stream[i:i + n])
+            while (fr := r.next_frame()) is not None:
+                out.append(fr)
+        else:
+            out += r.take(stream[i:i + n])
+        i, k = i + n, k + 1
+        assert r.buffered() == len(stream[:i]) - sum(len(frame(b)) for _, b in out)
+    assert [b for _, b in out] == bodies and all(h == frame(b)[:4] for h, b in out)
+
+
+def test_frame_reader_take_leaves_a_frame_over_the_limit_to_next_frame() -> None:
+    r = FrameReader(limit=10)
+    assert r.take(frame(b"abc") + b"\x00\x00\x00\x0b" + b"x" * 11) == [(b"\x00\x00\x00\x03", b"abc")]
+    with pytest.raises(ProtocolError) as ei:
+        r.next_frame()
+    assert ei.value.subcode == MessageSub.FRAME_TOO_LONG
+
+
 @given(st.lists(routes(), max_size=400), st.lists(st.builds(Withdrawal, services, ids, ids), max_size=50))
 @settings(max_examples=30)
 def test_split_update_fits_and_keeps_everything(advs, wds) -> None:
