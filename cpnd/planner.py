@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
+from .clients import source_key
 from .errors import HttpError
 from .heads import split_head
 from .load import LatencyCorrection, OwnTimes, SendAccount, Stage
@@ -234,7 +235,8 @@ class Planner:
         correction learns that much (a lower bound), as from a late answer, within what answered
         requests show (load.LatencyCorrection.observe: one user's long jobs are not the instance's);
         as for an answer, only if the request was whole in hand: a slow upload is the user's pace.
-        ``party``: whose request it was (the user's address): one party's cuts alone count as 0."""
+        ``party``: whose request it was (the user's address): one party's cuts alone count as 0; an
+        IPv6 user is its /64 (source_key, as for its fair share: one host holds a whole /64)."""
         if attempt.whole:
             self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None), cut=True,
-                                    party=party)
+                                    party=source_key(party) if isinstance(party, str) else party)

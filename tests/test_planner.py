@@ -191,3 +191,18 @@ def test_attempts_are_bounded_and_never_repeat_an_instance(failures, method: byt
     assert len(tried) == len(set(tried)) <= MAX_ATTEMPTS
     if plan.failures:
         assert plan.error().status in (502, 503, 504)
+
+
+def test_one_ipv6_host_is_one_party_to_the_correction() -> None:
+    """A host holds a whole /64 (source_key): cuts from many of its addresses are still one
+    party's, as for the fair share, so they cannot hold an instance out for everyone else."""
+    p = planner(THREE)
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.001)
+    cand = plan.next(3.001)
+    assert cand is not None
+    before = p.correction.value_us(cand.key, 3.010)
+    for i in range(6):  # one user, six addresses of its /64
+        p.missed(cand, Attempt(whole=True), 3.001, 3.010, f"2001:db8:1:2::{i + 1}")
+    assert p.correction.value_us(cand.key, 3.010) == before
+    p.missed(cand, Attempt(whole=True), 3.001, 3.010, "2001:db8:1:3::1")  # another /64: a second user's
+    assert p.correction.value_us(cand.key, 3.010) > before
