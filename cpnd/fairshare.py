@@ -68,7 +68,7 @@ class Shares:
         users = len(self._asked.count)
         share = capacity / users
         mine = self.held(party)
-        if mine + 1 <= share:
+        if mine < share:  # a party holding nothing is under any share (shares below one request refused all)
             return None
         return (f"over its fair share: this user holds {mine} of its capacity, share {share:.3g} "
                 f"among {users} users (the instance is {FULL:.0%} full)")

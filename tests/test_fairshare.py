@@ -150,3 +150,72 @@ def test_a_flooding_user_leaves_another_its_share(tmp_path) -> None:
             t.join(15)
         lab.stop_all()
         insts.stop_all()
+
+
+def test_a_user_holding_nothing_is_never_over_its_share() -> None:
+    """Shares below one request (capacity 1 and two users, or 20 users of 10) refused even users
+    holding nothing: every request, whoever asked, while the others kept asking."""
+    s = Shares()
+    assert s.refuse("a", 0, 1, 0.0) is None
+    assert s.refuse("b", 0, 1, 0.1) is None  # share 0.5: b holds none of it yet
+    s.admitted("b")
+    assert s.refuse("a", 1, 1, 0.2) is None  # a holds nothing either (the instance's bound refuses it)
+    assert s.refuse("b", 1, 1, 0.3) is not None  # b holds its share
+    for i in range(20):
+        s.refuse(f"10.0.0.{i}", 9, 10, 0.4)
+    assert s.refuse("c", 9, 10, 0.5) is None  # share 0.48: the last slot is still someone's
+
+
+def test_a_user_asking_again_and_again_cannot_close_a_small_instance(tmp_path) -> None:
+    """An instance of capacity 1 (every request past 80 % of it) and two users: one (127.0.0.2)
+    asks every 0.3 s, the other (127.0.0.3) every 0.25 s for 4 s. A user that holds nothing is
+    never over its share: the instance serves one of them whenever its slot is free (a slot is held
+    a second after its answer). With shares of 0.5 a request, the asks alone refused every request
+    of both ("holds 0 of its capacity, share 0.5")."""
+    import threading
+    import time
+
+    import httpx
+
+    from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
+
+    insts = InstanceProcs()
+    insts.start("l1", compute_ms=1)
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=1, compute_latency_ms=1),),
+                    {"health_interval_ms": 0})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    stop = threading.Event()
+    other: list[httpx.Response] = []
+
+    def asker() -> None:
+        transport = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10, transport=transport) as c:
+            while not stop.is_set():
+                other.append(c.get("/local"))
+                stop.wait(0.3)
+
+    thread = threading.Thread(target=asker)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
+        thread.start()
+        transport = httpx.HTTPTransport(local_address="127.0.0.3")
+        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10, transport=transport) as c:
+            while not other:
+                time.sleep(0.01)
+            got = []
+            for _ in range(16):
+                got.append(c.get("/local"))
+                time.sleep(0.25)
+        stop.set()
+        thread.join(15)
+        both = got + other
+        assert len(other) >= 4
+        assert not [r.text for r in both if "holds 0 of its capacity" in r.text]
+        assert sum(r.status_code == 200 for r in both) >= 2, [r.text for r in both]
+    finally:
+        stop.set()
+        thread.join(15)
+        lab.stop_all()
+        insts.stop_all()
