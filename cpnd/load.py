@@ -605,9 +605,9 @@ class LatencyCorrection:
         a residual may be the request's own nature (a long job under a tight bound, which one user can
         send on purpose), so while the window holds answered ones, or one was answered within
         CORRECTION_HOLD_S (kept apart: cut ones do not push those out), it counts at most as much as
-        the largest of theirs. With none answered, cut ones count in full only when they are two
-        parties' (``party``: the user's address; everyone's requests too slow), else as 0: one user
-        alone cannot hold an instance out for everyone else."""
+        the largest of theirs. With none answered, cut ones count as far as two parties' show (at most the
+        second party's largest; ``party``: the user's address; everyone's requests too slow), else as
+        0: one user alone cannot hold an instance out for everyone else."""
         if not (math.isfinite(observed_us) and math.isfinite(estimated_us)):
             return
         window = self._residuals.get(key)
@@ -646,8 +646,11 @@ class LatencyCorrection:
         answered += [r for at, r in self._answered.get(key, ()) if at > now - CORRECTION_HOLD_S]
         if answered:
             cap = max(0, *answered)
-        else:  # every attempt cut: the instance slow for all, if they are not all one party's
-            cap = CORRECTION_MAX_US if len({cut for _, _, cut in window}) >= 2 else 0
+        else:  # every attempt cut: the instance slow for all, as far as two parties' cuts show (one party's: 0)
+            top: dict[object, int] = {}  # each party's largest residual
+            for _, r, cut in window:
+                top[cut] = max(r, top.get(cut, r))
+            cap = max(0, sorted(top.values())[-2]) if len(top) >= 2 else 0  # the second party's largest
         values = [r if cut is False else min(r, cap) for _, r, cut in window] + [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
         quiet = now - window[-1][0]  # since the newest response

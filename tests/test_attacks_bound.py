@@ -103,6 +103,29 @@ def test_one_users_cut_jobs_alone_do_not_hold_the_instance_out_for_others(gw) ->
     assert [r.status_code for r in codes] == [200] * 5, [r.text for r in codes]
 
 
+def test_one_other_users_cut_does_not_make_the_long_jobs_everyones(gw) -> None:
+    """As above, and then one request of a second user (127.0.0.3) cut at a 20 ms bound: two parties'
+    cuts now, but the second shows l1 ~20 ms slow, not 700: the next user's 200 ms bound is still met
+    (the first's cuts counted in full once another's came: 503 no_instance)."""
+    lab, url = gw
+    socks = [_connect(url) for _ in range(ATTACKERS)]
+    try:
+        for s in socks:
+            s.sendall(f"GET /local?delay=3 HTTP/1.1\r\nHost: a\r\nCPN-Max-Latency: {LOOSE_MS}ms\r\n\r\n".encode())
+        assert [_read_status(s) for s in socks] == [504] * ATTACKERS
+    finally:
+        for s in socks:
+            s.close()
+    second = httpx.HTTPTransport(local_address="127.0.0.3")
+    with httpx.Client(base_url=url, timeout=10, transport=second) as c:
+        assert c.get("/local?delay=3", headers={"CPN-Max-Latency": "20ms"}).status_code == 504
+    assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS + 1
+    other = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(base_url=url, timeout=10, transport=other) as c:
+        codes = [c.get("/local", headers=TIGHT) for _ in range(5)]
+    assert [r.status_code for r in codes] == [200] * 5, [r.text for r in codes]
+
+
 def test_many_long_jobs_cannot_push_the_answered_out_of_the_correction(gw) -> None:
     """One user's long jobs under a loose bound, more at once than the correction's window, while
     another user's requests are answered (ten a second): cut each, they count at most as far as

@@ -509,6 +509,17 @@ def test_cut_attempts_count_only_as_far_as_answered_ones_show() -> None:
     assert alone.value_us("s1", 1.5) == 5000
 
 
+def test_one_party_cuts_count_only_as_far_as_another_party_shows() -> None:
+    """With nothing answered, one user's long jobs cut at a tight bound (700 ms over the estimate)
+    beside one other user's request cut 8 ms over: the instance is slow for all by 8 ms, not 700
+    (one cut of a second user, or of the attacker's second address, unlocked all of the first's)."""
+    c = LatencyCorrection()
+    for i in range(31):
+        c.observe("s1", 1.0 + i * 0.01, 702_000, 2000, cut=True, party="192.0.2.7")
+    c.observe("s1", 1.4, 10_000, 2000, cut=True, party="192.0.2.8")
+    assert 0 < c.value_us("s1", 1.4) <= 8000
+
+
 
 @given(st.lists(st.tuples(st.floats(0, 0.7), st.booleans(), st.floats(0, 2.0)), max_size=60))
 def test_rate_window_change_is_the_difference_of_two_counts(steps) -> None:
