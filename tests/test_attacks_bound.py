@@ -19,6 +19,7 @@ from cpnd.fleet import MAX_SIBLING_KEYS
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.load import LatencyCorrection
 from cpnd.ribfeed import SIBLING_KEYS, Deframer, add_sends, others_message, read_siblings, relay_total, siblings_message
+from test_fairshare import one_gateway
 from test_workers import _cpnctl
 
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
@@ -30,19 +31,8 @@ CHURN = 30  # registrations, each at an address of its own
 @pytest.fixture
 def gw(tmp_path):
     """One gateway, a, with one local instance l1 (1 ms)."""
-    insts = InstanceProcs()
-    insts.start("l1", compute_ms=1)
-    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=10_000, compute_latency_ms=1),),
-                    {"health_interval_ms": 0})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
-        yield lab, f"http://{specs['a'].http}"
-    finally:
-        lab.stop_all()
-        insts.stop_all()
+    with one_gateway(tmp_path, 10_000) as lab_url:
+        yield lab_url
 
 
 def _served(url: str, n: int) -> list[int]:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cpnd.fairshare import FULL, MAX_EVENTS, Shares
+from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
 
 
 def _run(shares: Shares, capacity: float, offered: dict[str, int], seconds: int, job_s: float = 0.0) -> dict[str, int]:
@@ -97,59 +104,61 @@ def test_counts_are_bounded_and_exact(steps) -> None:
 # ---------------------------------------------------------------- real processes
 
 
+@contextlib.contextmanager
+def one_gateway(tmp_path, capacity: float) -> Iterator[tuple[Lab, str]]:
+    """One gateway, a, with a local instance l1 (1 ms) of ``capacity``: the lab and its users' base URL."""
+    insts = InstanceProcs()
+    insts.start("l1", compute_ms=1)
+    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=capacity, compute_latency_ms=1),),
+                    {"health_interval_ms": 0})
+    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
+        yield lab, f"http://{specs['a'].http}"
+    finally:
+        lab.stop_all()
+        insts.stop_all()
+
+
 def test_a_flooding_user_leaves_another_its_share(tmp_path) -> None:
     """One gateway with an instance of 20 req/s. One user (127.0.0.1) keeps 16 connections busy with
     long jobs (0.3 s), far over the capacity; another (127.0.0.2) then sends 4 requests a second.
     Its first may find every slot held (a slot is held a second after its answer, and admission
     cannot take one back); from 1.5 s on, each of its requests is served: the flood is held to its
     share while the instance is full."""
-    import threading
-    import time
-
-    import httpx
-
-    from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
-
-    insts = InstanceProcs()
-    insts.start("l1", compute_ms=1)
-    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=20, compute_latency_ms=1),),
-                    {"health_interval_ms": 0})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    lab = Lab(specs)
     stop = threading.Event()
     flood: list[int] = []
 
-    def flooder() -> None:
-        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10) as c:
+    def flooder(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
             while not stop.is_set():
                 flood.append(c.get("/local?delay=0.3").status_code)
 
-    threads = [threading.Thread(target=flooder) for _ in range(16)]
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 10
-        while flood.count(503) < 20 and time.monotonic() < deadline:  # the instance is full: the flood is refused
-            time.sleep(0.05)
-        assert flood.count(503) >= 20, flood[-20:]
-        other = httpx.HTTPTransport(local_address="127.0.0.2")
-        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10, transport=other) as c:
-            got = []
-            t0 = time.monotonic()
-            for _ in range(16):
-                got.append((time.monotonic() - t0, c.get("/local")))
-                time.sleep(0.25)
-        late = [r for at, r in got if at >= 1.5]
-        assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
-        assert 503 in flood[-40:]  # the flood was still on, and still refused
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(15)
-        lab.stop_all()
-        insts.stop_all()
+    with one_gateway(tmp_path, 20) as (_, url):
+        threads = [threading.Thread(target=flooder, args=(url,)) for _ in range(16)]
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 10
+            while flood.count(503) < 20 and time.monotonic() < deadline:  # the instance is full: the flood is refused
+                time.sleep(0.05)
+            assert flood.count(503) >= 20, flood[-20:]
+            other = httpx.HTTPTransport(local_address="127.0.0.2")
+            with httpx.Client(base_url=url, timeout=10, transport=other) as c:
+                got = []
+                t0 = time.monotonic()
+                for _ in range(16):
+                    got.append((time.monotonic() - t0, c.get("/local")))
+                    time.sleep(0.25)
+            late = [r for at, r in got if at >= 1.5]
+            assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
+            assert 503 in flood[-40:]  # the flood was still on, and still refused
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(15)
 
 
 def test_a_user_holding_nothing_is_never_over_its_share() -> None:
@@ -172,50 +181,33 @@ def test_a_user_asking_again_and_again_cannot_close_a_small_instance(tmp_path) -
     never over its share: the instance serves one of them whenever its slot is free (a slot is held
     a second after its answer). With shares of 0.5 a request, the asks alone refused every request
     of both ("holds 0 of its capacity, share 0.5")."""
-    import threading
-    import time
-
-    import httpx
-
-    from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
-
-    insts = InstanceProcs()
-    insts.start("l1", compute_ms=1)
-    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=1, compute_latency_ms=1),),
-                    {"health_interval_ms": 0})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    lab = Lab(specs)
     stop = threading.Event()
     other: list[httpx.Response] = []
 
-    def asker() -> None:
+    def asker(url: str) -> None:
         transport = httpx.HTTPTransport(local_address="127.0.0.2")
-        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10, transport=transport) as c:
+        with httpx.Client(base_url=url, timeout=10, transport=transport) as c:
             while not stop.is_set():
                 other.append(c.get("/local"))
                 stop.wait(0.3)
 
-    thread = threading.Thread(target=asker)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
-        thread.start()
-        transport = httpx.HTTPTransport(local_address="127.0.0.3")
-        with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10, transport=transport) as c:
-            while not other:
-                time.sleep(0.01)
-            got = []
-            for _ in range(16):
-                got.append(c.get("/local"))
-                time.sleep(0.25)
-        stop.set()
-        thread.join(15)
-        both = got + other
-        assert len(other) >= 4
-        assert not [r.text for r in both if "holds 0 of its capacity" in r.text]
-        assert sum(r.status_code == 200 for r in both) >= 2, [r.text for r in both]
-    finally:
-        stop.set()
-        thread.join(15)
-        lab.stop_all()
-        insts.stop_all()
+    with one_gateway(tmp_path, 1) as (_, url):
+        thread = threading.Thread(target=asker, args=(url,))
+        try:
+            thread.start()
+            transport = httpx.HTTPTransport(local_address="127.0.0.3")
+            with httpx.Client(base_url=url, timeout=10, transport=transport) as c:
+                deadline = time.monotonic() + 10
+                while not other and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                got = []
+                for _ in range(16):
+                    got.append(c.get("/local"))
+                    time.sleep(0.25)
+        finally:
+            stop.set()
+            thread.join(15)
+    both = got + other
+    assert len(other) >= 4
+    assert not [r.text for r in both if "holds 0 of its capacity" in r.text]
+    assert sum(r.status_code == 200 for r in both) >= 2, [r.text for r in both]
