@@ -281,6 +281,12 @@ class InstanceProcs:
         p.kill()
         p.wait()
 
+    def __enter__(self) -> InstanceProcs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
     def stop_all(self) -> None:
         procs = list({id(p): p for p in self.procs.values()}.values())
         for p in procs:

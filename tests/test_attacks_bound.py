@@ -20,7 +20,7 @@ from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.load import LatencyCorrection
 from cpnd.ribfeed import SIBLING_KEYS, Deframer, add_sends, others_message, read_siblings, relay_total, siblings_message
 from test_fairshare import one_gateway
-from test_workers import _cpnctl
+from test_workers import _cpnctl, read_status
 
 TIGHT = {"CPN-Max-Latency": "200ms"}  # the other users: a local instance of ~1 ms meets it even on a busy machine
 LOOSE_MS = 700  # the attacker's bound: its attempts are cut at 700 ms
@@ -47,13 +47,7 @@ def _connect(url: str) -> socket.socket:
 
 
 def _read_status(s: socket.socket) -> int:
-    data = b""
-    while b"\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        data += chunk
-    return int(data.split(b" ", 2)[1])
+    return read_status(s, body=False)  # a cut answer's head: its body is not waited for
 
 
 def test_slow_uploads_do_not_poison_the_correction(gw) -> None:

@@ -107,19 +107,15 @@ def test_counts_are_bounded_and_exact(steps) -> None:
 @contextlib.contextmanager
 def one_gateway(tmp_path, capacity: float) -> Iterator[tuple[Lab, str]]:
     """One gateway, a, with a local instance l1 (1 ms) of ``capacity``: the lab and its users' base URL."""
-    insts = InstanceProcs()
-    insts.start("l1", compute_ms=1)
-    topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=capacity, compute_latency_ms=1),),
-                    {"health_interval_ms": 0})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
-        yield lab, f"http://{specs['a'].http}"
-    finally:
-        lab.stop_all()
-        insts.stop_all()
+    with InstanceProcs() as insts:
+        insts.start("l1", compute_ms=1)
+        topo = Topology(("a",), (), (Instance("l1", "a", "/local", capacity=capacity, compute_latency_ms=1),),
+                        {"health_interval_ms": 0})
+        specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: any(r["best"] for r in lab.routes("a")), 30, "l1's route")
+            yield lab, f"http://{specs['a'].http}"
 
 
 def test_a_flooding_user_leaves_another_its_share(tmp_path) -> None:

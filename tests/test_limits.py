@@ -381,20 +381,16 @@ def _low_limit_lab(tmp_path, opts: dict, instance_at: str = "a"):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 1024 and hard >= 1024:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the flood's own sockets, in this process
-    insts = InstanceProcs()
-    port = insts.start("s1")
-    topo = Topology(("a", "b"), (Link("a", "b", 0),), (Instance("s1", instance_at, "/svc", 1e6, 1, 0),),
-                    {"hold_time_ms": 1500, **opts})
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{port}/")
-    lab_ = Lab(specs)
-    lab_.preexec = _low_nofile
-    try:
-        lab_.start_all()
-        lab_.wait_for(lambda: lab_.converged(topo), 20, "convergence")
-        yield lab_, specs
-    finally:
-        lab_.stop_all()
-        insts.stop_all()
+    with InstanceProcs() as insts:
+        port = insts.start("s1")
+        topo = Topology(("a", "b"), (Link("a", "b", 0),), (Instance("s1", instance_at, "/svc", 1e6, 1, 0),),
+                        {"hold_time_ms": 1500, **opts})
+        specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{port}/")
+        with Lab(specs) as lab_:
+            lab_.preexec = _low_nofile
+            lab_.start_all()
+            lab_.wait_for(lambda: lab_.converged(topo), 20, "convergence")
+            yield lab_, specs
 
 
 def test_descriptor_flood_at_a_low_limit_leaves_cpnctl_peers_and_users_working(tmp_path) -> None:

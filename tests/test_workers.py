@@ -51,22 +51,25 @@ def raw_get(sock: socket.socket, path: str = "/local") -> int:
     return read_status(sock)
 
 
-def read_status(sock: socket.socket) -> int:
-    """One whole response from ``sock`` (every answer here has a Content-Length); its status."""
+def read_status(sock: socket.socket, *, body: bool = True) -> int:
+    """One whole response from ``sock`` (every answer here has a Content-Length); its status.
+    ``body=False``: the head only (for a body that may trickle or never come)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("closed")
         data += chunk
-    head, body = data.split(b"\r\n\r\n", 1)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    if not body:
+        return int(head.split(b" ", 2)[1])
     length = next(int(v) for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
                   if k.strip().lower() == b"content-length")
-    while len(body) < length:
+    while len(rest) < length:
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("closed")
-        body += chunk
+        rest += chunk
     return int(head.split(b" ", 2)[1])
 
 

@@ -31,20 +31,16 @@ FAST = {"health_interval_ms": 0, "workers": 2, "connect_retry_min_ms": 100}
 def refusing_pair(tmp_path, options=FAST):
     """a (the options' workers) and b (one worker, max_data_channels_per_peer = 0) peered and
     converged; b serves /remote (r1). Yields the lab and its specs."""
-    insts = InstanceProcs()
-    insts.start("r1")
-    topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), options)
-    specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-    conf = specs["b"].config
-    conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
-    lab = Lab(specs)
-    try:
-        lab.start_all()
-        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
-        yield lab, specs
-    finally:
-        lab.stop_all()
-        insts.stop_all()
+    with InstanceProcs() as insts:
+        insts.start("r1")
+        topo = Topology(("a", "b"), (Link("a", "b"),), (Instance("r1", "b", "/remote", capacity=1e6),), options)
+        specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+        conf = specs["b"].config
+        conf.write_text(conf.read_text().replace("workers = 2", "workers = 1\nmax_data_channels_per_peer = 0"))
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+            yield lab, specs
 
 
 def workers(lab: Lab, gw: str) -> list[dict]:
