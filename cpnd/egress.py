@@ -80,13 +80,14 @@ class Egress:
             m.holds.guard_s = config.gateway.admission_guard_ms / 1000
             meters[inst.id] = m
         self.meters = meters
+        self.shares = {iid: self.shares[iid] if iid in self.shares else Shares() for iid in meters}  # one per meter
         # What was kept for instances no longer ours goes with them (registered ones come and go, at
         # addresses of their own: an idle connection kept per address ever seen would use up descriptors).
         self._pool_keys = {_pool_key(*instance_address(i.url)[:2], tlsstream.instance_tls(i)) for _, i in self.local.values()}
         for key in [k for k in self.pool if k not in self._pool_keys]:
             for entry in self.pool.pop(key):
                 tlsstream.raw_socket(entry.stream).close()
-        for table in (self._health, self._vouched, self.shares):
+        for table in (self._health, self._vouched):
             for iid in [k for k in table if k not in meters]:
                 del table[iid]
 
@@ -125,9 +126,7 @@ class Egress:
         """Admission for one request to ``inst`` (NO_BUDGET: none given) from ``party`` (the user's
         address, "" unknown) at ``now``: None, or why it is refused (counted)."""
         meter = self.meters[inst.id]
-        shares = self.shares.get(inst.id)
-        if shares is None:
-            shares = self.shares[inst.id] = Shares()
+        shares = self.shares[inst.id]
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:

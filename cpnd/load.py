@@ -619,9 +619,10 @@ class LatencyCorrection:
                 self._values.pop(old, None)
                 self._answered.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
-        window.append((now, int(observed_us - estimated_us), (True if party is None else party) if cut else False))
+        residual = int(observed_us - estimated_us)
+        window.append((now, residual, (True if party is None else party) if cut else False))
         if not cut:
-            self._answered.setdefault(key, collections.deque(maxlen=self.samples)).append((now, int(observed_us - estimated_us)))
+            self._answered.setdefault(key, collections.deque(maxlen=self.samples)).append((now, residual))
         self._update(key, window, now)
 
     def value_us(self, key: object, now: float) -> int:
