@@ -218,6 +218,7 @@ class Egress:
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         load_at_arrival = meter.load(now)
+        party = source_key(origin.client) if origin is not None else ""
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
@@ -229,10 +230,10 @@ class Egress:
             if served is None:
                 meter.abandoned()
             else:
-                meter.done(end, served * 1_000_000, load_at_arrival, hold)
+                meter.done(end, served * 1_000_000, load_at_arrival, hold, party)
             shares = self.shares.get(inst.id)
             if shares is not None:  # (gone with its instance: a reload meanwhile)
-                shares.ended(source_key(origin.client) if origin is not None else "", end)
+                shares.ended(party, end)
         return served
 
     async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:

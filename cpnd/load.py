@@ -18,8 +18,10 @@ import attrs
 
 WINDOW_S = 1.0  # loads are requests over the last second, over capacity
 MAX_EVENTS = 100_000  # bound on remembered timestamps per window
-HINT_SAMPLES = 1  # the configured compute latency, as samples until measurements push it out
-BASE_QUANTILE = 0.25  # the base compute: this quantile of recent normalised samples
+BASE_QUANTILE = 0.25  # a user's base compute: this quantile of its recent normalised samples
+PARTY_SAMPLES = 4  # a user's samples count once it has this many (one or two say little)
+MAX_PARTIES = 16  # users whose compute samples an instance keeps
+LONE_PROBE_S = 2.0  # one user alone shows the instance slow: the configured value is shown this long ...
 SAMPLE_TTL_S = 5.0  # a compute sample older than this no longer counts ...
 MAX_SAMPLE_TTL_S = 60.0  # ... doubled, up to this, each time a retried instance proves slow again
 REPROBE_SAMPLES = 4  # samples after a reset to the hint that decide whether it was slow again
@@ -198,10 +200,13 @@ class InstanceMeter:
         self.capacity = capacity
         self.hint_us = float(compute_hint_us)
         self.base_us = self.hint_us
-        # The low quarter of recent samples, like a minimum RTT filter: delays from a busy
-        # gateway or a queue only ever add, and one very slow request (a long generation, a
-        # stalled instance) must not make the instance look slow for everyone.
-        self._samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=samples)  # (when, µs)
+        self.samples = samples
+        # Each user's own samples, and the low quarter of them, like a minimum RTT filter: delays
+        # from a busy gateway or a queue only ever add, and one very slow request (a long
+        # generation, a stalled instance) must not make the instance look slow for everyone.
+        # Kept per user (``party``) so that one user's long jobs describe that user alone.
+        self._parties: dict[object, collections.deque[tuple[float, float]]] = {}  # (when, µs)
+        self._values: dict[object, float] = {}  # the counted users' low quarters
         self.arrivals = RateWindow()
         self.bounded = RateWindow()  # latency-bound requests that asked, admitted or not: their demand
         self.servable = RateWindow()  # those of them whose bound this instance can meet at some load
@@ -209,6 +214,11 @@ class InstanceMeter:
         self._ceilings: collections.deque[tuple[float, float]] = collections.deque(maxlen=MAX_EVENTS)
         self.sample_ttl_s = SAMPLE_TTL_S
         self._expired_base: float | None = None  # the base when samples last ran out, if above the hint
+        self._since_expired = 0  # samples since then
+        self.measured_us = self.hint_us  # the fastest counted user's; base_us is this, but in a lone probe
+        self.lone_ttl_s = SAMPLE_TTL_S  # ... after one user alone has shown it slow this long (doubling)
+        self._lone_since: float | None = None
+        self._probe_until: float | None = None
         self.inflight = 0
         self.refused = 0
         self.holds = SlotHolds(guard_s)  # the hard capacity bound (admission-time counts alone can be overrun)
@@ -298,23 +308,33 @@ class InstanceMeter:
             return self.capacity
         return min(self.capacity, min(c for _, c in self._ceilings))
 
-    def done(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None) -> None:
-        """A response head came back after ``service_us`` (its exchange ended ``now``): refine the base
-        compute latency, and end the request's ``hold`` (from ``take_hold``) by now if it runs later."""
+    def done(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None,
+             party: object = "") -> None:
+        """A response head came back after ``service_us`` (its exchange ended ``now``) to ``party`` (the
+        user's address, fairshare.source_key): refine the base compute latency, and end the request's
+        ``hold`` (from ``take_hold``) by now if it runs later."""
         self.inflight = max(0, self.inflight - 1)
         if hold is not None:
             self.holds.answered(hold, now)
         if not math.isfinite(service_us) or service_us < 0:
             return
-        self._samples.append((now, service_us / load_factor(load_at_arrival)))
+        window = self._parties.get(party)
+        if window is None:
+            if len(self._parties) >= MAX_PARTIES:
+                self._forget(self._least_telling())
+            window = self._parties[party] = collections.deque(maxlen=self.samples)
+        window.append((now, service_us / load_factor(load_at_arrival)))
+        self._count(party, window)
         self._update()
-        if self._expired_base is not None and len(self._samples) >= REPROBE_SAMPLES:
-            # Retried after its samples ran out: still slow means the next retry waits twice
-            # as long (an instance just outside a bound would otherwise swing in and out every
-            # few seconds); fast again means the slowness was a passing spell.
-            slow_again = self.base_us >= (self.hint_us + self._expired_base) / 2
-            self.sample_ttl_s = min(MAX_SAMPLE_TTL_S, 2 * self.sample_ttl_s) if slow_again else SAMPLE_TTL_S
-            self._expired_base = None
+        if self._expired_base is not None:
+            self._since_expired += 1
+            if self._values and self._since_expired >= REPROBE_SAMPLES:
+                # Retried after its samples ran out: still slow means the next retry waits twice
+                # as long (an instance just outside a bound would otherwise swing in and out every
+                # few seconds); fast again means the slowness was a passing spell.
+                slow_again = self.measured_us >= (self.hint_us + self._expired_base) / 2
+                self.sample_ttl_s = min(MAX_SAMPLE_TTL_S, 2 * self.sample_ttl_s) if slow_again else SAMPLE_TTL_S
+                self._expired_base = None
 
     def expire(self, now: float) -> None:
         """Forget samples older than ``sample_ttl_s``; with none left, the configured hint is back.
@@ -323,21 +343,64 @@ class InstanceMeter:
         without this, one slow spell would shut it out for good. Each time it proves slow
         again the wait doubles (like an outlier's ejection time), up to MAX_SAMPLE_TTL_S.
         """
-        if self._samples and self._samples[0][0] < now - self.sample_ttl_s:
-            while self._samples and self._samples[0][0] < now - self.sample_ttl_s:
-                self._samples.popleft()
-            if not self._samples and self.base_us > self.hint_us:
-                self._expired_base = self.base_us
+        cutoff = now - self.sample_ttl_s
+        stale = [p for p, w in self._parties.items() if w[0][0] < cutoff]
+        for party in stale:
+            window = self._parties[party]
+            while window and window[0][0] < cutoff:
+                window.popleft()
+            if window:
+                self._count(party, window)
+            else:
+                self._forget(party)
+        if stale:
+            if not self._parties and self.measured_us > self.hint_us:
+                self._expired_base, self._since_expired = self.measured_us, 0
             self._update()
+        self._probe_lone(now)
+
+    def _probe_lone(self, now: float) -> None:
+        """One user alone shows the instance slower than configured: believed for ``lone_ttl_s``, then
+        the configured value is shown for LONE_PROBE_S, so that other users come and show whether it is
+        the instance or that user's own jobs; the wait doubles each time it is still alone after."""
+        if not (len(self._values) == 1 and self.measured_us > self.hint_us):
+            self._lone_since = self._probe_until = None
+            self.lone_ttl_s = SAMPLE_TTL_S
+        elif self._probe_until is not None:
+            if now < self._probe_until:
+                return
+            self._probe_until, self._lone_since = None, now
+            self.lone_ttl_s = min(MAX_SAMPLE_TTL_S, 2 * self.lone_ttl_s)
+        elif self._lone_since is None:
+            self._lone_since = now
+        elif now - self._lone_since >= self.lone_ttl_s:
+            self._probe_until = now + LONE_PROBE_S
+        self.base_us = self.hint_us if self._probe_until is not None else self.measured_us
+
+    def _count(self, party: object, window: collections.deque[tuple[float, float]]) -> None:
+        if len(window) >= PARTY_SAMPLES:
+            values = sorted(v for _, v in window)
+            self._values[party] = values[int(BASE_QUANTILE * (len(values) - 1))]
+        else:
+            self._values.pop(party, None)
+
+    def _forget(self, party: object) -> None:
+        del self._parties[party]
+        self._values.pop(party, None)
+
+    def _least_telling(self) -> object:
+        """The user to forget for a newcomer: one not yet counted, the longest quiet; else the slowest
+        (so users many addresses send from cannot push out the one the base comes from)."""
+        uncounted = [p for p in self._parties if p not in self._values]
+        if uncounted:
+            return min(uncounted, key=lambda p: self._parties[p][-1][0])
+        return max(self._values, key=self._values.__getitem__)
 
     def _update(self) -> None:
-        # The configured hint counts as a sample until the window is full, so that with
-        # none left it is the estimate again.
-        values = [v for _, v in self._samples]
-        assert self._samples.maxlen is not None
-        values += [self.hint_us] * min(HINT_SAMPLES, self._samples.maxlen - len(values))
-        values.sort()
-        self.base_us = values[int(BASE_QUANTILE * (len(values) - 1))]
+        # The fastest counted user's low quarter (selection.md, "Load advertisement"): one user's
+        # own long jobs, sent on purpose or not, must not make the instance look slow to the others.
+        self.measured_us = min(self._values.values()) if self._values else self.hint_us
+        self.base_us = self.hint_us if self._probe_until is not None else self.measured_us
 
     def abandoned(self) -> None:
         self.inflight = max(0, self.inflight - 1)
@@ -500,7 +563,7 @@ class SendAccount:
 
 STAGE_SAMPLES = 32  # a gateway's own processing in one role: the median of its last this many requests ...
 STAGE_TTL_S = 5.0  # ... not older than this (an idle gateway is soon assumed as fast as its hint again)
-STAGE_HINT_US = 500  # with no samples; counts as one sample until the window is full (as the compute hint does)
+STAGE_HINT_US = 500  # with no samples; counts as one sample until the window is full
 STAGE_QUANTILE = 0.5
 
 

@@ -3,6 +3,7 @@ make other users' requests fail (503 no_instance, 504) when the instance serves 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import socket
@@ -147,6 +148,62 @@ def test_many_long_jobs_cannot_push_the_answered_out_of_the_correction(gw) -> No
     assert codes == [504] * ATTACKERS and set(others) == {200}, (codes, others)
     assert lab.query("a", "stats")["http"]["bound_cut"] == ATTACKERS
     assert _served(url, 5) == [200] * 5
+
+
+def test_one_users_answered_long_jobs_do_not_make_the_instance_slow_for_others(gw) -> None:
+    """A user's requests are served; then another user (127.0.0.2) sends long jobs (0.5 s) under a
+    loose bound, all answered, more than the compute window (32): they describe that user alone. The
+    gateway's base compute stays what the first user finds (~1 ms), so its 200 ms bound is still met,
+    not answered 503 no_instance (before, the jobs made the base 500 ms for everyone: compute-estimate
+    poisoning)."""
+    lab, url = gw
+    assert _served(url, 5) == [200] * 5
+
+    def long_jobs(n: int) -> list[int]:
+        slow = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=url, timeout=10, transport=slow) as c:
+            return [c.get("/local?delay=0.5", headers={"CPN-Max-Latency": "5s"}).status_code for _ in range(n)]
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        codes = [code for codes in pool.map(long_jobs, [3] * 16) for code in codes]
+    assert codes == [200] * 48
+    [route] = lab.routes("a")
+    assert route["compute_latency_ms"] < 100, route  # what a advertises of l1: its own, not the user's jobs
+    assert _served(url, 5) == [200] * 5
+
+
+def test_a_user_that_comes_after_one_users_long_jobs_is_let_in_by_the_probe(gw) -> None:
+    """One user (127.0.0.2) sends long jobs (0.5 s) under a loose bound while nobody else is served:
+    the gateway believes them (one user may be every user's address) and l1 is out of another user's
+    200 ms bound. After 5 s of it the configured 1 ms is shown for 2 s: the other user, asking ten
+    times a second, gets in, and from then on its own samples keep l1 within its bound."""
+    lab, url = gw
+    stop = threading.Event()
+    jobs: list[int] = []
+
+    def long_jobs() -> None:
+        slow = httpx.HTTPTransport(local_address="127.0.0.2")
+        with httpx.Client(base_url=url, timeout=10, transport=slow) as c:
+            while not stop.is_set() and len(jobs) < 2000:
+                jobs.append(c.get("/local?delay=0.5", headers={"CPN-Max-Latency": "5s"}).status_code)
+
+    threads = [threading.Thread(target=long_jobs) for _ in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        lab.wait_for(lambda: lab.routes("a")[0]["compute_latency_ms"] > 250, 20, "the long jobs' compute")
+        codes = []
+        with httpx.Client(base_url=url, timeout=10) as c:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and codes[-10:] != [200] * 10:
+                codes.append(c.get("/local", headers=TIGHT).status_code)
+                time.sleep(0.1)  # its pace, ten a second (not synchronisation: nothing is awaited)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert codes[0] == 503 and codes[-10:] == [200] * 10, codes
+    assert set(jobs) == {200}
 
 
 def test_a_slow_reader_does_not_turn_its_answer_into_a_cut(gw) -> None:

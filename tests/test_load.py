@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from cpnd.load import (
     CORRECTION_MAX_US,
     Hold,
+    LONE_PROBE_S,
+    MAX_PARTIES,
     MAX_SAMPLE_TTL_S,
+    PARTY_SAMPLES,
     REFUSAL_HOLD_S,
     REPROBE_SAMPLES,
     SAMPLE_TTL_S,
@@ -194,28 +197,62 @@ def test_bounded_demand_that_cannot_be_met_here_reserves_nothing() -> None:
     assert got == 30  # the 20 bounded got in (below half load), all the rest goes to flexible traffic
 
 
+def _answer(m: InstanceMeter, at: float, us: float, party: object, n: int = 1, load: float = 0.0) -> None:
+    for i in range(n):
+        m.admit(at + 0.01 * i, None)
+        m.done(at + 0.01 * i, us, load_at_arrival=load, party=party)
+
+
 def test_one_slow_first_request_does_not_move_the_compute_estimate() -> None:
     m = InstanceMeter(capacity=50, compute_hint_us=1000)
-    m.admit(0.0, None)
-    m.done(0.1, 20_000, load_at_arrival=0.0)  # a cold first request
+    _answer(m, 0.0, 20_000, "a")  # a cold first request
+    _answer(m, 0.0, 20_000, "b")
     assert m.base_us == 1000
-    for i in range(5):  # measurements, once there are a few, win over the hint
-        m.admit(0.2, None)
-        m.done(0.3, 1700, load_at_arrival=0.0)
+    _answer(m, 0.2, 1700, "a", 5)  # measurements, once there are a few, win over the hint
+    _answer(m, 0.2, 1700, "b", 5)
     assert m.base_us == 1700
 
 
 def test_compute_is_a_robust_low_quantile() -> None:
     m = InstanceMeter(capacity=50, compute_hint_us=9999)
     for i in range(20):
-        m.admit(0.0, None)
-        m.done(0.1, 1000 + i, load_at_arrival=0.2)
-    m.admit(0.0, None)
-    m.done(0.2, 2_000_000, load_at_arrival=0.2)  # one very slow answer
+        _answer(m, 0.0, 1000 + i, "a", load=0.2)
+    _answer(m, 0.2, 2_000_000, "a", load=0.2)  # one very slow answer
     assert 1000 <= m.base_us <= 1020
-    m.admit(0.0, None)
-    m.done(0.3, 1500, load_at_arrival=0.75)  # 1500 at 75 % load is a base of 1000
+    _answer(m, 0.3, 1500, "a", load=0.75)  # 1500 at 75 % load is a base of 1000
     assert m.base_us < 1020
+
+
+def test_one_users_long_jobs_do_not_make_the_instance_slow_for_everyone() -> None:
+    # One user sends 300 ms jobs as fast as they are answered; another's take 5 ms.
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    _answer(m, 0.0, 4800, "honest", 4)
+    assert m.base_us == 4800
+    _answer(m, 0.5, 300_000, "attacker", 200)
+    assert m.base_us == 4800  # however many it sends
+    _answer(m, 1.0, 300_000, "second attacker", 32)
+    assert m.base_us == 4800  # the fastest user's low quarter
+    m.expire(5.2)  # the honest user's samples are over 5 s old: the others' are all there is
+    assert m.base_us == 300_000
+
+
+def test_every_user_slow_makes_the_instance_slow() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    _answer(m, 0.0, 9000, "a", 3)
+    assert m.base_us == 5000  # three samples say little
+    _answer(m, 0.0, 9000, "a", 5)
+    assert m.base_us == 9000  # one user alone: an app server may be every user's address
+    _answer(m, 0.0, 8000, "b", 8)
+    assert m.base_us == 8000
+
+
+def test_users_from_many_addresses_cannot_push_out_the_fastest() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    _answer(m, 0.0, 4000, "honest", 8)
+    for k in range(5 * MAX_PARTIES):
+        _answer(m, 0.1 + k * 0.01, 300_000, f"attacker {k}", PARTY_SAMPLES)
+        assert m.base_us == 4000
+    assert len(m._parties) == MAX_PARTIES
 
 
 def test_compute_samples_age_out_to_the_hint() -> None:
@@ -223,29 +260,27 @@ def test_compute_samples_age_out_to_the_hint() -> None:
     # so no samples: the old ones must stop counting, or it is shut out for good.
     m = InstanceMeter(capacity=50, compute_hint_us=1000)
     for i in range(20):
-        m.admit(i * 0.05, None)
-        m.done(i * 0.05, 6000, load_at_arrival=0.0)
+        _answer(m, i * 0.05, 6000, "a")
+        _answer(m, i * 0.05, 6000, "b")
     assert m.base_us == 6000
     m.expire(3.0)
     assert m.base_us == 6000  # still recent
-    m.admit(4.0, None)
-    m.done(4.0, 1200, load_at_arrival=0.0)
-    m.expire(6.5)  # the slow ones are over 5 s old; the one at 4.0 s and the hint remain
-    assert m.base_us == 1000
+    _answer(m, 4.0, 1200, "a", 4)
+    _answer(m, 4.0, 1300, "b", 4)
+    m.expire(6.5)  # the slow ones are over 5 s old; the ones at 4.0 s remain
+    assert m.base_us == 1200
     m.expire(9.5)
     assert m.base_us == 1000  # nothing measured for 5 s: the configured hint
-    m.admit(10.0, None)
-    m.done(10.0, 3000, load_at_arrival=0.0)
-    assert m.base_us == 1000  # the low quarter of one sample and the hint
+    _answer(m, 10.0, 3000, "a", 1)
+    assert m.base_us == 1000  # one sample says little
 
 
 def test_an_instance_that_proves_slow_again_is_retried_ever_later() -> None:
     m = InstanceMeter(capacity=50, compute_hint_us=3000)
 
     def serve(at: float, us: float, n: int = REPROBE_SAMPLES) -> None:
-        for i in range(n):
-            m.admit(at + 0.01 * i, None)
-            m.done(at + 0.01 * i, us, load_at_arrival=0.0)
+        _answer(m, at, us, "a", n)
+        _answer(m, at, us, "b", n)
 
     serve(0.0, 3400, 8)
     assert m.base_us == 3400
@@ -532,3 +567,46 @@ def test_rate_window_change_is_the_difference_of_two_counts(steps) -> None:
         at = now - back
         assert w.change(now, at) == (sum(1 for t in seen if now - 1.0 < t <= now)
                                      - sum(1 for t in seen if at - 1.0 < t <= at))
+
+
+def test_one_user_alone_showing_the_instance_slow_is_probed_ever_later() -> None:
+    # One user's long jobs, with no other user served: believed, but the configured value is shown
+    # now and then, so that another user can come and show what the instance is for it.
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    t = 0.0
+
+    def attack(until: float) -> None:  # ten long jobs a second, all answered
+        nonlocal t
+        while t < until:
+            _answer(m, t, 300_000, "attacker")
+            t += 0.1
+            m.expire(t)
+
+    attack(1.0)
+    assert m.base_us == 300_000
+    wait = SAMPLE_TTL_S
+    for _ in range(3):  # nobody else comes: the wait doubles
+        start = t
+        attack(start + wait + 0.05)
+        assert m.base_us == 5000  # the probe
+        attack(start + wait + LONE_PROBE_S + 0.15)
+        assert m.base_us == 300_000
+        wait *= 2
+        assert m.lone_ttl_s == wait
+    attack(t + wait + 0.05)
+    assert m.base_us == 5000
+    _answer(m, t, 4800, "honest", PARTY_SAMPLES)  # another user comes in the probe ...
+    m.expire(t)
+    assert m.base_us == 4800 and m.lone_ttl_s == SAMPLE_TTL_S  # ... and shows the jobs were the attacker's
+    attack(t + 60)
+    assert m.base_us == 300_000  # once its samples are gone, the attacker is alone again
+
+
+def test_a_slow_instance_with_one_user_stays_slow_but_for_the_probes() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    shown = []
+    for k in range(600):  # a minute, ten requests a second, all 8 ms
+        _answer(m, k * 0.1, 8000, "app server")
+        m.expire(k * 0.1)
+        shown.append(m.base_us)
+    assert shown.count(5000) <= 8 * LONE_PROBE_S * 10  # probes at 5, 15, 35 s (plus the first samples)
