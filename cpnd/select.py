@@ -214,10 +214,13 @@ def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
     # latency-bound demand away from an instance that flexible traffic filled, and so
     # never let admission see that demand (a trap the paper bench fell into).
     # Demand may exceed capacity (it counts refused requests), load never does: admission
-    # stops at capacity, so no request sees compute slower than at full load.
+    # stops at capacity, and refuses a latency-bound request whose compute would miss its
+    # bound, so an admitted request meets the load admitted, not the demand (demand beyond
+    # it is refused at once, not served slower): estimating compute at the demand would take
+    # the instance out of bounds it serves at the load admission keeps it to.
     # A flexible request meets the load there now, but finds only the room that admission
     # leaves it beside the latency-bound demand: that is how full the instance is for it.
-    seen = view.bload if bounded else view.load
+    seen = min(view.bload, view.load) if bounded else view.load
     fill = view.bload if bounded else max(view.load, view.bload)
     compute = compute_estimate_us(view.compute_us, min(1.0, seen + 1 / f.capacity))
     # Bounded: the correction never takes the estimate below the network alone.

@@ -132,14 +132,16 @@ def test_latency_bound_requests_see_an_instance_as_full_as_its_latency_bound_dem
     # admission would push the flexible traffic aside, so a bounded request must still see
     # s3 as usable (else its demand never reaches s3's gateway and the flexible traffic
     # keeps s3 for good); a flexible request sees it full. Demand beyond capacity (1.6)
-    # never makes compute look slower than at full load. A flexible request sees the load
+    # never makes compute look slower than at full load, nor than at the load admitted (0.6:
+    # admission refuses what would miss its bound, so what it admits meets that load). A flexible request sees the load
     # for its compute, but the latency-bound demand fills the instance for it (0.2 / 0.9):
     # admission keeps that capacity for the demand.
     rib = Rib("gw1")
     rib.set_link_cost("gw5", 6000)
     label = service_label("/yolo")
     for load, bload, bounded, compute, fill in ((1.0, 0.2, True, 1000, 0.2), (1.0, 0.2, False, 2000, 1.0),
-                                                (1.0, 1.6, True, 2000, 1.6), (0.2, 0.9, False, 1000, 0.9)):
+                                                (1.0, 1.6, True, 2000, 1.6), (0.6, 1.6, True, 1240, 1.6),
+                                                (0.2, 0.9, False, 1000, 0.9)):
         rib.apply_update("gw5", Update((RouteAdv("/yolo", "s3", "gw5", 3, label, ("gw5",), 0, 50.0, load, 2.0, 1000,
                                                  bload, gateway_us=0),)), 0)
         (c,) = candidates(rib, "/yolo", bounded=bounded)
