@@ -61,6 +61,7 @@ def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 
 FRAMING = (b"content-length", b"transfer-encoding")
 _DROP = HOP_BY_HOP - set(FRAMING)
+_KEEP_NAMED = {b"host", *FRAMING}  # a Connection header naming these does not drop them
 
 
 def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
@@ -75,25 +76,58 @@ def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cp
     a proxy's h11 cost). Anything else takes the checked path.
     """
     full = getattr(headers, "_full_items", None)
-    if full is None:
-        pairs = list(headers)  # type: ignore[arg-type]
-        out = normalize_and_validate(filter_headers(pairs, drop_cpn=drop_cpn) + framing(pairs))._full_items
-        out = [item for item in out if item[1] not in drop]
-    else:
-        # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
-        named = {t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - {b"host"}
-        named -= set(FRAMING)
-        out = [item for item in full if not (item[1] in _DROP or item[1] in named or item[1] in drop
-                                             or (drop_cpn and item[1].startswith(b"cpn-")))]
-        lengths = [item for item in out if item[1] == b"content-length"]
-        if lengths and any(item[1] == b"transfer-encoding" for item in out):
-            out = [item for item in out if item[1] != b"transfer-encoding"]  # as framing(): the length wins
+    if full is not None:
+        return Headers(_rewrite_parsed(full, drop_cpn, host, default_host, drop, extra))
+    pairs = list(headers)  # type: ignore[arg-type]
+    out = normalize_and_validate(filter_headers(pairs, drop_cpn=drop_cpn) + framing(pairs))._full_items
+    out = [item for item in out if item[1] not in drop]
     if host is not None:
         out = [(b"host", b"host", host), *(item for item in out if item[1] != b"host")]
     elif default_host is not None and not any(item[1] == b"host" for item in out):
         out = [*out, (b"host", b"host", default_host)]
     out += [(n, n, v) for n, v in extra]
     return Headers(out)
+
+
+def _rewrite_parsed(full: list[tuple[bytes, bytes, bytes]], drop_cpn: bool, host: bytes | None,
+                    default_host: bytes | None, drop: Collection[bytes],
+                    extra: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+    """``rewrite_headers`` of h11's own (raw, lowercase, value) items, in one walk over them: two
+    rewrites a request, and the walks of one pass each (a comprehension per rule) were ~4 % of a
+    local request's CPU at saturation."""
+    out = []
+    named: set[bytes] | None = None  # what Connection names (hop-by-hop: dropped too)
+    length = chunked = has_host = False
+    for item in full:
+        low = item[1]
+        if low in _DROP or low in drop or (drop_cpn and low[:4] == b"cpn-"):
+            if low == b"connection":
+                named = (named or set()).union(t.strip().lower() for t in item[2].split(b","))
+            continue
+        if low == b"host":
+            if host is not None:
+                continue  # replaced below
+            has_host = True
+        elif low == b"content-length":
+            length = True
+        elif low == b"transfer-encoding":
+            chunked = True
+        out.append(item)
+    if named:
+        # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
+        named -= _KEEP_NAMED
+        named -= _DROP  # dropped already (Connection: keep-alive, say)
+        if named:
+            out = [item for item in out if item[1] not in named]
+    if length and chunked:
+        out = [item for item in out if item[1] != b"transfer-encoding"]  # as framing(): the length wins
+    if host is not None:
+        out.insert(0, (b"host", b"host", host))
+    elif default_host is not None and not has_host:
+        out.append((b"host", b"host", default_host))
+    for n, v in extra:
+        out.append((n, n, v))
+    return out
 
 
 def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),
