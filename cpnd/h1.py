@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import operator
 import os
 import re
 import select
@@ -62,6 +64,7 @@ def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 FRAMING = (b"content-length", b"transfer-encoding")
 _DROP = HOP_BY_HOP - set(FRAMING)
 _KEEP_NAMED = {b"host", *FRAMING}  # a Connection header naming these does not drop them
+_NAME = operator.itemgetter(1)  # of h11's (raw, lowercase, value) items
 
 
 def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
@@ -92,41 +95,27 @@ def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cp
 def _rewrite_parsed(full: list[tuple[bytes, bytes, bytes]], drop_cpn: bool, host: bytes | None,
                     default_host: bytes | None, drop: Collection[bytes],
                     extra: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
-    """``rewrite_headers`` of h11's own (raw, lowercase, value) items, in one walk over them: two
-    rewrites a request, and the walks of one pass each (a comprehension per rule) were ~4 % of a
-    local request's CPU at saturation."""
-    out = []
-    named: set[bytes] | None = None  # what Connection names (hop-by-hop: dropped too)
-    length = chunked = has_host = False
-    for item in full:
-        low = item[1]
-        if low in _DROP or low in drop or (drop_cpn and low[:4] == b"cpn-"):
-            if low == b"connection":
-                named = (named or set()).union(t.strip().lower() for t in item[2].split(b","))
-            continue
-        if low == b"host":
-            if host is not None:
-                continue  # replaced below
-            has_host = True
-        elif low == b"content-length":
-            length = True
-        elif low == b"transfer-encoding":
-            chunked = True
-        out.append(item)
-    if named:
+    """``rewrite_headers`` of h11's own (raw, lowercase, value) items, the walks over them done in C
+    (``map``, ``compress``, set and list lookups): two rewrites a request at each gateway, and a
+    comprehension per rule, then one Python loop over the fields, cost 550, then 370 bytecodes a
+    local request at saturation."""
+    names = list(map(_NAME, full))
+    gone = _DROP.union(drop)
+    if host is not None:
+        gone.add(b"host")  # replaced below
+    if drop_cpn and b"\ncpn-" in b"\n" + b"\n".join(names):
+        gone.update(n for n in names if n[:4] == b"cpn-")
+    if b"connection" in names:
         # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
-        named -= _KEEP_NAMED
-        named -= _DROP  # dropped already (Connection: keep-alive, say)
-        if named:
-            out = [item for item in out if item[1] not in named]
-    if length and chunked:
-        out = [item for item in out if item[1] != b"transfer-encoding"]  # as framing(): the length wins
+        gone.update({t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - _KEEP_NAMED)
+    if b"content-length" in names and b"transfer-encoding" in names:
+        gone.add(b"transfer-encoding")  # as framing(): the length wins
+    out = list(itertools.compress(full, map(operator.not_, map(gone.__contains__, names))))
     if host is not None:
         out.insert(0, (b"host", b"host", host))
-    elif default_host is not None and not has_host:
+    elif default_host is not None and (b"host" not in names or b"host" in gone):
         out.append((b"host", b"host", default_host))
-    for n, v in extra:
-        out.append((n, n, v))
+    out += [(n, n, v) for n, v in extra]
     return out
 
 
