@@ -4,6 +4,7 @@
     python bench/dataplane.py --idle-only           # the sequential idle table alone (~2 min)
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
     python bench/dataplane.py --saturation-cpu [--repeats 3] [--seconds 4]   # CPU per request of each process, saturated
+    python bench/dataplane.py --opcodes [--breakdown-requests 200]   # bytecodes a request by function, exact
     python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
     python bench/dataplane.py --grpc [--repeats 3] [--seconds 4] [--idle-rounds 5]   # gRPC unary beside direct calls
     python bench/dataplane.py --workers [--repeats 5]    # a local instance with [gateway] workers = 1 and 2
@@ -913,6 +914,58 @@ def spy_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, li
     return out
 
 
+def _opcode_counts(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        name, _, n = line.rpartition(" ")
+        out[name] = out.get(name, 0) + int(n)
+    return out
+
+
+def opcodes(args: argparse.Namespace) -> int:
+    """Every bytecode instruction each process on a path executes per request, by function (the
+    probe's opcodes mode: exact, load-independent), less an idle window's over as long."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
+    os.environ["CPN_PROBE"] = str(probe_dir)
+    (probe_dir / "mode").write_text("opcodes")
+    n = args.breakdown_requests
+    paths = ["floor", *CPND]
+    result: dict[str, Any] = {"requests": n, "command": " ".join(sys.argv), "paths": {}}
+    ensure("nginx", "nginx-light")
+    try:
+        with Rig({}, with_peers=False) as rig:
+            probe = Probe(probe_dir)
+            pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+            probe.start(pids)
+            time.sleep(3.0)
+            idle_s = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+            idle = {pid: _opcode_counts(probe_dir / f"probe-{pid}.opcodes") for pid in pids}
+            for k in paths:
+                client = Sequential(*rig.targets[k])
+                client.run(100)
+                ps = [pid for _, pid in rig.roles[k]]
+                probe.start(ps)
+                client.run(n)
+                secs = {pid: c["seconds"] for pid, c in probe.read(ps).items()}
+                client.close()
+                result["paths"][k] = {}
+                for role, pid in rig.roles[k]:
+                    scale = secs[pid] / idle_s[pid]
+                    got = _opcode_counts(probe_dir / f"probe-{pid}.opcodes")
+                    per = {f: round((v - idle[pid].get(f, 0) * scale) / n, 1) for f, v in got.items()}
+                    per = dict(sorted(((f, v) for f, v in per.items() if abs(v) >= 0.5), key=lambda kv: -kv[1]))
+                    result["paths"][k][role] = {"total": round(sum(per.values())), "functions": per}
+                    print(f"\n{k}, {role}: {sum(per.values()):.0f} bytecodes a request; the most:")
+                    for f, v in list(per.items())[:args.opcodes_top]:
+                        print(f"  {v:8.1f}  {f}")
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane_opcodes.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def breakdown(args: argparse.Namespace) -> int:
     """Counts per request, per path and gateway, against the floor chain; then cProfile tops."""
     probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
@@ -1061,6 +1114,9 @@ def main() -> int:
     ap.add_argument("--https", action="store_true", help="only the https rows: TLS at the ingress and an https "
                     "instance, beside nginx doing the same (bench/dataplane_https.py)")
     ap.add_argument("--breakdown-requests", type=int, default=2000)
+    ap.add_argument("--opcodes", action="store_true", help="only the bytecodes each gateway executes a request, by "
+                    "function (exact; --breakdown-requests of them per path, sequential)")
+    ap.add_argument("--opcodes-top", type=int, default=25, help="functions printed per gateway with --opcodes")
     ap.add_argument("--saturation-cpu", action="store_true", help="only CPU per request of every process on each path "
                     "at saturation (wrk), cpnd's paths beside the floor with as many proxies, in alternation")
     ap.add_argument("--workers", action="store_true", help="only the [gateway] workers rows: a local instance with 1 and 2 workers")
@@ -1075,6 +1131,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.breakdown:
         return breakdown(args)
+    if args.opcodes:
+        return opcodes(args)
     if args.saturation_cpu:
         wrk_bin = ensure("wrk", "wrk")
         if wrk_bin is None:
