@@ -3,6 +3,8 @@
     python bench/dataplane.py [--repeats 3] [--seconds 4] [--rate 1000] [--idle-rounds 7] [--idle-requests 400]
     python bench/dataplane.py --idle-only           # the sequential idle table alone (~2 min)
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
+    python bench/dataplane.py --saturation-cpu [--repeats 3] [--seconds 4]   # CPU per request of each process, saturated
+    python bench/dataplane.py --opcodes [--breakdown-requests 200]   # bytecodes a request by function, exact
     python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
     python bench/dataplane.py --grpc [--repeats 3] [--seconds 4] [--idle-rounds 5]   # gRPC unary beside direct calls
     python bench/dataplane.py --workers [--repeats 5]    # a local instance with [gateway] workers = 1 and 2
@@ -472,6 +474,78 @@ def print_saturation(rows: list[dict[str, Any]], rate: float) -> None:
             print(f"| {name} | {r['rps']:.0f} | {r['floor_chain']} | {f['rps']:.0f} | {r['rps_vs_floor_chain']} |")
 
 
+# ---------------------------------------------------------------- CPU at saturation
+
+
+def _switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of ``pid`` so far."""
+    got = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if "ctxt_switches" in line)
+    return int(got["voluntary_ctxt_switches"]), int(got["nonvoluntary_ctxt_switches"])
+
+
+def saturated_cpu(rig: Rig, name: str, wrk: str, seconds: float) -> dict[str, Any]:
+    """wrk (8 connections) on one path: requests/s, and for every process on it, the instance and wrk
+    itself, CPU µs per request, the share of a core it used, and context switches per request."""
+    h, p, path = rig.targets[name]
+    pids = [("instance", rig.instance_pid), *rig.roles[name]]
+    cpu0 = {role: cpu_seconds(pid) for role, pid in pids}
+    sw0 = {role: _switches(pid) for role, pid in pids}
+    t0 = time.monotonic()
+    proc = subprocess.Popen([wrk, "-t1", "-c8", f"-d{seconds:g}s", f"http://{h}:{p}{path}"], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, _, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    m = re.search(r"(\d+) requests in", out)
+    n = int(m.group(1)) if m else 0
+    if not n or "Non-2xx" in out:
+        raise RuntimeError(f"wrk on {name}: {out}")
+    row: dict[str, Any] = {"rps": n / seconds, "processes": {}}
+    for role, pid in pids:
+        sw = _switches(pid)
+        row["processes"][role] = {"cpu_us": (cpu_seconds(pid) - cpu0[role]) / n * 1e6,
+                                  "core": (cpu_seconds(pid) - cpu0[role]) / wall,
+                                  "switches": (sw[0] - sw0[role][0]) / n, "preempted": (sw[1] - sw0[role][1]) / n}
+    cpu = usage.ru_utime + usage.ru_stime
+    row["processes"]["wrk"] = {"cpu_us": cpu / n * 1e6, "core": cpu / wall, "switches": usage.ru_nvcsw / n,
+                               "preempted": usage.ru_nivcsw / n}
+    return row
+
+
+def saturation_cpu(args: argparse.Namespace, wrk: str, out: Path) -> int:
+    """Each cpnd path and the floor with as many proxies, at saturation in alternation: where its CPU goes."""
+    ensure("nginx", "nginx-light")
+    paths = [p for pair in zip(FLOORS, CPND) for p in pair]
+    rows: dict[str, list[dict[str, Any]]] = {k: [] for k in paths}
+    with Rig({}, with_peers=False) as rig:
+        for k in paths:
+            Sequential(*rig.targets[k]).run(50)
+        for rep in range(args.repeats):
+            for k in paths:
+                rows[k].append(saturated_cpu(rig, k, wrk, args.seconds))
+                procs = rows[k][-1]["processes"]
+                print(f"rep {rep} {k}: {rows[k][-1]['rps']:.0f} req/s; " + "; ".join(
+                    f"{role} {v['cpu_us']:.0f} µs, {v['core']:.2f} core" for role, v in procs.items()) + f"; {machine_load()}",
+                    flush=True)
+    med = {k: {"rps": statistics.median(r["rps"] for r in v),
+               "processes": {role: {m: round(statistics.median(r["processes"][role][m] for r in v), 2)
+                                    for m in ("cpu_us", "core", "switches", "preempted")} for role in v[0]["processes"]}}
+           for k, v in rows.items()}
+    print(f"\nAt saturation (wrk, 8 connections, {args.seconds:g} s, medians of {args.repeats}): per request, CPU µs "
+          "and context switches (voluntary / preempted) of each process, and the share of a core it used")
+    print("| path | req/s | of its floor | process: CPU µs per request, core share, switches |")
+    print("|---|---|---|---|")
+    for k in paths:
+        floor = med.get(FLOOR_OF.get(k, ""), {})
+        ratio = f"{med[k]['rps'] / floor['rps']:.2f}" if floor else "-"
+        print(f"| {k} | {med[k]['rps']:.0f} | {ratio} | " + "; ".join(
+            f"{role} {v['cpu_us']:.0f} µs, {v['core']:.2f}, {v['switches']:.2f} / {v['preempted']:.2f}"
+            for role, v in med[k]["processes"].items()) + " |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane_saturation_cpu.json").write_text(json.dumps(
+        {"command": " ".join(sys.argv), "medians": med, "runs": rows, "load_after": machine_load()}, indent=1) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------- the breakdown
 
 
@@ -840,6 +914,58 @@ def spy_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, li
     return out
 
 
+def _opcode_counts(path: Path) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        name, _, n = line.rpartition(" ")
+        out[name] = out.get(name, 0) + int(n)
+    return out
+
+
+def opcodes(args: argparse.Namespace) -> int:
+    """Every bytecode instruction each process on a path executes per request, by function (the
+    probe's opcodes mode: exact, load-independent), less an idle window's over as long."""
+    probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
+    os.environ["CPN_PROBE"] = str(probe_dir)
+    (probe_dir / "mode").write_text("opcodes")
+    n = args.breakdown_requests
+    paths = ["floor", *CPND]
+    result: dict[str, Any] = {"requests": n, "command": " ".join(sys.argv), "paths": {}}
+    ensure("nginx", "nginx-light")
+    try:
+        with Rig({}, with_peers=False) as rig:
+            probe = Probe(probe_dir)
+            pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+            probe.start(pids)
+            time.sleep(3.0)
+            idle_s = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+            idle = {pid: _opcode_counts(probe_dir / f"probe-{pid}.opcodes") for pid in pids}
+            for k in paths:
+                client = Sequential(*rig.targets[k])
+                client.run(100)
+                ps = [pid for _, pid in rig.roles[k]]
+                probe.start(ps)
+                client.run(n)
+                secs = {pid: c["seconds"] for pid, c in probe.read(ps).items()}
+                client.close()
+                result["paths"][k] = {}
+                for role, pid in rig.roles[k]:
+                    scale = secs[pid] / idle_s[pid]
+                    got = _opcode_counts(probe_dir / f"probe-{pid}.opcodes")
+                    per = {f: round((v - idle[pid].get(f, 0) * scale) / n, 1) for f, v in got.items()}
+                    per = dict(sorted(((f, v) for f, v in per.items() if abs(v) >= 0.5), key=lambda kv: -kv[1]))
+                    result["paths"][k][role] = {"total": round(sum(per.values())), "functions": per}
+                    print(f"\n{k}, {role}: {sum(per.values()):.0f} bytecodes a request; the most:")
+                    for f, v in list(per.items())[:args.opcodes_top]:
+                        print(f"  {v:8.1f}  {f}")
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane_opcodes.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def breakdown(args: argparse.Namespace) -> int:
     """Counts per request, per path and gateway, against the floor chain; then cProfile tops."""
     probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
@@ -988,6 +1114,11 @@ def main() -> int:
     ap.add_argument("--https", action="store_true", help="only the https rows: TLS at the ingress and an https "
                     "instance, beside nginx doing the same (bench/dataplane_https.py)")
     ap.add_argument("--breakdown-requests", type=int, default=2000)
+    ap.add_argument("--opcodes", action="store_true", help="only the bytecodes each gateway executes a request, by "
+                    "function (exact; --breakdown-requests of them per path, sequential)")
+    ap.add_argument("--opcodes-top", type=int, default=25, help="functions printed per gateway with --opcodes")
+    ap.add_argument("--saturation-cpu", action="store_true", help="only CPU per request of every process on each path "
+                    "at saturation (wrk), cpnd's paths beside the floor with as many proxies, in alternation")
     ap.add_argument("--workers", action="store_true", help="only the [gateway] workers rows: a local instance with 1 and 2 workers")
     ap.add_argument("--profile-requests", type=int, default=1000)
     ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
@@ -1000,6 +1131,13 @@ def main() -> int:
     args = ap.parse_args()
     if args.breakdown:
         return breakdown(args)
+    if args.opcodes:
+        return opcodes(args)
+    if args.saturation_cpu:
+        wrk_bin = ensure("wrk", "wrk")
+        if wrk_bin is None:
+            raise SystemExit("wrk is needed for --saturation-cpu")
+        return saturation_cpu(args, wrk_bin, Path(args.out))
     if args.workers:
         import dataplane_workers
         return dataplane_workers.run(args, ensure("nginx", "nginx-light"), ensure("wrk", "wrk"), Path(args.out))

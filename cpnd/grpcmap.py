@@ -80,8 +80,14 @@ def is_grpc(fields: Iterable[tuple[bytes, bytes]]) -> bool:
 
 def wants_trailers(fields: Iterable[tuple[bytes, bytes]]) -> bool:
     """The request says ``TE: trailers`` (RFC 9110 section 10.1.4): its sender takes trailer fields."""
-    return any(n.lower() == b"te" and b"trailers" in (t.split(b";")[0].strip() for t in v.lower().split(b","))
-               for n, v in fields)
+    full = getattr(fields, "_full_items", None)
+    if full is not None:  # h11's own (lowercase names): walked without two calls a field (every request asks)
+        return any(_takes_trailers(v) for _, n, v in full if n == b"te")
+    return any(n.lower() == b"te" and _takes_trailers(v) for n, v in fields)
+
+
+def _takes_trailers(te: bytes) -> bool:
+    return b"trailers" in (t.split(b";")[0].strip() for t in te.lower().split(b","))
 
 
 def grpc_timeout_us(value: bytes) -> int:

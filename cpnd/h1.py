@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import operator
 import os
 import re
 import select
@@ -61,6 +63,8 @@ def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 
 FRAMING = (b"content-length", b"transfer-encoding")
 _DROP = HOP_BY_HOP - set(FRAMING)
+_KEEP_NAMED = {b"host", *FRAMING}  # a Connection header naming these does not drop them
+_NAME = operator.itemgetter(1)  # of h11's (raw, lowercase, value) items
 
 
 def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
@@ -75,25 +79,44 @@ def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cp
     a proxy's h11 cost). Anything else takes the checked path.
     """
     full = getattr(headers, "_full_items", None)
-    if full is None:
-        pairs = list(headers)  # type: ignore[arg-type]
-        out = normalize_and_validate(filter_headers(pairs, drop_cpn=drop_cpn) + framing(pairs))._full_items
-        out = [item for item in out if item[1] not in drop]
-    else:
-        # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
-        named = {t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - {b"host"}
-        named -= set(FRAMING)
-        out = [item for item in full if not (item[1] in _DROP or item[1] in named or item[1] in drop
-                                             or (drop_cpn and item[1].startswith(b"cpn-")))]
-        lengths = [item for item in out if item[1] == b"content-length"]
-        if lengths and any(item[1] == b"transfer-encoding" for item in out):
-            out = [item for item in out if item[1] != b"transfer-encoding"]  # as framing(): the length wins
+    if full is not None:
+        return Headers(_rewrite_parsed(full, drop_cpn, host, default_host, drop, extra))
+    pairs = list(headers)  # type: ignore[arg-type]
+    out = normalize_and_validate(filter_headers(pairs, drop_cpn=drop_cpn) + framing(pairs))._full_items
+    out = [item for item in out if item[1] not in drop]
     if host is not None:
         out = [(b"host", b"host", host), *(item for item in out if item[1] != b"host")]
     elif default_host is not None and not any(item[1] == b"host" for item in out):
         out = [*out, (b"host", b"host", default_host)]
     out += [(n, n, v) for n, v in extra]
     return Headers(out)
+
+
+def _rewrite_parsed(full: list[tuple[bytes, bytes, bytes]], drop_cpn: bool, host: bytes | None,
+                    default_host: bytes | None, drop: Collection[bytes],
+                    extra: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+    """``rewrite_headers`` of h11's own (raw, lowercase, value) items, the walks over them done in C
+    (``map``, ``compress``, set and list lookups): two rewrites a request at each gateway, and a
+    comprehension per rule, then one Python loop over the fields, cost 550, then 370 bytecodes a
+    local request at saturation."""
+    names = list(map(_NAME, full))
+    gone = _DROP.union(drop)
+    if host is not None:
+        gone.add(b"host")  # replaced below
+    if drop_cpn and b"\ncpn-" in b"\n" + b"\n".join(names):
+        gone.update(n for n in names if n[:4] == b"cpn-")
+    if b"connection" in names:
+        # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
+        gone.update({t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - _KEEP_NAMED)
+    if b"content-length" in names and b"transfer-encoding" in names:
+        gone.add(b"transfer-encoding")  # as framing(): the length wins
+    out = list(itertools.compress(full, map(operator.not_, map(gone.__contains__, names))))
+    if host is not None:
+        out.insert(0, (b"host", b"host", host))
+    elif default_host is not None and (b"host" not in names or b"host" in gone):
+        out.append((b"host", b"host", default_host))
+    out += [(n, n, v) for n, v in extra]
+    return out
 
 
 def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),

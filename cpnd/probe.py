@@ -1,14 +1,15 @@
 """Event-loop counters for the data-plane benches, off unless ``CPN_PROBE`` names a directory.
 
     CPN_PROBE=/tmp/probe cpnd --config gw.toml
-    kill -USR1 PID   # start a window: what /tmp/probe/mode says (count, the default; profile; calls; quiet)
-    kill -USR2 PID   # end it: write /tmp/probe/probe-PID.json (and .prof after profile, .calls after calls)
+    kill -USR1 PID   # start a window: what /tmp/probe/mode says (count, the default; profile; calls; opcodes; quiet)
+    kill -USR2 PID   # end it: write /tmp/probe/probe-PID.json (and .prof, .calls or .opcodes after those modes)
 
 Counts trio's scheduler batches, the batches that slept in epoll (wake-ups), task steps
 and spawns, and the time of task steps by task name (wall time: ``perf_counter`` costs no
 system call, where a CPU clock would cost two per step). In a "profile" window cProfile runs
 instead, in a "calls" one every function call is counted by the stack it came from (exact and
-load-independent, unlike any timing here), in a "quiet" one nothing (for py-spy, outside): the
+load-independent, unlike any timing here), in an "opcodes" one every bytecode instruction by
+function (exact too: what each call does, which the call counts hide), in a "quiet" one nothing (for py-spy, outside): the
 counters are off the loop then, so that a profile shows cpnd, not the probe. Off (the default), ``instruments()``
 is empty and nothing else runs: the event loop is not touched.
 """
@@ -29,7 +30,7 @@ from typing import Any
 import trio
 
 ENV_DIR = "CPN_PROBE"
-MODE_FILE = "mode"  # in the directory: what the next window does (count, profile, calls or quiet)
+MODE_FILE = "mode"  # in the directory: what the next window does (count, profile, calls, opcodes or quiet)
 
 
 class LoopCounter(trio.abc.Instrument):
@@ -118,12 +119,35 @@ def _frame_name(code: Any) -> str:
     return f"{code.co_qualname} ({path}:{code.co_firstlineno})"
 
 
+class OpcodeCounter:
+    """Every bytecode instruction executed, counted by the function (code object) it ran in
+    (``sys.settrace`` with opcode events: exact and load-independent, far slower than calls;
+    what a call costs differs from function to function, and this counts what the calls hide)."""
+
+    def __init__(self) -> None:
+        self.ops: collections.Counter[Any] = collections.Counter()
+
+    def __call__(self, frame: Any, event: str, arg: object) -> Any:
+        frame.f_trace_opcodes = True
+        return self._local
+
+    def _local(self, frame: Any, event: str, arg: object) -> Any:
+        if event == "opcode":
+            self.ops[frame.f_code] += 1
+        return self._local
+
+    def dump(self, path: Path) -> None:
+        """One line a function, as a one-frame stack in py-spy's raw format, then its count."""
+        path.write_text("".join(f"{_frame_name(c)} {n}\n" for c, n in self.ops.items()))
+
+
 class _Probe:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.counter = LoopCounter()
         self.profiler: cProfile.Profile | None = None
         self.calls: CallCounter | None = None
+        self.opcodes: OpcodeCounter | None = None
         self.counting = True
 
     # Signal handlers run in the main thread, between two bytecodes of the trio loop: the
@@ -137,7 +161,7 @@ class _Probe:
             mode = (self.dir / MODE_FILE).read_text().strip()
         except OSError:
             mode = "count"
-        if mode in ("profile", "calls", "quiet"):
+        if mode in ("profile", "calls", "opcodes", "quiet"):
             trio.lowlevel.remove_instrument(self.counter)
             self.counting = False
         if mode == "profile":
@@ -146,11 +170,16 @@ class _Probe:
         elif mode == "calls":
             self.calls = CallCounter()
             sys.setprofile(self.calls)
+        elif mode == "opcodes":
+            self.opcodes = OpcodeCounter()
+            sys.settrace(self.opcodes)
 
     def _end_window(self) -> None:
         """Counters back on the loop, profilers off."""
         if self.calls is not None:
             sys.setprofile(None)
+        if self.opcodes is not None:
+            sys.settrace(None)
         if self.profiler is not None:
             self.profiler.disable()
         if not self.counting:
@@ -166,6 +195,9 @@ class _Probe:
         if self.calls is not None:
             self.calls.dump(self.dir / f"probe-{pid}.calls")
             self.calls = None
+        if self.opcodes is not None:
+            self.opcodes.dump(self.dir / f"probe-{pid}.opcodes")
+            self.opcodes = None
         tmp = self.dir / f"probe-{pid}.json.tmp"
         tmp.write_text(json.dumps(self.counter.snapshot()))
         tmp.rename(self.dir / f"probe-{pid}.json")  # whole or not there: the bench polls for it

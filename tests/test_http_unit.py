@@ -114,12 +114,16 @@ _names = st.sampled_from([b"Host", b"Connection", b"X-Secret", b"Keep-Alive", b"
 _values = st.sampled_from([b"1", b"x", b"keep-alive, X-Secret", b"close", b"chunked", b"host", b"Content-Length", b"5"])
 
 
-@given(st.lists(st.tuples(_names, _values), max_size=10), st.booleans(), st.sampled_from([None, b"inst:1"]))
+@given(st.lists(st.tuples(_names, _values), max_size=10), st.booleans(), st.sampled_from([None, b"inst:1"]),
+       st.sampled_from([None, b"gw"]), st.sampled_from([(), frozenset({b"x-a", b"cpn-qos"}), frozenset({b"content-length"})]))
 @example([(b"Host", b"x"), (b"Transfer-Encoding", b"chunked"), (b"Connection", b"Content-Length"),
-          (b"CPN-Max-Price", b"1")], True, None)
+          (b"CPN-Max-Price", b"1")], True, None, None, ())
 @example([(b"Host", b"x"), (b"Content-Length", b"5"), (b"Connection", b"keep-alive, X-Secret"), (b"X-Secret", b"1"),
-          (b"TE", b"x")], False, b"inst:1")
-def test_rewriting_parsed_headers_is_the_checked_path(headers, drop_cpn: bool, host: bytes | None) -> None:
+          (b"TE", b"x")], False, b"inst:1", None, ())
+@example([(b"Host", b"x"), (b"Content-Length", b"1"), (b"Transfer-Encoding", b"chunked")], True, None, None,
+         frozenset({b"content-length"}))
+def test_rewriting_parsed_headers_is_the_checked_path(headers, drop_cpn: bool, host: bytes | None,
+                                                       default_host: bytes | None, drop: frozenset[bytes]) -> None:
     """The fast rewrite of headers h11 parsed (no second validation) gives what the checked path gives."""
     import h11
 
@@ -133,9 +137,10 @@ def test_rewriting_parsed_headers_is_the_checked_path(headers, drop_cpn: bool, h
         return  # h11 refuses it: nothing is rewritten
     if not isinstance(event, h11.Request):
         return
-    fast = rewrite_headers(event.headers, drop_cpn=drop_cpn, host=host, extra=[(b"cpn-origin", b"g1")])
-    checked = rewrite_headers(list(event.headers.raw_items()), drop_cpn=drop_cpn, host=host,
-                              extra=[(b"cpn-origin", b"g1")])
+    options = {"drop_cpn": drop_cpn, "host": host, "default_host": default_host, "drop": drop,
+               "extra": [(b"cpn-origin", b"g1")]}
+    fast = rewrite_headers(event.headers, **options)
+    checked = rewrite_headers(list(event.headers.raw_items()), **options)
     # The same fields (the framing may sit elsewhere: the order of different fields carries no meaning).
     assert sorted(fast) == sorted(checked)
     assert sorted(n.lower() for n, _ in fast.raw_items()) == sorted(n for n, _ in fast)

@@ -75,3 +75,18 @@ def test_calls_window_counts_every_call_by_its_stack(probe_dir: Path) -> None:
                    if stack.split(";")[-1].startswith("_window.<locals>.main.<locals>.worker (")
                    and "unrolled_run (trio/_core/_run.py" in stack]
     assert sum(from_worker) >= 30
+
+
+def _worker_opcodes(directory: Path, steps: int) -> int:
+    _window(directory, "opcodes", steps)
+    lines = (directory / f"probe-{os.getpid()}.opcodes").read_text().splitlines()
+    counts = {line.rpartition(" ")[0]: int(line.rpartition(" ")[2]) for line in lines}
+    return sum(n for name, n in counts.items() if name.startswith("_window.<locals>.main.<locals>.worker ("))
+
+
+def test_opcodes_window_counts_every_bytecode_by_function(probe_dir: Path) -> None:
+    thirty, sixty = _worker_opcodes(probe_dir, 30), _worker_opcodes(probe_dir, 60)
+    # The same loop body each time: 30 more iterations are exactly 30 times one iteration's bytecodes.
+    assert sixty > thirty > 30
+    assert (sixty - thirty) % 30 == 0
+    assert 2 * thirty - sixty >= 0  # what runs once (the frame's start, the loop's end) is counted once
