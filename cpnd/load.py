@@ -21,7 +21,7 @@ MAX_EVENTS = 100_000  # bound on remembered timestamps per window
 BASE_QUANTILE = 0.25  # a user's base compute: this quantile of its recent normalised samples
 PARTY_SAMPLES = 4  # a user's samples count once it has this many (one or two say little)
 MAX_PARTIES = 16  # users whose compute samples an instance keeps
-LONE_PROBE_S = 2.0  # one user alone shows the instance slow: the configured value is shown this long ...
+LONE_PROBE_S = 2.0  # every counted user shows the instance slow: the configured value is shown this long ...
 SAMPLE_TTL_S = 5.0  # a compute sample older than this no longer counts ...
 MAX_SAMPLE_TTL_S = 60.0  # ... doubled, up to this, each time a retried instance proves slow again
 REPROBE_SAMPLES = 4  # samples after a reset to the hint that decide whether it was slow again
@@ -216,7 +216,7 @@ class InstanceMeter:
         self._expired_base: float | None = None  # the base when samples last ran out, if above the hint
         self._since_expired = 0  # samples since then
         self.measured_us = self.hint_us  # the fastest counted user's; base_us is this, but in a lone probe
-        self.lone_ttl_s = SAMPLE_TTL_S  # ... after one user alone has shown it slow this long (doubling)
+        self.lone_ttl_s = SAMPLE_TTL_S  # ... after it has been shown slow this long (doubling)
         self._lone_since: float | None = None
         self._probe_until: float | None = None
         self.inflight = 0
