@@ -207,6 +207,7 @@ class InstanceMeter:
         # Kept per user (``party``) so that one user's long jobs describe that user alone.
         self._parties: dict[object, collections.deque[tuple[float, float]]] = {}  # (when, µs)
         self._values: dict[object, float] = {}  # the counted users' low quarters
+        self._ranks: dict[object, float] = {}  # every user's: its low quarter, or its fastest sample if not yet counted
         self.arrivals = RateWindow()
         self.bounded = RateWindow()  # latency-bound requests that asked, admitted or not: their demand
         self.servable = RateWindow()  # those of them whose bound this instance can meet at some load
@@ -384,27 +385,25 @@ class InstanceMeter:
         """Does a user not yet counted have a sample below halfway from the configured value to the
         measured one (it would make the instance faster, once counted)?"""
         halfway = (self.hint_us + self.measured_us) / 2
-        return any(min([v for _, v in w]) < halfway for p, w in self._parties.items() if p not in self._values)
+        return any(rank < halfway for p, rank in self._ranks.items() if p not in self._values)
 
     def _count(self, party: object, window: collections.deque[tuple[float, float]]) -> None:
         if len(window) >= PARTY_SAMPLES:
             values = sorted([v for _, v in window])  # (a list: a generator was 33 calls a request)
-            self._values[party] = values[int(BASE_QUANTILE * (len(values) - 1))]
+            self._values[party] = self._ranks[party] = values[int(BASE_QUANTILE * (len(values) - 1))]
         else:
             self._values.pop(party, None)
+            self._ranks[party] = min([v for _, v in window])
 
     def _forget(self, party: object) -> None:
-        del self._parties[party]
+        del self._parties[party], self._ranks[party]
         self._values.pop(party, None)
 
     def _least_telling(self) -> object:
         """The user to forget for a newcomer: the slowest, by its low quarter, or for one not yet counted
         its fastest sample (so users many addresses send from can push out neither the one the base
         comes from nor one that is coming in to show the instance faster: attack4)."""
-        def value(p: object) -> float:
-            v = self._values.get(p)
-            return min([x for _, x in self._parties[p]]) if v is None else v
-        return max(self._parties, key=value)
+        return max(self._ranks, key=self._ranks.__getitem__)
 
     def set_hint(self, compute_hint_us: float) -> None:
         """The configured compute latency (a reload): what is shown with nothing measured, at once."""

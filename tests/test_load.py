@@ -654,6 +654,9 @@ def test_a_newcomer_showing_the_instance_faster_is_not_pushed_out_by_many_addres
         for k in range(3):  # new addresses between each of its requests
             _answer(m, 0.1 + i * 0.1 + 0.01 * k, 300_000, f"churn {i} {k}")
     assert "honest" in m._parties and m.base_us == 1000 and len(m._parties) == MAX_PARTIES
+    assert m._ranks.keys() == m._parties.keys()  # bounded with them
+    m.expire(SAMPLE_TTL_S + 0.05)  # the first users' samples age out: they are forgotten, ranks too
+    assert m._ranks.keys() == m._parties.keys() and "honest" in m._ranks and not any("attacker" in p for p in m._ranks)
 
 
 def test_a_reload_shows_the_new_configured_compute_at_once() -> None:
