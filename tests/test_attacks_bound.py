@@ -206,6 +206,41 @@ def test_a_user_that_comes_after_one_users_long_jobs_is_let_in_by_the_probe(gw) 
     assert set(jobs) == {200}
 
 
+def test_long_jobs_from_two_addresses_do_not_shut_out_a_user_asking_once_a_second(gw) -> None:
+    """Two addresses (127.0.0.2 and .3) send long jobs (0.5 s) under a loose bound while nobody else is
+    served: both are counted, so there was no lone user and no probe, and a user asking once a second
+    under a 200 ms bound got 503 no_instance for as long as the jobs went on (199 of 199); nor did the
+    probe's 2 s let it in (2 samples, not 4: 2 of 30 served). Now the probe comes and runs on while it
+    shows l1 fast, and from then on its own samples keep l1 within its bound."""
+    lab, url = gw
+    stop = threading.Event()
+    jobs: list[int] = []
+
+    def long_jobs(address: str) -> None:
+        slow = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(base_url=url, timeout=10, transport=slow) as c:
+            while not stop.is_set() and len(jobs) < 2000:
+                jobs.append(c.get("/local?delay=0.5", headers={"CPN-Max-Latency": "5s"}).status_code)
+
+    threads = [threading.Thread(target=long_jobs, args=(f"127.0.0.{2 + k % 2}",)) for k in range(16)]
+    for t in threads:
+        t.start()
+    try:
+        lab.wait_for(lambda: lab.routes("a")[0]["compute_latency_ms"] > 250, 20, "the long jobs' compute")
+        codes = []
+        with httpx.Client(base_url=url, timeout=10) as c:
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and codes[-5:] != [200] * 5:
+                codes.append(c.get("/local", headers=TIGHT).status_code)
+                time.sleep(1)  # its pace, once a second (not synchronisation: nothing is awaited)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert codes[0] == 503 and codes[-5:] == [200] * 5, codes
+    assert set(jobs) == {200}
+
+
 def test_a_slow_reader_does_not_turn_its_answer_into_a_cut(gw) -> None:
     """The bound is on the response head leaving: a user that reads its (held, 60 KB) answer long
     after the bound, through a small receive buffer, still gets it whole, and nothing is cut."""

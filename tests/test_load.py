@@ -610,3 +610,59 @@ def test_a_slow_instance_with_one_user_stays_slow_but_for_the_probes() -> None:
         m.expire(k * 0.1)
         shown.append(m.base_us)
     assert shown.count(5000) <= 8 * LONE_PROBE_S * 10  # probes at 5, 15, 35 s (plus the first samples)
+
+
+def test_two_users_long_jobs_alone_are_probed_too() -> None:
+    # Long jobs from two addresses, with no other user served: both users are counted, so there was
+    # no lone user and no probe, and another user was shut out for as long as the jobs went on.
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    t = 0.0
+    while t < SAMPLE_TTL_S + 0.5:
+        _answer(m, t, 300_000, "attacker 1")
+        _answer(m, t, 300_000, "attacker 2")
+        t += 0.1
+        m.expire(t)
+    assert m.base_us == 5000  # the probe: another user can come in
+    _answer(m, t, 4800, "honest", PARTY_SAMPLES)
+    m.expire(t)
+    assert m.base_us == 4800
+
+
+def test_a_user_asking_once_a_second_is_let_in_by_the_probe() -> None:
+    # A user asking once a second has 2 samples in the probe's 2 s, not the 4 that count: the probe
+    # ended, the instance was out of its bound again, and its samples aged out unused, each probe.
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    t, shown = 0.0, []
+    while t < 30:
+        _answer(m, t, 300_000, "attacker")
+        if m.base_us < 150_000 and abs(t - round(t)) < 0.05:  # in its bound: it asks, once a second
+            _answer(m, t, 1000, "honest")
+        t += 0.1
+        m.expire(t)
+        shown.append(m.base_us)
+    assert shown[-100:] == [1000] * 100  # counted, after 4 s in the probe: its own samples keep it in
+
+
+def test_a_newcomer_showing_the_instance_faster_is_not_pushed_out_by_many_addresses() -> None:
+    # The slow users fill every place; a newcomer took the place of the slowest, and was then the one
+    # not yet counted that each next address pushed out: it never reached the 4 samples that count.
+    m = InstanceMeter(capacity=50, compute_hint_us=5000)
+    for k in range(MAX_PARTIES - 1):
+        _answer(m, 0.0, 300_000, f"attacker {k}", PARTY_SAMPLES)
+    for i in range(PARTY_SAMPLES):
+        _answer(m, 0.1 + i * 0.1, 1000, "honest")
+        for k in range(3):  # new addresses between each of its requests
+            _answer(m, 0.1 + i * 0.1 + 0.01 * k, 300_000, f"churn {i} {k}")
+    assert "honest" in m._parties and m.base_us == 1000 and len(m._parties) == MAX_PARTIES
+    assert m._ranks.keys() == m._parties.keys()  # bounded with them
+    m.expire(SAMPLE_TTL_S + 0.05)  # the first users' samples age out: they are forgotten, ranks too
+    assert m._ranks.keys() == m._parties.keys() and "honest" in m._ranks and not any("attacker" in p for p in m._ranks)
+
+
+def test_a_reload_shows_the_new_configured_compute_at_once() -> None:
+    m = InstanceMeter(capacity=50, compute_hint_us=300_000)
+    m.set_hint(1000)  # nothing measured (the instance was out of every tight bound): no sample will come
+    assert m.base_us == 1000
+    _answer(m, 0.0, 2000, "a", PARTY_SAMPLES)
+    m.set_hint(500)
+    assert m.base_us == 2000  # measured wins over configured, as before

@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 
+import httpx
+
 from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+from test_fairshare import one_gateway
 
 FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 500}
 
@@ -77,3 +80,21 @@ def test_reload_adds_and_removes_peers_and_services(tmp_path) -> None:
                      10, "b to lose a")
         assert "peer-deconfigured" in peers("b")["a"]["last_error"] or "peer-deconfigured" in lab.log("b")
         assert not lab.dead()
+
+
+def test_a_reloaded_compute_latency_is_used_at_once(tmp_path) -> None:
+    """``compute_latency_ms`` changed by a reload is the instance's compute at once: it was taken only
+    at the next answer, and an instance made 300 ms (out of a 200 ms bound: no answer comes) stayed
+    300 ms after a reload back to 1 ms, every tight request 503 no_instance."""
+    with one_gateway(tmp_path, 10_000) as (lab, url):
+        config = lab.specs["a"].config
+        fast = config.read_text()
+        assert "compute_latency_ms = 1\n" in fast
+        tight = {"CPN-Max-Latency": "200ms"}
+        with httpx.Client(base_url=url, timeout=10) as c:
+            for text, status in ((fast.replace("compute_latency_ms = 1\n", "compute_latency_ms = 300\n"), 503),
+                                 (fast, 200)):
+                config.write_text(text)
+                r = cpnctl("--socket", str(lab.specs["a"].control), "reload")
+                assert r.returncode == 0 and "instances +0 -0 ~1 (~l1)" in r.stdout, r.stderr
+                assert c.get("/local", headers=tight).status_code == status
