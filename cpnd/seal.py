@@ -27,6 +27,7 @@ MAX_SEALED_CHUNK = 16384  # plaintext bytes per record
 RECORD_TAG = 16
 _LEN = struct.Struct(">I")
 MORE, LAST = 0, 1
+_MORE, _LAST = bytes([MORE]), bytes([LAST])
 REPLAY_WINDOW = 65536  # ephemeral keys an egress remembers: a replayed stream is refused
 READY_KEYS = 256  # origins' keys an ingress keeps one ephemeral exchange drawn ahead for
 
@@ -77,6 +78,10 @@ class Direction:
 
     def seal(self, data: bytes, last: bool) -> bytes:
         """``data`` as records of at most MAX_SEALED_CHUNK plaintext; ``last`` marks the final one."""
+        if len(data) <= MAX_SEALED_CHUNK:  # one record (most requests and responses): no slicing
+            ct = self._cipher().encrypt(self._nonce(), (_LAST if last else _MORE) + data, None)
+            self.done = last
+            return _LEN.pack(len(ct)) + ct
         out = bytearray()
         view = memoryview(data)
         while True:

@@ -367,9 +367,25 @@ class SealedStream:
         self._sealing = sealing
         self._egress = egress  # a record that does not open: before the instance (egress) or after it
         self._sent = sent  # the ingress: called once its whole request is out (the next key is drawn then)
+        # What the data plane reads of every stream, taken once here: through ``__getattr__`` each read
+        # is two calls. The rest is the stream's own, through ``__getattr__``.
+        self.ext, self.id, self.mux = stream.ext, stream.id, stream.mux
+        self.reset, self.report_load, self.cancel_on_abandon = stream.reset, stream.report_load, stream.cancel_on_abandon
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    @property
+    def load_report(self) -> tuple[float, float, int, int | None] | None:
+        return self._stream.load_report
+
+    @property
+    def peer(self) -> str:
+        return self.mux.peer_id
 
     def _broken(self, exc: SealError) -> StreamReset:
         code = ResetCode.BAD_REQUEST if self._egress else ResetCode.INTERNAL
