@@ -214,6 +214,7 @@ class Connection:
     async def _reader(self) -> None:
         fd = self._fd
         clock = trio.lowlevel.current_clock()  # its own method: two calls fewer than trio.current_time()
+        drained = False  # the last read took less than it asked: the socket was empty then
         while not self.is_down:
             held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
             if not held:
@@ -222,7 +223,8 @@ class Connection:
                 return
             bucket = self.link.session.inbound
             size = RECEIVE_CHUNK if bucket.level(clock.current_time()) >= bucket.burst else PACED_CHUNK
-            data = await self._read(fd, size)
+            data = await self._read(fd, size, wait_first=drained)
+            drained = 0 < len(data) < size
             if held or self._inbox:
                 await self._hold(data)
             else:
@@ -232,18 +234,21 @@ class Connection:
                 return
 
     @staticmethod
-    async def _read(fd: int, size: int) -> bytes:
+    async def _read(fd: int, size: int, *, wait_first: bool = False) -> bytes:
         """What the peer sent next, ``b""`` when it closed or the connection broke: read at once, waiting
-        only when nothing is there (trio's ``receive_some`` does the same through ~25 more calls)."""
-        try:
-            data = os.read(fd, size)  # the socket is non-blocking (trio's)
-        except BlockingIOError:
-            pass
-        except OSError:
-            return b""
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as trio's does
-            return data
+        only when nothing is there (trio's ``receive_some`` does the same through ~25 more calls).
+        ``wait_first``: the last read emptied the socket, so wait for it to be readable before reading
+        (a read that finds nothing is a system call and an exception on every message at low rates)."""
+        if not wait_first:
+            try:
+                data = os.read(fd, size)  # the socket is non-blocking (trio's)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return b""
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as trio's does
+                return data
         while True:
             try:
                 await trio.lowlevel.wait_readable(fd)

@@ -199,7 +199,8 @@ class PartSealer(StreamSealer):
     (a worker has it from the RIB snapshot)."""
 
     def __init__(self, base: StreamSealer, opener: Callable[[], Opener | None], mine: Callable[[ExtHeader], bool]) -> None:
-        super().__init__(base.local_id, base.opener, base.key_for, seal_outbound=base.seal_outbound, counters=base.counters)
+        super().__init__(base.local_id, base.opener, base.key_for, seal_outbound=base.seal_outbound, counters=base.counters,
+                         ephemerals=base.ephemerals)
         self._opener, self._mine = opener, mine
 
     def inbound(self, ext: ExtHeader) -> Sealing | None:

@@ -361,13 +361,31 @@ class SealedStream:
     """A tunnel stream sealed end to end (tunnel.md, "Sealed streams"): what goes out is sealed,
     what comes in is opened; everything else is the stream's own."""
 
-    def __init__(self, stream: TunnelStream, sealing: Sealing, *, egress: bool) -> None:
+    def __init__(self, stream: TunnelStream, sealing: Sealing, *, egress: bool,
+                 sent: Callable[[], None] | None = None) -> None:
         self._stream = stream
         self._sealing = sealing
         self._egress = egress  # a record that does not open: before the instance (egress) or after it
+        self._sent = sent  # the ingress: called once its whole request is out (the next key is drawn then)
+        # What the data plane reads of every stream, taken once here: through ``__getattr__`` each read
+        # is two calls. The rest is the stream's own, through ``__getattr__``.
+        self.ext, self.id, self.mux = stream.ext, stream.id, stream.mux
+        self.reset, self.report_load, self.cancel_on_abandon = stream.reset, stream.report_load, stream.cancel_on_abandon
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    @property
+    def load_report(self) -> tuple[float, float, int, int | None] | None:
+        return self._stream.load_report
+
+    @property
+    def peer(self) -> str:
+        return self.mux.peer_id
 
     def _broken(self, exc: SealError) -> StreamReset:
         code = ResetCode.BAD_REQUEST if self._egress else ResetCode.INTERNAL
@@ -404,6 +422,9 @@ class SealedStream:
     async def send(self, data: bytes, end: bool = False) -> None:
         if data or end:
             await self._stream.send(self._sealing.send.seal(data, end), end)
+        if end and self._sent is not None:
+            sent, self._sent = self._sent, None
+            sent()
 
 
 class BufferAccount:
@@ -457,9 +478,9 @@ class Mux:
         when the session and the origin allow it); ``soon``: the request follows from the same step."""
         if self.dead is not None:
             raise self.dead
-        sealing = None
+        sealing = static = None
         if self.sealer is not None:
-            ext, sealing = self.sealer.outbound(ext)
+            ext, sealing, static = self.sealer.outbound(ext)
         elif ext.eph is not None:  # a transit whose next hop does not take sealed streams
             raise StreamReset(ResetCode.NO_ROUTE, False, f"{self.peer_id} does not take sealed streams")
         limit = min(self.settings.max_streams, self.settings.peer_max_streams)
@@ -469,7 +490,11 @@ class Mux:
         stream = TunnelStream(self, sid, ext)
         self.streams[sid] = stream
         self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()), soon=soon)
-        return stream if sealing is None else SealedStream(stream, sealing, egress=False)
+        if sealing is None:
+            return stream
+        sealer = self.sealer
+        assert sealer is not None and static is not None
+        return SealedStream(stream, sealing, egress=False, sent=lambda: sealer.draw_ahead(static))
 
     def congested(self) -> bool:
         """Too much is queued for the peer: relays wait (``wait_drained``) as senders do (``wait_writable``)."""

@@ -103,6 +103,11 @@ class ExtHeader:
         return ExtHeader(self.label, self.origin, self.instance, self.request_id, self.qos, self.hop_limit - 1,
                          budget_us, self.flags, self.slack_us, self.eph, from_peer=self.from_peer)
 
+    def sealed(self, eph: bytes) -> ExtHeader:
+        """This header sealed with ``eph`` (the ingress's; attrs.evolve's result, without its calls)."""
+        return ExtHeader(self.label, self.origin, self.instance, self.request_id, self.qos, self.hop_limit,
+                         self.budget_us, self.flags, self.slack_us, eph, from_peer=self.from_peer)
+
     def encode(self) -> bytes:
         o, i = self.origin.encode(), self.instance.encode()
         flags = (self.flags & ~EXT_FLAG_SEALED) | (EXT_FLAG_SEALED if self.eph is not None else 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from cpnd.seal import MAX_SEALED_CHUNK, Opener, SealError, StreamSealer, outbound, x25519_public
+from cpnd.seal import MAX_SEALED_CHUNK, Ephemerals, Opener, SealError, StreamSealer, outbound, x25519_public
 from cpnd.tunnel import ExtHeader
 
 RID = bytes(range(16))
@@ -55,10 +55,11 @@ def test_stream_sealer_seals_as_ingress_only_and_opens_only_as_egress() -> None:
     opener = Opener(X25519PrivateKey.generate())
     keys = {"gw3": opener.public}
     s = StreamSealer("gw1", Opener(X25519PrivateKey.generate()), lambda ext: keys.get(ext.origin))
-    ext, sealing = s.outbound(ExtHeader(7, "gw3", "s1"))
+    ext, sealing, static = s.outbound(ExtHeader(7, "gw3", "s1"))
     assert ext.eph is not None and sealing is not None and s.counters["sealed_streams_out"] == 1
+    assert static == opener.public
     relayed = ExtHeader.decode(ExtHeader(7, "gw9", "s1").encode())  # from a peer: a transit passes it on
-    assert s.outbound(relayed) == (relayed, None)
+    assert s.outbound(relayed) == (relayed, None, None)
     assert s.outbound(ExtHeader(7, "nobody", "s1"))[1] is None  # no verified key: not sealed
     assert s.inbound(ExtHeader.decode(ext.encode())) is None  # gw1 is not the egress of gw3's instance
     egress = StreamSealer("gw3", opener, lambda ext: None)
@@ -99,3 +100,28 @@ def test_no_seal_when_the_first_hop_is_the_origin() -> None:
     assert sealer.key_for(ExtHeader(7, "gw3", "s1")) is None and asked == []  # next hop = origin: not sealed
     sealer.key_for(ExtHeader(7, "gw5", "s1"))
     assert asked == ["gw5"]  # through gw3 to gw5: the verified key decides
+
+
+def test_an_exchange_drawn_ahead_seals_one_stream_only() -> None:
+    """The ingress draws the next stream's X25519 exchange once a request is out: the stream that takes
+    it opens at the egress as a fresh one would, and no two streams share an ephemeral key."""
+    opener = Opener(X25519PrivateKey.generate())
+    s = StreamSealer("gw1", Opener(X25519PrivateKey.generate()), lambda ext: opener.public)
+    egress = StreamSealer("gw3", opener, lambda ext: None)
+    s.draw_ahead(opener.public)
+    drawn = s.ephemerals._ready[opener.public][0]
+    s.draw_ahead(opener.public)  # one waits already: kept, not replaced
+    assert s.ephemerals._ready[opener.public][0] == drawn
+    keys = []
+    for _ in range(3):
+        ext, sealing, static = s.outbound(ExtHeader(7, "gw3", "s1"))
+        assert sealing is not None and static == opener.public
+        keys.append(ext.eph)
+        got = egress.inbound(ExtHeader.decode(ext.encode()))  # the replay window would refuse a reused key
+        assert got is not None and got.recv.open(sealing.send.seal(b"GET", True)) == b"GET"
+        assert sealing.recv.open(got.send.seal(b"200", True)) == b"200"
+    assert keys[0] == drawn and len(set(keys)) == 3 and not s.ephemerals._ready  # taken once; none drawn since
+    small = StreamSealer("gw1", opener, lambda ext: None, ephemerals=Ephemerals(size=2))
+    for _ in range(3):
+        small.draw_ahead(Opener(X25519PrivateKey.generate()).public)
+    assert len(small.ephemerals._ready) == 2  # bounded: one per origin key, the oldest dropped
