@@ -20,9 +20,7 @@ share (the difference), per-instance load, and the optimum: the most requests th
 be served with u1 within its bound, from the instance model and the measured path
 latencies, by exhaustive search over which instances u1 may use and a max-flow for
 each choice; and the same under end-to-end accounting (the model plus the gateways' own
-processing gw1 measures per instance), and at the floor of our stack (the model plus what the
-floor path's client sees beyond network and compute: gateways that cost what trio + h11 alone
-cost here). CPN-Max-Latency is end to end (DESIGN.md 6): a
+processing gw1 measures per instance). CPN-Max-Latency is end to end (DESIGN.md 6): a
 200 that u1's client sees later than 10 ms (plus CLIENT_ALLOWANCE_MS for this Python
 client on the same box) is counted late, a failure, not served, in every mode; gw1's own
 count of responses later than the bound (measured at the ingress) is reported beside it, and
@@ -418,14 +416,6 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
             row["measured_gateways_ms"] = gws
             row["optimum_e2e"] = round(optimum(rate, rate, {s: rtt["u1"][s] + gws[s] for s in INSTANCES}), 2)
             row["served_over_optimum_e2e"] = round(row["served"] / row["optimum_e2e"], 3) if row["optimum_e2e"] else None
-        if row["floor_overhead_p50_ms"] is not None:
-            # At the floor of our stack: the model's network and compute plus what the floor path's
-            # client saw beyond them (two bare trio + h11 proxies, the client's own share included),
-            # for every instance: what a scheduler could reach with gateways that cost nothing more
-            # than trio + h11 here (generous for a path with a transit: it has a third proxy).
-            over = max(0.0, row["floor_overhead_p50_ms"])
-            row["optimum_floor"] = round(optimum(rate, rate, {s: rtt["u1"][s] + over for s in INSTANCES}), 2)
-            row["served_over_optimum_floor"] = round(row["served"] / row["optimum_floor"], 3) if row["optimum_floor"] else None
         view = measured_view(samples or [], at_lo, at_hi)
         if view is not None:
             row["measured_path_ms"], row["measured_compute_ms"] = view
@@ -578,25 +568,24 @@ def markdown(results: list[dict[str, Any]]) -> str:
 def e2e_markdown(results: list[dict[str, Any]]) -> str:
     """Per mode and step: u1 and u2 served (late 200s are failures), u1 late by its client and at gw1,
     u1's client-observed p50/p99/max beside network + compute and the gateways' share, and served
-    over the optimum under end-to-end accounting and at the floor of our stack; the floor path's p50 / p99
-    and the gateways' share over the floor's (FloorPath)."""
+    over the optimum under end-to-end accounting; the floor path's p50 / p99 and the gateways' share
+    over the floor's (FloorPath)."""
     head = ("| mode | offered per user | u1 served | u1 late (client / at gw1) / 504 at the bound | u2 served | u1 client p50 / p99 / max ms "
             "| u1 network + compute p50 / max ms | gateways' share p50 / p99 ms | floor path p50 / p99 ms "
-            "| share / floor's p50 | optimum e2e (ratio) | optimum at the floor (ratio) |")
-    lines = [head, "|" + "---|" * 12]
+            "| share / floor's p50 | optimum e2e (ratio) |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         for s in r["steps"]:
             def f(k: str) -> str:
                 v = s.get(k)
                 return "-" if v is None else f"{v:g}"
-            oe, of = s.get("optimum_e2e"), s.get("optimum_floor")
+            oe = s.get("optimum_e2e")
             lines.append(f"| {r['mode']} | {s['offered_per_user']:g} | {s['u1_served']:g} | {s['u1_late']:g} / "
                          f"{f('u1_late_at_ingress')} / {f('u1_cut_at_bound')} | {s['u2_served']:g} | {f('u1_p50_e2e_ms')} / {f('u1_p99_e2e_ms')} / "
                          f"{f('u1_max_e2e_ms')} | {f('u1_p50_net_compute_ms')} / {f('u1_max_net_compute_ms')} | "
                          f"{f('u1_overhead_p50_ms')} / {f('u1_overhead_p99_ms')} | "
                          f"{f('floor_p50_e2e_ms')} / {f('floor_p99_e2e_ms')} | {f('u1_over_floor_overhead_p50')} | "
-                         + (f"{oe:.1f} ({s['served_over_optimum_e2e']:.3f})" if oe else "-") + " | "
-                         + (f"{of:.1f} ({s['served_over_optimum_floor']:.3f})" if of else "-") + " |")
+                         + (f"{oe:.1f} ({s['served_over_optimum_e2e']:.3f})" if oe else "-") + " |")
     return "\n".join(lines)
 
 
