@@ -171,7 +171,8 @@ class Attempts:
         try:
             attempt.instance_s = await self.egress.call(
                 sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
-                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline(), now)
+                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline(), now,
+                source_key(client.source))
             if sink.failure is not None:
                 raise sink.failure
         except StreamReset as exc:

@@ -154,19 +154,21 @@ class DataPlane:
                 stream.reset(ResetCode.INTERNAL, True, "internal error")
             return
         self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, f"stream {stream.id} from {stream.peer}",
-                                   trio.current_time())
+                                   trio.current_time(), stream.peer)
 
     def _serve_local(self, far: PipeEnd, ext: ExtHeader) -> None:
         assert self.gw.nursery is not None
         self.gw.nursery.start_soon(self._serve_stream, far, ext, "local", None)
 
-    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str, opened_at: float | None) -> None:
+    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str, opened_at: float | None,
+                            via: str | None = None) -> None:
         """Egress if we are the origin, else relay; nothing that goes wrong escapes. ``opened_at``:
-        when a peer's OPEN came (our own processing is measured from there; None: our own pipe)."""
+        when a peer's OPEN came (our own processing is measured from there; None: our own pipe);
+        ``via``: the peer it came from (None: our own pipe)."""
         self.plane.begin()
         try:
             if ext.origin == self.gw.id:
-                await self.egress.serve(stream, ext, opened_at)  # the instance call stops if the stream is abandoned
+                await self.egress.serve(stream, ext, opened_at, via)  # the instance call stops if the stream is abandoned
             else:
                 stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
         except StreamReset as exc:  # the other end's (then the stream is closed), or one of ours to send

@@ -55,6 +55,16 @@ class _Inline:
         return None
 
 
+
+def party_of(origin: forwarded.Origin | None, via: str | None) -> str:
+    """Whom a request is for, in fair shares and compute samples: the user's address (an IPv6 one by its
+    /64); for one tunnelled from the peer ``via``, the user and ingress its head names within that peer,
+    so that a gateway can name only users under its own session (selection.md, "Admission")."""
+    user = source_key(origin.client) if origin is not None else ""
+    if via is None:
+        return user
+    return f"{via}|{origin.ingress}|{user}" if origin is not None else f"{via}||"
+
 class Egress:
     """Our own instances, as this gateway's egress serves them."""
 
@@ -140,8 +150,9 @@ class Egress:
 
     # ---- a stream for one of our instances
 
-    async def serve(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None) -> None:
-        """A request down a tunnel stream or pipe: read its head, admit it, call the instance."""
+    async def serve(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None, via: str | None = None) -> None:
+        """A request down a tunnel stream from the peer ``via``, or down a pipe (None): read its head,
+        admit it, call the instance."""
         found = self.local.get((ext.label, ext.instance))
         if found is None:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} of label {ext.label}")
@@ -161,12 +172,13 @@ class Egress:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
-        refusal = self.admit(inst, ext.budget_us, ext.slack_us, source_key(origin.client) if origin is not None else "", now)
+        party = party_of(origin, via)
+        refusal = self.admit(inst, ext.budget_us, ext.slack_us, party, now)
         if refusal is not None:
             sink.report_load(self.meters[inst.id], now=now)
             sink.reset(ResetCode.REFUSED, False, refusal)
             return
-        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now)
+        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now, party)
         if served is not None and sink.head_at is not None and opened_at is not None:
             self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
@@ -204,11 +216,12 @@ class Egress:
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
-                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float) -> float | None:
+                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float, party: str) -> float | None:
         """Call an admitted request's instance and account what it took: the instance's time to its
         response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``origin``
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
-        ``rx`` streams the remainder (None: all here); ``now``: the clock as the request was admitted."""
+        ``rx`` streams the remainder (None: all here); ``now``: the clock as the request was admitted;
+        ``party``: whom it is for, as admitted (``party_of``)."""
         meter = self.meters[inst.id]
         hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
@@ -218,7 +231,6 @@ class Egress:
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         load_at_arrival = meter.load(now)
-        party = source_key(origin.client) if origin is not None else ""
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cpnd.fairshare import FULL, MAX_EVENTS, Shares
-from cpnd.lab import Instance, InstanceProcs, Lab, Topology, write_lab
+from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 
 
 def _run(shares: Shares, capacity: float, offered: dict[str, int], seconds: int, job_s: float = 0.0) -> dict[str, int]:
@@ -207,3 +207,49 @@ def test_a_user_asking_again_and_again_cannot_close_a_small_instance(tmp_path) -
     assert len(other) >= 4
     assert not [r.text for r in both if "holds 0 of its capacity" in r.text]
     assert sum(r.status_code == 200 for r in both) >= 2, [r.text for r in both]
+
+
+def test_a_user_behind_another_ingress_is_not_the_same_user(tmp_path) -> None:
+    """Two ingresses, a and b, with their own users, both at 127.0.0.1 (the same private address at
+    two sites, or one that a hostile ingress claims for its own users), and c's instance of 20 req/s.
+    A flood of long jobs through b must not use up the share of the user through a: c counts a
+    tunnelled user within the peer it came from (before, the two were one party, and a's user was
+    refused with the flood)."""
+    stop = threading.Event()
+    flood: list[int] = []
+    with InstanceProcs() as insts:
+        insts.start("l1", compute_ms=1)
+        topo = Topology(("a", "b", "c"), (Link("a", "c", 1), Link("b", "c", 1)),
+                        (Instance("l1", "c", "/local", capacity=20, compute_latency_ms=1),), {"health_interval_ms": 0})
+        specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+        with Lab(specs) as lab:
+            lab.start_all()
+            for gw in ("a", "b"):
+                lab.wait_for(lambda: any(r["best"] for r in lab.routes(gw)), 30, f"l1's route at {gw}")
+
+            def flooder() -> None:
+                with httpx.Client(base_url=f"http://{specs['b'].http}", timeout=10) as c:
+                    while not stop.is_set():
+                        flood.append(c.get("/local?delay=0.3").status_code)
+
+            threads = [threading.Thread(target=flooder) for _ in range(16)]
+            try:
+                for t in threads:
+                    t.start()
+                deadline = time.monotonic() + 10
+                while flood.count(503) < 20 and time.monotonic() < deadline:  # c is full: the flood is refused
+                    time.sleep(0.05)
+                assert flood.count(503) >= 20, flood[-20:]
+                with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10) as c:
+                    got = []
+                    t0 = time.monotonic()
+                    for _ in range(16):
+                        got.append((time.monotonic() - t0, c.get("/local")))
+                        time.sleep(0.25)
+                late = [r for at, r in got if at >= 1.5]
+                assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
+                assert 503 in flood[-40:]
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(15)
