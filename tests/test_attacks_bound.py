@@ -172,36 +172,45 @@ def test_one_users_answered_long_jobs_do_not_make_the_instance_slow_for_others(g
     assert _served(url, 5) == [200] * 5
 
 
+def _asked_beside_long_jobs(lab: Lab, url: str, addresses: list[str], pace_s: float, streak: int,
+                            timeout_s: float) -> tuple[list[int], list[int]]:
+    """Long jobs (0.5 s, 5 s bound) from ``addresses`` (16 connections, spread over them) until l1's
+    compute shows them; then a user at 127.0.0.1 asks under TIGHT every ``pace_s`` until ``streak``
+    answers in a row are 200 (or ``timeout_s``): its statuses, and the jobs'."""
+    stop = threading.Event()
+    jobs: list[int] = []
+
+    def long_jobs(address: str) -> None:
+        slow = httpx.HTTPTransport(local_address=address)
+        with httpx.Client(base_url=url, timeout=10, transport=slow) as c:
+            while not stop.is_set() and len(jobs) < 2000:
+                jobs.append(c.get("/local?delay=0.5", headers={"CPN-Max-Latency": "5s"}).status_code)
+
+    threads = [threading.Thread(target=long_jobs, args=(addresses[k % len(addresses)],)) for k in range(16)]
+    for t in threads:
+        t.start()
+    codes: list[int] = []
+    try:
+        lab.wait_for(lambda: lab.routes("a")[0]["compute_latency_ms"] > 250, 20, "the long jobs' compute")
+        with httpx.Client(base_url=url, timeout=10) as c:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and codes[-streak:] != [200] * streak:
+                codes.append(c.get("/local", headers=TIGHT).status_code)
+                time.sleep(pace_s)  # its pace (not synchronisation: nothing is awaited)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return codes, jobs
+
+
 def test_a_user_that_comes_after_one_users_long_jobs_is_let_in_by_the_probe(gw) -> None:
     """One user (127.0.0.2) sends long jobs (0.5 s) under a loose bound while nobody else is served:
     the gateway believes them (one user may be every user's address) and l1 is out of another user's
     200 ms bound. After 5 s of it the configured 1 ms is shown for 2 s: the other user, asking ten
     times a second, gets in, and from then on its own samples keep l1 within its bound."""
     lab, url = gw
-    stop = threading.Event()
-    jobs: list[int] = []
-
-    def long_jobs() -> None:
-        slow = httpx.HTTPTransport(local_address="127.0.0.2")
-        with httpx.Client(base_url=url, timeout=10, transport=slow) as c:
-            while not stop.is_set() and len(jobs) < 2000:
-                jobs.append(c.get("/local?delay=0.5", headers={"CPN-Max-Latency": "5s"}).status_code)
-
-    threads = [threading.Thread(target=long_jobs) for _ in range(16)]
-    for t in threads:
-        t.start()
-    try:
-        lab.wait_for(lambda: lab.routes("a")[0]["compute_latency_ms"] > 250, 20, "the long jobs' compute")
-        codes = []
-        with httpx.Client(base_url=url, timeout=10) as c:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and codes[-10:] != [200] * 10:
-                codes.append(c.get("/local", headers=TIGHT).status_code)
-                time.sleep(0.1)  # its pace, ten a second (not synchronisation: nothing is awaited)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+    codes, jobs = _asked_beside_long_jobs(lab, url, ["127.0.0.2"], 0.1, 10, 30)
     assert codes[0] == 503 and codes[-10:] == [200] * 10, codes
     assert set(jobs) == {200}
 
@@ -213,30 +222,7 @@ def test_long_jobs_from_two_addresses_do_not_shut_out_a_user_asking_once_a_secon
     probe's 2 s let it in (2 samples, not 4: 2 of 30 served). Now the probe comes and runs on while it
     shows l1 fast, and from then on its own samples keep l1 within its bound."""
     lab, url = gw
-    stop = threading.Event()
-    jobs: list[int] = []
-
-    def long_jobs(address: str) -> None:
-        slow = httpx.HTTPTransport(local_address=address)
-        with httpx.Client(base_url=url, timeout=10, transport=slow) as c:
-            while not stop.is_set() and len(jobs) < 2000:
-                jobs.append(c.get("/local?delay=0.5", headers={"CPN-Max-Latency": "5s"}).status_code)
-
-    threads = [threading.Thread(target=long_jobs, args=(f"127.0.0.{2 + k % 2}",)) for k in range(16)]
-    for t in threads:
-        t.start()
-    try:
-        lab.wait_for(lambda: lab.routes("a")[0]["compute_latency_ms"] > 250, 20, "the long jobs' compute")
-        codes = []
-        with httpx.Client(base_url=url, timeout=10) as c:
-            deadline = time.monotonic() + 40
-            while time.monotonic() < deadline and codes[-5:] != [200] * 5:
-                codes.append(c.get("/local", headers=TIGHT).status_code)
-                time.sleep(1)  # its pace, once a second (not synchronisation: nothing is awaited)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+    codes, jobs = _asked_beside_long_jobs(lab, url, ["127.0.0.2", "127.0.0.3"], 1.0, 5, 40)
     assert codes[0] == 503 and codes[-5:] == [200] * 5, codes
     assert set(jobs) == {200}
 

@@ -118,43 +118,48 @@ def one_gateway(tmp_path, capacity: float) -> Iterator[tuple[Lab, str]]:
             yield lab, f"http://{specs['a'].http}"
 
 
-def test_a_flooding_user_leaves_another_its_share(tmp_path) -> None:
-    """One gateway with an instance of 20 req/s. One user (127.0.0.1) keeps 16 connections busy with
-    long jobs (0.3 s), far over the capacity; another (127.0.0.2) then sends 4 requests a second.
-    Its first may find every slot held (a slot is held a second after its answer, and admission
-    cannot take one back); from 1.5 s on, each of its requests is served: the flood is held to its
-    share while the instance is full."""
+def _served_beside_a_flood(flood_url: str, url: str, address: str = "127.0.0.1") -> None:
+    """16 connections send long jobs (0.3 s) to ``flood_url`` until the instance (20 req/s) is full;
+    then a user at ``address`` asks ``url`` 4 times a second: from 1.5 s on, each of its requests
+    must be served (its first may find every slot held: a slot is held a second after its answer,
+    and admission cannot take one back), and the flood still refused."""
     stop = threading.Event()
     flood: list[int] = []
 
-    def flooder(url: str) -> None:
-        with httpx.Client(base_url=url, timeout=10) as c:
+    def flooder() -> None:
+        with httpx.Client(base_url=flood_url, timeout=10) as c:
             while not stop.is_set():
                 flood.append(c.get("/local?delay=0.3").status_code)
 
+    threads = [threading.Thread(target=flooder) for _ in range(16)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while flood.count(503) < 20 and time.monotonic() < deadline:  # the instance is full: the flood is refused
+            time.sleep(0.05)
+        assert flood.count(503) >= 20, flood[-20:]
+        with httpx.Client(base_url=url, timeout=10, transport=httpx.HTTPTransport(local_address=address)) as c:
+            got = []
+            t0 = time.monotonic()
+            for _ in range(16):
+                got.append((time.monotonic() - t0, c.get("/local")))
+                time.sleep(0.25)
+        late = [r for at, r in got if at >= 1.5]
+        assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
+        assert 503 in flood[-40:]  # the flood was still on, and still refused
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+
+
+def test_a_flooding_user_leaves_another_its_share(tmp_path) -> None:
+    """One gateway with an instance of 20 req/s. One user (127.0.0.1) keeps 16 connections busy with
+    long jobs (0.3 s), far over the capacity; another (127.0.0.2) then sends 4 requests a second:
+    the flood is held to its share while the instance is full."""
     with one_gateway(tmp_path, 20) as (_, url):
-        threads = [threading.Thread(target=flooder, args=(url,)) for _ in range(16)]
-        try:
-            for t in threads:
-                t.start()
-            deadline = time.monotonic() + 10
-            while flood.count(503) < 20 and time.monotonic() < deadline:  # the instance is full: the flood is refused
-                time.sleep(0.05)
-            assert flood.count(503) >= 20, flood[-20:]
-            other = httpx.HTTPTransport(local_address="127.0.0.2")
-            with httpx.Client(base_url=url, timeout=10, transport=other) as c:
-                got = []
-                t0 = time.monotonic()
-                for _ in range(16):
-                    got.append((time.monotonic() - t0, c.get("/local")))
-                    time.sleep(0.25)
-            late = [r for at, r in got if at >= 1.5]
-            assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
-            assert 503 in flood[-40:]  # the flood was still on, and still refused
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(15)
+        _served_beside_a_flood(url, url, "127.0.0.2")
 
 
 def test_a_user_holding_nothing_is_never_over_its_share() -> None:
@@ -215,8 +220,6 @@ def test_a_user_behind_another_ingress_is_not_the_same_user(tmp_path) -> None:
     A flood of long jobs through b must not use up the share of the user through a: c counts a
     tunnelled user within the peer it came from (before, the two were one party, and a's user was
     refused with the flood)."""
-    stop = threading.Event()
-    flood: list[int] = []
     with InstanceProcs() as insts:
         insts.start("l1", compute_ms=1)
         topo = Topology(("a", "b", "c"), (Link("a", "c", 1), Link("b", "c", 1)),
@@ -226,30 +229,4 @@ def test_a_user_behind_another_ingress_is_not_the_same_user(tmp_path) -> None:
             lab.start_all()
             for gw in ("a", "b"):
                 lab.wait_for(lambda: any(r["best"] for r in lab.routes(gw)), 30, f"l1's route at {gw}")
-
-            def flooder() -> None:
-                with httpx.Client(base_url=f"http://{specs['b'].http}", timeout=10) as c:
-                    while not stop.is_set():
-                        flood.append(c.get("/local?delay=0.3").status_code)
-
-            threads = [threading.Thread(target=flooder) for _ in range(16)]
-            try:
-                for t in threads:
-                    t.start()
-                deadline = time.monotonic() + 10
-                while flood.count(503) < 20 and time.monotonic() < deadline:  # c is full: the flood is refused
-                    time.sleep(0.05)
-                assert flood.count(503) >= 20, flood[-20:]
-                with httpx.Client(base_url=f"http://{specs['a'].http}", timeout=10) as c:
-                    got = []
-                    t0 = time.monotonic()
-                    for _ in range(16):
-                        got.append((time.monotonic() - t0, c.get("/local")))
-                        time.sleep(0.25)
-                late = [r for at, r in got if at >= 1.5]
-                assert len(late) >= 8 and {r.status_code for r in late} == {200}, [(at, r.text) for at, r in got]
-                assert 503 in flood[-40:]
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join(15)
+            _served_beside_a_flood(f"http://{specs['b'].http}", f"http://{specs['a'].http}")
