@@ -55,7 +55,6 @@ class _Inline:
         return None
 
 
-
 def party_of(origin: forwarded.Origin | None, via: str | None) -> str:
     """Whom a request is for, in fair shares and compute samples: the user's address (an IPv6 one by its
     /64); for one tunnelled from the peer ``via``, the user and ingress its head names within that peer,
@@ -64,6 +63,7 @@ def party_of(origin: forwarded.Origin | None, via: str | None) -> str:
     if via is None:
         return user
     return f"{via}|{origin.ingress}|{user}" if origin is not None else f"{via}||"
+
 
 class Egress:
     """Our own instances, as this gateway's egress serves them."""
