@@ -86,7 +86,7 @@ class Egress:
         for _, inst in self.local.values():
             m = self.meters.get(inst.id) or InstanceMeter(inst.capacity, int(inst.compute_latency_ms * 1000))
             m.capacity = inst.capacity
-            m.set_hint(inst.compute_latency_ms * 1000)  # (attack4: the base too, not only at the next sample)
+            m.set_hint(inst.compute_latency_ms * 1000)  # shown at once: an instance out of every bound gets no next sample
             m.holds.guard_s = config.gateway.admission_guard_ms / 1000
             meters[inst.id] = m
         self.meters = meters

@@ -368,8 +368,8 @@ class InstanceMeter:
         for ``lone_ttl_s``, then the configured value is shown for LONE_PROBE_S, and on while a user not
         yet counted shows it faster, so that other users come and show whether it is the instance or
         those users' own jobs; the wait doubles each time it is still slow after."""
-        # (attack4: not one user alone only: long jobs from two addresses had no probe, and a user
-        # asking under twice a second was not counted within the 2 s and was shut out again.)
+        # Not one user alone only: long jobs from two addresses would have no probe; and on while a
+        # newcomer is faster: a user asking under twice a second is not counted within the 2 s.
         if not self.measured_us > self.hint_us:
             self._lone_since = self._probe_until = None
             self.lone_ttl_s = SAMPLE_TTL_S
@@ -405,7 +405,7 @@ class InstanceMeter:
     def _least_telling(self) -> object:
         """The user to forget for a newcomer: the slowest, by its low quarter, or for one not yet counted
         its fastest sample (so users many addresses send from can push out neither the one the base
-        comes from nor one that is coming in to show the instance faster: attack4)."""
+        comes from nor one that is coming in to show the instance faster)."""
         return max(self._ranks, key=self._ranks.__getitem__)
 
     def set_hint(self, compute_hint_us: float) -> None:
