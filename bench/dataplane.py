@@ -783,8 +783,8 @@ CATEGORIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("epoll (the loop's wait and poll)", True, ("EpollIOManager.get_events", "EpollIOManager._update_registrations")),
     ("tunnel records: seal/open (crypto)", False, ("RecordLayer.seal", "RecordLayer.open")),
     ("selection (the planner: constraints, candidates, rank, estimates)", False, ("(cpnd/planner.py",)),
-    ("header rewriting (filter_headers, framing, content_length, translate_target, check_head)", False,
-     ("filter_headers (cpnd", "framing (cpnd", "content_length (cpnd", "translate_target (cpnd", "check_head (cpnd",
+    ("header rewriting (filter_headers, framing, content_length, translate_target, split_head)", False,
+     ("filter_headers (cpnd", "framing (cpnd", "content_length (cpnd", "translate_target (cpnd", "split_head (cpnd",
       "check_target (cpnd")),
     ("a new h11.Connection per tunnel stream", False, ("H11Stream.__init__",)),
     ("h11 events built anew (Request/Response/EndOfMessage validation)", False, ("(h11/_events.py",)),
@@ -854,26 +854,39 @@ def attribute(raw: Path, n_req: int, cpu_us: float, idle: tuple[Path, float] | N
                     for k, v in rows[:top]]}
 
 
+def _idle_window(rig: Rig, probe: Probe, paths: list[str]) -> dict[int, float]:
+    """A probe window of 3 s with no request over every process on ``paths``: what each does on its
+    own (timers, keepalives, the load loop), and the window's length, by pid."""
+    pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+    probe.start(pids)
+    time.sleep(3.0)
+    return {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+
+
+def _request_window(rig: Rig, probe: Probe, k: str, n: int) -> dict[int, float]:
+    """``n`` sequential requests on path ``k`` (after 100 that warm it) in a probe window over its
+    processes: the window's length, by pid."""
+    client = Sequential(*rig.targets[k])
+    client.run(100)
+    pids = [pid for _, pid in rig.roles[k]]
+    probe.start(pids)
+    client.run(n)
+    seconds = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
+    client.close()
+    return seconds
+
+
 def calls_pass(rig: Rig, probe: Probe, paths: list[str], n: int, cpu: dict[str, list[float]],
                keep: Path | None = None) -> dict[str, Any]:
     """Every call each gateway makes over ``n`` sequential requests, by the stack it came from,
     less the calls of an idle window (timers, keepalives, the load loop) over as long."""
     (probe.dir / "mode").write_text("calls")
-    pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
-    probe.start(pids)
-    time.sleep(3.0)
-    idle_s = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
-    for pid in pids:
+    idle_s = _idle_window(rig, probe, paths)
+    for pid in idle_s:
         (probe.dir / f"probe-{pid}.calls").rename(probe.dir / f"idle-{pid}.calls")
     out: dict[str, Any] = {}
     for k in paths:
-        client = Sequential(*rig.targets[k])
-        client.run(100)
-        pids = [pid for _, pid in rig.roles[k]]
-        probe.start(pids)
-        client.run(n)
-        seconds = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
-        client.close()
+        seconds = _request_window(rig, probe, k, n)
         out[k] = {role: attribute(probe.dir / f"probe-{pid}.calls", n, cpu_us,
                                   (probe.dir / f"idle-{pid}.calls", seconds[pid] / idle_s[pid]))
                   for (role, pid), cpu_us in zip(rig.roles[k], cpu[k])}
@@ -935,19 +948,10 @@ def opcodes(args: argparse.Namespace) -> int:
     try:
         with Rig({}, with_peers=False) as rig:
             probe = Probe(probe_dir)
-            pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
-            probe.start(pids)
-            time.sleep(3.0)
-            idle_s = {pid: c["seconds"] for pid, c in probe.read(pids).items()}
-            idle = {pid: _opcode_counts(probe_dir / f"probe-{pid}.opcodes") for pid in pids}
+            idle_s = _idle_window(rig, probe, paths)
+            idle = {pid: _opcode_counts(probe_dir / f"probe-{pid}.opcodes") for pid in idle_s}
             for k in paths:
-                client = Sequential(*rig.targets[k])
-                client.run(100)
-                ps = [pid for _, pid in rig.roles[k]]
-                probe.start(ps)
-                client.run(n)
-                secs = {pid: c["seconds"] for pid, c in probe.read(ps).items()}
-                client.close()
+                secs = _request_window(rig, probe, k, n)
                 result["paths"][k] = {}
                 for role, pid in rig.roles[k]:
                     scale = secs[pid] / idle_s[pid]
