@@ -160,7 +160,8 @@ class Attempts:
         if found is None:
             raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {cand.instance}")
         service, inst = found
-        refusal = self.egress.admit(inst, budget_us, slack_us, source_key(client.source), now)
+        party = source_key(client.source)
+        refusal = self.egress.admit(inst, budget_us, slack_us, party, now)
         if refusal is not None:
             raise StreamReset(ResetCode.REFUSED, False, refusal)
         body.consumed = True
@@ -171,8 +172,7 @@ class Attempts:
         try:
             attempt.instance_s = await self.egress.call(
                 sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
-                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline(), now,
-                source_key(client.source))
+                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline(), now, party)
             if sink.failure is not None:
                 raise sink.failure
         except StreamReset as exc:

@@ -133,8 +133,8 @@ class Egress:
     # ---- admission
 
     def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, party: str, now: float) -> str | None:
-        """Admission for one request to ``inst`` (NO_BUDGET: none given) from ``party`` (the user's
-        address, "" unknown) at ``now``: None, or why it is refused (counted)."""
+        """Admission for one request to ``inst`` (NO_BUDGET: none given) for ``party`` (its user, as
+        ``party_of`` names it) at ``now``: None, or why it is refused (counted)."""
         meter = self.meters[inst.id]
         shares = self.shares[inst.id]
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket

@@ -1,8 +1,8 @@
 """Each user's fair share of an instance once it fills (sans-IO; time is an input).
 
 An instance's capacity is counted at its egress (load.InstanceMeter). Below ``FULL`` of it,
-every request that fits is admitted, whoever sends it. Above, a party (a user, by address:
-the ingress's CPN-Client, or a local user's own) that already holds its share of the capacity
+every request that fits is admitted, whoever sends it. Above, a party (a user: a local user's
+address, or the CPN-Client its ingress names within the peer the stream came from) that already holds its share of the capacity
 (capacity / the parties that asked in the last second, this one included; a request is held
 while in flight and a second after, as the instance's own bound counts it) is
 refused, so one user sending long jobs as fast as they are admitted cannot take all of an

@@ -26,13 +26,9 @@ def check_target(target: bytes) -> str:
     return text
 
 
-def check_head(target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> str:
-    """The routable path of a request head, or the HttpError it deserves (431, 400)."""
-    return split_head(target, headers)[0]
-
-
 def split_head(target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, list[tuple[bytes, bytes]]]:
-    """``check_head``'s path, and the head's CPN-* fields (any case), in one pass over the fields."""
+    """The routable path of a request head and its CPN-* fields (any case), in one pass over the
+    fields, or the HttpError the head deserves (431, 400)."""
     size = len(target)
     framing = 0  # 1: Content-Length seen, 2: Transfer-Encoding seen
     cpn = []

@@ -314,9 +314,9 @@ class InstanceMeter:
 
     def done(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None,
              party: object = "") -> None:
-        """A response head came back after ``service_us`` (its exchange ended ``now``) to ``party`` (the
-        user's address, fairshare.source_key): refine the base compute latency, and end the request's
-        ``hold`` (from ``take_hold``) by now if it runs later."""
+        """A response head came back after ``service_us`` (its exchange ended ``now``) for ``party`` (its
+        user, as the egress names it: an address, or a tunnelled user within its peer): refine the base
+        compute latency, and end the request's ``hold`` (from ``take_hold``) by now if it runs later."""
         self.inflight = max(0, self.inflight - 1)
         if hold is not None:
             self.holds.answered(hold, now)

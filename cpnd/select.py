@@ -140,15 +140,8 @@ class Candidate:
     capacity: float
     load: float
     fill: float = 0.0  # how full the instance is for this request's class (see candidates())
-    base_compute_us: int | None = None  # at low load; None: compute_us
     gateways_us: int = 0  # every gateway's own processing on the way, the ingress's included
     correction_us: int = 0  # what the ingress observed of this instance beyond its estimate, lately
-
-    @property
-    def base_total_us(self) -> int:
-        """Path, gateways and compute at low load: whether the instance could meet a bound at all."""
-        comp = self.compute_us if self.base_compute_us is None else self.base_compute_us
-        return self.path_latency_us + self.gateways_us + comp
 
     @property
     def estimate_us(self) -> int:
@@ -226,7 +219,7 @@ def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
     # Bounded: the correction never takes the estimate below the network alone.
     correction = max(-(view.gateways_us + compute), view.correction_us)
     return Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us, compute, f.price,
-                     f.capacity, view.load, fill, view.compute_us, view.gateways_us, correction)
+                     f.capacity, view.load, fill, view.gateways_us, correction)
 
 
 def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, bounded: bool = False) -> list[Candidate]:
