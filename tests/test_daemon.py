@@ -356,10 +356,10 @@ def test_lab_paper_starts_converges_and_stops(tmp_path) -> None:
             link: the emulated RTT plus processing noise (bounded here; it leaves the min-RTT filter in seconds)."""
             b, cost = best(), {p["id"]: p["link_cost_ms"] for p in request(sock, "show-peers")}
             return all(b[inst]["path"] == [origin] and b[inst]["path_latency_ms"] == cost[origin]
-                       and rtt <= b[inst]["path_latency_ms"] < rtt + 2.0
+                       and rtt <= b[inst]["path_latency_ms"] < rtt + 3.0
                        for inst, origin, rtt in (("s1", "gw3", 4.0), ("s5", "gw7", 10.0)))
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40  # a loaded CI machine takes longer
         while not settled():
             assert time.monotonic() < deadline, best()
             time.sleep(0.1)

@@ -36,11 +36,16 @@ def start_lab(tmp_path) -> tuple[subprocess.Popen, dict[str, str], dict[str, str
     return proc, http, control
 
 
+# A measured RTT includes both gateways' handling of the probe (1-1.6 ms here when quiet, more on a
+# loaded CI machine); start-up noise is 2-5 ms over.
+SETTLED_MS = 2.5
+
+
 def settled(control: dict[str, str]) -> bool:
-    """Both ingresses measure every path within 1.5 ms of its emulated RTT (start-up noise filtered out)."""
+    """Both ingresses measure every path within SETTLED_MS of its emulated RTT (start-up noise filtered out)."""
     for gw in ("gw1", "gw2"):
         for r in request(control[gw], "show-routes"):
-            if r["best"] and r["path_latency_ms"] > PAPER_RTT[gw][ORIGIN[r["instance"]]] + 1.5:
+            if r["best"] and r["path_latency_ms"] > PAPER_RTT[gw][ORIGIN[r["instance"]]] + SETTLED_MS:
                 return False
     return True
 
@@ -61,7 +66,7 @@ def test_paper_lab_serves_both_users_within_their_constraints(tmp_path) -> None:
     proc, http, control = start_lab(tmp_path)
     try:
         # Let the RTT filters settle after the start-up burst of seven processes.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 40
         while not settled(control):
             assert time.monotonic() < deadline, "path latencies never settled near the emulated RTTs"
             time.sleep(0.1)
