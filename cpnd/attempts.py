@@ -17,7 +17,7 @@ import h11
 import trio
 
 from . import forwarded
-from .aio import open_nursery
+from .aio import cancel_precisely_at, open_nursery
 from .body import BodySource
 from .clients import source_key
 from .errors import HttpError
@@ -192,9 +192,11 @@ class Attempts:
         idle_s = self.p.limits.body_idle_timeout_s
         event: Any = None
         with trio.CancelScope(deadline=plan.head_deadline()) as scope:
-            event = up.next_event_nowait() or await up.next_event()
-            while isinstance(event, h11.InformationalResponse):
-                event = await up.next_event()
+            # A bound is cut when the user's clock says so: trio's own timer fires up to ~2 ms late.
+            with cancel_precisely_at(scope, None if plan.bound_at is None else plan.head_deadline()):
+                event = up.next_event_nowait() or await up.next_event()
+                while isinstance(event, h11.InformationalResponse):
+                    event = await up.next_event()
             if isinstance(event, h11.ConnectionClosed):
                 raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
             assert isinstance(event, h11.Response)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import h11
 import trio
 
+from .aio import cancel_precisely_at
 from .h1 import RESPONSE_HOLD_BYTES, H11Stream
 from .load import InstanceMeter
 from .pipes import LocalEvents
@@ -146,8 +147,8 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
         waited = held is None  # the sink's writes may have waited
         event = source.next_event_nowait()
         if event is None and held is not None and sink.hold_until is not None:
-            with trio.move_on_at(sink.hold_until):  # its head may not leave after the bound (UserSink)
-                event = await source.next_event()
+            with trio.move_on_at(sink.hold_until) as hold, cancel_precisely_at(hold, sink.hold_until):
+                event = await source.next_event()  # its head may not leave after the bound (UserSink)
             if event is None:
                 raise StreamReset(ResetCode.DEADLINE, True, "the response was not whole by the request's latency bound")
             waited = True

@@ -81,3 +81,36 @@ def test_failed_accepts_pause_and_are_counted_not_spun_on() -> None:
     calls = trio.run(main, clock=MockClock(autojump_threshold=0))
     assert calls == len(errors) == 100
     assert errors[0] == ("http accept errors (EMFILE)", "http: accept failed: Too many open files; pausing 0.1 s")
+
+
+def test_a_precise_cancel_cuts_its_scope_never_early_and_is_withdrawn_on_leaving() -> None:
+    async def main() -> tuple[list[float], bool]:
+        early = []
+        for i in range(20):
+            deadline = trio.current_time() + 0.0005 * (1 + i % 4)
+            with trio.CancelScope() as scope:  # no deadline of its own: only the precise cancel cuts
+                with aio.cancel_precisely_at(scope, deadline):
+                    await trio.sleep(1)
+            assert scope.cancelled_caught
+            if trio.current_time() < deadline:
+                early.append(deadline - trio.current_time())
+        with trio.CancelScope() as scope:
+            with aio.cancel_precisely_at(scope, trio.current_time() + 0.002):
+                await trio.sleep(0.0005)
+            await trio.sleep(0.005)  # past the withdrawn deadline
+        await aio.sleep_until_precisely(trio.current_time() + 0.001)  # the timer still serves others
+        return early, scope.cancelled_caught
+
+    assert trio.run(main) == ([], False)
+
+
+def test_withdrawn_timers_leave_the_heap_and_the_timer_disarmed() -> None:
+    async def main() -> tuple[int, float]:
+        with trio.CancelScope() as scope:
+            for _ in range(100):
+                with aio.cancel_precisely_at(scope, trio.current_time() + 10):
+                    await trio.lowlevel.checkpoint()
+        timers = aio._timers()
+        return len(timers.heap), timers.armed
+
+    assert trio.run(main) == (0, float("inf"))
