@@ -287,7 +287,8 @@ class Users:
             return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
         return event
 
-    async def _send_error_quietly(self, client: H11Stream, exc: HttpError) -> None:
+    async def _send_error_quietly(self, client: H11Stream, exc: HttpError, method: bytes = b"") -> None:
+        """``exc`` as the response, in one write (``method``: the request's; a HEAD's response has no body)."""
         if isinstance(client, H2Stream):  # an HTTP/2 stream answers in its own framing (a gRPC status for gRPC)
             with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
                 await client.send_error(exc)
@@ -301,9 +302,7 @@ class Users:
                 # would send its next request into a socket we are closing (a reset).
                 resp = h11.Response(status_code=resp.status_code, reason=resp.reason,
                                     headers=[*resp.headers, (b"connection", b"close")])
-            await client.send(resp)
-            await client.send(h11.Data(data=body))
-            await client.send(h11.EndOfMessage())
+            await client.send_all([resp, h11.EndOfMessage()] if method == b"HEAD" else [resp, h11.Data(data=body), h11.EndOfMessage()])
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
 
@@ -338,13 +337,20 @@ class Users:
             self.p.gw.metrics.observe(service, instance, status, ended_at - t0)
         except HttpError as exc:
             self.p.stats[f"error_{exc.status}"] += 1
-            self.p.gw.metrics.observe(exc.service, None, exc.status, None)
-            self._log_error(req, exc)
+            # The user's answer first: its clock runs (a 504 at the bound), the log line and metrics can wait.
             if client.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                # If the body was not read to its end, _client closes the connection after this.
-                await self._send_error_quietly(client, exc)
+                try:
+                    # If the body was not read to its end, _client closes the connection after this.
+                    await self._send_error_quietly(client, exc, req.method)
+                finally:
+                    self._counted_error(req, exc)
             else:
+                self._counted_error(req, exc)
                 raise trio.BrokenResourceError(str(exc)) from None
+
+    def _counted_error(self, req: h11.Request, exc: HttpError) -> None:
+        self.p.gw.metrics.observe(exc.service, None, exc.status, None)
+        self._log_error(req, exc)
 
     async def _route(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key],
                      t0: float) -> tuple[str, str, int, float]:

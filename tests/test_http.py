@@ -120,6 +120,16 @@ def test_gateway_errors(net, method, path, headers, status, error) -> None:
     assert "cpn-instance" not in r.headers and "cpn-origin" not in r.headers
 
 
+def test_an_error_to_a_head_request_has_no_body_and_the_connection_goes_on(net) -> None:
+    """The error's head (its length, the body it would have) and nothing after it; the next request is served."""
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        r = c.head("/nothing/here")
+        assert r.status_code == 404 and r.content == b"" and int(r.headers["content-length"]) > 0
+        again = c.get("/nothing/here")
+        assert again.json()["error"] == "no_such_service"
+        assert r.extensions["network_stream"] is again.extensions["network_stream"]  # one connection
+
+
 def raw_exchange(url: str, data: bytes) -> bytes:
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
