@@ -58,15 +58,17 @@ class Attempts:
         me = self.p.gw.id
         headers = rewrite_headers(req.headers, drop_cpn=True, default_host=me.encode(), drop=forwarded.REPLACED,
                                   extra=(*forwarded.tunnel_pair(client.source, me), *client.tunnel_extra))  # TE: trailers (tunnel.md)
+        cut_at = None
         while (cand := plan.next(start := trio.current_time(), replayable=body.replayable)) is not None:
-            attempt = Attempt(bound_at=plan.bound_at)
+            attempt = Attempt(bound_at=plan.bound_at, cut_at=plan.cut_at)
             try:
                 status = await self._attempt(client, req, headers, body, cand, plan, attempt, start)
             except StreamReset as exc:
                 now = trio.current_time()
                 text = exc.text
-                if exc.code == ResetCode.DEADLINE and plan.bound_at is not None and now >= plan.bound_at:
+                if exc.code == ResetCode.DEADLINE and plan.cut_at is not None and now >= plan.cut_at:
                     self.p.stats["bound_cut"] += 1  # answered 504 at the bound instead of a late 200
+                    cut_at = plan.cut_at
                     self.planner.missed(cand, attempt, plan.t0 if not plan.failures else start, now, client.source or None)
                     text = f"{_bound_text(plan)}: {exc.text}"
                 go_on = plan.failed(cand, exc.code, exc.delivered, text, now)
@@ -83,7 +85,9 @@ class Attempts:
             if self.planner.observed(plan, cand, attempt, plan.t0 if not plan.failures else start, attempt.ended_at):
                 self.p.stats["late"] += 1
             return cand.instance, status, attempt.ended_at
-        raise plan.error()
+        error = plan.error()
+        error.cut_at = cut_at  # the user's clock ran on from the cut: users.py learns what answering it took
+        raise error
 
     def _open_upstream(self, cand: Candidate, ext: ExtHeader, soon: bool) -> ByteStream:
         if cand.next_hop is None:
@@ -172,7 +176,7 @@ class Attempts:
         try:
             attempt.instance_s = await self.egress.call(
                 sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
-                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.head_deadline(), now, party)
+                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.cut_deadline(), now, party)
             if sink.failure is not None:
                 raise sink.failure
         except StreamReset as exc:
@@ -191,9 +195,9 @@ class Attempts:
         for the head, then the idle time for the body."""
         idle_s = self.p.limits.body_idle_timeout_s
         event: Any = None
-        with trio.CancelScope(deadline=plan.head_deadline()) as scope:
+        with trio.CancelScope(deadline=plan.cut_deadline()) as scope:
             # A bound is cut when the user's clock says so: trio's own timer fires up to ~2 ms late.
-            with cancel_precisely_at(scope, None if plan.bound_at is None else plan.head_deadline()):
+            with cancel_precisely_at(scope, None if plan.cut_at is None else plan.cut_deadline()):
                 event = up.next_event_nowait() or await up.next_event()
                 while isinstance(event, h11.InformationalResponse):
                     event = await up.next_event()
@@ -213,7 +217,7 @@ class Attempts:
         if scope.cancelled_caught:
             if attempt.upstream_head_at is None:
                 up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
-                if plan.bound_at is not None and plan.bound_at <= plan.deadline:
+                if plan.cut_at is not None and plan.cut_at <= plan.deadline:
                     raise StreamReset(ResetCode.DEADLINE, True, "no response head by then")
                 raise HttpError(504, "deadline_exceeded", f"no response within {plan.cons.timeout_s:g} s")
             raise trio.TooSlowError(f"response body idle for {idle_s:g} s")

@@ -18,7 +18,7 @@ import h11
 import trio
 
 from . import forwarded, tlsstream
-from .aio import open_nursery
+from .aio import cancel_precisely_at, open_nursery
 from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
@@ -300,9 +300,11 @@ class Egress:
                         nursery.start_soon(up.run)
                     if deadline is not None:
                         scope.deadline = deadline
-                    ev = await ic.next_event()
-                    while isinstance(ev, h11.InformationalResponse):
+                    # A user's own sink with a bound (the ingress calling its own instance): cut on time.
+                    with cancel_precisely_at(scope, deadline if sink.hold_until is not None else None):
                         ev = await ic.next_event()
+                        while isinstance(ev, h11.InformationalResponse):
+                            ev = await ic.next_event()
                     if not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
                     now = trio.current_time()  # one reading for this step: health, load report, the relay's idle time

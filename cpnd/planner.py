@@ -38,6 +38,8 @@ from .select import (
 from .tunnel import NO_BUDGET, ResetCode
 
 MAX_ATTEMPTS = 3
+MAX_CUT_LEAD_S = 0.001  # a cut at a bound is armed at most this much before it (and at most a tenth of it)
+MAX_CUT_SAMPLE_S = 0.002  # one answer's time counts at most this much (a stalled write, a busy machine)
 DEADLINE_GRACE_S = 0.05  # a far end's deadline reset this much before ours is its clock, not a lie
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 MODES = ("per-request", "per-connection", "dns-ttl")
@@ -82,7 +84,23 @@ class Attempt:
     head_at: float | None = None  # the response head left for the user
     whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
     bound_at: float | None = None  # the head must leave by then (the latency bound), else 504
+    cut_at: float | None = None  # a held response not whole by then is cut, for its 504 to leave by the bound
     ended_at: float | None = None  # the attempt was over (its response relayed, or it failed)
+
+
+@attrs.define
+class CutLead:
+    """This ingress's time from cutting an attempt at a latency bound to its 504 leaving (a moving
+    average): a cut is armed that much before the bound, so that the 504 leaves by it."""
+
+    lead_s: float = 0.0
+
+    def learn(self, took_s: float) -> None:
+        self.lead_s = min(MAX_CUT_LEAD_S, max(0.0, self.lead_s + (min(took_s, MAX_CUT_SAMPLE_S) - self.lead_s) / 8))
+
+    def cut_at(self, t0: float, bound_s: float) -> float:
+        """When a request whose head came at ``t0`` with a bound of ``bound_s`` is cut."""
+        return t0 + bound_s - min(self.lead_s, bound_s / 10)
 
 
 @attrs.define
@@ -101,6 +119,7 @@ class Plan:
     per_request: bool
     planner: Planner
     failures: list[HttpError] = attrs.field(factory=list)
+    cut_at: float | None = None  # bound_at less the time a cut takes to answer (CutLead): the cut is then
 
     def next(self, now: float, *, replayable: bool = True) -> Candidate | None:
         """The next candidate to try, or None: none left, attempts used up, or a body that cannot be
@@ -144,6 +163,11 @@ class Plan:
         """Until when an attempt waits for its response head: the bound, if any, else the timeout."""
         return self.deadline if self.bound_at is None else min(self.deadline, self.bound_at)
 
+    def cut_deadline(self) -> float:
+        """When an attempt waiting for its response head is cut: the bound less the cut's own time to
+        answer, if there is a bound, else the timeout."""
+        return self.deadline if self.cut_at is None else min(self.deadline, self.cut_at)
+
     def budget_us(self, now: float) -> int:
         """The extension header's budget: the time left before the deadline."""
         return min(NO_BUDGET - 1, max(0, _us(self.deadline - now)))
@@ -165,6 +189,7 @@ class Planner:
     account: SendAccount
     own: OwnTimes
     correction: LatencyCorrection
+    cut: CutLead = attrs.field(factory=CutLead)
     mode: str = attrs.field(default="per-request", validator=attrs.validators.in_(MODES))
     ttl: TtlCache = attrs.field(factory=lambda: TtlCache(0.0))
     rng: random.Random = attrs.field(factory=random.Random)
@@ -184,9 +209,12 @@ class Planner:
         per_request = self.mode == "per-request"
         # The baselines emulate network-layer schemes: what they chose is final, no retries.
         # The baselines emulate schemes that know nothing of the bound: they answer late, not 504.
-        bound_at = None if cons.max_latency_us is None or not per_request else t0 + cons.max_latency_us / 1_000_000
-        return Plan(service, cons, ranked, t0, now + cons.timeout_s, bound_at, method in IDEMPOTENT,
-                    MAX_ATTEMPTS if per_request else 1, per_request and cons.max_latency_us is None, per_request, self)
+        if cons.max_latency_us is None or not per_request:
+            return Plan(service, cons, ranked, t0, now + cons.timeout_s, None, method in IDEMPOTENT,
+                        MAX_ATTEMPTS if per_request else 1, per_request and cons.max_latency_us is None, per_request, self)
+        bound_s = cons.max_latency_us / 1_000_000
+        return Plan(service, cons, ranked, t0, now + cons.timeout_s, t0 + bound_s, method in IDEMPOTENT, MAX_ATTEMPTS,
+                    False, True, self, cut_at=self.cut.cut_at(t0, bound_s))
 
     def _ranked(self, service: str, cons: Constraints, pinned: dict[str, Key], now: float) -> list[Candidate]:
         per_request = self.mode == "per-request"

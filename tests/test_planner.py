@@ -174,6 +174,24 @@ def test_the_bound_is_the_head_deadline_in_per_request_mode_only() -> None:
     assert p.correction.value_us(cand.key, 3.010) > before
 
 
+def test_a_cut_is_armed_early_by_what_answering_one_takes_within_its_caps() -> None:
+    p = planner(THREE)
+    first = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0)
+    assert first.cut_at == pytest.approx(3.010) and first.cut_deadline() == pytest.approx(3.010)  # nothing learnt yet
+    for _ in range(60):
+        p.cut.learn(0.0006)  # each 504 left 0.6 ms after its cut
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0)
+    assert plan.cut_at == pytest.approx(3.0094, abs=2e-5) and plan.bound_at == pytest.approx(3.010)
+    assert plan.head_deadline() == pytest.approx(3.010)  # the bound itself is unchanged (a late 200 is still 504)
+    for _ in range(60):
+        p.cut.learn(0.5)  # a stalled write or a busy machine: one answer counts at most 2 ms
+    assert p.cut.lead_s == pytest.approx(0.001)  # and the lead is at most 1 ms
+    assert p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0).cut_at == pytest.approx(3.009)
+    assert p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="5ms"), {}, 3.0, 3.0).cut_at == pytest.approx(3.0045)  # a tenth
+    free = p.plan(b"GET", b"/yolo", hdr(), {}, 3.0, 3.0)
+    assert free.cut_at is None and free.cut_deadline() == free.deadline
+
+
 @given(st.lists(st.tuples(st.sampled_from(list(ResetCode)), st.booleans()), max_size=6),
        st.sampled_from([b"GET", b"POST"]), st.integers(0, 2**16))
 def test_attempts_are_bounded_and_never_repeat_an_instance(failures, method: bytes, seed: int) -> None:
