@@ -67,6 +67,7 @@ async def open_nursery() -> AsyncIterator[trio.Nursery]:
 
 SPIN_S = 0.001
 MAX_LEAD_S = 0.0005  # arm precise timers at most this much early
+COMPACT_AT = 256  # withdrawn precise timers kept in the heap before it is compacted (if over half of it)
 _TFD_FLAGS = 0o4000 | 0o2000000  # TFD_NONBLOCK | TFD_CLOEXEC
 _CLOCK_MONOTONIC = 1
 
@@ -113,12 +114,14 @@ class _PreciseTimers:
     process still needs a moment to run after the timer fires (~0.1 ms, more on a busy
     machine): the timer is armed that much early, learnt as a moving average, and what is
     left when it fires early is spent yielding, so timers fire on time, never early.
-    An entry is ``[deadline, seq, fire]``; a discarded one has ``fire`` None.
+    An entry is ``[deadline, seq, fire]``; a discarded one has ``fire`` None, and the heap is
+    compacted once such entries are over half of it (a cut withdrawn in time is, mostly).
     """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.heap: list[list[Any]] = []
+        self.discarded = 0  # entries in the heap with fire None
         self.seq = 0
         self.armed = math.inf  # the deadline the timer is armed for (it fires self.lead before)
         self.lead = 0.0
@@ -132,16 +135,27 @@ class _PreciseTimers:
         return entry
 
     def discard(self, entry: list[Any]) -> None:
-        """Never fire ``entry``; if it was the earliest, the timer is armed for the next one now
-        (a system call, where a wake-up for nothing would cost a switch and a read)."""
+        """Never fire ``entry`` (if it has not fired); if it was the earliest, the timer is armed for the
+        next one now (a system call, where a wake-up for nothing would cost a switch and a read)."""
+        if entry[2] is None:
+            return
         entry[2] = None
-        if self.heap and self.heap[0] is entry:
+        self.discarded += 1
+        if self.discarded > COMPACT_AT and 2 * self.discarded > len(self.heap):
+            # Withdrawn entries of far deadlines (a 60 s bound answered in 10 ms) would stay until then.
+            self.heap = [e for e in self.heap if e[2] is not None]
+            heapq.heapify(self.heap)
+            self.discarded = 0
+        elif self.heap[0] is entry:
             while self.heap and self.heap[0][2] is None:
                 heapq.heappop(self.heap)
-            if not self.heap:
-                self._disarm()
-            elif self.heap[0][0] > self.armed:
-                self._arm(self.heap[0][0])
+                self.discarded -= 1
+        else:
+            return
+        if not self.heap:
+            self._disarm()
+        elif self.heap[0][0] != self.armed:
+            self._arm(self.heap[0][0])
 
     def _set(self, delay: float) -> None:
         spec = _Itimerspec()
@@ -182,8 +196,11 @@ class _PreciseTimers:
         self.armed = math.inf
         now = trio.current_time()
         while self.heap and (self.heap[0][0] <= now or self.heap[0][2] is None):
-            fire = heapq.heappop(self.heap)[2]
-            if fire is not None:
+            entry = heapq.heappop(self.heap)
+            fire, entry[2] = entry[2], None  # fired: a discard after this is a no-op
+            if fire is None:
+                self.discarded -= 1
+            else:
                 fire()
         if self.heap:
             self._arm(self.heap[0][0])

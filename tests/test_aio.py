@@ -114,3 +114,20 @@ def test_withdrawn_timers_leave_the_heap_and_the_timer_disarmed() -> None:
         return len(timers.heap), timers.armed
 
     assert trio.run(main) == (0, float("inf"))
+
+
+def test_withdrawn_far_timers_do_not_pile_up() -> None:
+    """A cut withdrawn in time leaves no entry for as long as its deadline was far (a 60 s bound)."""
+    async def main() -> tuple[int, int]:
+        top = 0
+        with trio.CancelScope() as scope:
+            with aio.cancel_precisely_at(scope, trio.current_time() + 0.01):  # the earliest stays armed
+                for _ in range(5000):
+                    with aio.cancel_precisely_at(scope, trio.current_time() + 60):
+                        top = max(top, len(aio._timers().heap))
+                await trio.sleep(1)
+        await aio.sleep_until_precisely(trio.current_time() + 0.001)  # the timer still works
+        return top, aio._timers().discarded
+
+    top, discarded = trio.run(main)
+    assert top <= 2 * aio.COMPACT_AT + 2 and discarded <= aio.COMPACT_AT
