@@ -201,19 +201,14 @@ class Attempts:
                 event = up.next_event_nowait() or await up.next_event()
                 while isinstance(event, h11.InformationalResponse):
                     event = await up.next_event()
-            if isinstance(event, h11.ConnectionClosed):
-                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
-            assert isinstance(event, h11.Response)
-            attempt.upstream_head_at = now = trio.current_time()
-            response = h11.Response(status_code=event.status_code, reason=event.reason, _parsed=True,
-                                    headers=rewrite_headers(event.headers, drop_cpn=False))
-            try:
-                await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
-                                     idle_s, trailers=client.trailers, now=now)  # HTTP/2, or TE: trailers
-            except Cut as exc:
-                if exc.held:  # the user has seen nothing: a clean error, or a retry
-                    raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
-                raise trio.BrokenResourceError("upstream ended mid-response") from None
+            if not scope.cancel_called:
+                await self._relay(client, up, event, scope, attempt, idle_s)
+        if scope.cancel_called and isinstance(event, (h11.Response, h11.ConnectionClosed)) and attempt.upstream_head_at is None:
+            # The cut came in the step that brought the head (the timer's task ran first): the head came
+            # in time, and is relayed in a scope of its own (a cancelled scope stays cancelled: in it,
+            # the relay would fail at its first wait, and the user would lose the connection).
+            with trio.CancelScope() as scope:
+                await self._relay(client, up, event, scope, attempt, idle_s)
         if scope.cancelled_caught:
             if attempt.upstream_head_at is None:
                 up_raw.reset(ResetCode.DEADLINE, True, "ingress deadline passed")
@@ -223,6 +218,23 @@ class Attempts:
             raise trio.TooSlowError(f"response body idle for {idle_s:g} s")
         self.p.stats[STATUS_KEYS[event.status_code // 100]] += 1
         return event.status_code
+
+    async def _relay(self, client: H11Stream, up: H11Stream | LocalEvents, event: Any, scope: trio.CancelScope,
+                     attempt: Attempt, idle_s: float) -> None:
+        """Relay the response whose head ``event`` came to the user, ``scope`` now its idle timer."""
+        if isinstance(event, h11.ConnectionClosed):
+            raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
+        assert isinstance(event, h11.Response)
+        attempt.upstream_head_at = now = trio.current_time()
+        response = h11.Response(status_code=event.status_code, reason=event.reason, _parsed=True,
+                                headers=rewrite_headers(event.headers, drop_cpn=False))
+        try:
+            await relay_response(up, response, content_length(event.headers), UserSink(client, attempt), scope,
+                                 idle_s, trailers=client.trailers, now=now)  # HTTP/2, or TE: trailers
+        except Cut as exc:
+            if exc.held:  # the user has seen nothing: a clean error, or a retry
+                raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
+            raise trio.BrokenResourceError("upstream ended mid-response") from None
 
 
 def _bound_text(plan: Plan) -> str:

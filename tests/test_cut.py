@@ -1,0 +1,75 @@
+"""The ingress's cut at a latency bound (cpnd/attempts.py), on a real trio loop with the precise timer."""
+
+from __future__ import annotations
+
+import collections
+import socket
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import h11
+import trio
+
+from cpnd.attempts import Attempts
+from cpnd.h1 import H11Stream
+from cpnd.planner import Attempt
+
+
+class _Upstream:
+    """A response head that comes when ``arrived`` is set, then a chunked body that needs a wait."""
+
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.body = collections.deque([h11.Data(data=b"ok"), h11.EndOfMessage()])
+        self.resets: list[Any] = []
+
+    def next_event_nowait(self) -> Any:
+        return None
+
+    async def next_event(self) -> Any:
+        if not self.arrived.is_set():
+            await self.arrived.wait()
+            return h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])
+        await trio.lowlevel.checkpoint()  # the body is not there at once: the relay waits
+        return self.body.popleft()
+
+    def reset(self, *args: Any) -> None:
+        self.resets.append(args)
+
+
+def test_a_head_that_comes_in_the_step_the_cut_fires_is_relayed_whole() -> None:
+    """The head is handed over in the step before the cut, and the attempt runs in the one after it
+    (the cut's scope is cancelled by then, for good): the head came in time, so the user gets it
+    and its body, not a lost connection."""
+    async def main() -> tuple[int, bytes]:
+        a, b = socket.socketpair()
+        client = H11Stream(h11.SERVER, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
+        client.conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert isinstance(client.conn.next_event(), h11.Request)
+        assert isinstance(client.conn.next_event(), h11.EndOfMessage)
+        attempts = Attempts.__new__(Attempts)
+        attempts.p = SimpleNamespace(limits=SimpleNamespace(body_idle_timeout_s=60.0), stats=collections.Counter())
+        up = _Upstream()
+        cut = trio.current_time() + 0.005
+        plan = SimpleNamespace(cut_at=cut, deadline=cut + 10, cut_deadline=lambda: cut, cons=SimpleNamespace(timeout_s=10))
+
+        async def reader() -> None:
+            """The peer reader's step that brings the head: it starts before the cut and ends after it."""
+            await trio.sleep_until(cut - 0.002)
+            while trio.current_time() < cut + 0.0005:
+                time.sleep(0.0001)  # holding the loop, as a busy step does
+            up.arrived.set()  # the attempt runs in the next step, after trio has expired its deadline
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            status = await attempts._response(client, up, up, plan, Attempt(bound_at=cut + 0.5, cut_at=cut))
+        a.close()
+        got = b""
+        while chunk := b.recv(65536):
+            got += chunk
+        b.close()
+        return status, got
+
+    status, got = trio.run(main)
+    assert status == 200 and got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"2\r\nok\r\n0\r\n\r\n")
