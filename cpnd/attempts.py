@@ -58,9 +58,8 @@ class Attempts:
         me = self.p.gw.id
         headers = rewrite_headers(req.headers, drop_cpn=True, default_host=me.encode(), drop=forwarded.REPLACED,
                                   extra=(*forwarded.tunnel_pair(client.source, me), *client.tunnel_extra))  # TE: trailers (tunnel.md)
-        cut_at = None
         while (cand := plan.next(start := trio.current_time(), replayable=body.replayable)) is not None:
-            attempt = Attempt(bound_at=plan.bound_at, cut_at=plan.cut_at)
+            attempt = Attempt(bound_at=plan.bound_at)
             try:
                 status = await self._attempt(client, req, headers, body, cand, plan, attempt, start)
             except StreamReset as exc:
@@ -68,7 +67,6 @@ class Attempts:
                 text = exc.text
                 if exc.code == ResetCode.DEADLINE and plan.cut_at is not None and now >= plan.cut_at:
                     self.p.stats["bound_cut"] += 1  # answered 504 at the bound instead of a late 200
-                    cut_at = plan.cut_at
                     self.planner.missed(cand, attempt, plan.t0 if not plan.failures else start, now, client.source or None)
                     text = f"{_bound_text(plan)}: {exc.text}"
                 go_on = plan.failed(cand, exc.code, exc.delivered, text, now)
@@ -85,9 +83,7 @@ class Attempts:
             if self.planner.observed(plan, cand, attempt, plan.t0 if not plan.failures else start, attempt.ended_at):
                 self.p.stats["late"] += 1
             return cand.instance, status, attempt.ended_at
-        error = plan.error()
-        error.cut_at = cut_at  # the user's clock ran on from the cut: users.py learns what answering it took
-        raise error
+        raise plan.error()
 
     def _open_upstream(self, cand: Candidate, ext: ExtHeader, soon: bool) -> ByteStream:
         if cand.next_hop is None:

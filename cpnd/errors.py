@@ -144,4 +144,3 @@ class HttpError(CpnError):
         self.close = close  # the request's framing cannot be trusted: end the connection after this
         self.service = ""  # for metrics, once known
         self.headers: list[tuple[bytes, bytes]] = []  # more for the response: Retry-After, WWW-Authenticate
-        self.cut_at: float | None = None  # a cut at a latency bound, armed for then: the ingress learns its time to answer

@@ -38,8 +38,8 @@ from .select import (
 from .tunnel import NO_BUDGET, ResetCode
 
 MAX_ATTEMPTS = 3
-MAX_CUT_LEAD_S = 0.001  # a cut at a bound is armed at most this much before it (and at most a tenth of it)
-MAX_CUT_SAMPLE_S = 0.002  # one answer's time counts at most this much (a stalled write, a busy machine)
+MAX_CUT_LEAD_S = 0.001  # a cut at a bound comes at most this much before it (and at most a tenth of it)
+MAX_CUT_SAMPLE_S = 0.001  # one head's relay counts at most this much (a held body's wait, a stalled write)
 DEADLINE_GRACE_S = 0.05  # a far end's deadline reset this much before ours is its clock, not a lie
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 MODES = ("per-request", "per-connection", "dns-ttl")
@@ -84,14 +84,14 @@ class Attempt:
     head_at: float | None = None  # the response head left for the user
     whole: bool = False  # the whole request went in one write: no time waiting for the user's upload
     bound_at: float | None = None  # the head must leave by then (the latency bound), else 504
-    cut_at: float | None = None  # a held response not whole by then is cut, for its 504 to leave by the bound
     ended_at: float | None = None  # the attempt was over (its response relayed, or it failed)
 
 
 @attrs.define
 class CutLead:
-    """This ingress's time from cutting an attempt at a latency bound to its 504 leaving (a moving
-    average): a cut is armed that much before the bound, so that the 504 leaves by it."""
+    """This ingress's time from a response head's arrival to its leaving for the user (a moving average
+    over answered attempts): a head that comes later than the bound less that would leave after the
+    bound, so an attempt with no head by then is cut then, and its 504 leaves that much sooner."""
 
     lead_s: float = 0.0
 
@@ -119,7 +119,7 @@ class Plan:
     per_request: bool
     planner: Planner
     failures: list[HttpError] = attrs.field(factory=list)
-    cut_at: float | None = None  # bound_at less the time a cut takes to answer (CutLead): the cut is then
+    cut_at: float | None = None  # bound_at less the time a head takes to leave (CutLead): the cut is then
 
     def next(self, now: float, *, replayable: bool = True) -> Candidate | None:
         """The next candidate to try, or None: none left, attempts used up, or a body that cannot be
@@ -164,8 +164,8 @@ class Plan:
         return self.deadline if self.bound_at is None else min(self.deadline, self.bound_at)
 
     def cut_deadline(self) -> float:
-        """When an attempt waiting for its response head is cut: the bound less the cut's own time to
-        answer, if there is a bound, else the timeout."""
+        """When an attempt waiting for its response head is cut: the bound less the time a head takes
+        to leave, if there is a bound, else the timeout."""
         return self.deadline if self.cut_at is None else min(self.deadline, self.cut_at)
 
     def budget_us(self, now: float) -> int:
@@ -250,6 +250,8 @@ class Planner:
         if attempt.head_at is None or not attempt.whole:
             return False
         took = attempt.head_at - start
+        if attempt.upstream_head_at is not None:
+            self.cut.learn(attempt.head_at - attempt.upstream_head_at)
         instance_us = None if attempt.instance_s is None else _us(attempt.instance_s)
         self.correction.observe(cand.key, now, took * 1_000_000, expected_us(cand, instance_us))
         if cand.next_hop is None and attempt.instance_s is not None:

@@ -92,7 +92,7 @@ class UserSink:
         self.attempt = attempt
         self.status = 0
         self.failure: StreamReset | None = None
-        self.hold_until = attempt.cut_at  # a held response not whole by then: 504 at the bound
+        self.hold_until = attempt.bound_at  # a held response not whole by the bound: 504 at the bound
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         head = isinstance(events[0], h11.Response)

@@ -342,8 +342,6 @@ class Users:
                 try:
                     # If the body was not read to its end, _client closes the connection after this.
                     await self._send_error_quietly(client, exc, req.method)
-                    if exc.cut_at is not None:  # what answering a cut took: the next cuts are armed that much early
-                        self.planner.cut.learn(trio.current_time() - exc.cut_at)
                 finally:
                     self._counted_error(req, exc)
             else:

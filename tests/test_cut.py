@@ -63,7 +63,7 @@ def test_a_head_that_comes_in_the_step_the_cut_fires_is_relayed_whole() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            status = await attempts._response(client, up, up, plan, Attempt(bound_at=cut + 0.5, cut_at=cut))
+            status = await attempts._response(client, up, up, plan, Attempt(bound_at=cut + 0.5))
         a.close()
         got = b""
         while chunk := b.recv(65536):

@@ -174,18 +174,22 @@ def test_the_bound_is_the_head_deadline_in_per_request_mode_only() -> None:
     assert p.correction.value_us(cand.key, 3.010) > before
 
 
-def test_a_cut_is_armed_early_by_what_answering_one_takes_within_its_caps() -> None:
+def test_a_head_wait_is_cut_when_a_head_could_no_longer_leave_by_the_bound() -> None:
     p = planner(THREE)
     first = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0)
     assert first.cut_at == pytest.approx(3.010) and first.cut_deadline() == pytest.approx(3.010)  # nothing learnt yet
-    for _ in range(60):
-        p.cut.learn(0.0006)  # each 504 left 0.6 ms after its cut
+    cand = first.next(3.0)
+    assert cand is not None
+    for i in range(60):  # answered attempts whose heads each took 0.3 ms from their arrival to leaving
+        p.observed(first, cand, Attempt(sent_at=3.0005, upstream_head_at=3.004, head_at=3.0043, whole=True), 3.0, 3.0045)
     plan = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0)
-    assert plan.cut_at == pytest.approx(3.0094, abs=2e-5) and plan.bound_at == pytest.approx(3.010)
+    assert plan.cut_at == pytest.approx(3.0097, abs=2e-5) and plan.bound_at == pytest.approx(3.010)
     assert plan.head_deadline() == pytest.approx(3.010)  # the bound itself is unchanged (a late 200 is still 504)
+    p.observed(plan, cand, Attempt(sent_at=3.0005, head_at=3.0043, whole=True), 3.0, 3.0045)  # local: no head in
+    assert p.cut.lead_s == pytest.approx(0.0003, abs=2e-5)
     for _ in range(60):
-        p.cut.learn(0.5)  # a stalled write or a busy machine: one answer counts at most 2 ms
-    assert p.cut.lead_s == pytest.approx(0.001)  # and the lead is at most 1 ms
+        p.cut.learn(0.5)  # a held body's wait, a stalled write: one head counts at most 1 ms
+    assert p.cut.lead_s == pytest.approx(0.001, abs=1e-6)  # and the lead is at most 1 ms
     assert p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 3.0, 3.0).cut_at == pytest.approx(3.009)
     assert p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="5ms"), {}, 3.0, 3.0).cut_at == pytest.approx(3.0045)  # a tenth
     free = p.plan(b"GET", b"/yolo", hdr(), {}, 3.0, 3.0)
