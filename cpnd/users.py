@@ -291,7 +291,7 @@ class Users:
         """``exc`` as the response, in one write (``method``: the request's; a HEAD's response has no body)."""
         if isinstance(client, H2Stream):  # an HTTP/2 stream answers in its own framing (a gRPC status for gRPC)
             with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
-                await client.send_error(exc)
+                await client.send_error(exc, head=method == b"HEAD")
             return
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
