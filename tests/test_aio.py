@@ -97,9 +97,11 @@ def test_a_precise_cancel_cuts_its_scope_never_early_and_is_withdrawn_on_leaving
             if trio.current_time() < deadline:
                 early.append(deadline - trio.current_time())
         with trio.CancelScope() as scope:
-            with aio.cancel_precisely_at(scope, trio.current_time() + 0.002):
-                await trio.sleep(0.0005)
-            await trio.sleep(0.005)  # past the withdrawn deadline
+            withdrawn = trio.current_time() + 0.05  # far enough that a loaded machine still leaves in time
+            with aio.cancel_precisely_at(scope, withdrawn):
+                await trio.lowlevel.checkpoint()
+            assert trio.current_time() < withdrawn
+            await trio.sleep_until(withdrawn + 0.005)  # past the withdrawn deadline
         await aio.sleep_until_precisely(trio.current_time() + 0.001)  # the timer still serves others
         return early, scope.cancelled_caught
 
