@@ -190,8 +190,10 @@ class _PreciseTimers:
             late = trio.current_time() - (target - self.lead)
             self.lead = min(MAX_LEAD_S, max(0.0, self.lead + (late - self.lead) / 8))
             # Armed early on purpose: the last stretch (at most the lead) is spent
-            # yielding, so that no timer ever fires before its deadline.
-            while trio.current_time() < target and self.heap and self.heap[0][2] is not None:
+            # yielding, so that no timer ever fires before its deadline. Until the earliest
+            # entry's own: one added meanwhile may be due sooner, and once the one armed for is
+            # withdrawn (discard pops it), the next is due after the target: nothing to wait for.
+            while self.heap and (due := self.heap[0][0]) <= target and trio.current_time() < due:
                 await trio.sleep(0)
         self.armed = math.inf
         now = trio.current_time()

@@ -119,16 +119,18 @@ class H2Stream:
         else:
             wire.kick()  # written by the writer's next round, with the rest of the response if it comes by then
 
-    async def send_error(self, exc: HttpError) -> None:
-        """A gateway-made error: a trailers-only gRPC status for gRPC clients, else the JSON response."""
+    async def send_error(self, exc: HttpError, *, head: bool = False) -> None:
+        """A gateway-made error: a trailers-only gRPC status for gRPC clients, else the JSON response
+        (``head``: to a HEAD request, its head alone: DATA there is a protocol error for the client)."""
         self._check()
         h2c = self.server.wire.h2
         if self.grpc:
             h2c.send_headers(self.inbox.sid, grpc_error_fields(exc), end_stream=True)
         else:
             resp, body = error_response(exc)
-            h2c.send_headers(self.inbox.sid, response_fields(resp.status_code, resp.headers))
-            h2c.send_data(self.inbox.sid, body, end_stream=True)  # under the initial window (tens of bytes)
+            h2c.send_headers(self.inbox.sid, response_fields(resp.status_code, resp.headers), end_stream=head)
+            if not head:
+                h2c.send_data(self.inbox.sid, body, end_stream=True)  # under the initial window (tens of bytes)
         self.conn.our_state = h11.DONE
         await self.server.wire.written()
 

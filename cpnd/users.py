@@ -291,20 +291,28 @@ class Users:
         """``exc`` as the response, in one write (``method``: the request's; a HEAD's response has no body)."""
         if isinstance(client, H2Stream):  # an HTTP/2 stream answers in its own framing (a gRPC status for gRPC)
             with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
-                await client.send_error(exc)
+                await client.send_error(exc, head=method == b"HEAD")
             return
         if client.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         try:
             resp, body = error_response(exc)
-            if exc.close or (client.conn.their_state is h11.SEND_BODY and not await drain(client)):
-                # The rest of the body is not worth reading: say we close, or the client
-                # would send its next request into a socket we are closing (a reset).
+            if exc.close:  # the rest is not read: say we close (a next request sent into the socket would reset it)
                 resp = h11.Response(status_code=resp.status_code, reason=resp.reason,
                                     headers=[*resp.headers, (b"connection", b"close")])
             await client.send_all([resp, h11.EndOfMessage()] if method == b"HEAD" else [resp, h11.Data(data=body), h11.EndOfMessage()])
         except (h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+    async def _rest_of_body_quietly(self, client: H11Stream, exc: HttpError) -> None:
+        """After an error answered while the request's body was still coming (the answer never waits for
+        it: a 504 at a latency bound would leave up to DRAIN_TIMEOUT_S late), read the rest if it is small
+        and soon, so that the connection goes on; else it ends (_requests: their side is not done)."""
+        if isinstance(client, H2Stream) or exc.close or client.conn.our_state is not h11.DONE \
+                or client.conn.their_state is not h11.SEND_BODY:
+            return
+        with contextlib.suppress(h11.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            await drain(client)
 
     async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float | None = None) -> None:
         """Serve one request whose head came whole at ``t0`` (None: now)."""
@@ -340,10 +348,11 @@ class Users:
             # The user's answer first: its clock runs (a 504 at the bound), the log line and metrics can wait.
             if client.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 try:
-                    # If the body was not read to its end, _client closes the connection after this.
                     await self._send_error_quietly(client, exc, req.method)
                 finally:
                     self._counted_error(req, exc)
+                # If the body is not read to its end, _requests ends the connection after this.
+                await self._rest_of_body_quietly(client, exc)
             else:
                 self._counted_error(req, exc)
                 raise trio.BrokenResourceError(str(exc)) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import trio
 
 from cpnd import aio
@@ -95,9 +97,11 @@ def test_a_precise_cancel_cuts_its_scope_never_early_and_is_withdrawn_on_leaving
             if trio.current_time() < deadline:
                 early.append(deadline - trio.current_time())
         with trio.CancelScope() as scope:
-            with aio.cancel_precisely_at(scope, trio.current_time() + 0.002):
-                await trio.sleep(0.0005)
-            await trio.sleep(0.005)  # past the withdrawn deadline
+            withdrawn = trio.current_time() + 0.05  # far enough that a loaded machine still leaves in time
+            with aio.cancel_precisely_at(scope, withdrawn):
+                await trio.lowlevel.checkpoint()
+            assert trio.current_time() < withdrawn
+            await trio.sleep_until(withdrawn + 0.005)  # past the withdrawn deadline
         await aio.sleep_until_precisely(trio.current_time() + 0.001)  # the timer still serves others
         return early, scope.cancelled_caught
 
@@ -131,3 +135,68 @@ def test_withdrawn_far_timers_do_not_pile_up() -> None:
 
     top, discarded = trio.run(main)
     assert top <= 2 * aio.COMPACT_AT + 2 and discarded <= aio.COMPACT_AT
+
+
+def _spin_started(timers: aio._PreciseTimers) -> bool:
+    return timers.lead <= aio.MAX_LEAD_S  # _fire_due learns it anew (at most MAX_LEAD_S) before it spins
+
+
+async def _until(cond: Callable[[], bool]) -> None:
+    for _ in range(400):  # bounded
+        if cond():
+            return
+        await trio.sleep(0.001)
+    assert cond()
+
+
+def test_a_timer_added_while_the_timer_spins_for_a_later_one_fires_at_its_own_deadline() -> None:
+    """The timer fires ``lead`` early and the rest is spent yielding: a timer added meanwhile for an
+    earlier deadline (a held response's cut, a retry's) fires at its own, not at the one armed for."""
+    async def main() -> float:
+        timers = aio._timers()
+        assert timers is not None
+        far = trio.current_time() + 0.2
+        with trio.CancelScope() as scope, aio.cancel_precisely_at(scope, far):
+            timers.lead = 0.15  # as if wake-ups had been that late: the timer fires 150 ms early
+            timers._arm(far)
+            await _until(lambda: _spin_started(timers))
+            assert trio.current_time() < far - 0.05
+            near = trio.current_time() + 0.002
+            await aio.sleep_until_precisely(near)
+            return trio.current_time() - near
+
+    late = trio.run(main)
+    assert late < 0.05, f"woke {late * 1000:.1f} ms late: at the deadline armed for, not its own"
+
+
+def test_the_timer_stops_spinning_once_the_timer_it_spins_for_is_withdrawn() -> None:
+    """Withdrawn during the timer task's last stretch (a response in time): the next timer is due later,
+    so the task waits for the timerfd again instead of yielding in a loop until the withdrawn deadline."""
+    async def main() -> int:
+        timers = aio._timers()
+        assert timers is not None
+        far = trio.current_time() + 0.2
+        with trio.CancelScope() as scope, aio.cancel_precisely_at(scope, far + 10):  # a later one stays
+            timers.lead = 0.15
+            with aio.cancel_precisely_at(scope, far):
+                await _until(lambda: _spin_started(timers))
+                assert trio.current_time() < far - 0.05
+            steps = _TaskSteps("cpn-precise-timers")
+            trio.lowlevel.add_instrument(steps)
+            await trio.sleep(0.005)
+            trio.lowlevel.remove_instrument(steps)
+        assert not scope.cancelled_caught
+        return steps.n
+
+    assert trio.run(main) <= 1  # one step to see it: not one per loop pass until the withdrawn deadline
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the steps the task named ``name`` takes."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.n = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.n += task.name == self.name

@@ -247,6 +247,43 @@ def test_a_slow_reader_does_not_turn_its_answer_into_a_cut(gw) -> None:
     assert lab.query("a", "stats")["http"].get("bound_cut", 0) == 0
 
 
+def _whole_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """One response with a Content-Length from ``s``: its head and body (nothing read past it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(1)
+        assert chunk, data
+        data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0]
+    length = int(next(v for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                      if k.strip().lower() == b"content-length"))
+    body = b""
+    while len(body) < length:
+        chunk = s.recv(length - len(body))
+        assert chunk, body
+        body += chunk
+    return head, body
+
+
+def test_a_cut_while_the_body_is_still_coming_is_answered_at_the_bound_and_the_connection_goes_on(gw) -> None:
+    """A bounded request whose body is still coming at its bound gets its 504 then, not once the rest of
+    the body has been waited for (up to 1 s late, and that second was learnt into every user's cut
+    lead); the rest is read after the answer, and the connection serves the next request."""
+    lab, url = gw
+    with _connect(url) as s:
+        s.sendall(b"POST /local HTTP/1.1\r\nHost: a\r\nCPN-Max-Latency: 50ms\r\nContent-Length: 100\r\n\r\nx")
+        t0 = time.monotonic()
+        head, body = _whole_response(s)
+        took = time.monotonic() - t0
+        assert head.startswith(b"HTTP/1.1 504 ") and b"latency bound" in body, head + body
+        assert took < 0.5, f"the 504 came {took:.2f} s after the request, for a 50 ms bound"
+        assert b"connection: close" not in head.lower()
+        s.sendall(b"x" * 99 + b"GET /local HTTP/1.1\r\nHost: a\r\n\r\n")  # the rest of the body, the next request
+        head, _ = _whole_response(s)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    assert lab.query("a", "stats")["http"]["bound_cut"] == 1
+
+
 def test_cut_residuals_cannot_evict_the_answered_ones() -> None:
     """Sans-IO, the same: 40 cut residuals after 5 answered ones fill the window of 32, and still
     count only as far as the answered ones show while one was answered within the last second; then

@@ -111,6 +111,26 @@ def test_gateway_errors_are_json_responses_for_non_grpc_clients(edge) -> None:
         c.close()
 
 
+def test_an_error_to_a_head_request_has_no_body(edge) -> None:
+    """A HEAD's response has no content (RFC 9110 section 9.3.2), a gateway-made error's neither:
+    nghttp2 (curl) resets a stream whose HEAD response carries DATA. The next stream is served."""
+    _, addr = edge
+    c = Client(addr)
+    try:
+        sid = c.h2.get_next_available_stream_id()
+        c.h2.send_headers(sid, [(b":method", b"HEAD"), (b":scheme", b"http"), (b":authority", b"a"),
+                                (b":path", b"/nowhere")], end_stream=True)
+        c.flush()
+        head, body = c.response(sid)
+        assert head[b":status"] == b"404" and int(head[b"content-length"]) > 0 and body == b""
+        assert not any(isinstance(e, h2.events.StreamReset) for e in c.events)
+        sid = c.get(b"/nowhere")
+        c.flush()
+        assert json.loads(c.response(sid)[1])["error"] == "no_such_service"
+    finally:
+        c.close()
+
+
 def test_streams_over_the_bound_are_refused_one_by_one(edge) -> None:
     """Requests sent before the client has our SETTINGS: those over http2_max_streams get
     RST_STREAM REFUSED_STREAM (retryable), the others are served, no GOAWAY."""
