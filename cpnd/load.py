@@ -676,6 +676,9 @@ class LatencyCorrection:
         # cap cut ones even when many cut at once (one user's long jobs) pushed them out of the window.
         self._answered: dict[object, collections.deque[tuple[float, int]]] = {}
         self._values: dict[object, tuple[float, int]] = {}  # (computed at, value)
+        # When the newest response that bore the value out came (its residual at least the value): the
+        # hold runs from there, so a trickle of answers faster than that does not keep re-arming it.
+        self._held: dict[object, float] = {}
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False,
                 party: object = None) -> None:
@@ -698,8 +701,11 @@ class LatencyCorrection:
                 del self._residuals[old]
                 self._values.pop(old, None)
                 self._answered.pop(old, None)
+                self._held.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
         residual = int(observed_us - estimated_us)
+        if residual >= self._values.get(key, (now, 0))[1]:
+            self._held[key] = now
         window.append((now, residual, (True if party is None else party) if cut else False))
         if not cut:
             self._answered.setdefault(key, collections.deque(maxlen=self.samples)).append((now, residual))
@@ -719,6 +725,7 @@ class LatencyCorrection:
             del self._residuals[key]
             del self._values[key]
             self._answered.pop(key, None)  # none younger than the window's newest
+            self._held.pop(key, None)
             return 0
         return self._update(key, window, now)
 
@@ -740,7 +747,7 @@ class LatencyCorrection:
             values = [r if cut is False else min(r, cap) for _, r, cut in window]
         values += [0] * min(CORRECTION_PRIOR, self.samples - len(window))
         values.sort()
-        quiet = now - window[-1][0]  # since the newest response
+        quiet = now - self._held.get(key, window[-1][0])  # since the newest response that bore the value out
         fade = 1.0 if quiet <= CORRECTION_HOLD_S else max(0.0, (self.ttl_s - quiet) / (self.ttl_s - CORRECTION_HOLD_S))
         value = int(values[int(self.quantile * (len(values) - 1))] * fade)
         value = max(-CORRECTION_MAX_US, min(CORRECTION_MAX_US, value))

@@ -502,6 +502,22 @@ def test_correction_holds_then_fades_when_no_response_comes() -> None:
     assert c.value_us("s1", 6.0) == 0
 
 
+def test_a_trickle_of_faster_answers_does_not_keep_the_correction_held() -> None:
+    """A burst of slow responses, then one answer a second as estimated: those answers do not bear
+    the correction out, so its hold runs from the burst and it fades (before, each answer held it in
+    full again: the paper lab's s1 stayed 0.05 ms over u1's bound for seconds while answers trickled
+    in). A late answer does re-arm it, as at first."""
+    c = LatencyCorrection()
+    for i in range(20):
+        c.observe("s1", i * 0.01, 7000, 5000)
+    assert c.value_us("s1", 0.5) == 2000
+    for t in (1.0, 2.0, 3.0):
+        c.observe("s1", t, 5000, 5000)
+    assert c.value_us("s1", 3.19) == int(2000 * (5 - 3.19 + 0.19) / 4)  # faded from the burst's newest
+    c.observe("s1", 3.5, 7000, 5000)  # late again: held in full from here
+    assert c.value_us("s1", 4.4) == 2000
+
+
 def test_correction_is_bounded_and_its_table_too() -> None:
     c = LatencyCorrection()
     for _ in range(32):
