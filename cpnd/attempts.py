@@ -191,9 +191,10 @@ class Attempts:
         for the head, then the idle time for the body."""
         idle_s = self.p.limits.body_idle_timeout_s
         event: Any = None
-        with trio.CancelScope(deadline=plan.cut_deadline()) as scope:
+        cut = plan.cut_deadline()
+        with trio.CancelScope(deadline=cut) as scope:
             # A bound is cut when the user's clock says so: trio's own timer fires up to ~2 ms late.
-            with cancel_precisely_at(scope, None if plan.cut_at is None else plan.cut_deadline()):
+            with cancel_precisely_at(scope, None if plan.cut_at is None else cut):
                 event = up.next_event_nowait() or await up.next_event()
                 while isinstance(event, h11.InformationalResponse):
                     event = await up.next_event()

@@ -38,8 +38,9 @@ from .select import (
 from .tunnel import NO_BUDGET, ResetCode
 
 MAX_ATTEMPTS = 3
-MAX_CUT_LEAD_S = 0.001  # a cut at a bound comes at most this much before it (and at most a tenth of it)
-MAX_CUT_SAMPLE_S = 0.001  # one head's relay counts at most this much (a held body's wait, a stalled write)
+# One head's relay counts at most this much (a held body's wait, a stalled write), so a cut at a
+# bound comes at most this much before it (and at most a tenth of it).
+MAX_CUT_LEAD_S = 0.001
 DEADLINE_GRACE_S = 0.05  # a far end's deadline reset this much before ours is its clock, not a lie
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 MODES = ("per-request", "per-connection", "dns-ttl")
@@ -96,7 +97,7 @@ class CutLead:
     lead_s: float = 0.0
 
     def learn(self, took_s: float) -> None:
-        self.lead_s = min(MAX_CUT_LEAD_S, max(0.0, self.lead_s + (min(took_s, MAX_CUT_SAMPLE_S) - self.lead_s) / 8))
+        self.lead_s += (max(0.0, min(took_s, MAX_CUT_LEAD_S)) - self.lead_s) / 8  # never over the cap: a mean of capped samples
 
     def cut_at(self, t0: float, bound_s: float) -> float:
         """When a request whose head came at ``t0`` with a bound of ``bound_s`` is cut."""
