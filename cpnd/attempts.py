@@ -60,6 +60,8 @@ class Attempts:
                                   extra=(*forwarded.tunnel_pair(client.source, me), *client.tunnel_extra))  # TE: trailers (tunnel.md)
         while (cand := plan.next(start := trio.current_time(), replayable=body.replayable)) is not None:
             attempt = Attempt(bound_at=plan.bound_at)
+            if cand.probe:
+                self.p.stats["bound_probes"] += 1  # out of the bound by our correction alone: tried to learn
             try:
                 status = await self._attempt(client, req, headers, body, cand, plan, attempt, start)
             except StreamReset as exc:

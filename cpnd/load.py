@@ -659,6 +659,10 @@ CORRECTION_TTL_S = 5.0  # ... then fades linearly to 0 at this age; a residual o
 CORRECTION_QUANTILE = 0.9
 CORRECTION_MAX_US = 1_000_000
 CORRECTION_REFRESH_S = 0.05  # the faded value is recomputed at most this often (every request reads it)
+# An instance out of a request's bound by the correction alone gets a request at most this often
+# (a probe), when no instance meets the bound ...
+PROBE_INTERVAL_S = 0.05
+PROBE_GOOD = 3  # ... and this many probes in a row within their bound end the evidence from before them
 
 
 class LatencyCorrection:
@@ -679,6 +683,8 @@ class LatencyCorrection:
         # When the newest response that bore the value out came (its residual at least the value): the
         # hold runs from there, so a trickle of answers faster than that does not keep re-arming it.
         self._held: dict[object, float] = {}
+        # Probes of an instance out of a bound by the correction: [last sent, good ones in a row, the first's time]
+        self._probes: dict[object, list[float]] = {}
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False,
                 party: object = None) -> None:
@@ -702,6 +708,7 @@ class LatencyCorrection:
                 self._values.pop(old, None)
                 self._answered.pop(old, None)
                 self._held.pop(old, None)
+                self._probes.pop(old, None)
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
         residual = int(observed_us - estimated_us)
         if residual >= self._values.get(key, (now, 0))[1]:
@@ -726,8 +733,52 @@ class LatencyCorrection:
             del self._values[key]
             self._answered.pop(key, None)  # none younger than the window's newest
             self._held.pop(key, None)
+            self._probes.pop(key, None)
             return 0
         return self._update(key, window, now)
+
+    def probe_due(self, key: object, now: float) -> bool:
+        """Whether ``key``, out of a bound by its correction alone, may get a request now (a probe;
+        selection.md, "Probes"): the correction learns only from answers, which it no longer gets."""
+        if key not in self._residuals:
+            return False
+        probe = self._probes.get(key)
+        if probe is None:
+            self._probes[key] = [now, 0, now]
+            return True
+        if now - probe[0] < PROBE_INTERVAL_S:
+            return False
+        if now - probe[0] > CORRECTION_HOLD_S:
+            probe[1] = 0  # a run of good probes says something of now only while it lasts
+        probe[0] = now
+        return True
+
+    def probed(self, key: object, now: float, good: bool) -> None:
+        """A probe of ``key`` was answered (after ``observe``) within the bound it was sent for (``good``),
+        or not (late, or cut). PROBE_GOOD good ones in a row: the residuals from before them go."""
+        probe = self._probes.get(key)
+        window = self._residuals.get(key)
+        if probe is None or window is None:
+            return
+        if not good:
+            probe[1] = 0
+            return
+        if probe[1] == 0:
+            probe[2] = now
+        probe[1] += 1
+        if probe[1] < PROBE_GOOD:
+            return
+        since = probe[2]
+        del self._probes[key]
+        window = collections.deque((e for e in window if e[0] >= since), maxlen=self.samples)
+        if not window:  # not reached: the answer that made the run is in it (``observe`` comes first)
+            return
+        self._residuals[key] = window
+        answered = self._answered.get(key)
+        if answered is not None:
+            self._answered[key] = collections.deque((e for e in answered if e[0] >= since), maxlen=self.samples)
+        self._held.pop(key, None)
+        self._update(key, window, now)
 
     def _update(self, key: object, window: collections.deque[tuple[float, int, object]], now: float) -> int:
         # Every response (~400 bytecodes a request at saturation as a comprehension): in C when none

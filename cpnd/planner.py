@@ -31,6 +31,7 @@ from .select import (
     no_live_instance,
     parse_constraints,
     pinned_first,
+    probe_candidates,
     rank,
     slack_us,
     within_bound,
@@ -233,6 +234,8 @@ class Planner:
             ranked = pinned_first(ranked, pinned.get(service), cands)
         else:
             ranked = pinned_first(ranked, self.ttl.get(service, cons, now), cands)
+        if not ranked and per_request and cons.max_latency_us is not None and cands:
+            ranked = self._probe(cands, cons, now)
         if not ranked:
             if not cands:  # known, but every instance is down or reachable only through stale paths
                 raise HttpError(503, "no_instance", no_live_instance(self.rib, service))
@@ -244,6 +247,14 @@ class Planner:
             self.ttl.put(service, cons, ranked[0].key, now)
         return ranked
 
+    def _probe(self, cands: Sequence[Candidate], cons: Constraints, now: float) -> list[Candidate]:
+        """With no instance within a latency bound: the best one out of it by our correction alone that
+        is due a probe, if any (selection.md, "Probes")."""
+        for cand in probe_candidates(cands, cons):
+            if self.correction.probe_due(cand.key, now):
+                return [cand]
+        return []
+
     def observed(self, plan: Plan, cand: Candidate, attempt: Attempt, start: float, now: float) -> bool:
         """An attempt's response head left for the user: what it took against the estimate, and our
         own share of it; True if it left after the request's bound (a defect of the estimate). Only a
@@ -254,7 +265,10 @@ class Planner:
         if attempt.upstream_head_at is not None:
             self.cut.learn(attempt.head_at - attempt.upstream_head_at)
         instance_us = None if attempt.instance_s is None else _us(attempt.instance_s)
-        self.correction.observe(cand.key, now, took * 1_000_000, expected_us(cand, instance_us))
+        expected = expected_us(cand, instance_us)
+        self.correction.observe(cand.key, now, took * 1_000_000, expected)
+        if cand.probe:  # good: within the largest correction that met the bound
+            self.correction.probed(cand.key, now, took * 1_000_000 - expected <= cand.correction_us)
         if cand.next_hop is None and attempt.instance_s is not None:
             self.own.add(Stage.LOCAL, now, (took - attempt.instance_s) * 1_000_000)
         elif cand.next_hop is not None and attempt.sent_at is not None and attempt.upstream_head_at is not None:
@@ -271,3 +285,5 @@ class Planner:
         if attempt.whole:
             self.correction.observe(cand.key, now, (now - start) * 1_000_000, expected_us(cand, None), cut=True,
                                     party=source_key(party) if isinstance(party, str) else party)
+            if cand.probe:
+                self.correction.probed(cand.key, now, False)

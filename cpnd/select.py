@@ -142,6 +142,7 @@ class Candidate:
     fill: float = 0.0  # how full the instance is for this request's class (see candidates())
     gateways_us: int = 0  # every gateway's own processing on the way, the ingress's included
     correction_us: int = 0  # what the ingress observed of this instance beyond its estimate, lately
+    probe: bool = False  # out of the request's bound by the correction alone, tried as a probe (planner)
 
     @property
     def estimate_us(self) -> int:
@@ -246,7 +247,12 @@ BOUND_MARGIN_FRAC = 0.01
 
 
 def admissible(c: Candidate, cons: Constraints) -> bool:
-    return (cons.max_price is None or c.price <= cons.max_price) and meets_bound(c, cons)
+    return priced(c, cons) and meets_bound(c, cons)
+
+
+def priced(c: Candidate, cons: Constraints) -> bool:
+    """The price check (True without a cap)."""
+    return cons.max_price is None or c.price <= cons.max_price
 
 
 def meets_bound(c: Candidate, cons: Constraints) -> bool:
@@ -256,10 +262,24 @@ def meets_bound(c: Candidate, cons: Constraints) -> bool:
 
 def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
     """Admissible candidates, best first by the request's objective (deterministic ties)."""
-    ok = [c for c in cands if admissible(c, cons)]
-    if cons.prefer == "price":
-        return sorted(ok, key=lambda c: (c.price, c.total_us, c.key))
-    return sorted(ok, key=lambda c: (c.total_us, c.price, c.key))
+    return ordered([c for c in cands if admissible(c, cons)], cons.prefer)
+
+
+def ordered(cands: Sequence[Candidate], prefer: str) -> list[Candidate]:
+    """Best first by the objective ``prefer`` (deterministic ties)."""
+    if prefer == "price":
+        return sorted(cands, key=lambda c: (c.price, c.total_us, c.key))
+    return sorted(cands, key=lambda c: (c.total_us, c.price, c.key))
+
+
+def probe_candidates(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
+    """Candidates out of a latency bound by the correction alone and not full, best first, each with
+    the largest correction that meets the bound in place of its own (selection.md, "Probes")."""
+    assert cons.max_latency_us is not None
+    limit = int(cons.max_latency_us * (1 - BOUND_MARGIN_FRAC))
+    out = [c for c in cands if c.correction_us > 0 and c.fill < 1.0 and c.estimate_us <= limit < c.total_us
+           and priced(c, cons)]
+    return [attrs.evolve(c, correction_us=limit - c.estimate_us, probe=True) for c in ordered(out, cons.prefer)]
 
 
 # Candidates this close to the best are "near-equal" and split at random, so that

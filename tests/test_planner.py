@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -228,3 +229,62 @@ def test_one_ipv6_host_is_one_party_to_the_correction() -> None:
     assert p.correction.value_us(cand.key, 3.010) == before
     p.missed(cand, Attempt(whole=True), 3.001, 3.010, "2001:db8:1:3::1")  # another /64: a second user's
     assert p.correction.value_us(cand.key, 3.010) > before
+
+
+def corrected_planner(rib: Rib) -> Planner:
+    """A planner whose estimate carries its own correction, as the daemon's (select.ingress_view) does."""
+    corr = LatencyCorrection()
+    return Planner(rib, lambda key, best, now: attrs.evolve(flooded_view(rib, best), correction_us=corr.value_us(key, now)),
+                   SendAccount(), OwnTimes(), corr, rng=random.Random(1))
+
+
+def test_an_instance_out_of_the_bound_by_the_correction_alone_is_probed_and_let_back_by_good_answers() -> None:
+    p = corrected_planner(make_rib(("gw2", "a", 6000, 1.0)))  # 2 ms + 6 ms: 8 ms, under a 10 ms bound
+    bound = hdr(CPN_Max_Latency="10ms")
+    first = p.plan(b"GET", b"/yolo", bound, {}, 1.0, 1.0)
+    cand = first.next(1.0)
+    assert cand is not None and not cand.probe and cand.estimate_us == 8000
+    for i in range(10):  # slow answers: 11 ms, 3 ms over the estimate
+        p.observed(first, cand, Attempt(head_at=1.011, whole=True), 1.0, 1.011 + i / 1000)
+    assert p.correction.value_us(cand.key, 1.03) == pytest.approx(3000, abs=1)
+
+    def plan_at(now: float):
+        return p.plan(b"GET", b"/yolo", bound, {}, now, now).next(now)
+
+    def answer(c, took: float, now: float) -> None:
+        plan = p.plan(b"GET", b"/yolo", hdr(), {}, now - took, now - took)  # (only its start matters here)
+        p.observed(plan, c, Attempt(head_at=now, whole=True), now - took, now)
+
+    probe = plan_at(1.1)  # no instance within the bound: the one out by the correction alone is probed
+    assert probe is not None and probe.probe and probe.total_us == 9900 and probe.correction_us == 1900
+    with pytest.raises(HttpError) as ei:
+        plan_at(1.12)  # one probe per 50 ms
+    assert ei.value.error == "no_instance"
+    answer(probe, 0.0085, 1.1085)  # good: 0.5 ms over the estimate, within the 1.9 ms the bound left
+    answer(plan_at(1.16), 0.0085, 1.1685)
+    cut = plan_at(1.22)
+    assert cut is not None and cut.probe
+    p.missed(cut, Attempt(whole=True), 1.22, 1.2299, "192.0.2.9")  # a probe cut at the bound: the run starts again
+    answer(plan_at(1.28), 0.0085, 1.2885)
+    answer(plan_at(1.34), 0.0085, 1.3485)
+    assert p.correction.value_us(cand.key, 1.35) == pytest.approx(3000, abs=1)  # two good ones in a row: still out
+    answer(plan_at(1.40), 0.0085, 1.4085)  # three: the evidence from before them goes
+    back = plan_at(1.41)
+    assert back is not None and not back.probe and back.correction_us == pytest.approx(500, abs=1)
+    assert not p.correction._probes
+
+
+def test_no_probe_for_an_instance_whose_estimate_alone_misses_the_bound() -> None:
+    p = corrected_planner(make_rib(("gw2", "a", 9000, 1.0)))  # 2 + 9 = 11 ms: over 10 ms without any correction
+    with pytest.raises(HttpError) as ei:
+        p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 1.0, 1.0)
+    assert ei.value.error == "no_instance"
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="20ms"), {}, 1.0, 1.0)
+    cand = plan.next(1.0)
+    for i in range(10):
+        p.observed(plan, cand, Attempt(head_at=1.013, whole=True), 1.0, 1.013 + i / 1000)  # 2 ms over
+    with pytest.raises(HttpError):  # out by its estimate: no probe, with or without a correction
+        p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, 1.1, 1.1)
+    with pytest.raises(HttpError):  # priced out: no probe either
+        p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="12ms", CPN_Max_Price="0.5"), {}, 1.2, 1.2)
+    assert p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="12ms"), {}, 1.3, 1.3).next(1.3).probe
