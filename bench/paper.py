@@ -290,7 +290,8 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         "gateways_ms": {r["instance"]: r["estimate"]["gateways_ms"] for r in best},
                                         "estimate_ms": {r["instance"]: r["estimate"]["bounded_total_ms"] for r in best},
                                         "estimates": {r["instance"]: r["estimate"] for r in best},  # its parts, for --records
-                                        "late": http.get("late", 0), "bound_cut": http.get("bound_cut", 0)})
+                                        "late": http.get("late", 0), "bound_cut": http.get("bound_cut", 0),
+                                        "bound_probes": http.get("bound_probes", 0)})
 
                 jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
                 plans = {u: make_plan(rates if u != "floor" else [min(r, FLOOR_MAX_RATE) for r in rates], step_s, 0.0,
@@ -334,7 +335,8 @@ def gateways_view(samples: list[dict[str, Any]], lo: float, hi: float) -> dict[s
 
 def ingress_late(samples: list[dict[str, Any]], lo: float, hi: float, key: str = "late") -> int | None:
     """gw1's count between lo and hi of responses later than their bound (measured at the ingress),
-    or (``bound_cut``) of requests it answered 504 at their bound instead."""
+    or (``bound_cut``) of requests it answered 504 at their bound instead, or (``bound_probes``) of
+    requests it sent as probes (to an instance its correction alone held out of their bound)."""
     before = [x[key] for x in samples if x["at"] < lo and key in x]
     until = [x[key] for x in samples if x["at"] < hi and key in x]
     return until[-1] - before[-1] if before and until else None
@@ -388,6 +390,7 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         at_lo, at_hi = prewarm_s + i * step_s + warmup_s, prewarm_s + (i + 1) * step_s
         row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
         row["u1_cut_at_bound"] = ingress_late(samples or [], at_lo, at_hi, "bound_cut")
+        row["u1_probes"] = ingress_late(samples or [], at_lo, at_hi, "bound_probes")  # sent where the correction held it out
         for s in INSTANCES:
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
@@ -529,7 +532,7 @@ def main() -> int:
         res = run_mode(mode, rates, args.step, args.warmup, args.prewarm, keep, options)
         results.append(res)
         for s in res["steps"]:
-            print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u1_late", "u1_late_at_ingress", "u1_cut_at_bound",
+            print(json.dumps({k: s.get(k) for k in ("mode", "offered_per_user", "u1_served", "u1_late", "u1_late_at_ingress", "u1_cut_at_bound", "u1_probes",
                                                  "u2_served", "served", "optimum", "served_over_optimum", "optimum_e2e",
                                                  "optimum_measured", "u1_p50_e2e_ms", "u1_p99_e2e_ms", "u1_max_e2e_ms",
                                                  "u1_max_net_compute_ms", "u1_overhead_p50_ms", "s1_load", "s2_load",
