@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import urllib.parse
 from typing import Any
 
@@ -282,10 +283,12 @@ class Egress:
         """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None.
 
         One scope for the whole call: the stream's abandonment ends it quietly (``sink.cancel_on_abandon``),
-        the request's deadline bounds the head once the request is up, then the idle time the body."""
+        the request's deadline bounds the head once the request is up (a user's own with a bound: the
+        connect and the upload too, as nothing else would cut them), then the idle time the body."""
         entry: _PoolEntry | None = None
         head_after: float | None = None
-        with trio.CancelScope() as scope:
+        bound = deadline if sink.hold_until is not None else None
+        with trio.CancelScope(deadline=math.inf if bound is None else bound) as scope:
             sink.cancel_on_abandon(scope)
             entry = await self._connected(sink, inst, host, port)
             if entry is None:
@@ -301,7 +304,7 @@ class Egress:
                     if deadline is not None:
                         scope.deadline = deadline
                     # A user's own sink with a bound (the ingress calling its own instance): cut on time.
-                    with cancel_precisely_at(scope, deadline if sink.hold_until is not None else None):
+                    with cancel_precisely_at(scope, bound):
                         ev = await ic.next_event()
                         while isinstance(ev, h11.InformationalResponse):
                             ev = await ic.next_event()
@@ -331,9 +334,12 @@ class Egress:
                 await entry.stream.aclose()
                 raise
         if scope.cancelled_caught:
-            if entry is None or sink.abandoned:  # the stream was abandoned: nothing to tell
+            if sink.abandoned:  # the stream was abandoned: nothing to tell
                 if entry is not None:
                     await entry.stream.aclose()
+                return None
+            if entry is None:  # a user's bound passed while connecting
+                sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
                 return None
             if head_after is None:
                 sink.reset(ResetCode.DEADLINE, up.delivered, f"{inst.id} did not answer within the deadline")

@@ -172,13 +172,18 @@ class H2Pool:
     async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink, inst: InstanceConfig,
                         host: str, port: int, netloc: bytes, deadline: float | None, hold: Hold | None) -> float | None:
         eg = self.egress
-        try:
-            tls = tlsstream.instance_tls(inst)
-            client = await self.client(host, port, tls)
-        except (OSError, trio.TooSlowError) as exc:
-            eg.health_result(inst.id, False)
-            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc or "connect timed out"
-            sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {why}")
+        # A user's own request with a bound (no tunnel, no far end to cut it): the connect is cut at it too.
+        with trio.move_on_at(deadline if deadline is not None and sink.hold_until is not None else math.inf) as connecting:
+            try:
+                tls = tlsstream.instance_tls(inst)
+                client = await self.client(host, port, tls)
+            except (OSError, trio.TooSlowError) as exc:
+                eg.health_result(inst.id, False)
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or "connect timed out"
+                sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {why}")
+                return None
+        if connecting.cancelled_caught:
+            sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
             return None
         req, body = first[0], first[1:]
         first.clear()

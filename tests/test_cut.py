@@ -9,10 +9,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import h11
+import httpx
+import pytest
 import trio
 
 from cpnd.attempts import Attempts
 from cpnd.h1 import H11Stream
+from cpnd.lab import Instance, Lab, Topology, write_lab
 from cpnd.planner import Attempt
 
 
@@ -73,3 +76,39 @@ def test_a_head_that_comes_in_the_step_the_cut_fires_is_relayed_whole() -> None:
 
     status, got = trio.run(main)
     assert status == 200 and got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"2\r\nok\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_a_local_instance_that_takes_no_connection_is_cut_at_the_bound(tmp_path, http2: bool) -> None:
+    """The ingress calling its own instance (no tunnel, no egress to cut it): a connect that hangs
+    (the instance's accept queue is full, so Linux drops the SYNs) is cut at the user's bound as a
+    late head is, a 504 then, not a 502 when the 2 s connect timeout ends it; HTTP/1.1 or HTTP/2."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # the first is queued, the queue is then full: the rest wait in SYN-SENT
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    try:
+        topo = Topology(("a",), (), (Instance("s1", "a", "/svc"),), {"health_interval_ms": 0})
+        specs = write_lab(topo, tmp_path, instance_url=lambda i: f"http://127.0.0.1:{port}/")
+        if http2:
+            with open(specs["a"].config, "a") as f:
+                f.write("http2 = true\n")  # (the file ends with the instance's table)
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: any(r["instance"] == "s1" for r in lab.routes("a")), 20, "s1's route at a")
+            t0 = time.monotonic()
+            r = httpx.get(f"http://{specs['a'].http}/svc", headers={"CPN-Max-Latency": "100ms"}, timeout=10)
+            took = time.monotonic() - t0
+            assert r.status_code == 504 and r.json()["error"] == "deadline_exceeded", r.text
+            assert "latency bound" in r.json()["detail"] and "no connection" in r.json()["detail"], r.text
+            assert took < 1.5  # at the bound, not at the connect timeout (2 s)
+            assert lab.query("a", "stats")["http"]["bound_cut"] == 1
+    finally:
+        for s in (hole, *fillers):
+            s.close()
