@@ -30,8 +30,10 @@ def test_json_logs_have_a_line_per_session_change_and_per_error(tmp_path) -> Non
         assert all({"ts", "level", "logger", "msg"} <= set(x) for x in events)
         up = [x for x in events if x.get("event") == "peer_up"]
         down = [x for x in events if x.get("event") == "peer_down"]
-        assert [x["peer"] for x in up] == ["b"] and [x["peer"] for x in down] == ["b"]
-        assert (down[0]["reason"], down[0]["code"], down[0]["subcode"]) == ("peer-notification", 6, 2)
+        # One line per change: as many downs as ups, all b's (a busy box may flap a start-up session
+        # once: then two of each), the last down b's NOTIFICATION as it stopped.
+        assert {x["peer"] for x in up + down} == {"b"} and len(up) == len(down) >= 1, (up, down)
+        assert (down[-1]["reason"], down[-1]["code"], down[-1]["subcode"]) == ("peer-notification", 6, 2)
         errors = [x for x in events if x.get("event") == "http_error"]
         assert [(x["status"], x["error"], x["target"]) for x in errors] == [
             (404, "no_such_service", "/nowhere"), (400, "bad_header", "/svc")], errors
