@@ -662,6 +662,7 @@ CORRECTION_REFRESH_S = 0.05  # the faded value is recomputed at most this often 
 # An instance out of a request's bound by the correction alone gets a request at most this often
 # (a probe), when no instance meets the bound ...
 PROBE_INTERVAL_S = 0.05
+MAX_PROBE_INTERVAL_S = 0.8  # ... doubled by each probe that failed (late or cut), up to this; a good one resets it ...
 PROBE_GOOD = 3  # ... and this many probes in a row within their bound end the evidence from before them
 
 
@@ -683,7 +684,8 @@ class LatencyCorrection:
         # When the newest response that bore the value out came (its residual at least the value): the
         # hold runs from there, so a trickle of answers faster than that does not keep re-arming it.
         self._held: dict[object, float] = {}
-        # Probes of an instance out of a bound by the correction: [last sent, good ones in a row, the first's time]
+        # Probes of an instance out of a bound by the correction: [last sent, good ones in a row, the
+        # first's time, the interval now]
         self._probes: dict[object, list[float]] = {}
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False,
@@ -744,9 +746,9 @@ class LatencyCorrection:
             return False
         probe = self._probes.get(key)
         if probe is None:
-            self._probes[key] = [now, 0, now]
+            self._probes[key] = [now, 0, now, PROBE_INTERVAL_S]
             return True
-        if now - probe[0] < PROBE_INTERVAL_S:
+        if now - probe[0] < probe[3]:
             return False
         if now - probe[0] > CORRECTION_HOLD_S:
             probe[1] = 0  # a run of good probes says something of now only while it lasts
@@ -762,7 +764,9 @@ class LatencyCorrection:
             return
         if not good:
             probe[1] = 0
+            probe[3] = min(MAX_PROBE_INTERVAL_S, probe[3] * 2)  # slow still: probing at 20 a second costs 20 cuts
             return
+        probe[3] = PROBE_INTERVAL_S
         if probe[1] == 0:
             probe[2] = now
         probe[1] += 1

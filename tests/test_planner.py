@@ -265,13 +265,30 @@ def test_an_instance_out_of_the_bound_by_the_correction_alone_is_probed_and_let_
     cut = plan_at(1.22)
     assert cut is not None and cut.probe
     p.missed(cut, Attempt(whole=True), 1.22, 1.2299, "192.0.2.9")  # a probe cut at the bound: the run starts again
-    answer(plan_at(1.28), 0.0085, 1.2885)
-    answer(plan_at(1.34), 0.0085, 1.3485)
-    assert p.correction.value_us(cand.key, 1.35) == pytest.approx(3000, abs=1)  # two good ones in a row: still out
-    answer(plan_at(1.40), 0.0085, 1.4085)  # three: the evidence from before them goes
-    back = plan_at(1.41)
+    with pytest.raises(HttpError):
+        plan_at(1.30)  # and probes back off: the next one 100 ms after it
+    answer(plan_at(1.33), 0.0085, 1.3385)  # good: every 50 ms again
+    answer(plan_at(1.39), 0.0085, 1.3985)
+    assert p.correction.value_us(cand.key, 1.40) == pytest.approx(3000, abs=1)  # two good ones in a row: still out
+    answer(plan_at(1.45), 0.0085, 1.4585)  # three: the evidence from before them goes
+    back = plan_at(1.46)
     assert back is not None and not back.probe and back.correction_us == pytest.approx(500, abs=1)
     assert not p.correction._probes
+
+
+def test_probes_of_an_instance_that_stays_slow_back_off_to_one_in_0_8_s() -> None:
+    corr = LatencyCorrection()
+    key = ("/yolo", "gw2", "a")
+    for i in range(10):
+        corr.observe(key, 1.0 + i / 1000, 11_000, 8000)
+    sent = []
+    for step in range(600):  # 3 s, a request every 5 ms: every probe cut
+        now = 1.1 + step * 0.005
+        if corr.probe_due(key, now):
+            sent.append(now)
+            corr.probed(key, now + 0.0099, False)
+    gaps = [b - a for a, b in zip(sent, sent[1:])]
+    assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.8], abs=0.006)  # doubled from 50 ms by each cut, at most 0.8 s
 
 
 def test_no_probe_for_an_instance_whose_estimate_alone_misses_the_bound() -> None:
