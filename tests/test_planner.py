@@ -310,3 +310,23 @@ def test_an_instance_time_told_in_load_counts_at_most_the_ingress_s_own_wait_for
     with pytest.raises(HttpError) as ei:
         p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="3ms"), {}, 1.4, 1.4)
     assert ei.value.error == "no_instance"
+
+
+@pytest.mark.parametrize("mode", ["per-connection", "dns-ttl"])
+def test_the_baselines_never_probe(mode: str) -> None:
+    """Probes are per-request selection's (selection.md, "Probes"): the baselines, which emulate
+    network-layer schemes that know nothing of a bound, send every request where they chose, late or not."""
+    corr = LatencyCorrection()
+    rib = make_rib(("gw2", "a", 6000, 1.0))  # 8 ms: within a 10 ms bound by its estimate
+    p = Planner(rib, lambda key, best, now: attrs.evolve(flooded_view(rib, best), correction_us=corr.value_us(key, now)),
+                SendAccount(), OwnTimes(), corr, mode=mode, ttl=TtlCache(0.0), rng=random.Random(1))
+    first = p.plan(b"GET", b"/yolo", hdr(), {}, 1.0, 1.0)
+    cand = first.next(1.0)
+    for i in range(10):  # 3 ms over the estimate: out of a 10 ms bound by the correction alone
+        p.observed(first, cand, Attempt(head_at=1.011, whole=True), 1.0, 1.011 + i / 1000)
+    for k in range(5):
+        now = 1.1 + k * 0.1
+        with pytest.raises(HttpError) as ei:
+            p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, now, now)
+        assert ei.value.error == "no_instance"
+    assert not p.correction._probes
