@@ -305,3 +305,45 @@ def test_no_probe_for_an_instance_whose_estimate_alone_misses_the_bound() -> Non
     with pytest.raises(HttpError):  # priced out: no probe either
         p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="12ms", CPN_Max_Price="0.5"), {}, 1.2, 1.2)
     assert p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="12ms"), {}, 1.3, 1.3).next(1.3).probe
+
+
+def test_an_instance_time_told_in_load_counts_at_most_the_ingress_s_own_wait_for_the_head() -> None:
+    """LOAD's instance time comes from the far end (a transit may forge it, threats.md): set against
+    the estimate, it counts at most as our own wait from the request sent to its head received, so a
+    lie can hide the path and the gateways on the way, never the instance's compute."""
+    p = corrected_planner(make_rib(("gw2", "a", 6000, 1.0), ("gw3", "b", 2000, 1.0)))  # a: 8 ms, b: 4 ms
+    key = next(c.key for c in p.plan(b"GET", b"/yolo", hdr(), {}, 1.0, 1.0).remaining if c.instance == "a")
+    for i in range(32):  # answered in 8 ms as estimated (7.9 ms of it upstream), "the instance took 4000 s"
+        t = 1.0 + i * 0.01
+        plan = p.plan(b"GET", b"/yolo", hdr(), {}, t, t)
+        a = next(c for c in plan.remaining if c.instance == "a")
+        p.observed(plan, a, Attempt(sent_at=t, upstream_head_at=t + 0.0079, head_at=t + 0.008, whole=True,
+                                    instance_s=4000.0), t, t + 0.008)
+    # At worst the 7.9 ms upstream were all the instance's: -1.9 ms (the path's), not the floor of -6 ms
+    # (its compute) that made a the best of all for any bound down to 2 ms, which it never meets.
+    assert p.correction.value_us(key, 1.4) == pytest.approx(-1900, abs=10)
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="6ms"), {}, 1.4, 1.4)
+    assert [c.instance for c in plan.remaining] == ["b"]
+    with pytest.raises(HttpError) as ei:
+        p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="3ms"), {}, 1.4, 1.4)
+    assert ei.value.error == "no_instance"
+
+
+@pytest.mark.parametrize("mode", ["per-connection", "dns-ttl"])
+def test_the_baselines_never_probe(mode: str) -> None:
+    """Probes are per-request selection's (selection.md, "Probes"): the baselines, which emulate
+    network-layer schemes that know nothing of a bound, send every request where they chose, late or not."""
+    corr = LatencyCorrection()
+    rib = make_rib(("gw2", "a", 6000, 1.0))  # 8 ms: within a 10 ms bound by its estimate
+    p = Planner(rib, lambda key, best, now: attrs.evolve(flooded_view(rib, best), correction_us=corr.value_us(key, now)),
+                SendAccount(), OwnTimes(), corr, mode=mode, ttl=TtlCache(0.0), rng=random.Random(1))
+    first = p.plan(b"GET", b"/yolo", hdr(), {}, 1.0, 1.0)
+    cand = first.next(1.0)
+    for i in range(10):  # 3 ms over the estimate: out of a 10 ms bound by the correction alone
+        p.observed(first, cand, Attempt(head_at=1.011, whole=True), 1.0, 1.011 + i / 1000)
+    for k in range(5):
+        now = 1.1 + k * 0.1
+        with pytest.raises(HttpError) as ei:
+            p.plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="10ms"), {}, now, now)
+        assert ei.value.error == "no_instance"
+    assert not p.correction._probes
