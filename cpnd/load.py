@@ -663,7 +663,21 @@ CORRECTION_REFRESH_S = 0.05  # the faded value is recomputed at most this often 
 # (a probe), when no instance meets the bound ...
 PROBE_INTERVAL_S = 0.05
 MAX_PROBE_INTERVAL_S = 0.8  # ... doubled by each probe that failed (late or cut), up to this; a good one resets it ...
-PROBE_GOOD = 3  # ... and this many probes in a row within their bound end the evidence from before them
+PROBE_GOOD = 3  # ... and this many probes in a row within their bound end the evidence from before them ...
+MAX_PROBE_GOOD = 24  # ... twice as many each time it is out again within RELAPSE_S of that, up to this
+RELAPSE_S = 5.0
+
+
+@attrs.define
+class _Probes:
+    """One instance's probes while the correction holds it out of a bound (selection.md, "Probes")."""
+
+    sent_at: float  # the last one
+    run: int = 0  # good ones in a row ...
+    run_from: float = 0.0  # ... since the first of them
+    interval: float = PROBE_INTERVAL_S
+    needed: int = PROBE_GOOD  # good ones in a row that let it back in
+    let_in_at: float | None = None  # when they last did
 
 
 class LatencyCorrection:
@@ -684,9 +698,7 @@ class LatencyCorrection:
         # When the newest response that bore the value out came (its residual at least the value): the
         # hold runs from there, so a trickle of answers faster than that does not keep re-arming it.
         self._held: dict[object, float] = {}
-        # Probes of an instance out of a bound by the correction: [last sent, good ones in a row, the
-        # first's time, the interval now]
-        self._probes: dict[object, list[float]] = {}
+        self._probes: dict[object, _Probes] = {}  # kept as long as its residuals
 
     def observe(self, key: object, now: float, observed_us: float, estimated_us: float, *, cut: bool = False,
                 party: object = None) -> None:
@@ -746,41 +758,43 @@ class LatencyCorrection:
             return False
         probe = self._probes.get(key)
         if probe is None:
-            self._probes[key] = [now, 0, now, PROBE_INTERVAL_S]
+            self._probes[key] = _Probes(now)
             return True
-        if now - probe[0] < probe[3]:
+        if probe.let_in_at is not None:  # out again since good probes let it in: soon, so they said too little
+            probe.needed = min(MAX_PROBE_GOOD, probe.needed * 2) if now - probe.let_in_at < RELAPSE_S else PROBE_GOOD
+            probe.let_in_at, probe.run, probe.interval = None, 0, PROBE_INTERVAL_S
+        elif now - probe.sent_at < probe.interval:
             return False
-        if now - probe[0] > CORRECTION_HOLD_S:
-            probe[1] = 0  # a run of good probes says something of now only while it lasts
-        probe[0] = now
+        elif now - probe.sent_at > CORRECTION_HOLD_S:
+            probe.run = 0  # a run of good probes says something of now only while it lasts
+        probe.sent_at = now
         return True
 
     def probed(self, key: object, now: float, good: bool) -> None:
         """A probe of ``key`` was answered (after ``observe``) within the bound it was sent for (``good``),
-        or not (late, or cut). PROBE_GOOD good ones in a row: the residuals from before them go."""
+        or not (late, or cut). Enough good ones in a row: the residuals from before them go."""
         probe = self._probes.get(key)
         window = self._residuals.get(key)
-        if probe is None or window is None:
+        if probe is None or window is None or probe.let_in_at is not None:
             return
         if not good:
-            probe[1] = 0
-            probe[3] = min(MAX_PROBE_INTERVAL_S, probe[3] * 2)  # slow still: probing at 20 a second costs 20 cuts
+            probe.run = 0
+            probe.interval = min(MAX_PROBE_INTERVAL_S, probe.interval * 2)  # slow still: probing at 20 a second costs 20 cuts
             return
-        probe[3] = PROBE_INTERVAL_S
-        if probe[1] == 0:
-            probe[2] = now
-        probe[1] += 1
-        if probe[1] < PROBE_GOOD:
+        probe.interval = PROBE_INTERVAL_S
+        if probe.run == 0:
+            probe.run_from = now
+        probe.run += 1
+        if probe.run < probe.needed:
             return
-        since = probe[2]
-        del self._probes[key]
-        window = collections.deque((e for e in window if e[0] >= since), maxlen=self.samples)
+        probe.let_in_at = now
+        window = collections.deque((e for e in window if e[0] >= probe.run_from), maxlen=self.samples)
         if not window:  # not reached: the answer that made the run is in it (``observe`` comes first)
             return
         self._residuals[key] = window
         answered = self._answered.get(key)
         if answered is not None:
-            self._answered[key] = collections.deque((e for e in answered if e[0] >= since), maxlen=self.samples)
+            self._answered[key] = collections.deque((e for e in answered if e[0] >= probe.run_from), maxlen=self.samples)
         self._held.pop(key, None)
         self._update(key, window, now)
 

@@ -273,7 +273,15 @@ def test_an_instance_out_of_the_bound_by_the_correction_alone_is_probed_and_let_
     answer(plan_at(1.45), 0.0085, 1.4585)  # three: the evidence from before them goes
     back = plan_at(1.46)
     assert back is not None and not back.probe and back.correction_us == pytest.approx(500, abs=1)
-    assert not p.correction._probes
+    assert p.correction._probes[cand.key].let_in_at == pytest.approx(1.4585)
+    for i in range(10):  # slow again at once: out again, and now six good probes in a row let it back in
+        p.observed(p.plan(b"GET", b"/yolo", hdr(), {}, 1.5, 1.5), back, Attempt(head_at=1.511, whole=True), 1.5,
+                   1.511 + i / 1000)
+    for k in range(5):
+        answer(plan_at(1.6 + k * 0.06), 0.0085, 1.6085 + k * 0.06)
+    assert p.correction.value_us(cand.key, 1.95) > 1900  # five: still out
+    answer(plan_at(1.96), 0.0085, 1.9685)
+    assert not plan_at(1.97).probe  # six
 
 
 def test_probes_of_an_instance_that_stays_slow_back_off_to_one_in_0_8_s() -> None:
