@@ -66,6 +66,7 @@ class H2Stream:
     """One HTTP/2 stream as the user connection attempts.py and relay.py expect (H11Stream's methods)."""
 
     trailers = True  # the upstream's trailers reach this user (relay_response)
+    hangup = None  # no hangups.Hangup: a stream the user resets, or a connection it closes, cancels ``scope``
     tunnel_extra = ((b"te", b"trailers"),)  # tunnel.md: the egress keeps trailers for this request
 
     def __init__(self, server: H2Server, inbox: H2Inbox, grpc: bool, ended: bool) -> None:

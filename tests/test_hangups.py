@@ -1,0 +1,210 @@
+"""A request its user abandons ends at once, real processes: a, the ingress, with a local
+instance n1 of /near, and b, one hop away, with f1 of /far; each instance takes 4 requests at
+once (max_inflight). One user fills an instance with requests it never answers, then closes
+its connections: the instance's connections must close (the calls ended), another user be
+served at once (its slots free, not 503 until the requests' 30 s timeout), and the close
+counted. Pipelined requests on one connection are no close: they are all answered."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import h2.config
+import h2.connection
+import httpx
+import pytest
+
+from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+
+HELD = 4  # each instance's max_inflight
+
+
+class Instance4:
+    """A test instance: a target with ``/hold`` is read and never answered (its connection waits
+    for the gateway to close it), one with ``?ms=N`` is answered after N ms, any other at once:
+    200 with its target as the body."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.held = 0  # /hold requests read
+        self.ended = 0  # ... whose connection the gateway closed
+        self.conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return  # closed
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with c:
+            while True:
+                try:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = c.recv(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                except OSError:
+                    return
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                target = head.split(b" ", 2)[1]
+                if b"/hold" in target:
+                    self._hold(c)
+                    return
+                m = re.search(rb"ms=(\d+)", target)
+                if m:
+                    time.sleep(int(m.group(1)) / 1000)  # its compute
+                try:
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(target), target))
+                except OSError:
+                    return
+
+    def _hold(self, c: socket.socket) -> None:
+        with self.lock:
+            self.held += 1
+        try:
+            while c.recv(65536):
+                pass
+        except OSError:
+            pass
+        with self.lock:
+            self.ended += 1
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5)
+        for c in self.conns:
+            c.close()
+
+
+def _until(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Iterator[tuple[Lab, str, dict[str, Instance4]]]:
+    insts = {"n1": Instance4(), "f1": Instance4()}
+    try:
+        topo = Topology(("a", "b"), (Link("a", "b", 1),),
+                        (Instance("n1", "a", "/near", 1e6, 1.0, 1.0), Instance("f1", "b", "/far", 1e6, 1.0, 1.0)),
+                        {"health_interval_ms": 0})
+        specs = write_lab(topo, tmp_path_factory.mktemp("hangups"),
+                          instance_url=lambda i: f"http://127.0.0.1:{insts[i.id].port}/{i.id}")
+        for spec in specs.values():  # lab.Instance has no max_inflight: added to each instance's table
+            spec.config.write_text(spec.config.read_text().replace("compute_latency_ms = 1.0",
+                                                                   f"compute_latency_ms = 1.0\nmax_inflight = {HELD}"))
+        with Lab(specs) as lab:
+            lab.start_all()
+            lab.wait_for(lambda: {r["service"] for r in lab.routes("a") if r["best"]} == {"/near", "/far"}, 30,
+                         "both routes at a")
+            yield lab, specs["a"].http, insts
+    finally:
+        for inst in insts.values():
+            inst.close()
+
+
+def _connect(addr: str, source: str = "127.0.0.1") -> socket.socket:
+    host, port = addr.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0))
+
+
+def _honest(addr: str, service: str) -> int:
+    """A request from another address (127.0.0.2): its status."""
+    with httpx.Client(base_url=f"http://{addr}", timeout=10,
+                      transport=httpx.HTTPTransport(local_address="127.0.0.2")) as c:
+        return c.get(f"{service}/fast").status_code
+
+
+def _abandoned(lab: Lab) -> int:
+    return lab.query("a", "stats")["http"].get("user_abandoned", 0)
+
+
+def _h2_requests(addr: str, service: str) -> socket.socket:
+    """HELD requests to ``service``/hold as streams of one HTTP/2 connection (prior knowledge)."""
+    s = _connect(addr)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    for i in range(HELD):
+        conn.send_headers(1 + 2 * i, [(b":method", b"GET"), (b":path", f"{service}/hold".encode()),
+                                      (b":scheme", b"http"), (b":authority", b"a")], end_stream=True)
+    s.sendall(conn.data_to_send())
+    return s
+
+
+@pytest.mark.parametrize("service", ["/near", "/far"])
+@pytest.mark.parametrize("protocol", ["http1", "h2"])
+def test_an_abandoned_request_frees_its_instance_at_once(site, service: str, protocol: str) -> None:
+    lab, addr, insts = site
+    inst = insts["n1" if service == "/near" else "f1"]
+    held, ended, abandoned = inst.held, inst.ended, _abandoned(lab)
+    if protocol == "h2":
+        socks = [_h2_requests(addr, service)]
+    else:
+        socks = [_connect(addr) for _ in range(HELD)]
+        for s in socks:
+            s.sendall(f"GET {service}/hold HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    try:
+        _until(lambda: inst.held == held + HELD, 10, f"{HELD} calls at the instance")
+        assert _honest(addr, service) == 503  # its max_inflight: full
+    finally:
+        for s in socks:
+            s.close()  # abandoned, mid-wait
+    _until(lambda: inst.ended == ended + HELD, 5, "the instance's connections to close")
+    # Its slots are free now (else: 503 until the 30 s timeout of the abandoned requests).
+    _until(lambda: _honest(addr, service) == 200, 3, "another user's request to be served")
+    if protocol == "http1":
+        assert _abandoned(lab) == abandoned + HELD
+    assert not lab.dead()
+
+
+def _responses(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
+    """``n`` whole responses read from ``s`` in turn (each with a Content-Length)."""
+    buf, out = b"", []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            assert chunk, f"closed after {len(out)} responses"
+            buf += chunk
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(buf) < length:
+            chunk = s.recv(65536)
+            assert chunk, "closed mid-body"
+            buf += chunk
+        out.append((int(head.split(b" ", 2)[1]), buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+@pytest.mark.parametrize("service", ["/near", "/far"])
+def test_pipelined_requests_are_no_hang_up(site, service: str) -> None:
+    """The next requests' bytes come while the first is served (its instance takes 200 ms): all
+    are answered, in order, on the one connection."""
+    lab, addr, insts = site
+    abandoned = _abandoned(lab)
+    with _connect(addr) as s:
+        targets = [f"{service}/slow?ms=200", f"{service}/one", f"{service}/two?ms=50"]
+        s.sendall(b"".join(f"GET {t} HTTP/1.1\r\nHost: a\r\n\r\n".encode() for t in targets))
+        got = _responses(s, 3)
+        assert [st for st, _ in got] == [200] * 3
+        assert [body.split(b"/", 2)[2] for _, body in got] == [t.split("/", 2)[2].encode() for t in targets]
+        s.sendall(f"GET {service}/after HTTP/1.1\r\nHost: a\r\n\r\n".encode())  # the connection goes on
+        assert _responses(s, 1)[0][0] == 200
+    assert _abandoned(lab) == abandoned
