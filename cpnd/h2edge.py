@@ -221,6 +221,8 @@ class H2Server:
             try:
                 with self._idle:
                     data = await self.transport.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""  # reset by the client: closed (not an error of ours, and no traceback per connection)
             finally:
                 self._set_idle(False)
             if self.users.draining and not self.streams:
@@ -229,6 +231,7 @@ class H2Server:
                 self.goaway(ErrorCodes.NO_ERROR)  # idle for idle_timeout_s, or its slot taken back for a newcomer
                 return
             if not data:  # the client closed: nobody reads the responses
+                self.p.stats["user_abandoned"] += len(self.streams)  # (their attempts end: cancelled below)
                 self.wire.fail_all(ErrorCodes.CANCEL)
                 self._cancel_all()
                 return

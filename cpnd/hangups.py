@@ -17,12 +17,15 @@ ends the instance call), or the scope of its call to one of our own instances.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 from typing import Any
 
 import trio
 
 from .tunnel import ResetCode
+
+log = logging.getLogger("cpnd.http")
 
 _EVENTS = getattr(select, "EPOLLRDHUP", 0) | getattr(select, "EPOLLET", 0)
 
@@ -93,7 +96,10 @@ class Hangups:
         for fd, _ in self.epoll.poll(0):
             hangup = self.watching.get(fd)
             if hangup is not None:
-                hangup.hung_up()
+                try:
+                    hangup.hung_up()
+                except Exception:  # a bug must cost this request, never the daemon (a system task's error ends the run)
+                    log.exception("ending the attempt of a user who hung up failed")
 
     async def run(self) -> None:
         try:

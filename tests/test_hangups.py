@@ -169,9 +169,8 @@ def test_an_abandoned_request_frees_its_instance_at_once(site, service: str, pro
     _until(lambda: inst.ended == ended + HELD, 5, "the instance's connections to close")
     # Its slots are free now (else: 503 until the 30 s timeout of the abandoned requests).
     _until(lambda: _honest(addr, service) == 200, 3, "another user's request to be served")
-    if protocol == "http1":
-        assert _abandoned(lab) == abandoned + HELD
-    assert not lab.dead()
+    assert _abandoned(lab) == abandoned + HELD
+    assert not lab.dead() and "Traceback" not in lab.log("a")
 
 
 def _responses(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
