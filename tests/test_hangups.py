@@ -3,7 +3,9 @@ instance n1 of /near, and b, one hop away, with f1 of /far; each instance takes 
 once (max_inflight). One user fills an instance with requests it never answers, then closes
 its connections: the instance's connections must close (the calls ended), another user be
 served at once (its slots free, not 503 until the requests' 30 s timeout), and the close
-counted. Pipelined requests on one connection are no close: they are all answered."""
+counted. Long jobs abandoned are no compute sample (j1 of /jobs at a, j2 of /farjobs at b,
+which nobody else uses). Pipelined requests on one connection are no close: they are all
+answered."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ class Instance4:
         self.port = self.sock.getsockname()[1]
         self.lock = threading.Lock()
         self.held = 0  # /hold requests read
+        self.jobs = 0  # /job requests read ...
+        self.done = 0  # ... whose compute (their ms=) is over
         self.ended = 0  # ... whose connection the gateway closed
         self.conns: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -65,8 +69,15 @@ class Instance4:
                     self._hold(c)
                     return
                 m = re.search(rb"ms=(\d+)", target)
+                job = b"/job" in target
+                if job:
+                    with self.lock:
+                        self.jobs += 1
                 if m:
                     time.sleep(int(m.group(1)) / 1000)  # its compute
+                if job:
+                    with self.lock:
+                        self.done += 1
                 try:
                     c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(target), target))
                 except OSError:
@@ -84,6 +95,10 @@ class Instance4:
             self.ended += 1
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close alone does not, on Linux)
+        except OSError:
+            pass
         self.sock.close()
         self._thread.join(5)
         for c in self.conns:
@@ -100,10 +115,11 @@ def _until(cond, timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[tuple[Lab, str, dict[str, Instance4]]]:
-    insts = {"n1": Instance4(), "f1": Instance4()}
+    insts = {i: Instance4() for i in ("n1", "f1", "j1", "j2")}
     try:
         topo = Topology(("a", "b"), (Link("a", "b", 1),),
-                        (Instance("n1", "a", "/near", 1e6, 1.0, 1.0), Instance("f1", "b", "/far", 1e6, 1.0, 1.0)),
+                        (Instance("n1", "a", "/near", 1e6, 1.0, 1.0), Instance("f1", "b", "/far", 1e6, 1.0, 1.0),
+                         Instance("j1", "a", "/jobs", 1e6, 1.0, 1.0), Instance("j2", "b", "/farjobs", 1e6, 1.0, 1.0)),
                         {"health_interval_ms": 0})
         specs = write_lab(topo, tmp_path_factory.mktemp("hangups"),
                           instance_url=lambda i: f"http://127.0.0.1:{insts[i.id].port}/{i.id}")
@@ -112,8 +128,8 @@ def site(tmp_path_factory) -> Iterator[tuple[Lab, str, dict[str, Instance4]]]:
                                                                    f"compute_latency_ms = 1.0\nmax_inflight = {HELD}"))
         with Lab(specs) as lab:
             lab.start_all()
-            lab.wait_for(lambda: {r["service"] for r in lab.routes("a") if r["best"]} == {"/near", "/far"}, 30,
-                         "both routes at a")
+            lab.wait_for(lambda: {r["service"] for r in lab.routes("a") if r["best"]} == {"/near", "/far", "/jobs", "/farjobs"},
+                         30, "every route at a")
             yield lab, specs["a"].http, insts
     finally:
         for inst in insts.values():
@@ -125,11 +141,11 @@ def _connect(addr: str, source: str = "127.0.0.1") -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10, source_address=(source, 0))
 
 
-def _honest(addr: str, service: str) -> int:
+def _honest(addr: str, service: str, headers: dict[str, str] | None = None) -> int:
     """A request from another address (127.0.0.2): its status."""
     with httpx.Client(base_url=f"http://{addr}", timeout=10,
                       transport=httpx.HTTPTransport(local_address="127.0.0.2")) as c:
-        return c.get(f"{service}/fast").status_code
+        return c.get(f"{service}/fast", headers=headers).status_code
 
 
 def _abandoned(lab: Lab) -> int:
@@ -207,3 +223,26 @@ def test_pipelined_requests_are_no_hang_up(site, service: str) -> None:
         s.sendall(f"GET {service}/after HTTP/1.1\r\nHost: a\r\n\r\n".encode())  # the connection goes on
         assert _responses(s, 1)[0][0] == 200
     assert _abandoned(lab) == abandoned
+
+
+@pytest.mark.parametrize("service", ["/jobs", "/farjobs"])
+def test_abandoned_long_jobs_are_no_compute_sample(site, service: str) -> None:
+    """One user's jobs of 1 s, abandoned once the instance has them, and nobody else's samples:
+    had their times counted once the instance finished them, its compute would be 1 s for
+    everyone (the fastest user's), and a 200 ms-bound user told 503 no_instance for seconds."""
+    lab, addr, insts = site
+    inst = insts["j1" if service == "/jobs" else "j2"]
+    socks = [_connect(addr) for _ in range(HELD)]
+    try:
+        for s in socks:
+            s.sendall(f"GET {service}/job?ms=1000 HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        _until(lambda: inst.jobs == HELD, 10, "the jobs at the instance")
+    finally:
+        for s in socks:
+            s.close()
+    _until(lambda: inst.done == HELD, 10, "the instance to finish the jobs")
+    statuses = []
+    for _ in range(5):  # over a second: the far gateway's compute reaches a with its next load report
+        statuses.append(_honest(addr, service, {"CPN-Max-Latency": "200ms"}))
+        time.sleep(0.25)
+    assert statuses == [200] * 5
