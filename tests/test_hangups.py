@@ -3,7 +3,7 @@ instance n1 of /near, and b, one hop away, with f1 of /far; each instance takes 
 once (max_inflight). One user fills an instance with requests it never answers, then closes
 its connections: the instance's connections must close (the calls ended), another user be
 served at once (its slots free, not 503 until the requests' 30 s timeout), and the close
-counted. Long jobs abandoned are no compute sample (j1 of /jobs at a, j2 of /farjobs at b,
+counted: over HTTP/1.1, https_listen and HTTP/2. Long jobs abandoned are no compute sample (j1 of /jobs at a, j2 of /farjobs at b,
 which nobody else uses). Pipelined requests on one connection are no close: they are all
 answered."""
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ import h2.connection
 import httpx
 import pytest
 
-from cpnd.lab import Instance, Lab, Link, Topology, write_lab
+from cpnd.lab import Instance, Lab, Link, Topology, free_ports, write_lab
+from tlscerts import CertAuthority
 
 HELD = 4  # each instance's max_inflight
 
@@ -114,23 +116,30 @@ def _until(cond, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Iterator[tuple[Lab, str, dict[str, Instance4]]]:
+def site(tmp_path_factory) -> Iterator[tuple[Lab, dict[str, str], dict[str, Instance4]]]:
+    """The lab, a's addresses (``http``; ``https``, with the CA file ``ca`` that trusts it), the instances."""
     insts = {i: Instance4() for i in ("n1", "f1", "j1", "j2")}
     try:
         topo = Topology(("a", "b"), (Link("a", "b", 1),),
                         (Instance("n1", "a", "/near", 1e6, 1.0, 1.0), Instance("f1", "b", "/far", 1e6, 1.0, 1.0),
                          Instance("j1", "a", "/jobs", 1e6, 1.0, 1.0), Instance("j2", "b", "/farjobs", 1e6, 1.0, 1.0)),
                         {"health_interval_ms": 0})
-        specs = write_lab(topo, tmp_path_factory.mktemp("hangups"),
-                          instance_url=lambda i: f"http://127.0.0.1:{insts[i.id].port}/{i.id}")
+        work = tmp_path_factory.mktemp("hangups")
+        specs = write_lab(topo, work, instance_url=lambda i: f"http://127.0.0.1:{insts[i.id].port}/{i.id}")
         for spec in specs.values():  # lab.Instance has no max_inflight: added to each instance's table
             spec.config.write_text(spec.config.read_text().replace("compute_latency_ms = 1.0",
                                                                    f"compute_latency_ms = 1.0\nmax_inflight = {HELD}"))
+        ca = CertAuthority.create(work / "pki")
+        cert, key = ca.issue(work / "pki", "gw-a", ["127.0.0.1"])
+        https = f"127.0.0.1:{free_ports(1)[0]}"
+        config = specs["a"].config
+        config.write_text(config.read_text().replace(
+            "[gateway]\n", f'[gateway]\nhttps_listen = "{https}"\ntls_cert_file = "{cert}"\ntls_key_file = "{key}"\n', 1))
         with Lab(specs) as lab:
             lab.start_all()
             lab.wait_for(lambda: {r["service"] for r in lab.routes("a") if r["best"]} == {"/near", "/far", "/jobs", "/farjobs"},
                          30, "every route at a")
-            yield lab, specs["a"].http, insts
+            yield lab, {"http": specs["a"].http, "https": https, "ca": str(ca.cert_file)}, insts
     finally:
         for inst in insts.values():
             inst.close()
@@ -165,15 +174,19 @@ def _h2_requests(addr: str, service: str) -> socket.socket:
 
 
 @pytest.mark.parametrize("service", ["/near", "/far"])
-@pytest.mark.parametrize("protocol", ["http1", "h2"])
+@pytest.mark.parametrize("protocol", ["http1", "https", "h2"])
 def test_an_abandoned_request_frees_its_instance_at_once(site, service: str, protocol: str) -> None:
-    lab, addr, insts = site
+    lab, addrs, insts = site
+    addr = addrs["http"]
     inst = insts["n1" if service == "/near" else "f1"]
     held, ended, abandoned = inst.held, inst.ended, _abandoned(lab)
     if protocol == "h2":
         socks = [_h2_requests(addr, service)]
     else:
-        socks = [_connect(addr) for _ in range(HELD)]
+        socks = [_connect(addrs[protocol.replace("http1", "http")]) for _ in range(HELD)]
+        if protocol == "https":  # (closed with no close_notify: as a user that goes away)
+            trust = ssl.create_default_context(cafile=addrs["ca"])
+            socks = [trust.wrap_socket(s, server_hostname="127.0.0.1") for s in socks]
         for s in socks:
             s.sendall(f"GET {service}/hold HTTP/1.1\r\nHost: a\r\n\r\n".encode())
     try:
@@ -212,7 +225,8 @@ def _responses(s: socket.socket, n: int) -> list[tuple[int, bytes]]:
 def test_pipelined_requests_are_no_hang_up(site, service: str) -> None:
     """The next requests' bytes come while the first is served (its instance takes 200 ms): all
     are answered, in order, on the one connection."""
-    lab, addr, insts = site
+    lab, addrs, insts = site
+    addr = addrs["http"]
     abandoned = _abandoned(lab)
     with _connect(addr) as s:
         targets = [f"{service}/slow?ms=200", f"{service}/one", f"{service}/two?ms=50"]
@@ -230,7 +244,8 @@ def test_abandoned_long_jobs_are_no_compute_sample(site, service: str) -> None:
     """One user's jobs of 1 s, abandoned once the instance has them, and nobody else's samples:
     had their times counted once the instance finished them, its compute would be 1 s for
     everyone (the fastest user's), and a 200 ms-bound user told 503 no_instance for seconds."""
-    lab, addr, insts = site
+    lab, addrs, insts = site
+    addr = addrs["http"]
     inst = insts["j1" if service == "/jobs" else "j2"]
     socks = [_connect(addr) for _ in range(HELD)]
     try:
