@@ -78,7 +78,10 @@ class Hangups:
         """Watch ``sock`` (a socket) for its peer's close; None if it cannot be (closed already)."""
         try:
             fd = sock.fileno()
-            self.epoll.register(fd, _EVENTS)
+            try:
+                self.epoll.register(fd, _EVENTS)
+            except FileExistsError:  # registered already (never unwatched: a bug): this watch replaces that one
+                self.epoll.modify(fd, _EVENTS)
         except (OSError, ValueError):
             return None
         hangup = self.watching[fd] = Hangup(fd)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import h2.config
 import h2.connection
 import httpx
 import pytest
+import trio
 
 from cpnd.lab import Instance, Lab, Link, Topology, free_ports, write_lab
 from tlscerts import CertAuthority
@@ -261,3 +263,49 @@ def test_abandoned_long_jobs_are_no_compute_sample(site, service: str) -> None:
         statuses.append(_honest(addr, service, {"CPN-Max-Latency": "200ms"}))
         time.sleep(0.25)
     assert statuses == [200] * 5
+
+
+def test_the_watch_sees_a_close_or_a_reset_and_no_pipelined_bytes() -> None:
+    """hangups.py alone, on socket pairs: bytes of a next request leave an armed watch be (and
+    stay unread in the socket); a FIN ends its target, a scope; a reset ends one armed after it came;
+    an unwatched socket's close is nobody's."""
+    from cpnd.hangups import hangups
+
+    async def main() -> list[object]:
+        with trio.fail_after(10):  # a watch that never fires fails the test, never hangs it
+            return await checks()
+
+    async def checks() -> list[object]:
+        watch = hangups()
+        assert watch is not None
+        seen: list[object] = []
+        pairs = [trio.socket.socketpair() for _ in range(3)]
+        (ours, theirs), (ours2, theirs2), (ours3, theirs3) = pairs
+        h, h2, h3 = watch.watch(ours), watch.watch(ours2), watch.watch(ours3)
+        assert h is not None and h2 is not None and h3 is not None
+        with trio.CancelScope() as scope:
+            h.arm(scope)
+            await theirs.send(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")  # pipelined
+            with trio.move_on_after(0.3):
+                await trio.sleep_forever()
+            seen.append((h.gone, await ours.recv(100)))  # not gone; the bytes are still there for us
+            theirs.close()  # FIN
+            await trio.sleep_forever()
+        seen.append((h.gone, scope.cancelled_caught))
+        theirs2.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        theirs2.close()  # RST
+        while not h2.gone:
+            await trio.sleep(0.01)
+        late = trio.CancelScope()
+        h2.arm(late)
+        seen.append(late.cancel_called)
+        watch.unwatch(h3)
+        theirs3.close()
+        await trio.sleep(0.1)
+        seen.append(h3.gone)
+        for a, b in pairs:
+            a.close()
+            b.close()
+        return seen
+
+    assert trio.run(main) == [(False, b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"), (True, True), True, False]
