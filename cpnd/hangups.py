@@ -8,10 +8,11 @@ the user's close ends the request at once; a half-close (``shutdown(SHUT_WR)``) 
 Every user connection that forwards a request is in one epoll set per trio run, for its hang-up
 alone (EPOLLRDHUP, edge-triggered; EPOLLHUP and EPOLLERR come always), which one system task
 watches. Nothing is read: bytes of a next request that a user pipelines stay in the socket for
-the next head, and a connection costs nothing per request (an attribute set and cleared) and
-one wake-up of that task when its user closes it. An attempt arms its connection's watch with
-what must end if the user goes: its tunnel (or pipe) stream, reset as CANCEL (the egress then
-ends the instance call), or the scope of its call to one of our own instances.
+the next head. A connection costs two epoll_ctl calls (at its first forwarded request, at its
+end) and a wake-up of that task if its user closes it; a request, one call (``arm``). An attempt
+arms its connection's watch with what must end if the user goes: its tunnel (or pipe) stream,
+reset as CANCEL (the egress then ends the instance call), or the scope of its call to one of our
+own instances.
 """
 
 from __future__ import annotations
