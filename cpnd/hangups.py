@@ -20,11 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import select
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .tunnel import ResetCode
+
+if TYPE_CHECKING:
+    from .streams import ByteStream
+
+    Target = trio.CancelScope | ByteStream  # what an attempt arms: a call's scope, or its stream
 
 log = logging.getLogger("cpnd.http")
 
@@ -45,9 +50,9 @@ class Hangup:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.gone = False
-        self.target: Any = None  # set while an attempt waits on it, None otherwise
+        self.target: Target | None = None  # set while an attempt waits on it, None otherwise
 
-    def arm(self, target: Any) -> None:
+    def arm(self, target: Target) -> None:
         """``target`` ends when the user goes (now, if it has)."""
         if self.gone:
             _end(target)
@@ -61,7 +66,7 @@ class Hangup:
             _end(target)
 
 
-def _end(target: Any) -> None:
+def _end(target: Target) -> None:
     if isinstance(target, trio.CancelScope):
         target.cancel()
     elif not target.closed:
