@@ -23,6 +23,7 @@ from .clients import source_key
 from .errors import HttpError
 from .egress import Egress
 from .h1 import H11Stream, Headers, content_length, rewrite_headers
+from .hangups import UserGone
 from .pipes import LocalEvents, PipeEnd, pipe
 from .plane import Plane
 from .planner import Attempt, Plan, Planner
@@ -113,6 +114,9 @@ class Attempts:
         up_raw = self._open_upstream(cand, ext, soon=whole)  # the whole request follows it at once
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
         self.p.account.sent(cand.key, now)
+        hangup = client.hangup
+        if hangup is not None:
+            hangup.arm(up_raw)  # the user's close resets the stream (hangups.py): the far end stops the call
         try:
             if whole:
                 # The whole request is here (or kept from an earlier try): it goes upstream in
@@ -131,17 +135,23 @@ class Attempts:
                     nursery.cancel_scope.cancel()  # answered before reading the whole body
             return status
         except h11.ProtocolError as exc:
+            if hangup is not None and hangup.gone:  # (its body cut short by the close)
+                raise _gone(req, cand) from None
             up_raw.reset(ResetCode.BAD_REQUEST, True, str(exc))
             if not attempt.sent_head:
                 raise HttpError(502, "bad_gateway", f"bad response from upstream: {exc}") from None
             raise trio.BrokenResourceError(str(exc)) from None
         except StreamReset as exc:
+            if hangup is not None and hangup.gone:  # no retry, no sample for the estimates
+                raise _gone(req, cand) from None
             if exc.code == ResetCode.DEADLINE and not up_raw.closed:  # cut at the bound: the far end is told so
                 up_raw.reset(ResetCode.DEADLINE, True, exc.text)
             if attempt.sent_head:
                 raise trio.BrokenResourceError("upstream reset mid-response") from None
             raise
         finally:
+            if hangup is not None:
+                hangup.target = None
             # Every way out leaves the stream closed: a response that came before the whole
             # request went up, an error, a cancellation (the far end stops waiting too).
             if not up_raw.closed:
@@ -169,6 +179,7 @@ class Attempts:
         body.consumed = True
         data = body.whole()
         sink = UserSink(client, attempt)
+        hangup = client.hangup  # armed by the call (sink.cancel_on_abandon)
         attempt.whole = True
         self.p.account.sent(cand.key, now)
         try:
@@ -177,11 +188,17 @@ class Attempts:
                 [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.cut_deadline(), now, party)
             if sink.failure is not None:
                 raise sink.failure
+            if hangup is not None and hangup.gone and client.conn.our_state is not h11.DONE:
+                raise _gone(req, cand)  # the call was cancelled (UserSink.cancel_on_abandon)
         except StreamReset as exc:
+            if hangup is not None and hangup.gone:
+                raise _gone(req, cand) from None
             if attempt.sent_head:
                 raise trio.BrokenResourceError(str(exc)) from None
             raise
         finally:
+            if hangup is not None:
+                hangup.target = None
             self.p.account.finished(cand.key)
             attempt.ended_at = trio.current_time()
         self.p.stats[STATUS_KEYS[sink.status // 100]] += 1
@@ -234,6 +251,11 @@ class Attempts:
             if exc.held:  # the user has seen nothing: a clean error, or a retry
                 raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream ended mid-response") from None
             raise trio.BrokenResourceError("upstream ended mid-response") from None
+
+
+def _gone(req: h11.Request, cand: Candidate) -> UserGone:
+    return UserGone(f"{req.method.decode('ascii', 'replace')} {req.target[:200].decode('ascii', 'replace')}: the user "
+                    f"closed its connection while {cand.origin}/{cand.instance} served it: the attempt ended")
 
 
 def _bound_text(plan: Plan) -> str:

@@ -176,6 +176,8 @@ def error_response(exc: HttpError) -> tuple[h11.Response, bytes]:
 class H11Stream:
     """An h11 connection over a trio stream or a tunnel ByteStream."""
 
+    hangup: Any = None  # a user's connection: its hangups.Hangup once it forwards a request (watched for its close)
+
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
         # ``conn``: a kept-alive connection's (a new h11.Connection is ~8 calls)

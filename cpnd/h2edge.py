@@ -66,6 +66,7 @@ class H2Stream:
     """One HTTP/2 stream as the user connection attempts.py and relay.py expect (H11Stream's methods)."""
 
     trailers = True  # the upstream's trailers reach this user (relay_response)
+    hangup = None  # no hangups.Hangup: a stream the user resets, or a connection it closes, cancels ``scope``
     tunnel_extra = ((b"te", b"trailers"),)  # tunnel.md: the egress keeps trailers for this request
 
     def __init__(self, server: H2Server, inbox: H2Inbox, grpc: bool, ended: bool) -> None:
@@ -220,6 +221,8 @@ class H2Server:
             try:
                 with self._idle:
                     data = await self.transport.receive_some(RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""  # reset by the client: closed (not an error of ours, and no traceback per connection)
             finally:
                 self._set_idle(False)
             if self.users.draining and not self.streams:
@@ -228,6 +231,7 @@ class H2Server:
                 self.goaway(ErrorCodes.NO_ERROR)  # idle for idle_timeout_s, or its slot taken back for a newcomer
                 return
             if not data:  # the client closed: nobody reads the responses
+                self.p.stats["user_abandoned"] += len(self.streams)  # (their attempts end: cancelled below)
                 self.wire.fail_all(ErrorCodes.CANCEL)
                 self._cancel_all()
                 return

@@ -20,7 +20,7 @@ from .config import InstanceConfig
 from .grpcmap import trailer_fields, upstream_request_fields
 from .h1 import content_length, next_event_within, rewrite_headers
 from .h2io import RECEIVE_CHUNK, H2Inbox, H2Wire
-from .relay import Cut, Sink, StreamSink, relay_response
+from .relay import Cut, Sink, UserSink, relay_response
 from .streams import StreamReset
 from .tls import InstanceTls
 from .tunnel import ResetCode
@@ -161,8 +161,8 @@ class H2Pool:
     async def exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink, inst: InstanceConfig,
                        host: str, port: int, netloc: bytes, deadline: float | None, hold: Hold | None = None) -> float | None:
         """Egress._exchange for an HTTP/2 instance: the time to its response head, or None (``sink`` told why).
-        The call stops when its stream is abandoned (a user's connection, UserSink, is never: no scope)."""
-        if not isinstance(sink, StreamSink):
+        The call stops when its stream is abandoned, or its user hangs up (UserSink: only an HTTP/1.1 one is watched)."""
+        if isinstance(sink, UserSink) and sink.client.hangup is None:
             return await self._exchange(first, rx, sink, inst, host, port, netloc, deadline, hold)
         with trio.CancelScope() as abandoned:
             sink.cancel_on_abandon(abandoned)

@@ -122,9 +122,15 @@ class UserSink:
         pass  # the ingress reads its own instances' meters directly
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
-        pass  # a lost user fails the write (CANCEL, above): no scope to cancel
+        """The call's scope: cancelled when an HTTP/1.1 user closes its connection (hangups.py); a
+        user lost otherwise fails the write (CANCEL, above)."""
+        if self.client.hangup is not None:
+            self.client.hangup.arm(scope)
 
-    abandoned = False
+    @property
+    def abandoned(self) -> bool:
+        """The user closed its connection (its watch saw it)."""
+        return self.client.hangup is not None and self.client.hangup.gone
 
 
 async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, length: int | None, sink: Sink,

@@ -22,6 +22,7 @@ from .heads import check_target
 from .grpcmap import wants_trailers
 from .h2edge import H2Server, H2Stream
 from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
+from .hangups import UserGone, hangups
 from .plane import HttpLimits, Plane
 from .planner import Planner
 from .preface import sniff_preface
@@ -149,12 +150,17 @@ class Users:
             self.p.stats[f"error_{exc.status}"] += 1
             self._log_error(None, exc)
             await self._send_error_quietly(client, exc)
+        except UserGone as exc:  # counted, and at DEBUG: a user abandoning requests must not flood the log
+            self.p.stats["user_abandoned"] += 1
+            log.debug("%s: %s", self.p.gw.id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
             log.info("%s: client connection ended: %s", self.p.gw.id, _ended(exc))
         except Exception:  # a bug must cost this client its connection, never the daemon
             log.exception("%s: HTTP client connection failed", self.p.gw.id)
         finally:
             self.slots.release(slot)
+            if client.hangup is not None and (watch := hangups()) is not None:
+                watch.unwatch(client.hangup)  # before the socket closes: its number is reused at once
             with trio.CancelScope(shield=True):
                 await transport.aclose()
 
@@ -370,6 +376,8 @@ class Users:
         plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, t0)
         if isinstance(client, H11Stream):  # HTTP/1.1 users get the upstream's trailers if they ask (TE: trailers)
             client.trailers = wants_trailers(req.headers) and req.http_version == b"1.1"
+            if client.hangup is None and (watch := hangups()) is not None:  # its close ends the attempts (hangups.py)
+                client.hangup = watch.watch(tlsstream.raw_socket(client.transport))
         try:
             instance, status, ended_at = await self.attempts.forward(client, req, plan)
         except HttpError as exc:
