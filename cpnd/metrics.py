@@ -148,6 +148,14 @@ class _StatusCollector(Collector):
         yield CounterMetricFamily("cpn_selection_retries", "Requests retried on another candidate", value=http.get("retries", 0))
         yield CounterMetricFamily("cpn_admission_rejects", "Requests refused by admission here", value=http.get("admission_rejects", 0))
         yield CounterMetricFamily("cpn_relayed_streams", "Streams relayed as a transit gateway", value=http.get("relayed", 0))
+        bound = CounterMetricFamily("cpn_latency_bound", "Latency-bound requests: answered 504 at their bound (cut), sent "
+                                    "to an instance our correction alone held out of it (probe), their head sent after it "
+                                    "(late: 0, the bound being enforced)", labels=["event"])
+        for event, key in (("cut", "bound_cut"), ("probe", "bound_probes"), ("late", "late")):
+            bound.add_metric([event], http.get(key, 0))
+        yield bound
+        yield CounterMetricFamily("cpn_user_abandoned", "Requests ended because their user closed its connection while "
+                                  "they were served", value=http.get("user_abandoned", 0))
         tls = CounterMetricFamily("cpn_tls_refused", "https_listen connections closed before a request", labels=["reason"])
         for reason in ("handshake_failures", "handshake_timeouts", "plain_http"):
             tls.add_metric([reason], http.get(f"tls_{reason}", 0))

@@ -289,8 +289,11 @@ def test_prometheus_metrics(net) -> None:
                  'cpn_requests_total{instance="",service="",status="404"}'):
         assert line in text, line
     for name in ("cpn_request_seconds_bucket", "cpn_peer_bytes_total", "cpn_tunnel_frames_total", "cpn_selection_retries_total",
-                 "cpn_admission_rejects_total", "cpn_instance_load", "cpn_paths"):
+                 "cpn_admission_rejects_total", "cpn_instance_load", "cpn_paths", "cpn_user_abandoned_total"):
         assert name in text, name
+    http = net["lab"].query("a", "stats")["http"]  # the same counters as show stats
+    for event, key in (("cut", "bound_cut"), ("probe", "bound_probes"), ("late", "late")):
+        assert f'cpn_latency_bound_total{{event="{event}"}} {float(http.get(key, 0))}' in text, (event, http)
     assert httpx.get(f"http://{net['specs']['a'].metrics}/other", timeout=10).status_code == 404
 
 
