@@ -266,7 +266,7 @@ class Planner:
             self.cut.learn(attempt.head_at - attempt.upstream_head_at)
         instance_s = attempt.instance_s
         if instance_s is not None and attempt.sent_at is not None and attempt.upstream_head_at is not None:
-            # (attack6) Told in LOAD, which a transit may forge: at most our own wait for the head, so a
+            # Told in LOAD, which a transit may forge: at most our own wait for the head, so a
             # lie hides at most the path and the gateways on the way, never the instance's compute.
             instance_s = min(instance_s, attempt.upstream_head_at - attempt.sent_at)
         instance_us = None if instance_s is None else _us(instance_s)
