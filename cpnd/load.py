@@ -717,12 +717,7 @@ class LatencyCorrection:
         if window is None:
             if len(self._residuals) >= self.max_keys:
                 # Bounded like every ingress table: the oldest instance's history goes.
-                old = next(iter(self._residuals))
-                del self._residuals[old]
-                self._values.pop(old, None)
-                self._answered.pop(old, None)
-                self._held.pop(old, None)
-                self._probes.pop(old, None)
+                self._forget(next(iter(self._residuals)))
             window = self._residuals[key] = collections.deque(maxlen=self.samples)
         residual = int(observed_us - estimated_us)
         if residual >= self._values.get(key, (now, 0))[1]:
@@ -743,13 +738,15 @@ class LatencyCorrection:
         while window and window[0][0] <= now - self.ttl_s:
             window.popleft()
         if not window:
-            del self._residuals[key]
-            del self._values[key]
-            self._answered.pop(key, None)  # none younger than the window's newest
-            self._held.pop(key, None)
-            self._probes.pop(key, None)
+            self._forget(key)  # its answered ones are none younger than the window's newest
             return 0
         return self._update(key, window, now)
+
+    def _forget(self, key: object) -> None:
+        """Everything kept of ``key`` goes (its residuals expired, or it is the oldest and room is needed)."""
+        del self._residuals[key]
+        for table in (self._values, self._answered, self._held, self._probes):
+            table.pop(key, None)
 
     def probe_due(self, key: object, now: float) -> bool:
         """Whether ``key``, out of a bound by its correction alone, may get a request now (a probe;
