@@ -9,7 +9,7 @@ import heapq
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -211,19 +211,34 @@ class _PreciseTimers:
 _TIMERS: trio.lowlevel.RunVar[_PreciseTimers | None] = trio.lowlevel.RunVar("cpn_precise_timers")
 
 
-def _timers() -> _PreciseTimers | None:
+class _Runs(Protocol):
+    async def run(self) -> None: ...
+
+
+R = TypeVar("R", bound=_Runs)
+
+
+def per_run(var: trio.lowlevel.RunVar[R | None], make: Callable[[], R | None], name: str) -> R | None:
+    """This trio run's ``var``: made by ``make`` on first use, its ``run`` a system task named ``name``
+    from then on; None (kept, so never tried again) where ``make`` cannot make one."""
     try:
-        return _TIMERS.get()
+        return var.get()
     except LookupError:
         pass
-    timers = None
-    if _LIBC is not None:
-        fd = _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_FLAGS)
-        if fd >= 0:
-            timers = _PreciseTimers(fd)
-            trio.lowlevel.spawn_system_task(timers.run, name="cpn-precise-timers")
-    _TIMERS.set(timers)
-    return timers
+    made = make()
+    if made is not None:
+        trio.lowlevel.spawn_system_task(made.run, name=name)
+    var.set(made)
+    return made
+
+
+def _new_timers() -> _PreciseTimers | None:
+    fd = _LIBC.timerfd_create(_CLOCK_MONOTONIC, _TFD_FLAGS) if _LIBC is not None else -1
+    return _PreciseTimers(fd) if fd >= 0 else None
+
+
+def _timers() -> _PreciseTimers | None:
+    return per_run(_TIMERS, _new_timers, "cpn-precise-timers")
 
 
 async def sleep_until_precisely(deadline: float) -> None:

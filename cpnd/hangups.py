@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .aio import per_run
 from .tunnel import ResetCode
 
 if TYPE_CHECKING:
@@ -124,13 +125,8 @@ _HANGUPS: trio.lowlevel.RunVar[Hangups | None] = trio.lowlevel.RunVar("cpn_hangu
 
 def hangups() -> Hangups | None:
     """This trio run's watch (started on first use); None where there is no epoll (not Linux)."""
-    try:
-        return _HANGUPS.get()
-    except LookupError:
-        pass
-    watch = None
-    if _EVENTS and hasattr(select, "epoll"):
-        watch = Hangups(select.epoll())
-        trio.lowlevel.spawn_system_task(watch.run, name="cpn-hangups")
-    _HANGUPS.set(watch)
-    return watch
+    return per_run(_HANGUPS, _new_watch, "cpn-hangups")
+
+
+def _new_watch() -> Hangups | None:
+    return Hangups(select.epoll()) if _EVENTS and hasattr(select, "epoll") else None
