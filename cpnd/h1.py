@@ -64,7 +64,8 @@ def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 FRAMING = (b"content-length", b"transfer-encoding")
 _DROP = HOP_BY_HOP - set(FRAMING)
 _KEEP_NAMED = {b"host", *FRAMING}  # a Connection header naming these does not drop them
-_NAME = operator.itemgetter(1)  # of h11's (raw, lowercase, value) items
+_NAME, _VALUE = operator.itemgetter(1), operator.itemgetter(2)  # of h11's (raw, lowercase, value) items
+_IS_CPN = operator.methodcaller("startswith", b"cpn-")
 
 
 def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
@@ -104,10 +105,11 @@ def _rewrite_parsed(full: list[tuple[bytes, bytes, bytes]], drop_cpn: bool, host
     if host is not None:
         gone.add(b"host")  # replaced below
     if drop_cpn and b"\ncpn-" in b"\n" + b"\n".join(names):
-        gone.update(n for n in names if n[:4] == b"cpn-")
+        gone.update(itertools.compress(names, map(_IS_CPN, names)))
     if b"connection" in names:
         # Connection may name only hop-by-hop headers: Host (and the framing, re-added apart) stay.
-        gone.update({t.strip().lower() for _, n, v in full if n == b"connection" for t in v.split(b",")} - _KEEP_NAMED)
+        named = b",".join(itertools.compress(map(_VALUE, full), map(b"connection".__eq__, names))).lower()
+        gone.update(set(map(bytes.strip, named.split(b","))) - _KEEP_NAMED)
     if b"content-length" in names and b"transfer-encoding" in names:
         gone.add(b"transfer-encoding")  # as framing(): the length wins
     out = list(itertools.compress(full, map(operator.not_, map(gone.__contains__, names))))

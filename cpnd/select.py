@@ -128,7 +128,11 @@ def compute_estimate_us(base_us: int, load: float) -> int:
     return int(base_us * (1 + 2 * (load - 0.5)))
 
 
-@attrs.frozen
+# Candidate and View are built for every live instance on every request: a frozen attrs
+# record's __init__ sets each field through object.__setattr__ (2.4 µs for a Candidate
+# against 0.45 µs here). They are values all the same: nothing changes one once built
+# (attrs.evolve makes a new one).
+@attrs.define
 class Candidate:
     key: Key
     label: int
@@ -163,7 +167,7 @@ class Candidate:
         return self.key[2]
 
 
-@attrs.frozen
+@attrs.define
 class View:
     """What the ingress assumes of one instance now: the inputs of its estimate."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from cpnd.errors import HttpError
@@ -58,6 +58,28 @@ def test_split_head_finds_the_cpn_fields_and_ambiguous_framing(headers: list[tup
         return
     assert split_head(b"/a", headers) == ("/a", [(n, v) for n, v in headers
                                                  if n.decode("latin-1").lower().startswith("cpn-")])
+
+
+@given(st.lists(st.sampled_from([(b"Host", b"x"), (b"CPN-QoS", b"batch"), (b"cpn-x", b"1"), (b"X-Cpn-A", b"2"),
+                                  (b"Content-Length", b"1"), (b"TRANSFER-ENCODING", b"chunked"),
+                                  (b"Accept", b"*/*" * 30)]), max_size=6), st.integers(0, 70_000))
+def test_split_head_walks_h11s_own_fields_as_it_walks_pairs(headers: list[tuple[bytes, bytes]], pad: int) -> None:
+    """The fast path over h11's parsed items finds what the pair walk finds (names lowercase), size checks included."""
+    target = b"/a?" + b"p" * pad
+    try:
+        parsed = h11.Request(method=b"GET", target=target, headers=headers).headers
+    except h11.LocalProtocolError:
+        assume(False)
+    pairs = [(n.lower(), v) for n, v in headers]
+    try:
+        expected: object = split_head(target, pairs)
+    except HttpError as exc:
+        expected = (exc.status, exc.detail)
+    try:
+        got: object = split_head(target, parsed)
+    except HttpError as exc:
+        got = (exc.status, exc.detail)
+    assert got == expected
 
 
 def test_filter_headers() -> None:
