@@ -637,12 +637,19 @@ class OwnTimes:
 
     def __init__(self, hint_us: int = STAGE_HINT_US) -> None:
         self.meters = {role: StageMeter(hint_us) for role in Stage.ALL}
+        self._read: tuple[str, float, int] | None = None  # the last reading: a plan asks once per candidate
 
     def add(self, role: str, now: float, own_us: float) -> None:
         self.meters[role].add(now, own_us)
+        self._read = None
 
     def us(self, role: str, now: float) -> int:
-        return self.meters[role].value_us(now)
+        read = self._read
+        if read is not None and read[1] == now and read[0] == role:
+            return read[2]
+        value = self.meters[role].value_us(now)
+        self._read = (role, now, value)
+        return value
 
 
 # What an ingress observes against what it estimated, per instance (Envoy's latency-aware

@@ -21,6 +21,7 @@ from .select import (
     BadHeader,
     Candidate,
     Constraints,
+    LoadEstimate,
     TtlCache,
     View,
     candidates,
@@ -220,8 +221,12 @@ class Planner:
 
     def _ranked(self, service: str, cons: Constraints, pinned: dict[str, Key], now: float) -> list[Candidate]:
         per_request = self.mode == "per-request"
-        cands = candidates(self.rib, service, lambda key, best: self.estimate(key, best, now),
-                           bounded=cons.max_latency_us is not None and per_request)
+        estimate: LoadEstimate = lambda key, best: self.estimate(key, best, now)  # noqa: E731
+        bounded = cons.max_latency_us is not None and per_request
+        # Per request, only the instances that may meet the constraints are estimated (the baselines
+        # know nothing of them: they rank every instance, and pin what they chose).
+        pruned = per_request and (cons.max_latency_us is not None or cons.max_price is not None)
+        cands = candidates(self.rib, service, estimate, bounded=bounded, within=cons if pruned else None)
         ranked = rank(cands, cons)
         if per_request:
             # Latency-bound requests go first-fit in rank order: packing them tight leaves
@@ -237,6 +242,8 @@ class Planner:
         if not ranked and per_request and cons.max_latency_us is not None and cands:
             ranked = self._probe(cands, cons, now)
         if not ranked:
+            if pruned:  # the error names the best of them all
+                cands = candidates(self.rib, service, estimate, bounded=bounded)
             if not cands:  # known, but every instance is down or reachable only through stale paths
                 raise HttpError(503, "no_instance", no_live_instance(self.rib, service))
             raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints "

@@ -6,7 +6,7 @@ import itertools
 
 import attrs
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cpnd.load import InstanceMeter, LatencyCorrection, OwnTimes, SendAccount, Stage
@@ -27,6 +27,7 @@ from cpnd.select import (
     match_service,
     parse_constraints,
     pinned_first,
+    probe_candidates,
     rank,
     slack_us,
     within_bound,
@@ -112,6 +113,34 @@ def test_rank_matches_brute_force(raw, cons: Constraints) -> None:
         assert obj(got[0]) == best
         for a, b in itertools.pairwise(got):
             assert obj(a) <= obj(b)
+
+
+@given(st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 5_000), st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+                          st.floats(0.0, 1.0), st.integers(0, 2_000), st.integers(-8_000, 8_000)), max_size=6),
+       cons_st)
+@example([(9_900, 0, 1.0, 0.0, 0, 0), (9_901, 0, 1.0, 0.0, 0, 0), (9_000, 0, 2.0, 0.0, 0, -5_000)],
+         Constraints(max_latency_us=10_000, max_price=1.0))  # at the limit, just over it, over the price cap
+@example([(9_000, 100, 1.0, 0.0, 800, -8_000), (9_899, 0, 1.0, 0.0, 0, 0)],
+         Constraints(max_latency_us=10_000))  # a negative correction: the estimate down to the path
+def test_only_the_instances_that_may_meet_the_constraints_are_estimated(raw, cons: Constraints) -> None:
+    """Estimating only the priced instances whose path is within the bound ranks and probes as estimating
+    them all: the correction, even a negative one, never takes an estimate below the path."""
+    rib, label = Rib("gw1"), service_label("/yolo")
+    own, account, corr = OwnTimes(hint_us=300), SendAccount(), LatencyCorrection()
+    for i, (lat, comp, price, load, gw_us, residual) in enumerate(raw):
+        rib.set_link_cost(f"g{i}", lat)
+        rib.apply_update(f"g{i}", Update((RouteAdv("/yolo", f"s{i}", f"g{i}", 1, label, (f"g{i}",), 0, 50.0, load,
+                                                   price, comp, gateway_us=gw_us),)), 0)
+        for k in range(12):  # residuals of one sign: the correction goes that way
+            corr.observe(("/yolo", f"g{i}", f"s{i}"), 0.01 * k, max(0, 5_000 + residual), 5_000)
+    bounded = cons.max_latency_us is not None
+    estimate = lambda k, b: ingress_view(rib, k, b, 0.2, own=own, account=account, correction=corr)  # noqa: E731
+    every = candidates(rib, "/yolo", estimate, bounded=bounded)
+    some = candidates(rib, "/yolo", estimate, bounded=bounded, within=cons)
+    assert {c.key for c in some} <= {c.key for c in every}
+    assert rank(some, cons) == rank(every, cons)
+    if bounded:
+        assert probe_candidates(some, cons) == probe_candidates(every, cons)
 
 
 def test_candidates_from_rib_use_path_latency_and_freshest_attributes() -> None:
