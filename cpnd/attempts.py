@@ -152,16 +152,20 @@ class Attempts:
         finally:
             if hangup is not None:
                 hangup.target = None
-            # Every way out leaves the stream closed: a response that came before the whole
-            # request went up, an error, a cancellation (the far end stops waiting too).
-            if not up_raw.closed:
-                up_raw.reset(ResetCode.CANCEL, True, "ingress done with the stream")
-            self.p.account.finished(cand.key)
-            attempt.ended_at = trio.current_time()
-            if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
-                load, bload, comp, instance_us = up_raw.load_report
-                self.p.account.heard(cand.key, load, bload, comp, attempt.ended_at)
-                attempt.instance_s = None if instance_us is None else instance_us / 1_000_000
+            self._ended(cand, up_raw, attempt)
+
+    def _ended(self, cand: Candidate, up_raw: ByteStream, attempt: Attempt) -> None:
+        """An attempt through a stream ended, however: the stream closed, our accounts told."""
+        # Every way out leaves the stream closed: a response that came before the whole
+        # request went up, an error, a cancellation (the far end stops waiting too).
+        if not up_raw.closed:
+            up_raw.reset(ResetCode.CANCEL, True, "ingress done with the stream")
+        self.p.account.finished(cand.key)
+        attempt.ended_at = trio.current_time()
+        if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
+            load, bload, comp, instance_us = up_raw.load_report
+            self.p.account.heard(cand.key, load, bload, comp, attempt.ended_at)
+            attempt.instance_s = None if instance_us is None else instance_us / 1_000_000
 
     async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,
                              cand: Candidate, plan: Plan, budget_us: int, slack_us: int, attempt: Attempt,
