@@ -39,6 +39,7 @@ import collections
 import csv
 import itertools
 import json
+import os
 import sys
 import statistics
 import subprocess
@@ -72,6 +73,7 @@ PREWARM_RATE = 5.0  # req/s per user before the sweep (--prewarm): connections, 
 CLIENT_ALLOWANCE_MS = 1.0  # a Python client on the same box: its own share of what it observes
 CONNS_PER_USER = 8
 SAMPLE_EVERY_S = 0.5
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REQUEST_TIMEOUT_S = 5.0
 # The floor of our own stack on u1's usual path (gw1 -> gw3 -> s1): two bench/floor_proxy.py
 # (trio + h11, parse and re-serialise only) with gw1-gw3's emulated link between them, in front
@@ -284,6 +286,10 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                         except (OSError, ValueError, KeyError):
                             continue
                         samples.append({"at": time.monotonic() - start, "compute_ms": comp,
+                                        # CPU of every gateway and of the instances' process so far (s)
+                                        "cpu_s": {**{gw: cpu_s(p.pid) for gw, p in lab.procs.items()},
+                                                  "instances": sum(cpu_s(p.pid) for p in {id(p): p for p in
+                                                                   insts.procs.values()}.values())},
                                         "path_ms": {r["instance"]: r["path_latency_ms"] for r in best},
                                         # gw1's estimate: the gateways' own processing per request on the way
                                         # to each instance (gw1's and the path's), and its total
@@ -309,6 +315,28 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
     if keep is not None:
         keep += [{"mode": mode, **r} for r in records] + [{"mode": mode, "sample": x} for x in samples]
     return summarise(mode, rates, step_s, warmup_s, records, rtt, stats, samples, prewarm_s)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def cpu_per_request(samples: list[dict[str, Any]], lo: float, hi: float, requests: int) -> dict[str, float] | None:
+    """CPU ms per request of each gateway (and the instances) between the samples nearest ``lo`` and ``hi``:
+    where the machine's time went, beside what the clients saw (the floor path's processes are apart)."""
+    window = [x for x in samples if lo <= x["at"] < hi and "cpu_s" in x]
+    if len(window) < 2 or not requests:
+        return None
+    first, last = window[0]["cpu_s"], window[-1]["cpu_s"]
+    scale = (hi - lo) / (window[-1]["at"] - window[0]["at"]) * 1000 / requests  # the whole window's, per request
+    out = {k: round((last[k] - first[k]) * scale, 3) for k in last if k in first}
+    out["gateways"] = round(sum(v for k, v in out.items() if k != "instances"), 3)
+    return out
 
 
 def measured_view(samples: list[dict[str, Any]], lo: float, hi: float) -> tuple[dict[str, float], dict[str, float]] | None:
@@ -391,6 +419,8 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
         row["u1_cut_at_bound"] = ingress_late(samples or [], at_lo, at_hi, "bound_cut")
         row["u1_probes"] = ingress_late(samples or [], at_lo, at_hi, "bound_probes")  # sent where the correction held it out
+        asked = sum(1 for r in window if r["user"] in USERS)
+        row["cpu_ms_per_request"] = cpu_per_request(samples or [], at_lo, at_hi, asked)  # u1's and u2's
         for s in INSTANCES:
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
@@ -579,8 +609,9 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
     over the floor's (FloorPath)."""
     head = ("| mode | offered per user | u1 served | u1 late (client / at gw1) / 504 at the bound | u2 served | u1 client p50 / p99 / max ms "
             "| u1 network + compute p50 / max ms | gateways' share p50 / p99 ms | floor path p50 / p99 ms "
-            "| share / floor's p50 | optimum e2e (ratio) | u1 504 client p50 / max ms |")
-    lines = [head, "|" + "---|" * 12]
+            "| share / floor's p50 | optimum e2e (ratio) | u1 504 client p50 / max ms "
+            "| CPU ms a request: gateways (gw1, gw2) / instances |")
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         for s in r["steps"]:
             def f(k: str) -> str:
@@ -593,8 +624,12 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
                          f"{f('u1_overhead_p50_ms')} / {f('u1_overhead_p99_ms')} | "
                          f"{f('floor_p50_e2e_ms')} / {f('floor_p99_e2e_ms')} | {f('u1_over_floor_overhead_p50')} | "
                          + (f"{oe:.1f} ({s['served_over_optimum_e2e']:.3f})" if oe else "-")
-                         + f" | {f('u1_504_p50_ms')} / {f('u1_504_max_ms')} |")
+                         + f" | {f('u1_504_p50_ms')} / {f('u1_504_max_ms')} | {_cpu(s.get('cpu_ms_per_request'))} |")
     return "\n".join(lines)
+
+
+def _cpu(c: dict[str, float] | None) -> str:
+    return "-" if not c else f"{c['gateways']:g} ({c.get('gw1', 0):g}, {c.get('gw2', 0):g}) / {c.get('instances', 0):g}"
 
 
 if __name__ == "__main__":
