@@ -111,6 +111,9 @@ def load_topology(path: Path) -> Topology:
     return Topology(gws, links, instances, options)
 
 
+START_ATTEMPTS = 3  # a lab's start, when another process took one of the ports it was given
+
+
 def free_ports(n: int) -> list[int]:
     """``n`` distinct TCP ports the OS reports free on 127.0.0.1 right now."""
     socks = []
@@ -319,9 +322,57 @@ class Lab:
         )
         log.close()
 
-    def start_all(self) -> None:
-        for gw in self.specs:
-            self.start(gw)
+    def start_all(self, *, attempts: int = START_ATTEMPTS) -> None:
+        """Start every gateway. The OS chose their ports free (``free_ports``), but another process may
+        bind one before the gateway does: then every port is chosen again and all start anew."""
+        for attempt in range(attempts):
+            logged = {gw: self._log_size(gw) for gw in self.specs}
+            for gw in self.specs:
+                self.start(gw)
+            if attempt == attempts - 1 or not self._port_taken(logged):
+                return
+            self.stop_all()
+            self._new_ports()
+
+    def _log_size(self, gw: str) -> int:
+        try:
+            return self.specs[gw].config.with_suffix(".log").stat().st_size
+        except OSError:
+            return 0
+
+    def _port_taken(self, logged: dict[str, int], timeout: float = 30.0) -> bool:
+        """Wait until every gateway has bound its listeners (its status says its metrics port, bound last)
+        or exited; True if one exited because a port of its was taken (its log since ``logged`` says so)."""
+        waiting, deadline = set(self.specs), time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for gw in list(waiting):
+                if self.procs[gw].poll() is not None:
+                    if "Address already in use" in self.log(gw)[logged[gw]:]:
+                        return True
+                    waiting.discard(gw)  # another failure: the caller's wait reports it
+                    continue
+                try:  # the metrics port is the last it binds
+                    if request(self.specs[gw].control, "status", timeout=1.0)["metrics_listen"] == self.specs[gw].metrics:
+                        waiting.discard(gw)
+                except (ControlError, KeyError, TypeError):
+                    pass
+            time.sleep(0.05)
+        return False
+
+    def _new_ports(self) -> None:
+        """Every gateway's listen, http and metrics address on ports the OS has free now, in every config."""
+        ports = iter(free_ports(3 * len(self.specs)))
+        moved: dict[str, str] = {}
+        for spec in self.specs.values():
+            for field in ("listen", "http", "metrics"):
+                new = f"127.0.0.1:{next(ports)}"
+                moved[f'"{getattr(spec, field)}"'] = f'"{new}"'
+                setattr(spec, field, new)
+        for spec in self.specs.values():
+            text = spec.config.read_text()
+            for old, new in moved.items():
+                text = text.replace(old, new)
+            spec.config.write_text(text)
 
     def stop(self, gw: str, sig: int = signal.SIGTERM, timeout: float = 10.0, *, signalled: bool = False) -> int:
         proc = self.procs.pop(gw)
