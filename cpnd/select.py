@@ -253,14 +253,14 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
     return out
 
 
-def bound_limit_us(max_latency_us: int) -> int:
-    """The most an estimate may be and meet a bound of ``max_latency_us`` (BOUND_MARGIN_FRAC kept in hand)."""
-    return int(max_latency_us * (1 - BOUND_MARGIN_FRAC))
-
-
 # Latency-bound requests keep this share of their bound in hand: the flooded view is a
 # little stale, and a request refused at the far end rarely has time left to retry.
 BOUND_MARGIN_FRAC = 0.01
+
+
+def bound_limit_us(max_latency_us: int) -> int:
+    """The most an estimate may be and meet a bound of ``max_latency_us`` (BOUND_MARGIN_FRAC kept in hand)."""
+    return int(max_latency_us * (1 - BOUND_MARGIN_FRAC))
 
 
 def admissible(c: Candidate, cons: Constraints) -> bool:
