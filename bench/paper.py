@@ -264,7 +264,8 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
         try:
             urls = insts.start_topology(topo)
             specs = write_lab(topo, Path(tmp), selection=mode, instance_url=urls)
-            with Lab(specs, log_level="warning") as lab, FloorPath() as floor:
+            path = FloorPath()
+            with Lab(specs, log_level="warning") as lab, path as floor:
                 lab.start_all()
                 lab.wait_for(lambda: lab.converged(topo), 60, "convergence")
                 time.sleep(3.0)  # let the min-RTT filters see a few quiet probes after start-up
@@ -289,7 +290,8 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         # CPU of every gateway and of the instances' process so far (s)
                                         "cpu_s": {**{gw: cpu_s(p.pid) for gw, p in lab.procs.items()},
                                                   "instances": sum(cpu_s(p.pid) for p in {id(p): p for p in
-                                                                   insts.procs.values()}.values())},
+                                                                   insts.procs.values()}.values()),
+                                                  "floor_far": cpu_s(path.procs[1].pid), "floor_near": cpu_s(path.procs[2].pid)},
                                         "path_ms": {r["instance"]: r["path_latency_ms"] for r in best},
                                         # gw1's estimate: the gateways' own processing per request on the way
                                         # to each instance (gw1's and the path's), and its total
@@ -326,16 +328,27 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def cpu_per_request(samples: list[dict[str, Any]], lo: float, hi: float, requests: int) -> dict[str, float] | None:
-    """CPU ms per request of each gateway (and the instances) between the samples nearest ``lo`` and ``hi``:
-    where the machine's time went, beside what the clients saw (the floor path's processes are apart)."""
+def cpu_ms(samples: list[dict[str, Any]], lo: float, hi: float) -> dict[str, float] | None:
+    """CPU ms of each process sampled (gateways, the instances, the floor path's proxies) over [lo, hi),
+    from the samples nearest its ends scaled to the whole window: where the machine's time went."""
     window = [x for x in samples if lo <= x["at"] < hi and "cpu_s" in x]
-    if len(window) < 2 or not requests:
+    if len(window) < 2:
         return None
     first, last = window[0]["cpu_s"], window[-1]["cpu_s"]
-    scale = (hi - lo) / (window[-1]["at"] - window[0]["at"]) * 1000 / requests  # the whole window's, per request
-    out = {k: round((last[k] - first[k]) * scale, 3) for k in last if k in first}
+    scale = (hi - lo) / (window[-1]["at"] - window[0]["at"]) * 1000
+    return {k: (last[k] - first[k]) * scale for k in last if k in first}
+
+
+def cpu_per_request(used: dict[str, float] | None, requests: int, floor_requests: int) -> dict[str, float] | None:
+    """CPU ms a request: every gateway's and the instances' over u1's and u2's requests; gw1's over u1's
+    alone (its ingress) beside the floor path's near proxy (in gw1's place) over the floor's requests."""
+    if not used or not requests:
+        return None
+    out = {k: round(v / requests, 3) for k, v in used.items() if not k.startswith("floor")}
     out["gateways"] = round(sum(v for k, v in out.items() if k != "instances"), 3)
+    if floor_requests and "floor_near" in used:
+        out["floor_near"] = round(used["floor_near"] / floor_requests, 3)
+        out["floor_far"] = round(used["floor_far"] / floor_requests, 3)
     return out
 
 
@@ -419,8 +432,12 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
         row["u1_cut_at_bound"] = ingress_late(samples or [], at_lo, at_hi, "bound_cut")
         row["u1_probes"] = ingress_late(samples or [], at_lo, at_hi, "bound_probes")  # sent where the correction held it out
-        asked = sum(1 for r in window if r["user"] in USERS)
-        row["cpu_ms_per_request"] = cpu_per_request(samples or [], at_lo, at_hi, asked)  # u1's and u2's
+        used = cpu_ms(samples or [], at_lo, at_hi)
+        row["cpu_ms_per_request"] = cpu_per_request(used, sum(1 for r in window if r["user"] in USERS),
+                                                     sum(1 for r in window if r["user"] == "floor"))
+        u1_asked = sum(1 for r in window if r["user"] == "u1")
+        if used and u1_asked and "gw1" in used:  # gw1 is u1's ingress and nothing else's
+            row["gw1_cpu_ms_per_u1_request"] = round(used["gw1"] / u1_asked, 3)
         for s in INSTANCES:
             row[f"{s}_load"] = round(sum(1 for r in window if r["status"] == 200 and r["instance"] == s) / span, 2)
             row[f"{s}_u1"] = round(sum(1 for r in u1 if r["instance"] == s) / span, 2)
@@ -610,8 +627,8 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
     head = ("| mode | offered per user | u1 served | u1 late (client / at gw1) / 504 at the bound | u2 served | u1 client p50 / p99 / max ms "
             "| u1 network + compute p50 / max ms | gateways' share p50 / p99 ms | floor path p50 / p99 ms "
             "| share / floor's p50 | optimum e2e (ratio) | u1 504 client p50 / max ms "
-            "| CPU ms a request: gateways (gw1, gw2) / instances |")
-    lines = [head, "|" + "---|" * 13]
+            "| CPU ms a request: all gateways / instances | CPU ms: gw1 a u1 request / floor's near proxy a request |")
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         for s in r["steps"]:
             def f(k: str) -> str:
@@ -624,12 +641,17 @@ def e2e_markdown(results: list[dict[str, Any]]) -> str:
                          f"{f('u1_overhead_p50_ms')} / {f('u1_overhead_p99_ms')} | "
                          f"{f('floor_p50_e2e_ms')} / {f('floor_p99_e2e_ms')} | {f('u1_over_floor_overhead_p50')} | "
                          + (f"{oe:.1f} ({s['served_over_optimum_e2e']:.3f})" if oe else "-")
-                         + f" | {f('u1_504_p50_ms')} / {f('u1_504_max_ms')} | {_cpu(s.get('cpu_ms_per_request'))} |")
+                         + f" | {f('u1_504_p50_ms')} / {f('u1_504_max_ms')} | {_cpu(s)} |")
     return "\n".join(lines)
 
 
-def _cpu(c: dict[str, float] | None) -> str:
-    return "-" if not c else f"{c['gateways']:g} ({c.get('gw1', 0):g}, {c.get('gw2', 0):g}) / {c.get('instances', 0):g}"
+def _cpu(s: dict[str, Any]) -> str:
+    c = s.get("cpu_ms_per_request")
+    if not c:
+        return "-"
+    gw1 = s.get("gw1_cpu_ms_per_u1_request")
+    return (f"{c['gateways']:g} / {c.get('instances', 0):g} | "
+            + (f"{gw1:g} / {c['floor_near']:g}" if gw1 is not None and "floor_near" in c else "-"))
 
 
 if __name__ == "__main__":
