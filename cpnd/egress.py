@@ -12,6 +12,7 @@ import errno
 import logging
 import math
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -79,6 +80,14 @@ class Egress:
         self.shares: dict[str, Shares] = {}  # each user's admissions per instance, for its fair share
         self._pool_keys: set[tuple[Any, ...]] = set()  # the addresses of our instances now: only theirs are pooled
         self.h2 = H2Pool(self)
+        # This run's clock, taken at the first stream: a reading is one call (trio.current_time() is three).
+        self._clock: trio.abc.Clock | None = None
+
+    def _now(self) -> Callable[[], float]:
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = trio.lowlevel.current_clock()
+        return clock.current_time
 
     def reconfigure(self, config: Config) -> None:
         """Take the (re)loaded services: meters of instances that stay keep their history."""
@@ -160,7 +169,8 @@ class Egress:
             return
         service, inst = found
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
-        now = trio.current_time()  # one reading for this step: the head is here with the OPEN, usually
+        clock = self._now()
+        now = clock()  # one reading for this step: the head is here with the OPEN, usually
         deadline = now + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
             method, target, headers, origin, rest, waited = await self._head(rx, service)
@@ -168,7 +178,7 @@ class Egress:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
         if waited:
-            now = trio.current_time()
+            now = clock()
         if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
@@ -200,13 +210,16 @@ class Egress:
             if match_service({service.path}, path) != service.path:
                 raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
             rest: list[Any] = []
-            while not (rest and isinstance(rest[-1], h11.EndOfMessage)):
+            while True:
                 ev = rx.next_event_nowait()
                 if ev is None:
                     break
-                if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                # (type, not isinstance: on h11's ABCs a failed isinstance is a call)
+                if type(ev) is not h11.EndOfMessage and type(ev) is not h11.Data:
                     raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
                 rest.append(ev)
+                if type(ev) is h11.EndOfMessage:
+                    break
         except h11.RemoteProtocolError as exc:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
@@ -239,7 +252,7 @@ class Egress:
             else:
                 served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
-            end = trio.current_time()
+            end = self._now()()
             if served is None:
                 meter.abandoned()
             else:
@@ -294,7 +307,7 @@ class Egress:
             if entry is None:
                 return None
             ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
-            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
+            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self._now())
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
                     if up.complete:
@@ -303,16 +316,20 @@ class Egress:
                         nursery.start_soon(up.run)
                     if deadline is not None:
                         scope.deadline = deadline
-                    # A user's own sink with a bound (the ingress calling its own instance): cut on time.
-                    with cancel_precisely_at(scope, bound):
+                    if bound is None:  # a stream's sink: the ingress keeps the user's bound (no timer here)
                         ev = await ic.next_event()
-                        while isinstance(ev, h11.InformationalResponse):
+                        while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
                             ev = await ic.next_event()
+                    else:  # a user's own sink with a bound (the ingress calling its own instance): cut on time
+                        with cancel_precisely_at(scope, bound):
+                            ev = await ic.next_event()
+                            while type(ev) is h11.InformationalResponse:
+                                ev = await ic.next_event()
                     if scope.cancel_called:  # the deadline passed in the step that brought the head: it
                         await trio.lowlevel.checkpoint()  # stands (a relay in a cancelled scope fails midway)
                     if not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
-                    now = trio.current_time()  # one reading for this step: health, load report, the relay's idle time
+                    now = self._now()()  # one reading for this step: health, load report, the relay's idle time
                     self.health_result(inst.id, True, now)
                     head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
@@ -368,8 +385,10 @@ class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
 
     def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
-                 meter: InstanceMeter | None = None, hold: Hold | None = None) -> None:
+                 meter: InstanceMeter | None = None, hold: Hold | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.ic = ic
+        self.clock = clock
         self.meter, self.hold = meter, hold  # capacity: the slot's guard runs from the write (load.SlotHolds)
         self.first = first
         self.rx = rx
@@ -378,12 +397,12 @@ class _Upload:
         self.delivered = False
         # Compute latency counts from the end of the upload; a whole request's is set by run() before
         # anything reads it (no clock reading here), a streamed one's until then is now.
-        self.done_at = 0.0 if self.complete else trio.current_time()
+        self.done_at = 0.0 if self.complete else clock()
 
     async def run(self) -> None:
         await self.ic.send_all(self.first)
         self.delivered = True
-        now = trio.current_time()
+        now = self.clock()
         if self.meter is not None:
             self.meter.sent(self.hold, now)
         if self.complete:
@@ -399,7 +418,7 @@ class _Upload:
                 raise StreamReset(ResetCode.BAD_REQUEST, True, "tunnelled request ended early")
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
-        self.done_at = trio.current_time()
+        self.done_at = self.clock()
 
 
 def _pool_key(host: str, port: int, tls: InstanceTls | None) -> tuple[Any, ...]:

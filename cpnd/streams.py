@@ -258,7 +258,17 @@ class TunnelStream:
         if self.closed:
             raise StreamReset(ResetCode.CANCEL, False, "stream closed")
         mux = self.mux
-        conn, window, sent, view = mux.conn_window, self.window, 0, memoryview(data)
+        conn, window, size = mux.conn_window, self.window, len(data)
+        if size <= window.send_credit and size <= conn.send_credit and size <= mux.settings.max_data and (size or end):
+            # All of it in one frame (a request's or a response's whole body, usually): no views, no loop.
+            window.send_credit -= size
+            conn.send_credit -= size
+            mux.send_frame(FRAME_HEADER.pack(self.id, FrameType.DATA, FLAG_END if end else 0) + data, flush=True)
+            if end:
+                self.sent_end = True
+                self._maybe_close()
+            return size
+        sent, view = 0, memoryview(data)
         while view or end:
             size = len(view)
             n = min(size, mux.settings.max_data, window.send_credit, conn.send_credit)

@@ -118,6 +118,23 @@ class ExtHeader:
     @classmethod
     def decode(cls, data: bytes) -> ExtHeader:
         """Parse an extension header; ProtocolError(tunnel/malformed-frame) on any defect."""
+        # Every OPEN: a well-formed header is taken in one pass of comparisons; anything else goes
+        # through _decode_checked, which finds the defect and names it.
+        size = len(data)
+        if size >= 34:  # _EXT.size + 2
+            ver, qos, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
+            o = 33 + data[32]  # the origin is data[33:o], then the instance's length byte
+            if o < size:
+                i = o + 1 + data[o]
+                sealed = flags & EXT_FLAG_SEALED
+                if ver == EXT_VERSION and qos <= 2 and label <= 0x7FFFFFFF and (i + 32 if sealed else i) == size:
+                    return cls(label, _ext_id(data[33:o]), _ext_id(data[o + 1:i]), rid, _QOS_BY_VALUE[qos], hops,
+                               budget, flags & ~EXT_FLAG_SEALED, slack, data[i:] if sealed else None, from_peer=True)
+        return cls._decode_checked(data)
+
+    @classmethod
+    def _decode_checked(cls, data: bytes) -> ExtHeader:
+        """``decode``, one check at a time: the error names the first defect."""
         if len(data) < _EXT.size + 2:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header too short")
         ver, qos_value, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
@@ -152,6 +169,7 @@ class ExtHeader:
 
 
 _QOS = {int(q): q for q in QoS}
+_QOS_BY_VALUE = tuple(QoS)  # QoS(n) is _QOS_BY_VALUE[n] for 0 <= n <= 2 (a tuple index, no dict lookup)
 
 
 # Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept.
