@@ -217,7 +217,7 @@ class Connection:
         drained = False  # the last read took less than it asked: the socket was empty then
         while not self.is_down:
             held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
-            if not held:
+            if not held and not self.core.wants_data(self.link):  # (asked here first: no coroutine when it does)
                 await self._until_wanted()  # over a delay the deliverer waits for this instead
             if self.is_down:
                 return

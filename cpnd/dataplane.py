@@ -153,14 +153,13 @@ class DataPlane:
                 log.exception("%s: relaying stream %s from %s failed", self.gw.id, stream.id, stream.peer)
                 stream.reset(ResetCode.INTERNAL, True, "internal error")
             return
-        self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, f"stream {stream.id} from {stream.peer}",
-                                   trio.current_time(), stream.peer)
+        self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, trio.current_time(), stream.peer)
 
     def _serve_local(self, far: PipeEnd, ext: ExtHeader) -> None:
         assert self.gw.nursery is not None
-        self.gw.nursery.start_soon(self._serve_stream, far, ext, "local", None)
+        self.gw.nursery.start_soon(self._serve_stream, far, ext, None)
 
-    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str, opened_at: float | None,
+    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None,
                             via: str | None = None) -> None:
         """Egress if we are the origin, else relay; nothing that goes wrong escapes. ``opened_at``:
         when a peer's OPEN came (our own processing is measured from there; None: our own pipe);
@@ -175,6 +174,8 @@ class DataPlane:
             stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
                          exc.delivered, exc.text)
         except Exception:  # a bug must cost one request, never the daemon
+            # (named here, not per request: a tunnel stream from ``via``, else our own pipe)
+            what = "local" if via is None else f"stream {getattr(stream, 'id', '?')} from {via}"
             log.exception("%s: %s failed", self.gw.id, what)
             stream.reset(ResetCode.INTERNAL, True, "internal error")
         finally:

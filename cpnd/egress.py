@@ -296,12 +296,14 @@ class Egress:
         """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None.
 
         One scope for the whole call: the stream's abandonment ends it quietly (``sink.cancel_on_abandon``),
-        the request's deadline bounds the head once the request is up (a user's own with a bound: the
-        connect and the upload too, as nothing else would cut them), then the idle time the body."""
+        the request's deadline bounds it up to the response head (the connect and the upload too: a
+        stream's ingress would abandon it then; a user's own with a bound has no one else to cut it),
+        then the idle time the body. (The deadline is the scope's from the start: a deadline set is
+        a fifth of a scope's cost in trio.)"""
         entry: _PoolEntry | None = None
         head_after: float | None = None
         bound = deadline if sink.hold_until is not None else None
-        with trio.CancelScope(deadline=math.inf if bound is None else bound) as scope:
+        with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             sink.cancel_on_abandon(scope)
             entry = await self._connected(sink, inst, host, port)
             if entry is None:
@@ -314,8 +316,6 @@ class Egress:
                         await up.run()  # one write, no task
                     else:
                         nursery.start_soon(up.run)
-                    if deadline is not None:
-                        scope.deadline = deadline
                     if bound is None:  # a stream's sink: the ingress keeps the user's bound (no timer here)
                         ev = await ic.next_event()
                         while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
@@ -355,7 +355,7 @@ class Egress:
                 if entry is not None:
                     await entry.stream.aclose()
                 return None
-            if entry is None:  # a user's bound passed while connecting
+            if entry is None:  # the deadline passed while connecting
                 sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
                 return None
             if head_after is None:

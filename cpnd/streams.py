@@ -342,8 +342,14 @@ class TunnelStream:
             return
         if data:
             self.buffered += size
-            self.mux.account.add(size)
-            self._inbox.push(data)
+            account = self.mux.account  # account.add and _inbox.push, inline on every DATA frame
+            account.buffered += size
+            if account.buffered > account.peak:
+                account.peak = account.buffered
+            inbox = self._inbox
+            inbox.chunks.append(data)
+            if inbox.event is not None:
+                inbox.event.set()
         if end:
             self._inbox.end()
             # The reader may never ask again (h11 already saw the message end): close here.

@@ -227,6 +227,8 @@ def parse_frame(data: bytes, max_data: int, conn_window: bool, timed_load: bool)
         if len(payload) > max_data:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {max_data}")
         return sid, ftype, flags, payload
+    if ftype == _T_OPEN and sid and not flags:  # every stream's first (its header is ExtHeader.decode's to check)
+        return sid, ftype, flags, payload
     if ftype not in _FRAME_TYPES:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"unknown frame type {ftype}")
     if sid == 0 and not (conn_window and ftype == _T_WINDOW):
@@ -312,7 +314,7 @@ class StreamIds:
 
     def accept_open(self, sid: int) -> None:
         """Check an OPEN from the peer: its parity, and ids only ever grow."""
-        if self.is_local(sid) or sid <= self.last_remote:
+        if (sid % 2 == 1) == self.initiator or sid <= self.last_remote:  # (is_local, inline: every OPEN)
             raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"OPEN for stream {sid} (last {self.last_remote})")
         self.last_remote = sid
 
