@@ -222,7 +222,9 @@ class Connection:
             if self.is_down:
                 return
             bucket = self.link.session.inbound
-            size = RECEIVE_CHUNK if bucket.level(clock.current_time()) >= bucket.burst else PACED_CHUNK
+            # (tokens at the burst: full whatever the time, no clock reading and no refill to compute)
+            full = bucket.tokens >= bucket.burst or bucket.level(clock.current_time()) >= bucket.burst
+            size = RECEIVE_CHUNK if full else PACED_CHUNK
             data = await self._read(fd, size, wait_first=drained)
             drained = 0 < len(data) < size
             if held or self._inbox:

@@ -145,7 +145,7 @@ class DataPlane:
         assert self.gw.nursery is not None and stream.ext is not None
         if stream.ext.origin != self.gw.id:  # a transit: relayed from this step, no task (transit.py)
             try:
-                self.transit.relay(stream, stream.ext, trio.current_time())
+                self.transit.relay(stream, stream.ext, self.plane.now())
             except StreamReset as exc:
                 stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
                              exc.delivered, exc.text)
@@ -153,7 +153,7 @@ class DataPlane:
                 log.exception("%s: relaying stream %s from %s failed", self.gw.id, stream.id, stream.peer)
                 stream.reset(ResetCode.INTERNAL, True, "internal error")
             return
-        self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, trio.current_time(), stream.peer)
+        self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, self.plane.now(), stream.peer)
 
     def _serve_local(self, far: PipeEnd, ext: ExtHeader) -> None:
         assert self.gw.nursery is not None

@@ -80,14 +80,6 @@ class Egress:
         self.shares: dict[str, Shares] = {}  # each user's admissions per instance, for its fair share
         self._pool_keys: set[tuple[Any, ...]] = set()  # the addresses of our instances now: only theirs are pooled
         self.h2 = H2Pool(self)
-        # This run's clock, taken at the first stream: a reading is one call (trio.current_time() is three).
-        self._clock: trio.abc.Clock | None = None
-
-    def _now(self) -> Callable[[], float]:
-        clock = self._clock
-        if clock is None:
-            clock = self._clock = trio.lowlevel.current_clock()
-        return clock.current_time
 
     def reconfigure(self, config: Config) -> None:
         """Take the (re)loaded services: meters of instances that stay keep their history."""
@@ -169,8 +161,7 @@ class Egress:
             return
         service, inst = found
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
-        clock = self._now()
-        now = clock()  # one reading for this step: the head is here with the OPEN, usually
+        now = self.p.now()  # one reading for this step: the head is here with the OPEN, usually
         deadline = now + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
             method, target, headers, origin, rest, waited = await self._head(rx, service)
@@ -178,7 +169,7 @@ class Egress:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
         if waited:
-            now = clock()
+            now = self.p.now()
         if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
@@ -252,7 +243,7 @@ class Egress:
             else:
                 served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
-            end = self._now()()
+            end = self.p.now()
             if served is None:
                 meter.abandoned()
             else:
@@ -309,7 +300,7 @@ class Egress:
             if entry is None:
                 return None
             ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
-            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self._now())
+            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self.p.now)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
                     if up.complete:
@@ -329,7 +320,7 @@ class Egress:
                         await trio.lowlevel.checkpoint()  # stands (a relay in a cancelled scope fails midway)
                     if not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
-                    now = self._now()()  # one reading for this step: health, load report, the relay's idle time
+                    now = self.p.now()  # one reading for this step: health, load report, the relay's idle time
                     self.health_result(inst.id, True, now)
                     head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same

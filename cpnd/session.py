@@ -529,7 +529,7 @@ class Session:
             if not isinstance(head, PendingUpdate):
                 return self._now  # events before it go first, at once
             return self.inbound.ready_at(self._slice(head), self._now)
-        if self.inbound.level(self._now) < 0:
+        if self.inbound.tokens < 0 and self.inbound.level(self._now) < 0:  # (a refill only adds: none below 0)
             return self.inbound.ready_at(0, self._now)
         return None
 

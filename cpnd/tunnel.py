@@ -109,11 +109,10 @@ class ExtHeader:
                          self.budget_us, self.flags, self.slack_us, eph, from_peer=self.from_peer)
 
     def encode(self) -> bytes:
-        o, i = self.origin.encode(), self.instance.encode()
         flags = (self.flags & ~EXT_FLAG_SEALED) | (EXT_FLAG_SEALED if self.eph is not None else 0)
-        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, flags, self.label, self.budget_us,
+        return (_EXT.pack(EXT_VERSION, self.qos, self.hop_limit, flags, self.label, self.budget_us,
                           self.slack_us, self.request_id)
-                + bytes([len(o)]) + o + bytes([len(i)]) + i + (self.eph or b""))
+                + _ext_name(self.origin) + _ext_name(self.instance) + (self.eph or b""))
 
     @classmethod
     def decode(cls, data: bytes) -> ExtHeader:
@@ -172,7 +171,15 @@ _QOS = {int(q): q for q in QoS}
 _QOS_BY_VALUE = tuple(QoS)  # QoS(n) is _QOS_BY_VALUE[n] for 0 <= n <= 2 (a tuple index, no dict lookup)
 
 
-# Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept.
+# Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept,
+# and their encodings.
+@functools.lru_cache(maxsize=4096)
+def _ext_name(name: str) -> bytes:
+    """An id as an extension header carries it: its length (u8), then its UTF-8."""
+    raw = name.encode()
+    return bytes([len(raw)]) + raw
+
+
 @functools.lru_cache(maxsize=4096)
 def _ext_id(raw: bytes) -> str:
     """An id of an extension header, checked; ProtocolError(tunnel/malformed-frame) if it is not one."""
