@@ -100,11 +100,13 @@ class Abandon:
 class _Inbox:
     """Received chunks waiting for the reader; ``b""`` marks the end."""
 
+    # Defaults at class level, set on the instance when they change (one store each fewer per stream)
+    event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
+    ended = False
+    reset: StreamReset | None = None
+
     def __init__(self) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
-        self.ended = False
-        self.reset: StreamReset | None = None
 
     def push(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -137,22 +139,26 @@ class _Inbox:
 class TunnelStream:
     """One request/response exchange multiplexed on a peer connection."""
 
+    # Defaults at class level, set on the instance when they change (a stream is opened per request:
+    # ten stores fewer each)
+    buffered = 0  # DATA received and not yet passed on (counts against the connection window)
+    _passing = 0  # of which the chunk the reader took last, credited when it asks again
+    _credit: trio.Event | None = None  # while a sender waits for credit
+    sent_end = False
+    closed = False
+    load_report: tuple[float, float, int, int | None] | None = None
+    relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
+    relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
+    _dropped = False  # reset by us: what it held unread is gone
+    _abandon: Abandon | None = None
+
     def __init__(self, mux: Mux, sid: int, ext: ExtHeader | None) -> None:
         self.mux = mux
         self.id = sid
         self.ext = ext
-        self.window = FlowWindow(mux.settings.recv_window, mux.settings.send_window, mux.settings.recv_window)
-        self.buffered = 0  # DATA received and not yet passed on (counts against the connection window)
-        self._passing = 0  # of which the chunk the reader took last, credited when it asks again
+        settings = mux.settings
+        self.window = FlowWindow(settings.recv_window, settings.send_window, settings.recv_window)
         self._inbox = _Inbox()
-        self._credit: trio.Event | None = None  # while a sender waits for credit
-        self.sent_end = False
-        self.closed = False
-        self.load_report: tuple[float, float, int, int | None] | None = None
-        self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
-        self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
-        self._dropped = False  # reset by us: what it held unread is gone
-        self._abandon: Abandon | None = None
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):

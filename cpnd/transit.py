@@ -155,7 +155,7 @@ class Relay:
             if dst.mux.conn.congested:
                 dst.mux.wait_drained(dst)
                 return
-            data = self.pending.pop(src, None)
+            data = self.pending.pop(src, None) if self.pending else None  # (usually empty: no call)
             if data is None:
                 data = src.receive_nowait()
                 if data is None:
