@@ -253,22 +253,24 @@ class Egress:
                 shares.ended(party, end)
         return served
 
-    async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:
-        idle = self.pool.get(_pool_key(host, port, tls))
+    def _kept(self, key: tuple[Any, ...]) -> _PoolEntry | None:
+        """The newest idle kept-alive connection at ``key`` still fit to send into, or None."""
+        idle = self.pool.get(key)
         while idle:
             entry = idle.pop()
             if entry.conn.our_state is h11.IDLE and not readable(entry.stream):
                 return entry
             # The instance closed it while idle (or sent junk): never send into it.
-            await entry.stream.aclose()
-        # Connect (and a verified TLS handshake) before the request's instance time starts.
-        s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
-        return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+            tlsstream.raw_socket(entry.stream).close()
+        return None
 
-    async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int) -> _PoolEntry | None:
-        """A connection to the instance, or None once the sink has been told why not."""
+    async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int,
+                         tls: InstanceTls | None) -> _PoolEntry | None:
+        """A new connection to the instance, or None once the sink has been told why not."""
         try:
-            return await self._connect(host, port, tlsstream.instance_tls(inst))
+            # Connect (and a verified TLS handshake) before the request's instance time starts.
+            s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
+            return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
@@ -291,14 +293,17 @@ class Egress:
         stream's ingress would abandon it then; a user's own with a bound has no one else to cut it),
         then the idle time the body. (The deadline is the scope's from the start: a deadline set is
         a fifth of a scope's cost in trio.)"""
-        entry: _PoolEntry | None = None
         head_after: float | None = None
         bound = deadline if sink.hold_until is not None else None
+        tls = tlsstream.instance_tls(inst)
+        key = _pool_key(host, port, tls)
+        entry = self._kept(key)  # (no task step for a kept-alive one: no connect, no coroutine)
         with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             sink.cancel_on_abandon(scope)
-            entry = await self._connected(sink, inst, host, port)
             if entry is None:
-                return None
+                entry = await self._connected(sink, inst, host, port, tls)
+                if entry is None:
+                    return None
             ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
             up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self.p.now)
             try:
@@ -358,7 +363,7 @@ class Egress:
                        f"{self.p.limits.body_idle_timeout_s:g} s")
             return head_after
         assert entry is not None
-        self._pool(_pool_key(host, port, tlsstream.instance_tls(inst)), entry)
+        self._pool(key, entry)
         return head_after
 
     def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
