@@ -186,7 +186,8 @@ class TunnelStream:
         asks again (it has passed the chunk on): what the gateway holds while a slow destination
         drains stays within the connection window, and one stream's transfer is not slowed (tunnel.md).
         """
-        self._pass_on()
+        if self._passing:
+            self._pass_on()
         inbox = self._inbox
         return self._taken(inbox.chunks.popleft() if inbox.chunks else await inbox.pop())
 
@@ -197,7 +198,8 @@ class TunnelStream:
             if inbox.reset is not None:
                 raise inbox.reset
             return None
-        self._pass_on()
+        if self._passing:  # (asked here: a relay's every move, most with nothing to credit)
+            self._pass_on()
         return self._taken(inbox.chunks.popleft() if inbox.chunks else b"")
 
     @property
@@ -233,7 +235,8 @@ class TunnelStream:
             data = b"".join(parts) if len(parts) > 1 else data
         self._passing = len(data)
         if not self.closed:
-            self._maybe_close()
+            if self.sent_end and self._inbox.ended and not self._inbox.chunks:  # (_maybe_close, inline)
+                self._close()
         elif not self._inbox.chunks:
             self._release()  # closed with its data complete: the reader will not ask again
         if data and not self.closed:
@@ -244,16 +247,20 @@ class TunnelStream:
 
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
-        view = memoryview(data)
         conn = self.mux.conn
+        await conn.wait_writable()
+        sent = self.send_nowait(data, end)
+        if sent == len(data) and (self.sent_end or not end):
+            return  # all of it at once (usually: no view to slice)
+        view = memoryview(data)[sent:]
         while True:
+            credit = self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
+            await credit.wait()
+            self._credit = None
             await conn.wait_writable()
             view = view[self.send_nowait(view, end):]
             if not view and (self.sent_end or not end):
                 return
-            credit = self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
-            await credit.wait()
-            self._credit = None
 
     def send_nowait(self, data: bytes | memoryview, end: bool = False) -> int:
         """Send what the stream's and the connection's windows take now, ending our side with the last
