@@ -297,7 +297,7 @@ class Egress:
         bound = deadline if sink.hold_until is not None else None
         tls = tlsstream.instance_tls(inst)
         key = _pool_key(host, port, tls)
-        entry = self._kept(key)  # (no task step for a kept-alive one: no connect, no coroutine)
+        entry = self._kept(key)  # (a kept-alive one, as most calls have, without a coroutine)
         with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             sink.cancel_on_abandon(scope)
             if entry is None:
