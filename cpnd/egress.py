@@ -164,7 +164,7 @@ class Egress:
         now = self.p.now()  # one reading for this step: the head is here with the OPEN, usually
         deadline = now + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
-            method, target, headers, origin, rest, waited = await self._head(rx, service)
+            method, target, headers, origin, rest, waited = await self._head(rx, service, instance_address(inst.url)[2])
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
@@ -180,15 +180,17 @@ class Egress:
             sink.report_load(self.meters[inst.id], now=now)
             sink.reset(ResetCode.REFUSED, False, refusal)
             return
-        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now, party)
+        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now, party,
+                                 for_instance=True)
         if served is not None and sink.head_at is not None and opened_at is not None:
             self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
-    async def _head(self, rx: H11Stream | LocalEvents,
-                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any], bool]:
-        """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped), the
-        user's address as the ingress saw it, what of its body came with it (all of it, usually), and
-        whether we waited for the head; StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
+    async def _head(self, rx: H11Stream | LocalEvents, service: ServiceConfig,
+                    netloc: bytes) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any], bool]:
+        """The tunnelled request's method, target, headers as the instance gets them (hop-by-hop and CPN-*
+        ones dropped, Host ``netloc``, Forwarded ours), the user's address as the ingress saw it, what of its
+        body came with it (all of it, usually), and whether we waited for the head; StreamReset(BAD_REQUEST
+        or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
             event = rx.next_event_nowait()
@@ -216,22 +218,28 @@ class Egress:
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
         # (raw_items: a list, walked without h11's two calls a field)
-        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True),
-                forwarded.read(event.headers.raw_items()), rest, waited)
+        origin = forwarded.read(event.headers.raw_items())
+        # The instance's headers in one pass (call's replace_host is for headers filtered elsewhere)
+        headers = rewrite_headers(event.headers, drop_cpn=True, host=netloc, drop=forwarded.REPLACED,
+                                  extra=origin.instance_headers if origin is not None else ())
+        return event.method, event.target, headers, origin, rest, waited
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
-                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float, party: str) -> float | None:
+                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float, party: str, *,
+                   for_instance: bool = False) -> float | None:
         """Call an admitted request's instance and account what it took: the instance's time to its
         response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``origin``
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
         ``rx`` streams the remainder (None: all here); ``now``: the clock as the request was admitted;
-        ``party``: whom it is for, as admitted (``party_of``)."""
+        ``party``: whom it is for, as admitted (``party_of``); ``for_instance``: ``headers`` are the
+        instance's already (Host, Forwarded: the tunnelled request's, rewritten in one pass)."""
         meter = self.meters[inst.id]
         hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
-        headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
-                               extra=origin.instance_headers if origin is not None else ())
+        if not for_instance:
+            headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
+                                   extra=origin.instance_headers if origin is not None else ())
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
