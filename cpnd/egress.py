@@ -33,7 +33,6 @@ from .names import service_label
 from .pipes import LocalEvents, PipeEnd
 from .plane import Plane
 from .relay import Cut, Sink, StreamSink, relay_response
-from .select import match_service
 from .streams import ByteStream, StreamReset
 from .tls import InstanceTls
 from .tunnel import NO_BUDGET, ExtHeader, ResetCode
@@ -200,7 +199,8 @@ class Egress:
             if not isinstance(event, h11.Request):
                 raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
-            if match_service({service.path}, path) != service.path:
+            # (match_service({service.path}, path) == service.path, without its loop and set)
+            if path != service.path and not path.startswith(service.path + "/"):
                 raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
             rest: list[Any] = []
             while True:
