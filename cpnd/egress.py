@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import math
 import urllib.parse
@@ -338,8 +339,7 @@ class Egress:
                     head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
                         sink.report_load(self.meters[inst.id], head_after, now)
-                    headers = rewrite_headers(ev.headers, drop_cpn=True,
-                                              extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
+                    headers = rewrite_headers(ev.headers, drop_cpn=True, extra=_answer_fields(inst.id, self.p.gw.id))
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
                     await relay_response(ic, response, content_length(ev.headers), sink, scope,
                                          self.p.limits.body_idle_timeout_s, now=now)
@@ -423,6 +423,12 @@ class _Upload:
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
         self.done_at = self.clock()
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_fields(iid: str, gateway_id: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The fields an egress adds to its instance's answer (encoded once, not per request)."""
+    return (b"cpn-instance", iid.encode()), (b"cpn-origin", gateway_id.encode())
 
 
 def _pool_key(host: str, port: int, tls: InstanceTls | None) -> tuple[Any, ...]:
