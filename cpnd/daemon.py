@@ -217,12 +217,14 @@ class Connection:
         drained = False  # the last read took less than it asked: the socket was empty then
         while not self.is_down:
             held = self._delay_s or self._inbox  # in arrival order, even when a reload took the delay away
-            if not held:
+            if not held and not self.core.wants_data(self.link):  # (asked here first: no coroutine when it does)
                 await self._until_wanted()  # over a delay the deliverer waits for this instead
             if self.is_down:
                 return
             bucket = self.link.session.inbound
-            size = RECEIVE_CHUNK if bucket.level(clock.current_time()) >= bucket.burst else PACED_CHUNK
+            # (tokens at the burst: full whatever the time, no clock reading and no refill to compute)
+            full = bucket.tokens >= bucket.burst or bucket.level(clock.current_time()) >= bucket.burst
+            size = RECEIVE_CHUNK if full else PACED_CHUNK
             data = await self._read(fd, size, wait_first=drained)
             drained = 0 < len(data) < size
             if held or self._inbox:

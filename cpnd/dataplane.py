@@ -9,8 +9,10 @@ from __future__ import annotations
 import collections
 import datetime
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import outcome
 import trio
 
 from .attempts import Attempts
@@ -31,6 +33,41 @@ __all__ = ["DataPlane", "HttpLimits"]
 
 log = logging.getLogger("cpnd.http")
 
+IDLE_STREAM_TASKS = 64  # stream tasks kept parked for the next streams (the others end after theirs)
+
+
+class StreamTasks:
+    """The tasks that serve streams: each serves one stream after another, parked in between, so
+    that a stream is handed to a waiting task (one reschedule) where a task of its own would be
+    spawned and reaped (trio's spawn, the new task's first step and its exit: ~330 bytecodes a
+    request at the egress, bench/dataplane.py --opcodes). ``serve`` must not raise but to cancel."""
+
+    def __init__(self, serve: Callable[..., Awaitable[None]]) -> None:
+        self._serve = serve
+        self._idle: list[trio.lowlevel.Task] = []  # parked, the last to park first out
+
+    def start(self, nursery: trio.Nursery, *args: Any) -> None:
+        """Serve ``args`` in a parked task, else in a new one in ``nursery``."""
+        if self._idle:
+            trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(args))
+        else:
+            nursery.start_soon(self._run, args, name="stream")
+
+    async def _run(self, args: tuple[Any, ...]) -> None:
+        task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:  # cancelled while parked (the nursery is closing): gone
+            self._idle.remove(task)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            await self._serve(*args)
+            if len(self._idle) >= IDLE_STREAM_TASKS:
+                return
+            args = ()  # (the stream served is not kept while parked)
+            self._idle.append(task)
+            args = await trio.lowlevel.wait_task_rescheduled(abort)
+
 
 class DataPlane:
     """Ingress, transit and egress for one gateway; what the daemon, control and metrics see of them."""
@@ -45,6 +82,7 @@ class DataPlane:
                                ttl=TtlCache(gw.config.gateway.dns_ttl_s))
         self.attempts = Attempts(self.plane, self.planner, self.egress, self._serve_local)
         self.users = Users(self.plane, self.planner, self.attempts)
+        self._streams = StreamTasks(self._serve_stream)
         self.reconfigure(gw.config)
 
     # ---- what others read
@@ -143,9 +181,9 @@ class DataPlane:
             stream.reset(ResetCode.REFUSED, False, f"{self.gw.id} is shutting down")
             return
         assert self.gw.nursery is not None and stream.ext is not None
-        if stream.ext.origin != self.gw.id:  # a transit: relayed from this step, no task (transit.py)
+        if stream.ext.origin != self._id:  # a transit: relayed from this step, no task (transit.py)
             try:
-                self.transit.relay(stream, stream.ext, trio.current_time())
+                self.transit.relay(stream, stream.ext, self.plane.now())
             except StreamReset as exc:
                 stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
                              exc.delivered, exc.text)
@@ -153,21 +191,20 @@ class DataPlane:
                 log.exception("%s: relaying stream %s from %s failed", self.gw.id, stream.id, stream.peer)
                 stream.reset(ResetCode.INTERNAL, True, "internal error")
             return
-        self.gw.nursery.start_soon(self._serve_stream, stream, stream.ext, f"stream {stream.id} from {stream.peer}",
-                                   trio.current_time(), stream.peer)
+        self._streams.start(self.gw.nursery, stream, stream.ext, self.plane.now(), stream.peer)
 
     def _serve_local(self, far: PipeEnd, ext: ExtHeader) -> None:
         assert self.gw.nursery is not None
-        self.gw.nursery.start_soon(self._serve_stream, far, ext, "local", None)
+        self._streams.start(self.gw.nursery, far, ext, None)
 
-    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, what: str, opened_at: float | None,
+    async def _serve_stream(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None,
                             via: str | None = None) -> None:
         """Egress if we are the origin, else relay; nothing that goes wrong escapes. ``opened_at``:
         when a peer's OPEN came (our own processing is measured from there; None: our own pipe);
         ``via``: the peer it came from (None: our own pipe)."""
         self.plane.begin()
         try:
-            if ext.origin == self.gw.id:
+            if ext.origin == self._id:
                 await self.egress.serve(stream, ext, opened_at, via)  # the instance call stops if the stream is abandoned
             else:
                 stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{ext.origin} is not this gateway")
@@ -175,6 +212,8 @@ class DataPlane:
             stream.reset(ResetCode(exc.code) if exc.code in ResetCode._value2member_map_ else ResetCode.INTERNAL,
                          exc.delivered, exc.text)
         except Exception:  # a bug must cost one request, never the daemon
+            # (named here, not per request: a tunnel stream from ``via``, else our own pipe)
+            what = "local" if via is None else f"stream {getattr(stream, 'id', '?')} from {via}"
             log.exception("%s: %s failed", self.gw.id, what)
             stream.reset(ResetCode.INTERNAL, True, "internal error")
         finally:

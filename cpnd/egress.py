@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import math
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -32,7 +34,6 @@ from .names import service_label
 from .pipes import LocalEvents, PipeEnd
 from .plane import Plane
 from .relay import Cut, Sink, StreamSink, relay_response
-from .select import match_service
 from .streams import ByteStream, StreamReset
 from .tls import InstanceTls
 from .tunnel import NO_BUDGET, ExtHeader, ResetCode
@@ -160,15 +161,15 @@ class Egress:
             return
         service, inst = found
         rx: H11Stream | LocalEvents = LocalEvents(stream) if isinstance(stream, PipeEnd) else H11Stream(h11.SERVER, stream, tunnel=True)
-        now = trio.current_time()  # one reading for this step: the head is here with the OPEN, usually
+        now = self.p.now()  # one reading for this step: the head is here with the OPEN, usually
         deadline = now + ext.budget_us / 1_000_000 if ext.budget_us != NO_BUDGET else None
         try:
-            method, target, headers, origin, rest, waited = await self._head(rx, service)
+            method, target, headers, origin, rest, waited = await self._head(rx, service, instance_address(inst.url)[2])
         except StreamReset as exc:
             stream.reset(ResetCode(exc.code), exc.delivered, exc.text)
             return
         if waited:
-            now = trio.current_time()
+            now = self.p.now()
         if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
@@ -179,15 +180,17 @@ class Egress:
             sink.report_load(self.meters[inst.id], now=now)
             sink.reset(ResetCode.REFUSED, False, refusal)
             return
-        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now, party)
+        served = await self.call(sink, service, inst, method, target, headers, origin, rest, rx, deadline, now, party,
+                                 for_instance=True)
         if served is not None and sink.head_at is not None and opened_at is not None:
             self.p.own.add(Stage.EGRESS, sink.head_at, (sink.head_at - opened_at - served) * 1_000_000)
 
-    async def _head(self, rx: H11Stream | LocalEvents,
-                    service: ServiceConfig) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any], bool]:
-        """The tunnelled request's method, target, headers (hop-by-hop and CPN-* ones dropped), the
-        user's address as the ingress saw it, what of its body came with it (all of it, usually), and
-        whether we waited for the head; StreamReset(BAD_REQUEST or NO_SUCH_INSTANCE) for what cannot be served."""
+    async def _head(self, rx: H11Stream | LocalEvents, service: ServiceConfig,
+                    netloc: bytes) -> tuple[bytes, bytes, Headers, forwarded.Origin | None, list[Any], bool]:
+        """The tunnelled request's method, target, headers as the instance gets them (hop-by-hop and CPN-*
+        ones dropped, Host ``netloc``, Forwarded ours), the user's address as the ingress saw it, what of its
+        body came with it (all of it, usually), and whether we waited for the head; StreamReset(BAD_REQUEST
+        or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
             event = rx.next_event_nowait()
@@ -197,37 +200,47 @@ class Egress:
             if not isinstance(event, h11.Request):
                 raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
             path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
-            if match_service({service.path}, path) != service.path:
+            # (match_service({service.path}, path) == service.path, without its loop and set)
+            if path != service.path and not path.startswith(service.path + "/"):
                 raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
             rest: list[Any] = []
-            while not (rest and isinstance(rest[-1], h11.EndOfMessage)):
+            while True:
                 ev = rx.next_event_nowait()
                 if ev is None:
                     break
-                if not isinstance(ev, (h11.Data, h11.EndOfMessage)):
+                # (type, not isinstance: on h11's ABCs a failed isinstance is a call)
+                if type(ev) is not h11.EndOfMessage and type(ev) is not h11.Data:
                     raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
                 rest.append(ev)
+                if type(ev) is h11.EndOfMessage:
+                    break
         except h11.RemoteProtocolError as exc:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
         # (raw_items: a list, walked without h11's two calls a field)
-        return (event.method, event.target, rewrite_headers(event.headers, drop_cpn=True),
-                forwarded.read(event.headers.raw_items()), rest, waited)
+        origin = forwarded.read(event.headers.raw_items())
+        # The instance's headers in one pass (call's replace_host is for headers filtered elsewhere)
+        headers = rewrite_headers(event.headers, drop_cpn=True, host=netloc, drop=forwarded.REPLACED,
+                                  extra=origin.instance_headers if origin is not None else ())
+        return event.method, event.target, headers, origin, rest, waited
 
     async def call(self, sink: Sink, service: ServiceConfig, inst: InstanceConfig, method: bytes, target: bytes,
                    headers: Headers, origin: forwarded.Origin | None, rest: list[Any],
-                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float, party: str) -> float | None:
+                   rx: H11Stream | LocalEvents | None, deadline: float | None, now: float, party: str, *,
+                   for_instance: bool = False) -> float | None:
         """Call an admitted request's instance and account what it took: the instance's time to its
         response head (s), or None. ``headers`` are already filtered (hop-by-hop, CPN-*); ``origin``
         is who the instance is told it serves (Forwarded); ``rest`` is what of the body is here,
         ``rx`` streams the remainder (None: all here); ``now``: the clock as the request was admitted;
-        ``party``: whom it is for, as admitted (``party_of``)."""
+        ``party``: whom it is for, as admitted (``party_of``); ``for_instance``: ``headers`` are the
+        instance's already (Host, Forwarded: the tunnelled request's, rewritten in one pass)."""
         meter = self.meters[inst.id]
         hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
         host, port, netloc = instance_address(inst.url)
-        headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
-                               extra=origin.instance_headers if origin is not None else ())
+        if not for_instance:
+            headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
+                                   extra=origin.instance_headers if origin is not None else ())
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
@@ -239,7 +252,7 @@ class Egress:
             else:
                 served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
-            end = trio.current_time()
+            end = self.p.now()
             if served is None:
                 meter.abandoned()
             else:
@@ -249,22 +262,24 @@ class Egress:
                 shares.ended(party, end)
         return served
 
-    async def _connect(self, host: str, port: int, tls: InstanceTls | None) -> _PoolEntry:
-        idle = self.pool.get(_pool_key(host, port, tls))
+    def _kept(self, key: tuple[Any, ...]) -> _PoolEntry | None:
+        """The newest idle kept-alive connection at ``key`` still fit to send into, or None."""
+        idle = self.pool.get(key)
         while idle:
             entry = idle.pop()
             if entry.conn.our_state is h11.IDLE and not readable(entry.stream):
                 return entry
             # The instance closed it while idle (or sent junk): never send into it.
-            await entry.stream.aclose()
-        # Connect (and a verified TLS handshake) before the request's instance time starts.
-        s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
-        return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+            tlsstream.raw_socket(entry.stream).close()
+        return None
 
-    async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int) -> _PoolEntry | None:
-        """A connection to the instance, or None once the sink has been told why not."""
+    async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int,
+                         tls: InstanceTls | None) -> _PoolEntry | None:
+        """A new connection to the instance, or None once the sink has been told why not."""
         try:
-            return await self._connect(host, port, tlsstream.instance_tls(inst))
+            # Connect (and a verified TLS handshake) before the request's instance time starts.
+            s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
+            return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
@@ -283,42 +298,48 @@ class Egress:
         """Forward to the instance and relay its answer to ``sink``; the time to its response head, or None.
 
         One scope for the whole call: the stream's abandonment ends it quietly (``sink.cancel_on_abandon``),
-        the request's deadline bounds the head once the request is up (a user's own with a bound: the
-        connect and the upload too, as nothing else would cut them), then the idle time the body."""
-        entry: _PoolEntry | None = None
+        the request's deadline bounds it up to the response head (the connect and the upload too: a
+        stream's ingress would abandon it then; a user's own with a bound has no one else to cut it),
+        then the idle time the body. (The deadline is the scope's from the start: a deadline set is
+        a fifth of a scope's cost in trio.)"""
         head_after: float | None = None
         bound = deadline if sink.hold_until is not None else None
-        with trio.CancelScope(deadline=math.inf if bound is None else bound) as scope:
+        tls = tlsstream.instance_tls(inst)
+        key = _pool_key(host, port, tls)
+        entry = self._kept(key)  # (a kept-alive one, as most calls have, without a coroutine)
+        with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
             sink.cancel_on_abandon(scope)
-            entry = await self._connected(sink, inst, host, port)
             if entry is None:
-                return None
+                entry = await self._connected(sink, inst, host, port, tls)
+                if entry is None:
+                    return None
             ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
-            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold)
+            up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self.p.now)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
                     if up.complete:
                         await up.run()  # one write, no task
                     else:
                         nursery.start_soon(up.run)
-                    if deadline is not None:
-                        scope.deadline = deadline
-                    # A user's own sink with a bound (the ingress calling its own instance): cut on time.
-                    with cancel_precisely_at(scope, bound):
+                    if bound is None:  # a stream's sink: the ingress keeps the user's bound (no timer here)
                         ev = await ic.next_event()
-                        while isinstance(ev, h11.InformationalResponse):
+                        while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
                             ev = await ic.next_event()
+                    else:  # a user's own sink with a bound (the ingress calling its own instance): cut on time
+                        with cancel_precisely_at(scope, bound):
+                            ev = await ic.next_event()
+                            while type(ev) is h11.InformationalResponse:
+                                ev = await ic.next_event()
                     if scope.cancel_called:  # the deadline passed in the step that brought the head: it
                         await trio.lowlevel.checkpoint()  # stands (a relay in a cancelled scope fails midway)
                     if not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
-                    now = trio.current_time()  # one reading for this step: health, load report, the relay's idle time
+                    now = self.p.now()  # one reading for this step: health, load report, the relay's idle time
                     self.health_result(inst.id, True, now)
                     head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
                         sink.report_load(self.meters[inst.id], head_after, now)
-                    headers = rewrite_headers(ev.headers, drop_cpn=True,
-                                              extra=[(b"cpn-instance", inst.id.encode()), (b"cpn-origin", self.p.gw.id.encode())])
+                    headers = rewrite_headers(ev.headers, drop_cpn=True, extra=_answer_fields(inst.id, self.p.gw.id))
                     response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
                     await relay_response(ic, response, content_length(ev.headers), sink, scope,
                                          self.p.limits.body_idle_timeout_s, now=now)
@@ -338,7 +359,7 @@ class Egress:
                 if entry is not None:
                     await entry.stream.aclose()
                 return None
-            if entry is None:  # a user's bound passed while connecting
+            if entry is None:  # the deadline passed while connecting
                 sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
                 return None
             if head_after is None:
@@ -350,7 +371,7 @@ class Egress:
                        f"{self.p.limits.body_idle_timeout_s:g} s")
             return head_after
         assert entry is not None
-        self._pool(_pool_key(host, port, tlsstream.instance_tls(inst)), entry)
+        self._pool(key, entry)
         return head_after
 
     def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
@@ -368,8 +389,10 @@ class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
 
     def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
-                 meter: InstanceMeter | None = None, hold: Hold | None = None) -> None:
+                 meter: InstanceMeter | None = None, hold: Hold | None = None,
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.ic = ic
+        self.clock = clock
         self.meter, self.hold = meter, hold  # capacity: the slot's guard runs from the write (load.SlotHolds)
         self.first = first
         self.rx = rx
@@ -378,12 +401,12 @@ class _Upload:
         self.delivered = False
         # Compute latency counts from the end of the upload; a whole request's is set by run() before
         # anything reads it (no clock reading here), a streamed one's until then is now.
-        self.done_at = 0.0 if self.complete else trio.current_time()
+        self.done_at = 0.0 if self.complete else clock()
 
     async def run(self) -> None:
         await self.ic.send_all(self.first)
         self.delivered = True
-        now = trio.current_time()
+        now = self.clock()
         if self.meter is not None:
             self.meter.sent(self.hold, now)
         if self.complete:
@@ -399,7 +422,13 @@ class _Upload:
                 raise StreamReset(ResetCode.BAD_REQUEST, True, "tunnelled request ended early")
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
-        self.done_at = trio.current_time()
+        self.done_at = self.clock()
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_fields(iid: str, gateway_id: str) -> tuple[tuple[bytes, bytes], ...]:
+    """The fields an egress adds to its instance's answer (encoded once, not per request)."""
+    return (b"cpn-instance", iid.encode()), (b"cpn-origin", gateway_id.encode())
 
 
 def _pool_key(host: str, port: int, tls: InstanceTls | None) -> tuple[Any, ...]:

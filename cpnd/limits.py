@@ -14,6 +14,7 @@ import attrs
 # What a peer that announces no limits (no route-limits capability) is assumed to take:
 # the default max_routes_per_peer every cpn/1 gateway enforced before LIMITS existed.
 DEFAULT_PEER_ROUTES = 10_000
+_NEVER = -math.inf
 
 
 @attrs.define(on_setattr=attrs.setters.NO_OP)  # checked at creation and in retune: level() runs on every read
@@ -28,9 +29,11 @@ class TokenBucket:
 
     def level(self, now: float) -> float:
         """Tokens available at ``now`` (a clock that steps back refills nothing)."""
-        if now > self.at:
-            if self.at != -math.inf:
-                self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        at = self.at
+        if now > at:
+            if at != _NEVER:
+                tokens = self.tokens + (now - at) * self.rate
+                self.tokens = tokens if tokens < self.burst else self.burst  # (min() is a call: every read asks)
             self.at = now
         return self.tokens
 

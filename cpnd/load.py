@@ -81,16 +81,19 @@ class RateWindow:
 
     def count(self, now: float, at: float | None = None) -> int:
         """Events in (at - window, at], ``at`` defaulting to now (must be within keep_s)."""
-        times = self._times
-        if at is None and self.keep_s == self.window_s and (not times or times[-1] <= now):
+        times, start = self._times, self._start
+        n = len(times)
+        if start == n:
+            return 0  # every event has left (or none came): none is in any window
+        if at is None and times[-1] <= now and self.keep_s == self.window_s:
             # The common case: what is not trimmed is in the window (no event is later than
             # now: time only moves forward).
-            n, start, cutoff = len(times), self._start, now - self.keep_s
-            if start < n and times[start] <= cutoff:
+            cutoff = now - self.keep_s
+            if times[start] <= cutoff:
                 start += 1
                 if start < n and times[start] <= cutoff or start > 1024:
                     self._past(cutoff, start)
-                    return len(times) - self._start
+                    return n - self._start
                 self._start = start
             return n - start
         self._trim(now)

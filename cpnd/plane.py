@@ -62,6 +62,14 @@ class Plane:
         self.attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt", log)
         self.inflight = 0  # requests here: ingress, transit or egress
         self._idle = trio.Event()
+        self._clock: trio.abc.Clock | None = None  # this run's, taken at the first reading
+
+    def now(self) -> float:
+        """``trio.current_time()`` in one call, not three (the egress and the transit read it per request)."""
+        clock = self._clock
+        if clock is None:
+            clock = self._clock = trio.lowlevel.current_clock()
+        return clock.current_time()
 
     def begin(self) -> None:
         self.inflight += 1

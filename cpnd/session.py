@@ -102,6 +102,7 @@ MAX_SEND_BUDGET = 1 << 30  # a peer that announced no pace
 
 _HANDSHAKE_STATES = (State.WAIT_HELLO, State.WAIT_ACK, State.WAIT_FINISH)
 _OPEN_STATES = (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED)
+_TUNNEL = int(ContentType.TUNNEL)  # a plain int: compared and sealed on every tunnel record
 
 
 def _common(states: Sequence[State], row: dict[Input, tuple[str, State]]) -> dict[State, dict[Input, tuple[str, State]]]:
@@ -295,6 +296,7 @@ class Session:
         # with no session event before it waiting goes there instead of becoming a TunnelFrame event.
         self.tunnel_direct = False
         self.tunnel_in: list[bytes] = []
+        self._tunnel_up = False  # tunnel_enabled, kept by _set_state
         self._now = now
         if role is Role.INITIATOR:
             self._out += frame(self._hs.start())
@@ -323,29 +325,16 @@ class Session:
         if not data:
             self._input(Input.EOF, None, now)
             return
-        if not self.tunnel_direct:
-            self._reader.feed(data)
-            batch: list[tuple[bytes, bytes]] = []
-        else:  # established, its Mux up: the read's records in one call, tunnel records straight to tunnel_in
-            batch = self._reader.take(data)
+        reader = self._reader
         try:
-            records = self._records
-            for header, body in batch:
-                if self.state is State.CLOSED:
-                    break
-                assert records is not None
-                ctype, payload = records.open(header, body)
-                # As _opened does, with nothing but route work waiting before it:
-                if ctype == ContentType.TUNNEL and (not self._events or len(self._events) == self._pending):
-                    self._hold_deadline = now + self.hold_ms / 1000
-                    self.stats["tunnel_in"] += 1
-                    self.tunnel_in.append(payload)
-                    continue
-                decoded = self._opened(ctype, payload, now)
-                if decoded is not None:
-                    self._input(*decoded, now)
+            if self.tunnel_direct:  # established, its Mux up: the read's records in one call
+                self._take_records(reader.take(data), now)
+                if not reader.buf:
+                    return  # (the common read: whole records, nothing left for next_frame)
+            else:
+                reader.feed(data)
             while self.state is not State.CLOSED:  # what take() left: a partial frame, or one over the limit
-                fr = self._reader.next_frame()
+                fr = reader.next_frame()
                 if fr is None:
                     break
                 decoded = self._decode(*fr, now)
@@ -353,6 +342,28 @@ class Session:
                     self._input(*decoded, now)
         except ProtocolError as exc:
             self._fail(exc)
+
+    def _take_records(self, batch: list[tuple[bytes, bytes]], now: float) -> None:
+        """A read's whole records: tunnel ones straight to ``tunnel_in`` while nothing but route work
+        waits before them (as _opened does), the others through the FSM."""
+        records, tunnel_in, events = self._records, self.tunnel_in, self._events
+        assert records is not None
+        hold_at, taken = now + self.hold_ms / 1000, len(tunnel_in)
+        try:
+            for header, body in batch:
+                ctype, payload = records.open(header, body)
+                if ctype == _TUNNEL and (not events or len(events) == self._pending):
+                    self._hold_deadline = hold_at  # (as a record of any kind does: the peer is alive)
+                    tunnel_in.append(payload)
+                    continue
+                decoded = self._opened(ctype, payload, now)
+                if decoded is not None:
+                    self._input(*decoded, now)
+                if self.state is State.CLOSED:
+                    break
+        finally:
+            if len(tunnel_in) > taken:  # counted once a read
+                self.stats["tunnel_in"] += len(tunnel_in) - taken
 
     def handle_timer(self, now: float) -> None:
         """Fire whichever timers are due at ``now``."""
@@ -479,15 +490,16 @@ class Session:
     def tunnel_record(self, payload: bytes) -> bytes:
         """``send_tunnel`` and ``data_to_send`` in one call (the data plane's every frame): the bytes to
         write now, what was queued before it first (records go out in the order they were sealed)."""
-        if not self.tunnel_enabled:
+        if not self._tunnel_up:
             raise RuntimeError("tunnel not negotiated on this session")
         assert self._records is not None
-        out = self._records.seal(ContentType.TUNNEL, payload)
-        self.stats["tunnel_out"] += 1
+        out = self._records.seal(_TUNNEL, payload)
+        stats = self.stats
+        stats["tunnel_out"] += 1
         if self._out:
             out = bytes(self._out) + out
             self._out.clear()
-        self.stats["bytes_out"] += len(out)
+        stats["bytes_out"] += len(out)
         return out
 
     def send_route_refresh(self) -> None:
@@ -517,7 +529,7 @@ class Session:
             if not isinstance(head, PendingUpdate):
                 return self._now  # events before it go first, at once
             return self.inbound.ready_at(self._slice(head), self._now)
-        if self.inbound.level(self._now) < 0:
+        if self.inbound.tokens < 0 and self.inbound.level(self._now) < 0:  # (a refill only adds: none below 0)
             return self.inbound.ready_at(0, self._now)
         return None
 
@@ -525,6 +537,7 @@ class Session:
         if new is not self.state:
             log.debug("%s session %s: %s -> %s", self.local_id, self.peer_id or "?", self.state.value, new.value)
             self.state = new
+            self._tunnel_up = self.tunnel_enabled  # for every frame sent: a flag, not the property's two tests
 
     def _decode(self, header: bytes, body: bytes, now: float) -> tuple[Input, object] | None:
         if self._records is None:

@@ -100,11 +100,13 @@ class Abandon:
 class _Inbox:
     """Received chunks waiting for the reader; ``b""`` marks the end."""
 
+    # Defaults at class level, set on the instance when they change (one store each fewer per stream)
+    event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
+    ended = False
+    reset: StreamReset | None = None
+
     def __init__(self) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
-        self.event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
-        self.ended = False
-        self.reset: StreamReset | None = None
 
     def push(self, data: bytes) -> None:
         self.chunks.append(data)
@@ -137,22 +139,26 @@ class _Inbox:
 class TunnelStream:
     """One request/response exchange multiplexed on a peer connection."""
 
+    # Defaults at class level, set on the instance when they change (a stream is opened per request:
+    # ten stores fewer each)
+    buffered = 0  # DATA received and not yet passed on (counts against the connection window)
+    _passing = 0  # of which the chunk the reader took last, credited when it asks again
+    _credit: trio.Event | None = None  # while a sender waits for credit
+    sent_end = False
+    closed = False
+    load_report: tuple[float, float, int, int | None] | None = None
+    relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
+    relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
+    _dropped = False  # reset by us: what it held unread is gone
+    _abandon: Abandon | None = None
+
     def __init__(self, mux: Mux, sid: int, ext: ExtHeader | None) -> None:
         self.mux = mux
         self.id = sid
         self.ext = ext
-        self.window = FlowWindow(mux.settings.recv_window, mux.settings.send_window, mux.settings.recv_window)
-        self.buffered = 0  # DATA received and not yet passed on (counts against the connection window)
-        self._passing = 0  # of which the chunk the reader took last, credited when it asks again
+        settings = mux.settings
+        self.window = FlowWindow(settings.recv_window, settings.send_window, settings.recv_window)
         self._inbox = _Inbox()
-        self._credit: trio.Event | None = None  # while a sender waits for credit
-        self.sent_end = False
-        self.closed = False
-        self.load_report: tuple[float, float, int, int | None] | None = None
-        self.relay_to: TunnelStream | None = None  # transit: LOAD frames are passed on as they come
-        self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
-        self._dropped = False  # reset by us: what it held unread is gone
-        self._abandon: Abandon | None = None
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
@@ -180,7 +186,8 @@ class TunnelStream:
         asks again (it has passed the chunk on): what the gateway holds while a slow destination
         drains stays within the connection window, and one stream's transfer is not slowed (tunnel.md).
         """
-        self._pass_on()
+        if self._passing:
+            self._pass_on()
         inbox = self._inbox
         return self._taken(inbox.chunks.popleft() if inbox.chunks else await inbox.pop())
 
@@ -191,7 +198,8 @@ class TunnelStream:
             if inbox.reset is not None:
                 raise inbox.reset
             return None
-        self._pass_on()
+        if self._passing:  # (asked here: a relay's every move, most with nothing to credit)
+            self._pass_on()
         return self._taken(inbox.chunks.popleft() if inbox.chunks else b"")
 
     @property
@@ -227,7 +235,8 @@ class TunnelStream:
             data = b"".join(parts) if len(parts) > 1 else data
         self._passing = len(data)
         if not self.closed:
-            self._maybe_close()
+            if self.sent_end and self._inbox.ended and not self._inbox.chunks:  # (_maybe_close, inline)
+                self._close()
         elif not self._inbox.chunks:
             self._release()  # closed with its data complete: the reader will not ask again
         if data and not self.closed:
@@ -238,16 +247,20 @@ class TunnelStream:
 
     async def send(self, data: bytes, end: bool = False) -> None:
         """Send ``data`` (split into frames within the window), optionally ending our side."""
-        view = memoryview(data)
         conn = self.mux.conn
+        await conn.wait_writable()
+        sent = self.send_nowait(data, end)
+        if sent == len(data) and (self.sent_end or not end):
+            return  # all of it at once (usually: no view to slice)
+        view = memoryview(data)[sent:]
         while True:
+            credit = self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
+            await credit.wait()
+            self._credit = None
             await conn.wait_writable()
             view = view[self.send_nowait(view, end):]
             if not view and (self.sent_end or not end):
                 return
-            credit = self._credit = trio.Event()  # set by the stream's or the connection's WINDOW (or a reset)
-            await credit.wait()
-            self._credit = None
 
     def send_nowait(self, data: bytes | memoryview, end: bool = False) -> int:
         """Send what the stream's and the connection's windows take now, ending our side with the last
@@ -258,7 +271,17 @@ class TunnelStream:
         if self.closed:
             raise StreamReset(ResetCode.CANCEL, False, "stream closed")
         mux = self.mux
-        conn, window, sent, view = mux.conn_window, self.window, 0, memoryview(data)
+        conn, window, size = mux.conn_window, self.window, len(data)
+        if size <= window.send_credit and size <= conn.send_credit and size <= mux.settings.max_data and (size or end):
+            # All of it in one frame (a request's or a response's whole body, usually): no views, no loop.
+            window.send_credit -= size
+            conn.send_credit -= size
+            mux.send_frame(FRAME_HEADER.pack(self.id, FrameType.DATA, FLAG_END if end else 0) + data, flush=True)
+            if end:
+                self.sent_end = True
+                self._maybe_close()
+            return size
+        sent, view = 0, memoryview(data)
         while view or end:
             size = len(view)
             n = min(size, mux.settings.max_data, window.send_credit, conn.send_credit)
@@ -332,8 +355,14 @@ class TunnelStream:
             return
         if data:
             self.buffered += size
-            self.mux.account.add(size)
-            self._inbox.push(data)
+            account = self.mux.account  # account.add and _inbox.push, inline on every DATA frame
+            account.buffered += size
+            if account.buffered > account.peak:
+                account.peak = account.buffered
+            inbox = self._inbox
+            inbox.chunks.append(data)
+            if inbox.event is not None:
+                inbox.event.set()
         if end:
             self._inbox.end()
             # The reader may never ask again (h11 already saw the message end): close here.

@@ -32,8 +32,9 @@ class Transit:
 
     def relay(self, inbound: TunnelStream, ext: ExtHeader, opened_at: float) -> None:
         """Open the next hop's stream for ``inbound`` and start moving bytes (StreamReset: refused)."""
-        key = self.p.gw.rib.lookup_target(ext.label, ext.origin, ext.instance)
-        best = self.p.gw.rib.loc.get(key) if key else None
+        rib = self.p.gw.rib
+        key = rib.lookup_target(ext.label, ext.origin, ext.instance)
+        best = rib.loc.get(key) if key else None
         if best is None or best.route.peer is None:
             raise StreamReset(ResetCode.NO_ROUTE, False, f"{self.p.gw.id} has no route to {ext.origin}/{ext.instance}")
         nxt = best.route.peer
@@ -44,7 +45,7 @@ class Transit:
             raise StreamReset(ResetCode.NO_ROUTE, False, f"{self.p.gw.id} has no session to {nxt}")
         budget = ext.budget_us
         if budget != NO_BUDGET:
-            budget -= self.p.gw.rib.link_cost_us.get(nxt, 0) // 2
+            budget -= rib.link_cost_us.get(nxt, 0) // 2
             if budget <= 0:
                 raise StreamReset(ResetCode.DEADLINE, False, f"deadline passed at {self.p.gw.id}")
         # Its request, or a RESET, follows from this step, or the reader writes it at the step's end.
@@ -52,7 +53,7 @@ class Transit:
         assert isinstance(outbound, TunnelStream)  # a transit's outbound is never sealed by it
         outbound.relay_to = inbound  # LOAD frames go back as they come
         self.p.stats["relayed"] += 1
-        relay = Relay(self, inbound, outbound, opened_at, trio.current_time())
+        relay = Relay(self, inbound, outbound, opened_at, self.p.now())
         self.relays.add(relay)
         self.p.begin()
         if not self._sweeping:
@@ -149,12 +150,12 @@ class Relay:
         self.transit._done(self)
 
     def _pump(self, src: TunnelStream) -> None:
-        dst = self._other(src)
+        dst = self.outbound if src is self.inbound else self.inbound  # (_other, inline: every move)
         while not dst.closed and not dst.sent_end:  # src's end passes on once (a WINDOW after it moves nothing)
             if dst.mux.conn.congested:
                 dst.mux.wait_drained(dst)
                 return
-            data = self.pending.pop(src, None)
+            data = self.pending.pop(src, None) if self.pending else None  # (usually empty: no call)
             if data is None:
                 data = src.receive_nowait()
                 if data is None:
@@ -172,7 +173,7 @@ class Relay:
                 return
 
     def _progress(self, src: TunnelStream) -> None:
-        now = trio.current_time()
+        now = self.transit.p.now()
         self.last_move = now
         if src is self.outbound and not self.timed:
             # Our own time on this stream: all of it up to the response's first bytes going back,

@@ -109,15 +109,31 @@ class ExtHeader:
                          self.budget_us, self.flags, self.slack_us, eph, from_peer=self.from_peer)
 
     def encode(self) -> bytes:
-        o, i = self.origin.encode(), self.instance.encode()
         flags = (self.flags & ~EXT_FLAG_SEALED) | (EXT_FLAG_SEALED if self.eph is not None else 0)
-        return (_EXT.pack(EXT_VERSION, int(self.qos), self.hop_limit, flags, self.label, self.budget_us,
+        return (_EXT.pack(EXT_VERSION, self.qos, self.hop_limit, flags, self.label, self.budget_us,
                           self.slack_us, self.request_id)
-                + bytes([len(o)]) + o + bytes([len(i)]) + i + (self.eph or b""))
+                + _ext_name(self.origin) + _ext_name(self.instance) + (self.eph or b""))
 
     @classmethod
     def decode(cls, data: bytes) -> ExtHeader:
         """Parse an extension header; ProtocolError(tunnel/malformed-frame) on any defect."""
+        # Every OPEN: a well-formed header is taken in one pass of comparisons; anything else goes
+        # through _decode_checked, which finds the defect and names it.
+        size = len(data)
+        if size >= 34:  # _EXT.size + 2
+            ver, qos, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
+            o = 33 + data[32]  # the origin is data[33:o], then the instance's length byte
+            if o < size:
+                i = o + 1 + data[o]
+                sealed = flags & EXT_FLAG_SEALED
+                if ver == EXT_VERSION and qos <= 2 and label <= 0x7FFFFFFF and (i + 32 if sealed else i) == size:
+                    return cls(label, _ext_id(data[33:o]), _ext_id(data[o + 1:i]), rid, _QOS_BY_VALUE[qos], hops,
+                               budget, flags & ~EXT_FLAG_SEALED, slack, data[i:] if sealed else None, from_peer=True)
+        return cls._decode_checked(data)
+
+    @classmethod
+    def _decode_checked(cls, data: bytes) -> ExtHeader:
+        """``decode``, one check at a time: the error names the first defect."""
         if len(data) < _EXT.size + 2:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, "extension header too short")
         ver, qos_value, hops, flags, label, budget, slack, rid = _EXT.unpack_from(data)
@@ -152,9 +168,18 @@ class ExtHeader:
 
 
 _QOS = {int(q): q for q in QoS}
+_QOS_BY_VALUE = tuple(QoS)  # QoS(n) is _QOS_BY_VALUE[n] for 0 <= n <= 2 (a tuple index, no dict lookup)
 
 
-# Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept.
+# Every OPEN names an origin and an instance, the same few over and over: their verdicts are kept,
+# and their encodings.
+@functools.lru_cache(maxsize=4096)
+def _ext_name(name: str) -> bytes:
+    """An id as an extension header carries it: its length (u8), then its UTF-8."""
+    raw = name.encode()
+    return bytes([len(raw)]) + raw
+
+
 @functools.lru_cache(maxsize=4096)
 def _ext_id(raw: bytes) -> str:
     """An id of an extension header, checked; ProtocolError(tunnel/malformed-frame) if it is not one."""
@@ -208,6 +233,8 @@ def parse_frame(data: bytes, max_data: int, conn_window: bool, timed_load: bool)
     if ftype == _T_DATA and sid and not flags & ~FLAG_END:  # the common frame, with decode_frame's checks in its order
         if len(payload) > max_data:
             raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"DATA of {len(payload)} bytes exceeds {max_data}")
+        return sid, ftype, flags, payload
+    if ftype == _T_OPEN and sid and not flags:  # every stream's first (its header is ExtHeader.decode's to check)
         return sid, ftype, flags, payload
     if ftype not in _FRAME_TYPES:
         raise tunnel_error(TunnelSub.MALFORMED_FRAME, f"unknown frame type {ftype}")
@@ -294,7 +321,7 @@ class StreamIds:
 
     def accept_open(self, sid: int) -> None:
         """Check an OPEN from the peer: its parity, and ids only ever grow."""
-        if self.is_local(sid) or sid <= self.last_remote:
+        if (sid % 2 == 1) == self.initiator or sid <= self.last_remote:  # (is_local, inline: every OPEN)
             raise tunnel_error(TunnelSub.BAD_STREAM_ID, f"OPEN for stream {sid} (last {self.last_remote})")
         self.last_remote = sid
 

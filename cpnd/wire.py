@@ -88,7 +88,7 @@ class FrameReader:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._buf = bytearray()
+        self.buf = bytearray()  # what is not yet taken (from _pos on); empty: nothing left for next_frame
         self._pos = 0  # frames before this were taken; compacted when the buffer empties or grows
 
     def set_limit(self, limit: int) -> None:
@@ -98,21 +98,21 @@ class FrameReader:
         if self._pos:
             # Drop what was taken before appending: one move per read, not one per frame
             # (a read holds several records in a bulk transfer).
-            del self._buf[: self._pos]
+            del self.buf[: self._pos]
             self._pos = 0
-        self._buf += data
+        self.buf += data
 
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return len(self.buf) - self._pos
 
     def take(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """``feed(data)``, then every complete ``(header, body)`` up to one over the limit (``next_frame``
         raises for that one): a read's records in one call, parsed from ``data`` itself when nothing was
         buffered before it."""
-        if self._buf:
+        if self.buf:
             self.feed(data)
-            data = bytes(self._buf)
-            self._buf.clear()
+            data = bytes(self.buf)
+            self.buf.clear()
         frames = []
         pos, size, limit = 0, len(data), self.limit
         while size - pos >= LENGTH_HEADER:
@@ -123,24 +123,24 @@ class FrameReader:
             frames.append((data[pos:pos + LENGTH_HEADER], data[pos + LENGTH_HEADER:end]))
             pos = end
         if pos < size:
-            self._buf += data[pos:] if pos else data
+            self.buf += data[pos:] if pos else data
         return frames
 
     def next_frame(self) -> tuple[bytes, bytes] | None:
         """Next complete ``(header, body)``, or None until more bytes arrive."""
         pos = self._pos
-        if len(self._buf) - pos < LENGTH_HEADER:
+        if len(self.buf) - pos < LENGTH_HEADER:
             return None
-        (length,) = _LEN.unpack_from(self._buf, pos)
+        (length,) = _LEN.unpack_from(self.buf, pos)
         if length > self.limit:
             raise ProtocolError(Code.MESSAGE, MessageSub.FRAME_TOO_LONG, f"frame of {length} bytes exceeds {self.limit}")
         end = pos + LENGTH_HEADER + length
-        if len(self._buf) < end:
+        if len(self.buf) < end:
             return None
-        header = bytes(self._buf[pos: pos + LENGTH_HEADER])
-        body = bytes(self._buf[pos + LENGTH_HEADER: end])
-        if end == len(self._buf):
-            self._buf.clear()
+        header = bytes(self.buf[pos: pos + LENGTH_HEADER])
+        body = bytes(self.buf[pos + LENGTH_HEADER: end])
+        if end == len(self.buf):
+            self.buf.clear()
             self._pos = 0
         else:
             self._pos = end

@@ -81,6 +81,28 @@ def test_mutated_ext_headers_only_raise_protocol_errors(ext: ExtHeader, data) ->
         assert exc.code == Code.TUNNEL
 
 
+@settings(max_examples=1000)
+@given(exts, st.data())
+def test_ext_decode_agrees_with_checked_decode(ext: ExtHeader, data) -> None:
+    """decode's one-pass path accepts what the check-by-check decode accepts, with the same result,
+    and refuses the rest with the same error."""
+    raw = bytearray(ext.encode())
+    for _ in range(data.draw(st.integers(0, 2))):
+        if data.draw(st.booleans()):
+            del raw[data.draw(st.integers(0, len(raw))):]
+        elif raw:
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        want = ExtHeader._decode_checked(bytes(raw))
+    except ProtocolError as exc:
+        with pytest.raises(ProtocolError) as ei:
+            ExtHeader.decode(bytes(raw))
+        assert (ei.value.code, ei.value.subcode, ei.value.detail) == (exc.code, exc.subcode, exc.detail)
+        return
+    got = ExtHeader.decode(bytes(raw))
+    assert got == want and got.from_peer and repr(got) == repr(want)
+
+
 @settings(max_examples=500)
 @given(st.binary(max_size=64))
 def test_random_frames_only_raise_protocol_errors(data: bytes) -> None:
