@@ -153,6 +153,7 @@ class TunnelStream:
         self.relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
         self._dropped = False  # reset by us: what it held unread is gone
         self._abandon: Abandon | None = None
+        self.peer_reset_code: int | None = None  # the far end's RESET, if it sent one (fairshare: a user gone is CANCEL)
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the peer abandons the stream (its RESET, an overrun, the session lost):
@@ -348,6 +349,7 @@ class TunnelStream:
             self.relay.credited(self)
 
     def _on_reset(self, exc: StreamReset) -> None:
+        self.peer_reset_code = exc.code
         self._inbox.fail(exc)
         if not self._inbox.ended:  # what the peer completed before resetting (a response) stays readable
             self._inbox.chunks.clear()
