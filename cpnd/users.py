@@ -28,6 +28,7 @@ from .planner import Planner
 from .preface import sniff_preface
 from .rib import Key
 from .select import match_service
+from .sourcerate import SourceRates
 from .streams import StreamReset
 from .tls import ServerTls
 
@@ -54,6 +55,7 @@ class Users:
         self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
         # workers (cpnd/workers.py): listeners opened by the control process, by tls; used instead of opening ours
         self.inherited: dict[bool, list[trio.SocketListener]] = {}
+        self.source_rates: SourceRates | None = None  # max_requests_per_ip_per_s, made when first set
 
     @property
     def limits(self) -> HttpLimits:
@@ -371,6 +373,8 @@ class Users:
                      t0: float) -> tuple[str, str, int, float]:
         """Serve one request whose head came at ``t0`` (this step: the plan is made at ``t0`` too):
         (service, instance, status) of the answer and when its attempt ended, or HttpError."""
+        if self.p.gw.config.gateway.max_requests_per_ip_per_s:  # cpnd/sourcerate.py: 429 before any work
+            self._source_gate(client, t0)
         if self.p.gw.clients.active:  # cpnd/clients.py: 401/403/429; the key never goes on
             req = self._client_gate(client, req, t0)
         plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, t0)
@@ -384,6 +388,23 @@ class Users:
             exc.service = plan.service
             raise
         return plan.service, instance, status, ended_at
+
+    def _source_gate(self, client: H11Stream, now: float) -> None:
+        """``max_requests_per_ip_per_s``: HttpError 429 for a request over its address's rate."""
+        g = self.p.gw.config.gateway
+        burst = g.max_requests_per_ip_burst or max(1, math.ceil(g.max_requests_per_ip_per_s))
+        rates = self.source_rates
+        if rates is None:
+            rates = self.source_rates = SourceRates(g.max_requests_per_ip_per_s, burst)
+        else:
+            rates.retune(g.max_requests_per_ip_per_s, burst)  # (a reload)
+        wait = rates.wait(client.source, now)
+        if wait:
+            self.p.stats["rate_limited_per_ip"] += 1
+            exc = HttpError(429, "rate_limited", f"this address is over its request rate "
+                            f"({g.max_requests_per_ip_per_s:g} requests/s, burst {burst}: max_requests_per_ip_per_s)")
+            exc.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+            raise exc
 
     def _client_gate(self, client: H11Stream, req: h11.Request, now: float) -> h11.Request:
         """The ``[[clients]]`` verdict on a request at ``now``: an HttpError, or the request without its key."""

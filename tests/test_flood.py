@@ -1,8 +1,10 @@
 """One address flooding abandoned requests must not cost an honest user its service.
 
 Sans-IO: a party that abandons its requests has no share of an instance once it is half full
-(cpnd/fairshare.py), and only a hang-up counts as one (a cut at the bound does not). Real
-processes: a, the ingress, with n1 of /near, and b, one hop away, with f1 of /far (20 req/s each).
+(cpnd/fairshare.py), and only a hang-up counts as one (a cut at the bound does not); requests per
+source address (cpnd/sourcerate.py, ``max_requests_per_ip_per_s``) and their config. Real
+processes: a, the ingress, with n1 of /near, and b, one hop away, with f1 of /far (20 req/s each);
+r1 of /rated at a and r2 of /farrated at b take any rate.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from cpnd.config import load_config
 from cpnd.egress import user_gone
+from cpnd.errors import ConfigError
+from cpnd.fleet import worker_config
 from cpnd.fairshare import FATE_S, IDLE, Shares
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.pipes import pipe
 from cpnd.relay import StreamSink
+from cpnd.sourcerate import SourceRates
 from cpnd.tunnel import ResetCode
+from test_config import GOOD, write
 
 
 def _run(capacity: float, offered: dict[str, int], seconds: int, abandoning: set[str]) -> dict[str, float]:
@@ -107,6 +114,62 @@ def test_only_a_hang_up_is_abandonment() -> None:
         assert user_gone(sink) is gone
 
 
+def test_an_address_gets_its_burst_then_its_rate() -> None:
+    r = SourceRates(2.0, 3)
+    assert [r.wait("10.0.0.1", 0.0) for _ in range(4)][:3] == [0.0] * 3
+    assert r.wait("10.0.0.1", 0.0) == pytest.approx(0.5)  # a token every 0.5 s
+    assert r.wait("10.0.0.2", 0.0) == 0.0  # another address: its own bucket
+    assert r.wait("10.0.0.1", 0.5) == 0.0 and r.wait("10.0.0.1", 0.5) > 0
+    # An IPv6 host holds a whole /64: one bucket for it, as the fair shares count it.
+    assert [r.wait(f"2001:db8::{i}", 1.0) for i in range(1, 5)][-1] > 0
+    assert r.wait("2001:db8:0:1::1", 1.0) == 0.0
+    r.retune(100.0, 3)  # a reload: the levels stay, the new rate refills them
+    assert r.wait("10.0.0.1", 0.51) == 0.0
+
+
+def test_the_table_is_bounded_and_forgets_the_least_recent_address() -> None:
+    r = SourceRates(1.0, 1, max_sources=3)
+    for i in range(3):
+        assert r.wait(f"10.0.0.{i}", 0.0) == 0.0
+    assert r.wait("10.0.0.0", 0.0) > 0  # the flooder, asking again: the most recent now
+    assert r.wait("10.0.0.9", 0.0) == 0.0  # a newcomer: 10.0.0.1 (least recent) is forgotten
+    assert len(r.buckets) == 3 and r.forgotten == 1 and "10.0.0.1" not in r.buckets
+    assert r.wait("10.0.0.0", 0.0) > 0  # still empty: many addresses cannot refill the flooder's
+
+
+@pytest.mark.parametrize(("new", "expected"), [
+    ("max_requests_per_ip_per_s = -1", "gw1.toml:8: gateway.max_requests_per_ip_per_s: must be between 0 and 1e+07, got -1"),
+    ('max_requests_per_ip_per_s = "fast"', "gw1.toml:8: gateway.max_requests_per_ip_per_s: must be an integer or a number"),
+    ("max_requests_per_ip_per_s = 10\nmax_requests_per_ip_burst = 0",
+     "gw1.toml:9: gateway.max_requests_per_ip_burst: must be between 1 and 1e+08, got 0"),
+    ("max_requests_per_ip_per_s = 10\nmax_requests_per_ip_burst = 2.5", "gw1.toml:9: gateway.max_requests_per_ip_burst: must be an integer"),
+    ("max_requests_per_ip_burst = 20",
+     "gw1.toml:8: gateway.max_requests_per_ip_burst: set without max_requests_per_ip_per_s (which it is the burst of)"),
+])
+def test_bad_request_rates_are_one_line_errors(tmp_path, new: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, GOOD.replace('selection = "per-request"', 'selection = "per-request"\n' + new, 1)))
+    assert str(ei.value).startswith(expected) and "\n" not in str(ei.value), str(ei.value)
+
+
+def test_request_rates_are_off_unless_set(tmp_path) -> None:
+    g = load_config(write(tmp_path, GOOD)).gateway
+    assert g.max_requests_per_ip_per_s == 0 and g.max_requests_per_ip_burst is None
+    g = load_config(write(tmp_path, GOOD.replace('selection = "per-request"',
+                                                 'selection = "per-request"\nmax_requests_per_ip_per_s = 2.5', 1))).gateway
+    assert g.max_requests_per_ip_per_s == 2.5 and g.max_requests_per_ip_burst is None
+
+
+
+def test_each_worker_holds_its_share_of_an_address_rate(tmp_path) -> None:
+    config = load_config(write(tmp_path, GOOD.replace(
+        'selection = "per-request"', 'selection = "per-request"\nmax_requests_per_ip_per_s = 100\nmax_requests_per_ip_burst = 30', 1)))
+    g = worker_config(config, 4).gateway
+    assert (g.max_requests_per_ip_per_s, g.max_requests_per_ip_burst) == (25, 7)
+    off = worker_config(load_config(write(tmp_path, GOOD)), 4).gateway
+    assert (off.max_requests_per_ip_per_s, off.max_requests_per_ip_burst) == (0, None)
+
+
 # ---------------------------------------------------------------- real processes
 
 CAPACITY = 20
@@ -115,17 +178,24 @@ CAPACITY = 20
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Iterator[tuple[Lab, str]]:
     with InstanceProcs() as insts:
-        insts.start("n1")
-        insts.start("f1")
+        for iid in ("n1", "f1", "r1", "r2"):
+            insts.start(iid)
         topo = Topology(("a", "b"), (Link("a", "b", 1),),
-                        (Instance("n1", "a", "/near", CAPACITY, 1.0, 1.0), Instance("f1", "b", "/far", CAPACITY, 1.0, 1.0)),
+                        (Instance("n1", "a", "/near", CAPACITY, 1.0, 1.0), Instance("f1", "b", "/far", CAPACITY, 1.0, 1.0),
+                         Instance("r1", "a", "/rated", 1e6, 1.0, 1.0), Instance("r2", "b", "/farrated", 1e6, 1.0, 1.0)),
                         {"health_interval_ms": 0})
         specs = write_lab(topo, tmp_path_factory.mktemp("flood"),
                           instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
+        # a: its users' requests at 1 a second after a burst of 20 an address; b: 1 (it has no users
+        # of its own, and a's requests come as a peer's, never counted as one address's).
+        for gw, rate in (("a", "max_requests_per_ip_per_s = 1\nmax_requests_per_ip_burst = 20"),
+                         ("b", "max_requests_per_ip_per_s = 1")):
+            config = specs[gw].config
+            config.write_text(config.read_text().replace("[gateway]\n", f"[gateway]\n{rate}\n", 1))
         with Lab(specs) as lab:
             lab.start_all()
-            lab.wait_for(lambda: {r["service"] for r in lab.routes("a") if r["best"]} == {"/near", "/far"}, 30,
-                         "both routes at a")
+            lab.wait_for(lambda: {r["service"] for r in lab.routes("a") if r["best"]} == {"/near", "/far", "/rated", "/farrated"},
+                         30, "every route at a")
             yield lab, specs["a"].http
 
 
@@ -160,21 +230,45 @@ def test_an_address_that_abandons_its_requests_gets_none_of_a_busy_instance(site
     instance), where before it was admitted up to 80 % and then to its share, beside u1's; u1 and a
     newcomer are served."""
     lab, addr = site
+    flood, u1, newcomer = (f"127.0.0.{n + (10 if gw == 'b' else 0)}" for n in (3, 2, 4))  # (a has a rate per address)
     for _ in range(3):
-        s = _send(addr, "127.0.0.3", f"{service}/job?delay=30")
+        s = _send(addr, flood, f"{service}/job?delay=30")
         try:
             _until(lambda: _inflight(lab, gw, iid) == 1, 10, "the job at the instance")
         finally:
             s.close()
         _until(lambda: _inflight(lab, gw, iid) == 0, 10, "the abandoned call to end")
-    held = [_send(addr, "127.0.0.2", f"{service}/long?delay=30") for _ in range(12)]
+    held = [_send(addr, u1, f"{service}/long?delay=30") for _ in range(12)]
     try:
         _until(lambda: _inflight(lab, gw, iid) == 12, 10, "u1's 12 requests at the instance")
-        r = _get(addr, "127.0.0.3", f"{service}/again")
+        r = _get(addr, flood, f"{service}/again")
         assert r.status_code == 503 and "abandoned most of its requests" in r.text, r.text
-        assert _get(addr, "127.0.0.2", f"{service}/more").status_code == 200
-        assert _get(addr, "127.0.0.4", f"{service}/newcomer").status_code == 200
+        assert _get(addr, u1, f"{service}/more").status_code == 200
+        assert _get(addr, newcomer, f"{service}/newcomer").status_code == 200
     finally:
         for s in held:
             s.close()
     assert not lab.dead() and "Traceback" not in lab.log("a") + lab.log("b")
+
+
+def test_an_address_over_its_request_rate_is_refused_before_any_work(site) -> None:
+    """a takes 20 requests at once from an address, then 1 a second: 127.0.0.5's next are 429
+    ``rate_limited`` with Retry-After (the error table's body), counted, and never reach an
+    instance; another address is served meanwhile. b, with a bound of 1 a second too, serves every
+    request a's users send it: a peer's requests are not one address's."""
+    lab, addr = site
+    before = lab.query("a", "stats")["http"]
+    with httpx.Client(base_url=f"http://{addr}", timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.5")) as c:
+        got = [c.get("/rated/x") for _ in range(24)]
+    statuses = [r.status_code for r in got]
+    assert statuses[:20] == [200] * 20 and statuses.count(429) >= 3, statuses
+    refused = next(r for r in got if r.status_code == 429)
+    assert refused.json()["error"] == "rate_limited" and "max_requests_per_ip_per_s" in refused.json()["detail"]
+    assert int(refused.headers["retry-after"]) >= 1
+    after = lab.query("a", "stats")["http"]
+    assert after.get("rate_limited_per_ip", 0) - before.get("rate_limited_per_ip", 0) == statuses.count(429)
+    assert _get(addr, "127.0.0.6", "/rated/y").status_code == 200
+    for source in ("127.0.0.7", "127.0.0.8"):  # 30 through a to b, whose bound is 1 a second an address
+        with httpx.Client(base_url=f"http://{addr}", timeout=10, transport=httpx.HTTPTransport(local_address=source)) as c:
+            assert [c.get("/farrated/z").status_code for _ in range(15)] == [200] * 15
+    assert lab.query("b", "stats")["http"].get("rate_limited_per_ip", 0) == 0
