@@ -17,6 +17,7 @@ from . import tlsstream
 from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
+from .config import GatewayConfig
 from .errors import HttpError
 from .heads import check_target
 from .grpcmap import wants_trailers
@@ -55,7 +56,7 @@ class Users:
         self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
         # workers (cpnd/workers.py): listeners opened by the control process, by tls; used instead of opening ours
         self.inherited: dict[bool, list[trio.SocketListener]] = {}
-        self.source_rates: SourceRates | None = None  # max_requests_per_ip_per_s, made when first set
+        self.source_rates: SourceRates | None = None  # max_requests_per_ip_per_s (rate_sources); None: off
 
     @property
     def limits(self) -> HttpLimits:
@@ -373,7 +374,7 @@ class Users:
                      t0: float) -> tuple[str, str, int, float]:
         """Serve one request whose head came at ``t0`` (this step: the plan is made at ``t0`` too):
         (service, instance, status) of the answer and when its attempt ended, or HttpError."""
-        if self.p.gw.config.gateway.max_requests_per_ip_per_s:  # cpnd/sourcerate.py: 429 before any work
+        if self.source_rates is not None:  # max_requests_per_ip_per_s (cpnd/sourcerate.py): 429 before any work
             self._source_gate(client, t0)
         if self.p.gw.clients.active:  # cpnd/clients.py: 401/403/429; the key never goes on
             req = self._client_gate(client, req, t0)
@@ -389,20 +390,26 @@ class Users:
             raise
         return plan.service, instance, status, ended_at
 
-    def _source_gate(self, client: H11Stream, now: float) -> None:
-        """``max_requests_per_ip_per_s``: HttpError 429 for a request over its address's rate."""
-        g = self.p.gw.config.gateway
+    def rate_sources(self, g: GatewayConfig) -> None:
+        """(Re)configure ``max_requests_per_ip_per_s``: buckets a reload keeps (retuned), or none when off."""
+        if not g.max_requests_per_ip_per_s:
+            self.source_rates = None
+            return
         burst = g.max_requests_per_ip_burst or max(1, math.ceil(g.max_requests_per_ip_per_s))
-        rates = self.source_rates
-        if rates is None:
-            rates = self.source_rates = SourceRates(g.max_requests_per_ip_per_s, burst)
+        if self.source_rates is None:
+            self.source_rates = SourceRates(g.max_requests_per_ip_per_s, burst)
         else:
-            rates.retune(g.max_requests_per_ip_per_s, burst)  # (a reload)
+            self.source_rates.retune(g.max_requests_per_ip_per_s, burst)
+
+    def _source_gate(self, client: H11Stream, now: float) -> None:
+        """HttpError 429 for a request over its address's rate (``max_requests_per_ip_per_s``)."""
+        rates = self.source_rates
+        assert rates is not None
         wait = rates.wait(client.source, now)
         if wait:
             self.p.stats["rate_limited_per_ip"] += 1
-            exc = HttpError(429, "rate_limited", f"this address is over its request rate "
-                            f"({g.max_requests_per_ip_per_s:g} requests/s, burst {burst}: max_requests_per_ip_per_s)")
+            exc = HttpError(429, "rate_limited", f"this address is over its request rate ({rates.rate:g} requests/s, "
+                            f"burst {rates.burst:g}: max_requests_per_ip_per_s)")
             exc.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
             raise exc
 

@@ -272,3 +272,24 @@ def test_an_address_over_its_request_rate_is_refused_before_any_work(site) -> No
         with httpx.Client(base_url=f"http://{addr}", timeout=10, transport=httpx.HTTPTransport(local_address=source)) as c:
             assert [c.get("/farrated/z").status_code for _ in range(15)] == [200] * 15
     assert lab.query("b", "stats")["http"].get("rate_limited_per_ip", 0) == 0
+
+
+def test_a_reload_turns_the_request_rate_off_and_on(site) -> None:
+    """Off by a reload: an address's 30 requests at once are served; on again: its buckets start
+    anew (a's reload keeps those it had, retuned)."""
+    lab, addr = site
+    config = lab.specs["a"].config
+    text = config.read_text()
+    try:
+        config.write_text(text.replace("max_requests_per_ip_per_s = 1\nmax_requests_per_ip_burst = 20\n", ""))
+        lab.query("a", "reload")
+        with httpx.Client(base_url=f"http://{addr}", timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.21")) as c:
+            assert [c.get("/rated/off").status_code for _ in range(30)] == [200] * 30
+        config.write_text(text.replace("max_requests_per_ip_burst = 20", "max_requests_per_ip_burst = 5"))
+        lab.query("a", "reload")
+        with httpx.Client(base_url=f"http://{addr}", timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.21")) as c:
+            statuses = [c.get("/rated/on").status_code for _ in range(8)]
+        assert statuses[:5] == [200] * 5 and 429 in statuses, statuses
+    finally:
+        config.write_text(text)
+        lab.query("a", "reload")
