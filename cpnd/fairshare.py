@@ -11,8 +11,9 @@ asked in the last second while it was that full, admitted or not: one refused so
 its share. Like Envoy's and nginx's per-client limits, but with no setting: a share is what is
 left when the instance is contended, no more.
 
-A party whose requests here mostly ended abandoned lately (its user hung up before the answer)
-gets only what costs the others nothing: it is refused from ``IDLE`` of the capacity held (below
+A party whose requests here mostly ended abandoned in the last second (its user hung up before
+the answer; so found, for FATE_S more unless its answers come back) gets only what costs the
+others nothing: it is refused from ``IDLE`` of the capacity held (below
 it, the instance's compute does not grow with its load: the paper's f_d), and is not counted among
 the users that split a full one. Capacity spent on an answer nobody takes serves no one, and one
 address sending requests and closing them at once would otherwise fill every instance it reaches to
@@ -27,8 +28,7 @@ FULL = 0.8  # shares apply above this fraction of capacity held (the room above:
 IDLE = 0.5  # a party that abandons its requests is refused above this fraction (f_d is flat below it)
 WINDOW_S = 1.0  # a party counts among the users this long after it asked; a request is held this long after it ended
 MAX_EVENTS = 65_536  # asks and ends remembered per instance and window (the oldest are forgotten first)
-FATE_S = 5.0  # whether a party's requests were answered or abandoned: remembered this long (a party
-# refused for a second has no ends in it, yet abandoned all it had: it must not get its share back then)
+FATE_S = 5.0  # a party found abandoning is held so this long after (refused, it has no ends to show it)
 RECOUNT_S = 0.05  # the users left after the abandoning ones: counted anew at most this often
 
 
@@ -62,8 +62,8 @@ class Shares:
         self._asked = _Window()  # who wants the instance: a share is counted among them
         self._ended = _Window()  # requests answered (or abandoned) in the last second: still held
         self._inflight: collections.Counter[str] = collections.Counter()  # admitted, not yet ended
-        self._answered = _Window(FATE_S)  # the fates of the last FATE_S: answered ...
-        self._dropped = _Window(FATE_S)  # ... or abandoned (both bounded like the others)
+        self._dropped = _Window()  # those of them abandoned by their users (nothing to do per request)
+        self._abandoning: dict[str, float] = {}  # parties found abandoning: until when (FATE_S on), oldest first
         self._dropping: tuple[float, int] = (-1.0, 0)  # (counted at, users that asked then and abandon)
 
     def held(self, party: str) -> int:
@@ -77,7 +77,7 @@ class Shares:
         instance is that full counts its party among the users from now on, for a second."""
         if held + 1 <= IDLE * capacity:
             return None
-        if self._dropped.count and self.abandons(party, now):
+        if (self._dropped.count or self._abandoning) and self.abandons(party, now):
             return (f"this user abandoned most of its requests here lately (hung up before the answer): "
                     f"none while the instance is over {IDLE:.0%} full")
         if held + 1 <= FULL * capacity:
@@ -103,26 +103,40 @@ class Shares:
         if n > 1:
             self._inflight[party] = n - 1
         self._ended.add(party, now)
-        (self._dropped if abandoned else self._answered).add(party, now)
+        if abandoned:
+            self._dropped.add(party, now)
 
     def abandons(self, party: str, now: float) -> bool:
-        """Were most of ``party``'s requests that ended here in the last FATE_S abandoned?"""
+        """Does ``party`` abandon its requests here: were most of those that ended in the last second
+        abandoned, or was that so within FATE_S and none of its answers since says otherwise?"""
         dropped = self._dropped.count.get(party, 0)
-        if not dropped:
-            return False
+        until = self._abandoning.get(party)
+        if not dropped and until is None:
+            return False  # (the usual case: a dict lookup each)
         self._dropped.trim(now)
-        self._answered.trim(now)
-        return 2 * self._dropped.count.get(party, 0) > self._answered.count.get(party, 0)
+        self._ended.trim(now)
+        dropped = self._dropped.count.get(party, 0)
+        answered = self._ended.count.get(party, 0) - dropped
+        if dropped and 2 * dropped > answered:
+            self._abandoning.pop(party, None)  # (to the end: the oldest entries go first)
+            self._abandoning[party] = now + FATE_S
+            if len(self._abandoning) > MAX_EVENTS:
+                del self._abandoning[next(iter(self._abandoning))]
+            return True
+        if until is not None and (now >= until or answered > 2 * dropped):
+            del self._abandoning[party]  # its time is over, or its answers came back
+            return False
+        return until is not None
 
     def _abandoning_users(self, now: float) -> int:
         """How many of the users that asked in the last second abandon (counted at most every RECOUNT_S:
         parties with abandoned requests may be many)."""
         at, n = self._dropping
         if now - at >= RECOUNT_S or now < at:
-            self._dropped.trim(now)
-            self._answered.trim(now)
-            asked, answered = self._asked.count, self._answered.count
-            n = sum(1 for p, d in self._dropped.count.items() if p in asked and 2 * d > answered.get(p, 0))
+            for p in [p for p, d in self._dropped.count.items() if p not in self._abandoning]:
+                self.abandons(p, now)  # found abandoning by their ends alone, before they ask again
+            asked = self._asked.count
+            n = sum(1 for p, until in self._abandoning.items() if until > now and p in asked)
             self._dropping = (now, n)
         return n
 

@@ -71,7 +71,8 @@ def test_a_user_abandoning_its_requests_leaves_the_instance_to_those_who_wait() 
 
 
 def test_a_few_abandoned_requests_cost_no_share() -> None:
-    """A party is abandoning only while most of its requests ended that way (within FATE_S)."""
+    """A party abandons while most of its requests that ended in the last second were abandoned; so
+    found, it is held so for FATE_S (refused, it has no ends to show it), unless its answers come back."""
     s = Shares()
     for i in range(3):
         s.admitted("a")
@@ -82,11 +83,16 @@ def test_a_few_abandoned_requests_cost_no_share() -> None:
     why = s.refuse("b", 30, 50, 0.6)
     assert why is not None and "abandoned most of its requests" in why
     assert s.refuse("b", IDLE * 50 - 1, 50, 0.7) is None  # below half full: whoever asks gets in
-    assert s.refuse("b", 30, 50, 0.5 + FATE_S + 0.01) is None  # forgotten after FATE_S
-    # Refused for a second (no ends then), it is still remembered as abandoning.
+    s._dropped.trim(2.0)  # (its abandoned end left the last second's window)
+    assert s.refuse("b", 30, 50, 3.0) is not None  # refused for seconds (no ends): still abandoning
+    assert s.refuse("b", 30, 50, 0.6 + FATE_S + 0.01) is None  # forgotten FATE_S after it was last found so
     s.admitted("c")
     s.ended("c", 10.0, abandoned=True)
-    assert s.refuse("c", 30, 50, 12.0) is not None
+    assert s.refuse("c", 30, 50, 10.1) is not None
+    for i in range(3):  # its answers come back (admitted below half full): no longer abandoning
+        s.admitted("c")
+        s.ended("c", 10.2 + 0.01 * i)
+    assert s.refuse("c", 30, 50, 10.3) is None
 
 
 def test_an_abandoning_party_is_not_among_the_users_that_split_a_full_instance() -> None:
