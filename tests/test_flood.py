@@ -273,6 +273,8 @@ def test_an_address_over_its_request_rate_is_refused_before_any_work(site) -> No
     assert int(refused.headers["retry-after"]) >= 1
     after = lab.query("a", "stats")["http"]
     assert after.get("rate_limited_per_ip", 0) - before.get("rate_limited_per_ip", 0) == statuses.count(429)
+    metrics = httpx.get(f"http://{lab.specs['a'].metrics}/metrics", timeout=10).text
+    assert f"cpn_rate_limited_per_ip_total {float(after['rate_limited_per_ip'])}" in metrics
     assert _get(addr, "127.0.0.6", "/rated/y").status_code == 200
     for source in ("127.0.0.7", "127.0.0.8"):  # 30 through a to b, whose bound is 1 a second an address
         with httpx.Client(base_url=f"http://{addr}", timeout=10, transport=httpx.HTTPTransport(local_address=source)) as c:
