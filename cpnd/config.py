@@ -112,6 +112,8 @@ class GatewayConfig:
     max_http_clients_per_ip: int = 256
     max_requests_per_ip_per_s: float = 0.0  # requests a second one user address may send (0: no bound; sourcerate.py)
     max_requests_per_ip_burst: int | None = None  # None: one second of the rate
+    max_abandoned_per_ip_per_s: float = 50.0  # requests one user address may abandon a second (0: no bound)
+    max_abandoned_per_ip_burst: int = 500
     http2_max_streams: int = 100  # concurrent streams on one HTTP/2 user connection
     preauth_timeout_ms: int = 2000
     max_preauth_connections: int = 64
@@ -514,6 +516,8 @@ def _gateway(r: _Reader, g: dict[str, Any]) -> GatewayConfig:
         max_http_clients_per_ip=r.number(g, (*gw, "max_http_clients_per_ip"), 1, 1_000_000, 256, integer=True),
         max_requests_per_ip_per_s=float(r.number(g, (*gw, "max_requests_per_ip_per_s"), 0, 10_000_000, 0.0)),
         max_requests_per_ip_burst=_request_burst(r, g, gw),
+        max_abandoned_per_ip_per_s=float(r.number(g, (*gw, "max_abandoned_per_ip_per_s"), 0, 10_000_000, 50.0)),
+        max_abandoned_per_ip_burst=r.number(g, (*gw, "max_abandoned_per_ip_burst"), 1, 100_000_000, 500, integer=True),
         http2_max_streams=r.number(g, (*gw, "http2_max_streams"), 1, 1_000_000, 100, integer=True),
         preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
         max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),

@@ -161,6 +161,7 @@ def test_bad_request_rates_are_one_line_errors(tmp_path, new: str, expected: str
 def test_request_rates_are_off_unless_set(tmp_path) -> None:
     g = load_config(write(tmp_path, GOOD)).gateway
     assert g.max_requests_per_ip_per_s == 0 and g.max_requests_per_ip_burst is None
+    assert (g.max_abandoned_per_ip_per_s, g.max_abandoned_per_ip_burst) == (50, 500)  # on: abandoning is no use
     g = load_config(write(tmp_path, GOOD.replace('selection = "per-request"',
                                                  'selection = "per-request"\nmax_requests_per_ip_per_s = 2.5', 1))).gateway
     assert g.max_requests_per_ip_per_s == 2.5 and g.max_requests_per_ip_burst is None
@@ -192,9 +193,10 @@ def site(tmp_path_factory) -> Iterator[tuple[Lab, str]]:
                         {"health_interval_ms": 0})
         specs = write_lab(topo, tmp_path_factory.mktemp("flood"),
                           instance_url=lambda i: f"http://127.0.0.1:{insts.ports[i.id]}/{i.id}")
-        # a: its users' requests at 1 a second after a burst of 20 an address; b: 1 (it has no users
+        # a: its users' requests at 1 a second after a burst of 20 an address, and 5 abandoned; b: 1 (it has no users
         # of its own, and a's requests come as a peer's, never counted as one address's).
-        for gw, rate in (("a", "max_requests_per_ip_per_s = 1\nmax_requests_per_ip_burst = 20"),
+        for gw, rate in (("a", "max_requests_per_ip_per_s = 1\nmax_requests_per_ip_burst = 20\n"
+                                "max_abandoned_per_ip_per_s = 0.01\nmax_abandoned_per_ip_burst = 5"),
                          ("b", "max_requests_per_ip_per_s = 1")):
             config = specs[gw].config
             config.write_text(config.read_text().replace("[gateway]\n", f"[gateway]\n{rate}\n", 1))
@@ -301,3 +303,24 @@ def test_a_reload_turns_the_request_rate_off_and_on(site) -> None:
     finally:
         config.write_text(text)
         lab.query("a", "reload")
+
+
+def test_an_address_that_abandons_too_many_requests_is_refused_for_a_while(site) -> None:
+    """a lets an address abandon 5 requests (then one every 100 s): 127.0.0.30 hangs up on 5 jobs
+    once r1 has each; its next request is 429 ``rate_limited`` before any work, another address's
+    is served, and abandoning counts nothing against one that waits for its answers."""
+    lab, addr = site
+    before = lab.query("a", "stats")["http"]
+    for _ in range(5):
+        abandoned = lab.query("a", "stats")["http"].get("user_abandoned", 0)
+        s = _send(addr, "127.0.0.30", "/rated/job?delay=30")
+        try:
+            _until(lambda: _inflight(lab, "a", "r1") == 1, 10, "the job at the instance")
+        finally:
+            s.close()
+        _until(lambda: lab.query("a", "stats")["http"].get("user_abandoned", 0) == abandoned + 1, 10, "the hang-up")
+    r = _get(addr, "127.0.0.30", "/rated/next")
+    assert r.status_code == 429 and r.json()["error"] == "rate_limited", r.text
+    assert "max_abandoned_per_ip_per_s" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1
+    assert lab.query("a", "stats")["http"].get("rate_limited_abandons", 0) == before.get("rate_limited_abandons", 0) + 1
+    assert _get(addr, "127.0.0.31", "/rated/other").status_code == 200
