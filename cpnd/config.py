@@ -110,6 +110,10 @@ class GatewayConfig:
     http_idle_timeout_ms: int = 60_000
     max_http_clients: int = 4096
     max_http_clients_per_ip: int = 256
+    max_requests_per_ip_per_s: float = 0.0  # requests a second one user address may send (0: no bound; sourcerate.py)
+    max_requests_per_ip_burst: int | None = None  # None: one second of the rate
+    max_abandoned_per_ip_per_s: float = 50.0  # requests one user address may abandon a second (0: no bound)
+    max_abandoned_per_ip_burst: int = 500
     http2_max_streams: int = 100  # concurrent streams on one HTTP/2 user connection
     preauth_timeout_ms: int = 2000
     max_preauth_connections: int = 64
@@ -354,6 +358,14 @@ def _instance_tls(r: _Reader, inst: dict[str, Any], ki: tuple[str | int, ...], c
     return {"tls_ca_file": ca, "tls_server_name": name, "tls": InstanceTls(ctx, name or host, ca)}
 
 
+def _request_burst(r: _Reader, g: dict[str, Any], gw: tuple[str | int, ...]) -> int | None:
+    """``max_requests_per_ip_burst``: only beside a ``max_requests_per_ip_per_s`` (alone it would bound nothing)."""
+    burst = r.number(g, (*gw, "max_requests_per_ip_burst"), 1, 100_000_000, None, integer=True)
+    if burst is not None and not g.get("max_requests_per_ip_per_s"):
+        raise r.error((*gw, "max_requests_per_ip_burst"), "set without max_requests_per_ip_per_s (which it is the burst of)")
+    return burst
+
+
 def _health_interval(r: _Reader, data: dict[str, Any], keypath: tuple[str | int, ...]) -> int:
     """0 turns active probing off; otherwise at least 50 ms, so probes cannot become a load of their own."""
     v = r.number(data, keypath, 0, 3_600_000, 2000, integer=True)
@@ -502,6 +514,10 @@ def _gateway(r: _Reader, g: dict[str, Any]) -> GatewayConfig:
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
         max_http_clients=r.number(g, (*gw, "max_http_clients"), 1, 1_000_000, 4096, integer=True),
         max_http_clients_per_ip=r.number(g, (*gw, "max_http_clients_per_ip"), 1, 1_000_000, 256, integer=True),
+        max_requests_per_ip_per_s=float(r.number(g, (*gw, "max_requests_per_ip_per_s"), 0, 10_000_000, 0.0)),
+        max_requests_per_ip_burst=_request_burst(r, g, gw),
+        max_abandoned_per_ip_per_s=float(r.number(g, (*gw, "max_abandoned_per_ip_per_s"), 0, 10_000_000, 50.0)),
+        max_abandoned_per_ip_burst=r.number(g, (*gw, "max_abandoned_per_ip_burst"), 1, 100_000_000, 500, integer=True),
         http2_max_streams=r.number(g, (*gw, "http2_max_streams"), 1, 1_000_000, 100, integer=True),
         preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
         max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),

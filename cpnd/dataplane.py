@@ -149,6 +149,7 @@ class DataPlane:
         self.planner.ttl.ttl_s = config.gateway.dns_ttl_s
         self.plane.correction.quantile = config.gateway.latency_quantile
         self.users.tls_server = config.tls  # a reload serves the re-read certificate from the next handshake on
+        self.users.rate_sources(config.gateway)  # max_requests_per_ip_per_s: on, retuned, or off
         if config.tls is not None:
             now = datetime.datetime.now(datetime.timezone.utc)
             log.log(logging.WARNING if config.tls.expiring(now) else logging.INFO, "%s: https: serving %s", self.gw.id,

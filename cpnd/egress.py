@@ -67,6 +67,15 @@ def party_of(origin: forwarded.Origin | None, via: str | None) -> str:
     return f"{via}|{origin.ingress}|{user}" if origin is not None else f"{via}||"
 
 
+def user_gone(sink: Sink) -> bool:
+    """Whether a call that ended unanswered did so because its user hung up (fairshare: an abandoning
+    party has no share of a full instance): the ingress reset its stream CANCEL, or our own user's
+    watch saw it close. A cut at the bound (DEADLINE) or a lost session is not the user's doing."""
+    if isinstance(sink, StreamSink):
+        return getattr(sink.stream, "peer_reset_code", None) == ResetCode.CANCEL
+    return sink.abandoned
+
+
 class Egress:
     """Our own instances, as this gateway's egress serves them."""
 
@@ -259,7 +268,7 @@ class Egress:
                 meter.done(end, served * 1_000_000, load_at_arrival, hold, party)
             shares = self.shares.get(inst.id)
             if shares is not None:  # (gone with its instance: a reload meanwhile)
-                shares.ended(party, end)
+                shares.ended(party, end, served is None and user_gone(sink))
         return served
 
     def _kept(self, key: tuple[Any, ...]) -> _PoolEntry | None:

@@ -10,6 +10,14 @@ instance from the others: the room above ``FULL`` is theirs. The users counted a
 asked in the last second while it was that full, admitted or not: one refused so far still has
 its share. Like Envoy's and nginx's per-client limits, but with no setting: a share is what is
 left when the instance is contended, no more.
+
+A party whose requests here mostly ended abandoned in the last second (its user hung up before
+the answer; so found, for FATE_S more unless its answers come back) gets only what costs the
+others nothing: it is refused from ``IDLE`` of the capacity held (below
+it, the instance's compute does not grow with its load: the paper's f_d), and is not counted among
+the users that split a full one. Capacity spent on an answer nobody takes serves no one, and one
+address sending requests and closing them at once would otherwise fill every instance it reaches to
+its fair share, slowing every answer there, at the cost of the users who wait for theirs.
 """
 
 from __future__ import annotations
@@ -17,26 +25,30 @@ from __future__ import annotations
 import collections
 
 FULL = 0.8  # shares apply above this fraction of capacity held (the room above: newcomers')
+IDLE = 0.5  # a party that abandons its requests is refused above this fraction (f_d is flat below it)
 WINDOW_S = 1.0  # a party counts among the users this long after it asked; a request is held this long after it ended
 MAX_EVENTS = 65_536  # asks and ends remembered per instance and window (the oldest are forgotten first)
+FATE_S = 5.0  # a party found abandoning is held so this long after (refused, it has no ends to show it)
+RECOUNT_S = 0.05  # the users left after the abandoning ones: counted anew at most this often
 
 
 class _Window:
     """Events of the last WINDOW_S by party (at most MAX_EVENTS: the oldest are forgotten first)."""
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = WINDOW_S) -> None:
+        self.window_s = window_s
         self._events: collections.deque[tuple[float, str]] = collections.deque()  # (when, party), oldest first
         self.count: collections.Counter[str] = collections.Counter()
 
     def add(self, party: str, now: float) -> None:
         self._events.append((now, party))
         self.count[party] += 1
-        if len(self._events) > MAX_EVENTS or self._events[0][0] <= now - WINDOW_S:
+        if len(self._events) > MAX_EVENTS or self._events[0][0] <= now - self.window_s:
             self.trim(now)
 
     def trim(self, now: float) -> None:
-        events, count = self._events, self.count
-        while events and (events[0][0] <= now - WINDOW_S or len(events) > MAX_EVENTS):
+        events, count, cutoff = self._events, self.count, now - self.window_s
+        while events and (events[0][0] <= cutoff or len(events) > MAX_EVENTS):
             _, party = events.popleft()
             count[party] -= 1
             if not count[party]:
@@ -50,6 +62,9 @@ class Shares:
         self._asked = _Window()  # who wants the instance: a share is counted among them
         self._ended = _Window()  # requests answered (or abandoned) in the last second: still held
         self._inflight: collections.Counter[str] = collections.Counter()  # admitted, not yet ended
+        self._dropped = _Window()  # those of them abandoned by their users (nothing to do per request)
+        self._abandoning: dict[str, float] = {}  # parties found abandoning: until when (FATE_S on), oldest first
+        self._dropping: tuple[float, int] = (-1.0, 0)  # (counted at, users that asked then and abandon)
 
     def held(self, party: str) -> int:
         """The requests ``party`` holds of the instance's capacity (as load.SlotHolds counts them:
@@ -60,12 +75,17 @@ class Shares:
         """Why ``party``'s request is over its share, or None; ``held``: requests counted against
         ``capacity`` now (the instance's own bound is checked apart). A request that asks while the
         instance is that full counts its party among the users from now on, for a second."""
+        if held + 1 <= IDLE * capacity:
+            return None
+        if (self._dropped.count or self._abandoning) and self.abandons(party, now):
+            return (f"this user abandoned most of its requests here lately (hung up before the answer): "
+                    f"none while the instance is over {IDLE:.0%} full")
         if held + 1 <= FULL * capacity:
             return None
         self._asked.add(party, now)
         self._asked.trim(now)
         self._ended.trim(now)
-        users = len(self._asked.count)
+        users = max(1, len(self._asked.count) - self._abandoning_users(now))
         share = capacity / users
         mine = self.held(party)
         if mine < share:  # a party holding nothing is under any share (shares below one request refused all)
@@ -76,12 +96,49 @@ class Shares:
     def admitted(self, party: str) -> None:
         self._inflight[party] += 1
 
-    def ended(self, party: str, now: float) -> None:
-        """A request of ``party`` admitted here was answered (or abandoned) now: held a second more."""
+    def ended(self, party: str, now: float, abandoned: bool = False) -> None:
+        """A request of ``party`` admitted here ended now, answered (or failed) or ``abandoned`` (its
+        user hung up): held a second more."""
         n = self._inflight.pop(party, 0)
         if n > 1:
             self._inflight[party] = n - 1
         self._ended.add(party, now)
+        if abandoned:
+            self._dropped.add(party, now)
+
+    def abandons(self, party: str, now: float) -> bool:
+        """Does ``party`` abandon its requests here: were most of those that ended in the last second
+        abandoned, or was that so within FATE_S and none of its answers since says otherwise?"""
+        dropped = self._dropped.count.get(party, 0)
+        until = self._abandoning.get(party)
+        if not dropped and until is None:
+            return False  # (the usual case: a dict lookup each)
+        self._dropped.trim(now)
+        self._ended.trim(now)
+        dropped = self._dropped.count.get(party, 0)
+        answered = self._ended.count.get(party, 0) - dropped
+        if dropped and 2 * dropped > answered:
+            self._abandoning.pop(party, None)  # (to the end: the oldest entries go first)
+            self._abandoning[party] = now + FATE_S
+            if len(self._abandoning) > MAX_EVENTS:
+                del self._abandoning[next(iter(self._abandoning))]
+            return True
+        if until is not None and (now >= until or answered > 2 * dropped):
+            del self._abandoning[party]  # its time is over, or its answers came back
+            return False
+        return until is not None
+
+    def _abandoning_users(self, now: float) -> int:
+        """How many of the users that asked in the last second abandon (counted at most every RECOUNT_S:
+        parties with abandoned requests may be many)."""
+        at, n = self._dropping
+        if now - at >= RECOUNT_S or now < at:
+            for p in [p for p, d in self._dropped.count.items() if p not in self._abandoning]:
+                self.abandons(p, now)  # found abandoning by their ends alone, before they ask again
+            asked = self._asked.count
+            n = sum(1 for p, until in self._abandoning.items() if until > now and p in asked)
+            self._dropping = (now, n)
+        return n
 
     def users(self, now: float) -> int:
         """Users that asked in the last second."""

@@ -50,7 +50,12 @@ def worker_config(config: Config, n: int) -> Config:
                     for c in config.clients)
     g = config.gateway
     gateway = attrs.evolve(g, max_http_clients=int_share(g.max_http_clients, n),
-                           max_http_clients_per_ip=int_share(g.max_http_clients_per_ip, n))
+                           max_http_clients_per_ip=int_share(g.max_http_clients_per_ip, n),
+                           max_requests_per_ip_per_s=share(g.max_requests_per_ip_per_s, n),  # (0, off, stays 0)
+                           max_requests_per_ip_burst=None if g.max_requests_per_ip_burst is None
+                           else int_share(g.max_requests_per_ip_burst, n),
+                           max_abandoned_per_ip_per_s=share(g.max_abandoned_per_ip_per_s, n),
+                           max_abandoned_per_ip_burst=int_share(g.max_abandoned_per_ip_burst, n))
     return attrs.evolve(config, gateway=gateway, services=services, clients=clients)
 
 

@@ -49,6 +49,8 @@ class Users(Protocol):
 
     def edge_event(self, kind: str, line: str, stat: str = ...) -> None: ...
 
+    def hung_up(self, source: str, n: int = 1) -> None: ...
+
 log = logging.getLogger("cpnd.http")
 
 
@@ -231,7 +233,7 @@ class H2Server:
                 self.goaway(ErrorCodes.NO_ERROR)  # idle for idle_timeout_s, or its slot taken back for a newcomer
                 return
             if not data:  # the client closed: nobody reads the responses
-                self.p.stats["user_abandoned"] += len(self.streams)  # (their attempts end: cancelled below)
+                self.users.hung_up(self.source, len(self.streams))  # (their attempts end: cancelled below)
                 self.wire.fail_all(ErrorCodes.CANCEL)
                 self._cancel_all()
                 return

@@ -156,6 +156,8 @@ class _StatusCollector(Collector):
         yield bound
         yield CounterMetricFamily("cpn_user_abandoned", "Requests ended because their user closed its connection while "
                                   "they were served", value=http.get("user_abandoned", 0))
+        yield CounterMetricFamily("cpn_rate_limited_per_ip", "Requests answered 429 because their address was over "
+                                  "max_requests_per_ip_per_s", value=http.get("rate_limited_per_ip", 0))
         tls = CounterMetricFamily("cpn_tls_refused", "https_listen connections closed before a request", labels=["reason"])
         for reason in ("handshake_failures", "handshake_timeouts", "plain_http"):
             tls.add_metric([reason], http.get(f"tls_{reason}", 0))

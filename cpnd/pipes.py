@@ -24,6 +24,7 @@ class PipeEnd:
         self.load_report: tuple[float, float, int, int | None] | None = None
         self.sent_end = False
         self.abandon = Abandon()
+        self.peer_reset_code: int | None = None  # the other end's reset, if it reset (fairshare: a user gone is CANCEL)
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:
         """Cancel ``scope`` when the other end resets (the ingress gave up)."""
@@ -76,6 +77,7 @@ class PipeEnd:
             o.inbox.end()
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
+        self.other.peer_reset_code = code
         self.other.inbox.fail(StreamReset(code, delivered, text))
         self.inbox.fail(StreamReset(code, delivered, "reset locally: " + text))
         self.drained.set()

@@ -151,6 +151,7 @@ class TunnelStream:
     relay: Relayer | None = None  # transit: DATA, credit and resets go to the relay at once
     _dropped = False  # reset by us: what it held unread is gone
     _abandon: Abandon | None = None
+    peer_reset_code: int | None = None  # the far end's RESET, if it sent one (fairshare: a user gone is CANCEL)
 
     def __init__(self, mux: Mux, sid: int, ext: ExtHeader | None) -> None:
         self.mux = mux
@@ -377,6 +378,7 @@ class TunnelStream:
             self.relay.credited(self)
 
     def _on_reset(self, exc: StreamReset) -> None:
+        self.peer_reset_code = exc.code
         self._inbox.fail(exc)
         if not self._inbox.ended:  # what the peer completed before resetting (a response) stays readable
             self._inbox.chunks.clear()

@@ -17,6 +17,8 @@ from . import tlsstream
 from .admission import Slot, SlotTable, Tally
 from .aio import open_listeners, serve_accepting
 from .attempts import Attempts
+from .clients import SourceLimiter
+from .config import GatewayConfig
 from .errors import HttpError
 from .heads import check_target
 from .grpcmap import wants_trailers
@@ -28,6 +30,7 @@ from .planner import Planner
 from .preface import sniff_preface
 from .rib import Key
 from .select import match_service
+from .sourcerate import SourceRates, abandon_limiter
 from .streams import StreamReset
 from .tls import ServerTls
 
@@ -54,6 +57,8 @@ class Users:
         self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
         # workers (cpnd/workers.py): listeners opened by the control process, by tls; used instead of opening ours
         self.inherited: dict[bool, list[trio.SocketListener]] = {}
+        self.source_rates: SourceRates | None = None  # max_requests_per_ip_per_s (rate_sources); None: off
+        self.abandons: SourceLimiter | None = None  # max_abandoned_per_ip_per_s (rate_sources); None: off
 
     @property
     def limits(self) -> HttpLimits:
@@ -151,7 +156,7 @@ class Users:
             self._log_error(None, exc)
             await self._send_error_quietly(client, exc)
         except UserGone as exc:  # counted, and at DEBUG: a user abandoning requests must not flood the log
-            self.p.stats["user_abandoned"] += 1
+            self.hung_up(client.source)
             log.debug("%s: %s", self.p.gw.id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError, trio.TooSlowError, StreamReset) as exc:
             log.info("%s: client connection ended: %s", self.p.gw.id, _ended(exc))
@@ -371,6 +376,10 @@ class Users:
                      t0: float) -> tuple[str, str, int, float]:
         """Serve one request whose head came at ``t0`` (this step: the plan is made at ``t0`` too):
         (service, instance, status) of the answer and when its attempt ended, or HttpError."""
+        if self.source_rates is not None:  # max_requests_per_ip_per_s (cpnd/sourcerate.py): 429 before any work
+            self._source_gate(client, t0)
+        if self.abandons is not None and self.abandons.buckets:  # max_abandoned_per_ip_per_s: the same
+            self._abandon_gate(client, t0)
         if self.p.gw.clients.active:  # cpnd/clients.py: 401/403/429; the key never goes on
             req = self._client_gate(client, req, t0)
         plan = self.planner.plan(req.method, req.target, req.headers, pinned, t0, t0)
@@ -384,6 +393,52 @@ class Users:
             exc.service = plan.service
             raise
         return plan.service, instance, status, ended_at
+
+    def rate_sources(self, g: GatewayConfig) -> None:
+        """(Re)configure ``max_requests_per_ip_per_s`` and ``max_abandoned_per_ip_per_s``: buckets a
+        reload keeps (retuned), or none when off."""
+        self.abandons = abandon_limiter(g.max_abandoned_per_ip_per_s, g.max_abandoned_per_ip_burst, self.abandons)
+        if not g.max_requests_per_ip_per_s:
+            self.source_rates = None
+            return
+        burst = g.max_requests_per_ip_burst or max(1, math.ceil(g.max_requests_per_ip_per_s))
+        if self.source_rates is None:
+            self.source_rates = SourceRates(g.max_requests_per_ip_per_s, burst)
+        else:
+            self.source_rates.retune(g.max_requests_per_ip_per_s, burst)
+
+    def hung_up(self, source: str, n: int = 1) -> None:
+        """``n`` requests of ``source`` ended because their user hung up: counted, and charged to its
+        address (``max_abandoned_per_ip_per_s``)."""
+        self.p.stats["user_abandoned"] += n
+        if self.abandons is not None and source:
+            now = trio.current_time()
+            for _ in range(min(n, 1000)):  # (an HTTP/2 connection's streams: http2_max_streams at most)
+                self.abandons.failed(source, now)
+
+    def _abandon_gate(self, client: H11Stream, now: float) -> None:
+        """HttpError 429 while its address has abandoned too many requests (``max_abandoned_per_ip_per_s``)."""
+        abandons = self.abandons
+        assert abandons is not None
+        wait = abandons.retry_after(client.source, now)
+        if wait is not None:
+            self.p.stats["rate_limited_abandons"] += 1
+            exc = HttpError(429, "rate_limited", f"this address abandoned too many requests (over "
+                            f"{abandons.rate:g} a second, burst {abandons.burst:g}: max_abandoned_per_ip_per_s)")
+            exc.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+            raise exc
+
+    def _source_gate(self, client: H11Stream, now: float) -> None:
+        """HttpError 429 for a request over its address's rate (``max_requests_per_ip_per_s``)."""
+        rates = self.source_rates
+        assert rates is not None
+        wait = rates.wait(client.source, now)
+        if wait:
+            self.p.stats["rate_limited_per_ip"] += 1
+            exc = HttpError(429, "rate_limited", f"this address is over its request rate ({rates.rate:g} requests/s, "
+                            f"burst {rates.burst:g}: max_requests_per_ip_per_s)")
+            exc.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+            raise exc
 
     def _client_gate(self, client: H11Stream, req: h11.Request, now: float) -> h11.Request:
         """The ``[[clients]]`` verdict on a request at ``now``: an HttpError, or the request without its key."""

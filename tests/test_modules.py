@@ -13,6 +13,7 @@ PKG = ROOT / "cpnd"
 # its simulated network. The rest (daemon, the data plane's parts, streams, control, metrics, aio, ...)
 # are trio shells.
 CORES = ("admission", "channels", "clients", "config", "crypto", "errors", "fairshare", "fleet", "forwarded", "gateway", "grpcmap", "heads", "health", "histogram", "limits",
+         "sourcerate",
          "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "ribfeed", "seal", "select",
          "session", "status", "tls",
          "tunnel", "vnet", "wire")
