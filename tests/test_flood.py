@@ -10,7 +10,6 @@ r1 of /rated at a and r2 of /farrated at b take any rate.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
