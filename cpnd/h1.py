@@ -179,6 +179,7 @@ class H11Stream:
     """An h11 connection over a trio stream or a tunnel ByteStream."""
 
     hangup: Any = None  # a user's connection: its hangups.Hangup once it forwards a request (watched for its close)
+    on_block: Any = None  # called before a write waits for the socket (relay.py: a held answer's idle time)
 
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
@@ -226,6 +227,8 @@ class H11Stream:
             if n == len(data):
                 return
             data = data[n:]
+        if self.on_block is not None:
+            self.on_block()
         self._writing = True
         try:
             await self.transport.send_all(data)
