@@ -21,11 +21,8 @@ import json
 import multiprocessing
 import os
 import re
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,6 +30,7 @@ from pathlib import Path
 
 from cpnd.control import request
 from cpnd.lab import paper_topology
+from cut import start_lab, stop_lab  # bench/cut.py (this script's directory is on the path)
 
 U1 = "CPN-Max-Latency: 10ms\r\nCPN-Prefer: price\r\n"
 FLOOD = "CPN-Max-Latency: 3600000ms\r\n"
@@ -47,23 +45,6 @@ def topology_file(path: Path, per_ip_rate: float) -> None:
     out += [f'[[instances]]\nid = "{i.id}"\ngateway = "{i.gateway}"\nservice = "{i.service}"\ncapacity = {i.capacity}\n'
             f"price = {i.price}\ncompute_latency_ms = {i.compute_latency_ms}\n" for i in t.instances]
     path.write_text("\n".join(out))
-
-
-def start_lab(workdir: str, scenario: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", scenario, "--dir", workdir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    http, line = "", ""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = (proc.stdout.readline() if proc.stdout else "").strip()
-        if not line or line == "ready":
-            break
-        if line.startswith("gw1 "):
-            http = line.split("http=")[1].split()[0]
-    if line != "ready" or not http:
-        proc.kill()
-        raise SystemExit(f"the lab did not start: {proc.stderr.read() if proc.stderr else ''}")
-    return proc, http
 
 
 def pid_of(workdir: str, gw: str) -> int | None:
@@ -193,12 +174,7 @@ def main() -> None:
             time.sleep(4)  # after the flood (bounded)
             after = [one(host, int(port), U1, "/yolo", "127.0.0.2", details) for _ in range(30)]
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_lab(proc)
     out = {"per_ip_rate": args.per_ip_rate, "flood_requests": args.requests, "flood_s": round(flood_s, 2),
            "u1": {"before": summary(before), "during": summary(during), "after": summary(after)},
            "cpu_s": cpu, "stats": stats, "samples": rows,

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from httpclient import exchange  # noqa: E402
 
 
-def start_lab(workdir: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", "paper", "--dir", workdir],
+def start_lab(workdir: str, scenario: str = "paper") -> tuple[subprocess.Popen[str], str]:
+    """``cpnd lab SCENARIO`` in ``workdir``, ready: the process and gw1's http address."""
+    proc = subprocess.Popen([sys.executable, "-m", "cpnd", "lab", scenario, "--dir", workdir],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     http = ""
     deadline = time.monotonic() + 60
@@ -44,6 +45,16 @@ def start_lab(workdir: str) -> tuple[subprocess.Popen[str], str]:
         proc.kill()
         raise SystemExit(f"the lab did not start: {proc.stderr.read() if proc.stderr else ''}")
     return proc, http
+
+
+def stop_lab(proc: subprocess.Popen[str]) -> None:
+    """Ctrl-C to the lab (it stops every gateway), killed if it has not ended within 30 s."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def request(target: str, bound_ms: float) -> bytes:
@@ -93,12 +104,7 @@ def main() -> None:
             time.sleep(args.settle)  # the RTT filters settle after the start-up burst (not synchronisation)
             table = summary(trio.run(run, http, args.requests, args.bound_ms), args.bound_ms)
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_lab(proc)
     for kind, rows in table.items():
         print(kind, "  ".join(f"{st}: n={r['n']} p50={r['p50_ms']} max={r['max_ms']} over {args.bound_ms:g} ms: {r['over_bound']}"
                                for st, r in rows.items()))

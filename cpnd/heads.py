@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import HttpError
 
 MAX_HEADER_BYTES = 64 * 1024
-_RAW, _VALUE = operator.itemgetter(0), operator.itemgetter(2)  # of h11's (raw, lowercase, value) items
+_RAW, _LOW, _VALUE = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)  # of h11's items
 
 
 def check_target(target: bytes) -> str:
@@ -29,31 +29,24 @@ def check_target(target: bytes) -> str:
 
 
 def split_head(target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> tuple[str, list[tuple[bytes, bytes]]]:
-    """The routable path of a request head and its CPN-* fields (any case), in one pass over the
-    fields, or the HttpError the head deserves (431, 400)."""
+    """The routable path of a request head and its CPN-* fields (names lowercase), in one pass over
+    the fields, or the HttpError the head deserves (431, 400)."""
+    full = getattr(headers, "_full_items", None)
+    if full is not None:  # h11's own (raw, lowercase, value) items: walked in C, no call per field
+        size = len(target) + sum(map(len, map(_RAW, full))) + sum(map(len, map(_VALUE, full))) + 4 * len(full)
+        fields: Iterable[tuple[bytes, bytes]] = zip(map(_LOW, full), map(_VALUE, full))
+    else:
+        size = len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
+        fields = [(n.lower(), v) for n, v in headers]
     framing = 0  # 1: Content-Length seen, 2: Transfer-Encoding seen
     cpn = []
-    full = getattr(headers, "_full_items", None)
-    if full is not None:  # h11's own (raw, lowercase, value) items: no call per field to walk them
-        size = len(target) + sum(map(len, map(_RAW, full))) + sum(map(len, map(_VALUE, full))) + 4 * len(full)
-        for _, low, value in full:
-            if low[:4] == b"cpn-":
-                cpn.append((low, value))
-            elif low == b"content-length":
-                framing |= 1
-            elif low == b"transfer-encoding":
-                framing |= 2
-    else:
-        size = len(target)
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            low = name.lower()
-            if low[:4] == b"cpn-":
-                cpn.append((name, value))
-            elif low == b"content-length":
-                framing |= 1
-            elif low == b"transfer-encoding":
-                framing |= 2
+    for low, value in fields:
+        if low[:4] == b"cpn-":
+            cpn.append((low, value))
+        elif low == b"content-length":
+            framing |= 1
+        elif low == b"transfer-encoding":
+            framing |= 2
     # h11 bounds only what it must buffer; a head that arrived whole is checked here.
     if size > MAX_HEADER_BYTES:
         raise HttpError(431, "headers_too_large", f"request head exceeds {MAX_HEADER_BYTES} bytes", close=True)

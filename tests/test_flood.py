@@ -10,7 +10,6 @@ r1 of /rated at a and r2 of /farrated at b take any rate.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -27,6 +26,7 @@ from cpnd.relay import StreamSink
 from cpnd.sourcerate import SourceRates
 from cpnd.tunnel import ResetCode
 from test_config import GOOD, write
+from test_hangups import _until
 
 
 def _run(capacity: float, offered: dict[str, int], seconds: int, abandoning: set[str]) -> dict[str, float]:
@@ -208,14 +208,6 @@ def site(tmp_path_factory) -> Iterator[tuple[Lab, str]]:
 
 def _inflight(lab: Lab, gw: str, iid: str) -> int:
     return next(i["inflight"] for i in lab.query(gw, "show-services") if i["instance"] == iid)
-
-
-def _until(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _send(addr: str, source: str, target: str) -> socket.socket:
