@@ -90,8 +90,12 @@ class Site:
         self.key_path = workdir / "x.key"
         add_outside_peer(self.specs["t"], "x", self.key_path)
         self.lab = Lab(self.specs)
-        self.lab.start_all()
-        self.lab.wait_for(lambda: self.lab.converged(self.topo), 30, "convergence")
+        try:
+            self.lab.start_all()
+            self.lab.wait_for(lambda: self.lab.converged(self.topo), 30, "convergence")
+        except BaseException:  # no owner gets this site to close: its processes must not outlive the failure
+            self.close()
+            raise
 
     @property
     def pid(self) -> int:
