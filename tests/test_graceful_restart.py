@@ -21,8 +21,12 @@ def route(lab: Lab, gw: str) -> dict | None:
 
 def start(tmp_path) -> Lab:
     lab = Lab(write_lab(TOPO, tmp_path))
-    lab.start_all()
-    lab.wait_for(lambda: lab.converged(TOPO), 20, "convergence")
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(TOPO), 20, "convergence")
+    except BaseException:  # the caller's ``with`` never gets it: its gateways must not outlive the failure
+        lab.stop_all()
+        raise
     return lab
 
 
