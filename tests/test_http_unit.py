@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import h11
 import pytest
-from hypothesis import assume, example, given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cpnd.errors import HttpError
@@ -60,16 +60,16 @@ def test_split_head_finds_the_cpn_fields_and_ambiguous_framing(headers: list[tup
                                                  if n.decode("latin-1").lower().startswith("cpn-")])
 
 
-@given(st.lists(st.sampled_from([(b"Host", b"x"), (b"CPN-QoS", b"batch"), (b"cpn-x", b"1"), (b"X-Cpn-A", b"2"),
-                                  (b"Content-Length", b"1"), (b"TRANSFER-ENCODING", b"chunked"),
-                                  (b"Accept", b"*/*" * 30)]), max_size=6), st.integers(0, 70_000))
-def test_split_head_walks_h11s_own_fields_as_it_walks_pairs(headers: list[tuple[bytes, bytes]], pad: int) -> None:
+@given(st.lists(st.sampled_from([(b"CPN-QoS", b"batch"), (b"cpn-x", b"1"), (b"X-Cpn-A", b"2"), (b"Accept", b"*/*" * 30)]),
+                max_size=6),
+       st.sampled_from([[], [(b"Content-Length", b"1")], [(b"TRANSFER-ENCODING", b"chunked")]]),
+       st.integers(0, 70_000))
+def test_split_head_walks_h11s_own_fields_as_it_walks_pairs(headers: list[tuple[bytes, bytes]],
+                                                            framing: list[tuple[bytes, bytes]], pad: int) -> None:
     """The fast path over h11's parsed items finds what the pair walk finds (names lowercase), size checks included."""
     target = b"/a?" + b"p" * pad
-    try:
-        parsed = h11.Request(method=b"GET", target=target, headers=headers).headers
-    except h11.LocalProtocolError:
-        assume(False)
+    headers = [(b"Host", b"x"), *headers, *framing]  # (h11 refuses both framings, or no Host or two: never seen)
+    parsed = h11.Request(method=b"GET", target=target, headers=headers).headers
     pairs = [(n.lower(), v) for n, v in headers]
     try:
         expected: object = split_head(target, pairs)
