@@ -121,6 +121,16 @@ class SourceLimiter:
         return bucket.ready_at(1, now) - now
 
     def failed(self, source: str, now: float) -> None:
+        self._bucket(source).charge(1, now)
+
+    def take(self, source: str, now: float) -> float:
+        """For a limit on every request (sourcerate.py): 0.0 if one from ``source`` may go now (a token is
+        taken), else the seconds until it may; asking makes ``source`` the most recent either way."""
+        bucket = self._bucket(source)
+        return 0.0 if bucket.take(1, now) else max(1e-6, bucket.ready_at(1, now) - now)
+
+    def _bucket(self, source: str) -> TokenBucket:
+        """``source``'s bucket (a new one full, the least recent forgotten to make room), most recent last."""
         key = source_key(source)
         bucket = self.buckets.pop(key, None)
         if bucket is None:
@@ -128,8 +138,8 @@ class SourceLimiter:
             while len(self.buckets) >= self.max_sources:
                 self.buckets.popitem(last=False)
                 self.forgotten += 1
-        bucket.charge(1, now)
-        self.buckets[key] = bucket  # most recent last
+        self.buckets[key] = bucket
+        return bucket
 
     def retune(self, rate: float, burst: float, max_sources: int) -> None:
         self.rate, self.burst, self.max_sources = rate, burst, max_sources

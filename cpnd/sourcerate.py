@@ -19,49 +19,15 @@ refused only if its users abandon more than that between them.
 
 from __future__ import annotations
 
-import collections
-
-from .clients import SourceLimiter, source_key
-from .limits import TokenBucket
+from .clients import SourceLimiter
 
 MAX_SOURCES = 65_536  # addresses remembered (~200 bytes each): far more than ever ask within a burst
 
 
-class SourceRates:
-    """One token bucket per source address, bounded; ``rate`` and ``burst`` as configured (a reload
-    retunes the buckets it has, keeping their levels)."""
-
-    def __init__(self, rate: float, burst: float, max_sources: int = MAX_SOURCES) -> None:
-        self.rate, self.burst = rate, burst
-        self.max_sources = max_sources
-        self.buckets: collections.OrderedDict[str, TokenBucket] = collections.OrderedDict()  # least recent first
-        self.forgotten = 0  # addresses dropped to stay within max_sources
-
-    def retune(self, rate: float, burst: float) -> None:
-        if (rate, burst) != (self.rate, self.burst):
-            self.rate, self.burst = rate, burst
-            for bucket in self.buckets.values():
-                bucket.retune(rate, burst)
-
-    def wait(self, source: str, now: float) -> float:
-        """0 if a request from ``source`` may go now (a token is taken); else the seconds until it may."""
-        key = source_key(source)
-        bucket = self.buckets.get(key)
-        if bucket is None:
-            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst)
-            if len(self.buckets) > self.max_sources:
-                self.buckets.popitem(last=False)
-                self.forgotten += 1
-        else:
-            self.buckets.move_to_end(key)
-        if bucket.take(1, now):
-            return 0.0
-        return max(1e-6, bucket.ready_at(1, now) - now)
-
-
-def abandon_limiter(rate: float, burst: int, old: SourceLimiter | None) -> SourceLimiter | None:
-    """The limiter of abandoned requests for a (re)loaded config: ``old`` retuned (its buckets kept),
-    a new one, or None (off)."""
+def limiter(rate: float, burst: float, old: SourceLimiter | None) -> SourceLimiter | None:
+    """A per-address limit for a (re)loaded config (clients.SourceLimiter: a bucket per address, at most
+    MAX_SOURCES, the least recent forgotten first): ``old`` retuned (its buckets' levels kept), a new
+    one, or None (``rate`` 0: off)."""
     if not rate:
         return None
     if old is None:

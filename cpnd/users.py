@@ -30,7 +30,7 @@ from .planner import Planner
 from .preface import sniff_preface
 from .rib import Key
 from .select import match_service
-from .sourcerate import SourceRates, abandon_limiter
+from .sourcerate import limiter
 from .streams import StreamReset
 from .tls import ServerTls
 
@@ -57,7 +57,7 @@ class Users:
         self.tls_server: ServerTls | None = None  # https_listen's context (set by reconfigure)
         # workers (cpnd/workers.py): listeners opened by the control process, by tls; used instead of opening ours
         self.inherited: dict[bool, list[trio.SocketListener]] = {}
-        self.source_rates: SourceRates | None = None  # max_requests_per_ip_per_s (rate_sources); None: off
+        self.source_rates: SourceLimiter | None = None  # max_requests_per_ip_per_s (rate_sources); None: off
         self.abandons: SourceLimiter | None = None  # max_abandoned_per_ip_per_s (rate_sources); None: off
 
     @property
@@ -397,15 +397,9 @@ class Users:
     def rate_sources(self, g: GatewayConfig) -> None:
         """(Re)configure ``max_requests_per_ip_per_s`` and ``max_abandoned_per_ip_per_s``: buckets a
         reload keeps (retuned), or none when off."""
-        self.abandons = abandon_limiter(g.max_abandoned_per_ip_per_s, g.max_abandoned_per_ip_burst, self.abandons)
-        if not g.max_requests_per_ip_per_s:
-            self.source_rates = None
-            return
+        self.abandons = limiter(g.max_abandoned_per_ip_per_s, g.max_abandoned_per_ip_burst, self.abandons)
         burst = g.max_requests_per_ip_burst or max(1, math.ceil(g.max_requests_per_ip_per_s))
-        if self.source_rates is None:
-            self.source_rates = SourceRates(g.max_requests_per_ip_per_s, burst)
-        else:
-            self.source_rates.retune(g.max_requests_per_ip_per_s, burst)
+        self.source_rates = limiter(g.max_requests_per_ip_per_s, burst, self.source_rates)
 
     def hung_up(self, source: str, n: int = 1) -> None:
         """``n`` requests of ``source`` ended because their user hung up: counted, and charged to its
@@ -432,7 +426,7 @@ class Users:
         """HttpError 429 for a request over its address's rate (``max_requests_per_ip_per_s``)."""
         rates = self.source_rates
         assert rates is not None
-        wait = rates.wait(client.source, now)
+        wait = rates.take(client.source, now)
         if wait:
             self.p.stats["rate_limited_per_ip"] += 1
             exc = HttpError(429, "rate_limited", f"this address is over its request rate ({rates.rate:g} requests/s, "

@@ -23,7 +23,8 @@ from cpnd.fairshare import FATE_S, IDLE, Shares
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 from cpnd.pipes import pipe
 from cpnd.relay import StreamSink
-from cpnd.sourcerate import SourceRates
+from cpnd.clients import SourceLimiter
+from cpnd.sourcerate import MAX_SOURCES
 from cpnd.tunnel import ResetCode
 from test_config import GOOD, write
 from test_hangups import _until
@@ -120,26 +121,26 @@ def test_only_a_hang_up_is_abandonment() -> None:
 
 
 def test_an_address_gets_its_burst_then_its_rate() -> None:
-    r = SourceRates(2.0, 3)
-    assert [r.wait("10.0.0.1", 0.0) for _ in range(4)][:3] == [0.0] * 3
-    assert r.wait("10.0.0.1", 0.0) == pytest.approx(0.5)  # a token every 0.5 s
-    assert r.wait("10.0.0.2", 0.0) == 0.0  # another address: its own bucket
-    assert r.wait("10.0.0.1", 0.5) == 0.0 and r.wait("10.0.0.1", 0.5) > 0
+    r = SourceLimiter(2.0, 3, MAX_SOURCES)
+    assert [r.take("10.0.0.1", 0.0) for _ in range(4)][:3] == [0.0] * 3
+    assert r.take("10.0.0.1", 0.0) == pytest.approx(0.5)  # a token every 0.5 s
+    assert r.take("10.0.0.2", 0.0) == 0.0  # another address: its own bucket
+    assert r.take("10.0.0.1", 0.5) == 0.0 and r.take("10.0.0.1", 0.5) > 0
     # An IPv6 host holds a whole /64: one bucket for it, as the fair shares count it.
-    assert [r.wait(f"2001:db8::{i}", 1.0) for i in range(1, 5)][-1] > 0
-    assert r.wait("2001:db8:0:1::1", 1.0) == 0.0
-    r.retune(100.0, 3)  # a reload: the levels stay, the new rate refills them
-    assert r.wait("10.0.0.1", 0.51) == 0.0
+    assert [r.take(f"2001:db8::{i}", 1.0) for i in range(1, 5)][-1] > 0
+    assert r.take("2001:db8:0:1::1", 1.0) == 0.0
+    r.retune(100.0, 3, MAX_SOURCES)  # a reload: the levels stay, the new rate refills them
+    assert r.take("10.0.0.1", 0.51) == 0.0
 
 
 def test_the_table_is_bounded_and_forgets_the_least_recent_address() -> None:
-    r = SourceRates(1.0, 1, max_sources=3)
+    r = SourceLimiter(1.0, 1, max_sources=3)
     for i in range(3):
-        assert r.wait(f"10.0.0.{i}", 0.0) == 0.0
-    assert r.wait("10.0.0.0", 0.0) > 0  # the flooder, asking again: the most recent now
-    assert r.wait("10.0.0.9", 0.0) == 0.0  # a newcomer: 10.0.0.1 (least recent) is forgotten
+        assert r.take(f"10.0.0.{i}", 0.0) == 0.0
+    assert r.take("10.0.0.0", 0.0) > 0  # the flooder, asking again: the most recent now
+    assert r.take("10.0.0.9", 0.0) == 0.0  # a newcomer: 10.0.0.1 (least recent) is forgotten
     assert len(r.buckets) == 3 and r.forgotten == 1 and "10.0.0.1" not in r.buckets
-    assert r.wait("10.0.0.0", 0.0) > 0  # still empty: many addresses cannot refill the flooder's
+    assert r.take("10.0.0.0", 0.0) > 0  # still empty: many addresses cannot refill the flooder's
 
 
 @pytest.mark.parametrize(("new", "expected"), [
