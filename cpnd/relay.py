@@ -196,16 +196,15 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
                 await sink.send_all([event])
         elif isinstance(event, h11.EndOfMessage):
             end = event if trailers else h11.EndOfMessage()
-            if armed:
-                await sink.send_all([*held, end] if held is not None else [end], end=True)
-            elif idle.deadline == math.inf:  # no deadline to keep: the idle time bounds the write
+            if not armed and idle.deadline == math.inf:  # no deadline to keep: the idle time bounds the write
                 arm()
-                await sink.send_all([*held, end], end=True)  # type: ignore[list-item]
-            else:
+                armed = True
+            if not armed:  # the caller's deadline, unless the write has to wait for room
                 sink.before_blocking(arm)
-                try:
-                    await sink.send_all([*held, end], end=True)  # type: ignore[list-item]
-                finally:
+            try:
+                await sink.send_all([*held, end] if held is not None else [end], end=True)
+            finally:
+                if not armed:
                     sink.before_blocking(None)
             return
         else:
