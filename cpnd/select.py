@@ -263,18 +263,9 @@ def bound_limit_us(max_latency_us: int) -> int:
     return int(max_latency_us * (1 - BOUND_MARGIN_FRAC))
 
 
-def admissible(c: Candidate, cons: Constraints) -> bool:
-    return priced(c, cons) and meets_bound(c, cons)
-
-
 def priced(c: Candidate, cons: Constraints) -> bool:
     """The price check (True without a cap)."""
     return cons.max_price is None or c.price <= cons.max_price
-
-
-def meets_bound(c: Candidate, cons: Constraints) -> bool:
-    """The latency-bound check (True without a bound)."""
-    return cons.max_latency_us is None or c.total_us <= cons.max_latency_us * (1 - BOUND_MARGIN_FRAC)
 
 
 def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
@@ -282,8 +273,9 @@ def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
     cap, bound = cons.max_price, cons.max_latency_us
     if cap is None and bound is None:
         return ordered(cands, cons.prefer)
-    # admissible() spelt out: three calls and two properties per candidate were a tenth of a plan.
-    limit = bound * (1 - BOUND_MARGIN_FRAC) if bound is not None else math.inf
+    # Priced and within the bound, spelt out: two calls and two properties per candidate were a tenth
+    # of a plan. (Estimates are whole µs: within the limit's floor is within the limit.)
+    limit = bound_limit_us(bound) if bound is not None else math.inf
     return ordered([c for c in cands if (cap is None or c.price <= cap)
                     and c.path_latency_us + c.gateways_us + c.compute_us + c.correction_us <= limit], cons.prefer)
 
