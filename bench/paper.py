@@ -149,7 +149,8 @@ async def run_user(name: str, hostport: str, headers: dict[str, str], plan: list
                 if status == 200:
                     rec["compute_ms"] = json.loads(body)["compute_ms"]
                 else:
-                    rec["error"] = json.loads(body).get("error", "?")
+                    err = json.loads(body)
+                    rec["error"], rec["detail"] = err.get("error", "?"), err.get("detail", "")
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ConnectionError, ValueError):
                 pass
             rec["latency_ms"] = (trio.current_time() - at) * 1000

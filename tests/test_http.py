@@ -208,13 +208,15 @@ def test_slow_request_does_not_delay_fast_one_over_the_same_peer(net) -> None:
         async with httpx.AsyncClient(base_url=net["url"], timeout=10) as c:
             t0 = trio.current_time()
 
-            async def req(name: str, path: str, headers: dict[str, str] = S1_ONLY) -> None:
+            # No bound on the fast ones either (S1: s1 by latency, ~5 ms against s2's ~101): an 80 ms
+            # bound made this a timed test on a busy box (a 504 at the bound), which it is not about.
+            async def req(name: str, path: str, headers: dict[str, str] = S1) -> None:
                 r = await c.get(path, headers=headers)
                 assert r.status_code == 200 and r.headers["cpn-instance"] == "s1", (path, r.text)
                 done[name] = trio.current_time() - t0
 
             async with trio.open_nursery() as n:
-                n.start_soon(req, "slow", "/yolo?delay=2", S1)  # no bound: a 2 s answer is a success
+                n.start_soon(req, "slow", "/yolo?delay=2")  # a 2 s answer is a success
                 n.start_soon(req, "stream", "/yolo?stream=20&interval=0.1")
                 await trio.sleep(0.2)
                 for i in range(5):
