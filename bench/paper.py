@@ -459,6 +459,10 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         for u in ("u1", "u2"):  # what the failures were, per second
             kinds = collections.Counter(r.get("error", f"status {r['status']}") for r in window if r["user"] == u and r["status"] != 200)
             row[f"{u}_error_kinds"] = {k: round(v / span, 2) for k, v in kinds.items()}
+        # u1's losses by where they came from (the errors' details, and late 200s), per second:
+        # which part of the system the step's shortfall against the optimum is in.
+        causes = collections.Counter(failure_cause(r) for r in window if r["user"] == "u1" and (r["status"] != 200 or late(r)))
+        row["u1_failure_causes"] = {k: round(v / span, 2) for k, v in causes.most_common()}
         row["optimum"] = round(optimum(rate, rate, rtt["u1"]), 2)
         row["served_over_optimum"] = round(row["served"] / row["optimum"], 3) if row["optimum"] else None
         # The same optimum from what the gateways measured during this step (path latencies
@@ -478,6 +482,30 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
             row["served_over_optimum_measured"] = round(row["served"] / row["optimum_measured"], 3) if row["optimum_measured"] else None
         steps.append(row)
     return {"mode": mode, "steps": steps, "measured_path_latency_ms": rtt, "gateway_stats": stats}
+
+
+FAILURE_CAUSES = (  # (what the detail says, the cause's name), first match wins (cpnd's error details)
+    ("the latency bound leaves", "egress: compute over the slack the bound leaves"),
+    ("exceeds the remaining", "egress: compute over the remaining deadline"),
+    ("over its fair share", "egress: full (fair share)"),
+    ("at capacity", "egress: full (capacity)"),
+    ("keeping capacity", "egress: kept for bound requests"),
+    ("meets the request's constraints", "ingress: no estimate within the bound"),
+    ("no response head by then", "ingress: cut at the bound"),
+    ("after the request's latency bound", "ingress: head came after the bound"),
+    ("not whole by the request's latency bound", "ingress: body not whole by the bound"),
+)
+
+
+def failure_cause(r: dict[str, Any]) -> str:
+    """Where one of u1's failures came from: a late 200, else the first FAILURE_CAUSES its detail names."""
+    if r["status"] == 200:
+        return "late 200 (client)"
+    detail = r.get("detail", "")
+    for text, name in FAILURE_CAUSES:
+        if text in detail:
+            return name
+    return f"{r['status']} {r.get('error', 'no answer')}"
 
 
 def late(r: dict[str, Any]) -> bool:
@@ -585,7 +613,7 @@ def main() -> int:
                                                  "optimum_measured", "u1_p50_e2e_ms", "u1_p99_e2e_ms", "u1_max_e2e_ms",
                                                  "u1_max_net_compute_ms", "u1_overhead_p50_ms", "s1_load", "s2_load",
                                                  "s3_load", "s4_load", "s5_load", "floor_p50_e2e_ms", "floor_p99_e2e_ms",
-                                                 "u1_over_floor_overhead_p50")}), flush=True)
+                                                 "u1_over_floor_overhead_p50", "u1_failure_causes")}), flush=True)
     (out / "paper.json").write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1) + "\n")
     with open(out / "paper.csv", "w", newline="") as f:
         rows = [s for r in results for s in r["steps"]]
