@@ -640,7 +640,9 @@ class Gateway:
             if adv or wd:
                 self.stats["updates_out"] += link.session.send_update(adv, wd)
                 sent = True
-            self.route_work.charge(self.cpu_clock() - started, now)
+            spent = self.cpu_clock() - started
+            self.route_work.charge(spent, now)
+            self.stats["route_out_cpu_us"] += round(spent * 1e6)  # our routes' export and encoding, per peer
             if out.withheld and not link.withheld_logged:
                 link.withheld_logged = True
                 log.warning("%s: withholding routes from peer %s: it takes at most %d (%d withheld so far; own "
@@ -686,7 +688,9 @@ class Gateway:
             routing = routing or type(event) is not TunnelFrame
             if update:
                 slices += 1
-                self.route_work.charge(self.cpu_clock() - started, now)
+                spent = self.cpu_clock() - started
+                self.route_work.charge(spent, now)
+                self.stats["route_in_cpu_us"] += round(spent * 1e6)  # decode, RIB, marking the re-flood
         return routing, slices
 
     def _queue_out(self, link: Link) -> None:

@@ -221,7 +221,13 @@ class Rib:
                 changed.add(key)
         imports = self.import_prefixes.get(peer)
         pref = self.local_pref.get(peer, 100)
+        loc = self.loc
         for adv in update.adv:
+            held_best = loc.get(adv.key)
+            if held_best is not None and adv.seq <= held_best.fresh.seq:
+                # Nothing newer of the instance (a copy of news that came by another path, or a path
+                # change alone): what flooding the same change through several peers costs us.
+                self.counters["route_entries_old_seq"] += 1
             validation = Validation.UNKNOWN
             if self.local_id in adv.path:
                 validation = Validation.INVALID  # loop: the path already went through us
