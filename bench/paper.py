@@ -318,6 +318,9 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                     done.set()
                     sampler.join()
                 stats = {gw: lab.query(gw, "status") for gw in ("gw1", "gw2")}
+                # The origins' re-advertisements over the whole run, by what moved (load, bload, compute, refresh)
+                stats["origins"] = {gw: {k: v for k, v in lab.query(gw, "stats")["gateway"].items() if k.startswith("load_")}
+                                    for gw in ORIGIN.values()}
         finally:
             insts.stop_all()
     if keep is not None:

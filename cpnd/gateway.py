@@ -188,6 +188,7 @@ class OwnInstances:
         self.seqs = {i.id: seq for svc in config.services for i in svc.instances}
         self.attrs: dict[str, Reading] = {}  # what was last advertised of each (configured compute until measured)
         self.pacers = _pacers(config, {})
+        self.why: collections.Counter[str] = collections.Counter()  # re-advertisements by what moved
 
     def reconfigure(self, config: Config) -> None:
         """Take the reloaded services: instances that stay keep their pacers and attributes."""
@@ -210,7 +211,9 @@ class OwnInstances:
         moved = False
         for iid, pacer in self.pacers.items():
             reading = readings.get(iid)
-            if reading is not None and pacer.should_advertise(now, *reading):
+            why = pacer.why(now, *reading) if reading is not None else None
+            if reading is not None and why is not None:
+                self.why[why] += 1
                 pacer.advertised(now, *reading)
                 self.bump([iid])
                 self.attrs[iid] = reading
@@ -481,6 +484,9 @@ class Gateway:
         processing times; drop stale routes whose window passed."""
         if self.own.poll(now):
             self.stats["load_updates"] += 1
+            for why, n in self.own.why.items():  # per instance, by what moved (show stats)
+                self.stats[f"load_adv_{why}"] += n
+            self.own.why.clear()
             self._propagate(self.rib.set_local(self.own.routes(self.rib.egress_us), now))
         self._gateway_times(now)
         if self.rib.stale_until:

@@ -463,13 +463,21 @@ class LoadPacer:
     last_bload: float = 0.0
 
     def should_advertise(self, now: float, load: float, bload: float, compute_us: float) -> bool:
+        return self.why(now, load, bload, compute_us) is not None
+
+    def why(self, now: float, load: float, bload: float, compute_us: float) -> str | None:
+        """What makes this reading worth re-advertising now (``load``, ``bload``, ``compute``,
+        ``refresh``), or None."""
         if now - self.last_at < self.min_interval_s:
-            return False
-        moved = (load_moved(load, self.last_load, self.capacity, self.load_threshold)
-                 or load_moved(bload, self.last_bload, self.capacity, self.load_threshold)
-                 or abs(compute_us - self.last_compute_us) > self.compute_threshold * max(self.last_compute_us, 100.0))
+            return None
+        if load_moved(load, self.last_load, self.capacity, self.load_threshold):
+            return "load"
+        if load_moved(bload, self.last_bload, self.capacity, self.load_threshold):
+            return "bload"
+        if abs(compute_us - self.last_compute_us) > self.compute_threshold * max(self.last_compute_us, 100.0):
+            return "compute"
         changed = (load, bload, compute_us) != (self.last_load, self.last_bload, self.last_compute_us)
-        return moved or (now - self.last_at >= self.refresh_s and changed)
+        return "refresh" if now - self.last_at >= self.refresh_s and changed else None
 
     def advertised(self, now: float, load: float, bload: float, compute_us: float) -> None:
         self.last_at, self.last_load, self.last_bload, self.last_compute_us = now, load, bload, compute_us

@@ -145,3 +145,13 @@ def test_pacer_never_within_the_interval_and_never_holds_a_step(steps: list[tupl
             last = now
         else:
             assert not (step and due)
+
+
+def test_why_names_what_moved() -> None:
+    p = pacer()
+    p.advertised(0.0, 0.5, 0.2, 1000)
+    assert p.why(0.25, 0.8, 0.2, 1000) == "load"
+    assert p.why(0.25, 0.5, 0.5, 1000) == "bload"
+    assert p.why(0.25, 0.5, 0.2, 1100) == "compute"
+    assert p.why(0.25, 0.55, 0.2, 1000) is None  # within the noise
+    assert p.why(5.0, 0.55, 0.2, 1000) == "refresh"
