@@ -75,7 +75,7 @@ CONNS_PER_USER = 8
 SAMPLE_EVERY_S = 0.5
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REQUEST_TIMEOUT_S = 5.0
-ROUTING_COUNTERS = ("route_entries_in", "route_entries_old_seq", "route_in_cpu_us", "route_out_cpu_us")
+ROUTING_COUNTERS = ("route_entries_in", "route_entries_old_seq", "route_in_cpu_us", "route_out_cpu_us", "rib_changes", "updates_out")
 # The floor of our own stack on u1's usual path (gw1 -> gw3 -> s1): two bench/floor_proxy.py
 # (trio + h11, parse and re-serialise only) with gw1-gw3's emulated link between them, in front
 # of an instance of its own with s1's compute; "floor" sends what u1 sends, at u1's rate up to
