@@ -1006,6 +1006,8 @@ def _pacers(config: Config, old: Mapping[str, LoadPacer]) -> dict[str, LoadPacer
             if pacer is None:
                 pacer = LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
                 pacer.last_compute_us = inst.compute_latency_ms * 1000
-            pacer.capacity = inst.capacity  # a reload may change it: the loads' noise is counted against it
+            # A reload may change these: the loads' noise is counted against the capacity.
+            pacer.capacity, pacer.min_interval_s = inst.capacity, g.load_adv_interval_ms / 1000
+            pacer.load_threshold = g.load_change_threshold
             out[inst.id] = pacer
     return out

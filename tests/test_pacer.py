@@ -97,20 +97,21 @@ def test_refresh_still_carries_a_change_within_the_noise() -> None:
     assert not p.should_advertise(10.0, 0.7, 0.0, 1000)  # nothing changed: nothing to refresh
 
 
-def test_reload_gives_a_staying_instance_its_new_capacity(tmp_path) -> None:
+def test_reload_gives_a_staying_instance_its_new_capacity_and_pace(tmp_path) -> None:
     write_private_key(tmp_path / "g.key", generate_key(), force=True)
 
-    def config(capacity: int) -> Config:
+    def config(capacity: int, gateway: str = "") -> Config:
         path = tmp_path / f"c{capacity}.toml"
-        path.write_text('[gateway]\nid = "g"\nlisten = "127.0.0.1:0"\nkey_file = "g.key"\n[[services]]\npath = "/s"\n'
+        path.write_text(f'[gateway]\nid = "g"\nlisten = "127.0.0.1:0"\nkey_file = "g.key"\n{gateway}[[services]]\npath = "/s"\n'
                         f'[[services.instances]]\nid = "i"\nurl = "http://127.0.0.1:1"\ncapacity = {capacity}\n')
         return load_config(path)
 
     first = _pacers(config(50), {})
-    assert first["i"].capacity == 50
+    assert (first["i"].capacity, first["i"].min_interval_s, first["i"].load_threshold) == (50, 0.2, 0.05)
     first["i"].advertised(1.0, 0.5, 0.0, 1000)
-    again = _pacers(config(5000), first)
-    assert again["i"] is first["i"] and again["i"].capacity == 5000
+    again = _pacers(config(5000, "load_adv_interval_ms = 1000\nload_change_threshold = 0.1\n"), first)
+    assert again["i"] is first["i"] and again["i"].last_load == 0.5  # what was advertised stays known
+    assert (again["i"].capacity, again["i"].min_interval_s, again["i"].load_threshold) == (5000, 1.0, 0.1)
 
 
 loads = st.floats(0.0, 1.5, allow_nan=False)  # bload (demand) may exceed 1
