@@ -75,6 +75,7 @@ CONNS_PER_USER = 8
 SAMPLE_EVERY_S = 0.5
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REQUEST_TIMEOUT_S = 5.0
+ROUTING_COUNTERS = ("route_entries_in", "route_entries_old_seq", "route_in_cpu_us", "route_out_cpu_us", "rib_changes", "updates_out")
 # The floor of our own stack on u1's usual path (gw1 -> gw3 -> s1): two bench/floor_proxy.py
 # (trio + h11, parse and re-serialise only) with gw1-gw3's emulated link between them, in front
 # of an instance of its own with s1's compute; "floor" sends what u1 sends, at u1's rate up to
@@ -284,7 +285,8 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                             comp = {i["instance"]: i["compute_latency_ms"] for gw in ORIGIN.values()
                                     for i in lab.query(gw, "show-services")}
                             best = [r for r in lab.routes("gw1") if r["best"]]
-                            http = lab.query("gw1", "stats")["http"]
+                            gw1_stats = lab.query("gw1", "stats")
+                            http, routing = gw1_stats["http"], gw1_stats["gateway"]
                         except (OSError, ValueError, KeyError):
                             continue
                         samples.append({"at": time.monotonic() - start, "compute_ms": comp,
@@ -300,7 +302,11 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                                         "estimate_ms": {r["instance"]: r["estimate"]["bounded_total_ms"] for r in best},
                                         "estimates": {r["instance"]: r["estimate"] for r in best},  # its parts, for --records
                                         "late": http.get("late", 0), "bound_cut": http.get("bound_cut", 0),
-                                        "bound_probes": http.get("bound_probes", 0)})
+                                        "bound_probes": http.get("bound_probes", 0),
+                                        # gw1's routing work: route entries received (each one instance's
+                                        # advertisement as one peer passed it on), those with nothing newer
+                                        # than it held (a copy by another path), and the CPU they took
+                                        **{k: routing.get(k, 0) for k in ROUTING_COUNTERS}})
 
                 jobs = {u: (specs[gw].http, headers) for u, (gw, headers) in USERS.items()} | {"floor": (floor, {})}
                 plans = {u: make_plan(rates if u != "floor" else [min(r, FLOOR_MAX_RATE) for r in rates], step_s, 0.0,
@@ -313,6 +319,9 @@ def run_mode(mode: str, rates: list[float], step_s: float, warmup_s: float, prew
                     done.set()
                     sampler.join()
                 stats = {gw: lab.query(gw, "status") for gw in ("gw1", "gw2")}
+                # The origins' re-advertisements over the whole run, by what moved (load, bload, compute, refresh)
+                stats["origins"] = {gw: {k: v for k, v in lab.query(gw, "stats")["gateway"].items() if k.startswith("load_")}
+                                    for gw in ORIGIN.values()}
         finally:
             insts.stop_all()
     if keep is not None:
@@ -384,6 +393,14 @@ def ingress_late(samples: list[dict[str, Any]], lo: float, hi: float, key: str =
     return until[-1] - before[-1] if before and until else None
 
 
+def per_s(samples: list[dict[str, Any]], lo: float, hi: float, key: str) -> float | None:
+    """A counter's rate over [lo, hi), between the samples nearest its ends."""
+    window = [x for x in samples if lo <= x["at"] < hi and key in x]
+    if len(window) < 2 or window[-1]["at"] <= window[0]["at"]:
+        return None
+    return round((window[-1][key] - window[0][key]) / (window[-1]["at"] - window[0]["at"]), 1)
+
+
 def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, records: list[dict[str, Any]],
               rtt: dict[str, dict[str, float]], stats: dict[str, Any],
               samples: list[dict[str, Any]] | None = None, prewarm_s: float = 0.0) -> dict[str, Any]:
@@ -433,6 +450,8 @@ def summarise(mode: str, rates: list[float], step_s: float, warmup_s: float, rec
         row["u1_late_at_ingress"] = ingress_late(samples or [], at_lo, at_hi)
         row["u1_cut_at_bound"] = ingress_late(samples or [], at_lo, at_hi, "bound_cut")
         row["u1_probes"] = ingress_late(samples or [], at_lo, at_hi, "bound_probes")  # sent where the correction held it out
+        for k in ROUTING_COUNTERS:  # gw1's, per second of the step
+            row[f"gw1_{k}_per_s"] = per_s(samples or [], at_lo, at_hi, k)
         used = cpu_ms(samples or [], at_lo, at_hi)
         row["cpu_ms_per_request"] = cpu_per_request(used, sum(1 for r in window if r["user"] in USERS),
                                                      sum(1 for r in window if r["user"] == "floor"))

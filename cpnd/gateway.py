@@ -188,6 +188,7 @@ class OwnInstances:
         self.seqs = {i.id: seq for svc in config.services for i in svc.instances}
         self.attrs: dict[str, Reading] = {}  # what was last advertised of each (configured compute until measured)
         self.pacers = _pacers(config, {})
+        self.why: collections.Counter[str] = collections.Counter()  # re-advertisements by what moved
 
     def reconfigure(self, config: Config) -> None:
         """Take the reloaded services: instances that stay keep their pacers and attributes."""
@@ -210,7 +211,9 @@ class OwnInstances:
         moved = False
         for iid, pacer in self.pacers.items():
             reading = readings.get(iid)
-            if reading is not None and pacer.should_advertise(now, *reading):
+            why = pacer.why(now, *reading) if reading is not None else None
+            if reading is not None and why is not None:
+                self.why[why] += 1
                 pacer.advertised(now, *reading)
                 self.bump([iid])
                 self.attrs[iid] = reading
@@ -481,6 +484,9 @@ class Gateway:
         processing times; drop stale routes whose window passed."""
         if self.own.poll(now):
             self.stats["load_updates"] += 1
+            for why, n in self.own.why.items():  # per instance, by what moved (show stats)
+                self.stats[f"load_adv_{why}"] += n
+            self.own.why.clear()
             self._propagate(self.rib.set_local(self.own.routes(self.rib.egress_us), now))
         self._gateway_times(now)
         if self.rib.stale_until:
@@ -640,7 +646,9 @@ class Gateway:
             if adv or wd:
                 self.stats["updates_out"] += link.session.send_update(adv, wd)
                 sent = True
-            self.route_work.charge(self.cpu_clock() - started, now)
+            spent = self.cpu_clock() - started
+            self.route_work.charge(spent, now)
+            self.stats["route_out_cpu_us"] += round(spent * 1e6)  # our routes' export and encoding, per peer
             if out.withheld and not link.withheld_logged:
                 link.withheld_logged = True
                 log.warning("%s: withholding routes from peer %s: it takes at most %d (%d withheld so far; own "
@@ -686,7 +694,9 @@ class Gateway:
             routing = routing or type(event) is not TunnelFrame
             if update:
                 slices += 1
-                self.route_work.charge(self.cpu_clock() - started, now)
+                spent = self.cpu_clock() - started
+                self.route_work.charge(spent, now)
+                self.stats["route_in_cpu_us"] += round(spent * 1e6)  # decode, RIB, marking the re-flood
         return routing, slices
 
     def _queue_out(self, link: Link) -> None:
@@ -996,5 +1006,8 @@ def _pacers(config: Config, old: Mapping[str, LoadPacer]) -> dict[str, LoadPacer
             if pacer is None:
                 pacer = LoadPacer(min_interval_s=g.load_adv_interval_ms / 1000, load_threshold=g.load_change_threshold)
                 pacer.last_compute_us = inst.compute_latency_ms * 1000
+            # A reload may change these: the loads' noise is counted against the capacity.
+            pacer.capacity, pacer.min_interval_s = inst.capacity, g.load_adv_interval_ms / 1000
+            pacer.load_threshold = g.load_change_threshold
             out[inst.id] = pacer
     return out

@@ -426,14 +426,36 @@ class InstanceMeter:
         self.inflight = max(0, self.inflight - 1)
 
 
+# A one-second count of n requests is Poisson-noisy by about sqrt(n): a load or bload move counts
+# (selection.md, "Load advertisement") only beyond NOISE_K of that, in load units
+# NOISE_K * sqrt(max(old, new) / capacity), capped at NOISE_CAP so that a real step of 20 % of
+# capacity still goes out at the next interval even with a quarter of it hidden by noise.
+NOISE_K = 2.0
+NOISE_CAP = 0.15
+
+
+def load_moved(new: float, old: float, capacity: float, threshold: float) -> bool:
+    """Is ``new`` a material change from the advertised ``old`` (a load or bload: a one-second
+    count over ``capacity``)? At least ``threshold``, and beyond the count's own noise unless it
+    went to or from idle (0) or full (1 or more)."""
+    moved = abs(new - old)
+    if moved < threshold:
+        return False
+    if (new <= 0.0) != (old <= 0.0) or (new >= 1.0) != (old >= 1.0) or capacity <= 0:
+        return True  # idle and full are news whatever the noise: admission and selection turn on them
+    return moved >= min(NOISE_CAP, NOISE_K * math.sqrt(max(new, old) / capacity))
+
+
 @attrs.define
 class LoadPacer:
-    """Re-advertise an instance's load only when it moved materially, at most once per interval."""
+    """Re-advertise an instance's load only when it moved materially (beyond the threshold and its
+    one-second count's noise), at most once per interval; changed values at least every refresh."""
 
     min_interval_s: float = 0.2
     load_threshold: float = 0.05
     compute_threshold: float = 0.05
     refresh_s: float = 5.0
+    capacity: float = 0.0  # requests per second the loads are counted against (0: no noise allowance)
     last_at: float = -math.inf
     last_load: float = 0.0
     last_compute_us: float = 0.0
@@ -441,12 +463,21 @@ class LoadPacer:
     last_bload: float = 0.0
 
     def should_advertise(self, now: float, load: float, bload: float, compute_us: float) -> bool:
+        return self.why(now, load, bload, compute_us) is not None
+
+    def why(self, now: float, load: float, bload: float, compute_us: float) -> str | None:
+        """What makes this reading worth re-advertising now (``load``, ``bload``, ``compute``,
+        ``refresh``), or None."""
         if now - self.last_at < self.min_interval_s:
-            return False
-        moved = (abs(load - self.last_load) >= self.load_threshold or abs(bload - self.last_bload) >= self.load_threshold
-                 or abs(compute_us - self.last_compute_us) > self.compute_threshold * max(self.last_compute_us, 100.0))
+            return None
+        if load_moved(load, self.last_load, self.capacity, self.load_threshold):
+            return "load"
+        if load_moved(bload, self.last_bload, self.capacity, self.load_threshold):
+            return "bload"
+        if abs(compute_us - self.last_compute_us) > self.compute_threshold * max(self.last_compute_us, 100.0):
+            return "compute"
         changed = (load, bload, compute_us) != (self.last_load, self.last_bload, self.last_compute_us)
-        return moved or (now - self.last_at >= self.refresh_s and changed)
+        return "refresh" if now - self.last_at >= self.refresh_s and changed else None
 
     def advertised(self, now: float, load: float, bload: float, compute_us: float) -> None:
         self.last_at, self.last_load, self.last_bload, self.last_compute_us = now, load, bload, compute_us

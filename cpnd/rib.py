@@ -221,7 +221,13 @@ class Rib:
                 changed.add(key)
         imports = self.import_prefixes.get(peer)
         pref = self.local_pref.get(peer, 100)
+        loc = self.loc
         for adv in update.adv:
+            held_best = loc.get(adv.key)
+            if held_best is not None and adv.seq <= held_best.fresh.seq:
+                # Nothing newer of the instance (a copy of news that came by another path, or a path
+                # change alone): what flooding the same change through several peers costs us.
+                self.counters["route_entries_old_seq"] += 1
             validation = Validation.UNKNOWN
             if self.local_id in adv.path:
                 validation = Validation.INVALID  # loop: the path already went through us
@@ -440,13 +446,19 @@ class Rib:
             return None
         best, best_lat, reason = cands[0], self.path_latency_us(cands[0]), BestReason.ONLY
         fresh = cands[0]
+        # Of paths equally fresh (the same change flooded through several peers: the same values),
+        # the one we took them from first stays: a later copy then changes nothing to pass on.
+        held = self.loc.get(key)
+        held_fresh = held.fresh if held is not None else None
         for r in cands[1:]:
             lat = self.path_latency_us(r)
             best, reason = compare(best, best_lat, r, lat)
             best_lat = self.path_latency_us(best)
             # Attributes come from the freshest verified path when there is one: a `seq` nobody
             # could verify never overrides what the origin signed (routing.md, "Origin validation").
-            if (r.validation is Validation.VALID, r.adv.seq) > (fresh.validation is Validation.VALID, fresh.adv.seq):
+            rank = (r.validation is Validation.VALID, r.adv.seq)
+            fresh_rank = (fresh.validation is Validation.VALID, fresh.adv.seq)
+            if rank > fresh_rank or (rank == fresh_rank and r.adv is held_fresh):
                 fresh = r
         if self.local.get(key) is not None:
             fresh = self.local[key]  # our own instance: nobody else knows it better

@@ -296,3 +296,26 @@ def test_lookup_target_by_label_follows_the_loc_rib() -> None:
     assert rib.by_label == {other: {"/other"}} and set(rib.by_service) == {"/other"}
     rib.peer_down("p")
     assert rib.by_label == {} and rib.by_service == {}
+
+
+def test_a_flooded_copy_of_news_already_held_changes_nothing() -> None:
+    """The same change through a second peer (same seq, same values) is not news to pass on,
+    whichever peer's routes are looked at first; the old behaviour re-marked every peer for it."""
+    rib = Rib("me")
+    rib.set_link_cost("far", 1000)
+    rib.set_link_cost("near", 10)
+    key = ("/svc", "o", "s")
+
+    def adv(peer: str, seq: int, load: float) -> Update:
+        path = (peer, "o") if peer == "near" else (peer, "x", "o")
+        return Update((RouteAdv("/svc", "s", "o", seq, LABEL, path, 0, 50.0, load, 1, 0),))
+
+    rib.apply_update("far", adv("far", 1, 0.1), 0)  # "far" is looked at first from now on
+    rib.apply_update("near", adv("near", 1, 0.1), 0)
+    assert rib.apply_update("near", adv("near", 2, 0.5), 1) == {key}  # the news, by the best path
+    assert rib.loc[key].fresh.load == 0.5
+    assert rib.apply_update("far", adv("far", 2, 0.5), 1.01) == set()  # its copy: nothing changed
+    assert rib.loc[key].fresh_at == 1  # and it came when the first one did
+    assert rib.apply_update("far", adv("far", 3, 0.6), 2) == {key}  # news by either path is news
+    assert rib.apply_update("near", adv("near", 3, 0.6), 2.01) == {key}  # (the best path's own route is new)
+    assert rib.loc[key].fresh.path == ("far", "x", "o") and rib.loc[key].fresh_at == 2
