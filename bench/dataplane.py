@@ -5,6 +5,7 @@
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
     python bench/dataplane.py --saturation-cpu [--repeats 3] [--seconds 4]   # CPU per request of each process, saturated
     python bench/dataplane.py --opcodes [--breakdown-requests 200]   # bytecodes a request by function, exact
+    python bench/dataplane.py --saturation-breakdown [--repeats 2 --seconds 4 --breakdown-requests 300]   # saturated vs sequential
     python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
     python bench/dataplane.py --grpc [--repeats 3] [--seconds 4] [--idle-rounds 5]   # gRPC unary beside direct calls
     python bench/dataplane.py --workers [--repeats 5]    # a local instance with [gateway] workers = 1 and 2
@@ -1103,6 +1104,134 @@ def print_breakdown(result: dict[str, Any]) -> None:
                 print(f"  {r['cum_us']:7.1f} {r['calls']:6.2f}  {r['function']}")
 
 
+# ---------------------------------------------------------------- saturated beside sequential
+
+
+SAT_PATHS = "floor,local,floor x2,1 hop"  # cpnd's paths and the floor with as many proxies (--sat-paths)
+
+
+def wrk_requests(wrk: str, target: tuple[str, int, str], seconds: float) -> int:
+    """wrk (1 thread, 8 keep-alive connections) on ``target`` for ``seconds``: the requests it had answered."""
+    h, p, path = target
+    out = subprocess.run([wrk, "-t1", "-c8", f"-d{seconds:g}s", f"http://{h}:{p}{path}"], capture_output=True,
+                         text=True, timeout=seconds + 30).stdout
+    m = re.search(r"(\d+) requests in", out)
+    if not m or "Non-2xx" in out:
+        raise RuntimeError(f"wrk on {target}: {out}")
+    return int(m.group(1))
+
+
+# The tasks a request runs in: a floor proxy's connection, a user's connection, an egress's stream,
+# a peer connection's reader and writer (these also carry the control plane's messages).
+REQUEST_TASKS = ("_run_handler", "_client", "stream", "_reader", "_writer")
+
+
+def _beside(m: dict[str, Any], n: int) -> dict[str, float]:
+    """Time in steps of the tasks beside the requests' (timers, the load loop, health, accepting), per
+    second of the window and per request."""
+    rest = sum(v for k, v in m["loop"]["step_s"].items() if k not in REQUEST_TASKS)
+    return {"ms_per_s": round(rest / m["loop"]["seconds"] * 1e3, 2), "us_per_request": round(rest / n * 1e6, 2)}
+
+
+def saturation_breakdown(args: argparse.Namespace, wrk: str) -> int:
+    """Each process of floor, local, floor x2 and 1 hop per request at saturation (wrk) beside one request at
+    a time: CPU, loop batches, task steps, syscalls by kind, GC, the tasks beside the requests; then the
+    bytecodes of a wrk window per request served beside those of sequential requests, by function."""
+    paths = [k.strip() for k in args.sat_paths.split(",")]
+    probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
+    os.environ["CPN_PROBE"] = str(probe_dir)
+    n = args.breakdown_requests
+    result: dict[str, Any] = {"command": " ".join(sys.argv), "load_before": machine_load(), "counts": {}, "opcodes": {}}
+    ensure("nginx", "nginx-light")
+    try:
+        with Rig({}, with_peers=False) as rig:
+            probe = Probe(probe_dir)
+            for k in paths:
+                Sequential(*rig.targets[k]).run(100)
+            pids = sorted({pid for k in paths for _, pid in rig.roles[k]})
+            idle = measure_window(probe, pids, lambda: time.sleep(args.idle_seconds), probe_dir)
+            for rep in range(args.repeats):
+                for k in paths:
+                    kp = [pid for _, pid in rig.roles[k]]
+                    client = Sequential(*rig.targets[k])
+                    client.run(20)
+                    seq = measure_window(probe, kp, lambda: client.run(n), probe_dir)
+                    client.close()
+                    served: list[int] = []
+                    sat = measure_window(probe, kp, lambda: served.append(wrk_requests(wrk, rig.targets[k], args.seconds)),
+                                         probe_dir)
+                    rows = result["counts"].setdefault(k, [])
+                    for role, pid in rig.roles[k]:
+                        rows.append({"role": role, "rep": rep, "rps": served[0] / args.seconds,
+                                     "sequential": per_request(seq[pid], idle[pid], n),
+                                     "saturated": {**per_request(sat[pid], idle[pid], served[0]),
+                                                   "beside": _beside(sat[pid], served[0])}})
+                        r = rows[-1]
+                        print(f"rep {rep} {k}, {role}: {r['rps']:.0f} req/s; CPU µs a request {r['sequential']['cpu_us']} "
+                              f"sequential, {r['saturated']['cpu_us']} saturated; {machine_load()}", flush=True)
+            (probe_dir / "mode").write_text("opcodes")
+            idle_s = _idle_window(rig, probe, list(paths))
+            idle_ops = {pid: _opcode_counts(probe_dir / f"probe-{pid}.opcodes") for pid in idle_s}
+            for k in paths:
+                kp = [pid for _, pid in rig.roles[k]]
+                for how in ("sequential", "saturated"):
+                    if how == "sequential":
+                        secs, served_n = _request_window(rig, probe, k, n), n
+                    else:
+                        probe.start(kp)
+                        served_n = wrk_requests(wrk, rig.targets[k], args.seconds)
+                        secs = {pid: c["seconds"] for pid, c in probe.read(kp).items()}
+                    for role, pid in rig.roles[k]:
+                        got = _opcode_counts(probe_dir / f"probe-{pid}.opcodes")
+                        scale = secs[pid] / idle_s[pid]
+                        per = {f: (v - idle_ops[pid].get(f, 0) * scale) / served_n for f, v in got.items()}
+                        result["opcodes"].setdefault(k, {}).setdefault(role, {})[how] = {
+                            "requests": served_n, "total": round(sum(per.values())),
+                            "functions": {f: round(v, 1) for f, v in sorted(per.items(), key=lambda kv: -kv[1]) if abs(v) >= 0.5}}
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    result["load_after"] = machine_load()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataplane_saturation_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
+    print_saturation_breakdown(result, args)
+    return 0
+
+
+def _med(rows: list[dict[str, Any]], how: str, key: str) -> float:
+    return statistics.median(r[how][key] if key != "beside" else r[how]["beside"]["ms_per_s"] for r in rows)
+
+
+def print_saturation_breakdown(result: dict[str, Any], args: argparse.Namespace) -> None:
+    print(f"\nPer request, {args.breakdown_requests} sequential requests (seq) beside a {args.seconds:g} s wrk window "
+          f"(sat), medians of {args.repeats}; counts less each process's idle rate; {result['load_before']} before, "
+          f"{result['load_after']} after")
+    print("| path | process | req/s saturated | CPU µs seq / sat | loop batches | task steps | syscalls "
+          "| syscalls by kind, sat | GC µs | beside the requests, sat (ms/s) | bytecodes seq / sat |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for k, rows in result["counts"].items():
+        for role in dict.fromkeys(r["role"] for r in rows):
+            rr = [r for r in rows if r["role"] == role]
+            last = rr[-1]["saturated"]["by_kind"]
+            ops = result["opcodes"].get(k, {}).get(role, {})
+            print(f"| {k} | {role} | {statistics.median(r['rps'] for r in rr):.0f} | "
+                  f"{_med(rr, 'sequential', 'cpu_us'):.0f} / {_med(rr, 'saturated', 'cpu_us'):.0f} | "
+                  + " | ".join(f"{_med(rr, 'sequential', m):.2f} / {_med(rr, 'saturated', m):.2f}"
+                               for m in ("batches", "steps", "syscalls"))
+                  + " | " + ", ".join(f"{s} {v}" for s, v in last.items())
+                  + f" | {_med(rr, 'sequential', 'gc_us'):.1f} / {_med(rr, 'saturated', 'gc_us'):.1f}"
+                  + f" | {_med(rr, 'saturated', 'beside'):.1f} | "
+                  + f"{ops.get('sequential', {}).get('total', '-')} / {ops.get('saturated', {}).get('total', '-')} |")
+    for k, roles in result["opcodes"].items():
+        for role, o in roles.items():
+            seq, sat = o["sequential"]["functions"], o["saturated"]["functions"]
+            delta = sorted(((f, sat.get(f, 0.0) - seq.get(f, 0.0)) for f in set(seq) | set(sat)), key=lambda kv: -abs(kv[1]))
+            print(f"\n{k}, {role}: bytecodes a request {o['sequential']['total']} sequential, {o['saturated']['total']} "
+                  f"saturated ({o['saturated']['requests']} served under the tracer); the functions that moved most:")
+            for f, d in delta[:args.opcodes_top // 2]:
+                print(f"  {d:+8.1f}  ({seq.get(f, 0.0):.1f} -> {sat.get(f, 0.0):.1f})  {f}")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1123,6 +1252,10 @@ def main() -> int:
     ap.add_argument("--opcodes-top", type=int, default=25, help="functions printed per gateway with --opcodes")
     ap.add_argument("--saturation-cpu", action="store_true", help="only CPU per request of every process on each path "
                     "at saturation (wrk), cpnd's paths beside the floor with as many proxies, in alternation")
+    ap.add_argument("--saturation-breakdown", action="store_true", help="only the per-request counts of floor, local, "
+                    "floor x2 and 1 hop at saturation (wrk) beside sequential requests: CPU, batches, steps, syscalls, "
+                    "GC, tasks beside the requests, bytecodes")
+    ap.add_argument("--sat-paths", default=SAT_PATHS, help="the paths of --saturation-breakdown (comma-separated)")
     ap.add_argument("--workers", action="store_true", help="only the [gateway] workers rows: a local instance with 1 and 2 workers")
     ap.add_argument("--profile-requests", type=int, default=1000)
     ap.add_argument("--calls-requests", type=int, default=300, help="requests per path while every call is counted")
@@ -1142,6 +1275,11 @@ def main() -> int:
         if wrk_bin is None:
             raise SystemExit("wrk is needed for --saturation-cpu")
         return saturation_cpu(args, wrk_bin, Path(args.out))
+    if args.saturation_breakdown:
+        wrk_bin = ensure("wrk", "wrk")
+        if wrk_bin is None:
+            raise SystemExit("wrk is needed for --saturation-breakdown")
+        return saturation_breakdown(args, wrk_bin)
     if args.workers:
         import dataplane_workers
         return dataplane_workers.run(args, ensure("nginx", "nginx-light"), ensure("wrk", "wrk"), Path(args.out))

@@ -246,6 +246,21 @@ class H11Stream:
                 data = await self.transport.receive_some(RECEIVE_CHUNK)
             self.conn.receive_data(data)
 
+    def receive_nowait(self) -> bool:
+        """Whatever a plain socket holds already, into h11, without waiting and without trio's
+        receive (a checkpoint: a task step and a loop pass, even with the bytes there); True if
+        anything came (or the end). False for nothing yet, a broken socket (the wait says so its
+        own way), a TLS stream or a tunnel stream."""
+        sock = getattr(self.transport, "socket", None)
+        if sock is None or self.tunnel:
+            return False
+        try:
+            data = os.read(sock.fileno(), RECEIVE_CHUNK)  # trio's sockets are non-blocking
+        except OSError:
+            return False
+        self.conn.receive_data(data)
+        return True
+
     def next_event_nowait(self) -> Any:
         """The next event if what was received already holds it, else None. A tunnel stream's
         chunks already queued count as received (a request's head arrives with its OPEN)."""

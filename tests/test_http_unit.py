@@ -174,3 +174,44 @@ def test_content_length_as_h11_holds_the_fields_and_as_pairs() -> None:
     assert content_length(fields) == 12
     assert content_length(h11.Request(method="GET", target="/", headers=fields[:2]).headers) is None
     assert content_length(fields[:2]) is None
+
+
+def test_receive_nowait_takes_what_a_socket_holds_and_never_waits() -> None:
+    """A plain socket: nothing in is False at once (no wait), bytes in are fed to h11 whole, the end
+    is h11's ConnectionClosed; a tunnel stream or a stream with no socket (TLS) is never read."""
+    import trio
+
+    from cpnd.h1 import H11Stream
+
+    async def main() -> None:
+        left, right = trio.socket.socketpair()
+        ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+        stream = H11Stream(h11.SERVER, ours)
+        with trio.fail_after(5):
+            assert stream.receive_nowait() is False  # nothing yet: no wait either
+            await theirs.send_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            while not stream.receive_nowait():  # loopback: in at once, but give the kernel its moment
+                await trio.sleep(0)
+            event = stream.next_event_nowait()
+            assert isinstance(event, h11.Request) and event.target == b"/a"
+            assert isinstance(stream.next_event_nowait(), h11.EndOfMessage)
+            tunnel = H11Stream(h11.SERVER, ours, tunnel=True)
+            await theirs.send_all(b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert tunnel.receive_nowait() is False and H11Stream(h11.SERVER, object()).receive_nowait() is False
+            closing = H11Stream(h11.SERVER, ours)
+            await theirs.aclose()
+            while not closing.receive_nowait():
+                await trio.sleep(0)
+            # What was in before the end, then the end itself.
+            assert isinstance(closing.next_event_nowait(), h11.Request)
+            assert isinstance(closing.next_event_nowait(), h11.EndOfMessage)
+            closing.conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+            closing.conn.send(h11.EndOfMessage())
+            closing.conn.start_next_cycle()
+            assert closing.next_event_nowait() is None or closing.conn.their_state is h11.CLOSED
+            while closing.conn.their_state is not h11.CLOSED:
+                assert closing.receive_nowait()  # the end is in: b"" is read at once
+                closing.next_event_nowait()
+        await ours.aclose()
+
+    trio.run(main)

@@ -205,6 +205,33 @@ def test_slow_loris_head_gets_408_after_the_header_timeout(lab) -> None:
     lab_.wait_for(lambda: "408 request_timeout" in lab_.log("a"), 5, "the 408 log line")
 
 
+def test_a_kept_alive_connections_next_head_gets_408_after_the_header_timeout(lab) -> None:
+    """The next head on a kept-alive connection, its first bytes sent as soon as the last answer is
+    in (so usually in already when the gateway looks: users.QUICK_HEADS takes them at once), the rest
+    never: a 408 by the header timeout from those bytes, not the idle timeout's quiet close."""
+    _, specs, _ = lab
+    s = _connect(specs["a"].http)
+    try:
+        s.sendall(b"GET /svc HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += s.recv(65536)
+        s.sendall(b"GET /svc HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        reply, _ = _read_all(s, 10)
+        cut_after = time.monotonic() - t0
+    finally:
+        s.close()
+    assert head.startswith(b"HTTP/1.1 200 ") and len(body) == length
+    assert reply.startswith(b"HTTP/1.1 408 "), reply[:100]
+    assert 1.4 <= cut_after < 2.9  # the header timeout (1.5 s), before the idle timeout (3 s) would have closed it
+
+
 def test_idle_keep_alive_is_closed_after_the_idle_timeout(lab) -> None:
     _, specs, _ = lab
     s = _connect(specs["a"].http)
