@@ -37,7 +37,8 @@ from .tls import ServerTls
 log = logging.getLogger("cpnd.http")
 
 # Request heads a connection may take as they are already in (no wait, hence no checkpoint) before
-# one wait: a user sending requests back to back still lets the other tasks run this often.
+# one wait, or pipelined ones before a checkpoint: a user sending requests back to back still lets
+# the other tasks run this often.
 QUICK_HEADS = 8
 
 
@@ -269,6 +270,14 @@ class Users:
         """
         event = client.next_event_nowait()
         if event is not None:
+            # Pipelined: the head was read with the last ones. An answer that needs no wait (an error,
+            # a 429) is written without one too (H11Stream._write), so a client pipelining such requests
+            # would hold the loop for as many as one read brings (thousands): every other user of the
+            # gateway waited until it stopped. QUICK_HEADS in a row, then the others run.
+            wait.quick += 1
+            if wait.quick >= QUICK_HEADS:
+                wait.quick = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return event
         if not slot.held:
             return None  # taken back before this task first ran
@@ -482,7 +491,7 @@ class _HeadWait:
         self.started = False
         self.cycle_ended = False  # an exchange ended in this step: a pipelined head's clock starts now
         self.head_at: float | None = None  # the head waited for came whole in the step that read this
-        self.quick = 0  # heads taken in a row without a wait (receive_nowait)
+        self.quick = 0  # heads taken in a row without a wait (pipelined, or receive_nowait)
 
 
 def _peer(transport: trio.abc.Stream) -> str:

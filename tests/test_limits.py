@@ -232,6 +232,48 @@ def test_a_kept_alive_connections_next_head_gets_408_after_the_header_timeout(la
     assert 1.4 <= cut_after < 2.9  # the header timeout (1.5 s), before the idle timeout (3 s) would have closed it
 
 
+# One connection pipelining requests the gateway answers without a wait of its own (a 404: no instance),
+# reading the answers as they come, for at most argv[4] seconds; prints how many it got.
+PIPELINING_FLOOD = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), source_address=(sys.argv[3], 0))
+s.setblocking(False)
+burst, got, until = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" * 64, 0, time.monotonic() + float(sys.argv[4])
+while time.monotonic() < until:
+    try:
+        s.send(burst)
+    except BlockingIOError:
+        pass
+    try:
+        while data := s.recv(1 << 16):
+            got += data.count(b"HTTP/1.1 404")
+        break  # the gateway closed
+    except BlockingIOError:
+        time.sleep(0.0005)
+print(got)
+"""
+
+
+def test_a_client_pipelining_cheap_requests_does_not_hold_the_gateway(lab) -> None:
+    """Answers that need no wait (a 404) are written at once, and pipelined heads are taken from what
+    was read: a connection pipelining them must still let the gateway serve others (users.QUICK_HEADS
+    at a time). Before, an honest request waited until the flood stopped."""
+    lab_, specs, _ = lab
+    host, port = _addr(specs["a"].http)
+    before = lab_.query("a", "stats")["http"].get("error_404", 0)
+    flood = subprocess.Popen([sys.executable, "-c", PIPELINING_FLOOD, host, str(port), "127.0.0.6", "30"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: lab_.query("a", "stats")["http"].get("error_404", 0) > before + 1000, 10, "the flood's answers")
+        with httpx.Client(timeout=20) as c:
+            r = c.get(f"http://{specs['a'].http}/svc")
+        assert r.status_code == 200, r.text
+        assert flood.poll() is None  # answered while the flood still ran
+    finally:
+        flood.kill()
+        flood.communicate()
+
+
 def test_idle_keep_alive_is_closed_after_the_idle_timeout(lab) -> None:
     _, specs, _ = lab
     s = _connect(specs["a"].http)
