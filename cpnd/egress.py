@@ -151,8 +151,9 @@ class Egress:
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:
-            refusal = shares.refuse(party, meter.holds.held(now), inst.capacity, now) or meter.admit(
-                now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us)
+            held = meter.holds.held(now)  # (asked once: the meter's own admission takes it too)
+            refusal = shares.refuse(party, held, inst.capacity, now) or meter.admit(
+                now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us, held)
         if refusal is None:
             shares.admitted(party)
             return None
@@ -245,7 +246,9 @@ class Egress:
         ``party``: whom it is for, as admitted (``party_of``); ``for_instance``: ``headers`` are the
         instance's already (Host, Forwarded: the tunnelled request's, rewritten in one pass)."""
         meter = self.meters[inst.id]
-        hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
+        # Capacity: this request's slot, held until its answer (load.SlotHolds); and the load it came at,
+        # as its admission counted it.
+        hold, load_at_arrival = meter.take_admitted(now)
         host, port, netloc = instance_address(inst.url)
         if not for_instance:
             headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
@@ -253,7 +256,6 @@ class Egress:
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
-        load_at_arrival = meter.load(now)
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
