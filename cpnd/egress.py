@@ -45,6 +45,7 @@ log = logging.getLogger("cpnd.http")
 class _PoolEntry:
     stream: trio.abc.Stream  # a SocketStream, or an SSLStream over one (https instances)
     conn: h11.Connection
+    ic: H11Stream  # the two as one, kept with them (not made anew a request: it holds nothing of one)
 
 
 class _Inline:
@@ -290,7 +291,8 @@ class Egress:
         try:
             # Connect (and a verified TLS handshake) before the request's instance time starts.
             s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
-            return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+            return _PoolEntry(s, conn, H11Stream(h11.CLIENT, s, conn=conn))
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
@@ -324,7 +326,7 @@ class Egress:
                 entry = await self._connected(sink, inst, host, port, tls)
                 if entry is None:
                     return None
-            ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
+            ic = entry.ic
             up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self.p.now)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:

@@ -180,6 +180,11 @@ class H11Stream:
 
     hangup: Any = None  # a user's connection: its hangups.Hangup once it forwards a request (watched for its close)
     on_block: Any = None  # called before a write waits for the socket (relay.py: a held answer's idle time)
+    # Defaults at class level, set on the instance when they change (a stream per request at the egress)
+    head_since = 0.0  # when the first byte of the request head being read came
+    source = ""  # a user's connection: its peer address (for Forwarded)
+    trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
+    _writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
 
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
@@ -187,10 +192,6 @@ class H11Stream:
         self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES) if conn is None else conn
         self.transport = transport
         self.tunnel = tunnel
-        self.head_since = 0.0  # when the first byte of the request head being read came
-        self.source = ""  # a user's connection: its peer address (for Forwarded)
-        self.trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
-        self._writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
 
     @property
     def tunnel_extra(self) -> tuple[tuple[bytes, bytes], ...]:
