@@ -128,8 +128,11 @@ class Egress:
         now = trio.current_time() if now is None else now
         if ok:
             self._vouched[iid] = now
-        if self.health(iid).result(ok, now):
-            self.p.gw.health_changed(iid, self.health(iid).healthy)
+        tracker = self._health.get(iid)
+        if tracker is None:
+            tracker = self.health(iid)
+        if tracker.result(ok, now):
+            self.p.gw.health_changed(iid, tracker.healthy)
 
     async def probe(self, inst: InstanceConfig) -> None:
         """Active check: a TCP connect, or GET ``health_path`` answered below 500."""
@@ -166,7 +169,8 @@ class Egress:
     async def serve(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None, via: str | None = None) -> None:
         """A request down a tunnel stream from the peer ``via``, or down a pipe (None): read its head,
         admit it, call the instance."""
-        found = self.local.get((ext.label, ext.instance))
+        where = (ext.label, ext.instance)
+        found = self.local.get(where)
         if found is None:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} of label {ext.label}")
             return
@@ -181,7 +185,7 @@ class Egress:
             return
         if waited:
             now = self.p.now()
-        if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
+        if where not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
@@ -391,7 +395,9 @@ class Egress:
         """Keep a connection whose exchange completed both ways for the next request, if there is room."""
         if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE and key in self._pool_keys:
             entry.conn.start_next_cycle()
-            idle = self.pool.setdefault(key, collections.deque())
+            idle = self.pool.get(key)
+            if idle is None:
+                idle = self.pool[key] = collections.deque()
             if len(idle) < self.p.limits.pool_idle_per_instance:
                 idle.append(entry)
                 return
@@ -400,6 +406,8 @@ class Egress:
 
 class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
+
+    delivered = False  # (set on the instance once written: a store fewer a request)
 
     def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
                  meter: InstanceMeter | None = None, hold: Hold | None = None,
@@ -411,7 +419,6 @@ class _Upload:
         self.rx = rx
         self.idle_s = idle_s
         self.complete = isinstance(first[-1], h11.EndOfMessage)
-        self.delivered = False
         # Compute latency counts from the end of the upload; a whole request's is set by run() before
         # anything reads it (no clock reading here), a streamed one's until then is now.
         self.done_at = 0.0 if self.complete else clock()

@@ -147,17 +147,22 @@ def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | No
 def translate_target(target: bytes, service: str, instance_url: str) -> bytes:
     """Replace the service prefix of ``target`` by the instance URL's path; keep the rest and the query."""
     path, sep, query = target.partition(b"?")
-    rest = path[len(service.encode()):]
-    base = urllib.parse.urlsplit(instance_url)
-    base_path = (base.path or "/").encode()
-    if rest:
-        new = base_path.rstrip(b"/") + rest
-    else:
-        new = base_path
-    if base.query:
-        query = base.query.encode() + (b"&" + query if query else b"")
+    cut, base_path, stem, base_query = _target_base(service, instance_url)
+    rest = path[cut:]
+    new = stem + rest if rest else base_path
+    if base_query:
+        query = base_query + (b"&" + query if query else b"")
         sep = b"?"
     return new + sep + query
+
+
+@functools.lru_cache(maxsize=1024)
+def _target_base(service: str, instance_url: str) -> tuple[int, bytes, bytes, bytes]:
+    """What ``translate_target`` takes of the service and the instance URL (worked out once, not per request):
+    the prefix's length, the URL's path, that path without its trailing slashes, and its query."""
+    base = urllib.parse.urlsplit(instance_url)
+    base_path = (base.path or "/").encode()
+    return len(service.encode()), base_path, base_path.rstrip(b"/"), base.query.encode()
 
 
 @functools.lru_cache(maxsize=1024)
