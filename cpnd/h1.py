@@ -213,7 +213,8 @@ class H11Stream:
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         """Several events in one write (one system call for a whole small response); empties ``events``
         (their bodies are in the write: a blocked write must not hold two copies)."""
-        data = b"".join(self.conn.send(e) or b"" for e in events)
+        # (In C: a generator here was ~14 bytecodes an event; filter drops the None of a ConnectionClosed)
+        data = b"".join(filter(None, map(self.conn.send, events)))
         events.clear()
         if self.tunnel:
             await self.transport.send(data, end=end)
