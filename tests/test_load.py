@@ -67,14 +67,48 @@ def test_add_count_is_add_then_count(steps, keep_s) -> None:
         assert (one._times, one._start) == (two._times, two._start)
 
 
+def _former_admit(m: InstanceMeter, now: float, budget_us: int | None, slack_us: int | None) -> str | None:
+    """InstanceMeter.admit as it was before the egress took its counts once (the reference below)."""
+    n = m.arrivals.count(now)
+    held = m.holds.held(now)
+    expect = m.base_us * load_factor((n + 1) / m.capacity)
+    if slack_us is not None:
+        m.bounded.add(now)
+        limit = m.load_limit(slack_us)
+        if limit > 0:
+            m.servable.add(now)
+            m._ceilings.append((now, limit))
+    why = None
+    if held + 1 > m.capacity:
+        why = f"at capacity ({held} requests in the last second, capacity {m.capacity:g}/s)"
+    elif budget_us is not None and expect > budget_us:
+        why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
+    elif slack_us is not None:
+        if expect > slack_us and (n + 1) / m.capacity > 0.5:
+            why = f"expected compute {expect / 1000:.1f} ms exceeds the {slack_us / 1000:.1f} ms the latency bound leaves"
+    else:
+        reserved = m.servable.count(now)
+        if n + 1 > m.unbounded_ceiling(now) or m.unbounded.count(now) + 1 + reserved > m.capacity:
+            why = f"keeping capacity for latency-bound requests ({reserved} req/s of them)"
+    if why is not None:
+        m.refused += 1
+        return why
+    m.arrivals.add(now)
+    m._last_hold = m.holds.add(now)
+    if slack_us is None:
+        m.unbounded.add(now)
+    m.inflight += 1
+    return None
+
+
 @settings(max_examples=200, deadline=None)
 @given(capacity=st.integers(1, 12),
-       steps=st.lists(st.tuples(st.integers(-20, 400), st.sampled_from(["ask", "bound", "done", "used_up"]),
+       steps=st.lists(st.tuples(st.integers(-20, 400), st.sampled_from(["ask", "bound", "budget", "done", "used_up"]),
                                 st.integers(0, 8000)), max_size=80))
 def test_admission_taken_once_is_as_counted_twice(capacity: int, steps: list[tuple[int, str, int]]) -> None:
     """The egress's admission (``held`` from its fair share, the arrival load from ``take_admitted``)
-    against the former calls (``admit`` asking ``holds.held`` itself, ``take_hold`` then ``load``) on a
-    twin meter: the same refusals, holds, loads and state, with the clock stuttering back now and then."""
+    against the former calls (the former ``admit``, ``take_hold`` then ``load``) on a twin meter: the
+    same refusals, holds, loads and state, with the clock stuttering back now and then."""
     new, old = (InstanceMeter(capacity=capacity, compute_hint_us=2000) for _ in range(2))
     now, holds = 10.0, []
     for dt_ms, kind, us in steps:
@@ -86,10 +120,11 @@ def test_admission_taken_once_is_as_counted_twice(capacity: int, steps: list[tup
             hn, ho, load = holds.pop(0)
             new.done(now, us, load, hn, "p")
             old.done(now, us, load, ho, "p")
-        elif kind in ("ask", "bound"):
+        elif kind in ("ask", "bound", "budget"):
             slack = us if kind == "bound" else None
-            got = new.admit(now, None, slack, new.holds.held(now))
-            assert got == old.admit(now, None, slack)
+            budget = us if kind == "budget" else None
+            got = new.admit(now, budget, slack, new.holds.held(now))
+            assert got == _former_admit(old, now, budget, slack)
             if got is None:
                 at = now + (us % 3) * 0.4  # (taken later, by a caller that reads the clock anew: counted then)
                 hn, load = new.take_admitted(at)
@@ -98,7 +133,9 @@ def test_admission_taken_once_is_as_counted_twice(capacity: int, steps: list[tup
                 assert hn == ho
                 holds.append((hn, ho, load))
         assert new.loads(now) == (old.load(now), old.bounded_load(now))
-        assert new.holds._until == old.holds._until and new.arrivals._times == old.arrivals._times
+        assert new.holds._until == old.holds._until and new.refused == old.refused and new.inflight == old.inflight
+        for window in ("arrivals", "bounded", "servable", "unbounded"):
+            assert getattr(new, window)._times == getattr(old, window)._times
 
 
 def test_load_factor_is_f_d() -> None:
