@@ -233,8 +233,7 @@ class Egress:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
-        # (raw_items: a list, walked without h11's two calls a field)
-        origin = forwarded.read(event.headers.raw_items())
+        origin = forwarded.read_parsed(event.headers._full_items)  # (h11's own items: names lowercase already)
         # The instance's headers in one pass (call's replace_host is for headers filtered elsewhere)
         headers = rewrite_headers(event.headers, drop_cpn=True, host=netloc, drop=forwarded.REPLACED,
                                   extra=origin.instance_headers if origin is not None else ())

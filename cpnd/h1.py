@@ -66,6 +66,7 @@ _DROP = HOP_BY_HOP - set(FRAMING)
 _KEEP_NAMED = {b"host", *FRAMING}  # a Connection header naming these does not drop them
 _NAME, _VALUE = operator.itemgetter(1), operator.itemgetter(2)  # of h11's (raw, lowercase, value) items
 _IS_CPN = operator.methodcaller("startswith", b"cpn-")
+_AS_ITEM = operator.itemgetter(0, 0, 1)  # (name, value) -> h11's (raw, lowercase, value) of a lowercase name
 
 
 def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cpn: bool, host: bytes | None = None,
@@ -117,7 +118,7 @@ def _rewrite_parsed(full: list[tuple[bytes, bytes, bytes]], drop_cpn: bool, host
         out.insert(0, (b"host", b"host", host))
     elif default_host is not None and (b"host" not in names or b"host" in gone):
         out.append((b"host", b"host", default_host))
-    out += [(n, n, v) for n, v in extra]
+    out += map(_AS_ITEM, extra)
     return out
 
 
@@ -133,11 +134,9 @@ def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length h11 validated, or None (chunked, or until close)."""
     full = getattr(headers, "_full_items", None)
-    if full is not None:  # h11's own: names lowercase already, walked without a call per field
-        for _, low, v in full:
-            if low == b"content-length":
-                return int(v)
-        return None
+    if full is not None:  # h11's own: names lowercase already, walked in C
+        names = list(map(_NAME, full))
+        return int(full[names.index(b"content-length")][2]) if b"content-length" in names else None
     for n, v in headers:
         if n.lower() == b"content-length":
             return int(v)
