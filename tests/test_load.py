@@ -103,12 +103,12 @@ def _former_admit(m: InstanceMeter, now: float, budget_us: int | None, slack_us:
 
 @settings(max_examples=200, deadline=None)
 @given(capacity=st.integers(1, 12),
-       steps=st.lists(st.tuples(st.integers(-20, 400), st.sampled_from(["ask", "bound", "budget", "done", "used_up"]),
+       steps=st.lists(st.tuples(st.integers(-20, 400), st.sampled_from(["ask", "bound", "budget", "write", "done", "used_up"]),
                                 st.integers(0, 8000)), max_size=80))
 def test_admission_taken_once_is_as_counted_twice(capacity: int, steps: list[tuple[int, str, int]]) -> None:
     """The egress's admission (``held`` from its fair share, the arrival load from ``take_admitted``)
-    against the former calls (the former ``admit``, ``take_hold`` then ``load``) on a twin meter: the
-    same refusals, holds, loads and state, with the clock stuttering back now and then."""
+    against the former calls (the former ``admit``, ``take_hold`` then ``load``, ``holds.sent``) on a twin
+    meter: the same refusals, holds, loads and state, with the clock stuttering back now and then."""
     new, old = (InstanceMeter(capacity=capacity, compute_hint_us=2000) for _ in range(2))
     now, holds = 10.0, []
     for dt_ms, kind, us in steps:
@@ -116,6 +116,11 @@ def test_admission_taken_once_is_as_counted_twice(capacity: int, steps: list[tup
         if kind == "used_up":
             new.used_up(now)
             old.used_up(now)
+        elif kind == "write" and holds:  # the former InstanceMeter.sent: SlotHolds.sent
+            hn, ho, _ = holds[us % len(holds)]
+            new.sent(hn, now)
+            if ho is not None:
+                old.holds.sent(ho, now)
         elif kind == "done" and holds:
             hn, ho, load = holds.pop(0)
             new.done(now, us, load, hn, "p")
