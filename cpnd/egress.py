@@ -45,6 +45,7 @@ log = logging.getLogger("cpnd.http")
 class _PoolEntry:
     stream: trio.abc.Stream  # a SocketStream, or an SSLStream over one (https instances)
     conn: h11.Connection
+    ic: H11Stream  # the two as one, kept with them (not made anew a request: it holds nothing of one)
 
 
 class _Inline:
@@ -127,8 +128,11 @@ class Egress:
         now = trio.current_time() if now is None else now
         if ok:
             self._vouched[iid] = now
-        if self.health(iid).result(ok, now):
-            self.p.gw.health_changed(iid, self.health(iid).healthy)
+        tracker = self._health.get(iid)
+        if tracker is None:
+            tracker = self.health(iid)
+        if tracker.result(ok, now):
+            self.p.gw.health_changed(iid, tracker.healthy)
 
     async def probe(self, inst: InstanceConfig) -> None:
         """Active check: a TCP connect, or GET ``health_path`` answered below 500."""
@@ -151,8 +155,9 @@ class Egress:
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:
-            refusal = shares.refuse(party, meter.holds.held(now), inst.capacity, now) or meter.admit(
-                now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us)
+            held = meter.holds.held(now)  # (asked once: the meter's own admission takes it too)
+            refusal = shares.refuse(party, held, inst.capacity, now) or meter.admit(
+                now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us, held)
         if refusal is None:
             shares.admitted(party)
             return None
@@ -164,7 +169,8 @@ class Egress:
     async def serve(self, stream: ByteStream, ext: ExtHeader, opened_at: float | None, via: str | None = None) -> None:
         """A request down a tunnel stream from the peer ``via``, or down a pipe (None): read its head,
         admit it, call the instance."""
-        found = self.local.get((ext.label, ext.instance))
+        where = (ext.label, ext.instance)
+        found = self.local.get(where)
         if found is None:
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} of label {ext.label}")
             return
@@ -179,7 +185,7 @@ class Egress:
             return
         if waited:
             now = self.p.now()
-        if (ext.label, ext.instance) not in self.local:  # it left while the head came (deregistered)
+        if where not in self.local:  # it left while the head came (deregistered)
             stream.reset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {ext.instance} now")
             return
         sink = StreamSink(rx, stream)
@@ -227,8 +233,7 @@ class Egress:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
             raise StreamReset(ResetCode.BAD_REQUEST, False, f"no request head within {timeout_s:g} s") from None
-        # (raw_items: a list, walked without h11's two calls a field)
-        origin = forwarded.read(event.headers.raw_items())
+        origin = forwarded.read_parsed(event.headers._full_items)  # (h11's own items: names lowercase already)
         # The instance's headers in one pass (call's replace_host is for headers filtered elsewhere)
         headers = rewrite_headers(event.headers, drop_cpn=True, host=netloc, drop=forwarded.REPLACED,
                                   extra=origin.instance_headers if origin is not None else ())
@@ -245,7 +250,9 @@ class Egress:
         ``party``: whom it is for, as admitted (``party_of``); ``for_instance``: ``headers`` are the
         instance's already (Host, Forwarded: the tunnelled request's, rewritten in one pass)."""
         meter = self.meters[inst.id]
-        hold = meter.take_hold()  # capacity: this request's slot, held until its answer (load.SlotHolds)
+        # Capacity: this request's slot, held until its answer (load.SlotHolds); and the load it came at,
+        # as its admission counted it.
+        hold, load_at_arrival = meter.take_admitted(now)
         host, port, netloc = instance_address(inst.url)
         if not for_instance:
             headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
@@ -253,7 +260,6 @@ class Egress:
         first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
                              headers=headers, _parsed=True), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
-        load_at_arrival = meter.load(now)
         served: float | None = None
         try:
             if inst.http2:  # h2c to the instance, one pooled connection (h2up.py)
@@ -288,7 +294,8 @@ class Egress:
         try:
             # Connect (and a verified TLS handshake) before the request's instance time starts.
             s = await tlsstream.open_instance(host, port, tls, self.p.limits.instance_connect_timeout_s)
-            return _PoolEntry(s, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES))
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+            return _PoolEntry(s, conn, H11Stream(h11.CLIENT, s, conn=conn))
         except (OSError, trio.TooSlowError) as exc:
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
                 # Our descriptors ran out, not the instance: refused (tried elsewhere), never a health failure.
@@ -322,7 +329,7 @@ class Egress:
                 entry = await self._connected(sink, inst, host, port, tls)
                 if entry is None:
                     return None
-            ic = H11Stream(h11.CLIENT, entry.stream, conn=entry.conn)
+            ic = entry.ic
             up = _Upload(ic, first, rx, self.p.limits.body_idle_timeout_s, self.meters[inst.id], hold, self.p.now)
             try:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
@@ -387,7 +394,9 @@ class Egress:
         """Keep a connection whose exchange completed both ways for the next request, if there is room."""
         if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE and key in self._pool_keys:
             entry.conn.start_next_cycle()
-            idle = self.pool.setdefault(key, collections.deque())
+            idle = self.pool.get(key)
+            if idle is None:
+                idle = self.pool[key] = collections.deque()
             if len(idle) < self.p.limits.pool_idle_per_instance:
                 idle.append(entry)
                 return
@@ -396,6 +405,8 @@ class Egress:
 
 class _Upload:
     """The request to an instance: what is here in one write, the rest streamed as it comes."""
+
+    delivered = False  # (set on the instance once written: a store fewer a request)
 
     def __init__(self, ic: H11Stream, first: list[Any], rx: H11Stream | LocalEvents | None, idle_s: float,
                  meter: InstanceMeter | None = None, hold: Hold | None = None,
@@ -407,7 +418,6 @@ class _Upload:
         self.rx = rx
         self.idle_s = idle_s
         self.complete = isinstance(first[-1], h11.EndOfMessage)
-        self.delivered = False
         # Compute latency counts from the end of the upload; a whole request's is set by run() before
         # anything reads it (no clock reading here), a streamed one's until then is now.
         self.done_at = 0.0 if self.complete else clock()

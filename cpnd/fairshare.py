@@ -41,9 +41,22 @@ class _Window:
         self.count: collections.Counter[str] = collections.Counter()
 
     def add(self, party: str, now: float) -> None:
-        self._events.append((now, party))
-        self.count[party] += 1
-        if len(self._events) > MAX_EVENTS or self._events[0][0] <= now - self.window_s:
+        events, count = self._events, self.count
+        events.append((now, party))
+        count[party] += 1
+        first = events[0]
+        if first[0] <= now - self.window_s:
+            # Usually one leaves as one comes (an end a request): that one here, without trim's loop.
+            events.popleft()
+            left = first[1]
+            n = count[left] - 1
+            if n:
+                count[left] = n
+            else:
+                del count[left]
+            if events[0][0] <= now - self.window_s or len(events) > MAX_EVENTS:
+                self.trim(now)
+        elif len(events) > MAX_EVENTS:
             self.trim(now)
 
     def trim(self, now: float) -> None:

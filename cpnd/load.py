@@ -60,6 +60,27 @@ class RateWindow:
         if len(times) - self._start > MAX_EVENTS:
             self._start = len(times) - MAX_EVENTS
 
+    def add_count(self, now: float) -> int:
+        """``add(now)``, then ``count(now)``, in one call: with time moving forward, the events left
+        after the add are those in the window (the egress counts its arrivals once a request, not
+        twice: the load it was admitted at is this)."""
+        times = self._times
+        if times and now < times[-1] or self.keep_s != self.window_s:
+            self.add(now)  # a stuttering clock, or a window kept longer than counted: as two calls
+            return self.count(now)
+        times.append(now)
+        cutoff = now - self.keep_s
+        start = self._start
+        if times[start] <= cutoff:  # (as in add: the one just added never has left)
+            start += 1
+            if times[start] <= cutoff or start > 1024:
+                self._past(cutoff, start)
+            else:
+                self._start = start
+        if len(times) - self._start > MAX_EVENTS:
+            self._start = len(times) - MAX_EVENTS
+        return len(times) - self._start
+
     def _past(self, cutoff: float, start: int) -> None:
         """Entries from ``start`` on at or before ``cutoff`` have left too (a search), and the list is
         compacted now and then. The callers step over the first to leave themselves: usually one
@@ -230,6 +251,7 @@ class InstanceMeter:
         self.refused = 0
         self.holds = SlotHolds(guard_s)  # the hard capacity bound (admission-time counts alone can be overrun)
         self._last_hold: Hold | None = None
+        self._admitted: tuple[float, int] | None = None  # (when, arrivals then) of the request just admitted
 
     def load(self, now: float) -> float:
         return self.arrivals.count(now) / self.capacity
@@ -238,8 +260,15 @@ class InstanceMeter:
         """Latency-bound demand (admitted or not) over the last second, as a fraction of capacity."""
         return self.bounded.count(now) / self.capacity
 
-    def admit(self, now: float, budget_us: int | None, slack_us: int | None = None) -> str | None:
-        """None to admit (and count) a request, else why it is refused.
+    def loads(self, now: float) -> tuple[float, float]:
+        """``(load(now), bounded_load(now))`` in one call (the egress reports both with every answer)."""
+        capacity = self.capacity
+        return self.arrivals.count(now) / capacity, self.bounded.count(now) / capacity
+
+    def admit(self, now: float, budget_us: int | None, slack_us: int | None = None,
+              held: int | None = None) -> str | None:
+        """None to admit (and count) a request, else why it is refused; ``held``: ``holds.held(now)``
+        if the caller has it already (the egress's fair share asks it first).
 
         Requests with a latency bound (``slack_us``: the compute time their bound leaves)
         come first: unbounded ones are admitted only below the load at which the bounded
@@ -247,7 +276,8 @@ class InstanceMeter:
         the bounded demand of the last second leaves (protocol-spec/selection.md, "Admission").
         """
         n = self.arrivals.count(now)
-        held = self.holds.held(now)  # >= n: every request admitted in the last second, and the later ones
+        if held is None:
+            held = self.holds.held(now)  # >= n: every request admitted in the last second, and the later ones
         expect = self.base_us * load_factor((n + 1) / self.capacity)
         if slack_us is not None:  # demand, whether or not it gets in
             self.bounded.add(now)
@@ -274,7 +304,7 @@ class InstanceMeter:
         if why is not None:
             self.refused += 1
             return why
-        self.arrivals.add(now)
+        self._admitted = (now, self.arrivals.add_count(now))
         self._last_hold = self.holds.add(now)
         if slack_us is None:
             self.unbounded.add(now)
@@ -287,15 +317,28 @@ class InstanceMeter:
         hold, self._last_hold = self._last_hold, None
         return hold
 
+    def take_admitted(self, now: float) -> tuple[Hold | None, float]:
+        """``(take_hold(), load(now))`` of the request just admitted at ``now``: its load as counted by
+        its admission (no other arrival can come between, in the same step), not counted again."""
+        hold, self._last_hold = self._last_hold, None
+        admitted, self._admitted = self._admitted, None
+        if admitted is not None and admitted[0] == now:
+            return hold, admitted[1] / self.capacity
+        return hold, self.arrivals.count(now) / self.capacity
+
     def sent(self, hold: Hold | None, now: float) -> None:
         """The request of ``hold`` was written to the instance now (its head, at least)."""
         if hold is not None:
-            self.holds.sent(hold, now)
+            holds = self.holds
+            until = now + holds.guard_s  # (SlotHolds.sent's own test here: a call fewer a request)
+            if until > hold.until:
+                holds._move(hold, until)
 
     def used_up(self, now: float) -> None:
         """Take every slot for a second and the guard (a replacement worker: what its predecessor
         admitted just before it died is unknown)."""
         n = min(math.ceil(self.capacity), MAX_EVENTS)
+        self._admitted = None  # (a count taken before these no longer holds)
         for _ in range(n):
             self.arrivals.add(now)
         self.holds.add(now, n)

@@ -62,13 +62,12 @@ class Plane:
         self.attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt", log)
         self.inflight = 0  # requests here: ingress, transit or egress
         self._idle = trio.Event()
-        self._clock: trio.abc.Clock | None = None  # this run's, taken at the first reading
 
     def now(self) -> float:
-        """``trio.current_time()`` in one call, not three (the egress and the transit read it per request)."""
-        clock = self._clock
-        if clock is None:
-            clock = self._clock = trio.lowlevel.current_clock()
+        """``trio.current_time()`` in one call, not three (the egress and the transit read it per request).
+        The first reading puts this run's clock's own method in its place: no call of ours after it."""
+        clock = trio.lowlevel.current_clock()
+        self.now = clock.current_time  # type: ignore[method-assign]
         return clock.current_time()
 
     def begin(self) -> None:

@@ -72,7 +72,7 @@ class StreamSink:
 
     def report_load(self, meter: InstanceMeter, instance_s: float | None = None, now: float | None = None) -> None:
         now = trio.current_time() if now is None else now
-        self.stream.report_load(meter.load(now), meter.bounded_load(now), meter.base_us,
+        self.stream.report_load(*meter.loads(now), meter.base_us,
                                 None if instance_s is None else instance_s * 1_000_000, soon=True)
 
     def cancel_on_abandon(self, scope: trio.CancelScope) -> None:

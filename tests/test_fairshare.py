@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from unittest import mock
 
 import httpx
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cpnd.fairshare import FULL, MAX_EVENTS, Shares
+from cpnd import fairshare
+from cpnd.fairshare import FULL, MAX_EVENTS, Shares, _Window
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
 
 
@@ -99,6 +102,27 @@ def test_counts_are_bounded_and_exact(steps) -> None:
         log.append((t, party))
     live = [p for at, p in log if at > t - 1.0][-MAX_EVENTS:]
     assert s.users(t) == len(set(live))
+
+
+@given(st.lists(st.tuples(st.floats(-0.2, 0.6), st.sampled_from("abc")), max_size=80), st.sampled_from([3, 8, MAX_EVENTS]))
+def test_a_window_adds_as_a_full_trim_would(steps, bound) -> None:
+    """``_Window.add`` (one leaving taken in place) against the former add (a trim whenever the oldest
+    has left or the bound is passed), on the same events: the same events and counts after each, with
+    the clock stuttering back now and then and the bound small enough to bite."""
+    with mock.patch.object(fairshare, "MAX_EVENTS", bound):
+        w, events, count, now = _Window(), collections.deque(), collections.Counter(), 10.0
+        for dt, party in steps:
+            now += dt
+            w.add(party, now)
+            events.append((now, party))
+            count[party] += 1
+            if len(events) > bound or events[0][0] <= now - 1.0:
+                while events and (events[0][0] <= now - 1.0 or len(events) > bound):
+                    _, p = events.popleft()
+                    count[p] -= 1
+                    if not count[p]:
+                        del count[p]
+            assert list(w._events) == list(events) and w.count == count
 
 
 # ---------------------------------------------------------------- real processes

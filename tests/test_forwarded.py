@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import h11
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cpnd.forwarded import Origin, at_ingress, client_address, for_instance, read
+from cpnd.forwarded import Origin, at_ingress, client_address, for_instance, read, read_parsed
 from cpnd.h1 import filter_headers
 
 
@@ -78,3 +81,13 @@ def test_an_ingress_that_sends_no_origin_still_has_the_users_headers_removed() -
     assert for_instance(headers, None) == [(b"host", b"x"), (b"accept", b"*/*")]
     assert Origin("2001:db8::1", "gw1").forwarded() == b'for="[2001:db8::1]";by=gw1'
 
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"CPN-Client", b"cpn-client", b"CPN-Ingress", b"cpn-ingress", b"Accept",
+                                           b"Forwarded", b"X-A"]),
+                          st.sampled_from([b"192.0.2.1", b"2001:db8::1", b"gw1", b"g-2", b"::ffff:192.0.2.1", b"x y", b""])),
+                max_size=6))
+def test_reading_h11s_own_items_is_reading_pairs(headers: list[tuple[bytes, bytes]]) -> None:
+    """The egress's read of a tunnelled head as h11 holds it (read_parsed) finds what read finds in its pairs."""
+    parsed = h11.Request(method="GET", target="/", headers=[(b"host", b"x"), *headers]).headers
+    assert read_parsed(parsed._full_items) == read(parsed.raw_items())

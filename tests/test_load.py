@@ -53,6 +53,96 @@ def test_rate_window_counts_as_a_plain_list_would(steps, keep_s) -> None:
         assert w.count(now) == sum(1 for t in seen if now - 1.0 < t <= now)
 
 
+@given(st.lists(st.tuples(st.floats(-0.05, 0.7), st.booleans()), max_size=60), st.sampled_from([1.0, 3.0]))
+def test_add_count_is_add_then_count(steps, keep_s) -> None:
+    """``add_count`` against ``add`` and ``count`` on a twin window: the same count, the same state
+    after, whether the clock moves on, stands, or stutters back (a negative step)."""
+    one, two, now = RateWindow(window_s=1.0, keep_s=keep_s), RateWindow(window_s=1.0, keep_s=keep_s), 5.0
+    for dt, add in steps:
+        now += dt
+        if add:
+            two.add(now)
+            assert one.add_count(now) == two.count(now)
+        assert one.count(now) == two.count(now)
+        assert (one._times, one._start) == (two._times, two._start)
+
+
+def _former_admit(m: InstanceMeter, now: float, budget_us: int | None, slack_us: int | None) -> str | None:
+    """InstanceMeter.admit as it was before the egress took its counts once (the reference below)."""
+    n = m.arrivals.count(now)
+    held = m.holds.held(now)
+    expect = m.base_us * load_factor((n + 1) / m.capacity)
+    if slack_us is not None:
+        m.bounded.add(now)
+        limit = m.load_limit(slack_us)
+        if limit > 0:
+            m.servable.add(now)
+            m._ceilings.append((now, limit))
+    why = None
+    if held + 1 > m.capacity:
+        why = f"at capacity ({held} requests in the last second, capacity {m.capacity:g}/s)"
+    elif budget_us is not None and expect > budget_us:
+        why = f"expected compute {expect / 1000:.1f} ms exceeds the remaining {budget_us / 1000:.1f} ms"
+    elif slack_us is not None:
+        if expect > slack_us and (n + 1) / m.capacity > 0.5:
+            why = f"expected compute {expect / 1000:.1f} ms exceeds the {slack_us / 1000:.1f} ms the latency bound leaves"
+    else:
+        reserved = m.servable.count(now)
+        if n + 1 > m.unbounded_ceiling(now) or m.unbounded.count(now) + 1 + reserved > m.capacity:
+            why = f"keeping capacity for latency-bound requests ({reserved} req/s of them)"
+    if why is not None:
+        m.refused += 1
+        return why
+    m.arrivals.add(now)
+    m._last_hold = m.holds.add(now)
+    if slack_us is None:
+        m.unbounded.add(now)
+    m.inflight += 1
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(capacity=st.integers(1, 12),
+       steps=st.lists(st.tuples(st.integers(-20, 400), st.sampled_from(["ask", "bound", "budget", "write", "done", "used_up"]),
+                                st.integers(0, 8000)), max_size=80))
+def test_admission_taken_once_is_as_counted_twice(capacity: int, steps: list[tuple[int, str, int]]) -> None:
+    """The egress's admission (``held`` from its fair share, the arrival load from ``take_admitted``)
+    against the former calls (the former ``admit``, ``take_hold`` then ``load``, ``holds.sent``) on a twin
+    meter: the same refusals, holds, loads and state, with the clock stuttering back now and then."""
+    new, old = (InstanceMeter(capacity=capacity, compute_hint_us=2000) for _ in range(2))
+    now, holds = 10.0, []
+    for dt_ms, kind, us in steps:
+        now += dt_ms / 1000
+        if kind == "used_up":
+            new.used_up(now)
+            old.used_up(now)
+        elif kind == "write" and holds:  # the former InstanceMeter.sent: SlotHolds.sent
+            hn, ho, _ = holds[us % len(holds)]
+            new.sent(hn, now)
+            if ho is not None:
+                old.holds.sent(ho, now)
+        elif kind == "done" and holds:
+            hn, ho, load = holds.pop(0)
+            new.done(now, us, load, hn, "p")
+            old.done(now, us, load, ho, "p")
+        elif kind in ("ask", "bound", "budget"):
+            slack = us if kind == "bound" else None
+            budget = us if kind == "budget" else None
+            got = new.admit(now, budget, slack, new.holds.held(now))
+            assert got == _former_admit(old, now, budget, slack)
+            if got is None:
+                at = now + (us % 3) * 0.4  # (taken later, by a caller that reads the clock anew: counted then)
+                hn, load = new.take_admitted(at)
+                ho = old.take_hold()
+                assert load == old.load(at)
+                assert hn == ho
+                holds.append((hn, ho, load))
+        assert new.loads(now) == (old.load(now), old.bounded_load(now))
+        assert new.holds._until == old.holds._until and new.refused == old.refused and new.inflight == old.inflight
+        for window in ("arrivals", "bounded", "servable", "unbounded"):
+            assert getattr(new, window)._times == getattr(old, window)._times
+
+
 def test_load_factor_is_f_d() -> None:
     assert [load_factor(x) for x in (0.0, 0.5, 0.75, 1.0)] == [1.0, 1.0, 1.5, 2.0]
 
