@@ -14,6 +14,7 @@ The attack drivers are plain functions (tests/test_hostile.py runs them smaller)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -332,6 +333,28 @@ class Flood:
         return {"connections_opened": self.opened, "closed_by_target": self.closed_by_server}
 
 
+def pipelining_flood(hostport: str, seconds: float) -> dict[str, int]:
+    """One connection (from 127.0.0.9) pipelining requests the gateway answers without a wait of its own
+    (404: no such service) as fast as it reads the answers, for ``seconds``: before users.QUICK_HEADS
+    bounded it, it held the gateway's loop for every other user and its peering sessions."""
+    s = socket.create_connection(_hostport(hostport), timeout=2, source_address=("127.0.0.9", 0))
+    s.setblocking(False)
+    burst, answers, deadline = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" * 64, 0, time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                s.send(burst)
+            try:
+                while data := s.recv(1 << 16):
+                    answers += data.count(b"HTTP/1.1 404")
+                break  # closed by the gateway
+            except BlockingIOError:
+                time.sleep(0.0005)
+    finally:
+        s.close()
+    return {"answers_404": answers}
+
+
 def peer_logins(site: Site, tries: int) -> int:
     """Fresh sessions of the valid outside peer x that come up (each a full handshake and OPEN)."""
     up = 0
@@ -364,6 +387,7 @@ ATTACKS: dict[str, Callable[[Site, float], dict[str, Any]]] = {
     "preauth-flood": lambda site, s: with_logins(Flood(site.specs["t"].listen, 16, 64), site, s),
     "route-flood": lambda site, s: route_flood(site, 10_000),
     "churn-flood": lambda site, s: churn_flood(site, s),
+    "pipelining-flood": lambda site, s: pipelining_flood(site.specs["t"].http, s),
 }
 
 
