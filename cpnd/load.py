@@ -68,18 +68,8 @@ class RateWindow:
         if times and now < times[-1] or self.keep_s != self.window_s:
             self.add(now)  # a stuttering clock, or a window kept longer than counted: as two calls
             return self.count(now)
-        times.append(now)
-        cutoff = now - self.keep_s
-        start = self._start
-        if times[start] <= cutoff:  # (as in add: the one just added never has left)
-            start += 1
-            if times[start] <= cutoff or start > 1024:
-                self._past(cutoff, start)
-            else:
-                self._start = start
-        if len(times) - self._start > MAX_EVENTS:
-            self._start = len(times) - MAX_EVENTS
-        return len(times) - self._start
+        self.add(now)
+        return len(times) - self._start  # (add has trimmed what left: the rest is in the window)
 
     def _past(self, cutoff: float, start: int) -> None:
         """Entries from ``start`` on at or before ``cutoff`` have left too (a search), and the list is
