@@ -90,7 +90,7 @@ def rewrite_headers(headers: Headers | Iterable[tuple[bytes, bytes]], *, drop_cp
         out = [(b"host", b"host", host), *(item for item in out if item[1] != b"host")]
     elif default_host is not None and not any(item[1] == b"host" for item in out):
         out = [*out, (b"host", b"host", default_host)]
-    out += [(n, n, v) for n, v in extra]
+    out += map(_AS_ITEM, extra)
     return Headers(out)
 
 
@@ -128,7 +128,7 @@ def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),
     out and ``extra`` (lowercase, valid) appended."""
     return Headers([(b"host", b"host", host),
                     *(item for item in headers._full_items if item[1] != b"host" and item[1] not in drop),
-                    *((n, n, v) for n, v in extra)])
+                    *map(_AS_ITEM, extra)])
 
 
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:

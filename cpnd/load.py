@@ -310,7 +310,7 @@ class InstanceMeter:
     def take_admitted(self, now: float) -> tuple[Hold | None, float]:
         """``(take_hold(), load(now))`` of the request just admitted at ``now``: its load as counted by
         its admission (no other arrival can come between, in the same step), not counted again."""
-        hold, self._last_hold = self._last_hold, None
+        hold = self.take_hold()
         admitted, self._admitted = self._admitted, None
         if admitted is not None and admitted[0] == now:
             return hold, admitted[1] / self.capacity
@@ -319,10 +319,7 @@ class InstanceMeter:
     def sent(self, hold: Hold | None, now: float) -> None:
         """The request of ``hold`` was written to the instance now (its head, at least)."""
         if hold is not None:
-            holds = self.holds
-            until = now + holds.guard_s  # (SlotHolds.sent's own test here: a call fewer a request)
-            if until > hold.until:
-                holds._move(hold, until)
+            self.holds.sent(hold, now)
 
     def used_up(self, now: float) -> None:
         """Take every slot for a second and the guard (a replacement worker: what its predecessor
