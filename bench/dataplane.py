@@ -971,6 +971,14 @@ def opcodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _save(result: dict[str, Any], args: argparse.Namespace, name: str) -> None:
+    """A breakdown's result, with the machine's load after it, as ``name`` in ``--out``."""
+    result["load_after"] = machine_load()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def breakdown(args: argparse.Namespace) -> int:
     """Counts per request, per path and gateway, against the floor chain; then cProfile tops."""
     probe_dir = Path(tempfile.mkdtemp(prefix="cpn-probe-"))
@@ -1026,10 +1034,7 @@ def breakdown(args: argparse.Namespace) -> int:
                         shutil.copy(profs[pid], keep / f"{k}-{role.split(' ', 1)[0]}.prof".replace(" ", "_"))
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
-    result["load_after"] = machine_load()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dataplane_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
+    _save(result, args, "dataplane_breakdown.json")
     print_breakdown(result)
     return 0
 
@@ -1190,10 +1195,7 @@ def saturation_breakdown(args: argparse.Namespace, wrk: str) -> int:
                             "functions": {f: round(v, 1) for f, v in sorted(per.items(), key=lambda kv: -kv[1]) if abs(v) >= 0.5}}
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
-    result["load_after"] = machine_load()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dataplane_saturation_breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
+    _save(result, args, "dataplane_saturation_breakdown.json")
     print_saturation_breakdown(result, args)
     return 0
 
