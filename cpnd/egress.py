@@ -156,7 +156,7 @@ class Egress:
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:
             held = meter.holds.held(now)  # (asked once: the meter's own admission takes it too)
-            refusal = shares.refuse(party, held, inst.capacity, now) or meter.admit(
+            refusal = shares.refuse(party, held, inst.capacity, now, slack_us != NO_BUDGET) or meter.admit(
                 now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us, held)
         if refusal is None:
             shares.admitted(party)

@@ -3,8 +3,10 @@
 An instance's capacity is counted at its egress (load.InstanceMeter). Below ``FULL`` of it,
 every request that fits is admitted, whoever sends it. Above, a party (a user: a local user's
 address, or the CPN-Client its ingress names within the peer the stream came from) that already holds its share of the capacity
-(capacity / the parties that asked in the last second, this one included; a request is held
-while in flight and a second after, as the instance's own bound counts it) is
+(capacity / the parties that asked in the last second, this one included; for a request with a
+latency bound, those that asked with one: flexible requests get only what the bounded demand leaves,
+load.InstanceMeter.admit; a request is held while in flight and a second after, as the instance's
+own bound counts it) is
 refused, so one user sending long jobs as fast as they are admitted cannot take all of an
 instance from the others: the room above ``FULL`` is theirs. The users counted are those that
 asked in the last second while it was that full, admitted or not: one refused so far still has
@@ -73,21 +75,28 @@ class Shares:
 
     def __init__(self) -> None:
         self._asked = _Window()  # who wants the instance: a share is counted among them
+        # Those of them with a latency bound: a bounded request's share is counted among these alone
+        # (load.InstanceMeter.admit: flexible requests get only what the bounded demand leaves, so an
+        # unbounded party holds none of a bounded one's share; counted among all, one flexible ask
+        # refused for the bounded demand halved the bounded user's share, and that half went unused).
+        self._asked_bounded = _Window()
         self._ended = _Window()  # requests answered (or abandoned) in the last second: still held
         self._inflight: collections.Counter[str] = collections.Counter()  # admitted, not yet ended
         self._dropped = _Window()  # those of them abandoned by their users (nothing to do per request)
         self._abandoning: dict[str, float] = {}  # parties found abandoning: until when (FATE_S on), oldest first
-        self._dropping: tuple[float, int] = (-1.0, 0)  # (counted at, users that asked then and abandon)
+        # (counted at, users that asked then and abandon, those of them with a bound)
+        self._dropping: tuple[float, int, int] = (-1.0, 0, 0)
 
     def held(self, party: str) -> int:
         """The requests ``party`` holds of the instance's capacity (as load.SlotHolds counts them:
         until a second after their answer), as of the last ``refuse``."""
         return self._inflight.get(party, 0) + self._ended.count.get(party, 0)
 
-    def refuse(self, party: str, held: int, capacity: float, now: float) -> str | None:
+    def refuse(self, party: str, held: int, capacity: float, now: float, bounded: bool = False) -> str | None:
         """Why ``party``'s request is over its share, or None; ``held``: requests counted against
         ``capacity`` now (the instance's own bound is checked apart). A request that asks while the
-        instance is that full counts its party among the users from now on, for a second."""
+        instance is that full counts its party among the users from now on, for a second; one with
+        a latency bound (``bounded``) also among the bounded users, the only ones its share is split by."""
         if held + 1 <= IDLE * capacity:
             return None
         if (self._dropped.count or self._abandoning) and self.abandons(party, now):
@@ -95,10 +104,15 @@ class Shares:
                     f"none while the instance is over {IDLE:.0%} full")
         if held + 1 <= FULL * capacity:
             return None
+        asked = self._asked_bounded if bounded else self._asked
         self._asked.add(party, now)
         self._asked.trim(now)
+        if bounded:
+            asked.add(party, now)
+            asked.trim(now)
         self._ended.trim(now)
-        users = max(1, len(self._asked.count) - self._abandoning_users(now))
+        abandoning, abandoning_bounded = self._abandoning_users(now)
+        users = max(1, len(asked.count) - (abandoning_bounded if bounded else abandoning))
         share = capacity / users
         mine = self.held(party)
         if mine < share:  # a party holding nothing is under any share (shares below one request refused all)
@@ -141,17 +155,18 @@ class Shares:
             return False
         return until is not None
 
-    def _abandoning_users(self, now: float) -> int:
-        """How many of the users that asked in the last second abandon (counted at most every RECOUNT_S:
-        parties with abandoned requests may be many)."""
-        at, n = self._dropping
+    def _abandoning_users(self, now: float) -> tuple[int, int]:
+        """How many of the users that asked in the last second abandon, and of those with a bound
+        (counted at most every RECOUNT_S: parties with abandoned requests may be many)."""
+        at, n, nb = self._dropping
         if now - at >= RECOUNT_S or now < at:
             for p in [p for p, d in self._dropped.count.items() if p not in self._abandoning]:
                 self.abandons(p, now)  # found abandoning by their ends alone, before they ask again
-            asked = self._asked.count
-            n = sum(1 for p, until in self._abandoning.items() if until > now and p in asked)
-            self._dropping = (now, n)
-        return n
+            asked, bounded = self._asked.count, self._asked_bounded.count
+            out = [p for p, until in self._abandoning.items() if until > now]
+            n, nb = sum(1 for p in out if p in asked), sum(1 for p in out if p in bounded)
+            self._dropping = (now, n, nb)
+        return n, nb
 
     def users(self, now: float) -> int:
         """Users that asked in the last second."""

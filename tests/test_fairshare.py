@@ -80,6 +80,24 @@ def test_the_share_is_said_and_counts_this_user_too() -> None:
     assert s.held("nobody") == 1
 
 
+def test_a_bounded_users_share_is_split_among_bounded_users_alone() -> None:
+    """A flexible user asking a full instance (the meter refuses it there: latency-bound demand comes
+    first) does not halve the share of the bounded user that holds it: that half would go unused."""
+    s = Shares()
+    for _ in range(45):
+        s.admitted("u1")
+    assert s.refuse("u2", 45, 50, 0.5) is None  # flexible, holds nothing: counted among all users
+    assert s.users(0.5) == 1  # (u2 alone so far)
+    assert s.refuse("u1", 45, 50, 0.6, bounded=True) is None  # among the bounded users u1 is alone: all 50
+    assert s.users(0.6) == 2
+    why = s.refuse("u1", 45, 50, 0.6)  # the same request without a bound: split with u2, 25 each
+    assert why is not None and "share 25 among 2 users" in why
+    # A second bounded user does split it: each holds its share of the bounded demand's room.
+    assert s.refuse("u3", 45, 50, 0.7, bounded=True) is None
+    why = s.refuse("u1", 46, 50, 0.7, bounded=True)
+    assert why is not None and "share 25 among 2 users" in why
+
+
 def test_what_a_user_had_leaves_after_a_second() -> None:
     s = Shares()
     assert s.refuse("a", 10, 50, 0.0) is None and s.users(0.0) == 0  # far from full: nobody is counted
