@@ -54,7 +54,7 @@ class Later:
         if not work:
             return
         self.work = []
-        del self.pending.held[self.task]
+        self.pending.held.pop(self.task, None)
         for fn, args in work:
             try:
                 fn(*args)
