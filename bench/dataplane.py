@@ -4,7 +4,7 @@
     python bench/dataplane.py --idle-only           # the sequential idle table alone (~2 min)
     python bench/dataplane.py --breakdown [--breakdown-requests 2000]   # what a request costs each gateway
     python bench/dataplane.py --saturation-cpu [--repeats 3] [--seconds 4]   # CPU per request of each process, saturated
-    python bench/dataplane.py --opcodes [--breakdown-requests 200]   # bytecodes a request by function, exact
+    python bench/dataplane.py --opcodes [--breakdown-requests 200]   # bytecodes a request by function (and phase), exact
     python bench/dataplane.py --saturation-breakdown [--repeats 2 --seconds 4 --breakdown-requests 300]   # saturated vs sequential
     python bench/dataplane.py --https [--idle-rounds 5]   # TLS at the ingress and an https instance vs nginx
     python bench/dataplane.py --grpc [--repeats 3] [--seconds 4] [--idle-rounds 5]   # gRPC unary beside direct calls
@@ -959,16 +959,46 @@ def opcodes(args: argparse.Namespace) -> int:
                     got = _opcode_counts(probe_dir / f"probe-{pid}.opcodes")
                     per = {f: round((v - idle[pid].get(f, 0) * scale) / n, 1) for f, v in got.items()}
                     per = dict(sorted(((f, v) for f, v in per.items() if abs(v) >= 0.5), key=lambda kv: -kv[1]))
-                    result["paths"][k][role] = {"total": round(sum(per.values())), "functions": per}
+                    result["paths"][k][role] = {"total": round(sum(per.values())), "functions": per,
+                                                "phases": _phases(probe_dir / f"probe-{pid}.opcodes.phases",
+                                                                  idle[pid], idle_s[pid], n)}
                     print(f"\n{k}, {role}: {sum(per.values()):.0f} bytecodes a request; the most:")
                     for f, v in list(per.items())[:args.opcodes_top]:
                         print(f"  {v:8.1f}  {f}")
+                    print_phases(result["paths"][k][role]["phases"], args.opcodes_top // 2)
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "dataplane_opcodes.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def _phases(path: Path, idle: dict[str, int], idle_s: float, n: int) -> dict[str, Any]:
+    """The bytecodes of a request window by phase of the request (cpnd/probe.py, PHASES), a request:
+    each phase's, less the idle window's rate over the time spent in it. "critical" is "in" and
+    "out" (from the request's read to its write upstream, from the answer's read to its write
+    downstream); "wait" runs while the upstream has the request; "after", from the answer's write
+    to the next request's read, is on the next request's path too whenever it comes meanwhile."""
+    got = json.loads(path.read_text())
+    out: dict[str, Any] = {}
+    for phase, ops in got["ops"].items():
+        scale = got["seconds"].get(phase, 0.0) / idle_s
+        per = {f: round((v - idle.get(f, 0) * scale) / n, 1) for f, v in ops.items()}
+        per = dict(sorted(((f, v) for f, v in per.items() if abs(v) >= 0.5), key=lambda kv: -kv[1]))
+        out[phase] = {"total": round(sum(per.values())), "functions": per}
+    out["critical"] = sum(out.get(p, {}).get("total", 0) for p in ("in", "out"))
+    return out
+
+
+def print_phases(phases: dict[str, Any], top: int) -> None:
+    print("  by phase: " + ", ".join(f"{p} {phases[p]['total']}" for p in ("in", "wait", "out", "after", "idle")
+                                     if p in phases) + f" (critical: in + out = {phases['critical']})")
+    for p in ("after", "wait"):
+        if p in phases and phases[p]["total"]:
+            print(f"  {p}, the most:")
+            for f, v in list(phases[p]["functions"].items())[:top]:
+                print(f"    {v:8.1f}  {f}")
 
 
 def _save(result: dict[str, Any], args: argparse.Namespace, name: str) -> None:

@@ -81,12 +81,18 @@ class Attempts:
                     break
                 self.p.stats["retries"] += 1
                 continue
-            # The bound runs from the head's arrival; a retry's own time from its start.
+            # The bound runs from the head's arrival; a retry's own time from its start. Learnt off the
+            # user's path (cpnd/pending.py).
             assert attempt.ended_at is not None
-            if self.planner.observed(plan, cand, attempt, plan.t0 if not plan.failures else start, attempt.ended_at):
-                self.p.stats["late"] += 1
+            client.later.defer(self._observed, plan, cand, attempt, plan.t0 if not plan.failures else start)
             return cand.instance, status, attempt.ended_at
         raise plan.error()
+
+    def _observed(self, plan: Plan, cand: Candidate, attempt: Attempt, start: float) -> None:
+        """An answered attempt, for the estimates (Planner.observed); counted if it left after its bound."""
+        assert attempt.ended_at is not None
+        if self.planner.observed(plan, cand, attempt, start, attempt.ended_at):
+            self.p.stats["late"] += 1
 
     def _open_upstream(self, cand: Candidate, ext: ExtHeader, soon: bool) -> ByteStream:
         if cand.next_hop is None:
@@ -126,8 +132,9 @@ class Attempts:
                 await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
                 attempt.sent_at = trio.current_time()
                 attempt.whole = True
+                client.later.run()  # the next hop has it: the user's last answer's accounting, meanwhile
                 return await self._response(client, up, up_raw, plan, attempt)
-            async with open_nursery() as nursery:
+            async with open_nursery() as nursery:  # (the upload's task: its first step runs ``client.later``)
                 attempt.sent_at = trio.current_time()
                 nursery.start_soon(_upload, up, up_raw, head, body)
                 status = await self._response(client, up, up_raw, plan, attempt)
@@ -152,10 +159,11 @@ class Attempts:
         finally:
             if hangup is not None:
                 hangup.target = None
-            self._ended(cand, up_raw, attempt)
+            self._ended(cand, up_raw, attempt, client)
 
-    def _ended(self, cand: Candidate, up_raw: ByteStream, attempt: Attempt) -> None:
-        """An attempt through a stream ended, however: the stream closed, our accounts told."""
+    def _ended(self, cand: Candidate, up_raw: ByteStream, attempt: Attempt, client: H11Stream) -> None:
+        """An attempt through a stream ended, however: the stream closed, our accounts told (what the
+        far end reported, off the user's path: cpnd/pending.py)."""
         # Every way out leaves the stream closed: a response that came before the whole
         # request went up, an error, a cancellation (the far end stops waiting too).
         if not up_raw.closed:
@@ -164,7 +172,7 @@ class Attempts:
         attempt.ended_at = trio.current_time()
         if up_raw.load_report is not None:  # fresh from the instance's gateway, refusals included
             load, bload, comp, instance_us = up_raw.load_report
-            self.p.account.heard(cand.key, load, bload, comp, attempt.ended_at)
+            client.later.defer(self.p.account.heard, cand.key, load, bload, comp, attempt.ended_at)
             attempt.instance_s = None if instance_us is None else instance_us / 1_000_000
 
     async def _attempt_local(self, client: H11Stream, req: h11.Request, headers: Headers, body: BodySource,

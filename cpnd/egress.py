@@ -268,13 +268,11 @@ class Egress:
                 served = await self._exchange(first, rx, sink, inst, host, port, deadline, hold)
         finally:
             end = self.p.now()
-            if served is None:
-                meter.abandoned()
-            else:
-                meter.done(end, served * 1_000_000, load_at_arrival, hold, party)
-            shares = self.shares.get(inst.id)
-            if shares is not None:  # (gone with its instance: a reload meanwhile)
-                shares.ended(party, end, served is None and user_gone(sink))
+            meter.ended()  # (at once: a next request's admission counts what is in flight)
+            shares = self.shares.get(inst.id)  # (None: gone with its instance, a reload meanwhile)
+            # What the call taught, with the times read now: off the user's path (cpnd/pending.py).
+            sink.later.defer(_answered, meter, shares, end, served, load_at_arrival, hold, party,
+                             served is None and shares is not None and user_gone(sink))
         return served
 
     def _kept(self, key: tuple[Any, ...]) -> _PoolEntry | None:
@@ -335,6 +333,7 @@ class Egress:
                 async with (_Inline() if up.complete else open_nursery()) as nursery:
                     if up.complete:
                         await up.run()  # one write, no task
+                        sink.later.run()  # the instance has it: the user's last answer's accounting, meanwhile
                     else:
                         nursery.start_soon(up.run)
                     if bound is None:  # a stream's sink: the ingress keeps the user's bound (no timer here)
@@ -442,6 +441,16 @@ class _Upload:
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
         self.done_at = self.clock()
+
+
+def _answered(meter: InstanceMeter, shares: Shares | None, end: float, served: float | None, load_at_arrival: float,
+              hold: Hold | None, party: str, gone: bool) -> None:
+    """What a call that ended at ``end`` taught (``served``: the instance's time to its response head, s,
+    or None): its sample and hold (InstanceMeter.answered), its party's share (``gone``: its user hung up)."""
+    if served is not None:
+        meter.answered(end, served * 1_000_000, load_at_arrival, hold, party)
+    if shares is not None:
+        shares.ended(party, end, gone)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -20,6 +20,7 @@ from h11._headers import Headers, normalize_and_validate  # h11's own header lis
 
 from .errors import HttpError
 from .heads import MAX_HEADER_BYTES
+from .pending import NOW
 
 RECEIVE_CHUNK = 256 * 1024  # a bulk body in fewer, larger pieces (each one costs an h11 cycle)
 RESPONSE_HOLD_BYTES = 64 * 1024  # responses up to this size reach the user whole or not at all
@@ -189,6 +190,7 @@ class H11Stream:
     source = ""  # a user's connection: its peer address (for Forwarded)
     trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
     _writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
+    later: Any = NOW  # a user's connection: its pending work (cpnd/pending.py); else the accounting runs at once
 
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:

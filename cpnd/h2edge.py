@@ -28,6 +28,7 @@ from .grpcmap import grpc_error_fields, is_grpc, request_head, response_fields, 
 from .h1 import error_response
 from .heads import MAX_HEADER_BYTES
 from .limits import TokenBucket
+from .pending import NOW
 from .h2io import CONNECTION_WINDOW, RECEIVE_CHUNK, STREAM_WINDOW, H2Inbox, H2Wire, h2_error_name
 from .rib import Key
 from .streams import StreamReset
@@ -70,6 +71,7 @@ class H2Stream:
     trailers = True  # the upstream's trailers reach this user (relay_response)
     hangup = None  # no hangups.Hangup: a stream the user resets, or a connection it closes, cancels ``scope``
     tunnel_extra = ((b"te", b"trailers"),)  # tunnel.md: the egress keeps trailers for this request
+    later = NOW  # its accounting runs at once (cpnd/pending.py: pending work is an HTTP/1.1 connection's)
 
     def __init__(self, server: H2Server, inbox: H2Inbox, grpc: bool, ended: bool) -> None:
         self.server = server

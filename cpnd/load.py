@@ -348,9 +348,16 @@ class InstanceMeter:
     def done(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None,
              party: object = "") -> None:
         """A response head came back after ``service_us`` (its exchange ended ``now``) for ``party`` (its
-        user, as the egress names it: an address, or a tunnelled user within its peer): refine the base
-        compute latency, and end the request's ``hold`` (from ``take_hold``) by now if it runs later."""
-        self.inflight = max(0, self.inflight - 1)
+        user, as the egress names it: an address, or a tunnelled user within its peer): ``ended`` and
+        ``answered``."""
+        self.ended()
+        self.answered(now, service_us, load_at_arrival, hold, party)
+
+    def answered(self, now: float, service_us: float, load_at_arrival: float, hold: Hold | None = None,
+                 party: object = "") -> None:
+        """What ``done`` learns, apart from the count in flight (given back at once, this may come later
+        with the times read then: cpnd/pending.py): refine the base compute latency, and end the
+        request's ``hold`` (from ``take_hold``) by ``now`` if it runs later."""
         if hold is not None:
             self.holds.answered(hold, now)
         if not math.isfinite(service_us) or service_us < 0:
@@ -452,7 +459,8 @@ class InstanceMeter:
         self.measured_us = min(self._values.values()) if self._values else self.hint_us
         self.base_us = self.hint_us if self._probe_until is not None else self.measured_us
 
-    def abandoned(self) -> None:
+    def ended(self) -> None:
+        """A call ended, answered or not: one fewer in flight."""
         self.inflight = max(0, self.inflight - 1)
 
 

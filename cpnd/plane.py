@@ -12,6 +12,7 @@ import trio
 from .config import Config
 from .load import LatencyCorrection, OwnTimes, SendAccount
 from .loglimit import LogLimiter
+from .pending import Pending
 from .rib import Rib
 
 log = logging.getLogger("cpnd.http")
@@ -61,6 +62,7 @@ class Plane:
         self.error_lines = LogLimiter(ERROR_LOG_PER_S, "error", log)
         self.attempt_lines = LogLimiter(ATTEMPT_LOG_PER_S, "failed-attempt", log)
         self.inflight = 0  # requests here: ingress, transit or egress
+        self.pending = Pending()  # user connections' accounting after their answers (cpnd/pending.py)
         self._idle = trio.Event()
 
     def now(self) -> float:

@@ -119,13 +119,29 @@ def _frame_name(code: Any) -> str:
     return f"{code.co_qualname} ({path}:{code.co_firstlineno})"
 
 
+# The phases of one request at one process, for requests one at a time (OpcodeCounter): from the
+# read that brings it from downstream ("in"), from its write upstream ("wait": the upstream has it),
+# from the read that brings the answer back ("out"), from the write of the answer downstream
+# ("after": until the next request's read). "in" and "out" are the request's critical path; what
+# runs in "after" is on the next request's as well when it comes before that work is done.
+PHASES = ("idle", "in", "wait", "out", "after")
+
+
 class OpcodeCounter:
     """Every bytecode instruction executed, counted by the function (code object) it ran in
     (``sys.settrace`` with opcode events: exact and load-independent, far slower than calls;
-    what a call costs differs from function to function, and this counts what the calls hide)."""
+    what a call costs differs from function to function, and this counts what the calls hide);
+    and by the phase of the request it ran in (PHASES), told apart by the socket reads and writes
+    that return data (``_io_sites``: the descriptor each names)."""
 
     def __init__(self) -> None:
-        self.ops: collections.Counter[Any] = collections.Counter()
+        self.ops: collections.Counter[Any] = collections.Counter()  # (phase, code): bytecodes
+        self.phase = "idle"
+        self.phase_s: collections.Counter[str] = collections.Counter()
+        self._since = time.perf_counter()
+        self._down: int | None = None  # the descriptor the request came on
+        self._up: int | None = None  # the one it went out on
+        self._sites = _io_sites()
 
     def __call__(self, frame: Any, event: str, arg: object) -> Any:
         frame.f_trace_opcodes = True
@@ -133,12 +149,72 @@ class OpcodeCounter:
 
     def _local(self, frame: Any, event: str, arg: object) -> Any:
         if event == "opcode":
-            self.ops[frame.f_code] += 1
+            self.ops[(self.phase, frame.f_code)] += 1
+        elif event == "return" and frame.f_code in self._sites:
+            kind, fd_of = self._sites[frame.f_code]
+            fd = fd_of(frame, arg)
+            if fd is not None:
+                self._io(kind, fd)
         return self._local
 
+    def _io(self, kind: str, fd: int) -> None:
+        """A read (``kind`` "r") or write ("w") on ``fd`` moved data: the phase that follows."""
+        phase = self.phase
+        if kind == "r":
+            if phase in ("idle", "after") and (fd == self._down or fd != self._up):
+                self._enter("in")
+                self._down = fd
+            elif phase == "wait" and fd == self._up:
+                self._enter("out")
+        elif phase == "in" and fd != self._down:
+            self._enter("wait")
+            self._up = fd
+        elif phase in ("in", "wait", "out") and fd == self._down:
+            self._enter("after")
+
+    def _enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phase_s[self.phase] += now - self._since
+        self._since = now
+        self.phase = phase
+
     def dump(self, path: Path) -> None:
-        """One line a function, as a one-frame stack in py-spy's raw format, then its count."""
-        path.write_text("".join(f"{_frame_name(c)} {n}\n" for c, n in self.ops.items()))
+        """One line a function, as a one-frame stack in py-spy's raw format, then its count; by phase
+        in ``PATH.phases`` (JSON: each phase's seconds and bytecodes by function)."""
+        self._enter(self.phase)
+        total: collections.Counter[Any] = collections.Counter()
+        phases: dict[str, dict[str, int]] = {}
+        for (phase, code), n in self.ops.items():
+            total[code] += n
+            by = phases.setdefault(phase, {})
+            name = _frame_name(code)
+            by[name] = by.get(name, 0) + n
+        path.write_text("".join(f"{_frame_name(c)} {n}\n" for c, n in total.items()))
+        path.with_name(path.name + ".phases").write_text(json.dumps({"seconds": dict(self.phase_s), "ops": phases}))
+
+
+def _io_sites() -> dict[Any, tuple[str, Any]]:
+    """The functions whose return says a socket read ("r") or write ("w") moved data, by code object:
+    each with how to tell the descriptor from its frame and return value (None: nothing moved, or
+    a coroutine suspended, whose return event carries trio's trap, not the function's result)."""
+    from . import daemon, h1  # (cpnd's own: after the probe module, which the daemon's main imports first)
+
+    def sock_fd(frame: Any) -> int | None:
+        sock = frame.f_locals.get("sock")
+        return None if sock is None else sock.fileno()
+
+    def stream_fd(frame: Any) -> int:
+        return frame.f_locals["self"].socket.fileno()
+
+    return {
+        h1.H11Stream.receive_nowait.__code__: ("r", lambda f, a: sock_fd(f) if a is True else None),
+        h1.H11Stream._write.__code__: ("w", lambda f, a: sock_fd(f) if a is None else None),
+        daemon.Connection._read.__code__: ("r", lambda f, a: f.f_locals["fd"] if isinstance(a, bytes) and a else None),
+        daemon.Connection.send_tunnel.__code__: ("w", lambda f, a: f.f_locals["self"]._fd if "n" in f.f_locals else None),
+        daemon.Connection.flush.__code__: ("w", lambda f, a: f.f_locals["self"]._fd if "n" in f.f_locals else None),
+        trio.SocketStream.receive_some.__code__: ("r", lambda f, a: stream_fd(f) if isinstance(a, bytes) and a else None),
+        trio.SocketStream.send_all.__code__: ("w", lambda f, a: stream_fd(f) if a is None else None),
+    }
 
 
 class _Probe:

@@ -17,6 +17,7 @@ import trio
 from .aio import cancel_precisely_at
 from .h1 import RESPONSE_HOLD_BYTES, H11Stream
 from .load import InstanceMeter
+from .pending import NOW, Later, AtOnce
 from .pipes import LocalEvents
 from .planner import Attempt
 from .streams import ByteStream, StreamReset
@@ -27,6 +28,7 @@ class Sink(Protocol):
     """Where a response goes; ``hold_until``: a held response not whole by then is not sent (None: no limit)."""
 
     hold_until: float | None
+    later: Later | AtOnce  # where the call's accounting goes (cpnd/pending.py): the user connection's pending work, or now
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None: ...
 
@@ -55,6 +57,7 @@ class StreamSink:
     """Back down the (tunnel or pipe) stream the request came on: the egress's sink."""
 
     hold_until = None  # the ingress holds the user's bound
+    later = NOW  # a stream's task ends with its call: nothing to run its accounting later
 
     def __init__(self, rx: H11Stream | LocalEvents, stream: ByteStream) -> None:
         self.rx = rx
@@ -101,6 +104,7 @@ class UserSink:
         self.status = 0
         self.failure: StreamReset | None = None
         self.hold_until = attempt.bound_at  # a held response not whole by the bound: 504 at the bound
+        self.later = client.later
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
         head = isinstance(events[0], h11.Response)

@@ -168,6 +168,7 @@ class Users:
         except Exception:  # a bug must cost this client its connection, never the daemon
             log.exception("%s: HTTP client connection failed", self.p.gw.id)
         finally:
+            client.later.run()  # what its last answer left to do (cpnd/pending.py), however it ended
             self.slots.release(slot)
             if client.hangup is not None and (watch := hangups()) is not None:
                 watch.unwatch(client.hangup)  # before the socket closes: its number is reused at once
@@ -232,6 +233,9 @@ class Users:
         Every wait for a head is under one scope per connection (``_HeadWait``), not one per request.
         """
         event: Any = None
+        # What each answer leaves to do runs once the next request has gone upstream, or before any
+        # other task's step, or as the connection ends (_client): never on the user's path (cpnd/pending.py).
+        client.later = self.p.pending.later()
         while True:
             wait = _HeadWait()
             with wait.scope:
@@ -380,7 +384,7 @@ class Users:
     async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
             service, instance, status, ended_at = await self._route(client, req, pinned, t0)
-            self.p.gw.metrics.observe(service, instance, status, ended_at - t0)
+            client.later.defer(self.p.gw.metrics.observe, service, instance, status, ended_at - t0)
         except HttpError as exc:
             self.p.stats[f"error_{exc.status}"] += 1
             # The user's answer first: its clock runs (a 504 at the bound), the log line and metrics can wait.

@@ -90,3 +90,59 @@ def test_opcodes_window_counts_every_bytecode_by_function(probe_dir: Path) -> No
     assert sixty > thirty > 30
     assert (sixty - thirty) % 30 == 0
     assert 2 * thirty - sixty >= 0  # what runs once (the frame's start, the loop's end) is counted once
+
+
+def test_opcodes_are_counted_by_phase_of_the_request() -> None:
+    """A proxy's reads and writes that move data mark the phases: the request's read ("in"), its write
+    upstream ("wait"), the answer's read ("out"), its write back ("after"); what comes late on the
+    upstream socket after the answer left does not start a request."""
+    counter = probe.OpcodeCounter()
+    seen = []
+    for kind, fd in (("r", 5), ("w", 7), ("r", 7), ("w", 5), ("r", 7), ("r", 5), ("w", 5)):
+        counter._io(kind, fd)
+        seen.append(counter.phase)
+    assert seen == ["in", "wait", "out", "after", "after", "in", "after"]
+
+
+def test_opcodes_window_tells_the_phases_apart(probe_dir: Path) -> None:
+    """Over real sockets through H11Stream (its non-blocking reads and writes): the work between the
+    answer's write and the next request's read is "after", not on the request's path."""
+    import socket
+
+    import h11
+
+    from cpnd.h1 import H11Stream
+
+    def after_the_answer() -> int:
+        return sum(range(50))
+
+    (probe_dir / probe.MODE_FILE).write_text("opcodes")
+
+    async def main() -> None:
+        user, down = socket.socketpair()
+        up, instance = socket.socketpair()
+        client = H11Stream(h11.SERVER, trio.SocketStream(trio.socket.from_stdlib_socket(down)))
+        upstream = H11Stream(h11.CLIENT, trio.SocketStream(trio.socket.from_stdlib_socket(up)))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await trio.sleep(0)
+        user.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.receive_nowait()
+        await upstream.send_all([h11.Request(method="GET", target="/", headers=[("host", "x")]), h11.EndOfMessage()])
+        instance.recv(65536)
+        instance.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await trio.lowlevel.wait_readable(up)
+        assert upstream.receive_nowait()
+        await client.send_all([h11.Response(status_code=200, headers=[("content-length", "2")]), h11.Data(data=b"ok"),
+                               h11.EndOfMessage()])
+        after_the_answer()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        await trio.sleep(0)
+        for s in (user, down, up, instance):
+            s.close()
+
+    trio.run(main, instruments=probe.instruments())
+    phases = json.loads((probe_dir / f"probe-{os.getpid()}.opcodes.phases").read_text())
+    where = {phase for phase, ops in phases["ops"].items() for name in ops
+             if name.startswith("test_opcodes_window_tells_the_phases_apart.<locals>.after_the_answer (")}
+    assert where == {"after"}
+    assert {"in", "wait", "out", "after"} <= set(phases["ops"])
