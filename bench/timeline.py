@@ -1,6 +1,7 @@
 """Where one idle request's wall time goes, process by process: a timeline from the processes' own system calls.
 
     python bench/timeline.py [--path "1 hop"] [--requests 300]
+    python bench/timeline.py --marks [--path "1 hop"] [--requests 400]   # the processes' own timestamps
 
 Starts bench/dataplane.py's rig (the instance, gateways a - b - c, the floor chain), warms the
 path, then sends ``--requests`` requests one at a time over one keep-alive connection while
@@ -14,12 +15,23 @@ trace`` adds a few µs to every system call, so compare paths within one run. Th
 part says on how many CPUs the path ran: on one (this shared 2-core machine, often), a
 process woken by another runs only once that one sleeps, so every process's whole CPU per
 request, after its write too, is on the request's path.
+
+``--marks`` takes the processes' own timestamps instead (cpnd/probe.py's "timeline" window, no perf:
+nothing is slowed but by the marks themselves, ~1 µs each): every read and write by descriptor
+(named by the process at its other end), the loop's wake-ups, task steps by task name and the
+returns of the functions ``probe.TIMELINE_POINTS`` names (the plan made, a record sealed, records
+opened, a frame dispatched, the egress's task started, ...), with this client's own write and read.
+The commonest sequence of them per request is reported step by step (median µs), then each process's
+count per request of wake-ups, task steps, reads and writes within the request, and its tail: from
+its last write of a request to its loop going to sleep (work after the answer left, which the next
+request waits for when it comes sooner).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
 import signal
@@ -32,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dataplane import CPND, FLOORS, Rig, Sequential  # noqa: E402
+from dataplane import CPND, FLOORS, Probe, Rig, Sequential  # noqa: E402
 
 _LINE = re.compile(r"^\s*([\d.]+) \(\s*([\d.]+) ms\): (\S+)/(\d+) (recvfrom|read|write|sendto|writev)\(.*?= (-?\d+)")
 _SCHED = re.compile(r"^\s*([\d.]+)\s+\[(\d+)\]\s+\S+\[(\d+)\]")
@@ -103,11 +115,120 @@ def cpus(names: dict[int, str], sched: Path) -> dict[str, collections.Counter[in
     return seen
 
 
+def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
+    """Run ``n`` idle requests on ``path`` with the processes' timeline windows open; the step table."""
+    os.environ["CPN_PROBE"] = str(workdir)  # inherited by every cpnd and floor process the rig starts
+    (workdir / "mode").write_text("timeline")
+    with Rig({}, with_peers=False) as rig:
+        client = Sequential(*rig.targets[path])
+        client.run(300)  # warm
+        pids = [pid for _, pid in rig.roles[path]]
+        names = {pid: role.rsplit("(", 1)[1].rstrip(")") if "(" in role else "p" + role.split()[1]
+                 for role, pid in rig.roles[path]}
+        probe = Probe(workdir)
+        probe.start(pids)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            client.one()
+            times.append((t0, time.perf_counter_ns()))
+        probe.read(pids)
+        me = client.sock.getsockname()
+        inst_port = rig.targets["direct"][1]
+        client.close()
+    dumps = {pid: json.loads((workdir / f"probe-{pid}.timeline").read_text()) for pid in pids}
+    owner = {tuple(local): names[pid] for pid, d in dumps.items() for local, _ in d["fds"].values()}
+    owner[tuple(me)] = "client"
+
+    def peer(pid: int, fd: int) -> str:
+        local_remote = dumps[pid]["fds"].get(str(fd))
+        if local_remote is None:
+            return "?"
+        remote = tuple(local_remote[1])
+        return "instance" if remote[1] == inst_port else owner.get(remote, f"{remote[1]}")
+
+    events = []
+    for pid, d in dumps.items():
+        who = names[pid]
+        for ev in d["events"]:
+            at, what = ev[0], ev[1]
+            if what == "sleep" or what == "write":
+                label = f"{who} {what}"
+            elif what in ("read", "write<"):
+                if ev[3] <= 0:
+                    continue
+                label = f"{who} {what.rstrip('<')} {peer(pid, ev[2])}"  # a write from its start: the bytes leave in it
+            elif what == "step":
+                label = f"{who} step {ev[2]}"
+            else:
+                label = f"{who} {what.rsplit('.', 1)[-1] if what != 'woke' else 'woke'}"
+            events.append((at, who, label))
+    events.sort()
+    runs, tails, counts = [], collections.defaultdict(list), collections.defaultdict(collections.Counter)
+    raw: list[list[tuple[int, str, str]]] = []
+    i = 0
+    for t0, t1 in times:
+        while i < len(events) and events[i][0] < t0:
+            i += 1
+        run = [(t0, "client write")]
+        last_write: dict[str, int] = {}
+        j = i
+        while j < len(events) and events[j][0] <= t1:
+            at, who, label = events[j]
+            kind = label.split()[1]
+            counts[who][kind] += 1
+            if kind == "write":
+                last_write[who] = at  # (its end)
+            if kind not in ("sleep", "write") and run[-1][1] != label:
+                run.append((at, label))
+            j += 1
+        # the tail: each process's last write of this request to its next sleep (maybe after t1)
+        for who, at in last_write.items():
+            k = j
+            while k < len(events) and not (events[k][1] == who and events[k][2].endswith("sleep")):
+                k += 1
+            if k < len(events) and events[k][0] - at < 50_000_000:
+                tails[who].append((events[k][0] - at) / 1000)
+        run.append((t1, "client read"))
+        runs.append(run)
+        raw.append(events[i:j + 40])
+    shapes = collections.Counter(tuple(label for _, label in r) for r in runs)
+    shape, count = shapes.most_common(1)[0]
+    same = [r for r in runs if tuple(label for _, label in r) == shape]
+    steps = [(f"{shape[k]} -> {shape[k + 1]}", statistics.median((r[k + 1][0] - r[k][0]) / 1000 for r in same))
+             for k in range(len(shape) - 1)]
+    return {"path": path, "requests": n, "commonest": count, "steps": steps,
+            "total_us": statistics.median((t1 - t0) / 1000 for t0, t1 in times),
+            "per_request": {who: {k: round(v / n, 2) for k, v in sorted(c.items())} for who, c in counts.items()},
+            "tail_us": {who: round(statistics.median(v), 1) for who, v in tails.items()},
+            "raw": [[(round((at - r[0][0]) / 1000, 1), label) for at, _, label in r] for r in raw[::max(1, n // 8)]]}
+
+
+def print_marks(r: dict[str, object]) -> None:
+    print(f"{r['path']}: {r['requests']} requests, {r['commonest']} in the commonest sequence; median µs per step")
+    for step, us in r["steps"]:  # type: ignore[attr-defined]
+        print(f"  {step:<64} {us:8.1f}")
+    print(f"  {'client write -> client read (all requests)':<64} {r['total_us']:8.1f}")
+    for who, c in r["per_request"].items():  # type: ignore[attr-defined]
+        print(f"  {who} per request: " + ", ".join(f"{k} {v}" for k, v in c.items())
+              + f"; tail after its last write {r['tail_us'].get(who, '-')} µs")  # type: ignore[attr-defined]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--path", default="1 hop", choices=("direct", *FLOORS, *CPND))
     ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--marks", action="store_true", help="the processes' own timestamps (cpnd/probe.py), not perf's")
+    ap.add_argument("--raw", action="store_true", help="with --marks: a few requests' events as they came")
     args = ap.parse_args()
+    if args.marks:
+        with tempfile.TemporaryDirectory(prefix="cpn-marks-") as tmp:
+            result = marks(args.path, args.requests, Path(tmp))
+        print_marks(result)
+        if args.raw:
+            for r in result["raw"]:  # type: ignore[attr-defined]
+                print("  ---\n" + "\n".join(f"  {at:9.1f} {label}" for at, label in r))
+        return 0
     with tempfile.TemporaryDirectory(prefix="cpn-timeline-") as tmp:
         names, trace, sched = record(args.path, args.requests, Path(tmp))
         total, count, rows, whole = steps(names, trace)
