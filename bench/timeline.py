@@ -198,10 +198,64 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
     steps = [(f"{shape[k]} -> {shape[k + 1]}", statistics.median((r[k + 1][0] - r[k][0]) / 1000 for r in same))
              for k in range(len(shape) - 1)]
     return {"path": path, "requests": n, "commonest": count, "steps": steps,
+            "segments": segments(path, runs) if path in SEGMENTS else [],
             "total_us": statistics.median((t1 - t0) / 1000 for t0, t1 in times),
             "per_request": {who: {k: round(v / n, 2) for k, v in sorted(c.items())} for who, c in counts.items()},
             "tail_us": {who: round(statistics.median(v), 1) for who, v in tails.items()},
             "raw": [[(round((at - r[0][0]) / 1000, 1), label) for at, _, label in r] for r in raw[::max(1, n // 8)]]}
+
+
+# The named steps of one request, as the first stamp of each label after the one before (``--marks``);
+# a hand-over is a write to the next process's read of it (its wake-up included). By path kind.
+SEGMENTS = {
+    "1 hop": [("the user's head read by the ingress (hand-over)", "b read client"),
+              ("ingress: head parsed, plan made", "b plan"),
+              ("ingress: the stream opened, its OPEN sealed", "b send_tunnel"),
+              ("ingress: the request serialised and sealed, written", "b write c"),
+              ("hand-over to the egress", "c read b"),
+              ("egress: records opened", "c receive_data"),
+              ("egress: OPEN dispatched, the stream handed to its task", "c handle"),
+              ("egress: the reader's step ends, the stream's task runs", "c step stream"),
+              ("egress: head parsed, admitted, the call set up, written", "c write instance"),
+              ("the instance (write to its answer read)", "c read instance"),
+              ("egress: the answer parsed, the LOAD sealed", "c send_tunnel"),
+              ("egress: the response serialised and sealed, written", "c write b"),
+              ("hand-over to the ingress", "b read c"),
+              ("ingress: records opened", "b receive_data"),
+              ("ingress: the reader's step ends, the user's task runs", "b step _client"),
+              ("ingress: the answer parsed, the response written", "b write client"),
+              ("hand-over to the client", "client read")],
+    "floor x2": [("the user's head read by proxy 1 (hand-over)", "p1 read client"),
+                 ("proxy 1: parsed, serialised, written", "p1 write p2"),
+                 ("hand-over to proxy 2", "p2 read p1"),
+                 ("proxy 2: parsed, serialised, written", "p2 write instance"),
+                 ("the instance (write to its answer read)", "p2 read instance"),
+                 ("proxy 2: the answer parsed, serialised, written", "p2 write p1"),
+                 ("hand-over to proxy 1", "p1 read p2"),
+                 ("proxy 1: the answer parsed, serialised, written", "p1 write client"),
+                 ("hand-over to the client", "client read")],
+}
+
+
+def segments(path: str, runs: list[list[tuple[int, str]]]) -> list[tuple[str, float]]:
+    """Median µs of each of ``SEGMENTS[path]`` over the requests in which every one was found in order."""
+    steps = SEGMENTS[path]
+    found: list[list[float]] = []
+    for run in runs:
+        at, i, deltas = run[0][0], 0, []
+        for _, label in steps:
+            while i < len(run) and run[i][1] != label:
+                i += 1
+            if i == len(run):
+                break
+            deltas.append((run[i][0] - at) / 1000)
+            at = run[i][0]
+        else:
+            found.append(deltas)
+    if not found:
+        return []
+    return [(name, statistics.median(d[k] for d in found)) for k, (name, _) in enumerate(steps)] + [
+        (f"client write -> client read ({len(found)} of {len(runs)} requests)", statistics.median(sum(d) for d in found))]
 
 
 def print_marks(r: dict[str, object]) -> None:
@@ -209,6 +263,10 @@ def print_marks(r: dict[str, object]) -> None:
     for step, us in r["steps"]:  # type: ignore[attr-defined]
         print(f"  {step:<64} {us:8.1f}")
     print(f"  {'client write -> client read (all requests)':<64} {r['total_us']:8.1f}")
+    if r["segments"]:
+        print("  named steps, median µs:")
+        for name, us in r["segments"]:  # type: ignore[attr-defined]
+            print(f"  {name:<64} {us:8.1f}")
     for who, c in r["per_request"].items():  # type: ignore[attr-defined]
         print(f"  {who} per request: " + ", ".join(f"{k} {v}" for k, v in c.items())
               + f"; tail after its last write {r['tail_us'].get(who, '-')} µs")  # type: ignore[attr-defined]
