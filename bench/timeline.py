@@ -22,9 +22,9 @@ nothing is slowed but by the marks themselves, ~1 µs each): every read and writ
 returns of the functions ``probe.TIMELINE_POINTS`` names (the plan made, a record sealed, records
 opened, a frame dispatched, the egress's task started, ...), with this client's own write and read.
 The commonest sequence of them per request is reported step by step (median µs), then each process's
-count per request of wake-ups, task steps, reads and writes within the request, and its tail: from
-its last write of a request to its loop going to sleep (work after the answer left, which the next
-request waits for when it comes sooner).
+count per request of wake-ups, task steps, reads and writes within the request, and its tails: from
+the end of each write to its next sleep or read (work after the bytes left, which the process they
+went to waits for when both run on one CPU, as at idle here they mostly do).
 """
 
 from __future__ import annotations
@@ -152,8 +152,10 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
         who = names[pid]
         for ev in d["events"]:
             at, what = ev[0], ev[1]
-            if what == "sleep" or what == "write":
-                label = f"{who} {what}"
+            if what == "sleep":
+                label = f"{who} sleep"
+            elif what == "write":
+                label = f"{who} wrote"  # the write's end
             elif what in ("read", "write<"):
                 if ev[3] <= 0:
                     continue
@@ -171,24 +173,25 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
         while i < len(events) and events[i][0] < t0:
             i += 1
         run = [(t0, "client write")]
-        last_write: dict[str, int] = {}
+        writing: dict[str, str] = {}
         j = i
         while j < len(events) and events[j][0] <= t1:
             at, who, label = events[j]
             kind = label.split()[1]
             counts[who][kind] += 1
             if kind == "write":
-                last_write[who] = at  # (its end)
-            if kind not in ("sleep", "write") and run[-1][1] != label:
+                writing[who] = label.split()[2]
+            elif kind == "wrote" and who in writing:
+                # the tail: from this write's end to the process's next sleep or read (the next
+                # request's, if it came first): what runs after the bytes left, on its CPU
+                k = j + 1
+                while k < len(events) and not (events[k][1] == who and events[k][2].split()[1] in ("sleep", "read")):
+                    k += 1
+                if k < len(events):
+                    tails[f"{who} after its write to {writing.pop(who)}"].append((events[k][0] - at) / 1000)
+            if kind not in ("sleep", "wrote") and run[-1][1] != label:
                 run.append((at, label))
             j += 1
-        # the tail: each process's last write of this request to its next sleep (maybe after t1)
-        for who, at in last_write.items():
-            k = j
-            while k < len(events) and not (events[k][1] == who and events[k][2].endswith("sleep")):
-                k += 1
-            if k < len(events) and events[k][0] - at < 50_000_000:
-                tails[who].append((events[k][0] - at) / 1000)
         run.append((t1, "client read"))
         runs.append(run)
         raw.append(events[i:j + 40])
@@ -268,8 +271,9 @@ def print_marks(r: dict[str, object]) -> None:
         for name, us in r["segments"]:  # type: ignore[attr-defined]
             print(f"  {name:<64} {us:8.1f}")
     for who, c in r["per_request"].items():  # type: ignore[attr-defined]
-        print(f"  {who} per request: " + ", ".join(f"{k} {v}" for k, v in c.items())
-              + f"; tail after its last write {r['tail_us'].get(who, '-')} µs")  # type: ignore[attr-defined]
+        print(f"  {who} per request: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    print("  work after a write until the process sleeps or reads again (on one CPU, the next process waits for it), median µs: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(r["tail_us"].items())))  # type: ignore[attr-defined]
 
 
 def main() -> int:
