@@ -204,7 +204,7 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
             "segments": segments(path, runs) if path in SEGMENTS else [],
             "total_us": statistics.median((t1 - t0) / 1000 for t0, t1 in times),
             "per_request": {who: {k: round(v / n, 2) for k, v in sorted(c.items())} for who, c in counts.items()},
-            "tail_us": {who: round(statistics.median(v), 1) for who, v in tails.items()},
+            "tail_us": {who: round(statistics.median(v), 1) for who, v in tails.items() if len(v) >= n // 10},
             "raw": [[(round((at - r[0][0]) / 1000, 1), label) for at, _, label in r] for r in raw[::max(1, n // 8)]]}
 
 
