@@ -168,12 +168,14 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
     events.sort()
     runs, tails, counts = [], collections.defaultdict(list), collections.defaultdict(collections.Counter)
     raw: list[list[tuple[int, str, str]]] = []
+    after_sleep: dict[str, list[int]] = collections.defaultdict(list)
     i = 0
     for t0, t1 in times:
         while i < len(events) and events[i][0] < t0:
             i += 1
         run = [(t0, "client write")]
         writing: dict[str, str] = {}
+        last_to: dict[str, tuple[str, int]] = {}  # process -> (who wrote to it last, since when it slept)
         j = i
         while j < len(events) and events[j][0] <= t1:
             at, who, label = events[j]
@@ -181,6 +183,15 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
             counts[who][kind] += 1
             if kind == "write":
                 writing[who] = label.split()[2]
+                last_to[label.split()[2]] = (who, 0)
+            elif kind == "sleep":
+                for to, (writer, _) in list(last_to.items()):
+                    if writer == who:
+                        last_to[to] = (writer, 1)
+            elif kind == "woke" and who in last_to:
+                # woken by a write: did the writer sleep first (one CPU: it waited for it)?
+                writer, slept = last_to.pop(who)
+                after_sleep[f"{writer} -> {who}"].append(slept)
             elif kind == "wrote" and who in writing:
                 # the tail: from this write's end to the process's next sleep or read (the next
                 # request's, if it came first): what runs after the bytes left, on its CPU
@@ -205,6 +216,7 @@ def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
             "total_us": statistics.median((t1 - t0) / 1000 for t0, t1 in times),
             "per_request": {who: {k: round(v / n, 2) for k, v in sorted(c.items())} for who, c in counts.items()},
             "tail_us": {who: round(statistics.median(v), 1) for who, v in tails.items() if len(v) >= n // 10},
+            "woke_after_sleep": {k: round(sum(v) / len(v), 2) for k, v in after_sleep.items() if len(v) >= n // 10},
             "raw": [[(round((at - r[0][0]) / 1000, 1), label) for at, _, label in r] for r in raw[::max(1, n // 8)]]}
 
 
@@ -274,6 +286,8 @@ def print_marks(r: dict[str, object]) -> None:
         print(f"  {who} per request: " + ", ".join(f"{k} {v}" for k, v in c.items()))
     print("  work after a write until the process sleeps or reads again (on one CPU, the next process waits for it), median µs: "
           + ", ".join(f"{k} {v}" for k, v in sorted(r["tail_us"].items())))  # type: ignore[attr-defined]
+    print("  hand-overs that woke a process only once its writer slept (on one CPU), share: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(r["woke_after_sleep"].items())))  # type: ignore[attr-defined]
 
 
 def main() -> int:
