@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import cProfile
 import collections
+import functools
 import gc
+import importlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio._socket  # (its socket class's recv and send are what a timeline window patches)
 
 ENV_DIR = "CPN_PROBE"
 MODE_FILE = "mode"  # in the directory: what the next window does (count, profile, calls, opcodes, timeline or quiet)
@@ -171,9 +175,6 @@ class Timeline(trio.abc.Instrument):
         setattr(owner, name, new)
 
     def install(self) -> None:
-        import importlib
-        import trio._socket as tsock
-
         add, now, fds = self.events.append, time.perf_counter_ns, self._fds
         read, write = os.read, os.write
 
@@ -192,7 +193,7 @@ class Timeline(trio.abc.Instrument):
 
         self._patch(os, "read", os_read)
         self._patch(os, "write", os_write)
-        cls = tsock._SocketType
+        cls = trio._socket._SocketType
         recv, send = cls.__dict__["recv"], cls.__dict__["send"]
 
         async def sock_recv(sock: Any, *args: Any) -> bytes:
@@ -227,8 +228,6 @@ class Timeline(trio.abc.Instrument):
         trio.lowlevel.add_instrument(self)
 
     def _wrap(self, fn: Any, what: str, starts: bool) -> Any:
-        import functools
-
         add, now = self.events.append, time.perf_counter_ns
         if starts:
             @functools.wraps(fn)
@@ -245,6 +244,9 @@ class Timeline(trio.abc.Instrument):
         return marked
 
     def uninstall(self) -> None:
+        """Everything put back (once: a second call does nothing)."""
+        if not self._undo:
+            return
         trio.lowlevel.remove_instrument(self)
         for owner, name, old in reversed(self._undo):
             setattr(owner, name, old)
@@ -263,8 +265,6 @@ class Timeline(trio.abc.Instrument):
 
     def dump(self, path: Path) -> None:
         """One JSON object: the events, and each descriptor's (local, remote) address (the bench names them)."""
-        import socket
-
         names = {}
         for fd in self._fds:
             try:
