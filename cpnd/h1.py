@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import json
@@ -251,7 +252,7 @@ class H11Stream:
             if self.tunnel:
                 data = await self.transport.receive()
             else:
-                data = await self.transport.receive_some(RECEIVE_CHUNK)
+                data = await receive_some(self.transport)
             self.conn.receive_data(data)
 
     def receive_nowait(self) -> bool:
@@ -280,6 +281,46 @@ class H11Stream:
                 self.conn.receive_data(data)
                 event = self.conn.next_event()
         return None if event is h11.NEED_DATA else event
+
+
+_CLOSED_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})  # trio's: the socket was closed (by us)
+
+
+def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
+    """What trio's SocketStream raises for ``exc`` (its ``_translate_socket_errors_to_stream_errors``)."""
+    if exc.errno in _CLOSED_ERRNOS:
+        return trio.ClosedResourceError("this socket was already closed")
+    return trio.BrokenResourceError(f"socket connection broken: {exc}")
+
+
+async def receive_some(transport: Any) -> bytes:
+    """``transport.receive_some(RECEIVE_CHUNK)``; from a plain socket without the ~25 calls trio makes
+    around its read (a conflict detector, an error-translating context manager, the socket's
+    wrapper and its async context manager): what is there is read at once, then a checkpoint, as
+    trio's; when nothing is there, a wait for it. Trio's semantics and errors (Cancelled before the
+    read if the scope is, ClosedResourceError, BrokenResourceError). A TLS stream reads its own way."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return await transport.receive_some(RECEIVE_CHUNK)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    fd = sock.fileno()
+    try:
+        data = os.read(fd, RECEIVE_CHUNK)  # trio's sockets are non-blocking
+    except BlockingIOError:
+        pass
+    except OSError as exc:
+        raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as in trio's
+        return data
+    while True:
+        await trio.lowlevel.wait_readable(fd)  # ClosedResourceError if the socket is closed meanwhile
+        try:
+            return os.read(fd, RECEIVE_CHUNK)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
 
 
 async def next_event_within(stream: Any, timeout_s: float) -> Any:

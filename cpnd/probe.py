@@ -9,7 +9,10 @@ and spawns, and the time of task steps by task name (wall time: ``perf_counter``
 system call, where a CPU clock would cost two per step). In a "profile" window cProfile runs
 instead, in a "calls" one every function call is counted by the stack it came from (exact and
 load-independent, unlike any timing here), in an "opcodes" one every bytecode instruction by
-function (exact too: what each call does, which the call counts hide), in a "quiet" one nothing (for py-spy, outside): the
+function (exact too: what each call does, which the call counts hide), in a "quiet" one nothing (for py-spy, outside), in a "timeline" one a timestamp
+(``perf_counter_ns``, one clock for every process on the machine) at each step of a request's way
+through the process (``Timeline``: its reads and writes by descriptor, its wake-ups, task steps and
+the functions ``TIMELINE_POINTS`` names), into a ring buffer written as ``probe-PID.timeline``: the
 counters are off the loop then, so that a profile shows cpnd, not the probe. Off (the default), ``instruments()``
 is empty and nothing else runs: the event loop is not touched.
 """
@@ -18,19 +21,33 @@ from __future__ import annotations
 
 import cProfile
 import collections
+import functools
 import gc
+import importlib
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import trio
+import trio._socket  # (its socket class's recv and send are what a timeline window patches)
 
 ENV_DIR = "CPN_PROBE"
-MODE_FILE = "mode"  # in the directory: what the next window does (count, profile, calls, opcodes or quiet)
+MODE_FILE = "mode"  # in the directory: what the next window does (count, profile, calls, opcodes, timeline or quiet)
+# What a "timeline" window marks besides reads, writes, wake-ups and task steps: "module:Class.method",
+# each marked as it returns (a coroutine: as it starts, "<" after the name). Looked up by name when the
+# window starts (a process without one, e.g. a floor proxy, skips it), put back when it ends.
+TIMELINE_POINTS = ("cpnd.users:Users._request<", "cpnd.planner:Planner.plan", "cpnd.attempts:Attempts._attempt<",
+                   "cpnd.attempts:rewrite_headers", "cpnd.egress:rewrite_headers", "cpnd.streams:Mux.open", "cpnd.gateway:Gateway.send_tunnel",
+                   "cpnd.gateway:Gateway.receive_data", "cpnd.streams:Mux.handle", "cpnd.egress:Egress.serve<",
+                   "cpnd.egress:Egress._head<", "cpnd.egress:Egress.admit", "cpnd.egress:Egress.call<",
+                   "cpnd.egress:Egress._kept", "cpnd.egress:_Upload.run<", "cpnd.egress:relay_response<", "cpnd.attempts:relay_response<",
+                   "cpnd.attempts:Attempts._relay<", "cpnd.streams:TunnelStream.receive")
+TIMELINE_EVENTS = 1 << 18  # the ring buffer: the newest this many events
 
 
 class LoopCounter(trio.abc.Instrument):
@@ -217,6 +234,123 @@ def _io_sites() -> dict[Any, tuple[str, Any]]:
     }
 
 
+class Timeline(trio.abc.Instrument):
+    """Timestamps of what a process does on a request's way, while a "timeline" window is open:
+    every ``os.read``/``os.write`` and trio socket ``recv``/``send`` (descriptor, bytes), the loop's
+    wake-ups (an io wait that slept, and when it ended), task steps (by task name) and the returns
+    of ``TIMELINE_POINTS``; as (ns, what, detail) in a ring buffer. Installed by patching those
+    functions when the window opens and put back when it ends: nothing of it runs otherwise."""
+
+    def __init__(self) -> None:
+        self.events: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=TIMELINE_EVENTS)
+        self._undo: list[tuple[Any, str, Any]] = []
+        self._fds: set[int] = set()
+
+    def _patch(self, owner: Any, name: str, new: Any) -> None:
+        self._undo.append((owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)))
+        setattr(owner, name, new)
+
+    def install(self) -> None:
+        add, now, fds = self.events.append, time.perf_counter_ns, self._fds
+        read, write = os.read, os.write
+
+        def os_read(fd: int, n: int) -> bytes:
+            data = read(fd, n)
+            add((now(), "read", fd, len(data)))
+            fds.add(fd)
+            return data
+
+        def os_write(fd: int, data: Any) -> int:
+            add((now(), "write<", fd, len(data)))
+            n = write(fd, data)
+            add((now(), "write", fd, n))
+            fds.add(fd)
+            return n
+
+        self._patch(os, "read", os_read)
+        self._patch(os, "write", os_write)
+        cls = trio._socket._SocketType
+        recv, send = cls.__dict__["recv"], cls.__dict__["send"]
+
+        async def sock_recv(sock: Any, *args: Any) -> bytes:
+            data = await recv(sock, *args)
+            fd = sock.fileno()
+            add((now(), "read", fd, len(data)))
+            fds.add(fd)
+            return data
+
+        async def sock_send(sock: Any, data: Any, *args: Any) -> int:
+            fd = sock.fileno()
+            add((now(), "write<", fd, len(data)))
+            n = await send(sock, data, *args)
+            add((now(), "write", fd, n))
+            fds.add(fd)
+            return n
+
+        self._patch(cls, "recv", sock_recv)
+        self._patch(cls, "send", sock_send)
+        for point in TIMELINE_POINTS:
+            where, _, qual = point.rstrip("<").partition(":")
+            try:
+                owner = importlib.import_module(where)
+            except ImportError:
+                continue
+            *path, name = qual.split(".")
+            for part in path:
+                owner = getattr(owner, part, None)
+            if owner is None or name not in getattr(owner, "__dict__", {}):
+                continue
+            self._patch(owner, name, self._wrap(owner.__dict__[name], qual, point.endswith("<")))
+        trio.lowlevel.add_instrument(self)
+
+    def _wrap(self, fn: Any, what: str, starts: bool) -> Any:
+        add, now = self.events.append, time.perf_counter_ns
+        if starts:
+            @functools.wraps(fn)
+            async def marked_start(*args: Any, **kw: Any) -> Any:
+                add((now(), what, None))
+                return await fn(*args, **kw)
+            return marked_start
+
+        @functools.wraps(fn)
+        def marked(*args: Any, **kw: Any) -> Any:
+            out = fn(*args, **kw)
+            add((now(), what, None))
+            return out
+        return marked
+
+    def uninstall(self) -> None:
+        """Everything put back (once: a second call does nothing)."""
+        if not self._undo:
+            return
+        trio.lowlevel.remove_instrument(self)
+        for owner, name, old in reversed(self._undo):
+            setattr(owner, name, old)
+        self._undo.clear()
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self.events.append((time.perf_counter_ns(), "sleep", None))
+
+    def after_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self.events.append((time.perf_counter_ns(), "woke", None))
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.events.append((time.perf_counter_ns(), "step", task.name.rsplit(".", 1)[-1]))
+
+    def dump(self, path: Path) -> None:
+        """One JSON object: the events, and each descriptor's (local, remote) address (the bench names them)."""
+        names = {}
+        for fd in self._fds:
+            try:
+                with socket.socket(fileno=os.dup(fd)) as s:
+                    names[fd] = [s.getsockname(), s.getpeername()]
+            except OSError:
+                pass
+        path.write_text(json.dumps({"events": list(self.events), "fds": names}))
+
+
 class _Probe:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
@@ -224,6 +358,7 @@ class _Probe:
         self.profiler: cProfile.Profile | None = None
         self.calls: CallCounter | None = None
         self.opcodes: OpcodeCounter | None = None
+        self.timeline: Timeline | None = None
         self.counting = True
 
     # Signal handlers run in the main thread, between two bytecodes of the trio loop: the
@@ -237,7 +372,7 @@ class _Probe:
             mode = (self.dir / MODE_FILE).read_text().strip()
         except OSError:
             mode = "count"
-        if mode in ("profile", "calls", "opcodes", "quiet"):
+        if mode in ("profile", "calls", "opcodes", "quiet", "timeline"):
             trio.lowlevel.remove_instrument(self.counter)
             self.counting = False
         if mode == "profile":
@@ -249,6 +384,9 @@ class _Probe:
         elif mode == "opcodes":
             self.opcodes = OpcodeCounter()
             sys.settrace(self.opcodes)
+        elif mode == "timeline":
+            self.timeline = Timeline()
+            self.timeline.install()
 
     def _end_window(self) -> None:
         """Counters back on the loop, profilers off."""
@@ -258,6 +396,8 @@ class _Probe:
             sys.settrace(None)
         if self.profiler is not None:
             self.profiler.disable()
+        if self.timeline is not None:
+            self.timeline.uninstall()
         if not self.counting:
             trio.lowlevel.add_instrument(self.counter)
             self.counting = True
@@ -274,6 +414,9 @@ class _Probe:
         if self.opcodes is not None:
             self.opcodes.dump(self.dir / f"probe-{pid}.opcodes")
             self.opcodes = None
+        if self.timeline is not None:
+            self.timeline.dump(self.dir / f"probe-{pid}.timeline")
+            self.timeline = None
         tmp = self.dir / f"probe-{pid}.json.tmp"
         tmp.write_text(json.dumps(self.counter.snapshot()))
         tmp.rename(self.dir / f"probe-{pid}.json")  # whole or not there: the bench polls for it

@@ -101,28 +101,36 @@ class _Inbox:
     """Received chunks waiting for the reader; ``b""`` marks the end."""
 
     # Defaults at class level, set on the instance when they change (one store each fewer per stream)
-    event: trio.Event | None = None  # while the reader waits (most chunks find it not waiting)
+    waiter: trio.lowlevel.Task | None = None  # the reader, parked (most chunks find it not waiting)
     ended = False
     reset: StreamReset | None = None
 
     def __init__(self) -> None:
         self.chunks: collections.deque[bytes] = collections.deque()
 
+    def wake(self) -> None:
+        """The parked reader runs again (a direct reschedule: a trio.Event made, waited on and set
+        per wait was ~10 calls more, on every response's way to its ingress task)."""
+        task = self.waiter
+        if task is not None:
+            self.waiter = None
+            trio.lowlevel.reschedule(task)
+
     def push(self, data: bytes) -> None:
         self.chunks.append(data)
-        if self.event is not None:
-            self.event.set()
+        if self.waiter is not None:
+            self.wake()
 
     def end(self) -> None:
         self.ended = True
-        if self.event is not None:
-            self.event.set()
+        if self.waiter is not None:
+            self.wake()
 
     def fail(self, exc: StreamReset) -> None:
         if self.reset is None:
             self.reset = exc
-        if self.event is not None:
-            self.event.set()
+        if self.waiter is not None:
+            self.wake()
 
     async def pop(self) -> bytes:
         while not self.chunks:
@@ -130,10 +138,14 @@ class _Inbox:
                 return b""
             if self.reset is not None:
                 raise self.reset
-            event = self.event = trio.Event()
-            await event.wait()
-            self.event = None
+            self.waiter = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
         return self.chunks.popleft()
+
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        """The parked reader was cancelled: it waits no more."""
+        self.waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 class TunnelStream:
@@ -362,8 +374,8 @@ class TunnelStream:
                 account.peak = account.buffered
             inbox = self._inbox
             inbox.chunks.append(data)
-            if inbox.event is not None:
-                inbox.event.set()
+            if inbox.waiter is not None:
+                inbox.wake()
         if end:
             self._inbox.end()
             # The reader may never ask again (h11 already saw the message end): close here.

@@ -23,7 +23,7 @@ from .errors import HttpError
 from .heads import check_target
 from .grpcmap import wants_trailers
 from .h2edge import H2Server, H2Stream
-from .h1 import RECEIVE_CHUNK, H11Stream, drain, error_response, h11_reason
+from .h1 import H11Stream, drain, error_response, h11_reason, receive_some
 from .hangups import UserGone, hangups
 from .plane import HttpLimits, Plane
 from .planner import Planner
@@ -202,10 +202,10 @@ class Users:
         data: bytes | None = None
         if slot.held:
             with self._waiting(slot) as scope:
-                data = await transport.receive_some(RECEIVE_CHUNK)
+                data = await receive_some(transport)
                 self._head_started(client, scope)
                 while data and sniff_preface(data) == "":  # maybe a preface: read on (within the head's time)
-                    chunk = await transport.receive_some(RECEIVE_CHUNK)
+                    chunk = await receive_some(transport)
                     data += chunk
                     if not chunk:
                         break
@@ -311,7 +311,7 @@ class Users:
             else:
                 wait.started = False
                 scope.deadline = trio.current_time() + self.p.limits.idle_timeout_s
-                data = await client.transport.receive_some(RECEIVE_CHUNK)
+                data = await receive_some(client.transport)
                 wait.started = True
                 client.head_since = trio.current_time()
                 client.conn.receive_data(data)

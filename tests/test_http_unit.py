@@ -255,3 +255,90 @@ def test_receive_nowait_takes_what_a_socket_holds_and_never_waits() -> None:
         await ours.aclose()
 
     trio.run(main)
+
+
+def test_receive_some_reads_a_plain_socket_as_trio_does_with_fewer_calls() -> None:
+    """``h1.receive_some``: what trio's SocketStream.receive_some returns and raises (bytes there: read,
+    then a checkpoint that lets others run; none: a wait; Cancelled first in a cancelled scope; our
+    close: ClosedResourceError; the peer's reset: BrokenResourceError), in a fraction of its calls;
+    a stream without a socket (TLS) reads its own way."""
+    import socket
+    import struct
+    import sys
+
+    import trio
+
+    from cpnd.h1 import receive_some
+
+    def calls(coro_fn):  # Python and C calls made while awaiting coro_fn() (the scheduler's included)
+        async def run():
+            n = 0
+
+            def count(frame, event, arg):
+                nonlocal n
+                n += event in ("call", "c_call")
+            sys.setprofile(count)
+            try:
+                return await coro_fn(), n
+            finally:
+                sys.setprofile(None)
+        return run
+
+    async def main() -> None:
+        left, right = trio.socket.socketpair()
+        ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+        with trio.fail_after(5):
+            await theirs.send_all(b"abc")
+            await trio.lowlevel.wait_readable(left)
+            ran = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: ran.append(1) or trio.sleep(0))
+                assert await receive_some(ours) == b"abc" and ran  # the checkpoint after the read let it run
+            await theirs.send_all(b"abc")
+            await trio.lowlevel.wait_readable(left)
+            got, ours_n = await calls(lambda: receive_some(ours))()
+            assert got == b"abc"
+            await theirs.send_all(b"abc")
+            await trio.lowlevel.wait_readable(left)
+            got, trios_n = await calls(lambda: ours.receive_some(65536))()
+            assert got == b"abc" and ours_n <= trios_n - 10, (ours_n, trios_n)  # (45 against 59 here)
+
+            async def later() -> None:
+                await trio.sleep(0.01)
+                await theirs.send_all(b"late")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(later)
+                assert await receive_some(ours) == b"late"  # nothing there: waited for it
+
+            await theirs.send_all(b"x")
+            await trio.lowlevel.wait_readable(left)
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await receive_some(ours)  # cancelled before reading, as trio's
+                raise AssertionError("not cancelled")
+            assert await receive_some(ours) == b"x"  # still there for the next read
+
+            class Tls:  # no .socket: its own receive_some
+                async def receive_some(self, n: int) -> bytes:
+                    return b"tls"
+            assert await receive_some(Tls()) == b"tls"
+
+        await ours.aclose()
+        with pytest.raises(trio.ClosedResourceError):
+            await receive_some(ours)
+        # The peer resets: BrokenResourceError, as trio's (SO_LINGER 0 closes with an RST).
+        with socket.create_server(("127.0.0.1", 0)) as a:
+            client = trio.socket.socket()
+            await client.connect(a.getsockname())
+            b, _ = a.accept()
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            b.close()
+            stream = trio.SocketStream(client)
+            with pytest.raises(trio.BrokenResourceError):
+                with trio.fail_after(5):
+                    while await receive_some(stream):
+                        pass
+                    raise AssertionError("an orderly end, not a reset")
+            await stream.aclose()
+
+    trio.run(main)

@@ -146,3 +146,46 @@ def test_opcodes_window_tells_the_phases_apart(probe_dir: Path) -> None:
              if name.startswith("test_opcodes_window_tells_the_phases_apart.<locals>.after_the_answer (")}
     assert where == {"after"}
     assert {"in", "wait", "out", "after"} <= set(phases["ops"])
+
+
+def test_timeline_window_stamps_reads_writes_steps_and_points_then_puts_everything_back(probe_dir: Path) -> None:
+    import socket
+
+    from cpnd.planner import Planner
+    from cpnd.streams import Mux
+
+    originals = os.read, os.write, Planner.plan, Mux.handle, trio.socket.SocketType
+    (probe_dir / probe.MODE_FILE).write_text("timeline")
+    a, b = socket.socketpair()
+    fa, fb = a.fileno(), b.fileno()
+
+    async def main() -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await trio.sleep(0)
+        assert os.read is not originals[0] and Planner.plan is not originals[2]  # the window is open
+        os.write(a.fileno(), b"ping")
+        await trio.lowlevel.wait_readable(b)
+        assert os.read(b.fileno(), 10) == b"ping"
+        tb = trio.socket.from_stdlib_socket(b)
+        await trio.socket.from_stdlib_socket(a).send(b"pong")
+        assert await tb.recv(10) == b"pong"
+
+        async def worker() -> None:
+            await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker, name="worker")
+        os.kill(os.getpid(), signal.SIGUSR2)
+        await trio.sleep(0)
+
+    with a, b:
+        trio.run(main, instruments=probe.instruments())
+    assert (os.read, os.write, Planner.plan, Mux.handle, trio.socket.SocketType) == originals  # all put back
+    dump = json.loads((probe_dir / f"probe-{os.getpid()}.timeline").read_text())
+    events = [tuple(e) for e in dump["events"]]
+    kinds = [(e[1], e[2], e[3]) for e in events if e[1] in ("read", "write", "write<")]
+    assert kinds == [("write<", fa, 4), ("write", fa, 4), ("read", fb, 4)] * 2
+    assert ("step", "worker") in {(e[1], e[2]) for e in events}
+    assert [e[1] for e in events].count("woke") >= 1  # the millisecond sleep blocked in epoll
+    assert [e[0] for e in events] == sorted(e[0] for e in events)  # one clock, in order
+    assert set(dump["fds"]) == {str(fa), str(fb)}

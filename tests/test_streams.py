@@ -198,3 +198,45 @@ def test_relays_waiting_on_a_congested_connection_take_turns() -> None:
         link.congested = False  # type: ignore[attr-defined]
         ma.drained()
     assert woken == ["a", "b", "c", "d", "a", "b"]
+
+
+async def test_a_parked_reader_is_woken_once_by_data_an_end_or_a_reset_and_leaves_when_cancelled() -> None:
+    """The stream's reader parks its task itself (no trio.Event): woken by what comes, and a reader
+    cancelled while parked is gone from the stream (what comes after does not reschedule it: trio
+    would fail on a task that is not waiting), its next receive gets what came."""
+    a, b, opened = pair(SMALL, SMALL)
+    s = a.open(EXT)
+    await s.send(b"req", end=True)
+    far = opened[0]
+    assert await far.receive() == b"req"
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(await s.receive())
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert s._inbox.waiter is not None and not got  # parked
+        await far.send(b"one")
+        await far.send(b"two")  # the second finds it woken already: no second reschedule
+    assert got == [b"one"] and s._inbox.waiter is None
+    assert await s.receive() == b"two"
+    with trio.move_on_after(0.01) as scope:
+        await s.receive()  # parked, then cancelled
+    assert scope.cancelled_caught and s._inbox.waiter is None
+    await far.send(b"three", end=True)  # nobody to wake: no reschedule of the cancelled task
+    assert await s.receive() == b"three" and await s.receive() == b""
+    t = a.open(EXT)
+    async with trio.open_nursery() as n:
+        failed: list[BaseException] = []
+
+        async def waiter() -> None:
+            try:
+                await t.receive()
+            except StreamReset as exc:
+                failed.append(exc)
+        n.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        opened[1].reset(ResetCode.CANCEL, False, "gone")
+    assert len(failed) == 1 and failed[0].code == ResetCode.CANCEL
