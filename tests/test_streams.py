@@ -219,9 +219,11 @@ async def test_a_parked_reader_is_woken_once_by_data_an_end_or_a_reset_and_leave
         await trio.testing.wait_all_tasks_blocked()
         assert s._inbox.waiter is not None and not got  # parked
         await far.send(b"one")
-        await far.send(b"two")  # the second finds it woken already: no second reschedule
-    assert got == [b"one"] and s._inbox.waiter is None
-    assert await s.receive() == b"two"
+        await far.send(b"two")  # if it finds the reader woken already: no second reschedule (trio would fail)
+    # Whether the reader ran between the two frames is the scheduler's (trio shuffles its batches): if
+    # not, it took both in one piece (TunnelStream._taken joins what arrived meanwhile).
+    assert got[0] in (b"one", b"onetwo") and s._inbox.waiter is None
+    assert got[0] + (await s.receive() if got[0] == b"one" else b"") == b"onetwo"
     with trio.move_on_after(0.01) as scope:
         await s.receive()  # parked, then cancelled
     assert scope.cancelled_caught and s._inbox.waiter is None
