@@ -316,7 +316,9 @@ async def receive_some(transport: Any) -> bytes:
     while True:
         await trio.lowlevel.wait_readable(fd)  # ClosedResourceError if the socket is closed meanwhile
         try:
-            return os.read(fd, RECEIVE_CHUNK)
+            # Its number read again: closed by another task after it woke us, its number may be a new
+            # socket's already (-1 from a closed socket: EBADF, ClosedResourceError, as trio's).
+            return os.read(sock.fileno(), RECEIVE_CHUNK)
         except BlockingIOError:
             continue
         except OSError as exc:

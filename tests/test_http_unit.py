@@ -342,3 +342,46 @@ def test_receive_some_reads_a_plain_socket_as_trio_does_with_fewer_calls() -> No
             await stream.aclose()
 
     trio.run(main)
+
+
+def test_receive_some_after_its_wait_reads_its_own_socket_not_a_reused_descriptor() -> None:
+    """A socket closed by another task after its reader was woken (readable) and before the reader ran,
+    its descriptor's number taken at once by a new socket: the reader gets ClosedResourceError, as from
+    trio's (which reads through the socket object), never the new socket's bytes (another user's, or
+    another instance's answer)."""
+    import os
+
+    import trio
+
+    from cpnd import h1
+
+    async def main() -> None:
+        left, right = trio.socket.socketpair()
+        ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+        fd = left.fileno()
+        taken = []
+        real_wait = trio.lowlevel.wait_readable
+
+        async def woken_then_closed(sock: object) -> None:
+            await real_wait(sock)  # readable: the reader is scheduled ...
+            left.close()  # ... and before it runs another task closes its socket; a new one gets its number
+            a, b = trio.socket.socketpair()
+            taken.extend((a, b))
+            new = a if a.fileno() == fd else b
+            assert new.fileno() == fd
+            os.write((b if new is a else a).fileno(), b"not yours")
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(theirs.send_all, b"x")
+                h1.trio.lowlevel.wait_readable = woken_then_closed  # (h1 calls it through trio.lowlevel)
+                try:
+                    with pytest.raises(trio.ClosedResourceError):
+                        got = await h1.receive_some(ours)
+                        raise AssertionError(f"read {got!r} from a descriptor no longer its")
+                finally:
+                    h1.trio.lowlevel.wait_readable = real_wait
+        for s in (*taken, right):
+            s.close()
+
+    trio.run(main)
