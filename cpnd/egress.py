@@ -26,7 +26,7 @@ from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
     readable, replace_host, rewrite_headers, translate_target
-from .fairshare import Shares
+from .fairshare import FULL, Shares
 from .h2up import H2Pool
 from .health import HealthTracker
 from .load import Hold, InstanceMeter, Stage
@@ -156,7 +156,11 @@ class Egress:
             refusal: str | None = f"{inst.max_inflight} requests in flight (its max_inflight)"
         else:
             held = meter.holds.held(now)  # (asked once: the meter's own admission takes it too)
-            refusal = shares.refuse(party, held, inst.capacity, now, slack_us != NO_BUDGET) or meter.admit(
+            # A bounded request's share is split among the bounded users alone only while flexible
+            # requests are refused for the bounds' latency (fairshare.py: a bound any request may claim).
+            bounded = slack_us != NO_BUDGET
+            bounded_only = bounded and held + 1 > FULL * inst.capacity and meter.shut_to_flexible(now)
+            refusal = shares.refuse(party, held, inst.capacity, now, bounded, bounded_only) or meter.admit(
                 now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us, held)
         if refusal is None:
             shares.admitted(party)

@@ -4,9 +4,11 @@ An instance's capacity is counted at its egress (load.InstanceMeter). Below ``FU
 every request that fits is admitted, whoever sends it. Above, a party (a user: a local user's
 address, or the CPN-Client its ingress names within the peer the stream came from) that already holds its share of the capacity
 (capacity / the parties that asked in the last second, this one included; for a request with a
-latency bound, those that asked with one: flexible requests get only what the bounded demand leaves,
-load.InstanceMeter.admit; a request is held while in flight and a second after, as the instance's
-own bound counts it) is
+latency bound while flexible requests are refused for the bounded ones' latency, those that asked
+with one: flexible requests then get none of it, load.InstanceMeter.admit, so counting them would
+leave their part unused; a bound claimed where it holds up no one's latency, an hour say, is no
+claim on a flexible user's part; a request is held while in flight and a second after, as the
+instance's own bound counts it) is
 refused, so one user sending long jobs as fast as they are admitted cannot take all of an
 instance from the others: the room above ``FULL`` is theirs. The users counted are those that
 asked in the last second while it was that full, admitted or not: one refused so far still has
@@ -92,11 +94,16 @@ class Shares:
         until a second after their answer), as of the last ``refuse``."""
         return self._inflight.get(party, 0) + self._ended.count.get(party, 0)
 
-    def refuse(self, party: str, held: int, capacity: float, now: float, bounded: bool = False) -> str | None:
+    def refuse(self, party: str, held: int, capacity: float, now: float, bounded: bool = False,
+               bounded_only: bool = False) -> str | None:
         """Why ``party``'s request is over its share, or None; ``held``: requests counted against
         ``capacity`` now (the instance's own bound is checked apart). A request that asks while the
         instance is that full counts its party among the users from now on, for a second; one with
-        a latency bound (``bounded``) also among the bounded users, the only ones its share is split by."""
+        a latency bound (``bounded``) also among the bounded users, the only ones its share is split
+        by if ``bounded_only``: flexible requests are refused now for the bounded ones' latency
+        (load.InstanceMeter.shut_to_flexible). Else a bound takes no flexible user's part: any request
+        may claim one (an hour, met by any instance), and one user sending such requests as fast as
+        they were admitted took 43.5 of 50 a second, the flexible user beside it 1.7."""
         if held + 1 <= IDLE * capacity:
             return None
         if (self._dropped.count or self._abandoning) and self.abandons(party, now):
@@ -104,15 +111,16 @@ class Shares:
                     f"none while the instance is over {IDLE:.0%} full")
         if held + 1 <= FULL * capacity:
             return None
-        asked = self._asked_bounded if bounded else self._asked
         self._asked.add(party, now)
         self._asked.trim(now)
         if bounded:
-            asked.add(party, now)
-            asked.trim(now)
+            self._asked_bounded.add(party, now)
+            self._asked_bounded.trim(now)
+        bounded_only = bounded and bounded_only
+        asked = self._asked_bounded if bounded_only else self._asked
         self._ended.trim(now)
         abandoning, abandoning_bounded = self._abandoning_users(now)
-        users = max(1, len(asked.count) - (abandoning_bounded if bounded else abandoning))
+        users = max(1, len(asked.count) - (abandoning_bounded if bounded_only else abandoning))
         share = capacity / users
         mine = self.held(party)
         if mine < share:  # a party holding nothing is under any share (shares below one request refused all)

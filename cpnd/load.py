@@ -338,6 +338,13 @@ class InstanceMeter:
             return 0.0
         return (0.5 + (slack_us - self.base_us) / (2 * self.base_us)) * self.capacity
 
+    def shut_to_flexible(self, now: float) -> bool:
+        """Would a flexible request be refused now for the latency of the bounded ones (the arrivals of
+        the last second at the load their bounds leave: ``admit``'s test)? A bound any instance meets
+        leaves the whole capacity: it never shuts them out."""
+        ceiling = self.unbounded_ceiling(now)
+        return ceiling < self.capacity and self.arrivals.count(now) + 1 > ceiling
+
     def unbounded_ceiling(self, now: float) -> float:
         while self._ceilings and self._ceilings[0][0] <= now - WINDOW_S:
             self._ceilings.popleft()

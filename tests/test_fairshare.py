@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 from unittest import mock
 
 import httpx
@@ -81,20 +82,24 @@ def test_the_share_is_said_and_counts_this_user_too() -> None:
 
 
 def test_a_bounded_users_share_is_split_among_bounded_users_alone() -> None:
-    """A flexible user asking a full instance (the meter refuses it there: latency-bound demand comes
-    first) does not halve the share of the bounded user that holds it: that half would go unused."""
+    """A flexible user asking a full instance while the meter refuses flexible requests for the bounded
+    ones' latency does not halve the share of the bounded user that holds it: that half would go unused.
+    Where flexible requests are not refused so (``bounded_only`` false: a bound any instance meets),
+    a bound is no claim on their part."""
     s = Shares()
     for _ in range(45):
         s.admitted("u1")
     assert s.refuse("u2", 45, 50, 0.5) is None  # flexible, holds nothing: counted among all users
     assert s.users(0.5) == 1  # (u2 alone so far)
-    assert s.refuse("u1", 45, 50, 0.6, bounded=True) is None  # among the bounded users u1 is alone: all 50
+    assert s.refuse("u1", 45, 50, 0.6, bounded=True, bounded_only=True) is None  # u1 alone bounded: all 50
     assert s.users(0.6) == 2
-    why = s.refuse("u1", 45, 50, 0.6)  # the same request without a bound: split with u2, 25 each
+    why = s.refuse("u1", 45, 50, 0.6, bounded=True)  # flexible requests not shut out: split with u2, 25 each
+    assert why is not None and "share 25 among 2 users" in why
+    why = s.refuse("u1", 45, 50, 0.6)  # the same request without a bound: the same
     assert why is not None and "share 25 among 2 users" in why
     # A second bounded user does split it: each holds its share of the bounded demand's room.
     assert s.refuse("u3", 45, 50, 0.7, bounded=True) is None
-    why = s.refuse("u1", 46, 50, 0.7, bounded=True)
+    why = s.refuse("u1", 46, 50, 0.7, bounded=True, bounded_only=True)
     assert why is not None and "share 25 among 2 users" in why
 
 
@@ -272,3 +277,58 @@ def test_a_user_behind_another_ingress_is_not_the_same_user(tmp_path) -> None:
             for gw in ("a", "b"):
                 lab.wait_for(lambda: any(r["best"] for r in lab.routes(gw)), 30, f"l1's route at {gw}")
             _served_beside_a_flood(f"http://{specs['b'].http}", f"http://{specs['a'].http}")
+
+
+def _admitting(offers: dict[str, tuple[float, int | None]], seconds: float = 20.0, job_s: float = 0.1,
+               capacity: float = 50.0) -> dict[str, float]:
+    """Requests admitted a second (over the last 15) by ``Egress.admit`` itself (the share, then the
+    meter), on a virtual clock: ``offers`` is party -> (requests a second, slack µs or None: flexible);
+    each admitted request takes ``job_s`` and ends as the egress ends it."""
+    import heapq
+    from types import SimpleNamespace
+
+    from cpnd.egress import Egress
+    from cpnd.load import InstanceMeter
+    from cpnd.tunnel import NO_BUDGET
+
+    inst = SimpleNamespace(id="s1", capacity=capacity, max_inflight=10_000)
+    meter = InstanceMeter(capacity, 20_000)
+    egress = SimpleNamespace(meters={"s1": meter}, shares={"s1": Shares()},
+                             p=SimpleNamespace(stats=collections.Counter()))
+    shares = egress.shares["s1"]
+    events: list[tuple[float, int, str, Any]] = []
+    for i, party in enumerate(offers):
+        heapq.heappush(events, (i * 1e-4, i, party, None))
+    got = collections.Counter()
+    n = len(offers)
+    while events:
+        t, _, party, ended = heapq.heappop(events)
+        if t > seconds:
+            break
+        if ended is not None:
+            hold, load = ended
+            meter.done(t, job_s * 1e6, load, hold, party)
+            shares.ended(party, t)
+            continue
+        rate, slack = offers[party]
+        heapq.heappush(events, (t + 1 / rate, n, party, None))
+        n += 1
+        budget = NO_BUDGET if slack is None else 10 * slack
+        if Egress.admit(egress, inst, budget, NO_BUDGET if slack is None else slack, party, t) is None:
+            hold, load = meter.take_admitted(t)
+            meter.sent(hold, t)
+            got[party] += t >= seconds - 15
+            heapq.heappush(events, (t + job_s, n, party, (hold, load)))
+            n += 1
+    return {p: got[p] / 15 for p in offers}
+
+
+def test_a_bound_any_request_can_claim_takes_no_flexible_users_share() -> None:
+    """A user adding a bound it does not need (an hour, or one the instance meets at any load) to
+    requests sent as fast as they are admitted takes no flexible user's share: its requests hold up no
+    one's latency, so flexible users count among those a full instance is split by (it took 43.5 of 50
+    a second, the honest user 1.7 of the 40 it asked; with 120 ms, 45.7 and 0.9). Each has about half,
+    as without the bound."""
+    for hog in (3_600_000_000, 120_000, None):
+        got = _admitting({"hog": (200.0, hog), "honest": (40.0, None)})
+        assert got["honest"] >= 20 and got["hog"] <= 25, (hog, got)
