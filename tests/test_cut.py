@@ -1,4 +1,4 @@
-"""The ingress's cut at a latency bound (cpnd/attempts.py), on a real trio loop with the precise timer."""
+"""The ingress's cut at a latency bound (cpnd/attempts.py): on a trio loop with a clock the test moves, and through a lab."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from cpnd.attempts import Attempts
 from cpnd.h1 import H11Stream
@@ -23,6 +24,7 @@ class _Upstream:
     """A response head that comes when ``arrived`` is set, then a chunked body that needs a wait."""
 
     def __init__(self) -> None:
+        self.waiting = trio.Event()  # set as the attempt parks for the head
         self.arrived = trio.Event()
         self.body = collections.deque([h11.Data(data=b"ok"), h11.EndOfMessage()])
         self.resets: list[Any] = []
@@ -32,6 +34,7 @@ class _Upstream:
 
     async def next_event(self) -> Any:
         if not self.arrived.is_set():
+            self.waiting.set()
             await self.arrived.wait()
             return h11.Response(status_code=200, headers=[(b"transfer-encoding", b"chunked")])
         await trio.lowlevel.checkpoint()  # the body is not there at once: the relay waits
@@ -44,7 +47,13 @@ class _Upstream:
 def test_a_head_that_comes_in_the_step_the_cut_fires_is_relayed_whole() -> None:
     """The head is handed over in the step before the cut, and the attempt runs in the one after it
     (the cut's scope is cancelled by then, for good): the head came in time, so the user gets it
-    and its body, not a lost connection."""
+    and its body, not a lost connection.
+
+    On a clock that moves only when told (rate 0): the reader's step starts before the cut whatever
+    the machine's load (on the real clock, a step woken late began after the cut, and the cut then
+    rightly came first), and ends after it; trio expires the deadline before the attempt's next step."""
+    clock = trio.testing.MockClock(rate=0)
+
     async def main() -> tuple[int, bytes]:
         a, b = socket.socketpair()
         client = H11Stream(h11.SERVER, trio.SocketStream(trio.socket.from_stdlib_socket(a)))
@@ -59,9 +68,9 @@ def test_a_head_that_comes_in_the_step_the_cut_fires_is_relayed_whole() -> None:
 
         async def reader() -> None:
             """The peer reader's step that brings the head: it starts before the cut and ends after it."""
-            await trio.sleep_until(cut - 0.002)
-            while trio.current_time() < cut + 0.0005:
-                time.sleep(0.0001)  # holding the loop, as a busy step does
+            await up.waiting.wait()
+            assert trio.current_time() < cut
+            clock.jump(cut + 0.0005 - trio.current_time())  # holding the loop, as a busy step does
             up.arrived.set()  # the attempt runs in the next step, after trio has expired its deadline
 
         async with trio.open_nursery() as nursery:
@@ -74,7 +83,7 @@ def test_a_head_that_comes_in_the_step_the_cut_fires_is_relayed_whole() -> None:
         b.close()
         return status, got
 
-    status, got = trio.run(main)
+    status, got = trio.run(main, clock=clock)
     assert status == 200 and got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"2\r\nok\r\n0\r\n\r\n")
 
 
