@@ -364,33 +364,35 @@ class Egress:
                                          self.p.limits.body_idle_timeout_s, now=now)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
                 await entry.stream.aclose()
-                what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
-                if head_after is None:
-                    sink.reset(ResetCode.INSTANCE_FAILED, up.delivered, f"{inst.id}: {what}")
-                else:
-                    sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {what}")
+                _instance_failed(sink, inst, exc, head_after, up.delivered)
                 return head_after
             except StreamReset:
                 await entry.stream.aclose()
                 raise
         if scope.cancelled_caught:
-            if sink.abandoned:  # the stream was abandoned: nothing to tell
-                if entry is not None:
-                    await entry.stream.aclose()
-                return None
-            if entry is None:  # the deadline passed while connecting
-                sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
-                return None
-            if head_after is None:
-                sink.reset(ResetCode.DEADLINE, up.delivered, f"{inst.id} did not answer within the deadline")
-                await entry.stream.aclose()
-                return None
-            await entry.stream.aclose()
-            sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: response body idle for "
-                       f"{self.p.limits.body_idle_timeout_s:g} s")
-            return head_after
+            return await self._cut_short(sink, inst, f"{host}:{port}", entry, head_after, entry is not None and up.delivered)
         assert entry is not None
         self._pool(key, entry)
+        return head_after
+
+    async def _cut_short(self, sink: Sink, inst: InstanceConfig, where: str, entry: _PoolEntry | None,
+                         head_after: float | None, delivered: bool) -> float | None:
+        """A call's scope was cancelled: the stream abandoned, or the deadline passed (connecting, before
+        the head, or the body idle too long). The connection goes; the sink is told; ``_exchange``'s result."""
+        if sink.abandoned:  # the stream was abandoned: nothing to tell
+            if entry is not None:
+                await entry.stream.aclose()
+            return None
+        if entry is None:  # the deadline passed while connecting
+            sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {where}: no connection within the deadline")
+            return None
+        if head_after is None:
+            sink.reset(ResetCode.DEADLINE, delivered, f"{inst.id} did not answer within the deadline")
+            await entry.stream.aclose()
+            return None
+        await entry.stream.aclose()
+        sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: response body idle for "
+                   f"{self.p.limits.body_idle_timeout_s:g} s")
         return head_after
 
     def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
@@ -489,3 +491,13 @@ async def _check(inst: InstanceConfig, timeout_s: float) -> bool:
         except (h11.ProtocolError, trio.BrokenResourceError, OSError):
             return False
         return isinstance(event, h11.Response) and event.status_code < 500
+
+
+def _instance_failed(sink: Sink, inst: InstanceConfig, exc: BaseException, head_after: float | None,
+                     delivered: bool) -> None:
+    """The instance's connection failed (or closed) during a call: the sink is reset with why."""
+    what = "instance closed the connection mid-response" if isinstance(exc, Cut) else exc
+    if head_after is None:
+        sink.reset(ResetCode.INSTANCE_FAILED, delivered, f"{inst.id}: {what}")
+    else:
+        sink.reset(ResetCode.INSTANCE_FAILED, True, f"{inst.id} failed mid-response: {what}")
