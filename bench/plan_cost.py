@@ -27,7 +27,7 @@ from cpnd.load import LatencyCorrection, OwnTimes, SendAccount  # noqa: E402
 from cpnd.names import service_label  # noqa: E402
 from cpnd.planner import Attempt, Planner  # noqa: E402
 from cpnd.rib import Rib  # noqa: E402
-from cpnd.select import ingress_view  # noqa: E402
+from cpnd.selection import ingress_view  # noqa: E402
 from cpnd.wire import RouteAdv, Update  # noqa: E402
 
 HEADERS = [(b"host", b"x"), (b"user-agent", b"python-httpx/0.27"), (b"accept", b"*/*"),

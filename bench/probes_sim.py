@@ -29,7 +29,7 @@ from cpnd.load import LatencyCorrection, OwnTimes, SendAccount  # noqa: E402
 from cpnd.names import service_label  # noqa: E402
 from cpnd.planner import Attempt, Planner  # noqa: E402
 from cpnd.rib import Rib  # noqa: E402
-from cpnd.select import flooded_view  # noqa: E402
+from cpnd.selection import flooded_view  # noqa: E402
 from cpnd.wire import RouteAdv, Update  # noqa: E402
 
 ESTIMATE_S = 0.008

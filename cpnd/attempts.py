@@ -24,11 +24,11 @@ from .errors import HttpError
 from .egress import Egress
 from .h1 import H11Stream, Headers, content_length, rewrite_headers
 from .hangups import UserGone
-from .pipes import LocalEvents, PipeEnd, pipe
+from .inprocess import LocalEvents, PipeEnd, pipe
 from .plane import Plane
 from .planner import Attempt, Plan, Planner
 from .relay import Cut, UserSink, relay_response
-from .select import Candidate
+from .selection import Candidate
 from .streams import ByteStream, StreamReset
 from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
 

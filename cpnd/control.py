@@ -24,7 +24,7 @@ from .config import Config
 from .errors import ConfigError
 from .registry import RegistrationError
 from .rib import Best, Key, Rib
-from .select import View, candidate
+from .selection import View, candidate
 from .status import Status
 
 

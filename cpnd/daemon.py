@@ -35,7 +35,7 @@ from .policy import stream_sealer
 from .registration import Registrations
 from .workers import Workers
 from .rib import Best, Key, Rib
-from .select import View
+from .selection import View
 from .status import InstanceStatus, Status
 from .streams import BufferAccount, Mux
 from .tunnel import LARGE_DATA_CAP, mux_settings

@@ -19,11 +19,11 @@ from .attempts import Attempts
 from .config import Config
 from .egress import Egress
 from .load import InstanceMeter, OwnTimes
-from .pipes import PipeEnd
+from .inprocess import PipeEnd
 from .plane import Gateway, HttpLimits, Plane
 from .planner import Planner
 from .rib import Best, Key
-from .select import TtlCache, View, ingress_view
+from .selection import TtlCache, View, ingress_view
 from .streams import ByteStream, StreamReset, TunnelStream
 from .transit import Transit
 from .tunnel import ExtHeader, ResetCode

@@ -31,7 +31,7 @@ from .h2up import H2Pool
 from .health import HealthTracker
 from .load import Hold, InstanceMeter, Stage
 from .names import service_label
-from .pipes import LocalEvents, PipeEnd
+from .inprocess import LocalEvents, PipeEnd
 from .plane import Plane
 from .relay import Cut, Sink, StreamSink, relay_response
 from .streams import ByteStream, StreamReset

@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Iterable
 
 from .errors import HttpError
-from .select import MAX_TIMEOUT_S
+from .selection import MAX_TIMEOUT_S
 
 Fields = list[tuple[bytes, bytes]]
 

@@ -28,7 +28,7 @@ from .tunnel import ResetCode
 if TYPE_CHECKING:
     from .h1 import H11Stream
     from .load import Hold, InstanceMeter
-    from .pipes import LocalEvents
+    from .inprocess import LocalEvents
     from .plane import Plane
 
 

@@ -17,7 +17,7 @@ from .errors import HttpError
 from .heads import split_head
 from .load import LatencyCorrection, OwnTimes, SendAccount, Stage
 from .rib import Best, Key, Rib
-from .select import (
+from .selection import (
     BadHeader,
     Candidate,
     Constraints,

@@ -18,7 +18,7 @@ from .aio import cancel_precisely_at
 from .h1 import RESPONSE_HOLD_BYTES, H11Stream
 from .load import InstanceMeter
 from .pending import NOW, Later, AtOnce
-from .pipes import LocalEvents
+from .inprocess import LocalEvents
 from .planner import Attempt
 from .streams import ByteStream, StreamReset
 from .tunnel import ResetCode

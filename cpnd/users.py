@@ -29,7 +29,7 @@ from .plane import HttpLimits, Plane
 from .planner import Planner
 from .preface import sniff_preface
 from .rib import Key
-from .select import match_service
+from .selection import match_service
 from .sourcerate import limiter
 from .streams import StreamReset
 from .tls import ServerTls

@@ -21,7 +21,7 @@ from cpnd.errors import ConfigError
 from cpnd.fleet import worker_config
 from cpnd.fairshare import FATE_S, IDLE, Shares
 from cpnd.lab import Instance, InstanceProcs, Lab, Link, Topology, write_lab
-from cpnd.pipes import pipe
+from cpnd.inprocess import pipe
 from cpnd.relay import StreamSink
 from cpnd.clients import SourceLimiter
 from cpnd.sourcerate import MAX_SOURCES

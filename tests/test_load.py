@@ -29,7 +29,7 @@ from cpnd.load import (
     StageMeter,
     load_factor,
 )
-from cpnd.select import Candidate, choose, compute_estimate_us
+from cpnd.selection import Candidate, choose, compute_estimate_us
 
 
 def test_rate_window_slides() -> None:

@@ -14,7 +14,7 @@ PKG = ROOT / "cpnd"
 # are trio shells.
 CORES = ("admission", "channels", "clients", "config", "crypto", "errors", "fairshare", "fleet", "forwarded", "gateway", "grpcmap", "heads", "health", "histogram", "limits",
          "sourcerate",
-         "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "ribfeed", "seal", "select",
+         "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "ribfeed", "seal", "selection",
          "session", "status", "tls",
          "tunnel", "vnet", "wire")
 IO = {"trio", "socket", "select", "selectors", "asyncio", "subprocess", "threading"}
@@ -86,6 +86,16 @@ def test_cores_never_import_trio_or_sockets() -> None:
 
 def test_every_module_is_a_core_or_a_known_shell() -> None:
     shells = {"__init__", "__main__", "aio", "attempts", "body", "cli", "control", "daemon", "dataplane", "egress",
-              "h1", "h2edge", "h2io", "h2up", "hangups", "lab", "main", "metrics", "pending", "pipes", "plane", "probe", "registration", "relay", "simulate", "streams",
+              "h1", "h2edge", "h2io", "h2up", "hangups", "lab", "main", "metrics", "pending", "inprocess", "plane", "probe", "registration", "relay", "simulate", "streams",
               "tlsstream", "transit", "users", "worker", "workers", "handoff", "channelio"}
     assert set(graph()) == set(CORES) | shells  # a new module says which it is
+
+
+def test_no_module_is_named_like_a_standard_library_one() -> None:
+    """A module named like the standard library's (``select``, ``pipes``) reads as that one in a traceback
+    or an import line; ``import select`` inside the package would get the standard one all the same."""
+    import sys
+
+    clash = sorted(p.stem for p in PKG.glob("*.py") if p.stem in sys.stdlib_module_names)
+    assert not clash, f"cpnd/ modules named like standard library ones: {clash}"
+

@@ -14,7 +14,7 @@ from cpnd.load import LatencyCorrection, OwnTimes, SendAccount
 from cpnd.names import service_label
 from cpnd.planner import MAX_ATTEMPTS, Attempt, Planner
 from cpnd.rib import Rib
-from cpnd.select import TtlCache, flooded_view
+from cpnd.selection import TtlCache, flooded_view
 from cpnd.tunnel import NO_BUDGET, ResetCode
 from cpnd.wire import RouteAdv, Update
 

@@ -180,7 +180,7 @@ def test_split_horizon_and_pacing() -> None:
 def test_down_is_an_instance_attribute_and_withdrawn_to_peers_without_the_capability() -> None:
     """routing.md, "Instances that are down": held and propagated, taken from the freshest seq;
     a peer that did not offer instance-down gets a withdrawal instead, and the route back later."""
-    from cpnd.select import candidates, no_live_instance
+    from cpnd.selection import candidates, no_live_instance
 
     rib = Rib("me")
     rib.set_link_cost("p", 10)

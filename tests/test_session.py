@@ -264,7 +264,7 @@ def test_both_sides_agree_on_collision() -> None:
 def test_cores_do_not_import_trio() -> None:
     import ast
 
-    for mod in ("wire", "crypto", "session", "rib", "names", "errors", "heads", "planner", "select", "load", "tunnel",
+    for mod in ("wire", "crypto", "session", "rib", "names", "errors", "heads", "planner", "selection", "load", "tunnel",
                 "grpcmap", "preface", "origin", "seal", "policy"):
         tree = ast.parse((ROOT / "cpnd" / f"{mod}.py").read_text())
         imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}

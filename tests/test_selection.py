@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from cpnd.load import InstanceMeter, LatencyCorrection, OwnTimes, SendAccount, Stage
 from cpnd.names import service_label
 from cpnd.rib import Rib
-from cpnd.select import (
+from cpnd.selection import (
     BOUND_MARGIN_FRAC,
     BadHeader,
     Candidate,
