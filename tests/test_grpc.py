@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from cpnd.lab import Instance, Lab, Link, Topology, write_lab
-from cpnd.select import parse_constraints
+from cpnd.selection import parse_constraints
 
 FAST = {"hold_time_ms": 1500, "min_adv_interval_ms": 20, "connect_retry_min_ms": 100, "connect_retry_max_ms": 1000}
 # Service by tunnel hops from the ingress a: a (0), b (1), c (2); /pick.P at a (price 3) and c (price 1).
