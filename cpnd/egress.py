@@ -340,15 +340,7 @@ class Egress:
                         sink.later.run()  # the instance has it: the user's last answer's accounting, meanwhile
                     else:
                         nursery.start_soon(up.run)
-                    if bound is None:  # a stream's sink: the ingress keeps the user's bound (no timer here)
-                        ev = await ic.next_event()
-                        while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
-                            ev = await ic.next_event()
-                    else:  # a user's own sink with a bound (the ingress calling its own instance): cut on time
-                        with cancel_precisely_at(scope, bound):
-                            ev = await ic.next_event()
-                            while type(ev) is h11.InformationalResponse:
-                                ev = await ic.next_event()
+                    ev = await _response_head(ic, scope, bound)
                     if scope.cancel_called:  # the deadline passed in the step that brought the head: it
                         await trio.lowlevel.checkpoint()  # stands (a relay in a cancelled scope fails midway)
                     if not isinstance(ev, h11.Response):
@@ -447,6 +439,21 @@ class _Upload:
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
         self.done_at = self.clock()
+
+
+async def _response_head(ic: H11Stream, scope: trio.CancelScope, bound: float | None) -> Any:
+    """The instance's first event past any 1xx: its response head, or what ended the connection;
+    ``scope`` cut precisely at ``bound`` (None: no timer here)."""
+    if bound is None:  # a stream's sink: the ingress keeps the user's bound
+        ev = await ic.next_event()
+        while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
+            ev = await ic.next_event()
+        return ev
+    with cancel_precisely_at(scope, bound):  # a user's own sink with a bound (the ingress calling its own instance)
+        ev = await ic.next_event()
+        while type(ev) is h11.InformationalResponse:
+            ev = await ic.next_event()
+    return ev
 
 
 def _answered(meter: InstanceMeter, shares: Shares | None, end: float, served: float | None, load_at_arrival: float,

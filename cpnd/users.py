@@ -263,15 +263,8 @@ class Users:
                 return  # idle for idle_timeout_s, or taken back for a newcomer: closed quietly
 
     async def _next_request(self, client: H11Stream, slot: Slot, wait: _HeadWait) -> Any:
-        """The next request head; anything else (None included) ends the connection quietly.
-
-        Between requests (no byte of the next head yet) the connection is idle: closed after
-        ``idle_timeout_s``. From the first byte of a head, the whole head must come within
-        ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
-        apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer:
-        a slow head holds no more than an idle connection. Both end ``wait``'s scope (``_requests``
-        answers); its deadline is back to none once the head is here.
-        """
+        """The next request head under ``wait``'s timeouts (``_HeadWait``); anything else (None included)
+        ends the connection quietly. Its deadline is back to none once the head is here."""
         event = client.next_event_nowait()
         if event is not None:
             # Pipelined: the head was read with the last ones. An answer that needs no wait (an error,
@@ -287,20 +280,9 @@ class Users:
             return None  # taken back before this task first ran
         scope = wait.scope
         cycle_ended, wait.cycle_ended = wait.cycle_ended, False
-        if wait.quick < QUICK_HEADS and not client.conn.trailing_data[0] and client.receive_nowait():
-            # A loaded connection's next head is often in already (sent as our answer went out):
-            # taken at once, it needs no idle deadline set and reset, no idle slot and no trio
-            # receive (its checkpoint was a task step a request at saturation). A head that is not
-            # whole yet waits below, its clock started now; QUICK_HEADS in a row, then one wait.
-            wait.quick += 1
-            wait.started = True
-            client.head_since = trio.current_time()
-            event = client.next_event_nowait()
-            if event is not None:
-                wait.head_at = client.head_since
-                return event
-        else:
-            wait.quick = 0  # the wait below is a checkpoint
+        event = self._head_in_already(client, wait)
+        if event is not None:
+            return event
         self.slots.set_idle(slot, True)
         try:
             if client.conn.trailing_data[0]:  # pipelined: the head's clock runs since the last response
@@ -327,6 +309,24 @@ class Users:
         scope.deadline = math.inf
         if not slot.held:
             return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
+        return event
+
+    @staticmethod
+    def _head_in_already(client: H11Stream, wait: _HeadWait) -> Any:
+        """The next head if the socket holds it whole already, read without a wait, else None."""
+        # A loaded connection's next head is often in already (sent as our answer went out): taken at
+        # once, it needs no idle deadline set and reset, no idle slot and no trio receive (its checkpoint
+        # was a task step a request at saturation). A head that is not whole yet is waited for, its clock
+        # started now; QUICK_HEADS in a row, then one wait (a checkpoint: the count starts again).
+        if wait.quick >= QUICK_HEADS or client.conn.trailing_data[0] or not client.receive_nowait():
+            wait.quick = 0
+            return None
+        wait.quick += 1
+        wait.started = True
+        client.head_since = trio.current_time()
+        event = client.next_event_nowait()
+        if event is not None:
+            wait.head_at = client.head_since
         return event
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError, method: bytes = b"") -> None:
@@ -484,9 +484,16 @@ class Users:
 
 class _HeadWait:
     """A user connection's one cancel scope for its waits for request heads, its deadline set per
-    wait (a scope per request cost ~50 function calls, a deadline change ~15); ``started``: the
-    head waited for had its first byte (then a timeout is a 408, else a quiet close). The clock is
-    read once a step (4 calls a reading): ``cycle_ended`` and ``head_at`` carry a step's reading on."""
+    wait (a scope per request cost ~50 function calls, a deadline change ~15).
+
+    Between requests (no byte of the next head yet) the connection is idle: closed after
+    ``idle_timeout_s``. From the first byte of a head, the whole head must come within
+    ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
+    apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer: a
+    slow head holds no more than an idle connection. Each ends the scope (``_requests`` answers).
+    ``started``: the head waited for had its first byte (then a timeout is a 408, else a quiet
+    close). The clock is read once a step (4 calls a reading): ``cycle_ended`` and ``head_at``
+    carry a step's reading on."""
 
     __slots__ = ("scope", "started", "cycle_ended", "head_at", "quick")
 
