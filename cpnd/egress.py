@@ -25,7 +25,7 @@ from .aio import cancel_precisely_at, open_nursery
 from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
-    readable, replace_host, rewrite_headers, translate_target
+    readable, replace_host, request_head, rewrite_headers, translate_target
 from .fairshare import FULL, Shares
 from .h2up import H2Pool
 from .health import HealthTracker
@@ -261,8 +261,7 @@ class Egress:
         if not for_instance:
             headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
                                    extra=origin.instance_headers if origin is not None else ())
-        first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
-                             headers=headers, _parsed=True), *rest]
+        first = [request_head(method, translate_target(target, service.path, inst.url), headers), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         served: float | None = None
         try:

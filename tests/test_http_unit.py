@@ -197,6 +197,36 @@ def test_rewriting_parsed_headers_is_the_checked_path(headers, drop_cpn: bool, h
     assert sorted(n.lower() for n, _ in fast.raw_items()) == sorted(n for n, _ in fast)
 
 
+@given(st.lists(st.tuples(_names, _values), max_size=10), st.sampled_from([b"1.1", b"1.0"]),
+       st.sampled_from([{"host": b"inst:1"}, {"default_host": b"gw"}]),
+       st.sampled_from([b"/a?b=1", b"/v1/x", b"/a b", b"/\x7f"]))
+@example([(b"Host", b"x")], b"1.1", {"default_host": b"gw"}, b"/a b")
+def test_a_request_head_without_h11s_checks_is_h11s_own(headers, version: bytes, host: dict[str, bytes],
+                                                          target: bytes) -> None:
+    """request_head of a parsed request's rewritten headers (Host set, or added if none) is the h11.Request
+    h11 would build, and writes the same bytes; a target h11 refuses, it refuses as h11 does."""
+    from cpnd.h1 import request_head, rewrite_headers
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/" + version + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return
+    if not isinstance(event, h11.Request):
+        return
+    fields = rewrite_headers(event.headers, drop_cpn=True, **host)
+    try:
+        expected = h11.Request(method=event.method, target=target, headers=fields, _parsed=True)
+    except h11.LocalProtocolError as exc:
+        with pytest.raises(h11.LocalProtocolError, match=str(exc)):
+            request_head(event.method, target, fields)
+        return
+    got = request_head(event.method, target, fields)
+    assert got == expected and type(got) is h11.Request
+    assert h11.Connection(h11.CLIENT).send(got) == h11.Connection(h11.CLIENT).send(expected)
+
+
 @given(st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"X-Len", b"Accept"]),
                           st.sampled_from([b"0", b"12", b"3"])), max_size=4))
 def test_content_length_found_in_c_as_by_the_loop(fields: list[tuple[bytes, bytes]]) -> None:
