@@ -357,31 +357,11 @@ class Users:
             await drain(client)
 
     async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float | None = None) -> None:
-        """Serve one request whose head came whole at ``t0`` (None: now)."""
+        """Serve one request whose head came whole at ``t0`` (None: now); a gateway-made error is answered."""
         self.p.stats["requests"] += 1
         if t0 is None:
             t0 = trio.current_time()
         self.p.begin()
-        try:
-            await self._request_counted(client, req, pinned, t0)
-        finally:
-            self.p.end()
-
-    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
-        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second).
-
-        ``req`` None: the connection never carried a request h11 could parse.
-        """
-        if not self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
-            return
-        method = req.method.decode("ascii", "replace") if req is not None else "-"
-        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
-        log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.p.gw.id,
-                method, target, exc.status, exc.error, exc.detail,
-                extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
-                               "service": exc.service or None, "target": target}})
-
-    async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
             service, instance, status, ended_at = await self._route(client, req, pinned, t0)
             client.later.defer(self.p.gw.metrics.observe, service, instance, status, ended_at - t0)
@@ -398,6 +378,22 @@ class Users:
             else:
                 self._counted_error(req, exc)
                 raise trio.BrokenResourceError(str(exc)) from None
+        finally:
+            self.p.end()
+
+    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
+        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second).
+
+        ``req`` None: the connection never carried a request h11 could parse.
+        """
+        if not self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
+            return
+        method = req.method.decode("ascii", "replace") if req is not None else "-"
+        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
+        log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.p.gw.id,
+                method, target, exc.status, exc.error, exc.detail,
+                extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
+                               "service": exc.service or None, "target": target}})
 
     def _counted_error(self, req: h11.Request, exc: HttpError) -> None:
         self.p.gw.metrics.observe(exc.service, None, exc.status, None)
