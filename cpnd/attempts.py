@@ -129,7 +129,8 @@ class Attempts:
                 # one write, and no task streams it.
                 body.consumed = True
                 data = body.whole()
-                await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
+                events = [head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()]
+                await (up.send_request(events, end=True) if type(up) is H11Stream else up.send_all(events, end=True))
                 attempt.sent_at = trio.current_time()
                 attempt.whole = True
                 client.later.run()  # the next hop has it: the user's last answer's accounting, meanwhile

@@ -18,6 +18,7 @@ from typing import Any
 import h11
 import trio
 from h11._events import request_target_re
+from h11._readers import READERS
 from h11._headers import Headers, normalize_and_validate  # h11's own header list: see rewrite_headers
 
 from .errors import HttpError
@@ -155,6 +156,51 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> h11.Request:
     return req
 
 
+_RAW_VALUE = operator.itemgetter(0, 2)  # of h11's (raw, lowercase, value) items
+_FIELD_LINE = b"%s: %s\r\n".__mod__  # as h11 writes a field
+_IS_HOST = b"host".__eq__
+_CLIENT, _SERVER, _IDLE, _DONE, _SEND_RESPONSE = h11.CLIENT, h11.SERVER, h11.IDLE, h11.DONE, h11.SEND_RESPONSE
+_RESPONSE_READER = READERS[(h11.SERVER, h11.SEND_RESPONSE)]
+# Fields that make h11 do more than write a request (chunked framing, a keep-alive or 100-continue
+# change, an upgrade proposal): a request with any of them goes through h11's own send.
+_NOT_PLAIN = (b"transfer-encoding", b"connection", b"expect", b"upgrade")
+
+
+def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
+    """What h11 would write for ``events`` (a Request, its Data, an EndOfMessage: a whole plain request
+    of known length) on a client ``conn`` that sent nothing yet, its state moved as h11's send would
+    move it; else None (h11 writes them)."""
+    head, last = events[0], events[-1]
+    if type(head) is not h11.Request or type(last) is not h11.EndOfMessage or last.headers \
+            or head.http_version != b"1.1" or head.method == b"CONNECT":
+        return None
+    cstate = conn._cstate
+    states = cstate.states
+    if conn.our_role is not _CLIENT or states[_CLIENT] is not _IDLE or states[_SERVER] is not _IDLE \
+            or not cstate.keep_alive or cstate.pending_switch_proposals:
+        return None
+    full = head.headers._full_items
+    names = list(map(_NAME, full))
+    if any(map(names.__contains__, _NOT_PLAIN)):
+        return None
+    body = [ev.data for ev in events[1:-1] if type(ev) is h11.Data]
+    lengths = names.count(b"content-length")
+    if len(body) != len(events) - 2 or lengths > 1 or sum(map(len, body)) != (
+            int(full[names.index(b"content-length")][2]) if lengths else 0):  # (no length: none, as h11 frames it)
+        return None
+    # h11's send of the Request and the EndOfMessage: client IDLE -> SEND_BODY -> DONE, the server's
+    # side to SEND_RESPONSE (its reader for the response), nothing left to write.
+    states[_CLIENT], states[_SERVER] = _DONE, _SEND_RESPONSE
+    conn._request_method = head.method
+    conn._writer = None
+    conn._reader = _RESPONSE_READER
+    conn.client_is_waiting_for_100_continue = False
+    hosts = list(map(_IS_HOST, names))  # Host first, as h11 writes it (RFC 7230 section 5.4)
+    fields = map(_FIELD_LINE, map(_RAW_VALUE, [*itertools.compress(full, hosts),
+                                               *itertools.compress(full, map(operator.not_, hosts))]))
+    return b"".join([b"%s %s HTTP/1.1\r\n" % (head.method, head.target), *fields, b"\r\n", *body])
+
+
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length h11 validated, or None (chunked, or until close)."""
     full = getattr(headers, "_full_items", None)
@@ -243,6 +289,19 @@ class H11Stream:
         if self.tunnel:
             await self.transport.send(data, end=end)
         elif data:
+            await self._write(data)
+
+    async def send_request(self, events: list[Any], *, end: bool = False) -> None:
+        """``send_all`` of a whole request: written as h11 writes it, without h11's machinery per event
+        (``request_bytes``: ~1,000 bytecodes a request at each end of a tunnel) when it may be."""
+        data = request_bytes(self.conn, events)
+        if data is None:
+            await self.send_all(events, end=end)
+            return
+        events.clear()
+        if self.tunnel:
+            await self.transport.send(data, end=end)
+        else:
             await self._write(data)
 
     async def _write(self, data: bytes) -> None:

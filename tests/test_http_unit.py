@@ -230,6 +230,48 @@ def test_a_request_head_without_h11s_checks_is_h11s_own(headers, version: bytes,
     assert h11.Connection(h11.CLIENT).send(got) == h11.Connection(h11.CLIENT).send(expected)
 
 
+_H11_STATE = ("_request_method", "_writer", "_reader", "client_is_waiting_for_100_continue", "their_http_version")
+
+
+def _h11_state(conn: h11.Connection) -> tuple[object, ...]:
+    return (*(getattr(conn, a) for a in _H11_STATE), dict(conn._cstate.states), conn._cstate.keep_alive,
+            set(conn._cstate.pending_switch_proposals))
+
+
+@given(st.lists(st.tuples(_names, _values), max_size=8), st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT"]),
+       st.lists(st.binary(max_size=3), max_size=3), st.booleans())
+@example([(b"Host", b"x"), (b"Content-Length", b"3")], b"POST", [b"ab", b"c"], False)
+@example([(b"Host", b"x"), (b"X-A", b"1")], b"GET", [], False)
+def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: bytes, body: list[bytes],
+                                                                  trailers: bool) -> None:
+    """request_bytes writes a whole plain request byte for byte as h11 does and leaves the connection in
+    h11's state (the response then read alike); anything else it leaves to h11, the connection untouched."""
+    from cpnd.h1 import request_bytes
+
+    try:
+        head = h11.Request(method=method, target=b"/a?b", headers=[(b"Host", b"h"), *headers])
+    except h11.LocalProtocolError:
+        return
+    events = lambda: [head, *(h11.Data(data=b) for b in body),  # noqa: E731
+                      h11.EndOfMessage(headers=[(b"x-t", b"1")] if trailers else [])]
+    ours, theirs = h11.Connection(h11.CLIENT), h11.Connection(h11.CLIENT)
+    before = _h11_state(ours)
+    got = request_bytes(ours, events())
+    try:
+        expected = b"".join(filter(None, map(theirs.send, events())))
+    except h11.LocalProtocolError:
+        assert got is None and _h11_state(ours) == before  # h11 refuses it: so do we, having changed nothing
+        return
+    if got is None:
+        assert _h11_state(ours) == before
+        return
+    assert got == expected and _h11_state(ours) == _h11_state(theirs)
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi"
+    for conn in (ours, theirs):
+        conn.receive_data(answer)
+    assert [repr(ours.next_event()) for _ in range(3)] == [repr(theirs.next_event()) for _ in range(3)]
+
+
 @given(st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"X-Len", b"Accept"]),
                           st.sampled_from([b"0", b"12", b"3"])), max_size=4))
 def test_content_length_found_in_c_as_by_the_loop(fields: list[tuple[bytes, bytes]]) -> None:
