@@ -212,27 +212,20 @@ class Egress:
         or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
-            event = rx.next_event_nowait()
-            waited = event is None
-            if waited:
-                event = await next_event_within(rx, timeout_s)
-            if not isinstance(event, h11.Request):
-                raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
-            path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
-            # (match_service({service.path}, path) == service.path, without its loop and set)
-            if path != service.path and not path.startswith(service.path + "/"):
-                raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
-            rest: list[Any] = []
-            while True:
-                ev = rx.next_event_nowait()
-                if ev is None:
-                    break
-                # (type, not isinstance: on h11's ABCs a failed isinstance is a call)
-                if type(ev) is not h11.EndOfMessage and type(ev) is not h11.Data:
-                    raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
-                rest.append(ev)
-                if type(ev) is h11.EndOfMessage:
-                    break
+            # (A tunnel stream's request is usually whole in its first chunk: read around h11's machinery.)
+            events = rx.whole_request_nowait() if type(rx) is H11Stream else None
+            if events is not None:
+                event, rest, waited = events[0], events[1:], False
+                _check_under(event.target, service)
+            else:
+                event = rx.next_event_nowait()
+                waited = event is None
+                if waited:
+                    event = await next_event_within(rx, timeout_s)
+                if not isinstance(event, h11.Request):
+                    raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
+                _check_under(event.target, service)
+                rest = _body_so_far(rx)
         except h11.RemoteProtocolError as exc:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
@@ -438,6 +431,30 @@ class _Upload:
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
         self.done_at = self.clock()
+
+
+def _check_under(target: bytes, service: ServiceConfig) -> None:
+    """StreamReset(NO_SUCH_INSTANCE) for a tunnelled target outside ``service``'s path."""
+    path = target.split(b"?", 1)[0].decode("ascii", "replace")
+    # (match_service({service.path}, path) == service.path, without its loop and set)
+    if path != service.path and not path.startswith(service.path + "/"):
+        raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
+
+
+def _body_so_far(rx: H11Stream | LocalEvents) -> list[Any]:
+    """What of a tunnelled request's body has come with its head (all of it, usually), as events;
+    StreamReset(BAD_REQUEST) for anything else."""
+    rest: list[Any] = []
+    while True:
+        ev = rx.next_event_nowait()
+        if ev is None:
+            return rest
+        # (type, not isinstance: on h11's ABCs a failed isinstance is a call)
+        if type(ev) is not h11.EndOfMessage and type(ev) is not h11.Data:
+            raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
+        rest.append(ev)
+        if type(ev) is h11.EndOfMessage:
+            return rest
 
 
 async def _response_head(ic: H11Stream, scope: trio.CancelScope, bound: float | None) -> Any:

@@ -18,7 +18,8 @@ from typing import Any
 import h11
 import trio
 from h11._events import request_target_re
-from h11._readers import READERS
+from h11._readers import READERS, header_field_re, request_line_re
+from h11._writers import WRITERS
 from h11._headers import Headers, normalize_and_validate  # h11's own header list: see rewrite_headers
 
 from .errors import HttpError
@@ -201,6 +202,63 @@ def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
     return b"".join([b"%s %s HTTP/1.1\r\n" % (head.method, head.target), *fields, b"\r\n", *body])
 
 
+_RESPONSE_WRITER = WRITERS[(h11.SERVER, h11.SEND_RESPONSE)]
+_DONE_READER = READERS[(h11.CLIENT, h11.DONE)]
+_EOM = h11.EndOfMessage()  # (frozen: one serves every request read whole)
+_LOWER = bytes.lower
+_FIELD_NAME, _FIELD_VALUE = operator.itemgetter("field_name"), operator.itemgetter("field_value")  # of h11's matches
+
+
+def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
+    """The events h11 would read from ``data`` on a server ``conn`` that has read nothing yet, if
+    ``data`` is exactly one whole plain HTTP/1.1 request of known length (a Request, its Data, an
+    EndOfMessage), ``conn`` moved as h11's reading them would move it; else None (h11 reads it)."""
+    # What an ingress writes down a tunnel stream (h11's own writing, or request_bytes'), read by h11's
+    # own grammar (its request line and field regexes) with its per-event machinery left out: ~1,000
+    # bytecodes a request at the egress. Anything h11 would read otherwise, or refuse, h11 reads.
+    cstate = conn._cstate
+    states = cstate.states
+    if conn.our_role is not _SERVER or states[_CLIENT] is not _IDLE or states[_SERVER] is not _IDLE \
+            or conn._receive_buffer or not cstate.keep_alive:
+        return None
+    end = data.find(b"\r\n\r\n")
+    if end < 0 or end + 4 > MAX_HEADER_BYTES:
+        return None
+    lines = data[:end].split(b"\r\n")
+    line = request_line_re.fullmatch(lines[0])
+    if line is None or line["http_version"] != b"1.1" or b"\n" in data[:end].replace(b"\r\n", b""):
+        return None  # (a bare LF ends a line for h11: it reads such heads itself)
+    fields = list(map(header_field_re.fullmatch, lines[1:]))  # a folded line matches none: h11's
+    if None in fields:
+        return None
+    raw = list(map(_FIELD_NAME, fields))
+    names = list(map(_LOWER, raw))
+    full = list(zip(raw, names, map(_FIELD_VALUE, fields)))
+    length = b"0"  # no framing field: h11 reads a request with no body
+    if b"content-length" in names:
+        length = full[names.index(b"content-length")][2]
+        if names.count(b"content-length") != 1 or not length.isdigit() or len(length) > 20:
+            return None  # (a list of lengths, a bad one: h11 folds or refuses it)
+    method = line["method"]
+    if names.count(b"host") != 1 or method == b"CONNECT" or any(map(names.__contains__, _NOT_PLAIN)) \
+            or int(length) != len(data) - end - 4:
+        return None
+    # h11's reading of the Request, its Data and its EndOfMessage: client IDLE -> SEND_BODY -> DONE,
+    # ours to SEND_RESPONSE (its writer for the response), nothing more to read.
+    states[_CLIENT], states[_SERVER] = _DONE, _SEND_RESPONSE
+    conn._request_method = method
+    conn.their_http_version = b"1.1"
+    conn._reader = _DONE_READER
+    conn._writer = _RESPONSE_WRITER
+    conn.client_is_waiting_for_100_continue = False
+    req = _new(h11.Request)
+    _set(req, "method", method)
+    _set(req, "target", line["target"])
+    _set(req, "headers", Headers(full))
+    _set(req, "http_version", b"1.1")
+    return [req, h11.Data(data=data[end + 4:]), _EOM] if length != b"0" else [req, _EOM]
+
+
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:
     """The Content-Length h11 validated, or None (chunked, or until close)."""
     full = getattr(headers, "_full_items", None)
@@ -303,6 +361,20 @@ class H11Stream:
             await self.transport.send(data, end=end)
         else:
             await self._write(data)
+
+    def whole_request_nowait(self) -> list[Any] | None:
+        """A tunnel stream's request whole in its first chunk, read around h11 (``request_events``);
+        else None, with what came fed to h11 as ``next_event_nowait`` would."""
+        receive_nowait = getattr(self.transport, "receive_nowait", None)
+        if not self.tunnel or receive_nowait is None:
+            return None
+        data = receive_nowait()
+        if data is None:
+            return None
+        events = request_events(self.conn, data) if data else None
+        if events is None:
+            self.conn.receive_data(data)
+        return events
 
     async def _write(self, data: bytes) -> None:
         """Write to a plain socket at once when it takes it all: trio's send_all would then still

@@ -272,6 +272,40 @@ def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: 
     assert [repr(ours.next_event()) for _ in range(3)] == [repr(theirs.next_event()) for _ in range(3)]
 
 
+_LINES = st.sampled_from([b"Host: h", b"host:h ", b"Host: h2", b"X-A: 1", b"X-A:  a b\t", b"Content-Length: 2",
+                          b"content-length: 0", b"Content-Length: 2, 2", b"Content-Length: x", b"Transfer-Encoding: chunked",
+                          b"Connection: close", b"Expect: 100-continue", b"Upgrade: h2c", b" folded", b"X-B:",
+                          b"Bad Name: 1", b"X-C: \x01", b"X-D: caf\xc3\xa9"])
+
+
+@given(st.sampled_from([b"GET /a?b HTTP/1.1", b"POST /v1/x HTTP/1.1", b"GET / HTTP/1.0", b"CONNECT h:1 HTTP/1.1",
+                        b"GET /a b HTTP/1.1", b""]),
+       st.lists(_LINES, max_size=6), st.sampled_from([b"\r\n", b"\n"]), st.sampled_from([b"", b"hi", b"hi!", b"GET"]))
+@example(b"POST /v1/x HTTP/1.1", [b"Host: h", b"Content-Length: 2"], b"\r\n", b"hi")
+@example(b"GET /a?b HTTP/1.1", [b"host:h ", b"X-A:  a b\t", b"X-B:"], b"\r\n", b"")
+def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: list[bytes], eol: bytes,
+                                                           body: bytes) -> None:
+    """request_events reads a whole plain request as h11 reads it (the same events, the connection in
+    the same state after); anything else it leaves to h11, the connection untouched."""
+    from cpnd.h1 import request_events
+
+    data = eol.join([line, *fields, b"", b""]) + body
+    ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
+    before = _h11_state(ours)
+    got = request_events(ours, data)
+    if got is None:
+        assert _h11_state(ours) == before and not ours.trailing_data[0]
+        return
+    theirs.receive_data(data)
+    expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
+    norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
+    assert list(map(norm, got)) == list(map(norm, expected))  # (h11's Data holds a bytearray)
+    assert theirs.next_event() is h11.PAUSED or theirs.next_event() is h11.NEED_DATA
+    assert not theirs.trailing_data[0] and _h11_state(ours) == _h11_state(theirs)
+    for conn in (ours, theirs):  # the answer goes out alike
+        conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+
+
 @given(st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"X-Len", b"Accept"]),
                           st.sampled_from([b"0", b"12", b"3"])), max_size=4))
 def test_content_length_found_in_c_as_by_the_loop(fields: list[tuple[bytes, bytes]]) -> None:
