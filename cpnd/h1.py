@@ -318,6 +318,7 @@ class H11Stream:
     trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
     _writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
     later: Any = NOW  # a user's connection: its pending work (cpnd/pending.py); else the accounting runs at once
+    _ready: list[Any] | None = None  # events of a request read whole around h11 (``take``), the next last
 
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
@@ -397,7 +398,24 @@ class H11Stream:
         finally:
             self._writing = False
 
+    def take(self, data: bytes) -> None:
+        """Received bytes into h11; a whole plain request read around it instead (``request_events``),
+        its events then given by ``next_event`` and ``next_event_nowait``."""
+        events = request_events(self.conn, data) if data else None
+        if events is None:
+            self.conn.receive_data(data)
+        else:
+            events.reverse()
+            self._ready = events
+
+    def start_next_cycle(self) -> None:
+        """h11's, for the next request (what was read whole of this one and left unread goes)."""
+        self._ready = None
+        self.conn.start_next_cycle()
+
     async def next_event(self) -> Any:
+        if self._ready:
+            return self._ready.pop()
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -420,12 +438,14 @@ class H11Stream:
             data = os.read(sock.fileno(), RECEIVE_CHUNK)  # trio's sockets are non-blocking
         except OSError:
             return False
-        self.conn.receive_data(data)
+        self.take(data)
         return True
 
     def next_event_nowait(self) -> Any:
         """The next event if what was received already holds it, else None. A tunnel stream's
         chunks already queued count as received (a request's head arrives with its OPEN)."""
+        if self._ready:
+            return self._ready.pop()
         event = self.conn.next_event()
         if event is h11.NEED_DATA and self.tunnel:
             receive_nowait = getattr(self.transport, "receive_nowait", None)

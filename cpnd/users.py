@@ -213,7 +213,7 @@ class Users:
             return False  # idle, or taken back for a newcomer
         kind = sniff_preface(data) if data else None
         if not kind:
-            client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
+            client.take(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
             return True
         if kind == "h2":  # HTTP/2 with prior knowledge: its own connection handler (h2edge.py)
             await H2Server(self, transport, _peer(transport), slot).serve(data)
@@ -254,7 +254,7 @@ class Users:
                     # a body left unread or MUST_CLOSE end the connection).
                     if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
                         return
-                    client.conn.start_next_cycle()
+                    client.start_next_cycle()
                     wait.cycle_ended = True  # pipelined bytes of the next head: its clock starts now (_next_request)
             if wait.scope.cancelled_caught:
                 if wait.started and slot.held:
@@ -296,7 +296,7 @@ class Users:
                 data = await receive_some(client.transport)
                 wait.started = True
                 client.head_since = trio.current_time()
-                client.conn.receive_data(data)
+                client.take(data)
                 event = client.next_event_nowait()
                 if event is None:  # the head's clock matters only while we wait for the rest of it
                     scope.deadline = client.head_since + self.p.limits.header_timeout_s

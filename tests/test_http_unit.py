@@ -306,6 +306,30 @@ def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: 
         conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
 
 
+def test_a_request_read_whole_is_given_event_by_event_and_its_unread_rest_goes_with_its_cycle() -> None:
+    """H11Stream.take: a user's whole request read around h11 comes out of next_event(_nowait) as h11's
+    would; its body left unread (answered without it) is gone with the cycle, not read as the next request's."""
+    from cpnd.h1 import H11Stream
+
+    client = H11Stream(h11.SERVER, None)
+    client.take(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nhi")
+    assert type(client.next_event_nowait()) is h11.Request
+    client.conn.send(h11.Response(status_code=404, headers=[(b"content-length", b"0")]))
+    client.conn.send(h11.EndOfMessage())
+    assert client.conn.our_state is client.conn.their_state is h11.DONE
+    client.start_next_cycle()
+    assert client.next_event_nowait() is None
+    client.take(b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n")
+    first = client.next_event_nowait()
+    assert type(first) is h11.Request and first.target == b"/b"
+    assert type(client.next_event_nowait()) is h11.EndOfMessage and client.next_event_nowait() is None
+    client.take(b"")  # the end, h11's as ever
+    client.conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+    client.conn.send(h11.EndOfMessage())
+    client.start_next_cycle()
+    assert type(client.next_event_nowait()) is h11.ConnectionClosed
+
+
 @given(st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"X-Len", b"Accept"]),
                           st.sampled_from([b"0", b"12", b"3"])), max_size=4))
 def test_content_length_found_in_c_as_by_the_loop(fields: list[tuple[bytes, bytes]]) -> None:
