@@ -164,7 +164,7 @@ _CLIENT, _SERVER, _IDLE, _DONE, _SEND_RESPONSE = h11.CLIENT, h11.SERVER, h11.IDL
 _RESPONSE_READER = READERS[(h11.SERVER, h11.SEND_RESPONSE)]
 # Fields that make h11 do more than write a request (chunked framing, a keep-alive or 100-continue
 # change, an upgrade proposal): a request with any of them goes through h11's own send.
-_NOT_PLAIN = (b"transfer-encoding", b"connection", b"expect", b"upgrade")
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"connection", b"expect", b"upgrade"})
 
 
 def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
@@ -182,7 +182,7 @@ def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
         return None
     full = head.headers._full_items
     names = list(map(_NAME, full))
-    if any(map(names.__contains__, _NOT_PLAIN)):
+    if not _NOT_PLAIN.isdisjoint(names):
         return None
     body = [ev.data for ev in events[1:-1] if type(ev) is h11.Data]
     lengths = names.count(b"content-length")
@@ -196,9 +196,10 @@ def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
     conn._writer = None
     conn._reader = _RESPONSE_READER
     conn.client_is_waiting_for_100_continue = False
-    hosts = list(map(_IS_HOST, names))  # Host first, as h11 writes it (RFC 7230 section 5.4)
-    fields = map(_FIELD_LINE, map(_RAW_VALUE, [*itertools.compress(full, hosts),
-                                               *itertools.compress(full, map(operator.not_, hosts))]))
+    if names[0] != b"host" or names.count(b"host") != 1:  # Host first, as h11 writes it (RFC 7230 section 5.4)
+        hosts = list(map(_IS_HOST, names))
+        full = [*itertools.compress(full, hosts), *itertools.compress(full, map(operator.not_, hosts))]
+    fields = map(_FIELD_LINE, map(_RAW_VALUE, full))
     return b"".join([b"%s %s HTTP/1.1\r\n" % (head.method, head.target), *fields, b"\r\n", *body])
 
 
@@ -226,7 +227,7 @@ def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
         return None
     lines = data[:end].split(b"\r\n")
     line = request_line_re.fullmatch(lines[0])
-    if line is None or line["http_version"] != b"1.1" or b"\n" in data[:end].replace(b"\r\n", b""):
+    if line is None or line["http_version"] != b"1.1" or data.count(b"\n", 0, end) != len(lines) - 1:
         return None  # (a bare LF ends a line for h11: it reads such heads itself)
     fields = list(map(header_field_re.fullmatch, lines[1:]))  # a folded line matches none: h11's
     if None in fields:
@@ -234,14 +235,15 @@ def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
     raw = list(map(_FIELD_NAME, fields))
     names = list(map(_LOWER, raw))
     full = list(zip(raw, names, map(_FIELD_VALUE, fields)))
-    length = b"0"  # no framing field: h11 reads a request with no body
+    size = 0  # no framing field: h11 reads a request with no body
     if b"content-length" in names:
         length = full[names.index(b"content-length")][2]
         if names.count(b"content-length") != 1 or not length.isdigit() or len(length) > 20:
             return None  # (a list of lengths, a bad one: h11 folds or refuses it)
+        size = int(length)
     method = line["method"]
-    if names.count(b"host") != 1 or method == b"CONNECT" or any(map(names.__contains__, _NOT_PLAIN)) \
-            or int(length) != len(data) - end - 4:
+    if names.count(b"host") != 1 or method == b"CONNECT" or not _NOT_PLAIN.isdisjoint(names) \
+            or size != len(data) - end - 4:
         return None
     # h11's reading of the Request, its Data and its EndOfMessage: client IDLE -> SEND_BODY -> DONE,
     # ours to SEND_RESPONSE (its writer for the response), nothing more to read.
@@ -256,7 +258,7 @@ def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
     _set(req, "target", line["target"])
     _set(req, "headers", Headers(full))
     _set(req, "http_version", b"1.1")
-    return [req, h11.Data(data=data[end + 4:]), _EOM] if length != b"0" else [req, _EOM]
+    return [req, h11.Data(data=data[end + 4:]), _EOM] if size else [req, _EOM]
 
 
 def content_length(headers: Headers | Iterable[tuple[bytes, bytes]]) -> int | None:

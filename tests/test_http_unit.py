@@ -239,17 +239,18 @@ def _h11_state(conn: h11.Connection) -> tuple[object, ...]:
 
 
 @given(st.lists(st.tuples(_names, _values), max_size=8), st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT"]),
-       st.lists(st.binary(max_size=3), max_size=3), st.booleans())
-@example([(b"Host", b"x"), (b"Content-Length", b"3")], b"POST", [b"ab", b"c"], False)
-@example([(b"Host", b"x"), (b"X-A", b"1")], b"GET", [], False)
+       st.lists(st.binary(max_size=3), max_size=3), st.booleans(), st.booleans())
+@example([(b"X-A", b"x"), (b"Content-Length", b"3")], b"POST", [b"ab", b"c"], False, False)
+@example([(b"X-A", b"1")], b"GET", [], False, True)
 def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: bytes, body: list[bytes],
-                                                                  trailers: bool) -> None:
+                                                                  trailers: bool, host_last: bool) -> None:
     """request_bytes writes a whole plain request byte for byte as h11 does and leaves the connection in
     h11's state (the response then read alike); anything else it leaves to h11, the connection untouched."""
     from cpnd.h1 import request_bytes
 
     try:
-        head = h11.Request(method=method, target=b"/a?b", headers=[(b"Host", b"h"), *headers])
+        fields = [*headers, (b"Host", b"h")] if host_last else [(b"Host", b"h"), *headers]
+        head = h11.Request(method=method, target=b"/a?b", headers=fields)
     except h11.LocalProtocolError:
         return
     events = lambda: [head, *(h11.Data(data=b) for b in body),  # noqa: E731
@@ -275,7 +276,8 @@ def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: 
 _LINES = st.sampled_from([b"Host: h", b"host:h ", b"Host: h2", b"X-A: 1", b"X-A:  a b\t", b"Content-Length: 2",
                           b"content-length: 0", b"Content-Length: 2, 2", b"Content-Length: x", b"Transfer-Encoding: chunked",
                           b"Connection: close", b"Expect: 100-continue", b"Upgrade: h2c", b" folded", b"X-B:",
-                          b"Bad Name: 1", b"X-C: \x01", b"X-D: caf\xc3\xa9"])
+                          b"Bad Name: 1", b"X-C: \x01", b"X-D: caf\xc3\xa9", b"Content-Length: 00", b"Content-Length: 02",
+                          b"Host: h\nX-E: 1", b"X-F: a\rb"])
 
 
 @given(st.sampled_from([b"GET /a?b HTTP/1.1", b"POST /v1/x HTTP/1.1", b"GET / HTTP/1.0", b"CONNECT h:1 HTTP/1.1",
@@ -283,6 +285,7 @@ _LINES = st.sampled_from([b"Host: h", b"host:h ", b"Host: h2", b"X-A: 1", b"X-A:
        st.lists(_LINES, max_size=6), st.sampled_from([b"\r\n", b"\n"]), st.sampled_from([b"", b"hi", b"hi!", b"GET"]))
 @example(b"POST /v1/x HTTP/1.1", [b"Host: h", b"Content-Length: 2"], b"\r\n", b"hi")
 @example(b"GET /a?b HTTP/1.1", [b"host:h ", b"X-A:  a b\t", b"X-B:"], b"\r\n", b"")
+@example(b"POST /v1/x HTTP/1.1", [b"Host: h", b"Content-Length: 00"], b"\r\n", b"")
 def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: list[bytes], eol: bytes,
                                                            body: bytes) -> None:
     """request_events reads a whole plain request as h11 reads it (the same events, the connection in
