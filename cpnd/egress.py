@@ -26,7 +26,9 @@ from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
     readable, replace_host, request_head, rewrite_headers, translate_target
+from .errors import HttpError
 from .fairshare import FULL, Shares
+from .heads import check_target
 from .h2up import H2Pool
 from .health import HealthTracker
 from .load import Hold, InstanceMeter, Stage
@@ -225,6 +227,7 @@ class Egress:
                 if not isinstance(event, h11.Request):
                     raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
                 _check_under(event.target, service)
+                _check_framing(event)  # (what request_events reads whole has neither)
                 rest = _body_so_far(rx)
         except h11.RemoteProtocolError as exc:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
@@ -434,11 +437,34 @@ class _Upload:
 
 
 def _check_under(target: bytes, service: ServiceConfig) -> None:
-    """StreamReset(NO_SUCH_INSTANCE) for a tunnelled target outside ``service``'s path."""
-    path = target.split(b"?", 1)[0].decode("ascii", "replace")
+    """StreamReset(BAD_REQUEST) for a tunnelled target the ingress would have refused from its user (one
+    that could escape the instance's path: dot segments, encoded '/', '.' or '\\', not origin-form), and
+    StreamReset(NO_SUCH_INSTANCE) for one outside ``service``'s path."""
+    # A peer's stream comes from no ingress of ours: its target is checked as a user's would be (else
+    # /svc/../admin reached the instance as /v1/../admin, outside its URL's path). (check_target keeps
+    # its verdicts on short targets: one C call a request, as the split it replaces.)
+    try:
+        path = check_target(target)
+    except HttpError as exc:
+        raise StreamReset(ResetCode.BAD_REQUEST, False, exc.detail) from None
     # (match_service({service.path}, path) == service.path, without its loop and set)
     if path != service.path and not path.startswith(service.path + "/"):
         raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
+
+
+def _check_framing(event: h11.Request) -> None:
+    """StreamReset(BAD_REQUEST) for a tunnelled request the ingress would have refused from its user: a
+    CONNECT, or both Content-Length and Transfer-Encoding."""
+    # h11 reads such a request as chunked, and the instance's copy keeps the length (rewrite_headers): a
+    # body of another length made our own h11 refuse to write it, reported as the instance's failure
+    # (instance-failed) with its kept-alive connection closed. A CONNECT's 2xx would switch the instance's
+    # connection away from HTTP.
+    if event.method == b"CONNECT":
+        raise StreamReset(ResetCode.BAD_REQUEST, False, "CONNECT is not relayed")
+    names = [item[1] for item in event.headers._full_items]  # (h11's own: lowercase)
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise StreamReset(ResetCode.BAD_REQUEST, False,
+                          "both Content-Length and Transfer-Encoding: ambiguous framing refused")
 
 
 def _body_so_far(rx: H11Stream | LocalEvents) -> list[Any]:

@@ -35,6 +35,7 @@ from .streams import StreamReset
 from .tls import ServerTls
 
 log = logging.getLogger("cpnd.http")
+_H11_ERRORS = {431: "headers_too_large", 501: "not_implemented"}  # h11 error_status_hint -> README error code
 
 # Request heads a connection may take as they are already in (no wait, hence no checkpoint) before
 # one wait, or pipelined ones before a checkpoint: a user sending requests back to back still lets
@@ -152,7 +153,9 @@ class Users:
                 return
             await self._requests(client, slot, pinned)
         except h11.RemoteProtocolError as exc:
-            error = HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large",
+            # h11's hint: 400, 431 (a head too long), or 501 (a transfer coding other than chunked, or
+            # several: RFC 9112 section 6.1), which was answered as headers_too_large.
+            error = HttpError(exc.error_status_hint, _H11_ERRORS.get(exc.error_status_hint, "bad_request"),
                               f"malformed HTTP/1.1 request: {h11_reason(exc)}", close=True)
             self._log_error(None, error)
             await self._send_error_quietly(client, error)
