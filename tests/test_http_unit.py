@@ -521,3 +521,120 @@ def test_receive_some_after_its_wait_reads_its_own_socket_not_a_reused_descripto
             s.close()
 
     trio.run(main)
+
+
+# Bytes an attacker puts where a request's grammar is tight: control bytes, bare CR and LF, spaces and
+# tabs around a colon or a length, a sign or a comma in a length, a high byte, NUL.
+_SPICE = st.sampled_from([b"\x00", b"\t", b"\n", b"\x0b", b"\x0c", b"\r", b" ", b"\x7f", b"\x80", b"\xa0", b"\xff",
+                          b",", b":", b"+", b"-", b"0", b"5", b"\r\n", b"\r\n ", b"\n\n", b"\r\n\r\n"])
+_EXTRA = st.sampled_from([b"Host: h2", b"Content-Length: 0", b"Content-Length: 5", b"content-length: 05",
+                          b"Content-Length: 5, 5", b"Transfer-Encoding: chunked", b"Transfer-Encoding: Chunked",
+                          b"Connection: close", b"Connection: keep-alive", b"Expect: 100-continue", b"Upgrade: h2c",
+                          b" folded", b"\tfolded", b"X-E:", b"X-F: a\x01b"])
+
+
+@st.composite
+def _mutated_requests(draw: st.DrawFn) -> bytes:
+    """A plain whole request (a Request, its Data, an EndOfMessage, as request_events reads), then cut,
+    spiced, given another field or line ending, or more or less body: what a user or a peer could send."""
+    method = draw(st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT", b"OPTIONS"]))
+    body = draw(st.sampled_from([b"", b"hello", b"0\r\n\r\n", b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"]))
+    lines = [method + b" " + draw(st.sampled_from([b"/a?b", b"/", b"*", b"http://h/a", b"h:1"])) + b" HTTP/1.1",
+             b"Host: h", *([b"Content-Length: %d" % len(body)] if body or draw(st.booleans()) else [])]
+    lines = draw(st.permutations(lines[1:]).map(lambda rest: [lines[0], *rest]))
+    for kind, at, what in draw(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 1000), _SPICE), max_size=3)):
+        i = at % len(lines)
+        if kind == 0:  # a byte or two into a line
+            pos = at % (len(lines[i]) + 1)
+            lines[i] = lines[i][:pos] + what + lines[i][pos:]
+        elif kind == 1:
+            lines.insert(1 + at % len(lines), draw(_EXTRA))
+        elif kind == 2 and len(lines[i]) > 1:  # a byte out
+            pos = at % len(lines[i])
+            lines[i] = lines[i][:pos] + lines[i][pos + 1:]
+        elif kind == 3:
+            body = body + what if at % 2 else body[:-1]
+        else:
+            lines[i] = lines[i].upper() if at % 2 else lines[i].lower()
+    eol = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n"]))
+    return eol.join(lines) + eol + eol + body
+
+
+@given(_mutated_requests())
+@example(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 05\r\n\r\nhello")
+@example(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+@example(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\n\r\nhello")
+@example(b"GET /a HTTP/1.1\r\nHost: h\r\nX-A: a\x0bb\r\n\r\n")
+def test_a_crafted_request_is_read_around_h11_only_as_h11_reads_it(data: bytes) -> None:
+    """request_events on anything a user or a peer could send: h11's events and state exactly (nothing
+    left unread), or None with the connection untouched (h11 then reads or refuses it)."""
+    from cpnd.h1 import request_events
+
+    ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
+    before = _h11_state(ours)
+    got = request_events(ours, data)
+    if got is None:
+        assert _h11_state(ours) == before and not ours.trailing_data[0]
+        return
+    theirs.receive_data(data)
+    expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
+    norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
+    assert list(map(norm, got)) == list(map(norm, expected))
+    assert theirs.next_event() is h11.NEED_DATA and not theirs.trailing_data[0]
+    assert _h11_state(ours) == _h11_state(theirs)
+
+
+def _served(take: bool, reads: list[bytes], early: list[bool]) -> list[object]:
+    """A user's connection as users.py serves it, fed ``reads``: each request answered when its body is in
+    (``early``: at its head, its body then drained of what is here), the next cycle when both sides are
+    done. What it saw: events, answers, cycles, the error that ended it."""
+    from cpnd.h1 import H11Stream
+
+    s = H11Stream(h11.SERVER, None)
+    out: list[object] = []
+    answer = [h11.Response(status_code=200, headers=[(b"content-length", b"0")]), h11.EndOfMessage()]
+    try:
+        for data in reads:
+            s.take(data) if take else s.conn.receive_data(data)
+            while (ev := s.next_event_nowait()) is not None:
+                out.append(ev if type(ev) is not h11.Data else bytes(ev.data))
+                if type(ev) is h11.ConnectionClosed:
+                    return out
+                if type(ev) is h11.Request and early and early.pop():
+                    list(map(s.conn.send, answer))
+                    while s.conn.their_state is h11.SEND_BODY and s.next_event_nowait() is not None:
+                        pass  # (_rest_of_body_quietly; the fast path has the body read already)
+                    out.append("answered early")
+                elif type(ev) is h11.EndOfMessage and s.conn.our_state is h11.SEND_RESPONSE:
+                    list(map(s.conn.send, answer))
+                if s.conn.our_state is h11.DONE:
+                    if s.conn.their_state is not h11.DONE:
+                        if type(ev) is h11.Request:
+                            continue  # its body is still coming
+                        return [*out, "closed: body unread"]
+                    s.start_next_cycle()
+                    out.append("next")
+    except h11.ProtocolError as exc:
+        out.append(repr(exc))
+    return out
+
+
+@given(st.lists(_mutated_requests(), min_size=1, max_size=3), st.lists(st.integers(0, 200), max_size=3),
+       st.lists(st.booleans(), max_size=3))
+@example([b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello", b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"], [],
+         [True])
+def test_a_connection_read_around_h11_sees_what_h11_sees_request_after_request(requests: list[bytes],
+                                                                              cuts: list[int], early: list[bool]) -> None:
+    """H11Stream.take on a user's connection, whatever its reads hold (requests whole, pipelined, split
+    anywhere, crafted): the same events, answers, cycles and end as h11 alone, request after request."""
+    stream = b"".join(requests)
+    bounds, pos = set(), 0
+    for r in requests:
+        pos += len(r)
+        bounds.add(pos)
+    bounds |= {c % (len(stream) + 1) for c in cuts}
+    edges = [0, *sorted(b for b in bounds if 0 < b < len(stream)), len(stream)]
+    reads = [stream[a:b] for a, b in zip(edges, edges[1:])]
+    fast, plain = _served(True, reads, list(early)), _served(False, reads, list(early))
+    norm = lambda out: [repr(e) if isinstance(e, h11._events.Event) else e for e in out]  # noqa: E731
+    assert norm(fast) == norm(plain)
