@@ -6,6 +6,7 @@ one request a tunnelled one, its body as h11 read it, nothing smuggled after it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -95,7 +96,7 @@ class Recorder:
         self._accepting.join()
         self.sock.close()
         for c in self._conns:
-            with __import__("contextlib").suppress(OSError):
+            with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
         for t in self._threads:
             t.join(5)
@@ -312,6 +313,8 @@ def _ok(resp: tuple[int, bytes, dict[bytes, bytes]]) -> bool:
     (b"POST /rec/a HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello", [(200, b"hello")]),
     (b"POST /rec/a HTTP/1.1\r\nHost: x\r\nContent-Length: 00000000000000000005\r\n\r\nhello", [(200, b"hello")]),
     (b"GET /rec/a HTTP/1.1\nHost: x\n\n", [(200, b"")]),
+    (b"POST /rec/a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\nhello", [(200, b"hello")]),
+    (b"GET /rec/a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /rec/SMUGGLED HTTP/1.0\r\n\r\n", [(200, b"")]),
     (b"GET /rec/a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /rec/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n",
      [(200, b"")]),  # the rest is never read
     (b"POST /rec/a HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello", [(400, b"bad_request")]),
@@ -373,10 +376,33 @@ def test_a_connection_goes_on_after_a_request_read_whole_and_ends_at_its_close(r
         assert _ok(answer(b"POST /rec/3 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nthree"))
         s.sendall(b"GET /rec/SMUGGLED HTTP/1.1\r\nHost: x\r\n\r\n")
         rest = b""
-        with __import__("contextlib").suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionResetError):
             while chunk := s.recv(65536):
                 rest += chunk
         assert rest == b""  # closed after the third answer, the rest unread
     assert [(r["target"], r["body"]) for r in rec.since(n)] == [(b"/base/1", b"one"), (b"/base/2", b"two"),
                                                                (b"/base/3", b"three")]
     assert len({r["conn"] for r in rec.since(n)}) >= 1 and rec.errors[e:] == []
+
+
+@pytest.mark.parametrize("gw", ["t", "h"])
+@pytest.mark.parametrize("pieces", [1, 70])
+def test_a_head_over_64_kib_is_a_431_whole_in_one_read_or_not(rig, gw, pieces) -> None:
+    """A head over MAX_HEADER_BYTES: never read around h11 (request_events leaves it to h11, which reads a
+    whole one, or refuses one still coming past the bound): 431 headers_too_large either way."""
+    rec = rig["rec"]
+    n = len(rec.requests)
+    head = b"GET /rec/a HTTP/1.1\r\nHost: x\r\n" + b"X-Abcdefgh: 0123456789012345\r\n" * 2300 + b"\r\n"
+    assert len(head) > 66_000
+    with socket.create_connection(_hostport(rig["specs"][gw].http), timeout=10) as s:
+        step = -(-len(head) // pieces)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for i in range(0, len(head), step):
+                s.sendall(head[i:i + step])
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+    [(status, body, _)] = _responses(out)
+    assert status == 431 and b'"error": "headers_too_large"' in body
+    assert rec.since(n) == []
