@@ -280,6 +280,7 @@ def test_a_peers_request_reaches_the_instance_as_h11_reads_it_and_alone(rig, pee
     ([b"GET /rec/../admin HTTP/1.1\r\nHost: x\r\n\r\n"], "dot segments"),  # whole: request_events
     ([b"GET /rec/%2e%2e/admin HTTP/1.1\r\nHost: x\r\n\r\n"], "dot segments"),
     ([b"GET /rec/..\\admin HTTP/1.1\r\nHost: x\r\n\r\n"], "dot segments"),
+    ([b"GET /rec/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n"], "dot segments"),  # (a servlet container's ..)
     ([b"GET /rec/./../admin HTTP/1.0\r\n\r\n"], "dot segments"),  # h11's reading
     ([b"GET http://x/rec/a HTTP/1.1\r\nHost: x\r\n\r\n"], "origin-form"),
     ([b"CONNECT /rec/a HTTP/1.1\r\nHost: x\r\n\r\n"], "CONNECT"),
@@ -329,6 +330,7 @@ def _ok(resp: tuple[int, bytes, dict[bytes, bytes]]) -> bool:
     (b"GET /rec/a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", [(400, b"bad_request")]),
     (b"\r\nGET /rec/a HTTP/1.1\r\nHost: x\r\n\r\n", [(400, b"bad_request")]),
     (b"GET http://x/rec/a HTTP/1.1\r\nHost: x\r\n\r\n", [(400, b"bad_request")]),
+    (b"GET /rec/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n", [(400, b"bad_request")]),  # (a servlet container's ..)
     (b"CONNECT x:80 HTTP/1.1\r\nHost: x\r\n\r\n", [(400, b"bad_request")]),
     (b"CONNECT /rec/a HTTP/1.1\r\nHost: x\r\n\r\n", [(400, b"bad_request")]),  # was forwarded: a 502
     (b"POST /rec/a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nhello", [(501, b"not_implemented")]),

@@ -55,6 +55,7 @@ def test_translate_target_as_parsed_per_request(service: str, rest: str, query: 
 
 
 @pytest.mark.parametrize("target", [b"http://x/yolo", b"*", b"/a/../b", b"/a/./b", b"/a/%2E%2E/b", b"/a%2fb", b"/a\\b",
+                                    b"/a/..;/b", b"/a/..;x=1/b", b"/a/.;/b", b"/a/..;",
                                     "/caf\u00e9".encode()])
 def test_check_target_refuses_escapes(target: bytes) -> None:
     for padded in (target, target + b"?" + b"q" * CHECKED_TARGET_BYTES):  # a kept verdict, and one worked out each time
