@@ -210,10 +210,10 @@ _LOWER = bytes.lower
 _FIELD_NAME, _FIELD_VALUE = operator.itemgetter("field_name"), operator.itemgetter("field_value")  # of h11's matches
 
 
-def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
+def request_events(conn: h11.Connection, data: bytes, max_body: int | None = None) -> list[Any] | None:
     """The events h11 would read from ``data`` on a server ``conn`` that has read nothing yet, if
-    ``data`` is exactly one whole plain HTTP/1.1 request of known length (a Request, its Data, an
-    EndOfMessage), ``conn`` moved as h11's reading them would move it; else None (h11 reads it)."""
+    ``data`` is exactly one whole plain HTTP/1.1 request of known length (a Request, its Data up to
+    ``max_body`` bytes, an EndOfMessage), ``conn`` moved as h11's reading them would; else None."""
     # What an ingress writes down a tunnel stream (h11's own writing, or request_bytes'), read by h11's
     # own grammar (its request line and field regexes) with its per-event machinery left out: ~1,000
     # bytecodes a request at the egress. Anything h11 would read otherwise, or refuse, h11 reads.
@@ -243,7 +243,7 @@ def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
         size = int(length)
     method = line["method"]
     if names.count(b"host") != 1 or method == b"CONNECT" or not _NOT_PLAIN.isdisjoint(names) \
-            or size != len(data) - end - 4:
+            or size != len(data) - end - 4 or (max_body is not None and size > max_body):
         return None
     # h11's reading of the Request, its Data and its EndOfMessage: client IDLE -> SEND_BODY -> DONE,
     # ours to SEND_RESPONSE (its writer for the response), nothing more to read.
@@ -403,7 +403,9 @@ class H11Stream:
     def take(self, data: bytes) -> None:
         """Received bytes into h11; a whole plain request read around it instead (``request_events``),
         its events then given by ``next_event`` and ``next_event_nowait``."""
-        events = request_events(self.conn, data) if data else None
+        # (A body at most DRAIN_LIMIT: one left unread by an error answer is what ``drain`` would read,
+        # and the connection goes on as it would; a larger one unread ends it, read by h11 as ever.)
+        events = request_events(self.conn, data, DRAIN_LIMIT) if data else None
         if events is None:
             self.conn.receive_data(data)
         else:

@@ -331,6 +331,12 @@ def test_a_request_read_whole_is_given_event_by_event_and_its_unread_rest_goes_w
     client.conn.send(h11.EndOfMessage())
     client.start_next_cycle()
     assert type(client.next_event_nowait()) is h11.ConnectionClosed
+    from cpnd.h1 import DRAIN_LIMIT
+
+    big = H11Stream(h11.SERVER, None)  # a body larger than drain() reads after an error: h11's, as ever
+    big.take(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (DRAIN_LIMIT + 1) + b"x" * (DRAIN_LIMIT + 1))
+    assert big._ready is None and type(big.next_event_nowait()) is h11.Request
+    assert big.conn.their_state is h11.SEND_BODY
 
 
 @given(st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"X-Len", b"Accept"]),
