@@ -309,6 +309,25 @@ def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: 
         conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
 
 
+@pytest.mark.parametrize("role", [h11.CLIENT, h11.SERVER])
+def test_a_new_connection_is_h11s_own_new_one(role) -> None:
+    """new_connection's is h11's new Connection, attribute for attribute, with state and buffer its own."""
+    from cpnd.h1 import MAX_HEADER_BYTES, new_connection
+
+    ours, theirs, other = new_connection(role), h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES), \
+        new_connection(role)
+    assert vars(ours).keys() == vars(theirs).keys()
+    for name, value in vars(theirs).items():
+        if name == "_cstate":
+            assert vars(ours._cstate) == vars(value) and ours._cstate is not other._cstate
+        elif name == "_receive_buffer":
+            assert vars(ours._receive_buffer) == vars(value) and ours._receive_buffer is not other._receive_buffer
+        else:
+            assert getattr(ours, name) == value, name
+    ours._cstate.states[h11.CLIENT] = h11.DONE  # (nothing shared: another new one is IDLE)
+    assert other.their_state is h11.IDLE and other.our_state is h11.IDLE
+
+
 def test_a_request_read_whole_is_given_event_by_event_and_its_unread_rest_goes_with_its_cycle() -> None:
     """H11Stream.take: a user's whole request read around h11 comes out of next_event(_nowait) as h11's
     would; its body left unread (answered without it) is gone with the cycle, not read as the next request's."""
