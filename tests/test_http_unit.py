@@ -230,11 +230,11 @@ def test_a_request_head_without_h11s_checks_is_h11s_own(headers, version: bytes,
     assert h11.Connection(h11.CLIENT).send(got) == h11.Connection(h11.CLIENT).send(expected)
 
 
-_H11_STATE = ("_request_method", "_writer", "_reader", "client_is_waiting_for_100_continue", "their_http_version")
+_H11_CONN_STATE = ("_request_method", "_writer", "_reader", "client_is_waiting_for_100_continue", "their_http_version")
 
 
-def _h11_state(conn: h11.Connection) -> tuple[object, ...]:
-    return (*(getattr(conn, a) for a in _H11_STATE), dict(conn._cstate.states), conn._cstate.keep_alive,
+def _h11_conn_state(conn: h11.Connection) -> tuple[object, ...]:
+    return (*(getattr(conn, a) for a in _H11_CONN_STATE), dict(conn._cstate.states), conn._cstate.keep_alive,
             set(conn._cstate.pending_switch_proposals))
 
 
@@ -256,17 +256,17 @@ def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: 
     events = lambda: [head, *(h11.Data(data=b) for b in body),  # noqa: E731
                       h11.EndOfMessage(headers=[(b"x-t", b"1")] if trailers else [])]
     ours, theirs = h11.Connection(h11.CLIENT), h11.Connection(h11.CLIENT)
-    before = _h11_state(ours)
+    before = _h11_conn_state(ours)
     got = request_bytes(ours, events())
     try:
         expected = b"".join(filter(None, map(theirs.send, events())))
     except h11.LocalProtocolError:
-        assert got is None and _h11_state(ours) == before  # h11 refuses it: so do we, having changed nothing
+        assert got is None and _h11_conn_state(ours) == before  # h11 refuses it: so do we, having changed nothing
         return
     if got is None:
-        assert _h11_state(ours) == before
+        assert _h11_conn_state(ours) == before
         return
-    assert got == expected and _h11_state(ours) == _h11_state(theirs)
+    assert got == expected and _h11_conn_state(ours) == _h11_conn_state(theirs)
     answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi"
     for conn in (ours, theirs):
         conn.receive_data(answer)
@@ -294,17 +294,17 @@ def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: 
 
     data = eol.join([line, *fields, b"", b""]) + body
     ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
-    before = _h11_state(ours)
+    before = _h11_conn_state(ours)
     got = request_events(ours, data)
     if got is None:
-        assert _h11_state(ours) == before and not ours.trailing_data[0]
+        assert _h11_conn_state(ours) == before and not ours.trailing_data[0]
         return
     theirs.receive_data(data)
     expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
     norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
     assert list(map(norm, got)) == list(map(norm, expected))  # (h11's Data holds a bytearray)
     assert theirs.next_event() is h11.PAUSED or theirs.next_event() is h11.NEED_DATA
-    assert not theirs.trailing_data[0] and _h11_state(ours) == _h11_state(theirs)
+    assert not theirs.trailing_data[0] and _h11_conn_state(ours) == _h11_conn_state(theirs)
     for conn in (ours, theirs):  # the answer goes out alike
         conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
 
