@@ -19,6 +19,8 @@ import h11
 import trio
 from h11._events import request_target_re
 from h11._readers import READERS, header_field_re, request_line_re
+from h11._receivebuffer import ReceiveBuffer
+from h11._state import ConnectionState
 from h11._writers import WRITERS
 from h11._headers import Headers, normalize_and_validate  # h11's own header list: see rewrite_headers
 
@@ -136,9 +138,24 @@ def replace_host(headers: Headers, host: bytes, *, drop: Collection[bytes] = (),
                     *map(_AS_ITEM, extra)])
 
 
-_target_ok = request_target_re.fullmatch
 _new = object.__new__
 _set = object.__setattr__
+
+# A new h11 connection a tunnel stream (~130 bytecodes in h11's __init__, each end of every hop): a
+# fresh one's attributes copied from one made once, with a state and a receive buffer of its own.
+_FRESH = {role: vars(h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES)) for role in (h11.CLIENT, h11.SERVER)}
+
+
+def new_connection(role: type[h11.CLIENT] | type[h11.SERVER]) -> h11.Connection:
+    """``h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES)``, as h11 makes it."""
+    conn = _new(h11.Connection)
+    conn.__dict__.update(_FRESH[role])
+    conn._cstate = ConnectionState()
+    conn._receive_buffer = ReceiveBuffer()
+    return conn
+
+
+_target_ok = request_target_re.fullmatch
 
 
 def request_head(method: bytes, target: bytes, headers: Headers) -> h11.Request:
@@ -172,7 +189,7 @@ def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
     of known length) on a client ``conn`` that sent nothing yet, its state moved as h11's send would
     move it; else None (h11 writes them)."""
     head, last = events[0], events[-1]
-    if type(head) is not h11.Request or type(last) is not h11.EndOfMessage or last.headers \
+    if type(head) is not h11.Request or type(last) is not h11.EndOfMessage or last.headers._full_items \
             or head.http_version != b"1.1" or head.method == b"CONNECT":
         return None
     cstate = conn._cstate
@@ -210,17 +227,17 @@ _LOWER = bytes.lower
 _FIELD_NAME, _FIELD_VALUE = operator.itemgetter("field_name"), operator.itemgetter("field_value")  # of h11's matches
 
 
-def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
+def request_events(conn: h11.Connection, data: bytes, max_body: int | None = None) -> list[Any] | None:
     """The events h11 would read from ``data`` on a server ``conn`` that has read nothing yet, if
-    ``data`` is exactly one whole plain HTTP/1.1 request of known length (a Request, its Data, an
-    EndOfMessage), ``conn`` moved as h11's reading them would move it; else None (h11 reads it)."""
+    ``data`` is exactly one whole plain HTTP/1.1 request of known length (a Request, its Data up to
+    ``max_body`` bytes, an EndOfMessage), ``conn`` moved as h11's reading them would; else None."""
     # What an ingress writes down a tunnel stream (h11's own writing, or request_bytes'), read by h11's
     # own grammar (its request line and field regexes) with its per-event machinery left out: ~1,000
     # bytecodes a request at the egress. Anything h11 would read otherwise, or refuse, h11 reads.
     cstate = conn._cstate
     states = cstate.states
     if conn.our_role is not _SERVER or states[_CLIENT] is not _IDLE or states[_SERVER] is not _IDLE \
-            or conn._receive_buffer or not cstate.keep_alive:
+            or conn._receive_buffer._data or not cstate.keep_alive:
         return None
     end = data.find(b"\r\n\r\n")
     if end < 0 or end + 4 > MAX_HEADER_BYTES:
@@ -243,7 +260,7 @@ def request_events(conn: h11.Connection, data: bytes) -> list[Any] | None:
         size = int(length)
     method = line["method"]
     if names.count(b"host") != 1 or method == b"CONNECT" or not _NOT_PLAIN.isdisjoint(names) \
-            or size != len(data) - end - 4:
+            or size != len(data) - end - 4 or (max_body is not None and size > max_body):
         return None
     # h11's reading of the Request, its Data and its EndOfMessage: client IDLE -> SEND_BODY -> DONE,
     # ours to SEND_RESPONSE (its writer for the response), nothing more to read.
@@ -325,7 +342,7 @@ class H11Stream:
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
         # ``conn``: a kept-alive connection's (a new h11.Connection is ~8 calls)
-        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES) if conn is None else conn
+        self.conn = new_connection(role) if conn is None else conn
         self.transport = transport
         self.tunnel = tunnel
 
@@ -403,7 +420,9 @@ class H11Stream:
     def take(self, data: bytes) -> None:
         """Received bytes into h11; a whole plain request read around it instead (``request_events``),
         its events then given by ``next_event`` and ``next_event_nowait``."""
-        events = request_events(self.conn, data) if data else None
+        # (A body at most DRAIN_LIMIT: one left unread by an error answer is what ``drain`` would read,
+        # and the connection goes on as it would; a larger one unread ends it, read by h11 as ever.)
+        events = request_events(self.conn, data, DRAIN_LIMIT) if data else None
         if events is None:
             self.conn.receive_data(data)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from .errors import HttpError
 
@@ -51,21 +51,23 @@ def split_head(target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> tuple[s
     """The routable path of a request head and its CPN-* fields (names lowercase), in one pass over
     the fields, or the HttpError the head deserves (431, 400)."""
     full = getattr(headers, "_full_items", None)
-    if full is not None:  # h11's own (raw, lowercase, value) items: walked in C, no call per field
+    if full is not None:  # h11's own (raw, lowercase, value) items: walked in C, no Python step per field
         size = len(target) + sum(map(len, map(_RAW, full))) + sum(map(len, map(_VALUE, full))) + 4 * len(full)
-        fields: Iterable[tuple[bytes, bytes]] = zip(map(_LOW, full), map(_VALUE, full))
+        names = list(map(_LOW, full))
+        framing = (b"content-length" in names) | (b"transfer-encoding" in names) << 1
+        cpn = [] if b"\ncpn-" not in b"\n" + b"\n".join(names) else \
+            [(low, value) for low, value in zip(names, map(_VALUE, full)) if low[:4] == b"cpn-"]
     else:
         size = len(target) + sum(len(n) + len(v) + 4 for n, v in headers)
-        fields = [(n.lower(), v) for n, v in headers]
-    framing = 0  # 1: Content-Length seen, 2: Transfer-Encoding seen
-    cpn = []
-    for low, value in fields:
-        if low[:4] == b"cpn-":
-            cpn.append((low, value))
-        elif low == b"content-length":
-            framing |= 1
-        elif low == b"transfer-encoding":
-            framing |= 2
+        framing = 0  # 1: Content-Length seen, 2: Transfer-Encoding seen
+        cpn = []
+        for low, value in [(n.lower(), v) for n, v in headers]:
+            if low[:4] == b"cpn-":
+                cpn.append((low, value))
+            elif low == b"content-length":
+                framing |= 1
+            elif low == b"transfer-encoding":
+                framing |= 2
     # h11 bounds only what it must buffer; a head that arrived whole is checked here.
     if size > MAX_HEADER_BYTES:
         raise HttpError(431, "headers_too_large", f"request head exceeds {MAX_HEADER_BYTES} bytes", close=True)

@@ -231,11 +231,11 @@ def test_a_request_head_without_h11s_checks_is_h11s_own(headers, version: bytes,
     assert h11.Connection(h11.CLIENT).send(got) == h11.Connection(h11.CLIENT).send(expected)
 
 
-_H11_STATE = ("_request_method", "_writer", "_reader", "client_is_waiting_for_100_continue", "their_http_version")
+_H11_CONN_STATE = ("_request_method", "_writer", "_reader", "client_is_waiting_for_100_continue", "their_http_version")
 
 
-def _h11_state(conn: h11.Connection) -> tuple[object, ...]:
-    return (*(getattr(conn, a) for a in _H11_STATE), dict(conn._cstate.states), conn._cstate.keep_alive,
+def _h11_conn_state(conn: h11.Connection) -> tuple[object, ...]:
+    return (*(getattr(conn, a) for a in _H11_CONN_STATE), dict(conn._cstate.states), conn._cstate.keep_alive,
             set(conn._cstate.pending_switch_proposals))
 
 
@@ -257,17 +257,17 @@ def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: 
     events = lambda: [head, *(h11.Data(data=b) for b in body),  # noqa: E731
                       h11.EndOfMessage(headers=[(b"x-t", b"1")] if trailers else [])]
     ours, theirs = h11.Connection(h11.CLIENT), h11.Connection(h11.CLIENT)
-    before = _h11_state(ours)
+    before = _h11_conn_state(ours)
     got = request_bytes(ours, events())
     try:
         expected = b"".join(filter(None, map(theirs.send, events())))
     except h11.LocalProtocolError:
-        assert got is None and _h11_state(ours) == before  # h11 refuses it: so do we, having changed nothing
+        assert got is None and _h11_conn_state(ours) == before  # h11 refuses it: so do we, having changed nothing
         return
     if got is None:
-        assert _h11_state(ours) == before
+        assert _h11_conn_state(ours) == before
         return
-    assert got == expected and _h11_state(ours) == _h11_state(theirs)
+    assert got == expected and _h11_conn_state(ours) == _h11_conn_state(theirs)
     answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi"
     for conn in (ours, theirs):
         conn.receive_data(answer)
@@ -295,19 +295,38 @@ def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: 
 
     data = eol.join([line, *fields, b"", b""]) + body
     ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
-    before = _h11_state(ours)
+    before = _h11_conn_state(ours)
     got = request_events(ours, data)
     if got is None:
-        assert _h11_state(ours) == before and not ours.trailing_data[0]
+        assert _h11_conn_state(ours) == before and not ours.trailing_data[0]
         return
     theirs.receive_data(data)
     expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
     norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
     assert list(map(norm, got)) == list(map(norm, expected))  # (h11's Data holds a bytearray)
     assert theirs.next_event() is h11.PAUSED or theirs.next_event() is h11.NEED_DATA
-    assert not theirs.trailing_data[0] and _h11_state(ours) == _h11_state(theirs)
+    assert not theirs.trailing_data[0] and _h11_conn_state(ours) == _h11_conn_state(theirs)
     for conn in (ours, theirs):  # the answer goes out alike
         conn.send(h11.Response(status_code=200, headers=[(b"content-length", b"0")]))
+
+
+@pytest.mark.parametrize("role", [h11.CLIENT, h11.SERVER])
+def test_a_new_connection_is_h11s_own_new_one(role) -> None:
+    """new_connection's is h11's new Connection, attribute for attribute, with state and buffer its own."""
+    from cpnd.h1 import MAX_HEADER_BYTES, new_connection
+
+    ours, theirs, other = new_connection(role), h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES), \
+        new_connection(role)
+    assert vars(ours).keys() == vars(theirs).keys()
+    for name, value in vars(theirs).items():
+        if name == "_cstate":
+            assert vars(ours._cstate) == vars(value) and ours._cstate is not other._cstate
+        elif name == "_receive_buffer":
+            assert vars(ours._receive_buffer) == vars(value) and ours._receive_buffer is not other._receive_buffer
+        else:
+            assert getattr(ours, name) == value, name
+    ours._cstate.states[h11.CLIENT] = h11.DONE  # (nothing shared: another new one is IDLE)
+    assert other.their_state is h11.IDLE and other.our_state is h11.IDLE
 
 
 def test_a_request_read_whole_is_given_event_by_event_and_its_unread_rest_goes_with_its_cycle() -> None:
@@ -332,6 +351,12 @@ def test_a_request_read_whole_is_given_event_by_event_and_its_unread_rest_goes_w
     client.conn.send(h11.EndOfMessage())
     client.start_next_cycle()
     assert type(client.next_event_nowait()) is h11.ConnectionClosed
+    from cpnd.h1 import DRAIN_LIMIT
+
+    big = H11Stream(h11.SERVER, None)  # a body larger than drain() reads after an error: h11's, as ever
+    big.take(b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (DRAIN_LIMIT + 1) + b"x" * (DRAIN_LIMIT + 1))
+    assert big._ready is None and type(big.next_event_nowait()) is h11.Request
+    assert big.conn.their_state is h11.SEND_BODY
 
 
 @given(st.lists(st.tuples(st.sampled_from([b"Content-Length", b"content-length", b"X-Len", b"Accept"]),
