@@ -597,17 +597,17 @@ def test_a_crafted_request_is_read_around_h11_only_as_h11_reads_it(data: bytes) 
     from cpnd.h1 import request_events
 
     ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
-    before = _h11_state(ours)
+    before = _h11_conn_state(ours)
     got = request_events(ours, data)
     if got is None:
-        assert _h11_state(ours) == before and not ours.trailing_data[0]
+        assert _h11_conn_state(ours) == before and not ours.trailing_data[0]
         return
     theirs.receive_data(data)
     expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
     norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
     assert list(map(norm, got)) == list(map(norm, expected))
     assert theirs.next_event() is h11.NEED_DATA and not theirs.trailing_data[0]
-    assert _h11_state(ours) == _h11_state(theirs)
+    assert _h11_conn_state(ours) == _h11_conn_state(theirs)
 
 
 def _served(take: bool, reads: list[bytes], early: list[bool]) -> list[object]:
