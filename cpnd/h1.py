@@ -19,6 +19,7 @@ import h11
 import trio
 from h11._abnf import field_content, reason_phrase, token
 from h11._headers import Headers, normalize_and_validate  # h11's own header list: see rewrite_headers
+from h11._readers import READERS
 
 from .errors import HttpError
 from .heads import MAX_HEADER_BYTES
@@ -129,19 +130,22 @@ def _rewrite_parsed(full: list[tuple[bytes, bytes, bytes]], drop_cpn: bool, host
 
 # A response h11 writes as it reads it, byte for byte: "HTTP/1.1", a 2xx-5xx status and a reason,
 # every field as "name: value" (no folding, no padding), the blank line (h11's own ABNF).
-_WHOLE_HEAD = re.compile(rf"HTTP/1\.1 ([2-5][0-9][0-9]) {reason_phrase}\r\n(?:{token}: (?:{field_content})?\r\n)+\r\n"
-                         .encode("ascii"))
+_WHOLE_HEAD = re.compile(rf"HTTP/1\.1 (?P<status>[2-5][0-9][0-9]) (?P<reason>{reason_phrase})\r\n"
+                         rf"(?:{token}: (?:{field_content})?\r\n)+\r\n".encode("ascii"))
+_FIELD = re.compile(rb"([^:\r\n]+): ([^\r\n]*)\r\n")  # of a head _WHOLE_HEAD took: (name, value)
 # What a relay drops or h11 frames its own way (hop-by-hop fields; Host, which h11 writes first).
 _NOT_AS_IS = re.compile(b"\r\n(?:" + b"|".join(sorted(HOP_BY_HOP | {b"host"})) + b"):")
+# What h11 reads its own way: a framing of its own, an end of the connection's keep-alive.
+_NOT_READ_SO = re.compile(rb"\r\n(?:transfer-encoding:|connection:[^\r]*close)")
 _LENGTH_FIELD = re.compile(rb"\r\ncontent-length: ([0-9]+)\r\n")
-_SERVER, _DONE, _SEND_RESPONSE = h11.SERVER, h11.DONE, h11.SEND_RESPONSE
+_CLIENT, _SERVER, _DONE, _SEND_RESPONSE = h11.CLIENT, h11.SERVER, h11.DONE, h11.SEND_RESPONSE
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
+_READ_ALL = READERS[(h11.SERVER, h11.DONE)]  # a client's reader once the response is in
 
 
-def whole_response(data: bytes) -> int | None:
-    """The status of ``data`` if it is exactly one whole response of known length, as h11 writes
-    it and a relay passes it on unchanged (what an egress writes down a tunnel stream: read by h11,
-    rewritten and written by h11 again, it comes out as it went in), else None. Checked by h11's
-    own grammar in C (its every field) rather than read event by event."""
+def _whole(data: bytes, refused: re.Pattern[bytes] = _NOT_AS_IS) -> re.Match[bytes] | None:
+    """The head of ``data`` if ``data`` is exactly one whole response of known length as h11 writes it
+    (``whole_response``), with no field ``refused`` finds in its lowercase head."""
     head = _WHOLE_HEAD.match(data, 0, MAX_HEADER_BYTES)
     if head is None:
         return None
@@ -149,10 +153,44 @@ def whole_response(data: bytes) -> int | None:
     low = data[:end].lower()
     length = _LENGTH_FIELD.search(low)
     if (length is None or low.count(b"\r\ncontent-length:") != 1 or int(length[1]) != len(data) - end
-            or _NOT_AS_IS.search(low) is not None):
+            or refused.search(low) is not None or head["status"] in (b"204", b"304")):
         return None
-    status = int(head[1])
-    return None if status == 204 or status == 304 else status
+    return head
+
+
+def whole_response(data: bytes) -> int | None:
+    """The status of ``data`` if it is exactly one whole response of known length, as h11 writes it
+    and a relay passes it on unchanged (what an egress writes down a tunnel stream: read by h11,
+    rewritten and written by h11 again, it comes out as it went in), else None. Checked by h11's
+    own grammar in C (its every field) rather than read event by event."""
+    head = _whole(data)
+    return None if head is None else int(head["status"])
+
+
+def read_whole(conn: h11.Connection, data: bytes) -> list[Any] | None:
+    """The events h11 would read from ``data``, the first piece of a client's answer, if it is a whole
+    response of known length (``_whole``), last first (Response at the end), with ``conn``'s state
+    moved as h11's reading them would; else None (h11 reads it). h11's read of a small answer
+    was ~2,500 bytecodes."""
+    cstate = conn._cstate
+    states = cstate.states
+    if (conn.our_role is not _CLIENT or states[_SERVER] is not _SEND_RESPONSE or states[_CLIENT] is not _DONE
+            or not cstate.keep_alive or cstate.pending_switch_proposals or conn._request_method == b"HEAD"
+            or conn._receive_buffer or conn._receive_buffer_closed):
+        return None
+    head = _whole(data, _NOT_READ_SO)  # (its hop-by-hop fields are the relay's to drop)
+    if head is None:
+        return None
+    pairs = _FIELD.findall(data, head.end("reason") + 2, head.end() - 2)
+    names = list(map(_FIRST, pairs))
+    response = h11.Response(status_code=int(head["status"]), reason=head["reason"], http_version=b"1.1", _parsed=True,
+                            headers=Headers(list(zip(names, map(bytes.lower, names), map(_SECOND, pairs)))))
+    states[_SERVER] = _DONE  # h11's Response, Data, EndOfMessage read: SEND_RESPONSE -> SEND_BODY -> DONE
+    conn._reader = _READ_ALL
+    conn.their_http_version = b"1.1"
+    conn.client_is_waiting_for_100_continue = False
+    body = data[head.end():]
+    return [h11.EndOfMessage(), h11.Data(data=body), response] if body else [h11.EndOfMessage(), response]
 
 
 def whole_writable(conn: h11.Connection) -> bool:
@@ -261,6 +299,7 @@ class H11Stream:
     trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
     _writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
     later: Any = NOW  # a user's connection: its pending work (cpnd/pending.py); else the accounting runs at once
+    _read: list[Any] | None = None  # what read_whole read and next_event has not given yet, last first
 
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
@@ -324,6 +363,8 @@ class H11Stream:
             self._writing = False
 
     async def next_event(self) -> Any:
+        if self._read:
+            return self._read.pop()
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
@@ -332,6 +373,11 @@ class H11Stream:
                 data = await self.transport.receive()
             else:
                 data = await receive_some(self.transport)
+                if self.conn.our_role is _CLIENT:  # an instance's answer: whole in one read, as most are?
+                    read = read_whole(self.conn, data)
+                    if read is not None:
+                        self._read = read
+                        return read.pop()
             self.conn.receive_data(data)
 
     def receive_nowait(self) -> bool:
@@ -352,6 +398,8 @@ class H11Stream:
     def next_event_nowait(self) -> Any:
         """The next event if what was received already holds it, else None. A tunnel stream's
         chunks already queued count as received (a request's head arrives with its OPEN)."""
+        if self._read:
+            return self._read.pop()
         event = self.conn.next_event()
         if event is h11.NEED_DATA and self.tunnel:
             receive_nowait = getattr(self.transport, "receive_nowait", None)
