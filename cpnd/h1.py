@@ -68,7 +68,8 @@ def framing(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
 FRAMING = (b"content-length", b"transfer-encoding")
 _DROP = HOP_BY_HOP - set(FRAMING)
 _KEEP_NAMED = {b"host", *FRAMING}  # a Connection header naming these does not drop them
-_RAW, _NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)  # of h11's (raw, lowercase, value) items
+# Of h11's (raw, lowercase, value) items
+_RAW, _NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 _IS_CPN = operator.methodcaller("startswith", b"cpn-")
 _AS_ITEM = operator.itemgetter(0, 0, 1)  # (name, value) -> h11's (raw, lowercase, value) of a lowercase name
 
@@ -172,12 +173,22 @@ def read_whole(conn: h11.Connection, data: bytes) -> list[Any] | None:
     response of known length (``_whole``), last first (Response at the end), with ``conn``'s state
     moved as h11's reading them would; else None (h11 reads it). h11's read of a small answer
     was ~2,500 bytecodes."""
+    return _read_whole(conn, data) if awaits_answer(conn) else None
+
+
+def awaits_answer(conn: h11.Connection) -> bool:
+    """Whether ``conn`` is a client's, kept alive, its request (not HEAD) sent whole and nothing of
+    the answer received: its ``next_event`` says NEED_DATA, and ``read_whole`` may take what comes."""
     cstate = conn._cstate
     states = cstate.states
-    if (conn.our_role is not _CLIENT or states[_SERVER] is not _SEND_RESPONSE or states[_CLIENT] is not _DONE
-            or not cstate.keep_alive or cstate.pending_switch_proposals or conn._request_method == b"HEAD"
-            or conn._receive_buffer or conn._receive_buffer_closed):
-        return None
+    return (conn.our_role is _CLIENT and states[_SERVER] is _SEND_RESPONSE and states[_CLIENT] is _DONE
+            and cstate.keep_alive and not cstate.pending_switch_proposals and conn._request_method != b"HEAD"
+            and not conn._receive_buffer and not conn._receive_buffer_closed)
+
+
+def _read_whole(conn: h11.Connection, data: bytes) -> list[Any] | None:
+    """``read_whole`` on a connection that ``awaits_answer``."""
+    states = conn._cstate.states
     head = _whole(data, _NOT_READ_SO)  # (its hop-by-hop fields are the relay's to drop)
     if head is None:
         return None
@@ -365,20 +376,26 @@ class H11Stream:
     async def next_event(self) -> Any:
         if self._read:
             return self._read.pop()
+        conn = self.conn
+        # An instance's answer awaited, nothing of it in yet: h11 would say NEED_DATA (~120 bytecodes),
+        # and the first read may hold it whole (read_whole), as most do.
+        awaited = conn.our_role is _CLIENT and not self.tunnel and awaits_answer(conn)
         while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
+            if not awaited:
+                event = conn.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
             if self.tunnel:
                 data = await self.transport.receive()
             else:
                 data = await receive_some(self.transport)
-                if self.conn.our_role is _CLIENT:  # an instance's answer: whole in one read, as most are?
-                    read = read_whole(self.conn, data)
+                if awaited:
+                    awaited = False
+                    read = _read_whole(conn, data)
                     if read is not None:
                         self._read = read
                         return read.pop()
-            self.conn.receive_data(data)
+            conn.receive_data(data)
 
     def receive_nowait(self) -> bool:
         """Whatever a plain socket holds already, into h11, without waiting and without trio's
