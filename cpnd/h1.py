@@ -310,7 +310,7 @@ class H11Stream:
     trailers = False  # the request being served said TE: trailers: the upstream's trailers reach the user
     _writing = False  # a write is waiting for the socket: the next one queues behind it, in trio
     later: Any = NOW  # a user's connection: its pending work (cpnd/pending.py); else the accounting runs at once
-    _read: list[Any] | None = None  # what read_whole read and next_event has not given yet, last first
+    _ready: list[Any] | None = None  # events read whole around h11 (an answer: read_whole), the next last
 
     def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER], transport: Any, *, tunnel: bool = False,
                  conn: h11.Connection | None = None) -> None:
@@ -374,8 +374,8 @@ class H11Stream:
             self._writing = False
 
     async def next_event(self) -> Any:
-        if self._read:
-            return self._read.pop()
+        if self._ready:
+            return self._ready.pop()
         conn = self.conn
         # An instance's answer awaited, nothing of it in yet: h11 would say NEED_DATA (~120 bytecodes),
         # and the first read may hold it whole (read_whole), as most do.
@@ -393,7 +393,7 @@ class H11Stream:
                     awaited = False
                     read = _read_whole(conn, data)
                     if read is not None:
-                        self._read = read
+                        self._ready = read
                         return read.pop()
             conn.receive_data(data)
 
@@ -415,8 +415,8 @@ class H11Stream:
     def next_event_nowait(self) -> Any:
         """The next event if what was received already holds it, else None. A tunnel stream's
         chunks already queued count as received (a request's head arrives with its OPEN)."""
-        if self._read:
-            return self._read.pop()
+        if self._ready:
+            return self._ready.pop()
         event = self.conn.next_event()
         if event is h11.NEED_DATA and self.tunnel:
             receive_nowait = getattr(self.transport, "receive_nowait", None)
