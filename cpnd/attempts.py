@@ -22,7 +22,7 @@ from .body import BodySource
 from .clients import source_key
 from .errors import HttpError
 from .egress import Egress
-from .h1 import H11Stream, Headers, content_length, rewrite_headers
+from .h1 import H11Stream, Headers, content_length, request_head, rewrite_headers
 from .hangups import UserGone
 from .inprocess import LocalEvents, PipeEnd, pipe
 from .plane import Plane
@@ -115,7 +115,7 @@ class Attempts:
         ext = ExtHeader(cand.label, cand.origin, cand.instance, self.ids.randbytes(16), plan.cons.qos, 16, budget,
                         EXT_FLAG_IDEMPOTENT if plan.idempotent else 0, slack)
         # Built before a stream exists (nothing to leak if it fails); the headers are h11's own, checked.
-        head = h11.Request(method=req.method, target=req.target, headers=headers, _parsed=True)
+        head = request_head(req.method, req.target, headers)
         whole = body.take_buffered() and body.replayable
         up_raw = self._open_upstream(cand, ext, soon=whole)  # the whole request follows it at once
         up: H11Stream | LocalEvents = LocalEvents(up_raw) if isinstance(up_raw, PipeEnd) else H11Stream(h11.CLIENT, up_raw, tunnel=True)
@@ -129,7 +129,8 @@ class Attempts:
                 # one write, and no task streams it.
                 body.consumed = True
                 data = body.whole()
-                await up.send_all([head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()], end=True)
+                events = [head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()]
+                await (up.send_request(events, end=True) if type(up) is H11Stream else up.send_all(events, end=True))
                 attempt.sent_at = trio.current_time()
                 attempt.whole = True
                 client.later.run()  # the next hop has it: the user's last answer's accounting, meanwhile

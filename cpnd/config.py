@@ -483,19 +483,37 @@ def _gateway(r: _Reader, g: dict[str, Any]) -> GatewayConfig:
     """The [gateway] table's keys, each checked on its own."""
     gw = ("gateway",)
     gid = r.checked(g, (*gw, "id"), id_problem)
-    hold = r.number(g, (*gw, "hold_time_ms"), MIN_HOLD_MS, MAX_HOLD_MS, 3000, integer=True)
-    return GatewayConfig(
-        id=gid,
-        listen=r.address(g, (*gw, "listen"), literal=True),  # type: ignore[arg-type]
+    return GatewayConfig(id=gid, control_socket=_control_socket(r, g, gid), **_gateway_site(r, g), **_gateway_peering(r, g),
+                         **_gateway_requests(r, g))
+
+
+def _gateway_site(r: _Reader, g: dict[str, Any]) -> dict[str, Any]:
+    """[gateway]: where it listens, its keys and certificates, logging, workers."""
+    gw = ("gateway",)
+    return dict(
+        listen=r.address(g, (*gw, "listen"), literal=True),
         key_file=r.file(g, (*gw, "key_file")),
-        control_socket=_control_socket(r, g, gid),
         http_listen=r.address(g, (*gw, "http_listen"), None, literal=True),
         https_listen=r.address(g, (*gw, "https_listen"), None, literal=True),
         tls_cert_file=r.file(g, (*gw, "tls_cert_file"), None),
         tls_key_file=r.file(g, (*gw, "tls_key_file"), None),
         metrics_listen=r.address(g, (*gw, "metrics_listen"), None, literal=True),
-        selection=r.checked(g, (*gw, "selection"), lambda v: None if v in SELECTION_MODES else f"must be one of {', '.join(SELECTION_MODES)}", "per-request"),
-        dns_ttl_s=r.number(g, (*gw, "dns_ttl_s"), 0.001, 86400, 30.0),
+        registration_listen=r.address(g, (*gw, "registration_listen"), None, literal=True),
+        log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
+        log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
+        workers=_workers(r, g, (*gw, "workers")),
+        trust_anchors=_anchors(r, g, (*gw, "trust_anchors")),
+        cert_file=r.file(g, (*gw, "cert_file")) if "cert_file" in g else None,
+        accept_unverified_origins=r.get(g, (*gw, "accept_unverified_origins"), bool, True),
+        seal_streams=r.get(g, (*gw, "seal_streams"), bool, True),
+    )
+
+
+def _gateway_peering(r: _Reader, g: dict[str, Any]) -> dict[str, Any]:
+    """[gateway]: sessions with peers, tunnels, flooding and their bounds."""
+    gw = ("gateway",)
+    hold = r.number(g, (*gw, "hold_time_ms"), MIN_HOLD_MS, MAX_HOLD_MS, 3000, integer=True)
+    return dict(
         hold_time_ms=hold,
         keepalive_ms=r.number(g, (*gw, "keepalive_ms"), 50, hold / 3, None, integer=True),
         handshake_timeout_ms=r.number(g, (*gw, "handshake_timeout_ms"), 100, 600_000, 5000, integer=True),
@@ -509,6 +527,24 @@ def _gateway(r: _Reader, g: dict[str, Any]) -> GatewayConfig:
         max_streams_per_peer=r.number(g, (*gw, "max_streams_per_peer"), 1, MAX_TUNNEL_STREAMS, 1024, integer=True),
         tunnel_window_bytes=r.number(g, (*gw, "tunnel_window_bytes"), MIN_TUNNEL_WINDOW, 1 << 30, 1024 * 1024, integer=True),
         peer_buffer_bytes=r.number(g, (*gw, "peer_buffer_bytes"), 1 << 20, 1 << 31, 64 * 1024 * 1024, integer=True),
+        preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
+        max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),
+        max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),
+        max_data_channels_per_peer=r.number(g, (*gw, "max_data_channels_per_peer"), 0, 64, 8, integer=True),
+        load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
+        graceful_restart_ms=r.number(g, (*gw, "graceful_restart_ms"), 0, MAX_RESTART_MS, 0, integer=True),
+        auth_failures_per_s=float(r.number(g, (*gw, "auth_failures_per_s"), 0.001, 1e6, 1.0)),
+        auth_failures_burst=r.number(g, (*gw, "auth_failures_burst"), 1, 1_000_000, 20, integer=True),
+        max_auth_failure_sources=r.number(g, (*gw, "max_auth_failure_sources"), 16, 10_000_000, 4096, integer=True),
+    )
+
+
+def _gateway_requests(r: _Reader, g: dict[str, Any]) -> dict[str, Any]:
+    """[gateway]: users' HTTP requests, their limits, selection, admission and health."""
+    gw = ("gateway",)
+    return dict(
+        selection=r.checked(g, (*gw, "selection"), lambda v: None if v in SELECTION_MODES else f"must be one of {', '.join(SELECTION_MODES)}", "per-request"),
+        dns_ttl_s=r.number(g, (*gw, "dns_ttl_s"), 0.001, 86400, 30.0),
         max_body_bytes=r.number(g, (*gw, "max_body_bytes"), 0, 1 << 40, 100 * 1024 * 1024, integer=True),
         http_header_timeout_ms=r.number(g, (*gw, "http_header_timeout_ms"), 100, 3_600_000, 10_000, integer=True),
         http_idle_timeout_ms=r.number(g, (*gw, "http_idle_timeout_ms"), 100, 86_400_000, 60_000, integer=True),
@@ -519,31 +555,14 @@ def _gateway(r: _Reader, g: dict[str, Any]) -> GatewayConfig:
         max_abandoned_per_ip_per_s=float(r.number(g, (*gw, "max_abandoned_per_ip_per_s"), 0, 10_000_000, 50.0)),
         max_abandoned_per_ip_burst=r.number(g, (*gw, "max_abandoned_per_ip_burst"), 1, 100_000_000, 500, integer=True),
         http2_max_streams=r.number(g, (*gw, "http2_max_streams"), 1, 1_000_000, 100, integer=True),
-        preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
-        max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),
-        max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),
-        max_data_channels_per_peer=r.number(g, (*gw, "max_data_channels_per_peer"), 0, 64, 8, integer=True),
-        load_adv_interval_ms=r.number(g, (*gw, "load_adv_interval_ms"), 10, 600_000, 200, integer=True),
         admission_guard_ms=r.number(g, (*gw, "admission_guard_ms"), 0, 10_000, 100, integer=True),
         drain_timeout_ms=r.number(g, (*gw, "drain_timeout_ms"), 0, 3_600_000, 5000, integer=True),
-        graceful_restart_ms=r.number(g, (*gw, "graceful_restart_ms"), 0, MAX_RESTART_MS, 0, integer=True),
         health_interval_ms=_health_interval(r, g, (*gw, "health_interval_ms")),
         health_failures=r.number(g, (*gw, "health_failures"), 1, 1000, 3, integer=True),
         health_successes=r.number(g, (*gw, "health_successes"), 1, 1000, 2, integer=True),
         load_change_threshold=float(r.number(g, (*gw, "load_change_threshold"), 0.0, 1.0, 0.05)),
         latency_quantile=float(r.number(g, (*gw, "latency_quantile"), 0.5, 1.0, 0.9)),
-        log_level=r.checked(g, (*gw, "log_level"), lambda v: None if v in LOG_LEVELS else f"must be one of {', '.join(LOG_LEVELS)}", "info"),
-        log_format=r.checked(g, (*gw, "log_format"), lambda v: None if v in ("text", "json") else "must be text or json", "text"),
-        registration_listen=r.address(g, (*gw, "registration_listen"), None, literal=True),
         max_registered_instances=r.number(g, (*gw, "max_registered_instances"), 0, 100_000, 256, integer=True),
-        auth_failures_per_s=float(r.number(g, (*gw, "auth_failures_per_s"), 0.001, 1e6, 1.0)),
-        auth_failures_burst=r.number(g, (*gw, "auth_failures_burst"), 1, 1_000_000, 20, integer=True),
-        max_auth_failure_sources=r.number(g, (*gw, "max_auth_failure_sources"), 16, 10_000_000, 4096, integer=True),
-        trust_anchors=_anchors(r, g, (*gw, "trust_anchors")),
-        cert_file=r.file(g, (*gw, "cert_file")) if "cert_file" in g else None,
-        accept_unverified_origins=r.get(g, (*gw, "accept_unverified_origins"), bool, True),
-        seal_streams=r.get(g, (*gw, "seal_streams"), bool, True),
-        workers=_workers(r, g, (*gw, "workers")),
     )
 
 

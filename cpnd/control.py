@@ -212,8 +212,8 @@ def handle_request(daemon: Daemon, raw: bytes) -> dict[str, Any]:
         return {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"}
 
 
-async def serve_control(daemon: Daemon, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Listen on the unix socket ``path`` until cancelled, then remove it."""
+async def _bound(path: Path) -> trio.SocketListener:
+    """The control socket bound at ``path`` (a stale one removed; a live one is another daemon's: refused)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
@@ -226,7 +226,12 @@ async def serve_control(daemon: Daemon, path: Path, *, task_status: trio.TaskSta
     except OSError as exc:
         raise ListenError("control_socket", str(path), exc.strerror or str(exc)) from None
     sock.listen(16)
-    listener = trio.SocketListener(sock)
+    return trio.SocketListener(sock)
+
+
+async def serve_control(daemon: Daemon, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Listen on the unix socket ``path`` until cancelled, then remove it."""
+    listener = await _bound(path)
     slots = SlotTable(MAX_CLIENTS, MAX_CLIENTS)
 
     async def client(stream: trio.SocketStream, slot: Slot) -> None:

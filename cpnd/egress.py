@@ -25,8 +25,10 @@ from .aio import cancel_precisely_at, open_nursery
 from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
 from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
-    readable, replace_host, rewrite_headers, translate_target
+    readable, replace_host, request_head, rewrite_headers, translate_target
+from .errors import HttpError
 from .fairshare import FULL, Shares
+from .heads import check_target
 from .h2up import H2Pool
 from .health import HealthTracker
 from .load import Hold, InstanceMeter, Stage
@@ -212,27 +214,21 @@ class Egress:
         or NO_SUCH_INSTANCE) for what cannot be served."""
         timeout_s = self.p.limits.header_timeout_s
         try:
-            event = rx.next_event_nowait()
-            waited = event is None
-            if waited:
-                event = await next_event_within(rx, timeout_s)
-            if not isinstance(event, h11.Request):
-                raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
-            path = event.target.split(b"?", 1)[0].decode("ascii", "replace")
-            # (match_service({service.path}, path) == service.path, without its loop and set)
-            if path != service.path and not path.startswith(service.path + "/"):
-                raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
-            rest: list[Any] = []
-            while True:
-                ev = rx.next_event_nowait()
-                if ev is None:
-                    break
-                # (type, not isinstance: on h11's ABCs a failed isinstance is a call)
-                if type(ev) is not h11.EndOfMessage and type(ev) is not h11.Data:
-                    raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
-                rest.append(ev)
-                if type(ev) is h11.EndOfMessage:
-                    break
+            # (A tunnel stream's request is usually whole in its first chunk: read around h11's machinery.)
+            events = rx.whole_request_nowait() if type(rx) is H11Stream else None
+            if events is not None:
+                event, rest, waited = events[0], events[1:], False
+                _check_under(event.target, service)
+            else:
+                event = rx.next_event_nowait()
+                waited = event is None
+                if waited:
+                    event = await next_event_within(rx, timeout_s)
+                if not isinstance(event, h11.Request):
+                    raise StreamReset(ResetCode.BAD_REQUEST, False, "expected an HTTP request")
+                _check_under(event.target, service)
+                _check_framing(event)  # (what request_events reads whole has neither)
+                rest = _body_so_far(rx)
         except h11.RemoteProtocolError as exc:
             raise StreamReset(ResetCode.BAD_REQUEST, False, str(exc)) from None
         except trio.TooSlowError:
@@ -261,8 +257,7 @@ class Egress:
         if not for_instance:
             headers = replace_host(headers, netloc, drop=forwarded.REPLACED,
                                    extra=origin.instance_headers if origin is not None else ())
-        first = [h11.Request(method=method, target=translate_target(target, service.path, inst.url),
-                             headers=headers, _parsed=True), *rest]
+        first = [request_head(method, translate_target(target, service.path, inst.url), headers), *rest]
         rest.clear()  # the body's pieces live on in ``first`` only, until they are written
         served: float | None = None
         try:
@@ -340,15 +335,7 @@ class Egress:
                         sink.later.run()  # the instance has it: the user's last answer's accounting, meanwhile
                     else:
                         nursery.start_soon(up.run)
-                    if bound is None:  # a stream's sink: the ingress keeps the user's bound (no timer here)
-                        ev = await ic.next_event()
-                        while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
-                            ev = await ic.next_event()
-                    else:  # a user's own sink with a bound (the ingress calling its own instance): cut on time
-                        with cancel_precisely_at(scope, bound):
-                            ev = await ic.next_event()
-                            while type(ev) is h11.InformationalResponse:
-                                ev = await ic.next_event()
+                    ev = await _response_head(ic, scope, bound)
                     if scope.cancel_called:  # the deadline passed in the step that brought the head: it
                         await trio.lowlevel.checkpoint()  # stands (a relay in a cancelled scope fails midway)
                     if not isinstance(ev, h11.Response):
@@ -428,7 +415,7 @@ class _Upload:
         self.done_at = 0.0 if self.complete else clock()
 
     async def run(self) -> None:
-        await self.ic.send_all(self.first)
+        await self.ic.send_request(self.first)  # (h11's own send unless the request is whole and plain)
         self.delivered = True
         now = self.clock()
         if self.meter is not None:
@@ -447,6 +434,68 @@ class _Upload:
             await self.ic.send(ev)
             self.complete = isinstance(ev, h11.EndOfMessage)
         self.done_at = self.clock()
+
+
+def _check_under(target: bytes, service: ServiceConfig) -> None:
+    """StreamReset(BAD_REQUEST) for a tunnelled target the ingress would have refused from its user (one
+    that could escape the instance's path: dot segments, encoded '/', '.' or '\\', not origin-form), and
+    StreamReset(NO_SUCH_INSTANCE) for one outside ``service``'s path."""
+    # A peer's stream comes from no ingress of ours: its target is checked as a user's would be (else
+    # /svc/../admin reached the instance as /v1/../admin, outside its URL's path). (check_target keeps
+    # its verdicts on short targets: one C call a request, as the split it replaces.)
+    try:
+        path = check_target(target)
+    except HttpError as exc:
+        raise StreamReset(ResetCode.BAD_REQUEST, False, exc.detail) from None
+    # (match_service({service.path}, path) == service.path, without its loop and set)
+    if path != service.path and not path.startswith(service.path + "/"):
+        raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{path} is not under {service.path}")
+
+
+def _check_framing(event: h11.Request) -> None:
+    """StreamReset(BAD_REQUEST) for a tunnelled request the ingress would have refused from its user: a
+    CONNECT, or both Content-Length and Transfer-Encoding."""
+    # h11 reads such a request as chunked, and the instance's copy keeps the length (rewrite_headers): a
+    # body of another length made our own h11 refuse to write it, reported as the instance's failure
+    # (instance-failed) with its kept-alive connection closed. A CONNECT's 2xx would switch the instance's
+    # connection away from HTTP.
+    if event.method == b"CONNECT":
+        raise StreamReset(ResetCode.BAD_REQUEST, False, "CONNECT is not relayed")
+    names = [item[1] for item in event.headers._full_items]  # (h11's own: lowercase)
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise StreamReset(ResetCode.BAD_REQUEST, False,
+                          "both Content-Length and Transfer-Encoding: ambiguous framing refused")
+
+
+def _body_so_far(rx: H11Stream | LocalEvents) -> list[Any]:
+    """What of a tunnelled request's body has come with its head (all of it, usually), as events;
+    StreamReset(BAD_REQUEST) for anything else."""
+    rest: list[Any] = []
+    while True:
+        ev = rx.next_event_nowait()
+        if ev is None:
+            return rest
+        # (type, not isinstance: on h11's ABCs a failed isinstance is a call)
+        if type(ev) is not h11.EndOfMessage and type(ev) is not h11.Data:
+            raise StreamReset(ResetCode.BAD_REQUEST, False, "tunnelled request ended early")
+        rest.append(ev)
+        if type(ev) is h11.EndOfMessage:
+            return rest
+
+
+async def _response_head(ic: H11Stream, scope: trio.CancelScope, bound: float | None) -> Any:
+    """The instance's first event past any 1xx: its response head, or what ended the connection;
+    ``scope`` cut precisely at ``bound`` (None: no timer here)."""
+    if bound is None:  # a stream's sink: the ingress keeps the user's bound
+        ev = await ic.next_event()
+        while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
+            ev = await ic.next_event()
+        return ev
+    with cancel_precisely_at(scope, bound):  # a user's own sink with a bound (the ingress calling its own instance)
+        ev = await ic.next_event()
+        while type(ev) is h11.InformationalResponse:
+            ev = await ic.next_event()
+    return ev
 
 
 def _answered(meter: InstanceMeter, shares: Shares | None, end: float, served: float | None, load_at_arrival: float,

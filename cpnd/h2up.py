@@ -169,21 +169,27 @@ class H2Pool:
             return await self._exchange(first, rx, sink, inst, host, port, netloc, deadline, hold)
         return None  # abandoned: a quiet end
 
-    async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink, inst: InstanceConfig,
-                        host: str, port: int, netloc: bytes, deadline: float | None, hold: Hold | None) -> float | None:
-        eg = self.egress
+    async def _connected(self, sink: Sink, inst: InstanceConfig, host: str, port: int, tls: InstanceTls | None,
+                         deadline: float | None) -> H2Client | None:
+        """The instance's connection (kept or new), or None with the sink told why (unreachable, too late)."""
         # A user's own request with a bound (no tunnel, no far end to cut it): the connect is cut at it too.
-        with trio.move_on_at(deadline if deadline is not None and sink.hold_until is not None else math.inf) as connecting:
+        with trio.move_on_at(deadline if deadline is not None and sink.hold_until is not None else math.inf):
             try:
-                tls = tlsstream.instance_tls(inst)
-                client = await self.client(host, port, tls)
+                return await self.client(host, port, tls)
             except (OSError, trio.TooSlowError) as exc:
-                eg.health_result(inst.id, False)
+                self.egress.health_result(inst.id, False)
                 why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or "connect timed out"
                 sink.reset(ResetCode.INSTANCE_UNREACHABLE, False, f"{inst.id} at {host}:{port}: {why}")
                 return None
-        if connecting.cancelled_caught:
-            sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
+        sink.reset(ResetCode.DEADLINE, False, f"{inst.id} at {host}:{port}: no connection within the deadline")
+        return None
+
+    async def _exchange(self, first: list[Any], rx: H11Stream | LocalEvents | None, sink: Sink, inst: InstanceConfig,
+                        host: str, port: int, netloc: bytes, deadline: float | None, hold: Hold | None) -> float | None:
+        eg = self.egress
+        tls = tlsstream.instance_tls(inst)
+        client = await self._connected(sink, inst, host, port, tls, deadline)
+        if client is None:
             return None
         req, body = first[0], first[1:]
         first.clear()

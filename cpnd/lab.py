@@ -444,16 +444,9 @@ class Lab:
 
 def run_lab(args: argparse.Namespace) -> int:
     """The body of ``cpnd lab SCENARIO``: start, wait for convergence, serve until interrupted."""
-    if args.scenario == "paper":
-        topo = paper_topology()
-    else:
-        try:
-            topo = load_topology(Path(args.scenario))
-        except ValueError as exc:
-            print(f"cpnd lab: {exc}", file=sys.stderr)
-            return 2
-    if getattr(args, "workers", None):
-        topo = attrs.evolve(topo, gateway_options={**topo.gateway_options, "workers": args.workers})
+    topo = _lab_topology(args)
+    if topo is None:
+        return 2
     tmp = None
     if args.dir:
         workdir = Path(args.dir).resolve()
@@ -476,25 +469,7 @@ def run_lab(args: argparse.Namespace) -> int:
         lab.start_all()
         for gw, spec in specs.items():
             print(f"{gw} http={spec.http} control={spec.control}", flush=True)
-        try:
-            lab.wait_for(lambda: stop["flag"] or lab.converged(topo), args.timeout, "every RIB to converge")
-            if getattr(args, "workers", None):  # and every worker serving (a worker's start takes a second or so)
-                lab.wait_for(lambda: stop["flag"] or all(w["report_age_ms"] is not None for gw in specs
-                                                         for w in lab.query(gw, "status")["workers"]),
-                             args.timeout, "every worker to report")
-        except (TimeoutError, RuntimeError) as exc:
-            print(f"cpnd lab: {exc}; logs in {workdir}", file=sys.stderr)
-            return 1
-        if stop["flag"]:
-            return 130
-        print("ready", flush=True)
-        while not stop["flag"]:
-            if lab.dead():
-                gw = lab.dead()[0]
-                print(f"cpnd lab: {gw} exited:\n{lab.log(gw)[-2000:]}", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
-        return 0
+        return _serve_lab(args, lab, topo, workdir, stop)
     finally:
         if lab is not None:
             lab.stop_all()
@@ -504,3 +479,41 @@ def run_lab(args: argparse.Namespace) -> int:
         if tmp is not None:
             tmp.cleanup()
         sys.stdout.flush()
+
+
+def _lab_topology(args: argparse.Namespace) -> Topology | None:
+    """The scenario's topology (the paper's, or a file's), with ``--workers``; None: said why on stderr."""
+    if args.scenario == "paper":
+        topo = paper_topology()
+    else:
+        try:
+            topo = load_topology(Path(args.scenario))
+        except ValueError as exc:
+            print(f"cpnd lab: {exc}", file=sys.stderr)
+            return None
+    if getattr(args, "workers", None):
+        topo = attrs.evolve(topo, gateway_options={**topo.gateway_options, "workers": args.workers})
+    return topo
+
+
+def _serve_lab(args: argparse.Namespace, lab: Lab, topo: Topology, workdir: Path, stop: dict[str, bool]) -> int:
+    """Wait for the lab to converge, say ``ready``, then watch its gateways until ``stop``; the exit status."""
+    try:
+        lab.wait_for(lambda: stop["flag"] or lab.converged(topo), args.timeout, "every RIB to converge")
+        if getattr(args, "workers", None):  # and every worker serving (a worker's start takes a second or so)
+            lab.wait_for(lambda: stop["flag"] or all(w["report_age_ms"] is not None for gw in lab.specs
+                                                     for w in lab.query(gw, "status")["workers"]),
+                         args.timeout, "every worker to report")
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"cpnd lab: {exc}; logs in {workdir}", file=sys.stderr)
+        return 1
+    if stop["flag"]:
+        return 130
+    print("ready", flush=True)
+    while not stop["flag"]:
+        if lab.dead():
+            gw = lab.dead()[0]
+            print(f"cpnd lab: {gw} exited:\n{lab.log(gw)[-2000:]}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    return 0

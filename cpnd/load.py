@@ -584,7 +584,10 @@ class SendAccount:
 
     def sent(self, key: object, now: float) -> None:
         self._make_room(self.sends, key)
-        self.sends.setdefault(key, RateWindow(keep_s=3 * WINDOW_S)).add(now)
+        sends = self.sends.get(key)
+        if sends is None:  # (not setdefault's argument: a window made and dropped a request)
+            sends = self.sends[key] = RateWindow(keep_s=3 * WINDOW_S)
+        sends.add(now)
         self.inflight[key] += 1
 
     def own_rates(self, now: float, limit: int) -> dict[object, int]:

@@ -201,6 +201,8 @@ class Planner:
              t0: float, now: float) -> Plan:
         """The plan for a request whose head came at ``t0``, or the HttpError it gets instead."""
         path, cpn = split_head(target, headers)
+        if method == b"CONNECT":  # (its 2xx would switch the connections on the way away from HTTP)
+            raise HttpError(400, "bad_request", "CONNECT is not relayed")
         try:
             cons = parse_constraints(cpn) if cpn else NO_CONSTRAINTS
         except BadHeader as exc:

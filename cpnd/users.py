@@ -35,6 +35,7 @@ from .streams import StreamReset
 from .tls import ServerTls
 
 log = logging.getLogger("cpnd.http")
+_H11_ERRORS = {431: "headers_too_large", 501: "not_implemented"}  # h11 error_status_hint -> README error code
 
 # Request heads a connection may take as they are already in (no wait, hence no checkpoint) before
 # one wait, or pipelined ones before a checkpoint: a user sending requests back to back still lets
@@ -152,7 +153,9 @@ class Users:
                 return
             await self._requests(client, slot, pinned)
         except h11.RemoteProtocolError as exc:
-            error = HttpError(exc.error_status_hint, "bad_request" if exc.error_status_hint < 431 else "headers_too_large",
+            # h11's hint: 400, 431 (a head too long), or 501 (a transfer coding other than chunked, or
+            # several: RFC 9112 section 6.1), which was answered as headers_too_large.
+            error = HttpError(exc.error_status_hint, _H11_ERRORS.get(exc.error_status_hint, "bad_request"),
                               f"malformed HTTP/1.1 request: {h11_reason(exc)}", close=True)
             self._log_error(None, error)
             await self._send_error_quietly(client, error)
@@ -213,7 +216,7 @@ class Users:
             return False  # idle, or taken back for a newcomer
         kind = sniff_preface(data) if data else None
         if not kind:
-            client.conn.receive_data(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
+            client.take(data)  # HTTP/1.x, too little to tell, or b"": closed, h11's EOF
             return True
         if kind == "h2":  # HTTP/2 with prior knowledge: its own connection handler (h2edge.py)
             await H2Server(self, transport, _peer(transport), slot).serve(data)
@@ -254,7 +257,7 @@ class Users:
                     # a body left unread or MUST_CLOSE end the connection).
                     if client.conn.our_state is not h11.DONE or client.conn.their_state is not h11.DONE or self.draining:
                         return
-                    client.conn.start_next_cycle()
+                    client.start_next_cycle()
                     wait.cycle_ended = True  # pipelined bytes of the next head: its clock starts now (_next_request)
             if wait.scope.cancelled_caught:
                 if wait.started and slot.held:
@@ -263,15 +266,8 @@ class Users:
                 return  # idle for idle_timeout_s, or taken back for a newcomer: closed quietly
 
     async def _next_request(self, client: H11Stream, slot: Slot, wait: _HeadWait) -> Any:
-        """The next request head; anything else (None included) ends the connection quietly.
-
-        Between requests (no byte of the next head yet) the connection is idle: closed after
-        ``idle_timeout_s``. From the first byte of a head, the whole head must come within
-        ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
-        apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer:
-        a slow head holds no more than an idle connection. Both end ``wait``'s scope (``_requests``
-        answers); its deadline is back to none once the head is here.
-        """
+        """The next request head under ``wait``'s timeouts (``_HeadWait``); anything else (None included)
+        ends the connection quietly. Its deadline is back to none once the head is here."""
         event = client.next_event_nowait()
         if event is not None:
             # Pipelined: the head was read with the last ones. An answer that needs no wait (an error,
@@ -287,20 +283,9 @@ class Users:
             return None  # taken back before this task first ran
         scope = wait.scope
         cycle_ended, wait.cycle_ended = wait.cycle_ended, False
-        if wait.quick < QUICK_HEADS and not client.conn.trailing_data[0] and client.receive_nowait():
-            # A loaded connection's next head is often in already (sent as our answer went out):
-            # taken at once, it needs no idle deadline set and reset, no idle slot and no trio
-            # receive (its checkpoint was a task step a request at saturation). A head that is not
-            # whole yet waits below, its clock started now; QUICK_HEADS in a row, then one wait.
-            wait.quick += 1
-            wait.started = True
-            client.head_since = trio.current_time()
-            event = client.next_event_nowait()
-            if event is not None:
-                wait.head_at = client.head_since
-                return event
-        else:
-            wait.quick = 0  # the wait below is a checkpoint
+        event = self._head_in_already(client, wait)
+        if event is not None:
+            return event
         self.slots.set_idle(slot, True)
         try:
             if client.conn.trailing_data[0]:  # pipelined: the head's clock runs since the last response
@@ -314,7 +299,7 @@ class Users:
                 data = await receive_some(client.transport)
                 wait.started = True
                 client.head_since = trio.current_time()
-                client.conn.receive_data(data)
+                client.take(data)
                 event = client.next_event_nowait()
                 if event is None:  # the head's clock matters only while we wait for the rest of it
                     scope.deadline = client.head_since + self.p.limits.header_timeout_s
@@ -327,6 +312,24 @@ class Users:
         scope.deadline = math.inf
         if not slot.held:
             return None  # taken back for a newcomer (whatever came meanwhile is dropped with it)
+        return event
+
+    @staticmethod
+    def _head_in_already(client: H11Stream, wait: _HeadWait) -> Any:
+        """The next head if the socket holds it whole already, read without a wait, else None."""
+        # A loaded connection's next head is often in already (sent as our answer went out): taken at
+        # once, it needs no idle deadline set and reset, no idle slot and no trio receive (its checkpoint
+        # was a task step a request at saturation). A head that is not whole yet is waited for, its clock
+        # started now; QUICK_HEADS in a row, then one wait (a checkpoint: the count starts again).
+        if wait.quick >= QUICK_HEADS or client.conn.trailing_data[0] or not client.receive_nowait():
+            wait.quick = 0
+            return None
+        wait.quick += 1
+        wait.started = True
+        client.head_since = trio.current_time()
+        event = client.next_event_nowait()
+        if event is not None:
+            wait.head_at = client.head_since
         return event
 
     async def _send_error_quietly(self, client: H11Stream, exc: HttpError, method: bytes = b"") -> None:
@@ -357,31 +360,11 @@ class Users:
             await drain(client)
 
     async def _request(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float | None = None) -> None:
-        """Serve one request whose head came whole at ``t0`` (None: now)."""
+        """Serve one request whose head came whole at ``t0`` (None: now); a gateway-made error is answered."""
         self.p.stats["requests"] += 1
         if t0 is None:
             t0 = trio.current_time()
         self.p.begin()
-        try:
-            await self._request_counted(client, req, pinned, t0)
-        finally:
-            self.p.end()
-
-    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
-        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second).
-
-        ``req`` None: the connection never carried a request h11 could parse.
-        """
-        if not self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
-            return
-        method = req.method.decode("ascii", "replace") if req is not None else "-"
-        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
-        log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.p.gw.id,
-                method, target, exc.status, exc.error, exc.detail,
-                extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
-                               "service": exc.service or None, "target": target}})
-
-    async def _request_counted(self, client: H11Stream, req: h11.Request, pinned: dict[str, Key], t0: float) -> None:
         try:
             service, instance, status, ended_at = await self._route(client, req, pinned, t0)
             client.later.defer(self.p.gw.metrics.observe, service, instance, status, ended_at - t0)
@@ -398,6 +381,22 @@ class Users:
             else:
                 self._counted_error(req, exc)
                 raise trio.BrokenResourceError(str(exc)) from None
+        finally:
+            self.p.end()
+
+    def _log_error(self, req: h11.Request | None, exc: HttpError) -> None:
+        """One line per gateway-made error, at most ERROR_LOG_PER_S a second (a flood costs one line a second).
+
+        ``req`` None: the connection never carried a request h11 could parse.
+        """
+        if not self.p.error_lines.allow(self.p.gw.id, trio.current_time()):
+            return
+        method = req.method.decode("ascii", "replace") if req is not None else "-"
+        target = req.target.decode("ascii", "replace")[:200] if req is not None else "-"
+        log.log(logging.WARNING if exc.status >= 500 else logging.INFO, "%s: %s %s -> %d %s: %s", self.p.gw.id,
+                method, target, exc.status, exc.error, exc.detail,
+                extra={"cpn": {"event": "http_error", "status": exc.status, "error": exc.error,
+                               "service": exc.service or None, "target": target}})
 
     def _counted_error(self, req: h11.Request, exc: HttpError) -> None:
         self.p.gw.metrics.observe(exc.service, None, exc.status, None)
@@ -484,9 +483,16 @@ class Users:
 
 class _HeadWait:
     """A user connection's one cancel scope for its waits for request heads, its deadline set per
-    wait (a scope per request cost ~50 function calls, a deadline change ~15); ``started``: the
-    head waited for had its first byte (then a timeout is a 408, else a quiet close). The clock is
-    read once a step (4 calls a reading): ``cycle_ended`` and ``head_at`` carry a step's reading on."""
+    wait (a scope per request cost ~50 function calls, a deadline change ~15).
+
+    Between requests (no byte of the next head yet) the connection is idle: closed after
+    ``idle_timeout_s``. From the first byte of a head, the whole head must come within
+    ``header_timeout_s`` (h11 stays IDLE until it is whole, so its state cannot tell these
+    apart): else 408. Until a whole head is in, its slot may be taken back for a newcomer: a
+    slow head holds no more than an idle connection. Each ends the scope (``_requests`` answers).
+    ``started``: the head waited for had its first byte (then a timeout is a 408, else a quiet
+    close). The clock is read once a step (4 calls a reading): ``cycle_ended`` and ``head_at``
+    carry a step's reading on."""
 
     __slots__ = ("scope", "started", "cycle_ended", "head_at", "quick")
 
