@@ -27,7 +27,7 @@ from .hangups import UserGone
 from .inprocess import LocalEvents, PipeEnd, pipe
 from .plane import Plane
 from .planner import Attempt, Plan, Planner
-from .relay import Cut, UserSink, relay_response
+from .relay import Cut, UserSink, Whole, first_event, relay_response, relay_whole
 from .selection import Candidate
 from .streams import ByteStream, StreamReset
 from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
@@ -227,12 +227,12 @@ class Attempts:
         with trio.CancelScope(deadline=cut) as scope:
             # A bound is cut when the user's clock says so: trio's own timer fires up to ~2 ms late.
             with cancel_precisely_at(scope, None if plan.cut_at is None else cut):
-                event = up.next_event_nowait() or await up.next_event()
+                event = await first_event(up, client)  # (a Whole: the response as it came, for the user as it is)
                 while isinstance(event, h11.InformationalResponse):
                     event = await up.next_event()
             if not scope.cancel_called:
                 await self._relay(client, up, event, scope, attempt, idle_s)
-        if scope.cancel_called and isinstance(event, (h11.Response, h11.ConnectionClosed)) and attempt.upstream_head_at is None:
+        if scope.cancel_called and isinstance(event, (h11.Response, h11.ConnectionClosed, Whole)) and attempt.upstream_head_at is None:
             # The cut came in the step that brought the head (the timer's task ran first): the head came
             # in time, and is relayed in a scope of its own (a cancelled scope stays cancelled: in it,
             # the relay would fail at its first wait, and the user would lose the connection).
@@ -253,8 +253,11 @@ class Attempts:
         """Relay the response whose head ``event`` came to the user, ``scope`` now its idle timer."""
         if isinstance(event, h11.ConnectionClosed):
             raise StreamReset(ResetCode.INSTANCE_FAILED, True, "upstream closed before responding")
-        assert isinstance(event, h11.Response)
         attempt.upstream_head_at = now = trio.current_time()
+        if type(event) is Whole:
+            await relay_whole(event, UserSink(client, attempt), scope, idle_s, now)
+            return
+        assert isinstance(event, h11.Response)
         response = h11.Response(status_code=event.status_code, reason=event.reason, _parsed=True,
                                 headers=rewrite_headers(event.headers, drop_cpn=False))
         try:

@@ -8,14 +8,14 @@ they come, and neither side moving for the idle time ends the exchange.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import h11
 import trio
 
 from .aio import cancel_precisely_at
-from .h1 import RESPONSE_HOLD_BYTES, H11Stream
+from .h1 import RESPONSE_HOLD_BYTES, H11Stream, whole_response, whole_writable
 from .load import InstanceMeter
 from .pending import NOW, Later, AtOnce
 from .inprocess import LocalEvents
@@ -107,17 +107,8 @@ class UserSink:
         self.later = client.later
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:
-        head = isinstance(events[0], h11.Response)
-        if head:
-            now = trio.current_time()
-            bound_at = self.attempt.bound_at
-            if bound_at is not None and now > bound_at:
-                # A 200 past the bound is a broken promise, not a success: the user gets 504 now
-                # (DESIGN.md section 6), and the instance's answer goes unused.
-                raise StreamReset(ResetCode.DEADLINE, True, f"the response head came {(now - bound_at) * 1000:.1f} ms "
-                                  "after the request's latency bound")
-            self.status = events[0].status_code
-            self.attempt.head_at = now  # it leaves now: the write below is the socket's, no wait before it
+        if isinstance(events[0], h11.Response):
+            self._head(events[0].status_code)
         if end and events[-1].headers and not self.client.trailers:
             events[-1] = h11.EndOfMessage()  # trailers only for a user that takes them (HTTP/2, TE: trailers)
         self.attempt.sent_head = True
@@ -125,6 +116,28 @@ class UserSink:
             await self.client.send_all(events)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
+
+    async def send_whole(self, whole: Whole) -> None:
+        """A response that came whole (``first_event``), as it came: what ``send_all`` does for its events."""
+        self._head(whole.status_code)
+        self.attempt.sent_head = True
+        try:
+            await self.client.send_whole(whole.data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
+
+    def _head(self, status: int) -> None:
+        """The response head leaves now (the write that follows is the socket's, no wait before it),
+        unless it is past the request's bound."""
+        now = trio.current_time()
+        bound_at = self.attempt.bound_at
+        if bound_at is not None and now > bound_at:
+            # A 200 past the bound is a broken promise, not a success: the user gets 504 now
+            # (DESIGN.md section 6), and the instance's answer goes unused.
+            raise StreamReset(ResetCode.DEADLINE, True, f"the response head came {(now - bound_at) * 1000:.1f} ms "
+                              "after the request's latency bound")
+        self.status = status
+        self.attempt.head_at = now
 
     def reset(self, code: ResetCode, delivered: bool, text: str = "") -> None:
         if self.failure is None:
@@ -165,8 +178,7 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
     one) before the first wait, pushed back as data flows (at most once a second: a timer per
     chunk cost a tenth of a bulk transfer's CPU; the clock is read only after a wait, since nothing
     else moves it a second). A held response that came whole with its head (most) may need no wait
-    at all: its one write keeps the caller's deadline unless the sink is about to block on it
-    (``before_blocking``), where a deadline set would cost ~200 bytecodes for nothing.
+    at all: its one write keeps the caller's deadline (``_last_write``).
     """
     idle_at = (trio.current_time() if now is None else now) + idle_s
 
@@ -185,13 +197,7 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
             if not armed:
                 arm()
                 armed = True
-            if held is not None and sink.hold_until is not None:
-                with trio.move_on_at(sink.hold_until) as hold, cancel_precisely_at(hold, sink.hold_until):
-                    event = await source.next_event()  # its head may not leave after the bound (UserSink)
-                if event is None:
-                    raise StreamReset(ResetCode.DEADLINE, True, "the response was not whole by the request's latency bound")
-            else:
-                event = await source.next_event()
+            event = await _next_piece(source, sink, held is not None)
             waited = True
         if isinstance(event, h11.Data):
             if held is not None:
@@ -200,16 +206,8 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
                 await sink.send_all([event])
         elif isinstance(event, h11.EndOfMessage):
             end = event if trailers else h11.EndOfMessage()
-            if not armed and idle.deadline == math.inf:  # no deadline to keep: the idle time bounds the write
-                arm()
-                armed = True
-            if not armed:  # the caller's deadline, unless the write has to wait for room
-                sink.before_blocking(arm)
-            try:
-                await sink.send_all([*held, end] if held is not None else [end], end=True)
-            finally:
-                if not armed:
-                    sink.before_blocking(None)
+            last = sink.send_all([*held, end] if held is not None else [end], end=True)
+            await (last if armed else _last_write(sink, idle, arm, last))
             return
         else:
             raise Cut(held is not None)
@@ -217,3 +215,69 @@ async def relay_response(source: H11Stream | LocalEvents, head: h11.Response, le
             now = trio.current_time()
             if idle.deadline - now < idle_s - 1.0:
                 idle.deadline = now + idle_s
+
+
+async def _next_piece(source: H11Stream | LocalEvents, sink: Sink, holding: bool) -> Any:
+    """The response's next event, waited for (under the idle time); a held one (``holding``) not whole
+    by the sink's ``hold_until`` fails (its head may not leave after the bound: UserSink)."""
+    if holding and sink.hold_until is not None:
+        event = None
+        with trio.move_on_at(sink.hold_until) as hold, cancel_precisely_at(hold, sink.hold_until):
+            event = await source.next_event()
+        if event is None:
+            raise StreamReset(ResetCode.DEADLINE, True, "the response was not whole by the request's latency bound")
+        return event
+    return await source.next_event()
+
+
+async def _last_write(sink: Sink, idle: trio.CancelScope, arm: Callable[[], None], write: Awaitable[None]) -> None:
+    """A held response's one write, no wait before it: under the caller's deadline, the idle time set
+    (``arm``) only if the sink is about to block on it (``before_blocking``: a deadline set costs ~200
+    bytecodes for nothing otherwise); under the idle time if the caller has no deadline to keep."""
+    if idle.deadline == math.inf:
+        arm()
+        await write
+        return
+    sink.before_blocking(arm)
+    try:
+        await write
+    finally:
+        sink.before_blocking(None)
+
+
+class Whole:
+    """A response that came down a stream whole, in one piece, passed on to the user as it came
+    (``first_event``): not read by h11 at the ingress, nor written by it again."""
+
+    __slots__ = ("status_code", "data")
+
+    def __init__(self, status_code: int, data: bytes) -> None:
+        self.status_code = status_code
+        self.data = data
+
+
+async def first_event(up: H11Stream | LocalEvents, client: Any) -> Any:
+    """The upstream's first answer event (``up.next_event``'s); or, when the whole response comes in
+    its first piece (h1.whole_response) for a user connection that may take it as it came
+    (h1.whole_writable), that piece as a Whole. What is not is read by h11 as ever."""
+    if type(up) is not H11Stream or type(client) is not H11Stream or not whole_writable(client.conn):
+        return up.next_event_nowait() or await up.next_event()
+    stream = up.transport  # (nothing has been read from it: h11 holds nothing of the answer yet)
+    data = stream.receive_nowait()
+    if data is None:
+        data = await stream.receive()
+    status = whole_response(data)
+    if status is not None:
+        return Whole(status, data)
+    up.conn.receive_data(data)
+    return up.next_event_nowait() or await up.next_event()
+
+
+async def relay_whole(whole: Whole, sink: UserSink, idle: trio.CancelScope, idle_s: float, now: float) -> None:
+    """``whole`` to the user in one write, as ``relay_response`` sends a held response."""
+    idle_at = now + idle_s
+
+    def arm() -> None:
+        idle.deadline = idle_at
+
+    await _last_write(sink, idle, arm, sink.send_whole(whole))

@@ -313,6 +313,32 @@ def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
     assert len(peers) == 1  # one client connection throughout
 
 
+def test_answers_passed_on_whole_and_read_anew_share_one_user_connection(net) -> None:
+    """Tunnelled answers that come whole (passed on to the user as they came, h1.whole_response) and
+    those read and written again (HEAD, chunked, over the hold, a closing request) follow each other
+    on one keep-alive connection, each framed right, over one hop and two."""
+    transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    with httpx.Client(base_url=net["url"], transport=transport, timeout=10) as c:
+        streams = set()
+        for h, iid in ((S2, "s2"), (S1_ONLY, "s1")):
+            for _ in range(2):
+                r = c.get("/yolo?k=v", headers=h)
+                assert r.json()["instance"] == iid and r.json()["query"].endswith("k=v") and r.headers["cpn-origin"]
+                streams.add(r.extensions["network_stream"])
+                head = c.head("/yolo", headers=h)
+                assert head.status_code == 200 and head.content == b"" and int(head.headers["content-length"]) > 0
+                chunked = c.get("/yolo?stream=3&interval=0", headers=h)
+                assert chunked.text == "chunk 0\nchunk 1\nchunk 2\n" and chunked.headers["cpn-instance"] == iid
+                big = c.get("/yolo?size=100000", headers=h)
+                assert big.content == b"x" * 100000
+                missing = c.get("/yolo?status=404", headers=h)
+                assert missing.status_code == 404 and missing.json()["instance"] == iid
+                streams |= {x.extensions["network_stream"] for x in (head, chunked, big, missing)}
+        assert len(streams) == 1  # one connection throughout
+        last = c.get("/yolo", headers={**S2, "Connection": "close"})
+        assert last.json()["instance"] == "s2" and last.headers["connection"] == "close"
+
+
 def test_show_routes_tells_the_ingress_estimate(net) -> None:
     with httpx.Client(base_url=net["url"], timeout=10) as c:
         for _ in range(5):
