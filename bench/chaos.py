@@ -76,7 +76,7 @@ class Soak:
             self.insts.start(iid, compute_ms=1.0)
         ports = dict(self.insts.ports)
         self.specs = write_lab(self.topo, workdir, instance_url=lambda i: f"http://127.0.0.1:{ports[i.id]}/{i.id}")
-        self.configs = {gw: spec.config.read_text() for gw, spec in self.specs.items()}
+        self.configs: dict[str, str] = {}  # each gateway's config as started: what a fault's undo restores
         self.lab = Lab(self.specs)
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
@@ -195,6 +195,10 @@ class Soak:
 
     def run(self, seconds: float, rate: float, interval: float) -> dict[str, Any]:
         self.lab.start_all()
+        # Read once started: a port another process took first moved every gateway's ports (Lab.start_all),
+        # and a config from before that would be refused on reload, or start a restarted gateway where no
+        # peer looks for it.
+        self.configs = {gw: spec.config.read_text() for gw, spec in self.specs.items()}
         self.lab.wait_for(lambda: self.lab.converged(self.topo), 60, "convergence")
         time.sleep(1.0)  # past the start-up noise, so the usage baseline is the steady state
         usage_start = {gw: proc_usage(p.pid) for gw, p in self.lab.procs.items()}
