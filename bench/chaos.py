@@ -143,7 +143,7 @@ class Soak:
     # ---- load
 
     async def user(self, ingress: str, rate: float, seconds: float) -> None:
-        until = trio.current_time() + seconds
+        start = trio.current_time()
         async with httpx.AsyncClient(base_url=f"http://{self.specs[ingress].http}", timeout=CLIENT_TIMEOUT_S,
                                      limits=httpx.Limits(max_connections=8)) as client:
             async def one(n: int) -> None:
@@ -162,11 +162,13 @@ class Soak:
                     self.lost.append(f"{ingress} {method}: {what}")
 
             async with trio.open_nursery() as nursery:
+                # The n-th request at start + n / rate, however late this task wakes: rate x seconds
+                # requests in all (a sleep after each sent fewer the busier the box: 214 of 300 here).
                 n = 0
-                while trio.current_time() < until:
+                while n < rate * seconds:
+                    await trio.sleep_until(start + n / rate)
                     nursery.start_soon(one, n)
                     n += 1
-                    await trio.sleep(1 / rate)
 
     async def chaos(self, until: float, interval: float) -> None:
         pending: dict[str, tuple[float, Callable[[], None]]] = {}
