@@ -1,0 +1,340 @@
+"""Attacks on the whole-response fast paths (cpnd/h1.py whole_response, read_whole, whole_bytes; relay.py
+first_event): response bytes a hostile peer (an egress) or a misbehaving instance crafts, drawn from a
+byte alphabet of what splits, smuggles and folds, each path held to what its h11 path gives the user
+and the next hop: the same bytes, the same h11 state, or the fast path falling back."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import threading
+import time
+
+import h11
+import pytest
+from hypothesis import event, example, given, settings
+from hypothesis import strategies as st
+
+from cpnd.h1 import MAX_HEADER_BYTES, read_whole, rewrite_headers, whole_bytes, whole_response
+from cpnd.lab import Instance, Lab, Link, Topology, add_outside_peer, write_lab
+from interop.wire import TUNNEL, UPDATE, Peer, load_key, new_route, parse_pub
+from test_attacks_h1 import _hostport, _responses
+
+# Field names and values an attacker would try: framing, hop-by-hop, the CPN ones, near-misses of each,
+# and bytes h11 refuses or reads its own way (NUL, bare CR or LF, obs-text, controls, padding, folds).
+_NAMES = st.sampled_from([b"Content-Type", b"X-A", b"Server", b"ETag"] * 4 + [b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Content-Length ", b"Content_Length",
+                          b"X-Content-Length", b"Transfer-Encoding", b"transfer-encoding", b"Connection", b"Keep-Alive",
+                          b"Proxy-Connection", b"TE", b"Trailer", b"Upgrade", b"Host", b"host", b"CPN-Instance",
+                          b"cpn-origin", b"Set-Cookie", b"X-A", b"x", b"a b", b"", b"X\x00", b"\xe9"]).map(bytes)
+_VALUES = st.sampled_from([b"text/plain", b"a b", b"1", b"x;q=0.5, y"] * 5 + [b"5", b"05", b"+5", b"-5", b"5, 5", b"5,5", b"5 ", b" 5", b"0x5", b"5\x00", b"9" * 21,
+                           b"0" * 20 + b"5", b"0" * 4400 + b"5", b"chunked", b"identity", b"close", b"keep-alive",
+                           b"Close", b"x-a, close", b"upgrade", b"a\rb", b"a\nb", b"a\r\nX-I: 1", b"\xe9t\xe9",
+                           b"a\x01\x7fb", b"a\tb", b"\t", b"", b"h2c", b"s1", b"HTTP/1.1 200 OK"]).map(bytes)
+_SEPS = st.sampled_from([b": "] * 12 + [b":", b":  ", b": \t", b" : "])
+_ENDS = st.sampled_from([b"\r\n"] * 16 + [b"\n", b"\r", b"\r\n "])
+_STATUS = st.sampled_from([b"HTTP/1.1 200 OK"] * 12 + [b"HTTP/1.1 404 Not Found"] * 4 + [b"HTTP/1.1 200 ", b"HTTP/1.1 200", b"HTTP/1.0 200 OK", b"HTTP/1.1 204 No",
+                           b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 101 Switching", b"HTTP/1.1 100 Continue",
+                           b"HTTP/1.1 599 x", b"HTTP/1.1 600 x", b"HTTP/1.1 200 O\rK", b"HTTP/1.1 200 a\x00",
+                           b"HTTP/1.1 200 \xe9\t!", b"HTTP/1.1  200 OK", b"HTTP/1.1 0200 OK", b"http/1.1 200 OK",
+                           b"HTTP/1.1 2000 OK", b"HTTP/2 200 OK"]).map(bytes)
+_BODIES = st.sampled_from([b"", b"hello", b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nSECRET", b"x" * 300])
+
+
+@st.composite
+def responses(draw) -> bytes:
+    """A response's bytes: a status line, fields (a right Content-Length among them, mostly), a body,
+    maybe more after it."""
+    body = draw(_BODIES)
+    fields = draw(st.lists(st.tuples(_NAMES, _SEPS, _VALUES, _ENDS), max_size=4))
+    if draw(st.integers(0, 7)):
+        fields.insert(draw(st.integers(0, len(fields))), (b"Content-Length", b": ", b"%d" % len(body), b"\r\n"))
+    more = draw(st.sampled_from([b""] * 6 + [b"!", b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]))
+    return draw(_STATUS) + b"\r\n" + b"".join(b"".join(f) for f in fields) + b"\r\n" + body + more
+
+
+_METHODS = st.sampled_from([b"GET", b"GET", b"HEAD", b"POST", b"OPTIONS"])
+
+
+def _asked(method: bytes) -> h11.Connection:
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+    conn.send(h11.Request(method=method, target=b"/x", headers=[(b"host", b"a")]))
+    conn.send(h11.EndOfMessage())
+    return conn
+
+
+def _served(method: bytes) -> h11.Connection:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"%s /x HTTP/1.1\r\nhost: a\r\n\r\n" % method)
+    assert type(conn.next_event()) is h11.Request and type(conn.next_event()) is h11.EndOfMessage
+    return conn
+
+
+def h11_reads(conn: h11.Connection, data: bytes) -> list[object] | None:
+    """The events up to its EndOfMessage h11 reads from ``data`` on a client ``conn`` past any 1xx (as
+    the relays skip them), or None where it refuses it or it is not whole."""
+    conn.receive_data(data)
+    events: list[object] = []
+    try:
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA or type(ev) is h11.ConnectionClosed:
+                return None
+            if type(ev) is h11.InformationalResponse:
+                continue
+            events.append(ev)
+            if type(ev) is h11.EndOfMessage:
+                return events
+    except (h11.RemoteProtocolError, ValueError):
+        return None
+
+
+def h11_passes_on(method: bytes, data: bytes, drop_cpn: bool = False, extra=()) -> bytes | None:
+    """What a relay's h11 path writes on for ``data``, the first read of its answer to ``method``: h11
+    reads it, its fields rewritten as a relay's are, h11 writes it to the next conn (None: refused)."""
+    events = h11_reads(_asked(method), data)
+    if events is None:
+        return None
+    head = events[0]
+    response = h11.Response(status_code=head.status_code, reason=head.reason, _parsed=True,
+                            headers=rewrite_headers(head.headers, drop_cpn=drop_cpn, extra=extra))
+    user = _served(method)
+    try:
+        return b"".join(user.send(e) for e in [response, *events[1:]])
+    except h11.LocalProtocolError:
+        return None
+
+
+@given(_METHODS, responses())
+@example(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 4400 + b"5\r\n\r\nhello")
+@example(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 20 + b"5\r\n\r\nhello")
+@settings(max_examples=3000)
+def test_what_an_ingress_passes_on_as_it_came_is_what_its_h11_path_writes(method: bytes, data: bytes) -> None:
+    """An egress's answer (hostile or not) that whole_response takes is what h11 would have read and
+    the ingress written to its user: the same bytes, none after."""
+    try:
+        status = whole_response(data)
+    except ValueError as exc:  # (the ingress's user got no answer: the attempt's task died)
+        raise AssertionError(f"whole_response raised {exc!r}") from None
+    if status is None or method == b"HEAD":  # (HEAD: whole_writable refuses the user's connection)
+        return
+    event("taken")
+    assert h11_passes_on(method, data) == data
+
+
+@given(_METHODS, responses())
+@example(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 4400 + b"5\r\n\r\nhello")
+@example(b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 20 + b"5\r\n\r\nhello")
+@settings(max_examples=3000)
+def test_what_an_egress_reads_whole_from_its_instance_is_what_h11_reads(method: bytes, data: bytes) -> None:
+    """An instance's answer read_whole takes gives h11's events (else nothing moved), and what the
+    egress then writes down the tunnel (whole_bytes) is what h11 would have written."""
+    ours, theirs = _asked(method), _asked(method)
+    try:
+        read = read_whole(ours, data)
+    except ValueError as exc:
+        raise AssertionError(f"read_whole raised {exc!r}") from None
+    if read is None:
+        return
+    event("taken")
+    expected = h11_reads(theirs, data)
+    assert expected is not None, "h11 refuses what read_whole took"
+    assert [_as_read(e) for e in reversed(read)] == [_as_read(e) for e in expected]
+    assert not theirs.trailing_data[0]
+    head = read[-1]
+    extra = ((b"cpn-instance", b"i1"), (b"cpn-origin", b"t"))
+    response = h11.Response(status_code=head.status_code, reason=head.reason, _parsed=True,
+                            headers=rewrite_headers(head.headers, drop_cpn=True, extra=extra))
+    tunnel = _served(method)
+    written = whole_bytes(tunnel, [response, *reversed(read[:-1])])
+    if written is not None:
+        assert written == h11_passes_on(method, data, drop_cpn=True, extra=extra)
+
+
+def _as_read(event: object) -> tuple[object, ...]:
+    if isinstance(event, h11.Response):
+        return h11.Response, event.status_code, event.reason, event.http_version, event.headers._full_items
+    if isinstance(event, h11.Data):
+        return h11.Data, bytes(event.data)
+    if isinstance(event, h11.EndOfMessage):
+        return h11.EndOfMessage, event.headers._full_items
+    return (event,)
+
+
+# ---- real processes: a hostile egress (an outside peer y advertising /ys) at t's ingress, and a
+# misbehaving instance behind t, reached by its own users (t: ingress = egress) and through h.
+
+
+
+
+
+class Scripted:
+    """An instance that answers each request it reads (h11) with the next of ``answers``' raw bytes, in
+    one write, whatever they are; every request it read is recorded (method, target)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.answers: list[bytes] = []
+        self.requests: list[tuple[bytes, bytes]] = []
+        self.lock = threading.Lock()
+        self._stop = False
+        self._threads: list[threading.Thread] = []
+        self._conns: list[socket.socket] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            self._conns.append(c)
+            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _serve(self, c: socket.socket) -> None:
+        buf = b""
+        with contextlib.suppress(OSError):
+            while True:
+                conn = h11.Connection(h11.SERVER)
+                if buf:
+                    conn.receive_data(buf)  # (b"" would be the end)
+                while type(ev := conn.next_event()) is not h11.EndOfMessage:
+                    if ev is h11.NEED_DATA:
+                        data = c.recv(65536)
+                        if not data:
+                            return
+                        conn.receive_data(data)
+                    elif type(ev) is h11.Request:
+                        with self.lock:
+                            self.requests.append((ev.method, ev.target))
+                    elif type(ev) is not h11.Data:
+                        return
+                buf = bytes(conn.trailing_data[0])
+                with self.lock:
+                    answer = self.answers.pop(0) if self.answers else b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                c.sendall(answer)
+        c.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self._accepting.join()
+        self.sock.close()
+        for c in self._conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(5)
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    """t (the scripted instance ``bad`` of /bad) - h; outside peer y at t, advertising /ys (its yi)."""
+    inst = Scripted()
+    workdir = tmp_path_factory.mktemp("wholeatk")
+    topo = Topology(("t", "h"), (Link("t", "h", 1),), (Instance("bad", "t", "/bad", 1e6, 1, 0),),
+                    {"hold_time_ms": 3000, "health_interval_ms": 0})
+    specs = write_lab(topo, workdir, instance_url=lambda i: f"http://127.0.0.1:{inst.port}/base")
+    add_outside_peer(specs["t"], "y", workdir / "y.key")
+    lab = Lab(specs)
+    y = None
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        y = Peer(_hostport(specs["t"].listen), "t", parse_pub(specs["t"].public_key), "y", load_key(str(workdir / "y.key")))
+        y.open_session(caps=["route-refresh", "tunnel"])
+        y.send_msg({"t": UPDATE, "adv": [new_route("/ys", "yi", "y")], "wd": []})
+        lab.wait_for(lambda: any(r["instance"] == "yi" and r["best"] for r in lab.routes("t")), 10, "y's route at t")
+        yield {"inst": inst, "specs": specs, "lab": lab, "y": y}
+    finally:
+        try:
+            if y is not None:
+                y.close()
+            lab.stop_all()
+        finally:
+            inst.close()
+
+
+def _egress_answers(y: Peer, answer: bytes) -> bytes:
+    """As the hostile egress y: the next stream t opens to it, read to its request's END, answered with
+    ``answer`` in one DATA frame with END; the request's bytes."""
+    sid, request, deadline, ka = None, b"", time.monotonic() + 10, 0.0
+    while time.monotonic() < deadline:
+        if time.monotonic() - ka > 0.5:
+            y.send_msg({"t": 2, "ts": int(time.monotonic() * 1e6), "echo": 0, "dly": 0})
+            ka = time.monotonic()
+        ctype, payload = y.recv(10)
+        if ctype != TUNNEL:
+            continue
+        got, ftype, flags = struct.unpack(">IBB", payload[:6])
+        if ftype == 1:
+            sid, request = got, b""
+        elif ftype == 2 and got == sid:
+            request += payload[6:]
+            if flags & 1:
+                y.send_msg(struct.pack(">IBB", sid, 2, 1) + answer, ctype=TUNNEL)
+                return request
+    raise AssertionError("t opened no stream to y within 10 s")
+
+
+def _read_answers(s: socket.socket, n: int) -> tuple[bytes, bool]:
+    """What comes on ``s`` until ``n`` responses are in it (or it closes): the bytes, and whether it closed."""
+    out = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while len(_responses(out)) < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                return out, True
+            out += chunk
+        return out, False
+    return out, True
+
+
+HOSTILE = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 4400 + b"5\r\n\r\nhello",  # int(): ValueError
+    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"0" * 20 + b"5\r\n\r\nhello",  # h11: bad Content-Length
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nAHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSECRET",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: x-a\r\nX-A: 1\r\nKeep-Alive: 5\r\n\r\nhello",
+    b"HTTP/1.1 204 No\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 O\rK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    b"HTTP/1.1 200 OK\r\nCPN-Instance: other\r\nCPN-Instance: x\r\nContent-Length: 5\r\n\r\nhello",
+]
+
+
+def _expected(method: bytes, answer: bytes) -> list[list[tuple[int, bytes]]]:
+    """What the user may get for ``answer`` by the h11 path: its one response; for one h11 refuses, a
+    502, or nothing and the connection closed (a length h11 finds wrong only as it writes the body)."""
+    written = h11_passes_on(method, answer)
+    if written is None:
+        return [[(502, b"")], []]
+    [(status, body, _)] = _responses(written) if method != b"HEAD" else [(int(written[9:12]), b"", {})]
+    return [[(status, body)]]
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("answer", HOSTILE)
+def test_a_hostile_egress_answer_gives_the_user_one_answer_and_the_next_its_own(rig, method, answer) -> None:
+    """A hostile egress's answer to a user's request at t: the user gets what h11's path gives (one
+    response, or 502), and the user's next request on the same connection gets its own answer."""
+    y = rig["y"]
+    with socket.create_connection(_hostport(rig["specs"]["t"].http), timeout=10) as s:
+        s.sendall(b"%s /ys/a HTTP/1.1\r\nHost: x\r\n\r\n" % method)
+        _egress_answers(y, answer)
+        out, closed = _read_answers(s, 1)
+        got = _responses(out) if method != b"HEAD" else [(int(out[9:12]), b"", {})] if out else []
+        assert [(st_, b if st_ == 200 else b"") for st_, b, _ in got] in _expected(method, answer), out
+        if closed:
+            return
+        s.sendall(b"GET /ys/b HTTP/1.1\r\nHost: x\r\n\r\n")
+        _egress_answers(y, b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nnext")
+        rest, _ = _read_answers(s, 1)
+        assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"next")], rest
+
