@@ -338,3 +338,27 @@ def test_a_hostile_egress_answer_gives_the_user_one_answer_and_the_next_its_own(
         rest, _ = _read_answers(s, 1)
         assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"next")], rest
 
+
+
+@pytest.mark.parametrize("gw", ["t", "h"])  # t: its own instance (ingress = egress); h: tunnelled to t
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("answer", HOSTILE + [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"])
+def test_a_misbehaving_instance_answer_gives_the_user_what_h11_gives_and_the_next_user_its_own(rig, gw, method,
+                                                                                              answer) -> None:
+    """An instance's crafted answer (read whole at t's egress, or by h11): the user gets what h11's path
+    gives; then another user's request gets the instance's answer to it, not what was left of this one
+    (bytes past a response, or a HEAD's body, on a kept-alive connection are the next answer's start)."""
+    inst = rig["inst"]
+    n = len(inst.requests)
+    with inst.lock:
+        inst.answers[:] = [answer]
+    with socket.create_connection(_hostport(rig["specs"][gw].http), timeout=10) as s:
+        s.sendall(b"%s /bad/a HTTP/1.1\r\nHost: x\r\n\r\n" % method)
+        out, _ = _read_answers(s, 1)
+    got = _responses(out) if method != b"HEAD" else [(int(out[9:12]), b"", {})] if out else []
+    assert [(st_, b if st_ == 200 else b"") for st_, b, _ in got] in _expected(method, answer), out
+    with socket.create_connection(_hostport(rig["specs"][gw].http), timeout=10) as s:
+        s.sendall(b"GET /bad/next HTTP/1.1\r\nHost: x\r\n\r\n")
+        rest, _ = _read_answers(s, 1)
+    assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"ok")], rest
+    assert inst.requests[n:] == [(method, b"/base/a"), (b"GET", b"/base/next")]
