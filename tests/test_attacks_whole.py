@@ -362,3 +362,53 @@ def test_a_misbehaving_instance_answer_gives_the_user_what_h11_gives_and_the_nex
         rest, _ = _read_answers(s, 1)
     assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"ok")], rest
     assert inst.requests[n:] == [(method, b"/base/a"), (b"GET", b"/base/next")]
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory):
+    """A line a - b - c, the scripted instance ``bad`` of /bad at a: c's users reach it through the
+    transit b on sealed streams (what c's ingress reads whole came opened, record by record)."""
+    inst = Scripted()
+    workdir = tmp_path_factory.mktemp("wholesealed")
+    topo = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("b", "c", 1)), (Instance("bad", "a", "/bad", 1e6, 1, 0),),
+                    {"hold_time_ms": 3000, "health_interval_ms": 0, "min_adv_interval_ms": 20})
+    specs = write_lab(topo, workdir, instance_url=lambda i: f"http://127.0.0.1:{inst.port}/base")
+    lab = Lab(specs)
+    try:
+        lab.start_all()
+        lab.wait_for(lambda: lab.converged(topo), 30, "convergence")
+        yield {"inst": inst, "specs": specs, "lab": lab}
+    finally:
+        try:
+            lab.stop_all()
+        finally:
+            inst.close()
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: a\xe9\x01\r\n\r\nhello", *HOSTILE[1:3],
+                                    HOSTILE[6], b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+def test_a_sealed_answer_through_a_transit_gives_the_user_what_h11_gives_and_the_next_its_own(sealed, method,
+                                                                                              answer) -> None:
+    """Through a transit on a sealed stream: the user gets what h11's path gives, its next request on the
+    same connection its own answer, and so does another user's."""
+    inst = sealed["inst"]
+    n = len(inst.requests)
+    with inst.lock:
+        inst.answers[:] = [answer]
+    hp = _hostport(sealed["specs"]["c"].http)
+    with socket.create_connection(hp, timeout=10) as s:
+        s.sendall(b"%s /bad/a HTTP/1.1\r\nHost: x\r\n\r\n" % method)
+        out, closed = _read_answers(s, 1)
+        got = _responses(out) if method != b"HEAD" else [(int(out[9:12]), b"", {})] if out else []
+        assert [(st_, b if st_ == 200 else b"") for st_, b, _ in got] in _expected(method, answer), out
+        if not closed:
+            s.sendall(b"GET /bad/same HTTP/1.1\r\nHost: x\r\n\r\n")
+            rest, _ = _read_answers(s, 1)
+            assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"ok")], rest
+    with socket.create_connection(hp, timeout=10) as s:
+        s.sendall(b"GET /bad/next HTTP/1.1\r\nHost: x\r\n\r\n")
+        rest, _ = _read_answers(s, 1)
+    assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"ok")], rest
+    assert inst.requests[n:][0] == (method, b"/base/a") and inst.requests[-1] == (b"GET", b"/base/next")
+    assert sealed["lab"].query("c", "stats")["gateway"]["sealed_streams_out"] >= 2
