@@ -412,3 +412,26 @@ def test_a_sealed_answer_through_a_transit_gives_the_user_what_h11_gives_and_the
     assert [(st_, b) for st_, b, _ in _responses(rest)] == [(200, b"ok")], rest
     assert inst.requests[n:][0] == (method, b"/base/a") and inst.requests[-1] == (b"GET", b"/base/next")
     assert sealed["lab"].query("c", "stats")["gateway"]["sealed_streams_out"] >= 2
+
+
+@pytest.mark.parametrize("first", [b"GET", b"HEAD"])
+def test_pipelined_requests_each_get_their_own_answer_passed_on_whole(rig, first) -> None:
+    """Three requests in one write (the first GET or HEAD, one with Expect: 100-continue and a body),
+    answered by the hostile egress each with a whole response (the first's with a body whatever the
+    method): the user reads exactly three answers, in order, each its own."""
+    y = rig["y"]
+    with socket.create_connection(_hostport(rig["specs"]["t"].http), timeout=10) as s:
+        s.sendall(b"%s /ys/1 HTTP/1.1\r\nHost: x\r\n\r\n" % first
+                  + b"POST /ys/2 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc"
+                  + b"GET /ys/3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        asked = [_egress_answers(y, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                 for body in (b"one", b"two!", b"three")]
+        out = b""
+        while out.count(b"HTTP/1.1 200") < 3:
+            chunk = s.recv(65536)
+            assert chunk, out
+            out += chunk
+    assert [a.split(b" ", 2)[1] for a in asked] == [b"/ys/1", b"/ys/2", b"/ys/3"] and asked[1].endswith(b"abc")
+    one = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n" + (b"one" if first == b"GET" else b"")
+    out = out.replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"", 1)  # (the ingress's own, before it reads the body)
+    assert out == one + b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ntwo!HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nthree"
