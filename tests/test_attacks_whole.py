@@ -16,7 +16,8 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from cpnd.h1 import MAX_HEADER_BYTES, read_whole, rewrite_headers, whole_bytes, whole_response
+from cpnd.h1 import MAX_HEADER_BYTES, read_whole, rewrite_headers, whole_bytes, whole_response, whole_writable, \
+    wrote_whole
 from cpnd.lab import Instance, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.wire import TUNNEL, UPDATE, Peer, load_key, new_route, parse_pub
 from test_attacks_h1 import _hostport, _responses
@@ -149,6 +150,61 @@ def test_what_an_egress_reads_whole_from_its_instance_is_what_h11_reads(method: 
     written = whole_bytes(tunnel, [response, *reversed(read[:-1])])
     if written is not None:
         assert written == h11_passes_on(method, data, drop_cpn=True, extra=extra)
+
+
+_USER_REQUESTS = st.sampled_from([
+    b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n", b"HEAD /x HTTP/1.1\r\nhost: a\r\n\r\n",
+    b"GET /x HTTP/1.1\r\nhost: a\r\n\r\nGET /y HTTP/1.1\r\nhost: a\r\n\r\n",  # pipelined
+    b"GET /x HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n", b"GET /x HTTP/1.0\r\n\r\n",
+    b"GET /x HTTP/1.0\r\nconnection: keep-alive\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\ncontent-length: 2\r\n\r\nab",
+    b"POST /x HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nab",  # its body not all in
+    b"GET /x HTTP/1.1\r\nhost: a\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n"])
+
+
+def _user(request: bytes) -> h11.Connection:
+    """A user's connection at an ingress that has read ``request`` (as far as it goes, one request)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(request)
+    while conn.their_state is not h11.DONE and conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
+        pass
+    return conn
+
+
+def _state(conn: h11.Connection) -> tuple[object, ...]:
+    cstate = conn._cstate
+    return (dict(cstate.states), cstate.keep_alive, set(cstate.pending_switch_proposals), conn._writer,
+            conn.client_is_waiting_for_100_continue, conn.their_http_version, conn._request_method,
+            conn.trailing_data)
+
+
+@given(_USER_REQUESTS, responses())
+@example(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\nGET /y HTTP/1.1\r\nhost: a\r\n\r\n",
+         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+@settings(max_examples=3000)
+def test_the_ingress_decision_and_write_are_h11s_for_any_user_request(request: bytes, data: bytes) -> None:
+    """first_event's decision (whole_writable on the user's connection, whole_response on the answer)
+    and send_whole's write (wrote_whole): the user's bytes and its connection's state, a next cycle
+    included, are what h11's read, rewrite and write give."""
+    ours, theirs = _user(request), _user(request)
+    if not (whole_writable(ours) and whole_response(data) is not None):
+        return
+    event("taken")
+    method = theirs._request_method
+    events = h11_reads(_asked(method), data)
+    assert events is not None
+    head = events[0]
+    response = h11.Response(status_code=head.status_code, reason=head.reason, _parsed=True,
+                            headers=rewrite_headers(head.headers, drop_cpn=False))
+    assert b"".join(theirs.send(e) for e in [response, *events[1:]]) == data
+    wrote_whole(ours)
+    assert _state(ours) == _state(theirs)
+    if theirs.their_state is h11.DONE and theirs.our_state is h11.DONE:
+        ours.start_next_cycle()
+        theirs.start_next_cycle()
+        assert _state(ours) == _state(theirs)
+        assert _as_read(ours.next_event()) == _as_read(theirs.next_event())
 
 
 def _as_read(event: object) -> tuple[object, ...]:
