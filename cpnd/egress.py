@@ -383,9 +383,15 @@ class Egress:
         return head_after
 
     def _pool(self, key: tuple[Any, ...], entry: _PoolEntry) -> None:
-        """Keep a connection whose exchange completed both ways for the next request, if there is room."""
-        if entry.conn.our_state is h11.DONE and entry.conn.their_state is h11.DONE and key in self._pool_keys:
-            entry.conn.start_next_cycle()
+        """Keep a connection whose exchange completed both ways, nothing of the instance's left unread,
+        for the next request, if there is room."""
+        conn = entry.conn
+        # Bytes past the answer (a HEAD's or a 204's body, a wrong length, a second answer) would be
+        # the next request's answer, another user's: such a connection goes (h11 keeps them for a
+        # next cycle; _kept's readable() sees only the socket's).
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn._receive_buffer \
+                and key in self._pool_keys:
+            entry.ic.start_next_cycle()
             idle = self.pool.get(key)
             if idle is None:
                 idle = self.pool[key] = collections.deque()

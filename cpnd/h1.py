@@ -18,6 +18,7 @@ from typing import Any
 import h11
 import trio
 from h11._abnf import field_content, reason_phrase, token
+from h11._headers import CONTENT_LENGTH_MAX_DIGITS
 from h11._events import request_target_re
 from h11._readers import READERS, header_field_re, request_line_re
 from h11._receivebuffer import ReceiveBuffer
@@ -142,7 +143,8 @@ _FIELD = re.compile(rb"([^:\r\n]+): ([^\r\n]*)\r\n")  # of a head _WHOLE_HEAD to
 _NOT_AS_IS = re.compile(b"\r\n(?:" + b"|".join(sorted(HOP_BY_HOP | {b"host"})) + b"):")
 # What h11 reads its own way: a framing of its own, an end of the connection's keep-alive.
 _NOT_READ_SO = re.compile(rb"\r\n(?:transfer-encoding:|connection:[^\r]*close)")
-_LENGTH_FIELD = re.compile(rb"\r\ncontent-length: ([0-9]+)\r\n")
+# h11 refuses a length of more digits (and int() one past 4,300: a ValueError, not h11's RemoteProtocolError)
+_LENGTH_FIELD = re.compile(rb"\r\ncontent-length: ([0-9]{1,%d})\r\n" % CONTENT_LENGTH_MAX_DIGITS)
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 _READ_ALL = READERS[(h11.SERVER, h11.DONE)]  # a client's reader once the response is in
 
