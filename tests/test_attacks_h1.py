@@ -9,46 +9,27 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
 import h11
 import pytest
+from rawinstance import ThreadedInstance
 
 from bench.hostile import _open_frame
 from cpnd.lab import Instance, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.wire import TUNNEL, Peer, load_key, parse_pub
 
 
-class Recorder:
+class Recorder(ThreadedInstance):
     """An instance that records every request it reads (h11's events) and every byte, per connection,
     and answers each with 200 and its number."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.requests: list[dict[str, Any]] = []
         self.raw: list[bytearray] = []
         self.errors: list[str] = []
-        self.lock = threading.Lock()
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            self._conns.append(c)
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            self._threads.append(t)
-            t.start()
+        super().__init__()
 
     def _serve(self, c: socket.socket) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -90,16 +71,6 @@ class Recorder:
     def since(self, n: int) -> list[dict[str, Any]]:
         with self.lock:
             return self.requests[n:]
-
-    def close(self) -> None:
-        self._stop = True
-        self._accepting.join()
-        self.sock.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        for t in self._threads:
-            t.join(5)
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import threading
 import time
 
 import h11
 import pytest
+from rawinstance import ThreadedInstance
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +21,7 @@ from cpnd.h1 import MAX_HEADER_BYTES, read_whole, rewrite_headers, whole_bytes, 
 from cpnd.lab import Instance, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.wire import TUNNEL, UPDATE, Peer, load_key, new_route, parse_pub
 from test_attacks_h1 import _hostport, _responses
+from test_whole import _as_read
 
 # Field names and values an attacker would try: framing, hop-by-hop, the CPN ones, near-misses of each,
 # and bytes h11 refuses or reads its own way (NUL, bare CR or LF, obs-text, controls, padding, folds).
@@ -207,16 +208,6 @@ def test_the_ingress_decision_and_write_are_h11s_for_any_user_request(request: b
         assert _as_read(ours.next_event()) == _as_read(theirs.next_event())
 
 
-def _as_read(event: object) -> tuple[object, ...]:
-    if isinstance(event, h11.Response):
-        return h11.Response, event.status_code, event.reason, event.http_version, event.headers._full_items
-    if isinstance(event, h11.Data):
-        return h11.Data, bytes(event.data)
-    if isinstance(event, h11.EndOfMessage):
-        return h11.EndOfMessage, event.headers._full_items
-    return (event,)
-
-
 # ---- real processes: a hostile egress (an outside peer y advertising /ys) at t's ingress, and a
 # misbehaving instance behind t, reached by its own users (t: ingress = egress) and through h.
 
@@ -224,33 +215,14 @@ def _as_read(event: object) -> tuple[object, ...]:
 
 
 
-class Scripted:
+class Scripted(ThreadedInstance):
     """An instance that answers each request it reads (h11) with the next of ``answers``' raw bytes, in
     one write, whatever they are; every request it read is recorded (method, target)."""
 
     def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.answers: list[bytes] = []
         self.requests: list[tuple[bytes, bytes]] = []
-        self.lock = threading.Lock()
-        self._stop = False
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accepting = threading.Thread(target=self._accept, daemon=True)
-        self._accepting.start()
-
-    def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                continue
-            self._conns.append(c)
-            t = threading.Thread(target=self._serve, args=(c,), daemon=True)
-            self._threads.append(t)
-            t.start()
+        super().__init__()
 
     def _serve(self, c: socket.socket) -> None:
         buf = b""
@@ -275,16 +247,6 @@ class Scripted:
                     answer = self.answers.pop(0) if self.answers else b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
                 c.sendall(answer)
         c.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self._accepting.join()
-        self.sock.close()
-        for c in self._conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-        for t in self._threads:
-            t.join(5)
 
 
 @pytest.fixture(scope="module")

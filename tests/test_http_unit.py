@@ -239,6 +239,24 @@ def _h11_conn_state(conn: h11.Connection) -> tuple[object, ...]:
             set(conn._cstate.pending_switch_proposals))
 
 
+def _read_around_and_by_h11(data: bytes) -> tuple[h11.Connection, h11.Connection | None]:
+    """``data`` read by request_events and, if it took it, by h11 too: the same events asserted; (ours,
+    h11's connection) after, h11's None when request_events left it (its connection then untouched)."""
+    from cpnd.h1 import request_events
+
+    ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
+    before = _h11_conn_state(ours)
+    got = request_events(ours, data)
+    if got is None:
+        assert _h11_conn_state(ours) == before and not ours.trailing_data[0]
+        return ours, None
+    theirs.receive_data(data)
+    expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
+    norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
+    assert list(map(norm, got)) == list(map(norm, expected))  # (h11's Data holds a bytearray)
+    return ours, theirs
+
+
 @given(st.lists(st.tuples(_names, _values), max_size=8), st.sampled_from([b"GET", b"POST", b"HEAD", b"CONNECT"]),
        st.lists(st.binary(max_size=3), max_size=3), st.booleans(), st.booleans())
 @example([(b"X-A", b"x"), (b"Content-Length", b"3")], b"POST", [b"ab", b"c"], False, False)
@@ -291,19 +309,10 @@ def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: 
                                                            body: bytes) -> None:
     """request_events reads a whole plain request as h11 reads it (the same events, the connection in
     the same state after); anything else it leaves to h11, the connection untouched."""
-    from cpnd.h1 import request_events
-
     data = eol.join([line, *fields, b"", b""]) + body
-    ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
-    before = _h11_conn_state(ours)
-    got = request_events(ours, data)
-    if got is None:
-        assert _h11_conn_state(ours) == before and not ours.trailing_data[0]
+    ours, theirs = _read_around_and_by_h11(data)
+    if theirs is None:
         return
-    theirs.receive_data(data)
-    expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
-    norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
-    assert list(map(norm, got)) == list(map(norm, expected))  # (h11's Data holds a bytearray)
     assert theirs.next_event() is h11.PAUSED or theirs.next_event() is h11.NEED_DATA
     assert not theirs.trailing_data[0] and _h11_conn_state(ours) == _h11_conn_state(theirs)
     for conn in (ours, theirs):  # the answer goes out alike
@@ -594,18 +603,9 @@ def _mutated_requests(draw: st.DrawFn) -> bytes:
 def test_a_crafted_request_is_read_around_h11_only_as_h11_reads_it(data: bytes) -> None:
     """request_events on anything a user or a peer could send: h11's events and state exactly (nothing
     left unread), or None with the connection untouched (h11 then reads or refuses it)."""
-    from cpnd.h1 import request_events
-
-    ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
-    before = _h11_conn_state(ours)
-    got = request_events(ours, data)
-    if got is None:
-        assert _h11_conn_state(ours) == before and not ours.trailing_data[0]
+    ours, theirs = _read_around_and_by_h11(data)
+    if theirs is None:
         return
-    theirs.receive_data(data)
-    expected = [theirs.next_event() for _ in got]  # h11 refusing what we read would raise here
-    norm = lambda e: (bytes(e.data), e.chunk_start, e.chunk_end) if type(e) is h11.Data else repr(e)  # noqa: E731
-    assert list(map(norm, got)) == list(map(norm, expected))
     assert theirs.next_event() is h11.NEED_DATA and not theirs.trailing_data[0]
     assert _h11_conn_state(ours) == _h11_conn_state(theirs)
 
