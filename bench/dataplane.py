@@ -799,7 +799,7 @@ CATEGORIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
                                                         "Connection._enqueue", "DataPlane.on_stream")),
     ("peer writer and reader tasks (wake, batch, loop)", False, ("Connection._writer", "Connection._reader")),
     ("the rest of the proxy's own request loop (cpnd's data plane modules; the floor's _handle)", False,
-     tuple(f"(cpnd/{m}.py" for m in ("dataplane", "users", "attempts", "egress", "transit", "relay", "h1", "inprocess",
+     tuple(f"(cpnd/{m}.py" for m in ("dataplane", "users", "attempts", "egress", "transit", "relay", "h1", "whole", "inprocess",
                                      "body", "plane"))
      + ("_handle (bench/floor_proxy.py", "_next (bench/floor_proxy.py", "_guarded (bench/floor_proxy.py")),
     ("trio scheduling and socket wrappers", False, ("(trio/",)),

@@ -22,9 +22,10 @@ from .body import BodySource
 from .clients import source_key
 from .errors import HttpError
 from .egress import Egress
-from .h1 import H11Stream, Headers, content_length, request_head, rewrite_headers
+from .h1 import H11Stream, Headers, content_length, rewrite_headers
 from .hangups import UserGone
 from .inprocess import LocalEvents, PipeEnd, pipe
+from .whole import request_head
 from .plane import Plane
 from .planner import Attempt, Plan, Planner
 from .relay import Cut, UserSink, Whole, first_event, relay_response, relay_whole

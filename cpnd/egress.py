@@ -24,11 +24,11 @@ from . import forwarded, tlsstream
 from .aio import cancel_precisely_at, open_nursery
 from .clients import source_key
 from .config import Config, InstanceConfig, ServiceConfig
-from .h1 import MAX_HEADER_BYTES, H11Stream, Headers, content_length, instance_address, next_event_within, \
-    readable, replace_host, request_head, rewrite_headers, translate_target
+from .h1 import H11Stream, Headers, content_length, instance_address, next_event_within, \
+    readable, replace_host, rewrite_headers, translate_target
 from .errors import HttpError
 from .fairshare import FULL, Shares
-from .heads import check_target
+from .heads import MAX_HEADER_BYTES, check_target
 from .h2up import H2Pool
 from .health import HealthTracker
 from .load import Hold, InstanceMeter, Stage
@@ -39,6 +39,7 @@ from .relay import Cut, Sink, StreamSink, relay_response
 from .streams import ByteStream, StreamReset
 from .tls import InstanceTls
 from .tunnel import NO_BUDGET, ExtHeader, ResetCode
+from .whole import request_head
 
 log = logging.getLogger("cpnd.http")
 

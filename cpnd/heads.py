@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from .errors import HttpError
 
 MAX_HEADER_BYTES = 64 * 1024
+# Fields that hold for one connection, not the message: a relay drops them (and Expect, answered by us).
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+              b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"expect"}
 _RAW, _LOW, _VALUE = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)  # of h11's items
 
 

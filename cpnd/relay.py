@@ -15,13 +15,14 @@ import h11
 import trio
 
 from .aio import cancel_precisely_at
-from .h1 import RESPONSE_HOLD_BYTES, H11Stream, whole_response, whole_writable
+from .h1 import RESPONSE_HOLD_BYTES, H11Stream
 from .load import InstanceMeter
 from .pending import NOW, Later, AtOnce
 from .inprocess import LocalEvents
 from .planner import Attempt
 from .streams import ByteStream, StreamReset
 from .tunnel import ResetCode
+from .whole import whole_response, whole_writable
 
 
 class Sink(Protocol):
@@ -258,8 +259,8 @@ class Whole:
 
 async def first_event(up: H11Stream | LocalEvents, client: Any) -> Any:
     """The upstream's first answer event (``up.next_event``'s); or, when the whole response comes in
-    its first piece (h1.whole_response) for a user connection that may take it as it came
-    (h1.whole_writable), that piece as a Whole. What is not is read by h11 as ever."""
+    its first piece (whole.whole_response) for a user connection that may take it as it came
+    (whole.whole_writable), that piece as a Whole. What is not is read by h11 as ever."""
     if type(up) is not H11Stream or type(client) is not H11Stream or not whole_writable(client.conn):
         return up.next_event_nowait() or await up.next_event()
     stream = up.transport  # (nothing has been read from it: h11 holds nothing of the answer yet)

@@ -1,4 +1,4 @@
-"""Attacks on the HTTP/1.1 fast paths (h1.request_events, request_bytes), real processes: crafted
+"""Attacks on the HTTP/1.1 fast paths (whole.request_events, request_bytes), real processes: crafted
 bytes from a user's raw socket (at its ingress ``h``, tunnelled to ``t``, and at ``t`` for its own
 instance) and from a hostile peer's tunnel stream straight to ``t``'s egress. A recording instance
 keeps every byte and every request it read (by h11), so what an instance got is checked exactly:

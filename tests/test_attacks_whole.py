@@ -1,4 +1,4 @@
-"""Attacks on the whole-response fast paths (cpnd/h1.py whole_response, read_whole, whole_bytes; relay.py
+"""Attacks on the whole-response fast paths (cpnd/whole.py whole_response, read_whole, whole_bytes; relay.py
 first_event): response bytes a hostile peer (an egress) or a misbehaving instance crafts, drawn from a
 byte alphabet of what splits, smuggles and folds, each path held to what its h11 path gives the user
 and the next hop: the same bytes, the same h11 state, or the fast path falling back."""
@@ -16,8 +16,9 @@ from rawinstance import ThreadedInstance
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from cpnd.h1 import MAX_HEADER_BYTES, read_whole, rewrite_headers, whole_bytes, whole_response, whole_writable, \
-    wrote_whole
+from cpnd.h1 import rewrite_headers
+from cpnd.heads import MAX_HEADER_BYTES
+from cpnd.whole import read_whole, whole_bytes, whole_response, whole_writable, wrote_whole
 from cpnd.lab import Instance, Lab, Link, Topology, add_outside_peer, write_lab
 from interop.wire import TUNNEL, UPDATE, Peer, load_key, new_route, parse_pub
 from test_attacks_h1 import _hostport, _responses

@@ -314,7 +314,7 @@ def test_keep_alive_successive_requests_go_to_different_instances(net) -> None:
 
 
 def test_answers_passed_on_whole_and_read_anew_share_one_user_connection(net) -> None:
-    """Tunnelled answers that come whole (passed on to the user as they came, h1.whole_response) and
+    """Tunnelled answers that come whole (passed on to the user as they came, whole.whole_response) and
     those read and written again (HEAD, chunked, over the hold, a closing request) follow each other
     on one keep-alive connection, each framed right, over one hop and two."""
     transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))

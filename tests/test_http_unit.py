@@ -209,7 +209,8 @@ def test_a_request_head_without_h11s_checks_is_h11s_own(headers, version: bytes,
                                                           target: bytes) -> None:
     """request_head of a parsed request's rewritten headers (Host set, or added if none) is the h11.Request
     h11 would build, and writes the same bytes; a target h11 refuses, it refuses as h11 does."""
-    from cpnd.h1 import request_head, rewrite_headers
+    from cpnd.h1 import rewrite_headers
+    from cpnd.whole import request_head
 
     conn = h11.Connection(h11.SERVER)
     conn.receive_data(b"GET / HTTP/" + version + b"\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in headers) + b"\r\n")
@@ -242,7 +243,7 @@ def _h11_conn_state(conn: h11.Connection) -> tuple[object, ...]:
 def _read_around_and_by_h11(data: bytes) -> tuple[h11.Connection, h11.Connection | None]:
     """``data`` read by request_events and, if it took it, by h11 too: the same events asserted; (ours,
     h11's connection) after, h11's None when request_events left it (its connection then untouched)."""
-    from cpnd.h1 import request_events
+    from cpnd.whole import request_events
 
     ours, theirs = h11.Connection(h11.SERVER), h11.Connection(h11.SERVER)
     before = _h11_conn_state(ours)
@@ -265,7 +266,7 @@ def test_a_whole_request_written_around_h11_is_what_h11_writes(headers, method: 
                                                                   trailers: bool, host_last: bool) -> None:
     """request_bytes writes a whole plain request byte for byte as h11 does and leaves the connection in
     h11's state (the response then read alike); anything else it leaves to h11, the connection untouched."""
-    from cpnd.h1 import request_bytes
+    from cpnd.whole import request_bytes
 
     try:
         fields = [*headers, (b"Host", b"h")] if host_last else [(b"Host", b"h"), *headers]
@@ -322,7 +323,8 @@ def test_a_whole_request_read_around_h11_is_what_h11_reads(line: bytes, fields: 
 @pytest.mark.parametrize("role", [h11.CLIENT, h11.SERVER])
 def test_a_new_connection_is_h11s_own_new_one(role) -> None:
     """new_connection's is h11's new Connection, attribute for attribute, with state and buffer its own."""
-    from cpnd.h1 import MAX_HEADER_BYTES, new_connection
+    from cpnd.heads import MAX_HEADER_BYTES
+    from cpnd.whole import new_connection
 
     ours, theirs, other = new_connection(role), h11.Connection(role, max_incomplete_event_size=MAX_HEADER_BYTES), \
         new_connection(role)

@@ -16,7 +16,7 @@ CORES = ("admission", "channels", "clients", "config", "crypto", "errors", "fair
          "sourcerate",
          "load", "loglimit", "names", "origin", "planner", "policy", "preface", "registry", "rib", "ribfeed", "seal", "selection",
          "session", "status", "tls",
-         "tunnel", "vnet", "wire")
+         "tunnel", "vnet", "whole", "wire")
 IO = {"trio", "socket", "select", "selectors", "asyncio", "subprocess", "threading"}
 
 

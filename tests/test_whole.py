@@ -1,4 +1,4 @@
-"""Responses around h11's per-event machinery (cpnd/h1.py): a whole one written as h11 writes it
+"""Responses around h11's per-event machinery (cpnd/whole.py): a whole one written as h11 writes it
 (``whole_bytes``), an egress's answer passed on as it came (``whole_response``), an instance's read
 as h11 reads it (``read_whole``); each leaving h11's connection state as h11's own would."""
 
@@ -8,7 +8,8 @@ import h11
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from cpnd.h1 import awaits_answer, read_whole, rewrite_headers, whole_bytes, whole_response
+from cpnd.h1 import rewrite_headers
+from cpnd.whole import awaits_answer, read_whole, whole_bytes, whole_response
 
 
 
