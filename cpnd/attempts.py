@@ -131,7 +131,7 @@ class Attempts:
                 body.consumed = True
                 data = body.whole()
                 events = [head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()]
-                await (up.send_request(events, end=True) if type(up) is H11Stream else up.send_all(events, end=True))
+                await up.send_all(events, end=True)
                 attempt.sent_at = trio.current_time()
                 attempt.whole = True
                 client.later.run()  # the next hop has it: the user's last answer's accounting, meanwhile

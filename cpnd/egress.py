@@ -422,7 +422,7 @@ class _Upload:
         self.done_at = 0.0 if self.complete else clock()
 
     async def run(self) -> None:
-        await self.ic.send_request(self.first)  # (h11's own send unless the request is whole and plain)
+        await self.ic.send_all(self.first)
         self.delivered = True
         now = self.clock()
         if self.meter is not None:

@@ -22,6 +22,10 @@ from .heads import HOP_BY_HOP, MAX_HEADER_BYTES
 
 # Of h11's (raw, lowercase, value) items
 _RAW, _NAME, _VALUE = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
+_CLIENT, _SERVER, _IDLE, _DONE, _SEND_RESPONSE = h11.CLIENT, h11.SERVER, h11.IDLE, h11.DONE, h11.SEND_RESPONSE
+_EOM = h11.EndOfMessage()  # (frozen: one serves every message read whole)
+_new = object.__new__
+_set = object.__setattr__
 
 
 # ---- a whole response
@@ -139,11 +143,7 @@ def whole_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
     return b"".join([b"HTTP/1.1 %d %s\r\n%s\r\n\r\n" % (head.status_code, head.reason, fields), *body])
 
 
-
 # ---- a whole request
-
-_new = object.__new__
-_set = object.__setattr__
 
 # A new h11 connection a tunnel stream (~130 bytecodes in h11's __init__, each end of every hop): a
 # fresh one's attributes copied from one made once, with a state and a receive buffer of its own.
@@ -170,6 +170,11 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> h11.Request:
     # The target may come from an instance's URL: it is checked, and h11 names what is wrong with it.
     if _target_ok(target) is None:
         return h11.Request(method=method, target=target, headers=headers, _parsed=True)
+    return _request(method, target, headers)
+
+
+def _request(method: bytes, target: bytes, headers: Headers) -> h11.Request:
+    """An HTTP/1.1 h11 Request of what h11's grammar has taken already, made without its checks."""
     req = _new(h11.Request)
     _set(req, "method", method)
     _set(req, "target", target)
@@ -181,7 +186,6 @@ def request_head(method: bytes, target: bytes, headers: Headers) -> h11.Request:
 _RAW_VALUE = operator.itemgetter(0, 2)  # of h11's (raw, lowercase, value) items
 _FIELD_LINE = b"%s: %s\r\n".__mod__  # as h11 writes a field
 _IS_HOST = b"host".__eq__
-_CLIENT, _SERVER, _IDLE, _DONE, _SEND_RESPONSE = h11.CLIENT, h11.SERVER, h11.IDLE, h11.DONE, h11.SEND_RESPONSE
 _RESPONSE_READER = READERS[(h11.SERVER, h11.SEND_RESPONSE)]
 # Fields that make h11 do more than write a request (chunked framing, a keep-alive or 100-continue
 # change, an upgrade proposal): a request with any of them goes through h11's own send.
@@ -226,7 +230,6 @@ def request_bytes(conn: h11.Connection, events: list[Any]) -> bytes | None:
 
 _RESPONSE_WRITER = WRITERS[(h11.SERVER, h11.SEND_RESPONSE)]
 _DONE_READER = READERS[(h11.CLIENT, h11.DONE)]
-_EOM = h11.EndOfMessage()  # (frozen: one serves every request read whole)
 _LOWER = bytes.lower
 _FIELD_NAME, _FIELD_VALUE = operator.itemgetter("field_name"), operator.itemgetter("field_value")  # of h11's matches
 
@@ -259,7 +262,7 @@ def request_events(conn: h11.Connection, data: bytes, max_body: int | None = Non
     size = 0  # no framing field: h11 reads a request with no body
     if b"content-length" in names:
         length = full[names.index(b"content-length")][2]
-        if names.count(b"content-length") != 1 or not length.isdigit() or len(length) > 20:
+        if names.count(b"content-length") != 1 or not length.isdigit() or len(length) > CONTENT_LENGTH_MAX_DIGITS:
             return None  # (a list of lengths, a bad one: h11 folds or refuses it)
         size = int(length)
     method = line["method"]
@@ -274,9 +277,5 @@ def request_events(conn: h11.Connection, data: bytes, max_body: int | None = Non
     conn._reader = _DONE_READER
     conn._writer = _RESPONSE_WRITER
     conn.client_is_waiting_for_100_continue = False
-    req = _new(h11.Request)
-    _set(req, "method", method)
-    _set(req, "target", line["target"])
-    _set(req, "headers", Headers(full))
-    _set(req, "http_version", b"1.1")
+    req = _request(method, line["target"], Headers(full))
     return [req, h11.Data(data=data[end + 4:]), _EOM] if size else [req, _EOM]
