@@ -31,7 +31,7 @@ from .planner import Attempt, Plan, Planner
 from .relay import Cut, UserSink, Whole, first_event, relay_response, relay_whole
 from .selection import Candidate
 from .streams import ByteStream, StreamReset
-from .tunnel import EXT_FLAG_IDEMPOTENT, ExtHeader, ResetCode
+from .tunnel import EXT_FLAG_IDEMPOTENT, EXT_FLAG_YIELDS, ExtHeader, ResetCode
 
 log = logging.getLogger("cpnd.http")
 
@@ -113,8 +113,9 @@ class Attempts:
         if cand.next_hop is None and body.take_buffered() and body.replayable:
             return await self._attempt_local(client, req, headers, body, cand, plan, budget, slack, attempt, now)
         # The request id is for logs: a PRNG seeded from the system's (no system call per request).
+        flags = (EXT_FLAG_IDEMPOTENT if plan.idempotent else 0) | (EXT_FLAG_YIELDS if plan.yields(body.replayable) else 0)
         ext = ExtHeader(cand.label, cand.origin, cand.instance, self.ids.randbytes(16), plan.cons.qos, 16, budget,
-                        EXT_FLAG_IDEMPOTENT if plan.idempotent else 0, slack)
+                        flags, slack)
         # Built before a stream exists (nothing to leak if it fails); the headers are h11's own, checked.
         head = request_head(req.method, req.target, headers)
         whole = body.take_buffered() and body.replayable
@@ -187,7 +188,7 @@ class Attempts:
             raise StreamReset(ResetCode.NO_SUCH_INSTANCE, False, f"{self.p.gw.id} has no instance {cand.instance}")
         service, inst = found
         party = source_key(client.source)
-        refusal = self.egress.admit(inst, budget_us, slack_us, party, now)
+        refusal = self.egress.admit(inst, budget_us, slack_us, party, now, plan.yields(body.replayable))
         if refusal is not None:
             raise StreamReset(ResetCode.REFUSED, False, refusal)
         body.consumed = True

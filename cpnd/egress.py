@@ -38,7 +38,7 @@ from .plane import Plane
 from .relay import Cut, Sink, StreamSink, relay_response
 from .streams import ByteStream, StreamReset
 from .tls import InstanceTls
-from .tunnel import NO_BUDGET, ExtHeader, ResetCode
+from .tunnel import EXT_FLAG_YIELDS, NO_BUDGET, ExtHeader, ResetCode
 from .whole import request_head
 
 log = logging.getLogger("cpnd.http")
@@ -150,9 +150,11 @@ class Egress:
 
     # ---- admission
 
-    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, party: str, now: float) -> str | None:
+    def admit(self, inst: InstanceConfig, budget_us: int, slack_us: int, party: str, now: float,
+              yields: bool = False) -> str | None:
         """Admission for one request to ``inst`` (NO_BUDGET: none given) for ``party`` (its user, as
-        ``party_of`` names it) at ``now``: None, or why it is refused (counted)."""
+        ``party_of`` names it) at ``now``, ``yields`` if its ingress had room for it elsewhere
+        (EXT_FLAG_YIELDS): None, or why it is refused (counted)."""
         meter = self.meters[inst.id]
         shares = self.shares[inst.id]
         if meter.inflight >= inst.max_inflight:  # a stuck instance cannot pin every stream and socket
@@ -163,8 +165,10 @@ class Egress:
             # requests are refused for the bounds' latency (fairshare.py: a bound any request may claim).
             bounded = slack_us != NO_BUDGET
             bounded_only = bounded and held + 1 > FULL * inst.capacity and meter.shut_to_flexible(now)
-            refusal = shares.refuse(party, held, inst.capacity, now, bounded, bounded_only) or meter.admit(
+            refusal = shares.refuse(party, held, inst.capacity, now, bounded, bounded_only, yields) or meter.admit(
                 now, None if budget_us == NO_BUDGET else budget_us, None if slack_us == NO_BUDGET else slack_us, held)
+        if yields:
+            self.p.stats["admission_yielding"] += 1  # (shown: a peer's flag, seen where it takes effect)
         if refusal is None:
             shares.admitted(party)
             return None
@@ -197,7 +201,7 @@ class Egress:
             return
         sink = StreamSink(rx, stream)
         party = party_of(origin, via)
-        refusal = self.admit(inst, ext.budget_us, ext.slack_us, party, now)
+        refusal = self.admit(inst, ext.budget_us, ext.slack_us, party, now, bool(ext.flags & EXT_FLAG_YIELDS))
         if refusal is not None:
             sink.report_load(self.meters[inst.id], now=now)
             sink.reset(ResetCode.REFUSED, False, refusal)

@@ -7,7 +7,8 @@ address, or the CPN-Client its ingress names within the peer the stream came fro
 latency bound while flexible requests are refused for the bounded ones' latency, those that asked
 with one: flexible requests then get none of it, load.InstanceMeter.admit, so counting them would
 leave their part unused; a bound claimed where it holds up no one's latency, an hour say, is no
-claim on a flexible user's part; a request is held while in flight and a second after, as the
+claim on a flexible user's part, unless that user yields: its ingress had room for it elsewhere for each
+of its asks, so the bounded request's share is split without it; a request is held while in flight and a second after, as the
 instance's own bound counts it) is
 refused, so one user sending long jobs as fast as they are admitted cannot take all of an
 instance from the others: the room above ``FULL`` is theirs. The users counted are those that
@@ -82,12 +83,15 @@ class Shares:
         # unbounded party holds none of a bounded one's share; counted among all, one flexible ask
         # refused for the bounded demand halved the bounded user's share, and that half went unused).
         self._asked_bounded = _Window()
+        # Those that asked without yielding: a bounded request's share is counted among these (every
+        # party but a flexible one whose ingress had room elsewhere for each of its asks: EXT_FLAG_YIELDS).
+        self._asked_firm = _Window()
         self._ended = _Window()  # requests answered (or abandoned) in the last second: still held
         self._inflight: collections.Counter[str] = collections.Counter()  # admitted, not yet ended
         self._dropped = _Window()  # those of them abandoned by their users (nothing to do per request)
         self._abandoning: dict[str, float] = {}  # parties found abandoning: until when (FATE_S on), oldest first
-        # (counted at, users that asked then and abandon, those of them with a bound)
-        self._dropping: tuple[float, int, int] = (-1.0, 0, 0)
+        # (counted at, users that asked then and abandon, those of them with a bound, those that did not yield)
+        self._dropping: tuple[float, int, int, int] = (-1.0, 0, 0, 0)
 
     def held(self, party: str) -> int:
         """The requests ``party`` holds of the instance's capacity (as load.SlotHolds counts them:
@@ -95,7 +99,7 @@ class Shares:
         return self._inflight.get(party, 0) + self._ended.count.get(party, 0)
 
     def refuse(self, party: str, held: int, capacity: float, now: float, bounded: bool = False,
-               bounded_only: bool = False) -> str | None:
+               bounded_only: bool = False, yields: bool = False) -> str | None:
         """Why ``party``'s request is over its share, or None; ``held``: requests counted against
         ``capacity`` now (the instance's own bound is checked apart). A request that asks while the
         instance is that full counts its party among the users from now on, for a second; one with
@@ -103,7 +107,9 @@ class Shares:
         by if ``bounded_only``: flexible requests are refused now for the bounded ones' latency
         (load.InstanceMeter.shut_to_flexible). Else a bound takes no flexible user's part: any request
         may claim one (an hour, met by any instance), and one user sending such requests as fast as
-        they were admitted took 43.5 of 50 a second, the flexible user beside it 1.7."""
+        they were admitted took 43.5 of 50 a second, the flexible user beside it 1.7; but a flexible
+        user all of whose asks ``yields`` (its ingress had room for it elsewhere) has no part here
+        that a bounded request's share is split by."""
         if held + 1 <= IDLE * capacity:
             return None
         if (self._dropped.count or self._abandoning) and self.abandons(party, now):
@@ -111,22 +117,25 @@ class Shares:
                     f"none while the instance is over {IDLE:.0%} full")
         if held + 1 <= FULL * capacity:
             return None
-        self._asked.add(party, now)
-        self._asked.trim(now)
-        if bounded:
-            self._asked_bounded.add(party, now)
-            self._asked_bounded.trim(now)
-        bounded_only = bounded and bounded_only
-        asked = self._asked_bounded if bounded_only else self._asked
+        self._count_ask(party, now, bounded, yields)
+        i = (1 if bounded_only else 2) if bounded else 0  # whom the share is split among
+        asked = (self._asked, self._asked_bounded, self._asked_firm)[i]
         self._ended.trim(now)
-        abandoning, abandoning_bounded = self._abandoning_users(now)
-        users = max(1, len(asked.count) - (abandoning_bounded if bounded_only else abandoning))
+        users = max(1, len(asked.count) - self._abandoning_users(now)[i])
         share = capacity / users
         mine = self.held(party)
         if mine < share:  # a party holding nothing is under any share (shares below one request refused all)
             return None
         return (f"over its fair share: this user holds {mine} of its capacity, share {share:.3g} "
                 f"among {users} users (the instance is {FULL:.0%} full)")
+
+    def _count_ask(self, party: str, now: float, bounded: bool, yields: bool) -> None:
+        """Count ``party`` among those that asked, those that asked with a bound, and those that did not yield."""
+        for window, counts in ((self._asked, True), (self._asked_bounded, bounded),
+                               (self._asked_firm, bounded or not yields)):
+            if counts:
+                window.add(party, now)
+                window.trim(now)
 
     def admitted(self, party: str) -> None:
         self._inflight[party] += 1
@@ -163,18 +172,17 @@ class Shares:
             return False
         return until is not None
 
-    def _abandoning_users(self, now: float) -> tuple[int, int]:
-        """How many of the users that asked in the last second abandon, and of those with a bound
-        (counted at most every RECOUNT_S: parties with abandoned requests may be many)."""
-        at, n, nb = self._dropping
+    def _abandoning_users(self, now: float) -> tuple[int, int, int]:
+        """How many of the users that asked in the last second abandon, of those with a bound, and of those
+        that did not yield (counted at most every RECOUNT_S: parties with abandoned requests may be many)."""
+        at, n, nb, nf = self._dropping
         if now - at >= RECOUNT_S or now < at:
             for p in [p for p, d in self._dropped.count.items() if p not in self._abandoning]:
                 self.abandons(p, now)  # found abandoning by their ends alone, before they ask again
-            asked, bounded = self._asked.count, self._asked_bounded.count
             out = [p for p, until in self._abandoning.items() if until > now]
-            n, nb = sum(1 for p in out if p in asked), sum(1 for p in out if p in bounded)
-            self._dropping = (now, n, nb)
-        return n, nb
+            n, nb, nf = (sum(1 for p in out if p in w.count) for w in (self._asked, self._asked_bounded, self._asked_firm))
+            self._dropping = (now, n, nb, nf)
+        return n, nb, nf
 
     def users(self, now: float) -> int:
         """Users that asked in the last second."""

@@ -138,6 +138,12 @@ class Plan:
             return cand
         return None
 
+    def yields(self, replayable: bool = True) -> bool:
+        """Whether the attempt ``next`` just gave has room elsewhere (EXT_FLAG_YIELDS): a flexible request
+        with an attempt left and another candidate it estimates has room (selection.md, "Admission")."""
+        return (self.flexible and replayable and len(self.failures) + 1 < self.max_attempts
+                and any(c.fill < 1.0 for c in self.remaining))
+
     def failed(self, cand: Candidate, code: int, delivered: bool, text: str, now: float) -> bool:
         """An attempt on ``cand`` was reset before any response reached the user; whether to go on."""
         self.failures.append(reset_error(code, text))

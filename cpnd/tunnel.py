@@ -77,6 +77,7 @@ _EXT = struct.Struct(">BBBBIII16s")
 EXT_VERSION = 1
 EXT_FLAG_IDEMPOTENT = 0x01
 EXT_FLAG_SEALED = 0x02  # the header ends with the ingress's ephemeral X25519 key: DATA is sealed end to end
+EXT_FLAG_YIELDS = 0x04  # no latency bound, and the ingress has room for it elsewhere: a bounded share counts it not
 SEALED_CAP = "sealed-streams"  # both OPENs list it: OPENs on the session may carry EXT_FLAG_SEALED
 
 

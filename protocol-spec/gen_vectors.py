@@ -293,6 +293,12 @@ def sealed_vectors() -> dict:
     }
 
 
+def yielding_ext():
+    from cpnd.tunnel import EXT_FLAG_YIELDS, NO_BUDGET, ExtHeader, QoS
+    return ExtHeader(service_label("/yolo"), "gw3", "s1", bytes(range(16, 32)), QoS.INTERACTIVE, 16, 30_000_000,
+                     EXT_FLAG_YIELDS, NO_BUDGET)
+
+
 def tunnel_vectors() -> list[dict]:
     from cpnd.tunnel import FLAG_END, ExtHeader, FrameType, QoS, ResetCode, encode_frame, load_payload, parse_load, reset_payload
 
@@ -312,6 +318,8 @@ def tunnel_vectors() -> list[dict]:
          encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True)), None),
         ("open-sealed", "OPEN stream 5 to s1 at gw3, sealed (flag 0x02): the ingress's ephemeral X25519 key ends the "
          "header (vectors.json -> sealed)", encode_frame(5, FrameType.OPEN, sealed_ext().encode()), sealed_ext()),
+        ("open-yields", "OPEN stream 7 to s1 at gw3, interactive, no latency bound, not idempotent, yields (flag 0x04): "
+         "the ingress has room for it elsewhere", encode_frame(7, FrameType.OPEN, yielding_ext().encode()), yielding_ext()),
         ("load-refused-gateway-time", "LOAD on stream 3 (session with gateway-time) before a RESET refused: "
          "load 1.0, demand 1.2, base compute 3000 us, no instance time (0xFFFFFFFF)",
          encode_frame(3, FrameType.LOAD, load_payload(1.0, 1.2, 3000, None, timed=True)), None),

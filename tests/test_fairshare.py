@@ -103,6 +103,28 @@ def test_a_bounded_users_share_is_split_among_bounded_users_alone() -> None:
     assert why is not None and "share 25 among 2 users" in why
 
 
+def test_a_flexible_user_that_yields_takes_no_part_of_a_bounded_users_share() -> None:
+    """A flexible user whose ingress had room for it elsewhere (EXT_FLAG_YIELDS) in each of its asks of
+    the last second is not counted in a bounded request's share; one ask without yielding counts it again
+    for a second. Flexible requests' shares count it either way."""
+    s = Shares()
+    for _ in range(45):
+        s.admitted("u1")
+    assert s.refuse("u2", 45, 50, 0.5, yields=True) is None  # flexible, yielding: counted among all users
+    assert s.refuse("u1", 45, 50, 0.6, bounded=True) is None  # ... but not in u1's bounded share: all 50
+    why = s.refuse("u1", 45, 50, 0.6)  # u1 without a bound: split with u2
+    assert why is not None and "share 25 among 2 users" in why
+    assert s.refuse("u2", 45, 50, 0.7) is None  # u2 asks once without yielding (no room elsewhere now)
+    why = s.refuse("u1", 45, 50, 0.8, bounded=True)
+    assert why is not None and "share 25 among 2 users" in why
+    assert s.refuse("u2", 45, 50, 1.72, yields=True) is None
+    assert s.refuse("u1", 45, 50, 1.75, bounded=True) is None  # in the second to 1.75 u2 only yielded: all 50
+    for _ in range(5):
+        s.admitted("u1")
+    why = s.refuse("u1", 50, 50, 1.8, bounded=True)  # the share never exceeds the capacity
+    assert why is not None and "share 50 among 1 users" in why
+
+
 def test_what_a_user_had_leaves_after_a_second() -> None:
     s = Shares()
     assert s.refuse("a", 10, 50, 0.0) is None and s.users(0.0) == 0  # far from full: nobody is counted
@@ -280,10 +302,11 @@ def test_a_user_behind_another_ingress_is_not_the_same_user(tmp_path) -> None:
 
 
 def _admitting(offers: dict[str, tuple[float, int | None]], seconds: float = 20.0, job_s: float = 0.1,
-               capacity: float = 50.0) -> dict[str, float]:
+               capacity: float = 50.0, compute_us: int = 20_000, yielding: frozenset[str] = frozenset()) -> dict[str, float]:
     """Requests admitted a second (over the last 15) by ``Egress.admit`` itself (the share, then the
     meter), on a virtual clock: ``offers`` is party -> (requests a second, slack µs or None: flexible);
-    each admitted request takes ``job_s`` and ends as the egress ends it."""
+    each admitted request takes ``job_s`` and ends as the egress ends it; ``yielding``: parties whose
+    requests carry EXT_FLAG_YIELDS."""
     import heapq
     from types import SimpleNamespace
 
@@ -292,7 +315,7 @@ def _admitting(offers: dict[str, tuple[float, int | None]], seconds: float = 20.
     from cpnd.tunnel import NO_BUDGET
 
     inst = SimpleNamespace(id="s1", capacity=capacity, max_inflight=10_000)
-    meter = InstanceMeter(capacity, 20_000)
+    meter = InstanceMeter(capacity, compute_us)
     egress = SimpleNamespace(meters={"s1": meter}, shares={"s1": Shares()},
                              p=SimpleNamespace(stats=collections.Counter()))
     shares = egress.shares["s1"]
@@ -314,7 +337,7 @@ def _admitting(offers: dict[str, tuple[float, int | None]], seconds: float = 20.
         heapq.heappush(events, (t + 1 / rate, n, party, None))
         n += 1
         budget = NO_BUDGET if slack is None else 10 * slack
-        if Egress.admit(egress, inst, budget, NO_BUDGET if slack is None else slack, party, t) is None:
+        if Egress.admit(egress, inst, budget, NO_BUDGET if slack is None else slack, party, t, party in yielding) is None:
             hold, load = meter.take_admitted(t)
             meter.sent(hold, t)
             got[party] += t >= seconds - 15
@@ -332,3 +355,17 @@ def test_a_bound_any_request_can_claim_takes_no_flexible_users_share() -> None:
     for hog in (3_600_000_000, 120_000, None):
         got = _admitting({"hog": (200.0, hog), "honest": (40.0, None)})
         assert got["honest"] >= 20 and got["hog"] <= 25, (hog, got)
+
+
+def test_a_bounded_user_gets_the_room_a_flexible_user_with_room_elsewhere_yields() -> None:
+    """The paper's s3 at 100 req/s a user: u1's bound (2.5 ms of compute left, base 1 ms) is met only at
+    s1 and s3, u2's overflow (flexible) prefers s3 but has room at s2 and s4. Counted in u1's share, u2 held
+    u1 to 25 of the 38 a second it asked; yielding, u2 leaves u1 what it asks, and gets what is left. A
+    flexible user with nowhere else to go (not yielding) keeps its share beside a bound any instance meets."""
+    offers = {"u1": (38.0, 2_500), "u2": (30.0, None)}
+    held = _admitting(offers, job_s=0.002, compute_us=1_000)
+    assert held["u1"] <= 26 and held["u2"] >= 20, held  # (before: fair shares alone)
+    got = _admitting(offers, job_s=0.002, compute_us=1_000, yielding=frozenset({"u2"}))
+    assert got["u1"] >= 35 and got["u1"] + got["u2"] >= 47, got
+    hog = _admitting({"hog": (200.0, 3_600_000_000), "honest": (40.0, None)}, yielding=frozenset({"hog"}))
+    assert hog["honest"] >= 20 and hog["hog"] <= 25, hog  # the flag is the flexible user's own: a bound cannot claim it

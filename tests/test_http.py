@@ -381,6 +381,27 @@ def test_a_bound_no_instance_can_meet_is_refused_at_once_with_the_best_estimate(
     assert after["error_503"] == before.get("error_503", 0) + 1
 
 
+def test_a_flexible_request_with_room_elsewhere_yields_at_its_egress(net) -> None:
+    """EXT_FLAG_YIELDS travels in the extension header to the egress that admits the request (through a
+    transit too) and reaches the ingress's own admission: set on a flexible request whose other
+    candidates have room, never on a latency-bound one (show stats' ``admission_yielding`` where it counts)."""
+    lab = net["lab"]
+
+    def yielding() -> dict[str, int]:
+        return {gw: lab.query(gw, "stats")["http"].get("admission_yielding", 0) for gw in ("a", "c", "d")}
+
+    before = yielding()
+    with httpx.Client(base_url=net["url"], timeout=10) as c:
+        for headers, gw in ((S2, "d"), (S1, "c"), (S3, "a")):  # flexible: s2 at d, s1 at c through b, the local s3
+            r = c.post("/yolo", content=b"x", headers=headers)
+            assert r.status_code == 200 and r.headers["cpn-origin"] == gw, (headers, r.text)
+        mid = yielding()
+        assert {gw: mid[gw] - before[gw] for gw in mid} == {"a": 1, "c": 1, "d": 1}
+        r = c.post("/yolo", content=b"x", headers=S1_ONLY)  # latency-bound: it never yields
+        assert r.status_code == 200 and r.headers["cpn-origin"] == "c", r.text
+    assert yielding() == mid
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_head_and_expect_continue(net, tmp_path) -> None:
     head = subprocess.run(["curl", "-sS", "-I", net["url"] + "/yolo", "-H", "CPN-Max-Price: 2.5"],

@@ -21,12 +21,14 @@ from cpnd.wire import RouteAdv, Update
 LABEL = service_label("/yolo")
 
 
-def make_rib(*instances: tuple[str, str, int, float]) -> Rib:
-    """gw1's RIB with (peer, instance, compute µs, price) routes of /yolo, each peer 2 ms away."""
+def make_rib(*instances: tuple[str, str, int, float], full: tuple[str, ...] = ()) -> Rib:
+    """gw1's RIB with (peer, instance, compute µs, price) routes of /yolo, each peer 2 ms away; those in
+    ``full`` at their capacity."""
     rib = Rib("gw1")
     for peer, iid, comp, price in instances:
         rib.set_link_cost(peer, 2000)
-        rib.apply_update(peer, Update((RouteAdv("/yolo", iid, peer, 1, LABEL, (peer,), 0, 50.0, 0.0, price, comp,
+        load = 1.0 if iid in full else 0.0
+        rib.apply_update(peer, Update((RouteAdv("/yolo", iid, peer, 1, LABEL, (peer,), 0, 50.0, load, price, comp,
                                                 gateway_us=0),)), 0)
     return rib
 
@@ -114,6 +116,34 @@ def test_a_body_that_cannot_be_sent_twice_gets_no_retry() -> None:
     cand = plan.next(0.0, replayable=False)
     assert cand is not None and plan.failed(cand, ResetCode.REFUSED, False, "", 0.0)
     assert plan.next(0.0, replayable=False) is None and not plan.more(False)
+
+
+def test_a_flexible_attempt_yields_while_another_candidate_has_room_and_may_be_tried() -> None:
+    """EXT_FLAG_YIELDS (selection.md, "Choice"): a flexible request with another candidate not estimated
+    full (nor held after a refusal) and an attempt left; never a latency-bound one, nor a body that cannot
+    be sent twice, nor the last attempt."""
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
+    for left in (True, True, False):  # the third attempt is the last
+        cand = plan.next(0.0)
+        assert cand is not None and plan.yields() is left
+        plan.failed(cand, ResetCode.REFUSED, False, "", 0.0)
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
+    assert plan.next(0.0, replayable=False) is not None and not plan.yields(replayable=False)
+    plan = planner(THREE).plan(b"GET", b"/yolo", hdr(CPN_Max_Latency="50ms"), {}, 0.0, 0.0)
+    assert plan.next(0.0) is not None and not plan.yields()
+    two_full = make_rib(("gw2", "a", 1000, 1.0), ("gw3", "b", 2000, 2.0), ("gw4", "c", 3000, 3.0), full=("b", "c"))
+    plan = planner(two_full).plan(b"GET", b"/yolo", hdr(), {}, 0.0, 0.0)
+    cand = plan.next(0.0)
+    assert cand is not None and cand.instance == "a" and not plan.yields()  # the others are full
+    two = make_rib(("gw2", "a", 1000, 1.0), ("gw3", "b", 2000, 1.0))
+    p = planner(two)
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Prefer="price"), {}, 0.0, 0.0)
+    first = plan.next(0.0)
+    assert first is not None and plan.yields()
+    plan.failed(first, ResetCode.REFUSED, False, "full", 0.001)  # held as full for flexible requests a while
+    plan = p.plan(b"GET", b"/yolo", hdr(CPN_Prefer="price"), {}, 0.002, 0.002)
+    cand = plan.next(0.002)
+    assert cand is not None and cand.key != first.key and not plan.yields()
 
 
 def test_budget_and_slack_for_the_extension_header() -> None:
