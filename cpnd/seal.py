@@ -194,7 +194,7 @@ class Ephemerals:
     def __init__(self, size: int = READY_KEYS, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
         self.clock = clock
-        self._current: collections.OrderedDict[bytes, Epoch] = collections.OrderedDict()  # in the order drawn
+        self._current: collections.OrderedDict[bytes, Epoch] = collections.OrderedDict()  # in the order they began
         self._next: collections.OrderedDict[bytes, Epoch] = collections.OrderedDict()
 
     def take(self, static: bytes, request_id: bytes) -> tuple[bytes, bytes, bool]:

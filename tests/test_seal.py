@@ -92,9 +92,22 @@ def test_sealed_vectors(vectors) -> None:
     assert pub.hex() == v["eph_public"] and x25519_public(static).hex() == v["origin_public"]
     assert (ingress.send.key.hex(), ingress.recv.key.hex()) == (v["request_key"], v["response_key"])
     assert ingress.send.seal(bytes.fromhex(v["request"]), True).hex() == v["sealed_request"]
-    egress = Opener(static).inbound(pub, rid, v["label"], v["origin"], v["instance"])
-    assert egress.recv.open(bytes.fromhex(v["sealed_request"])).hex() == v["request"]
+    opener = Opener(static)
+    egress = opener.inbound(pub, rid, v["label"], v["origin"], v["instance"])
+    assert egress.open(bytes.fromhex(v["sealed_request"])).hex() == v["request"]
     assert egress.send.seal(bytes.fromhex(v["response"]), True).hex() == v["sealed_response"]
+    # The epoch's second stream: the same eph, its own request id and keys; the egress opens both.
+    e = v["epoch"]
+    rid2 = bytes.fromhex(e["request_id"])
+    pub2, ingress2 = outbound(x25519_public(static), rid2, v["label"], v["origin"], v["instance"], eph)
+    assert pub2 == pub and (ingress2.send.key.hex(), ingress2.recv.key.hex()) == (e["request_key"], e["response_key"])
+    assert ingress2.send.seal(bytes.fromhex(v["request"]), True).hex() == e["sealed_request"]
+    egress2 = opener.inbound(pub, rid2, v["label"], v["origin"], v["instance"])
+    assert egress2.open(bytes.fromhex(e["sealed_request"])).hex() == v["request"]
+    assert egress2.send.seal(bytes.fromhex(v["response"]), True).hex() == e["sealed_response"]
+    with pytest.raises(SealError, match="replayed"):
+        opener.inbound(pub, rid2, v["label"], v["origin"], v["instance"])
+    assert opener.exchanges == 1
 
 
 def test_no_seal_when_the_first_hop_is_the_origin() -> None:
