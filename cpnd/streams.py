@@ -409,7 +409,7 @@ class SealedStream:
         self._stream = stream
         self._sealing = sealing
         self._egress = egress  # a record that does not open: before the instance (egress) or after it
-        self._sent = sent  # the ingress: called once its whole request is out (the next key is drawn then)
+        self._sent = sent  # the ingress: called once its whole request is out (the next epoch is drawn then)
         # What the data plane reads of every stream, taken once here: through ``__getattr__`` each read
         # is two calls. The rest is the stream's own, through ``__getattr__``.
         self.ext, self.id, self.mux = stream.ext, stream.id, stream.mux
@@ -467,6 +467,7 @@ class SealedStream:
             await self._stream.send(self._sealing.send.seal(data, end), end)
         if end and self._sent is not None:
             sent, self._sent = self._sent, None
+            self._sealing.recv.prepare()  # the response's cipher, made while the request is answered
             sent()
 
 
