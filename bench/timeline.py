@@ -2,6 +2,7 @@
 
     python bench/timeline.py [--path "1 hop"] [--requests 300]
     python bench/timeline.py --marks [--path "1 hop"] [--requests 400]   # the processes' own timestamps
+    python bench/timeline.py --marks --path "2 hops" --points cpnd.seal:derive cpnd.seal:Opener.record   # finer
 
 Starts bench/dataplane.py's rig (the instance, gateways a - b - c, the floor chain), warms the
 path, then sends ``--requests`` requests one at a time over one keep-alive connection while

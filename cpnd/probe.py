@@ -12,7 +12,7 @@ load-independent, unlike any timing here), in an "opcodes" one every bytecode in
 function (exact too: what each call does, which the call counts hide), in a "quiet" one nothing (for py-spy, outside), in a "timeline" one a timestamp
 (``perf_counter_ns``, one clock for every process on the machine) at each step of a request's way
 through the process (``Timeline``: its reads and writes by descriptor, its wake-ups, task steps and
-the functions ``TIMELINE_POINTS`` names), into a ring buffer written as ``probe-PID.timeline``: the
+the functions ``TIMELINE_POINTS`` names, and those the directory's ``points`` file adds), into a ring buffer written as ``probe-PID.timeline``: the
 counters are off the loop then, so that a profile shows cpnd, not the probe. Off (the default), ``instruments()``
 is empty and nothing else runs: the event loop is not touched.
 """
