@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpnd import seal
 from cpnd.seal import (
     EPOCH_S,
     EPOCH_STREAMS,
@@ -38,8 +39,15 @@ def pair(opener: Opener | None = None):
 
 @given(st.binary(max_size=130), st.binary(max_size=300))
 def test_hmac_is_rfc_2104s(key: bytes, msg: bytes) -> None:
-    """derive's HMAC over CPython's own SHA-256 is the standard library's, for keys under and over a block."""
+    """derive's HMAC over CPython's own SHA-256 is the standard library's, for keys under and over a
+    block; and over hashlib's SHA-256, the fallback where the interpreter has no SHA-256 of its own."""
     assert _hmac_sha256(key, msg) == hmac.digest(key, msg, hashlib.sha256)
+    own = seal._sha256
+    try:
+        seal._sha256 = hashlib.sha256
+        assert _hmac_sha256(key, msg) == hmac.digest(key, msg, hashlib.sha256)
+    finally:
+        seal._sha256 = own
 
 
 def test_round_trip_in_pieces_and_both_ways() -> None:
