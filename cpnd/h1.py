@@ -21,8 +21,8 @@ from h11._headers import Headers, normalize_and_validate  # h11's own header lis
 
 from .errors import HttpError
 from .heads import HOP_BY_HOP
-from .whole import awaits_answer, new_connection, read_whole_awaited, request_bytes, request_events, whole_bytes, \
-    wrote_whole
+from .whole import answer_as_is, awaits_answer, new_connection, read_whole_awaited, request_bytes, request_events, \
+    whole_bytes, wrote_whole
 from .pending import NOW
 
 RECEIVE_CHUNK = 256 * 1024  # a bulk body in fewer, larger pieces (each one costs an h11 cycle)
@@ -311,6 +311,24 @@ class H11Stream:
                         self._ready = read
                         return read.pop()
             conn.receive_data(data)
+
+    async def answer(self, extra: bytes) -> Any:
+        """``next_event`` for an instance's answer to be passed on to our own user: the first read
+        holding it whole as it may be passed on comes as a Whole, rewritten (whole.answer_as_is,
+        ``extra`` its added field lines); anything else as h11's events, read as ``next_event`` reads."""
+        conn = self.conn
+        if self._ready or self.tunnel or conn.our_role is not h11.CLIENT or not awaits_answer(conn):
+            return await self.next_event()
+        data = await receive_some(self.transport)
+        whole = answer_as_is(conn, data, extra)
+        if whole is not None:
+            return whole
+        read = read_whole_awaited(conn, data)
+        if read is not None:
+            self._ready = read
+            return read.pop()
+        conn.receive_data(data)
+        return await self.next_event()
 
     def receive_nowait(self) -> bool:
         """Whatever a plain socket holds already, into h11, without waiting and without trio's

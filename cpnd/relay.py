@@ -22,7 +22,7 @@ from .inprocess import LocalEvents
 from .planner import Attempt
 from .streams import ByteStream, StreamReset
 from .tunnel import ResetCode
-from .whole import whole_response, whole_writable
+from .whole import Whole, whole_response, whole_writable
 
 
 class Sink(Protocol):
@@ -41,6 +41,10 @@ class Sink(Protocol):
 
     def before_blocking(self, arm: Callable[[], None] | None) -> None:
         """Call ``arm`` before a write of ours waits for room (None: no longer)."""
+
+    def takes_whole(self) -> bool:
+        """Whether a whole answer may come as a Whole (``send_whole``): an HTTP/1.1 user's connection
+        that may take it around h11 (whole.whole_writable)."""
 
     @property
     def abandoned(self) -> bool: ...
@@ -86,6 +90,10 @@ class StreamSink:
     def before_blocking(self, arm: Callable[[], None] | None) -> None:
         pass  # the request's deadline bounds our write: the ingress gives up on the stream then
 
+    @staticmethod
+    def takes_whole() -> bool:
+        return False  # (written by h11's events: whole_bytes, in H11Stream.send_all)
+
     @property
     def abandoned(self) -> bool:
         """The stream ended before our response did: the far end abandoned it (we reset it only after the call)."""
@@ -118,8 +126,12 @@ class UserSink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
 
+    def takes_whole(self) -> bool:
+        return type(self.client) is H11Stream and whole_writable(self.client.conn)
+
     async def send_whole(self, whole: Whole) -> None:
-        """A response that came whole (``first_event``), as it came: what ``send_all`` does for its events."""
+        """A response that came whole (``first_event``, or our own instance's: ``H11Stream.answer``), as it
+        came: what ``send_all`` does for its events."""
         self._head(whole.status_code)
         self.attempt.sent_head = True
         try:
@@ -244,17 +256,6 @@ async def _last_write(sink: Sink, idle: trio.CancelScope, arm: Callable[[], None
         await write
     finally:
         sink.before_blocking(None)
-
-
-class Whole:
-    """A response that came down a stream whole, in one piece, passed on to the user as it came
-    (``first_event``): not read by h11 at the ingress, nor written by it again."""
-
-    __slots__ = ("status_code", "data")
-
-    def __init__(self, status_code: int, data: bytes) -> None:
-        self.status_code = status_code
-        self.data = data
 
 
 async def first_event(up: H11Stream | LocalEvents, client: Any) -> Any:
