@@ -370,26 +370,29 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-async def receive_some(transport: Any) -> bytes:
+async def receive_some(transport: Any, *, empty: bool = False) -> bytes:
     """``transport.receive_some(RECEIVE_CHUNK)``; from a plain socket without the ~25 calls trio makes
     around its read (a conflict detector, an error-translating context manager, the socket's
     wrapper and its async context manager): what is there is read at once, then a checkpoint, as
     trio's; when nothing is there, a wait for it. Trio's semantics and errors (Cancelled before the
-    read if the scope is, ClosedResourceError, BrokenResourceError). A TLS stream reads its own way."""
+    read if the scope is, ClosedResourceError, BrokenResourceError). A TLS stream reads its own way.
+    ``empty``: the caller found nothing there in this step (``H11Stream.receive_nowait``): it waits at
+    once (a read finding nothing again was a system call and an exception)."""
     sock = getattr(transport, "socket", None)
     if sock is None:
         return await transport.receive_some(RECEIVE_CHUNK)
-    await trio.lowlevel.checkpoint_if_cancelled()
     fd = sock.fileno()
-    try:
-        data = os.read(fd, RECEIVE_CHUNK)  # trio's sockets are non-blocking
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
-    else:
-        await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as in trio's
-        return data
+    if not empty:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, RECEIVE_CHUNK)  # trio's sockets are non-blocking
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as in trio's
+            return data
     while True:
         await trio.lowlevel.wait_readable(fd)  # ClosedResourceError if the socket is closed meanwhile
         try:
