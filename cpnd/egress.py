@@ -340,7 +340,7 @@ class Egress:
                         sink.later.run()  # the instance has it: the user's last answer's accounting, meanwhile
                     else:
                         nursery.start_soon(up.run)
-                    # (Our own user's answer, when it comes whole, goes to it rewritten in its bytes.)
+                    # (An answer that comes whole goes on rewritten in its bytes, to a user or down a stream.)
                     ev = await _response_head(ic, scope, bound,
                                               _answer_lines(inst.id, self.p.gw.id) if sink.takes_whole() else None)
                     if scope.cancel_called:  # the deadline passed in the step that brought the head: it
@@ -368,11 +368,11 @@ class Egress:
 
     async def _relay(self, ev: Any, ic: H11Stream, sink: Sink, inst: InstanceConfig, scope: trio.CancelScope,
                      now: float) -> None:
-        """The instance's answer, its head ``ev`` or the whole of it (a Whole, for a UserSink: ``takes_whole``),
+        """The instance's answer, its head ``ev`` or the whole of it (a Whole, for a sink that ``takes_whole``),
         relayed to ``sink``, ``scope`` its idle time from ``now``."""
         idle_s = self.p.limits.body_idle_timeout_s
         if type(ev) is Whole:
-            await relay_whole(ev, sink, scope, idle_s, now)  # type: ignore[arg-type]
+            await relay_whole(ev, sink, scope, idle_s, now)  # type: ignore[arg-type]  (a UserSink or a StreamSink)
             return
         headers = rewrite_headers(ev.headers, drop_cpn=True, extra=_answer_fields(inst.id, self.p.gw.id))
         response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)

@@ -313,9 +313,10 @@ class H11Stream:
             conn.receive_data(data)
 
     async def answer(self, extra: bytes) -> Any:
-        """``next_event`` for an instance's answer to be passed on to our own user: the first read
-        holding it whole as it may be passed on comes as a Whole, rewritten (whole.answer_as_is,
-        ``extra`` its added field lines); anything else as h11's events, read as ``next_event`` reads."""
+        """``next_event`` for an instance's answer an egress passes on (to our own user, or down a
+        stream): the first read holding it whole as it may be passed on comes as a Whole, rewritten
+        (whole.answer_as_is, ``extra`` its added field lines); anything else as h11's events, read as
+        ``next_event`` reads."""
         conn = self.conn
         if self._ready or self.tunnel or conn.our_role is not h11.CLIENT or not awaits_answer(conn):
             return await self.next_event()

@@ -22,7 +22,7 @@ from .inprocess import LocalEvents
 from .planner import Attempt
 from .streams import ByteStream, StreamReset
 from .tunnel import ResetCode
-from .whole import Whole, whole_response, whole_writable
+from .whole import Whole, whole_response, whole_writable, wrote_whole
 
 
 class Sink(Protocol):
@@ -90,9 +90,15 @@ class StreamSink:
     def before_blocking(self, arm: Callable[[], None] | None) -> None:
         pass  # the request's deadline bounds our write: the ingress gives up on the stream then
 
-    @staticmethod
-    def takes_whole() -> bool:
-        return False  # (written by h11's events: whole_bytes, in H11Stream.send_all)
+    def takes_whole(self) -> bool:
+        return type(self.rx) is H11Stream and whole_writable(self.rx.conn)
+
+    async def send_whole(self, whole: Whole) -> None:
+        """A whole answer rewritten in its bytes (H11Stream.answer): what ``send_all`` sends of its events."""
+        wrote_whole(self.rx.conn)  # type: ignore[union-attr]  (takes_whole: an H11Stream)
+        await self.rx.transport.send(whole.data, end=True)  # type: ignore[union-attr]
+        if self.head_at is None:
+            self.head_at = trio.current_time()
 
     @property
     def abandoned(self) -> bool:
@@ -275,7 +281,8 @@ async def first_event(up: H11Stream | LocalEvents, client: Any) -> Any:
     return up.next_event_nowait() or await up.next_event()
 
 
-async def relay_whole(whole: Whole, sink: UserSink, idle: trio.CancelScope, idle_s: float, now: float) -> None:
+async def relay_whole(whole: Whole, sink: UserSink | StreamSink, idle: trio.CancelScope, idle_s: float,
+                      now: float) -> None:
     """``whole`` to the user in one write, as ``relay_response`` sends a held response."""
     idle_at = now + idle_s
 

@@ -102,9 +102,9 @@ def read_whole_awaited(conn: h11.Connection, data: bytes) -> list[Any] | None:
 
 
 class Whole:
-    """A whole response, in one piece, passed on to a user as it came: an egress's down a stream
-    (relay.first_event: not read by h11 at the ingress, nor written by it again), or our own
-    instance's to our own user, rewritten in its bytes (``answer_as_is``)."""
+    """A whole response, in one piece, passed on as it came: an egress's down a stream to the user
+    (relay.first_event: not read by h11 at the ingress, nor written by it again), or an instance's
+    by its egress, to our own user or down a stream, rewritten in its bytes (``answer_as_is``)."""
 
     __slots__ = ("status_code", "data")
 
@@ -113,7 +113,7 @@ class Whole:
         self.data = data
 
 
-# An instance's answer passed on to our own user as it came, rewritten in its bytes: refused if it has a
+# An instance's answer passed on by its egress as it came, rewritten in its bytes: refused if it has a
 # hop-by-hop field other than Connection: keep-alive and Keep-Alive (nginx's, Apache's), which go; a
 # Host (h11 writes it first); a CPN-* field (an instance's are dropped); or what h11 reads its own way.
 _ANSWER_REFUSED = re.compile(b"\r\n(?:(?:" + b"|".join(sorted((HOP_BY_HOP - {b"connection", b"keep-alive"}) | {b"host"}))
@@ -124,10 +124,10 @@ _KEPT_ALIVE = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE
 def answer_as_is(conn: h11.Connection, data: bytes, extra: bytes) -> Whole | None:
     """For a client ``conn`` that ``awaits_answer``, ``data`` its first read: if it is one whole answer of
     known length that ``read_whole_awaited`` reads and ``_ANSWER_REFUSED`` does not refuse, its status and
-    (a Whole) the bytes ``whole_bytes`` writes of it as relayed to a user (``rewrite_headers(drop_cpn=True,
+    (a Whole) the bytes ``whole_bytes`` writes of it as an egress relays it (``rewrite_headers(drop_cpn=True,
     extra=...)``: Connection and Keep-Alive out, ``extra``, field lines as h11 writes them, after the
     others), ``conn`` moved as h11's reading of it would; else None, nothing moved. (Read into events,
-    rewritten and written again: ~1,000 bytecodes an answer of the local path.)"""
+    rewritten and written again: ~1,000 bytecodes an answer.)"""
     head = _whole(data, _ANSWER_REFUSED)
     if head is None:
         return None
