@@ -146,7 +146,7 @@ def main() -> int:
                           f"(window {total / n:,.0f}, idle {idle_total * scale / n:,.0f}); dump {by[f'{name}-{kind}']}")
                     rows = sorted(((v - idle_funcs.get(k, 0) * scale) / n, k) for k, v in funcs.items())[::-1]
                     for v, k in rows[:args.top]:
-                        print(f"  {v:10,.0f}  {k.rsplit('/', 1)[-1]}")  # (file:function [object])
+                        print(f"  {v:10,.0f}  {k.split(' [')[0].rsplit('/', 1)[-1]}")  # (file:function, less its path and object)
     finally:
         for p in procs:
             p.terminate()
