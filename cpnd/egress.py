@@ -35,11 +35,11 @@ from .load import Hold, InstanceMeter, Stage
 from .names import service_label
 from .inprocess import LocalEvents, PipeEnd
 from .plane import Plane
-from .relay import Cut, Sink, StreamSink, relay_response
+from .relay import Cut, Sink, StreamSink, relay_response, relay_whole
 from .streams import ByteStream, StreamReset
 from .tls import InstanceTls
 from .tunnel import EXT_FLAG_YIELDS, NO_BUDGET, ExtHeader, ResetCode
-from .whole import request_head
+from .whole import Whole, request_head
 
 log = logging.getLogger("cpnd.http")
 
@@ -340,20 +340,19 @@ class Egress:
                         sink.later.run()  # the instance has it: the user's last answer's accounting, meanwhile
                     else:
                         nursery.start_soon(up.run)
-                    ev = await _response_head(ic, scope, bound)
+                    # (An answer that comes whole goes on rewritten in its bytes, to a user or down a stream.)
+                    ev = await _response_head(ic, scope, bound,
+                                              _answer_lines(inst.id, self.p.gw.id) if sink.takes_whole() else None)
                     if scope.cancel_called:  # the deadline passed in the step that brought the head: it
                         await trio.lowlevel.checkpoint()  # stands (a relay in a cancelled scope fails midway)
-                    if not isinstance(ev, h11.Response):
+                    if type(ev) is not Whole and not isinstance(ev, h11.Response):
                         raise OSError("instance closed the connection before responding")
                     now = self.p.now()  # one reading for this step: health, load report, the relay's idle time
                     self.health_result(inst.id, True, now)
                     head_after = max(0.0, now - up.done_at)
                     if inst.id in self.meters:  # else it left (deregistered) since the call began: it ends all the same
                         sink.report_load(self.meters[inst.id], head_after, now)
-                    headers = rewrite_headers(ev.headers, drop_cpn=True, extra=_answer_fields(inst.id, self.p.gw.id))
-                    response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
-                    await relay_response(ic, response, content_length(ev.headers), sink, scope,
-                                         self.p.limits.body_idle_timeout_s, now=now)
+                    await self._relay(ev, ic, sink, inst, scope, now)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, Cut) as exc:
                 await entry.stream.aclose()
                 _instance_failed(sink, inst, exc, head_after, up.delivered)
@@ -366,6 +365,18 @@ class Egress:
         assert entry is not None
         self._pool(key, entry)
         return head_after
+
+    async def _relay(self, ev: Any, ic: H11Stream, sink: Sink, inst: InstanceConfig, scope: trio.CancelScope,
+                     now: float) -> None:
+        """The instance's answer, its head ``ev`` or the whole of it (a Whole, for a sink that ``takes_whole``),
+        relayed to ``sink``, ``scope`` its idle time from ``now``."""
+        idle_s = self.p.limits.body_idle_timeout_s
+        if type(ev) is Whole:
+            await relay_whole(ev, sink, scope, idle_s, now)  # type: ignore[arg-type]  (a UserSink or a StreamSink)
+            return
+        headers = rewrite_headers(ev.headers, drop_cpn=True, extra=_answer_fields(inst.id, self.p.gw.id))
+        response = h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason, _parsed=True)
+        await relay_response(ic, response, content_length(ev.headers), sink, scope, idle_s, now=now)
 
     async def _cut_short(self, sink: Sink, inst: InstanceConfig, where: str, entry: _PoolEntry | None,
                          head_after: float | None, delivered: bool) -> float | None:
@@ -494,16 +505,17 @@ def _body_so_far(rx: H11Stream | LocalEvents) -> list[Any]:
             return rest
 
 
-async def _response_head(ic: H11Stream, scope: trio.CancelScope, bound: float | None) -> Any:
-    """The instance's first event past any 1xx: its response head, or what ended the connection;
-    ``scope`` cut precisely at ``bound`` (None: no timer here)."""
+async def _response_head(ic: H11Stream, scope: trio.CancelScope, bound: float | None, as_is: bytes | None) -> Any:
+    """The instance's first event past any 1xx: its response head, or what ended the connection; or,
+    ``as_is`` given (the answer's added field lines), the whole answer as our own user gets it if it
+    came so (H11Stream.answer: a Whole); ``scope`` cut precisely at ``bound`` (None: no timer here)."""
     if bound is None:  # a stream's sink: the ingress keeps the user's bound
-        ev = await ic.next_event()
+        ev = await (ic.next_event() if as_is is None else ic.answer(as_is))
         while type(ev) is h11.InformationalResponse:  # (isinstance on h11's ABCs: a call when false)
             ev = await ic.next_event()
         return ev
     with cancel_precisely_at(scope, bound):  # a user's own sink with a bound (the ingress calling its own instance)
-        ev = await ic.next_event()
+        ev = await (ic.next_event() if as_is is None else ic.answer(as_is))
         while type(ev) is h11.InformationalResponse:
             ev = await ic.next_event()
     return ev
@@ -517,6 +529,12 @@ def _answered(meter: InstanceMeter, shares: Shares | None, end: float, served: f
         meter.answered(end, served * 1_000_000, load_at_arrival, hold, party)
     if shares is not None:
         shares.ended(party, end, gone)
+
+
+@functools.lru_cache(maxsize=1024)
+def _answer_lines(iid: str, gateway_id: str) -> bytes:
+    """``_answer_fields`` as h11 writes them (a whole answer passed on in its bytes: whole.answer_as_is)."""
+    return b"".join(b"%s: %s\r\n" % field for field in _answer_fields(iid, gateway_id))
 
 
 @functools.lru_cache(maxsize=1024)

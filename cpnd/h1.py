@@ -21,8 +21,8 @@ from h11._headers import Headers, normalize_and_validate  # h11's own header lis
 
 from .errors import HttpError
 from .heads import HOP_BY_HOP
-from .whole import awaits_answer, new_connection, read_whole_awaited, request_bytes, request_events, whole_bytes, \
-    wrote_whole
+from .whole import answer_as_is, awaits_answer, new_connection, read_whole_awaited, request_bytes, request_events, \
+    whole_bytes, wrote_whole
 from .pending import NOW
 
 RECEIVE_CHUNK = 256 * 1024  # a bulk body in fewer, larger pieces (each one costs an h11 cycle)
@@ -312,6 +312,25 @@ class H11Stream:
                         return read.pop()
             conn.receive_data(data)
 
+    async def answer(self, extra: bytes) -> Any:
+        """``next_event`` for an instance's answer an egress passes on (to our own user, or down a
+        stream): the first read holding it whole as it may be passed on comes as a Whole, rewritten
+        (whole.answer_as_is, ``extra`` its added field lines); anything else as h11's events, read as
+        ``next_event`` reads."""
+        conn = self.conn
+        if self._ready or self.tunnel or conn.our_role is not h11.CLIENT or not awaits_answer(conn):
+            return await self.next_event()
+        data = await receive_some(self.transport)
+        whole = answer_as_is(conn, data, extra)
+        if whole is not None:
+            return whole
+        read = read_whole_awaited(conn, data)
+        if read is not None:
+            self._ready = read
+            return read.pop()
+        conn.receive_data(data)
+        return await self.next_event()
+
     def receive_nowait(self) -> bool:
         """Whatever a plain socket holds already, into h11, without waiting and without trio's
         receive (a checkpoint: a task step and a loop pass, even with the bytes there); True if
@@ -352,26 +371,29 @@ def _stream_error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourc
     return trio.BrokenResourceError(f"socket connection broken: {exc}")
 
 
-async def receive_some(transport: Any) -> bytes:
+async def receive_some(transport: Any, *, empty: bool = False) -> bytes:
     """``transport.receive_some(RECEIVE_CHUNK)``; from a plain socket without the ~25 calls trio makes
     around its read (a conflict detector, an error-translating context manager, the socket's
     wrapper and its async context manager): what is there is read at once, then a checkpoint, as
     trio's; when nothing is there, a wait for it. Trio's semantics and errors (Cancelled before the
-    read if the scope is, ClosedResourceError, BrokenResourceError). A TLS stream reads its own way."""
+    read if the scope is, ClosedResourceError, BrokenResourceError). A TLS stream reads its own way.
+    ``empty``: the caller found nothing there in this step (``H11Stream.receive_nowait``): it waits at
+    once (a read finding nothing again was a system call and an exception)."""
     sock = getattr(transport, "socket", None)
     if sock is None:
         return await transport.receive_some(RECEIVE_CHUNK)
-    await trio.lowlevel.checkpoint_if_cancelled()
     fd = sock.fileno()
-    try:
-        data = os.read(fd, RECEIVE_CHUNK)  # trio's sockets are non-blocking
-    except BlockingIOError:
-        pass
-    except OSError as exc:
-        raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
-    else:
-        await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as in trio's
-        return data
+    if not empty:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, RECEIVE_CHUNK)  # trio's sockets are non-blocking
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _stream_error(exc) from (None if exc.errno in _CLOSED_ERRNOS else exc)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # it was there: others run first, as in trio's
+            return data
     while True:
         await trio.lowlevel.wait_readable(fd)  # ClosedResourceError if the socket is closed meanwhile
         try:

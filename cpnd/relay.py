@@ -22,7 +22,7 @@ from .inprocess import LocalEvents
 from .planner import Attempt
 from .streams import ByteStream, StreamReset
 from .tunnel import ResetCode
-from .whole import whole_response, whole_writable
+from .whole import Whole, whole_response, whole_writable, wrote_whole
 
 
 class Sink(Protocol):
@@ -41,6 +41,10 @@ class Sink(Protocol):
 
     def before_blocking(self, arm: Callable[[], None] | None) -> None:
         """Call ``arm`` before a write of ours waits for room (None: no longer)."""
+
+    def takes_whole(self) -> bool:
+        """Whether a whole answer may come as a Whole (``send_whole``): an HTTP/1.1 user's connection
+        that may take it around h11 (whole.whole_writable)."""
 
     @property
     def abandoned(self) -> bool: ...
@@ -87,6 +91,16 @@ class StreamSink:
     def before_blocking(self, arm: Callable[[], None] | None) -> None:
         pass  # the request's deadline bounds our write: the ingress gives up on the stream then
 
+    def takes_whole(self) -> bool:
+        return type(self.rx) is H11Stream and whole_writable(self.rx.conn)
+
+    async def send_whole(self, whole: Whole) -> None:
+        """A whole answer rewritten in its bytes (H11Stream.answer): what ``send_all`` sends of its events."""
+        wrote_whole(self.rx.conn)  # type: ignore[union-attr]  (takes_whole: an H11Stream)
+        await self.rx.transport.send(whole.data, end=True)  # type: ignore[union-attr]
+        if self.head_at is None:
+            self.head_at = trio.current_time()
+
     @property
     def abandoned(self) -> bool:
         """The stream ended before our response did: the far end abandoned it (we reset it only after the call)."""
@@ -119,8 +133,12 @@ class UserSink:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise StreamReset(ResetCode.CANCEL, True, f"user connection lost: {exc}") from None
 
+    def takes_whole(self) -> bool:
+        return type(self.client) is H11Stream and whole_writable(self.client.conn)
+
     async def send_whole(self, whole: Whole) -> None:
-        """A response that came whole (``first_event``), as it came: what ``send_all`` does for its events."""
+        """A response that came whole (``first_event``, or our own instance's: ``H11Stream.answer``), as it
+        came: what ``send_all`` does for its events."""
         self._head(whole.status_code)
         self.attempt.sent_head = True
         try:
@@ -247,17 +265,6 @@ async def _last_write(sink: Sink, idle: trio.CancelScope, arm: Callable[[], None
         sink.before_blocking(None)
 
 
-class Whole:
-    """A response that came down a stream whole, in one piece, passed on to the user as it came
-    (``first_event``): not read by h11 at the ingress, nor written by it again."""
-
-    __slots__ = ("status_code", "data")
-
-    def __init__(self, status_code: int, data: bytes) -> None:
-        self.status_code = status_code
-        self.data = data
-
-
 async def first_event(up: H11Stream | LocalEvents, client: Any) -> Any:
     """The upstream's first answer event (``up.next_event``'s); or, when the whole response comes in
     its first piece (whole.whole_response) for a user connection that may take it as it came
@@ -275,7 +282,8 @@ async def first_event(up: H11Stream | LocalEvents, client: Any) -> Any:
     return up.next_event_nowait() or await up.next_event()
 
 
-async def relay_whole(whole: Whole, sink: UserSink, idle: trio.CancelScope, idle_s: float, now: float) -> None:
+async def relay_whole(whole: Whole, sink: UserSink | StreamSink, idle: trio.CancelScope, idle_s: float,
+                      now: float) -> None:
     """``whole`` to the user in one write, as ``relay_response`` sends a held response."""
     idle_at = now + idle_s
 

@@ -296,7 +296,7 @@ class Users:
             else:
                 wait.started = False
                 scope.deadline = trio.current_time() + self.p.limits.idle_timeout_s
-                data = await receive_some(client.transport)
+                data = await receive_some(client.transport, empty=wait.empty)
                 wait.started = True
                 client.head_since = trio.current_time()
                 client.take(data)
@@ -321,8 +321,13 @@ class Users:
         # once, it needs no idle deadline set and reset, no idle slot and no trio receive (its checkpoint
         # was a task step a request at saturation). A head that is not whole yet is waited for, its clock
         # started now; QUICK_HEADS in a row, then one wait (a checkpoint: the count starts again).
-        if wait.quick >= QUICK_HEADS or client.conn.trailing_data[0] or not client.receive_nowait():
+        wait.empty = False
+        if wait.quick >= QUICK_HEADS or client.conn.trailing_data[0]:
             wait.quick = 0
+            return None
+        if not client.receive_nowait():
+            wait.quick = 0
+            wait.empty = True  # (nothing there, or a broken socket: the wait says so) read after a wait
             return None
         wait.quick += 1
         wait.started = True
@@ -494,7 +499,7 @@ class _HeadWait:
     close). The clock is read once a step (4 calls a reading): ``cycle_ended`` and ``head_at``
     carry a step's reading on."""
 
-    __slots__ = ("scope", "started", "cycle_ended", "head_at", "quick")
+    __slots__ = ("scope", "started", "cycle_ended", "head_at", "quick", "empty")
 
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
@@ -502,6 +507,7 @@ class _HeadWait:
         self.cycle_ended = False  # an exchange ended in this step: a pipelined head's clock starts now
         self.head_at: float | None = None  # the head waited for came whole in the step that read this
         self.quick = 0  # heads taken in a row without a wait (pipelined, or receive_nowait)
+        self.empty = False  # receive_nowait found nothing in this step: the next read waits first
 
 
 def _peer(transport: trio.abc.Stream) -> str:

@@ -89,7 +89,6 @@ def awaits_answer(conn: h11.Connection) -> bool:
 
 def read_whole_awaited(conn: h11.Connection, data: bytes) -> list[Any] | None:
     """``read_whole`` on a connection its caller found ``awaits_answer``."""
-    states = conn._cstate.states
     head = _whole(data, _NOT_READ_SO)  # (its hop-by-hop fields are the relay's to drop)
     if head is None:
         return None
@@ -97,12 +96,53 @@ def read_whole_awaited(conn: h11.Connection, data: bytes) -> list[Any] | None:
     names = list(map(_FIRST, pairs))
     response = h11.Response(status_code=int(head["status"]), reason=head["reason"], http_version=b"1.1", _parsed=True,
                             headers=Headers(list(zip(names, map(bytes.lower, names), map(_SECOND, pairs)))))
-    states[_SERVER] = _DONE  # h11's Response, Data, EndOfMessage read: SEND_RESPONSE -> SEND_BODY -> DONE
+    _answer_read(conn)
+    body = data[head.end():]
+    return [_EOM, h11.Data(data=body), response] if body else [_EOM, response]
+
+
+class Whole:
+    """A whole response, in one piece, passed on as it came: an egress's down a stream to the user
+    (relay.first_event: not read by h11 at the ingress, nor written by it again), or an instance's
+    by its egress, to our own user or down a stream, rewritten in its bytes (``answer_as_is``)."""
+
+    __slots__ = ("status_code", "data")
+
+    def __init__(self, status_code: int, data: bytes) -> None:
+        self.status_code = status_code
+        self.data = data
+
+
+# An instance's answer passed on by its egress as it came, rewritten in its bytes: refused if it has a
+# hop-by-hop field other than Connection: keep-alive and Keep-Alive (nginx's, Apache's), which go; a
+# Host (h11 writes it first); a CPN-* field (an instance's are dropped); or what h11 reads its own way.
+_ANSWER_REFUSED = re.compile(b"\r\n(?:(?:" + b"|".join(sorted((HOP_BY_HOP - {b"connection", b"keep-alive"}) | {b"host"}))
+                             + b"):|cpn-|connection:(?! keep-alive\r\n))")
+_KEPT_ALIVE = re.compile(rb"\r\n(?:connection|keep-alive):[^\r]*", re.IGNORECASE)  # (a field line, less its CRLF)
+
+
+def answer_as_is(conn: h11.Connection, data: bytes, extra: bytes) -> Whole | None:
+    """For a client ``conn`` that ``awaits_answer``, ``data`` its first read: if it is one whole answer of
+    known length that ``read_whole_awaited`` reads and ``_ANSWER_REFUSED`` does not refuse, its status and
+    (a Whole) the bytes ``whole_bytes`` writes of it as an egress relays it (``rewrite_headers(drop_cpn=True,
+    extra=...)``: Connection and Keep-Alive out, ``extra``, field lines as h11 writes them, after the
+    others), ``conn`` moved as h11's reading of it would; else None, nothing moved. (Read into events,
+    rewritten and written again: ~1,000 bytecodes an answer.)"""
+    head = _whole(data, _ANSWER_REFUSED)
+    if head is None:
+        return None
+    _answer_read(conn)
+    end = head.end() - 2  # the blank line's
+    return Whole(int(head["status"]), b"".join((_KEPT_ALIVE.sub(b"", data[:end]), extra, data[end:])))
+
+
+def _answer_read(conn: h11.Connection) -> None:
+    """h11's state after reading a whole answer's Response, Data and EndOfMessage (SEND_RESPONSE ->
+    SEND_BODY -> DONE), of HTTP/1.1 and kept alive."""
+    conn._cstate.states[_SERVER] = _DONE
     conn._reader = _READ_ALL
     conn.their_http_version = b"1.1"
     conn.client_is_waiting_for_100_continue = False
-    body = data[head.end():]
-    return [_EOM, h11.Data(data=body), response] if body else [_EOM, response]
 
 
 def whole_writable(conn: h11.Connection) -> bool:

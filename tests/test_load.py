@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -772,3 +773,21 @@ def test_a_reload_shows_the_new_configured_compute_at_once() -> None:
     _answer(m, 0.0, 2000, "a", PARTY_SAMPLES)
     m.set_hint(500)
     assert m.base_us == 2000  # measured wins over configured, as before
+
+
+@given(st.lists(st.tuples(st.floats(0, 20), st.floats(-100, 3000, allow_nan=False) | st.just(math.inf)), max_size=80),
+       st.integers(1, 40), st.integers(0, 1000))
+def test_stage_meter_reads_the_median_a_sort_of_its_window_gives(adds, samples: int, hint: int) -> None:
+    """The kept order gives what sorting the window (the hint among it until full) gives, after every
+    add and every read, samples aging out included."""
+    m = StageMeter(hint_us=hint, samples=samples, ttl_s=5.0)
+    window: list[tuple[float, int]] = []
+    now = 0.0
+    for step, own in adds:
+        now += step / 10
+        m.add(now, own)
+        if math.isfinite(own):
+            window = [*window, (now, max(0, int(own)))][-samples:]
+        window = [w for w in window if not w[0] < now - 5.0]
+        values = sorted([v for _, v in window] + ([hint] if len(window) < samples else []))
+        assert m.value_us(now) == values[int(0.5 * (len(values) - 1))]

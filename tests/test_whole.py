@@ -9,7 +9,7 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from cpnd.h1 import rewrite_headers
-from cpnd.whole import awaits_answer, read_whole, whole_bytes, whole_response
+from cpnd.whole import answer_as_is, awaits_answer, read_whole, whole_bytes, whole_response
 
 
 
@@ -196,3 +196,70 @@ def test_an_answer_read_whole_is_what_h11_reads_and_leaves_its_state(status_line
     ours.start_next_cycle()
     theirs.start_next_cycle()
     assert _h11_state(ours) == _h11_state(theirs)
+
+
+_EXTRA = ((b"cpn-instance", b"s1"), (b"cpn-origin", b"gw-c"))  # what an egress adds to its instance's answer
+_answer_fields = _fields | st.lists(st.sampled_from([b"Connection: Keep-Alive\r\n", b"connection: keep-alive\r\n",
+                                                     b"CONNECTION: keep-alive \r\n", b"Connection: keep-alive, x-a\r\n",
+                                                     b"Keep-Alive: timeout=5, max=100\r\n", b"Upgrade: h2c\r\n",
+                                                     b"CPN-Origin: evil\r\n", b"Server: nginx/1.22.1\r\n",
+                                                     b"X-Connection: close\r\n", b"Date: Wed, 02 Dec 2026 01:00:00 GMT\r\n"]),
+                                     max_size=5)
+
+
+@given(st.sampled_from([b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 200 \r\n", b"HTTP/1.1 200\r\n", b"HTTP/1.0 200 OK\r\n",
+                        b"HTTP/1.1 204 No\r\n", b"HTTP/1.1 100 Continue\r\n", b"HTTP/1.1 503 Busy now\r\n"]),
+       _answer_fields, st.integers(0, 5), _lengths, st.sampled_from([b"hello", b"", b"x" * 300, b"\r\nconnection: a\r\n"]),
+       st.sampled_from([b"", b"!"]),
+       st.sampled_from([(b"GET", ()), (b"HEAD", ()), (b"GET", ((b"connection", b"close"),)),
+                        (b"POST", ((b"expect", b"100-continue"), (b"content-length", b"0")))]))
+@example(b"HTTP/1.1 200 OK\r\n", [b"Server: nginx/1.22.1\r\n", b"Date: Wed, 02 Dec 2026 01:00:00 GMT\r\n",
+                                  b"Content-Type: application/json\r\n", b"Connection: keep-alive\r\n"], 3,
+         b"Content-Length: %d\r\n", b'{"instance": "s1"}', b"", (b"GET", ()))
+@example(b"HTTP/1.1 200 OK\r\n", [b"Connection: Keep-Alive\r\n", b"Keep-Alive: timeout=5, max=100\r\n"], 1,
+         b"content-length: %d\r\n", b"hello", b"", (b"GET", ()))
+@settings(max_examples=500)  # (most of what it draws is refused: a few in a hundred are taken)
+def test_an_answer_passed_on_as_is_is_what_reading_rewriting_and_writing_it_gives(status_line: bytes, fields, at: int,
+                                                                                  length: bytes, body: bytes, more: bytes,
+                                                                                  request) -> None:
+    """answer_as_is, where it takes an instance's answer, gives what reading it (read_whole), rewriting its
+    fields for our own user (rewrite_headers, the egress's added) and writing it (whole_bytes) give, byte
+    for byte, and leaves the instance's connection as h11's read of it would; where it does not, nothing
+    of the connection has moved."""
+    fields = fields[:at] + [length.replace(b"%d", b"%d" % len(body))] + fields[at:]
+    data = status_line + b"".join(fields) + b"\r\n" + body + more
+    ours, theirs = _asked(*request), _asked(*request)
+    if not awaits_answer(ours):  # (H11Stream.answer asks it only then)
+        return
+    before = _h11_state(ours)
+    whole = answer_as_is(ours, data, b"".join(b"%s: %s\r\n" % f for f in _EXTRA))
+    if whole is None:
+        assert _h11_state(ours) == before
+        return
+    event("taken")
+    read = read_whole(theirs, data)
+    assert read is not None
+    head = read[-1]
+    response = h11.Response(status_code=head.status_code, reason=head.reason, _parsed=True,
+                            headers=rewrite_headers(head.headers, drop_cpn=True, extra=_EXTRA))
+    user = _served()
+    assert whole.data == whole_bytes(user, [response, *reversed(read[:-1])])
+    assert whole.status_code == head.status_code
+    assert _h11_state(ours) == _h11_state(theirs)
+
+
+def test_answer_as_is_takes_the_common_answer_and_leaves_the_rest() -> None:
+    nginx = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+             b"Connection: keep-alive\r\n\r\n{}")
+    extra = b"cpn-instance: s1\r\n"
+    whole = answer_as_is(_asked(), nginx, extra)
+    assert whole is not None and whole.status_code == 200
+    assert whole.data == (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                          b"cpn-instance: s1\r\n\r\n{}")
+    for other in (nginx.replace(b"keep-alive", b"close"), nginx.replace(b"keep-alive", b"keep-alive, x-a"),
+                  nginx.replace(b"Server", b"CPN-Instance"), nginx.replace(b"Server: nginx", b"Upgrade: x"),
+                  nginx.replace(b"Server", b"Host"), nginx[:-1], nginx + b"HTTP/1.1 200 OK\r\n"):
+        conn = _asked()
+        before = _h11_state(conn)
+        assert answer_as_is(conn, other, extra) is None
+        assert _h11_state(conn) == before
