@@ -186,11 +186,13 @@ def peek_hello(fd: int) -> tuple[Hello | None, bool]:
     return (msg if isinstance(msg, Hello) else None), True
 
 
-def owner(eph: bytes, n: int) -> int:
-    """The one worker that may open a sealed stream with ephemeral key ``eph``: every process of a
-    gateway holds its sealing key, but a replay window is per process, so each key has one process
-    (a recorded stream replayed through another session or data channel meets the same window)."""
-    return int.from_bytes(hashlib.sha256(eph).digest()[:4], "big") % n
+def owner(eph: bytes, request_id: bytes, n: int) -> int:
+    """The one worker that may open a sealed stream with ephemeral key ``eph`` and ``request_id``: every
+    process of a gateway holds its sealing key, but a replay window is per process, so each pair has
+    one process (a recorded stream replayed through another session or data channel meets the same
+    window). By the pair, not the key alone: an ingress's epoch shares its key over many streams,
+    which spread over the workers (each keeps its own secret of the key)."""
+    return int.from_bytes(hashlib.sha256(eph + request_id).digest()[:4], "big") % n
 
 
 class PartSealer(StreamSealer):

@@ -1,17 +1,21 @@
 """End-to-end sealed streams (sans-IO): the ingress and the egress share keys, transits relay ciphertext.
 
 The origin publishes an X25519 key in its signed routes (`xk`); the ingress draws an ephemeral
-key, puts its public half in the stream's extension header, and both derive two keys from the
-shared secret. Each direction of the stream is then a sequence of ChaCha20-Poly1305 records
-(protocol-spec/tunnel.md, "Sealed streams").
+key for an epoch (at most EPOCH_S, EPOCH_STREAMS streams), puts its public half in each stream's
+extension header, and both derive two keys per stream from the shared secret and the stream's
+request id. Each direction of the stream is then a sequence of ChaCha20-Poly1305 records
+(protocol-spec/tunnel.md, "Sealed streams"). The egress keeps the secret of recent ephemeral keys
+and refuses a (key, request id) pair it has opened before.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import hmac
 import struct
+import time
 from collections.abc import Callable
 
 import attrs
@@ -28,8 +32,11 @@ RECORD_TAG = 16
 _LEN = struct.Struct(">I")
 MORE, LAST = 0, 1
 _MORE, _LAST = bytes([MORE]), bytes([LAST])
-REPLAY_WINDOW = 65536  # ephemeral keys an egress remembers: a replayed stream is refused
-READY_KEYS = 256  # origins' keys an ingress keeps one ephemeral exchange drawn ahead for
+REPLAY_WINDOW = 65536  # (ephemeral key, request id) pairs an egress remembers: a replayed stream is refused
+SECRETS = 1024  # ephemeral keys' X25519 secrets an egress keeps (the least recently used go; a miss recomputes)
+READY_KEYS = 256  # origins' keys an ingress keeps an epoch (and one drawn ahead) for, per session
+EPOCH_S = 10.0  # an ingress's ephemeral key seals streams for at most this long after it was drawn
+EPOCH_STREAMS = 4096  # ... and at most this many streams
 
 
 class SealError(ValueError):
@@ -130,11 +137,22 @@ class Sealing:
 
     send: Direction
     recv: Direction
+    # The egress: called once the peer's first record authenticated (Opener.record: the stream's
+    # pair joins the replay window then, so a header alone, which anyone on the path has, plants nothing).
+    first: Callable[[], None] | None = None
+
+    def open(self, data: bytes) -> bytes:
+        """``recv.open``, and ``first`` once a record opened; SealError from either."""
+        plain = self.recv.open(data)
+        if self.first is not None and self.recv.counter:
+            first, self.first = self.first, None
+            first()
+        return plain
 
 
 def exchange(static: bytes, eph: X25519PrivateKey | None = None) -> tuple[bytes, bytes]:
-    """The ingress's half of a stream's key agreement: (ephemeral public key, X25519 secret), from a
-    fresh key pair unless ``eph`` is given. It names no stream: it can be drawn ahead (``Ephemerals``)."""
+    """The ingress's half of a key agreement: (ephemeral public key, X25519 secret), from a fresh key
+    pair unless ``eph`` is given. It names no stream: an epoch's streams share it (``Ephemerals``)."""
     eph = eph or X25519PrivateKey.generate()
     return x25519_public(eph), eph.exchange(X25519PublicKey.from_public_bytes(static))
 
@@ -142,55 +160,123 @@ def exchange(static: bytes, eph: X25519PrivateKey | None = None) -> tuple[bytes,
 def outbound(static: bytes, request_id: bytes, label: int, origin: str, instance: str,
              eph: X25519PrivateKey | None = None, *, drawn: tuple[bytes, bytes] | None = None) -> tuple[bytes, Sealing]:
     """The ingress: (ephemeral public key for the extension header, its sealing); ``drawn``: an
-    ``exchange`` made ahead for ``static`` (used for this stream only)."""
+    ``exchange`` with ``static`` (an epoch's: the request id makes this stream's keys its own)."""
     pub, shared = drawn or exchange(static, eph)
     req, resp = derive(shared, pub, static, request_id, label, origin, instance)
     return pub, Sealing(Direction(req), Direction(resp))
 
 
+@attrs.define
+class Epoch:
+    """One ephemeral key's exchange with one origin key, shared by the streams of an epoch."""
+
+    pub: bytes
+    shared: bytes
+    born: float  # when it was drawn: nothing is sealed under it EPOCH_S later
+    ids: set[bytes] = attrs.field(factory=set)  # the request ids sealed under it (a pair is used once)
+
+    def takes(self, request_id: bytes, now: float) -> bool:
+        return now - self.born < EPOCH_S and len(self.ids) < EPOCH_STREAMS and request_id not in self.ids
+
+    def waning(self, now: float) -> bool:
+        """Half spent: the next epoch's exchange is drawn now (it is young when it takes over)."""
+        return now - self.born >= EPOCH_S / 2 or len(self.ids) >= EPOCH_STREAMS // 2
+
+
 class Ephemerals:
-    """One ephemeral exchange drawn ahead per origin key, so that a sealed stream's X25519 work (a key
-    pair and an exchange, ~130 µs here) is done while the previous request is out, not before the next
-    one leaves. Each is taken once, for one stream, as a freshly drawn one would be."""
+    """The ingress's epochs: per origin key, the ephemeral exchange its sealed streams share (one X25519
+    key pair and exchange, ~130 µs here, per epoch instead of per stream), and the next one drawn
+    ahead off the request path. An epoch ends after EPOCH_S (counted from its draw), EPOCH_STREAMS
+    streams, or a request id it already sealed (a retry of one request to the same origin: the
+    egress opens each (key, request id) pair once). At most ``size`` origin keys have either; the
+    oldest epochs go first."""
 
-    def __init__(self, size: int = READY_KEYS) -> None:
+    def __init__(self, size: int = READY_KEYS, clock: Callable[[], float] = time.monotonic) -> None:
         self.size = size
-        self._ready: collections.OrderedDict[bytes, tuple[bytes, bytes]] = collections.OrderedDict()
+        self.clock = clock
+        self._current: collections.OrderedDict[bytes, Epoch] = collections.OrderedDict()  # in the order they began
+        self._next: collections.OrderedDict[bytes, Epoch] = collections.OrderedDict()
 
-    def take(self, static: bytes) -> tuple[bytes, bytes] | None:
-        """The exchange drawn ahead for ``static`` (gone from here), or None."""
-        return self._ready.pop(static, None)
+    def take(self, static: bytes, request_id: bytes) -> tuple[bytes, bytes, bool]:
+        """(ephemeral public key, secret, whether an epoch began) for a stream with ``request_id`` to
+        ``static``'s origin: the current epoch's, else the one drawn ahead, else one drawn now."""
+        now = self.clock()
+        self._expire(now)
+        epoch = self._current.get(static)
+        begun = epoch is None or not epoch.takes(request_id, now)
+        if begun:
+            epoch = self._next.pop(static, None)
+            if epoch is None or not epoch.takes(request_id, now):
+                epoch = Epoch(*exchange(static), now)
+            self._current.pop(static, None)
+            self._current[static] = epoch
+            if len(self._current) > self.size:
+                self._current.popitem(last=False)
+        assert epoch is not None
+        epoch.ids.add(request_id)
+        return epoch.pub, epoch.shared, begun
 
     def draw(self, static: bytes) -> None:
-        """Draw the next exchange for ``static`` unless one is waiting (the least recently drawn key goes
-        beyond ``size``)."""
-        if static not in self._ready:
-            self._ready[static] = exchange(static)
-            if len(self._ready) > self.size:
-                self._ready.popitem(last=False)
+        """Draw the next epoch's exchange for ``static`` if the current one is half spent and none waits."""
+        now = self.clock()
+        current = self._current.get(static)
+        if (current is not None and not current.waning(now)) or static in self._next:
+            return
+        self._next[static] = Epoch(*exchange(static), now)
+        if len(self._next) > self.size:
+            self._next.popitem(last=False)
+
+    def _expire(self, now: float) -> None:
+        """Forget the epochs past EPOCH_S at the front of each table (the order they began in, within
+        EPOCH_S of the order drawn): their secrets go with them. None is ever used past it (``takes``)."""
+        for table in (self._current, self._next):
+            while table and now - next(iter(table.values())).born >= EPOCH_S:
+                table.popitem(last=False)
 
 
 class Opener:
-    """The egress: our sealing key (one per process: routes carry it) and the replay window."""
+    """The egress: our sealing key (one per process: routes carry it), the secrets of recent
+    ephemeral keys, and the replay window of (ephemeral key, request id) pairs."""
 
-    def __init__(self, key: X25519PrivateKey) -> None:
+    def __init__(self, key: X25519PrivateKey, *, secrets: int = SECRETS, window: int = REPLAY_WINDOW) -> None:
         self.key = key
         self.public = x25519_public(key)
+        self.secrets, self.window = secrets, window
+        self.exchanges = 0  # X25519 exchanges made (a secret not kept)
+        self._secrets: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def inbound(self, eph: bytes, request_id: bytes, label: int, origin: str, instance: str) -> Sealing:
-        """The sealing of a stream an ingress sealed to our key; SealError if replayed or bad."""
-        if eph in self._seen:
-            raise SealError("a replayed sealed stream (its ephemeral key was used before)")
+        """The sealing of a stream an ingress sealed to our key; SealError if replayed or bad. Its pair
+        joins the window once its first record opens (``Sealing.first``), before any plaintext is read."""
+        pair = eph + request_id
+        if pair in self._seen:
+            raise SealError("a replayed sealed stream (its ephemeral key and request id were used before)")
+        req, resp = derive(self._secret(eph), eph, self.public, request_id, label, origin, instance)
+        return Sealing(Direction(resp), Direction(req), functools.partial(self.record, pair))
+
+    def record(self, pair: bytes) -> None:
+        """An authenticated stream's (ephemeral key, request id): refused if another stream had it first."""
+        if pair in self._seen:
+            raise SealError("a replayed sealed stream (its ephemeral key and request id were used before)")
+        self._seen[pair] = None
+        if len(self._seen) > self.window:
+            self._seen.popitem(last=False)
+
+    def _secret(self, eph: bytes) -> bytes:
+        shared = self._secrets.get(eph)
+        if shared is not None:
+            self._secrets.move_to_end(eph)
+            return shared
+        self.exchanges += 1
         try:
             shared = self.key.exchange(X25519PublicKey.from_public_bytes(eph))
         except ValueError:
             raise SealError("bad ephemeral key") from None
-        self._seen[eph] = None
-        if len(self._seen) > REPLAY_WINDOW:
-            self._seen.popitem(last=False)
-        req, resp = derive(shared, eph, self.public, request_id, label, origin, instance)
-        return Sealing(Direction(resp), Direction(req))
+        self._secrets[eph] = shared
+        if len(self._secrets) > self.secrets:
+            self._secrets.popitem(last=False)
+        return shared
 
 
 class StreamSealer:
@@ -215,14 +301,16 @@ class StreamSealer:
         static = self.key_for(ext)
         if static is None:
             return ext, None, None
-        eph, sealing = outbound(static, ext.request_id, ext.label, ext.origin, ext.instance,
-                                drawn=self.ephemerals.take(static))
+        pub, shared, begun = self.ephemerals.take(static, ext.request_id)
+        eph, sealing = outbound(static, ext.request_id, ext.label, ext.origin, ext.instance, drawn=(pub, shared))
         self.counters["sealed_streams_out"] += 1
+        if begun:
+            self.counters["sealed_epochs_out"] += 1
         return ext.sealed(eph), sealing, static
 
     def draw_ahead(self, static: bytes) -> None:
-        """A sealed request to ``static``'s origin is out: draw the next stream's exchange while it is
-        answered (off the next request's path)."""
+        """A sealed request to ``static``'s origin is out: draw the next epoch's exchange, if it is due,
+        while it is answered (off the next request's path)."""
         self.ephemerals.draw(static)
 
     def inbound(self, ext: ExtHeader) -> Sealing | None:
@@ -230,6 +318,10 @@ class StreamSealer:
         opened), None when we only relay it."""
         if ext.eph is None or ext.origin != self.local_id:
             return None
-        sealing = self.opener.inbound(ext.eph, ext.request_id, ext.label, ext.origin, ext.instance)
+        opener = self.opener
+        made = opener.exchanges
+        sealing = opener.inbound(ext.eph, ext.request_id, ext.label, ext.origin, ext.instance)
         self.counters["sealed_streams_in"] += 1
+        if opener.exchanges != made:
+            self.counters["sealed_exchanges_in"] += 1
         return sealing

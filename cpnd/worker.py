@@ -155,7 +155,8 @@ class WorkerGateway:
         stats = dict(dp.stats)
         if self.data_channels is not None:  # data channels established since the worker started, ours and peers'
             stats.update(self.data_channels.core.stats)
-        stats.update({k: self.rib.counters[k] for k in ("sealed_streams_out", "sealed_streams_in") if self.rib.counters[k]})
+        sealed = ("sealed_streams_out", "sealed_streams_in", "sealed_epochs_out", "sealed_exchanges_in")
+        stats.update({k: self.rib.counters[k] for k in sealed if self.rib.counters[k]})
         return Report(pid=os.getpid(), clients=dp.clients, inflight=dp.inflight, stats=stats,
                       requests=dict(self.metrics.requests), loads=loads,
                       latency={k: list(v) for k, v in self.metrics.latency.by_service.items()},
@@ -231,7 +232,7 @@ class WorkerGateway:
 
     def owns(self, ext: Any) -> bool:
         """A sealed stream to us that this worker opens: one of its instances, its share of the keys."""
-        return ext.instance in self.dataplane.meters and owner(ext.eph, self.n) == self.index
+        return ext.instance in self.dataplane.meters and owner(ext.eph, ext.request_id, self.n) == self.index
 
     def _handed(self, stream: Any) -> None:
         """A peer's stream (handed over by the control process, or on a peer's data channel handed to

@@ -332,7 +332,7 @@ class Workers:
             stream.reset(ResetCode.REFUSED, False, f"{self.d.id}: no worker to take it now")
             return
         if still_sealed(stream):  # its owner opens it, whichever session or channel it came on
-            slot = owner(ext.eph, self.n)  # type: ignore[arg-type]
+            slot = owner(ext.eph, ext.request_id, self.n)  # type: ignore[arg-type]
             if slot not in live:
                 stream.reset(ResetCode.REFUSED, False, f"{self.d.id}: its worker is not up now")
                 return

@@ -1223,12 +1223,91 @@ def _sealed_vectors(t: Target) -> None:
     xk, e = raw(static), raw(eph)
     lp = lambda s: bytes([len(s.encode())]) + s.encode()  # noqa: E731
     info = b"cpn/1 sealed stream" + e + xk + v["label"].to_bytes(4, "big") + lp(v["origin"]) + lp(v["instance"])
-    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=bytes.fromhex(v["request_id"]), info=info).derive(
-        eph.exchange(XPub.from_public_bytes(xk)))
-    assert okm[:32].hex() == v["request_key"] and okm[32:].hex() == v["response_key"]
-    for key, plain, sealed in ((okm[:32], v["request"], v["sealed_request"]), (okm[32:], v["response"], v["sealed_response"])):
-        ct = ChaCha20Poly1305(key).encrypt(bytes(12), b"\x01" + bytes.fromhex(plain), None)  # counter 0, the last record
-        assert (struct.pack(">I", len(ct)) + ct).hex() == sealed
+    shared = eph.exchange(XPub.from_public_bytes(xk))
+    # The epoch's two streams: one ephemeral key (one exchange), each request id its own keys.
+    for w in (v, v["epoch"]):
+        okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=bytes.fromhex(w["request_id"]), info=info).derive(shared)
+        assert okm[:32].hex() == w["request_key"] and okm[32:].hex() == w["response_key"]
+        for key, plain, sealed in ((okm[:32], v["request"], w["sealed_request"]), (okm[32:], v["response"], w["sealed_response"])):
+            ct = ChaCha20Poly1305(key).encrypt(bytes(12), b"\x01" + bytes.fromhex(plain), None)  # counter 0, the last record
+            assert (struct.pack(">I", len(ct)) + ct).hex() == sealed
+
+
+SEALED_CAPS = [*ORIGIN_CAPS, "sealed-streams"]
+
+
+def _sealed_keys(eph_priv: Any, xk: bytes, rid: bytes, svc_label: int, origin: str, inst: str) -> tuple[bytes, bytes]:
+    """(request key, response key) of one sealed stream (tunnel.md, "Sealed streams")."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey as XPub
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    e = eph_priv.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    lp = lambda s: bytes([len(s.encode())]) + s.encode()  # noqa: E731
+    info = b"cpn/1 sealed stream" + e + xk + svc_label.to_bytes(4, "big") + lp(origin) + lp(inst)
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=rid, info=info).derive(eph_priv.exchange(XPub.from_public_bytes(xk)))
+    return okm[:32], okm[32:]
+
+
+def _sealed_stream(p: Peer, sid: int, ext: bytes, record: bytes) -> tuple[str, Any]:
+    """OPEN ``sid`` with ``ext`` and send ``record`` with END: ("reset", (code, delivered)) or
+    ("data", the response's bytes up to its END)."""
+    p.send_msg(struct.pack(">IBB", sid, 1, 0) + ext, ctype=TUNNEL)
+    p.send_msg(struct.pack(">IBB", sid, 2, 1) + record, ctype=TUNNEL)
+    data, deadline = b"", time.monotonic() + 10
+    while True:
+        ctype, payload = p.recv(max(0.01, deadline - time.monotonic()))
+        if ctype != TUNNEL or struct.unpack(">I", payload[:4])[0] != sid:
+            continue
+        ftype, flags = payload[4], payload[5]
+        if ftype == 4:
+            return "reset", struct.unpack(">HB", payload[6:9])
+        if ftype == 2:
+            data += payload[6:]
+            if flags & 1:
+                return "data", data
+
+
+@case("sealed-epoch-and-replay", "tunnel.md#sealed-streams")
+def _sealed_epoch(t: Target) -> None:
+    """Two sealed streams under one ephemeral key (an epoch), each with its own request id: both are
+    served and their answers open with their own keys; the first replayed (same key, same request id)
+    is refused, RESET bad-request, delivered 0."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey as XKey
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    from .wire import label
+
+    p = t.session(caps=SEALED_CAPS)
+    try:
+        if "sealed-streams" not in p.target_caps or "origin-sig" not in p.target_caps:
+            raise Skipped("the target does not offer sealed-streams and origin-sig")
+        keyed = [r for r in _refreshed_routes(p) if r.get("xk") and r["origin"] != t.my_id and not r.get("down")]
+        if not keyed:
+            raise Skipped("the target advertises no route with a sealing key")
+        r = sorted(keyed, key=lambda r: (r["svc"], r["origin"], r["inst"]))[0]
+        svc, origin, inst, xk = r["svc"], r["origin"], r["inst"], bytes(r["xk"])
+        eph = XKey.generate()
+        pub = eph.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        request = f"GET {svc} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        sent = []
+        for sid in (1, 3):
+            rid = os.urandom(16)
+            ext = struct.pack(">BBBBIII16s", 1, 1, 8, 0x01 | 0x02, label(svc), 0xFFFFFFFF, 0xFFFFFFFF, rid)
+            ext += bytes([len(origin)]) + origin.encode() + bytes([len(inst)]) + inst.encode() + pub
+            req_key, resp_key = _sealed_keys(eph, xk, rid, label(svc), origin, inst)
+            ct = ChaCha20Poly1305(req_key).encrypt(bytes(12), b"\x01" + request, None)  # counter 0, the last record
+            record = struct.pack(">I", len(ct)) + ct
+            kind, got = _sealed_stream(p, sid, ext, record)
+            assert kind == "data", f"stream {sid} of the epoch was not served: RESET {got}"
+            n = struct.unpack(">I", got[:4])[0]
+            plain = ChaCha20Poly1305(resp_key).decrypt(bytes(12), got[4:4 + n], None)  # its own key opens it
+            assert plain[1:].startswith(b"HTTP/1.1 "), plain[:40]
+            sent.append((ext, record))
+        assert _sealed_stream(p, 5, *sent[0]) == ("reset", (7, 0)), "a replayed (eph, request id) was not refused"
+    finally:
+        p.close()
 
 
 @case("origin-sig-routes-signed", "messages.md#route, routing.md#origin-validation")

@@ -276,12 +276,23 @@ def sealed_vectors() -> dict:
     static, eph = seal_keys()
     ext = sealed_ext()
     pub, ingress = outbound(x25519_public(static), ext.request_id, ext.label, ext.origin, ext.instance, eph)
-    egress = Opener(static).inbound(pub, ext.request_id, ext.label, ext.origin, ext.instance)
+    opener = Opener(static)
+    egress = opener.inbound(pub, ext.request_id, ext.label, ext.origin, ext.instance)
     request = b"GET /yolo/x HTTP/1.1\r\nhost: gw1\r\nauthorization: Bearer secret\r\n\r\n"
     response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
     sealed_req = ingress.send.seal(request, True)
     sealed_resp = egress.send.seal(response, True)
-    assert egress.recv.open(sealed_req) == request and ingress.recv.open(sealed_resp) == response
+    assert egress.open(sealed_req) == request and ingress.recv.open(sealed_resp) == response
+    # A second stream of the same epoch: the same ephemeral key, another request id, keys of its own.
+    rid2 = bytes(range(16, 32))
+    pub2, ingress2 = outbound(x25519_public(static), rid2, ext.label, ext.origin, ext.instance, eph)
+    egress2 = opener.inbound(pub2, rid2, ext.label, ext.origin, ext.instance)
+    sealed_req2, sealed_resp2 = ingress2.send.seal(request, True), egress2.send.seal(response, True)
+    assert pub2 == pub and egress2.open(sealed_req2) == request and ingress2.recv.open(sealed_resp2) == response
+    assert {ingress2.send.key, ingress2.recv.key}.isdisjoint({ingress.send.key, ingress.recv.key})
+    epoch = {"about": "the same eph_public and target, another request id: the egress opens both (its pairs differ)",
+             "request_id": rid2.hex(), "request_key": ingress2.send.key.hex(), "response_key": ingress2.recv.key.hex(),
+             "sealed_request": sealed_req2.hex(), "sealed_response": sealed_resp2.hex()}
     return {
         "about": "X25519 keys from seeds 'gw3 sealing' (the origin's, published as xk) and 'ingress ephemeral'",
         "origin_private": seed("gw3 sealing").hex(), "origin_public": x25519_public(static).hex(),
@@ -289,7 +300,7 @@ def sealed_vectors() -> dict:
         "request_id": ext.request_id.hex(), "label": ext.label, "origin": ext.origin, "instance": ext.instance,
         "request_key": ingress.send.key.hex(), "response_key": ingress.recv.key.hex(),
         "request": request.hex(), "sealed_request": sealed_req.hex(),
-        "response": response.hex(), "sealed_response": sealed_resp.hex(),
+        "response": response.hex(), "sealed_response": sealed_resp.hex(), "epoch": epoch,
     }
 
 

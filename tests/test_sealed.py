@@ -23,22 +23,36 @@ SECRET = b"Bearer s3cr3t-t0ken-of-the-user"
 
 
 def test_a_transit_relays_sealed_streams_and_requests_still_work(tmp_path) -> None:
+    """Through a real transit b: 20 requests from c are sealed under one epoch (one X25519 exchange at
+    each end, each stream its own keys); a peer of b that seals two streams under one key is served
+    twice, and its replay of the first is refused (the interop case, against b as the transit)."""
+    from interop.cases import _sealed_epoch
+
     insts = InstanceProcs()
     try:
         urls = {"s1": f"http://127.0.0.1:{insts.start('s1')}/"}
         topo = Topology(("a", "b", "c"), (Link("a", "b", 1), Link("b", "c", 1)), (Instance("s1", "a", "/svc", 1e6, 1, 0),), FAST)
         specs = write_lab(topo, tmp_path, instance_url=lambda i: urls[i.id])
+        add_outside_peer(specs["b"], "evil", tmp_path / "evil.key")
         with Lab(specs) as lab:
             lab.start_all()
             lab.wait_for(lambda: lab.converged(topo), 20, "convergence")
-            for n in range(3):
-                r = httpx.post(f"http://{specs['c'].http}/svc/x", content=b"x" * 100_000 * n,
-                               headers={"Authorization": SECRET.decode()}, timeout=10)
-                assert r.status_code == 200 and r.headers["CPN-Origin"] == "a", r.text
-            stats = {gw: lab.query(gw, "stats") for gw in specs}
-            assert stats["c"]["gateway"]["sealed_streams_out"] == 3
-            assert stats["a"]["gateway"]["sealed_streams_in"] == 3
-            assert stats["b"]["http"]["relayed"] == 3 and "sealed_streams_in" not in stats["b"]["gateway"]
+            with httpx.Client(timeout=10) as client:
+                for n in range(20):
+                    r = client.post(f"http://{specs['c'].http}/svc/x", content=b"x" * 100_000 * (n % 3),
+                                    headers={"Authorization": SECRET.decode()})
+                    assert r.status_code == 200 and r.headers["CPN-Origin"] == "a", r.text
+            stats = {gw: lab.query(gw, "stats")["gateway"] for gw in specs}
+            assert stats["c"]["sealed_streams_out"] == 20 and stats["a"]["sealed_streams_in"] == 20
+            # One epoch (two if the 20 took longer than its 5 s before the next is drawn): one exchange each.
+            assert stats["c"]["sealed_epochs_out"] <= 2 and stats["a"]["sealed_exchanges_in"] == stats["c"]["sealed_epochs_out"]
+            assert lab.query("b", "stats")["http"]["relayed"] == 20 and "sealed_streams_in" not in stats["b"]
+            host, port = specs["b"].listen.rsplit(":", 1)
+            _sealed_epoch(Target((host, int(port)), parse_pub(specs["b"].public_key), "evil",
+                                 load_key(str(tmp_path / "evil.key")), specs["b"].http))
+            after = lab.query("a", "stats")["gateway"]
+            assert after["sealed_streams_in"] == 22 and after["sealed_exchanges_in"] == stats["a"]["sealed_exchanges_in"] + 1
+            assert not lab.dead()
     finally:
         insts.stop_all()
 
