@@ -491,12 +491,14 @@ class Session:
         return self.state is State.ESTABLISHED and TUNNEL_CAP in self.agreed_caps
 
     def send_tunnel(self, payload: bytes) -> None:
-        """Queue one tunnel frame (content type 2)."""
+        """Queue one tunnel frame (content type 2), after a frame ``tunnel_record`` kept (frames keep their order)."""
         if not self.tunnel_enabled:
             raise RuntimeError("tunnel not negotiated on this session")
         assert self._records is not None
-        self._out += self._records.seal(ContentType.TUNNEL, payload)
-        self.stats["tunnel_out"] += 1
+        first, self._soon = self._soon, None
+        for each in (first, payload) if first is not None else (payload,):
+            self._out += self._records.seal(ContentType.TUNNEL, each)
+            self.stats["tunnel_out"] += 1
 
     @property
     def batching(self) -> bool:

@@ -216,7 +216,6 @@ def encode_frame(stream_id: int, ftype: FrameType, payload: bytes = b"", flags: 
 # Both OPENs list it: a frame sent and at once followed by another on the session (an OPEN and its
 # request, a LOAD and its response) travels with it in one record: one seal, one open, one write.
 TUNNEL_BATCH_CAP = "tunnel-batch"
-BATCH_ENTRY = struct.Struct(">H")
 MAX_BATCH_PAYLOAD = 65535  # a record's plaintext (65536) less its content type byte
 
 

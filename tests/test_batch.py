@@ -234,3 +234,14 @@ def test_the_spec_batches_are_taken_frame_by_frame(keys, vectors) -> None:
         pair.b.mux.handle(f)
     (stream,) = pair.b.opened
     assert stream.id == 1 and stream.ext.origin == "gw3" and stream.receive_nowait().startswith(b"GET /yolo HTTP/1.1")
+
+
+def test_a_kept_frame_goes_before_one_queued_after_it(keys) -> None:
+    """``send_tunnel`` (queued with the session's other records) after a frame kept ``soon``: both alone, in order."""
+    pair = established(keys)
+    a, b = pair.a.session, pair.b.session
+    assert a.tunnel_record(b"frame 1", soon=True) == b""
+    a.send_tunnel(b"frame 2")
+    b.receive_data(a.data_to_send(), pair.now)
+    assert b.tunnel_in == [b"frame 1", b"frame 2"] and a.stats["batch_out"] == 0
+    assert a.release_soon() == b""
