@@ -2,6 +2,7 @@
 
     python bench/timeline.py [--path "1 hop"] [--requests 300]
     python bench/timeline.py --marks [--path "1 hop"] [--requests 400]   # the processes' own timestamps
+    python bench/timeline.py --marks --path "2 hops" --points cpnd.seal:derive cpnd.seal:Opener.record   # finer
 
 Starts bench/dataplane.py's rig (the instance, gateways a - b - c, the floor chain), warms the
 path, then sends ``--requests`` requests one at a time over one keep-alive connection while
@@ -115,10 +116,12 @@ def cpus(names: dict[int, str], sched: Path) -> dict[str, collections.Counter[in
     return seen
 
 
-def marks(path: str, n: int, workdir: Path) -> dict[str, object]:
-    """Run ``n`` idle requests on ``path`` with the processes' timeline windows open; the step table."""
+def marks(path: str, n: int, workdir: Path, points: tuple[str, ...] = ()) -> dict[str, object]:
+    """Run ``n`` idle requests on ``path`` with the processes' timeline windows open; the step table.
+    ``points``: more functions to mark, as probe.TIMELINE_POINTS names them."""
     os.environ["CPN_PROBE"] = str(workdir)  # inherited by every cpnd and floor process the rig starts
     (workdir / "mode").write_text("timeline")
+    (workdir / "points").write_text("\n".join(points))
     with Rig({}, with_peers=False) as rig:
         client = Sequential(*rig.targets[path])
         client.run(300)  # warm
@@ -296,10 +299,12 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--marks", action="store_true", help="the processes' own timestamps (cpnd/probe.py), not perf's")
     ap.add_argument("--raw", action="store_true", help="with --marks: a few requests' events as they came")
+    ap.add_argument("--points", nargs="*", default=[], metavar="MODULE:QUALNAME",
+                    help="with --marks: more functions to mark as they return ('<' after the name: a coroutine, as it starts)")
     args = ap.parse_args()
     if args.marks:
         with tempfile.TemporaryDirectory(prefix="cpn-marks-") as tmp:
-            result = marks(args.path, args.requests, Path(tmp))
+            result = marks(args.path, args.requests, Path(tmp), tuple(args.points))
         print_marks(result)
         if args.raw:
             for r in result["raw"]:  # type: ignore[attr-defined]

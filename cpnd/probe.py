@@ -12,7 +12,7 @@ load-independent, unlike any timing here), in an "opcodes" one every bytecode in
 function (exact too: what each call does, which the call counts hide), in a "quiet" one nothing (for py-spy, outside), in a "timeline" one a timestamp
 (``perf_counter_ns``, one clock for every process on the machine) at each step of a request's way
 through the process (``Timeline``: its reads and writes by descriptor, its wake-ups, task steps and
-the functions ``TIMELINE_POINTS`` names), into a ring buffer written as ``probe-PID.timeline``: the
+the functions ``TIMELINE_POINTS`` names, and those the directory's ``points`` file adds), into a ring buffer written as ``probe-PID.timeline``: the
 counters are off the loop then, so that a profile shows cpnd, not the probe. Off (the default), ``instruments()``
 is empty and nothing else runs: the event loop is not touched.
 """
@@ -48,6 +48,7 @@ TIMELINE_POINTS = ("cpnd.users:Users._request<", "cpnd.planner:Planner.plan", "c
                    "cpnd.egress:Egress._kept", "cpnd.egress:_Upload.run<", "cpnd.egress:relay_response<", "cpnd.attempts:relay_response<",
                    "cpnd.attempts:Attempts._relay<", "cpnd.streams:TunnelStream.receive")
 TIMELINE_EVENTS = 1 << 18  # the ring buffer: the newest this many events
+POINTS_FILE = "points"  # in the directory: more points for a "timeline" window, one a line (finer marks)
 
 
 class LoopCounter(trio.abc.Instrument):
@@ -241,8 +242,9 @@ class Timeline(trio.abc.Instrument):
     of ``TIMELINE_POINTS``; as (ns, what, detail) in a ring buffer. Installed by patching those
     functions when the window opens and put back when it ends: nothing of it runs otherwise."""
 
-    def __init__(self) -> None:
+    def __init__(self, points: tuple[str, ...] = TIMELINE_POINTS) -> None:
         self.events: collections.deque[tuple[int, str, Any]] = collections.deque(maxlen=TIMELINE_EVENTS)
+        self.points = points
         self._undo: list[tuple[Any, str, Any]] = []
         self._fds: set[int] = set()
 
@@ -289,7 +291,7 @@ class Timeline(trio.abc.Instrument):
 
         self._patch(cls, "recv", sock_recv)
         self._patch(cls, "send", sock_send)
-        for point in TIMELINE_POINTS:
+        for point in self.points:
             where, _, qual = point.rstrip("<").partition(":")
             try:
                 owner = importlib.import_module(where)
@@ -385,7 +387,11 @@ class _Probe:
             self.opcodes = OpcodeCounter()
             sys.settrace(self.opcodes)
         elif mode == "timeline":
-            self.timeline = Timeline()
+            try:
+                extra = tuple((self.dir / POINTS_FILE).read_text().split())
+            except OSError:
+                extra = ()
+            self.timeline = Timeline(TIMELINE_POINTS + extra)
             self.timeline.install()
 
     def _end_window(self) -> None:

@@ -63,6 +63,7 @@ class StreamSink:
     def __init__(self, rx: H11Stream | LocalEvents, stream: ByteStream) -> None:
         self.rx = rx
         self.stream = stream
+        self.later = getattr(stream, "later", NOW)  # a sealed stream's makes its response cipher meanwhile
         self.head_at: float | None = None  # when the response head went back down the stream
 
     async def send_all(self, events: list[Any], *, end: bool = False) -> None:

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import trio
 
 from .errors import TunnelSub
-from .seal import Sealing, SealError, StreamSealer
+from .pending import AtOnce
+from .seal import Direction, Sealing, SealError, StreamSealer
 from .tunnel import (
     FLAG_END,
     FRAME_HEADER,
@@ -400,6 +401,20 @@ class TunnelStream:
             self.relay.reset_by(self, exc)
 
 
+class Meanwhile(AtOnce):
+    """A sealed stream's egress sink's ``later`` (cpnd/pending.py; relay.StreamSink): accounting at once,
+    as any stream's, and at ``run`` (the instance has the request) the response's cipher made, off
+    the response's path while the instance answers (~7 µs with the caches cold)."""
+
+    __slots__ = ("direction",)
+
+    def __init__(self, direction: Direction) -> None:
+        self.direction = direction
+
+    def run(self) -> None:  # type: ignore[override]
+        self.direction.prepare()
+
+
 class SealedStream:
     """A tunnel stream sealed end to end (tunnel.md, "Sealed streams"): what goes out is sealed,
     what comes in is opened; everything else is the stream's own."""
@@ -409,11 +424,13 @@ class SealedStream:
         self._stream = stream
         self._sealing = sealing
         self._egress = egress  # a record that does not open: before the instance (egress) or after it
-        self._sent = sent  # the ingress: called once its whole request is out (the next key is drawn then)
+        self._sent = sent  # the ingress: called once its whole request is out (the next epoch is drawn then)
         # What the data plane reads of every stream, taken once here: through ``__getattr__`` each read
         # is two calls. The rest is the stream's own, through ``__getattr__``.
         self.ext, self.id, self.mux = stream.ext, stream.id, stream.mux
         self.reset, self.report_load, self.cancel_on_abandon = stream.reset, stream.report_load, stream.cancel_on_abandon
+        if egress:
+            self.later = Meanwhile(sealing.send)  # the egress's sink takes it (relay.StreamSink)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -467,6 +484,7 @@ class SealedStream:
             await self._stream.send(self._sealing.send.seal(data, end), end)
         if end and self._sent is not None:
             sent, self._sent = self._sent, None
+            self._sealing.recv.prepare()  # the response's cipher, made while the request is answered
             sent()
 
 

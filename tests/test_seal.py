@@ -3,6 +3,8 @@ the ingress's epochs on a virtual clock, the egress's secrets, and the spec's ve
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 import pytest
@@ -10,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpnd import seal
 from cpnd.seal import (
     EPOCH_S,
     EPOCH_STREAMS,
@@ -18,6 +21,7 @@ from cpnd.seal import (
     Opener,
     SealError,
     StreamSealer,
+    _hmac_sha256,
     exchange,
     outbound,
     x25519_public,
@@ -33,6 +37,19 @@ def pair(opener: Opener | None = None):
     return ingress, opener.inbound(eph, RID, 7, "gw3", "s1"), opener, eph
 
 
+@given(st.binary(max_size=130), st.binary(max_size=300))
+def test_hmac_is_rfc_2104s(key: bytes, msg: bytes) -> None:
+    """derive's HMAC over CPython's own SHA-256 is the standard library's, for keys under and over a
+    block; and over hashlib's SHA-256, the fallback where the interpreter has no SHA-256 of its own."""
+    assert _hmac_sha256(key, msg) == hmac.digest(key, msg, hashlib.sha256)
+    own = seal._sha256
+    try:
+        seal._sha256 = hashlib.sha256
+        assert _hmac_sha256(key, msg) == hmac.digest(key, msg, hashlib.sha256)
+    finally:
+        seal._sha256 = own
+
+
 def test_round_trip_in_pieces_and_both_ways() -> None:
     ingress, egress, _, _ = pair()
     body = bytes(range(256)) * 300  # several records
@@ -42,6 +59,24 @@ def test_round_trip_in_pieces_and_both_ways() -> None:
     assert got == body and len(wire) > len(body) + 16 * (len(body) // MAX_SEALED_CHUNK)
     assert ingress.recv.open(egress.send.seal(b"HTTP/1.1 200 OK\r\n\r\n", True)) == b"HTTP/1.1 200 OK\r\n\r\n"
     ingress.recv.finish()
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=5), st.lists(st.integers(0, 400), max_size=6),
+       st.integers(0, 3))
+def test_records_open_alike_however_the_chunks_cut_them(parts: list[bytes], cuts: list[int], extra: int) -> None:
+    """A chunk that is one whole record opens without the buffer; any other cut through the buffer:
+    the same plaintext, and the same refusals (bytes after the last record, a bad length)."""
+    ingress, egress, _, _ = pair()
+    wire = b"".join(ingress.send.seal(p, i == len(parts) - 1) for i, p in enumerate(parts))
+    bounds = sorted({0, len(wire), *(c for c in cuts if c < len(wire))})
+    got = b"".join(egress.recv.open(wire[a:b]) for a, b in zip(bounds, bounds[1:]))
+    egress.recv.finish()
+    assert got == b"".join(parts)
+    with pytest.raises(SealError, match="after the last"):
+        egress.recv.open(ingress.send.seal(b"x", True))
+    _, fresh, _, _ = pair()
+    with pytest.raises(SealError, match="sealed record of"):
+        fresh.recv.open(extra.to_bytes(4, "big") + bytes(extra))  # too short to hold a tag
 
 
 def test_truncation_tampering_reordering_and_replay_are_refused() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import h11
 import pytest
 import trio
 
@@ -242,3 +243,37 @@ async def test_a_parked_reader_is_woken_once_by_data_an_end_or_a_reset_and_leave
         await trio.testing.wait_all_tasks_blocked()
         opened[1].reset(ResetCode.CANCEL, False, "gone")
     assert len(failed) == 1 and failed[0].code == ResetCode.CANCEL
+
+
+async def test_sealed_ciphers_are_made_off_the_paths_that_wait_for_them() -> None:
+    """The ingress makes its response cipher once its request is out, the egress its own once the
+    instance has the request (its sink's ``later``, run then): the answer goes back through both."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from cpnd.h1 import H11Stream
+    from cpnd.pending import NOW
+    from cpnd.relay import StreamSink
+    from cpnd.seal import Opener, StreamSealer
+    from cpnd.streams import SealedStream
+
+    a, b, opened = pair(SMALL, SMALL)
+    origin = Opener(X25519PrivateKey.generate())
+    a.sealer = StreamSealer("i", Opener(X25519PrivateKey.generate()), lambda ext: origin.public)
+    b.sealer = StreamSealer("o", origin, lambda ext: None)
+    out = a.open(EXT)
+    assert isinstance(out, SealedStream) and out._sealing.recv._aead is None
+    await out.send(b"GET / HTTP/1.1\r\nHost: o\r\n\r\n", end=True)
+    assert out._sealing.recv._aead is not None  # made once the request was out
+    inbound = opened[0]
+    assert isinstance(inbound, SealedStream) and await inbound.receive() == b"GET / HTTP/1.1\r\nHost: o\r\n\r\n"
+    sink = StreamSink(H11Stream(h11.SERVER, inbound, tunnel=True), inbound)  # type: ignore[arg-type]
+    assert inbound._sealing.send._aead is None
+    sink.later.run()  # the egress: the instance has the request
+    assert inbound._sealing.send._aead is not None
+    ran: list[int] = []
+    sink.later.defer(ran.append, 1)
+    assert ran == [1]  # accounting runs at once, as any stream's
+    await inbound.send(b"HTTP/1.1 204 No Content\r\n\r\n", end=True)
+    assert await out.receive() == b"HTTP/1.1 204 No Content\r\n\r\n" and await out.receive() == b""
+    plain = b.open(EXT)
+    assert StreamSink(H11Stream(h11.SERVER, plain, tunnel=True), plain).later is NOW  # type: ignore[arg-type]
