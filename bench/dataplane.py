@@ -59,6 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,9 @@ backend be
 """
 
 FLOORS = ("floor", "floor x2", "floor x3")  # the floor chain with 1, 2 and 3 proxies
+# [gateway] keys for the rig's gateways a, b, c beyond the defaults (--gateway-option KEY=VALUE): one
+# tree's A/B of a setting, e.g. tunnel_batch=false.
+GATEWAY_OPTIONS: dict[str, Any] = {}
 CPND = ("local", "1 hop", "2 hops")
 FLOOR_OF = dict(zip(CPND, FLOORS))  # each cpnd path beside the floor with as many proxies as it has gateways
 
@@ -211,7 +215,7 @@ class Rig:
             port = int(inst.stdout.readline().rsplit(":", 1)[1])
         self.instance_pid = inst.pid
         topo = Topology(("a", "b", "c"), (Link("a", "b"), Link("b", "c")), (Instance("s1", "c", "/svc", 1e6, 1, 0),),
-                        {"log_level": "warning"})
+                        {"log_level": "warning", **GATEWAY_OPTIONS})
         tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="cpn-dp-")))
         specs = write_lab(topo, tmp, instance_url=lambda i: f"http://127.0.0.1:{port}/v1")
         lab = self._stack.enter_context(Lab(specs, log_level="warning"))
@@ -1297,7 +1301,12 @@ def main() -> int:
     ap.add_argument("--idle-seconds", type=float, default=5.0, help="the idle window whose rates are subtracted")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     ap.add_argument("--grpc", action="store_true", help="only the gRPC unary rows (bench/dataplane_grpc.py)")
+    ap.add_argument("--gateway-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [gateway] key for cpnd's gateways a, b, c (TOML value: true, 5, \"text\"); repeatable")
     args = ap.parse_args()
+    for option in args.gateway_option:
+        key, _, value = option.partition("=")
+        GATEWAY_OPTIONS[key] = tomllib.loads(f"v = {value}")["v"]
     if args.breakdown:
         return breakdown(args)
     if args.opcodes:

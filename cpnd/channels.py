@@ -35,13 +35,13 @@ from .session import (
     TunnelFrame,
     UpdateReceived,
 )
-from .tunnel import LARGE_DATA_CAP, SEALED_CAP
+from .tunnel import LARGE_DATA_CAP, SEALED_CAP, TUNNEL_BATCH_CAP
 from .wire import GATEWAY_TIME_CAP
 
 log = logging.getLogger("cpnd.worker")
 
 # What a data channel offers in its OPEN: the tunnel's capabilities (tunnel-window comes with the limits).
-CHANNEL_CAPS = (TUNNEL_CAP, LARGE_DATA_CAP, GATEWAY_TIME_CAP, SEALED_CAP)
+CHANNEL_CAPS = (TUNNEL_CAP, LARGE_DATA_CAP, GATEWAY_TIME_CAP, SEALED_CAP, TUNNEL_BATCH_CAP)
 
 
 @attrs.define(eq=False)
@@ -58,7 +58,8 @@ class ChannelPeer:
 
 
 def channel_session_config(config: Config) -> SessionConfig:
-    return attrs.evolve(session_config(config), caps=CHANNEL_CAPS, restart_ms=0)
+    caps = CHANNEL_CAPS if config.gateway.tunnel_batch else tuple(c for c in CHANNEL_CAPS if c != TUNNEL_BATCH_CAP)
+    return attrs.evolve(session_config(config), caps=caps, restart_ms=0)
 
 
 class DataChannels:
@@ -204,11 +205,15 @@ class DataChannels:
     def wants_data(self, link: Link) -> bool:
         return link.session.wants_data()
 
-    def send_tunnel(self, link: Link, frame: bytes) -> bytes:
+    def send_tunnel(self, link: Link, frame: bytes, soon: bool = False) -> bytes:
         if link.session.state is State.CLOSED:
             return b""
         self._sending.pop(link, None)
-        return link.session.tunnel_record(frame)
+        return link.session.tunnel_record(frame, soon)
+
+    def release_tunnel(self, link: Link) -> bytes:
+        self._sending.pop(link, None)
+        return link.session.release_soon()
 
     def close(self, link: Link, code: int, subcode: int, text: str) -> None:
         link.session.close(code, subcode, text)

@@ -104,6 +104,7 @@ class GatewayConfig:
     max_peer_send_buffer: int = 4 * 1024 * 1024
     max_streams_per_peer: int = 1024
     tunnel_window_bytes: int = 1024 * 1024
+    tunnel_batch: bool = True  # offer `tunnel-batch`: an OPEN and its request, a LOAD and its response in one record
     peer_buffer_bytes: int = 64 * 1024 * 1024
     max_body_bytes: int = 100 * 1024 * 1024
     http_header_timeout_ms: int = 10_000
@@ -527,6 +528,7 @@ def _gateway_peering(r: _Reader, g: dict[str, Any]) -> dict[str, Any]:
         max_streams_per_peer=r.number(g, (*gw, "max_streams_per_peer"), 1, MAX_TUNNEL_STREAMS, 1024, integer=True),
         tunnel_window_bytes=r.number(g, (*gw, "tunnel_window_bytes"), MIN_TUNNEL_WINDOW, 1 << 30, 1024 * 1024, integer=True),
         peer_buffer_bytes=r.number(g, (*gw, "peer_buffer_bytes"), 1 << 20, 1 << 31, 64 * 1024 * 1024, integer=True),
+        tunnel_batch=r.get(g, (*gw, "tunnel_batch"), bool, True),
         preauth_timeout_ms=r.number(g, (*gw, "preauth_timeout_ms"), 100, 600_000, 2000, integer=True),
         max_preauth_connections=r.number(g, (*gw, "max_preauth_connections"), 1, 100_000, 64, integer=True),
         max_preauth_per_ip=r.number(g, (*gw, "max_preauth_per_ip"), 1, 100_000, 8, integer=True),

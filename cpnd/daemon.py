@@ -70,6 +70,9 @@ class Connection:
         self._fd = stream.socket.fileno()
         self.link = link
         self.mux: Mux | None = None
+        # The core keeps a frame sent ``soon`` on a session with `tunnel-batch` for the record of the frame
+        # after it in the same step; if the step ends first, ``flush`` has it sealed alone.
+        self._soon = False
         self._readable = trio.Event()  # set when the core wants the peer's bytes again
         self._out: collections.deque[bytes] = collections.deque()
         self._out_bytes = 0
@@ -97,8 +100,17 @@ class Connection:
     def send_tunnel(self, frame: bytes, *, flush: bool = False, soon: bool = False) -> None:
         """Seal and queue one tunnel frame (streams call this); ``flush``: the last of a burst, written
         now if the writer is idle (``flush``); ``soon``: a flushed frame follows from this same step
-        (an OPEN before its request, a LOAD before its response), so the writer is not woken for it."""
-        data = self.core.send_tunnel(self.link, frame)
+        (an OPEN before its request, a LOAD before its response), so the writer is not woken for it; on a
+        session with `tunnel-batch` the two go in one record (tunnel.md, "Batches")."""
+        data = self.core.send_tunnel(self.link, frame, soon)
+        if not data:
+            if soon:  # kept for the next frame's record: flushed, alone, at the end of the step at the latest
+                self._soon = True
+                self.daemon.held.add(self)
+            return
+        if self._soon:  # gone with this frame, in one batch: nothing left to flush for it
+            self._soon = False
+            self.daemon.held.discard(self)  # (what else is queued is written below, or held again)
         if not (flush and data) or self._sending or self.is_down:
             self.enqueue(data, wake=not (flush or soon))
             if flush:
@@ -126,6 +138,12 @@ class Connection:
         response does not wait for the writer's turn (a wake-up, a scheduler pass and trio's send
         machinery on every hop). What the socket does not take at once stays queued for the writer."""
         self.daemon.held.discard(self)
+        if self._soon:  # no frame followed it in its step: it goes alone
+            self._soon = False
+            data = self.core.release_tunnel(self.link)
+            if data:
+                self._out.append(data)
+                self._out_bytes += len(data)
         if not self._out:
             return
         if self._sending or self.is_down:

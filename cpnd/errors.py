@@ -84,6 +84,7 @@ class TunnelSub(enum.IntEnum):
     MALFORMED_FRAME = 1
     BAD_STREAM_ID = 2
     NOT_NEGOTIATED = 3
+    MALFORMED_BATCH = 4
 
 
 SUBCODES: dict[Code, type[enum.IntEnum] | None] = {

@@ -32,6 +32,7 @@ from .rib import AdjRibOut, Key, Rib, gateway_time_after, link_cost_after
 from .session import (
     Authenticated,
     Backoff,
+    DEFAULT_CAPS,
     CloseReason,
     Closed,
     Established,
@@ -45,6 +46,7 @@ from .session import (
     collision_keeps_new,
 )
 from .status import PeerStatus
+from .tunnel import TUNNEL_BATCH_CAP
 from .wire import GATEWAY_TIME_CAP, INSTANCE_DOWN_CAP, Limits, RouteAdv, TunnelLimits
 
 log = logging.getLogger("cpnd")
@@ -454,12 +456,18 @@ class Gateway:
         elif peer.dial_at is None and not peer.dialling:
             peer.dial_at = now
 
-    def send_tunnel(self, link: Link, frame: bytes) -> bytes:
-        """Seal one tunnel frame for ``link``: the bytes to write (empty once closed)."""
+    def send_tunnel(self, link: Link, frame: bytes, soon: bool = False) -> bytes:
+        """Seal one tunnel frame for ``link``: the bytes to write (empty once closed, or while a frame sent
+        ``soon`` waits for the next one of its step to share its record: Session.tunnel_record)."""
         if link.session.state is State.CLOSED:
             return b""
         self._sending.pop(link, None)
-        return link.session.tunnel_record(frame)
+        return link.session.tunnel_record(frame, soon)
+
+    def release_tunnel(self, link: Link) -> bytes:
+        """The frame ``send_tunnel`` kept for a batch, sealed alone: its step ended without another."""
+        self._sending.pop(link, None)
+        return link.session.release_soon()
 
     def established_link(self, peer_id: str) -> Link | None:
         peer = self.peers.get(peer_id)
@@ -931,6 +939,8 @@ def peer_status(peer: Peer, rib: Rib, now: float) -> PeerStatus:
         export=list(peer.config.export_prefixes) if peer.config.export_prefixes is not None else None,
         local_pref=peer.config.local_pref, routes_invalid=rib.invalid_by_peer[pid],
         routes_filtered=rib.filtered_by_peer[pid], last_invalid=rib.last_invalid.get(pid, ""),
+        tunnel_frames_in=s.stats["tunnel_in"] if s else 0, tunnel_frames_out=s.stats["tunnel_out"] if s else 0,
+        batches_in=s.stats["batch_in"] if s else 0, batches_out=s.stats["batch_out"] if s else 0,
     )
 
 
@@ -975,8 +985,9 @@ def session_config(config: Config) -> SessionConfig:
     # peer_buffer_bytes bounds both directions and the streams: what the peer may have un-credited here (the
     # connection window we announce), and what we queue for it (max_peer_send_buffer).
     tunnel = TunnelLimits(g.tunnel_window_bytes, g.peer_buffer_bytes - peer_overhead(g), g.max_streams_per_peer)
+    caps = DEFAULT_CAPS if g.tunnel_batch else tuple(c for c in DEFAULT_CAPS if c != TUNNEL_BATCH_CAP)
     return SessionConfig(hold_ms=g.hold_time_ms, keepalive_ms=g.keepalive_ms, handshake_timeout_s=g.handshake_timeout_ms / 1000,
-                         restart_ms=g.graceful_restart_ms, tunnel=tunnel, limits=route_limits(config))
+                         caps=caps, restart_ms=g.graceful_restart_ms, tunnel=tunnel, limits=route_limits(config))
 
 
 def route_limits(config: Config) -> Limits:

@@ -19,7 +19,7 @@ import attrs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .crypto import Handshake, RecordLayer, Role, handshake_error_frame
-from .tunnel import LARGE_DATA_CAP, SEALED_CAP
+from .tunnel import LARGE_DATA_CAP, SEALED_CAP, TUNNEL_BATCH_CAP, batch_fits, encode_batch, split_batch
 from .errors import CeaseSub, Code, FsmSub, HandshakeSub, OpenSub, ProtocolError, RecordSub, describe
 from .limits import DEFAULT_PEER_ROUTES, TokenBucket
 from .wire import (
@@ -103,6 +103,7 @@ MAX_SEND_BUDGET = 1 << 30  # a peer that announced no pace
 _HANDSHAKE_STATES = (State.WAIT_HELLO, State.WAIT_ACK, State.WAIT_FINISH)
 _OPEN_STATES = (State.OPEN_SENT, State.OPEN_CONFIRM, State.ESTABLISHED)
 _TUNNEL = int(ContentType.TUNNEL)  # a plain int: compared and sealed on every tunnel record
+_BATCH = int(ContentType.BATCH)
 
 
 def _common(states: Sequence[State], row: dict[Input, tuple[str, State]]) -> dict[State, dict[Input, tuple[str, State]]]:
@@ -222,6 +223,10 @@ class Closed:
 Event = Authenticated | Established | UpdateReceived | RefreshRequested | RttMeasured | TunnelFrame | Closed
 
 
+DEFAULT_CAPS = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP, ROUTE_LIMITS_CAP, GATEWAY_TIME_CAP,
+                ORIGIN_SIG_CAP, SEALED_CAP, TUNNEL_BATCH_CAP)
+
+
 @attrs.frozen
 class SessionConfig:
     """The timers a session proposes (the hold time in use is the lower of both sides'), and
@@ -230,8 +235,7 @@ class SessionConfig:
     hold_ms: int = attrs.field(default=3000, validator=attrs.validators.and_(attrs.validators.ge(MIN_HOLD_MS), attrs.validators.le(MAX_HOLD_MS)))
     keepalive_ms: int | None = None  # default hold / 3
     handshake_timeout_s: float = 5.0
-    caps: tuple[str, ...] = ("route-refresh", TUNNEL_CAP, LARGE_DATA_CAP, INSTANCE_DOWN_CAP, ROUTE_LIMITS_CAP,
-                             GATEWAY_TIME_CAP, ORIGIN_SIG_CAP, SEALED_CAP)
+    caps: tuple[str, ...] = DEFAULT_CAPS
     restart_ms: int = 0  # graceful restart: how long peers should keep our routes (0: off)
     tunnel: TunnelLimits | None = None  # what we accept on the tunnel, offered with tunnel-window
     limits: Limits = Limits(10_000, 1000, 10_000)
@@ -297,6 +301,8 @@ class Session:
         self.tunnel_direct = False
         self.tunnel_in: list[bytes] = []
         self._tunnel_up = False  # tunnel_enabled, kept by _set_state
+        self._batch_up = False  # and both OPENs list tunnel-batch: records of content type 3 go both ways
+        self._soon: bytes | None = None  # a frame sent ``soon``, kept for the batch of the frame after it
         self._now = now
         if role is Role.INITIATOR:
             self._out += frame(self._hs.start())
@@ -355,6 +361,11 @@ class Session:
                 if ctype == _TUNNEL and (not events or len(events) == self._pending):
                     self._hold_deadline = hold_at  # (as a record of any kind does: the peer is alive)
                     tunnel_in.append(payload)
+                    continue
+                if ctype == _BATCH and self._batch_up and (not events or len(events) == self._pending):
+                    self._hold_deadline = hold_at
+                    tunnel_in += split_batch(payload)  # (its frames are the Mux's to check, as any)
+                    self.stats["batch_in"] += 1
                     continue
                 decoded = self._opened(ctype, payload, now)
                 if decoded is not None:
@@ -480,22 +491,56 @@ class Session:
         return self.state is State.ESTABLISHED and TUNNEL_CAP in self.agreed_caps
 
     def send_tunnel(self, payload: bytes) -> None:
-        """Queue one tunnel frame (content type 2)."""
+        """Queue one tunnel frame (content type 2), after a frame ``tunnel_record`` kept (frames keep their order)."""
         if not self.tunnel_enabled:
             raise RuntimeError("tunnel not negotiated on this session")
         assert self._records is not None
-        self._out += self._records.seal(ContentType.TUNNEL, payload)
-        self.stats["tunnel_out"] += 1
+        first, self._soon = self._soon, None
+        for each in (first, payload) if first is not None else (payload,):
+            self._out += self._records.seal(ContentType.TUNNEL, each)
+            self.stats["tunnel_out"] += 1
 
-    def tunnel_record(self, payload: bytes) -> bytes:
+    @property
+    def batching(self) -> bool:
+        """Both OPENs list `tunnel-batch` (and the tunnel is up): two frames may share a record."""
+        return self._batch_up
+
+    def tunnel_record(self, payload: bytes, soon: bool = False) -> bytes:
         """``send_tunnel`` and ``data_to_send`` in one call (the data plane's every frame): the bytes to
-        write now, what was queued before it first (records go out in the order they were sealed)."""
+        write now, what was queued before it first (records go out in the order they were sealed).
+
+        ``soon``: the caller sends another frame from this same step (an OPEN before its request, a LOAD
+        before its response). With `tunnel-batch` the frame is kept, not sealed (b"" back), and goes in one
+        batch record with that next frame (tunnel.md, "Batches"); a step that ends without one calls
+        ``release_soon``. Without it, the frame is sealed now, as any."""
+        first = self._soon
+        if first is not None:
+            self._soon = None
+            if batch_fits(first, payload):
+                return self._seal_tunnel(_BATCH, encode_batch(first, payload), 2)
+            return self._seal_tunnel(_TUNNEL, first, 1) + self._seal_tunnel(_TUNNEL, payload, 1)
+        if soon and self._batch_up:
+            self._soon = payload
+            return b""
         if not self._tunnel_up:
             raise RuntimeError("tunnel not negotiated on this session")
+        return self._seal_tunnel(_TUNNEL, payload, 1)
+
+    def release_soon(self) -> bytes:
+        """The frame ``tunnel_record`` kept for a batch, sealed alone (nothing followed it in its step),
+        with what was queued before it; b"" when none is kept."""
+        first, self._soon = self._soon, None
+        if first is None or self.state is State.CLOSED:
+            return b""
+        return self._seal_tunnel(_TUNNEL, first, 1)
+
+    def _seal_tunnel(self, ctype: int, payload: bytes, frames: int) -> bytes:
         assert self._records is not None
-        out = self._records.seal(_TUNNEL, payload)
+        out = self._records.seal(ctype, payload)
         stats = self.stats
-        stats["tunnel_out"] += 1
+        stats["tunnel_out"] += frames
+        if ctype == _BATCH:
+            stats["batch_out"] += 1
         if self._out:
             out = bytes(self._out) + out
             self._out.clear()
@@ -538,6 +583,7 @@ class Session:
             log.debug("%s session %s: %s -> %s", self.local_id, self.peer_id or "?", self.state.value, new.value)
             self.state = new
             self._tunnel_up = self.tunnel_enabled  # for every frame sent: a flag, not the property's two tests
+            self._batch_up = self._tunnel_up and TUNNEL_BATCH_CAP in self.agreed_caps
 
     def _decode(self, header: bytes, body: bytes, now: float) -> tuple[Input, object] | None:
         if self._records is None:
@@ -560,17 +606,20 @@ class Session:
 
     def _opened(self, ctype: int, payload: bytes, now: float) -> tuple[Input, object] | None:
         """A record opened: a tunnel frame (to ``tunnel_in`` or as an event), else a control message."""
-        if ctype == ContentType.TUNNEL and self.tunnel_enabled:
+        if (ctype == ContentType.TUNNEL and self.tunnel_enabled) or (ctype == _BATCH and self._batch_up):
             # Tunnel frames bypass the FSM (they are not session messages) but prove
             # the peer alive like any other record.
             self._hold_deadline = now + self.hold_ms / 1000
-            self.stats["tunnel_in"] += 1
+            frames = [payload] if ctype == ContentType.TUNNEL else split_batch(payload)
+            self.stats["tunnel_in"] += len(frames)
+            if ctype == _BATCH:
+                self.stats["batch_in"] += 1
             if self.tunnel_direct and len(self._events) == self._pending:
                 # Nothing but route work waits before it (that may go after: the data plane does not
                 # wait for UPDATE slices): the shell takes it before the events of this read.
-                self.tunnel_in.append(payload)
+                self.tunnel_in += frames
             else:
-                self._events.append(TunnelFrame(payload))
+                self._events.extend(TunnelFrame(f) for f in frames)
             return None
         if ctype != ContentType.CONTROL:
             raise ProtocolError(Code.RECORD, RecordSub.BAD_CONTENT_TYPE, f"content type {ctype}")

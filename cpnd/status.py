@@ -43,6 +43,11 @@ class PeerStatus:
     routes_invalid: int = 0
     routes_filtered: int = 0
     last_invalid: str = ""
+    # Tunnel records on its session: frames both ways, and the batch records (content type 3) among them.
+    tunnel_frames_in: int = 0
+    tunnel_frames_out: int = 0
+    batches_in: int = 0
+    batches_out: int = 0
 
 
 @attrs.frozen

@@ -1,7 +1,8 @@
 """Tunnel framing (sans-IO): streams of encapsulated HTTP inside session records.
 
 A tunnel frame is the payload of a record of content type 2 (protocol-spec/tunnel.md):
-``stream_id u32 | type u8 | flags u8 | payload``. Streams carry one request and
+``stream_id u32 | type u8 | flags u8 | payload``, or one entry of a record of content type 3
+(a batch: ``len u16 | frame``, two or more, with `tunnel-batch`). Streams carry one request and
 its response each, opened by an extension header, with per-stream flow control.
 """
 
@@ -208,6 +209,42 @@ class Frame:
 
 def encode_frame(stream_id: int, ftype: FrameType, payload: bytes = b"", flags: int = 0) -> bytes:
     return FRAME_HEADER.pack(stream_id, ftype, flags) + payload
+
+
+# ---------------------------------------------------------------- batches (content type 3)
+
+# Both OPENs list it: a frame sent and at once followed by another on the session (an OPEN and its
+# request, a LOAD and its response) travels with it in one record: one seal, one open, one write.
+TUNNEL_BATCH_CAP = "tunnel-batch"
+MAX_BATCH_PAYLOAD = 65535  # a record's plaintext (65536) less its content type byte
+
+
+def encode_batch(first: bytes, second: bytes) -> bytes:
+    """A batch record's payload: each frame after its length (u16)."""
+    return len(first).to_bytes(2, "big") + first + len(second).to_bytes(2, "big") + second
+
+
+def batch_fits(first: bytes, second: bytes) -> bool:
+    """Whether the two frames fit one batch record."""
+    return len(first) + len(second) + 4 <= MAX_BATCH_PAYLOAD
+
+
+def split_batch(payload: bytes) -> list[bytes]:
+    """A batch record's frames, in order (each still to be checked as a frame); ProtocolError
+    ``tunnel/malformed-batch`` for fewer than two entries, a length cut short or one past the end."""
+    frames, at, end = [], 0, len(payload)
+    while at < end:
+        if at + 2 > end:
+            raise tunnel_error(TunnelSub.MALFORMED_BATCH, f"batch entry at {at}: its length is cut short")
+        n = (payload[at] << 8) | payload[at + 1]
+        at += 2
+        if at + n > end:
+            raise tunnel_error(TunnelSub.MALFORMED_BATCH, f"batch entry of {n} bytes at {at - 2} runs past the end")
+        frames.append(payload[at:at + n])
+        at += n
+    if len(frames) < 2:
+        raise tunnel_error(TunnelSub.MALFORMED_BATCH, f"batch of {len(frames)} entries (at least 2)")
+    return frames
 
 
 def decode_frame(data: bytes, max_data: int = MAX_DATA, *, conn_window: bool = False, timed_load: bool = False) -> Frame:

@@ -73,6 +73,7 @@ class ContentType(enum.IntEnum):
 
     CONTROL = 1
     TUNNEL = 2
+    BATCH = 3  # two or more tunnel frames (tunnel.md, "Batches"), with `tunnel-batch` on both OPENs
 
 
 # ---------------------------------------------------------------- framing

@@ -18,6 +18,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .wire import (
+    BATCH,
     FINISH,
     HELLO_ACK,
     KEEPALIVE,
@@ -27,6 +28,7 @@ from .wire import (
     UPDATE,
     Closed,
     Peer,
+    batch_frames,
     frame,
     new_route,
     pack,
@@ -549,6 +551,81 @@ def _large_data(t: Target) -> None:
     p.send_msg(struct.pack(">IBB", 7, 2, 0) + b"x" * 65024, ctype=TUNNEL)
     expect(p, 9, 2)  # the size is fine; stream 7 was never opened
     expect(_tunnel_large(t, 65025), 9, 1)
+
+
+BATCH_CAPS = ["route-refresh", "tunnel", "tunnel-batch"]
+
+
+def _batch_vectors() -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in json.loads((SPEC / "vectors.json").read_text())["tunnel-batch"]}
+
+
+def _batch_session(t: Target) -> Peer:
+    """A session offering `tunnel-batch`; Skipped if the target does not offer it."""
+    p = t.session(caps=BATCH_CAPS)
+    if "tunnel-batch" not in p.target_caps:
+        p.close()
+        raise Skipped("the target does not offer tunnel-batch")
+    return p
+
+
+def _frames_from(p: Peer, timeout: float) -> list[bytes]:
+    """The tunnel frames of the target's next tunnel record (content type 2, or a batch's, 3)."""
+    deadline = time.monotonic() + timeout
+    while True:  # UPDATEs and KEEPALIVEs may come first
+        ctype, payload = p.recv(max(0.01, deadline - time.monotonic()))
+        if ctype == TUNNEL:
+            return [payload]
+        if ctype == BATCH:
+            return batch_frames(payload)
+
+
+@case("tunnel-batch", "tunnel.md#batches")
+def _batch(t: Target) -> None:
+    """The spec's open-data batch (an OPEN of stream 1 to s1 at gw3, and its whole request): the target
+    takes both frames and answers the stream: RESET no-route or no-such-instance where it knows no such
+    instance (a LOAD may come first), else the response."""
+    p = _batch_session(t)
+    try:
+        p.send_msg(bytes.fromhex(_batch_vectors()["open-data"]["hex"]), ctype=BATCH)
+        deadline = time.monotonic() + 5
+        while True:
+            for f in _frames_from(p, deadline - time.monotonic()):
+                sid, ftype, _ = struct.unpack(">IBB", f[:6])
+                if (sid, ftype) == (1, 5):
+                    continue  # a LOAD
+                if (sid, ftype) == (1, 2):  # a target that can reach s1 at gw3 answers it
+                    assert f[6:].startswith(b"HTTP/1.1 "), f[6:40]
+                    return
+                assert (sid, ftype) == (1, 4), f"expected RESET on stream 1, got stream {sid} type {ftype}"
+                code, delivered = struct.unpack(">HB", f[6:9])
+                assert code in (1, 11) and delivered == 0, (code, delivered)
+                return
+    finally:
+        p.close()
+
+
+@case("tunnel-batch-malformed", "tunnel.md#batches (9/4, 9/1, 9/2)")
+def _batch_malformed(t: Target) -> None:
+    """Each malformed batch of the spec ends the session with its NOTIFICATION: 9/4 for the batch's own
+    shape, a bad frame inside with that frame's code."""
+    for name, v in _batch_vectors().items():
+        if "error" in v and "tunnel-batch" in v["caps"]:
+            p = _batch_session(t)
+            p.send_msg(bytes.fromhex(v["hex"]), ctype=BATCH)
+            try:
+                expect(p, *v["error"])
+            except AssertionError as exc:
+                raise AssertionError(f"{name}: {exc}") from None
+
+
+@case("tunnel-batch-not-negotiated", "tunnel.md#batches (8/4)")
+def _batch_not_negotiated(t: Target) -> None:
+    """A batch on a session whose OPENs do not both list tunnel-batch is a bad content type."""
+    v = _batch_vectors()["without-capability"]
+    p = t.session(caps=["route-refresh", "tunnel"])
+    p.send_msg(bytes.fromhex(v["hex"]), ctype=BATCH)
+    expect(p, *v["error"])
 
 
 def _tunnel_large(t: Target, size: int) -> Peer:

@@ -17,7 +17,7 @@ from typing import Any
 import msgpack
 
 from .cases import SPEC, Target, advertised_routes, alive
-from .wire import TUNNEL, Closed, frame, new_route, pack
+from .wire import BATCH, TUNNEL, Closed, frame, new_route, pack
 
 
 def _seeds() -> dict[str, list[bytes]]:
@@ -25,7 +25,8 @@ def _seeds() -> dict[str, list[bytes]]:
     msgs = [bytes.fromhex(m["hex"]) for m in v["messages"]]
     hs = [bytes.fromhex(v["handshake"][k])[4:] for k in ("hello_frame", "hello_ack_frame", "finish_frame")]
     tun = [bytes.fromhex(m["hex"]) for m in v["tunnel"]]
-    return {"message": msgs, "handshake": hs, "tunnel": tun}
+    batches = [bytes.fromhex(m["hex"]) for m in v["tunnel-batch"]]
+    return {"message": msgs, "handshake": hs, "tunnel": tun, "batch": batches}
 
 
 def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
@@ -79,7 +80,7 @@ HTTP_SEEDS = [
 
 
 def one_input(rng: random.Random, t: Target, seeds: dict[str, list[bytes]]) -> tuple[str, bytes]:
-    kinds = ["message", "message", "structure", "handshake", "tunnel"] + (["http", "http"] if t.http else [])
+    kinds = ["message", "message", "structure", "handshake", "tunnel", "batch"] + (["http", "http"] if t.http else [])
     kind = rng.choice(kinds)
     if kind == "http":
         return kind, _mutate_bytes(rng, rng.choice(HTTP_SEEDS))
@@ -108,9 +109,12 @@ def send_input(t: Target, kind: str, data: bytes) -> None:
             p = t.peer()
             p.send_raw(frame(data))
         else:
-            p = t.session()
+            # A batch on a session offering tunnel-batch (the target may not: then it is 8/4's to refuse).
+            p = t.session(caps=["route-refresh", "tunnel", "tunnel-batch"]) if kind == "batch" else t.session()
             if kind == "tunnel":
                 p.send_msg(data, ctype=TUNNEL)
+            elif kind == "batch":
+                p.send_msg(data, ctype=BATCH)
             else:
                 p.send_msg(data)
         p.sock.settimeout(0.3)

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 # message types (messages.md)
 OPEN, KEEPALIVE, UPDATE, NOTIFICATION, ROUTE_REFRESH, LIMITS = 1, 2, 3, 4, 5, 6
 HELLO, HELLO_ACK, FINISH, HS_ERROR = 16, 17, 18, 19
-CONTROL, TUNNEL = 1, 2
+CONTROL, TUNNEL, BATCH = 1, 2, 3  # BATCH: two or more tunnel frames, with `tunnel-batch` (tunnel.md, "Batches")
 MAX_HANDSHAKE_BODY = 512
 MAX_RECORD = 65552
 
@@ -250,6 +250,20 @@ class Peer:
         except (socket.timeout, TimeoutError):
             raise AssertionError("the target neither answered with an error nor closed") from None
         raise AssertionError("the target kept the session open")
+
+
+def batch_frames(payload: bytes) -> list[bytes]:
+    """The tunnel frames of a batch record from the target (``len u16 | frame`` each); AssertionError if
+    it is not two or more whole entries."""
+    frames, at = [], 0
+    while at < len(payload):
+        assert at + 2 <= len(payload), "a batch from the target ends inside an entry's length"
+        n = int.from_bytes(payload[at:at + 2], "big")
+        assert at + 2 + n <= len(payload), "a batch entry from the target runs past the record's end"
+        frames.append(payload[at + 2:at + 2 + n])
+        at += 2 + n
+    assert len(frames) >= 2, f"a batch of {len(frames)} entries from the target"
+    return frames
 
 
 def new_route(service: str, instance: str, origin: str, seq: int = 1, **over: Any) -> dict[str, Any]:

@@ -380,6 +380,67 @@ def tunnel_vectors() -> list[dict]:
     return out
 
 
+def _entries(*frames: bytes) -> bytes:
+    """A batch payload written here byte by byte (not with cpnd's encoder): ``len u16 | frame`` each."""
+    return b"".join(len(f).to_bytes(2, "big") + f for f in frames)
+
+
+def tunnel_batch_vectors() -> list[dict]:
+    """Batch records (content type 3, tunnel.md "Batches"): their payloads, the frames they carry, and
+    malformed ones with the [code, subcode] a receiver answers."""
+    from cpnd.tunnel import (FLAG_END, ExtHeader, FrameType, QoS, ResetCode, decode_frame, encode_frame, load_payload,
+                             reset_payload, split_batch)
+
+    ext = ExtHeader(service_label("/yolo"), "gw3", "s1", bytes(range(16)), QoS.REALTIME, 16, 2_000_000, 1)
+    open1 = encode_frame(1, FrameType.OPEN, ext.encode())
+    get1 = encode_frame(1, FrameType.DATA, b"GET /yolo HTTP/1.1\r\nhost: x\r\n\r\n", FLAG_END)
+    load1 = encode_frame(1, FrameType.LOAD, load_payload(0.25, 0.1, 1000, 1234, timed=True))
+    ok1 = encode_frame(1, FrameType.DATA, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", FLAG_END)
+    load3 = encode_frame(3, FrameType.LOAD, load_payload(1.0, 1.2, 3000))
+    reset3 = encode_frame(3, FrameType.RESET, reset_payload(ResetCode.REFUSED, False, "over capacity"))
+    window = [encode_frame(sid, FrameType.WINDOW, (65536).to_bytes(4, "big")) for sid in (2, 4)]
+    good = [
+        ("open-data", "the ingress's OPEN of stream 1 (as tunnel -> open) and its whole request in one DATA with END",
+         [open1, get1], []),
+        ("load-data", "the egress's LOAD on stream 1 (session with gateway-time: instance time 1234 us) and the whole "
+         "response in one DATA with END", [load1, ok1], ["gateway-time"]),
+        ("load-reset", "the egress's LOAD on stream 3 (load 1.0, demand 1.2, base compute 3000 us) and its RESET "
+         "refused, not delivered, 'over capacity'", [load3, reset3], []),
+        ("three-frames", "WINDOW on streams 2 and 4 (65536 bytes each) and DATA with END on stream 1", [*window, get1], []),
+    ]
+    out = []
+    for name, meaning, frames, caps in good:
+        payload = _entries(*frames)
+        assert split_batch(payload) == frames
+        out.append({"name": name, "meaning": meaning, "caps": ["tunnel", "tunnel-batch", *caps], "hex": payload.hex(),
+                    "frames": [f.hex() for f in frames]})
+    bad = [
+        ("empty", "no entries at all", b"", None),
+        ("one-entry", "one entry (an OPEN): a batch carries two or more", _entries(open1), None),
+        ("length-cut-short", "two entries, then one byte of a third entry's length", _entries(open1, get1) + b"\x00", None),
+        ("entry-past-end", "an OPEN, then an entry whose length (40) runs past the payload's end (38 bytes left)",
+         _entries(open1) + (40).to_bytes(2, "big") + get1, None),
+        ("zero-length-entry", "an OPEN, then an entry of 0 bytes: a frame shorter than its header", _entries(open1, b""),
+         "frame"),
+        ("data-on-stream-zero", "an OPEN, then DATA on stream 0", _entries(open1, encode_frame(0, FrameType.DATA, b"x")),
+         "frame"),
+        ("unknown-frame-type", "an OPEN, then a frame of type 9", _entries(open1, bytes.fromhex("000000010900")), "frame"),
+    ]
+    for name, meaning, payload, level in bad:
+        try:
+            for f in split_batch(payload):
+                decode_frame(f)
+        except ProtocolError as exc:
+            out.append({"name": name, "meaning": meaning, "caps": ["tunnel", "tunnel-batch"], "hex": payload.hex(),
+                        "error": [exc.code, exc.subcode]})
+            assert (exc.subcode == 4) == (level is None), name
+        else:
+            raise AssertionError(name)
+    out.append({"name": "without-capability", "meaning": "a well-formed batch (open-data) on a session where one OPEN "
+                "does not list tunnel-batch", "caps": ["tunnel"], "hex": _entries(open1, get1).hex(), "error": [8, 4]})
+    return out
+
+
 def forwarded_vectors() -> list[dict]:
     """The client address from ingress to egress (tunnel.md, "Client address"): the tunnelled head's
     CPN-Client / CPN-Ingress, and the Forwarded / X-Forwarded-For the instance gets from them."""
@@ -464,6 +525,7 @@ def main() -> None:
         "handshake": handshake_vector(),
         "handshake-data-channel": handshake_vector(data_channel=True),
         "tunnel": tunnel_vectors(),
+        "tunnel-batch": tunnel_batch_vectors(),
         "forwarded": forwarded_vectors(),
         "http2": http2_vectors(),
         "origin": origin_vectors(),

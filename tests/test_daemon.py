@@ -91,7 +91,7 @@ def test_line_of_three(make_lab) -> None:
     assert peers["a"]["state"] == peers["c"]["state"] == "established"
     assert peers["a"]["rtt_ms"] >= 4.0 and peers["c"]["routes_received"] == 1
     assert peers["a"]["caps"] == ["gateway-time", "instance-down", "origin-sig", "route-limits", "route-refresh",
-                                  "sealed-streams", "tunnel", "tunnel-large-data", "tunnel-window"]  # what both ends offered
+                                  "sealed-streams", "tunnel", "tunnel-batch", "tunnel-large-data", "tunnel-window"]  # what both ends offered
     # The lab's domain key certified every origin: every path is verified, two hops away too.
     assert {r["validation"] for gw in ("a", "b", "c") for r in lab.routes(gw)} == {"valid"}
 

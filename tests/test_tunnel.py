@@ -18,13 +18,17 @@ from cpnd.tunnel import (
     FrameType,
     QoS,
     ResetCode,
+    MAX_BATCH_PAYLOAD,
     StreamIds,
+    batch_fits,
     decode_frame,
+    encode_batch,
     encode_frame,
     parse_frame,
     parse_load,
     parse_reset,
     reset_payload,
+    split_batch,
 )
 
 ids = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
@@ -191,3 +195,98 @@ def test_large_data_only_where_negotiated() -> None:
     with pytest.raises(ProtocolError) as ei:
         decode_frame(encode_frame(3, FrameType.DATA, b"x" * (MAX_DATA_LARGE + 1)), MAX_DATA_LARGE)
     assert (ei.value.code, ei.value.subcode) == (9, 1)
+
+
+# ---------------------------------------------------------------- batches (content type 3)
+
+
+def entries(frames: list[bytes]) -> bytes:
+    """A batch payload written here (tunnel.md, "Batches"): ``len u16 | frame`` each."""
+    return b"".join(len(f).to_bytes(2, "big") + f for f in frames)
+
+
+def test_tunnel_batch_vectors(vectors) -> None:
+    """Each batch vector's frames come out in order and decode as the frames they are; each malformed
+    one is refused with its code: 9/4 for the batch's own shape, the frame's own for a bad frame in it."""
+    for v in vectors["tunnel-batch"]:
+        payload = bytes.fromhex(v["hex"])
+        if "tunnel-batch" not in v["caps"]:
+            assert v["error"] == [Code.RECORD, 4]  # a session's matter: tests/test_session.py sends it
+            continue
+        timed = "gateway-time" in v["caps"]
+        if "error" in v:
+            with pytest.raises(ProtocolError) as ei:
+                for f in split_batch(payload):
+                    decode_frame(f, timed_load=timed)
+            assert [ei.value.code, ei.value.subcode] == v["error"], v["name"]
+            continue
+        frames = split_batch(payload)
+        assert [f.hex() for f in frames] == v["frames"], v["name"]
+        for f in frames:
+            decode_frame(f, timed_load=timed)
+        if len(frames) == 2:
+            assert encode_batch(*frames) == payload, v["name"]
+
+
+frames_st = st.binary(max_size=300)
+
+
+@given(frames_st, frames_st)
+def test_batch_of_two_round_trip(first: bytes, second: bytes) -> None:
+    payload = encode_batch(first, second)
+    assert payload == entries([first, second])
+    assert split_batch(payload) == [first, second]
+
+
+@given(st.lists(frames_st, min_size=2, max_size=8))
+def test_batch_of_any_length_round_trip(frames: list[bytes]) -> None:
+    assert split_batch(entries(frames)) == frames
+
+
+def assert_malformed_batch(payload: bytes) -> None:
+    with pytest.raises(ProtocolError) as ei:
+        split_batch(payload)
+    assert (ei.value.code, ei.value.subcode) == (Code.TUNNEL, TunnelSub.MALFORMED_BATCH)
+
+
+@given(st.lists(frames_st, max_size=1))
+def test_a_batch_of_fewer_than_two_entries_is_refused(frames: list[bytes]) -> None:
+    assert_malformed_batch(entries(frames))
+
+
+@given(st.lists(frames_st, min_size=1, max_size=5), st.data())
+def test_a_batch_cut_anywhere_but_between_entries_is_refused(frames: list[bytes], data: st.DataObject) -> None:
+    """Every proper prefix of a batch that does not end on an entry's end (a length cut short, an entry
+    past the end), and every such payload with one stray byte after it, is 9/4."""
+    payload = entries(frames)
+    ends = {0, *(sum(len(f) + 2 for f in frames[:i + 1]) for i in range(len(frames)))}
+    cut = data.draw(st.integers(0, len(payload)).filter(lambda n: n not in ends))
+    assert_malformed_batch(payload[:cut])
+    assert_malformed_batch(entries(frames + [b"x"]) + b"\x00")  # one byte of a length after whole entries
+
+
+@given(st.lists(frames_st, min_size=2, max_size=5), st.data())
+def test_an_entry_longer_than_what_is_left_is_refused(frames: list[bytes], data: st.DataObject) -> None:
+    i = data.draw(st.integers(0, len(frames) - 1))
+    payload = entries(frames[:i])
+    left = sum(len(f) + 2 for f in frames[i:]) - 2  # what follows this entry's length
+    over = data.draw(st.integers(left + 1, 0xFFFF))
+    assert_malformed_batch(payload + over.to_bytes(2, "big") + b"".join(entries([f]) for f in frames[i:])[2:])
+
+
+@given(st.lists(frames_st, min_size=2, max_size=4), st.data())
+def test_a_bad_frame_in_a_batch_is_that_frames_error(frames: list[bytes], data: st.DataObject) -> None:
+    """The batch splits; the frame is checked as a content-type-2 record's would be (here: too short, 9/1)."""
+    i = data.draw(st.integers(0, len(frames) - 1))
+    frames[i] = frames[i][:5]
+    with pytest.raises(ProtocolError) as ei:
+        for f in split_batch(entries(frames)):
+            parse_frame(f, MAX_DATA, False, False)
+    assert ei.value.code == Code.TUNNEL and ei.value.subcode in (TunnelSub.MALFORMED_FRAME, TunnelSub.BAD_STREAM_ID)
+
+
+def test_what_fits_one_batch_record() -> None:
+    assert batch_fits(b"x" * 100, b"y" * (MAX_BATCH_PAYLOAD - 104))
+    assert not batch_fits(b"x" * 100, b"y" * (MAX_BATCH_PAYLOAD - 103))
+    big_open, big_data = b"o" * 200, b"d" * (6 + 65024)  # the largest OPEN and DATA fit together
+    assert batch_fits(big_open, big_data)
