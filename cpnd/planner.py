@@ -21,7 +21,6 @@ from .selection import (
     BadHeader,
     Candidate,
     Constraints,
-    LoadEstimate,
     TtlCache,
     View,
     candidates,
@@ -229,12 +228,11 @@ class Planner:
 
     def _ranked(self, service: str, cons: Constraints, pinned: dict[str, Key], now: float) -> list[Candidate]:
         per_request = self.mode == "per-request"
-        estimate: LoadEstimate = lambda key, best: self.estimate(key, best, now)  # noqa: E731
         bounded = cons.max_latency_us is not None and per_request
         # Per request, only the instances that may meet the constraints are estimated (the baselines
         # know nothing of them: they rank every instance, and pin what they chose).
         pruned = per_request and (cons.max_latency_us is not None or cons.max_price is not None)
-        cands = candidates(self.rib, service, estimate, bounded=bounded, within=cons if pruned else None)
+        cands = candidates(self.rib, service, self.estimate, bounded=bounded, within=cons if pruned else None, now=now)
         ranked = rank(cands, cons)
         if per_request:
             # Latency-bound requests go first-fit in rank order: packing them tight leaves
@@ -251,7 +249,7 @@ class Planner:
             ranked = self._probe(cands, cons, now)
         if not ranked:
             if pruned:  # the error names the best of them all
-                cands = candidates(self.rib, service, estimate, bounded=bounded)
+                cands = candidates(self.rib, service, self.estimate, bounded=bounded, now=now)
             if not cands:  # known, but every instance is down or reachable only through stale paths
                 raise HttpError(503, "no_instance", no_live_instance(self.rib, service))
             raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints "
@@ -291,8 +289,10 @@ class Planner:
             self.correction.probed(cand.key, now, took * 1_000_000 - expected <= cand.correction_us)
         if cand.next_hop is None and attempt.instance_s is not None:
             self.own.add(Stage.LOCAL, now, (took - attempt.instance_s) * 1_000_000)
+            self.own.us(Stage.LOCAL, now)  # its median worked out here, off the user's path, not in the next plan
         elif cand.next_hop is not None and attempt.sent_at is not None and attempt.upstream_head_at is not None:
             self.own.add(Stage.INGRESS, now, (took - (attempt.upstream_head_at - attempt.sent_at)) * 1_000_000)
+            self.own.us(Stage.INGRESS, now)  # (the same)
         return plan.cons.max_latency_us is not None and _us(attempt.head_at - plan.t0) > plan.cons.max_latency_us
 
     def missed(self, cand: Candidate, attempt: Attempt, start: float, now: float, party: object = None) -> None:

@@ -227,8 +227,8 @@ def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
                      f.capacity, view.load, fill, view.gateways_us, correction)
 
 
-def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, bounded: bool = False,
-               within: Constraints | None = None) -> list[Candidate]:
+def candidates(rib: Rib, service: str, estimate: LoadEstimate | Callable[[Key, Best, float], View] | None = None, *, bounded: bool = False,
+               within: Constraints | None = None, now: float | None = None) -> list[Candidate]:
     """Every live instance of ``service`` with its best path and estimated total latency.
 
     ``estimate`` gives the ingress's view of an instance now (``ingress_view``); without it
@@ -238,6 +238,8 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
     constraints whatever their load are estimated: priced, and the path alone within the bound
     (no estimate is below it: the correction stops at the network), since no other is
     admissible or a probe. An estimate costs ~400 bytecodes: with many instances, most far.
+    ``now``: given, ``estimate`` takes it as a third argument (the planner's: no closure made per
+    request, no call through one per instance; at an idle ingress each call is a cold one).
     """
     limit = None if within is None or within.max_latency_us is None else bound_limit_us(within.max_latency_us)
     cap = None if within is None else within.max_price
@@ -248,7 +250,10 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
             continue  # every path to it goes through a gateway that is restarting, or its origin took it out
         if (limit is not None and best.latency_us > limit) or (cap is not None and best.fresh.price > cap):
             continue
-        view = estimate(key, best) if estimate is not None else flooded_view(rib, best)
+        if estimate is None:
+            view = flooded_view(rib, best)
+        else:
+            view = estimate(key, best) if now is None else estimate(key, best, now)  # type: ignore[call-arg,arg-type]
         out.append(candidate(rib, key, view, bounded=bounded))
     return out
 
@@ -282,6 +287,8 @@ def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
 
 def ordered(cands: Sequence[Candidate], prefer: str) -> list[Candidate]:
     """Best first by the objective ``prefer`` (deterministic ties)."""
+    if len(cands) < 2:  # (one instance, the usual: sorted would still call the key, ~20 bytecodes a plan)
+        return list(cands)
     if prefer == "price":
         return sorted(cands, key=lambda c: (c.price, c.total_us, c.key))
     return sorted(cands, key=lambda c: (c.total_us, c.price, c.key))
@@ -315,6 +322,8 @@ def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, spli
     else the first), then the rest; instances estimated full go last, since admission
     would refuse them anyway, the least oversubscribed first.
     """
+    if len(ranked) < 2:  # one candidate, spare or full, is tried first either way
+        return list(ranked)
     spare = [c for c in ranked if c.fill < 1.0]
     # Demand beyond capacity spreads over the full ones by how oversubscribed each is: all
     # of it on the best-ranked would leave the others' gateways seeing less demand than
