@@ -583,9 +583,9 @@ class SendAccount:
         return True
 
     def sent(self, key: object, now: float) -> None:
-        self._make_room(self.sends, key)
         sends = self.sends.get(key)
         if sends is None:  # (not setdefault's argument: a window made and dropped a request)
+            self._make_room(self.sends, key)  # (a new key only: a known one needs no room)
             sends = self.sends[key] = RateWindow(keep_s=3 * WINDOW_S)
         sends.add(now)
         self.inflight[key] += 1
@@ -649,7 +649,7 @@ class SendAccount:
             return load, bload
         at = max(at, now - 2 * WINDOW_S)  # older than our memory: count all of our current rate
         mine = 0 if win is None else win.change(now, at)
-        delta = (mine + self._sibling_change(key, at)) / capacity
+        delta = (mine + (self._sibling_change(key, at) if self.sibling_sends else 0)) / capacity  # (workers only)
         return max(0.0, load + delta), max(0.0, bload + delta)
 
     def compute_us(self, key: object, flooded_us: int, flooded_at: float) -> int:

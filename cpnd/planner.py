@@ -141,7 +141,7 @@ class Plan:
         """Whether the attempt ``next`` just gave has room elsewhere (EXT_FLAG_YIELDS): a flexible request
         with an attempt left and another candidate it estimates has room (selection.md, "Admission")."""
         return (self.flexible and replayable and len(self.failures) + 1 < self.max_attempts
-                and any(c.fill < 1.0 for c in self.remaining))
+                and bool(self.remaining) and any(c.fill < 1.0 for c in self.remaining))
 
     def failed(self, cand: Candidate, code: int, delivered: bool, text: str, now: float) -> bool:
         """An attempt on ``cand`` was reset before any response reached the user; whether to go on."""
@@ -182,7 +182,7 @@ class Plan:
 
     def slack_us(self, cand: Candidate, now: float) -> int:
         """The extension header's slack: compute time the bound leaves at ``cand`` (NO_BUDGET: none)."""
-        if not self.per_request:
+        if not self.per_request or self.cons.max_latency_us is None:  # (slack_us's None, without its call)
             return NO_BUDGET
         left = slack_us(cand, self.cons, _us(now - self.t0))
         return NO_BUDGET if left is None else min(NO_BUDGET - 1, left)
@@ -240,7 +240,8 @@ class Planner:
             if cons.max_latency_us is None and self.account.refusals:
                 ranked = [attrs.evolve(c, fill=max(c.fill, 1.0)) if self.account.holds_flexible(c.key, now) else c
                           for c in ranked]
-            ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
+            if len(ranked) > 1:  # (one is tried first whatever choose would say: no call)
+                ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
         elif self.mode == "per-connection":
             ranked = pinned_first(ranked, pinned.get(service), cands)
         else:

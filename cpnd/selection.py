@@ -220,7 +220,9 @@ def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
     # leaves it beside the latency-bound demand: that is how full the instance is for it.
     seen = min(view.bload, view.load) if bounded else view.load
     fill = view.bload if bounded else max(view.load, view.bload)
-    compute = compute_estimate_us(view.compute_us, min(1.0, seen + 1 / f.capacity))
+    load = min(1.0, seen + 1 / f.capacity)
+    # (compute_estimate_us's flat half spelt out: at an idle ingress each call in a plan is a cold one)
+    compute = view.compute_us if load <= 0.5 else compute_estimate_us(view.compute_us, load)
     # Bounded: the correction never takes the estimate below the network alone.
     correction = max(-(view.gateways_us + compute), view.correction_us)
     return Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us, compute, f.price,
@@ -277,7 +279,7 @@ def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
     """Admissible candidates, best first by the request's objective (deterministic ties)."""
     cap, bound = cons.max_price, cons.max_latency_us
     if cap is None and bound is None:
-        return ordered(cands, cons.prefer)
+        return list(cands) if len(cands) < 2 else ordered(cands, cons.prefer)
     # Priced and within the bound, spelt out: two calls and two properties per candidate were a tenth
     # of a plan. (Estimates are whole µs: within the limit's floor is within the limit.)
     limit = bound_limit_us(bound) if bound is not None else math.inf
