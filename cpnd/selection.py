@@ -196,9 +196,10 @@ def ingress_view(rib: Rib, key: Key, best: Best, now: float, *, own: OwnTimes, a
         return View(meter.load(now), meter.bounded_load(now), int(meter.base_us), own.us(Stage.LOCAL, now),
                     correction.value_us(key, now))
     f = best.fresh
-    load, bload = account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
-    gateways = own.us(Stage.INGRESS, now) + rib.path_gateway_us(best.route)
-    return View(load, bload, account.compute_us(key, f.compute_us, best.fresh_at), gateways, correction.value_us(key, now))
+    load, bload, compute_us = account.view(key, f.capacity, f.load, f.bload, f.compute_us, best.fresh_at, now)
+    gw = best.route.adv.gateway_us  # the path's advertised (path_gateway_us's first case, without its call)
+    gateways = own.us(Stage.INGRESS, now) + (gw if gw is not None else rib.path_gateway_us(best.route))
+    return View(load, bload, compute_us, gateways, correction.value_us(key, now))
 
 
 def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
