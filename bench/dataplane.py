@@ -998,7 +998,7 @@ def _phases(path: Path, idle: dict[str, int], idle_s: float, n: int) -> dict[str
 def print_phases(phases: dict[str, Any], top: int) -> None:
     print("  by phase: " + ", ".join(f"{p} {phases[p]['total']}" for p in ("in", "wait", "out", "after", "idle")
                                      if p in phases) + f" (critical: in + out = {phases['critical']})")
-    for p in ("after", "wait"):
+    for p in ("in", "out", "after", "wait"):
         if p in phases and phases[p]["total"]:
             print(f"  {p}, the most:")
             for f, v in list(phases[p]["functions"].items())[:top]:

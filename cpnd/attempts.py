@@ -37,6 +37,8 @@ log = logging.getLogger("cpnd.http")
 
 ServeLocal = Callable[[PipeEnd, ExtHeader], None]  # runs our egress on the far end of a pipe
 STATUS_KEYS = tuple(f"status_{n}xx" for n in range(10))  # by status // 100 (h11: three digits), made once
+# h11's events are frozen: one EndOfMessage serves every request (its __init__ made a Headers each time).
+END = h11.EndOfMessage()
 
 
 class Attempts:
@@ -112,9 +114,10 @@ class Attempts:
         budget, slack = plan.budget_us(now), plan.slack_us(cand, now)
         if cand.next_hop is None and body.take_buffered() and body.replayable:
             return await self._attempt_local(client, req, headers, body, cand, plan, budget, slack, attempt, now)
-        # The request id is for logs: a PRNG seeded from the system's (no system call per request).
+        # The request id is for logs: a PRNG seeded from the system's (no system call per request);
+        # randbytes' own body, without its Python call.
         flags = (EXT_FLAG_IDEMPOTENT if plan.idempotent else 0) | (EXT_FLAG_YIELDS if plan.yields(body.replayable) else 0)
-        ext = ExtHeader(cand.label, cand.origin, cand.instance, self.ids.randbytes(16), plan.cons.qos, 16, budget,
+        ext = ExtHeader(cand.label, cand.origin, cand.instance, self.ids.getrandbits(128).to_bytes(16, "little"), plan.cons.qos, 16, budget,
                         flags, slack)
         # Built before a stream exists (nothing to leak if it fails); the headers are h11's own, checked.
         head = request_head(req.method, req.target, headers)
@@ -131,7 +134,7 @@ class Attempts:
                 # one write, and no task streams it.
                 body.consumed = True
                 data = body.whole()
-                events = [head, *([h11.Data(data=data)] if data else []), h11.EndOfMessage()]
+                events = [head, *([h11.Data(data)] if data else []), END]
                 await up.send_all(events, end=True)
                 attempt.sent_at = trio.current_time()
                 attempt.whole = True
@@ -200,7 +203,7 @@ class Attempts:
         try:
             attempt.instance_s = await self.egress.call(
                 sink, service, inst, req.method, req.target, headers, forwarded.origin_at(client.source, self.p.gw.id),
-                [*([h11.Data(data=data)] if data else []), h11.EndOfMessage()], None, plan.cut_deadline(), now, party)
+                [*([h11.Data(data)] if data else []), END], None, plan.cut_deadline(), now, party)
             if sink.failure is not None:
                 raise sink.failure
             if hangup is not None and hangup.gone and client.conn.our_state is not h11.DONE:
@@ -287,7 +290,7 @@ async def _upload(up: H11Stream | LocalEvents, up_raw: ByteStream, head: h11.Req
         await up.send(head)
         async for chunk in body.iterate():
             await up.send(h11.Data(data=chunk))
-        await up.send(h11.EndOfMessage(), end=True)
+        await up.send(END, end=True)
     except StreamReset:
         pass  # the download side reports what happened
     except HttpError:

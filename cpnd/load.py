@@ -583,9 +583,9 @@ class SendAccount:
         return True
 
     def sent(self, key: object, now: float) -> None:
-        self._make_room(self.sends, key)
         sends = self.sends.get(key)
         if sends is None:  # (not setdefault's argument: a window made and dropped a request)
+            self._make_room(self.sends, key)  # (a new key only: a known one needs no room)
             sends = self.sends[key] = RateWindow(keep_s=3 * WINDOW_S)
         sends.add(now)
         self.inflight[key] += 1
@@ -639,23 +639,25 @@ class SendAccount:
         Our own sends inside that measurement are already counted in it; only the change
         of our own rate since it was taken is added (it can be negative).
         """
+        load, bload, _ = self.view(key, capacity, flooded_load, flooded_bload, 0, flooded_at, now)
+        return load, bload
+
+    def view(self, key: object, capacity: float, flooded_load: float, flooded_bload: float, flooded_us: int,
+             flooded_at: float, now: float) -> tuple[float, float, int]:
+        """``estimate``, and the base compute latency to use (the piggy-backed one when it is the fresher),
+        in one call: a plan asks both of every candidate, and at an idle ingress each call is a cold one."""
         report = self.reports.get(key)
         if report is not None and report.at >= flooded_at:
-            load, bload, at = report.load, report.bload, report.at
+            load, bload, at, compute_us = report.load, report.bload, report.at, report.compute_us
         else:
-            load, bload, at = flooded_load, flooded_bload, flooded_at
+            load, bload, at, compute_us = flooded_load, flooded_bload, flooded_at, flooded_us
         win = self.sends.get(key)
         if (win is None and key not in self.sibling_sends) or capacity <= 0:
-            return load, bload
+            return load, bload, compute_us
         at = max(at, now - 2 * WINDOW_S)  # older than our memory: count all of our current rate
         mine = 0 if win is None else win.change(now, at)
-        delta = (mine + self._sibling_change(key, at)) / capacity
-        return max(0.0, load + delta), max(0.0, bload + delta)
-
-    def compute_us(self, key: object, flooded_us: int, flooded_at: float) -> int:
-        """The base compute latency to use: the piggy-backed one when it is the fresher."""
-        report = self.reports.get(key)
-        return report.compute_us if report is not None and report.at >= flooded_at else flooded_us
+        delta = (mine + (self._sibling_change(key, at) if self.sibling_sends else 0)) / capacity  # (workers only)
+        return max(0.0, load + delta), max(0.0, bload + delta), compute_us
 
 
 # ---------------------------------------------------------------- end to end: the gateways' own time

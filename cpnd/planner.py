@@ -21,7 +21,6 @@ from .selection import (
     BadHeader,
     Candidate,
     Constraints,
-    LoadEstimate,
     TtlCache,
     View,
     candidates,
@@ -142,7 +141,7 @@ class Plan:
         """Whether the attempt ``next`` just gave has room elsewhere (EXT_FLAG_YIELDS): a flexible request
         with an attempt left and another candidate it estimates has room (selection.md, "Admission")."""
         return (self.flexible and replayable and len(self.failures) + 1 < self.max_attempts
-                and any(c.fill < 1.0 for c in self.remaining))
+                and bool(self.remaining) and any(c.fill < 1.0 for c in self.remaining))
 
     def failed(self, cand: Candidate, code: int, delivered: bool, text: str, now: float) -> bool:
         """An attempt on ``cand`` was reset before any response reached the user; whether to go on."""
@@ -183,7 +182,7 @@ class Plan:
 
     def slack_us(self, cand: Candidate, now: float) -> int:
         """The extension header's slack: compute time the bound leaves at ``cand`` (NO_BUDGET: none)."""
-        if not self.per_request:
+        if not self.per_request or self.cons.max_latency_us is None:  # (slack_us's None, without its call)
             return NO_BUDGET
         left = slack_us(cand, self.cons, _us(now - self.t0))
         return NO_BUDGET if left is None else min(NO_BUDGET - 1, left)
@@ -229,12 +228,11 @@ class Planner:
 
     def _ranked(self, service: str, cons: Constraints, pinned: dict[str, Key], now: float) -> list[Candidate]:
         per_request = self.mode == "per-request"
-        estimate: LoadEstimate = lambda key, best: self.estimate(key, best, now)  # noqa: E731
         bounded = cons.max_latency_us is not None and per_request
         # Per request, only the instances that may meet the constraints are estimated (the baselines
         # know nothing of them: they rank every instance, and pin what they chose).
         pruned = per_request and (cons.max_latency_us is not None or cons.max_price is not None)
-        cands = candidates(self.rib, service, estimate, bounded=bounded, within=cons if pruned else None)
+        cands = candidates(self.rib, service, self.estimate, bounded=bounded, within=cons if pruned else None, now=now)
         ranked = rank(cands, cons)
         if per_request:
             # Latency-bound requests go first-fit in rank order: packing them tight leaves
@@ -242,7 +240,8 @@ class Planner:
             if cons.max_latency_us is None and self.account.refusals:
                 ranked = [attrs.evolve(c, fill=max(c.fill, 1.0)) if self.account.holds_flexible(c.key, now) else c
                           for c in ranked]
-            ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
+            if len(ranked) > 1:  # (one is tried first whatever choose would say: no call)
+                ranked = choose(ranked, cons.prefer, self.rng, split=cons.max_latency_us is None)
         elif self.mode == "per-connection":
             ranked = pinned_first(ranked, pinned.get(service), cands)
         else:
@@ -251,7 +250,7 @@ class Planner:
             ranked = self._probe(cands, cons, now)
         if not ranked:
             if pruned:  # the error names the best of them all
-                cands = candidates(self.rib, service, estimate, bounded=bounded)
+                cands = candidates(self.rib, service, self.estimate, bounded=bounded, now=now)
             if not cands:  # known, but every instance is down or reachable only through stale paths
                 raise HttpError(503, "no_instance", no_live_instance(self.rib, service))
             raise HttpError(503, "no_instance", f"no instance of {service} meets the request's constraints "
@@ -291,8 +290,10 @@ class Planner:
             self.correction.probed(cand.key, now, took * 1_000_000 - expected <= cand.correction_us)
         if cand.next_hop is None and attempt.instance_s is not None:
             self.own.add(Stage.LOCAL, now, (took - attempt.instance_s) * 1_000_000)
+            self.own.us(Stage.LOCAL, now)  # its median worked out here, off the user's path, not in the next plan
         elif cand.next_hop is not None and attempt.sent_at is not None and attempt.upstream_head_at is not None:
             self.own.add(Stage.INGRESS, now, (took - (attempt.upstream_head_at - attempt.sent_at)) * 1_000_000)
+            self.own.us(Stage.INGRESS, now)  # (the same)
         return plan.cons.max_latency_us is not None and _us(attempt.head_at - plan.t0) > plan.cons.max_latency_us
 
     def missed(self, cand: Candidate, attempt: Attempt, start: float, now: float, party: object = None) -> None:

@@ -196,9 +196,10 @@ def ingress_view(rib: Rib, key: Key, best: Best, now: float, *, own: OwnTimes, a
         return View(meter.load(now), meter.bounded_load(now), int(meter.base_us), own.us(Stage.LOCAL, now),
                     correction.value_us(key, now))
     f = best.fresh
-    load, bload = account.estimate(key, f.capacity, f.load, f.bload, best.fresh_at, now)
-    gateways = own.us(Stage.INGRESS, now) + rib.path_gateway_us(best.route)
-    return View(load, bload, account.compute_us(key, f.compute_us, best.fresh_at), gateways, correction.value_us(key, now))
+    load, bload, compute_us = account.view(key, f.capacity, f.load, f.bload, f.compute_us, best.fresh_at, now)
+    gw = best.route.adv.gateway_us  # the path's advertised (path_gateway_us's first case, without its call)
+    gateways = own.us(Stage.INGRESS, now) + (gw if gw is not None else rib.path_gateway_us(best.route))
+    return View(load, bload, compute_us, gateways, correction.value_us(key, now))
 
 
 def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
@@ -220,15 +221,17 @@ def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
     # leaves it beside the latency-bound demand: that is how full the instance is for it.
     seen = min(view.bload, view.load) if bounded else view.load
     fill = view.bload if bounded else max(view.load, view.bload)
-    compute = compute_estimate_us(view.compute_us, min(1.0, seen + 1 / f.capacity))
+    load = min(1.0, seen + 1 / f.capacity)
+    # (compute_estimate_us's flat half spelt out: at an idle ingress each call in a plan is a cold one)
+    compute = view.compute_us if load <= 0.5 else compute_estimate_us(view.compute_us, load)
     # Bounded: the correction never takes the estimate below the network alone.
     correction = max(-(view.gateways_us + compute), view.correction_us)
     return Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us, compute, f.price,
                      f.capacity, view.load, fill, view.gateways_us, correction)
 
 
-def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, bounded: bool = False,
-               within: Constraints | None = None) -> list[Candidate]:
+def candidates(rib: Rib, service: str, estimate: LoadEstimate | Callable[[Key, Best, float], View] | None = None, *, bounded: bool = False,
+               within: Constraints | None = None, now: float | None = None) -> list[Candidate]:
     """Every live instance of ``service`` with its best path and estimated total latency.
 
     ``estimate`` gives the ingress's view of an instance now (``ingress_view``); without it
@@ -238,6 +241,8 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
     constraints whatever their load are estimated: priced, and the path alone within the bound
     (no estimate is below it: the correction stops at the network), since no other is
     admissible or a probe. An estimate costs ~400 bytecodes: with many instances, most far.
+    ``now``: given, ``estimate`` takes it as a third argument (the planner's: no closure made per
+    request, no call through one per instance; at an idle ingress each call is a cold one).
     """
     limit = None if within is None or within.max_latency_us is None else bound_limit_us(within.max_latency_us)
     cap = None if within is None else within.max_price
@@ -248,7 +253,10 @@ def candidates(rib: Rib, service: str, estimate: LoadEstimate | None = None, *, 
             continue  # every path to it goes through a gateway that is restarting, or its origin took it out
         if (limit is not None and best.latency_us > limit) or (cap is not None and best.fresh.price > cap):
             continue
-        view = estimate(key, best) if estimate is not None else flooded_view(rib, best)
+        if estimate is None:
+            view = flooded_view(rib, best)
+        else:
+            view = estimate(key, best) if now is None else estimate(key, best, now)  # type: ignore[call-arg,arg-type]
         out.append(candidate(rib, key, view, bounded=bounded))
     return out
 
@@ -272,7 +280,7 @@ def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
     """Admissible candidates, best first by the request's objective (deterministic ties)."""
     cap, bound = cons.max_price, cons.max_latency_us
     if cap is None and bound is None:
-        return ordered(cands, cons.prefer)
+        return list(cands) if len(cands) < 2 else ordered(cands, cons.prefer)
     # Priced and within the bound, spelt out: two calls and two properties per candidate were a tenth
     # of a plan. (Estimates are whole µs: within the limit's floor is within the limit.)
     limit = bound_limit_us(bound) if bound is not None else math.inf
@@ -282,6 +290,8 @@ def rank(cands: Sequence[Candidate], cons: Constraints) -> list[Candidate]:
 
 def ordered(cands: Sequence[Candidate], prefer: str) -> list[Candidate]:
     """Best first by the objective ``prefer`` (deterministic ties)."""
+    if len(cands) < 2:  # (one instance, the usual: sorted would still call the key, ~20 bytecodes a plan)
+        return list(cands)
     if prefer == "price":
         return sorted(cands, key=lambda c: (c.price, c.total_us, c.key))
     return sorted(cands, key=lambda c: (c.total_us, c.price, c.key))
@@ -315,6 +325,8 @@ def choose(ranked: Sequence[Candidate], prefer: str, rng: random.Random, *, spli
     else the first), then the rest; instances estimated full go last, since admission
     would refuse them anyway, the least oversubscribed first.
     """
+    if len(ranked) < 2:  # one candidate, spare or full, is tried first either way
+        return list(ranked)
     spare = [c for c in ranked if c.fill < 1.0]
     # Demand beyond capacity spreads over the full ones by how oversubscribed each is: all
     # of it on the best-ranked would leave the others' gateways seeing less demand than

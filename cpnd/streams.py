@@ -550,7 +550,7 @@ class Mux:
         sid = self.ids.allocate()
         stream = TunnelStream(self, sid, ext)
         self.streams[sid] = stream
-        self.send_frame(encode_frame(sid, FrameType.OPEN, ext.encode()), soon=soon)
+        self.send_frame(FRAME_HEADER.pack(sid, FrameType.OPEN, 0) + ext.encode(), soon=soon)  # (encode_frame's body)
         if sealing is None:
             return stream
         sealer = self.sealer
