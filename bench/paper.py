@@ -42,6 +42,7 @@ import csv
 import itertools
 import json
 import os
+import signal
 import sys
 import statistics
 import subprocess
@@ -623,6 +624,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
 def main() -> int:
     if sys.argv[1:] == ["--client"]:
         return client_main()
+    # A SIGTERM (a timeout, a killed A/B script) unwinds as Ctrl-C does, through every ``finally`` that
+    # reaps the lab, the floor path and the clients: killed outright, the floor proxies lived on.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--modes", default="per-request,per-connection,dns-ttl")
     ap.add_argument("--rates", default="1,10,20,30,40,50,60,70,80,90,100,110,120")
