@@ -217,6 +217,9 @@ def encode_frame(stream_id: int, ftype: FrameType, payload: bytes = b"", flags: 
 # request, a LOAD and its response) travels with it in one record: one seal, one open, one write.
 TUNNEL_BATCH_CAP = "tunnel-batch"
 MAX_BATCH_PAYLOAD = 65535  # a record's plaintext (65536) less its content type byte
+# Entries a batch may carry (cpnd sends 2): without a cap one record of minimal frames held ~8,000, one
+# session read ~32,000, all taken by the Mux before its next checkpoint.
+MAX_BATCH_ENTRIES = 16
 
 
 def encode_batch(first: bytes, second: bytes) -> bytes:
@@ -231,9 +234,12 @@ def batch_fits(first: bytes, second: bytes) -> bool:
 
 def split_batch(payload: bytes) -> list[bytes]:
     """A batch record's frames, in order (each still to be checked as a frame); ProtocolError
-    ``tunnel/malformed-batch`` for fewer than two entries, a length cut short or one past the end."""
+    ``tunnel/malformed-batch`` for fewer than two entries or more than MAX_BATCH_ENTRIES, a length cut
+    short or one past the end."""
     frames, at, end = [], 0, len(payload)
     while at < end:
+        if len(frames) == MAX_BATCH_ENTRIES:
+            raise tunnel_error(TunnelSub.MALFORMED_BATCH, f"batch of more than {MAX_BATCH_ENTRIES} entries")
         if at + 2 > end:
             raise tunnel_error(TunnelSub.MALFORMED_BATCH, f"batch entry at {at}: its length is cut short")
         n = (payload[at] << 8) | payload[at + 1]

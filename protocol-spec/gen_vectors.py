@@ -425,6 +425,8 @@ def tunnel_batch_vectors() -> list[dict]:
         ("data-on-stream-zero", "an OPEN, then DATA on stream 0", _entries(open1, encode_frame(0, FrameType.DATA, b"x")),
          "frame"),
         ("unknown-frame-type", "an OPEN, then a frame of type 9", _entries(open1, bytes.fromhex("000000010900")), "frame"),
+        ("too-many-entries", "17 entries (WINDOW on streams 2, 4, ... 34): a batch carries at most 16",
+         _entries(*(encode_frame(sid, FrameType.WINDOW, (1).to_bytes(4, "big")) for sid in range(2, 36, 2))), None),
     ]
     for name, meaning, payload, level in bad:
         try:

@@ -22,6 +22,7 @@ from cpnd.tunnel import (
     StreamIds,
     batch_fits,
     decode_frame,
+    MAX_BATCH_ENTRIES,
     encode_batch,
     encode_frame,
     parse_frame,
@@ -247,6 +248,12 @@ def assert_malformed_batch(payload: bytes) -> None:
     with pytest.raises(ProtocolError) as ei:
         split_batch(payload)
     assert (ei.value.code, ei.value.subcode) == (Code.TUNNEL, TunnelSub.MALFORMED_BATCH)
+
+
+@given(st.lists(st.binary(max_size=8), min_size=MAX_BATCH_ENTRIES + 1, max_size=3 * MAX_BATCH_ENTRIES))
+def test_a_batch_of_more_entries_than_the_cap_is_refused(frames: list[bytes]) -> None:
+    assert_malformed_batch(entries(frames))
+    assert len(split_batch(entries(frames[:MAX_BATCH_ENTRIES]))) == MAX_BATCH_ENTRIES  # the cap itself is taken
 
 
 @given(st.lists(frames_st, max_size=1))
