@@ -306,10 +306,10 @@ class H11Stream:
                 data = await receive_some(self.transport)
                 if awaited:
                     awaited = False
-                    read = read_whole_awaited(conn, data)
-                    if read is not None:
-                        self._ready = read
-                        return read.pop()
+                    first = self._first_read(data)
+                    if first is not None:
+                        return first
+                    continue
             conn.receive_data(data)
 
     async def answer(self, extra: bytes) -> Any:
@@ -324,12 +324,17 @@ class H11Stream:
         whole = answer_as_is(conn, data, extra)
         if whole is not None:
             return whole
-        read = read_whole_awaited(conn, data)
+        return self._first_read(data) or await self.next_event()
+
+    def _first_read(self, data: bytes) -> Any:
+        """An awaited answer's first read: its first event if it came whole (read_whole_awaited: the rest
+        ready), else None, the bytes given to h11."""
+        read = read_whole_awaited(self.conn, data)
         if read is not None:
             self._ready = read
             return read.pop()
-        conn.receive_data(data)
-        return await self.next_event()
+        self.conn.receive_data(data)
+        return None
 
     def receive_nowait(self) -> bool:
         """Whatever a plain socket holds already, into h11, without waiting and without trio's
