@@ -121,11 +121,14 @@ def match_service(services: Mapping[str, object] | set[str], path: str) -> str |
     return None
 
 
+FLAT_LOAD = 0.5  # compute_estimate_us is the base up to this load
+
+
 def compute_estimate_us(base_us: int, load: float) -> int:
     """The paper's f_d: base below 50 % load, growing linearly to double at 100 %."""
-    if load <= 0.5:
+    if load <= FLAT_LOAD:
         return base_us
-    return int(base_us * (1 + 2 * (load - 0.5)))
+    return int(base_us * (1 + 2 * (load - FLAT_LOAD)))
 
 
 # Candidate and View are built for every live instance on every request: a frozen attrs
@@ -197,8 +200,7 @@ def ingress_view(rib: Rib, key: Key, best: Best, now: float, *, own: OwnTimes, a
                     correction.value_us(key, now))
     f = best.fresh
     load, bload, compute_us = account.view(key, f.capacity, f.load, f.bload, f.compute_us, best.fresh_at, now)
-    gw = best.route.adv.gateway_us  # the path's advertised (path_gateway_us's first case, without its call)
-    gateways = own.us(Stage.INGRESS, now) + (gw if gw is not None else rib.path_gateway_us(best.route))
+    gateways = own.us(Stage.INGRESS, now) + rib.path_gateway_us(best.route)
     return View(load, bload, compute_us, gateways, correction.value_us(key, now))
 
 
@@ -223,7 +225,7 @@ def candidate(rib: Rib, key: Key, view: View, *, bounded: bool) -> Candidate:
     fill = view.bload if bounded else max(view.load, view.bload)
     load = min(1.0, seen + 1 / f.capacity)
     # (compute_estimate_us's flat half spelt out: at an idle ingress each call in a plan is a cold one)
-    compute = view.compute_us if load <= 0.5 else compute_estimate_us(view.compute_us, load)
+    compute = view.compute_us if load <= FLAT_LOAD else compute_estimate_us(view.compute_us, load)
     # Bounded: the correction never takes the estimate below the network alone.
     correction = max(-(view.gateways_us + compute), view.correction_us)
     return Candidate(key, f.label, r.peer, () if r.peer is None else r.adv.path, best.latency_us, compute, f.price,
